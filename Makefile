@@ -1,0 +1,55 @@
+# The two set-up commands are `make run` and `make test`; see README.md.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+FIDES := $(VENV)/bin/fides
+REPO ?= model_repository
+PIP_QUIET ?= -q
+
+.PHONY: install install-dev run models test lint bench clean
+
+$(VENV)/bin/python:
+	@echo "==> creating $(VENV) with $(PYTHON)"
+	$(PYTHON) -m venv $(VENV)
+
+# torch first: pick the CPU build where pip can see one locally (scripts/install_torch.py)
+$(VENV)/.installed: $(VENV)/bin/python pyproject.toml scripts/install_torch.py
+	@echo "==> installing torch ($$($(PY) scripts/install_torch.py))"
+	$(PY) -m pip install $(PIP_QUIET) "$$($(PY) scripts/install_torch.py)"
+	@echo "==> installing fides-gateway"
+	$(PY) -m pip install $(PIP_QUIET) -e .
+	@touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	@echo "==> installing test and lint tools"
+	$(PY) -m pip install $(PIP_QUIET) -e ".[dev]"
+	@touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+# The embedded default model repository, built once and cached.
+$(REPO)/.built: | $(VENV)/.installed
+	$(FIDES) models build-default --output $(REPO)
+
+models: $(REPO)/.built
+
+# Without FIDES_API_KEYS this starts a development server on loopback only.
+run: install models
+	@if [ -z "$$FIDES_API_KEYS$$FIDES_API_KEY_FILE" ]; then export FIDES_DEV_MODE=$${FIDES_DEV_MODE:-1}; fi; \
+	  FIDES_MODEL_REPOSITORY=$${FIDES_MODEL_REPOSITORY:-$(REPO)} exec $(FIDES) serve
+
+test: install-dev
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: install-dev
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+bench: install-dev models
+	$(FIDES) bench serving --output bench/results/serving.json
+
+clean:
+	rm -rf $(VENV) $(REPO) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""HTTP surface: routes translate HTTP to DataPlane calls and back, nothing more."""

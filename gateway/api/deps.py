@@ -1,0 +1,57 @@
+"""FastAPI dependencies as ``Annotated`` aliases, in one place."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from gateway.dataplane import DataPlane
+from gateway.errors import PayloadTooLarge
+from gateway.repository import ModelRepository
+from gateway.settings import Settings
+
+
+def _dataplane(request: Request) -> DataPlane:
+    dp: DataPlane = request.app.state.dataplane
+    return dp
+
+
+def _repository(request: Request) -> ModelRepository:
+    repo: ModelRepository = request.app.state.dataplane.repository
+    return repo
+
+
+def _settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def require_user(request: Request) -> None:
+    request.app.state.keys.check_user(request)
+
+
+def require_admin(request: Request) -> None:
+    request.app.state.keys.check_admin(request)
+
+
+DataPlaneDep = Annotated[DataPlane, Depends(_dataplane)]
+RepositoryDep = Annotated[ModelRepository, Depends(_repository)]
+SettingsDep = Annotated[Settings, Depends(_settings)]
+UserAuth = Depends(require_user)
+AdminAuth = Depends(require_admin)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing (413) anything over ``limit`` bytes, chunked ones too."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit}")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)

@@ -1,0 +1,273 @@
+"""Dynamic batching per model version (Triton's ``dynamic_batching``).
+
+Requests wait in a bounded queue; a scheduler task forms a batch from the head of the queue
+(requests whose non-batch dimensions match), dispatching when a preferred size or
+``max_batch_size`` is reached, or when the oldest request has waited
+``max_queue_delay_microseconds``. Batches run on a thread pool with one worker per model
+instance, so inference never runs on the event loop. While every instance is busy, the queue
+keeps filling, and the next batch is larger: batching adapts to load by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from gateway.errors import GatewayError, QueueFull, RequestTimeout, Unavailable
+from gateway.runtimes.base import Runtime, Tensors
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    max_batch_size: int  # 0: the model has no batch dimension; requests run one by one
+    max_queue_delay_s: float = 0.0005
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_size: int = 256
+    instances: int = 1
+
+
+class BatchObserver:
+    """Hooks for metrics; the default does nothing."""
+
+    def queued(self, depth: int) -> None: ...
+
+    def batch_started(self, size: int, waits_s: list[float]) -> None: ...
+
+    def batch_finished(self, size: int, compute_s: float) -> None: ...
+
+
+@dataclass(eq=False)
+class _Pending:
+    inputs: Tensors
+    batch: int  # samples in this request (dimension 0), 1 for unbatched models
+    signature: tuple[tuple[str, tuple[int, ...], str], ...]
+    deadline: float
+    enqueued: float
+    future: asyncio.Future[Tensors] = field(repr=False)
+
+
+def _signature(inputs: Tensors, batched: bool) -> tuple[tuple[str, tuple[int, ...], str], ...]:
+    # Requests can share a batch only if every input agrees beyond dimension 0.
+    return tuple(
+        (name, tuple(arr.shape[1:] if batched else arr.shape), arr.dtype.str)
+        for name, arr in sorted(inputs.items())
+    )
+
+
+class DynamicBatcher:
+    """Queue + scheduler + executor for one runtime."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        policy: BatchPolicy,
+        observer: BatchObserver | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.runtime = runtime
+        self.policy = policy
+        self.observer = observer or BatchObserver()
+        self._clock = clock
+        self._queue: deque[_Pending] = deque()
+        self._wakeup = asyncio.Event()
+        self._slots = asyncio.Semaphore(policy.instances)
+        self._executor = ThreadPoolExecutor(
+            max_workers=policy.instances, thread_name_prefix=f"infer-{runtime.name}"
+        )
+        self._running: set[asyncio.Task[None]] = set()
+        self._scheduler: asyncio.Task[None] | None = None
+        self._closing = False
+
+    @property
+    def batched(self) -> bool:
+        return self.policy.max_batch_size > 0
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def closed(self) -> bool:
+        return self._closing
+
+    def start(self) -> None:
+        self._scheduler = asyncio.get_running_loop().create_task(self._schedule())
+
+    async def submit(self, inputs: Tensors, deadline: float) -> Tensors:
+        """Queue one request and wait for its outputs (raises QueueFull / RequestTimeout)."""
+        if self._closing:
+            raise Unavailable(
+                f"model '{self.runtime.name}' version {self.runtime.version} is being unloaded"
+            )
+        if len(self._queue) >= self.policy.max_queue_size:
+            raise QueueFull(
+                f"model '{self.runtime.name}' queue is full "
+                f"({self.policy.max_queue_size} requests waiting); retry later"
+            )
+        batch = next(iter(inputs.values())).shape[0] if self.batched else 1
+        loop = asyncio.get_running_loop()
+        now = self._clock()
+        item = _Pending(
+            inputs, batch, _signature(inputs, self.batched), deadline, now, loop.create_future()
+        )
+        self._queue.append(item)
+        self.observer.queued(len(self._queue))
+        self._wakeup.set()
+        try:
+            return await asyncio.wait_for(asyncio.shield(item.future), max(0.0, deadline - now))
+        except TimeoutError:
+            # Dropped from the queue if still waiting; a running batch just discards it.
+            item.future.cancel()
+            raise RequestTimeout(
+                f"model '{self.runtime.name}' did not answer within {deadline - item.enqueued:.3f}s"
+            ) from None
+        except asyncio.CancelledError:
+            item.future.cancel()  # client went away: do not compute it if still queued
+            raise
+
+    async def close(self, drain_timeout_s: float = 30.0) -> None:
+        """Stop accepting, let queued and running batches finish, then stop the executor."""
+        self._closing = True
+        self._wakeup.set()
+        deadline = self._clock() + drain_timeout_s
+        while (self._queue or self._running) and self._clock() < deadline:
+            await asyncio.sleep(0.005)
+        if self._scheduler is not None:
+            self._scheduler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._scheduler
+        for item in self._queue:
+            if not item.future.done():
+                item.future.set_exception(Unavailable("model unloaded before the request ran"))
+        self._queue.clear()
+        self._executor.shutdown(wait=True, cancel_futures=False)
+
+    # -- scheduling ---------------------------------------------------------------------------
+
+    def _drop_dead(self) -> None:
+        now = self._clock()
+        while self._queue:
+            head = self._queue[0]
+            if head.future.done():
+                self._queue.popleft()
+            elif head.deadline <= now:
+                self._queue.popleft()
+                head.future.set_exception(
+                    RequestTimeout(f"model '{self.runtime.name}': request timed out in queue")
+                )
+            else:
+                return
+
+    def _take_batch(self) -> list[_Pending]:
+        """Pop the head and every compatible request after it that still fits."""
+        head = self._queue.popleft()
+        batch = [head]
+        if not self.batched:
+            return batch
+        total = head.batch
+        keep: deque[_Pending] = deque()
+        while self._queue and total < self.policy.max_batch_size:
+            item = self._queue.popleft()
+            if item.future.done():
+                continue
+            if (
+                item.signature == head.signature
+                and total + item.batch <= self.policy.max_batch_size
+            ):
+                batch.append(item)
+                total += item.batch
+            else:
+                keep.append(item)
+        keep.extend(self._queue)
+        self._queue = keep
+        return batch
+
+    def _ready_size(self) -> int:
+        """Samples at the head of the queue that could share a batch with the head."""
+        head = self._queue[0]
+        return sum(i.batch for i in self._queue if i.signature == head.signature)
+
+    def _should_dispatch(self) -> bool:
+        if not self.batched or self._closing:
+            return True
+        size = self._ready_size()
+        if size >= self.policy.max_batch_size or size in self.policy.preferred_batch_sizes:
+            return True
+        return self._clock() - self._queue[0].enqueued >= self.policy.max_queue_delay_s
+
+    async def _schedule(self) -> None:
+        while True:
+            self._drop_dead()
+            if not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            if not self._should_dispatch():
+                wait = self.policy.max_queue_delay_s - (self._clock() - self._queue[0].enqueued)
+                self._wakeup.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), max(wait, 0.0))
+                continue
+            await self._slots.acquire()
+            # The queue may have grown while all instances were busy: take what is there now.
+            self._drop_dead()
+            if not self._queue:
+                self._slots.release()
+                continue
+            batch = self._take_batch()
+            self.observer.queued(len(self._queue))
+            task = asyncio.get_running_loop().create_task(self._run(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _run(self, batch: list[_Pending]) -> None:
+        try:
+            now = self._clock()
+            size = sum(i.batch for i in batch)
+            self.observer.batch_started(size, [now - i.enqueued for i in batch])
+            loop = asyncio.get_running_loop()
+            start = self._clock()
+            try:
+                results = await loop.run_in_executor(self._executor, self._execute, batch)
+            except Exception as exc:  # noqa: BLE001 - every request in the batch gets the error
+                err = exc if isinstance(exc, GatewayError) else _internal(self.runtime, exc)
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(err)
+                return
+            self.observer.batch_finished(size, self._clock() - start)
+            for item, out in zip(batch, results, strict=True):
+                if not item.future.done():
+                    item.future.set_result(out)
+        finally:
+            self._slots.release()
+            self._wakeup.set()
+
+    def _execute(self, batch: list[_Pending]) -> list[Tensors]:
+        """Worker thread: concatenate, run, split."""
+        if len(batch) == 1:
+            return [self.runtime.predict(batch[0].inputs)]
+        names = list(batch[0].inputs)
+        merged = {n: np.concatenate([i.inputs[n] for i in batch], axis=0) for n in names}
+        outputs = self.runtime.predict(merged)
+        splits = np.cumsum([i.batch for i in batch])[:-1]
+        per_output = {n: np.split(arr, splits, axis=0) for n, arr in outputs.items()}
+        return [{n: parts[k] for n, parts in per_output.items()} for k in range(len(batch))]
+
+
+def _internal(runtime: Runtime, exc: Exception) -> GatewayError:
+    log.exception(
+        "inference failed in model %s version %s", runtime.name, runtime.version, exc_info=exc
+    )
+    err = GatewayError(f"inference failed in model '{runtime.name}': {type(exc).__name__}: {exc}")
+    return err

@@ -1,0 +1,112 @@
+"""The ``fides`` command line."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(no_args_is_help=True, help="Fides Gateway: verifiable model serving.")
+models_app = typer.Typer(no_args_is_help=True, help="Model repository tools.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (results in bench/results/).")
+app.add_typer(models_app, name="models")
+app.add_typer(bench_app, name="bench")
+console = Console(stderr=True)
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Bind address (FIDES_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (FIDES_PORT).")] = None,
+    model_repository: Annotated[
+        Path | None, typer.Option(help="Model repository (FIDES_MODEL_REPOSITORY).")
+    ] = None,
+) -> None:
+    """Start the gateway (settings from FIDES_* environment variables)."""
+    import uvicorn
+
+    from gateway.app import create_app
+    from gateway.logs import configure_logging
+    from gateway.settings import Settings
+
+    overrides: dict[str, object] = {}
+    if host is not None:
+        overrides["host"] = host
+    if port is not None:
+        overrides["port"] = port
+    if model_repository is not None:
+        overrides["model_repository"] = model_repository
+    settings = Settings(**overrides)  # type: ignore[arg-type]
+    configure_logging(settings.log_level, settings.log_json)
+    try:
+        settings.check_secure()
+    except ValueError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    if not settings.model_repository.is_dir():
+        console.print(f"[red]error:[/red] model repository {settings.model_repository} "
+                      "does not exist; build one with `fides models build-default`")
+        raise typer.Exit(2)
+    url = f"http://{settings.host}:{settings.port}"
+    console.print(f"Fides Gateway on [bold]{url}[/bold]  (Ctrl-C to stop)")
+    auth = "" if not settings.api_keys else ' -H "Authorization: Bearer $KEY"'
+    console.print(
+        "  try: curl -s" + auth + f" {url}/v2/models/digits\n"
+        "       curl -s" + auth + f" -X POST {url}/v2/models/digits/infer "
+        "-H 'Content-Type: application/json' -d @examples/digit.json"
+    )
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        timeout_graceful_shutdown=int(settings.shutdown_grace_s),
+        timeout_keep_alive=15,
+        h11_max_incomplete_event_size=64 * 1024,  # caps header size
+        limit_concurrency=2048,
+    )
+
+
+@models_app.command("build-default")
+def build_default_cmd(
+    output: Annotated[Path, typer.Option(help="Repository directory to create.")] = Path(
+        "model_repository"
+    ),
+    force: Annotated[bool, typer.Option(help="Rebuild even if already built.")] = False,
+) -> None:
+    """Train and export the embedded default models (digits, no data download)."""
+    from gateway.models.default import build_default
+
+    if (output / ".built").is_file() and not force:
+        console.print(f"{output} already built (use --force to rebuild)")
+        return
+    t0 = time.perf_counter()
+    build_default(output, progress=lambda msg: console.print(f"  [cyan]>[/cyan] {msg}"))
+    console.print(f"built {output} in {time.perf_counter() - t0:.1f}s")
+
+
+@bench_app.command("serving")
+def bench_serving(
+    output: Annotated[Path, typer.Option(help="Where to write the JSON results.")] = Path(
+        "bench/results/serving.json"
+    ),
+    model_repository: Annotated[Path, typer.Option()] = Path("model_repository"),
+    model: Annotated[str, typer.Option(help="Model to benchmark.")] = "digits_heavy",
+    duration: Annotated[float, typer.Option(help="Seconds per measurement.")] = 10.0,
+) -> None:
+    """Throughput and latency: raw onnxruntime vs the gateway (JSON and binary)."""
+    from gateway.bench.serving import run_serving_bench
+
+    run_serving_bench(model_repository, model, output, duration, log=console.print)
+
+
+def main() -> None:
+    app(prog_name="fides")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""The per-model ``config.yaml`` schema (Triton-like), validated with pydantic.
+
+Unknown keys are an error that names the key and the file: a typo such as
+``max_batch_sise`` must not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from gateway.datatypes import DATATYPES
+
+MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+
+
+class ConfigError(ValueError):
+    """A model configuration file is missing, unreadable or invalid."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TensorConfig(_Strict):
+    """One input or output; ``shape`` excludes the batch dimension when batching is on."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+
+    @model_validator(mode="after")
+    def _check(self) -> TensorConfig:
+        if self.datatype not in DATATYPES:
+            raise ValueError(f"unknown datatype {self.datatype!r}; one of {sorted(DATATYPES)}")
+        if any(d < -1 or d == 0 for d in self.shape):
+            raise ValueError("shape dimensions must be positive or -1 (variable)")
+        return self
+
+
+class LatestPolicy(_Strict):
+    num_versions: int = Field(1, ge=1)
+
+
+class SpecificPolicy(_Strict):
+    versions: list[int] = Field(min_length=1)
+
+
+class VersionPolicy(_Strict):
+    """Exactly one of latest / all / specific (as Triton's ``version_policy``)."""
+
+    latest: LatestPolicy | None = None
+    all: dict[str, Any] | None = None
+    specific: SpecificPolicy | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> VersionPolicy:
+        chosen = [k for k in ("latest", "all", "specific") if getattr(self, k) is not None]
+        if len(chosen) > 1:
+            raise ValueError(f"version_policy takes one of latest/all/specific, got {chosen}")
+        return self
+
+    def select(self, available: list[int]) -> list[int]:
+        """The versions to load out of those present on disk, ascending."""
+        available = sorted(available)
+        if self.all is not None:
+            return available
+        if self.specific is not None:
+            missing = sorted(set(self.specific.versions) - set(available))
+            if missing:
+                raise ConfigError(f"version_policy.specific names versions not on disk: {missing}")
+            return sorted(self.specific.versions)
+        n = self.latest.num_versions if self.latest is not None else 1
+        return available[-n:]
+
+
+class DynamicBatching(_Strict):
+    """Server-side batching of concurrent requests (Triton ``dynamic_batching``)."""
+
+    max_queue_delay_microseconds: int = Field(
+        500, ge=0, description="How long the first request may wait for others to join a batch."
+    )
+    preferred_batch_size: list[int] = Field(
+        default_factory=list, description="Batch sizes that are dispatched at once when reached."
+    )
+    max_queue_size: int = Field(
+        256, ge=1, description="Requests waiting beyond this are shed with 503 + Retry-After."
+    )
+    default_timeout_microseconds: int | None = Field(
+        None, ge=1, description="Per-request timeout when the request sets none."
+    )
+
+
+class InstanceGroup(_Strict):
+    count: int = Field(1, ge=1, le=64, description="Concurrent executions of this model.")
+    kind: Literal["cpu", "gpu"] = "cpu"
+
+
+class OnnxOptions(_Strict):
+    intra_op_threads: int = Field(0, ge=0, description="0 lets onnxruntime choose.")
+    inter_op_threads: int = Field(0, ge=0)
+    providers: list[Literal["cpu", "cuda"]] = Field(
+        default_factory=lambda: ["cpu"],
+        description="Execution providers in order of preference; cuda needs onnxruntime-gpu.",
+    )
+    graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
+
+
+class TorchOptions(_Strict):
+    device: str = Field("cpu", description="'cpu', 'cuda' or 'cuda:N'.")
+    num_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps the default.")
+
+
+class CircuitBreakerConfig(_Strict):
+    failure_threshold: int = Field(5, ge=1, description="Consecutive failures that open it.")
+    reset_timeout_s: float = Field(10.0, gt=0, description="Open time before one trial call.")
+
+
+class UpstreamOptions(_Strict):
+    """A remote Open Inference Protocol endpoint (a third-party MLaaS)."""
+
+    url: str = Field(description="Base URL, e.g. http://mlaas.example:8000")
+    model_name: str | None = Field(None, description="Remote model name (defaults to ours).")
+    model_version: str | None = None
+    timeout_s: float = Field(10.0, gt=0)
+    retries: int = Field(2, ge=0, le=10, description="Retries on 5xx / connection errors.")
+    backoff_s: float = Field(0.1, ge=0, description="First backoff; doubles each retry.")
+    headers: dict[str, str] = Field(default_factory=dict, description="Sent with each call.")
+    circuit_breaker: CircuitBreakerConfig = Field(default_factory=CircuitBreakerConfig)
+
+
+class ModelConfig(_Strict):
+    """Contents of ``<repository>/<model>/config.yaml``."""
+
+    name: str | None = Field(None, description="Must match the directory name when given.")
+    platform: Literal["onnx", "torch", "upstream"]
+    max_batch_size: int = Field(
+        0, ge=0, description="0: no batch dimension is added and requests run one at a time."
+    )
+    inputs: list[TensorConfig] | None = Field(None, description="Defaults to the artefact's.")
+    outputs: list[TensorConfig] | None = None
+    version_policy: VersionPolicy = Field(default_factory=VersionPolicy)
+    dynamic_batching: DynamicBatching | None = None
+    instance_group: InstanceGroup = Field(default_factory=InstanceGroup)
+    allow_non_finite: bool = Field(False, description="Accept NaN/Inf in float inputs.")
+    default_model_filename: str | None = Field(
+        None, description="Artefact file inside each version dir (default by platform)."
+    )
+    onnx: OnnxOptions = Field(default_factory=OnnxOptions)
+    torch: TorchOptions = Field(default_factory=TorchOptions)
+    upstream: UpstreamOptions | None = None
+    labels: list[str] | None = Field(None, description="Class names, index-aligned.")
+    parameters: dict[str, str] = Field(default_factory=dict, description="Free-form metadata.")
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.platform == "upstream" and self.upstream is None:
+            raise ValueError("platform 'upstream' needs an 'upstream:' block with a url")
+        if self.dynamic_batching is not None and self.max_batch_size == 0:
+            raise ValueError("dynamic_batching needs max_batch_size > 0")
+        if self.dynamic_batching is not None:
+            too_big = [
+                b
+                for b in self.dynamic_batching.preferred_batch_size
+                if b > self.max_batch_size or b < 1
+            ]
+            if too_big:
+                raise ValueError(
+                    f"preferred_batch_size {too_big} outside 1..max_batch_size "
+                    f"({self.max_batch_size})"
+                )
+        return self
+
+    @property
+    def model_filename(self) -> str:
+        if self.default_model_filename:
+            return self.default_model_filename
+        return {"onnx": "model.onnx", "torch": "model.pt2", "upstream": ""}[self.platform]
+
+
+def _format_errors(exc: ValidationError, path: Path) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            parts.append(f"unknown key '{loc}'")
+        else:
+            parts.append(f"{loc or 'config'}: {err['msg']}")
+    return f"{path}: " + "; ".join(parts)
+
+
+def load_model_config(path: Path, expected_name: str | None = None) -> ModelConfig:
+    """Read and validate one ``config.yaml``; every problem raises :class:`ConfigError`."""
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: missing config.yaml") from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    try:
+        cfg = ModelConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, path)) from exc
+    if expected_name is not None and cfg.name is not None and cfg.name != expected_name:
+        raise ConfigError(f"{path}: name {cfg.name!r} does not match directory {expected_name!r}")
+    return cfg

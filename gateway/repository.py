@@ -1,0 +1,296 @@
+"""The model repository: discovery, loading, hot reload and unloading of model versions.
+
+Layout (Triton-like): ``<root>/<model>/config.yaml`` and ``<root>/<model>/<version>/<file>``,
+versions being positive integers. Loading a model that is already serving builds the new
+versions next to the old ones and swaps them in only when every one loaded, so a broken new
+version leaves the old one serving; the old versions drain their queues before unloading.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gateway.batcher import BatchObserver, BatchPolicy, DynamicBatcher
+from gateway.errors import BadRequest, ModelLoadError, NotFound, Unavailable
+from gateway.model_config import MODEL_NAME_RE, ConfigError, ModelConfig, load_model_config
+from gateway.runtimes import Runtime, runtime_class
+
+log = logging.getLogger(__name__)
+
+ObserverFactory = Callable[[str, int], BatchObserver]
+
+
+@dataclass
+class ModelVersion:
+    """One loaded version: its runtime and its batcher."""
+
+    runtime: Runtime
+    batcher: DynamicBatcher
+
+    @property
+    def version(self) -> int:
+        return self.runtime.version
+
+
+@dataclass
+class ServedModel:
+    name: str
+    config: ModelConfig
+    versions: dict[int, ModelVersion] = field(default_factory=dict)
+
+    @property
+    def latest(self) -> ModelVersion:
+        return self.versions[max(self.versions)]
+
+
+@dataclass
+class ModelState:
+    """What the repository index reports for a model directory."""
+
+    state: str  # READY | UNAVAILABLE | LOADING
+    reason: str = ""
+
+
+def validate_model_name(name: str) -> str:
+    """Reject names that could escape the repository (``..``, slashes, odd Unicode)."""
+    if not MODEL_NAME_RE.fullmatch(name) or ".." in name:
+        raise BadRequest(
+            f"invalid model name {name!r}: use 1-128 ASCII letters, digits, '_', '-' or '.', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def parse_version(version: str) -> int:
+    if not version.isascii() or not version.isdigit() or int(version) < 1:
+        raise BadRequest(f"invalid model version {version!r}: expected a positive integer")
+    return int(version)
+
+
+def batch_policy(cfg: ModelConfig) -> BatchPolicy:
+    db = cfg.dynamic_batching
+    instances = cfg.instance_group.count
+    if db is None:
+        # batch dimension but no dynamic batching: each request is its own batch
+        return BatchPolicy(
+            max_batch_size=cfg.max_batch_size,
+            max_queue_delay_s=0.0,
+            instances=instances,
+            max_queue_size=256,
+        )
+    return BatchPolicy(
+        max_batch_size=cfg.max_batch_size,
+        max_queue_delay_s=db.max_queue_delay_microseconds / 1e6,
+        preferred_batch_sizes=tuple(db.preferred_batch_size),
+        max_queue_size=db.max_queue_size,
+        instances=instances,
+    )
+
+
+class ModelRepository:
+    """Owns every served model; all mutations happen on the event loop under one lock."""
+
+    def __init__(
+        self,
+        root: Path,
+        observer_factory: ObserverFactory | None = None,
+        on_state: Callable[[str, int, bool], None] | None = None,
+        drain_timeout_s: float = 30.0,
+    ) -> None:
+        self.root = root
+        self._observer_factory = observer_factory or (lambda _n, _v: BatchObserver())
+        self._on_state = on_state or (lambda _n, _v, _r: None)
+        self._drain_timeout_s = drain_timeout_s
+        self._models: dict[str, ServedModel] = {}
+        self._states: dict[str, ModelState] = {}
+        self._wanted: set[str] = set()  # models that should be serving (for readiness)
+        self._lock = asyncio.Lock()
+
+    # -- queries --------------------------------------------------------------------------------
+
+    def model_dir(self, name: str) -> Path:
+        validate_model_name(name)
+        path = (self.root / name).resolve()
+        if path.parent != self.root.resolve():
+            raise BadRequest(f"invalid model name {name!r}")
+        return path
+
+    def discover(self) -> list[str]:
+        """Model directories on disk (those holding a config.yaml)."""
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            p.name
+            for p in self.root.iterdir()
+            if p.is_dir() and (p / "config.yaml").is_file() and MODEL_NAME_RE.fullmatch(p.name)
+        )
+
+    def index(self) -> list[dict[str, str]]:
+        """Every model on disk or in memory, with version and state (repository extension)."""
+        rows: list[dict[str, str]] = []
+        names = sorted(set(self.discover()) | set(self._models) | set(self._states))
+        for name in names:
+            served = self._models.get(name)
+            state = self._states.get(name, ModelState("UNAVAILABLE", "not loaded"))
+            if served is not None:
+                rows.extend(
+                    {"name": name, "version": str(v), "state": "READY", "reason": state.reason}
+                    for v in sorted(served.versions)
+                )
+            else:
+                rows.append(
+                    {"name": name, "version": "", "state": state.state, "reason": state.reason}
+                )
+        return rows
+
+    def get(self, name: str, version: str | None = None) -> ModelVersion:
+        validate_model_name(name)
+        served = self._models.get(name)
+        if served is None:
+            if name in self._states or (self.root / name / "config.yaml").is_file():
+                reason = self._states.get(name, ModelState("UNAVAILABLE", "not loaded")).reason
+                raise Unavailable(f"model '{name}' is not ready: {reason or 'not loaded'}")
+            raise NotFound(f"unknown model '{name}'")
+        if version is None:
+            return served.latest
+        v = parse_version(version)
+        if v not in served.versions:
+            raise NotFound(
+                f"model '{name}' has no loaded version {v} (loaded: {sorted(served.versions)})"
+            )
+        return served.versions[v]
+
+    def served(self, name: str) -> ServedModel:
+        validate_model_name(name)
+        try:
+            return self._models[name]
+        except KeyError:
+            raise NotFound(f"unknown model '{name}'") from None
+
+    def ready(self) -> tuple[bool, list[str]]:
+        """Ready when every wanted model serves; else the names that do not."""
+        missing = sorted(n for n in self._wanted if n not in self._models)
+        return not missing, missing
+
+    def loaded_names(self) -> list[str]:
+        return sorted(self._models)
+
+    # -- mutations ------------------------------------------------------------------------------
+
+    async def load_all(self) -> None:
+        """Load every model on disk; failures are logged and leave the model unavailable."""
+        for name in self.discover():
+            try:
+                await self.load(name)
+            except ModelLoadError as exc:
+                log.error("model %s failed to load: %s", name, exc.message)
+
+    async def load(self, name: str) -> None:
+        """(Re)load ``name`` from disk; atomically replaces the versions it serves."""
+        path = self.model_dir(name)
+        async with self._lock:
+            self._wanted.add(name)
+            self._states[name] = ModelState("LOADING")
+            try:
+                served = await self._build(name, path)
+            except ModelLoadError as exc:
+                if name in self._models:  # the old versions keep serving
+                    self._states[name] = ModelState("READY", f"last load failed: {exc.message}")
+                else:
+                    self._states[name] = ModelState("UNAVAILABLE", exc.message)
+                raise
+            old = self._models.get(name)
+            self._models[name] = served
+            self._states[name] = ModelState("READY")
+            for v in served.versions:
+                self._on_state(name, v, True)
+        if old is not None:
+            gone = set(old.versions) - set(served.versions)
+            for v in gone:
+                self._on_state(name, v, False)
+            await self._retire(old)
+        log.info("model %s serving versions %s", name, sorted(served.versions))
+
+    async def unload(self, name: str) -> None:
+        validate_model_name(name)
+        async with self._lock:
+            self._wanted.discard(name)
+            served = self._models.pop(name, None)
+            self._states[name] = ModelState("UNAVAILABLE", "unloaded")
+            if served is None:
+                raise NotFound(f"model '{name}' is not loaded")
+            for v in served.versions:
+                self._on_state(name, v, False)
+        await self._retire(served)
+
+    async def close(self) -> None:
+        async with self._lock:
+            models = list(self._models.values())
+            self._models.clear()
+        for served in models:
+            await self._retire(served)
+
+    async def _retire(self, served: ServedModel) -> None:
+        """Drain the batchers (in-flight requests finish), then free the runtimes."""
+        for mv in served.versions.values():
+            await mv.batcher.close(self._drain_timeout_s)
+            await asyncio.to_thread(mv.runtime.unload)
+
+    async def _build(self, name: str, path: Path) -> ServedModel:
+        t0 = time.perf_counter()
+        try:
+            cfg = load_model_config(path / "config.yaml", expected_name=name)
+            versions = cfg.version_policy.select(_versions_on_disk(path))
+        except ConfigError as exc:
+            raise ModelLoadError(f"model '{name}': {exc}") from exc
+        if not versions:
+            raise ModelLoadError(f"model '{name}': no version directories (1, 2, ...) in {path}")
+        cls = runtime_class(cfg.platform)
+        loaded: list[Runtime] = []
+        try:
+            for v in versions:
+                rt = cls(name, v, path / str(v), cfg)
+                try:
+                    await asyncio.to_thread(rt.load)
+                except ModelLoadError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - a broken artefact must not crash us
+                    raise ModelLoadError(
+                        f"model '{name}' version {v}: {type(exc).__name__}: {exc}"
+                    ) from exc
+                loaded.append(rt)
+                if not rt.inputs or not rt.outputs:
+                    raise ModelLoadError(
+                        f"model '{name}' version {v}: no input/output metadata; "
+                        "declare inputs and outputs in config.yaml"
+                    )
+        except ModelLoadError as exc:
+            for rt in loaded:
+                await asyncio.to_thread(rt.unload)
+            if not exc.message.startswith(f"model '{name}'"):
+                exc.message = f"model '{name}': {exc.message}"
+            raise
+        served = ServedModel(name, cfg)
+        policy = batch_policy(cfg)
+        for rt in loaded:
+            batcher = DynamicBatcher(rt, policy, self._observer_factory(name, rt.version))
+            batcher.start()
+            served.versions[rt.version] = ModelVersion(rt, batcher)
+        log.info("built model %s versions %s in %.2fs", name, versions, time.perf_counter() - t0)
+        return served
+
+
+def _versions_on_disk(path: Path) -> list[int]:
+    return [
+        int(p.name)
+        for p in path.iterdir()
+        if p.is_dir() and p.name.isascii() and p.name.isdigit() and int(p.name) > 0
+    ]
+
+
+__all__ = ["ModelRepository", "ModelVersion", "ServedModel"]

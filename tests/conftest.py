@@ -1,0 +1,50 @@
+"""Shared fixtures: settings -> app -> in-process client (httpx over ASGI)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from gateway.app import create_app
+from gateway.settings import Settings
+from tests.model_factory import make_repository
+
+USER_KEY = "user-key-0123456789"
+ADMIN_KEY = "admin-key-0123456789"
+
+
+@pytest.fixture
+def repo_path(tmp_path: Path) -> Path:
+    return make_repository(tmp_path / "repo")
+
+
+@pytest.fixture
+def settings(repo_path: Path) -> Settings:
+    return Settings(
+        model_repository=repo_path,
+        api_keys=[USER_KEY],
+        admin_api_keys=[ADMIN_KEY],
+        log_json=False,
+        shutdown_grace_s=5,
+    )
+
+
+@pytest.fixture
+async def app(settings: Settings) -> AsyncIterator[FastAPI]:
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        yield app
+
+
+@pytest.fixture
+async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://test",
+        headers={"Authorization": f"Bearer {USER_KEY}"},
+    ) as c:
+        yield c
