@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 from typing import Annotated
@@ -48,8 +47,10 @@ def serve(
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
     if not settings.model_repository.is_dir():
-        console.print(f"[red]error:[/red] model repository {settings.model_repository} "
-                      "does not exist; build one with `fides models build-default`")
+        console.print(
+            f"[red]error:[/red] model repository {settings.model_repository} "
+            "does not exist; build one with `fides models build-default`"
+        )
         raise typer.Exit(2)
     url = f"http://{settings.host}:{settings.port}"
     console.print(f"Fides Gateway on [bold]{url}[/bold]  (Ctrl-C to stop)")
@@ -109,4 +110,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -223,7 +223,7 @@ def _decode_json(data: Any, datatype: str, shape: tuple[int, ...], name: str) ->
     elif target.kind in _INT_KINDS:
         if kind not in _INT_KINDS and kind != "b":
             raise BadRequest(f"input '{name}': {datatype} data must be integers, got {_kind(kind)}")
-        info = np.iinfo(target)
+        info = np.iinfo(target)  # type: ignore[type-var]
         if kind != "b" and (arr.min() < info.min or arr.max() > info.max):
             raise BadRequest(f"input '{name}': values out of range for {datatype}")
     elif kind not in "iufb":

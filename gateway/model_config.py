@@ -104,7 +104,7 @@ class OnnxOptions(_Strict):
     intra_op_threads: int = Field(0, ge=0, description="0 lets onnxruntime choose.")
     inter_op_threads: int = Field(0, ge=0)
     providers: list[Literal["cpu", "cuda"]] = Field(
-        default_factory=lambda: ["cpu"],
+        default_factory=lambda: ["cpu"],  # type: ignore[arg-type]
         description="Execution providers in order of preference; cuda needs onnxruntime-gpu.",
     )
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"

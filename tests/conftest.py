@@ -30,6 +30,7 @@ def settings(repo_path: Path) -> Settings:
         admin_api_keys=[ADMIN_KEY],
         log_json=False,
         shutdown_grace_s=5,
+        max_tensor_elements=100_000,
     )
 
 
@@ -44,7 +45,8 @@ async def app(settings: Settings) -> AsyncIterator[FastAPI]:
 async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(
-        transport=transport, base_url="http://test",
+        transport=transport,
+        base_url="http://test",
         headers={"Authorization": f"Bearer {USER_KEY}"},
     ) as c:
         yield c

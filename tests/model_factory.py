@@ -53,10 +53,13 @@ def tiny_classifier(path: Path, scale: float = 1.0) -> None:
         helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
     ]
     graph = helper.make_graph(
-        nodes, "tiny",
+        nodes,
+        "tiny",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 4])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3]),
-         helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 3])],
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3]),
+            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 3]),
+        ],
         [numpy_helper.from_array(TINY_W * scale, "W"), numpy_helper.from_array(TINY_B, "B")],
     )
     _save(helper.make_model(graph), path)
@@ -66,7 +69,8 @@ def identity(path: Path, datatype: str) -> None:
     """input [-1] of ``datatype`` -> output [-1], the same values."""
     t = ONNX_TYPES[datatype]
     graph = helper.make_graph(
-        [helper.make_node("Identity", ["input"], ["output"])], "identity",
+        [helper.make_node("Identity", ["input"], ["output"])],
+        "identity",
         [helper.make_tensor_value_info("input", t, ["N"])],
         [helper.make_tensor_value_info("output", t, ["N"])],
     )
@@ -94,7 +98,6 @@ def make_repository(root: Path, datatypes: tuple[str, ...] = ("FP32", "INT32", "
     tiny_classifier(tiny / "2" / "model.onnx", scale=2.0)
     for dt in datatypes:
         d = root / f"identity_{dt.lower()}"
-        write_config(d, {"platform": "onnx", "max_batch_size": 0,
-                         "onnx": {"intra_op_threads": 1}})
+        write_config(d, {"platform": "onnx", "max_batch_size": 0, "onnx": {"intra_op_threads": 1}})
         identity(d / "1" / "model.onnx", dt)
     return root

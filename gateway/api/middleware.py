@@ -7,7 +7,6 @@ import logging
 import re
 import time
 import uuid
-from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -67,7 +66,7 @@ class RequestContextMiddleware:
             request_id.reset(token)
 
 
-def _route_template(scope: dict[str, Any]) -> str:
+def _route_template(scope: Scope) -> str:
     # The matched route's template keeps label cardinality bounded (no model names in paths
     # that do not exist).
     route = scope.get("route")

@@ -97,8 +97,10 @@ class OnnxRuntime(Runtime):
         log.info("loaded %s v%s with %s", self.name, self.version, self.providers)
 
     def predict(self, inputs: Tensors, output_names: list[str] | None = None) -> Tensors:
-        feed = {name: _strings(name, arr) if arr.dtype == object else arr
-                for name, arr in inputs.items()}
+        feed = {
+            name: _strings(name, arr) if arr.dtype == object else arr
+            for name, arr in inputs.items()
+        }
         names = output_names or [o.name for o in self.outputs]
         results = self._session.run(names, feed)
         return dict(zip(names, (np.asarray(r) for r in results), strict=True))
@@ -110,8 +112,9 @@ class OnnxRuntime(Runtime):
 def _strings(name: str, arr: np.ndarray) -> np.ndarray:
     """BYTES elements -> str, as onnxruntime's string tensors need."""
     try:
-        return np.vectorize(
+        strings: np.ndarray = np.vectorize(
             lambda b: b.decode("utf-8") if isinstance(b, bytes) else str(b), otypes=[object]
         )(arr)
+        return strings
     except UnicodeDecodeError:
         raise BadRequest(f"input '{name}': BYTES elements must be UTF-8 for this model") from None

@@ -20,6 +20,7 @@ import email.utils
 import logging
 import math
 import random
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -94,18 +95,23 @@ class UpstreamRuntime(Runtime):
         cb = self.options.circuit_breaker
         self.breaker = CircuitBreaker(cb.failure_threshold, cb.reset_timeout_s, name=self.base_url)
         self._client: httpx.Client | None = None
+        self._client_lock = threading.Lock()
 
     # -- lifecycle ----------------------------------------------------------------------
 
     @property
     def client(self) -> httpx.Client:
-        if self._client is None:
-            self._client = httpx.Client(
-                timeout=self.options.timeout_s,
-                headers=self.options.headers,
-                follow_redirects=False,
-            )
-        return self._client
+        client = self._client
+        if client is None:
+            with self._client_lock:
+                if self._client is None:
+                    self._client = httpx.Client(
+                        timeout=self.options.timeout_s,
+                        headers=self.options.headers,
+                        follow_redirects=False,
+                    )
+                client = self._client
+        return client
 
     def load(self) -> None:
         """Read the remote model's metadata; fall back to config.yaml's specs if unreachable."""
@@ -159,9 +165,10 @@ class UpstreamRuntime(Runtime):
         )
 
     def unload(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        with self._client_lock:
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
 
     def ready(self) -> bool:
         """``GET .../ready`` once (no retries, no breaker): is the remote model ready?"""
@@ -177,8 +184,12 @@ class UpstreamRuntime(Runtime):
 
     def predict(self, inputs: Tensors, output_names: list[str] | None = None) -> Tensors:
         body: dict[str, Any] = {"inputs": [self._encode(n, a) for n, a in inputs.items()]}
-        if output_names is not None:
-            body["outputs"] = [{"name": n} for n in output_names]
+        requested = output_names
+        if requested is None and self.config.outputs is not None:
+            # config.yaml narrowed the outputs: do not ship the others over the network
+            requested = [s.name for s in self.outputs]
+        if requested is not None:
+            body["outputs"] = [{"name": n} for n in requested]
         payload = _dumps(body)
         self.breaker.before_call()
         try:
@@ -302,8 +313,8 @@ class UpstreamRuntime(Runtime):
         missing = [n for n in wanted if n not in decoded]
         if missing:
             raise ValueError(f"missing output(s) {missing}")
-        if output_names is not None:
-            decoded = {n: decoded[n] for n in output_names}
+        if wanted:  # exactly the outputs asked for, or those the model declares
+            decoded = {n: decoded[n] for n in wanted}
         specs = {s.name: s for s in self.outputs}
         batch = _batch_size(inputs) if self.config.max_batch_size > 0 else None
         for name, array in decoded.items():

@@ -1,0 +1,188 @@
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gateway.batcher import BatchPolicy, DynamicBatcher
+from gateway.errors import GatewayError, QueueFull, RequestTimeout
+from gateway.model_config import ModelConfig
+from gateway.runtimes.base import Runtime, Tensors
+
+
+class DoublingRuntime(Runtime):
+    """A real runtime for the batcher: y = 2x, with a chosen compute time per batch."""
+
+    platform = "test"
+
+    def __init__(self, delay_s: float = 0.0, fail: bool = False) -> None:
+        super().__init__("double", 1, Path("."), ModelConfig(platform="onnx", max_batch_size=8))
+        self.delay_s = delay_s
+        self.fail = fail
+        self.batches: list[int] = []
+        self.threads: set[int] = set()
+
+    def predict(self, inputs: Tensors, output_names: list[str] | None = None) -> Tensors:
+        self.threads.add(threading.get_ident())
+        self.batches.append(inputs["x"].shape[0])
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        if self.fail:
+            raise ValueError("boom")
+        return {"y": inputs["x"] * 2}
+
+
+def _policy(**kw: object) -> BatchPolicy:
+    base: dict[str, object] = {
+        "max_batch_size": 8,
+        "max_queue_delay_s": 0.02,
+        "max_queue_size": 64,
+        "instances": 1,
+    }
+    base.update(kw)
+    return BatchPolicy(**base)  # type: ignore[arg-type]
+
+
+def _x(value: float, n: int = 1, width: int = 3) -> Tensors:
+    return {"x": np.full((n, width), value, dtype=np.float32)}
+
+
+async def _run_all(b: DynamicBatcher, items: list[Tensors], timeout: float = 5.0) -> list[Tensors]:
+    deadline = time.monotonic() + timeout
+    return await asyncio.gather(*(b.submit(i, deadline) for i in items))
+
+
+async def test_results_go_back_to_their_requests_in_order() -> None:
+    rt = DoublingRuntime()
+    b = DynamicBatcher(rt, _policy())
+    b.start()
+    items = [_x(float(i), n=1 + i % 3) for i in range(20)]
+    outs = await _run_all(b, items)
+    for i, out in zip(items, outs, strict=True):
+        np.testing.assert_array_equal(out["y"], i["x"] * 2)
+    assert max(rt.batches) <= 8
+    assert sum(rt.batches) == sum(i["x"].shape[0] for i in items)
+    assert len(rt.batches) < 20  # some batching happened
+    assert threading.get_ident() not in rt.threads  # never on the event loop thread
+    await b.close()
+
+
+async def test_waits_max_delay_for_a_batch_to_form() -> None:
+    rt = DoublingRuntime()
+    b = DynamicBatcher(rt, _policy(max_queue_delay_s=0.05))
+    b.start()
+    t0 = time.monotonic()
+    await _run_all(b, [_x(1.0)])
+    elapsed = time.monotonic() - t0
+    assert elapsed >= 0.045  # a lone request waited for company
+    # requests arriving within the delay share one batch
+    await _run_all(b, [_x(1.0), _x(2.0), _x(3.0)])
+    assert rt.batches[-1] == 3
+    await b.close()
+
+
+async def test_preferred_size_dispatches_without_waiting() -> None:
+    rt = DoublingRuntime()
+    b = DynamicBatcher(rt, _policy(max_queue_delay_s=5.0, preferred_batch_sizes=(4,)))
+    b.start()
+    t0 = time.monotonic()
+    await _run_all(b, [_x(float(i)) for i in range(4)])
+    assert time.monotonic() - t0 < 2.0
+    assert rt.batches == [4]
+    await b.close()
+
+
+async def test_full_batch_dispatches_without_waiting() -> None:
+    rt = DoublingRuntime()
+    b = DynamicBatcher(rt, _policy(max_queue_delay_s=5.0))
+    b.start()
+    t0 = time.monotonic()
+    await _run_all(b, [_x(1.0, n=4), _x(2.0, n=4)])
+    assert time.monotonic() - t0 < 2.0
+    assert rt.batches == [8]
+    await b.close()
+
+
+async def test_incompatible_shapes_are_not_mixed() -> None:
+    rt = DoublingRuntime()
+    b = DynamicBatcher(rt, _policy(max_queue_delay_s=0.01))
+    b.start()
+    outs = await _run_all(b, [_x(1.0, width=3), _x(2.0, width=5), _x(3.0, width=3)])
+    assert [o["y"].shape for o in outs] == [(1, 3), (1, 5), (1, 3)]
+    assert sorted(rt.batches) == [1, 2]
+    await b.close()
+
+
+async def test_sheds_when_queue_is_full() -> None:
+    rt = DoublingRuntime(delay_s=0.2)
+    b = DynamicBatcher(rt, _policy(max_batch_size=1, max_queue_size=2, max_queue_delay_s=0))
+    b.start()
+    deadline = time.monotonic() + 5
+    first = asyncio.ensure_future(b.submit(_x(0.0), deadline))
+    await asyncio.sleep(0.05)  # first is running; the queue is empty again
+    queued = [asyncio.ensure_future(b.submit(_x(1.0), deadline)) for _ in range(2)]
+    await asyncio.sleep(0)
+    with pytest.raises(QueueFull) as err:
+        await b.submit(_x(9.0), deadline)
+    assert err.value.status == 503
+    assert err.value.headers["Retry-After"] == "1"
+    await asyncio.gather(first, *queued)  # nothing admitted was lost
+    await b.close()
+
+
+async def test_request_times_out_in_queue() -> None:
+    rt = DoublingRuntime(delay_s=0.3)
+    b = DynamicBatcher(rt, _policy(max_batch_size=1, max_queue_delay_s=0))
+    b.start()
+    slow = asyncio.ensure_future(b.submit(_x(0.0), time.monotonic() + 5))
+    await asyncio.sleep(0.02)
+    with pytest.raises(RequestTimeout):
+        await b.submit(_x(1.0), time.monotonic() + 0.05)
+    await slow
+    await asyncio.sleep(0.05)
+    assert rt.batches == [1]  # the timed-out request was never computed
+    await b.close()
+
+
+async def test_runtime_error_reaches_every_request_in_the_batch() -> None:
+    rt = DoublingRuntime(fail=True)
+    b = DynamicBatcher(rt, _policy())
+    b.start()
+    deadline = time.monotonic() + 5
+    results = await asyncio.gather(
+        *(b.submit(_x(1.0), deadline) for _ in range(3)), return_exceptions=True
+    )
+    assert all(isinstance(r, GatewayError) and "boom" in str(r) for r in results)
+    # and the batcher keeps serving
+    rt.fail = False
+    out = await b.submit(_x(2.0), time.monotonic() + 5)
+    np.testing.assert_array_equal(out["y"], _x(4.0)["x"])
+    await b.close()
+
+
+async def test_close_drains_queued_requests() -> None:
+    rt = DoublingRuntime(delay_s=0.05)
+    b = DynamicBatcher(rt, _policy(max_batch_size=1, max_queue_delay_s=0))
+    b.start()
+    deadline = time.monotonic() + 5
+    futures = [asyncio.ensure_future(b.submit(_x(float(i)), deadline)) for i in range(4)]
+    await asyncio.sleep(0.01)
+    await b.close()
+    outs = await asyncio.gather(*futures)
+    assert len(outs) == 4
+    assert sorted(rt.batches) == [1, 1, 1, 1]
+
+
+async def test_instances_run_concurrently() -> None:
+    rt = DoublingRuntime(delay_s=0.2)
+    b = DynamicBatcher(rt, _policy(max_batch_size=1, max_queue_delay_s=0, instances=4))
+    b.start()
+    t0 = time.monotonic()
+    await _run_all(b, [_x(float(i)) for i in range(4)])
+    assert time.monotonic() - t0 < 0.6  # 4 x 0.2 s serially would be 0.8 s
+    assert len(rt.threads) >= 2
+    await b.close()
