@@ -22,6 +22,7 @@ from gateway.dataplane import DataPlane
 from gateway.errors import GatewayError
 from gateway.metrics import GatewayMetrics
 from gateway.repository import ModelRepository
+from gateway.runtimes import Runtime
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -59,10 +60,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def on_state(model: str, version: int, ready: bool) -> None:
         metrics.model_ready.labels(model, str(version)).set(1 if ready else 0)
 
+    def on_runtime(runtime: Runtime) -> None:
+        # upstream runtimes: count retries, expose the circuit breaker's state at scrape time
+        breaker = getattr(runtime, "breaker", None)
+        if breaker is not None:
+            retries = metrics.upstream_retries.labels(runtime.name)
+            runtime.on_retry = retries.inc  # type: ignore[attr-defined]
+            metrics.upstream_circuit_open.labels(runtime.name).set_function(
+                lambda: 1.0 if breaker.state == "open" else 0.0
+            )
+
     repository = ModelRepository(
         settings.model_repository,
         observer_factory=lambda m, v: MetricsObserver(metrics, m, v),
         on_state=on_state,
+        on_runtime=on_runtime,
         drain_timeout_s=settings.shutdown_grace_s,
     )
     dataplane = DataPlane(repository, settings, metrics)

@@ -100,11 +100,13 @@ class ModelRepository:
         root: Path,
         observer_factory: ObserverFactory | None = None,
         on_state: Callable[[str, int, bool], None] | None = None,
+        on_runtime: Callable[[Runtime], None] | None = None,
         drain_timeout_s: float = 30.0,
     ) -> None:
         self.root = root
         self._observer_factory = observer_factory or (lambda _n, _v: BatchObserver())
         self._on_state = on_state or (lambda _n, _v, _r: None)
+        self._on_runtime = on_runtime or (lambda _rt: None)
         self._drain_timeout_s = drain_timeout_s
         self._models: dict[str, ServedModel] = {}
         self._states: dict[str, ModelState] = {}
@@ -264,6 +266,7 @@ class ModelRepository:
                         f"model '{name}' version {v}: {type(exc).__name__}: {exc}"
                     ) from exc
                 loaded.append(rt)
+                self._on_runtime(rt)
                 if not rt.inputs or not rt.outputs:
                     raise ModelLoadError(
                         f"model '{name}' version {v}: no input/output metadata; "

@@ -22,6 +22,7 @@ import math
 import random
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeGuard
@@ -96,6 +97,8 @@ class UpstreamRuntime(Runtime):
         self.breaker = CircuitBreaker(cb.failure_threshold, cb.reset_timeout_s, name=self.base_url)
         self._client: httpx.Client | None = None
         self._client_lock = threading.Lock()
+        # set by the app to count retries in its metrics
+        self.on_retry: Callable[[], None] = lambda: None
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -226,6 +229,7 @@ class UpstreamRuntime(Runtime):
                     opts.retries,
                     delay,
                 )
+                self.on_retry()
                 time.sleep(delay)
             try:
                 return self._attempt(method, url, content, headers)
