@@ -75,6 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         observer_factory=lambda m, v: MetricsObserver(metrics, m, v),
         on_state=on_state,
         on_runtime=on_runtime,
+        on_load=lambda m, ok: metrics.model_loads.labels(m, "success" if ok else "failure").inc(),
         drain_timeout_s=settings.shutdown_grace_s,
     )
     dataplane = DataPlane(repository, settings, metrics)

@@ -101,12 +101,14 @@ class ModelRepository:
         observer_factory: ObserverFactory | None = None,
         on_state: Callable[[str, int, bool], None] | None = None,
         on_runtime: Callable[[Runtime], None] | None = None,
+        on_load: Callable[[str, bool], None] | None = None,
         drain_timeout_s: float = 30.0,
     ) -> None:
         self.root = root
         self._observer_factory = observer_factory or (lambda _n, _v: BatchObserver())
         self._on_state = on_state or (lambda _n, _v, _r: None)
         self._on_runtime = on_runtime or (lambda _rt: None)
+        self._on_load = on_load or (lambda _n, _ok: None)
         self._drain_timeout_s = drain_timeout_s
         self._models: dict[str, ServedModel] = {}
         self._states: dict[str, ModelState] = {}
@@ -205,10 +207,12 @@ class ModelRepository:
                     self._states[name] = ModelState("READY", f"last load failed: {exc.message}")
                 else:
                     self._states[name] = ModelState("UNAVAILABLE", exc.message)
+                self._on_load(name, False)
                 raise
             old = self._models.get(name)
             self._models[name] = served
             self._states[name] = ModelState("READY")
+            self._on_load(name, True)
             for v in served.versions:
                 self._on_state(name, v, True)
         if old is not None:

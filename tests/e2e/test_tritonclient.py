@@ -45,6 +45,16 @@ ROUNDTRIP_VALUES: dict[str, np.ndarray] = {
 }
 assert set(ROUNDTRIP_VALUES) == set(ALL_DATATYPES)
 
+# Gateway bug: JSON UINT64 data mixing values >= 2**63 with smaller ones is refused (numpy
+# turns such a list into float64). Strict: once the codec is fixed this XPASSes and fails,
+# so remove the marker then.
+UINT64_JSON_BUG = pytest.mark.xfail(
+    reason="gateway.codec._decode_json: np.asarray([1, 2**64 - 1]) is float64 -> "
+    "'UINT64 data must be integers, got floats'",
+    raises=InferenceServerException,
+    strict=True,
+)
+
 
 @pytest.fixture(scope="module")
 def triton(gateway: GatewayProcess) -> Iterator[httpclient.InferenceServerClient]:
@@ -247,8 +257,13 @@ def test_request_id_echoed(triton: httpclient.InferenceServerClient, binary: boo
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
 @pytest.mark.parametrize("datatype", ALL_DATATYPES)
 def test_identity_roundtrip(
-    triton: httpclient.InferenceServerClient, datatype: str, binary: bool
+    triton: httpclient.InferenceServerClient,
+    datatype: str,
+    binary: bool,
+    request: pytest.FixtureRequest,
 ) -> None:
+    if datatype == "UINT64" and not binary:
+        request.applymarker(UINT64_JSON_BUG)
     values = ROUNDTRIP_VALUES[datatype]
     inp = httpclient.InferInput("input", list(values.shape), datatype)
     inp.set_data_from_numpy(values, binary_data=binary)
@@ -271,6 +286,23 @@ def test_identity_roundtrip(
     else:
         assert got.dtype == values.dtype
         np.testing.assert_array_equal(got, values)
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+def test_uint64_above_int64_range(triton: httpclient.InferenceServerClient, binary: bool) -> None:
+    # all values >= 2**63: numpy keeps uint64, and the JSON answer must not go through floats
+    values = np.array([2**63, 2**64 - 1, 2**63 + 1], dtype=np.uint64)
+    inp = httpclient.InferInput("input", [3], "UINT64")
+    inp.set_data_from_numpy(values, binary_data=binary)
+    result = triton.infer(
+        "identity_uint64",
+        [inp],
+        outputs=[httpclient.InferRequestedOutput("output", binary_data=binary)],
+        headers=auth(),
+    )
+    got = result.as_numpy("output")
+    assert got.dtype == np.uint64
+    assert got.tolist() == values.tolist()
 
 
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])

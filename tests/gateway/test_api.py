@@ -434,6 +434,7 @@ async def test_metrics(client: httpx.AsyncClient) -> None:
     assert "fides_inference_queue_duration_seconds_bucket" in text
     assert 'route="/v2/models/{name}/infer",status="400"' in text
     assert "_created" not in text
+    assert 'fides_model_loads_total{model="tiny",outcome="success"} 1.0' in text
 
 
 async def test_two_apps_in_one_process(settings: Settings) -> None:
