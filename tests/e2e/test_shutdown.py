@@ -1,0 +1,61 @@
+"""SIGTERM drains: requests in flight finish, new connections are refused, the process exits."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import USER_KEY
+from tests.e2e.conftest import running_gateway
+from tests.model_factory import TINY_CONFIG, make_repository, write_config
+
+pytestmark = pytest.mark.e2e
+
+
+def test_sigterm_lets_in_flight_requests_finish(tmp_path: Path) -> None:
+    repo = make_repository(tmp_path / "repo", datatypes=())
+    # Requests wait up to 1.5 s in the batcher for a batch to fill: they are in flight when
+    # the signal arrives.
+    write_config(
+        repo / "tiny",
+        {
+            **TINY_CONFIG,
+            "version_policy": {"all": {}},
+            "dynamic_batching": {
+                "max_queue_delay_microseconds": 1_500_000,
+                "preferred_batch_size": [16],
+            },
+        },
+    )
+    body = {
+        "inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]
+    }
+    headers = {"Authorization": f"Bearer {USER_KEY}"}
+    with running_gateway(repo, tmp_path / "logs") as gw:
+
+        def call() -> int:
+            r = httpx.post(
+                f"{gw.base_url}/v2/models/tiny/infer", json=body, headers=headers, timeout=10
+            )
+            return r.status_code
+
+        with ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(call) for _ in range(4)]
+            time.sleep(0.5)
+            t0 = time.monotonic()
+            os.kill(gw.pid, signal.SIGTERM)
+            statuses = [f.result() for f in futures]
+        assert statuses == [200, 200, 200, 200]
+        gw.process.wait(timeout=10)
+        assert time.monotonic() - t0 < 8  # well within FIDES_SHUTDOWN_GRACE_S + drain
+        # uvicorn re-raises the signal after its graceful shutdown, as a well-behaved process does
+        assert gw.process.returncode in (0, -signal.SIGTERM)
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"{gw.base_url}/v2/health/live", timeout=1)
+        assert "shutting down" in gw.log()
