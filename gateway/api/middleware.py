@@ -52,11 +52,20 @@ class RequestContextMiddleware:
             method = scope["method"]
             self.metrics.http_requests.labels(method, route, str(status)).inc()
             self.metrics.http_duration.labels(method, route).observe(elapsed)
-            if status >= 500 or log.isEnabledFor(logging.DEBUG):
+            # errors at INFO/WARNING; successful requests only at DEBUG (hot path)
+            level = (
+                logging.WARNING
+                if status >= 500
+                else logging.INFO
+                if status >= 400
+                else logging.DEBUG
+            )
+            if log.isEnabledFor(level):
                 log.log(
-                    logging.WARNING if status >= 500 else logging.DEBUG,
+                    level,
                     "request",
                     extra={
+                        "request_id": rid,
                         "method": method,
                         "path": scope["path"],
                         "status": status,

@@ -126,17 +126,18 @@ def stop_process(process: subprocess.Popen[bytes], timeout_s: float = STOP_TIMEO
         process.wait(timeout=timeout_s)
 
 
-def _wait_ready(gw: GatewayProcess, deadline_s: float) -> None:
+def _wait_ready(gw: GatewayProcess, deadline_s: float) -> str | None:
+    """None once /v2/health/ready answers 200; why not if the process exited first."""
     deadline = time.monotonic() + deadline_s
     last = "no answer yet"
     with httpx.Client(base_url=gw.base_url, timeout=2.0) as client:
         while True:
             if gw.process.poll() is not None:
-                raise _StartFailed(gw, f"exited early with status {gw.process.returncode}")
+                return f"exited early with status {gw.process.returncode}"
             try:
                 r = client.get("/v2/health/ready")
                 if r.status_code == 200:
-                    return
+                    return None
                 last = f"{r.status_code} {r.text}"
             except httpx.TransportError as exc:
                 last = f"{type(exc).__name__}: {exc}"
@@ -149,19 +150,12 @@ def _wait_ready(gw: GatewayProcess, deadline_s: float) -> None:
             time.sleep(0.1)
 
 
-class _StartFailed(Exception):
-    def __init__(self, gw: GatewayProcess, why: str) -> None:
-        super().__init__(why)
-        self.gw = gw
-        self.why = why
-
-
 @contextlib.contextmanager
 def running_gateway(repository: Path, workdir: Path, attempts: int = 3) -> Iterator[GatewayProcess]:
     """Start ``gateway.cli serve`` on ``repository``, yield it once ready, always stop it."""
     workdir.mkdir(parents=True, exist_ok=True)
     failure = ""
-    for attempt in range(attempts):
+    for _ in range(attempts):
         port = free_port()
         log_path = workdir / f"server-{port}.log"
         with log_path.open("wb") as log_file:
@@ -176,19 +170,17 @@ def running_gateway(repository: Path, workdir: Path, attempts: int = 3) -> Itera
             )
         gw = GatewayProcess(HOST, port, process, log_path, repository)
         try:
-            try:
-                _wait_ready(gw, READY_TIMEOUT_S)
-            except _StartFailed as exc:
-                log = gw.log()
-                failure = f"gateway {exc.why}\n--- server log ---\n{log}"
-                # another process took the port between free_port() and bind: try another
-                if "address already in use" in log.lower() and attempt + 1 < attempts:
-                    continue
-                pytest.fail(failure, pytrace=False)
-            yield gw
-            return
+            why = _wait_ready(gw, READY_TIMEOUT_S)
+            if why is None:
+                yield gw
+                return
         finally:
             stop_process(process)
+        log = gw.log()
+        failure = f"gateway (pid {gw.pid}) {why}\n--- server log ---\n{log}"
+        # another process took the port between free_port() and the bind: try another one
+        if "address already in use" not in log.lower():
+            break
     pytest.fail(failure, pytrace=False)
 
 

@@ -18,7 +18,6 @@ from tests.model_factory import TINY_B, TINY_W, tiny_expected
 pytestmark = pytest.mark.e2e
 
 
-
 def auth() -> dict[str, str]:
     """A fresh header dict per call: tritonclient's infer() writes into the dict it is given
     (Inference-Header-Content-Length, Content-Encoding), which would leak into later calls."""
@@ -418,8 +417,11 @@ def test_bad_json_then_server_still_answers(http: httpx.Client) -> None:
         assert doc["error"]
     r = http.post(
         "/v2/models/tiny/versions/1/infer",
-        json={"inputs": [{"name": "input", "shape": [2, 4], "datatype": "FP32",
-                          "data": X.ravel().tolist()}]},
+        json={
+            "inputs": [
+                {"name": "input", "shape": [2, 4], "datatype": "FP32", "data": X.ravel().tolist()}
+            ]
+        },
     )
     assert r.status_code == 200, r.text
     out = {o["name"]: o for o in r.json()["outputs"]}

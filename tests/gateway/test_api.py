@@ -445,3 +445,19 @@ async def test_two_apps_in_one_process(settings: Settings) -> None:
 async def test_openapi_schema(client: httpx.AsyncClient) -> None:
     doc = (await client.get("/openapi.json")).json()
     assert "/v2/models/{name}/infer" in doc["paths"]
+
+
+async def test_json_logs_carry_the_request_id(
+    client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    from gateway.logs import JsonFormatter
+
+    with caplog.at_level("INFO", logger="gateway.access"):
+        await client.post("/v2/models/nope/infer", json=_infer_body(),
+                          headers={"X-Request-ID": "trace-42"})
+    records = [r for r in caplog.records if r.name == "gateway.access"]
+    assert records
+    doc = orjson.loads(JsonFormatter().format(records[-1]))
+    assert doc["request_id"] == "trace-42"
+    assert doc["status"] == 404
+    assert doc["path"] == "/v2/models/nope/infer"
