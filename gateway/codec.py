@@ -185,6 +185,8 @@ def parse_infer_request(
             binary_flag = params.get("binary_data")
             if binary_flag is not None and not isinstance(binary_flag, bool):
                 raise BadRequest(f"output '{name}': binary_data must be a boolean")
+            if any(o.name == name for o in outputs):
+                raise BadRequest(f"output '{name}' is requested more than once")
             outputs.append(RequestedOutput(name, binary_flag, params))
     return InferRequest(
         inputs=inputs,
@@ -221,14 +223,36 @@ def _decode_json(data: Any, datatype: str, shape: tuple[int, ...], name: str) ->
         if kind != "b":
             raise BadRequest(f"input '{name}': BOOL data must be true/false")
     elif target.kind in _INT_KINDS:
-        if kind not in _INT_KINDS and kind != "b":
-            raise BadRequest(f"input '{name}': {datatype} data must be integers, got {_kind(kind)}")
-        info = np.iinfo(target)  # type: ignore[type-var]
-        if kind != "b" and (arr.min() < info.min or arr.max() > info.max):
-            raise BadRequest(f"input '{name}': values out of range for {datatype}")
+        return _decode_ints(data, arr, datatype, shape, name)
     elif kind not in "iufb":
         raise BadRequest(f"input '{name}': {datatype} data must be numbers, got {_kind(kind)}")
-    return arr.astype(target, copy=False).reshape(shape)
+    with np.errstate(over="ignore"):
+        out = arr.astype(target, copy=False).reshape(shape)
+    narrowed = target.kind == "f" and target.itemsize < arr.dtype.itemsize
+    # a finite value too large for the narrower float (NaN/Inf sent as such are the model's call)
+    if narrowed and np.isinf(out).any() and np.isfinite(arr).all():
+        raise BadRequest(f"input '{name}': values out of range for {datatype}")
+    return out
+
+
+def _decode_ints(
+    data: Any, arr: np.ndarray, datatype: str, shape: tuple[int, ...], name: str
+) -> np.ndarray:
+    target = DATATYPES[datatype]
+    info = np.iinfo(target)  # type: ignore[type-var]
+    kind = arr.dtype.kind
+    if kind in _INT_KINDS or kind == "b":
+        if kind != "b" and (arr.min() < info.min or arr.max() > info.max):
+            raise BadRequest(f"input '{name}': values out of range for {datatype}")
+        return arr.astype(target, copy=False).reshape(shape)
+    # numpy turns a mix of ints beyond int64 (large UINT64 values) into floats or objects:
+    # check the Python values themselves
+    flat = _flatten(data)
+    if not all(isinstance(v, int) for v in flat):
+        raise BadRequest(f"input '{name}': {datatype} data must be integers, got {_kind(kind)}")
+    if min(flat) < info.min or max(flat) > info.max:
+        raise BadRequest(f"input '{name}': values out of range for {datatype}")
+    return np.array(flat, dtype=target).reshape(shape)
 
 
 def _kind(kind: str) -> str:

@@ -297,10 +297,7 @@ def _raw_ideal(
     """Ideal batches back to back on ``w`` threads sharing the session (see module doc)."""
     p = model.policy
     instances = max(1, p.instances)
-    if model.batched:
-        b = min(p.max_batch_size, math.ceil(concurrency / instances))
-    else:
-        b = 1
+    b = min(p.max_batch_size, math.ceil(concurrency / instances)) if model.batched else 1
     workers = min(instances, math.ceil(concurrency / b))
     rounds = math.ceil(concurrency / (b * workers))
     feed = _batch_of(samples, b)
@@ -1172,22 +1169,22 @@ def run_serving_bench(
         server_log_lines = server.log_lines()
         server_log_tail = server.log_tail(10) if server_log_lines else ""
 
-    raw = {c["concurrency"]: c["throughput_rps"] for c in cells if c["mode"] == "raw_ort"}
-    raw_b = {c["concurrency"]: c["throughput_rps"] for c in cells if c["mode"] == "raw_ort_batcher"}
+    raw = {r["concurrency"]: r["throughput_rps"] for r in cells if r["mode"] == "raw_ort"}
+    raw_b = {r["concurrency"]: r["throughput_rps"] for r in cells if r["mode"] == "raw_ort_batcher"}
     ratios: dict[str, dict[str, float | None]] = {}
     ratios_b: dict[str, dict[str, float | None]] = {}
-    for c in cells:
-        if c["mode"] in RAW_MODES and c["mode"] != "raw_ort_batcher":
+    for row in cells:
+        if row["mode"] == "raw_ort":
             continue
-        conc = c["concurrency"]
+        conc = row["concurrency"]
         base = raw.get(conc)
-        ratios.setdefault(str(conc), {})[c["mode"]] = (
-            round(c["throughput_rps"] / base, 3) if base else None
+        ratios.setdefault(str(conc), {})[row["mode"]] = (
+            round(row["throughput_rps"] / base, 3) if base else None
         )
-        if c["mode"] in GATEWAY_MODES:
+        if row["mode"] in GATEWAY_MODES:
             base_b = raw_b.get(conc)
-            ratios_b.setdefault(str(conc), {})[c["mode"]] = (
-                round(c["throughput_rps"] / base_b, 3) if base_b else None
+            ratios_b.setdefault(str(conc), {})[row["mode"]] = (
+                round(row["throughput_rps"] / base_b, 3) if base_b else None
             )
     at_goal = ratios.get(str(GOAL_CONCURRENCY), {})
     json_ratio, binary_ratio = at_goal.get("gateway_json"), at_goal.get("gateway_binary")

@@ -196,13 +196,3 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess
     repository = build_repository(base / "repo")
     with running_gateway(repository, base / "logs") as gw:
         yield gw
-
-
-@pytest.fixture(scope="session")
-def user_headers() -> dict[str, str]:
-    return {"Authorization": f"Bearer {USER_KEY}"}
-
-
-@pytest.fixture(scope="session")
-def admin_headers() -> dict[str, str]:
-    return {"Authorization": f"Bearer {ADMIN_KEY}"}

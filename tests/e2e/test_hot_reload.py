@@ -21,7 +21,7 @@ from tests.conftest import ADMIN_KEY, USER_KEY
 from tests.e2e.conftest import GatewayProcess, running_gateway
 from tests.model_factory import TINY_B, TINY_W, make_repository, tiny_classifier
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 
 WORKERS = 8  # concurrent clients; WORKERS_V2 of them pin version 2 explicitly
 WORKERS_V2 = 2

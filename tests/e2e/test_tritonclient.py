@@ -15,7 +15,7 @@ from tests.conftest import USER_KEY
 from tests.e2e.conftest import ALL_DATATYPES, GatewayProcess
 from tests.model_factory import TINY_B, TINY_W, tiny_expected
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 
 
 def auth() -> dict[str, str]:
@@ -43,16 +43,6 @@ ROUNDTRIP_VALUES: dict[str, np.ndarray] = {
     "BYTES": np.array([b"hello", b"", "h\u00e9llo \u2603".encode()], dtype=np.object_),
 }
 assert set(ROUNDTRIP_VALUES) == set(ALL_DATATYPES)
-
-# Gateway bug: JSON UINT64 data mixing values >= 2**63 with smaller ones is refused (numpy
-# turns such a list into float64). Strict: once the codec is fixed this XPASSes and fails,
-# so remove the marker then.
-UINT64_JSON_BUG = pytest.mark.xfail(
-    reason="gateway.codec._decode_json: np.asarray([1, 2**64 - 1]) is float64 -> "
-    "'UINT64 data must be integers, got floats'",
-    raises=InferenceServerException,
-    strict=True,
-)
 
 
 @pytest.fixture(scope="module")
@@ -261,8 +251,6 @@ def test_identity_roundtrip(
     binary: bool,
     request: pytest.FixtureRequest,
 ) -> None:
-    if datatype == "UINT64" and not binary:
-        request.applymarker(UINT64_JSON_BUG)
     values = ROUNDTRIP_VALUES[datatype]
     inp = httpclient.InferInput("input", list(values.shape), datatype)
     inp.set_data_from_numpy(values, binary_data=binary)

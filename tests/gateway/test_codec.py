@@ -64,6 +64,10 @@ def test_bytes_json_and_binary_roundtrip() -> None:
         ({"name": "x", "shape": [1], "datatype": "UINT8", "data": [300]}, "out of range"),
         ({"name": "x", "shape": [1], "datatype": "INT8", "data": [-129]}, "out of range"),
         ({"name": "x", "shape": [1], "datatype": "BOOL", "data": [1]}, "true/false"),
+        ({"name": "x", "shape": [2], "datatype": "UINT64", "data": [2**63, -1]}, "out of range"),
+        ({"name": "x", "shape": [2], "datatype": "UINT64", "data": [1, 2.5]}, "integers"),
+        ({"name": "x", "shape": [1], "datatype": "FP32", "data": [1e39]}, "out of range"),
+        ({"name": "x", "shape": [1], "datatype": "FP16", "data": [70000]}, "out of range"),
         ({"name": "x", "shape": [2, 2], "datatype": "FP32", "data": [[1, 2], [3]]}, "ragged"),
         ({"name": "x", "shape": [2], "datatype": "FP32"}, "missing 'data'"),
         ({"name": "x", "datatype": "FP32", "data": [1]}, "missing 'shape'"),
@@ -217,3 +221,19 @@ def test_encode_json_and_binary_outputs() -> None:
 def test_gzip_is_not_json() -> None:
     with pytest.raises(BadRequest, match="not valid JSON"):
         _parse(gzip.compress(b"{}"))
+
+
+def test_uint64_beyond_int64_mixed_with_small_values() -> None:
+    data = [1, 2**64 - 1, 2**63]
+    req = _parse(_req([{"name": "x", "shape": [3], "datatype": "UINT64", "data": data}]))
+    assert req.inputs[0].data.dtype == np.uint64
+    assert req.inputs[0].data.tolist() == data
+
+
+def test_duplicate_outputs_rejected() -> None:
+    body = _req(
+        [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}],
+        outputs=[{"name": "y"}, {"name": "y"}],
+    )
+    with pytest.raises(BadRequest, match="requested more than once"):
+        _parse(body)

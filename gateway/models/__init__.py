@@ -1,0 +1,1 @@
+"""The embedded default models: small digit classifiers trained on scikit-learn's bundled data."""
