@@ -112,7 +112,9 @@ class OnnxOptions(_Strict):
 
 class TorchOptions(_Strict):
     device: str = Field("cpu", description="'cpu', 'cuda' or 'cuda:N'.")
-    num_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps the default.")
+    num_threads: int = Field(
+        0, ge=0, description="torch intra-op threads (process-wide); 0 keeps the default."
+    )
 
 
 class CircuitBreakerConfig(_Strict):

@@ -47,7 +47,7 @@ from datetime import UTC, datetime
 from multiprocessing.queues import Queue as MPQueue
 from multiprocessing.synchronize import Event as MPEvent
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import numpy as np
@@ -748,8 +748,7 @@ class _Conn(asyncio.Protocol):
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
         sock = transport.get_extra_info("socket")
         if sock is not None:
             with suppress(OSError):
@@ -805,7 +804,7 @@ class _Generator:
     async def connect(self) -> _Conn:
         conn = _Conn(self)
         await self.loop.create_connection(lambda: conn, self.spec.host, self.spec.port)
-        await conn.ready
+        await asyncio.wait_for(conn.ready, self.spec.timeout_s)
         self.conns.add(conn)
         return conn
 
@@ -1078,17 +1077,19 @@ def _markdown(doc: dict[str, Any]) -> list[str]:
         f"{doc['settings']['warmup_s']:g} s warm-up; closed loop, one sample per request.",
         "",
         "| mode | C | req/s | p50 ms | p99 ms | mean batch | errors | vs raw_ort "
-        "| server CPU | client CPU |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| serving CPU | client CPU | machine busy |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c in doc["cells"]:
         ratio = doc["ratios"].get(str(c["concurrency"]), {}).get(c["mode"])
         cpu = c.get("cpu") or {}
+        serving_cpu = cpu.get("server_cores", cpu.get("bench_process_cores"))
         lines.append(
             f"| {c['mode']} | {c['concurrency']} | {_fmt(c['throughput_rps'])} "
             f"| {_fmt(c['p50_ms'], 2)} | {_fmt(c['p99_ms'], 2)} | {_fmt(c['mean_batch'], 2)} "
             f"| {c['errors']} | {_fmt(ratio, 2) if ratio is not None else '-'} "
-            f"| {_fmt(cpu.get('server_cores'), 2)} | {_fmt(cpu.get('client_cores'), 2)} |"
+            f"| {_fmt(serving_cpu, 2)} | {_fmt(cpu.get('client_cores'), 2)} "
+            f"| {_fmt(cpu.get('machine_busy'), 2)} |"
         )
     goal = doc["goal"]
     lines += [
@@ -1096,8 +1097,10 @@ def _markdown(doc: dict[str, Any]) -> list[str]:
         f"Goal: gateway throughput at C={goal['concurrency']} >= {goal['target']:.0%} of "
         f"raw_ort. Reached: json {_fmt(goal['json_ratio'], 2)}, binary "
         f"{_fmt(goal['binary_ratio'], 2)} ({'met' if goal['met'] else 'not met'}).",
-        "CPU columns are cores in use over the window (server: the gateway process; client: "
-        "the load-generator process).",
+        "CPU columns are cores in use over the measured window: serving is the gateway "
+        "process (raw modes: the bench process, its client threads included), client the "
+        "load-generator process; machine busy is the fraction of all cores busy (anything "
+        "else running on the machine included).",
     ]
     return lines
 

@@ -167,10 +167,7 @@ class TorchRuntime(Runtime):
                 f"(torch.export.save format): {type(exc).__name__}: {exc}"
             ) from exc
         if device.type != "cpu":
-            # moves constants baked into the graph too, not only parameters and buffers
-            from torch.export.passes import move_to_device_pass
-
-            program = move_to_device_pass(program, device)
+            program = _move_to_device(program, device, where)
         arg_names, self.inputs, self.outputs = _exported_specs(
             program, self.config.max_batch_size, f"{where}: {path}"
         )
@@ -331,12 +328,32 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().numpy()
 
 
+def _move_to_device(program: ExportedProgram, device: torch.device, where: str) -> ExportedProgram:
+    """Move parameters, buffers and device constants baked into the graph (torch >= 2.6)."""
+    try:
+        from torch.export.passes import move_to_device_pass
+    except ImportError as exc:
+        raise ModelLoadError(
+            f"{where}: torch {torch.__version__} cannot move an exported program to "
+            f"{device} (needs torch.export.passes.move_to_device_pass, torch >= 2.6)"
+        ) from exc
+    try:
+        return move_to_device_pass(program, device)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"{where}: cannot move the exported program to {device}: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
 def _exported_specs(
     program: ExportedProgram, max_batch_size: int, where: str
 ) -> tuple[list[str], list[TensorSpec], list[TensorSpec]]:
     """Input argument names, input specs and output specs of an exported program."""
     try:
-        args_spec, kwargs_spec = program.call_spec.in_spec.children_specs
+        in_spec = program.call_spec.in_spec
+        # TreeSpec.children() replaced the children_specs attribute in newer torch
+        children = in_spec.children() if hasattr(in_spec, "children") else in_spec.children_specs
+        args_spec, kwargs_spec = children
         flat_args = args_spec.num_children == args_spec.num_leaves and kwargs_spec.num_leaves == 0
     except (AttributeError, TypeError, ValueError):
         flat_args = True  # older/newer spec layouts: assume plain positional tensors
@@ -403,13 +420,13 @@ def _check_batch_dim(
     program: ExportedProgram, dim: Any, name: str, max_batch_size: int, where: str
 ) -> None:
     """The first axis must take every batch size from 1 to max_batch_size."""
-    hint = "export with a dynamic batch axis, e.g. dynamic_shapes={'x': {0: torch.export.Dim(...)}}"
     if isinstance(dim, int):
         if dim == 1 and max_batch_size == 1:
             return
         raise ModelLoadError(
             f"{where}: max_batch_size is {max_batch_size} but input '{name}' was exported with "
-            f"a fixed first dimension {dim}; {hint}"
+            f"a fixed first dimension {dim}; export it with a dynamic batch axis, e.g. "
+            f"dynamic_shapes={{'{name}': {{0: torch.export.Dim('batch', min=1)}}}}"
         )
     try:
         bounds = program.range_constraints.get(dim.node.expr)
@@ -419,5 +436,6 @@ def _check_batch_dim(
     if lower > 1 or (upper.is_finite and upper < max_batch_size):
         raise ModelLoadError(
             f"{where}: input '{name}' accepts batch sizes {lower}..{upper} but config.yaml "
-            f"sets max_batch_size {max_batch_size}; {hint}"
+            f"sets max_batch_size {max_batch_size}; re-export with "
+            f"torch.export.Dim('batch', min=1, max>={max_batch_size}) or lower max_batch_size"
         )

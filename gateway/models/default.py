@@ -1,0 +1,374 @@
+"""Build the embedded default model repository on a fresh machine, with no data download.
+
+The models are trained on scikit-learn's bundled ``digits`` data set (1797 8x8 grayscale
+images, 10 classes), which ships inside the scikit-learn wheel:
+
+* ``digits`` - a small CNN exported to ONNX (``input`` [-1, 1, 8, 8] -> ``probabilities``
+  [-1, 10], softmax inside the graph);
+* ``digits_torch`` - the same trained network as a ``torch.export`` program (``model.pt2``);
+* ``digits_heavy`` - a wider network (~1-2 ms per single-sample inference on one core) for the
+  serving benchmark, exported to ONNX.
+
+Everything is built in a staging directory next to ``output`` and moved in when done; the
+``.built`` marker (JSON: accuracies, timings) is written last, so a half-built repository is
+never taken for a built one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+import torch.nn.functional as F
+import yaml
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from torch import nn
+from torch.export import Dim
+
+from gateway.models.nets import (
+    NUM_CLASSES,
+    CNNConfig,
+    DigitsCNN,
+    DigitsHeavy,
+    HeavyConfig,
+    NamedProbabilities,
+    Probabilities,
+    count_parameters,
+)
+
+Progress = Callable[[str], None]
+
+LABELS = [str(i) for i in range(NUM_CLASSES)]
+INPUT_NAME = "input"
+OUTPUT_NAME = "probabilities"
+MAX_BATCH_SIZE = 64
+MAX_EXPORT_BATCH = 1024  # upper bound of the dynamic batch axis in model.pt2
+ONNX_OPSET = 17
+MAX_ABS_DIFF = 1e-4  # exported vs eager probabilities
+MARKER = ".built"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int
+    lr: float
+    batch_size: int
+    weight_decay: float = 1e-4
+
+
+SMALL_TRAIN = TrainConfig(epochs=10, lr=3e-3, batch_size=32)
+HEAVY_TRAIN = TrainConfig(epochs=4, lr=2e-3, batch_size=64)
+
+
+@dataclass(frozen=True)
+class Split:
+    x_train: torch.Tensor  # [n_train, 1, 8, 8] float32 in [0, 1]
+    y_train: torch.Tensor  # [n_train] int64
+    x_test: torch.Tensor  # [n_test, 1, 8, 8]
+    y_test: torch.Tensor  # [n_test]
+
+
+def load_split(seed: int = 0, test_size: float = 0.2) -> Split:
+    """scikit-learn's digits, pixels scaled from 0..16 to [0, 1], stratified seeded split."""
+    images, labels = load_digits(return_X_y=True)
+    x = (np.asarray(images, dtype=np.float32) / 16.0).reshape(-1, 1, 8, 8)
+    y = np.asarray(labels, dtype=np.int64)
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        x, y, test_size=test_size, random_state=seed, stratify=y
+    )
+    return Split(
+        torch.from_numpy(np.ascontiguousarray(x_tr)),
+        torch.from_numpy(np.ascontiguousarray(y_tr)),
+        torch.from_numpy(np.ascontiguousarray(x_te)),
+        torch.from_numpy(np.ascontiguousarray(y_te)),
+    )
+
+
+def train(net: nn.Module, split: Split, cfg: TrainConfig, seed: int) -> float:
+    """AdamW with a one-cycle schedule (fast convergence in few epochs); returns seconds."""
+    t0 = time.perf_counter()
+    shuffle = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n = len(split.x_train)
+    steps_per_epoch = (n + cfg.batch_size - 1) // cfg.batch_size
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch
+    )
+    net.train()
+    for _ in range(cfg.epochs):
+        order = torch.randperm(n, generator=shuffle)
+        for i in range(0, n, cfg.batch_size):
+            idx = order[i : i + cfg.batch_size]
+            loss = F.cross_entropy(net(split.x_train[idx]), split.y_train[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]
+            opt.step()
+            sched.step()
+    net.eval()
+    return time.perf_counter() - t0
+
+
+def accuracy(probabilities: np.ndarray, labels: torch.Tensor) -> float:
+    # probabilities: [n, 10]
+    return float((probabilities.argmax(axis=1) == labels.numpy()).mean())
+
+
+def export_onnx(net: nn.Module, path: Path, sample: torch.Tensor) -> None:
+    """``net`` + softmax as ONNX with a dynamic batch axis.
+
+    Uses the TorchScript-based exporter (``dynamo=False``): torch >= 2.9 defaults to the
+    torch.export-based one, which needs the ``onnxscript`` package that is not a dependency.
+    """
+    model = Probabilities(net).eval()
+    with warnings.catch_warnings():
+        # "You are using the legacy TorchScript-based ONNX export" and its helper's
+        # "The feature will be removed": deliberate, see the docstring.
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*legacy")
+        warnings.filterwarnings(
+            "ignore", category=DeprecationWarning, message="The feature will be removed"
+        )
+        torch.onnx.export(
+            model,
+            (sample,),
+            str(path),
+            dynamo=False,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            opset_version=ONNX_OPSET,
+        )
+    onnx.checker.check_model(str(path))
+
+
+def export_torch(net: nn.Module, path: Path, sample: torch.Tensor) -> None:
+    """``net`` + softmax as a torch.export program returning ``{"probabilities": ...}``."""
+    model = NamedProbabilities(net).eval()
+    batch = Dim("batch", min=1, max=MAX_EXPORT_BATCH)
+    program = torch.export.export(model, (sample,), dynamic_shapes={INPUT_NAME: {0: batch}})
+    torch.export.save(program, path)
+
+
+def ort_session(path: Path) -> ort.InferenceSession:
+    """One intra-op thread, as the served configs use (and as the latency is quoted)."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def eager_probabilities(net: nn.Module, x: torch.Tensor) -> np.ndarray:
+    with torch.inference_mode():
+        probs: np.ndarray = net(x).softmax(dim=-1).numpy()  # [n, 10]
+    return probs
+
+
+def check_close(name: str, got: np.ndarray, want: np.ndarray) -> float:
+    diff = float(np.abs(got - want).max())
+    if not diff <= MAX_ABS_DIFF:
+        raise RuntimeError(f"{name}: exported model differs from torch by {diff:.3g}")
+    return diff
+
+
+def measure_latency(session: ort.InferenceSession, x: np.ndarray) -> dict[str, float]:
+    """Median single-sample latency and per-sample latency at batch MAX_BATCH_SIZE, in ms."""
+    one = x[:1]  # [1, 1, 8, 8]
+    batch = x[:MAX_BATCH_SIZE]  # [64, 1, 8, 8]
+    for _ in range(20):
+        session.run(None, {INPUT_NAME: one})
+    singles = []
+    for _ in range(200):
+        t = time.perf_counter()
+        session.run(None, {INPUT_NAME: one})
+        singles.append(time.perf_counter() - t)
+    batched = []
+    for _ in range(20):
+        t = time.perf_counter()
+        session.run(None, {INPUT_NAME: batch})
+        batched.append(time.perf_counter() - t)
+    return {
+        "batch1_ms": round(statistics.median(singles) * 1e3, 4),
+        f"batch{len(batch)}_ms_per_sample": round(statistics.median(batched) * 1e3 / len(batch), 4),
+    }
+
+
+def model_config(platform: str) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "platform": platform,
+        "max_batch_size": MAX_BATCH_SIZE,
+        "version_policy": {"latest": {"num_versions": 1}},
+        "dynamic_batching": {
+            "max_queue_delay_microseconds": 500,
+            "preferred_batch_size": [16, 32, MAX_BATCH_SIZE],
+            "max_queue_size": 512,
+        },
+        "instance_group": {"count": 1, "kind": "cpu"},
+        "labels": LABELS,
+    }
+    if platform == "onnx":
+        cfg["onnx"] = {"intra_op_threads": 1}
+    else:
+        cfg["torch"] = {"device": "cpu"}
+    return cfg
+
+
+def write_model(root: Path, name: str, platform: str, comment: str) -> Path:
+    """``<root>/<name>/config.yaml``; returns the version directory ``<root>/<name>/1``."""
+    model_dir = root / name
+    version_dir = model_dir / "1"
+    version_dir.mkdir(parents=True)
+    body = yaml.safe_dump(model_config(platform), sort_keys=False, default_flow_style=None)
+    (model_dir / "config.yaml").write_text(f"# {comment}\n{body}", encoding="utf-8")
+    return version_dir
+
+
+def build_default(output: Path, *, seed: int = 0, progress: Progress | None = None) -> Path:
+    """Train, export and verify the default models into ``output``; returns ``output``.
+
+    Model directories already in ``output`` with the same names are replaced; others are left
+    alone. Takes roughly 15-40 s on two CPU cores. Raises ``RuntimeError`` when an exported
+    model disagrees with the trained one.
+    """
+    say: Progress = progress or (lambda _msg: None)
+    t_start = time.perf_counter()
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / MARKER).unlink(missing_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.building-", dir=output.parent))
+    try:
+        report = _build(staging, seed, say)
+        for name in report["models"]:
+            target = output / name
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(staging / name, target)
+        report["build_seconds"] = round(time.perf_counter() - t_start, 2)
+        tmp = output / f"{MARKER}.tmp"
+        tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, output / MARKER)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    say(f"done in {report['build_seconds']:.1f}s: {', '.join(report['models'])} in {output}")
+    return output
+
+
+def _build(root: Path, seed: int, say: Progress) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    split = load_split(seed)
+    x_test = split.x_test.numpy()  # [n_test, 1, 8, 8]
+    sample = split.x_train[:2]  # export example; the batch axis is dynamic
+    say(
+        f"data: scikit-learn digits, {len(split.x_train)} train / {len(split.x_test)} test "
+        f"images ({time.perf_counter() - t0:.1f}s)"
+    )
+    models: dict[str, dict[str, Any]] = {}
+
+    # digits: the small CNN as ONNX
+    torch.manual_seed(seed)
+    cnn_cfg = CNNConfig()
+    cnn = DigitsCNN(cnn_cfg)
+    say(f"digits: training CNN ({count_parameters(cnn):,} parameters, {SMALL_TRAIN.epochs} epochs)")
+    train_s = train(cnn, split, SMALL_TRAIN, seed)
+    want = eager_probabilities(cnn, split.x_test)
+    version_dir = write_model(
+        root, "digits", "onnx", "small CNN on 8x8 digits (gateway.models.default)"
+    )
+    export_onnx(cnn, version_dir / "model.onnx", sample)
+    got = ort_session(version_dir / "model.onnx").run(None, {INPUT_NAME: x_test})[0]
+    diff = check_close("digits", got, want)
+    models["digits"] = {
+        "platform": "onnx",
+        "test_accuracy": accuracy(got, split.y_test),
+        "train_seconds": round(train_s, 2),
+        "epochs": SMALL_TRAIN.epochs,
+        "parameters": count_parameters(cnn),
+        "max_abs_diff_vs_torch": diff,
+    }
+    say(
+        f"digits: test accuracy {models['digits']['test_accuracy']:.2%} "
+        f"(trained in {train_s:.1f}s; ONNX matches torch within {diff:.1e})"
+    )
+
+    # digits_torch: the same network as a torch.export program
+    t = time.perf_counter()
+    version_dir = write_model(
+        root, "digits_torch", "torch", "the digits CNN as a torch.export program"
+    )
+    export_torch(cnn, version_dir / "model.pt2", sample)
+    program = torch.export.load(version_dir / "model.pt2")
+    with torch.inference_mode():
+        got = program.module()(split.x_test)[OUTPUT_NAME].numpy()
+    diff = check_close("digits_torch", got, want)
+    models["digits_torch"] = {
+        "platform": "torch",
+        "test_accuracy": accuracy(got, split.y_test),
+        "parameters": count_parameters(cnn),
+        "max_abs_diff_vs_torch": diff,
+    }
+    say(
+        f"digits_torch: exported with torch.export in {time.perf_counter() - t:.1f}s, "
+        f"test accuracy {models['digits_torch']['test_accuracy']:.2%}"
+    )
+
+    # digits_heavy: the benchmark model
+    torch.manual_seed(seed)
+    heavy = DigitsHeavy(HeavyConfig())
+    say(
+        f"digits_heavy: training ({count_parameters(heavy):,} parameters, "
+        f"{HEAVY_TRAIN.epochs} epochs)"
+    )
+    train_s = train(heavy, split, HEAVY_TRAIN, seed)
+    want = eager_probabilities(heavy, split.x_test)
+    version_dir = write_model(
+        root, "digits_heavy", "onnx", "wide CNN+MLP on 8x8 digits, for benchmarks"
+    )
+    export_onnx(heavy, version_dir / "model.onnx", sample)
+    session = ort_session(version_dir / "model.onnx")
+    got = session.run(None, {INPUT_NAME: x_test})[0]
+    diff = check_close("digits_heavy", got, want)
+    latency = measure_latency(session, x_test)
+    models["digits_heavy"] = {
+        "platform": "onnx",
+        "test_accuracy": accuracy(got, split.y_test),
+        "train_seconds": round(train_s, 2),
+        "epochs": HEAVY_TRAIN.epochs,
+        "parameters": count_parameters(heavy),
+        "max_abs_diff_vs_torch": diff,
+        "latency_onnxruntime_1_thread": latency,
+    }
+    say(
+        f"digits_heavy: test accuracy {models['digits_heavy']['test_accuracy']:.2%} "
+        f"(trained in {train_s:.1f}s); onnxruntime, 1 thread: "
+        f"{latency['batch1_ms']:.2f} ms per single-sample request, "
+        f"{latency[f'batch{MAX_BATCH_SIZE}_ms_per_sample']:.3f} ms per sample "
+        f"at batch {MAX_BATCH_SIZE}"
+    )
+    for name, info in models.items():
+        if info["test_accuracy"] < 0.95:
+            say(f"warning: {name} test accuracy {info['test_accuracy']:.2%} is below 95%")
+
+    return {
+        "format": 1,
+        "seed": seed,
+        "torch_version": torch.__version__,
+        "onnxruntime_version": ort.__version__,
+        "data": {
+            "source": "sklearn.datasets.load_digits",
+            "train": len(split.x_train),
+            "test": len(split.x_test),
+        },
+        "models": models,
+    }

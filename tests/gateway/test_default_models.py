@@ -1,0 +1,150 @@
+"""The embedded default model repository (gateway.models.default), built once per module."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from gateway.model_config import load_model_config
+from gateway.models import default
+from gateway.runtimes.base import TensorSpec
+from gateway.runtimes.torch_runtime import TorchRuntime
+
+pytestmark = pytest.mark.slow  # one full build, ~10-30 s on two cores
+
+MODELS = ("digits", "digits_torch", "digits_heavy")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    lines: list[str] = []
+    root = tmp_path_factory.mktemp("build") / "model_repository"
+    assert default.build_default(root, seed=0, progress=lines.append) == root
+    return root, lines
+
+
+@pytest.fixture(scope="module")
+def repo(built: tuple[Path, list[str]]) -> Path:
+    return built[0]
+
+
+@pytest.fixture(scope="module")
+def marker(repo: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((repo / ".built").read_text(encoding="utf-8"))
+    return data
+
+
+@pytest.fixture(scope="module")
+def test_images() -> tuple[np.ndarray, np.ndarray]:
+    split = default.load_split(seed=0)
+    return split.x_test.numpy(), split.y_test.numpy()
+
+
+def test_layout(repo: Path) -> None:
+    names = sorted(p.name for p in repo.iterdir())
+    assert names == [".built", *sorted(MODELS)]
+    assert (repo / "digits" / "1" / "model.onnx").is_file()
+    assert (repo / "digits_torch" / "1" / "model.pt2").is_file()
+    assert (repo / "digits_heavy" / "1" / "model.onnx").is_file()
+    # the staging directory next to the repository is gone
+    assert [p.name for p in repo.parent.iterdir()] == [repo.name]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_configs_are_valid(repo: Path, name: str) -> None:
+    cfg = load_model_config(repo / name / "config.yaml", expected_name=name)
+    assert cfg.platform == ("torch" if name == "digits_torch" else "onnx")
+    assert cfg.model_filename == ("model.pt2" if name == "digits_torch" else "model.onnx")
+    assert cfg.max_batch_size == 64
+    assert cfg.dynamic_batching is not None
+    assert cfg.dynamic_batching.max_queue_delay_microseconds == 500
+    assert cfg.dynamic_batching.preferred_batch_size == [16, 32, 64]
+    assert cfg.dynamic_batching.max_queue_size == 512
+    assert cfg.instance_group.count == 1
+    assert cfg.labels == [str(i) for i in range(10)]
+    assert cfg.version_policy.select([1]) == [1]
+    if cfg.platform == "onnx":
+        assert cfg.onnx.intra_op_threads == 1
+
+
+def test_marker_records_accuracy_and_latency(marker: dict[str, Any]) -> None:
+    assert set(marker["models"]) == set(MODELS)
+    for name, info in marker["models"].items():
+        assert info["test_accuracy"] >= 0.95, name
+        assert info["max_abs_diff_vs_torch"] <= 1e-4, name
+    latency = marker["models"]["digits_heavy"]["latency_onnxruntime_1_thread"]
+    assert latency["batch1_ms"] > 0
+    assert latency["batch64_ms_per_sample"] > 0
+    assert marker["build_seconds"] < 90
+
+
+@pytest.mark.parametrize("name", ["digits", "digits_heavy"])
+def test_onnx_models(
+    repo: Path, marker: dict[str, Any], test_images: tuple[np.ndarray, np.ndarray], name: str
+) -> None:
+    session = ort.InferenceSession(
+        str(repo / name / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    (inp,) = session.get_inputs()
+    (out,) = session.get_outputs()
+    assert (inp.name, inp.type) == ("input", "tensor(float)")
+    assert inp.shape[1:] == [1, 8, 8]
+    assert isinstance(inp.shape[0], str)  # dynamic batch axis
+    assert (out.name, out.type) == ("probabilities", "tensor(float)")
+    assert out.shape[1:] == [10]
+    x, y = test_images
+    for batch in (1, 7, len(x)):
+        (probs,) = session.run(None, {"input": x[:batch]})
+        assert probs.shape == (batch, 10)
+        np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+        assert (probs >= 0).all()
+    acc = float((probs.argmax(axis=1) == y).mean())
+    assert acc == pytest.approx(marker["models"][name]["test_accuracy"])
+
+
+def test_torch_model_serves_like_the_onnx_one(
+    repo: Path, test_images: tuple[np.ndarray, np.ndarray]
+) -> None:
+    cfg = load_model_config(repo / "digits_torch" / "config.yaml", expected_name="digits_torch")
+    rt = TorchRuntime("digits_torch", 1, repo / "digits_torch" / "1", cfg)
+    rt.load()
+    assert rt.inputs == [TensorSpec("input", "FP32", (-1, 1, 8, 8))]
+    assert rt.outputs == [TensorSpec("probabilities", "FP32", (-1, 10))]
+    session = ort.InferenceSession(
+        str(repo / "digits" / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    x, _ = test_images
+    for batch in (1, 7, 64):
+        got = rt.predict({"input": x[:batch]})["probabilities"]
+        (want,) = session.run(None, {"input": x[:batch]})
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    rt.unload()
+
+
+def test_progress_reports_each_stage(built: tuple[Path, list[str]]) -> None:
+    _, lines = built
+    text = "\n".join(lines)
+    for stage in ("data:", "digits:", "digits_torch:", "digits_heavy:", "done in"):
+        assert stage in text
+    assert "ms per single-sample request" in text
+
+
+def test_failed_build_leaves_no_marker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken_export(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("export exploded")
+
+    root = tmp_path / "repo"
+    root.mkdir()
+    (root / ".built").write_text("{}", encoding="utf-8")  # from an earlier build
+    (root / "mine").mkdir()  # unrelated models are left alone
+    monkeypatch.setattr(default, "SMALL_TRAIN", default.TrainConfig(1, 1e-3, 256))
+    monkeypatch.setattr(default, "export_onnx", broken_export)
+    with pytest.raises(RuntimeError, match="export exploded"):
+        default.build_default(root)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]  # staging removed
+    assert sorted(p.name for p in root.iterdir()) == ["mine"]
