@@ -170,7 +170,7 @@ def parse_infer_request(
             f"body has {len(binary) - offset} binary bytes that no input's binary_data_size claims"
         )
 
-    outputs = None
+    outputs: list[RequestedOutput] | None = None
     raw_outputs = doc.get("outputs")
     if raw_outputs is not None:
         if not isinstance(raw_outputs, list):
