@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -85,9 +84,7 @@ def build_default_cmd(
     if (output / ".built").is_file() and not force:
         console.print(f"{output} already built (use --force to rebuild)")
         return
-    t0 = time.perf_counter()
     build_default(output, progress=lambda msg: console.print(f"  [cyan]>[/cyan] {msg}"))
-    console.print(f"built {output} in {time.perf_counter() - t0:.1f}s")
 
 
 @bench_app.command("serving")
