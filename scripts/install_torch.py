@@ -30,7 +30,10 @@ def _find_links() -> list[Path]:
     try:
         out = subprocess.run(
             [sys.executable, "-m", "pip", "config", "list"],
-            capture_output=True, text=True, check=False, timeout=30,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=30,
         ).stdout
     except (OSError, subprocess.TimeoutExpired):
         out = ""

@@ -453,8 +453,9 @@ async def test_json_logs_carry_the_request_id(
     from gateway.logs import JsonFormatter
 
     with caplog.at_level("INFO", logger="gateway.access"):
-        await client.post("/v2/models/nope/infer", json=_infer_body(),
-                          headers={"X-Request-ID": "trace-42"})
+        await client.post(
+            "/v2/models/nope/infer", json=_infer_body(), headers={"X-Request-ID": "trace-42"}
+        )
     records = [r for r in caplog.records if r.name == "gateway.access"]
     assert records
     doc = orjson.loads(JsonFormatter().format(records[-1]))
