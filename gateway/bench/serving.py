@@ -57,14 +57,16 @@ from gateway.batcher import BatchPolicy
 from gateway.runtimes.base import Runtime
 
 CONCURRENCIES: tuple[int, ...] = (1, 8, 32)
-RAW_MODES = ("raw_ort", "raw_ort_batcher")
 GATEWAY_MODES = ("gateway_json", "gateway_binary")
 GOAL_CONCURRENCY = 32
 GOAL_RATIO = 0.70
 REQUEST_TIMEOUT_S = 30.0  # a request without an answer by then is an error
 MAX_REQUESTS_PER_CELL = 5_000_000  # requests are bounded by count as well as by time
 SERVER_START_TIMEOUT_S = 180.0
-_METRIC_RE = re.compile(r"^fides_inference_batch_size_(sum|count)\{([^}]*)\}\s+(\S+)\s*$")
+_METRIC_RE = re.compile(
+    r"^fides_inference_(batch_size|compute_duration_seconds|queue_duration_seconds)_(sum|count)"
+    r"\{([^}]*)\}\s+(\S+)\s*$"
+)
 
 Log = Callable[..., None]
 
@@ -215,15 +217,15 @@ def _proc_cpu_s(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _machine_cpu() -> tuple[float, float] | None:
-    """(busy, total) jiffies over all cores, from /proc/stat."""
+def _machine_cpu() -> tuple[float, float, float] | None:
+    """(busy, total, steal) jiffies over all cores, from /proc/stat (steal counts as busy)."""
     try:
         line = Path("/proc/stat").read_text().splitlines()[0]
     except OSError:
         return None
     vals = [float(v) for v in line.split()[1:9]]
     idle = vals[3] + vals[4]
-    return sum(vals) - idle, sum(vals)
+    return sum(vals) - idle, sum(vals), vals[7]
 
 
 @dataclass
@@ -231,7 +233,7 @@ class _CpuSnap:
     t: float
     server: float | None
     me: float
-    machine: tuple[float, float] | None
+    machine: tuple[float, float, float] | None
 
     @classmethod
     def take(cls, server_pid: int | None = None) -> _CpuSnap:
@@ -248,14 +250,26 @@ def _cpu_delta(a: _CpuSnap, b: _CpuSnap) -> dict[str, float | None]:
     server = None
     if a.server is not None and b.server is not None:
         server = round((b.server - a.server) / wall, 3)
-    busy = None
+    busy = steal = None
     if a.machine is not None and b.machine is not None:
-        busy = round((b.machine[0] - a.machine[0]) / max(b.machine[1] - a.machine[1], 1e-9), 3)
+        total = max(b.machine[1] - a.machine[1], 1e-9)
+        busy = round((b.machine[0] - a.machine[0]) / total, 3)
+        steal = round((b.machine[2] - a.machine[2]) / total, 3)
     return {
         "bench_process_cores": round((b.me - a.me) / wall, 3),
         "server_cores": server,
         "machine_busy": busy,
+        "machine_steal": steal,
     }
+
+
+def _other_cores(cpu: dict[str, float | None], used: float | None) -> None:
+    """Cores busy with anything but the processes measured (the machine is shared)."""
+    busy = cpu.get("machine_busy")
+    if busy is None or used is None:
+        return
+    cores = os.cpu_count() or 1  # /proc/stat's total covers every online CPU
+    cpu["other_cores"] = round(max(0.0, busy * cores - used), 3)
 
 
 def _cell(
@@ -273,7 +287,9 @@ def _cell(
         "concurrency": concurrency,
         "throughput_rps": round(n / measured_s, 1) if measured_s > 0 else 0.0,
         "p50_ms": _pct(latencies_s, 50),
+        "p90_ms": _pct(latencies_s, 90),
         "p99_ms": _pct(latencies_s, 99),
+        "max_ms": _pct(latencies_s, 100),
         "mean_ms": round(float(np.mean(latencies_s)) * 1e3, 3) if latencies_s else None,
         "requests": n,
         "measured_s": round(measured_s, 3),
@@ -325,19 +341,30 @@ def _raw_ideal(
     for t in threads:
         t.join()
     c1 = _CpuSnap.take()
+    cpu = _cpu_delta(c0, c1)
+    _other_cores(cpu, cpu["bench_process_cores"])
     batch_times = [x for o in per_thread for x in o]
     # every request of a batch sees the same latency: percentiles over batches are exact
     latencies = [bt * rounds for bt in batch_times]
+    busy = sum(batch_times) / (duration_s * max(1, p.instances))
     return _cell(
         "raw_ort",
         concurrency,
         latencies,
         duration_s,
         completed=len(batch_times) * b,
+        batcher={
+            "compute_busy": round(busy, 3),
+            "compute_ms_per_sample": round(float(np.mean(batch_times)) / b * 1e3, 4)
+            if batch_times
+            else None,
+            "queue_wait_ms": None,
+            "batches": len(batch_times),
+        },
         mean_batch=float(b),
         threads=workers,
         rounds=rounds,
-        cpu=_cpu_delta(c0, c1),
+        cpu=cpu,
     )
 
 
@@ -358,7 +385,7 @@ class _ThreadBatcher:
         self._cv = threading.Condition()
         self._queue: deque[_Req] = deque()
         self._closing = False
-        self.batch_sizes: list[int] = []
+        self.batches: list[tuple[int, float]] = []  # (size, compute seconds), in order
         self._workers = [
             threading.Thread(target=self._work, daemon=True)
             for _ in range(max(1, self.policy.instances))
@@ -406,7 +433,7 @@ class _ThreadBatcher:
                         waited = time.perf_counter() - self._queue[0].enqueued
                         self._cv.wait(max(self.policy.max_queue_delay_s - waited, 0.0))
                 batch = [self._queue.popleft() for _ in range(min(limit, len(self._queue)))]
-            self.batch_sizes.append(len(batch))
+            t0 = time.perf_counter()
             try:
                 if len(batch) == 1:
                     self.model.runtime.predict(batch[0].feed)
@@ -420,6 +447,7 @@ class _ThreadBatcher:
             except BaseException as exc:  # noqa: BLE001 - handed to every waiting client
                 for r in batch:
                     r.error = exc
+            self.batches.append((len(batch), time.perf_counter() - t0))
             for r in batch:
                 r.done.set()
 
@@ -458,15 +486,19 @@ def _raw_batcher(
     for t in threads:
         t.start()
     time.sleep(max(0.0, t_measure - time.perf_counter()))
-    batches_before.append(len(batcher.batch_sizes))
+    batches_before.append(len(batcher.batches))
     c0 = _CpuSnap.take()
     time.sleep(max(0.0, t_end - time.perf_counter()))
-    in_window = batcher.batch_sizes[batches_before[0] :]
+    logged = batcher.batches[batches_before[0] :]
+    in_window = [size for size, _ in logged]
+    compute = [t for _, t in logged]
     c1 = _CpuSnap.take()
     for t in threads:
         t.join()
     batcher.close()
     latencies = [x for o in per_client for x in o]
+    cpu = _cpu_delta(c0, c1)
+    _other_cores(cpu, cpu["bench_process_cores"])
     return _cell(
         "raw_ort_batcher",
         concurrency,
@@ -474,7 +506,15 @@ def _raw_batcher(
         duration_s,
         errors=len(errors),
         mean_batch=round(float(np.mean(in_window)), 2) if in_window else None,
-        cpu=_cpu_delta(c0, c1),
+        batcher={
+            "compute_busy": round(sum(compute) / (duration_s * max(1, model.policy.instances)), 3),
+            "compute_ms_per_sample": round(sum(compute) / sum(in_window) * 1e3, 4)
+            if in_window
+            else None,
+            "queue_wait_ms": None,
+            "batches": len(in_window),
+        },
+        cpu=cpu,
     )
 
 
@@ -565,8 +605,14 @@ class _Server:
             str(self.port),
         ]
         with self.log_path.open("wb") as logf:
+            # cwd: `python -m` puts it first on sys.path; the server must run this very code
             self.proc = subprocess.Popen(
-                cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                cmd,
+                cwd=src_root,
+                env=env,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
             )
         deadline = time.monotonic() + SERVER_START_TIMEOUT_S
         with httpx.Client(timeout=2.0) as client:
@@ -594,17 +640,21 @@ class _Server:
             self.proc.kill()
             self.proc.wait(timeout=10)
 
-    def batch_totals(self, client: httpx.Client, model: str) -> tuple[float, float]:
-        """(sum, count) of ``fides_inference_batch_size`` for ``model``, all versions."""
+    def batcher_totals(self, client: httpx.Client, model: str) -> dict[str, float]:
+        """Sums and counts of the model's batcher histograms (all versions), from /metrics.
+
+        Keys: ``batch_size_sum``, ``batch_size_count``, ``compute_duration_seconds_sum``, ...
+        """
         resp = client.get(f"{self.base}/metrics", headers=self.headers)
         resp.raise_for_status()
-        totals = {"sum": 0.0, "count": 0.0}
+        totals: dict[str, float] = {}
         want = f'model="{model}"'
         for line in resp.text.splitlines():
             m = _METRIC_RE.match(line)
-            if m and want in m.group(2).split(","):
-                totals[m.group(1)] += float(m.group(3))
-        return totals["sum"], totals["count"]
+            if m and want in m.group(3).split(","):
+                key = f"{m.group(1)}_{m.group(2)}"
+                totals[key] = totals.get(key, 0.0) + float(m.group(4))
+        return totals
 
 
 @contextmanager
@@ -983,9 +1033,9 @@ def _gateway_cell(
                     raise RuntimeError(f"load generator stalled (exit code {proc.exitcode})")
 
         wait(measuring, warmup_s + 120.0)
-        b0, c0 = server.batch_totals(http, model.name), _CpuSnap.take(server.pid)
+        b0, c0 = server.batcher_totals(http, model.name), _CpuSnap.take(server.pid)
         wait(measured, duration_s + 120.0)
-        b1, c1 = server.batch_totals(http, model.name), _CpuSnap.take(server.pid)
+        b1, c1 = server.batcher_totals(http, model.name), _CpuSnap.take(server.pid)
         stop.set()
         res = results.get(timeout=REQUEST_TIMEOUT_S + 60.0)
     finally:
@@ -998,16 +1048,36 @@ def _gateway_cell(
     if "fatal" in res:
         raise RuntimeError(f"load generator failed: {res['fatal']}")
     errors: dict[str, int] = res["errors"]
-    n_batches = b1[1] - b0[1]
     latencies: list[float] = res["latencies"]
+    window = res["measured_s"]
+
+    def delta(key: str) -> float:
+        return b1.get(key, 0.0) - b0.get(key, 0.0)
+
+    n_batches = delta("batch_size_count")
+    samples = delta("batch_size_sum")
+    compute_s = delta("compute_duration_seconds_sum")
+    batcher: dict[str, float | None] = {
+        # fraction of the window the model's instances spent computing (1.0 = always busy)
+        "compute_busy": round(compute_s / ((c1.t - c0.t) * model.policy.instances), 3),
+        "compute_ms_per_sample": round(compute_s / samples * 1e3, 4) if samples else None,
+        "queue_wait_ms": round(
+            delta("queue_duration_seconds_sum") / delta("queue_duration_seconds_count") * 1e3, 3
+        )
+        if delta("queue_duration_seconds_count")
+        else None,
+        "batches": n_batches,
+    }
     cpu = _cpu_delta(c0, c1)
     client_cores = res["client_cpu_s"] / max(res["client_wall_s"], 1e-9)
     cpu["client_cores"] = round(client_cores, 3)
     cpu.pop("bench_process_cores", None)
+    if cpu["server_cores"] is not None:
+        _other_cores(cpu, cpu["server_cores"] + client_cores)
     n = max(len(latencies), 1)
     cpu["client_us_per_request"] = round(res["client_cpu_s"] / n * 1e6, 1)
     if cpu["server_cores"] is not None:
-        cpu["server_us_per_request"] = round(cpu["server_cores"] * res["measured_s"] / n * 1e6, 1)
+        cpu["server_us_per_request"] = round(cpu["server_cores"] * window / n * 1e6, 1)
     return _cell(
         mode,
         concurrency,
@@ -1016,7 +1086,8 @@ def _gateway_cell(
         errors=sum(errors.values()),
         error_kinds=errors,
         errors_outside_window=res["errors_outside_window"],
-        mean_batch=round((b1[0] - b0[0]) / n_batches, 2) if n_batches > 0 else None,
+        mean_batch=round(samples / n_batches, 2) if n_batches > 0 else None,
+        batcher=batcher,
         cpu=cpu,
     )
 
@@ -1077,32 +1148,59 @@ def _markdown(doc: dict[str, Any]) -> list[str]:
         f"{doc['settings']['warmup_s']:g} s warm-up; closed loop, one sample per request.",
         "",
         "| mode | C | req/s | p50 ms | p99 ms | mean batch | errors | vs raw_ort "
-        "| serving CPU | client CPU | machine busy |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| compute busy | ms/sample | serving CPU | client CPU | other CPU |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c in doc["cells"]:
         ratio = doc["ratios"].get(str(c["concurrency"]), {}).get(c["mode"])
         cpu = c.get("cpu") or {}
-        serving_cpu = cpu.get("server_cores", cpu.get("bench_process_cores"))
+        bat = c.get("batcher") or {}
+        serving_cpu = cpu.get("server_cores")
+        if serving_cpu is None:
+            serving_cpu = cpu.get("bench_process_cores")
         lines.append(
             f"| {c['mode']} | {c['concurrency']} | {_fmt(c['throughput_rps'])} "
             f"| {_fmt(c['p50_ms'], 2)} | {_fmt(c['p99_ms'], 2)} | {_fmt(c['mean_batch'], 2)} "
             f"| {c['errors']} | {_fmt(ratio, 2) if ratio is not None else '-'} "
+            f"| {_fmt(bat.get('compute_busy'), 2)} | {_fmt(bat.get('compute_ms_per_sample'), 3)} "
             f"| {_fmt(serving_cpu, 2)} | {_fmt(cpu.get('client_cores'), 2)} "
-            f"| {_fmt(cpu.get('machine_busy'), 2)} |"
+            f"| {_fmt(cpu.get('other_cores'), 2)} |"
         )
     goal = doc["goal"]
+    others = [(c.get("cpu") or {}).get("other_cores") or 0.0 for c in doc["cells"]]
+    steals = [(c.get("cpu") or {}).get("machine_steal") or 0.0 for c in doc["cells"]]
+    if max(others, default=0.0) > 0.2 or max(steals, default=0.0) > 0.02:
+        lines += [
+            "",
+            f"Background load during the run: up to {max(others):.2f} cores busy with other "
+            f"processes, hypervisor steal up to {max(steals):.0%}; the numbers are noisy.",
+        ]
     lines += [
         "",
         f"Goal: gateway throughput at C={goal['concurrency']} >= {goal['target']:.0%} of "
         f"raw_ort. Reached: json {_fmt(goal['json_ratio'], 2)}, binary "
         f"{_fmt(goal['binary_ratio'], 2)} ({'met' if goal['met'] else 'not met'}).",
+        "compute busy: fraction of the window the model instances spent in onnxruntime "
+        "(gateway: fides_inference_compute_duration_seconds); ms/sample: compute time per "
+        "sample at the batch sizes reached. "
         "CPU columns are cores in use over the measured window: serving is the gateway "
         "process (raw modes: the bench process, its client threads included), client the "
-        "load-generator process; machine busy is the fraction of all cores busy (anything "
-        "else running on the machine included).",
+        "load-generator process, other everything else on the machine (background load: "
+        "the machine may be shared).",
     ]
     return lines
+
+
+def _plain(log: Log) -> Log:
+    """A rich ``Console.print`` would read ``[...]`` as markup and wrap the table: not here."""
+    owner = getattr(log, "__self__", None)
+    if type(owner).__module__.startswith("rich."):
+
+        def say(*parts: Any) -> None:
+            log(*parts, markup=False, highlight=False, soft_wrap=True)
+
+        return say
+    return log
 
 
 def run_serving_bench(
@@ -1118,6 +1216,7 @@ def run_serving_bench(
     """Run every cell, write ``output`` (JSON) and ``output`` with ``.md``; return the doc."""
     if duration <= 0:
         raise ValueError("duration must be positive")
+    log = _plain(log)
     warmup = warmup_s if warmup_s is not None else min(2.0, max(0.5, 0.2 * duration))
     repository = model_repository.resolve()
     machine = _machine()
@@ -1147,30 +1246,32 @@ def run_serving_bench(
         )
 
     expected = mut.runtime.predict(samples[0])
+    # Cells of one concurrency run back to back (raw, then gateway) so that a change in the
+    # machine's background load skews the ratio as little as possible; the idle server costs
+    # no CPU while the raw cells run.
     try:
-        log("raw onnxruntime (in process)")
-        for c in concurrencies:
-            done(_raw_ideal(mut, samples, c, warmup, duration))
-        for c in concurrencies:
-            done(_raw_batcher(mut, samples, c, warmup, duration))
+        with _running_server(repository) as server, httpx.Client(timeout=10.0) as http:
+            _check_gateway(server, mut, samples[0], expected)
+            bodies = {
+                mode: tuple(
+                    _http_request(server, model, *_encode(mut, s, mode == "gateway_binary"))
+                    for s in samples
+                )
+                for mode in GATEWAY_MODES
+            }
+            log(
+                "cells: raw onnxruntime in process; the gateway in a subprocess, loaded by a "
+                "client process"
+            )
+            for c in concurrencies:
+                done(_raw_ideal(mut, samples, c, warmup, duration))
+                done(_raw_batcher(mut, samples, c, warmup, duration))
+                for mode in GATEWAY_MODES:
+                    done(_gateway_cell(server, http, mut, mode, bodies[mode], c, warmup, duration))
+            server_log_lines = server.log_lines()
+            server_log_tail = server.log_tail(10) if server_log_lines else ""
     finally:
         mut.runtime.unload()
-
-    log("gateway (subprocess), load generator in its own process")
-    with _running_server(repository) as server, httpx.Client(timeout=10.0) as http:
-        _check_gateway(server, mut, samples[0], expected)
-        bodies = {
-            mode: tuple(
-                _http_request(server, model, *_encode(mut, s, mode == "gateway_binary"))
-                for s in samples
-            )
-            for mode in GATEWAY_MODES
-        }
-        for c in concurrencies:
-            for mode in GATEWAY_MODES:
-                done(_gateway_cell(server, http, mut, mode, bodies[mode], c, warmup, duration))
-        server_log_lines = server.log_lines()
-        server_log_tail = server.log_tail(10) if server_log_lines else ""
 
     raw = {r["concurrency"]: r["throughput_rps"] for r in cells if r["mode"] == "raw_ort"}
     raw_b = {r["concurrency"]: r["throughput_rps"] for r in cells if r["mode"] == "raw_ort_batcher"}
@@ -1229,6 +1330,15 @@ def run_serving_bench(
             "mean_batch": "gateway: delta of fides_inference_batch_size sum/count over the "
             "window; raw modes: the executed batch sizes",
             "ratio": "gateway throughput / raw_ort throughput at the same concurrency",
+            "compute_busy": "fraction of the window the model's instances spent computing; for "
+            "the gateway from fides_inference_compute_duration_seconds, which runs from the "
+            "executor hand-off to the event loop seeing the result (thread wake-up and GIL "
+            "waits included)",
+            "compute_ms_per_sample": "compute time per sample at the batch sizes reached",
+            "cpu": "cores in use over the window: server_cores (the gateway process), "
+            "client_cores (the load generator), bench_process_cores (raw modes), other_cores "
+            "(everything else on the machine), machine_steal (hypervisor steal, fraction)",
+            "goal.met": "true when the better of the two encodings reaches the target",
         },
         "cells": cells,
         "ratios": ratios,
