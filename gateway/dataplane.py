@@ -71,19 +71,20 @@ class DataPlane:
         mv = self.repository.get(name, version)
         if mv.batcher.closed:  # raced with a hot reload: take the new version
             mv = self.repository.get(name, version)
-        labels = (name, str(mv.version))
+        version_label = str(mv.version)
+        series = self.metrics.model_series(name, version_label)
         t0 = time.perf_counter()
-        self.metrics.inflight.labels(name).inc()
+        series.inflight.inc()
         try:
             outputs = await self._infer(mv, request)
         except GatewayError as exc:
-            self.metrics.requests.labels(*labels, "failure").inc()
-            self.metrics.failures.labels(*labels, exc.reason).inc()
+            series.failure.inc()
+            self.metrics.failures.labels(name, version_label, exc.reason).inc()
             raise
         finally:
-            self.metrics.inflight.labels(name).dec()
-        self.metrics.requests.labels(*labels, "success").inc()
-        self.metrics.request_duration.labels(*labels).observe(time.perf_counter() - t0)
+            series.inflight.dec()
+        series.success.inc()
+        series.duration.observe(time.perf_counter() - t0)
         return InferResponse(name, str(mv.version), outputs, id=request.id)
 
     async def _infer(self, mv: ModelVersion, request: InferRequest) -> list[OutputTensor]:

@@ -4,6 +4,9 @@ has a table of all of them."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Seconds; from 100 us (a tiny model on a warm path) to 30 s (a timed-out upstream).
@@ -27,6 +30,16 @@ LATENCY_BUCKETS = (
     30.0,
 )
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+@dataclass(frozen=True)
+class ModelSeries:
+    """The labelled children one model version touches per request, looked up once."""
+
+    success: Any
+    failure: Any
+    duration: Any
+    inflight: Any
 
 
 class GatewayMetrics:
@@ -125,3 +138,31 @@ class GatewayMetrics:
             ["model"],
             registry=r,
         )
+
+        self._model_series: dict[tuple[str, str], ModelSeries] = {}
+        self._http_series: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+
+    def model_series(self, model: str, version: str) -> ModelSeries:
+        # labels() costs a lock and a dict lookup per call; the hot path caches the children
+        key = (model, version)
+        series = self._model_series.get(key)
+        if series is None:
+            series = ModelSeries(
+                self.requests.labels(model, version, "success"),
+                self.requests.labels(model, version, "failure"),
+                self.request_duration.labels(model, version),
+                self.inflight.labels(model),
+            )
+            self._model_series[key] = series
+        return series
+
+    def http_series(self, method: str, route: str, status: str) -> tuple[Any, Any]:
+        key = (method, route, status)
+        series = self._http_series.get(key)
+        if series is None:
+            series = (
+                self.http_requests.labels(method, route, status),
+                self.http_duration.labels(method, route),
+            )
+            self._http_series[key] = series
+        return series

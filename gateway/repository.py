@@ -9,6 +9,7 @@ version leaves the old one serving; the old versions drain their queues before u
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway.batcher import BatchObserver, BatchPolicy, DynamicBatcher
-from gateway.errors import BadRequest, ModelLoadError, NotFound, Unavailable
+from gateway.errors import BadRequest, GatewayError, ModelLoadError, NotFound, Unavailable
 from gateway.model_config import MODEL_NAME_RE, ConfigError, ModelConfig, load_model_config
 from gateway.runtimes import Runtime, runtime_class
 
@@ -118,11 +119,9 @@ class ModelRepository:
     # -- queries --------------------------------------------------------------------------------
 
     def model_dir(self, name: str) -> Path:
-        validate_model_name(name)
-        path = (self.root / name).resolve()
-        if path.parent != self.root.resolve():
-            raise BadRequest(f"invalid model name {name!r}")
-        return path
+        # The validated name has no separators and no "..", so it names a direct child of
+        # the root; the child itself may be a symlink (Kubernetes volumes use them).
+        return self.root / validate_model_name(name)
 
     def discover(self) -> list[str]:
         """Model directories on disk (those holding a config.yaml)."""
@@ -191,7 +190,7 @@ class ModelRepository:
         for name in self.discover():
             try:
                 await self.load(name)
-            except ModelLoadError as exc:
+            except GatewayError as exc:
                 log.error("model %s failed to load: %s", name, exc.message)
 
     async def load(self, name: str) -> None:
@@ -220,6 +219,7 @@ class ModelRepository:
             for v in gone:
                 self._on_state(name, v, False)
             await self._retire(old)
+        gc.freeze()  # keep the new model's objects out of full collections (see app.py)
         log.info("model %s serving versions %s", name, sorted(served.versions))
 
     async def unload(self, name: str) -> None:

@@ -3,6 +3,7 @@ per-route HTTP metrics and access logs."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 import time
@@ -21,6 +22,10 @@ class RequestContextMiddleware:
     def __init__(self, app: ASGIApp, metrics: GatewayMetrics) -> None:
         self.app = app
         self.metrics = metrics
+        # generated ids: a random per-process prefix and a counter (uuid4 per request cost
+        # more than the rest of this middleware)
+        self._prefix = uuid.uuid4().hex[:16]
+        self._counter = itertools.count()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -32,7 +37,7 @@ class RequestContextMiddleware:
                 candidate = value.decode("latin-1")
                 rid = candidate if _RID_OK.fullmatch(candidate) else None
                 break
-        rid = rid or uuid.uuid4().hex
+        rid = rid or f"{self._prefix}{next(self._counter):08x}"
         token = request_id.set(rid)
         status = 500
         t0 = time.perf_counter()
@@ -50,8 +55,9 @@ class RequestContextMiddleware:
             elapsed = time.perf_counter() - t0
             route = _route_template(scope)
             method = scope["method"]
-            self.metrics.http_requests.labels(method, route, str(status)).inc()
-            self.metrics.http_duration.labels(method, route).observe(elapsed)
+            count, duration = self.metrics.http_series(method, route, str(status))
+            count.inc()
+            duration.observe(elapsed)
             # errors at INFO/WARNING; successful requests only at DEBUG (hot path)
             level = (
                 logging.WARNING

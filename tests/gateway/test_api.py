@@ -143,8 +143,9 @@ async def test_bytes_model(client: httpx.AsyncClient) -> None:
 async def test_request_id_header(client: httpx.AsyncClient) -> None:
     r = await client.get("/v2", headers={"X-Request-ID": "abc-123"})
     assert r.headers["x-request-id"] == "abc-123"
-    r = await client.get("/v2")
-    assert len(r.headers["x-request-id"]) == 32
+    generated = {(await client.get("/v2")).headers["x-request-id"] for _ in range(5)}
+    assert len(generated) == 5  # unique
+    assert all(len(g) == 24 for g in generated)
     r = await client.get("/v2", headers={"X-Request-ID": "bad id\twith spaces"})
     assert r.headers["x-request-id"] != "bad id\twith spaces"
 
@@ -462,3 +463,23 @@ async def test_json_logs_carry_the_request_id(
     assert doc["request_id"] == "trace-42"
     assert doc["status"] == 404
     assert doc["path"] == "/v2/models/nope/infer"
+
+
+async def test_symlinked_model_directory_is_served(settings: Settings, tmp_path: Path) -> None:
+    # Kubernetes volumes present directories as symlinks; they must load like any other.
+    elsewhere = tmp_path / "elsewhere" / "linked"
+    write_config(elsewhere, TINY_CONFIG)
+    tiny_classifier(elsewhere / "1" / "model.onnx")
+    (settings.model_repository / "linked").symlink_to(elsewhere, target_is_directory=True)
+    app = create_app(settings)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app),
+            base_url="http://t",
+            headers={"X-API-Key": USER_KEY},
+        ) as c,
+    ):
+        assert (await c.get("/v2/health/ready")).status_code == 200
+        r = await c.post("/v2/models/linked/infer", json=_infer_body())
+        assert r.status_code == 200
