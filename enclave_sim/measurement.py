@@ -8,8 +8,9 @@ like Nitro PCRs (48 bytes each)::
     pcr2 = SHA384(CBOR(["fides-model/1", SHA384(model bytes), SHA384(canonical config)]))
     pcr0 = SHA384(CBOR(["fides-measurement/1", pcr1, pcr2]))   # "the measurement"
 
-Code = every ``*.py`` file of the ``enclave_sim`` package (``__pycache__`` excluded), so a
-modified code file changes pcr1 and pcr0. Not measured (a real image would cover them): the
+Code = every ``*.py`` file of the ``enclave_sim`` package (``__pycache__`` excluded) except
+``bench.py`` (a host-side benchmark the enclave never imports), so a modified code file changes
+pcr1 and pcr0. Not measured (a real image would cover them): the
 Python interpreter, numpy, onnxruntime and cryptography, and the bytecode actually loaded (files
 are hashed from disk at boot).
 """
@@ -25,6 +26,7 @@ import cbor2
 from enclave_sim.config import VerifierConfig
 
 CODE_ROOT = Path(__file__).resolve().parent
+NOT_MEASURED = frozenset({"bench.py"})  # host-side only; never imported by the enclave
 DIGEST_SIZE = 48
 
 
@@ -34,7 +36,12 @@ def sha384(data: bytes) -> bytes:
 
 def code_files(root: Path = CODE_ROOT) -> list[Path]:
     """The measured code files, sorted by their path relative to ``root``."""
-    files = [p for p in root.rglob("*.py") if "__pycache__" not in p.relative_to(root).parts]
+    files = [
+        p
+        for p in root.rglob("*.py")
+        if "__pycache__" not in p.relative_to(root).parts
+        and p.relative_to(root).as_posix() not in NOT_MEASURED
+    ]
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 

@@ -105,5 +105,6 @@ async def read_frame(
         raise FrameTooLarge(f"frame of {length} bytes exceeds the maximum of {max_frame_bytes}")
     if length == 0:
         raise MalformedFrame("empty frame")
-    data = await asyncio.wait_for(reader.readexactly(length), timeout=body_timeout_s)
+    async with asyncio.timeout(body_timeout_s):
+        data = await reader.readexactly(length)
     return decode_body(data)

@@ -123,17 +123,22 @@ class DynamicBatcher:
         self._queue.append(item)
         self.observer.queued(len(self._queue))
         self._wakeup.set()
+        # A timer instead of asyncio.wait_for: wait_for wraps the wait in a task and a shield,
+        # which cost more than the rest of submit on a busy event loop.
+        timer = loop.call_later(max(0.0, deadline - now), self._expire, item)
         try:
-            return await asyncio.wait_for(asyncio.shield(item.future), max(0.0, deadline - now))
-        except TimeoutError:
-            # Dropped from the queue if still waiting; a running batch just discards it.
-            item.future.cancel()
-            raise RequestTimeout(
-                f"model '{self.runtime.name}' did not answer within {deadline - item.enqueued:.3f}s"
-            ) from None
-        except asyncio.CancelledError:
-            item.future.cancel()  # client went away: do not compute it if still queued
-            raise
+            return await item.future  # cancelling the caller cancels the future: not computed
+        finally:
+            timer.cancel()
+
+    def _expire(self, item: _Pending) -> None:
+        if not item.future.done():  # still queued, or its batch is running: it is dropped
+            item.future.set_exception(
+                RequestTimeout(
+                    f"model '{self.runtime.name}' did not answer within "
+                    f"{item.deadline - item.enqueued:.3f}s"
+                )
+            )
 
     async def close(self, drain_timeout_s: float = 30.0) -> None:
         """Stop accepting, let queued and running batches finish, then stop the executor."""

@@ -1,0 +1,151 @@
+"""``fides enclave {run, seal, measure, init-ca}``: the simulated enclave's command line.
+
+Mounted by ``gateway.cli`` as ``fides enclave``; also runnable alone as
+``python -m enclave_sim.cli`` (that is how the gateway's supervisor starts the enclave).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from enclave_sim.errors import EnclaveError
+
+enclave_app = typer.Typer(
+    no_args_is_help=True,
+    help="The SIMULATED trusted execution module (no hardware protection).",
+)
+DEFAULT_PLATFORM_DIR = Path(".fides/enclave-platform")
+
+PlatformDir = Annotated[
+    Path,
+    typer.Option(
+        "--platform-dir",
+        envvar="FIDES_ENCLAVE_PLATFORM_DIR",
+        help="Simulated platform: root CA, platform CA, platform secret, rollback counter.",
+    ),
+]
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    typer.echo(f"error: {exc}", err=True)
+    return typer.Exit(2)
+
+
+@enclave_app.command("init-ca")
+def init_ca_cmd(
+    platform_dir: PlatformDir = DEFAULT_PLATFORM_DIR,
+    force: Annotated[bool, typer.Option(help="Replace an existing platform.")] = False,
+) -> None:
+    """Create the simulated root CA (clients pin root.pem), platform CA and platform secret."""
+    from enclave_sim.pki import ROOT_CERT, init_ca
+
+    try:
+        paths = init_ca(platform_dir, force=force)
+    except EnclaveError as exc:
+        raise _fail(exc) from None
+    for p in paths:
+        typer.echo(f"wrote {p}")
+    typer.echo(f"clients pin {platform_dir / ROOT_CERT} (SIMULATED root, not a hardware vendor's)")
+
+
+@enclave_app.command("measure")
+def measure_cmd(
+    model: Annotated[Path, typer.Option(help="The verifier ONNX model.", exists=True)],
+    config: Annotated[
+        Path | None, typer.Option(help="Verifier config YAML (default: defaults).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print all PCRs as JSON.")] = False,
+) -> None:
+    """Print the expected measurement (PCR0, SHA-384) of an enclave serving MODEL, offline."""
+    from enclave_sim.config import VerifierConfig
+    from enclave_sim.measurement import measure
+
+    try:
+        m = measure(model.read_bytes(), VerifierConfig.load(config))
+    except EnclaveError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        typer.echo(json.dumps({f"pcr{i}": v.hex() for i, v in m.pcrs().items()}, indent=2))
+    else:
+        typer.echo(m.hex)
+
+
+@enclave_app.command("seal")
+def seal_cmd(
+    model: Annotated[Path, typer.Option(help="The verifier ONNX model.", exists=True)],
+    output: Annotated[Path, typer.Option(help="Sealed file to write.")],
+    config: Annotated[Path | None, typer.Option(help="Verifier config YAML.")] = None,
+    platform_dir: PlatformDir = DEFAULT_PLATFORM_DIR,
+    version: Annotated[
+        int | None, typer.Option(help="Model version (default: the platform counter + 1).")
+    ] = None,
+) -> None:
+    """Encrypt the verifier for this enclave build's measurement (AES-256-GCM, HKDF key)."""
+    from enclave_sim.config import VerifierConfig
+    from enclave_sim.pki import write_secret_file
+    from enclave_sim.sealing import seal
+
+    try:
+        data, m, v = seal(
+            model.read_bytes(), VerifierConfig.load(config), platform_dir, version=version
+        )
+    except EnclaveError as exc:
+        raise _fail(exc) from None
+    output.parent.mkdir(parents=True, exist_ok=True)
+    write_secret_file(output, data)
+    typer.echo(f"sealed {model} as version {v} for measurement {m.hex} -> {output}")
+
+
+@enclave_app.command("run")
+def run_cmd(
+    socket: Annotated[Path, typer.Option(help="Unix socket to serve on (created 0600).")],
+    sealed_model: Annotated[Path, typer.Option(help="Sealed verifier from `seal`.")],
+    platform_dir: PlatformDir = DEFAULT_PLATFORM_DIR,
+    memory_budget_mb: Annotated[
+        float, typer.Option(help="Enclave memory budget (usable SGX EPC on older parts: ~96).")
+    ] = 96.0,
+    paging: Annotated[
+        bool, typer.Option(help="Accept a model over the budget and charge a paging penalty.")
+    ] = False,
+    paging_penalty_us_per_mib: Annotated[
+        float, typer.Option(help="Per-call penalty for each MiB over the budget (with --paging).")
+    ] = 1000.0,
+    transition_us: Annotated[
+        float, typer.Option(help="Simulated enclave transition cost per call (busy wait).")
+    ] = 0.0,
+    max_frame_bytes: Annotated[int, typer.Option(help="Largest accepted frame.")] = 16 * 2**20,
+    log_level: Annotated[str, typer.Option(help="Python logging level.")] = "INFO",
+) -> None:
+    """Boot the SIMULATED enclave: measure, unseal, attest on request, verify and sign."""
+    from enclave_sim.core import EnclaveCore
+    from enclave_sim.resources import ResourceSettings
+    from enclave_sim.server import serve
+
+    logging.basicConfig(
+        level=log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s enclave_sim[%(process)d] %(message)s",
+    )
+    try:
+        resources = ResourceSettings(
+            memory_budget_bytes=int(memory_budget_mb * 1e6),
+            paging=paging,
+            paging_penalty_us_per_mib=paging_penalty_us_per_mib,
+            transition_us=transition_us,
+        )
+        core = EnclaveCore.boot(sealed_model, platform_dir, resources=resources)
+        asyncio.run(serve(core, socket, max_frame_bytes=max_frame_bytes))
+    except (EnclaveError, ValueError) as exc:
+        logging.getLogger("enclave_sim").error("enclave refused to start: %s", exc)
+        raise _fail(exc) from None
+
+
+if __name__ == "__main__":
+    enclave_app()

@@ -1,0 +1,741 @@
+"""The gateway's side of the enclave boundary.
+
+- :class:`EnclaveClient`: the typed protocol every enclave implementation satisfies (the
+  integrity pipeline depends on this, never on a concrete class).
+- :class:`SocketEnclaveClient`: the real one, over the enclave's Unix socket (length-prefixed
+  CBOR frames, see :mod:`enclave_sim.protocol`), with a small connection pool and timeouts.
+- :class:`FakeEnclaveClient`: in-process, for unit tests; it still runs the ONNX verifier and
+  really signs, with a fresh in-memory root CA, so evidence checks run for real.
+- :class:`EnclaveSupervisor`: starts the enclave process, waits for its socket, attests it with
+  its own nonce against the pinned root and policy, restarts it with exponential backoff when
+  it dies or stops answering, re-attests after every restart, and exposes its state. It is
+  itself an :class:`EnclaveClient` that refuses calls unless the enclave is up and attested,
+  and checks every signed result against the attested key before returning it.
+
+Fail closed: any failure raises (:class:`EnclaveUnavailable` when the enclave cannot be
+reached or died mid-call, :class:`EnclaveError` otherwise). No method returns a partial or
+unchecked result, so a verification that did not complete can never be reported as verified.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import itertools
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Protocol, runtime_checkable
+
+import numpy as np
+from cryptography import x509
+
+from enclave_sim import protocol
+from enclave_sim.attestation import (
+    AttestationError,
+    AttestedEnclave,
+    Policy,
+    check_verification,
+    load_root,
+    verify_attestation,
+)
+from enclave_sim.config import VerifierConfig
+from enclave_sim.core import EnclaveCore, VerifiedItem, VerifyRequest, encode_requests
+from enclave_sim.errors import EnclaveError as EnclaveSideError
+from enclave_sim.errors import ProtocolError
+from enclave_sim.measurement import Measurement, measure
+from enclave_sim.pki import create_identity
+from enclave_sim.resources import ResourceSettings
+from enclave_sim.tensors import decode_tensors
+from gateway.errors import GatewayError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "EnclaveClient",
+    "EnclaveError",
+    "EnclaveLaunch",
+    "EnclaveState",
+    "EnclaveSupervisor",
+    "EnclaveUnavailable",
+    "FakeEnclaveClient",
+    "SocketEnclaveClient",
+    "VerifiedItem",
+    "VerifyRequest",
+    "VerifyResult",
+]
+
+
+class EnclaveError(GatewayError):
+    """The enclave answered with an error, or its answer could not be accepted.
+    ``code`` is the enclave's error code (``bad_request``, ``batch_too_large``, ...)."""
+
+    status, reason = 502, "enclave_error"
+
+    def __init__(self, message: str, *, code: str = "enclave_error") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class EnclaveUnavailable(EnclaveError):
+    """The enclave cannot be reached, is not up and attested, or died during the call."""
+
+    status, reason = 503, "enclave_unavailable"
+
+    def __init__(self, message: str, *, code: str = "unavailable", retry_after_s: int = 1) -> None:
+        super().__init__(message, code=code)
+        self.headers = {"Retry-After": str(retry_after_s)}
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """One verified batch: the enclave's sequence number and, in request order, each
+    request's outputs and per-request evidence (base64 it into ``integrity_evidence``)."""
+
+    seq: int
+    items: list[VerifiedItem]
+
+
+@runtime_checkable
+class EnclaveClient(Protocol):
+    """What the gateway needs from a (simulated or real) trusted execution module."""
+
+    async def ping(self) -> None: ...
+
+    async def info(self) -> dict[str, Any]: ...
+
+    async def attest(self, nonce: bytes, user_data: bytes | None = None) -> bytes:
+        """An attestation document (COSE_Sign1) bound to ``nonce``; check it with
+        :func:`enclave_sim.attestation.verify_attestation`."""
+        ...
+
+    async def verify(self, requests: Sequence[VerifyRequest]) -> VerifyResult:
+        """Run the verifier on one batch (one frame) and return signed results."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def _result_from_wire(result: Mapping[str, Any], requests: Sequence[VerifyRequest]) -> VerifyResult:
+    seq, items = result.get("seq"), result.get("items")
+    if not isinstance(seq, int) or not isinstance(items, list) or len(items) != len(requests):
+        raise EnclaveError("malformed verify answer", code="malformed_answer")
+    out = []
+    for req, item in zip(requests, items, strict=True):
+        if not isinstance(item, dict) or item.get("id") != req.id:
+            raise EnclaveError("verify answer out of order", code="malformed_answer")
+        evidence = item.get("evidence")
+        if not isinstance(evidence, bytes):
+            raise EnclaveError("verify answer without evidence", code="malformed_answer")
+        try:
+            outputs = decode_tensors(item.get("outputs"), what=f"outputs of {req.id}")
+        except EnclaveSideError as exc:
+            raise EnclaveError(str(exc), code="malformed_answer") from None
+        out.append(VerifiedItem(req.id, outputs, evidence))
+    return VerifyResult(seq, out)
+
+
+def _check_batch(
+    attested: AttestedEnclave, requests: Sequence[VerifyRequest], result: VerifyResult
+) -> None:
+    """Every item bound to its request's exact inputs, id, nonce and returned outputs."""
+    verified: dict[bytes, dict[str, Any]] = {}  # the batch's one signed result, checked once
+    for req, item in zip(requests, result.items, strict=True):
+        check_verification(
+            item.evidence,
+            attested=attested,
+            inputs=req.inputs,
+            nonce=req.nonce,
+            request_id=req.id,
+            outputs=item.outputs,
+            verified_results=verified,
+        )
+
+
+# -- the real client ------------------------------------------------------------------------
+
+
+@dataclass
+class _Connection:
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.writer.close()
+
+
+class SocketEnclaveClient:
+    """An EnclaveClient over the enclave's Unix socket.
+
+    Up to ``max_connections`` calls run at once, each on its own connection (the enclave
+    serves a connection one frame at a time); idle connections are kept for reuse. A
+    connection that failed, timed out or lost step is closed, never reused. ``timeout_s``
+    bounds a whole call (send + enclave work + answer).
+    """
+
+    def __init__(
+        self,
+        socket_path: Path | str,
+        *,
+        timeout_s: float = 10.0,
+        connect_timeout_s: float = 2.0,
+        max_frame_bytes: int = protocol.DEFAULT_MAX_FRAME_BYTES,
+        max_connections: int = 4,
+    ) -> None:
+        self.socket_path = Path(socket_path)
+        self.timeout_s = timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        self.max_frame_bytes = max_frame_bytes
+        self._slots = asyncio.Semaphore(max_connections)
+        self._idle: list[_Connection] = []
+        self._ids = itertools.count(1)
+        self._closed = False
+
+    async def _connect(self) -> _Connection:
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_unix_connection(str(self.socket_path)),
+                timeout=self.connect_timeout_s,
+            )
+        except (OSError, TimeoutError) as exc:
+            raise EnclaveUnavailable(
+                f"cannot connect to the enclave at {self.socket_path}: {exc}"
+            ) from None
+        return _Connection(reader, writer)
+
+    def reset(self) -> None:
+        """Drop idle connections (after the enclave restarted they lead nowhere)."""
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+    async def _exchange(
+        self, conn: _Connection, frame: bytes, request_id: int, timeout_s: float
+    ) -> dict[str, Any]:
+        async with asyncio.timeout(timeout_s):
+            conn.writer.write(frame)
+            await conn.writer.drain()
+            body = await protocol.read_frame(conn.reader, self.max_frame_bytes, None)
+        if body.get("id") != request_id and not ("error" in body and body.get("id") is None):
+            raise ProtocolError(f"answer id {body.get('id')!r} for request {request_id}")
+        return body
+
+    async def _call(self, op: str, timeout_s: float | None = None, **args: Any) -> dict[str, Any]:
+        if self._closed:
+            raise EnclaveUnavailable("the enclave client is closed")
+        request_id = next(self._ids)
+        try:
+            frame = protocol.encode_frame(
+                protocol.request(request_id, op, **args), self.max_frame_bytes
+            )
+        except ProtocolError as exc:
+            raise EnclaveError(str(exc), code=exc.code) from None
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        async with self._slots:
+            for attempt in range(2):
+                reused = bool(self._idle)
+                conn = self._idle.pop() if reused else await self._connect()
+                keep = False
+                try:
+                    body = await self._exchange(conn, frame, request_id, timeout)
+                    keep = "result" in body or body.get("id") == request_id
+                except (protocol.ConnectionClosed, BrokenPipeError, ConnectionResetError) as exc:
+                    # a pooled connection whose enclave went away meanwhile: one fresh try
+                    if reused and attempt == 0:
+                        continue
+                    raise EnclaveUnavailable(
+                        f"the enclave closed the connection ({op}): {exc!r}"
+                    ) from None
+                except TimeoutError:
+                    raise EnclaveUnavailable(
+                        f"the enclave did not answer {op} in {timeout} s"
+                    ) from None
+                except (OSError, asyncio.IncompleteReadError) as exc:
+                    raise EnclaveUnavailable(
+                        f"enclave connection failed during {op}: {exc!r}"
+                    ) from None
+                except ProtocolError as exc:
+                    raise EnclaveUnavailable(f"bad frame from the enclave ({op}): {exc}") from None
+                finally:
+                    if keep and not self._closed:
+                        self._idle.append(conn)
+                    else:
+                        conn.close()
+                break
+        error = body.get("error")
+        if error is not None:
+            code = error.get("code") if isinstance(error, dict) else None
+            message = error.get("message") if isinstance(error, dict) else None
+            raise EnclaveError(f"enclave refused {op}: {message}", code=str(code))
+        result = body.get("result")
+        if not isinstance(result, dict):
+            raise EnclaveError(f"malformed answer to {op}", code="malformed_answer")
+        return result
+
+    async def ping(self) -> None:
+        await self._call("ping")
+
+    async def info(self) -> dict[str, Any]:
+        return await self._call("info")
+
+    async def attest(self, nonce: bytes, user_data: bytes | None = None) -> bytes:
+        evidence = (await self._call("attest", nonce=nonce, user_data=user_data)).get("evidence")
+        if not isinstance(evidence, bytes):
+            raise EnclaveError("attest answer without evidence", code="malformed_answer")
+        return evidence
+
+    async def verify(self, requests: Sequence[VerifyRequest]) -> VerifyResult:
+        result = await self._call("verify", requests=encode_requests(requests))
+        return _result_from_wire(result, requests)
+
+    async def close(self) -> None:
+        self._closed = True
+        self.reset()
+
+
+# -- the in-process fake --------------------------------------------------------------------
+
+
+class FakeEnclaveClient:
+    """An in-process EnclaveClient for unit tests: a real :class:`EnclaveCore` (onnxruntime,
+    ES384 signatures) under a fresh in-memory root CA, no process, no socket.
+
+    ``fail`` -- while set, every call raises it (simulate an outage: ``EnclaveUnavailable``).
+    ``delay_s`` -- added to every call (simulate a slow enclave). ``calls`` counts calls.
+    """
+
+    def __init__(
+        self,
+        model: bytes | Path,
+        config: VerifierConfig | None = None,
+        *,
+        resources: ResourceSettings | None = None,
+    ) -> None:
+        model_bytes = model.read_bytes() if isinstance(model, Path) else model
+        self.config = config or VerifierConfig()
+        _, identity = create_identity()
+        self.measurement: Measurement = measure(model_bytes, self.config)
+        self.core = EnclaveCore(
+            model_bytes, self.config, self.measurement, identity, resources=resources
+        )
+        self.root_pem: bytes = identity.root_pem
+        self.fail: Exception | None = None
+        self.delay_s = 0.0
+        self.calls = 0
+        self._closed = False
+
+    def policy(self, **kwargs: Any) -> Policy:
+        """A policy that accepts this fake (its measurement, simulated evidence allowed)."""
+        return Policy(frozenset({self.measurement.pcr0}), allow_simulated=True, **kwargs)
+
+    async def _enter(self) -> None:
+        self.calls += 1
+        if self._closed:
+            raise EnclaveUnavailable("the enclave client is closed")
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        if self.fail is not None:
+            raise self.fail
+
+    async def ping(self) -> None:
+        await self._enter()
+
+    async def info(self) -> dict[str, Any]:
+        await self._enter()
+        return self.core.info()
+
+    async def attest(self, nonce: bytes, user_data: bytes | None = None) -> bytes:
+        await self._enter()
+        try:
+            return await asyncio.to_thread(self.core.attest, nonce, user_data)
+        except EnclaveSideError as exc:
+            raise EnclaveError(str(exc), code=exc.code) from None
+
+    async def verify(self, requests: Sequence[VerifyRequest]) -> VerifyResult:
+        await self._enter()
+        # what the socket would carry: numpy arrays, as the wire decodes them
+        reqs = [
+            VerifyRequest(r.id, r.nonce, {k: np.asarray(v) for k, v in r.inputs.items()})
+            for r in requests
+        ]
+        try:
+            out = await asyncio.to_thread(self.core.verify, reqs)
+        except EnclaveSideError as exc:
+            raise EnclaveError(str(exc), code=exc.code) from None
+        return VerifyResult(out.seq, out.items)
+
+    async def close(self) -> None:
+        self._closed = True
+
+
+# -- the supervisor -------------------------------------------------------------------------
+
+
+class EnclaveState(enum.StrEnum):
+    STARTING = "starting"
+    UP = "up"
+    RESTARTING = "restarting"
+    DOWN = "down"
+
+
+@dataclass
+class EnclaveLaunch:
+    """How to start the enclave process (``python -m enclave_sim.cli run ...``)."""
+
+    socket_path: Path
+    sealed_model: Path
+    platform_dir: Path
+    extra_args: Sequence[str] = ()  # e.g. ("--transition-us", "5", "--paging")
+    python: str = sys.executable
+    cwd: Path | None = None
+    env: Mapping[str, str] | None = None  # default: this process's environment
+    log_path: Path | None = None  # default: inherit stderr
+
+    def command(self) -> list[str]:
+        return [
+            self.python,
+            "-m",
+            "enclave_sim.cli",
+            "run",
+            "--socket",
+            str(self.socket_path),
+            "--sealed-model",
+            str(self.sealed_model),
+            "--platform-dir",
+            str(self.platform_dir),
+            *self.extra_args,
+        ]
+
+
+@dataclass
+class SupervisorCounters:
+    starts: int = 0  # processes started, first start and restarts
+    restarts: int = 0  # successful restarts after a crash
+    crashes: int = 0  # the process exited or stopped answering while up
+    failed_starts: int = 0  # starts that did not reach an attested "up"
+    check_failures: int = 0  # results whose evidence did not check (never returned)
+    last_error: str = ""
+
+
+class EnclaveSupervisor:
+    """Starts, attests, watches and restarts the enclave process; an EnclaveClient itself.
+
+    ``root``: the pinned root certificate (PEM or object); ``policy``: the measurements we
+    accept. Calls made while the state is not ``up`` raise :class:`EnclaveUnavailable`.
+    Restart backoff: ``backoff_initial_s`` doubling to ``backoff_max_s``; after
+    ``max_consecutive_failures`` failed restarts the state is ``down`` and it gives up.
+    A running enclave is pinged every ``health_interval_s`` (0: never); ``health_failures``
+    missed pings in a row count as a crash (the process is killed and restarted).
+    """
+
+    def __init__(
+        self,
+        launch: EnclaveLaunch,
+        *,
+        root: x509.Certificate | bytes | str,
+        policy: Policy,
+        ready_timeout_s: float = 60.0,
+        call_timeout_s: float = 10.0,
+        backoff_initial_s: float = 0.5,
+        backoff_max_s: float = 30.0,
+        max_consecutive_failures: int = 10,
+        health_interval_s: float = 5.0,
+        health_failures: int = 3,
+        stop_timeout_s: float = 10.0,
+        check_results: bool = True,
+    ) -> None:
+        self.launch = launch
+        self.root = load_root(root)
+        self.policy = policy
+        self.ready_timeout_s = ready_timeout_s
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self.max_consecutive_failures = max_consecutive_failures
+        self.health_interval_s = health_interval_s
+        self.health_failures = health_failures
+        self.stop_timeout_s = stop_timeout_s
+        self.check_results = check_results
+        self.counters = SupervisorCounters()
+        self._client = SocketEnclaveClient(launch.socket_path, timeout_s=call_timeout_s)
+        self._state = EnclaveState.DOWN
+        self._process: asyncio.subprocess.Process | None = None
+        self._log_file: IO[bytes] | None = None
+        self._attested: AttestedEnclave | None = None
+        self._monitor: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._up = asyncio.Event()
+
+    # -- state ---------------------------------------------------------------------------
+
+    @property
+    def state(self) -> EnclaveState:
+        return self._state
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def attested(self) -> AttestedEnclave | None:
+        """The attested identity of the running enclave (None unless up)."""
+        return self._attested if self._state is EnclaveState.UP else None
+
+    @property
+    def restarts(self) -> int:
+        return self.counters.restarts
+
+    def snapshot(self) -> dict[str, Any]:
+        """For health endpoints and metrics."""
+        attested = self.attested
+        return {
+            "state": self._state.value,
+            "pid": self.pid,
+            "module_id": attested.module_id if attested else None,
+            "measurement": attested.measurement.hex() if attested else None,
+            "simulated": attested.simulated if attested else None,
+            "starts": self.counters.starts,
+            "restarts": self.counters.restarts,
+            "crashes": self.counters.crashes,
+            "failed_starts": self.counters.failed_starts,
+            "check_failures": self.counters.check_failures,
+            "last_error": self.counters.last_error,
+        }
+
+    async def wait_up(self, timeout_s: float) -> None:
+        """Wait until the state is ``up`` (after a restart); EnclaveUnavailable on timeout."""
+        deadline = time.monotonic() + timeout_s
+        while self._state is not EnclaveState.UP:
+            if self._state is EnclaveState.DOWN and self._monitor is None:
+                raise EnclaveUnavailable(f"the enclave is down: {self.counters.last_error}")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise EnclaveUnavailable(f"the enclave is not up after {timeout_s} s")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._up.wait(), timeout=min(left, 0.5))
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start and attest the enclave; raises EnclaveUnavailable if it does not come up."""
+        if self._monitor is not None:
+            return
+        self._stopping = False
+        self._set_state(EnclaveState.STARTING)
+        try:
+            await self._launch()
+        except Exception as exc:
+            self._set_state(EnclaveState.DOWN)
+            raise EnclaveUnavailable(
+                f"the enclave did not start: {type(exc).__name__}: {exc}"
+            ) from exc
+        self._monitor = asyncio.create_task(self._watch(), name="enclave-supervisor")
+
+    async def stop(self) -> None:
+        """Stop watching and stop the process by its pid (SIGTERM, then SIGKILL)."""
+        self._stopping = True
+        if self._monitor is not None:
+            self._monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._monitor
+            self._monitor = None
+        await self._terminate()
+        self._client.reset()
+        self._set_state(EnclaveState.DOWN)
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+    def _set_state(self, state: EnclaveState) -> None:
+        if state is not self._state:
+            log.info("enclave state %s -> %s", self._state.value, state.value)
+        self._state = state
+        if state is EnclaveState.UP:
+            self._up.set()
+        else:
+            self._up.clear()
+            self._attested = None
+
+    async def _spawn(self) -> asyncio.subprocess.Process:
+        self.launch.socket_path.parent.mkdir(parents=True, exist_ok=True)
+        if self.launch.log_path is not None and self._log_file is None:
+            self._log_file = self.launch.log_path.open("ab")
+        env = dict(self.launch.env) if self.launch.env is not None else dict(os.environ)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        self.counters.starts += 1
+        return await asyncio.create_subprocess_exec(
+            *self.launch.command(),
+            stdin=subprocess.DEVNULL,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT if self._log_file is not None else None,
+            cwd=self.launch.cwd,
+            env=env,
+            start_new_session=True,  # a Ctrl-C to the gateway does not reach it; stop() does
+        )
+
+    async def _launch(self) -> None:
+        """Spawn, wait for the socket, attest; on any failure the process is stopped."""
+        self._client.reset()
+        self._process = await self._spawn()
+        try:
+            await self._wait_ready(self._process)
+            nonce = secrets.token_bytes(32)
+            evidence = await self._client.attest(nonce)
+            attested = verify_attestation(evidence, root=self.root, policy=self.policy, nonce=nonce)
+        except BaseException as exc:
+            self.counters.failed_starts += 1
+            self.counters.last_error = f"{type(exc).__name__}: {exc}"
+            await self._terminate()
+            raise
+        self._set_state(EnclaveState.UP)
+        self._attested = attested
+        log.warning(
+            "enclave pid %d up and attested: %s, measurement %s%s",
+            self._process.pid,
+            attested.module_id,
+            attested.measurement.hex()[:16],
+            " (SIMULATED)" if attested.simulated else "",
+        )
+
+    async def _wait_ready(self, process: asyncio.subprocess.Process) -> None:
+        deadline = time.monotonic() + self.ready_timeout_s
+        last = "no answer yet"
+        while True:
+            if process.returncode is not None:
+                raise EnclaveUnavailable(
+                    f"the enclave process exited with status {process.returncode} at boot"
+                    + (f" (log: {self.launch.log_path})" if self.launch.log_path else "")
+                )
+            if self.launch.socket_path.exists():
+                try:
+                    await self._client._call("ping", timeout_s=2.0)
+                    return
+                except EnclaveError as exc:
+                    last = str(exc)
+            if time.monotonic() > deadline:
+                raise EnclaveUnavailable(
+                    f"the enclave did not answer within {self.ready_timeout_s} s: {last}"
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(process.wait(), timeout=0.1)
+
+    async def _terminate(self, *, kill: bool = False) -> None:
+        """Stop the process by its pid: SIGTERM (SIGKILL when ``kill``, for a hung enclave
+        that would not handle SIGTERM), then SIGKILL after ``stop_timeout_s``."""
+        process, self._process = self._process, None
+        if process is not None and process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGKILL if kill else signal.SIGTERM)
+            try:
+                await asyncio.wait_for(process.wait(), timeout=self.stop_timeout_s)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signal.SIGKILL)
+                await asyncio.wait_for(process.wait(), timeout=self.stop_timeout_s)
+        if self._log_file is not None and process is not None:
+            self._log_file.flush()
+
+    async def _until_unhealthy(self, process: asyncio.subprocess.Process) -> str:
+        """Return why the running enclave must be replaced (exited, or stopped answering)."""
+        missed = 0
+        while True:
+            interval = self.health_interval_s if self.health_interval_s > 0 else None
+            try:
+                rc = await asyncio.wait_for(process.wait(), timeout=interval)
+                return f"the enclave process exited with status {rc}"
+            except TimeoutError:
+                pass
+            try:
+                await self._client._call("ping", timeout_s=max(1.0, self.health_interval_s))
+                missed = 0
+            except EnclaveError as exc:
+                missed += 1
+                if missed >= self.health_failures:
+                    return f"the enclave missed {missed} health checks: {exc}"
+
+    async def _watch(self) -> None:
+        while not self._stopping:
+            process = self._process
+            if process is None:
+                return
+            why = await self._until_unhealthy(process)
+            if self._stopping:
+                return
+            self.counters.crashes += 1
+            self.counters.last_error = why
+            log.error("enclave pid %d crashed: %s; restarting", process.pid, why)
+            self._set_state(EnclaveState.RESTARTING)
+            await self._terminate(kill=True)
+            delay = self.backoff_initial_s
+            failures = 0
+            while not self._stopping:
+                await asyncio.sleep(delay)
+                try:
+                    await self._launch()
+                except Exception as exc:
+                    failures += 1
+                    log.error("enclave restart %d failed: %s", failures, exc)
+                    if failures >= self.max_consecutive_failures:
+                        self._set_state(EnclaveState.DOWN)
+                        log.error("enclave down after %d failed restarts; giving up", failures)
+                        self._monitor = None
+                        return
+                    delay = min(delay * 2, self.backoff_max_s)
+                    continue
+                self.counters.restarts += 1
+                break
+
+    # -- EnclaveClient -------------------------------------------------------------------
+
+    def _require_up(self) -> AttestedEnclave:
+        attested = self.attested
+        if attested is None:
+            raise EnclaveUnavailable(f"the enclave is {self._state.value}")
+        return attested
+
+    async def ping(self) -> None:
+        self._require_up()
+        await self._client.ping()
+
+    async def info(self) -> dict[str, Any]:
+        self._require_up()
+        return await self._client.info()
+
+    async def attest(self, nonce: bytes, user_data: bytes | None = None) -> bytes:
+        """Relay a client's challenge (the client checks the evidence itself)."""
+        self._require_up()
+        return await self._client.attest(nonce, user_data)
+
+    async def verify(self, requests: Sequence[VerifyRequest]) -> VerifyResult:
+        """Verify a batch; each result is checked against the attested key, inputs and
+        nonce before it is returned. A result from another boot (the enclave restarted in
+        between) fails the check and raises EnclaveUnavailable: never reported verified."""
+        attested = self._require_up()
+        result = await self._client.verify(requests)
+        if self.check_results:
+            try:
+                # off the event loop: one ES384 verification per batch plus hashing per item
+                await asyncio.to_thread(_check_batch, attested, requests, result)
+            except AttestationError as exc:
+                self.counters.check_failures += 1
+                if self.attested is not attested:
+                    raise EnclaveUnavailable(
+                        f"the enclave restarted during the call: {exc}"
+                    ) from None
+                raise EnclaveError(
+                    f"enclave evidence rejected: {type(exc).__name__}: {exc}",
+                    code="evidence_rejected",
+                ) from None
+        return result
+
+    async def close(self) -> None:
+        await self.stop()
+        await self._client.close()

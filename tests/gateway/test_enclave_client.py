@@ -1,0 +1,320 @@
+"""The gateway's enclave clients (fake, socket) and the supervisor of the enclave process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from enclave_sim.attestation import Policy, check_verification, verify_attestation
+from enclave_sim.config import VerifierConfig
+from enclave_sim.errors import FrameTooLarge
+from gateway.enclave_client import (
+    EnclaveClient,
+    EnclaveError,
+    EnclaveLaunch,
+    EnclaveState,
+    EnclaveSupervisor,
+    EnclaveUnavailable,
+    FakeEnclaveClient,
+    SocketEnclaveClient,
+    VerifyRequest,
+)
+from tests.enclave_sim.helpers import (
+    REPO_ROOT,
+    EnclaveFiles,
+    RunningEnclave,
+    enclave_env,
+    make_enclave_files,
+    pid_alive,
+    running_enclave,
+    short_tmpdir,
+)
+from tests.model_factory import tiny_classifier, tiny_expected
+
+START_TIMEOUT_S = 60.0
+
+
+def _request(i: int, rows: int = 2) -> VerifyRequest:
+    x = (np.arange(rows * 4, dtype=np.float32).reshape(rows, 4) + i) / 7
+    return VerifyRequest(f"req-{i}", os.urandom(16), {"input": x})
+
+
+async def _attest(client: EnclaveClient, root: bytes, policy: Policy) -> object:
+    nonce = os.urandom(32)
+    return verify_attestation(await client.attest(nonce), root=root, policy=policy, nonce=nonce)
+
+
+# -- fake ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake(tmp_path: Path) -> FakeEnclaveClient:
+    tiny_classifier(tmp_path / "v.onnx")
+    return FakeEnclaveClient(tmp_path / "v.onnx", VerifierConfig(max_batch_size=16))
+
+
+async def test_fake_runs_the_model_and_really_signs(fake: FakeEnclaveClient) -> None:
+    assert isinstance(fake, EnclaveClient)
+    attested = await _attest(fake, fake.root_pem, fake.policy())
+    requests = [_request(i) for i in range(3)]
+    result = await fake.verify(requests)
+    for req, item in zip(requests, result.items, strict=True):
+        np.testing.assert_allclose(
+            item.outputs["probabilities"], tiny_expected(req.inputs["input"])[1], rtol=1e-5
+        )
+        check_verification(
+            item.evidence,
+            attested=attested,  # type: ignore[arg-type]
+            inputs=req.inputs,
+            nonce=req.nonce,
+            request_id=req.id,
+            outputs=item.outputs,
+        )
+
+
+async def test_fake_failures(fake: FakeEnclaveClient) -> None:
+    with pytest.raises(EnclaveError) as info:
+        await fake.verify([_request(0, rows=17)])
+    assert info.value.code == "batch_too_large"
+    fake.fail = EnclaveUnavailable("simulated outage")
+    with pytest.raises(EnclaveUnavailable, match="outage"):
+        await fake.verify([_request(0)])
+    fake.fail = None
+    await fake.close()
+    with pytest.raises(EnclaveUnavailable):
+        await fake.ping()
+
+
+# -- socket client against the real process ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> EnclaveFiles:
+    return make_enclave_files(tmp_path_factory.mktemp("enclave"))
+
+
+@pytest.fixture(scope="module")
+def enclave(files: EnclaveFiles) -> Iterator[RunningEnclave]:
+    with short_tmpdir() as d, running_enclave(files, d / "e.sock") as running:
+        yield running
+
+
+@pytest.fixture
+async def client(enclave: RunningEnclave) -> AsyncIterator[SocketEnclaveClient]:
+    c = SocketEnclaveClient(enclave.socket_path, timeout_s=30.0, max_connections=3)
+    try:
+        yield c
+    finally:
+        await c.close()
+
+
+async def test_socket_client_attest_and_verify(
+    client: SocketEnclaveClient, files: EnclaveFiles
+) -> None:
+    assert isinstance(client, EnclaveClient)
+    await client.ping()
+    info = await client.info()
+    assert info["simulated"] is True
+    assert info["measurement"] == files.measurement.pcr0
+    policy = Policy.of(files.measurement.pcr0, allow_simulated=True)
+    attested = await _attest(client, files.root_pem, policy)
+    requests = [_request(i, rows=1 + i) for i in range(4)]
+    result = await client.verify(requests)
+    for req, item in zip(requests, result.items, strict=True):
+        np.testing.assert_allclose(
+            item.outputs["probabilities"], tiny_expected(req.inputs["input"])[1], rtol=1e-5
+        )
+        check_verification(
+            item.evidence,
+            attested=attested,  # type: ignore[arg-type]
+            inputs=req.inputs,
+            nonce=req.nonce,
+            outputs=item.outputs,
+        )
+
+
+async def test_socket_client_concurrent_calls(client: SocketEnclaveClient) -> None:
+    results = await asyncio.gather(*(client.verify([_request(i)]) for i in range(12)))
+    seqs = [r.seq for r in results]
+    assert len(set(seqs)) == 12  # each call its own signed result
+
+
+async def test_socket_client_errors(client: SocketEnclaveClient) -> None:
+    with pytest.raises(EnclaveError) as info:
+        await client.verify([_request(0, rows=65)])
+    assert info.value.code == "batch_too_large"
+    assert not isinstance(info.value, EnclaveUnavailable)
+    await client.ping()  # the connection went on
+    small = SocketEnclaveClient(client.socket_path, max_frame_bytes=64)
+    with pytest.raises(EnclaveError) as too_big:
+        await small.verify([_request(0)])
+    assert too_big.value.code == FrameTooLarge.code
+    await small.close()
+
+
+async def test_socket_client_without_enclave(tmp_path: Path) -> None:
+    c = SocketEnclaveClient(tmp_path / "absent.sock", timeout_s=2)
+    with pytest.raises(EnclaveUnavailable, match="cannot connect"):
+        await c.ping()
+    await c.close()
+
+
+# -- supervisor -------------------------------------------------------------------------------
+
+
+def _supervisor(
+    files: EnclaveFiles, socket_dir: Path, *extra: str, **kwargs: object
+) -> EnclaveSupervisor:
+    launch = EnclaveLaunch(
+        socket_path=socket_dir / "sup.sock",
+        sealed_model=files.sealed_path,
+        platform_dir=files.platform_dir,
+        extra_args=extra,
+        cwd=REPO_ROOT,
+        env=enclave_env(),
+        log_path=socket_dir / "enclave.log",
+    )
+    options: dict[str, object] = {
+        "ready_timeout_s": START_TIMEOUT_S,
+        "backoff_initial_s": 0.1,
+        "call_timeout_s": 30.0,
+        "stop_timeout_s": 10.0,
+        "policy": Policy.of(files.measurement.pcr0, allow_simulated=True),
+        **kwargs,
+    }
+    return EnclaveSupervisor(launch, root=files.root_pem, **options)  # type: ignore[arg-type]
+
+
+async def _wait_restarts(sup: EnclaveSupervisor, n: int) -> None:
+    """Poll (with a deadline, never a fixed sleep) until ``n`` restarts and the state is up."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + START_TIMEOUT_S
+    while sup.restarts < n:
+        assert loop.time() < deadline, sup.snapshot()
+        await asyncio.sleep(0.05)
+    await sup.wait_up(START_TIMEOUT_S)
+
+
+async def test_supervisor_restarts_a_killed_enclave_and_reattests(files: EnclaveFiles) -> None:
+    """A verify in flight when the enclave is killed fails (never "verified"); the supervisor
+    restarts the process, re-attests the new boot and serves again."""
+    with short_tmpdir() as d:
+        # paging penalty: every verify call takes 3 s inside the enclave, attest does not
+        sup = _supervisor(
+            files,
+            d,
+            "--memory-budget-mb",
+            "0.001",
+            "--paging",
+            "--paging-penalty-us-per-mib",
+            "3000000",
+            health_interval_s=0,
+        )
+        pids: list[int] = []
+        try:
+            assert sup.state is EnclaveState.DOWN
+            await sup.start()
+            assert sup.state is EnclaveState.UP
+            first = sup.attested
+            assert first is not None
+            assert first.simulated
+            assert sup.pid is not None
+            pids.append(sup.pid)
+            in_flight = asyncio.create_task(sup.verify([_request(1)]))
+            await asyncio.sleep(0.5)
+            assert not in_flight.done()
+            os.kill(pids[0], signal.SIGKILL)
+            with pytest.raises(EnclaveUnavailable):
+                await in_flight
+            await _wait_restarts(sup, 1)
+            assert sup.restarts == 1
+            assert sup.counters.crashes == 1
+            assert sup.pid is not None
+            assert sup.pid != pids[0]
+            pids.append(sup.pid)
+            assert not pid_alive(pids[0])
+            second = sup.attested
+            assert second is not None
+            assert second.module_id != first.module_id  # a new boot, attested again
+            await sup.ping()
+            snap = sup.snapshot()
+            assert snap["state"] == "up"
+            assert snap["restarts"] == 1
+        finally:
+            await sup.close()
+        assert sup.state is EnclaveState.DOWN
+        for pid in pids:
+            assert not pid_alive(pid)
+        with pytest.raises(EnclaveUnavailable, match="down"):
+            await sup.verify([_request(2)])
+
+
+async def test_supervisor_restarts_a_hung_enclave(files: EnclaveFiles) -> None:
+    with short_tmpdir() as d:
+        sup = _supervisor(files, d, health_interval_s=0.3, health_failures=2)
+        pids: list[int] = []
+        try:
+            await sup.start()
+            assert sup.pid is not None
+            pids.append(sup.pid)
+            result = await sup.verify([_request(3)])  # checked against the attested key
+            assert result.items[0].id == "req-3"
+            os.kill(pids[0], signal.SIGSTOP)  # alive, but answers nothing
+            await _wait_restarts(sup, 1)
+            assert sup.pid is not None
+            pids.append(sup.pid)
+            assert "health checks" in sup.counters.last_error
+            await sup.verify([_request(4)])
+        finally:
+            await sup.close()
+            for pid in pids:  # a stopped process ignores SIGTERM: make sure it is gone
+                if pid_alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+        assert not any(pid_alive(p) for p in pids)
+
+
+async def test_supervisor_refuses_an_enclave_the_policy_rejects(files: EnclaveFiles) -> None:
+    with short_tmpdir() as d:
+        sup = _supervisor(files, d, policy=Policy.of(b"\x07" * 48, allow_simulated=True))
+        try:
+            with pytest.raises(EnclaveUnavailable, match="MeasurementMismatch"):
+                await sup.start()
+            assert sup.state is EnclaveState.DOWN
+            assert sup.pid is None
+            assert not (d / "sup.sock").exists()  # the process was stopped (it removes it)
+            with pytest.raises(EnclaveUnavailable):
+                await sup.verify([_request(0)])
+        finally:
+            await sup.close()
+
+
+async def test_supervisor_strict_policy_rejects_the_simulation(files: EnclaveFiles) -> None:
+    with short_tmpdir() as d:
+        sup = _supervisor(files, d, policy=Policy.of(files.measurement.pcr0))
+        try:
+            with pytest.raises(EnclaveUnavailable, match="SimulatedEvidenceRejected"):
+                await sup.start()
+        finally:
+            await sup.close()
+
+
+async def test_supervisor_reports_a_boot_failure(files: EnclaveFiles, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.sealed"
+    data = bytearray(files.sealed_path.read_bytes())
+    data[-1] ^= 1
+    bad.write_bytes(bytes(data))
+    with short_tmpdir() as d:
+        sup = _supervisor(files, d)
+        sup.launch.sealed_model = bad
+        try:
+            with pytest.raises(EnclaveUnavailable, match="exited with status 2"):
+                await sup.start()
+            assert "failed authentication" in (d / "enclave.log").read_text()
+        finally:
+            await sup.close()
