@@ -50,6 +50,7 @@ lint: install-dev
 
 bench: install-dev models
 	$(FIDES) bench serving --output bench/results/serving.json
+	$(FIDES) bench payload --output bench/results/payload.json
 
 clean:
 	rm -rf $(VENV) $(REPO) .pytest_cache .mypy_cache .ruff_cache

@@ -108,6 +108,18 @@ def bench_serving(
     run_serving_bench(model_repository, model, output, duration, log=console.print)
 
 
+@bench_app.command("payload")
+def bench_payload(
+    output: Annotated[Path, typer.Option(help="Where to write the JSON results.")] = Path(
+        "bench/results/payload.json"
+    ),
+) -> None:
+    """JSON vs Triton binary tensors for tensors of 1 Ki to 4 Mi elements."""
+    from gateway.bench.payload import run_payload_bench
+
+    run_payload_bench(output, log=console.print)
+
+
 def main() -> None:
     app(prog_name="fides")
 
