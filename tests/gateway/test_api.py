@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -483,3 +484,48 @@ async def test_symlinked_model_directory_is_served(settings: Settings, tmp_path:
         assert (await c.get("/v2/health/ready")).status_code == 200
         r = await c.post("/v2/models/linked/infer", json=_infer_body())
         assert r.status_code == 200
+
+
+async def test_request_timeout_parameter(client: httpx.AsyncClient, repo_path: Path) -> None:
+    # A model whose batcher waits 2 s for company: a 50 ms request timeout expires first.
+    write_config(
+        repo_path / "slow",
+        {
+            **TINY_CONFIG,
+            "dynamic_batching": {"max_queue_delay_microseconds": 2_000_000, "max_queue_size": 4},
+        },
+    )
+    tiny_classifier(repo_path / "slow" / "1" / "model.onnx")
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    assert (await client.post("/v2/repository/models/slow/load", headers=admin)).status_code == 200
+    r = await client.post("/v2/models/slow/infer", json=_infer_body(parameters={"timeout": 50_000}))
+    assert r.status_code == 504
+    assert "did not answer within 0.050s" in r.json()["error"]
+    text = (await client.get("/metrics")).text
+    assert 'fides_inference_failures_total{model="slow",reason="timeout",version="1"} 1.0' in text
+
+
+async def test_queue_full_sheds_with_503(client: httpx.AsyncClient, repo_path: Path) -> None:
+    write_config(
+        repo_path / "small_queue",
+        {
+            **TINY_CONFIG,
+            "dynamic_batching": {
+                "max_queue_delay_microseconds": 300_000,
+                "max_queue_size": 2,
+                "preferred_batch_size": [16],
+            },
+        },
+    )
+    tiny_classifier(repo_path / "small_queue" / "1" / "model.onnx")
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    r = await client.post("/v2/repository/models/small_queue/load", headers=admin)
+    assert r.status_code == 200
+    results = await asyncio.gather(
+        *(client.post("/v2/models/small_queue/infer", json=_infer_body()) for _ in range(5))
+    )
+    statuses = sorted(r.status_code for r in results)
+    assert statuses == [200, 200, 503, 503, 503]
+    shed = next(r for r in results if r.status_code == 503)
+    assert shed.headers["retry-after"] == "1"
+    assert "queue is full" in shed.json()["error"]
