@@ -51,6 +51,7 @@ lint: install-dev
 bench: install-dev models
 	$(FIDES) bench serving --output bench/results/serving.json
 	$(FIDES) bench payload --output bench/results/payload.json
+	$(FIDES) bench integrity --output bench/results/enclave.json
 
 clean:
 	rm -rf $(VENV) $(REPO) .pytest_cache .mypy_cache .ruff_cache

@@ -23,6 +23,7 @@ Every failure raises a distinct subclass of :class:`AttestationError`; nothing h
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import itertools
 import secrets
 import threading
@@ -211,8 +212,9 @@ class AttestedEnclave:
     user_data: bytes | None
     claims: dict[str, Any] = field(repr=False)
 
-    @property
+    @functools.cached_property
     def result_key(self) -> COSEKeyInterface:
+        """The COSE form of ``public_key``, built once (it is on every result's path)."""
         return cose.public_key(self.public_key)
 
 

@@ -3,22 +3,33 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket as socketlib
 import stat
 import struct
 import threading
+from dataclasses import replace
+from pathlib import Path
 
 import cbor2
 import numpy as np
+import pytest
 
 from enclave_sim import protocol
-from enclave_sim.attestation import Policy, check_verification, verify_attestation
+from enclave_sim.attestation import (
+    MeasurementMismatch,
+    Policy,
+    check_verification,
+    verify_attestation,
+)
+from enclave_sim.sealing import seal
 from enclave_sim.tensors import encode_tensor
 from tests.enclave_sim.helpers import (
     EnclaveFiles,
     RunningEnclave,
     call,
     connect,
+    copy_enclave_code,
     recv_frame,
     run_cli,
     running_enclave,
@@ -84,6 +95,9 @@ def test_malformed_frame_gets_an_error_and_the_connection_goes_on(enclave: Runni
         assert recv_frame(s)["error"]["code"] == "unsupported_version"
         body = cbor2.dumps([1, 2])
         s.sendall(struct.pack(">I", len(body)) + body)
+        assert recv_frame(s)["error"]["code"] == "malformed_frame"
+        deep = b"\x81" * 100_000 + b"\x00"  # nesting bomb
+        s.sendall(struct.pack(">I", len(deep)) + deep)
         assert recv_frame(s)["error"]["code"] == "malformed_frame"
         assert call(s, protocol.request(5, "ping"))["result"]["pong"] is True
 
@@ -178,6 +192,40 @@ def test_a_second_enclave_cannot_take_a_live_socket(
     assert done.returncode == 2
     assert "already serves" in done.stderr
     _still_serves(enclave)
+
+
+def test_modified_and_resealed_enclave_is_caught_by_the_policy(
+    module_files: EnclaveFiles, tmp_path: Path
+) -> None:
+    """The host changes an enclave code file and re-seals the model for the new measurement
+    (in simulation the platform secret is on the host): the enclave boots, but its evidence
+    carries another measurement, and the client's pinned policy rejects it."""
+    root = tmp_path / "evil"
+    code = copy_enclave_code(root)
+    (code / "core.py").write_text((code / "core.py").read_text() + "\n# exfiltrate inputs\n")
+    # a copy of the same platform, so that its rollback counter moves apart from the module's
+    platform = tmp_path / "platform"
+    shutil.copytree(module_files.platform_dir, platform)
+    data, evil_measurement, _ = seal(
+        module_files.model_bytes, module_files.config, platform, code_root=code
+    )
+    assert evil_measurement.pcr0 != module_files.measurement.pcr0
+    evil_files = replace(module_files, sealed_path=tmp_path / "evil.sealed", platform_dir=platform)
+    evil_files.sealed_path.write_bytes(data)
+    nonce = os.urandom(32)
+    with (
+        short_tmpdir() as d,
+        running_enclave(evil_files, d / "evil.sock", pythonpath=root) as evil,
+        connect(evil.socket_path) as s,
+    ):
+        evidence = call(s, protocol.request(1, "attest", nonce=nonce))["result"]["evidence"]
+    with pytest.raises(MeasurementMismatch):
+        verify_attestation(
+            evidence,
+            root=module_files.root_pem,
+            policy=Policy.of(module_files.measurement.pcr0, allow_simulated=True),
+            nonce=nonce,
+        )
 
 
 def test_stale_socket_file_is_replaced(module_files: EnclaveFiles) -> None:

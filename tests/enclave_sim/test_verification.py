@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import cbor2
@@ -169,7 +170,7 @@ def test_result_from_another_boot_fails_the_signature(
 def test_result_with_another_measurement(attested: AttestedEnclave, core: EnclaveCore) -> None:
     req = _request(8)
     item = core.verify([req]).items[0]
-    fake = AttestedEnclave(**{**attested.__dict__, "measurement": b"\x03" * 48})
+    fake = dataclasses.replace(attested, measurement=b"\x03" * 48)
     with pytest.raises(MeasurementMismatch):
         check_verification(item.evidence, attested=fake, inputs=req.inputs, nonce=req.nonce)
 
