@@ -9,11 +9,14 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from enclave_sim.cli import enclave_app
+
 app = typer.Typer(no_args_is_help=True, help="Fides Gateway: verifiable model serving.")
 models_app = typer.Typer(no_args_is_help=True, help="Model repository tools.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (results in bench/results/).")
 app.add_typer(models_app, name="models")
 app.add_typer(bench_app, name="bench")
+app.add_typer(enclave_app, name="enclave")
 console = Console(stderr=True)
 
 
@@ -93,6 +96,43 @@ def build_default_cmd(
     build_default(output, progress=lambda msg: console.print(f"  [cyan]>[/cyan] {msg}"))
 
 
+@app.command()
+def train(
+    experiment: Annotated[Path, typer.Argument(help="Experiment YAML (see experiments/).")],
+    run_dir: Annotated[
+        Path | None, typer.Option(help="Checkpoints; default runs/<name>-<config hash>.")
+    ] = None,
+    repository: Annotated[
+        Path | None,
+        typer.Option(help="Model repository to export into; default <run-dir>/repository."),
+    ] = None,
+    results: Annotated[
+        Path | None, typer.Option(help="Results JSON; default bench/results/verifier_<name>.json.")
+    ] = None,
+    no_results: Annotated[bool, typer.Option(help="Do not write a results file.")] = False,
+) -> None:
+    """Train teachers, distil the service student and the GDTL verifier, export them."""
+    from verifier.cli import train_command
+    from verifier.data import DataError
+    from verifier.experiment import ExperimentError, load_experiment
+
+    try:
+        name = load_experiment(experiment).name
+        results_path = (
+            None if no_results else results or Path(f"bench/results/verifier_{name}.json")
+        )
+        train_command(
+            experiment,
+            run_dir=run_dir,
+            repository=repository,
+            results_path=results_path,
+            console=console,
+        )
+    except (ExperimentError, DataError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
 @bench_app.command("serving")
 def bench_serving(
     output: Annotated[Path, typer.Option(help="Where to write the JSON results.")] = Path(
@@ -118,6 +158,19 @@ def bench_payload(
     from gateway.bench.payload import run_payload_bench
 
     run_payload_bench(output, log=console.print)
+
+
+@bench_app.command("integrity")
+def bench_integrity(
+    output: Annotated[Path, typer.Option(help="Where to write the JSON results.")] = Path(
+        "bench/results/enclave.json"
+    ),
+    duration: Annotated[float, typer.Option(help="Seconds per measurement.")] = 2.0,
+) -> None:
+    """Enclave overhead: socket round trip and signing vs the verifier in process."""
+    from enclave_sim.bench import run_enclave_bench
+
+    run_enclave_bench(output, log=console.print, duration_s=duration)
 
 
 def main() -> None:
