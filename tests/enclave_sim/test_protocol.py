@@ -57,7 +57,10 @@ def test_socket_is_private_and_process_has_no_network_listener(enclave: RunningE
     assert stat.S_IMODE(st.st_mode) == 0o600
     inodes = set()
     for fd in os.listdir(f"/proc/{enclave.pid}/fd"):
-        target = os.readlink(f"/proc/{enclave.pid}/fd/{fd}")
+        try:
+            target = os.readlink(f"/proc/{enclave.pid}/fd/{fd}")
+        except FileNotFoundError:  # closed since the listing (a file being read): not a socket
+            continue
         if target.startswith("socket:["):
             inodes.add(target[8:-1])
     for table in ("tcp", "tcp6", "udp", "udp6"):
