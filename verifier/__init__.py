@@ -1,3 +1,5 @@
-"""Offline training and evaluation: data, losses, teacher/student training, GDTL, attacks,
-detector and re-classifier. Filled by the verifier issues; nothing here is imported by the
-gateway at serving time."""
+"""Offline training for Fides Gateway: data sets, losses (KD, FKL, RKL, JSD, TVD), teacher
+and distilled service-student training, GDTL verifiers, ONNX export with model cards
+(``fides train EXPERIMENT.yaml``; see verifier/README.md). Later issues add attacks, the
+detector and re-classifier, and DistillSpec. Nothing here is imported by the gateway at
+serving time (only ``fides models build-default`` and ``fides train`` use it)."""

@@ -27,7 +27,8 @@ class CNNConfig:
 
 
 class DigitsCNN(nn.Module):
-    """The small classifier served as ``digits`` / ``digits_torch`` (~40k parameters)."""
+    """A small classifier (~40k parameters); the runtime tests use it. The served ``digits``
+    is now the distilled student of :mod:`verifier.pipeline` (see gateway.models.default)."""
 
     def __init__(self, cfg: CNNConfig) -> None:
         super().__init__()

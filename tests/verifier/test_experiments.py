@@ -1,0 +1,64 @@
+"""Experiment files: every committed one validates; unknown keys and bad values are errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from verifier.defaults import digits_default
+from verifier.experiment import ExperimentError, load_experiment, parse_experiment
+
+EXPERIMENTS = Path(__file__).parents[2] / "experiments"
+
+
+@pytest.mark.parametrize("name", ["digits", "fashion_mnist", "mnist", "cifar10_subset"])
+def test_committed_experiments_validate(name: str) -> None:
+    exp = load_experiment(EXPERIMENTS / f"{name}.yaml")
+    assert exp.name == name
+    assert len(exp.config_hash()) == 64
+
+
+def test_digits_yaml_is_the_embedded_default() -> None:
+    assert load_experiment(EXPERIMENTS / "digits.yaml") == digits_default()
+
+
+def raw() -> dict[str, object]:
+    data = yaml.safe_load((EXPERIMENTS / "digits.yaml").read_text(encoding="utf-8"))
+    assert isinstance(data, dict)
+    return data
+
+
+def test_unknown_keys_are_errors(tmp_path: Path) -> None:
+    data = raw()
+    data["student"]["trian"] = {"epochs": 1}  # type: ignore[index]
+    path = tmp_path / "typo.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    with pytest.raises(ExperimentError, match=r"typo\.yaml: unknown key 'student\.trian'"):
+        load_experiment(path)
+
+
+def test_bad_values_and_files(tmp_path: Path) -> None:
+    data = raw()
+    data["verifier"]["candidates"] = []  # type: ignore[index]
+    with pytest.raises(ExperimentError, match="verifier.candidates"):
+        parse_experiment(data)
+    data = raw()
+    data["data"] = {"source": "npz"}
+    with pytest.raises(ExperimentError, match="needs a path"):
+        parse_experiment(data)
+    with pytest.raises(ExperimentError, match="no such file"):
+        load_experiment(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n", encoding="utf-8")
+    with pytest.raises(ExperimentError, match="mapping"):
+        load_experiment(tmp_path / "list.yaml")
+    (tmp_path / "code.yaml").write_text("name: !!python/name:os.system\n", encoding="utf-8")
+    with pytest.raises(ExperimentError, match="not valid YAML"):  # safe_load: no code
+        load_experiment(tmp_path / "code.yaml")
+
+
+def test_hash_changes_with_the_config() -> None:
+    a = digits_default()
+    assert a.config_hash() == digits_default().config_hash()
+    assert a.config_hash() != digits_default(seed=1).config_hash()

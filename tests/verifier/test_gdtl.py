@@ -1,0 +1,182 @@
+"""The greedy loop on a tiny model: memory budget, threshold, target, the recorded path."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from verifier.data import Dataset, Splits
+from verifier.experiment import NetSpec, OptimConfig, PretrainConfig, VerifierConfig
+from verifier.flops import count_flops, memory_estimate
+from verifier.gdtl import _set_trainable, greedy_unfreeze, path_table, select_verifier
+from verifier.losses import cross_entropy
+from verifier.nets import ConvNet, NetConfig
+from verifier.train import fit
+
+SHAPE = (1, 6, 6)
+
+
+def tiny_data(n: int = 96, seed: int = 0) -> Dataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, *SHAPE, generator=g)
+    y = (x[:, 0, :3].mean((1, 2)) > x[:, 0, 3:].mean((1, 2))).long() + 2 * (
+        x[:, 0, :, :3].mean((1, 2)) > x[:, 0, :, 3:].mean((1, 2))
+    ).long()  # 4 classes from where the image is brighter
+    return Dataset(x, y)
+
+
+def net(widths: tuple[int, ...] = (4, 6, 8)) -> ConvNet:
+    torch.manual_seed(0)
+    return ConvNet(NetConfig(widths=widths, num_classes=4))
+
+
+@pytest.fixture(scope="module")
+def service() -> nn.Module:
+    """A trained service model, so that agreeing with it is not trivial."""
+    torch.manual_seed(1)
+    svc = ConvNet(NetConfig(widths=(8, 8, 8), num_classes=4))
+    fit(
+        svc,
+        tiny_data(256, 2),
+        lambda logits, _x, y: cross_entropy(logits, y),
+        OptimConfig(epochs=15, batch_size=32, lr=1e-2),
+        seed=0,
+    )
+    return svc.eval()
+
+
+def cfg(**kw: object) -> VerifierConfig:
+    base: dict[str, object] = {
+        "candidates": [{"widths": [4, 6, 8]}],
+        "step": OptimConfig(epochs=1, batch_size=32, lr=1e-2),
+        "threshold": 0.0,
+        "fidelity_target": 1.0,  # overridden below: unreachable unless a test lowers it
+        "memory_budget_mb": 96,
+        "memory_batch_size": 8,
+        "pretrain": PretrainConfig(train=OptimConfig(epochs=1, batch_size=32)),
+    }
+    # outside the schema, useful in tests only: a negative threshold keeps every step, a
+    # target above 1 is never reached
+    update = {"threshold": kw.pop("threshold", 0.0), "fidelity_target": kw.pop("target", 1.01)}
+    base.update(kw)
+    return VerifierConfig.model_validate(base).model_copy(update=update)
+
+
+def run(c: VerifierConfig, service: nn.Module, model: ConvNet | None = None):  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    return greedy_unfreeze(
+        model or net(), service, tiny_data(), tiny_data(48, 1), c, seed=0, image_shape=SHAPE
+    )
+
+
+def test_memory_grows_with_unfrozen_blocks() -> None:
+    model = net()
+    sizes = []
+    for k in range(4):
+        _set_trainable(model, k)
+        sizes.append(memory_estimate(model, SHAPE, 8).total_bytes)
+    assert sizes == sorted(sizes)
+    assert len(set(sizes)) == 4
+
+
+def test_stops_at_the_memory_budget(service: nn.Module) -> None:
+    model = net()
+    _set_trainable(model, 1)
+    one_block = memory_estimate(model, SHAPE, 8).total_mb
+    _set_trainable(model, 2)
+    two_blocks = memory_estimate(model, SHAPE, 8).total_mb
+    budget = (one_block + two_blocks) / 2  # fits one unfrozen block, not two
+    result = run(cfg(memory_budget_mb=budget, threshold=-1.0), service)
+    assert result.stop_reason == "memory budget"
+    assert [r.step for r in result.path] == [0, 1, 2]
+    assert [r.accepted for r in result.path] == [True, True, False]
+    assert math.isnan(result.path[-1].fidelity)  # never trained
+    assert "memory budget" in result.path[-1].note
+    assert all(r.memory_mb <= budget for r in result.path if r.accepted)
+    assert result.extra["unfrozen_blocks"] == 1
+    trainable = {n.rsplit(".", 1)[0] for n, p in result.net.named_parameters() if p.requires_grad}
+    # the top block's conv and batch norm, and the head's batch norm and linear layer
+    assert trainable == {"blocks.2.0", "blocks.2.1", "head.2", "head.4"}
+
+
+def test_stops_when_the_gain_is_below_the_threshold(service: nn.Module) -> None:
+    result = run(cfg(threshold=0.99), service)  # no step can gain 99 points
+    assert [r.accepted for r in result.path] == [True, False]
+    assert "not above the threshold" in result.stop_reason
+    # the discarded step's weights are gone: the kept fidelity is step 0's
+    assert result.fidelity is not None
+    assert result.fidelity.agreement == pytest.approx(result.path[0].fidelity, abs=1e-5)
+    backbone = [p for n, p in result.net.named_parameters() if n.startswith("blocks.")]
+    assert not any(p.requires_grad for p in backbone)
+
+
+def test_stops_at_the_fidelity_target(service: nn.Module) -> None:
+    result = run(cfg(target=0.01), service)
+    assert len(result.path) == 1
+    assert result.stop_reason.startswith("fidelity target")
+
+
+def test_path_records_each_step(service: nn.Module) -> None:
+    result = run(cfg(threshold=-1.0), service)  # accept everything: all blocks unfrozen
+    assert result.stop_reason == "every block is trainable"
+    assert [r.unfrozen_blocks for r in result.path] == [0, 1, 2, 3]
+    trainable = [r.trainable_params for r in result.path]
+    assert trainable == sorted(trainable)
+    assert trainable[-1] == result.path[-1].params
+    for r in result.path:
+        assert 0 <= r.fidelity <= 1
+        assert r.mean_kl >= 0
+        assert r.wall_s > 0
+        assert r.flops > 0
+    table = path_table(result.path)
+    assert table.count("\n") == 1 + len(result.path)
+    assert "| trainable params | FLOPs |" in table
+
+
+def test_select_verifier_prefers_the_smallest_and_skips_expensive(service: nn.Module) -> None:
+    train, val = tiny_data(), tiny_data(48, 1)
+    splits = Splits(train, val, val, 4, list("abcd"), [0.5], [0.3], "test")
+    service_flops = count_flops(service, SHAPE)
+    specs = [NetSpec(widths=[8, 8, 8]), NetSpec(widths=[2, 2, 2]), NetSpec(widths=[3, 3, 3])]
+    c = cfg(target=0.01, max_flops_ratio=0.5)
+    result, summary = select_verifier(specs, NetConfig(num_classes=4), service, splits, c, seed=0)
+    assert result.net.cfg.widths == (2, 2, 2)  # the cheapest reaches the (low) target first
+    assert [row["candidate"] for row in summary] == [1]
+    c = cfg(max_flops_ratio=0.5)
+    result, summary = select_verifier(specs, NetConfig(num_classes=4), service, splits, c, seed=0)
+    assert [row["candidate"] for row in summary] == [1, 2, 0]
+    assert "skipped" in str(summary[-1]["outcome"])  # same FLOPs as the service
+    assert float(summary[-1]["flops_ratio_to_service"]) == pytest.approx(1.0)
+    assert service_flops > 0
+
+
+def test_pretrain_rotation_then_fresh_head_and_checkpoint_reuse(tmp_path: Path) -> None:
+    from verifier.gdtl import pretrain_backbone
+
+    train = tiny_data()
+    splits = Splits(train, train, train, 4, list("abcd"), [0.5], [0.3], "test")
+    spec = NetConfig(widths=(4, 6), num_classes=4)
+    pre = PretrainConfig(train=OptimConfig(epochs=1, batch_size=32))
+    net, info = pretrain_backbone(spec, pre, splits, seed=0, stage_dir=tmp_path / "pre")
+    assert "rotation" in str(info["source"])
+    assert net.head[-1].out_features == 4  # the target's classes, not the 4 rotations' head
+    assert (tmp_path / "pre" / "done.pt").is_file()
+    torch.save(net.state_dict(), tmp_path / "backbone.pt")
+    again, info = pretrain_backbone(
+        spec, PretrainConfig(checkpoint=tmp_path / "backbone.pt"), splits, seed=5, stage_dir=None
+    )
+    assert str(info["source"]).startswith("checkpoint:")
+    for (name, a), b in zip(
+        net.blocks.state_dict().items(), again.blocks.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    wrong = ConvNet(NetConfig(widths=(3,), num_classes=4))
+    torch.save(wrong.state_dict(), tmp_path / "wrong.pt")
+    with pytest.raises(ValueError, match="no weights for"):
+        pretrain_backbone(
+            spec, PretrainConfig(checkpoint=tmp_path / "wrong.pt"), splits, seed=0, stage_dir=None
+        )

@@ -1,0 +1,361 @@
+"""Data sets for the verifier pipeline: loaders, seeded splits, normalisation, augmentation.
+
+Images are held in memory as float32 ``[n, channels, height, width]`` tensors with pixel
+values in ``[0, 1]`` (uint8 / 255; scikit-learn digits / 16). Normalisation is not applied
+to the tensors: its statistics (computed on the training split only) are baked into the
+first layer of every network (:class:`verifier.nets.Normalize`), so the exported models take
+``[0, 1]`` pixels and the gateway needs no preprocessing.
+
+Three sources: scikit-learn's bundled ``digits`` (no download), ``.npz`` files with
+``x_train`` / ``y_train`` / ``x_test`` / ``y_test`` (uint8, NHW or NHWC, as in
+``../shared/data``) and ImageFolder-style directories (``<root>/{train,test}/<class>/<file>``
+with ``.png`` or ``.npy`` images). Every problem raises :class:`DataError` naming the file.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["DataError", "Dataset", "Splits", "augment", "load_splits"]
+
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+class DataError(ValueError):
+    """A data file or directory is missing or malformed; the message names it."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    x: torch.Tensor  # [n, C, H, W] float32 in [0, 1]
+    y: torch.Tensor  # [n] int64
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def subset(self, n: int) -> Dataset:
+        return Dataset(self.x[:n], self.y[:n])
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    num_classes: int
+    classes: list[str]
+    mean: list[float]  # per channel, computed on train only
+    std: list[float]
+    source: str  # a description for model cards
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        c, h, w = self.train.x.shape[1:]
+        return int(c), int(h), int(w)
+
+
+# ---------------------------------------------------------------- raw arrays per source
+
+
+def _check_images(where: str, key: str, x: np.ndarray) -> np.ndarray:
+    """uint8 NHW or NHWC -> float32 NCHW in [0, 1]."""
+    if x.dtype != np.uint8:
+        raise DataError(f"{where}: {key} has dtype {x.dtype}, expected uint8")
+    if x.ndim == 3:
+        x = x[:, None, :, :]  # [n, 1, H, W]
+    elif x.ndim == 4 and x.shape[-1] in (1, 3):
+        x = x.transpose(0, 3, 1, 2)  # NHWC -> NCHW
+    else:
+        raise DataError(
+            f"{where}: {key} has shape {tuple(x.shape)}, expected [n, H, W] or [n, H, W, 1|3]"
+        )
+    if x.shape[0] == 0:
+        raise DataError(f"{where}: {key} is empty")
+    return np.ascontiguousarray(x, dtype=np.float32) / 255.0
+
+
+def _check_labels(where: str, key: str, y: np.ndarray, n: int) -> np.ndarray:
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1:
+        raise DataError(f"{where}: {key} has shape {tuple(y.shape)}, expected [n]")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"{where}: {key} has dtype {y.dtype}, expected integer class indices")
+    if len(y) != n:
+        raise DataError(f"{where}: {key} has {len(y)} labels for {n} images")
+    if y.min() < 0:
+        raise DataError(f"{where}: {key} has a negative label ({int(y.min())})")
+    return y.astype(np.int64)
+
+
+def load_npz(
+    path: Path,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str] | None]:
+    """``x_train, y_train, x_test, y_test`` (images NCHW float32 in [0, 1]) and class names."""
+    where = str(path)
+    if not path.is_file():
+        raise DataError(f"{where}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in NPZ_KEYS if k not in z.files]
+            if missing:
+                raise DataError(
+                    f"{where}: missing key(s) {missing}; found {sorted(z.files)} "
+                    f"(need {list(NPZ_KEYS)})"
+                )
+            arrays = {k: z[k] for k in NPZ_KEYS}
+            classes = [str(c) for c in z["classes"]] if "classes" in z.files else None
+    except DataError:
+        raise
+    except Exception as exc:  # zipfile / pickle / format errors from numpy
+        raise DataError(f"{where}: not a readable .npz file ({exc})") from exc
+    x_train = _check_images(where, "x_train", arrays["x_train"])
+    x_test = _check_images(where, "x_test", arrays["x_test"])
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise DataError(
+            f"{where}: x_train images are {x_train.shape[1:]} but x_test are {x_test.shape[1:]}"
+        )
+    y_train = _check_labels(where, "y_train", arrays["y_train"], len(x_train))
+    y_test = _check_labels(where, "y_test", arrays["y_test"], len(x_test))
+    return x_train, y_train, x_test, y_test, classes
+
+
+def load_digits_arrays(
+    seed: int, test_fraction: float = 0.2
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """scikit-learn's digits (0..16 pixels scaled to [0, 1]), stratified seeded test split.
+
+    The same split as :func:`gateway.models.default.load_split` with the same seed.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    images, labels = load_digits(return_X_y=True)
+    x = (np.asarray(images, dtype=np.float32) / 16.0).reshape(-1, 1, 8, 8)
+    y = np.asarray(labels, dtype=np.int64)
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        x, y, test_size=test_fraction, random_state=seed, stratify=y
+    )
+    return x_tr, y_tr, x_te, y_te, [str(i) for i in range(10)]
+
+
+def _read_png(path: Path) -> np.ndarray:
+    """A minimal PNG decoder (8-bit grayscale, RGB or RGBA, not interlaced) -> uint8 HWC.
+
+    Pillow is not a dependency; PNG is zlib-compressed rows with one filter byte each
+    (PNG specification, ISO/IEC 15948, sections 9 and 11).
+    """
+    data = path.read_bytes()
+    if data[:8] != b"\x89PNG\r\n\x1a\n":
+        raise DataError(f"{path}: not a PNG file")
+    pos, idat, header = 8, b"", None
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind = data[pos + 4 : pos + 8]
+        body = data[pos + 8 : pos + 8 + length]
+        pos += 12 + length
+        if kind == b"IHDR":
+            header = struct.unpack(">IIBBBBB", body)
+        elif kind == b"IDAT":
+            idat += body
+        elif kind == b"IEND":
+            break
+    if header is None:
+        raise DataError(f"{path}: PNG without IHDR")
+    width, height, depth, colour, _, _, interlace = header
+    channels = {0: 1, 2: 3, 6: 4}.get(colour)
+    if depth != 8 or channels is None or interlace:
+        raise DataError(
+            f"{path}: unsupported PNG (bit depth {depth}, colour type {colour}, "
+            f"interlace {interlace}); use 8-bit grayscale/RGB/RGBA or .npy"
+        )
+    raw = np.frombuffer(zlib.decompress(idat), dtype=np.uint8)
+    stride = width * channels
+    rows = raw.reshape(height, stride + 1)
+    out = np.zeros((height, stride), dtype=np.int32)
+    prev = np.zeros(stride, dtype=np.int32)
+    for r in range(height):
+        f, line = rows[r, 0], rows[r, 1:].astype(np.int32)
+        cur = np.zeros(stride, dtype=np.int32)
+        for i in range(stride):  # small images only: per-byte reconstruction
+            a = cur[i - channels] if i >= channels else 0
+            b = prev[i]
+            c = prev[i - channels] if i >= channels else 0
+            if f == 0:
+                pred = 0
+            elif f == 1:
+                pred = a
+            elif f == 2:
+                pred = b
+            elif f == 3:
+                pred = (a + b) // 2
+            elif f == 4:
+                pa, pb, pc = abs(b - c), abs(a - c), abs(a + b - 2 * c)
+                pred = a if pa <= pb and pa <= pc else (b if pb <= pc else c)
+            else:
+                raise DataError(f"{path}: bad PNG filter type {f}")
+            cur[i] = (line[i] + pred) & 0xFF
+        out[r], prev = cur, cur
+    img = out.astype(np.uint8).reshape(height, width, channels)
+    return img[:, :, :3] if channels == 4 else img
+
+
+def _read_image(path: Path) -> np.ndarray:
+    if path.suffix.lower() == ".npy":
+        try:
+            img = np.asarray(np.load(path, allow_pickle=False))
+        except Exception as exc:
+            raise DataError(f"{path}: not a readable .npy file ({exc})") from exc
+    else:
+        img = _read_png(path)
+    if img.dtype != np.uint8:
+        raise DataError(f"{path}: dtype {img.dtype}, expected uint8")
+    if img.ndim == 2:
+        img = img[:, :, None]
+    if img.ndim != 3 or img.shape[2] not in (1, 3):
+        raise DataError(f"{path}: shape {img.shape}, expected [H, W] or [H, W, 1|3]")
+    return img
+
+
+def load_image_folder(
+    root: Path,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """``<root>/train/<class>/*.{png,npy}`` and ``<root>/test/<class>/...``; classes sorted."""
+    if not root.is_dir():
+        raise DataError(f"{root}: no such directory")
+    parts = {}
+    classes: list[str] | None = None
+    for split in ("train", "test"):
+        d = root / split
+        if not d.is_dir():
+            raise DataError(f"{d}: missing (ImageFolder layout: {root}/{{train,test}}/<class>/)")
+        names = sorted(p.name for p in d.iterdir() if p.is_dir())
+        if not names:
+            raise DataError(f"{d}: no class directories")
+        if classes is None:
+            classes = names
+        elif names != classes:
+            raise DataError(f"{d}: classes {names} differ from train's {classes}")
+        images, labels = [], []
+        for label, name in enumerate(names):
+            for f in sorted((d / name).iterdir()):
+                if f.suffix.lower() in (".png", ".npy"):
+                    images.append(_read_image(f))
+                    labels.append(label)
+        if not images:
+            raise DataError(f"{d}: no .png or .npy images")
+        shapes = {im.shape for im in images}
+        if len(shapes) > 1:
+            raise DataError(f"{d}: images of different shapes {sorted(shapes)}")
+        x = np.stack(images)  # [n, H, W, C]
+        parts[split] = (_check_images(str(d), "images", x), np.asarray(labels, dtype=np.int64))
+    assert classes is not None
+    return parts["train"][0], parts["train"][1], parts["test"][0], parts["test"][1], classes
+
+
+# ---------------------------------------------------------------- splits
+
+
+def load_splits(
+    source: str,
+    path: Path | None = None,
+    *,
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    train_limit: int | None = None,
+    test_limit: int | None = None,
+) -> Splits:
+    """Load a source and split train into train / validation (seeded, stratified).
+
+    ``source``: ``digits`` | ``npz`` | ``folder``. ``train_limit`` / ``test_limit`` keep the
+    first images after shuffling (for quick runs and tests).
+    """
+    classes: list[str] | None
+    if source == "digits":
+        x_tr, y_tr, x_te, y_te, classes = load_digits_arrays(seed)
+        desc = "sklearn.datasets.load_digits"
+    elif source in ("npz", "folder"):
+        if path is None:
+            raise DataError(f"data source {source!r} needs a path")
+        if source == "npz":
+            x_tr, y_tr, x_te, y_te, classes = load_npz(path)
+        else:
+            x_tr, y_tr, x_te, y_te, classes = load_image_folder(path)
+        desc = f"{source}:{path.name}"
+    else:
+        raise DataError(f"unknown data source {source!r}; one of digits, npz, folder")
+    num_classes = int(max(y_tr.max(), y_te.max())) + 1
+    where = str(path) if path is not None else source
+    if classes is not None and len(classes) < num_classes:
+        raise DataError(f"{where}: label {num_classes - 1} outside the {len(classes)} classes")
+    if classes is None:
+        classes = [str(i) for i in range(num_classes)]
+    num_classes = len(classes)
+    missing = sorted(set(range(num_classes)) - set(np.unique(y_tr).tolist()))
+    if missing:
+        raise DataError(f"{where}: y_train has no examples of class(es) {missing}")
+
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(y_tr))  # the stored order may be grouped by class
+    x_tr, y_tr = x_tr[order], y_tr[order]
+    val_idx: list[int] = []
+    for c in range(num_classes):  # stratified: the same fraction of every class
+        idx = np.flatnonzero(y_tr == c)
+        val_idx.extend(idx[: max(1, round(len(idx) * val_fraction))].tolist())
+    is_val = np.zeros(len(y_tr), dtype=bool)
+    is_val[val_idx] = True
+    x_val, y_val = x_tr[is_val], y_tr[is_val]
+    x_tr, y_tr = x_tr[~is_val], y_tr[~is_val]
+    if train_limit is not None:
+        x_tr, y_tr = x_tr[:train_limit], y_tr[:train_limit]
+        x_val, y_val = x_val[: max(1, train_limit // 4)], y_val[: max(1, train_limit // 4)]
+    if test_limit is not None:
+        test_order = rng.permutation(len(y_te))[:test_limit]
+        x_te, y_te = x_te[test_order], y_te[test_order]
+
+    train = Dataset(torch.from_numpy(np.ascontiguousarray(x_tr)), torch.from_numpy(y_tr))
+    mean = train.x.mean(dim=(0, 2, 3))  # [C]
+    std = train.x.std(dim=(0, 2, 3)).clamp_min(1e-3)  # [C]
+    return Splits(
+        train=train,
+        val=Dataset(torch.from_numpy(np.ascontiguousarray(x_val)), torch.from_numpy(y_val)),
+        test=Dataset(torch.from_numpy(np.ascontiguousarray(x_te)), torch.from_numpy(y_te)),
+        num_classes=num_classes,
+        classes=classes,
+        mean=[round(float(m), 6) for m in mean],
+        std=[round(float(s), 6) for s in std],
+        source=desc,
+    )
+
+
+# ---------------------------------------------------------------- augmentation
+
+
+def augment(
+    x: torch.Tensor, generator: torch.Generator, crop_padding: int = 0, hflip: bool = False
+) -> torch.Tensor:
+    """Random translation by up to ``crop_padding`` pixels (zero padding, as a padded random
+    crop) and random horizontal flips; deterministic given ``generator``."""
+    # x: [b, C, H, W]
+    if hflip:
+        flip = torch.rand(len(x), generator=generator) < 0.5  # [b]
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    if crop_padding > 0:
+        p = crop_padding
+        b, _, h, w = x.shape
+        padded = F.pad(x, (p, p, p, p))  # [b, C, H+2p, W+2p]
+        dy = torch.randint(0, 2 * p + 1, (b,), generator=generator)
+        dx = torch.randint(0, 2 * p + 1, (b,), generator=generator)
+        rows = (dy[:, None] + torch.arange(h)[None, :])[:, None, :, None]  # [b, 1, H, 1]
+        cols = (dx[:, None] + torch.arange(w)[None, :])[:, None, None, :]  # [b, 1, 1, W]
+        bidx = torch.arange(b)[:, None, None, None]
+        cidx = torch.arange(x.shape[1])[None, :, None, None]
+        x = padded[bidx, cidx, rows, cols]  # [b, C, H, W]
+    return x

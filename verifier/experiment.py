@@ -1,0 +1,187 @@
+"""Experiment files: YAML read with ``yaml.safe_load``, validated with pydantic.
+
+Unknown keys are errors (a typo such as ``epoch:`` must not silently train with a default).
+The config hash (SHA-256 of the canonical JSON of the validated config) names the run
+directory and is written into every model card.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = ["Experiment", "ExperimentError", "load_experiment"]
+
+
+class ExperimentError(ValueError):
+    """An experiment file is missing or invalid; the message names the file and the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AugmentConfig(_Strict):
+    crop_padding: int = Field(0, ge=0, le=8, description="Random shift by up to this many px.")
+    hflip: bool = Field(False, description="Random horizontal flips (not for digits/letters).")
+
+
+class DataConfig(_Strict):
+    source: Literal["digits", "npz", "folder"] = Field(
+        description="digits: scikit-learn's bundled set; npz: x_train/y_train/x_test/y_test; "
+        "folder: <path>/{train,test}/<class>/*.png|npy"
+    )
+    path: Path | None = Field(None, description="File or directory (relative to the cwd).")
+    val_fraction: float = Field(0.1, gt=0, lt=0.5, description="Held out from train.")
+    train_limit: int | None = Field(None, ge=10, description="Keep this many train images.")
+    test_limit: int | None = Field(None, ge=10, description="Keep this many test images.")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+    @model_validator(mode="after")
+    def _path(self) -> DataConfig:
+        if self.source != "digits" and self.path is None:
+            raise ValueError(f"data source {self.source!r} needs a path")
+        return self
+
+
+class NetSpec(_Strict):
+    widths: list[int] = Field(min_length=1, description="Output channels of each block.")
+    convs_per_block: int = Field(1, ge=1, le=4)
+    dropout: float = Field(0.2, ge=0, lt=1)
+    pool: Literal["gap", "flatten"] = Field(
+        "gap",
+        description="Head: global average pooling (Fides' verifier head) or the flattened last "
+        "feature map (better for small service models on small images).",
+    )
+
+
+class OptimConfig(_Strict):
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(3e-3, gt=0, description="Peak learning rate (AdamW, one-cycle).")
+    weight_decay: float = Field(5e-4, ge=0)
+
+
+class KDConfig(_Strict):
+    temperature: float = Field(4.0, gt=0)
+    alpha: float = Field(0.9, ge=0, description="Weight of the soft (teacher) term.")
+    beta: float = Field(0.1, ge=0, description="Weight of the hard-label cross-entropy.")
+
+
+class TeacherConfig(_Strict):
+    net: NetSpec
+    train: OptimConfig
+
+
+class StudentConfig(_Strict):
+    net: NetSpec
+    train: OptimConfig
+    kd: KDConfig = Field(default_factory=KDConfig)
+    min_flops_ratio: float = Field(
+        3.0, ge=1, description="The cheapest teacher must cost this many times the student."
+    )
+
+
+class PretrainConfig(_Strict):
+    """The source task of the verifier's backbone (no downloads: the pipeline makes it)."""
+
+    task: Literal["rotation", "dataset"] = Field(
+        "rotation",
+        description="rotation: predict 0/90/180/270 degree rotations of the target's train "
+        "images, labels unused (Gidaris et al., ICLR 2018); dataset: supervised on another "
+        "data set (npz) with the same number of channels.",
+    )
+    path: Path | None = Field(None, description="The other data set's .npz (task: dataset).")
+    checkpoint: Path | None = Field(
+        None, description="Use this earlier backbone checkpoint (a .pt state dict) instead."
+    )
+    train: OptimConfig = Field(default_factory=lambda: OptimConfig(epochs=2))
+
+    @model_validator(mode="after")
+    def _path(self) -> PretrainConfig:
+        if self.task == "dataset" and self.path is None and self.checkpoint is None:
+            raise ValueError("pretrain task 'dataset' needs a path")
+        return self
+
+
+class VerifierConfig(_Strict):
+    candidates: list[NetSpec] = Field(
+        min_length=1, description="Verifier sizes, tried smallest-FLOPs first."
+    )
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    step: OptimConfig = Field(description="Fine-tuning at each greedy step.")
+    kd: KDConfig = Field(
+        default_factory=lambda: KDConfig(temperature=5.0, alpha=0.8, beta=0.2),
+        description="Fides' GDTL loss: T=5, alpha=0.8, beta=0.2.",
+    )
+    threshold: float = Field(
+        0.002, ge=0, description="Keep a step only if top-1 fidelity rises by more than this."
+    )
+    fidelity_target: float = Field(0.95, gt=0, le=1, description="Stop once reached.")
+    max_flops_ratio: float = Field(
+        0.25, gt=0, description="Candidates above this fraction of the service FLOPs are skipped."
+    )
+    memory_budget_mb: float = Field(96.0, gt=0, description="Enclave memory budget (MiB).")
+    memory_batch_size: int = Field(64, ge=1, description="Batch size of the memory estimate.")
+    freeze_batchnorm: bool = Field(
+        True, description="Keep the backbone's batch-norm statistics frozen (as Fides)."
+    )
+
+
+class ExportConfig(_Strict):
+    service_name: str
+    verifier_name: str
+    max_batch_size: int = Field(64, ge=1)
+    latency_repeats: int = Field(200, ge=1, description="Single-image runs for the CPU latency.")
+
+
+class Experiment(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    seed: int = 0
+    threads: int = Field(
+        1, ge=1, description="torch intra-op threads (fixed: results depend on it)."
+    )
+    data: DataConfig
+    teachers: list[TeacherConfig] = Field(min_length=1)
+    student: StudentConfig
+    verifier: VerifierConfig
+    export: ExportConfig
+
+    def config_hash(self) -> str:
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _format(exc: ValidationError, path: Path | str) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            parts.append(f"unknown key '{loc}'")
+        else:
+            parts.append(f"{loc or 'experiment'}: {err['msg']}")
+    return f"{path}: " + "; ".join(parts)
+
+
+def parse_experiment(raw: object, where: Path | str = "<experiment>") -> Experiment:
+    if not isinstance(raw, dict):
+        raise ExperimentError(f"{where}: expected a mapping at the top level")
+    try:
+        return Experiment.model_validate(raw)
+    except ValidationError as exc:
+        raise ExperimentError(_format(exc, where)) from exc
+
+
+def load_experiment(path: Path) -> Experiment:
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ExperimentError(f"{path}: no such file") from exc
+    except yaml.YAMLError as exc:
+        raise ExperimentError(f"{path}: not valid YAML: {exc}") from exc
+    return parse_experiment(raw, path)

@@ -1,0 +1,159 @@
+"""ONNX export with a parity check, and model-repository entries the gateway loads.
+
+Each entry is ``<repo>/<name>/config.yaml`` + ``<repo>/<name>/1/model.onnx`` +
+``<repo>/<name>/1/model_card.json``. The ONNX graph takes ``input`` (FP32 pixels in [0, 1],
+``[-1, C, H, W]``) and answers ``probabilities`` (``[-1, classes]``, softmax inside).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+import yaml
+from torch import nn
+
+from gateway.models.nets import Probabilities
+
+__all__ = [
+    "ExportError",
+    "export_onnx",
+    "measure_latency",
+    "ort_session",
+    "serving_config",
+    "write_entry",
+]
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "probabilities"
+ONNX_OPSET = 17
+PARITY_ATOL = 1e-4
+
+
+class ExportError(RuntimeError):
+    """The exported model does not reproduce the torch model."""
+
+
+def export_onnx(net: nn.Module, path: Path, sample: torch.Tensor) -> None:
+    """``net`` + softmax as ONNX with a dynamic batch axis.
+
+    The TorchScript-based exporter (``dynamo=False``): the torch.export-based default needs
+    ``onnxscript``, which is not a dependency.
+    """
+    model = Probabilities(net).eval()
+    with warnings.catch_warnings():
+        # "You are using the legacy TorchScript-based ONNX export" and its helper's
+        # "The feature will be removed": deliberate, see the docstring.
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*legacy")
+        warnings.filterwarnings(
+            "ignore", category=DeprecationWarning, message="The feature will be removed"
+        )
+        torch.onnx.export(
+            model,
+            (sample,),
+            str(path),
+            dynamo=False,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            opset_version=ONNX_OPSET,
+        )
+    onnx.checker.check_model(str(path))
+
+
+def ort_session(path: Path) -> ort.InferenceSession:
+    """One intra-op thread, as the served configs use and as latency is quoted."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def check_parity(net: nn.Module, session: ort.InferenceSession, x: torch.Tensor) -> float:
+    """Max |ONNX - torch| of the probabilities on ``x``; raises above ``PARITY_ATOL``."""
+    net.eval()
+    with torch.inference_mode():
+        want = net(x).softmax(-1).numpy()  # [n, C]
+    got = session.run(None, {INPUT_NAME: x.numpy()})[0]
+    diff = float(np.abs(got - want).max())
+    if not diff <= PARITY_ATOL:
+        raise ExportError(f"ONNX differs from torch by {diff:.3g} (limit {PARITY_ATOL})")
+    return diff
+
+
+def measure_latency(session: ort.InferenceSession, x: np.ndarray, repeats: int = 200) -> float:
+    """Median single-image latency on one CPU thread, in milliseconds."""
+    one = x[:1]
+    for _ in range(10):
+        session.run(None, {INPUT_NAME: one})
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        session.run(None, {INPUT_NAME: one})
+        times.append(time.perf_counter() - t)
+    return round(statistics.median(times) * 1e3, 4)
+
+
+def serving_config(labels: list[str], max_batch_size: int = 64) -> dict[str, Any]:
+    """The gateway ``config.yaml`` (gateway.model_config) for a classifier on one core."""
+    preferred = [b for b in (16, 32, 64) if b < max_batch_size] + [max_batch_size]
+    return {
+        "platform": "onnx",
+        "max_batch_size": max_batch_size,
+        "version_policy": {"latest": {"num_versions": 1}},
+        "dynamic_batching": {
+            "max_queue_delay_microseconds": 500,
+            "preferred_batch_size": sorted(set(preferred)),
+            "max_queue_size": 512,
+        },
+        "instance_group": {"count": 1, "kind": "cpu"},
+        "onnx": {"intra_op_threads": 1},
+        "labels": labels,
+    }
+
+
+def write_entry(
+    root: Path,
+    name: str,
+    net: nn.Module,
+    x_check: torch.Tensor,
+    labels: list[str],
+    card: dict[str, Any],
+    *,
+    comment: str,
+    max_batch_size: int = 64,
+    latency_repeats: int = 200,
+) -> dict[str, Any]:
+    """Export ``net`` as model ``name`` (version 1) with its config and model card.
+
+    ``x_check`` ([n, C, H, W]) is the parity batch. Returns the card as written, with
+    ``onnx_max_abs_diff`` and ``cpu_latency_ms_batch1`` filled in.
+    """
+    version_dir = root / name / "1"
+    version_dir.mkdir(parents=True, exist_ok=True)
+    body = yaml.safe_dump(
+        serving_config(labels, max_batch_size), sort_keys=False, default_flow_style=None
+    )
+    (root / name / "config.yaml").write_text(f"# {comment}\n{body}", encoding="utf-8")
+    onnx_path = version_dir / "model.onnx"
+    export_onnx(net, onnx_path, x_check[:2])
+    session = ort_session(onnx_path)
+    diff = check_parity(net, session, x_check)
+    card = {
+        **card,
+        "name": name,
+        "onnx_max_abs_diff": diff,
+        "cpu_latency_ms_batch1": measure_latency(session, x_check.numpy(), latency_repeats),
+    }
+    (version_dir / "model_card.json").write_text(
+        json.dumps(card, indent=2, default=str) + "\n", encoding="utf-8"
+    )
+    return card

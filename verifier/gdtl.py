@@ -1,0 +1,420 @@
+"""Greedy Distillation Transfer Learning (GDTL) for the verification model.
+
+Fides (Kumar et al., arXiv:2304.00083) builds its verifier from a backbone pretrained on
+another task, frozen, with a new head, and fine-tunes "the last layers incrementally" with
+knowledge distillation from the service model. Its research code has no greedy loop (the
+number of unfrozen layers is a manual parameter). Here the loop is real:
+
+1. the backbone is pretrained on a source task (:func:`pretrain_backbone`: rotation
+   prediction on the target's images without labels, or another labelled data set, or an
+   earlier checkpoint), then frozen; the head is fresh;
+2. step 0 fine-tunes the head alone with KD from the service model's outputs;
+3. each further step unfreezes the next block from the top and fine-tunes; the step is kept
+   only if top-1 fidelity (agreement with the service model on a held-out split) rises by
+   more than ``threshold``, otherwise its weights are discarded and the loop stops; it also
+   stops when the fidelity target is reached, when every block is trainable, or when the
+   next step would exceed the enclave memory budget (:func:`verifier.flops.memory_estimate`);
+4. candidate sizes are tried smallest-FLOPs first; the first that reaches the target wins.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from rich.progress import Progress
+from torch import nn
+
+from verifier.data import Dataset, Splits, load_npz
+from verifier.experiment import AugmentConfig, NetSpec, PretrainConfig, VerifierConfig
+from verifier.flops import count_flops, memory_estimate
+from verifier.losses import cross_entropy, kd_loss
+from verifier.nets import ConvNet, NetConfig, count_parameters
+from verifier.train import fit, predict_logits
+
+__all__ = [
+    "Fidelity",
+    "GreedyResult",
+    "StepRecord",
+    "fidelity",
+    "greedy_unfreeze",
+    "pretrain_backbone",
+    "select_verifier",
+]
+
+Say = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    agreement: float  # top-1 agreement with the service model
+    mean_kl: float  # mean KL(service || verifier), nats
+    accuracy: float  # against the true labels
+
+
+def fidelity(
+    verifier_logits: torch.Tensor, service_logits: torch.Tensor, y: torch.Tensor
+) -> Fidelity:
+    # logits: [n, C]; y: [n]
+    agree = (verifier_logits.argmax(-1) == service_logits.argmax(-1)).float().mean()
+    log_p = F.log_softmax(service_logits, -1)
+    log_q = F.log_softmax(verifier_logits, -1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+    acc = (verifier_logits.argmax(-1) == y).float().mean()
+    return Fidelity(float(agree), float(kl), float(acc))
+
+
+@dataclass
+class StepRecord:
+    candidate: int
+    step: int
+    unfrozen_blocks: int
+    trainable_params: int
+    params: int
+    flops: int
+    memory_mb: float
+    fidelity: float
+    mean_kl: float
+    val_accuracy: float
+    wall_s: float
+    accepted: bool
+    note: str = ""
+
+
+@dataclass
+class GreedyResult:
+    net: ConvNet
+    path: list[StepRecord]
+    stop_reason: str
+    fidelity: Fidelity | None  # of the kept weights, on the validation split
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- pretraining
+
+
+def _rotation_dataset(data: Dataset, seed: int) -> Dataset:
+    """Each image rotated by a random multiple of 90 degrees; the label is that multiple."""
+    if data.x.shape[-1] != data.x.shape[-2]:
+        raise ValueError("rotation pretraining needs square images")
+    gen = torch.Generator().manual_seed(seed)
+    k = torch.randint(0, 4, (len(data),), generator=gen)  # [n]
+    x = data.x.clone()  # [n, C, H, W]
+    for r in range(1, 4):
+        sel = k == r
+        x[sel] = torch.rot90(data.x[sel], r, dims=(-2, -1))
+    return Dataset(x, k)
+
+
+def pretrain_backbone(
+    spec: NetConfig,
+    cfg: PretrainConfig,
+    splits: Splits,
+    *,
+    seed: int,
+    stage_dir: Path | None,
+    progress: Progress | None = None,
+    label: str = "pretrain",
+) -> tuple[ConvNet, dict[str, object]]:
+    """A network of architecture ``spec`` whose blocks are trained on the source task, with a
+    fresh head for the target's classes. Returns the net and a description for the card."""
+    torch.manual_seed(seed)
+    net = ConvNet(spec)
+    if cfg.checkpoint is not None:
+        state = torch.load(cfg.checkpoint, weights_only=True)
+        state = state.get("model", state)
+        blocks = {k: v for k, v in state.items() if k.startswith("blocks.")}
+        missing = [k for k in net.state_dict() if k.startswith("blocks.") and k not in blocks]
+        if missing:
+            raise ValueError(f"{cfg.checkpoint}: no weights for {missing[:3]}...")
+        net.load_state_dict(blocks, strict=False)
+        info: dict[str, object] = {"source": f"checkpoint:{cfg.checkpoint}"}
+    else:
+        if cfg.task == "rotation":
+            source = _rotation_dataset(splits.train, seed)
+            classes = 4
+            info = {"source": "rotation prediction on the target's train images (no labels)"}
+        else:
+            assert cfg.path is not None
+            x_tr, y_tr, _, _, _ = load_npz(cfg.path)
+            if x_tr.shape[1] != spec.in_channels:
+                raise ValueError(
+                    f"{cfg.path}: {x_tr.shape[1]} channels, the target has {spec.in_channels}"
+                )
+            source = Dataset(torch.from_numpy(x_tr), torch.from_numpy(y_tr))
+            classes = int(y_tr.max()) + 1
+            info = {"source": f"supervised on {cfg.path.name}"}
+        net.new_head(classes)
+        seconds = fit(
+            net,
+            source,
+            lambda logits, _x, y: cross_entropy(logits, y),
+            cfg.train,
+            seed=seed,
+            stage_dir=stage_dir,
+            progress=progress,
+            label=label,
+        )
+        info["seconds"] = round(seconds, 2)
+        info["epochs"] = cfg.train.epochs
+    net.new_head(spec.num_classes)
+    return net, info
+
+
+# ---------------------------------------------------------------- the greedy loop
+
+
+def _set_trainable(net: ConvNet, unfrozen_blocks: int) -> None:
+    for p in net.parameters():
+        p.requires_grad_(False)
+    for p in net.head.parameters():
+        p.requires_grad_(True)
+    n = len(net.blocks)
+    for block in list(net.blocks)[n - unfrozen_blocks :] if unfrozen_blocks else []:
+        for p in block.parameters():
+            p.requires_grad_(True)
+
+
+def _frozen_modules(net: ConvNet, unfrozen_blocks: int, freeze_bn: bool) -> list[nn.Module]:
+    """Modules kept in eval mode: every frozen block, and the unfrozen blocks' batch norms."""
+    n = len(net.blocks)
+    frozen: list[nn.Module] = list(net.blocks)[: n - unfrozen_blocks]
+    if freeze_bn:
+        for block in list(net.blocks)[n - unfrozen_blocks :]:
+            frozen += [m for m in block.modules() if isinstance(m, nn.BatchNorm2d)]
+    return frozen
+
+
+def greedy_unfreeze(
+    net: ConvNet,
+    service: nn.Module,
+    train: Dataset,
+    val: Dataset,
+    cfg: VerifierConfig,
+    *,
+    seed: int,
+    image_shape: tuple[int, int, int],
+    augment_cfg: AugmentConfig | None = None,
+    run_dir: Path | None = None,
+    progress: Progress | None = None,
+    candidate: int = 0,
+    say: Say | None = None,
+) -> GreedyResult:
+    """Run the greedy unfreezing loop on ``net`` (backbone pretrained, head fresh)."""
+    log: Say = say or (lambda _m: None)
+    service.eval()
+    budget_bytes = cfg.memory_budget_mb * 2**20
+    flops = count_flops(net, image_shape)
+    service_val = predict_logits(service, val.x)  # [n_val, C]
+    kd = cfg.kd
+
+    def loss_fn(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            teacher = service(x)  # [b, C]
+        return kd_loss(logits, teacher, y, kd.temperature, kd.alpha, kd.beta)
+
+    path: list[StepRecord] = []
+    best: Fidelity | None = None
+    best_state: dict[str, torch.Tensor] | None = None
+    unfrozen = 0
+    stop = "every block is trainable"
+    for step in range(len(net.blocks) + 1):
+        unfrozen = step
+        _set_trainable(net, unfrozen)
+        mem = memory_estimate(net, image_shape, cfg.memory_batch_size, training=True)
+        row: dict[str, Any] = dict(
+            candidate=candidate,
+            step=step,
+            unfrozen_blocks=unfrozen,
+            trainable_params=count_parameters(net, trainable_only=True),
+            params=count_parameters(net),
+            flops=flops,
+            memory_mb=round(mem.total_mb, 3),
+        )
+        if mem.total_bytes > budget_bytes:
+            path.append(
+                StepRecord(
+                    **row,
+                    fidelity=float("nan"),
+                    mean_kl=float("nan"),
+                    val_accuracy=float("nan"),
+                    wall_s=0.0,
+                    accepted=False,
+                    note=f"exceeds the memory budget ({cfg.memory_budget_mb} MB)",
+                )
+            )
+            stop = "memory budget"
+            unfrozen = step - 1
+            break
+        seconds = fit(  # from the checkpoint when this step finished in an earlier run
+            net,
+            train,
+            loss_fn,
+            cfg.step,
+            seed=seed + 1000 * candidate + step,
+            augment_cfg=augment_cfg,
+            stage_dir=run_dir / f"step_{step}" if run_dir is not None else None,
+            progress=progress,
+            label=f"verifier {candidate} step {step}",
+            frozen_modules=_frozen_modules(net, unfrozen, cfg.freeze_batchnorm),
+        )
+        t0 = time.perf_counter()
+        fid = fidelity(predict_logits(net, val.x), service_val, val.y)
+        wall = seconds + time.perf_counter() - t0
+        gain = fid.agreement - best.agreement if best is not None else float("inf")
+        accepted = gain > cfg.threshold
+        note = "head only" if step == 0 else f"gain {gain:+.4f}"
+        path.append(
+            StepRecord(
+                **row,
+                fidelity=round(fid.agreement, 5),
+                mean_kl=round(fid.mean_kl, 5),
+                val_accuracy=round(fid.accuracy, 5),
+                wall_s=round(wall, 2),
+                accepted=accepted,
+                note=note,
+            )
+        )
+        log(
+            f"verifier {candidate} step {step}: {unfrozen} block(s) unfrozen, fidelity "
+            f"{fid.agreement:.2%} (KL {fid.mean_kl:.4f}), {'kept' if accepted else 'discarded'}"
+        )
+        if not accepted:
+            assert best_state is not None
+            net.load_state_dict(best_state)
+            unfrozen = step - 1
+            stop = f"gain {gain:+.4f} not above the threshold {cfg.threshold}"
+            break
+        best, best_state = fid, copy.deepcopy(net.state_dict())
+        if fid.agreement >= cfg.fidelity_target:
+            stop = f"fidelity target {cfg.fidelity_target} reached"
+            break
+    _set_trainable(net, max(unfrozen, 0))
+    net.eval()
+    return GreedyResult(net, path, stop, best, {"unfrozen_blocks": max(unfrozen, 0)})
+
+
+def select_verifier(
+    specs: list[NetSpec],
+    base: NetConfig,
+    service: nn.Module,
+    splits: Splits,
+    cfg: VerifierConfig,
+    *,
+    seed: int,
+    augment_cfg: AugmentConfig | None = None,
+    run_dir: Path | None = None,
+    progress: Progress | None = None,
+    say: Say | None = None,
+) -> tuple[GreedyResult, list[dict[str, object]]]:
+    """Try candidate sizes smallest-FLOPs first; the first reaching the fidelity target wins,
+    else the one with the best fidelity. Returns it and one summary row per candidate."""
+    log: Say = say or (lambda _m: None)
+    image_shape = splits.image_shape
+    service_flops = count_flops(service, image_shape)
+    configs = [
+        NetConfig(
+            widths=tuple(s.widths),
+            convs_per_block=s.convs_per_block,
+            dropout=s.dropout,
+            pool=s.pool,
+            image_size=base.image_size,
+            in_channels=base.in_channels,
+            num_classes=base.num_classes,
+            mean=base.mean,
+            std=base.std,
+        )
+        for s in specs
+    ]
+    order = sorted(range(len(configs)), key=lambda i: count_flops(ConvNet(configs[i]), image_shape))
+    summary: list[dict[str, object]] = []
+    search_path: list[StepRecord] = []  # every candidate's steps, in the order tried
+    chosen: GreedyResult | None = None
+    for i in order:
+        net_cfg = configs[i]
+        probe = ConvNet(net_cfg)
+        flops = count_flops(probe, image_shape)
+        row: dict[str, object] = {
+            "candidate": i,
+            "widths": list(net_cfg.widths),
+            "flops": flops,
+            "flops_ratio_to_service": round(flops / service_flops, 4),
+            "params": count_parameters(probe),
+        }
+        inference = memory_estimate(probe, image_shape, cfg.memory_batch_size, training=False)
+        if flops > cfg.max_flops_ratio * service_flops:
+            row["outcome"] = f"skipped: above {cfg.max_flops_ratio:.0%} of the service FLOPs"
+        elif inference.total_bytes > cfg.memory_budget_mb * 2**20:
+            row["outcome"] = "skipped: does not fit the memory budget"
+        else:
+            spec_key = hashlib.sha256(specs[i].model_dump_json().encode()).hexdigest()[:8]
+            cand_dir = run_dir / f"candidate_{i}-{spec_key}" if run_dir is not None else None
+            net, pre = pretrain_backbone(
+                net_cfg,
+                cfg.pretrain,
+                splits,
+                seed=seed + 100 + i,
+                stage_dir=cand_dir / "pretrain" if cand_dir is not None else None,
+                progress=progress,
+                label=f"verifier {i} pretrain",
+            )
+            log(f"verifier {i} {list(net_cfg.widths)}: backbone pretrained ({pre['source']})")
+            result = greedy_unfreeze(
+                net,
+                service,
+                splits.train,
+                splits.val,
+                cfg,
+                seed=seed + 200,
+                image_shape=image_shape,
+                augment_cfg=augment_cfg,
+                run_dir=cand_dir,
+                progress=progress,
+                candidate=i,
+                say=say,
+            )
+            result.extra["pretrain"] = pre
+            search_path += result.path
+            result.extra["candidate"] = i
+            fid = result.fidelity.agreement if result.fidelity else float("nan")
+            row.update(outcome=result.stop_reason, fidelity=fid)
+            if chosen is None or (
+                result.fidelity is not None
+                and (chosen.fidelity is None or fid > chosen.fidelity.agreement)
+            ):
+                chosen = result
+            if result.fidelity is not None and fid >= cfg.fidelity_target:
+                chosen = result
+                summary.append(row)
+                break
+        summary.append(row)
+    if chosen is None:
+        raise ValueError("no verifier candidate fits the FLOPs ratio and the memory budget")
+    chosen.extra["search_path"] = search_path
+    return chosen, summary
+
+
+def path_table(path: list[StepRecord]) -> str:
+    """The path taken, as a Markdown table."""
+    head = (
+        "| cand | step | unfrozen | trainable params | FLOPs | memory MB | fidelity | KL "
+        "| val acc | wall s | kept | note |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
+    )
+    rows = [
+        f"| {r.candidate} | {r.step} | {r.unfrozen_blocks} | {r.trainable_params:,} | "
+        f"{r.flops:,} | {r.memory_mb:.2f} | {r.fidelity:.4f} | {r.mean_kl:.4f} | "
+        f"{r.val_accuracy:.4f} | {r.wall_s:.1f} | {'yes' if r.accepted else 'no'} | {r.note} |"
+        for r in path
+    ]
+    return "\n".join([head, *rows])
+
+
+def path_rows(path: list[StepRecord]) -> list[dict[str, object]]:
+    return [asdict(r) for r in path]

@@ -1,0 +1,119 @@
+"""The convolutional network family used for teachers, service students and verifiers.
+
+A network is ``Normalize -> blocks -> head``. Each block is ``convs_per_block`` times
+(3x3 conv, batch norm, ReLU) followed by 2x2 max pooling (rounding up, so a 1x1 map stays
+1x1). The head follows Fides' verification head (arXiv:2304.00083 research code): global
+average pooling, batch norm, dropout, linear to the class logits. Keeping the blocks in an
+``nn.ModuleList`` gives GDTL its unit of unfreezing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+__all__ = ["ConvNet", "NetConfig", "Normalize", "count_parameters"]
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    """Architecture of one :class:`ConvNet` (a dataclass, as nanoGPT's ``GPTConfig``)."""
+
+    widths: tuple[int, ...] = (16, 32, 64)  # output channels of each block
+    convs_per_block: int = 1
+    dropout: float = 0.2
+    in_channels: int = 1
+    num_classes: int = 10
+    mean: tuple[float, ...] = field(default=(0.0,))  # per input channel, from the train split
+    std: tuple[float, ...] = field(default=(1.0,))
+    # "gap": global average pooling (Fides' head; any input size). "flatten": keep the last
+    # feature map's spatial layout (more accurate for small nets on small images; needs
+    # image_size)
+    pool: str = "gap"
+    image_size: tuple[int, int] = (0, 0)
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+class Normalize(nn.Module):
+    """``(x - mean) / std`` per channel, inside the network so exported models take [0, 1]."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std  # [b, C, H, W]
+
+
+class ConvNet(nn.Module):
+    def __init__(self, cfg: NetConfig) -> None:
+        super().__init__()
+        if len(cfg.mean) != cfg.in_channels or len(cfg.std) != cfg.in_channels:
+            raise ValueError("NetConfig mean/std need one value per input channel")
+        self.cfg = cfg
+        self.normalize = Normalize(cfg.mean, cfg.std)
+        blocks: list[nn.Module] = []
+        c_in = cfg.in_channels
+        for width in cfg.widths:
+            layers: list[nn.Module] = []
+            for _ in range(cfg.convs_per_block):
+                layers += [
+                    nn.Conv2d(c_in, width, 3, padding=1, bias=False),
+                    nn.BatchNorm2d(width),
+                    nn.ReLU(inplace=True),
+                ]
+                c_in = width
+            # ceil_mode: odd sizes round up (7 -> 4) and a 1x1 map stays 1x1
+            layers.append(nn.MaxPool2d(2, ceil_mode=True))
+            blocks.append(nn.Sequential(*layers))
+        self.blocks = nn.ModuleList(blocks)
+        self.head = self._head(cfg.num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.normalize(x)  # [b, C, H, W]
+        for block in self.blocks:
+            x = block(x)  # [b, width, H', W']
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.head(self.features(x))  # [b, classes] logits
+        return out
+
+    def _head(self, num_classes: int) -> nn.Sequential:
+        cfg = self.cfg
+        features = cfg.widths[-1]
+        if cfg.pool == "flatten":
+            h, w = cfg.image_size
+            if h < 1 or w < 1:
+                raise ValueError("pool 'flatten' needs NetConfig.image_size")
+            for _ in cfg.widths:  # each block halves the map, rounding up
+                h, w = -(-h // 2), -(-w // 2)
+            features *= h * w
+            pool: nn.Module = nn.Identity()
+        elif cfg.pool == "gap":
+            pool = nn.AdaptiveAvgPool2d(1)
+        else:
+            raise ValueError(f"unknown pool {cfg.pool!r}; one of gap, flatten")
+        return nn.Sequential(
+            pool,
+            nn.Flatten(),
+            nn.BatchNorm1d(features),
+            nn.Dropout(cfg.dropout),
+            nn.Linear(features, num_classes),
+        )
+
+    def new_head(self, num_classes: int) -> None:
+        """Replace the head (fresh weights) for a different task."""
+        self.head = self._head(num_classes)
+
+
+def count_parameters(net: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in net.parameters() if p.requires_grad or not trainable_only)

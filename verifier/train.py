@@ -1,0 +1,141 @@
+"""The training loop shared by every stage: seeded, resumable, with a progress bar.
+
+One stage = one network trained for a number of epochs. A stage writes
+``<dir>/last.pt`` (model, optimizer, schedule, random-number states) after every epoch and
+``<dir>/done.pt`` when finished, so re-running an interrupted experiment resumes where it
+stopped and a finished stage is loaded rather than retrained.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.progress import Progress
+from torch import nn
+
+from verifier.data import Dataset, augment
+from verifier.experiment import AugmentConfig, OptimConfig
+
+__all__ = ["LossFn", "fit", "predict_logits", "set_determinism"]
+
+# (logits of the net being trained [b, C], augmented inputs [b, C, H, W], labels [b]) -> loss
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def set_determinism(seed: int, threads: int) -> None:
+    """Same seed, same thread count, same CPU -> the same weights, bit for bit."""
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+
+
+def predict_logits(net: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    was_training = net.training
+    net.eval()
+    with torch.inference_mode():
+        out = torch.cat([net(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+    net.train(was_training)
+    return out  # [n, C]
+
+
+def _save(path: Path, state: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)  # never a half-written checkpoint
+
+
+def fit(
+    net: nn.Module,
+    data: Dataset,
+    loss_fn: LossFn,
+    optim: OptimConfig,
+    *,
+    seed: int,
+    augment_cfg: AugmentConfig | None = None,
+    stage_dir: Path | None = None,
+    progress: Progress | None = None,
+    label: str = "train",
+    frozen_modules: Iterable[nn.Module] = (),
+) -> float:
+    """Train the parameters of ``net`` that require grad; returns the training seconds.
+
+    AdamW with a one-cycle learning-rate schedule. ``frozen_modules`` stay in eval mode (their
+    batch-norm statistics do not move). With ``stage_dir`` the stage checkpoints and resumes.
+    """
+    frozen = list(frozen_modules)
+    aug = augment_cfg or AugmentConfig()
+    params = [p for p in net.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"{label}: nothing to train (every parameter is frozen)")
+    opt = torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
+    n = len(data)
+    steps = (n + optim.batch_size - 1) // optim.batch_size
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=optim.lr, total_steps=optim.epochs * steps
+    )
+    gen = torch.Generator().manual_seed(seed)
+    start_epoch, elapsed = 0, 0.0
+    if stage_dir is not None:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        done, last = stage_dir / "done.pt", stage_dir / "last.pt"
+        if done.is_file():
+            state = torch.load(done, weights_only=True)
+            net.load_state_dict(state["model"])
+            net.eval()
+            return float(state["seconds"])
+        if last.is_file():
+            state = torch.load(last, weights_only=True)
+            net.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            gen.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+            start_epoch, elapsed = int(state["epoch"]), float(state["seconds"])
+    task = (
+        progress.add_task(label, total=optim.epochs * steps, completed=start_epoch * steps)
+        if progress is not None
+        else None
+    )
+    for epoch in range(start_epoch, optim.epochs):
+        t0 = time.perf_counter()
+        net.train()
+        for m in frozen:
+            m.eval()
+        order = torch.randperm(n, generator=gen)
+        for i in range(0, n, optim.batch_size):
+            idx = order[i : i + optim.batch_size]
+            x = augment(data.x[idx], gen, aug.crop_padding, aug.hflip)  # [b, C, H, W]
+            if len(idx) == 1:  # batch norm cannot train on a single sample
+                continue
+            loss = loss_fn(net(x), x, data.y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]
+            opt.step()
+            sched.step()
+            if progress is not None and task is not None:
+                progress.update(task, advance=1, description=f"{label} loss {loss.item():.3f}")
+        elapsed += time.perf_counter() - t0
+        if stage_dir is not None:
+            _save(
+                stage_dir / "last.pt",
+                {
+                    "model": net.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "generator": gen.get_state(),
+                    "torch_rng": torch.get_rng_state(),
+                    "epoch": epoch + 1,
+                    "seconds": elapsed,
+                },
+            )
+    net.eval()
+    if stage_dir is not None:
+        _save(stage_dir / "done.pt", {"model": net.state_dict(), "seconds": elapsed})
+        (stage_dir / "last.pt").unlink(missing_ok=True)
+    if progress is not None and task is not None:
+        progress.remove_task(task)
+    return elapsed
