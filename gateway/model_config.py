@@ -184,14 +184,15 @@ class ModelConfig(_Strict):
         return {"onnx": "model.onnx", "torch": "model.pt2", "upstream": ""}[self.platform]
 
 
-def _format_errors(exc: ValidationError, path: Path) -> str:
+def format_validation_error(exc: ValidationError, path: Path | str, root: str = "config") -> str:
+    """One line naming the file and every problem; an unknown key is named as such."""
     parts = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])
         if err["type"] == "extra_forbidden":
             parts.append(f"unknown key '{loc}'")
         else:
-            parts.append(f"{loc or 'config'}: {err['msg']}")
+            parts.append(f"{loc or root}: {err['msg']}")
     return f"{path}: " + "; ".join(parts)
 
 
@@ -210,7 +211,7 @@ def load_model_config(path: Path, expected_name: str | None = None) -> ModelConf
     try:
         cfg = ModelConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, path)) from exc
+        raise ConfigError(format_validation_error(exc, path)) from exc
     if expected_name is not None and cfg.name is not None and cfg.name != expected_name:
         raise ConfigError(f"{path}: name {cfg.name!r} does not match directory {expected_name!r}")
     return cfg

@@ -15,6 +15,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from gateway.model_config import format_validation_error
+
 __all__ = ["Experiment", "ExperimentError", "load_experiment"]
 
 
@@ -157,24 +159,13 @@ class Experiment(_Strict):
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _format(exc: ValidationError, path: Path | str) -> str:
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"])
-        if err["type"] == "extra_forbidden":
-            parts.append(f"unknown key '{loc}'")
-        else:
-            parts.append(f"{loc or 'experiment'}: {err['msg']}")
-    return f"{path}: " + "; ".join(parts)
-
-
 def parse_experiment(raw: object, where: Path | str = "<experiment>") -> Experiment:
     if not isinstance(raw, dict):
         raise ExperimentError(f"{where}: expected a mapping at the top level")
     try:
         return Experiment.model_validate(raw)
     except ValidationError as exc:
-        raise ExperimentError(_format(exc, where)) from exc
+        raise ExperimentError(format_validation_error(exc, where, "experiment")) from exc
 
 
 def load_experiment(path: Path) -> Experiment:
