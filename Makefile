@@ -29,9 +29,11 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
-# The embedded default model repository, built once and cached.
-$(REPO)/.built: | $(VENV)/.installed
-	$(FIDES) models build-default --output $(REPO)
+# The embedded default model repository, built once and cached; rebuilt when its recipe
+# changes (the builder or the default experiment).
+DEFAULT_RECIPE := gateway/models/default.py gateway/models/nets.py verifier/defaults.py
+$(REPO)/.built: $(DEFAULT_RECIPE) | $(VENV)/.installed
+	$(FIDES) models build-default --output $(REPO) --force
 
 models: $(REPO)/.built
 
