@@ -27,14 +27,12 @@ import shutil
 import statistics
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import torch
 import torch.nn.functional as F
@@ -49,10 +47,10 @@ from gateway.models.nets import (
     DigitsHeavy,
     HeavyConfig,
     NamedProbabilities,
-    Probabilities,
     count_parameters,
 )
 from verifier.defaults import digits_default
+from verifier.export import export_onnx
 from verifier.pipeline import run_experiment
 
 Progress = Callable[[str], None]
@@ -62,7 +60,6 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "probabilities"
 MAX_BATCH_SIZE = 64
 MAX_EXPORT_BATCH = 1024  # upper bound of the dynamic batch axis in model.pt2
-ONNX_OPSET = 17
 MAX_ABS_DIFF = 1e-4  # exported vs eager probabilities
 MARKER = ".built"
 
@@ -129,33 +126,6 @@ def train(net: nn.Module, split: Split, cfg: TrainConfig, seed: int) -> float:
 def accuracy(probabilities: np.ndarray, labels: torch.Tensor) -> float:
     # probabilities: [n, 10]
     return float((probabilities.argmax(axis=1) == labels.numpy()).mean())
-
-
-def export_onnx(net: nn.Module, path: Path, sample: torch.Tensor) -> None:
-    """``net`` + softmax as ONNX with a dynamic batch axis.
-
-    Uses the TorchScript-based exporter (``dynamo=False``): torch >= 2.9 defaults to the
-    torch.export-based one, which needs the ``onnxscript`` package that is not a dependency.
-    """
-    model = Probabilities(net).eval()
-    with warnings.catch_warnings():
-        # "You are using the legacy TorchScript-based ONNX export" and its helper's
-        # "The feature will be removed": deliberate, see the docstring.
-        warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*legacy")
-        warnings.filterwarnings(
-            "ignore", category=DeprecationWarning, message="The feature will be removed"
-        )
-        torch.onnx.export(
-            model,
-            (sample,),
-            str(path),
-            dynamo=False,
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-            opset_version=ONNX_OPSET,
-        )
-    onnx.checker.check_model(str(path))
 
 
 def export_torch(net: nn.Module, path: Path, sample: torch.Tensor) -> None:
