@@ -46,7 +46,7 @@ import onnxruntime as ort
 import orjson
 from onnx import TensorProto, helper, numpy_helper
 
-from enclave_sim.attestation import Policy, check_verification, verify_attestation
+from enclave_sim.attestation import Policy, verify_attestation
 from enclave_sim.config import VerifierConfig
 from enclave_sim.core import EnclaveCore, VerifyRequest
 from enclave_sim.pki import ROOT_CERT, init_ca, load_identity
@@ -182,7 +182,7 @@ async def _socket_modes(
     duration_s: float,
     warmup: int,
 ) -> dict[int, dict[str, dict[str, float]]]:
-    from gateway.enclave_client import EnclaveError, SocketEnclaveClient
+    from gateway.enclave_client import EnclaveError, SocketEnclaveClient, check_batch
 
     client = SocketEnclaveClient(sock, timeout_s=60.0, max_connections=1)
     try:
@@ -208,18 +208,7 @@ async def _socket_modes(
                 await client.verify(reqs)
 
             async def checked(reqs: list[VerifyRequest] = requests) -> None:
-                result = await client.verify(reqs)
-                verified: dict[bytes, dict[str, Any]] = {}  # as the gateway's supervisor does
-                for req, item in zip(reqs, result.items, strict=True):
-                    check_verification(
-                        item.evidence,
-                        attested=attested,
-                        inputs=req.inputs,
-                        nonce=req.nonce,
-                        request_id=req.id,
-                        outputs=item.outputs,
-                        verified_results=verified,
-                    )
+                check_batch(attested, reqs, await client.verify(reqs))  # as the supervisor does
 
             out[batch] = {
                 "socket_enclave": await _timed_async(plain, duration_s, warmup),

@@ -143,7 +143,7 @@ def _result_from_wire(result: Mapping[str, Any], requests: Sequence[VerifyReques
     return VerifyResult(seq, out)
 
 
-def _check_batch(
+def check_batch(
     attested: AttestedEnclave, requests: Sequence[VerifyRequest], result: VerifyResult
 ) -> None:
     """Every item bound to its request's exact inputs, id, nonce and returned outputs."""
@@ -723,7 +723,7 @@ class EnclaveSupervisor:
         if self.check_results:
             try:
                 # off the event loop: one ES384 verification per batch plus hashing per item
-                await asyncio.to_thread(_check_batch, attested, requests, result)
+                await asyncio.to_thread(check_batch, attested, requests, result)
             except AttestationError as exc:
                 self.counters.check_failures += 1
                 if self.attested is not attested:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -32,6 +33,21 @@ def settings(repo_path: Path) -> Settings:
         shutdown_grace_s=5,
         max_tensor_elements=100_000,
     )
+
+
+@asynccontextmanager
+async def serving(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """A started app (lifespan run) and an in-process client holding the user key."""
+    app = create_app(settings)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app),
+            base_url="http://test",
+            headers={"X-API-Key": USER_KEY},
+        ) as c,
+    ):
+        yield c
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -25,11 +24,11 @@ import pytest
 
 from tests.conftest import ADMIN_KEY, USER_KEY
 from tests.model_factory import make_repository
+from tests.processes import stop_process
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 HOST = "127.0.0.1"
 READY_TIMEOUT_S = 60.0
-STOP_TIMEOUT_S = 15.0
 
 # Every Open Inference Protocol datatype the ONNX identity models can carry.
 ALL_DATATYPES: tuple[str, ...] = (
@@ -110,20 +109,6 @@ def _server_env(repository: Path) -> dict[str, str]:
         }
     )
     return env
-
-
-def stop_process(process: subprocess.Popen[bytes], timeout_s: float = STOP_TIMEOUT_S) -> None:
-    """SIGTERM by pid, wait, then SIGKILL if it is still there."""
-    if process.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(process.pid, signal.SIGKILL)
-        process.wait(timeout=timeout_s)
 
 
 def _wait_ready(gw: GatewayProcess, deadline_s: float) -> str | None:

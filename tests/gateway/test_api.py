@@ -14,7 +14,7 @@ from fastapi import FastAPI
 
 from gateway.app import create_app
 from gateway.settings import Settings
-from tests.conftest import ADMIN_KEY, USER_KEY
+from tests.conftest import ADMIN_KEY, USER_KEY, serving
 from tests.model_factory import TINY_CONFIG, tiny_classifier, tiny_expected, write_config
 
 X = [[1.0, 2.0, 3.0, 4.0], [0.5, 0.0, -1.0, 2.0]]
@@ -291,15 +291,7 @@ async def test_unknown_and_pathlike_models(
 
 async def test_oversized_body(settings: Settings) -> None:
     small = settings.model_copy(update={"max_body_bytes": 300})
-    app = create_app(small)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app),
-            base_url="http://t",
-            headers={"X-API-Key": USER_KEY},
-        ) as c,
-    ):
+    async with serving(small) as c:
         r = await c.post("/v2/models/tiny/infer", json=_infer_body([[0.0] * 4] * 16))
         assert r.status_code == 413
         assert "exceeds the limit of 300" in r.json()["error"]
@@ -405,15 +397,7 @@ async def test_broken_model_at_start_is_not_ready(tmp_path: Path, settings: Sett
     write_config(repo / "broken", {"platform": "onnx"})
     (repo / "broken" / "1").mkdir()
     (repo / "broken" / "1" / "model.onnx").write_bytes(b"\x00garbage")
-    app = create_app(settings)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app),
-            base_url="http://t",
-            headers={"X-API-Key": USER_KEY},
-        ) as c,
-    ):
+    async with serving(settings) as c:
         r = await c.get("/v2/health/ready")
         assert r.status_code == 503
         assert "broken" in r.json()["error"]
@@ -472,15 +456,7 @@ async def test_symlinked_model_directory_is_served(settings: Settings, tmp_path:
     write_config(elsewhere, TINY_CONFIG)
     tiny_classifier(elsewhere / "1" / "model.onnx")
     (settings.model_repository / "linked").symlink_to(elsewhere, target_is_directory=True)
-    app = create_app(settings)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app),
-            base_url="http://t",
-            headers={"X-API-Key": USER_KEY},
-        ) as c,
-    ):
+    async with serving(settings) as c:
         assert (await c.get("/v2/health/ready")).status_code == 200
         r = await c.post("/v2/models/linked/infer", json=_infer_body())
         assert r.status_code == 200

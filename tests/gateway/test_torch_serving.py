@@ -5,15 +5,13 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import httpx
 import numpy as np
 import torch
 from torch.export import Dim
 
-from gateway.app import create_app
 from gateway.models.nets import CNNConfig, DigitsCNN, NamedProbabilities
 from gateway.settings import Settings
-from tests.conftest import USER_KEY
+from tests.conftest import USER_KEY, serving
 from tests.gateway.test_torch_runtime import export
 from tests.model_factory import write_config
 
@@ -36,18 +34,11 @@ async def test_torch_model_through_the_gateway(tmp_path: Path) -> None:
         repo / "digits_torch" / "1" / "model.pt2",
         input={0: Dim("batch", min=1, max=1024)},
     )
-    app = create_app(Settings(model_repository=repo, api_keys=[USER_KEY], log_json=False))
+    settings = Settings(model_repository=repo, api_keys=[USER_KEY], log_json=False)
     xs = np.random.default_rng(0).random((12, 1, 1, 8, 8), dtype=np.float32)
     with torch.inference_mode():
         expected = net(torch.from_numpy(xs[:, 0]))["probabilities"].numpy()  # [12, 10]
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app),
-            base_url="http://t",
-            headers={"X-API-Key": USER_KEY},
-        ) as c,
-    ):
+    async with serving(settings) as c:
         meta = (await c.get("/v2/models/digits_torch")).json()
         assert meta["platform"] == "torch"
         assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
