@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, disable_created_metrics, gene
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway import __version__
+from gateway.api import openai as openai_routes
 from gateway.api import repository as repository_routes
 from gateway.api import v2
 from gateway.api.middleware import RequestContextMiddleware
@@ -21,6 +22,7 @@ from gateway.auth import KeyChecker
 from gateway.batcher import BatchObserver
 from gateway.dataplane import DataPlane
 from gateway.errors import GatewayError
+from gateway.generation.service import GenerationService, InvalidGeneration
 from gateway.metrics import GatewayMetrics
 from gateway.repository import ModelRepository
 from gateway.runtimes import Runtime
@@ -80,12 +82,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         drain_timeout_s=settings.shutdown_grace_s,
     )
     dataplane = DataPlane(repository, settings, metrics)
+    generation = GenerationService(settings.model_repository, metrics.generation)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if not settings.api_keys:
             log.warning("running WITHOUT API keys (FIDES_DEV_MODE): development only")
         await repository.load_all()
+        await generation.load_all()
         # Loaded models (torch especially) leave millions of long-lived objects: without
         # freezing them every full collection walks them all (150 ms pauses measured).
         gc.collect()
@@ -98,6 +102,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         log.info("shutting down: draining in-flight requests")
         await repository.close()
+        await generation.close()
 
     app = FastAPI(
         title="Fides Gateway",
@@ -108,25 +113,44 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.dataplane = dataplane
+    app.state.generation = generation
     app.state.keys = KeyChecker(settings.api_keys, settings.admin_api_keys)
 
+    def _error(
+        request: Request,
+        message: str,
+        status: int,
+        headers: dict[str, str] | None = None,
+        param: str | None = None,
+        code: str | None = None,
+    ) -> Response:
+        # /v1 speaks OpenAI's error body; everything else the gateway's {"error": message}
+        if request.url.path.startswith("/v1/"):
+            return openai_routes.openai_error_response(message, status, headers, param, code)
+        return error_response(message, status, headers)
+
     @app.exception_handler(GatewayError)
-    async def _gateway_error(_: Request, exc: GatewayError) -> Response:
-        return error_response(exc.message, exc.status, exc.headers)
+    async def _gateway_error(request: Request, exc: GatewayError) -> Response:
+        if isinstance(exc, InvalidGeneration):
+            return _error(request, exc.message, exc.status, exc.headers, exc.param, exc.code)
+        return _error(request, exc.message, exc.status, exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> Response:
-        parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
-        return error_response("invalid request: " + "; ".join(parts), 400)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+        errors = exc.errors()
+        parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors]
+        loc = [str(p) for p in errors[0]["loc"][1:]] if errors else []
+        param = ".".join(loc) or None
+        return _error(request, "invalid request: " + "; ".join(parts), 400, param=param)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> Response:
-        return error_response(str(exc.detail), exc.status_code, dict(exc.headers or {}))
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        return _error(request, str(exc.detail), exc.status_code, dict(exc.headers or {}))
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> Response:
+    async def _unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error", exc_info=exc)
-        return error_response(f"internal error: {type(exc).__name__}", 500)
+        return _error(request, f"internal error: {type(exc).__name__}", 500)
 
     @app.get("/metrics", include_in_schema=True, tags=["monitoring"])
     async def prometheus_metrics(request: Request) -> Response:
@@ -137,5 +161,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(v2.health)
     app.include_router(v2.router)
     app.include_router(repository_routes.router)
+    app.include_router(openai_routes.router)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     return app

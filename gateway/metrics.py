@@ -9,6 +9,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from gateway.generation.metrics import GenerationMetrics
+
 # Seconds; from 100 us (a tiny model on a warm path) to 30 s (a timed-out upstream).
 LATENCY_BUCKETS = (
     0.0001,
@@ -138,6 +140,8 @@ class GatewayMetrics:
             ["model"],
             registry=r,
         )
+
+        self.generation = GenerationMetrics(r)  # /v1 text generation and speculative decoding
 
         self._model_series: dict[tuple[str, str], ModelSeries] = {}
         self._http_series: dict[tuple[str, str, str], tuple[Any, Any]] = {}

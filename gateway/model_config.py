@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from gateway.datatypes import DATATYPES
+from gateway.generation.config import GenerationConfig
 
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
@@ -139,7 +140,7 @@ class ModelConfig(_Strict):
     """Contents of ``<repository>/<model>/config.yaml``."""
 
     name: str | None = Field(None, description="Must match the directory name when given.")
-    platform: Literal["onnx", "torch", "upstream"]
+    platform: Literal["onnx", "torch", "upstream", "causal_lm"]
     max_batch_size: int = Field(
         0, ge=0, description="0: no batch dimension is added and requests run one at a time."
     )
@@ -155,6 +156,9 @@ class ModelConfig(_Strict):
     onnx: OnnxOptions = Field(default_factory=OnnxOptions)
     torch: TorchOptions = Field(default_factory=TorchOptions)
     upstream: UpstreamOptions | None = None
+    generation: GenerationConfig | None = Field(
+        None, description="causal_lm only: draft, speculative decoding and serving limits."
+    )
     labels: list[str] | None = Field(None, description="Class names, index-aligned.")
     parameters: dict[str, str] = Field(default_factory=dict, description="Free-form metadata.")
 
@@ -162,6 +166,8 @@ class ModelConfig(_Strict):
     def _check(self) -> ModelConfig:
         if self.platform == "upstream" and self.upstream is None:
             raise ValueError("platform 'upstream' needs an 'upstream:' block with a url")
+        if self.generation is not None and self.platform != "causal_lm":
+            raise ValueError("a 'generation:' block needs platform 'causal_lm'")
         if self.dynamic_batching is not None and self.max_batch_size == 0:
             raise ValueError("dynamic_batching needs max_batch_size > 0")
         if self.dynamic_batching is not None:
@@ -181,7 +187,9 @@ class ModelConfig(_Strict):
     def model_filename(self) -> str:
         if self.default_model_filename:
             return self.default_model_filename
-        return {"onnx": "model.onnx", "torch": "model.pt2", "upstream": ""}[self.platform]
+        return {"onnx": "model.onnx", "torch": "model.pt2", "upstream": "", "causal_lm": ""}[
+            self.platform
+        ]
 
 
 def format_validation_error(exc: ValidationError, path: Path | str, root: str = "config") -> str:
@@ -194,6 +202,16 @@ def format_validation_error(exc: ValidationError, path: Path | str, root: str = 
         else:
             parts.append(f"{loc or root}: {err['msg']}")
     return f"{path}: " + "; ".join(parts)
+
+
+def read_platform(path: Path) -> str | None:
+    """The ``platform`` a config.yaml names, or None when it cannot be read (no validation)."""
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+    platform = raw.get("platform") if isinstance(raw, dict) else None
+    return platform if isinstance(platform, str) else None
 
 
 def load_model_config(path: Path, expected_name: str | None = None) -> ModelConfig:

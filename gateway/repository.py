@@ -18,7 +18,13 @@ from pathlib import Path
 
 from gateway.batcher import BatchObserver, BatchPolicy, DynamicBatcher
 from gateway.errors import BadRequest, GatewayError, ModelLoadError, NotFound, Unavailable
-from gateway.model_config import MODEL_NAME_RE, ConfigError, ModelConfig, load_model_config
+from gateway.model_config import (
+    MODEL_NAME_RE,
+    ConfigError,
+    ModelConfig,
+    load_model_config,
+    read_platform,
+)
 from gateway.runtimes import Runtime, runtime_class
 
 log = logging.getLogger(__name__)
@@ -124,13 +130,17 @@ class ModelRepository:
         return self.root / validate_model_name(name)
 
     def discover(self) -> list[str]:
-        """Model directories on disk (those holding a config.yaml)."""
+        """Model directories on disk (those holding a config.yaml); causal LMs are served by
+        :mod:`gateway.generation` at /v1, not here."""
         if not self.root.is_dir():
             return []
         return sorted(
             p.name
             for p in self.root.iterdir()
-            if p.is_dir() and (p / "config.yaml").is_file() and MODEL_NAME_RE.fullmatch(p.name)
+            if p.is_dir()
+            and (p / "config.yaml").is_file()
+            and MODEL_NAME_RE.fullmatch(p.name)
+            and read_platform(p / "config.yaml") != "causal_lm"
         )
 
     def index(self) -> list[dict[str, str]]:

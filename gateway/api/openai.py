@@ -1,0 +1,390 @@
+"""OpenAI-compatible text generation: /v1/completions, /v1/chat/completions, /v1/models.
+
+HTTP only: parsing, response shapes, Server-Sent Events; the work is done by
+:class:`gateway.generation.service.GenerationService`. Errors on /v1 use OpenAI's body
+``{"error": {"message", "type", "param", "code"}}`` (see :func:`openai_error_response`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Literal
+
+import orjson
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from gateway.api.deps import UserAuth
+from gateway.api.responses import json_response
+from gateway.generation.params import SamplingParams
+from gateway.generation.service import (
+    GenerationHandle,
+    GenerationService,
+    InvalidGeneration,
+    TextModel,
+)
+
+router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[UserAuth])
+
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable",
+}
+MAX_STOP_SEQUENCES = 4
+
+
+def openai_error_response(
+    message: str,
+    status: int,
+    headers: dict[str, str] | None = None,
+    param: str | None = None,
+    code: str | None = None,
+) -> Response:
+    body = {
+        "error": {
+            "message": message,
+            "type": _ERROR_TYPES.get(status, "server_error"),
+            "param": param,
+            "code": code,
+        }
+    }
+    return json_response(body, status, headers)
+
+
+async def _service(request: Request) -> GenerationService:
+    svc: GenerationService = request.app.state.generation
+    return svc
+
+
+GenerationDep = Annotated[GenerationService, Depends(_service)]
+
+
+# -- requests (strict: "5" is not an int, unknown fields are refused as OpenAI does) ----------
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class _Sampling(_Request):
+    model: str = Field(min_length=1)
+    temperature: float | None = Field(1.0, ge=0.0, le=2.0)
+    top_p: float | None = Field(1.0, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=-1, description="Extension (vLLM): -1 or 0 = off.")
+    n: int = Field(1, ge=1, le=1, description="Only one choice per request.")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = Field(None)
+    seed: int | None = None
+    user: str | None = None
+    presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="Not supported: 0 only.")
+    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="Not supported: 0 only.")
+
+    def stops(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise InvalidGeneration(
+                f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(stops)}", param="stop"
+            )
+        if any(not s for s in stops):
+            raise InvalidGeneration("stop sequences must not be empty", param="stop")
+        return stops
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int]
+    max_tokens: int | None = Field(None, ge=1)
+    echo: bool = Field(False, description="Not supported: false only.")
+    logprobs: None = Field(None, description="Not supported.")
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str
+    name: str | None = None
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = Field(False, description="Not supported: false only.")
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+_ids = itertools.count()
+_prefix = uuid.uuid4().hex[:12]
+
+
+def _new_id(kind: str) -> str:
+    return f"{kind}-{_prefix}{next(_ids):08x}"
+
+
+def _params(body: _Sampling, model: TextModel, max_tokens: int) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=max(0, body.top_k or 0),
+        seed=body.seed,
+        eos_token_ids=model.eos_token_ids,
+    )
+
+
+def _completion_prompt(body: CompletionRequest, model: TextModel) -> list[int]:
+    prompt = body.prompt
+    if isinstance(prompt, str):
+        return model.encode(prompt) if prompt else []
+    if not prompt:
+        return []
+    if all(isinstance(p, str) for p in prompt):
+        if len(prompt) != 1:
+            raise InvalidGeneration(
+                f"one prompt per request is supported, got {len(prompt)}", param="prompt"
+            )
+        return model.encode(str(prompt[0]))
+    ids = [int(t) for t in prompt]
+    vocab = model.engine.target.vocab_size
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise InvalidGeneration(f"token ids must be in [0, {vocab}), got {bad[:3]}", param="prompt")
+    return ids
+
+
+def _usage(handle: GenerationHandle) -> dict[str, int]:
+    return {
+        "prompt_tokens": handle.prompt_tokens,
+        "completion_tokens": handle.completion_tokens,
+        "total_tokens": handle.prompt_tokens + handle.completion_tokens,
+    }
+
+
+def _spec_stats(handle: GenerationHandle) -> dict[str, Any]:
+    """Per-request speculative record (an extension, like llama.cpp's draft_n)."""
+    st = handle.stats
+    drafted = st.get("draft_tokens", 0)
+    return {
+        "rounds": st.get("rounds", 0),
+        "draft_tokens": drafted,
+        "accepted_tokens": st.get("accepted", 0),
+        "acceptance_rate": round(st.get("accepted", 0) / drafted, 4) if drafted else None,
+    }
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _result_or_disconnect(request: Request, handle: GenerationHandle) -> str | None:
+    """The completion text, or None (generation cancelled) if the client went away first."""
+    work = asyncio.ensure_future(handle.result())
+    gone = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not work.done():
+            work.cancel()
+            handle.cancel()
+    return work.result() if work in done else None
+
+
+def _sse(doc: Any) -> bytes:
+    return b"data: " + orjson.dumps(doc) + b"\n\n"
+
+
+async def _stream(
+    handle: GenerationHandle, body: _Sampling, chunk: Any, include_usage: bool
+) -> AsyncIterator[bytes]:
+    """SSE events from the handle's deltas; abandoning the iterator cancels the generation."""
+    try:
+        first = chunk(None, None)
+        if first is not None:
+            yield _sse(first)
+        async for delta in handle.deltas():
+            yield _sse(chunk(delta.text, delta.finish_reason))
+    except Exception as exc:  # noqa: BLE001 - the status line is gone: report in the stream
+        yield _sse(
+            {
+                "error": {
+                    "message": f"generation failed: {type(exc).__name__}: {exc}",
+                    "type": "server_error",
+                    "param": None,
+                    "code": None,
+                }
+            }
+        )
+    finally:
+        if handle.finish_reason is None:  # client gone (or error): stop the worker
+            handle.cancel()
+    if include_usage:
+        doc = chunk(None, None, final=True)
+        doc["usage"] = _usage(handle)
+        yield _sse(doc)
+    yield b"data: [DONE]\n\n"
+
+
+def _streaming_response(gen: AsyncIterator[bytes]) -> StreamingResponse:
+    return StreamingResponse(
+        gen,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+# -- routes -----------------------------------------------------------------------------------
+
+
+@router.get("/models")
+async def list_models(svc: GenerationDep) -> Response:
+    data = [
+        {
+            "id": m.name,
+            "object": "model",
+            "created": m.created,
+            "owned_by": "fides",
+            "max_model_len": m.max_context,
+        }
+        for m in svc.models()
+    ]
+    return json_response({"object": "list", "data": data})
+
+
+@router.post("/completions")
+async def completions(body: CompletionRequest, request: Request, svc: GenerationDep) -> Response:
+    model = svc.get(body.model)
+    if body.echo:
+        raise InvalidGeneration("echo is not supported", param="echo")
+    prompt = _completion_prompt(body, model)
+    max_tokens = svc.check_lengths(model, prompt, body.max_tokens, model.config.default_max_tokens)
+    params = _params(body, model, max_tokens)
+    stops = body.stops()
+    handle = await svc.submit(model, prompt, params, stops)
+    rid, created = _new_id("cmpl"), int(time.time())
+
+    def chunk(text: str | None, finish: str | None, final: bool = False) -> Any:
+        if text is None and not final:
+            return None  # completions have no role chunk
+        choices = (
+            [] if final else [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]
+        )
+        doc: dict[str, Any] = {
+            "id": rid,
+            "object": "text_completion",
+            "created": created,
+            "model": model.name,
+            "choices": choices,
+        }
+        if include_usage:
+            doc["usage"] = None
+        return doc
+
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    if body.stream:
+        return _streaming_response(_stream(handle, body, chunk, include_usage))
+    text = await _result_or_disconnect(request, handle)
+    if text is None:
+        return Response(status_code=499)
+    return json_response(
+        {
+            "id": rid,
+            "object": "text_completion",
+            "created": created,
+            "model": model.name,
+            "choices": [
+                {"index": 0, "text": text, "logprobs": None, "finish_reason": handle.finish_reason}
+            ],
+            "usage": _usage(handle),
+            "spec_decode": _spec_stats(handle),
+        }
+    )
+
+
+@router.post("/chat/completions")
+async def chat_completions(body: ChatRequest, request: Request, svc: GenerationDep) -> Response:
+    model = svc.get(body.model)
+    if body.logprobs:
+        raise InvalidGeneration("logprobs is not supported", param="logprobs")
+    if body.max_tokens is not None and body.max_completion_tokens is not None:
+        raise InvalidGeneration(
+            "give max_tokens or max_completion_tokens, not both", param="max_tokens"
+        )
+    messages = [{"role": m.role, "content": m.content} for m in body.messages]
+    if not any(m["content"] for m in messages):
+        raise InvalidGeneration("the messages are empty", param="messages")
+    prompt = model.encode_chat(messages)
+    asked = body.max_completion_tokens or body.max_tokens
+    max_tokens = svc.check_lengths(model, prompt, asked, None)
+    params = _params(body, model, max_tokens)
+    stops = body.stops()
+    handle = await svc.submit(model, prompt, params, stops)
+    rid, created = _new_id("chatcmpl"), int(time.time())
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    def chunk(text: str | None, finish: str | None, final: bool = False) -> Any:
+        if final:
+            choices: list[Any] = []
+        elif text is None:
+            choices = [
+                {
+                    "index": 0,
+                    "delta": {"role": "assistant", "content": ""},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
+            ]
+        else:
+            delta = {"content": text} if text or finish is None else {}
+            choices = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+        doc: dict[str, Any] = {
+            "id": rid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model.name,
+            "choices": choices,
+        }
+        if include_usage:
+            doc["usage"] = None
+        return doc
+
+    if body.stream:
+        return _streaming_response(_stream(handle, body, chunk, include_usage))
+    text = await _result_or_disconnect(request, handle)
+    if text is None:
+        return Response(status_code=499)
+    return json_response(
+        {
+            "id": rid,
+            "object": "chat.completion",
+            "created": created,
+            "model": model.name,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": None,
+                    "finish_reason": handle.finish_reason,
+                }
+            ],
+            "usage": _usage(handle),
+            "spec_decode": _spec_stats(handle),
+        }
+    )

@@ -1,0 +1,78 @@
+"""The ``generation:`` block of a causal-LM model's ``config.yaml`` (``platform: causal_lm``).
+
+Like vLLM's ``SpeculativeConfig``: the draft model, how many tokens it proposes per round and
+how that number is scheduled, plus the serving limits of the model. No torch import here: the
+model-config schema imports this module.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Schedule = Literal["constant", "adaptive", "confidence"]
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+class GenerationConfig(BaseModel):
+    """How a causal LM (optionally with a draft) is served at ``/v1``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    target: str = Field(
+        ".",
+        description="Hugging Face model directory of the target, relative to the version "
+        "directory (default: the version directory itself).",
+    )
+    draft: str | None = Field(
+        None,
+        description="Hugging Face model directory of the draft (relative to the version "
+        "directory, or absolute); it must share the target's vocabulary. None: plain decoding.",
+    )
+    num_speculative_tokens: int = Field(
+        4, ge=0, le=32, description="Draft tokens proposed per round (gamma); 0 disables drafting."
+    )
+    schedule: Schedule = Field(
+        "constant",
+        description="constant: always num_speculative_tokens; adaptive: +2 after a fully "
+        "accepted round, -1 otherwise, within [1, max_speculative_tokens]; confidence: stop "
+        "drafting when the draft's probability of its token falls below confidence_threshold.",
+    )
+    max_speculative_tokens: int = Field(
+        16, ge=1, le=32, description="Upper bound of the adaptive and confidence schedules."
+    )
+    confidence_threshold: float = Field(
+        0.4, ge=0.0, le=1.0, description="Draft-probability cut-off of the confidence schedule."
+    )
+    dtype: DType = Field("float32", description="Weights and activations dtype.")
+    device: str = Field("cpu", description="'cpu', 'cuda' or 'cuda:N'.")
+    num_threads: int = Field(
+        0, ge=0, description="torch intra-op threads (process-wide); 0 keeps the default."
+    )
+    max_concurrent_sequences: int = Field(
+        1, ge=1, le=64, description="Sequences generated at once (one worker thread each)."
+    )
+    max_queue_size: int = Field(
+        16, ge=0, description="Requests waiting for a free sequence slot; beyond: 503."
+    )
+    max_context: int | None = Field(
+        None,
+        ge=2,
+        description="Prompt + completion tokens; default and upper bound: the target's "
+        "max_position_embeddings.",
+    )
+    default_max_tokens: int = Field(
+        16, ge=1, description="max_tokens of /v1/completions when the request sets none."
+    )
+    chat_template: str | None = Field(
+        None,
+        description="Jinja chat template; default: the tokenizer's, else the built-in "
+        "'<|role|>\\ncontent\\n' format ending with '<|assistant|>\\n'.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> GenerationConfig:
+        if self.draft is None and self.num_speculative_tokens and self.schedule != "constant":
+            raise ValueError(f"schedule {self.schedule!r} needs a draft")
+        return self

@@ -1,0 +1,366 @@
+"""The text-generation data plane: causal-LM models of the repository, admission (bounded
+concurrency and queue), worker threads, streaming, cancellation and metrics.
+
+Models are the repository's directories whose ``config.yaml`` says ``platform: causal_lm``;
+their latest version directory holds the Hugging Face target (and, by default, the draft in
+a sub-directory named by ``generation.draft``). Routes (:mod:`gateway.api.openai`) translate
+HTTP to :meth:`GenerationService.submit` and back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gateway.errors import BadRequest, GatewayError, ModelLoadError, QueueFull
+from gateway.generation.config import GenerationConfig
+from gateway.generation.metrics import GenerationMetrics
+from gateway.generation.text import Detokenizer, chat_prompt
+from gateway.model_config import MODEL_NAME_RE, ConfigError, load_model_config, read_platform
+
+log = logging.getLogger(__name__)
+
+PLATFORM = "causal_lm"
+
+
+class InvalidGeneration(BadRequest):
+    """A bad generation request; ``param`` names the offending field (OpenAI error body)."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+@dataclass
+class Delta:
+    """A piece of the completion: new text, tokens so far, and the finish reason at the end."""
+
+    text: str
+    completion_tokens: int
+    finish_reason: str | None = None
+
+
+@dataclass
+class TextModel:
+    """A served causal LM: tokenizer, engine and limits."""
+
+    name: str
+    version: int
+    config: GenerationConfig
+    engine: Any  # SpeculativeEngine (torch is imported lazily)
+    tokenizer: Any
+    max_context: int
+    eos_token_ids: frozenset[int]
+    created: int
+    executor: ThreadPoolExecutor
+    slots: asyncio.Semaphore
+    waiting: int = 0
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        return self.encode(chat_prompt(self.tokenizer, messages, self.config.chat_template))
+
+
+@dataclass
+class GenerationHandle:
+    """One admitted request: iterate it for deltas; ``cancel`` stops the worker."""
+
+    model: TextModel
+    prompt_tokens: int
+    queue: asyncio.Queue[Delta | BaseException] = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    stats: dict[str, int] = field(default_factory=dict)
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    async def deltas(self) -> AsyncIterator[Delta]:
+        """Deltas until the one carrying ``finish_reason``; cancels the worker if abandoned."""
+        try:
+            while True:
+                item = await self.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                self.completion_tokens = item.completion_tokens
+                if item.finish_reason is not None:
+                    self.finish_reason = item.finish_reason
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            if self.finish_reason is None:
+                self.cancel()
+
+    async def result(self) -> str:
+        parts = [d.text async for d in self.deltas()]
+        return "".join(parts)
+
+
+class GenerationService:
+    def __init__(self, root: Path, metrics: GenerationMetrics) -> None:
+        self.root = root
+        self.metrics = metrics
+        self._models: dict[str, TextModel] = {}
+        self._errors: dict[str, str] = {}
+
+    # -- models ---------------------------------------------------------------------------------
+
+    def discover(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            p.name
+            for p in self.root.iterdir()
+            if MODEL_NAME_RE.fullmatch(p.name) and read_platform(p / "config.yaml") == PLATFORM
+        )
+
+    async def load_all(self) -> None:
+        for name in self.discover():
+            try:
+                self._models[name] = await asyncio.to_thread(self._load, name)
+            except GatewayError as exc:
+                self._errors[name] = exc.message
+                log.error("text model %s failed to load: %s", name, exc.message)
+
+    def _load(self, name: str) -> TextModel:
+        from gateway.generation.engine import SpeculativeEngine
+        from gateway.generation.runtime import (
+            check_same_vocabulary,
+            load_causal_lm,
+            load_tokenizer,
+        )
+        from gateway.generation.schedule import Lookahead
+
+        t0 = time.perf_counter()
+        path = self.root / name
+        try:
+            cfg = load_model_config(path / "config.yaml", expected_name=name)
+        except ConfigError as exc:
+            raise ModelLoadError(str(exc)) from exc
+        gen = cfg.generation or GenerationConfig()
+        versions = sorted(
+            int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit() and p.name != "0"
+        )
+        if not versions:
+            raise ModelLoadError(f"model '{name}': no version directories (1, 2, ...) in {path}")
+        version = cfg.version_policy.select(versions)[-1]
+        vdir = path / str(version)
+        if gen.num_threads:
+            import torch
+
+            torch.set_num_threads(gen.num_threads)
+        try:
+            target = load_causal_lm(vdir / gen.target, gen.device, gen.dtype)
+            tokenizer = load_tokenizer(vdir / gen.target)
+            draft = None
+            if gen.draft is not None and gen.num_speculative_tokens > 0:
+                dpath = vdir / gen.draft
+                draft = load_causal_lm(dpath, gen.device, gen.dtype)
+                has_tok = any((dpath / f).is_file() for f in ("tokenizer.json", "vocab.json"))
+                check_same_vocabulary(
+                    target, draft, tokenizer, load_tokenizer(dpath) if has_tok else None
+                )
+        except ModelLoadError as exc:
+            raise ModelLoadError(f"model '{name}': {exc.message}") from exc
+        except Exception as exc:  # noqa: BLE001 - a broken model directory must not crash us
+            raise ModelLoadError(f"model '{name}': {type(exc).__name__}: {exc}") from exc
+        limit = target.max_positions or 2048
+        if gen.max_context is not None and gen.max_context > limit:
+            raise ModelLoadError(
+                f"model '{name}': max_context {gen.max_context} exceeds the target's "
+                f"max_position_embeddings {limit}"
+            )
+        max_context = gen.max_context or limit
+        eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+        gen_eos = getattr(target.model.generation_config, "eos_token_id", None)
+        eos |= set(gen_eos) if isinstance(gen_eos, list) else {gen_eos} if gen_eos else set()
+        engine = SpeculativeEngine(
+            target, draft, Lookahead.from_config(gen, draft is not None), max_context
+        )
+        log.info(
+            "text model %s v%d loaded in %.2fs (draft: %s, k=%d, schedule %s)",
+            name,
+            version,
+            time.perf_counter() - t0,
+            gen.draft if draft is not None else "none",
+            engine.lookahead.gamma,
+            gen.schedule,
+        )
+        return TextModel(
+            name=name,
+            version=version,
+            config=gen,
+            engine=engine,
+            tokenizer=tokenizer,
+            max_context=max_context,
+            eos_token_ids=frozenset(int(e) for e in eos),
+            created=int(time.time()),
+            executor=ThreadPoolExecutor(gen.max_concurrent_sequences, f"generate-{name}"),
+            slots=asyncio.Semaphore(gen.max_concurrent_sequences),
+        )
+
+    def models(self) -> list[TextModel]:
+        return [self._models[n] for n in sorted(self._models)]
+
+    def get(self, name: str) -> TextModel:
+        model = self._models.get(name)
+        if model is None:
+            why = self._errors.get(name)
+            msg = (
+                f"model '{name}' failed to load: {why}"
+                if why
+                else f"the model '{name}' does not exist; available: {sorted(self._models)}"
+            )
+            raise InvalidGeneration(msg, param="model", code="model_not_found")
+        return model
+
+    async def close(self) -> None:
+        for m in self._models.values():
+            m.executor.shutdown(wait=False, cancel_futures=True)
+        self._models.clear()
+
+    # -- generation -----------------------------------------------------------------------------
+
+    def check_lengths(
+        self, model: TextModel, prompt: list[int], max_tokens: int | None, default: int | None
+    ) -> int:
+        """The max_tokens to use, or a 400 naming the parameter at fault."""
+        if not prompt:
+            raise InvalidGeneration("the prompt is empty", param="prompt")
+        room = model.max_context - len(prompt)
+        if room < 1:
+            raise InvalidGeneration(
+                f"the prompt has {len(prompt)} tokens; this model's context is "
+                f"{model.max_context} tokens, which leaves no room for a completion",
+                param="prompt",
+                code="context_length_exceeded",
+            )
+        if max_tokens is None:
+            return room if default is None else min(default, room)
+        if max_tokens > room:
+            raise InvalidGeneration(
+                f"max_tokens ({max_tokens}) + the prompt's {len(prompt)} tokens exceed this "
+                f"model's context of {model.max_context} tokens",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        return max_tokens
+
+    async def submit(
+        self, model: TextModel, prompt: list[int], params: Any, stop: list[str]
+    ) -> GenerationHandle:
+        """Admit the request (wait for a slot, or 503 when the queue is full) and start it."""
+        t_arrival = time.perf_counter()
+        gauge = self.metrics.waiting.labels(model.name)
+        if model.slots.locked() and model.waiting >= model.config.max_queue_size:
+            raise QueueFull(
+                f"model '{model.name}' is busy: {model.config.max_concurrent_sequences} "
+                f"sequences running and {model.waiting} waiting; retry later"
+            )
+        model.waiting += 1
+        gauge.set(model.waiting)
+        try:
+            await model.slots.acquire()
+        finally:
+            model.waiting -= 1
+            gauge.set(model.waiting)
+        handle = GenerationHandle(model, len(prompt))
+        loop = asyncio.get_running_loop()
+        try:
+            future = loop.run_in_executor(
+                model.executor, self._run, model, prompt, params, stop, handle, loop, t_arrival
+            )
+        except BaseException:
+            model.slots.release()
+            raise
+        future.add_done_callback(lambda _f: model.slots.release())
+        return handle
+
+    def _run(
+        self,
+        model: TextModel,
+        prompt: list[int],
+        params: Any,
+        stop: list[str],
+        handle: GenerationHandle,
+        loop: asyncio.AbstractEventLoop,
+        t_arrival: float,
+    ) -> None:
+        """The worker thread: rounds of the engine -> deltas on the handle's queue."""
+        m, name = self.metrics, model.name
+
+        def put(item: Delta | BaseException) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed under us (shutdown)
+                loop.call_soon_threadsafe(handle.queue.put_nowait, item)
+
+        running = m.running.labels(name)
+        running.inc()
+        m.prompt_tokens.labels(name).inc(len(prompt))
+        reason = "error"
+        try:
+            detok = Detokenizer(model.tokenizer, stop)
+            seq = model.engine.start(prompt, params)
+            handle.stats = seq.stats
+            count = 0
+            t_first = t_last = 0.0
+            while True:
+                if handle.cancelled.is_set():
+                    reason = "cancelled"
+                    return
+                rnd = model.engine.step(seq)
+                now = time.perf_counter()
+                self._count_round(name, rnd)
+                count += len(rnd.tokens)
+                if t_first == 0.0:
+                    t_first = now
+                    m.ttft.labels(name).observe(now - t_arrival)
+                    per_token = (now - t_arrival) / len(rnd.tokens)
+                    itl_n = len(rnd.tokens) - 1
+                else:
+                    per_token = (now - t_last) / len(rnd.tokens)
+                    itl_n = len(rnd.tokens)
+                itl = m.itl.labels(name)
+                for _ in range(itl_n):
+                    itl.observe(per_token)
+                t_last = now
+                text, stopped = detok.add(rnd.tokens)
+                finish = "stop" if stopped else rnd.finished
+                if finish is not None and not stopped:
+                    text += detok.flush()
+                if text or finish is not None:
+                    put(Delta(text, count, finish))
+                if finish is not None:
+                    reason = finish
+                    if t_last > t_arrival:
+                        m.tokens_per_second.labels(name).observe(count / (t_last - t_arrival))
+                    return
+        except BaseException as exc:  # noqa: BLE001 - handed to the request, then logged
+            log.exception("generation failed on model %s", name)
+            put(exc)
+        finally:
+            running.dec()
+            m.requests.labels(name, reason).inc()
+
+    def _count_round(self, name: str, rnd: Any) -> None:
+        m = self.metrics
+        m.emitted_tokens.labels(name).inc(len(rnd.tokens))
+        if rnd.drafted:
+            m.drafts.labels(name).inc()
+            m.draft_tokens.labels(name).inc(rnd.drafted)
+            if rnd.accepted:
+                m.accepted_tokens.labels(name).inc(rnd.accepted)
+                for pos in range(rnd.accepted):
+                    m.per_position(name, pos).inc()

@@ -1,0 +1,68 @@
+"""Text around the engine: chat prompts, incremental detokenising and stop sequences."""
+
+from __future__ import annotations
+
+from typing import Any
+
+REPLACEMENT = "\ufffd"  # what a byte-level tokenizer decodes half a UTF-8 character to
+
+# The built-in chat format, used when neither config.yaml nor the tokenizer has a template.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def chat_prompt(tokenizer: Any, messages: list[dict[str, str]], template: str | None) -> str:
+    """The prompt text for ``messages``: config template, else tokenizer's, else the default."""
+    chosen = template or getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
+    text = tokenizer.apply_chat_template(
+        messages, chat_template=chosen, add_generation_prompt=True, tokenize=False
+    )
+    return str(text)
+
+
+class Detokenizer:
+    """Turns generated token ids into text deltas, cutting at the first stop sequence.
+
+    Text is held back while it ends in half a UTF-8 character or in a prefix of a stop
+    sequence, so a client never sees text that a later token turns into a stop.
+    """
+
+    def __init__(self, tokenizer: Any, stops: list[str]) -> None:
+        self._tok = tokenizer
+        self._stops = [s for s in stops if s]
+        self._ids: list[int] = []
+        self._sent = 0  # characters already returned
+        self.text = ""
+
+    def add(self, tokens: list[int]) -> tuple[str, bool]:
+        """(new text, stopped): ``stopped`` when a stop sequence appeared (it is cut off)."""
+        self._ids.extend(tokens)
+        text = self._tok.decode(self._ids, skip_special_tokens=True)
+        cut = -1
+        for s in self._stops:
+            i = text.find(s, max(0, self._sent - len(s) + 1))
+            if i >= 0 and (cut < 0 or i < cut):
+                cut = i
+        if cut >= 0:
+            self.text = text[:cut]
+            return self._take(cut), True
+        self.text = text
+        base = len(text.rstrip(REPLACEMENT))
+        hold = 0  # the longest stop-sequence prefix the text ends with
+        for s in self._stops:
+            for k in range(min(len(s) - 1, base), hold, -1):
+                if text[:base].endswith(s[:k]):
+                    hold = k
+                    break
+        return self._take(max(base - hold, self._sent)), False
+
+    def flush(self) -> str:
+        """Whatever was held back, once the sequence ended without a stop sequence."""
+        return self._take(len(self.text))
+
+    def _take(self, end: int) -> str:
+        delta = self.text[self._sent : end]
+        self._sent = max(self._sent, end)
+        return delta

@@ -1,0 +1,49 @@
+"""Tiny real models shared by the generation tests (built once per session)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from gateway.generation.runtime import CausalLM, load_causal_lm, load_tokenizer
+from gateway.models.text_default import LMSpec
+from tests.generation.factory import make_lm_repository, perturbed, save
+
+
+@dataclass
+class Pair:
+    target: CausalLM
+    near: CausalLM  # the target plus a little noise: accepts often, rejects sometimes
+    far: CausalLM  # an unrelated random model: rejects most drafts
+    tokenizer: Any
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models run 3x faster on one intra-op thread than on two (2-core machines)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def lm_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_lm_repository(tmp_path_factory.mktemp("lm") / "repo")
+
+
+@pytest.fixture(scope="session")
+def pair(lm_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Pair:
+    vdir = lm_repo / "tiny" / "1"
+    target = load_causal_lm(vdir)
+    tok = load_tokenizer(vdir)
+    base = tmp_path_factory.mktemp("drafts")
+    near = save(perturbed(target.model, 0.02, seed=3), None, base / "near")
+    spec = LMSpec(layers=1, dim=32, heads=2, vocab_size=target.vocab_size, context=128)
+    far = save(spec.build(seed=7), None, base / "far")
+    return Pair(target, load_causal_lm(near), load_causal_lm(far), tok)
