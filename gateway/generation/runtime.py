@@ -90,7 +90,7 @@ def load_causal_lm(path: Path, device: str = "cpu", dtype: str = "float32") -> C
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # no tqdm bars in server logs
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # no tqdm in logs
 
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path} is not a Hugging Face model directory (no config.json)")

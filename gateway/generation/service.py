@@ -309,50 +309,58 @@ class GenerationService:
         running = m.running.labels(name)
         running.inc()
         m.prompt_tokens.labels(name).inc(len(prompt))
-        reason = "error"
+        done = False
+
+        def finish(reason: str) -> None:
+            # before the last delta goes out, so a client that saw it sees the metrics too
+            nonlocal done
+            if not done:
+                done = True
+                running.dec()
+                m.requests.labels(name, reason).inc()
+
         try:
             detok = Detokenizer(model.tokenizer, stop)
             seq = model.engine.start(prompt, params)
             handle.stats = seq.stats
             count = 0
-            t_first = t_last = 0.0
+            t_last = 0.0
             while True:
                 if handle.cancelled.is_set():
-                    reason = "cancelled"
+                    finish("cancelled")
                     return
                 rnd = model.engine.step(seq)
                 now = time.perf_counter()
                 self._count_round(name, rnd)
-                count += len(rnd.tokens)
-                if t_first == 0.0:
-                    t_first = now
+                if count == 0:
                     m.ttft.labels(name).observe(now - t_arrival)
-                    per_token = (now - t_arrival) / len(rnd.tokens)
                     itl_n = len(rnd.tokens) - 1
+                    per_token = (now - t_arrival) / len(rnd.tokens)
                 else:
-                    per_token = (now - t_last) / len(rnd.tokens)
                     itl_n = len(rnd.tokens)
+                    per_token = (now - t_last) / len(rnd.tokens)
                 itl = m.itl.labels(name)
                 for _ in range(itl_n):
                     itl.observe(per_token)
+                count += len(rnd.tokens)
                 t_last = now
                 text, stopped = detok.add(rnd.tokens)
-                finish = "stop" if stopped else rnd.finished
-                if finish is not None and not stopped:
-                    text += detok.flush()
-                if text or finish is not None:
-                    put(Delta(text, count, finish))
-                if finish is not None:
-                    reason = finish
-                    if t_last > t_arrival:
-                        m.tokens_per_second.labels(name).observe(count / (t_last - t_arrival))
+                reason = "stop" if stopped else rnd.finished
+                if reason is not None:
+                    if not stopped:
+                        text += detok.flush()
+                    m.tokens_per_second.labels(name).observe(count / max(now - t_arrival, 1e-9))
+                    finish(reason)
+                    put(Delta(text, count, reason))
                     return
+                if text:
+                    put(Delta(text, count))
         except BaseException as exc:  # noqa: BLE001 - handed to the request, then logged
             log.exception("generation failed on model %s", name)
+            finish("error")
             put(exc)
         finally:
-            running.dec()
-            m.requests.labels(name, reason).inc()
+            finish("error")
 
     def _count_round(self, name: str, rnd: Any) -> None:
         m = self.metrics

@@ -52,7 +52,7 @@ class LMSpec:
         from transformers import LlamaForCausalLM
 
         torch.manual_seed(seed)
-        return LlamaForCausalLM(self.hf_config(eos_token_id)).eval()
+        return LlamaForCausalLM(self.hf_config(eos_token_id)).eval()  # type: ignore[no-untyped-call]
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Any:
@@ -73,6 +73,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Any:
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=EOS, unk_token=None
     )
