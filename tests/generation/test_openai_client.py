@@ -1,0 +1,136 @@
+"""The real ``openai`` package against the real gateway process: completions and chat,
+streaming and not, errors; plus queue shedding and cancellation on client disconnect."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import USER_KEY
+from tests.e2e.conftest import GatewayProcess, running_gateway
+from tests.generation.factory import make_lm_repository
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    base = tmp_path_factory.mktemp("openai-e2e")
+    repo = make_lm_repository(base / "repo", name="tiny")
+    # a long-context model that admits one sequence and queues none: for shedding/cancel tests
+    make_lm_repository(
+        repo,
+        name="long",
+        context=2048,
+        generation={"max_concurrent_sequences": 1, "max_queue_size": 0},
+    )
+    with running_gateway(repo, base / "logs") as gw:
+        yield gw
+
+
+@pytest.fixture
+def client(gateway: GatewayProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gateway.base_url + "/v1", api_key=USER_KEY, max_retries=0)
+
+
+def metric(gw: GatewayProcess, name: str, **labels: str) -> float:
+    text = httpx.get(gw.base_url + "/metrics").text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_models_and_completion(client: openai.OpenAI) -> None:
+    assert sorted(m.id for m in client.models.list()) == ["long", "tiny"]
+    c = client.completions.create(model="tiny", prompt="def f(x):", max_tokens=8, temperature=0)
+    assert c.object == "text_completion"
+    assert c.choices[0].finish_reason == "length"
+    assert c.usage is not None
+    assert c.usage.completion_tokens == 8
+    again = client.completions.create(
+        model="tiny", prompt="def f(x):", max_tokens=8, temperature=0
+    )
+    assert again.choices[0].text == c.choices[0].text
+
+
+def test_streaming_completion_with_usage(client: openai.OpenAI) -> None:
+    whole = client.completions.create(model="tiny", prompt="import", max_tokens=16, temperature=0)
+    stream = client.completions.create(
+        model="tiny",
+        prompt="import",
+        max_tokens=16,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 16
+    assert chunks[-1].choices == []
+    assert "".join(c.choices[0].text for c in chunks[:-1]) == whole.choices[0].text
+
+
+def test_chat_streaming_and_not(client: openai.OpenAI) -> None:
+    messages = [{"role": "user", "content": "print hello"}]
+    r = client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=10, temperature=0  # type: ignore[arg-type]
+    )
+    assert r.choices[0].message.role == "assistant"
+    text = r.choices[0].message.content
+    stream = client.chat.completions.create(
+        model="tiny",
+        messages=messages,  # type: ignore[arg-type]
+        max_tokens=10,
+        temperature=0,
+        stream=True,
+    )
+    streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert streamed == text
+
+
+def test_errors_raise_bad_request(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.completions.create(model="missing", prompt="a")
+    assert exc.value.code == "model_not_found"
+    assert exc.value.param == "model"
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny", prompt="a", temperature=3.0)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=client.base_url, api_key="wrong", max_retries=0).models.list()
+
+
+def test_disconnect_cancels_and_full_queue_sheds(
+    gateway: GatewayProcess, client: openai.OpenAI
+) -> None:
+    before = metric(gateway, "fides_generation_requests_total", finish_reason="cancelled")
+    stream = client.completions.create(
+        model="long", prompt="def", max_tokens=2000, temperature=1.0, stream=True
+    )
+    first = next(iter(stream))
+    assert first.choices[0].finish_reason is None
+    # the one slot is taken and no queue is allowed: the next request is shed
+    with pytest.raises(openai.InternalServerError) as exc:
+        client.completions.create(model="long", prompt="a", max_tokens=5)
+    assert exc.value.status_code == 503
+    stream.close()  # the client goes away mid-stream
+    # non-streaming: the client gives up after 0.3 s; the server must stop generating
+    deadline = time.monotonic() + 10
+    while metric(gateway, "fides_generation_requests_total", finish_reason="cancelled") < before + 1:
+        assert time.monotonic() < deadline, "streaming generation not cancelled"
+        time.sleep(0.05)
+    quick = openai.OpenAI(
+        base_url=client.base_url, api_key=USER_KEY, max_retries=0, timeout=0.3
+    )
+    with pytest.raises(openai.APITimeoutError):
+        quick.completions.create(model="long", prompt="def", max_tokens=2000, temperature=1.0)
+    while metric(gateway, "fides_generation_requests_total", finish_reason="cancelled") < before + 2:
+        assert time.monotonic() < deadline, "non-streaming generation not cancelled"
+        time.sleep(0.05)
+    assert metric(gateway, "fides_generation_running", model="long") == 0
