@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import openai
@@ -54,9 +53,7 @@ def test_models_and_completion(client: openai.OpenAI) -> None:
     assert c.choices[0].finish_reason == "length"
     assert c.usage is not None
     assert c.usage.completion_tokens == 8
-    again = client.completions.create(
-        model="tiny", prompt="def f(x):", max_tokens=8, temperature=0
-    )
+    again = client.completions.create(model="tiny", prompt="def f(x):", max_tokens=8, temperature=0)
     assert again.choices[0].text == c.choices[0].text
 
 
@@ -80,7 +77,10 @@ def test_streaming_completion_with_usage(client: openai.OpenAI) -> None:
 def test_chat_streaming_and_not(client: openai.OpenAI) -> None:
     messages = [{"role": "user", "content": "print hello"}]
     r = client.chat.completions.create(
-        model="tiny", messages=messages, max_tokens=10, temperature=0  # type: ignore[arg-type]
+        model="tiny",
+        messages=messages,
+        max_tokens=10,
+        temperature=0,  # type: ignore[arg-type]
     )
     assert r.choices[0].message.role == "assistant"
     text = r.choices[0].message.content
@@ -122,15 +122,17 @@ def test_disconnect_cancels_and_full_queue_sheds(
     stream.close()  # the client goes away mid-stream
     # non-streaming: the client gives up after 0.3 s; the server must stop generating
     deadline = time.monotonic() + 10
-    while metric(gateway, "fides_generation_requests_total", finish_reason="cancelled") < before + 1:
+
+    def cancelled() -> float:
+        return metric(gateway, "fides_generation_requests_total", finish_reason="cancelled")
+
+    while cancelled() < before + 1:
         assert time.monotonic() < deadline, "streaming generation not cancelled"
         time.sleep(0.05)
-    quick = openai.OpenAI(
-        base_url=client.base_url, api_key=USER_KEY, max_retries=0, timeout=0.3
-    )
+    quick = openai.OpenAI(base_url=client.base_url, api_key=USER_KEY, max_retries=0, timeout=0.3)
     with pytest.raises(openai.APITimeoutError):
         quick.completions.create(model="long", prompt="def", max_tokens=2000, temperature=1.0)
-    while metric(gateway, "fides_generation_requests_total", finish_reason="cancelled") < before + 2:
+    while cancelled() < before + 2:
         assert time.monotonic() < deadline, "non-streaming generation not cancelled"
         time.sleep(0.05)
     assert metric(gateway, "fides_generation_running", model="long") == 0
