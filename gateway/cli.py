@@ -133,6 +133,35 @@ def train(
         raise typer.Exit(2) from None
 
 
+@app.command()
+def evaluate(
+    experiment: Annotated[Path, typer.Argument(help="Experiment YAML (see experiments/).")],
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Report JSON (+ .md beside it); default bench/results/integrity_<name>.json."
+        ),
+    ] = None,
+    run_dir: Annotated[Path | None, typer.Option(help="Checkpoints; default runs/<name>.")] = None,
+    repository: Annotated[
+        Path | None,
+        typer.Option(help="Where the detector and re-classifier go; default <run-dir>/repository."),
+    ] = None,
+) -> None:
+    """Attacks, GAN-trained detector, re-classifier and calibration; writes the report."""
+    from verifier.cli import evaluate_command
+    from verifier.data import DataError
+    from verifier.experiment import ExperimentError
+
+    try:
+        evaluate_command(
+            experiment, out=out, run_dir=run_dir, repository=repository, console=console
+        )
+    except (ExperimentError, DataError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
 @bench_app.command("serving")
 def bench_serving(
     output: Annotated[Path, typer.Option(help="Where to write the JSON results.")] = Path(

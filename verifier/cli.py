@@ -16,7 +16,7 @@ from verifier.experiment import Experiment, load_experiment
 from verifier.gdtl import StepRecord, path_table
 from verifier.pipeline import run_experiment
 
-__all__ = ["default_run_dir", "results_markdown", "train_command"]
+__all__ = ["default_run_dir", "evaluate_command", "results_markdown", "train_command"]
 
 
 def default_run_dir(exp: Experiment) -> Path:
@@ -108,3 +108,34 @@ def train_command(
         console.print(f"results: {results_path} and {md}")
     console.print(f"models: {repository}")
     return results
+
+
+def evaluate_command(
+    experiment: Path,
+    *,
+    out: Path | None,
+    run_dir: Path | None,
+    repository: Path | None,
+    console: Console,
+) -> dict[str, Any]:
+    from verifier.evaluate import evaluate_experiment, report_markdown
+
+    exp = load_experiment(experiment)
+    run_dir = run_dir or default_run_dir(exp)
+    repository = repository or run_dir / "repository"
+    out = out or Path(f"bench/results/integrity_{exp.name}.json")
+    console.print(f"experiment [bold]{exp.name}[/bold] -> {run_dir} (resumes if interrupted)")
+    report = evaluate_experiment(
+        exp,
+        run_dir,
+        repository=repository,
+        show_progress=True,
+        say=lambda m: console.print(f"  [cyan]>[/cyan] {m}"),
+    )
+    report["command"] = f"fides evaluate {experiment}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    md = out.with_suffix(".md")
+    md.write_text(report_markdown(report, report["command"]), encoding="utf-8")
+    console.print(f"report: {out} and {md}; detector and re-classifier in {repository}")
+    return report

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -135,6 +135,94 @@ class VerifierConfig(_Strict):
     )
 
 
+OutputAttackName = Literal["switch", "avg", "random_switch", "targeted_flip", "noise"]
+
+
+class GanConfig(_Strict):
+    """The GAN that trains the attack detector (verifier.gan)."""
+
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(256, ge=2)
+    lr_d: float = Field(1e-3, gt=0)
+    lr_g: float = Field(1e-3, gt=0)
+    noise_dim: int = Field(16, ge=1)
+    flip_weight: float = Field(1.0, ge=0, description="Weight of the logit-margin flip loss.")
+    fool_weight: float = Field(1.0, ge=0, description="Weight of the fool-the-detector loss.")
+    kappa: float = Field(1.0, ge=0, description="Margin (nats) the flip loss asks for.")
+
+
+class SubstituteConfig(_Strict):
+    """A cheaper model a lazy provider might serve instead of the service student."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_]+$")
+    kind: Literal["student", "int8"] = Field(
+        description="student: a smaller / less-trained net trained here with cross-entropy; "
+        "int8: the service student with int8-rounded weights."
+    )
+    net: NetSpec | None = None
+    train: OptimConfig | None = None
+
+    @model_validator(mode="after")
+    def _net(self) -> SubstituteConfig:
+        if self.kind == "student" and (self.net is None or self.train is None):
+            raise ValueError(f"substitute {self.name!r} of kind 'student' needs net and train")
+        return self
+
+
+class DetectorConfig(_Strict):
+    """Attack detector, re-classifier and their evaluation (``fides evaluate``).
+
+    The test split is cut (seeded) into detector training, calibration and evaluation parts;
+    the detector also trains on the validation split. Neither was used to fit the service or
+    the verifier's weights.
+    """
+
+    train_fraction: float = Field(
+        0.4, gt=0, lt=1, description="Share of the test split for detector training."
+    )
+    calibration_fraction: float = Field(
+        0.2, gt=0, lt=1, description="Share of the test split for threshold calibration."
+    )
+    hidden: list[int] = Field(default_factory=lambda: [128, 64], min_length=1)
+    reclassifier_hidden: list[int] = Field(default_factory=lambda: [256, 128], min_length=1)
+    reclassifier_epochs: int = Field(30, ge=1)
+    finetune_epochs: int = Field(
+        10, ge=0, description="Detector epochs against the final generator after the GAN."
+    )
+    train_attacks: list[OutputAttackName] = Field(
+        default_factory=lambda: list(get_args(OutputAttackName)),
+        min_length=1,
+        description="Fixed attacks mixed into the detector's training.",
+    )
+    noise_sigma: float = Field(1.5, gt=0, description="Std of the noise on log-probabilities.")
+    fgsm_epsilons: list[float] = Field(
+        default_factory=lambda: [0.04, 0.1], description="FGSM budgets on [0, 1] pixels."
+    )
+    fgsm_train_epsilon: float | None = Field(
+        0.04, gt=0, description="FGSM budget mixed into detector training (None: not used)."
+    )
+    substitutes: list[SubstituteConfig] = Field(
+        default_factory=lambda: [SubstituteConfig(name="int8", kind="int8")]
+    )
+    target_fpr: float = Field(0.01, gt=0, lt=0.5, description="Clean false-positive target.")
+    window_size: int = Field(100, ge=5, description="Requests per substitution-test window.")
+    window_alpha: float = Field(
+        0.005,
+        gt=0,
+        lt=0.5,
+        description="Window test level (half the 1% false-alarm goal: the clean reference is "
+        "a finite sample, which adds its own variance).",
+    )
+    windows: int = Field(400, ge=10, description="Windows drawn per condition in evaluation.")
+    gan: GanConfig = Field(default_factory=GanConfig)
+
+    @model_validator(mode="after")
+    def _fractions(self) -> DetectorConfig:
+        if self.train_fraction + self.calibration_fraction >= 0.9:
+            raise ValueError("train_fraction + calibration_fraction must leave >= 10% to test")
+        return self
+
+
 class ExportConfig(_Strict):
     service_name: str
     verifier_name: str
@@ -153,6 +241,7 @@ class Experiment(_Strict):
     student: StudentConfig
     verifier: VerifierConfig
     export: ExportConfig
+    detector: DetectorConfig = Field(default_factory=DetectorConfig)
 
     def config_hash(self) -> str:
         canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)

@@ -25,12 +25,12 @@ from verifier.losses import cross_entropy, ensemble_kd_loss, kd_loss
 from verifier.nets import ConvNet, NetConfig, count_parameters
 from verifier.train import fit, predict_logits, set_determinism
 
-__all__ = ["run_experiment"]
+__all__ = ["net_config", "run_experiment", "stage_key", "trained_nets"]
 
 Say = Callable[[str], None]
 
 
-def _net_config(spec: NetSpec, splits: Splits) -> NetConfig:
+def net_config(spec: NetSpec, splits: Splits) -> NetConfig:
     c = splits.image_shape[0]
     return NetConfig(
         widths=tuple(spec.widths),
@@ -45,7 +45,7 @@ def _net_config(spec: NetSpec, splits: Splits) -> NetConfig:
     )
 
 
-def _key(*parts: object) -> str:
+def stage_key(*parts: object) -> str:
     """A short hash of everything a stage's result depends on: a stage directory is reused
     only by a config that would train it identically (changing the verifier settings keeps
     the trained teachers and student)."""
@@ -92,8 +92,8 @@ def run_experiment(
         f"data: {splits.source}, {len(splits.train)} train / {len(splits.val)} val / "
         f"{len(splits.test)} test, images {shape}, {splits.num_classes} classes"
     )
-    teacher_cfgs = [_net_config(t.net, splits) for t in exp.teachers]
-    student_cfg = _net_config(exp.student.net, splits)
+    teacher_cfgs = [net_config(t.net, splits) for t in exp.teachers]
+    student_cfg = net_config(exp.student.net, splits)
     teacher_flops = [count_flops(ConvNet(c), shape) for c in teacher_cfgs]
     student_flops = count_flops(ConvNet(student_cfg), shape)
     ratio = min(teacher_flops) / student_flops
@@ -104,8 +104,10 @@ def run_experiment(
         )
     base = (exp.data.model_dump(mode="json"), exp.seed, exp.threads)
     teachers_dump = [t.model_dump(mode="json") for t in exp.teachers]
-    student_key = _key(*base, teachers_dump, exp.student.model_dump(mode="json"))
-    verifier_key = _key(student_key, exp.verifier.model_dump(mode="json", exclude={"candidates"}))
+    student_key = stage_key(*base, teachers_dump, exp.student.model_dump(mode="json"))
+    verifier_key = stage_key(
+        student_key, exp.verifier.model_dump(mode="json", exclude={"candidates"})
+    )
     bar = Progress(transient=True) if show_progress else None
     timings: dict[str, float] = {}
     with bar if bar is not None else nullcontext():
@@ -122,7 +124,7 @@ def run_experiment(
                 tc.train,
                 seed=exp.seed + i,
                 augment_cfg=d.augment,
-                stage_dir=run_dir / f"teacher_{i}-{_key(*base, teachers_dump[i])}",
+                stage_dir=run_dir / f"teacher_{i}-{stage_key(*base, teachers_dump[i])}",
                 progress=bar,
                 label=f"teacher {i}",
             )

@@ -1,0 +1,94 @@
+"""Threshold calibration, the windowed substitution test, and ONNX export of the pair nets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from verifier.detector import (
+    AttackDetector,
+    Reclassifier,
+    calibrate_threshold,
+    export_pair_model,
+    train_reclassifier,
+    window_test,
+)
+
+
+@pytest.mark.parametrize("target", [0.01, 0.05])
+def test_calibration_hits_its_target_fpr_on_fresh_scores(target: float) -> None:
+    rng = np.random.default_rng(0)
+    fprs = []
+    for _ in range(200):  # many calibrations: the guarantee is in expectation
+        t = calibrate_threshold(rng.beta(2, 5, size=2000), target)
+        fprs.append((rng.beta(2, 5, size=20000) > t).mean())
+    mean_fpr = float(np.mean(fprs))
+    # conformal: E[FPR] <= target, and not much below it with 2,000 scores
+    assert target * 0.85 <= mean_fpr <= target * 1.02
+
+
+def test_calibration_refuses_what_it_cannot_promise() -> None:
+    # n scores support a target FPR of 1 / (n + 1) at best
+    assert calibrate_threshold(np.linspace(0, 1, 98), 0.01) == float("inf")
+    assert calibrate_threshold(np.linspace(0, 1, 99), 0.01) == 1.0  # the largest score
+    assert calibrate_threshold(np.linspace(0, 1, 199), 0.01) == pytest.approx(197 / 198)
+    with pytest.raises(ValueError, match="target_fpr"):
+        calibrate_threshold(np.ones(10), 0.0)
+    with pytest.raises(ValueError, match="clean scores"):
+        calibrate_threshold(np.array([]), 0.01)
+
+
+def test_window_test_false_alarms_and_power() -> None:
+    rng = np.random.default_rng(1)
+    reference = rng.normal(size=2000)
+    clean = [window_test(rng.normal(size=100), reference, 0.01).flagged for _ in range(1000)]
+    shifted = [window_test(rng.normal(0.5, size=100), reference, 0.01) for _ in range(200)]
+    assert np.mean(clean) <= 0.02  # about 1%, the level
+    assert np.mean([r.flagged for r in shifted]) >= 0.95
+    assert np.mean([r.statistic for r in shifted]) > 0.6  # P(window > clean) above 0.5
+
+
+def _pairs(n: int = 64, c: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(2)
+    p = rng.dirichlet(np.ones(c), size=n).astype(np.float32)
+    q = rng.dirichlet(np.ones(c), size=n).astype(np.float32)
+    return p, q
+
+
+def test_detector_and_reclassifier_export_with_parity(tmp_path: Path) -> None:
+    p, q = _pairs()
+    torch.manual_seed(0)
+    det = AttackDetector(5, hidden=(16,))
+    det.fit_scaler(torch.as_tensor(p), torch.as_tensor(q))
+    diff = export_pair_model(det, tmp_path / "d.onnx", p, q, "attack_probability")
+    assert diff <= 1e-4
+    sess = ort.InferenceSession(str(tmp_path / "d.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["service_probs", "verifier_probs"]
+    out = sess.run(None, {"service_probs": p[:3], "verifier_probs": q[:3]})[0]
+    assert out.shape == (3, 1)  # a batch of any size
+    np.testing.assert_allclose(out[:, 0], det.scores(p[:3], q[:3]), atol=1e-5)
+
+    re = Reclassifier(5, hidden=(16,))
+    re.fit_scaler(torch.as_tensor(p), torch.as_tensor(q))
+    assert export_pair_model(re, tmp_path / "r.onnx", p, q, "probabilities") <= 1e-4
+
+
+def test_reclassifier_learns_to_undo_a_switch() -> None:
+    from verifier.attacks import switch
+
+    rng = np.random.default_rng(3)
+    p = rng.dirichlet(np.full(5, 0.3), size=3000).astype(np.float32)
+    q = p  # a perfectly faithful verifier would make this trivial; use the tampered p only
+    tampered = switch(p).probs
+    uniform = np.full_like(p, 0.2)
+    torch.manual_seed(0)
+    net = Reclassifier(5, hidden=(64,))
+    losses = train_reclassifier(net, tampered, uniform, p.argmax(1), epochs=15, seed=0)
+    assert losses[-1] < losses[0] / 3
+    # undoing a switch means answering p''s runner-up; the verifier here says nothing
+    acc = float((net.predict(tampered, uniform) == q.argmax(1)).mean())
+    assert acc > 0.9  # chance: 0.2

@@ -1,0 +1,110 @@
+"""``fides evaluate`` on a digits subset: the report has every key, the exported detector
+and re-classifier load in the gateway's config schema and match torch."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from gateway.model_config import load_model_config
+from tests.verifier.test_pipeline import tiny_experiment
+from verifier.evaluate import MEAN_DETECTION_ATTACKS, evaluate_experiment, report_markdown
+
+DETECTOR = {
+    "train_fraction": 0.3,
+    "calibration_fraction": 0.5,
+    "target_fpr": 0.05,
+    "reclassifier_epochs": 3,
+    "finetune_epochs": 1,
+    "windows": 20,
+    "window_size": 20,
+    "fgsm_epsilons": [0.05, 0.1],
+    "gan": {"epochs": 3, "batch_size": 64},
+    "substitutes": [
+        {
+            "name": "tiny",
+            "kind": "student",
+            "net": {"widths": [4, 8]},
+            "train": {"epochs": 1, "batch_size": 64},
+        },
+        {"name": "int8", "kind": "int8"},
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    root = tmp_path_factory.mktemp("evaluate")
+    exp = tiny_experiment(detector=DETECTOR)
+    return root, evaluate_experiment(exp, root / "run", repository=root / "repo")
+
+
+def test_report_has_every_key(evaluated: tuple[Path, dict[str, Any]]) -> None:
+    _, r = evaluated
+    assert 0 <= r["clean_fpr"] <= 1
+    assert 0 <= r["reclassification_accuracy"] <= 1
+    assert set(r["attacks"]) == {
+        "switch",
+        "avg",
+        "random_switch",
+        "targeted_flip",
+        "noise",
+        "gan",
+        "fgsm_eps0.05",
+        "fgsm_eps0.1",
+    }
+    for name in ("switch", "avg", "random_switch", "targeted_flip"):
+        row = r["attacks"][name]
+        assert row["flip_rate"] == 1.0  # these always change the answer
+        for key in ("detection_accuracy", "tpr_at_1pct_fpr", "roc_auc"):
+            assert 0 <= row[key] <= 1, (name, key)
+    for row in r["attacks"].values():
+        assert {"detection_accuracy", "tpr_at_1pct_fpr", "roc_auc", "flip_rate", "n"} <= set(row)
+    assert r["mean_detection_attacks"] == list(MEAN_DETECTION_ATTACKS)
+    assert set(r["baselines"]) == {"research_ce_threshold", "kl_percentile"}
+    for b in r["baselines"].values():
+        assert set(b["attacks"]) == set(r["attacks"])
+        assert 0 <= b["clean_fpr"] <= 1
+    assert set(r["substitution"]) == {"tiny", "int8"}
+    for s in r["substitution"].values():
+        for key in ("window_detector_score", "window_kl"):
+            assert 0 <= s[key]["substitute"]["flag_rate"] <= 1
+            assert 0 <= s[key]["clean_false_alarm"]["flag_rate"] <= 1
+        assert 0 <= s["per_request"]["tpr_at_1pct_fpr"] <= 1
+    assert len(r["gan"]["history"]["d_loss"]) == 3
+    assert math.isfinite(r["threshold"])
+    md = report_markdown(r, "fides evaluate tiny.yaml")
+    assert "| switch |" in md
+    assert "## Model substitution" in md
+
+
+def test_the_detector_beats_chance_on_switch(evaluated: tuple[Path, dict[str, Any]]) -> None:
+    _, r = evaluated
+    assert r["attacks"]["switch"]["roc_auc"] > 0.7  # a 40-image split of an 80% service
+
+
+def test_exported_models_load_and_agree(evaluated: tuple[Path, dict[str, Any]]) -> None:
+    root, r = evaluated
+    repo = root / "repo"
+    assert r["onnx_max_abs_diff"] <= 1e-4
+    for name in ("digits_detector", "digits_reclassifier"):
+        cfg = load_model_config(repo / name / "config.yaml", expected_name=name)
+        assert cfg.platform == "onnx"
+    card = json.loads((repo / "digits_detector" / "1" / "model_card.json").read_text())
+    assert card["role"] == "detector"
+    assert card["threshold"] == r["threshold"]
+    assert card["target_fpr"] == 0.05
+    assert len(card["calibration_scores"]) == r["data"]["calibration"]
+    sess = ort.InferenceSession(
+        str(repo / "digits_detector" / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    p = np.eye(10, dtype=np.float32)[[3, 3]] * 0.9 + 0.01
+    q = np.eye(10, dtype=np.float32)[[3, 5]] * 0.9 + 0.01
+    score = sess.run(None, {"service_probs": p, "verifier_probs": q})[0][:, 0]
+    assert score[1] > score[0]  # disagreeing with a confident verifier looks worse

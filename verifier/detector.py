@@ -1,0 +1,228 @@
+"""The attack detector, the re-classifier, threshold calibration and the windowed
+model-substitution test.
+
+Both networks take the raw pair (service probabilities ``p``, verifier probabilities ``q``,
+each ``[n, C]``) and compute :func:`verifier.features.pair_features` inside, so the exported
+ONNX graphs need nothing but the two vectors:
+
+- :class:`AttackDetector`: ``(p, q) -> P(attacked)`` ``[n]``; trained as the GAN's
+  discriminator (:mod:`verifier.gan`); flags when the probability exceeds a threshold
+  calibrated on clean held-out pairs for a target false-positive rate.
+- :class:`Reclassifier`: ``(p, q) -> probabilities [n, C]`` of the class the honest service
+  would have returned (not the research code's five "cases").
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+import torch.nn.functional as F
+from scipy import stats
+from torch import nn
+
+from verifier.features import EPS, feature_count, pair_features
+
+__all__ = [
+    "AttackDetector",
+    "Reclassifier",
+    "WindowResult",
+    "calibrate_threshold",
+    "export_pair_model",
+    "train_reclassifier",
+    "window_test",
+]
+
+P_INPUT, Q_INPUT = "service_probs", "verifier_probs"
+ONNX_OPSET = 17
+
+
+class _PairNet(nn.Module):
+    """Standardised [features, log p, log q] -> MLP. The standardisation statistics are
+    buffers fitted on the training pairs (:meth:`fit_scaler`), so they travel with the
+    weights into ONNX."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(
+        self, num_classes: int, hidden: Sequence[int], out: int, dropout: float = 0.1
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        width = feature_count(num_classes) + 2 * num_classes
+        self.register_buffer("mean", torch.zeros(width))
+        self.register_buffer("std", torch.ones(width))
+        layers: list[nn.Module] = []
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.LeakyReLU(0.2), nn.Dropout(dropout)]
+            width = h
+        layers.append(nn.Linear(width, out))
+        self.mlp = nn.Sequential(*layers)
+
+    def inputs(self, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        logs = [p.clamp_min(EPS).log(), q.clamp_min(EPS).log()]
+        return torch.cat([pair_features(p, q), *logs], dim=-1)  # [n, F + 2C]
+
+    @torch.no_grad()
+    def fit_scaler(self, p: torch.Tensor, q: torch.Tensor) -> None:
+        x = self.inputs(p, q)
+        self.mean.copy_(x.mean(0))
+        self.std.copy_(x.std(0).clamp_min(1e-3))
+
+    def raw(self, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        return self.mlp((self.inputs(p, q) - self.mean) / self.std)  # type: ignore[no-any-return]
+
+
+class AttackDetector(_PairNet):
+    def __init__(self, num_classes: int, hidden: Sequence[int] = (128, 64)) -> None:
+        super().__init__(num_classes, hidden, 1)
+
+    def logits(self, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        return self.raw(p, q)[:, 0]  # [n]
+
+    def forward(self, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.raw(p, q))  # [n, 1] P(attacked)
+
+    @torch.no_grad()
+    def scores(self, p: np.ndarray, q: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+        """P(attacked) per pair, ``[n]``."""
+        self.eval()
+        pt, qt = torch.as_tensor(p), torch.as_tensor(q)
+        parts = [
+            self(pt[i : i + batch_size], qt[i : i + batch_size])[:, 0]
+            for i in range(0, len(pt), batch_size)
+        ]
+        return torch.cat(parts).numpy() if parts else np.zeros(0, np.float32)
+
+
+class Reclassifier(_PairNet):
+    def __init__(self, num_classes: int, hidden: Sequence[int] = (256, 128)) -> None:
+        super().__init__(num_classes, hidden, num_classes)
+
+    def logits(self, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        return self.raw(p, q)  # [n, C]
+
+    def forward(self, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        return self.logits(p, q).softmax(-1)  # [n, C]
+
+    @torch.no_grad()
+    def predict(self, p: np.ndarray, q: np.ndarray) -> np.ndarray:
+        self.eval()
+        return self.logits(torch.as_tensor(p), torch.as_tensor(q)).argmax(-1).numpy()
+
+
+def train_reclassifier(
+    net: Reclassifier,
+    p: np.ndarray,
+    q: np.ndarray,
+    honest: np.ndarray,
+    *,
+    epochs: int,
+    batch_size: int = 256,
+    lr: float = 2e-3,
+    seed: int = 0,
+) -> list[float]:
+    """Cross-entropy on (tampered or clean p, q) -> the honest top-1 class. Returns the mean
+    loss per epoch."""
+    pt, qt = torch.as_tensor(p), torch.as_tensor(q)
+    yt = torch.as_tensor(honest, dtype=torch.int64)
+    net.fit_scaler(pt, qt)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(epochs):
+        net.train()
+        order = torch.randperm(len(yt), generator=gen)
+        total = 0.0
+        for i in range(0, len(yt), batch_size):
+            idx = order[i : i + batch_size]
+            loss = F.cross_entropy(net.logits(pt[idx], qt[idx]), yt[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]
+            opt.step()
+            total += loss.item() * len(idx)
+        losses.append(total / len(yt))
+    net.eval()
+    return losses
+
+
+def calibrate_threshold(clean_scores: np.ndarray, target_fpr: float) -> float:
+    """The smallest threshold ``t`` (flag when ``score > t``) with a false-positive rate of at
+    most ``target_fpr`` on a new clean score, in expectation.
+
+    Split-conformal quantile (Vovk et al., 2005; Angelopoulos and Bates, 2021): with ``n``
+    exchangeable clean scores, ``t`` = the ``ceil((n + 1)(1 - a))``-th smallest, so
+    ``P(score_new > t) <= a``. With too few scores for the target it returns ``inf`` (nothing
+    is ever flagged) rather than a threshold that cannot keep its promise.
+    """
+    if not 0 < target_fpr < 1:
+        raise ValueError(f"target_fpr must be in (0, 1), got {target_fpr}")
+    s = np.sort(np.asarray(clean_scores, dtype=np.float64))
+    if s.size == 0:
+        raise ValueError("calibration needs clean scores")
+    k = math.ceil((s.size + 1) * (1.0 - target_fpr) - 1e-9)  # 1e-9: 200 * 0.99 is 198.00..03
+    return float("inf") if k > s.size else float(s[k - 1])
+
+
+@dataclass(frozen=True)
+class WindowResult:
+    statistic: float  # Mann-Whitney U of the window against the clean reference, scaled to [0, 1]
+    p_value: float
+    flagged: bool
+
+
+def window_test(window: np.ndarray, reference: np.ndarray, alpha: float = 0.01) -> WindowResult:
+    """Is a window of recent per-request scores stochastically larger than clean scores?
+
+    One-sided Mann-Whitney U test (scipy.stats.mannwhitneyu, alternative "greater") of the
+    window against the clean calibration scores. Under an honest service the window and the
+    reference are exchangeable, so a window is flagged with probability <= ``alpha``; a
+    substitute model that disagrees with the verifier more often shifts the scores up. The
+    statistic is U / (n_window * n_reference): the probability that a window score exceeds a
+    clean one (0.5 when honest).
+    """
+    w = np.asarray(window, dtype=np.float64)
+    r = np.asarray(reference, dtype=np.float64)
+    if w.size == 0 or r.size == 0:
+        raise ValueError("window test needs scores in the window and the reference")
+    res = stats.mannwhitneyu(w, r, alternative="greater")
+    stat = float(res.statistic) / (w.size * r.size)
+    return WindowResult(stat, float(res.pvalue), bool(res.pvalue < alpha))
+
+
+def export_pair_model(
+    net: _PairNet, path: Path, p_check: np.ndarray, q_check: np.ndarray, output: str
+) -> float:
+    """Export ``net`` (inputs ``service_probs``, ``verifier_probs``) to ONNX with a dynamic
+    batch axis; returns the max |ONNX - torch| on the check batch (raises above 1e-4)."""
+    net.eval()
+    sample = (torch.as_tensor(p_check[:4]), torch.as_tensor(q_check[:4]))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        torch.onnx.export(
+            net,
+            sample,
+            str(path),
+            dynamo=False,
+            input_names=[P_INPUT, Q_INPUT],
+            output_names=[output],
+            dynamic_axes={P_INPUT: {0: "batch"}, Q_INPUT: {0: "batch"}, output: {0: "batch"}},
+            opset_version=ONNX_OPSET,
+        )
+    onnx.checker.check_model(str(path))
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {P_INPUT: p_check, Q_INPUT: q_check})[0]
+    with torch.no_grad():
+        want = net(torch.as_tensor(p_check), torch.as_tensor(q_check)).numpy()
+    diff = float(np.abs(got - want).max())
+    if not diff <= 1e-4:
+        raise RuntimeError(f"{path}: ONNX differs from torch by {diff:.3g} (limit 1e-4)")
+    return diff
