@@ -7,7 +7,7 @@ FIDES := $(VENV)/bin/fides
 REPO ?= model_repository
 PIP_QUIET ?= -q
 
-.PHONY: install install-dev run models test lint bench clean
+.PHONY: install install-dev deploy-tools sync-deploy run models test lint bench clean
 
 $(VENV)/bin/python:
 	@echo "==> creating $(VENV) with $(PYTHON)"
@@ -26,8 +26,18 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 	$(PY) -m pip install $(PIP_QUIET) -e ".[dev]"
 	@touch $@
 
+# promtool, amtool (apt-get) and helm-sdkpy (pip) for the deployment checks in tests/deploy
+$(VENV)/.deploy-tools: $(VENV)/.installed-dev scripts/install_deploy_tools.sh
+	scripts/install_deploy_tools.sh $(PY) $(PIP_QUIET)
+	@touch $@
+
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
+deploy-tools: $(VENV)/.deploy-tools
+
+# the Helm chart embeds copies of deploy/prometheus/alerts.yml and the Grafana dashboard
+sync-deploy:
+	$(PY) scripts/sync_deploy_files.py
 
 # The embedded default model repository, built once and cached; rebuilt when its recipe
 # changes (the builder or the default experiment).
@@ -42,7 +52,7 @@ run: install models
 	@if [ -z "$$FIDES_API_KEYS$$FIDES_API_KEY_FILE" ]; then export FIDES_DEV_MODE=$${FIDES_DEV_MODE:-1}; fi; \
 	  FIDES_MODEL_REPOSITORY=$${FIDES_MODEL_REPOSITORY:-$(REPO)} exec $(FIDES) serve
 
-test: install-dev
+test: install-dev deploy-tools
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install-dev

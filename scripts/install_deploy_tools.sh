@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Tools the deployment checks in `make test` need (tests/deploy), installed the way a user would:
+#   promtool + amtool: Debian's prometheus and prometheus-alertmanager packages (apt-get, as
+#                      root), unless both are already on PATH;
+#   helm-sdkpy:        the Helm 4 library for Python, into the project's virtualenv. It declares
+#                      Python >= 3.12 but runs on 3.11 (a cffi binding to a Go shared object), so
+#                      on 3.11 it goes in with --ignore-requires-python plus cffi and pycparser.
+# Fails loudly with what to do when it cannot install something; never skips.
+set -euo pipefail
+PY="${1:?usage: install_deploy_tools.sh VENV_PYTHON [PIP_FLAGS...]}"
+shift
+PIP_FLAGS=("$@")  # e.g. -q
+HELM_SDKPY_SPEC="${HELM_SDKPY_SPEC:-helm-sdkpy>=0.1.32,<0.2}"
+
+if ! command -v promtool >/dev/null || ! command -v amtool >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "==> installing promtool and amtool (apt-get: prometheus prometheus-alertmanager)"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends prometheus prometheus-alertmanager >/dev/null
+    else
+        echo "error: promtool and amtool are needed by the deployment checks (tests/deploy)." >&2
+        echo "  Debian/Ubuntu: sudo apt-get install prometheus prometheus-alertmanager" >&2
+        echo "  elsewhere: put promtool and amtool from the Prometheus and Alertmanager releases on PATH" >&2
+        exit 1
+    fi
+fi
+promtool --version >/dev/null
+amtool --version >/dev/null
+
+if ! "$PY" -c "import helm_sdkpy" 2>/dev/null; then
+    echo "==> installing $HELM_SDKPY_SPEC into the virtualenv"
+    if "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 12))'; then
+        "$PY" -m pip install "${PIP_FLAGS[@]}" "$HELM_SDKPY_SPEC"
+    else
+        "$PY" -m pip install "${PIP_FLAGS[@]}" cffi pycparser
+        "$PY" -m pip install "${PIP_FLAGS[@]}" --ignore-requires-python --no-deps "$HELM_SDKPY_SPEC"
+    fi
+fi
+if ! "$PY" -c "import helm_sdkpy, helm_sdkpy._ffi as f; f.get_library()"; then
+    echo "error: helm-sdkpy is installed but its Helm library does not load here" >&2
+    echo "  (it bundles a linux-amd64 build only)" >&2
+    exit 1
+fi
