@@ -87,6 +87,7 @@ def test_enclave_has_no_network_and_shares_only_the_socket() -> None:
     assert Path(socket_path).parent == Path(socket_dir)
     assert _volumes(gateway)["enclave-socket"] == socket_dir
     assert gateway["environment"]["FIDES_ENCLAVE_SOCKET"] == socket_path
+    assert gateway["environment"]["FIDES_ENCLAVE_ALLOW_SIMULATED"] == "1"
     # the gateway gets the public root certificate only, read-only, never the platform keys
     assert "enclave-platform" not in _volumes(gateway)
     assert any(v.startswith("enclave-trust:") and v.endswith(":ro") for v in gateway["volumes"])

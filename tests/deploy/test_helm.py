@@ -273,6 +273,8 @@ def test_enclave_sidecar_shares_only_the_socket(helm: dict[str, Any]) -> None:
     assert "enclave-platform" not in mounts["gateway"]
     assert mounts["gateway"]["enclave-trust"]["readOnly"] is True
     assert _env(containers["enclave-init"])["FIDES_ENCLAVE_PLATFORM_SOURCE"]
+    # the sidecar is the simulation, so the gateway is told to accept simulated evidence
+    assert _env(gateway)["FIDES_ENCLAVE_ALLOW_SIMULATED"] == "1"
 
 
 def test_without_the_enclave(helm: dict[str, Any]) -> None:
