@@ -86,14 +86,17 @@ def build_default_cmd(
         "model_repository"
     ),
     force: Annotated[bool, typer.Option(help="Rebuild even if already built.")] = False,
+    text: Annotated[
+        bool, typer.Option(help="Also train the code-completion LM pair (a few minutes).")
+    ] = True,
 ) -> None:
-    """Train and export the embedded default models (digits, no data download)."""
+    """Train and export the embedded default models (digits, the code LM pair; no download)."""
     from gateway.models.default import build_default
 
     if (output / ".built").is_file() and not force:
         console.print(f"{output} already built (use --force to rebuild)")
         return
-    build_default(output, progress=lambda msg: console.print(f"  [cyan]>[/cyan] {msg}"))
+    build_default(output, progress=lambda msg: console.print(f"  [cyan]>[/cyan] {msg}"), text=text)
 
 
 @app.command()
@@ -200,6 +203,110 @@ def bench_integrity(
     from enclave_sim.bench import run_enclave_bench
 
     run_enclave_bench(output, log=console.print, duration_s=duration)
+
+
+@bench_app.command("speculative")
+def bench_speculative(
+    output: Annotated[Path, typer.Option(help="Where to write the JSON results.")] = Path(
+        "bench/results/speculative.json"
+    ),
+    model_repository: Annotated[Path, typer.Option()] = Path("model_repository"),
+    data: Annotated[
+        Path, typer.Option(help="Directory with war_and_peace.txt / anna_karenina.txt.")
+    ] = Path("../shared/data"),
+    gamma: Annotated[int, typer.Option(help="Draft tokens per round.")] = 4,
+    prompts: Annotated[int, typer.Option(help="Prompts per measurement.")] = 12,
+    new_tokens: Annotated[int, typer.Option(help="Tokens generated per prompt.")] = 128,
+    distill_steps: Annotated[
+        int, typer.Option(help="DistillSpec steps per divergence (0 skips that part).")
+    ] = 40,
+) -> None:
+    """Speculative decoding: tokens/s vs target-only, HF assisted generation and prediction."""
+    from gateway.bench.speculative import run_speculative_bench
+
+    run_speculative_bench(
+        model_repository,
+        output,
+        console.print,
+        data=data,
+        gamma=gamma,
+        prompts=prompts,
+        new_tokens=new_tokens,
+        distill_steps=distill_steps,
+    )
+
+
+@app.command()
+def distillspec(
+    model_dir: Annotated[
+        Path, typer.Argument(help="Target model directory, e.g. model_repository/code/1.")
+    ],
+    draft: Annotated[
+        Path | None, typer.Option(help="Draft to distil; default <model-dir>/draft-corpus.")
+    ] = None,
+    corpus: Annotated[
+        str, typer.Option(help="'stdlib' or a text file (prompts and fixed data).")
+    ] = "stdlib",
+    held_out: Annotated[
+        Path | None, typer.Option(help="Held-out text file for evaluation (not with stdlib).")
+    ] = None,
+    divergence: Annotated[
+        list[str], typer.Option(help="fkl, rkl, jsd, tvd; repeat for several.")
+    ] = ["fkl", "rkl", "jsd", "tvd"],  # noqa: B006 - typer reads the default
+    steps: Annotated[int, typer.Option(help="Training steps per divergence.")] = 40,
+    draft_share: Annotated[float, typer.Option(help="Share of on-policy draft samples.")] = 0.5,
+    target_share: Annotated[float, typer.Option(help="Share of target samples.")] = 0.25,
+    save: Annotated[
+        Path | None, typer.Option(help="Save the draft distilled with the first divergence.")
+    ] = None,
+    output: Annotated[Path, typer.Option(help="Results JSON.")] = Path(
+        "bench/results/distillspec.json"
+    ),
+) -> None:
+    """DistillSpec: distil a draft from a target on on-policy data; acceptance before/after."""
+    import json
+
+    from verifier.distillspec import DIVERGENCES
+
+    bad = [d for d in divergence if d not in DIVERGENCES]
+    if bad:
+        console.print(f"[red]error:[/red] unknown divergence {bad}; one of {list(DIVERGENCES)}")
+        raise typer.Exit(2)
+    from gateway.generation.runtime import load_causal_lm, load_tokenizer
+    from gateway.models.text_default import TextRecipe, encode_corpus, stdlib_sources
+    from verifier.distillspec import DistillSpecConfig, distill
+
+    tok = load_tokenizer(model_dir)
+    if corpus == "stdlib":
+        train_texts, held_texts = stdlib_sources(TextRecipe())
+    else:
+        if held_out is None:
+            console.print("[red]error:[/red] --held-out is needed with a corpus file")
+            raise typer.Exit(2)
+        train_texts = [Path(corpus).read_text(encoding="utf-8", errors="replace")]
+        held_texts = [held_out.read_text(encoding="utf-8", errors="replace")]
+    train_ids, held_ids = encode_corpus(tok, train_texts), encode_corpus(tok, held_texts)
+    target = load_causal_lm(model_dir).model
+    results = {}
+    for i, name in enumerate(divergence):
+        student = load_causal_lm(draft or model_dir / "draft-corpus").model
+        cfg = DistillSpecConfig(
+            divergence=name,  # type: ignore[arg-type]
+            steps=steps,
+            draft_share=draft_share,
+            target_share=target_share,
+        )
+        r = distill(target, student, train_ids, held_ids, cfg, desc=name)
+        results[name] = {"before": r.before, "after": r.after, "seconds": r.seconds}
+        console.print(
+            f"{name}: acceptance greedy {r.before['greedy']:.3f} -> {r.after['greedy']:.3f}, "
+            f"T=1 {r.before['t1']:.3f} -> {r.after['t1']:.3f} ({r.seconds:.0f}s)"
+        )
+        if i == 0 and save is not None:
+            student.save_pretrained(save)
+            tok.save_pretrained(save)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
 
 
 def main() -> None:

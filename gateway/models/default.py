@@ -209,11 +209,14 @@ def write_model(root: Path, name: str, platform: str, comment: str) -> Path:
     return version_dir
 
 
-def build_default(output: Path, *, seed: int = 0, progress: Progress | None = None) -> Path:
+def build_default(
+    output: Path, *, seed: int = 0, progress: Progress | None = None, text: bool = False
+) -> Path:
     """Train, export and verify the default models into ``output``; returns ``output``.
 
     Model directories already in ``output`` with the same names are replaced; others are left
-    alone. Takes roughly 30-70 s on two CPU cores (the verifier pipeline, then digits_heavy).
+    alone. Takes roughly 30-70 s on two CPU cores (the verifier pipeline, then digits_heavy);
+    ``text=True`` adds the ``code`` LM pair (:mod:`gateway.models.text_default`, minutes).
     Raises ``RuntimeError`` when an exported model disagrees with the trained one.
     """
     say: Progress = progress or (lambda _msg: None)
@@ -224,6 +227,10 @@ def build_default(output: Path, *, seed: int = 0, progress: Progress | None = No
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.building-", dir=output.parent))
     try:
         report = _build(staging, seed, say)
+        if text:
+            from gateway.models.text_default import build_text_default
+
+            report["models"]["code"] = build_text_default(staging, seed=seed, say=say)
         for name in report["models"]:
             target = output / name
             if target.exists():

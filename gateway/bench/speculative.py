@@ -1,0 +1,269 @@
+"""Speculative decoding benchmark: tokens/s of the engine against target-only decoding, Hugging
+Face ``generate(assistant_model=...)`` and the speedup predicted from alpha and measured costs.
+
+Pairs: the embedded default (``<repository>/code``, Python code) and, when
+``war_and_peace.txt`` is in the data directory, a pair trained on it (same recipe, cached in
+``runs/speculative/``) and evaluated on the held-out ``anna_karenina.txt``.
+
+Predicted speedup (reference/speculative.md): with ``E = (1 - alpha^(g+1)) / (1 - alpha)``
+tokens per round, ``speedup = E * t_target(1) / (g * t_draft(1) + t_target(g + 1))``, the
+costs measured here with the KV cache (a CPU scores g + 1 tokens slower than one).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gateway.bench.serving import _machine
+from gateway.generation.engine import SpeculativeEngine
+from gateway.generation.params import SamplingParams
+from gateway.generation.runtime import CausalLM, load_causal_lm, load_tokenizer
+from gateway.generation.schedule import Lookahead
+from gateway.models.text_default import (
+    TextRecipe,
+    encode_corpus,
+    stdlib_sources,
+    train_pair,
+)
+from verifier.distillspec import DistillSpecConfig, evaluate_divergences
+from verifier.lm import acceptance, windows
+
+Log = Callable[[str], None]
+PROMPT_LEN = 48
+
+
+def _time_forward(lm: CausalLM, n: int, context: int = 64, reps: int = 40) -> float:
+    """Median seconds to score ``n`` new tokens after ``context`` cached ones."""
+    cache = lm.new_cache()
+    lm.forward(list(range(1, context + 1)), cache, keep=1)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        lm.forward([5] * n, cache, keep=n)
+        times.append(time.perf_counter() - t)
+        cache.crop(context)
+    return statistics.median(times[5:])
+
+
+def _ours(
+    engine: SpeculativeEngine, prompts: list[list[int]], params: SamplingParams
+) -> dict[str, Any]:
+    tokens = rounds = drafted = accepted = 0
+    t0 = time.perf_counter()
+    for i, prompt in enumerate(prompts):
+        seq = engine.start(prompt, SamplingParams(**{**params.__dict__, "seed": i}))
+        while seq.finished is None:
+            engine.step(seq)
+        tokens += len(seq.generated)
+        rounds += seq.stats["rounds"]
+        drafted += seq.stats["draft_tokens"]
+        accepted += seq.stats["accepted"]
+    dt = time.perf_counter() - t0
+    out = {"tokens_per_s": round(tokens / dt, 1), "tokens_per_round": round(tokens / rounds, 3)}
+    if drafted:
+        out["acceptance_rate"] = round(accepted / drafted, 4)
+    return out
+
+
+def _hf(
+    target: Any, draft: Any | None, prompts: list[list[int]], new: int, temp: float, gamma: int
+) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": new,
+        "min_new_tokens": new,
+        "do_sample": temp > 0,
+        "pad_token_id": 0,
+    }
+    if temp > 0:
+        kwargs.update(temperature=temp, top_k=None, top_p=None)
+    if draft is not None:
+        kwargs["assistant_model"] = draft
+        draft.generation_config.num_assistant_tokens = gamma
+        draft.generation_config.num_assistant_tokens_schedule = "constant"
+        draft.generation_config.assistant_confidence_threshold = 0.0
+    tokens = 0
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for i, prompt in enumerate(prompts):
+            torch.manual_seed(i)
+            x = torch.tensor([prompt])
+            out = target.generate(x, attention_mask=torch.ones_like(x), **kwargs)
+            tokens += out.shape[1] - x.shape[1]
+    return {"tokens_per_s": round(tokens / (time.perf_counter() - t0), 1)}
+
+
+def predicted_speedup(alpha: float, gamma: int, t1: float, tg: float, td: float) -> float:
+    expected = (1 - alpha ** (gamma + 1)) / (1 - alpha) if alpha < 1 else gamma + 1
+    return expected * t1 / (gamma * td + tg)
+
+
+def bench_pair(
+    name: str,
+    vdir: Path,
+    train_ids: torch.Tensor,
+    held_ids: torch.Tensor,
+    log: Log,
+    *,
+    gamma: int,
+    prompts: int,
+    new_tokens: int,
+    distill_steps: int,
+) -> dict[str, Any]:
+    target = load_causal_lm(vdir)
+    draft = load_causal_lm(vdir / "draft")
+    g = torch.Generator().manual_seed(0)
+    batch = windows(held_ids, prompts, PROMPT_LEN, g)  # [n, P]
+    prompt_list = batch.tolist()
+    t1, tg, td = (
+        _time_forward(target, 1),
+        _time_forward(target, gamma + 1),
+        _time_forward(draft, 1),
+    )
+    costs = {
+        "t_target_1_ms": round(t1 * 1e3, 3),
+        f"t_target_{gamma + 1}_ms": round(tg * 1e3, 3),
+        "t_draft_1_ms": round(td * 1e3, 3),
+        "c": round(td / t1, 4),
+    }
+    log(f"{name}: costs {costs}")
+    result: dict[str, Any] = {
+        "gamma": gamma,
+        "prompts": prompts,
+        "new_tokens": new_tokens,
+        "costs": costs,
+        "modes": {},
+    }
+    plain = SpeculativeEngine(target, None, Lookahead(0), 10**9)
+    spec = SpeculativeEngine(target, draft, Lookahead(gamma), 10**9)
+    for mode, temp in (("greedy", 0.0), ("t1", 1.0)):
+        params = SamplingParams(max_tokens=new_tokens, temperature=temp)
+        base = _ours(plain, prompt_list, params)
+        ours = _ours(spec, prompt_list, params)
+        hf_plain = _hf(target.model, None, prompt_list, new_tokens, temp, gamma)
+        hf_assist = _hf(target.model, draft.model, prompt_list, new_tokens, temp, gamma)
+        alpha = acceptance(target.model, draft.model, batch, new_tokens, temp, seed=0)
+        pred = predicted_speedup(alpha, gamma, t1, tg, td)
+        speedup = ours["tokens_per_s"] / base["tokens_per_s"]
+        row = {
+            "target_only": base,
+            "speculative": ours,
+            "hf_target_only": hf_plain,
+            "hf_assisted": hf_assist,
+            "alpha": round(alpha, 4),
+            "speedup_vs_target_only": round(speedup, 3),
+            "speedup_vs_hf_assisted": round(ours["tokens_per_s"] / hf_assist["tokens_per_s"], 3),
+            "predicted_speedup": round(pred, 3),
+            "measured_over_predicted": round(speedup / pred, 3),
+        }
+        result["modes"][mode] = row
+        log(
+            f"{name} {mode}: {ours['tokens_per_s']} tok/s speculative vs {base['tokens_per_s']} "
+            f"target-only ({speedup:.2f}x; predicted {pred:.2f}x from alpha {alpha:.3f}); "
+            f"HF assisted {hf_assist['tokens_per_s']} tok/s, HF target-only "
+            f"{hf_plain['tokens_per_s']} tok/s"
+        )
+    if distill_steps:
+        corpus_draft = load_causal_lm(vdir / "draft-corpus").model
+        runs = evaluate_divergences(
+            target.model,
+            corpus_draft,
+            train_ids,
+            held_ids,
+            DistillSpecConfig(steps=distill_steps),
+        )
+        result["distillspec"] = {
+            d: {"before": r.before, "after": r.after, "seconds": r.seconds} for d, r in runs.items()
+        }
+        for d, r in runs.items():
+            log(
+                f"{name} DistillSpec {d}: greedy {r.before['greedy']:.3f} -> "
+                f"{r.after['greedy']:.3f}, T=1 {r.before['t1']:.3f} -> {r.after['t1']:.3f}"
+            )
+    return result
+
+
+def _book_chunks(path: Path, size: int = 4000) -> list[str]:
+    text = path.read_text(encoding="utf-8", errors="replace")
+    return [text[i : i + size] for i in range(0, len(text), size)]
+
+
+def _ensure_book_pair(data: Path, cache: Path, log: Log) -> Path | None:
+    train, held = data / "war_and_peace.txt", data / "anna_karenina.txt"
+    if not (train.is_file() and held.is_file()):
+        log(f"no {train} / {held}: skipping the war_and_peace pair")
+        return None
+    vdir = cache / "war_and_peace" / "1"
+    if not (vdir / "draft-corpus" / "config.json").is_file():
+        log(f"training the war_and_peace pair into {vdir} (minutes)")
+        pair = train_pair(
+            _book_chunks(train),
+            _book_chunks(held)[:60],
+            TextRecipe(),
+            seed=0,
+            say=log,
+            label="war_and_peace",
+        )
+        pair.save(vdir)
+        (vdir / "report.json").write_text(json.dumps(pair.report, indent=2), encoding="utf-8")
+    return vdir
+
+
+def run_speculative_bench(
+    repository: Path,
+    output: Path,
+    log: Log,
+    *,
+    data: Path = Path("../shared/data"),
+    cache: Path = Path("runs/speculative"),
+    gamma: int = 4,
+    prompts: int = 12,
+    new_tokens: int = 128,
+    distill_steps: int = 40,
+    threads: int = 1,
+) -> dict[str, Any]:
+    torch.set_num_threads(threads)
+    results: dict[str, Any] = {"machine": _machine(), "torch_threads": threads, "pairs": {}}
+    code = repository / "code" / "1"
+    if (code / "config.json").is_file():
+        tok = load_tokenizer(code)
+        train_texts, held_texts = stdlib_sources(TextRecipe())
+        results["pairs"]["code"] = bench_pair(
+            "code",
+            code,
+            encode_corpus(tok, train_texts),
+            encode_corpus(tok, held_texts),
+            log,
+            gamma=gamma,
+            prompts=prompts,
+            new_tokens=new_tokens,
+            distill_steps=distill_steps,
+        )
+    else:
+        log(f"no default pair in {code}: run `fides models build-default`")
+    book = _ensure_book_pair(data, cache, log)
+    if book is not None:
+        tok = load_tokenizer(book)
+        train_ids = encode_corpus(tok, _book_chunks(data / "war_and_peace.txt"))
+        held_ids = encode_corpus(tok, _book_chunks(data / "anna_karenina.txt")[:60])
+        results["pairs"]["war_and_peace"] = bench_pair(
+            "war_and_peace",
+            book,
+            train_ids,
+            held_ids,
+            log,
+            gamma=gamma,
+            prompts=prompts,
+            new_tokens=new_tokens,
+            distill_steps=distill_steps,
+        )
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    log(f"results in {output}")
+    return results

@@ -1,0 +1,84 @@
+"""Loading causal-LM models from the repository: vocabulary checks, config, text helpers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gateway.errors import ModelLoadError
+from gateway.generation.metrics import GenerationMetrics
+from gateway.generation.service import GenerationService
+from gateway.generation.text import Detokenizer
+from gateway.model_config import ConfigError, load_model_config
+from gateway.models.text_default import LMSpec, train_tokenizer
+from tests.generation.factory import make_lm_repository, save, tokenizer
+
+
+def service(root: Path) -> GenerationService:
+    from prometheus_client import CollectorRegistry
+
+    return GenerationService(root, GenerationMetrics(CollectorRegistry()))
+
+
+def test_draft_with_another_vocabulary_size_is_refused(tmp_path: Path) -> None:
+    root = make_lm_repository(tmp_path / "repo")
+    draft_dir = root / "tiny" / "1" / "draft"
+    spec = LMSpec(layers=1, dim=32, heads=2, vocab_size=512, context=128)
+    save(spec.build(seed=0), None, draft_dir)
+    with pytest.raises(ModelLoadError, match="vocabulary of 512 tokens.*must share a tokenizer"):
+        service(root)._load("tiny")
+
+
+def test_draft_with_another_tokenizer_of_the_same_size_is_refused(tmp_path: Path) -> None:
+    root = make_lm_repository(tmp_path / "repo")
+    draft_dir = root / "tiny" / "1" / "draft"
+    other = train_tokenizer(
+        ["completely different text " * 50, "zzz yyy xxx 123"], len(tokenizer())
+    )
+    other.save_pretrained(draft_dir)
+    with pytest.raises(ModelLoadError, match="different tokenizer"):
+        service(root)._load("tiny")
+
+
+async def test_broken_model_is_reported_on_use_not_fatal(tmp_path: Path) -> None:
+    root = make_lm_repository(tmp_path / "repo")
+    (root / "tiny" / "1" / "draft" / "config.json").write_text("{broken", encoding="utf-8")
+    svc = service(root)
+    await svc.load_all()
+    assert svc.models() == []
+    with pytest.raises(Exception, match="failed to load"):
+        svc.get("tiny")
+
+
+def test_generation_block_is_validated(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        yaml.safe_dump({"platform": "causal_lm", "generation": {"num_speculative_tokenz": 3}})
+    )
+    with pytest.raises(ConfigError, match="unknown key 'generation.num_speculative_tokenz'"):
+        load_model_config(path)
+    path.write_text(yaml.safe_dump({"platform": "onnx", "generation": {}}))
+    with pytest.raises(ConfigError, match="needs platform 'causal_lm'"):
+        load_model_config(path)
+
+
+def test_detokenizer_holds_back_stop_prefixes() -> None:
+    tok = tokenizer()
+    text = "def main():\n    return 42\n"
+    ids = tok.encode(text)
+    det = Detokenizer(tok, ["return"])
+    out = ""
+    stopped = False
+    for t in ids:
+        delta, stopped = det.add([t])
+        out += delta
+        assert "retur" not in out  # a prefix of the stop never leaks
+        if stopped:
+            break
+    assert stopped
+    assert out == "def main():\n    "
+    det = Detokenizer(tok, [])
+    streamed = "".join(det.add([t])[0] for t in tok.encode("héllo wörld ✓"))
+    assert streamed + det.flush() == "héllo wörld ✓"
