@@ -41,7 +41,8 @@ sync-deploy:
 
 # The embedded default model repository, built once and cached; rebuilt when its recipe
 # changes (the builder or the default experiment).
-DEFAULT_RECIPE := gateway/models/default.py gateway/models/nets.py verifier/defaults.py
+DEFAULT_RECIPE := gateway/models/default.py gateway/models/nets.py verifier/defaults.py \
+	gateway/models/text_default.py verifier/lm.py verifier/distillspec.py
 $(REPO)/.built: $(DEFAULT_RECIPE) | $(VENV)/.installed
 	$(FIDES) models build-default --output $(REPO) --force
 
@@ -64,6 +65,7 @@ bench: install-dev models
 	$(FIDES) bench serving --output bench/results/serving.json
 	$(FIDES) bench payload --output bench/results/payload.json
 	$(FIDES) bench integrity --output bench/results/enclave.json
+	$(FIDES) bench speculative --output bench/results/speculative.json
 
 clean:
 	rm -rf $(VENV) $(REPO) .pytest_cache .mypy_cache .ruff_cache
