@@ -19,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -32,16 +33,26 @@ class HelmUnavailable(RuntimeError):
 def run_helm(request: dict[str, Any], timeout_s: float = 240.0) -> dict[str, Any]:
     """Run a request in a child process (see the module docstring)."""
     root = Path(__file__).resolve().parents[2]
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.deploy.helm_tool"],
-        input=json.dumps(request),
-        capture_output=True,
-        text=True,
-        cwd=root,
-        env={**os.environ, "HELM_DRIVER": "memory"},
-        timeout=timeout_s,
-        check=False,
-    )
+    with tempfile.TemporaryDirectory(prefix="helm-home-") as home:
+        env = {
+            **os.environ,
+            "HELM_DRIVER": "memory",
+            # Helm's cache, config and data in a throw-away place, not the user's
+            "HELM_CACHE_HOME": f"{home}/cache",
+            "HELM_CONFIG_HOME": f"{home}/config",
+            "HELM_DATA_HOME": f"{home}/data",
+            "KUBECONFIG": f"{home}/no-kubeconfig",  # lint must not read a real cluster's
+        }
+        proc = subprocess.run(
+            [sys.executable, "-m", "tests.deploy.helm_tool"],
+            input=json.dumps(request),
+            capture_output=True,
+            text=True,
+            cwd=root,
+            env=env,
+            timeout=timeout_s,
+            check=False,
+        )
     if proc.returncode == 3:
         raise HelmUnavailable(proc.stderr.strip())
     if proc.returncode != 0:
