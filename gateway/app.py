@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, disable_created_metrics, gene
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway import __version__
+from gateway.api import integrity as integrity_routes
 from gateway.api import openai as openai_routes
 from gateway.api import repository as repository_routes
 from gateway.api import v2
@@ -23,6 +24,7 @@ from gateway.batcher import BatchObserver
 from gateway.dataplane import DataPlane
 from gateway.errors import GatewayError
 from gateway.generation.service import GenerationService, InvalidGeneration
+from gateway.integrity.service import EnclaveFactory, IntegrityService
 from gateway.metrics import GatewayMetrics
 from gateway.repository import ModelRepository
 from gateway.runtimes import Runtime
@@ -53,7 +55,11 @@ class MetricsObserver(BatchObserver):
         self._compute.observe(compute_s)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, *, enclave_factory: EnclaveFactory | None = None
+) -> FastAPI:
+    """The gateway. ``enclave_factory`` replaces how integrity-enabled models get their
+    enclave (tests pass an in-process one); by default each gets its own enclave process."""
     settings = settings or Settings()
     settings.check_secure()
     # `_created` series double the output and no dashboard uses them
@@ -82,6 +88,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         drain_timeout_s=settings.shutdown_grace_s,
     )
     dataplane = DataPlane(repository, settings, metrics)
+    integrity = IntegrityService(repository, settings, metrics.integrity, enclave_factory)
+    dataplane.integrity = integrity
     generation = GenerationService(settings.model_repository, metrics.generation)
 
     @asynccontextmanager
@@ -89,6 +97,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if not settings.api_keys:
             log.warning("running WITHOUT API keys (FIDES_DEV_MODE): development only")
         await repository.load_all()
+        await integrity.start()
         await generation.load_all()
         # Loaded models (torch especially) leave millions of long-lived objects: without
         # freezing them every full collection walks them all (150 ms pauses measured).
@@ -102,6 +111,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         log.info("shutting down: draining in-flight requests")
         await repository.close()
+        await integrity.close()
         await generation.close()
 
     app = FastAPI(
@@ -114,6 +124,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.state.dataplane = dataplane
     app.state.generation = generation
+    app.state.integrity = integrity
     app.state.keys = KeyChecker(settings.api_keys, settings.admin_api_keys)
 
     def _error(
@@ -161,6 +172,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(v2.health)
     app.include_router(v2.router)
     app.include_router(repository_routes.router)
+    app.include_router(integrity_routes.router)
+    app.include_router(integrity_routes.admin)
     app.include_router(openai_routes.router)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     return app

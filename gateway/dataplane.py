@@ -14,6 +14,7 @@ import numpy as np
 from gateway import __version__
 from gateway.codec import InferRequest, InferResponse, OutputTensor
 from gateway.errors import BadRequest, GatewayError, Unavailable
+from gateway.integrity.service import IntegrityService
 from gateway.metrics import GatewayMetrics
 from gateway.repository import ModelRepository, ModelVersion
 from gateway.runtimes import Tensors, TensorSpec
@@ -32,6 +33,7 @@ class DataPlane:
         self.repository = repository
         self.settings = settings
         self.metrics = metrics
+        self.integrity: IntegrityService | None = None  # set by the app when it starts
 
     # -- health and metadata --------------------------------------------------------------------
 
@@ -76,7 +78,7 @@ class DataPlane:
         t0 = time.perf_counter()
         series.inflight.inc()
         try:
-            outputs = await self._infer(mv, request)
+            outputs, params = await self._infer(mv, request)
         except GatewayError as exc:
             series.failure.inc()
             self.metrics.failures.labels(name, version_label, exc.reason).inc()
@@ -85,9 +87,11 @@ class DataPlane:
             series.inflight.dec()
         series.success.inc()
         series.duration.observe(time.perf_counter() - t0)
-        return InferResponse(name, str(mv.version), outputs, id=request.id)
+        return InferResponse(name, str(mv.version), outputs, id=request.id, parameters=params)
 
-    async def _infer(self, mv: ModelVersion, request: InferRequest) -> list[OutputTensor]:
+    async def _infer(
+        self, mv: ModelVersion, request: InferRequest
+    ) -> tuple[list[OutputTensor], dict[str, Any]]:
         rt = mv.runtime
         cfg = mv.batcher.runtime.config
         tensors = self._check_inputs(
@@ -95,9 +99,17 @@ class DataPlane:
         )
         wanted = self._check_outputs(rt.name, rt.outputs, request)
         deadline = time.monotonic() + self._timeout_s(cfg.dynamic_batching, request)
-        results = await mv.batcher.submit(tensors, deadline)
+        pipeline = self.integrity.get(rt.name) if self.integrity is not None else None
+        params: dict[str, Any] = {}
+        if pipeline is None:
+            results = await mv.batcher.submit(tensors, deadline)
+        else:
+            outcome = await pipeline.run(
+                mv, tensors, request_id=request.id, parameters=request.parameters, deadline=deadline
+            )
+            results, params = outcome.results, outcome.parameters
         specs = {o.name: o for o in rt.outputs}
-        return [OutputTensor(n, results[n], _bf16(specs.get(n))) for n in wanted]
+        return [OutputTensor(n, results[n], _bf16(specs.get(n))) for n in wanted], params
 
     def _timeout_s(self, db: Any, request: InferRequest) -> float:
         # OIP parameter `timeout`, in microseconds as Triton and tritonclient use it

@@ -10,6 +10,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from gateway.generation.metrics import GenerationMetrics
+from gateway.integrity.metrics import IntegrityMetrics
 
 # Seconds; from 100 us (a tiny model on a warm path) to 30 s (a timed-out upstream).
 LATENCY_BUCKETS = (
@@ -142,6 +143,7 @@ class GatewayMetrics:
         )
 
         self.generation = GenerationMetrics(r)  # /v1 text generation and speculative decoding
+        self.integrity = IntegrityMetrics(r)  # verdicts, detector, enclave, drills
 
         self._model_series: dict[tuple[str, str], ModelSeries] = {}
         self._http_series: dict[tuple[str, str, str], tuple[Any, Any]] = {}

@@ -136,6 +136,89 @@ class UpstreamOptions(_Strict):
     circuit_breaker: CircuitBreakerConfig = Field(default_factory=CircuitBreakerConfig)
 
 
+DrillAttack = Literal["switch", "avg", "random_switch", "noise", "substitution"]
+
+
+class DrillConfig(_Strict):
+    """An attack drill: the model behaves like a compromised service (off by default)."""
+
+    attack: DrillAttack = Field(description="What the compromised service does to its answers.")
+    rate: float = Field(1.0, gt=0, le=1, description="Share of answers tampered with.")
+    substitute: str | None = Field(
+        None, description="substitution: the (cheaper) model in this repository served instead."
+    )
+    noise_sigma: float = Field(1.5, gt=0, description="noise: std on the log-probabilities.")
+
+    @model_validator(mode="after")
+    def _substitute(self) -> DrillConfig:
+        if (self.attack == "substitution") != (self.substitute is not None):
+            raise ValueError(
+                "'substitute' names the model to serve, for attack 'substitution' only"
+            )
+        return self
+
+
+class EnclaveConfig(_Strict):
+    """The verifier that runs inside the (simulated) enclave for this model."""
+
+    verifier_model: str = Field(
+        description="Repository entry whose latest version's model.onnx is the verifier."
+    )
+    sealed_model: Path | None = Field(
+        None,
+        description="A sealed verifier (fides enclave seal), relative to the model directory. "
+        "Default: the gateway seals verifier_model for the local platform at start.",
+    )
+    measurement: str | None = Field(
+        None,
+        pattern=r"^[0-9a-f]{96}$",
+        description="Pinned PCR0 (fides enclave measure). Default: measured from verifier_model.",
+    )
+    outputs: list[str] = Field(
+        default_factory=lambda: ["probabilities"], description="Verifier outputs signed."
+    )
+    max_batch_size: int = Field(64, ge=1, le=4096, description="Rows per enclave call.")
+    max_queue_delay_microseconds: int = Field(
+        500, ge=0, description="How long a verification waits for others to share an enclave call."
+    )
+    timeout_s: float = Field(5.0, gt=0, description="Enclave call timeout (then the policy).")
+    extra_args: list[str] = Field(
+        default_factory=list, description="Extra `fides enclave run` options (e.g. --paging)."
+    )
+
+
+class IntegrityConfig(_Strict):
+    """Fides verification of this model's answers (see the README's integrity section)."""
+
+    enclave: EnclaveConfig
+    detector: str = Field(description="Repository entry of the attack detector (pair model).")
+    reclassifier: str = Field(description="Repository entry of the re-classifier (pair model).")
+    output: str = Field(
+        "probabilities", description="The service output holding class probabilities."
+    )
+    threshold: float | None = Field(
+        None, ge=0, le=1, description="Detector threshold; default: the detector card's."
+    )
+    sampling_rate: float = Field(1.0, ge=0, le=1, description="Share of requests verified.")
+    mode: Literal["monitor", "enforce"] = Field(
+        "monitor",
+        description="monitor: answer as served and flag; enforce: replace an attacked answer "
+        "by the re-classifier's.",
+    )
+    failure_policy: Literal["fail_closed", "fail_open"] = Field(
+        "fail_closed",
+        description="Enclave unavailable or late: fail_closed answers 503, fail_open answers "
+        "with verdict 'unverified' and a reason.",
+    )
+    substitution_window: int = Field(
+        100, ge=10, description="Recent verified requests in the substitution test."
+    )
+    substitution_alpha: float = Field(
+        0.005, gt=0, lt=0.5, description="Level of the windowed substitution test."
+    )
+    drill: DrillConfig | None = Field(None, description="An attack drill active from load.")
+
+
 class ModelConfig(_Strict):
     """Contents of ``<repository>/<model>/config.yaml``."""
 
@@ -159,6 +242,9 @@ class ModelConfig(_Strict):
     generation: GenerationConfig | None = Field(
         None, description="causal_lm only: draft, speculative decoding and serving limits."
     )
+    integrity: IntegrityConfig | None = Field(
+        None, description="Verify answers with the enclave's verifier and the attack detector."
+    )
     labels: list[str] | None = Field(None, description="Class names, index-aligned.")
     parameters: dict[str, str] = Field(default_factory=dict, description="Free-form metadata.")
 
@@ -166,6 +252,8 @@ class ModelConfig(_Strict):
     def _check(self) -> ModelConfig:
         if self.platform == "upstream" and self.upstream is None:
             raise ValueError("platform 'upstream' needs an 'upstream:' block with a url")
+        if self.integrity is not None and self.platform == "causal_lm":
+            raise ValueError("an 'integrity:' block is for classifiers, not platform 'causal_lm'")
         if self.generation is not None and self.platform != "causal_lm":
             raise ValueError("a 'generation:' block needs platform 'causal_lm'")
         if self.dynamic_batching is not None and self.max_batch_size == 0:

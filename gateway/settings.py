@@ -56,6 +56,23 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(
         20.0, ge=0, description="How long shutdown waits for in-flight requests to finish."
     )
+    enclave_platform_dir: Path = Field(
+        Path(".fides/enclave-platform"),
+        description="The (simulated) enclave platform: root CA, platform CA and secret.",
+    )
+    enclave_runtime_dir: Path = Field(
+        Path(".fides/enclave"),
+        description="Enclave sockets, sealed verifiers and logs (keep the path short: socket "
+        "paths are limited to 107 bytes).",
+    )
+    enclave_init_platform: bool | None = Field(
+        None, description="Create a missing enclave platform at start (default: in dev mode)."
+    )
+    enclave_allow_simulated: bool | None = Field(
+        None,
+        description="Accept evidence from the simulated enclave (default: in dev mode only; "
+        "anywhere else it must be said explicitly).",
+    )
     log_level: str = Field("INFO", description="Root log level.")
     log_json: bool = Field(True, description="Structured JSON logs (one object per line).")
 
@@ -66,6 +83,16 @@ class Settings(BaseSettings):
         self.api_keys = self.api_keys + _read_key_file(self.api_key_file)
         self.admin_api_keys = self.admin_api_keys + _read_key_file(self.admin_api_key_file)
         return self
+
+    @property
+    def enclave_simulated_allowed(self) -> bool:
+        return (
+            self.dev_mode if self.enclave_allow_simulated is None else self.enclave_allow_simulated
+        )
+
+    @property
+    def enclave_may_init_platform(self) -> bool:
+        return self.dev_mode if self.enclave_init_platform is None else self.enclave_init_platform
 
     def check_secure(self) -> None:
         """Refuse insecure set-ups outside development mode (raises ``ValueError``)."""

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
+
+if TYPE_CHECKING:  # torch only for FGSM and quantisation: the gateway's drills need neither
+    import torch
+    from torch import nn
 
 __all__ = [
     "OUTPUT_ATTACKS",
@@ -164,6 +166,9 @@ def fgsm(net: nn.Module, x: torch.Tensor, epsilon: float, batch_size: int = 512)
 
     ``x`` is ``[n, C, H, W]`` in [0, 1]; ``epsilon`` is on that scale (8/255 ~ 0.031).
     """
+    import torch
+    import torch.nn.functional as F
+
     net.eval()
     out = []
     for i in range(0, len(x), batch_size):
@@ -179,6 +184,9 @@ def quantize_int8(net: nn.Module) -> nn.Module:
     """A copy of ``net`` whose conv and linear weights are rounded to symmetric per-output-
     channel int8 (and stored back as float): the cheap, quantised model a lazy provider might
     serve instead. Biases and batch-norm statistics are kept."""
+    import torch
+    from torch import nn
+
     q = copy.deepcopy(net).eval()
     with torch.no_grad():
         for m in q.modules():

@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +24,9 @@ import onnx
 import onnxruntime as ort
 import torch
 import torch.nn.functional as F
-from scipy import stats
 from torch import nn
 
+from gateway.integrity.stats import WindowResult, window_test
 from verifier.features import EPS, feature_count, pair_features
 
 __all__ = [
@@ -170,32 +169,6 @@ def calibrate_threshold(clean_scores: np.ndarray, target_fpr: float) -> float:
         raise ValueError("calibration needs clean scores")
     k = math.ceil((s.size + 1) * (1.0 - target_fpr) - 1e-9)  # 1e-9: 200 * 0.99 is 198.00..03
     return float("inf") if k > s.size else float(s[k - 1])
-
-
-@dataclass(frozen=True)
-class WindowResult:
-    statistic: float  # Mann-Whitney U of the window against the clean reference, scaled to [0, 1]
-    p_value: float
-    flagged: bool
-
-
-def window_test(window: np.ndarray, reference: np.ndarray, alpha: float = 0.01) -> WindowResult:
-    """Is a window of recent per-request scores stochastically larger than clean scores?
-
-    One-sided Mann-Whitney U test (scipy.stats.mannwhitneyu, alternative "greater") of the
-    window against the clean calibration scores. Under an honest service the window and the
-    reference are exchangeable, so a window is flagged with probability <= ``alpha``; a
-    substitute model that disagrees with the verifier more often shifts the scores up. The
-    statistic is U / (n_window * n_reference): the probability that a window score exceeds a
-    clean one (0.5 when honest).
-    """
-    w = np.asarray(window, dtype=np.float64)
-    r = np.asarray(reference, dtype=np.float64)
-    if w.size == 0 or r.size == 0:
-        raise ValueError("window test needs scores in the window and the reference")
-    res = stats.mannwhitneyu(w, r, alternative="greater")
-    stat = float(res.statistic) / (w.size * r.size)
-    return WindowResult(stat, float(res.pvalue), bool(res.pvalue < alpha))
 
 
 def export_pair_model(

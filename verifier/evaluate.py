@@ -39,7 +39,7 @@ from verifier.detector import (
     window_test,
 )
 from verifier.experiment import Experiment
-from verifier.export import serving_config
+from verifier.export import serving_config, write_entry
 from verifier.features import pair_features_np
 from verifier.gan import Generator, train_gan
 from verifier.losses import cross_entropy
@@ -187,6 +187,34 @@ def _write_pair_entry(
     return card
 
 
+def integrity_block(exp: Experiment) -> dict[str, Any]:
+    """The ``integrity:`` block that pairs the service with its verifier and detector."""
+    ex = exp.export
+    return {
+        "enclave": {"verifier_model": ex.verifier_name, "max_batch_size": ex.max_batch_size},
+        "detector": f"{ex.service_name}_detector",
+        "reclassifier": f"{ex.service_name}_reclassifier",
+        "mode": "monitor",
+        "failure_policy": "fail_closed",
+        "substitution_window": exp.detector.window_size,
+        "substitution_alpha": exp.detector.window_alpha,
+    }
+
+
+def _enable_integrity(repository: Path, exp: Experiment) -> None:
+    path = repository / exp.export.service_name / "config.yaml"
+    text = path.read_text(encoding="utf-8")
+    block = yaml.safe_dump(
+        {"integrity": integrity_block(exp)}, sort_keys=False, default_flow_style=None
+    )
+    path.write_text(
+        text.rstrip("\n")
+        + "\n# verified by its GDTL verifier in the enclave (fides evaluate)\n"
+        + block,
+        encoding="utf-8",
+    )
+
+
 def evaluate_experiment(
     exp: Experiment,
     run_dir: Path,
@@ -201,7 +229,15 @@ def evaluate_experiment(
     cfg = exp.detector
     t_start = time.perf_counter()
     trained: dict[str, nn.Module] = {}
-    run_experiment(exp, run_dir, show_progress=show_progress, say=log, trained=trained)
+    # the service student and the verifier are exported beside the detector
+    run_experiment(
+        exp,
+        run_dir,
+        repository=repository,
+        show_progress=show_progress,
+        say=log,
+        trained=trained,
+    )
     set_determinism(exp.seed, exp.threads)
     service, verifier = trained["student"], trained["verifier"]
     d = exp.data
@@ -359,8 +395,10 @@ def evaluate_experiment(
 
         # --- model substitution: per request and windowed ---
         substitution: dict[str, Any] = {}
+        substitutes: dict[str, nn.Module] = {}
         for spec in cfg.substitutes:
             sub, secs = _substitute(spec.name, exp, splits, service, run_dir, bar)
+            substitutes[spec.name] = sub
             p_sub = _probs(sub, evald.x)
             sub_scores = detector.scores(p_sub, q_ev)
             auc, tpr1 = _roc(clean_scores, sub_scores, cfg.target_fpr)
@@ -477,6 +515,32 @@ def evaluate_experiment(
             },
             f"{exp.name}: re-classifier (verifier.evaluate)",
         )
+        # cheaper substitutes, for the gateway's substitution drills (int8 copies are not
+        # exported: onnxruntime would run them in float anyway)
+        for spec in cfg.substitutes:
+            if spec.kind != "student":
+                continue
+            sub_name = f"{ex.service_name}_{spec.name}"
+            write_entry(
+                repository,
+                sub_name,
+                substitutes[spec.name],
+                evald.x[:64],
+                splits.classes,
+                {
+                    **common,
+                    "role": "substitute",
+                    "substitute": spec.model_dump(mode="json"),
+                    "metrics": {
+                        "test_accuracy": substitution[spec.name]["test_accuracy"],
+                        "agreement_with_service": substitution[spec.name]["agreement_with_service"],
+                    },
+                },
+                comment=f"{exp.name}: a cheaper substitute for substitution drills",
+                max_batch_size=ex.max_batch_size,
+                latency_repeats=10,
+            )
+        _enable_integrity(repository, exp)
         report["repository"] = str(repository)
         report["onnx_max_abs_diff"] = det_card["onnx_max_abs_diff"]
     report["machine"] = f"{platform.machine()}, torch {torch.__version__}, {exp.threads} thread(s)"

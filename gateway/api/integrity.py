@@ -1,0 +1,83 @@
+"""Integrity routes: the attestation handshake and status (user key), attack drills (admin).
+
+- ``GET /v2/models/{name}/attestation?nonce=<base64>``: the enclave's attestation document
+  bound to the caller's nonce (the client SDK's handshake).
+- ``GET /v2/models/{name}/integrity``: mode, threshold, enclave state, drill, substitution test.
+- ``PUT /v2/admin/models/{name}/drill`` (body: ``{"attack", "rate", "substitute"?}``) starts an
+  attack drill; ``DELETE`` stops it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic import ValidationError
+
+from gateway.api.deps import AdminAuth, UserAuth
+from gateway.errors import BadRequest
+from gateway.integrity.pipeline import MAX_NONCE, MIN_NONCE
+from gateway.integrity.service import IntegrityService
+from gateway.model_config import DrillConfig, format_validation_error
+
+router = APIRouter(prefix="/v2/models", tags=["integrity"], dependencies=[UserAuth])
+admin = APIRouter(prefix="/v2/admin/models", tags=["integrity"], dependencies=[AdminAuth])
+
+
+async def _integrity(request: Request) -> IntegrityService:
+    return request.app.state.integrity  # type: ignore[no-any-return]
+
+
+IntegrityDep = Annotated[IntegrityService, Depends(_integrity)]
+
+
+@router.get("/{name}/attestation")
+async def attestation(
+    name: str,
+    svc: IntegrityDep,
+    nonce: Annotated[str, Query(description="base64 of 8..512 random bytes, yours")],
+) -> dict[str, Any]:
+    pipe = svc.require(name)
+    try:
+        raw = base64.b64decode(nonce, altchars=b"-_", validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest("nonce is not valid base64") from None
+    if not MIN_NONCE <= len(raw) <= MAX_NONCE:
+        raise BadRequest(f"nonce must decode to {MIN_NONCE}..{MAX_NONCE} bytes, not {len(raw)}")
+    doc = await pipe.attest(raw)
+    return {
+        "model": name,
+        "attestation": base64.b64encode(doc).decode("ascii"),
+        "measurement": pipe.measurement,
+    }
+
+
+@router.get("/{name}/integrity")
+async def integrity_status(name: str, svc: IntegrityDep) -> dict[str, Any]:
+    return svc.require(name).status()
+
+
+@admin.put("/{name}/drill")
+async def start_drill(name: str, request: Request, svc: IntegrityDep) -> dict[str, Any]:
+    pipe = svc.require(name)
+    try:
+        body = await request.json()
+    except ValueError:
+        raise BadRequest("the body must be a JSON object: {attack, rate, substitute?}") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object: {attack, rate, substitute?}")
+    try:
+        drill = DrillConfig.model_validate(body)
+    except ValidationError as exc:
+        raise BadRequest(format_validation_error(exc, "drill", "drill")) from None
+    pipe.set_drill(drill)
+    return pipe.status()
+
+
+@admin.delete("/{name}/drill")
+async def stop_drill(name: str, svc: IntegrityDep) -> dict[str, Any]:
+    pipe = svc.require(name)
+    pipe.set_drill(None)
+    return pipe.status()

@@ -1,0 +1,170 @@
+"""Starting a model's enclave, and batching verifications into enclave calls.
+
+:func:`enclave_for_model` turns an ``integrity.enclave`` config into a running
+:class:`~gateway.enclave_client.EnclaveSupervisor`: it finds the verifier in the repository,
+measures it (or takes the pinned measurement), seals it for the local platform unless a sealed
+file is given, and pins the platform's root certificate and that measurement.
+
+:class:`EnclaveBatcher` groups concurrent verifications into one enclave call (one signature
+over a Merkle root covers the batch; each client still gets only its own entry and proof).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from enclave_sim.attestation import Policy
+from enclave_sim.config import VerifierConfig
+from enclave_sim.measurement import measure
+from enclave_sim.pki import ROOT_CERT, init_ca
+from enclave_sim.sealing import seal
+from gateway.enclave_client import (
+    EnclaveClient,
+    EnclaveLaunch,
+    EnclaveSupervisor,
+    VerifiedItem,
+    VerifyRequest,
+)
+from gateway.errors import GatewayError
+from gateway.model_config import EnclaveConfig
+from gateway.settings import Settings
+
+log = logging.getLogger(__name__)
+
+__all__ = ["EnclaveBatcher", "IntegritySetupError", "enclave_for_model", "verifier_file"]
+
+
+class IntegritySetupError(GatewayError):
+    """The integrity block of a model cannot be set up (missing verifier, platform, ...)."""
+
+    status, reason = 503, "integrity_setup"
+
+
+def verifier_file(repository: Path, name: str) -> Path:
+    """The latest version's ``model.onnx`` of repository entry ``name``."""
+    versions = (
+        [int(p.name) for p in (repository / name).iterdir() if p.is_dir() and p.name.isdigit()]
+        if (repository / name).is_dir()
+        else []
+    )
+    if not versions:
+        raise IntegritySetupError(f"verifier model '{name}' has no version in {repository}")
+    path = repository / name / str(max(versions)) / "model.onnx"
+    if not path.is_file():
+        raise IntegritySetupError(f"verifier model file {path} is missing")
+    return path
+
+
+def enclave_for_model(
+    model: str, cfg: EnclaveConfig, repository: Path, settings: Settings
+) -> tuple[EnclaveSupervisor, str]:
+    """A supervisor (not started) for ``model``'s enclave and the pinned measurement (hex)."""
+    onnx_bytes = verifier_file(repository, cfg.verifier_model).read_bytes()
+    vcfg = VerifierConfig(outputs=tuple(cfg.outputs), max_batch_size=cfg.max_batch_size)
+    platform = settings.enclave_platform_dir
+    if not (platform / ROOT_CERT).is_file():
+        if not settings.enclave_may_init_platform:
+            raise IntegritySetupError(
+                f"no enclave platform in {platform} (run `fides enclave init-ca --platform-dir "
+                f"{platform}` or set FIDES_ENCLAVE_INIT_PLATFORM=1)"
+            )
+        log.warning("creating a simulated enclave platform (root CA + secret) in %s", platform)
+        init_ca(platform)
+    runtime = settings.enclave_runtime_dir
+    runtime.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if cfg.sealed_model is not None:
+        sealed = repository / model / cfg.sealed_model
+        if not sealed.is_file():
+            raise IntegritySetupError(f"sealed verifier {sealed} is missing")
+    else:
+        data, _, version = seal(onnx_bytes, vcfg, platform)
+        sealed = runtime / f"{model}.sealed"
+        sealed.write_bytes(data)
+        log.info("sealed %s's verifier (version %d) for this platform", model, version)
+    measurement = cfg.measurement or measure(onnx_bytes, vcfg).pcr0.hex()
+    launch = EnclaveLaunch(
+        socket_path=runtime / f"{model}.sock",
+        sealed_model=sealed,
+        platform_dir=platform,
+        extra_args=tuple(cfg.extra_args),
+        log_path=runtime / f"{model}.log",
+    )
+    policy = Policy.of(measurement, allow_simulated=settings.enclave_simulated_allowed)
+    supervisor = EnclaveSupervisor(
+        launch,
+        root=(platform / ROOT_CERT).read_bytes(),
+        policy=policy,
+        call_timeout_s=cfg.timeout_s,
+    )
+    return supervisor, measurement
+
+
+@dataclass
+class _Pending:
+    request: VerifyRequest
+    rows: int
+    future: asyncio.Future[VerifiedItem]
+
+
+class EnclaveBatcher:
+    """Collects verifications for up to ``delay_s`` or ``max_rows`` rows, then makes one
+    enclave call. Errors of a call go to every request in it; nothing is retried here (the
+    integrity pipeline's failure policy decides)."""
+
+    def __init__(self, client: EnclaveClient, max_rows: int, delay_s: float) -> None:
+        self.client = client
+        self.max_rows = max_rows
+        self.delay_s = delay_s
+        self._pending: list[_Pending] = []
+        self._rows = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def verify(self, request: VerifyRequest, rows: int) -> VerifiedItem:
+        loop = asyncio.get_running_loop()
+        item = _Pending(request, rows, loop.create_future())
+        if self._rows + rows > self.max_rows:
+            self._flush()
+        self._pending.append(item)
+        self._rows += rows
+        if self._rows >= self.max_rows or self.delay_s <= 0:
+            self._flush()
+        elif self._timer is None:
+            self._timer = loop.call_later(self.delay_s, self._flush)
+        return await item.future
+
+    def _flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._pending:
+            return
+        batch, self._pending, self._rows = self._pending, [], 0
+        task = asyncio.get_running_loop().create_task(self._call(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _call(self, batch: Sequence[_Pending]) -> None:
+        try:
+            result = await self.client.verify([p.request for p in batch])
+        except BaseException as exc:  # noqa: BLE001 - every waiter must hear about it
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for p, item in zip(batch, result.items, strict=True):
+            if not p.future.done():
+                p.future.set_result(item)
+
+    async def close(self) -> None:
+        self._flush()
+        for task in list(self._tasks):
+            with contextlib.suppress(Exception):
+                await task

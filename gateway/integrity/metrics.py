@@ -1,0 +1,90 @@
+"""Integrity metrics (``fides_integrity_*``, ``fides_enclave_*``), in the app's registry."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["IntegrityMetrics"]
+
+SCORE_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+
+class IntegrityMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.verdicts = Counter(
+            "fides_integrity_verdicts",
+            "Integrity verdicts by model: verified, attack or unverified.",
+            ["model", "verdict"],
+            registry=r,
+        )
+        self.attacks = Counter(
+            "fides_integrity_attacks_detected",
+            "Answers (rows) the detector flagged as attacked.",
+            ["model"],
+            registry=r,
+        )
+        self.score = Histogram(
+            "fides_integrity_detector_score",
+            "Detector probability that an answer was tampered with, per row.",
+            ["model"],
+            buckets=SCORE_BUCKETS,
+            registry=r,
+        )
+        self.duration = Histogram(
+            "fides_integrity_verification_duration_seconds",
+            "Enclave verification plus detector (and re-classifier) per verified request.",
+            ["model"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.unverified = Counter(
+            "fides_integrity_unverified",
+            "Answers returned without verification, by reason (not_sampled, enclave_unavailable, "
+            "enclave_timeout, enclave_error).",
+            ["model", "reason"],
+            registry=r,
+        )
+        self.substitution_statistic = Gauge(
+            "fides_integrity_substitution_statistic",
+            "Windowed substitution test: P(recent detector score > clean score); 0.5 when honest.",
+            ["model"],
+            registry=r,
+        )
+        self.substitution_p_value = Gauge(
+            "fides_integrity_substitution_p_value",
+            "p-value of the windowed substitution test (one-sided Mann-Whitney U).",
+            ["model"],
+            registry=r,
+        )
+        self.substitution_suspected = Gauge(
+            "fides_integrity_substitution_suspected",
+            "1 while the windowed test rejects an honest service at its level, else 0.",
+            ["model"],
+            registry=r,
+        )
+        self.enclave_up = Gauge(
+            "fides_enclave_up",
+            "1 while the model's enclave is up and attested, else 0.",
+            ["model"],
+            registry=r,
+        )
+        self.enclave_restarts = Counter(
+            "fides_enclave_restarts",
+            "Enclave restarts after a crash or a hang.",
+            ["model"],
+            registry=r,
+        )
+        self.drill_active = Gauge(
+            "fides_integrity_drill_active",
+            "1 while an attack drill is active on the model, by attack.",
+            ["model", "attack"],
+            registry=r,
+        )
+        self.drill_tampered = Counter(
+            "fides_integrity_drill_tampered",
+            "Answers (rows) an attack drill tampered with.",
+            ["model", "attack"],
+            registry=r,
+        )

@@ -1,0 +1,88 @@
+"""All integrity pipelines of one gateway: built after the models load, closed at shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from gateway.enclave_client import EnclaveClient, EnclaveSupervisor
+from gateway.errors import GatewayError, NotFound
+from gateway.integrity.enclave import enclave_for_model
+from gateway.integrity.metrics import IntegrityMetrics
+from gateway.integrity.pipeline import IntegrityPipeline
+from gateway.model_config import EnclaveConfig
+from gateway.repository import ModelRepository
+from gateway.settings import Settings
+
+log = logging.getLogger(__name__)
+
+__all__ = ["EnclaveFactory", "IntegrityService"]
+
+# (model, its enclave config) -> (a client, the pinned measurement); tests pass an in-process one
+EnclaveFactory = Callable[[str, EnclaveConfig], tuple[EnclaveClient, str | None]]
+
+
+class IntegrityService:
+    def __init__(
+        self,
+        repository: ModelRepository,
+        settings: Settings,
+        metrics: IntegrityMetrics,
+        enclave_factory: EnclaveFactory | None = None,
+    ) -> None:
+        self.repository = repository
+        self.settings = settings
+        self.metrics = metrics
+        self._factory = enclave_factory or (
+            lambda model, cfg: enclave_for_model(model, cfg, repository.root, settings)
+        )
+        self.pipelines: dict[str, IntegrityPipeline] = {}
+
+    async def start(self) -> None:
+        """One pipeline (and enclave) per loaded model with an ``integrity:`` block. A model
+        whose enclave does not come up is still served; its failure policy then applies."""
+        starts = []
+        for name in self.repository.loaded_names():
+            cfg = self.repository.served(name).config.integrity
+            if cfg is None:
+                continue
+            try:
+                enclave, measurement = self._factory(name, cfg.enclave)
+                self.pipelines[name] = IntegrityPipeline(
+                    name, cfg, self.repository, enclave, self.metrics, measurement=measurement
+                )
+            except (GatewayError, ValueError, OSError) as exc:
+                log.error("integrity for %s cannot be set up: %s", name, exc)
+                continue
+            if isinstance(enclave, EnclaveSupervisor):
+                starts.append(self._start(name, enclave))
+        await asyncio.gather(*starts)
+
+    async def _start(self, name: str, enclave: EnclaveSupervisor) -> None:
+        try:
+            await enclave.start()
+            log.info("enclave for %s is up and attested", name, extra={"model": name})
+        except GatewayError as exc:
+            log.error("enclave for %s did not start: %s", name, exc, extra={"model": name})
+
+    def get(self, name: str) -> IntegrityPipeline | None:
+        return self.pipelines.get(name)
+
+    def require(self, name: str) -> IntegrityPipeline:
+        pipe = self.pipelines.get(name)
+        if pipe is None:
+            self.repository.get(name, None)  # 404 for an unknown model
+            raise NotFound(f"model '{name}' has no integrity verification configured")
+        return pipe
+
+    async def close(self) -> None:
+        for name, pipe in self.pipelines.items():
+            await pipe.close()
+            enclave = pipe.enclave
+            if isinstance(enclave, EnclaveSupervisor):
+                await enclave.stop()
+            else:
+                await enclave.close()
+            log.info("integrity for %s stopped", name)
+        self.pipelines.clear()

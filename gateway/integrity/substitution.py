@@ -1,0 +1,48 @@
+"""Windowed detection of model substitution over recent verified requests.
+
+A lazy provider that serves a cheaper model cannot be caught on one answer, but its answers
+disagree with the verifier a little more often: the detector's scores drift up. Every
+``every`` new scores, the last ``window`` of them are compared with the detector's clean
+calibration scores (:func:`gateway.integrity.stats.window_test`).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+
+import numpy as np
+
+from gateway.integrity.stats import WindowResult, window_test
+
+__all__ = ["SubstitutionMonitor"]
+
+
+class SubstitutionMonitor:
+    def __init__(
+        self, reference: np.ndarray, window: int = 100, alpha: float = 0.005, every: int = 10
+    ) -> None:
+        if len(reference) < 10:
+            raise ValueError("the substitution test needs at least 10 clean reference scores")
+        self.reference = np.asarray(reference, dtype=np.float64)
+        self.alpha = alpha
+        self.every = every
+        self.scores: deque[float] = deque(maxlen=window)
+        self._since = 0
+        self.last: WindowResult | None = None
+
+    def add(self, scores: Iterable[float]) -> WindowResult | None:
+        """Record scores; returns a new test result when one was run."""
+        for s in scores:
+            self.scores.append(float(s))
+            self._since += 1
+        if len(self.scores) < (self.scores.maxlen or 0) or self._since < self.every:
+            return None
+        self._since = 0
+        self.last = window_test(np.fromiter(self.scores, float), self.reference, self.alpha)
+        return self.last
+
+    def reset(self) -> None:
+        self.scores.clear()
+        self._since = 0
+        self.last = None

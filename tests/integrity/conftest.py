@@ -1,0 +1,115 @@
+"""Integrity fixtures: one really trained integrity repository per session (copied per test),
+and an in-process gateway whose enclave is :class:`FakeEnclaveClient` (a real EnclaveCore
+running the verifier and signing, without the process)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+
+from enclave_sim.config import VerifierConfig
+from gateway.app import create_app
+from gateway.enclave_client import FakeEnclaveClient
+from gateway.model_config import EnclaveConfig
+from gateway.settings import Settings
+from tests.conftest import ADMIN_KEY, USER_KEY
+from tests.integrity_factory import build_integrity_repository
+
+EXAMPLE = json.loads((Path(__file__).resolve().parents[2] / "examples" / "digit.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def trained_repository(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    return build_integrity_repository(tmp_path_factory.mktemp("integrity"))
+
+
+@pytest.fixture
+def integrity_repo(tmp_path: Path, trained_repository: tuple[Path, dict[str, Any]]) -> Path:
+    dst = tmp_path / "repo"
+    shutil.copytree(trained_repository[0], dst)
+    return dst
+
+
+def set_integrity(repo: Path, **changes: Any) -> None:
+    """Change keys of digits' ``integrity:`` block."""
+    path = repo / "digits" / "config.yaml"
+    cfg = yaml.safe_load(path.read_text())
+    cfg["integrity"].update(changes)
+    path.write_text(yaml.safe_dump(cfg))
+
+
+def digit_images(n: int, seed: int = 0) -> np.ndarray:
+    from sklearn.datasets import load_digits
+
+    x, _ = load_digits(return_X_y=True)
+    idx = np.random.default_rng(seed).choice(len(x), size=n, replace=False)
+    return (x[idx] / 16.0).astype(np.float32).reshape(n, 1, 8, 8)
+
+
+def infer_body(x: np.ndarray, **params: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "inputs": [
+            {
+                "name": "input",
+                "shape": list(x.shape),
+                "datatype": "FP32",
+                "data": x.ravel().tolist(),
+            }
+        ]
+    }
+    if params:
+        body["parameters"] = params
+    return body
+
+
+class Fakes:
+    """The in-process enclaves the factory handed out, by model."""
+
+    def __init__(self, repo: Path) -> None:
+        self.repo = repo
+        self.by_model: dict[str, FakeEnclaveClient] = {}
+
+    def __call__(self, model: str, cfg: EnclaveConfig) -> tuple[FakeEnclaveClient, str]:
+        from gateway.integrity.enclave import verifier_file
+
+        fake = FakeEnclaveClient(
+            verifier_file(self.repo, cfg.verifier_model),
+            VerifierConfig(outputs=tuple(cfg.outputs), max_batch_size=cfg.max_batch_size),
+        )
+        self.by_model[model] = fake
+        return fake, fake.measurement.pcr0.hex()
+
+
+@asynccontextmanager
+async def integrity_gateway(repo: Path) -> AsyncIterator[tuple[httpx.AsyncClient, Fakes]]:
+    settings = Settings(
+        model_repository=repo,
+        api_keys=[USER_KEY],
+        admin_api_keys=[ADMIN_KEY],
+        log_json=False,
+        shutdown_grace_s=5,
+    )
+    fakes = Fakes(repo)
+    app = create_app(settings, enclave_factory=fakes)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app),
+            base_url="http://test",
+            headers={"X-API-Key": USER_KEY},
+        ) as client,
+    ):
+        yield client, fakes
+
+
+ADMIN = {"X-API-Key": ADMIN_KEY}
+Metric = Callable[[str], float]

@@ -1,0 +1,259 @@
+"""The integrity pipeline in the gateway (in-process; the enclave is FakeEnclaveClient, a real
+EnclaveCore that runs the sealed verifier's ONNX and really signs)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from pathlib import Path
+
+import cbor2
+import httpx
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from enclave_sim.attestation import check_verification, verify_attestation
+from gateway.enclave_client import EnclaveUnavailable
+from tests.integrity.conftest import (
+    ADMIN,
+    EXAMPLE,
+    digit_images,
+    infer_body,
+    integrity_gateway,
+    set_integrity,
+)
+
+URL = "/v2/models/digits/infer"
+
+
+async def metric(client: httpx.AsyncClient, name: str, **labels: str) -> float:
+    text = (await client.get("/metrics")).text
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return float(s.value)
+    return 0.0
+
+
+def _probs(resp: httpx.Response) -> np.ndarray:
+    out = resp.json()["outputs"][0]
+    return np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
+
+
+async def test_an_honest_answer_is_verified_with_evidence(integrity_repo: Path) -> None:
+    async with integrity_gateway(integrity_repo) as (client, fakes):
+        nonce = b"client-nonce-0001"
+        body = {**EXAMPLE, "parameters": {"integrity_nonce": base64.b64encode(nonce).decode()}}
+        r = await client.post(URL, json=body)
+        assert r.status_code == 200, r.text
+        params = r.json()["parameters"]
+        assert params["integrity_verdict"] == "verified"
+        assert 0 <= params["integrity_score"] <= params["integrity_threshold"]
+        assert "integrity_reclassified" not in params
+        assert int(np.argmax(_probs(r))) == 3
+        # the evidence is the enclave's, bound to these input bytes, this nonce and this id
+        fake = fakes.by_model["digits"]
+        attested = verify_attestation(
+            await fake.attest(b"handshake-nonce-1"),
+            root=fake.root_pem,
+            policy=fake.policy(),
+            nonce=b"handshake-nonce-1",
+        )
+        x = np.asarray(EXAMPLE["inputs"][0]["data"], dtype=np.float32).reshape(1, 1, 8, 8)
+        evidence = base64.b64decode(params["integrity_evidence"])
+        checked = check_verification(
+            evidence, attested=attested, inputs={"input": x}, nonce=nonce, request_id=EXAMPLE["id"]
+        )
+        assert checked is not None
+        entry = cbor2.loads(evidence)["entry"]
+        assert entry["id"] == EXAMPLE["id"]
+        assert await metric(client, "fides_integrity_verdicts_total", verdict="verified") == 1
+        assert await metric(client, "fides_enclave_up", model="digits") == 1
+
+
+async def test_switch_drill_is_detected_and_reclassified(integrity_repo: Path) -> None:
+    async with integrity_gateway(integrity_repo) as (client, _):
+        x = digit_images(40)
+        honest = []
+        for i in range(len(x)):
+            r = await client.post(URL, json=infer_body(x[i : i + 1]))
+            assert r.json()["parameters"]["integrity_verdict"] == "verified"
+            honest.append(int(np.argmax(_probs(r))))
+        r = await client.put(
+            "/v2/admin/models/digits/drill", json={"attack": "switch", "rate": 1.0}, headers=ADMIN
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["drill"]["attack"] == "switch"
+        assert await metric(client, "fides_integrity_drill_active", attack="switch") == 1
+        detected = restored = 0
+        for i in range(len(x)):
+            r = await client.post(URL, json=infer_body(x[i : i + 1]))
+            params = r.json()["parameters"]
+            served = int(np.argmax(_probs(r)))
+            assert served != honest[i]  # monitor mode: answered as (mis)served, flagged
+            if params["integrity_verdict"] == "attack":
+                detected += 1
+                restored += params["integrity_reclassified"] == honest[i]
+        assert detected >= 0.9 * len(x)
+        assert restored >= 0.9 * detected
+        assert await metric(client, "fides_integrity_attacks_detected_total") == detected
+        assert await metric(client, "fides_integrity_drill_tampered_total", attack="switch") == 40
+        r = await client.delete("/v2/admin/models/digits/drill", headers=ADMIN)
+        assert r.json()["drill"] is None
+        assert await metric(client, "fides_integrity_drill_active", attack="switch") == 0
+
+
+async def test_enforce_mode_replaces_an_attacked_answer(integrity_repo: Path) -> None:
+    set_integrity(integrity_repo, mode="enforce", drill={"attack": "switch", "rate": 1.0})
+    async with integrity_gateway(integrity_repo) as (client, _):
+        r = await client.post(URL, json=EXAMPLE)
+        params = r.json()["parameters"]
+        assert params["integrity_verdict"] == "attack"
+        assert params["integrity_replaced"] is True
+        assert int(np.argmax(_probs(r))) == params["integrity_reclassified"] == 3
+
+
+async def test_batches_get_per_row_reclassification(integrity_repo: Path) -> None:
+    set_integrity(integrity_repo, drill={"attack": "switch", "rate": 1.0})
+    async with integrity_gateway(integrity_repo) as (client, _):
+        r = await client.post(URL, json=infer_body(digit_images(4)))
+        params = r.json()["parameters"]
+        assert params["integrity_verdict"] == "attack"
+        assert len(str(params["integrity_reclassified"]).split(",")) == 4
+
+
+@pytest.mark.parametrize(
+    ("policy", "status", "verdict"),
+    [("fail_closed", 503, None), ("fail_open", 200, "unverified")],
+)
+async def test_enclave_outage_follows_the_failure_policy(
+    integrity_repo: Path, policy: str, status: int, verdict: str | None
+) -> None:
+    set_integrity(integrity_repo, failure_policy=policy)
+    async with integrity_gateway(integrity_repo) as (client, fakes):
+        fakes.by_model["digits"].fail = EnclaveUnavailable("enclave process died")
+        r = await client.post(URL, json=EXAMPLE)
+        assert r.status_code == status, r.text
+        if verdict is None:
+            assert "could not be verified" in r.json()["error"]
+            assert r.headers["retry-after"] == "1"
+        else:
+            params = r.json()["parameters"]
+            assert params["integrity_verdict"] == "unverified"
+            assert params["integrity_reason"].startswith("enclave_unavailable")
+            assert "integrity_evidence" not in params
+        assert (
+            await metric(client, "fides_integrity_unverified_total", reason="enclave_unavailable")
+            == 1
+        )
+        assert await metric(client, "fides_enclave_up", model="digits") == 0
+        # it keeps serving once the enclave is back
+        fakes.by_model["digits"].fail = None
+        r = await client.post(URL, json=EXAMPLE)
+        assert r.json()["parameters"]["integrity_verdict"] == "verified"
+
+
+async def test_a_hung_enclave_times_out(integrity_repo: Path) -> None:
+    cfg_path = integrity_repo / "digits" / "config.yaml"
+    cfg_path.write_text(
+        cfg_path.read_text().replace("max_batch_size: 64}", "max_batch_size: 64, timeout_s: 0.2}")
+    )
+    set_integrity(integrity_repo, failure_policy="fail_open")
+    async with integrity_gateway(integrity_repo) as (client, fakes):
+        fakes.by_model["digits"].delay_s = 2.0
+        r = await client.post(URL, json=EXAMPLE)
+        params = r.json()["parameters"]
+        assert params["integrity_verdict"] == "unverified"
+        assert params["integrity_reason"].startswith("enclave_timeout")
+
+
+async def test_unsampled_requests_are_never_called_verified(integrity_repo: Path) -> None:
+    set_integrity(integrity_repo, sampling_rate=0.0)
+    async with integrity_gateway(integrity_repo) as (client, fakes):
+        r = await client.post(URL, json=EXAMPLE)
+        assert r.json()["parameters"] == {
+            "integrity_verdict": "unverified",
+            "integrity_reason": "not_sampled: sampling_rate is 0",
+        }
+        assert fakes.by_model["digits"].calls == 0
+
+
+async def test_concurrent_verifications_share_enclave_calls(integrity_repo: Path) -> None:
+    async with integrity_gateway(integrity_repo) as (client, fakes):
+        x = digit_images(24)
+        rs = await asyncio.gather(
+            *(client.post(URL, json=infer_body(x[i : i + 1])) for i in range(24))
+        )
+        assert all(r.json()["parameters"]["integrity_verdict"] == "verified" for r in rs)
+        assert fakes.by_model["digits"].calls < 24  # batched into fewer enclave calls
+
+
+async def test_substitution_drill_raises_the_window_statistic(integrity_repo: Path) -> None:
+    async with integrity_gateway(integrity_repo) as (client, _):
+        r = await client.put(
+            "/v2/admin/models/digits/drill",
+            json={"attack": "substitution", "substitute": "digits_lite", "rate": 1.0},
+            headers=ADMIN,
+        )
+        assert r.status_code == 200, r.text
+        x = digit_images(60, seed=1)
+        for i in range(len(x)):
+            r = await client.post(URL, json=infer_body(x[i : i + 1]))
+            assert r.status_code == 200
+        status = (await client.get("/v2/models/digits/integrity")).json()
+        assert status["substitution"]["scores_in_window"] == 20
+        assert status["substitution"]["statistic"] > 0.5
+        stat = await metric(client, "fides_integrity_substitution_statistic", model="digits")
+        assert stat == pytest.approx(status["substitution"]["statistic"])
+
+
+async def test_bad_integrity_input_is_a_clear_400(integrity_repo: Path) -> None:
+    async with integrity_gateway(integrity_repo) as (client, _):
+        bad_nonce = {**EXAMPLE, "parameters": {"integrity_nonce": "not base64!"}}
+        r = await client.post(URL, json=bad_nonce)
+        assert r.status_code == 400
+        assert "integrity_nonce" in r.json()["error"]
+        short = {**EXAMPLE, "parameters": {"integrity_nonce": base64.b64encode(b"abc").decode()}}
+        assert "8..512 bytes" in (await client.post(URL, json=short)).json()["error"]
+        drill = "/v2/admin/models/digits/drill"
+        r = await client.put(drill, json={"attack": "switch"})  # user key: not an admin
+        assert r.status_code == 403
+        r = await client.put(drill, json={"attack": "explode"}, headers=ADMIN)
+        assert r.status_code == 400
+        assert "attack" in r.json()["error"]
+        r = await client.put(drill, json={"attack": "switch", "rate": 2}, headers=ADMIN)
+        assert r.status_code == 400
+        r = await client.put(
+            drill, json={"attack": "substitution", "substitute": "nope"}, headers=ADMIN
+        )
+        assert r.status_code == 404
+        r = await client.put(drill, content=b"[", headers=ADMIN)
+        assert r.status_code == 400
+        r = await client.get("/v2/models/digits_verifier/integrity")
+        assert r.status_code == 404
+        assert "no integrity verification" in r.json()["error"]
+        r = await client.get("/v2/models/digits/attestation", params={"nonce": "x"})
+        assert r.status_code == 400
+        # and it still serves
+        r = await client.post(URL, json=EXAMPLE)
+        assert r.json()["parameters"]["integrity_verdict"] == "verified"
+
+
+async def test_attestation_handshake(integrity_repo: Path) -> None:
+    async with integrity_gateway(integrity_repo) as (client, fakes):
+        nonce = b"0123456789abcdef"
+        r = await client.get(
+            "/v2/models/digits/attestation",
+            params={"nonce": base64.urlsafe_b64encode(nonce).decode()},
+        )
+        assert r.status_code == 200, r.text
+        fake = fakes.by_model["digits"]
+        assert r.json()["measurement"] == fake.measurement.pcr0.hex()
+        attested = verify_attestation(
+            base64.b64decode(r.json()["attestation"]),
+            root=fake.root_pem,
+            policy=fake.policy(),
+            nonce=nonce,
+        )
+        assert attested.measurement == fake.measurement.pcr0
