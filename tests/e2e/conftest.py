@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,8 +136,16 @@ def _wait_ready(gw: GatewayProcess, deadline_s: float) -> str | None:
 
 
 @contextlib.contextmanager
-def running_gateway(repository: Path, workdir: Path, attempts: int = 3) -> Iterator[GatewayProcess]:
-    """Start ``gateway.cli serve`` on ``repository``, yield it once ready, always stop it."""
+def running_gateway(
+    repository: Path,
+    workdir: Path,
+    attempts: int = 3,
+    env: Mapping[str, str] | None = None,
+) -> Iterator[GatewayProcess]:
+    """Start ``gateway.cli serve`` on ``repository``, yield it once ready, always stop it.
+
+    ``env``: extra environment for the server (e.g. ``FIDES_ENCLAVE_*`` settings), applied after
+    the test's defaults."""
     workdir.mkdir(parents=True, exist_ok=True)
     failure = ""
     for _ in range(attempts):
@@ -147,7 +155,7 @@ def running_gateway(repository: Path, workdir: Path, attempts: int = 3) -> Itera
             process = subprocess.Popen(
                 [sys.executable, "-m", "gateway.cli", "serve", "--host", HOST, "--port", str(port)],
                 cwd=REPO_ROOT,
-                env=_server_env(repository),
+                env={**_server_env(repository), **(env or {})},
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
