@@ -69,7 +69,9 @@ class DistillResult:
     seconds: float = 0.0
 
 
-def evaluate(target: Any, draft: Any, held_out: torch.Tensor, cfg: DistillSpecConfig) -> dict:
+def evaluate(
+    target: Any, draft: Any, held_out: torch.Tensor, cfg: DistillSpecConfig
+) -> dict[str, float]:
     """Acceptance alpha on held-out prompts, greedy and at temperature 1."""
     g = torch.Generator().manual_seed(cfg.seed + 1)
     prompts = windows(held_out, cfg.eval_prompts, cfg.prompt_len, g)  # [n, P]
@@ -119,7 +121,7 @@ def distill(
         q_logits = draft(input_ids=x[:, :-1]).logits[:, cfg.prompt_len - 1 :]  # [B, N, V]
         loss = divergence(p_logits, q_logits)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         torch.nn.utils.clip_grad_norm_(draft.parameters(), 1.0)
         opt.step()
         value = float(loss.detach())

@@ -57,7 +57,7 @@ def train_next_token(
         logits = model(input_ids=x[:, :-1]).logits  # [B, T, V]
         loss = cross_entropy(logits, x[:, 1:])
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         value = float(loss.detach())
