@@ -86,11 +86,16 @@ def test_enclave_has_no_network_and_shares_only_the_socket() -> None:
     socket_path = command[command.index("--socket") + 1]
     assert Path(socket_path).parent == Path(socket_dir)
     assert _volumes(gateway)["enclave-socket"] == socket_dir
-    assert gateway["environment"]["FIDES_ENCLAVE_SOCKET"] == socket_path
-    assert gateway["environment"]["FIDES_ENCLAVE_ALLOW_SIMULATED"] == "1"
+    # the gateway attaches to <runtime dir>/<model>.sock instead of starting an enclave
+    env = gateway["environment"]
+    assert env["FIDES_ENCLAVE_EXTERNAL"] == "1"
+    assert Path(socket_path) == Path(env["FIDES_ENCLAVE_RUNTIME_DIR"]) / "digits.sock"
+    assert env["FIDES_ENCLAVE_ALLOW_SIMULATED"] == "1"
+    assert env["FIDES_ENCLAVE_INIT_PLATFORM"] == "0"
     # the gateway gets the public root certificate only, read-only, never the platform keys
     assert "enclave-platform" not in _volumes(gateway)
     assert any(v.startswith("enclave-trust:") and v.endswith(":ro") for v in gateway["volumes"])
+    assert _volumes(gateway)["enclave-trust"] == env["FIDES_ENCLAVE_PLATFORM_DIR"]
 
 
 def test_fides_services_are_hardened() -> None:

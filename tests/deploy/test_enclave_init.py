@@ -19,12 +19,14 @@ from enclave_sim import protocol
 from enclave_sim.attestation import NonceStore, Policy, verify_attestation
 from enclave_sim.config import VerifierConfig
 from enclave_sim.measurement import measure
+from gateway.model_config import EnclaveConfig
 from tests.deploy.conftest import DEPLOY, ROOT
 from tests.enclave_sim.helpers import call, connect, ping_ok, short_tmpdir
 from tests.model_factory import tiny_classifier
 from tests.processes import stop_process
 
 SCRIPT = DEPLOY / "enclave-init.sh"
+SEAL_CONFIG = DEPLOY / "enclave" / "verifier.yaml"
 PLATFORM_FILES = ("root.pem", "root.key", "platform.pem", "platform.key", "platform_secret")
 
 
@@ -54,13 +56,34 @@ def _mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
+def _gateway_verifier_config() -> VerifierConfig:
+    """The config the gateway measures a model's verifier with, for the integrity.enclave
+    defaults (as gateway/integrity/enclave.py builds it)."""
+    cfg = EnclaveConfig(verifier_model="digits_verifier")
+    return VerifierConfig(outputs=tuple(cfg.outputs), max_batch_size=cfg.max_batch_size)
+
+
+def test_the_deployments_seal_config_is_the_one_the_gateway_measures_with() -> None:
+    deployed = VerifierConfig.load(SEAL_CONFIG)
+    assert deployed.canonical_bytes() == _gateway_verifier_config().canonical_bytes()
+    dockerfile = (DEPLOY / "Dockerfile").read_text(encoding="utf-8")
+    assert "COPY deploy/enclave/verifier.yaml /opt/fides/enclave/verifier.yaml" in dockerfile
+
+
 def test_compose_path_creates_platform_seals_and_the_enclave_boots_and_attests(
     base: Path,
 ) -> None:
     model = base / "verifier.onnx"
     tiny_classifier(model)
-    sealed = base / "sealed" / "verifier.sealed"
-    env = _env(base, FIDES_ENCLAVE_SEAL_MODEL=str(model), FIDES_ENCLAVE_SEALED_MODEL=str(sealed))
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text(encoding="utf-8"))
+    init_env = compose["services"]["enclave-init"]["environment"]
+    sealed = base / "sealed" / Path(init_env["FIDES_ENCLAVE_SEALED_MODEL"]).name
+    env = _env(
+        base,
+        FIDES_ENCLAVE_SEAL_MODEL=str(model),
+        FIDES_ENCLAVE_SEAL_CONFIG=str(SEAL_CONFIG),
+        FIDES_ENCLAVE_SEALED_MODEL=str(sealed),
+    )
 
     first = _init(env)
     assert first.returncode == 0, first.stderr
@@ -76,7 +99,6 @@ def test_compose_path_creates_platform_seals_and_the_enclave_boots_and_attests(
     assert "as version 1" in first.stdout
 
     # the compose command line, with the container paths moved under base
-    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text(encoding="utf-8"))
     moves = {
         "/run/fides": str(base / "run"),
         "/var/lib/fides/enclave-sealed": str(base / "sealed"),
@@ -108,8 +130,9 @@ def test_compose_path_creates_platform_seals_and_the_enclave_boots_and_attests(
         nonce = nonces.issue()
         with connect(socket_path) as s:
             evidence = call(s, protocol.request(1, "attest", nonce=nonce))["result"]["evidence"]
-        # what the gateway does with the root it was given in the trust volume
-        expected = measure(model.read_bytes(), VerifierConfig.load(None))
+        # what the gateway does: its root from the trust volume, its measurement from the
+        # verifier and the model's integrity.enclave config
+        expected = measure(model.read_bytes(), _gateway_verifier_config())
         attested = verify_attestation(
             evidence,
             root=(base / "trust" / "root.pem").read_bytes(),

@@ -52,8 +52,18 @@ RENDERS: dict[str, dict[str, Any]] = {
     "no_enclave": {"enclave": {"enabled": False}},
     "platform_secret": {"enclave": {"platform": {"existingSecret": "fides-platform"}}},
     "sealed_offline": {
-        "enclave": {"sealModel": "", "sealedModel": "/models/digits_verifier/1/verifier.sealed"},
+        "enclave": {
+            "models": [{"name": "digits", "sealedModel": "/models/digits/1/verifier.sealed"}]
+        },
         "modelRepository": {"source": "pvc", "pvc": {"claimName": "models"}},
+    },
+    "two_models": {
+        "enclave": {
+            "models": [
+                {"name": "digits", "sealModel": "/opt/fides/model_repository/v/1/model.onnx"},
+                {"name": "digits_heavy", "sealModel": "/opt/fides/model_repository/w/1/model.onnx"},
+            ]
+        }
     },
     "user_keys": {
         "apiKeys": {"userKeys": ["user-key-0123456789"], "adminKeys": ["admin-key-0123456789"]}
@@ -84,7 +94,13 @@ RENDERS: dict[str, dict[str, Any]] = {
         },
         "enclave": {
             "platform": {"existingSecret": "fides-platform"},
-            "args": ["--transition-us", "5"],
+            "models": [
+                {
+                    "name": "digits",
+                    "sealModel": "/models/digits_verifier/1/model.onnx",
+                    "args": ["--transition-us", "5"],
+                }
+            ],
         },
         "modelRepository": {"source": "pvc", "pvc": {"claimName": "models", "subPath": "repo"}},
     },
@@ -95,7 +111,8 @@ BROKEN: dict[str, tuple[dict[str, Any], str]] = {
     "bad_source": ({"modelRepository": {"source": "s3"}}, "source"),
     "root_user": ({"podSecurityContext": {"runAsNonRoot": False}}, "runAsNonRoot"),
     "pvc_without_claim": ({"modelRepository": {"source": "pvc"}}, "claimName"),
-    "nothing_to_seal": ({"enclave": {"sealModel": ""}}, "enclave.sealModel"),
+    "nothing_to_seal": ({"enclave": {"models": [{"name": "digits"}]}}, "needs sealModel"),
+    "no_enclave_models": ({"enclave": {"models": []}}, "at least one entry"),
 }
 
 
@@ -255,26 +272,47 @@ def test_every_container_is_locked_down(helm: dict[str, Any], name: str) -> None
 def test_enclave_sidecar_shares_only_the_socket(helm: dict[str, Any]) -> None:
     objects = _objects(helm, "platform_secret")
     containers = _containers(objects)
-    gateway, enclave = containers["gateway"], containers["enclave"]
+    gateway, enclave = containers["gateway"], containers["enclave-digits"]
     mounts = {c: {m["name"]: m for m in containers[c]["volumeMounts"]} for c in containers}
     # "tmp" is a scratch emptyDir per container mount point; nothing else is shared
-    assert set(mounts["gateway"]) & set(mounts["enclave"]) - {"tmp"} == {"enclave-socket"}
+    assert set(mounts["gateway"]) & set(mounts["enclave-digits"]) - {"tmp"} == {"enclave-socket"}
     volumes = _pod_volumes(objects)
     assert "emptyDir" in volumes["enclave-socket"]
     assert volumes["enclave-platform"]["emptyDir"]["medium"] == "Memory"
     assert "ports" not in enclave
+    # the gateway attaches to <runtime dir>/<model>.sock, the sidecar's socket
     args = enclave["args"]
-    socket_path = args[args.index("--socket") + 1]
-    assert _env(gateway)["FIDES_ENCLAVE_SOCKET"] == socket_path
-    assert Path(socket_path).parent == Path(mounts["gateway"]["enclave-socket"]["mountPath"])
-    # the platform Secret reaches the init container only; the gateway gets root.pem
-    assert "enclave-platform-source" in mounts["enclave-init"]
+    socket_path = Path(args[args.index("--socket") + 1])
+    env = _env(gateway)
+    assert env["FIDES_ENCLAVE_EXTERNAL"] == "1"
+    assert socket_path == Path(env["FIDES_ENCLAVE_RUNTIME_DIR"]) / "digits.sock"
+    assert socket_path.parent == Path(mounts["gateway"]["enclave-socket"]["mountPath"])
+    # the platform Secret reaches the init container only; the gateway pins root.pem from the
+    # trust volume and never creates a platform itself
+    assert "enclave-platform-source" in mounts["enclave-init-digits"]
     assert "enclave-platform-source" not in mounts["gateway"]
     assert "enclave-platform" not in mounts["gateway"]
     assert mounts["gateway"]["enclave-trust"]["readOnly"] is True
-    assert _env(containers["enclave-init"])["FIDES_ENCLAVE_PLATFORM_SOURCE"]
+    assert env["FIDES_ENCLAVE_PLATFORM_DIR"] == mounts["gateway"]["enclave-trust"]["mountPath"]
+    assert env["FIDES_ENCLAVE_INIT_PLATFORM"] == "0"
+    assert _env(containers["enclave-init-digits"])["FIDES_ENCLAVE_PLATFORM_SOURCE"]
     # the sidecar is the simulation, so the gateway is told to accept simulated evidence
-    assert _env(gateway)["FIDES_ENCLAVE_ALLOW_SIMULATED"] == "1"
+    assert env["FIDES_ENCLAVE_ALLOW_SIMULATED"] == "1"
+    # sealed with the verifier config the gateway measures with (test_enclave_init.py)
+    init_env = _env(containers["enclave-init-digits"])
+    assert init_env["FIDES_ENCLAVE_SEAL_CONFIG"] == "/opt/fides/enclave/verifier.yaml"
+    assert init_env["FIDES_ENCLAVE_SEALED_MODEL"] == args[args.index("--sealed-model") + 1]
+
+
+def test_one_enclave_sidecar_per_verified_model(helm: dict[str, Any]) -> None:
+    containers = _containers(_objects(helm, "two_models"))
+    assert {"enclave-digits", "enclave-digits-heavy"} <= set(containers)
+    assert {"enclave-init-digits", "enclave-init-digits-heavy"} <= set(containers)
+    sockets = set()
+    for name in ("enclave-digits", "enclave-digits-heavy"):
+        args = containers[name]["args"]
+        sockets.add(args[args.index("--socket") + 1])
+    assert sockets == {"/run/fides/digits.sock", "/run/fides/digits_heavy.sock"}
 
 
 def test_without_the_enclave(helm: dict[str, Any]) -> None:
@@ -367,7 +405,7 @@ def test_gpu_variant(helm: dict[str, Any]) -> None:
     containers = _containers(objects)
     assert containers["gateway"]["image"].endswith("-gpu")
     assert containers["gateway"]["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert "nvidia.com/gpu" not in containers["enclave"]["resources"]["limits"]
+    assert "nvidia.com/gpu" not in containers["enclave-digits"]["resources"]["limits"]
     tolerations = _one(objects, "Deployment")["spec"]["template"]["spec"]["tolerations"]
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in tolerations
     assert _containers(_objects(helm, "default"))["gateway"]["image"].endswith("-cpu")
@@ -403,15 +441,16 @@ def test_model_repository_from_image_and_init_container(helm: dict[str, Any]) ->
     assert "emptyDir" in volumes["model-repository"]
     pod = _one(objects, "Deployment")["spec"]["template"]["spec"]
     # models first, then the enclave init that may seal a verifier from them
-    assert [c["name"] for c in pod["initContainers"]] == ["model-repository", "enclave-init"]
+    assert [c["name"] for c in pod["initContainers"]] == ["model-repository", "enclave-init-digits"]
 
 
 def test_sealed_offline_boots_the_given_file(helm: dict[str, Any]) -> None:
     containers = _containers(_objects(helm, "sealed_offline"))
-    args = containers["enclave"]["args"]
-    assert args[args.index("--sealed-model") + 1] == "/models/digits_verifier/1/verifier.sealed"
-    assert "FIDES_ENCLAVE_SEAL_MODEL" not in _env(containers["enclave-init"])
-    assert any(m["name"] == "model-repository" for m in containers["enclave"]["volumeMounts"])
+    args = containers["enclave-digits"]["args"]
+    assert args[args.index("--sealed-model") + 1] == "/models/digits/1/verifier.sealed"
+    assert "FIDES_ENCLAVE_SEAL_MODEL" not in _env(containers["enclave-init-digits"])
+    mounts = containers["enclave-digits"]["volumeMounts"]
+    assert any(m["name"] == "model-repository" for m in mounts)
 
 
 def test_api_keys_from_values_and_from_an_existing_secret(helm: dict[str, Any]) -> None:

@@ -83,10 +83,16 @@ release: {{ . | quote }}
 {{- end }}
 {{- end -}}
 
+{{/* The sealed file an enclave boots: sealed at start into the emptyDir, or given. */}}
 {{- define "fides-gateway.sealedModelPath" -}}
-{{- if .Values.enclave.sealModel -}}
-/var/lib/fides/enclave-sealed/verifier.sealed
+{{- if .sealModel -}}
+/var/lib/fides/enclave-sealed/{{ .name }}.sealed
 {{- else -}}
-{{- .Values.enclave.sealedModel -}}
+{{- .sealedModel -}}
 {{- end -}}
+{{- end -}}
+
+{{/* A model name as a container name (DNS label): lower case, "_" and "." as "-". */}}
+{{- define "fides-gateway.containerSuffix" -}}
+{{- .name | lower | replace "_" "-" | replace "." "-" -}}
 {{- end -}}
