@@ -64,6 +64,7 @@ class TextModel:
     executor: ThreadPoolExecutor
     slots: asyncio.Semaphore
     waiting: int = 0
+    active: set[GenerationHandle] = field(default_factory=set)
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
@@ -72,7 +73,7 @@ class TextModel:
         return self.encode(chat_prompt(self.tokenizer, messages, self.config.chat_template))
 
 
-@dataclass
+@dataclass(eq=False)
 class GenerationHandle:
     """One admitted request: iterate it for deltas; ``cancel`` stops the worker."""
 
@@ -228,7 +229,10 @@ class GenerationService:
         return model
 
     async def close(self) -> None:
+        """Cancel running generations (they stop at their next round) and free the pools."""
         for m in self._models.values():
+            for handle in list(m.active):
+                handle.cancel()
             m.executor.shutdown(wait=False, cancel_futures=True)
         self._models.clear()
 
@@ -286,7 +290,13 @@ class GenerationService:
         except BaseException:
             model.slots.release()
             raise
-        future.add_done_callback(lambda _f: model.slots.release())
+        model.active.add(handle)
+
+        def done(_f: object) -> None:
+            model.active.discard(handle)
+            model.slots.release()
+
+        future.add_done_callback(done)
         return handle
 
     def _run(
