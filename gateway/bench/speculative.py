@@ -265,5 +265,39 @@ def run_speculative_bench(
         )
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    log(f"results in {output}")
+    output.with_suffix(".md").write_text(markdown(results), encoding="utf-8")
+    log(f"results in {output} and {output.with_suffix('.md')}")
     return results
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The README tables: speed per pair and mode, then DistillSpec per divergence."""
+    lines = [
+        "| pair | decoding | target-only tok/s | speculative tok/s | speedup | HF target-only "
+        "tok/s | HF assisted tok/s | vs HF assisted | alpha | c | predicted | measured / "
+        "predicted | tokens / round |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, pair in results["pairs"].items():
+        for mode, row in pair["modes"].items():
+            lines.append(
+                f"| {name} | {'greedy' if mode == 'greedy' else 'T=1'} "
+                f"| {row['target_only']['tokens_per_s']} | {row['speculative']['tokens_per_s']} "
+                f"| {row['speedup_vs_target_only']:.2f}x | {row['hf_target_only']['tokens_per_s']} "
+                f"| {row['hf_assisted']['tokens_per_s']} | {row['speedup_vs_hf_assisted']:.2f}x "
+                f"| {row['alpha']:.3f} | {pair['costs']['c']:.3f} | {row['predicted_speedup']:.2f}x "
+                f"| {row['measured_over_predicted']:.2f} "
+                f"| {row['speculative']['tokens_per_round']:.2f} |"
+            )
+    lines += [
+        "",
+        "| pair | divergence | greedy alpha before | after | T=1 alpha before | after |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, pair in results["pairs"].items():
+        for div, r in pair.get("distillspec", {}).items():
+            lines.append(
+                f"| {name} | {div} | {r['before']['greedy']:.3f} | {r['after']['greedy']:.3f} "
+                f"| {r['before']['t1']:.3f} | {r['after']['t1']:.3f} |"
+            )
+    return "\n".join(lines) + "\n"
