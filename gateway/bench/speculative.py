@@ -285,7 +285,8 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {row['target_only']['tokens_per_s']} | {row['speculative']['tokens_per_s']} "
                 f"| {row['speedup_vs_target_only']:.2f}x | {row['hf_target_only']['tokens_per_s']} "
                 f"| {row['hf_assisted']['tokens_per_s']} | {row['speedup_vs_hf_assisted']:.2f}x "
-                f"| {row['alpha']:.3f} | {pair['costs']['c']:.3f} | {row['predicted_speedup']:.2f}x "
+                f"| {row['alpha']:.3f} | {pair['costs']['c']:.3f} "
+                f"| {row['predicted_speedup']:.2f}x "
                 f"| {row['measured_over_predicted']:.2f} "
                 f"| {row['speculative']['tokens_per_round']:.2f} |"
             )
