@@ -1,0 +1,463 @@
+"""The client SDK (``gateway.client``) against the REAL gateway process and its real enclave
+process: a client that does not trust the gateway checks the evidence and runs the detector
+itself. A lying gateway is simulated honestly: an httpx transport in front of the real one
+rewrites the real gateway's answers, as a provider that lies would.
+
+The enforce mode and the ``fail_open`` outage run in-process (FakeEnclaveClient) with the async
+client, which they cover as well."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cbor2
+import httpx
+import numpy as np
+import pytest
+
+from enclave_sim.attestation import (
+    BindingError,
+    ChainError,
+    MeasurementMismatch,
+    NonceUnknown,
+    SignatureError,
+    SimulatedEvidenceRejected,
+)
+from enclave_sim.pki import ROOT_CERT, init_ca
+from enclave_sim.tensors import encode_tensor
+from gateway.app import create_app
+from gateway.client import AsyncFidesClient, FidesClient, IntegrityModels
+from gateway.enclave_client import EnclaveUnavailable
+from gateway.settings import Settings
+from tests.conftest import ADMIN_KEY, USER_KEY
+from tests.e2e.conftest import GatewayProcess, running_gateway
+from tests.integrity.conftest import EXAMPLE, Fakes, digit_images, set_integrity
+
+pytestmark = [pytest.mark.e2e]
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+X3 = np.asarray(EXAMPLE["inputs"][0]["data"], dtype=np.float32).reshape(1, 1, 8, 8)  # a "3"
+DRILL = "/v2/admin/models/digits/drill"
+Body = dict[str, Any]
+
+
+@dataclass
+class Live:
+    gateway: GatewayProcess
+    models: IntegrityModels
+    root: Path  # the platform's root.pem: what clients pin
+    platform: Path
+
+
+@pytest.fixture(scope="module")
+def live(
+    tmp_path_factory: pytest.TempPathFactory, trained_repository: tuple[Path, dict[str, Any]]
+) -> Iterator[Live]:
+    """One real gateway (and its enclave process) on a copy of the trained repository."""
+    base = tmp_path_factory.mktemp("client")
+    repo = base / "repo"
+    shutil.copytree(trained_repository[0], repo)
+    platform = base / "platform"
+    runtime = Path(tempfile.mkdtemp(prefix="fsdk-", dir="/tmp"))  # socket paths are short
+    env = {
+        "FIDES_ENCLAVE_PLATFORM_DIR": str(platform),
+        "FIDES_ENCLAVE_RUNTIME_DIR": str(runtime),
+        "FIDES_ENCLAVE_INIT_PLATFORM": "1",
+        "FIDES_ENCLAVE_ALLOW_SIMULATED": "1",
+    }
+    try:
+        with running_gateway(repo, base / "logs", env=env) as gw:
+            yield Live(
+                gw, IntegrityModels.from_repository(repo, "digits"), platform / ROOT_CERT, platform
+            )
+    finally:
+        shutil.rmtree(runtime, ignore_errors=True)
+
+
+class Liar(httpx.BaseTransport):
+    """The real transport, with hooks that rewrite the gateway's answers (a lying provider)."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.HTTPTransport()
+        self.on_infer: Callable[[Body], Body] | None = None
+        self.on_attestation: Callable[[Body], Body] | None = None
+        self.attestations = 0
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = self.inner.handle_request(request)
+        path = request.url.path
+        hook = None
+        if path.endswith("/attestation"):
+            self.attestations += 1
+            hook = self.on_attestation
+        elif path.endswith("/infer"):
+            hook = self.on_infer
+        if hook is None:
+            return response
+        response.read()
+        response.close()
+        return httpx.Response(response.status_code, json=hook(json.loads(response.content)))
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def client(live: Live, transport: httpx.BaseTransport | None = None, **kw: Any) -> FidesClient:
+    args: dict[str, Any] = {
+        "root": live.root,
+        "measurements": [live.models.measurement],
+        "allow_simulated": True,
+        "models": live.models,
+        "api_key": USER_KEY,
+        "transport": transport,
+        **kw,
+    }
+    return FidesClient(live.gateway.base_url, "digits", **args)
+
+
+def drill(live: Live, on: bool) -> None:
+    with httpx.Client(base_url=live.gateway.base_url, headers={"X-API-Key": ADMIN_KEY}) as admin:
+        r = admin.put(DRILL, json={"attack": "switch", "rate": 1.0}) if on else admin.delete(DRILL)
+        assert r.status_code == 200, r.text
+
+
+def switch_top2(probs: Body) -> Body:
+    """A switch attack done by the proxy: the top two classes of every row trade places."""
+    p = np.asarray(probs["data"], dtype=np.float32).reshape(probs["shape"])
+    top = np.argsort(p, axis=1)[:, -2:]
+    rows = np.arange(len(p))
+    p[rows, top[:, 0]], p[rows, top[:, 1]] = p[rows, top[:, 1]], p[rows, top[:, 0]].copy()
+    return {**probs, "data": p.ravel().tolist()}
+
+
+# -- honest gateway ---------------------------------------------------------------------------
+
+
+def test_a_verified_answer_checks_out(live: Live) -> None:
+    with client(live) as c:
+        r = c.infer({"input": X3})
+        assert r.verdict == r.gateway_verdict == "verified"
+        assert r.trusted, r.mismatches
+        assert int(r.probabilities.argmax()) == 3
+        assert r.evidence is not None
+        assert r.evidence.request_id == r.request_id
+        assert r.verifier_probabilities is not None
+        assert int(r.verifier_probabilities.argmax()) == 3  # q: from the signed evidence
+        assert r.score == pytest.approx(r.gateway_score, abs=1e-4)
+        assert c.handshakes == 1
+        assert c.attested is not None
+        assert c.attested.simulated
+        assert c.attested.measurement.hex() == live.models.measurement
+
+        x = digit_images(4, seed=1)
+        batch = c.infer({"input": x}, request_id="my-batch-1")
+        assert batch.request_id == "my-batch-1"
+        assert batch.verdict == batch.gateway_verdict == "verified"
+        assert batch.scores is not None
+        assert batch.scores.shape == (4,)
+        assert batch.probabilities.shape == (4, 10)
+
+
+def test_a_drill_is_an_attack_for_the_client_and_the_gateway_alike(live: Live) -> None:
+    x = digit_images(8, seed=2)
+    drill(live, True)
+    try:
+        with client(live) as c:
+            results = [c.infer({"input": x[i : i + 1]}) for i in range(len(x))]
+    finally:
+        drill(live, False)
+    attacks = [r for r in results if r.verdict == "attack"]
+    assert len(attacks) >= 7
+    for r in results:
+        assert r.verdict == r.gateway_verdict
+        assert not r.mismatch, r.mismatches
+    for r in attacks:
+        assert r.reclassified == r.gateway_reclassified
+        assert r.reclassified is not None
+        assert r.reclassified[0] != int(r.probabilities.argmax())
+
+
+# -- a lying gateway --------------------------------------------------------------------------
+
+
+def test_a_gateway_that_calls_a_drilled_answer_verified_is_caught(live: Live) -> None:
+    def lie(body: Body) -> Body:
+        params = body["parameters"]
+        params.update(integrity_verdict="verified", integrity_score=0.01)
+        params.pop("integrity_reclassified", None)
+        return body
+
+    liar = Liar()
+    liar.on_infer = lie
+    x = digit_images(8, seed=3)
+    drill(live, True)
+    try:
+        with client(live, liar) as c:
+            results = [c.infer({"input": x[i : i + 1]}) for i in range(len(x))]
+    finally:
+        drill(live, False)
+    attacks = [r for r in results if r.verdict == "attack"]
+    assert len(attacks) >= 7
+    for r in attacks:
+        assert r.gateway_verdict == "verified"
+        assert any(m.startswith("verdict") for m in r.mismatches)
+    for r in results:  # the forged score gives the rest away
+        assert r.mismatch
+        assert not r.trusted
+
+
+def test_a_tampered_answer_called_verified_is_caught(live: Live) -> None:
+    """The gateway swaps the served answer after the (honest) verification, keeps 'verified'."""
+    liar = Liar()
+    liar.on_infer = lambda body: {
+        **body,
+        "outputs": [switch_top2(o) if o["name"] == "probabilities" else o for o in body["outputs"]],
+    }
+    x = digit_images(8, seed=4)
+    with client(live, liar) as c:
+        results = [c.infer({"input": x[i : i + 1]}) for i in range(len(x))]
+    caught = [r for r in results if r.mismatch]
+    assert len(caught) >= 7
+    for r in caught:
+        assert r.gateway_verdict == "verified"
+        assert r.verdict == "attack"
+
+
+def test_stripped_evidence_is_never_verified(live: Live) -> None:
+    liar = Liar()
+    liar.on_infer = lambda body: {
+        **body,
+        "parameters": {k: v for k, v in body["parameters"].items() if k != "integrity_evidence"},
+    }
+    with client(live, liar) as c:
+        r = c.infer({"input": X3})
+    assert r.gateway_verdict == "verified"
+    assert r.verdict == "unverified"
+    assert r.evidence is None
+    assert r.mismatches[0].startswith("evidence")
+
+
+def _edit_evidence(body: Body, edit: Callable[[dict[str, Any]], None]) -> Body:
+    params = body["parameters"]
+    doc = cbor2.loads(base64.b64decode(params["integrity_evidence"]))
+    edit(doc)
+    params["integrity_evidence"] = base64.b64encode(cbor2.dumps(doc)).decode()
+    return body
+
+
+def test_a_forged_signature_fails_after_one_new_handshake(live: Live) -> None:
+    def forge(doc: dict[str, Any]) -> None:
+        signed = bytearray(doc["result"])
+        signed[-5] ^= 0x01  # inside the ES384 signature, the last field of the COSE_Sign1
+        doc["result"] = bytes(signed)
+
+    liar = Liar()
+    with client(live, liar) as c:
+        assert c.infer({"input": X3}).trusted
+        liar.on_infer = lambda body: _edit_evidence(body, forge)
+        with pytest.raises(SignatureError):
+            c.infer({"input": X3})
+    assert liar.attestations == 2  # the first, then one re-handshake: then it gave up
+
+
+def test_a_forged_verifier_output_breaks_the_signed_binding(live: Live) -> None:
+    """The gateway tampers with the answer AND rewrites q in the evidence to match it."""
+
+    def lie(body: Body) -> Body:
+        out = switch_top2(body["outputs"][0])
+        body["outputs"] = [out]
+        forged = np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
+
+        def edit(doc: dict[str, Any]) -> None:
+            doc["entry"]["outputs"]["probabilities"] = encode_tensor(forged)
+
+        return _edit_evidence(body, edit)
+
+    liar = Liar()
+    liar.on_infer = lie
+    with client(live, liar) as c, pytest.raises(BindingError, match="Merkle"):
+        c.infer({"input": X3})
+
+
+def test_replayed_evidence_for_a_new_nonce_is_refused(live: Live) -> None:
+    liar = Liar()
+    old: list[Body] = []
+    liar.on_infer = lambda body: old[0] if old else old.append(body) or body
+    with client(live, liar) as c:
+        first = c.infer({"input": X3}, request_id="same-id")
+        assert first.trusted
+        # the same request again (same id, same input): the gateway replays the old answer
+        with pytest.raises(BindingError, match="nonce"):
+            c.infer({"input": X3}, request_id="same-id")
+
+
+# -- the handshake ----------------------------------------------------------------------------
+
+
+def test_the_handshake_refuses_a_wrong_root_measurement_or_simulation(
+    live: Live, tmp_path: Path
+) -> None:
+    init_ca(tmp_path / "other")
+    with client(live, root=tmp_path / "other" / ROOT_CERT) as c, pytest.raises(ChainError):
+        c.attest()
+    with client(live, measurements=["ab" * 48]) as c, pytest.raises(MeasurementMismatch):
+        c.infer({"input": X3})
+    with client(live, allow_simulated=False) as c, pytest.raises(SimulatedEvidenceRejected):
+        c.attest()
+
+
+def test_a_replayed_attestation_document_is_refused(live: Live) -> None:
+    liar = Liar()
+    old: list[Body] = []
+    liar.on_attestation = lambda body: old[0] if old else old.append(body) or body
+    with client(live, liar) as c:
+        c.attest()
+        with pytest.raises(NonceUnknown):
+            c.attest()
+
+
+def test_an_enclave_restart_costs_one_new_handshake(live: Live) -> None:
+    status_url = "/v2/models/digits/integrity"
+    with (
+        httpx.Client(base_url=live.gateway.base_url, headers={"X-API-Key": USER_KEY}) as http,
+        client(live) as c,
+    ):
+        assert c.infer({"input": X3}).trusted
+        before = http.get(status_url).json()["enclave"]
+        # the enclave process is a child of the gateway this module started
+        os.kill(before["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while True:
+            now = http.get(status_url).json()["enclave"]
+            if now["state"] == "up" and now["module_id"] != before["module_id"]:
+                break
+            assert time.monotonic() < deadline, f"the enclave did not come back: {now}"
+            time.sleep(0.1)
+        r = c.infer({"input": X3})
+        assert r.trusted, r.mismatches
+        assert c.handshakes == 2
+        assert c.attested is not None
+        assert c.attested.module_id == now["module_id"]
+
+
+# -- the README's example ---------------------------------------------------------------------
+
+
+def test_the_readme_example_runs(
+    live: Live, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    section = README.read_text(encoding="utf-8").split("## Client SDK", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S)
+    assert code is not None, "the README's Client SDK section has no python example"
+    source = code.group(1)
+    for expected in ('"http://127.0.0.1:8000"', "api_key=None"):
+        assert expected in source
+    source = source.replace('"http://127.0.0.1:8000"', repr(live.gateway.base_url))
+    source = source.replace("api_key=None", f"api_key={USER_KEY!r}")
+    # the layout `make run` leaves: ./model_repository and ./.fides/enclave-platform
+    (tmp_path / "model_repository").symlink_to(live.gateway.repository)
+    (tmp_path / ".fides").mkdir()
+    (tmp_path / ".fides" / "enclave-platform").symlink_to(live.platform)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(source, "README.md", "exec"), {"__name__": "readme"})
+    assert "verified" in capsys.readouterr().out
+
+
+# -- enforce mode and fail_open (in-process gateway, async client) ----------------------------
+
+
+@asynccontextmanager
+async def in_process(repo: Path) -> AsyncIterator[tuple[httpx.ASGITransport, Fakes]]:
+    settings = Settings(
+        model_repository=repo,
+        api_keys=[USER_KEY],
+        admin_api_keys=[ADMIN_KEY],
+        log_json=False,
+        shutdown_grace_s=5,
+    )
+    fakes = Fakes(repo)
+    app = create_app(settings, enclave_factory=fakes)
+    async with app.router.lifespan_context(app):
+        yield httpx.ASGITransport(app=app), fakes
+
+
+def async_client(repo: Path, transport: httpx.AsyncBaseTransport, fakes: Fakes) -> AsyncFidesClient:
+    fake = fakes.by_model["digits"]
+    return AsyncFidesClient(
+        "http://test",
+        "digits",
+        root=fake.root_pem,
+        measurements=[fake.measurement.pcr0],
+        allow_simulated=True,
+        models=IntegrityModels.from_repository(repo, "digits"),
+        api_key=USER_KEY,
+        transport=transport,
+    )
+
+
+class AsyncLiar(httpx.AsyncBaseTransport):
+    def __init__(self, inner: httpx.AsyncBaseTransport, lie: Callable[[Body], Body]) -> None:
+        self.inner, self.lie = inner, lie
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        if not request.url.path.endswith("/infer"):
+            return response
+        await response.aread()
+        return httpx.Response(response.status_code, json=self.lie(json.loads(response.content)))
+
+
+async def test_enforce_mode_the_replacement_is_checked(integrity_repo: Path) -> None:
+    set_integrity(integrity_repo, mode="enforce", drill={"attack": "switch", "rate": 1.0})
+    async with in_process(integrity_repo) as (transport, fakes):
+        async with async_client(integrity_repo, transport, fakes) as c:
+            r = await c.infer({"input": X3})
+        assert r.gateway_verdict == "attack"
+        assert r.replaced
+        # we never saw the original; the replacement we hold agrees with the signed verifier
+        assert r.verdict == "verified"
+        assert not r.mismatch, r.mismatches
+        assert r.gateway_reclassified == (3,)
+        assert int(r.probabilities.argmax()) == 3
+
+        def wrong_replacement(body: Body) -> Body:
+            probs = body["outputs"][0]
+            p = np.full(probs["shape"], 0.01, dtype=np.float32)
+            p[:, 5] = 0.91  # claims it restored a 3, serves a confident 5
+            body["outputs"] = [{**probs, "data": p.ravel().tolist()}]
+            return body
+
+        async with async_client(
+            integrity_repo, AsyncLiar(transport, wrong_replacement), fakes
+        ) as c:
+            r = await c.infer({"input": X3})
+        assert r.replaced
+        assert r.verdict == "attack"
+        assert any(m.startswith("reclassified") for m in r.mismatches)
+
+
+async def test_fail_open_unverified_answers_are_never_verified(integrity_repo: Path) -> None:
+    set_integrity(integrity_repo, failure_policy="fail_open")
+    async with in_process(integrity_repo) as (transport, fakes):
+        async with async_client(integrity_repo, transport, fakes) as c:
+            await c.attest()
+            fakes.by_model["digits"].fail = EnclaveUnavailable("simulated outage")
+            r = await c.infer({"input": X3})
+        assert r.gateway_verdict == r.verdict == "unverified"
+        assert r.reason is not None
+        assert r.reason.startswith("enclave_unavailable")
+        assert r.evidence is None
+        assert not r.mismatch
+        assert not r.trusted
