@@ -262,9 +262,14 @@ def distillspec(
     output: Annotated[Path, typer.Option(help="Results JSON.")] = Path(
         "bench/results/distillspec.json"
     ),
+    threads: Annotated[int, typer.Option(help="torch intra-op threads.")] = 1,
 ) -> None:
     """DistillSpec: distil a draft from a target on on-policy data; acceptance before/after."""
     import json
+
+    import torch
+
+    torch.set_num_threads(threads)
 
     from verifier.distillspec import DIVERGENCES
 
