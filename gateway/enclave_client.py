@@ -60,6 +60,7 @@ from gateway.errors import GatewayError
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "AttachedEnclave",
     "EnclaveClient",
     "EnclaveError",
     "EnclaveLaunch",
@@ -739,3 +740,127 @@ class EnclaveSupervisor:
     async def close(self) -> None:
         await self.stop()
         await self._client.close()
+
+
+class AttachedEnclave(EnclaveSupervisor):
+    """An enclave started elsewhere (a sidecar container sharing only the socket), attached
+    to instead of spawned: the same attestation (our own nonce, the pinned root and
+    measurement), the same check of every result, and the same states; no process to start
+    or kill. When the enclave stops answering (``health_failures`` missed pings) or answers
+    with evidence from another boot, the state goes to ``restarting`` and it is re-attested
+    (with backoff) before it is used again, whoever restarted it.
+    """
+
+    def __init__(
+        self,
+        socket_path: Path,
+        *,
+        root: x509.Certificate | bytes | str,
+        policy: Policy,
+        ready_timeout_s: float = 30.0,
+        call_timeout_s: float = 10.0,
+        backoff_initial_s: float = 0.5,
+        backoff_max_s: float = 10.0,
+        health_interval_s: float = 2.0,
+        health_failures: int = 2,
+    ) -> None:
+        launch = EnclaveLaunch(socket_path=socket_path, sealed_model=Path(), platform_dir=Path())
+        super().__init__(
+            launch,
+            root=root,
+            policy=policy,
+            ready_timeout_s=ready_timeout_s,
+            call_timeout_s=call_timeout_s,
+            backoff_initial_s=backoff_initial_s,
+            backoff_max_s=backoff_max_s,
+            health_interval_s=health_interval_s,
+            health_failures=health_failures,
+        )
+        self._reattach = asyncio.Event()
+
+    async def _attach(self) -> None:
+        self._client.reset()
+        if not self.launch.socket_path.exists():
+            raise EnclaveUnavailable(f"no enclave socket at {self.launch.socket_path}")
+        await self._client._call("ping", timeout_s=2.0)
+        nonce = secrets.token_bytes(32)
+        evidence = await self._client.attest(nonce)
+        attested = verify_attestation(evidence, root=self.root, policy=self.policy, nonce=nonce)
+        self.counters.starts += 1
+        self._set_state(EnclaveState.UP)
+        self._attested = attested
+        log.warning(
+            "attached to the enclave at %s: %s, measurement %s%s",
+            self.launch.socket_path,
+            attested.module_id,
+            attested.measurement.hex()[:16],
+            " (SIMULATED)" if attested.simulated else "",
+        )
+
+    async def start(self) -> None:
+        """Attach (waiting up to ``ready_timeout_s`` for the socket); keeps retrying in the
+        background when it is not there yet, and raises EnclaveUnavailable meanwhile."""
+        if self._monitor is not None:
+            return
+        self._stopping = False
+        self._set_state(EnclaveState.STARTING)
+        self._monitor = asyncio.create_task(self._watch(), name="enclave-attach")
+        await self.wait_up(self.ready_timeout_s)
+
+    async def _watch(self) -> None:
+        delay, was_up = self.backoff_initial_s, False
+        while not self._stopping:
+            if self._state is not EnclaveState.UP:
+                try:
+                    await self._attach()
+                except (EnclaveError, AttestationError, OSError) as exc:
+                    self.counters.failed_starts += 1
+                    self.counters.last_error = f"{type(exc).__name__}: {exc}"
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, self.backoff_max_s)
+                    continue
+                delay = self.backoff_initial_s
+                if was_up:
+                    self.counters.restarts += 1
+                was_up = True
+            why = await self._until_gone()
+            if self._stopping:
+                return
+            self.counters.crashes += 1
+            self.counters.last_error = why
+            log.error("enclave at %s lost: %s; re-attaching", self.launch.socket_path, why)
+            self._set_state(EnclaveState.RESTARTING)
+
+    async def _until_gone(self) -> str:
+        missed = 0
+        while True:
+            self._reattach.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._reattach.wait(), timeout=self.health_interval_s)
+                return "it answered with evidence from another boot"
+            try:
+                await self._client._call("ping", timeout_s=max(1.0, self.health_interval_s))
+                missed = 0
+            except EnclaveError as exc:
+                missed += 1
+                if missed >= self.health_failures:
+                    return f"it missed {missed} health checks: {exc}"
+
+    async def verify(self, requests: Sequence[VerifyRequest]) -> VerifyResult:
+        try:
+            return await super().verify(requests)
+        except EnclaveError as exc:
+            if exc.code == "evidence_rejected":  # a new boot behind the socket: re-attest first
+                self._reattach.set()
+                raise EnclaveUnavailable(f"the enclave must be re-attested: {exc}") from None
+            raise
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._monitor is not None:
+            self._monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._monitor
+            self._monitor = None
+        self._client.reset()
+        self._set_state(EnclaveState.DOWN)

@@ -65,6 +65,11 @@ class Settings(BaseSettings):
         description="Enclave sockets, sealed verifiers and logs (keep the path short: socket "
         "paths are limited to 107 bytes).",
     )
+    enclave_external: bool = Field(
+        False,
+        description="Attach to enclaves started elsewhere (sidecars) at "
+        "<enclave_runtime_dir>/<model>.sock instead of spawning and sealing them.",
+    )
     enclave_init_platform: bool | None = Field(
         None, description="Create a missing enclave platform at start (default: in dev mode)."
     )

@@ -24,6 +24,7 @@ from enclave_sim.measurement import measure
 from enclave_sim.pki import ROOT_CERT, init_ca
 from enclave_sim.sealing import seal
 from gateway.enclave_client import (
+    AttachedEnclave,
     EnclaveClient,
     EnclaveLaunch,
     EnclaveSupervisor,
@@ -67,6 +68,18 @@ def enclave_for_model(
     onnx_bytes = verifier_file(repository, cfg.verifier_model).read_bytes()
     vcfg = VerifierConfig(outputs=tuple(cfg.outputs), max_batch_size=cfg.max_batch_size)
     platform = settings.enclave_platform_dir
+    if settings.enclave_external:  # a sidecar: pin its root and measurement, attach
+        root = platform / ROOT_CERT
+        if not root.is_file():
+            raise IntegritySetupError(f"no pinned enclave root certificate at {root}")
+        measurement = cfg.measurement or measure(onnx_bytes, vcfg).pcr0.hex()
+        attached = AttachedEnclave(
+            settings.enclave_runtime_dir / f"{model}.sock",
+            root=root.read_bytes(),
+            policy=Policy.of(measurement, allow_simulated=settings.enclave_simulated_allowed),
+            call_timeout_s=cfg.timeout_s,
+        )
+        return attached, measurement
     if not (platform / ROOT_CERT).is_file():
         if not settings.enclave_may_init_platform:
             raise IntegritySetupError(

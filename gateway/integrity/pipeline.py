@@ -46,7 +46,13 @@ from gateway.runtimes import Tensors
 
 log = logging.getLogger(__name__)
 
-__all__ = ["IntegrityOutcome", "IntegrityPipeline", "VerificationFailed", "read_detector_card"]
+__all__ = [
+    "IntegrityOutcome",
+    "IntegrityPipeline",
+    "UnavailableIntegrity",
+    "VerificationFailed",
+    "read_detector_card",
+]
 
 DETECTOR_OUTPUT = "attack_probability"
 RECLASSIFIER_OUTPUT = "probabilities"
@@ -357,3 +363,52 @@ def _probabilities(outputs: dict[str, np.ndarray], name: str, what: str) -> np.n
     if a.ndim != 2:
         raise GatewayError(f"the {what} output '{name}' is {list(a.shape)}, not [batch, classes]")
     return a
+
+
+class UnavailableIntegrity:
+    """Stands in for a pipeline that could not be set up (no verifier, no pinned root, no
+    detector card, ...): every request meets the failure policy with the setup error as its
+    reason, so the model is never served as if it had no integrity block."""
+
+    def __init__(
+        self, model: str, cfg: IntegrityConfig, metrics: IntegrityMetrics, error: str
+    ) -> None:
+        self.model, self.cfg, self.metrics, self.error = model, cfg, metrics, error
+        self.measurement: str | None = None
+        metrics.enclave_up.labels(model).set(0)
+
+    async def run(
+        self,
+        mv: ModelVersion,
+        tensors: Tensors,
+        *,
+        request_id: str | None,
+        parameters: dict[str, Any],
+        deadline: float,
+    ) -> IntegrityOutcome:
+        parse_nonce(parameters.get(NONCE_PARAMETER))  # bad input is still a 400
+        self.metrics.verdicts.labels(self.model, "unverified").inc()
+        self.metrics.unverified.labels(self.model, "integrity_setup").inc()
+        message = f"integrity could not be set up: {self.error}"
+        if self.cfg.failure_policy == "fail_closed":
+            raise VerificationFailed(
+                f"model '{self.model}': the answer cannot be verified ({message}); "
+                "failure_policy is fail_closed"
+            )
+        results = await mv.batcher.submit(tensors, deadline)
+        return IntegrityOutcome(
+            results,
+            {"integrity_verdict": "unverified", "integrity_reason": f"integrity_setup: {message}"},
+        )
+
+    def status(self) -> dict[str, Any]:
+        return {"model": self.model, "mode": self.cfg.mode, "error": self.error}
+
+    def set_drill(self, drill: DrillConfig | None) -> None:
+        raise Unavailable(f"model '{self.model}': integrity is not running: {self.error}")
+
+    async def attest(self, nonce: bytes) -> bytes:
+        raise Unavailable(f"model '{self.model}': integrity is not running: {self.error}")
+
+    async def close(self) -> None:
+        return None

@@ -10,7 +10,7 @@ from gateway.enclave_client import EnclaveClient, EnclaveSupervisor
 from gateway.errors import GatewayError, NotFound
 from gateway.integrity.enclave import enclave_for_model
 from gateway.integrity.metrics import IntegrityMetrics
-from gateway.integrity.pipeline import IntegrityPipeline
+from gateway.integrity.pipeline import IntegrityPipeline, UnavailableIntegrity
 from gateway.model_config import EnclaveConfig
 from gateway.repository import ModelRepository
 from gateway.settings import Settings
@@ -37,7 +37,7 @@ class IntegrityService:
         self._factory = enclave_factory or (
             lambda model, cfg: enclave_for_model(model, cfg, repository.root, settings)
         )
-        self.pipelines: dict[str, IntegrityPipeline] = {}
+        self.pipelines: dict[str, IntegrityPipeline | UnavailableIntegrity] = {}
 
     async def start(self) -> None:
         """One pipeline (and enclave) per loaded model with an ``integrity:`` block. A model
@@ -52,8 +52,10 @@ class IntegrityService:
                 self.pipelines[name] = IntegrityPipeline(
                     name, cfg, self.repository, enclave, self.metrics, measurement=measurement
                 )
-            except (GatewayError, ValueError, OSError) as exc:
+            except (GatewayError, ValueError, OSError, KeyError) as exc:
+                # never serve the model as if it had no integrity block: its policy applies
                 log.error("integrity for %s cannot be set up: %s", name, exc)
+                self.pipelines[name] = UnavailableIntegrity(name, cfg, self.metrics, str(exc))
                 continue
             if isinstance(enclave, EnclaveSupervisor):
                 starts.append(self._start(name, enclave))
@@ -66,10 +68,10 @@ class IntegrityService:
         except GatewayError as exc:
             log.error("enclave for %s did not start: %s", name, exc, extra={"model": name})
 
-    def get(self, name: str) -> IntegrityPipeline | None:
+    def get(self, name: str) -> IntegrityPipeline | UnavailableIntegrity | None:
         return self.pipelines.get(name)
 
-    def require(self, name: str) -> IntegrityPipeline:
+    def require(self, name: str) -> IntegrityPipeline | UnavailableIntegrity:
         pipe = self.pipelines.get(name)
         if pipe is None:
             self.repository.get(name, None)  # 404 for an unknown model
@@ -79,6 +81,8 @@ class IntegrityService:
     async def close(self) -> None:
         for name, pipe in self.pipelines.items():
             await pipe.close()
+            if isinstance(pipe, UnavailableIntegrity):
+                continue
             enclave = pipe.enclave
             if isinstance(enclave, EnclaveSupervisor):
                 await enclave.stop()
