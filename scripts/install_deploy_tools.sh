@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Tools the deployment checks in `make test` need (tests/deploy), installed the way a user would:
-#   promtool + amtool: Debian's prometheus and prometheus-alertmanager packages (apt-get, as
-#                      root), unless both are already on PATH;
+# Tools the deployment checks in `make test` need (tests/deploy, tests/e2e/test_alerting.py),
+# installed the way a user would:
+#   promtool + amtool, and the prometheus and prometheus-alertmanager servers the alerting test
+#                      starts: Debian's prometheus and prometheus-alertmanager packages
+#                      (apt-get, as root), unless all four are already on PATH;
 #   helm-sdkpy:        the Helm 4 library for Python, into the project's virtualenv. It declares
 #                      Python >= 3.12 but runs on 3.11 (a cffi binding to a Go shared object), so
 #                      on 3.11 it goes in with --ignore-requires-python plus cffi and pycparser.
@@ -12,21 +14,30 @@ shift
 PIP_FLAGS=("$@")  # e.g. -q
 HELM_SDKPY_SPEC="${HELM_SDKPY_SPEC:-helm-sdkpy>=0.1.32,<0.2}"
 
-if ! command -v promtool >/dev/null || ! command -v amtool >/dev/null; then
+MONITORING_TOOLS=(promtool amtool prometheus prometheus-alertmanager)
+missing=()
+for tool in "${MONITORING_TOOLS[@]}"; do
+    command -v "$tool" >/dev/null || missing+=("$tool")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        echo "==> installing promtool and amtool (apt-get: prometheus prometheus-alertmanager)"
+        echo "==> installing ${missing[*]} (apt-get: prometheus prometheus-alertmanager)"
         export DEBIAN_FRONTEND=noninteractive
         apt-get update -qq
         apt-get install -y -qq --no-install-recommends prometheus prometheus-alertmanager >/dev/null
     else
-        echo "error: promtool and amtool are needed by the deployment checks (tests/deploy)." >&2
+        echo "error: ${missing[*]} missing; the deployment checks (tests/deploy) and the alerting" >&2
+        echo "  test (tests/e2e/test_alerting.py) need promtool, amtool, prometheus and" >&2
+        echo "  prometheus-alertmanager." >&2
         echo "  Debian/Ubuntu: sudo apt-get install prometheus prometheus-alertmanager" >&2
-        echo "  elsewhere: put promtool and amtool from the Prometheus and Alertmanager releases on PATH" >&2
+        echo "  elsewhere: put them on PATH from the Prometheus and Alertmanager releases" >&2
+        echo "  (the Alertmanager binary under the name prometheus-alertmanager, as Debian has it)" >&2
         exit 1
     fi
 fi
-promtool --version >/dev/null
-amtool --version >/dev/null
+for tool in "${MONITORING_TOOLS[@]}"; do
+    "$tool" --version >/dev/null 2>&1 || { echo "error: $tool --version failed" >&2; exit 1; }
+done
 
 if ! "$PY" -c "import helm_sdkpy" 2>/dev/null; then
     echo "==> installing $HELM_SDKPY_SPEC into the virtualenv"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -66,3 +67,12 @@ async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
         headers={"Authorization": f"Bearer {USER_KEY}"},
     ) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def trained_repository(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    """One really trained integrity-enabled digits repository per session (seconds to build),
+    shared by tests/integrity and the e2e alerting test; copy it before changing it."""
+    from tests.integrity_factory import build_integrity_repository  # torch: only when needed
+
+    return build_integrity_repository(tmp_path_factory.mktemp("integrity"))

@@ -1,5 +1,6 @@
-"""Integrity fixtures: one really trained integrity repository per session (copied per test),
-and an in-process gateway whose enclave is :class:`FakeEnclaveClient` (a real EnclaveCore
+"""Integrity fixtures: the session's really trained integrity repository
+(``trained_repository`` in tests/conftest.py, shared with the e2e alerting test) copied per
+test, and an in-process gateway whose enclave is :class:`FakeEnclaveClient` (a real EnclaveCore
 running the verifier and signing, without the process)."""
 
 from __future__ import annotations
@@ -22,14 +23,8 @@ from gateway.enclave_client import FakeEnclaveClient
 from gateway.model_config import EnclaveConfig
 from gateway.settings import Settings
 from tests.conftest import ADMIN_KEY, USER_KEY
-from tests.integrity_factory import build_integrity_repository
 
 EXAMPLE = json.loads((Path(__file__).resolve().parents[2] / "examples" / "digit.json").read_text())
-
-
-@pytest.fixture(scope="session")
-def trained_repository(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
-    return build_integrity_repository(tmp_path_factory.mktemp("integrity"))
 
 
 @pytest.fixture
