@@ -42,6 +42,7 @@ sync-deploy:
 # The embedded default model repository, built once and cached; rebuilt when its recipe
 # changes (the builder or the default experiment).
 DEFAULT_RECIPE := gateway/models/default.py gateway/models/nets.py verifier/defaults.py \
+	verifier/evaluate.py verifier/gan.py verifier/detector.py verifier/features.py \
 	gateway/models/text_default.py verifier/lm.py verifier/distillspec.py
 $(REPO)/.built: $(DEFAULT_RECIPE) | $(VENV)/.installed
 	$(FIDES) models build-default --output $(REPO) --force

@@ -211,7 +211,12 @@ class IntegrityConfig(_Strict):
         "with verdict 'unverified' and a reason.",
     )
     substitution_window: int = Field(
-        100, ge=10, description="Recent verified requests in the substitution test."
+        100, ge=10, description="Recent verified rows in the substitution test."
+    )
+    substitution_score: Literal["kl", "detector"] = Field(
+        "kl",
+        description="Per-row score of the substitution test: KL(service || verifier) or the "
+        "detector's probability (blind to a low-confidence substitute).",
     )
     substitution_alpha: float = Field(
         0.005, gt=0, lt=0.5, description="Level of the windowed substitution test."

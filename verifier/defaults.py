@@ -49,7 +49,20 @@ DIGITS_DEFAULT: dict[str, Any] = {
     },
     # 360 test images: half calibrate the threshold (a 1% target needs >= 99 clean scores,
     # 2% leaves a margin), 30% train the detector with the validation split
-    "detector": {"train_fraction": 0.3, "calibration_fraction": 0.5, "target_fpr": 0.02},
+    "detector": {
+        "train_fraction": 0.3,
+        "calibration_fraction": 0.5,
+        "target_fpr": 0.02,
+        "substitutes": [
+            {  # digits_lite: the cheap model the gateway's substitution drill serves
+                "name": "lite",
+                "kind": "student",
+                "net": {"widths": [4, 8]},
+                "train": {"epochs": 2, **_OPTIM},
+            },
+            {"name": "int8", "kind": "int8"},
+        ],
+    },
 }
 
 

@@ -359,6 +359,11 @@ def evaluate_experiment(
                 row["verifier_top1_accuracy"] = round(
                     float((pairs.q.argmax(1) == pairs.honest).mean()), 5
                 )
+                # pairs no detector can flag from the top-1 alone: the verifier agrees with
+                # the tampered answer (an upper bound on what disagreement can show)
+                row["verifier_agrees_with_tampered"] = round(
+                    float((pairs.q.argmax(1) == pairs.p.argmax(1)).mean()), 5
+                )
             attacks_report[name] = row
         reclass_names = [n for n in attacked if not n.startswith("fgsm")]
         re_pred = np.concatenate(
@@ -394,6 +399,9 @@ def evaluate_experiment(
         baselines = {name: baseline(name) for name in BASELINES}
 
         # --- model substitution: per request and windowed ---
+        # per-request substitution score of the gateway's window test: KL(p || q)
+        kl_ref = pair_features_np(p_cal, q_cal)[:, 1]
+        kl_clean = pair_features_np(p_ev, q_ev)[:, 1]
         substitution: dict[str, Any] = {}
         substitutes: dict[str, nn.Module] = {}
         for spec in cfg.substitutes:
@@ -402,8 +410,6 @@ def evaluate_experiment(
             p_sub = _probs(sub, evald.x)
             sub_scores = detector.scores(p_sub, q_ev)
             auc, tpr1 = _roc(clean_scores, sub_scores, cfg.target_fpr)
-            kl_ref = pair_features_np(p_cal, q_cal)[:, 1]
-            kl_clean = pair_features_np(p_ev, q_ev)[:, 1]
             kl_sub = pair_features_np(p_sub, q_ev)[:, 1]
             wkw: dict[str, Any] = {
                 "size": cfg.window_size,
@@ -427,7 +433,7 @@ def evaluate_experiment(
                     "clean_false_alarm": _windows(kl_clean, kl_ref, seed=exp.seed + 14, **wkw),
                 },
             }
-            w = substitution[spec.name]["window_detector_score"]
+            w = substitution[spec.name]["window_kl"]
             log(
                 f"substitute {spec.name}: agreement with service "
                 f"{substitution[spec.name]['agreement_with_service']:.2%}, windows flagged "
@@ -492,6 +498,8 @@ def evaluate_experiment(
                 "window": {"size": cfg.window_size, "alpha": cfg.window_alpha},
                 # the clean reference of the windowed substitution test, in score order
                 "calibration_scores": [round(float(s), 7) for s in np.sort(cal_scores)],
+                # the clean reference of the gateway's windowed substitution test: KL(p || q)
+                "calibration_kl": [round(float(s), 7) for s in np.sort(kl_ref)],
                 "metrics": {
                     "clean_fpr": report["clean_fpr"],
                     "mean_detection_accuracy": report["mean_detection_accuracy"],

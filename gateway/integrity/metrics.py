@@ -48,7 +48,7 @@ class IntegrityMetrics:
         )
         self.substitution_statistic = Gauge(
             "fides_integrity_substitution_statistic",
-            "Windowed substitution test: P(recent detector score > clean score); 0.5 when honest.",
+            "Windowed substitution test: P(recent row score > clean score); 0.5 when honest.",
             ["model"],
             registry=r,
         )

@@ -39,6 +39,7 @@ from gateway.errors import BadRequest, GatewayError, Unavailable
 from gateway.integrity.drills import ActiveDrill, tamper
 from gateway.integrity.enclave import EnclaveBatcher
 from gateway.integrity.metrics import IntegrityMetrics
+from gateway.integrity.stats import kl_divergence
 from gateway.integrity.substitution import SubstitutionMonitor
 from gateway.model_config import DrillConfig, IntegrityConfig
 from gateway.repository import ModelRepository, ModelVersion
@@ -80,7 +81,7 @@ def read_detector_card(repository: Path, name: str) -> dict[str, Any]:
     if not versions:
         raise ValueError(f"detector '{name}' has no version in {repository}")
     card = json.loads((root / str(versions[-1]) / "model_card.json").read_text(encoding="utf-8"))
-    for key in ("threshold", "calibration_scores"):
+    for key in ("threshold", "calibration_scores", "calibration_kl"):
         if key not in card:
             raise ValueError(f"detector '{name}': model card has no '{key}'")
     if not isinstance(card, dict):
@@ -126,8 +127,11 @@ class IntegrityPipeline:
         self.measurement = measurement
         card = read_detector_card(repository.root, cfg.detector)
         self.threshold = float(cfg.threshold if cfg.threshold is not None else card["threshold"])
+        reference = card[
+            "calibration_kl" if cfg.substitution_score == "kl" else "calibration_scores"
+        ]
         self.monitor = SubstitutionMonitor(
-            np.asarray(card["calibration_scores"], dtype=np.float64),
+            np.asarray(reference, dtype=np.float64),
             window=cfg.substitution_window,
             alpha=cfg.substitution_alpha,
         )
@@ -146,6 +150,7 @@ class IntegrityPipeline:
         self._score = m.score.labels(model)
         self._duration = m.duration.labels(model)
         m.enclave_up.labels(model).set_function(self._enclave_up)
+        m.enclave_restarts.labels(model)  # exported from 0, so increase() sees the first restart
         m.substitution_statistic.labels(model).set(0.5)
         m.substitution_suspected.labels(model).set(0)
         if cfg.drill is not None:
@@ -204,6 +209,7 @@ class IntegrityPipeline:
             "drill": self.drill.as_dict() if self.drill is not None else None,
             "substitution": {
                 "window": self.cfg.substitution_window,
+                "score": self.cfg.substitution_score,
                 "alpha": self.cfg.substitution_alpha,
                 "scores_in_window": len(self.monitor.scores),
                 "statistic": last.statistic if last else None,
@@ -314,7 +320,9 @@ class IntegrityPipeline:
             self._score.observe(float(s))
         self._verdict[params["integrity_verdict"]].inc()
         self._duration.observe(time.perf_counter() - t0)
-        tested = self.monitor.add(scores)
+        tested = self.monitor.add(
+            scores if self.cfg.substitution_score == "detector" else kl_divergence(p, q)
+        )
         if tested is not None:
             self.metrics.substitution_statistic.labels(self.model).set(tested.statistic)
             self.metrics.substitution_p_value.labels(self.model).set(tested.p_value)

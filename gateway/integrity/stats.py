@@ -7,7 +7,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-__all__ = ["WindowResult", "window_test"]
+__all__ = ["EPS", "WindowResult", "kl_divergence", "window_test"]
+
+EPS = 1e-7  # the probability floor of verifier.features, so both compute the same KL
 
 
 @dataclass(frozen=True)
@@ -34,3 +36,11 @@ def window_test(window: np.ndarray, reference: np.ndarray, alpha: float = 0.01) 
     res = stats.mannwhitneyu(w, r, alternative="greater")
     stat = float(res.statistic) / (w.size * r.size)
     return WindowResult(stat, float(res.pvalue), bool(res.pvalue < alpha))
+
+
+def kl_divergence(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """``KL(p || q) = sum_c p_c (log p_c - log q_c)`` per row (nats), ``[n, C] -> [n]``."""
+    p = np.clip(np.asarray(p, dtype=np.float64), 0.0, None)
+    q = np.clip(np.asarray(q, dtype=np.float64), 0.0, None)
+    out: np.ndarray = (p * (np.log(np.maximum(p, EPS)) - np.log(np.maximum(q, EPS)))).sum(-1)
+    return out

@@ -8,8 +8,13 @@ images, 10 classes), which ships inside the scikit-learn wheel:
   ``experiments/digits.yaml``), exported to ONNX (``input`` [-1, 1, 8, 8] pixels in [0, 1]
   -> ``probabilities`` [-1, 10], softmax inside the graph), with ``1/model_card.json``;
 * ``digits_verifier`` - its Fides verification model, built by GDTL (rotation-pretrained
-  backbone, greedy unfreezing with KD from ``digits``), ONNX with a model card; an ordinary
-  model entry for now (the enclave seals it later);
+  backbone, greedy unfreezing with KD from ``digits``), ONNX with a model card; the gateway
+  seals it into ``digits``' enclave at start;
+* ``digits_detector`` / ``digits_reclassifier`` - the GAN-trained attack detector and the
+  re-classifier over (service, verifier) probability pairs (:mod:`verifier.evaluate`);
+  ``digits``' config has the ``integrity:`` block that uses them;
+* ``digits_lite`` - a much cheaper model, what a lazy provider might serve instead (the
+  substitution drill serves it);
 * ``digits_torch`` - the same service student as a ``torch.export`` program (``model.pt2``);
 * ``digits_heavy`` - a wider network (~1-2 ms per single-sample inference on one core) for the
   serving benchmark, exported to ONNX.
@@ -50,6 +55,7 @@ from gateway.models.nets import (
     count_parameters,
 )
 from verifier.defaults import digits_default
+from verifier.evaluate import evaluate_experiment
 from verifier.export import export_onnx
 from verifier.pipeline import run_experiment
 
@@ -270,6 +276,12 @@ def _build(root: Path, seed: int, say: Progress) -> dict[str, Any]:
         results = run_experiment(
             exp, root / ".run", repository=root, say=lambda m: say(f"digits: {m}"), trained=trained
         )
+        # the attack detector, re-classifier and a cheap substitute (verifier.evaluate); this
+        # also writes digits' integrity block: the default service is verified
+        say("digits: attack detector (GAN), re-classifier, calibration (verifier.evaluate)")
+        integrity = evaluate_experiment(
+            exp, root / ".run", repository=root, say=lambda m: say(f"digits: {m}")
+        )
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(False)
@@ -324,6 +336,34 @@ def _build(root: Path, seed: int, say: Progress) -> dict[str, Any]:
         f"{models['digits_verifier']['test_accuracy']:.2%}, "
         f"{ver['flops_ratio_to_service']:.1%} of its FLOPs ({results['wall_seconds']:.1f}s "
         "for the pipeline)"
+    )
+
+    models["digits_detector"] = {
+        "platform": "onnx",
+        "role": "attack detector (GAN-trained, inputs service_probs + verifier_probs)",
+        "threshold": integrity["threshold"],
+        "target_fpr": exp.detector.target_fpr,
+        "clean_fpr": integrity["clean_fpr"],
+        "mean_detection_accuracy": integrity["mean_detection_accuracy"],
+    }
+    models["digits_reclassifier"] = {
+        "platform": "onnx",
+        "role": "re-classifier",
+        "reclassification_accuracy": integrity["reclassification_accuracy"],
+    }
+    got_lite = ort_session(root / "digits_lite" / "1" / "model.onnx").run(
+        None, {INPUT_NAME: x_test}
+    )[0]
+    models["digits_lite"] = {
+        "platform": "onnx",
+        "role": "cheap substitute for substitution drills",
+        "test_accuracy": accuracy(got_lite, split.y_test),
+        "agreement_with_service": round(float((got_lite.argmax(1) == got.argmax(1)).mean()), 5),
+    }
+    say(
+        f"digits_detector: threshold {integrity['threshold']:.4f}, mean detection accuracy "
+        f"{integrity['mean_detection_accuracy']:.2%} on {integrity['data']['evaluation']} held-out "
+        f"images; re-classification {integrity['reclassification_accuracy']:.2%}"
     )
 
     # digits_torch: the service student as a torch.export program
@@ -381,6 +421,8 @@ def _build(root: Path, seed: int, say: Progress) -> dict[str, Any]:
         f"at batch {MAX_BATCH_SIZE}"
     )
     for name, info in models.items():
+        if name == "digits_lite" or "test_accuracy" not in info:  # cheap on purpose / no label
+            continue
         if info["test_accuracy"] < 0.95:  # the verifier is judged by fidelity, but still
             say(f"warning: {name} test accuracy {info['test_accuracy']:.2%} is below 95%")
 

@@ -10,10 +10,9 @@ receiver standing in for the pager, all on loopback ports chosen at run time.
    FidesEnclaveRestarting fires, and FidesAttackDetected resolves (its ``[1m]`` window, about a
    minute after the last detection) and the webhook hears "resolved".
 
-The detector runs at a strict threshold here: FidesAttackDetected fires on any single
-detection, and at the detector's calibrated threshold (target FPR 2 %) a few per cent of honest
-digits are flagged, so honest traffic alone would fire it (one build: 62 of the 1797 sklearn
-digits at 0.29). At 0.99 none of them is, while about three switched answers in four still are.
+The detector runs at its calibrated threshold (target FPR 2 %), so an honest answer is
+flagged now and then; FidesAttackDetected fires only when the flagged share of the last minute
+is far above that (over 10 %, at least 3 rows), which honest traffic must not reach.
 """
 
 from __future__ import annotations
@@ -35,7 +34,7 @@ import pytest
 
 from tests.conftest import ADMIN_KEY, USER_KEY
 from tests.e2e.conftest import REPO_ROOT, GatewayProcess, running_gateway
-from tests.integrity.conftest import digit_images, infer_body, set_integrity
+from tests.integrity.conftest import digit_images, infer_body
 from tests.monitoring import (
     MonitorProcess,
     WebhookReceiver,
@@ -49,7 +48,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 ALERT_RULES = REPO_ROOT / "deploy" / "prometheus" / "alerts.yml"
 MODEL = "digits"
-STRICT_THRESHOLD = 0.99
+HONEST_FLAGS_MAX = 3  # expected about 1 in 40 at the calibrated false-positive rate
 HONEST_ROWS = 40
 ENCLAVE_KILLS = 4  # FidesEnclaveRestarting: more than 3 restarts in 15 minutes
 WAIT_S = 90.0  # the bound on every wait; resolution alone takes about a minute
@@ -161,7 +160,6 @@ def test_attack_alert_fires_in_prometheus_and_reaches_alertmanager_webhook(
 ) -> None:
     repo = tmp_path / "repo"
     shutil.copytree(trained_repository[0], repo)
-    set_integrity(repo, threshold=STRICT_THRESHOLD)
     env = {
         "FIDES_ENCLAVE_PLATFORM_DIR": str(enclave_runtime / "platform"),
         "FIDES_ENCLAVE_RUNTIME_DIR": str(enclave_runtime / "run"),
@@ -189,7 +187,6 @@ def test_attack_alert_fires_in_prometheus_and_reaches_alertmanager_webhook(
             status = s.integrity()
             assert status["enclave"]["state"] == "up", status  # the gateway's own process
             assert status["enclave"]["simulated"] is True
-            assert status["threshold"] == STRICT_THRESHOLD
             enclave_pids.append(status["enclave"]["pid"])
 
             _rules_loaded(s)
@@ -219,10 +216,11 @@ def _rules_loaded(s: Stack) -> None:
 
 def _honest_traffic_raises_no_alert(s: Stack, honest: np.ndarray) -> None:
     verdicts = _verdicts([s.infer(honest[i : i + 1]) for i in range(HONEST_ROWS)])
-    assert verdicts == ["verified"] * HONEST_ROWS, (
-        f"honest answers not all verified at threshold {STRICT_THRESHOLD}: {verdicts}"
-    )
-    verified = f'fides_integrity_verdicts_total{{model="{MODEL}",verdict="verified"}}'
+    assert set(verdicts) <= {"verified", "attack"}, verdicts
+    noise = verdicts.count("attack")
+    s.notes.append(f"honest verdicts: {noise} flagged of {len(verdicts)}")
+    assert noise <= HONEST_FLAGS_MAX, f"too many honest answers flagged: {verdicts}"
+    verified = f'sum(fides_integrity_verdicts_total{{model="{MODEL}"}})'
     wait_for(
         lambda: s.query(f"{verified} >= {HONEST_ROWS}"),
         WAIT_S,
@@ -248,7 +246,7 @@ def _switch_drill_fires_and_is_delivered(s: Stack, honest: np.ndarray) -> None:
     assert attacks > 0, verdicts
     assert set(verdicts) <= {"attack", "verified"}, verdicts
     wait_for(
-        lambda: s.query(f'fides_integrity_attacks_detected_total{{model="{MODEL}"}} == {attacks}'),
+        lambda: s.query(f'fides_integrity_attacks_detected_total{{model="{MODEL}"}} >= {attacks}'),
         WAIT_S,
         f"Prometheus counting the {attacks} detected attacks",
         s.context,
