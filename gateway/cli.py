@@ -219,7 +219,10 @@ def bench_speculative(
     new_tokens: Annotated[int, typer.Option(help="Tokens generated per prompt.")] = 128,
     distill_steps: Annotated[
         int, typer.Option(help="DistillSpec steps per divergence (0 skips that part).")
-    ] = 40,
+    ] = 30,
+    pair: Annotated[
+        list[str], typer.Option(help="code and/or war_and_peace; others in --output are kept.")
+    ] = ["code", "war_and_peace"],  # noqa: B006 - typer reads the default
 ) -> None:
     """Speculative decoding: tokens/s vs target-only, HF assisted generation and prediction."""
     from gateway.bench.speculative import run_speculative_bench
@@ -233,6 +236,7 @@ def bench_speculative(
         prompts=prompts,
         new_tokens=new_tokens,
         distill_steps=distill_steps,
+        pairs=tuple(pair),
     )
 
 
