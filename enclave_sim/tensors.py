@@ -43,6 +43,7 @@ DATATYPES: dict[str, np.dtype[Any]] = {
 }
 _BY_KIND = {(dt.kind, dt.itemsize): name for name, dt in DATATYPES.items()}
 MAX_RANK = 8
+MAX_DIM = 2**31 - 1
 
 Array = npt.NDArray[Any]
 
@@ -96,6 +97,8 @@ def decode_tensor(obj: Any, *, what: str = "tensor") -> Array:
     if not isinstance(data, bytes):
         raise BadRequest(f"{what}: data must be a byte string")
     dt = DATATYPES[datatype]
+    if any(d > MAX_DIM for d in shape):  # an empty [0, 2**62] would pass the size check
+        raise BadRequest(f"{what}: a dimension exceeds {MAX_DIM}")
     expected = math.prod(shape) * dt.itemsize
     if len(data) != expected:
         raise BadRequest(

@@ -129,7 +129,7 @@ def parse_infer_request(
         if extra:
             raise BadRequest(f"input '{name}': unknown field(s) {sorted(extra)}")
         datatype = raw.get("datatype")
-        if datatype not in DATATYPES:
+        if not isinstance(datatype, str) or datatype not in DATATYPES:
             raise BadRequest(
                 f"input '{name}': unknown datatype {datatype!r}; one of {sorted(DATATYPES)}"
             )
@@ -140,6 +140,11 @@ def parse_infer_request(
         if count > max_elements:
             raise PayloadTooLarge(
                 f"input '{name}' has {count} elements; the limit is {max_elements}"
+            )
+        # an empty tensor may still name a dimension numpy cannot allocate ([0, 2**62])
+        if any(d > max_elements for d in shape):
+            raise PayloadTooLarge(
+                f"input '{name}': dimension {max(shape)} exceeds the limit of {max_elements}"
             )
         params = _params(raw.get("parameters"), f"input '{name}'")
         size = params.get("binary_data_size")

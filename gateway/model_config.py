@@ -301,7 +301,7 @@ def read_platform(path: Path) -> str | None:
     """The ``platform`` a config.yaml names, or None when it cannot be read (no validation)."""
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
+    except (OSError, ValueError, RecursionError, yaml.YAMLError):
         return None
     platform = raw.get("platform") if isinstance(raw, dict) else None
     return platform if isinstance(platform, str) else None
@@ -315,8 +315,12 @@ def load_model_config(path: Path, expected_name: str | None = None) -> ModelConf
         raise ConfigError(f"{path}: missing config.yaml") from exc
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text: {exc.reason} at byte {exc.start}") from exc
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError: a timestamp like 2001-02-30
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid YAML: nested too deeply") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     try:

@@ -206,6 +206,10 @@ class ModelRepository:
     async def load(self, name: str) -> None:
         """(Re)load ``name`` from disk; atomically replaces the versions it serves."""
         path = self.model_dir(name)
+        if name not in self._models and not (path / "config.yaml").is_file():
+            # before any state changes: an unknown name must not become a model that is
+            # "wanted" (the server would stay not ready) or listed in the index
+            raise NotFound(f"unknown model '{name}': no {name}/config.yaml in the repository")
         async with self._lock:
             self._wanted.add(name)
             self._states[name] = ModelState("LOADING")
@@ -234,6 +238,8 @@ class ModelRepository:
 
     async def unload(self, name: str) -> None:
         validate_model_name(name)
+        if name not in self._models and name not in self._states:
+            raise NotFound(f"model '{name}' is not loaded")  # and leaves no trace
         async with self._lock:
             self._wanted.discard(name)
             served = self._models.pop(name, None)

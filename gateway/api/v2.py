@@ -130,7 +130,7 @@ async def _infer(name: str, version: str | None, request: Request) -> Response:
     body = await read_body(request, settings.max_body_bytes)
     body = _decompress(body, request.headers.get("content-encoding"), settings.max_body_bytes)
     header_len = request.headers.get(HEADER_LENGTH.lower())
-    if header_len is not None and not header_len.strip().isdigit():
+    if header_len is not None and not _is_ascii_digits(header_len.strip()):
         raise BadRequest(f"{HEADER_LENGTH} must be a non-negative integer")
     req = parse_infer_request(
         body,
@@ -142,6 +142,11 @@ async def _infer(name: str, version: str | None, request: Request) -> Response:
     payload, headers = encode_infer_response(resp, req.binary_output_default, binary_names)
     media = "application/octet-stream" if headers else "application/json"
     return Response(payload, media_type=media, headers=headers)
+
+
+def _is_ascii_digits(value: str) -> bool:
+    # str.isdigit() also accepts '²' or '١', which int() refuses (latin-1 headers carry '²')
+    return value.isascii() and value.isdigit()
 
 
 def _decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
