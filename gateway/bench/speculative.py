@@ -52,29 +52,21 @@ def _time_forward(lm: CausalLM, n: int, context: int = 64, reps: int = 40) -> fl
     return statistics.median(times[5:])
 
 
-def _ours(
-    engine: SpeculativeEngine, prompts: list[list[int]], params: SamplingParams
-) -> dict[str, Any]:
-    tokens = rounds = drafted = accepted = 0
+def _ours(engine: SpeculativeEngine, prompt: list[int], params: SamplingParams) -> list[float]:
+    """[tokens, seconds, rounds, draft tokens, accepted] for one prompt."""
     t0 = time.perf_counter()
-    for i, prompt in enumerate(prompts):
-        seq = engine.start(prompt, SamplingParams(**{**params.__dict__, "seed": i}))
-        while seq.finished is None:
-            engine.step(seq)
-        tokens += len(seq.generated)
-        rounds += seq.stats["rounds"]
-        drafted += seq.stats["draft_tokens"]
-        accepted += seq.stats["accepted"]
+    seq = engine.start(prompt, params)
+    while seq.finished is None:
+        engine.step(seq)
     dt = time.perf_counter() - t0
-    out = {"tokens_per_s": round(tokens / dt, 1), "tokens_per_round": round(tokens / rounds, 3)}
-    if drafted:
-        out["acceptance_rate"] = round(accepted / drafted, 4)
-    return out
+    st = seq.stats
+    return [len(seq.generated), dt, st["rounds"], st["draft_tokens"], st["accepted"]]
 
 
 def _hf(
-    target: Any, draft: Any | None, prompts: list[list[int]], new: int, temp: float, gamma: int
-) -> dict[str, Any]:
+    target: Any, draft: Any | None, prompt: list[int], new: int, temp: float, gamma: int, seed: int
+) -> list[float]:
+    """[tokens, seconds] of Hugging Face generate for one prompt (assisted with a draft)."""
     kwargs: dict[str, Any] = {
         "max_new_tokens": new,
         "min_new_tokens": new,
@@ -88,15 +80,52 @@ def _hf(
         draft.generation_config.num_assistant_tokens = gamma
         draft.generation_config.num_assistant_tokens_schedule = "constant"
         draft.generation_config.assistant_confidence_threshold = 0.0
-    tokens = 0
+    torch.manual_seed(seed)
+    x = torch.tensor([prompt])
     t0 = time.perf_counter()
     with torch.inference_mode():
-        for i, prompt in enumerate(prompts):
-            torch.manual_seed(i)
-            x = torch.tensor([prompt])
-            out = target.generate(x, attention_mask=torch.ones_like(x), **kwargs)
-            tokens += out.shape[1] - x.shape[1]
-    return {"tokens_per_s": round(tokens / (time.perf_counter() - t0), 1)}
+        out = target.generate(x, attention_mask=torch.ones_like(x), **kwargs)
+    return [out.shape[1] - x.shape[1], time.perf_counter() - t0]
+
+
+def _interleaved(
+    target: CausalLM,
+    draft: CausalLM,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    gamma: int,
+) -> dict[str, list[float]]:
+    """Every method on prompt 1, then every method on prompt 2, ...: a burst of load from
+    elsewhere on the machine then slows all methods alike instead of one."""
+    plain = SpeculativeEngine(target, None, Lookahead(0), 10**9)
+    spec = SpeculativeEngine(target, draft, Lookahead(gamma), 10**9)
+    totals: dict[str, list[float]] = {
+        "target_only": [0.0] * 5,
+        "speculative": [0.0] * 5,
+        "hf_target_only": [0.0] * 2,
+        "hf_assisted": [0.0] * 2,
+    }
+    n, temp = params.max_tokens, params.temperature
+    for i, prompt in enumerate(prompts):
+        seeded = SamplingParams(**{**params.__dict__, "seed": i})
+        runs = {
+            "target_only": _ours(plain, prompt, seeded),
+            "speculative": _ours(spec, prompt, seeded),
+            "hf_target_only": _hf(target.model, None, prompt, n, temp, gamma, i),
+            "hf_assisted": _hf(target.model, draft.model, prompt, n, temp, gamma, i),
+        }
+        for key, vals in runs.items():
+            totals[key] = [a + b for a, b in zip(totals[key], vals, strict=True)]
+    return totals
+
+
+def _rate(vals: list[float]) -> dict[str, Any]:
+    out: dict[str, Any] = {"tokens_per_s": round(vals[0] / vals[1], 1)}
+    if len(vals) == 5:
+        out["tokens_per_round"] = round(vals[0] / vals[2], 3)
+        if vals[3]:
+            out["acceptance_rate"] = round(vals[4] / vals[3], 4)
+    return out
 
 
 def predicted_speedup(alpha: float, gamma: int, t1: float, tg: float, td: float) -> float:
@@ -140,14 +169,11 @@ def bench_pair(
         "costs": costs,
         "modes": {},
     }
-    plain = SpeculativeEngine(target, None, Lookahead(0), 10**9)
-    spec = SpeculativeEngine(target, draft, Lookahead(gamma), 10**9)
     for mode, temp in (("greedy", 0.0), ("t1", 1.0)):
         params = SamplingParams(max_tokens=new_tokens, temperature=temp)
-        base = _ours(plain, prompt_list, params)
-        ours = _ours(spec, prompt_list, params)
-        hf_plain = _hf(target.model, None, prompt_list, new_tokens, temp, gamma)
-        hf_assist = _hf(target.model, draft.model, prompt_list, new_tokens, temp, gamma)
+        totals = _interleaved(target, draft, prompt_list, params, gamma)
+        base, ours = _rate(totals["target_only"]), _rate(totals["speculative"])
+        hf_plain, hf_assist = _rate(totals["hf_target_only"]), _rate(totals["hf_assisted"])
         alpha = acceptance(target.model, draft.model, batch, new_tokens, temp, seed=0)
         pred = predicted_speedup(alpha, gamma, t1, tg, td)
         speedup = ours["tokens_per_s"] / base["tokens_per_s"]
