@@ -15,7 +15,8 @@ from gateway.models import default
 from gateway.runtimes.base import TensorSpec
 from gateway.runtimes.torch_runtime import TorchRuntime
 
-pytestmark = pytest.mark.slow  # one full build, ~30-70 s on two cores
+# one full build: ~60-90 s on two idle cores, several minutes on a busy machine
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 MODELS = (
     "digits",
@@ -83,7 +84,7 @@ def test_configs_are_valid(repo: Path, name: str) -> None:
     assert cfg.dynamic_batching.preferred_batch_size == [16, 32, 64]
     assert cfg.dynamic_batching.max_queue_size == 512
     assert cfg.instance_group.count == 1
-    assert cfg.labels == [str(i) for i in range(10)]
+    assert cfg.labels == (["attack"] if name == "digits_detector" else [str(i) for i in range(10)])
     assert cfg.version_policy.select([1]) == [1]
     if cfg.platform == "onnx":
         assert cfg.onnx.intra_op_threads == 1
