@@ -9,9 +9,10 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, Request
+from starlette.requests import ClientDisconnect
 
 from gateway.dataplane import DataPlane
-from gateway.errors import PayloadTooLarge
+from gateway.errors import ClientClosedRequest, PayloadTooLarge
 from gateway.repository import ModelRepository
 from gateway.settings import Settings
 
@@ -53,9 +54,13 @@ async def read_body(request: Request, limit: int) -> bytes:
         raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit}")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        # a client that hangs up mid-body is not a server error (was: 500 and a traceback)
+        raise ClientClosedRequest(f"client disconnected after {size} body bytes") from None
     return b"".join(chunks)

@@ -9,12 +9,14 @@ from __future__ import annotations
 import httpx
 import orjson
 import pytest
+from fastapi import FastAPI
+from prometheus_client import generate_latest
 
 from enclave_sim.errors import BadRequest as EnclaveBadRequest
 from enclave_sim.tensors import decode_tensor
 from gateway.codec import parse_infer_request
 from gateway.errors import BadRequest, PayloadTooLarge
-from tests.conftest import ADMIN_KEY
+from tests.conftest import ADMIN_KEY, USER_KEY
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
@@ -97,3 +99,45 @@ def test_an_enclave_tensor_with_a_huge_dimension_is_a_bad_request() -> None:
     """Was: ValueError inside the enclave server, answered as code 'internal'."""
     with pytest.raises(EnclaveBadRequest, match="dimension"):
         decode_tensor({"datatype": "FP32", "shape": [2**62, 0], "data": b""})
+
+
+async def test_a_client_gone_mid_body_is_not_a_server_error(
+    app: FastAPI, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Was: starlette's ClientDisconnect escaped read_body: logged as 'unhandled error' with a
+    traceback and counted as a 500 (found by the upstream fault test: the gateway's own
+    upstream client hangs up on a slow MLaaS)."""
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v2/models/tiny/infer",
+        "raw_path": b"/v2/models/tiny/infer",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"x-api-key", USER_KEY.encode()), (b"content-length", b"1000")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+    messages = iter(
+        [
+            {"type": "http.request", "body": b'{"inputs": [', "more_body": True},
+            {"type": "http.disconnect"},
+        ]
+    )
+    sent: list[dict[str, object]] = []
+
+    async def receive() -> dict[str, object]:
+        return next(messages)
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    assert sent[0]["status"] == 499
+    assert "unhandled error" not in caplog.text
+    metrics = generate_latest(app.state.metrics.registry).decode()
+    assert 'status="499"' in metrics
+    assert 'status="500"' not in metrics
