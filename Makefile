@@ -67,6 +67,8 @@ bench: install-dev models
 	$(FIDES) bench payload --output bench/results/payload.json
 	$(FIDES) bench integrity --output bench/results/enclave.json
 	$(FIDES) bench speculative --output bench/results/speculative.json
+	$(FIDES) bench overload --output bench/results/overload.json
+	$(FIDES) bench soak --output bench/results/soak.json
 
 clean:
 	rm -rf $(VENV) $(REPO) .pytest_cache .mypy_cache .ruff_cache

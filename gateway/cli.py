@@ -240,6 +240,34 @@ def bench_speculative(
     )
 
 
+@bench_app.command("soak")
+def bench_soak(
+    output: Annotated[Path, typer.Option(help="Where to write the JSON results.")] = Path(
+        "bench/results/soak.json"
+    ),
+    duration: Annotated[float, typer.Option(help="Seconds of soak after the warm-up.")] = 600.0,
+    load: Annotated[float, typer.Option(help="Offered load as a share of capacity.")] = 0.8,
+) -> None:
+    """Soak: a share of the measured capacity for a long time (ids, statuses, memory growth)."""
+    from gateway.bench.load import run_soak_bench
+
+    run_soak_bench(output, duration, load, log=console.print)
+
+
+@bench_app.command("overload")
+def bench_overload(
+    output: Annotated[Path, typer.Option(help="Where to write the JSON results.")] = Path(
+        "bench/results/overload.json"
+    ),
+    factor: Annotated[float, typer.Option(help="Offered load as a multiple of capacity.")] = 4.0,
+    duration: Annotated[float, typer.Option(help="Seconds of overload.")] = 30.0,
+) -> None:
+    """Overload: 80% of capacity, then FACTOR x capacity, then 80% (shedding and recovery)."""
+    from gateway.bench.load import run_overload_bench
+
+    run_overload_bench(output, factor, duration, log=console.print)
+
+
 @app.command()
 def distillspec(
     model_dir: Annotated[
