@@ -212,7 +212,7 @@ def _sse(doc: Any) -> bytes:
 
 
 async def _stream(
-    handle: GenerationHandle, body: _Sampling, chunk: Any, include_usage: bool
+    handle: GenerationHandle, chunk: Any, include_usage: bool
 ) -> AsyncIterator[bytes]:
     """SSE events from the handle's deltas; abandoning the iterator cancels the generation."""
     try:
@@ -299,7 +299,7 @@ async def completions(body: CompletionRequest, request: Request, svc: Generation
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     if body.stream:
-        return _streaming_response(_stream(handle, body, chunk, include_usage))
+        return _streaming_response(_stream(handle, chunk, include_usage))
     text = await _result_or_disconnect(request, handle)
     if text is None:
         return Response(status_code=499)
@@ -366,7 +366,7 @@ async def chat_completions(body: ChatRequest, request: Request, svc: GenerationD
         return doc
 
     if body.stream:
-        return _streaming_response(_stream(handle, body, chunk, include_usage))
+        return _streaming_response(_stream(handle, chunk, include_usage))
     text = await _result_or_disconnect(request, handle)
     if text is None:
         return Response(status_code=499)
