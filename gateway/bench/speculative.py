@@ -39,17 +39,19 @@ Log = Callable[[str], None]
 PROMPT_LEN = 48
 
 
-def _time_forward(lm: CausalLM, n: int, context: int = 64, reps: int = 40) -> float:
-    """Median seconds to score ``n`` new tokens after ``context`` cached ones."""
+def _time_forward(lm: CausalLM, n: int, context: int = 112, reps: int = 12) -> list[float]:
+    """Seconds to score ``n`` new tokens after ``context`` cached ones (``reps`` samples;
+    112 = the middle of the benchmark's 48-token prompts + 128 new tokens)."""
     cache = lm.new_cache()
     lm.forward(list(range(1, context + 1)), cache, keep=1)
     times = []
-    for _ in range(reps):
+    for i in range(reps + 2):
         t = time.perf_counter()
         lm.forward([5] * n, cache, keep=n)
-        times.append(time.perf_counter() - t)
+        if i >= 2:  # warm-up
+            times.append(time.perf_counter() - t)
         cache.crop(context)
-    return statistics.median(times[5:])
+    return times
 
 
 def _ours(engine: SpeculativeEngine, prompt: list[int], params: SamplingParams) -> list[float]:
@@ -94,9 +96,11 @@ def _interleaved(
     prompts: list[list[int]],
     params: SamplingParams,
     gamma: int,
+    costs: dict[str, list[float]],
 ) -> dict[str, list[float]]:
     """Every method on prompt 1, then every method on prompt 2, ...: a burst of load from
-    elsewhere on the machine then slows all methods alike instead of one."""
+    elsewhere on the machine then slows all methods alike instead of one. The forward costs
+    behind the prediction are sampled between prompts too (into ``costs``)."""
     plain = SpeculativeEngine(target, None, Lookahead(0), 10**9)
     spec = SpeculativeEngine(target, draft, Lookahead(gamma), 10**9)
     totals: dict[str, list[float]] = {
@@ -116,6 +120,9 @@ def _interleaved(
         }
         for key, vals in runs.items():
             totals[key] = [a + b for a, b in zip(totals[key], vals, strict=True)]
+        costs["target_1"] += _time_forward(target, 1)
+        costs["target_g"] += _time_forward(target, gamma + 1)
+        costs["draft_1"] += _time_forward(draft, 1)
     return totals
 
 
@@ -150,28 +157,24 @@ def bench_pair(
     g = torch.Generator().manual_seed(0)
     batch = windows(held_ids, prompts, PROMPT_LEN, g)  # [n, P]
     prompt_list = batch.tolist()
-    t1, tg, td = (
-        _time_forward(target, 1),
-        _time_forward(target, gamma + 1),
-        _time_forward(draft, 1),
-    )
-    costs = {
-        "t_target_1_ms": round(t1 * 1e3, 3),
-        f"t_target_{gamma + 1}_ms": round(tg * 1e3, 3),
-        "t_draft_1_ms": round(td * 1e3, 3),
-        "c": round(td / t1, 4),
-    }
-    log(f"{name}: costs {costs}")
     result: dict[str, Any] = {
         "gamma": gamma,
         "prompts": prompts,
         "new_tokens": new_tokens,
-        "costs": costs,
         "modes": {},
     }
+    samples: dict[str, list[float]] = {"target_1": [], "target_g": [], "draft_1": []}
     for mode, temp in (("greedy", 0.0), ("t1", 1.0)):
         params = SamplingParams(max_tokens=new_tokens, temperature=temp)
-        totals = _interleaved(target, draft, prompt_list, params, gamma)
+        samples = {"target_1": [], "target_g": [], "draft_1": []}
+        totals = _interleaved(target, draft, prompt_list, params, gamma, samples)
+        t1, tg, td = (statistics.median(samples[k]) for k in ("target_1", "target_g", "draft_1"))
+        costs = {
+            "t_target_1_ms": round(t1 * 1e3, 3),
+            f"t_target_{gamma + 1}_ms": round(tg * 1e3, 3),
+            "t_draft_1_ms": round(td * 1e3, 3),
+            "c": round(td / t1, 4),
+        }
         base, ours = _rate(totals["target_only"]), _rate(totals["speculative"])
         hf_plain, hf_assist = _rate(totals["hf_target_only"]), _rate(totals["hf_assisted"])
         alpha = acceptance(target.model, draft.model, batch, new_tokens, temp, seed=0)
@@ -182,6 +185,7 @@ def bench_pair(
             "speculative": ours,
             "hf_target_only": hf_plain,
             "hf_assisted": hf_assist,
+            "costs": costs,
             "alpha": round(alpha, 4),
             "speedup_vs_target_only": round(speedup, 3),
             "speedup_vs_hf_assisted": round(ours["tokens_per_s"] / hf_assist["tokens_per_s"], 3),
@@ -191,7 +195,8 @@ def bench_pair(
         result["modes"][mode] = row
         log(
             f"{name} {mode}: {ours['tokens_per_s']} tok/s speculative vs {base['tokens_per_s']} "
-            f"target-only ({speedup:.2f}x; predicted {pred:.2f}x from alpha {alpha:.3f}); "
+            f"target-only ({speedup:.2f}x; predicted {pred:.2f}x from alpha {alpha:.3f}, "
+            f"costs {costs}); "
             f"HF assisted {hf_assist['tokens_per_s']} tok/s, HF target-only "
             f"{hf_plain['tokens_per_s']} tok/s"
         )
@@ -318,7 +323,7 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {row['target_only']['tokens_per_s']} | {row['speculative']['tokens_per_s']} "
                 f"| {row['speedup_vs_target_only']:.2f}x | {row['hf_target_only']['tokens_per_s']} "
                 f"| {row['hf_assisted']['tokens_per_s']} | {row['speedup_vs_hf_assisted']:.2f}x "
-                f"| {row['alpha']:.3f} | {pair['costs']['c']:.3f} "
+                f"| {row['alpha']:.3f} | {row['costs']['c']:.3f} "
                 f"| {row['predicted_speedup']:.2f}x "
                 f"| {row['measured_over_predicted']:.2f} "
                 f"| {row['speculative']['tokens_per_round']:.2f} |"
