@@ -122,6 +122,9 @@ def run_cmd(
     ] = 0.0,
     max_frame_bytes: Annotated[int, typer.Option(help="Largest accepted frame.")] = 16 * 2**20,
     log_level: Annotated[str, typer.Option(help="Python logging level.")] = "INFO",
+    exit_with_parent: Annotated[
+        bool, typer.Option(help="Stop when the parent process (the gateway) goes away.")
+    ] = False,
 ) -> None:
     """Boot the SIMULATED enclave: measure, unseal, attest on request, verify and sign."""
     from enclave_sim.core import EnclaveCore
@@ -141,7 +144,9 @@ def run_cmd(
             transition_us=transition_us,
         )
         core = EnclaveCore.boot(sealed_model, platform_dir, resources=resources)
-        asyncio.run(serve(core, socket, max_frame_bytes=max_frame_bytes))
+        asyncio.run(
+            serve(core, socket, max_frame_bytes=max_frame_bytes, exit_with_parent=exit_with_parent)
+        )
     except (EnclaveError, ValueError) as exc:
         logging.getLogger("enclave_sim").error("enclave refused to start: %s", exc)
         raise _fail(exc) from None

@@ -189,16 +189,34 @@ async def serve(
     socket_path: Path,
     *,
     max_frame_bytes: int = protocol.DEFAULT_MAX_FRAME_BYTES,
+    exit_with_parent: bool = False,
 ) -> None:
-    """Serve until SIGTERM or SIGINT; the socket file is removed on the way out."""
+    """Serve until SIGTERM or SIGINT; the socket file is removed on the way out.
+
+    ``exit_with_parent``: also stop when the process that started us goes away (a gateway
+    killed with SIGKILL cannot stop its enclave, which would otherwise live on as an orphan).
+    """
     server = EnclaveServer(core, socket_path, max_frame_bytes=max_frame_bytes)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    watcher = None
+    if exit_with_parent:
+        parent = os.getppid()
+
+        async def watch_parent() -> None:
+            while os.getppid() == parent:
+                await asyncio.sleep(0.5)
+            log.warning("the process that started the enclave (pid %d) is gone", parent)
+            stop.set()
+
+        watcher = asyncio.create_task(watch_parent())
     await server.start()
     try:
         await stop.wait()
         log.warning("enclave %s stopping", core.module_id)
     finally:
+        if watcher is not None:
+            watcher.cancel()
         await server.close()

@@ -413,6 +413,7 @@ class EnclaveLaunch:
             str(self.sealed_model),
             "--platform-dir",
             str(self.platform_dir),
+            "--exit-with-parent",  # no orphan enclave when the gateway is killed outright
             *self.extra_args,
         ]
 
