@@ -589,9 +589,7 @@ class EnclaveSupervisor:
         self._process = await self._spawn()
         try:
             await self._wait_ready(self._process)
-            nonce = secrets.token_bytes(32)
-            evidence = await self._client.attest(nonce)
-            attested = verify_attestation(evidence, root=self.root, policy=self.policy, nonce=nonce)
+            attested = await self._attest_with_own_nonce()
         except BaseException as exc:
             self.counters.failed_starts += 1
             self.counters.last_error = f"{type(exc).__name__}: {exc}"
@@ -606,6 +604,13 @@ class EnclaveSupervisor:
             attested.measurement.hex()[:16],
             " (SIMULATED)" if attested.simulated else "",
         )
+
+    async def _attest_with_own_nonce(self) -> AttestedEnclave:
+        """Challenge the enclave behind the socket and check its evidence against the pinned
+        root and the policy (raises AttestationError or EnclaveError)."""
+        nonce = secrets.token_bytes(32)
+        evidence = await self._client.attest(nonce)
+        return verify_attestation(evidence, root=self.root, policy=self.policy, nonce=nonce)
 
     async def _wait_ready(self, process: asyncio.subprocess.Process) -> None:
         deadline = time.monotonic() + self.ready_timeout_s
@@ -784,9 +789,7 @@ class AttachedEnclave(EnclaveSupervisor):
         if not self.launch.socket_path.exists():
             raise EnclaveUnavailable(f"no enclave socket at {self.launch.socket_path}")
         await self._client._call("ping", timeout_s=2.0)
-        nonce = secrets.token_bytes(32)
-        evidence = await self._client.attest(nonce)
-        attested = verify_attestation(evidence, root=self.root, policy=self.policy, nonce=nonce)
+        attested = await self._attest_with_own_nonce()
         self.counters.starts += 1
         self._set_state(EnclaveState.UP)
         self._attested = attested
@@ -855,13 +858,3 @@ class AttachedEnclave(EnclaveSupervisor):
                 self._reattach.set()
                 raise EnclaveUnavailable(f"the enclave must be re-attested: {exc}") from None
             raise
-
-    async def stop(self) -> None:
-        self._stopping = True
-        if self._monitor is not None:
-            self._monitor.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._monitor
-            self._monitor = None
-        self._client.reset()
-        self._set_state(EnclaveState.DOWN)

@@ -19,10 +19,9 @@ import pytest
 from enclave_sim.config import VerifierConfig
 from enclave_sim.pki import init_ca
 from enclave_sim.sealing import seal
-from gateway.app import create_app
 from gateway.integrity.enclave import verifier_file
 from gateway.settings import Settings
-from tests.conftest import ADMIN_KEY, USER_KEY
+from tests.conftest import ADMIN_KEY, USER_KEY, serving
 from tests.integrity.conftest import EXAMPLE
 from tests.processes import stop_process
 
@@ -87,15 +86,8 @@ async def test_attach_to_a_sidecar_enclave_and_reattest_after_its_restart(
             enclave_allow_simulated=True,
             enclave_init_platform=False,
         )
-        app = create_app(settings)  # the default factory: attach, do not spawn
-        async with (
-            app.router.lifespan_context(app),
-            httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=app),
-                base_url="http://test",
-                headers={"X-API-Key": USER_KEY},
-            ) as client,
-        ):
+        # the default enclave factory: attach, do not spawn
+        async with serving(settings) as client:
             await _wait_verdict(client, "verified", 30)
             status = (await client.get("/v2/models/digits/integrity")).json()
             assert status["enclave"]["state"] == "up"
@@ -129,15 +121,7 @@ async def test_external_mode_needs_the_pinned_root(integrity_repo: Path, short_d
         enclave_runtime_dir=short_dir,
         enclave_platform_dir=short_dir / "nothing-here",
     )
-    app = create_app(settings)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app),
-            base_url="http://test",
-            headers={"X-API-Key": USER_KEY},
-        ) as client,
-    ):
+    async with serving(settings) as client:
         # integrity could not be set up: fail_closed refuses rather than serve unverified
         r = await client.post("/v2/models/digits/infer", json=EXAMPLE)
         assert r.status_code == 503
