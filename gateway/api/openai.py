@@ -11,7 +11,7 @@ import asyncio
 import itertools
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any, Literal
 
 import orjson
@@ -242,6 +242,26 @@ async def _stream(
     yield b"data: [DONE]\n\n"
 
 
+async def _answer(
+    request: Request,
+    handle: GenerationHandle,
+    stream: bool,
+    chunk: Any,
+    include_usage: bool,
+    final: Callable[[str], dict[str, Any]],
+) -> Response:
+    """SSE chunks when streaming; otherwise wait for the text (499 if the client left) and
+    answer ``final(text)`` with the usage and the request's speculative-decoding counts."""
+    if stream:
+        return _streaming_response(_stream(handle, chunk, include_usage))
+    text = await _result_or_disconnect(request, handle)
+    if text is None:
+        return Response(status_code=499)
+    return json_response(
+        {**final(text), "usage": _usage(handle), "spec_decode": _spec_stats(handle)}
+    )
+
+
 def _streaming_response(gen: AsyncIterator[bytes]) -> StreamingResponse:
     return StreamingResponse(
         gen,
@@ -298,13 +318,13 @@ async def completions(body: CompletionRequest, request: Request, svc: Generation
         return doc
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    if body.stream:
-        return _streaming_response(_stream(handle, chunk, include_usage))
-    text = await _result_or_disconnect(request, handle)
-    if text is None:
-        return Response(status_code=499)
-    return json_response(
-        {
+    return await _answer(
+        request,
+        handle,
+        body.stream,
+        chunk,
+        include_usage,
+        lambda text: {
             "id": rid,
             "object": "text_completion",
             "created": created,
@@ -312,9 +332,7 @@ async def completions(body: CompletionRequest, request: Request, svc: Generation
             "choices": [
                 {"index": 0, "text": text, "logprobs": None, "finish_reason": handle.finish_reason}
             ],
-            "usage": _usage(handle),
-            "spec_decode": _spec_stats(handle),
-        }
+        },
     )
 
 
@@ -365,13 +383,13 @@ async def chat_completions(body: ChatRequest, request: Request, svc: GenerationD
             doc["usage"] = None
         return doc
 
-    if body.stream:
-        return _streaming_response(_stream(handle, chunk, include_usage))
-    text = await _result_or_disconnect(request, handle)
-    if text is None:
-        return Response(status_code=499)
-    return json_response(
-        {
+    return await _answer(
+        request,
+        handle,
+        body.stream,
+        chunk,
+        include_usage,
+        lambda text: {
             "id": rid,
             "object": "chat.completion",
             "created": created,
@@ -384,7 +402,5 @@ async def chat_completions(body: ChatRequest, request: Request, svc: GenerationD
                     "finish_reason": handle.finish_reason,
                 }
             ],
-            "usage": _usage(handle),
-            "spec_decode": _spec_stats(handle),
-        }
+        },
     )
