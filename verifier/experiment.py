@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 
 from gateway.model_config import format_validation_error
 
@@ -117,6 +125,12 @@ class VerifierConfig(_Strict):
     )
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     step: OptimConfig = Field(description="Fine-tuning at each greedy step.")
+    final_step: OptimConfig | None = Field(
+        None,
+        description="After the greedy loop stops: one more fine-tune of the blocks it left "
+        "trainable (e.g. more epochs at a lower learning rate), kept only if fidelity rises by "
+        "more than threshold, like every other step.",
+    )
     kd: KDConfig = Field(
         default_factory=lambda: KDConfig(temperature=5.0, alpha=0.8, beta=0.2),
         description="Fides' GDTL loss: T=5, alpha=0.8, beta=0.2.",
@@ -133,6 +147,15 @@ class VerifierConfig(_Strict):
     freeze_batchnorm: bool = Field(
         True, description="Keep the backbone's batch-norm statistics frozen (as Fides)."
     )
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_final_step(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
+        # final_step came later: left out of the canonical dump while unset, so the config
+        # hashes (and the cached stages) of experiments that do not use it stay what they were
+        out: dict[str, object] = handler(self)
+        if self.final_step is None:
+            out.pop("final_step", None)
+        return out
 
 
 OutputAttackName = Literal["switch", "avg", "random_switch", "targeted_flip", "noise"]

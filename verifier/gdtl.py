@@ -14,7 +14,10 @@ number of unfrozen layers is a manual parameter). Here the loop is real:
    more than ``threshold``, otherwise its weights are discarded and the loop stops; it also
    stops when the fidelity target is reached, when every block is trainable, or when the
    next step would exceed the enclave memory budget (:func:`verifier.flops.memory_estimate`);
-4. candidate sizes are tried smallest-FLOPs first; the first that reaches the target wins.
+4. optionally (``final_step``), the blocks the loop left trainable are fine-tuned once more
+   (e.g. longer, at a lower learning rate); kept only if fidelity rises by more than
+   ``threshold``, like a step;
+5. candidate sizes are tried smallest-FLOPs first; the first that reaches the target wins.
 """
 
 from __future__ import annotations
@@ -296,9 +299,65 @@ def greedy_unfreeze(
         if fid.agreement >= cfg.fidelity_target:
             stop = f"fidelity target {cfg.fidelity_target} reached"
             break
-    _set_trainable(net, max(unfrozen, 0))
+    unfrozen = max(unfrozen, 0)
+    final = cfg.final_step
+    if final is not None and best is not None and best_state is not None:
+        # one more fine-tune of what the loop left trainable (e.g. longer, at a lower lr),
+        # judged by the same rule as every step
+        step = path[-1].step + 1
+        _set_trainable(net, unfrozen)
+        row = dict(
+            candidate=candidate,
+            step=step,
+            unfrozen_blocks=unfrozen,
+            trainable_params=count_parameters(net, trainable_only=True),
+            params=count_parameters(net),
+            flops=flops,
+            memory_mb=round(
+                memory_estimate(net, image_shape, cfg.memory_batch_size, training=True).total_mb,
+                3,
+            ),
+        )
+        seconds = fit(
+            net,
+            train,
+            loss_fn,
+            final,
+            seed=seed + 1000 * candidate + step,
+            augment_cfg=augment_cfg,
+            stage_dir=run_dir / "final" if run_dir is not None else None,
+            progress=progress,
+            label=f"verifier {candidate} final step",
+            frozen_modules=_frozen_modules(net, unfrozen, cfg.freeze_batchnorm),
+        )
+        t0 = time.perf_counter()
+        fid = fidelity(predict_logits(net, val.x), service_val, val.y)
+        gain = fid.agreement - best.agreement
+        accepted = gain > cfg.threshold
+        path.append(
+            StepRecord(
+                **row,
+                fidelity=round(fid.agreement, 5),
+                mean_kl=round(fid.mean_kl, 5),
+                val_accuracy=round(fid.accuracy, 5),
+                wall_s=round(seconds + time.perf_counter() - t0, 2),
+                accepted=accepted,
+                note=f"final step ({final.epochs} epochs, lr {final.lr:g}): gain {gain:+.4f}",
+            )
+        )
+        log(
+            f"verifier {candidate} final step: fidelity {fid.agreement:.2%} "
+            f"(KL {fid.mean_kl:.4f}), {'kept' if accepted else 'discarded'}"
+        )
+        if accepted:
+            best = fid
+            stop += f"; final step kept (gain {gain:+.4f})"
+        else:
+            net.load_state_dict(best_state)
+            stop += f"; final step discarded (gain {gain:+.4f})"
+    _set_trainable(net, unfrozen)
     net.eval()
-    return GreedyResult(net, path, stop, best, {"unfrozen_blocks": max(unfrozen, 0)})
+    return GreedyResult(net, path, stop, best, {"unfrozen_blocks": unfrozen})
 
 
 def select_verifier(

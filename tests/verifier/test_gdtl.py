@@ -137,6 +137,35 @@ def test_path_records_each_step(service: nn.Module) -> None:
     assert "| trainable params | FLOPs |" in table
 
 
+def test_final_step_is_kept_only_when_it_gains(service: nn.Module) -> None:
+    final = OptimConfig(epochs=2, batch_size=32, lr=3e-3)
+    base = run(cfg(threshold=-1.0), service)
+    result = run(cfg(threshold=-1.0, final_step=final), service)
+    # the greedy steps are the same as without it; one more row, on what the loop left trainable
+    assert [r.fidelity for r in result.path[:-1]] == [r.fidelity for r in base.path]
+    last = result.path[-1]
+    assert last.step == base.path[-1].step + 1
+    assert last.unfrozen_blocks == 3
+    assert last.note.startswith("final step (2 epochs, lr 0.003)")
+    assert last.accepted and "final step kept" in result.stop_reason
+    assert result.fidelity is not None
+    assert result.fidelity.agreement == pytest.approx(last.fidelity, abs=1e-5)
+    # a threshold no fine-tune can pass: discarded, the loop's weights are back
+    strict = run(cfg(threshold=0.99, final_step=final), service)
+    assert [r.accepted for r in strict.path] == [True, False, False]
+    assert "final step discarded" in strict.stop_reason
+    assert strict.fidelity is not None
+    assert strict.fidelity.agreement == pytest.approx(strict.path[0].fidelity, abs=1e-5)
+    assert result.net.training is False
+
+
+def test_final_step_unset_keeps_the_config_hash() -> None:
+    c = cfg()
+    assert "final_step" not in c.model_dump(mode="json")
+    with_final = cfg(final_step=OptimConfig(epochs=1))
+    assert with_final.model_dump(mode="json")["final_step"]["epochs"] == 1
+
+
 def test_select_verifier_prefers_the_smallest_and_skips_expensive(service: nn.Module) -> None:
     train, val = tiny_data(), tiny_data(48, 1)
     splits = Splits(train, val, val, 4, list("abcd"), [0.5], [0.3], "test")
