@@ -17,6 +17,7 @@ from gateway.api import integrity as integrity_routes
 from gateway.api import openai as openai_routes
 from gateway.api import repository as repository_routes
 from gateway.api import v2
+from gateway.api.body import BodyLimitMiddleware
 from gateway.api.middleware import RequestContextMiddleware
 from gateway.api.responses import error_response
 from gateway.auth import KeyChecker
@@ -175,5 +176,9 @@ def create_app(
     app.include_router(integrity_routes.router)
     app.include_router(integrity_routes.admin)
     app.include_router(openai_routes.router)
+    # the last added is the outermost: request ids and metrics see the body limits' answers
+    app.add_middleware(
+        BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s
+    )
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     return app

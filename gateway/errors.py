@@ -27,12 +27,6 @@ class Forbidden(GatewayError):
     status, reason = 403, "forbidden"
 
 
-class ClientClosedRequest(GatewayError):
-    """The client went away before its request was read (nginx's 499): not a server error."""
-
-    status, reason = 499, "client_closed"
-
-
 class NotFound(GatewayError):
     status, reason = 404, "not_found"
 

@@ -47,6 +47,18 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         64 * 1024 * 1024, gt=0, description="Largest accepted request body (413 above it)."
     )
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="A connection's request headers must be complete this long after its "
+        "first byte (or after it opened): 408 and closed otherwise (slow-header clients).",
+    )
+    body_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="A request's body must be complete this long after its headers: 408 "
+        "otherwise (slow-body clients).",
+    )
     max_tensor_elements: int = Field(
         16 * 1024 * 1024, gt=0, description="Largest element count of one input tensor."
     )

@@ -9,10 +9,8 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, Request
-from starlette.requests import ClientDisconnect
 
 from gateway.dataplane import DataPlane
-from gateway.errors import ClientClosedRequest, PayloadTooLarge
 from gateway.repository import ModelRepository
 from gateway.settings import Settings
 
@@ -45,22 +43,3 @@ RepositoryDep = Annotated[ModelRepository, Depends(_repository)]
 SettingsDep = Annotated[Settings, Depends(_settings)]
 UserAuth = Depends(require_user)
 AdminAuth = Depends(require_admin)
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing (413) anything over ``limit`` bytes, chunked ones too."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit}")
-    chunks: list[bytes] = []
-    size = 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-            chunks.append(chunk)
-    except ClientDisconnect:
-        # a client that hangs up mid-body is not a server error (was: 500 and a traceback)
-        raise ClientClosedRequest(f"client disconnected after {size} body bytes") from None
-    return b"".join(chunks)

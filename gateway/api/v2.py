@@ -7,7 +7,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
-from gateway.api.deps import DataPlaneDep, UserAuth, read_body
+from gateway.api.deps import DataPlaneDep, UserAuth
 from gateway.api.responses import json_response
 from gateway.codec import HEADER_LENGTH, encode_infer_response, parse_infer_request
 from gateway.dataplane import DataPlane
@@ -127,7 +127,8 @@ async def _infer(name: str, version: str | None, request: Request) -> Response:
     settings: Settings = request.app.state.settings
     # Look the model up before reading a possibly large body.
     dp.repository.get(name, version)
-    body = await read_body(request, settings.max_body_bytes)
+    # size, read deadline and hang-up are checked as it arrives (gateway/api/body.py)
+    body = await request.body()
     body = _decompress(body, request.headers.get("content-encoding"), settings.max_body_bytes)
     header_len = request.headers.get(HEADER_LENGTH.lower())
     if header_len is not None and not _is_ascii_digits(header_len.strip()):

@@ -7,7 +7,8 @@ for a new nonce, replayed attestation document, stripped evidence, wrong root / 
 simulation); the API fuzzing in test_fuzz_api.py checks every operation without a key and
 every admin operation with a user key. Here: keys (missing, wrong, malformed, and the time a
 wrong key takes whatever it shares with the right one), admin routes with a user key, path
-traversal and odd Unicode in model names, huge headers, slow and aborted bodies.
+traversal and odd Unicode in model names, huge headers, slow headers, slow, oversized and
+aborted bodies (on /v2 and on /v1, whose bodies FastAPI parses).
 """
 
 from __future__ import annotations
@@ -32,13 +33,19 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
 USER = {"Authorization": f"Bearer {USER_KEY}"}
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+# short read deadlines, so that the slow-client tests wait seconds, not the defaults (10 s, 30 s)
+HEADER_TIMEOUT_S, BODY_TIMEOUT_S = 2.0, 5.0
+TIMEOUTS = {
+    "FIDES_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S),
+    "FIDES_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S),
+}
 BODY = {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
 
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     base = tmp_path_factory.mktemp("security")
-    with running_gateway(make_repository(base / "repo"), base / "logs") as gw:
+    with running_gateway(make_repository(base / "repo"), base / "logs", env=TIMEOUTS) as gw:
         yield gw
 
 
@@ -280,4 +287,159 @@ def test_slow_and_aborted_bodies_do_not_hold_up_others(gw: GatewayProcess) -> No
         assert time.monotonic() < deadline, f"no 499s counted: {closed}"
         time.sleep(0.2)
     assert 'status="500"' not in metrics
+    assert "unhandled error" not in gw.log()
+
+
+def http_status_and_body(raw: bytes) -> tuple[int, dict[str, object]]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    return status, json.loads(body)
+
+
+def status_count(gw: GatewayProcess, status: int, route: str) -> float:
+    metrics = httpx.get(f"{gw.base_url}/metrics", timeout=10).text
+    return sum(
+        float(line.split()[-1])
+        for line in metrics.splitlines()
+        if line.startswith("fides_http_requests_total")
+        and f'status="{status}"' in line
+        and f'route="{route}"' in line
+    )
+
+
+def wait_for_count(gw: GatewayProcess, status: int, route: str, at_least: float) -> None:
+    deadline = time.monotonic() + 10
+    while status_count(gw, status, route) < at_least:
+        assert time.monotonic() < deadline, f"{status} on {route} not counted"
+        time.sleep(0.2)
+
+
+# -- slow headers -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("trickle", [False, True], ids=["silent connection", "one header a second"])
+def test_slow_headers_get_408_and_the_connection_is_closed(
+    gw: GatewayProcess, trickle: bool
+) -> None:
+    """uvicorn has no deadline for request headers (slowloris); `fides serve` answers 408 and
+    closes the connection when they are not complete FIDES_HEADER_TIMEOUT_S after it opened,
+    however steadily the client trickles."""
+    with socket.create_connection((gw.host, gw.port), timeout=10) as s:
+        t0 = time.monotonic()
+        if trickle:
+            s.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n")
+            s.settimeout(1.0)
+        out = b""
+        while time.monotonic() - t0 < 10:
+            try:
+                chunk = s.recv(65536)
+            except TimeoutError:
+                s.sendall(b"X-Slow: 1\r\n")  # never the blank line that ends the head
+                continue
+            if not chunk:
+                break  # closed by the server
+            out += chunk
+        waited = time.monotonic() - t0
+    status, body = http_status_and_body(out)
+    assert status == 408
+    assert "request headers not complete within 2 s" in str(body["error"])
+    assert HEADER_TIMEOUT_S - 0.1 < waited < HEADER_TIMEOUT_S + 3, waited
+    still_serving(gw)
+
+
+def test_a_keep_alive_connection_gets_a_fresh_header_deadline_per_request(
+    gw: GatewayProcess,
+) -> None:
+    """The deadline is per request head, not per connection: a keep-alive connection that
+    sends complete requests for longer than the header timeout is served throughout."""
+    conn = http.client.HTTPConnection(gw.host, gw.port, timeout=10)
+    try:
+        conn.connect()
+        local = conn.sock.getsockname()
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < HEADER_TIMEOUT_S * 2:
+            conn.request("GET", "/v2/health/live")
+            response = conn.getresponse()
+            response.read()
+            assert response.status == 200
+            assert conn.sock.getsockname() == local  # the same connection throughout
+            time.sleep(0.5)
+    finally:
+        conn.close()
+
+
+# -- slow, oversized and aborted bodies on /v2 and /v1 -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "error_key"),
+    [("/v2/models/tiny/infer", "error"), ("/v1/completions", "error")],
+    ids=["v2", "v1"],
+)
+def test_a_body_slower_than_the_deadline_gets_408(
+    gw: GatewayProcess, path: str, error_key: str
+) -> None:
+    """A client that trickles its body gets 408 FIDES_BODY_TIMEOUT_S after its headers, in the
+    route's error format (the gateway's on /v2, OpenAI's on /v1), and the connection is
+    closed (the rest of the body is never read)."""
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {USER_KEY}\r\n"
+        "Content-Type: application/json\r\nContent-Length: 10000\r\n\r\n"
+    ).encode()
+    with socket.create_connection((gw.host, gw.port), timeout=10) as s:
+        t0 = time.monotonic()
+        s.sendall(head + b"{")
+        s.settimeout(1.0)
+        out = b""
+        while time.monotonic() - t0 < 15:
+            try:
+                chunk = s.recv(65536)
+            except TimeoutError:
+                s.sendall(b" ")
+                continue
+            if not chunk:
+                break
+            out += chunk
+        waited = time.monotonic() - t0
+    status, body = http_status_and_body(out)
+    assert status == 408
+    message = body[error_key]
+    if path.startswith("/v1"):
+        assert isinstance(message, dict)
+        message = message["message"]
+    assert "request body not complete within 5 s" in str(message)
+    assert BODY_TIMEOUT_S - 0.1 < waited < BODY_TIMEOUT_S + 3, waited
+    still_serving(gw)
+
+
+@pytest.mark.parametrize("path", ["/v2/models/tiny/infer", "/v1/completions"], ids=["v2", "v1"])
+def test_an_oversized_body_is_413_before_it_is_read(gw: GatewayProcess, path: str) -> None:
+    """A declared length over FIDES_MAX_BODY_BYTES (64 MiB) is refused without reading the
+    body, on /v1 too (FastAPI reads it whole otherwise)."""
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {USER_KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {1 << 30}\r\n\r\n"
+    ).encode()
+    status, body = http_status_and_body(raw_request(gw, head + b"{"))
+    assert status == 413
+    assert "exceeds the limit" in json.dumps(body)
+    still_serving(gw)
+
+
+def test_a_v1_client_gone_mid_body_is_499_not_400(gw: GatewayProcess) -> None:
+    """FastAPI's body parser turned a hang-up into "400 There was an error parsing the body";
+    now it is a 499 like on /v2, and nothing is logged as an error of the server's."""
+    before = status_count(gw, 499, "/v1/completions")
+    bad_before = status_count(gw, 400, "/v1/completions")
+    head = (
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+        f"Authorization: Bearer {USER_KEY}\r\nContent-Type: application/json\r\n"
+        "Content-Length: 1000\r\n\r\n"
+    ).encode()
+    for _ in range(3):
+        with socket.create_connection((gw.host, gw.port), timeout=10) as s:
+            s.sendall(head + b'{"model": "x", "prompt": "')
+            time.sleep(0.2)
+    wait_for_count(gw, 499, "/v1/completions", before + 3)
+    assert status_count(gw, 400, "/v1/completions") == bad_before
     assert "unhandled error" not in gw.log()
