@@ -14,6 +14,7 @@ import numpy as np
 from gateway import __version__
 from gateway.codec import InferRequest, InferResponse, OutputTensor
 from gateway.errors import BadRequest, GatewayError, Unavailable
+from gateway.integrity.pipeline import UnavailableIntegrity
 from gateway.integrity.service import IntegrityService
 from gateway.metrics import GatewayMetrics
 from gateway.repository import ModelRepository, ModelVersion
@@ -38,7 +39,21 @@ class DataPlane:
     # -- health and metadata --------------------------------------------------------------------
 
     def ready(self) -> tuple[bool, list[str]]:
-        return self.repository.ready()
+        """Ready when every model serves; else what does not (a name, or a name and why)."""
+        ok, missing = self.repository.ready()
+        for name in self.repository.loaded_names():
+            if (error := self.integrity_setup_error(name)) is not None:
+                missing.append(f"{name} ({error})")
+        return not missing, missing
+
+    def integrity_setup_error(self, name: str) -> str | None:
+        """Why ``name`` cannot answer at all: its integrity block could not be set up and its
+        policy is fail_closed (it refuses every request). None otherwise; under fail_open
+        it serves, marked unverified. A restarting enclave is transient and not counted."""
+        pipe = None if self.integrity is None else self.integrity.get(name)
+        if isinstance(pipe, UnavailableIntegrity) and pipe.cfg.failure_policy == "fail_closed":
+            return f"integrity could not be set up: {pipe.error}"
+        return None
 
     def server_metadata(self) -> dict[str, Any]:
         return {"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS}
@@ -65,7 +80,7 @@ class DataPlane:
             mv = self.repository.get(name, version)
         except Unavailable:
             return False
-        return not mv.batcher.closed
+        return not mv.batcher.closed and self.integrity_setup_error(name) is None
 
     # -- inference ------------------------------------------------------------------------------
 

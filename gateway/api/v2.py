@@ -92,22 +92,22 @@ async def model_version_metadata(name: str, version: str, dp: DataPlaneDep) -> d
     return dp.model_metadata(name, version)
 
 
-def _ready_response(name: str, ok: bool) -> Response:
+def _ready_response(name: str, ok: bool, dp: DataPlane) -> Response:
     if ok:
         return json_response({"name": name, "ready": True})
-    return json_response(
-        {"name": name, "ready": False, "error": f"model '{name}' is not ready"}, status_code=503
-    )
+    why = dp.integrity_setup_error(name)
+    error = f"model '{name}' is not ready" + (f": {why}" if why else "")
+    return json_response({"name": name, "ready": False, "error": error}, status_code=503)
 
 
 @router.get("/models/{name}/ready")
 async def model_ready(name: str, dp: DataPlaneDep) -> Response:
-    return _ready_response(name, dp.model_ready(name, None))
+    return _ready_response(name, dp.model_ready(name, None), dp)
 
 
 @router.get("/models/{name}/versions/{version}/ready")
 async def model_version_ready(name: str, version: str, dp: DataPlaneDep) -> Response:
-    return _ready_response(name, dp.model_ready(name, version))
+    return _ready_response(name, dp.model_ready(name, version), dp)
 
 
 # The inference routes take the data plane and settings from app.state rather than through

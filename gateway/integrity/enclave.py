@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +62,19 @@ def verifier_file(repository: Path, name: str) -> Path:
     return path
 
 
+def _write_whole(path: Path, data: bytes) -> None:
+    """Write all of ``data`` or nothing (a full disk leaves no torn file behind), and name
+    the file in the error: a failed write's ``OSError`` does not ("[Errno 28] No space left
+    on device" alone, tests/reliability/test_faults.py)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise IntegritySetupError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
 def enclave_for_model(
     model: str, cfg: EnclaveConfig, repository: Path, settings: Settings
 ) -> tuple[EnclaveSupervisor, str]:
@@ -97,7 +111,7 @@ def enclave_for_model(
     else:
         data, _, version = seal(onnx_bytes, vcfg, platform)
         sealed = runtime / f"{model}.sealed"
-        sealed.write_bytes(data)
+        _write_whole(sealed, data)
         log.info("sealed %s's verifier (version %d) for this platform", model, version)
     measurement = cfg.measurement or measure(onnx_bytes, vcfg).pcr0.hex()
     launch = EnclaveLaunch(

@@ -11,8 +11,8 @@ reload under load (tests/e2e/test_hot_reload.py) and SIGTERM with requests in th
 
 Added here: a hung enclave under fail_closed and the timeout's timing under both policies; the
 upstream slow, erroring, refusing and recovering (retries, timeouts, circuit breaker half-open
-and closed again); unreadable model files at start in the real process; SIGTERM under a steady
-open-loop load in the real process.
+and closed again); unreadable model files and a full disk at start in the real process;
+SIGTERM under a steady open-loop load in the real process.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -230,16 +230,23 @@ async def test_upstream_slow_erroring_refusing_then_recovering(rig: UpstreamRig)
 
 
 @contextlib.contextmanager
-def started(repo: Path, workdir: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
-    """The real gateway, waited for until live (it is not expected to be ready)."""
+def started(
+    repo: Path,
+    workdir: Path,
+    *,
+    prefix: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
+    """The real gateway, waited for until live (it is not expected to be ready). ``prefix``
+    runs it under another command that ends by exec-ing it (so the pid stays the server's)."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log_path = workdir / "server.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port)],
+            [*prefix, sys.executable, "-m", "gateway.cli", "serve", "--port", str(port)],
             cwd=REPO_ROOT,
-            env=_server_env(repo),
+            env={**_server_env(repo), **(env or {})},
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -289,6 +296,77 @@ def test_unreadable_model_files_at_start_are_a_clear_error_and_not_ready(
         log = log_path.read_text(errors="replace")
         assert "model dir_model failed to load" in log
         assert "model latin1 failed to load" in log
+
+
+# -- a full disk at start (the real process) ------------------------------------------------
+
+
+def full_tmpfs_over(path: Path) -> list[str]:
+    """A command prefix that runs the rest in a private mount namespace (an unprivileged user
+    namespace: no root needed) where ``path`` is a 256 KiB tmpfs filled to the last block.
+    Skips the test, saying why, where the kernel or the container forbids user namespaces."""
+    script = (
+        'mount -t tmpfs -o size=256k fides-full "$1" || exit 97; '
+        'dd if=/dev/zero of="$1/fill" bs=4k 2>/dev/null; shift; exec "$@"'
+    )
+    prefix = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, "sh"]
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare(1) (util-linux) to mount a small tmpfs")
+    probe = subprocess.run(
+        [*prefix, str(path), "sh", "-c", '[ "$(df --output=avail "$0" | tail -1)" -eq 0 ]', path],
+        capture_output=True,
+        text=True,
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a full tmpfs in a user namespace here: {probe.stderr.strip()}")
+    return [*prefix, str(path)]
+
+
+@pytest.mark.e2e
+def test_a_full_disk_at_start_is_a_clear_error_and_not_ready(
+    integrity_repo: Path, tmp_path: Path
+) -> None:
+    """The enclave runtime dir (where the gateway seals the verifier at start) is on a full
+    filesystem: the process is live, not ready, and says why and where; the model with the
+    integrity block refuses (fail_closed) instead of serving unverified; the other models
+    serve; no torn sealed file is left behind."""
+    runtime = tmp_path / "enclave-run"
+    runtime.mkdir()
+    env = {
+        "FIDES_ENCLAVE_PLATFORM_DIR": str(tmp_path / "platform"),
+        "FIDES_ENCLAVE_RUNTIME_DIR": str(runtime),
+        "FIDES_ENCLAVE_INIT_PLATFORM": "1",
+        "FIDES_ENCLAVE_ALLOW_SIMULATED": "1",
+    }
+    sealed = runtime / "digits.sealed"
+    with started(integrity_repo, tmp_path / "logs", prefix=full_tmpfs_over(runtime), env=env) as (
+        proc,
+        base,
+        log_path,
+    ):
+        r = httpx.get(f"{base}/v2/health/ready", timeout=5)
+        assert r.status_code == 503, r.text
+        error = r.json()["error"]
+        assert "digits" in error
+        assert f"cannot write {sealed}" in error
+        assert "No space left on device" in error
+        r = httpx.get(f"{base}/v2/models/digits/ready", headers=USER, timeout=5)
+        assert r.status_code == 503
+        assert "No space left on device" in r.json()["error"]
+        r = httpx.post(f"{base}/v2/models/digits/infer", json=EXAMPLE, headers=USER, timeout=5)
+        assert r.status_code == 503, r.text
+        assert "cannot be verified" in r.json()["error"]
+        assert "integrity_verdict" not in r.text
+        # a model without an integrity block serves meanwhile
+        r = httpx.post(f"{base}/v2/models/digits_lite/infer", json=EXAMPLE, headers=USER, timeout=5)
+        assert r.status_code == 200, r.text
+        r = httpx.get(f"{base}/v2/models/digits_lite/ready", headers=USER, timeout=5)
+        assert r.status_code == 200
+        # the tmpfs is private to the server's mount namespace: look through its /proc
+        seen = sorted(p.name for p in Path(f"/proc/{proc.pid}/root{runtime}").iterdir())
+        assert seen == ["fill"], seen  # no digits.sealed, no .digits.sealed.<pid> left
+        log = log_path.read_text(errors="replace")
+        assert f"integrity for digits cannot be set up: cannot write {sealed}" in log
 
 
 # -- SIGTERM under load (the real process) --------------------------------------------------
