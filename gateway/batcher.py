@@ -103,17 +103,21 @@ class DynamicBatcher:
     def start(self) -> None:
         self._scheduler = asyncio.get_running_loop().create_task(self._schedule())
 
+    def check_queue(self) -> None:
+        """QueueFull if a request submitted now would be refused for a full queue."""
+        if len(self._queue) >= self.policy.max_queue_size:
+            raise QueueFull(
+                f"model '{self.runtime.name}' queue is full "
+                f"({self.policy.max_queue_size} requests waiting); retry later"
+            )
+
     async def submit(self, inputs: Tensors, deadline: float) -> Tensors:
         """Queue one request and wait for its outputs (raises QueueFull / RequestTimeout)."""
         if self._closing:
             raise Unavailable(
                 f"model '{self.runtime.name}' version {self.runtime.version} is being unloaded"
             )
-        if len(self._queue) >= self.policy.max_queue_size:
-            raise QueueFull(
-                f"model '{self.runtime.name}' queue is full "
-                f"({self.policy.max_queue_size} requests waiting); retry later"
-            )
+        self.check_queue()
         batch = next(iter(inputs.values())).shape[0] if self.batched else 1
         loop = asyncio.get_running_loop()
         now = self._clock()

@@ -125,8 +125,8 @@ async def infer_version(name: str, version: str, request: Request) -> Response:
 async def _infer(name: str, version: str | None, request: Request) -> Response:
     dp: DataPlane = request.app.state.dataplane
     settings: Settings = request.app.state.settings
-    # Look the model up before reading a possibly large body.
-    dp.repository.get(name, version)
+    # Unknown model or full queue: refuse before reading a possibly large body.
+    dp.admit(name, version)
     # size, read deadline and hang-up are checked as it arrives (gateway/api/body.py)
     body = await request.body()
     body = _decompress(body, request.headers.get("content-encoding"), settings.max_body_bytes)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -505,3 +506,26 @@ async def test_queue_full_sheds_with_503(client: httpx.AsyncClient, repo_path: P
     shed = next(r for r in results if r.status_code == 503)
     assert shed.headers["retry-after"] == "1"
     assert "queue is full" in shed.json()["error"]
+
+    # with the queue full, a request is refused before its body is read (the body here
+    # never completes: without the early refusal this would wait for it)
+    async def stalled_body() -> AsyncIterator[bytes]:
+        yield b'{"inputs": ['
+        await asyncio.sleep(30)
+
+    waiting = [
+        asyncio.create_task(client.post("/v2/models/small_queue/infer", json=_infer_body()))
+        for _ in range(2)
+    ]
+    await asyncio.sleep(0.05)  # both queued, waiting out the 300 ms batching delay
+    r = await asyncio.wait_for(
+        client.post("/v2/models/small_queue/infer", content=stalled_body()), timeout=5
+    )
+    assert r.status_code == 503
+    assert "queue is full" in r.json()["error"]
+    assert [t.status_code for t in await asyncio.gather(*waiting)] == [200, 200]
+    text = (await client.get("/metrics")).text
+    assert (
+        'fides_inference_failures_total{model="small_queue",reason="queue_full",version="1"} 4.0'
+        in text
+    )
