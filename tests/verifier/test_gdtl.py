@@ -147,7 +147,8 @@ def test_final_step_is_kept_only_when_it_gains(service: nn.Module) -> None:
     assert last.step == base.path[-1].step + 1
     assert last.unfrozen_blocks == 3
     assert last.note.startswith("final step (2 epochs, lr 0.003)")
-    assert last.accepted and "final step kept" in result.stop_reason
+    assert last.accepted
+    assert "final step kept" in result.stop_reason
     assert result.fidelity is not None
     assert result.fidelity.agreement == pytest.approx(last.fidelity, abs=1e-5)
     # a threshold no fine-tune can pass: discarded, the loop's weights are back
