@@ -230,11 +230,14 @@ class DetectorConfig(_Strict):
     target_fpr: float = Field(0.01, gt=0, lt=0.5, description="Clean false-positive target.")
     window_size: int = Field(100, ge=5, description="Requests per substitution-test window.")
     window_alpha: float = Field(
-        0.005,
+        0.001,
         gt=0,
         lt=0.5,
-        description="Window test level (half the 1% false-alarm goal: the clean reference is "
-        "a finite sample, which adds its own variance).",
+        description="Window test level, fixed a priori: the gateway tests its sliding window "
+        "of 100 every 10 requests, so 10 tests cover each 100 requests; 1% / 10 keeps the "
+        "false alarms per 100 requests <= 1% (union bound), and leaves room for the finite "
+        "clean reference (simulated with 2,000 reference scores: 97.7% of references give "
+        "<= 0.3% false alarms per window, against 1.3% at level 0.005).",
     )
     windows: int = Field(400, ge=10, description="Windows drawn per condition in evaluation.")
     gan: GanConfig = Field(default_factory=GanConfig)
