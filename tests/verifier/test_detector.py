@@ -52,6 +52,33 @@ def test_window_test_false_alarms_and_power() -> None:
     assert np.mean([r.statistic for r in shifted]) > 0.6  # P(window > clean) above 0.5
 
 
+def test_default_window_level_keeps_clean_false_alarms_low_for_almost_every_reference() -> None:
+    """The evaluation (and a gateway) tests windows against one fixed clean reference, so the
+    false-alarm rate it sees is conditional on that reference: spread around the level. At the
+    default level (0.001) it stays far below the 1% goal; at the old 0.005 some references
+    pass 1%."""
+    from scipy import stats
+
+    from verifier.experiment import DetectorConfig
+
+    alpha = DetectorConfig().window_alpha
+    assert alpha == 0.001
+    rng = np.random.default_rng(3)
+    rates: dict[float, list[float]] = {alpha: [], 0.005: []}
+    for _ in range(20):  # 20 references of 2,000 clean scores, 2,000 clean windows each
+        reference = rng.normal(size=(1, 2000))
+        windows = rng.normal(size=(2000, 100))
+        pvalues = stats.mannwhitneyu(windows, reference, alternative="greater", axis=1).pvalue
+        for level, seen in rates.items():
+            seen.append(float((pvalues < level).mean()))
+    assert np.mean(rates[alpha]) <= 0.002
+    assert max(rates[alpha]) < 0.01
+    assert max(rates[0.005]) > 0.01  # this seed: 1.5%, against 0.4% at the default
+    # the same p-values as the shared test the gateway runs
+    r = window_test(windows[0], reference[0], alpha)
+    assert r.p_value == pytest.approx(pvalues[0])
+
+
 def _pairs(n: int = 64, c: int = 5) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(2)
     p = rng.dirichlet(np.ones(c), size=n).astype(np.float32)
