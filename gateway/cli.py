@@ -32,7 +32,7 @@ def serve(
     import uvicorn
 
     from gateway.app import create_app
-    from gateway.http_protocol import h11_with_header_timeout
+    from gateway.http_protocol import limited_http_protocol
     from gateway.logs import configure_logging
     from gateway.settings import Settings
 
@@ -76,9 +76,8 @@ def serve(
         log_config=None,
         timeout_graceful_shutdown=int(settings.shutdown_grace_s),
         timeout_keep_alive=15,
-        # h11 (only it caps the header block) with a deadline for the headers
-        http=h11_with_header_timeout(settings.header_timeout_s),
-        h11_max_incomplete_event_size=64 * 1024,  # caps the header block
+        # httptools with a 64 KiB cap on the request head and a deadline for it
+        http=limited_http_protocol(settings.header_timeout_s),
         limit_concurrency=2048,
     )
 

@@ -1,16 +1,18 @@
-"""uvicorn's h11 protocol with a deadline for a request's headers (slow-header clients).
+"""uvicorn's httptools protocol with the two limits it lacks: header size and header time.
 
-uvicorn times out idle keep-alive connections, but not a connection that is sending its
-request headers: a client that opens a socket and trickles a header byte every few seconds
-(slowloris) holds it forever, and enough of them exhaust ``limit_concurrency``. Here the
-headers of a request must be complete within ``header_timeout_s`` of the connection opening
-or of the request's first byte; otherwise the server answers 408 and closes the connection,
-as nginx's ``client_header_timeout`` and Apache's ``RequestReadTimeout`` do. The body has its
-own deadline in :mod:`gateway.api.body`.
+- **Size.** uvicorn's httptools protocol has no limit on a request's head (a 20 MB header was
+  accepted; tests/reliability/test_security.py). Here the request line plus headers may hold
+  ``max_head_bytes``; beyond it the server answers 431 and closes the connection. Complete
+  headers are counted as the parser hands them over; a head still arriving is counted from
+  the raw bytes, so one huge header is refused while it streams in, not after it is buffered.
+- **Time.** uvicorn times out idle keep-alive connections, but not a connection that is sending
+  its request head: a client that trickles a header byte every few seconds (slowloris) holds it
+  for ever. Here the head must be complete ``header_timeout_s`` after the connection opened or
+  the request's first byte; otherwise 408 and the connection is closed, as nginx's
+  ``client_header_timeout`` does. The body has its own deadline in :mod:`gateway.api.body`.
 
-h11, not httptools: only h11 enforces a size limit on the header block
-(``h11_max_incomplete_event_size``; httptools accepted a 20 MB header, see
-tests/reliability/test_security.py).
+The h11 protocol enforces a head size limit of its own, but it cost 20% of a small request's
+throughput (measured side by side, docs/reliability.md), so the limits live here instead.
 """
 
 from __future__ import annotations
@@ -18,31 +20,86 @@ from __future__ import annotations
 import asyncio
 import json
 
-import h11
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-__all__ = ["HeaderTimeoutH11Protocol", "h11_with_header_timeout"]
+__all__ = ["LimitedHttpToolsProtocol", "limited_http_protocol"]
 
 
-class HeaderTimeoutH11Protocol(H11Protocol):
+class _HeadTooLarge(Exception):
+    """Raised from a parser callback: httptools stops parsing and uvicorn answers 400, which
+    :meth:`LimitedHttpToolsProtocol.send_400_response` turns into the 431 it is."""
+
+
+class LimitedHttpToolsProtocol(HttpToolsProtocol):
     header_timeout_s: float = 10.0
+    max_head_bytes: int = 64 * 1024
+
     _header_timer: asyncio.TimerHandle | None = None
+    _in_head = True  # waiting for (the rest of) a request head
+    _head_bytes = 0  # head bytes the parser handed over (request line, complete headers)
+    _raw_head_bytes = 0  # raw bytes of a head still incomplete after whole reads
+    _begun_in_read = False
+    _refused: tuple[int, str] | None = None
+
+    # -- connection -----------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._arm_header_timer()  # a connection that opens and sends nothing counts too
 
-    def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        if self.conn.their_state is h11.IDLE:
-            # bytes of the next request's head, but not all of it yet
-            self._arm_header_timer()
-        else:
-            self._cancel_header_timer()
-
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()
         super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self._begun_in_read = False
+        super().data_received(data)
+        if not self._in_head or self.transport.is_closing():
+            return
+        # the head is still incomplete: every byte of this read belongs to it, unless the
+        # request began inside this read (then the split is unknown and the read not counted:
+        # the bound is one read above the limit, never a false refusal)
+        if self._begun_in_read:
+            self._raw_head_bytes = 0
+        else:
+            self._raw_head_bytes += len(data)
+        if self._raw_head_bytes > self.max_head_bytes:
+            self._refuse(431, f"request head exceeds {self.max_head_bytes} bytes")
+
+    # -- parser callbacks -----------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_head, self._begun_in_read = True, True
+        self._head_bytes = self._raw_head_bytes = 0
+        self._arm_header_timer()
+
+    def on_url(self, url: bytes) -> None:
+        super().on_url(url)
+        self._count(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        super().on_header(name, value)
+        self._count(len(name) + len(value) + 4)  # ": " and CRLF
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._cancel_header_timer()
+        super().on_headers_complete()
+
+    def _count(self, n: int) -> None:
+        self._head_bytes += n
+        if self._head_bytes > self.max_head_bytes:
+            self._refused = (431, f"request head exceeds {self.max_head_bytes} bytes")
+            raise _HeadTooLarge
+
+    def send_400_response(self, msg: str) -> None:
+        if self._refused is not None:  # our own callback stopped the parser
+            self._refuse(*self._refused)
+        else:
+            super().send_400_response(msg)
+
+    # -- refusing -------------------------------------------------------------------------------
 
     def _arm_header_timer(self) -> None:
         if self._header_timer is None:
@@ -53,23 +110,38 @@ class HeaderTimeoutH11Protocol(H11Protocol):
             self._header_timer.cancel()
             self._header_timer = None
 
+    def _responding(self) -> bool:
+        return self.cycle is not None and not self.cycle.response_complete
+
     def _header_timeout(self) -> None:
         self._header_timer = None
-        if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+        if not self._in_head or self.transport.is_closing():
             return
-        # written by hand: h11 has no request to answer yet, so it would refuse a Response
-        body = json.dumps(
-            {"error": f"request headers not complete within {self.header_timeout_s:g} s"}
-        ).encode()
+        if self._responding():  # a pipelined head behind a response still being sent
+            self._arm_header_timer()
+            return
+        self._refuse(408, f"request headers not complete within {self.header_timeout_s:g} s")
+
+    def _refuse(self, status: int, message: str) -> None:
+        self._cancel_header_timer()
+        if self._responding():  # no answer can go between the bytes of another
+            self.transport.close()
+            return
+        reason = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}[status]
+        body = json.dumps({"error": message}).encode()
         self.transport.write(
-            b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
-            b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+            b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\nconnection: close\r\n"
+            b"content-length: %d\r\n\r\n%s" % (status, reason, len(body), body)
         )
         self.transport.close()
 
 
-def h11_with_header_timeout(timeout_s: float) -> type[HeaderTimeoutH11Protocol]:
-    """The protocol class for ``uvicorn.run(http=...)`` with this header deadline."""
+def limited_http_protocol(
+    header_timeout_s: float, max_head_bytes: int = 64 * 1024
+) -> type[LimitedHttpToolsProtocol]:
+    """The protocol class for ``uvicorn.run(http=...)`` with these limits."""
     return type(
-        "HeaderTimeoutH11Protocol", (HeaderTimeoutH11Protocol,), {"header_timeout_s": timeout_s}
+        "LimitedHttpToolsProtocol",
+        (LimitedHttpToolsProtocol,),
+        {"header_timeout_s": header_timeout_s, "max_head_bytes": max_head_bytes},
     )

@@ -235,11 +235,32 @@ def test_hostile_model_names_are_refused(gw: GatewayProcess, name: str) -> None:
     ids=["one 200 KB header", "20,000 headers", "a 1 MB key"],
 )
 def test_huge_headers_are_refused_before_the_app(gw: GatewayProcess, headers: bytes) -> None:
-    """`fides serve` caps the header block at 64 KB (uvicorn's h11 protocol; httptools
-    has no such limit and took a 20 MB header)."""
+    """`fides serve` caps the request head at 64 KiB (gateway/http_protocol.py; uvicorn's
+    httptools protocol alone took a 20 MB header): 431, and the connection is closed."""
     out = raw_request(gw, b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n")
-    assert out.startswith(b"HTTP/1.1 4"), out[:200]
+    status, body = http_status_and_body(out)
+    assert status == 431
+    assert body == {"error": "request head exceeds 65536 bytes"}
     still_serving(gw)
+
+
+def test_heads_under_the_cap_and_large_pipelined_bodies_are_served(gw: GatewayProcess) -> None:
+    """No false refusals: a 60 KB head is served, and so are two pipelined requests in one
+    write, the first with a 600 KB body (the second head then starts inside a read that
+    mostly holds the first one's body)."""
+    big_head = b"".join(b"X-Pad-%d: %s\r\n" % (i, b"v" * 100) for i in range(500))
+    out = raw_request(
+        gw, b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + big_head + b"\r\n"
+    )
+    assert out.startswith(b"HTTP/1.1 200"), out[:200]
+    body = json.dumps(BODY).encode() + b" " * 600_000
+    first = (
+        f"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {USER_KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    second = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    out = raw_request(gw, first + second)
+    assert out.count(b"HTTP/1.1 200 OK") == 2, out[:400]
 
 
 # -- slow and aborted bodies --------------------------------------------------------------------
