@@ -121,6 +121,9 @@ class ModelRepository:
         self._states: dict[str, ModelState] = {}
         self._wanted: set[str] = set()  # models that should be serving (for readiness)
         self._lock = asyncio.Lock()
+        # run on a model's new config before any of it loads; a check raises ModelLoadError
+        # to refuse the load (the old versions keep serving)
+        self.load_checks: list[Callable[[str, ModelConfig], None]] = []
 
     # -- queries --------------------------------------------------------------------------------
 
@@ -270,6 +273,8 @@ class ModelRepository:
             versions = cfg.version_policy.select(_versions_on_disk(path))
         except ConfigError as exc:
             raise ModelLoadError(f"model '{name}': {exc}") from exc
+        for check in self.load_checks:
+            check(name, cfg)
         if not versions:
             raise ModelLoadError(f"model '{name}': no version directories (1, 2, ...) in {path}")
         cls = runtime_class(cfg.platform)

@@ -7,11 +7,11 @@ import logging
 from collections.abc import Callable
 
 from gateway.enclave_client import EnclaveClient, EnclaveSupervisor
-from gateway.errors import GatewayError, NotFound
+from gateway.errors import GatewayError, ModelLoadError, NotFound
 from gateway.integrity.enclave import enclave_for_model
 from gateway.integrity.metrics import IntegrityMetrics
 from gateway.integrity.pipeline import IntegrityPipeline, UnavailableIntegrity
-from gateway.model_config import EnclaveConfig
+from gateway.model_config import EnclaveConfig, ModelConfig
 from gateway.repository import ModelRepository
 from gateway.settings import Settings
 
@@ -60,6 +60,31 @@ class IntegrityService:
             if isinstance(enclave, EnclaveSupervisor):
                 starts.append(self._start(name, enclave))
         await asyncio.gather(*starts)
+        self.repository.load_checks.append(self._check_load)
+
+    def _check_load(self, name: str, cfg: ModelConfig) -> None:
+        """Refuse a hot (re)load that adds, removes or changes an ``integrity:`` block.
+
+        Integrity is set up at start (the enclave spawned, the verifier sealed, attested);
+        a reload that changed the block would otherwise be ignored silently: a model that
+        gains one served unverified answers as if nothing were asked, one that loses it kept
+        being verified, a new threshold or policy not applied. A clear 400 instead, and the
+        versions that serve keep serving; a restart applies the change."""
+        pipe = self.pipelines.get(name)
+        current = None if pipe is None else pipe.cfg
+        if cfg.integrity == current:
+            return
+        change = (
+            "adds an integrity block"
+            if current is None
+            else "removes its integrity block"
+            if cfg.integrity is None
+            else "changes its integrity block"
+        )
+        raise ModelLoadError(
+            f"model '{name}': the new config {change}; integrity is set up when the gateway "
+            "starts (enclave, sealed verifier, attestation): restart the gateway to apply it"
+        )
 
     async def _start(self, name: str, enclave: EnclaveSupervisor) -> None:
         try:

@@ -11,6 +11,7 @@ import cbor2
 import httpx
 import numpy as np
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from enclave_sim.attestation import check_verification, verify_attestation
@@ -257,3 +258,34 @@ async def test_attestation_handshake(integrity_repo: Path) -> None:
             nonce=nonce,
         )
         assert attested.measurement == fake.measurement.pcr0
+
+
+async def test_a_hot_reload_that_changes_the_integrity_block_is_refused(
+    integrity_repo: Path,
+) -> None:
+    """Integrity is set up at start (enclave, sealed verifier, attestation). A reload that
+    changed the block was ignored silently: a new threshold or policy not applied, a model
+    that gained a block served unverified. Now such a reload is a 400 naming the change, and
+    the versions that serve keep serving, verified; a reload that leaves it alone works."""
+    load = "/v2/repository/models/{}/load"
+    async with integrity_gateway(integrity_repo) as (client, _):
+        r = await client.post(load.format("digits"), headers=ADMIN)
+        assert r.status_code == 200, r.text  # unchanged block: reloads
+        set_integrity(integrity_repo, failure_policy="fail_open")
+        r = await client.post(load.format("digits"), headers=ADMIN)
+        assert r.status_code == 400
+        assert "changes its integrity block" in r.json()["error"]
+        assert "restart the gateway" in r.json()["error"]
+        r = await client.post(URL, json=EXAMPLE)
+        assert r.json()["parameters"]["integrity_verdict"] == "verified"
+        # a model without a block that gains one (digits_lite takes the same input)
+        lite = integrity_repo / "digits_lite" / "config.yaml"
+        digits = yaml.safe_load((integrity_repo / "digits" / "config.yaml").read_text())
+        cfg = yaml.safe_load(lite.read_text())
+        lite.write_text(yaml.safe_dump({**cfg, "integrity": digits["integrity"]}))
+        r = await client.post(load.format("digits_lite"), headers=ADMIN)
+        assert r.status_code == 400
+        assert "adds an integrity block" in r.json()["error"]
+        r = await client.post("/v2/models/digits_lite/infer", json=EXAMPLE)
+        assert r.status_code == 200
+        assert "integrity_verdict" not in r.json().get("parameters", {})
