@@ -338,29 +338,39 @@ def wait_for_count(gw: GatewayProcess, status: int, route: str, at_least: float)
 # -- slow headers -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("trickle", [False, True], ids=["silent connection", "one header a second"])
-def test_slow_headers_get_408_and_the_connection_is_closed(
-    gw: GatewayProcess, trickle: bool
-) -> None:
-    """uvicorn has no deadline for request headers (slowloris); `fides serve` answers 408 and
-    closes the connection when they are not complete FIDES_HEADER_TIMEOUT_S after it opened,
-    however steadily the client trickles."""
-    with socket.create_connection((gw.host, gw.port), timeout=10) as s:
+def trickle(gw: GatewayProcess, first: bytes, drip: bytes | None) -> tuple[bytes, float]:
+    """Send ``first``, then ``drip`` every second (nothing if None) until the server closes
+    the connection (at most 15 s); what came back, and after how long."""
+    with socket.create_connection((gw.host, gw.port), timeout=1.0) as s:
         t0 = time.monotonic()
-        if trickle:
-            s.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n")
-            s.settimeout(1.0)
+        s.sendall(first)
         out = b""
-        while time.monotonic() - t0 < 10:
+        while time.monotonic() - t0 < 15:
             try:
                 chunk = s.recv(65536)
             except TimeoutError:
-                s.sendall(b"X-Slow: 1\r\n")  # never the blank line that ends the head
+                if drip is not None:
+                    s.sendall(drip)
                 continue
             if not chunk:
                 break  # closed by the server
             out += chunk
-        waited = time.monotonic() - t0
+        return out, time.monotonic() - t0
+
+
+@pytest.mark.parametrize(
+    "dripping", [False, True], ids=["silent connection", "one header a second"]
+)
+def test_slow_headers_get_408_and_the_connection_is_closed(
+    gw: GatewayProcess, dripping: bool
+) -> None:
+    """uvicorn has no deadline for request headers (slowloris); `fides serve` answers 408 and
+    closes the connection when they are not complete FIDES_HEADER_TIMEOUT_S after it opened,
+    however steadily the client trickles."""
+    if dripping:  # never the blank line that ends the head
+        out, waited = trickle(gw, b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n", b"X-Slow: 1\r\n")
+    else:
+        out, waited = trickle(gw, b"", None)
     status, body = http_status_and_body(out)
     assert status == 408
     assert "request headers not complete within 2 s" in str(body["error"])
@@ -407,21 +417,7 @@ def test_a_body_slower_than_the_deadline_gets_408(
         f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {USER_KEY}\r\n"
         "Content-Type: application/json\r\nContent-Length: 10000\r\n\r\n"
     ).encode()
-    with socket.create_connection((gw.host, gw.port), timeout=10) as s:
-        t0 = time.monotonic()
-        s.sendall(head + b"{")
-        s.settimeout(1.0)
-        out = b""
-        while time.monotonic() - t0 < 15:
-            try:
-                chunk = s.recv(65536)
-            except TimeoutError:
-                s.sendall(b" ")
-                continue
-            if not chunk:
-                break
-            out += chunk
-        waited = time.monotonic() - t0
+    out, waited = trickle(gw, head + b"{", b" ")
     status, body = http_status_and_body(out)
     assert status == 408
     message = body[error_key]
