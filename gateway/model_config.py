@@ -219,7 +219,12 @@ class IntegrityConfig(_Strict):
         "detector's probability (blind to a low-confidence substitute).",
     )
     substitution_alpha: float = Field(
-        0.005, gt=0, lt=0.5, description="Level of the windowed substitution test."
+        0.001,
+        gt=0,
+        lt=0.5,
+        description="Level of the windowed substitution test, run every 10 rows over the last "
+        "`substitution_window`: 0.001 keeps false alarms per 100 rows <= 1% (union bound; "
+        "verifier.experiment.DetectorConfig.window_alpha, the same default, says more).",
     )
     drill: DrillConfig | None = Field(None, description="An attack drill active from load.")
 

@@ -20,7 +20,7 @@ __all__ = ["SubstitutionMonitor"]
 
 class SubstitutionMonitor:
     def __init__(
-        self, reference: np.ndarray, window: int = 100, alpha: float = 0.005, every: int = 10
+        self, reference: np.ndarray, window: int = 100, alpha: float = 0.001, every: int = 10
     ) -> None:
         if len(reference) < 10:
             raise ValueError("the substitution test needs at least 10 clean reference scores")
