@@ -104,9 +104,10 @@ def test_an_enclave_tensor_with_a_huge_dimension_is_a_bad_request() -> None:
 async def test_a_client_gone_mid_body_is_not_a_server_error(
     app: FastAPI, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Was: starlette's ClientDisconnect escaped read_body: logged as 'unhandled error' with a
-    traceback and counted as a 500 (found by the upstream fault test: the gateway's own
-    upstream client hangs up on a slow MLaaS)."""
+    """Was: starlette's ClientDisconnect escaped the body read (then `read_body`, now the
+    body guard in gateway/api/body.py): logged as 'unhandled error' with a traceback and
+    counted as a 500 (found by the upstream fault test: the gateway's own upstream client
+    hangs up on a slow MLaaS)."""
     scope = {
         "type": "http",
         "asgi": {"version": "3.0"},
