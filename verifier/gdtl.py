@@ -195,6 +195,21 @@ def _frozen_modules(net: ConvNet, unfrozen_blocks: int, freeze_bn: bool) -> list
     return frozen
 
 
+def _step_row(
+    net: nn.Module, candidate: int, step: int, unfrozen: int, flops: int, memory_mb: float
+) -> dict[str, Any]:
+    """The fields of a :class:`StepRecord` known before the step trains."""
+    return dict(
+        candidate=candidate,
+        step=step,
+        unfrozen_blocks=unfrozen,
+        trainable_params=count_parameters(net, trainable_only=True),
+        params=count_parameters(net),
+        flops=flops,
+        memory_mb=round(memory_mb, 3),
+    )
+
+
 def greedy_unfreeze(
     net: ConvNet,
     service: nn.Module,
@@ -232,15 +247,7 @@ def greedy_unfreeze(
         unfrozen = step
         _set_trainable(net, unfrozen)
         mem = memory_estimate(net, image_shape, cfg.memory_batch_size, training=True)
-        row: dict[str, Any] = dict(
-            candidate=candidate,
-            step=step,
-            unfrozen_blocks=unfrozen,
-            trainable_params=count_parameters(net, trainable_only=True),
-            params=count_parameters(net),
-            flops=flops,
-            memory_mb=round(mem.total_mb, 3),
-        )
+        row = _step_row(net, candidate, step, unfrozen, flops, mem.total_mb)
         if mem.total_bytes > budget_bytes:
             path.append(
                 StepRecord(
@@ -306,18 +313,8 @@ def greedy_unfreeze(
         # judged by the same rule as every step
         step = path[-1].step + 1
         _set_trainable(net, unfrozen)
-        row = dict(
-            candidate=candidate,
-            step=step,
-            unfrozen_blocks=unfrozen,
-            trainable_params=count_parameters(net, trainable_only=True),
-            params=count_parameters(net),
-            flops=flops,
-            memory_mb=round(
-                memory_estimate(net, image_shape, cfg.memory_batch_size, training=True).total_mb,
-                3,
-            ),
-        )
+        mem = memory_estimate(net, image_shape, cfg.memory_batch_size, training=True)
+        row = _step_row(net, candidate, step, unfrozen, flops, mem.total_mb)
         seconds = fit(
             net,
             train,
