@@ -29,7 +29,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from torch import nn
 
 from verifier.attacks import Attacked, fgsm, output_attack, quantize_int8
-from verifier.data import Dataset, Splits, load_splits
+from verifier.data import Dataset, Splits, augment, load_splits
 from verifier.detector import (
     AttackDetector,
     Reclassifier,
@@ -38,7 +38,7 @@ from verifier.detector import (
     train_reclassifier,
     window_test,
 )
-from verifier.experiment import Experiment
+from verifier.experiment import AugmentConfig, Experiment
 from verifier.export import serving_config, write_entry
 from verifier.features import pair_features_np
 from verifier.gan import Generator, train_gan
@@ -76,6 +76,14 @@ def split_for_detector(splits: Splits, exp: Experiment) -> tuple[Dataset, Datase
 
 def _probs(net: nn.Module, x: torch.Tensor) -> np.ndarray:
     return predict_logits(net, x).softmax(-1).numpy().astype(np.float32)  # [n, C]
+
+
+def _with_views(x: torch.Tensor, views: int, aug: AugmentConfig, seed: int) -> torch.Tensor:
+    """``x`` followed by ``views`` randomly augmented copies of it (seeded): more pairs from
+    the same held-out images, each still an image no model was fitted on."""
+    gen = torch.Generator().manual_seed(seed)
+    copies = [augment(x, gen, aug.crop_padding, aug.hflip) for _ in range(views)]
+    return torch.cat([x, *copies])  # [(1 + views) n, C, H, W]
 
 
 def _roc(clean: np.ndarray, attacked: np.ndarray, fpr_at: float = 0.01) -> tuple[float, float]:
@@ -116,12 +124,12 @@ def _flipped(att: Attacked, q: np.ndarray, honest: np.ndarray) -> _Pairs:
 
 
 def _fgsm_pairs(
-    service: nn.Module, verifier: nn.Module, data: Dataset, eps: float
+    service: nn.Module, verifier: nn.Module, x: torch.Tensor, eps: float
 ) -> tuple[_Pairs, float]:
-    """FGSM on the input; both models see the perturbed image. Kept: rows whose service
-    answer changed. Returns the pairs and the flip rate."""
-    honest = _probs(service, data.x).argmax(1)
-    x_adv = fgsm(service, data.x, eps)
+    """FGSM on the input images ``x``; both models see the perturbed image. Kept: rows whose
+    service answer changed. Returns the pairs and the flip rate."""
+    honest = _probs(service, x).argmax(1)
+    x_adv = fgsm(service, x, eps)
     p_adv, q_adv = _probs(service, x_adv), _probs(verifier, x_adv)
     keep = p_adv.argmax(1) != honest
     return _Pairs(p_adv[keep], q_adv[keep], honest[keep]), float(keep.mean())
@@ -262,14 +270,15 @@ def evaluate_experiment(
     with bar if bar is not None else nullcontext():
         # --- training pairs: clean + fixed attacks (+ FGSM) ---
         t0 = time.perf_counter()
-        p_tr, q_tr = _probs(service, det_train.x), _probs(verifier, det_train.x)
+        x_tr = _with_views(det_train.x, cfg.augment_views, exp.data.augment, exp.seed + 8)
+        p_tr, q_tr = _probs(service, x_tr), _probs(verifier, x_tr)
         honest_tr = p_tr.argmax(1)
         fixed = [
             _flipped(output_attack(a, p_tr, rng, noise_sigma=cfg.noise_sigma), q_tr, honest_tr)
             for a in cfg.train_attacks
         ]
         if cfg.fgsm_train_epsilon is not None:
-            fixed.append(_fgsm_pairs(service, verifier, det_train, cfg.fgsm_train_epsilon)[0])
+            fixed.append(_fgsm_pairs(service, verifier, x_tr, cfg.fgsm_train_epsilon)[0])
         att_p = np.concatenate([f.p for f in fixed])
         att_q = np.concatenate([f.q for f in fixed])
         att_honest = np.concatenate([f.honest for f in fixed])
@@ -345,7 +354,7 @@ def evaluate_experiment(
         attacked["gan"], flip_rates["gan"] = _flipped(gan_res, q_ev, honest_ev), gan_res.flip_rate
         for eps in cfg.fgsm_epsilons:
             name = f"fgsm_eps{eps:g}"
-            attacked[name], flip_rates[name] = _fgsm_pairs(service, verifier, evald, eps)
+            attacked[name], flip_rates[name] = _fgsm_pairs(service, verifier, evald.x, eps)
 
         attacks_report: dict[str, dict[str, Any]] = {}
         for name, pairs in attacked.items():
@@ -450,6 +459,7 @@ def evaluate_experiment(
         "config_sha256": exp.config_hash(),
         "data": {
             "detector_train": len(det_train),
+            "detector_train_augmented_views": cfg.augment_views,
             "calibration": len(calib),
             "evaluation": len(evald),
             "num_classes": c,

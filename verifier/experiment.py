@@ -206,6 +206,13 @@ class DetectorConfig(_Strict):
     calibration_fraction: float = Field(
         0.2, gt=0, lt=1, description="Share of the test split for threshold calibration."
     )
+    augment_views: int = Field(
+        0,
+        ge=0,
+        description="Extra randomly augmented copies (the data block's crop / flip) of the "
+        "detector's training images: more (p, q) pairs from the same held-out images for the "
+        "detector, the GAN and the re-classifier. Calibration and evaluation stay unaugmented.",
+    )
     hidden: list[int] = Field(default_factory=lambda: [128, 64], min_length=1)
     reclassifier_hidden: list[int] = Field(default_factory=lambda: [256, 128], min_length=1)
     reclassifier_epochs: int = Field(30, ge=1)
@@ -268,6 +275,16 @@ class Experiment(_Strict):
     verifier: VerifierConfig
     export: ExportConfig
     detector: DetectorConfig = Field(default_factory=DetectorConfig)
+
+    @model_validator(mode="after")
+    def _views_need_augmentation(self) -> Experiment:
+        aug = self.data.augment
+        if self.detector.augment_views and not (aug.crop_padding or aug.hflip):
+            raise ValueError(
+                "detector.augment_views needs data.augment (crop_padding or hflip): "
+                "without it every view is the same image"
+            )
+        return self
 
     def config_hash(self) -> str:
         canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)

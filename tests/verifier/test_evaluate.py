@@ -11,13 +11,21 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import pytest
+import torch
 
 from gateway.model_config import load_model_config
 from tests.verifier.test_pipeline import tiny_experiment
-from verifier.evaluate import MEAN_DETECTION_ATTACKS, evaluate_experiment, report_markdown
+from verifier.evaluate import (
+    MEAN_DETECTION_ATTACKS,
+    _with_views,
+    evaluate_experiment,
+    report_markdown,
+)
+from verifier.experiment import AugmentConfig
 
 DETECTOR = {
     "train_fraction": 0.3,
+    "augment_views": 1,
     "calibration_fraction": 0.5,
     "target_fpr": 0.05,
     "reclassifier_epochs": 3,
@@ -78,6 +86,7 @@ def test_report_has_every_key(evaluated: tuple[Path, dict[str, Any]]) -> None:
             assert 0 <= s[key]["clean_false_alarm"]["flag_rate"] <= 1
         assert 0 <= s["per_request"]["tpr_at_1pct_fpr"] <= 1
     assert len(r["gan"]["history"]["d_loss"]) == 3
+    assert r["data"]["detector_train_augmented_views"] == 1
     assert math.isfinite(r["threshold"])
     md = report_markdown(r, "fides evaluate tiny.yaml")
     assert "| switch |" in md
@@ -108,3 +117,14 @@ def test_exported_models_load_and_agree(evaluated: tuple[Path, dict[str, Any]]) 
     q = np.eye(10, dtype=np.float32)[[3, 5]] * 0.9 + 0.01
     score = sess.run(None, {"service_probs": p, "verifier_probs": q})[0][:, 0]
     assert score[1] > score[0]  # disagreeing with a confident verifier looks worse
+
+
+def test_augmented_views_keep_the_originals_and_are_seeded() -> None:
+    x = torch.rand(6, 1, 8, 8)
+    aug = AugmentConfig(crop_padding=1, hflip=True)
+    views = _with_views(x, 2, aug, seed=3)
+    assert views.shape == (18, 1, 8, 8)
+    assert torch.equal(views[:6], x)  # the held-out images themselves come first
+    assert not torch.equal(views[6:12], x)  # each copy is shifted or flipped
+    assert torch.equal(views, _with_views(x, 2, aug, seed=3))
+    assert torch.equal(_with_views(x, 0, aug, seed=3), x)

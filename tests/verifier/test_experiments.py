@@ -50,6 +50,11 @@ def test_bad_values_and_files(tmp_path: Path) -> None:
         parse_experiment(data)
     with pytest.raises(ExperimentError, match="no such file"):
         load_experiment(tmp_path / "missing.yaml")
+    data = raw()
+    data["data"]["augment"] = {"crop_padding": 0, "hflip": False}  # type: ignore[index]
+    data["detector"] = {"augment_views": 2}
+    with pytest.raises(ExperimentError, match="augment_views needs data.augment"):
+        parse_experiment(data)
     (tmp_path / "list.yaml").write_text("- 1\n", encoding="utf-8")
     with pytest.raises(ExperimentError, match="mapping"):
         load_experiment(tmp_path / "list.yaml")
