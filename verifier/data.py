@@ -9,19 +9,20 @@ first layer of every network (:class:`verifier.nets.Normalize`), so the exported
 Three sources: scikit-learn's bundled ``digits`` (no download), ``.npz`` files with
 ``x_train`` / ``y_train`` / ``x_test`` / ``y_test`` (uint8, NHW or NHWC, as in
 ``../shared/data``) and ImageFolder-style directories (``<root>/{train,test}/<class>/<file>``
-with ``.png`` or ``.npy`` images). Every problem raises :class:`DataError` naming the file.
+with ``.png`` / ``.jpg`` / ``.jpeg`` / ``.bmp`` / ``.webp`` images, decoded by Pillow, or
+uint8 ``.npy`` arrays). Every problem raises :class:`DataError` naming the file.
 """
 
 from __future__ import annotations
 
-import struct
-import zlib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
 
 __all__ = ["DataError", "Dataset", "Splits", "augment", "load_splits"]
 
@@ -146,75 +147,87 @@ def load_digits_arrays(
     return x_tr, y_tr, x_te, y_te, [str(i) for i in range(10)]
 
 
-def _read_png(path: Path) -> np.ndarray:
-    """A minimal PNG decoder (8-bit grayscale, RGB or RGBA, not interlaced) -> uint8 HWC.
+# Image files Pillow decodes, by suffix, and the Pillow format names ``Image.open`` may try on
+# them: a file is opened by its content, so a JPEG saved as ``.png`` still loads, but no other
+# Pillow plugin is ever tried (a file of another format is "not an image").
+PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+PIL_FORMATS = ("PNG", "JPEG", "BMP", "WEBP")
+IMAGE_SUFFIXES = (*PIL_SUFFIXES, ".npy")
 
-    Pillow is not a dependency; PNG is zlib-compressed rows with one filter byte each
-    (PNG specification, ISO/IEC 15948, sections 9 and 11).
+# Pillow modes that come out as one grayscale channel; every other mode comes out as RGB
+_GRAY_MODES = frozenset({"1", "L", "LA", "La"})
+_GRAY_16BIT_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
+
+
+def _read_pil_image(path: Path) -> np.ndarray:
+    """Decode a PNG / JPEG / BMP / WebP file with Pillow -> uint8 ``[H, W, 1|3]``.
+
+    Channels follow the file's Pillow mode: ``1``, ``L`` and ``LA`` give 1 grayscale channel
+    (alpha dropped); 16-bit grayscale (``I;16*``, and ``I`` with values in 0..65535) gives 1
+    channel scaled to 8 bits (``round(v / 257)``, not clipped); every other mode (``RGB``,
+    ``RGBA``, palette ``P`` / ``PA``, ``CMYK``, ``YCbCr``, ...) gives RGB, alpha dropped (not
+    composited). 32-bit float images (``F``) have no defined range and are refused. Pixels are
+    as stored (EXIF orientation is not applied, as in torchvision's loader); an animated file
+    gives its first frame. Not an image, truncated or corrupt data, an unsupported mode and
+    more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (a decompression bomb) raise
+    :class:`DataError` naming the file.
     """
-    data = path.read_bytes()
-    if data[:8] != b"\x89PNG\r\n\x1a\n":
-        raise DataError(f"{path}: not a PNG file")
-    pos, idat, header = 8, b"", None
-    while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos : pos + 4])
-        kind = data[pos + 4 : pos + 8]
-        body = data[pos + 8 : pos + 8 + length]
-        pos += 12 + length
-        if kind == b"IHDR":
-            header = struct.unpack(">IIBBBBB", body)
-        elif kind == b"IDAT":
-            idat += body
-        elif kind == b"IEND":
-            break
-    if header is None:
-        raise DataError(f"{path}: PNG without IHDR")
-    width, height, depth, colour, _, _, interlace = header
-    channels = {0: 1, 2: 3, 6: 4}.get(colour)
-    if depth != 8 or channels is None or interlace:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path, formats=PIL_FORMATS) as im:
+                im.load()
+                mode = im.mode
+                if mode in _GRAY_16BIT_MODES:
+                    raw = np.asarray(im)
+                elif mode in _GRAY_MODES:
+                    raw = np.asarray(im.convert("L"))
+                elif mode == "F":
+                    raise DataError(
+                        f"{path}: 32-bit float image (mode F) has no defined pixel range; "
+                        "save it as 8-bit or as a uint8 .npy"
+                    )
+                else:
+                    try:  # palette transparency (tRNS) goes via RGBA, then alpha is dropped
+                        rgb = im.convert("RGBA") if "transparency" in im.info else im
+                        raw = np.asarray(rgb.convert("RGB"))
+                    except ValueError as exc:  # a mode Pillow cannot convert to RGB
+                        raise DataError(f"{path}: unsupported image mode {mode} ({exc})") from exc
+    except DataError:
+        raise
+    except FileNotFoundError as exc:
+        raise DataError(f"{path}: no such file") from exc
+    except UnidentifiedImageError as exc:
         raise DataError(
-            f"{path}: unsupported PNG (bit depth {depth}, colour type {colour}, "
-            f"interlace {interlace}); use 8-bit grayscale/RGB/RGBA or .npy"
-        )
-    raw = np.frombuffer(zlib.decompress(idat), dtype=np.uint8)
-    stride = width * channels
-    rows = raw.reshape(height, stride + 1)
-    out = np.zeros((height, stride), dtype=np.int32)
-    prev = np.zeros(stride, dtype=np.int32)
-    for r in range(height):
-        f, line = rows[r, 0], rows[r, 1:].astype(np.int32)
-        cur = np.zeros(stride, dtype=np.int32)
-        for i in range(stride):  # small images only: per-byte reconstruction
-            a = cur[i - channels] if i >= channels else 0
-            b = prev[i]
-            c = prev[i - channels] if i >= channels else 0
-            if f == 0:
-                pred = 0
-            elif f == 1:
-                pred = a
-            elif f == 2:
-                pred = b
-            elif f == 3:
-                pred = (a + b) // 2
-            elif f == 4:
-                pa, pb, pc = abs(b - c), abs(a - c), abs(a + b - 2 * c)
-                pred = a if pa <= pb and pa <= pc else (b if pb <= pc else c)
-            else:
-                raise DataError(f"{path}: bad PNG filter type {f}")
-            cur[i] = (line[i] + pred) & 0xFF
-        out[r], prev = cur, cur
-    img = out.astype(np.uint8).reshape(height, width, channels)
-    return img[:, :, :3] if channels == 4 else img
+            f"{path}: not an image file ({', '.join(PIL_FORMATS)} are read; or use .npy)"
+        ) from exc
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        raise DataError(f"{path}: image too large, possibly a decompression bomb ({exc})") from exc
+    except Exception as exc:  # OSError (truncated), SyntaxError / ValueError (corrupt), ...
+        raise DataError(
+            f"{path}: truncated or corrupt image ({type(exc).__name__}: {exc})"
+        ) from exc
+    if mode in _GRAY_16BIT_MODES:
+        wide = raw.astype(np.int64)
+        if wide.size and (wide.min() < 0 or wide.max() > 65535):
+            raise DataError(
+                f"{path}: mode {mode} values {int(wide.min())}..{int(wide.max())} are outside "
+                "the 16-bit range 0..65535"
+            )
+        raw = ((wide + 128) // 257).astype(np.uint8)  # round(v / 257): 65535 -> 255
+    return raw[:, :, None] if raw.ndim == 2 else raw
 
 
 def _read_image(path: Path) -> np.ndarray:
+    """One ImageFolder file -> uint8 ``[H, W, 1|3]``: ``.npy`` (uint8 ``[H, W]`` or
+    ``[H, W, 1|3]``) or an image file Pillow decodes (:func:`_read_pil_image`)."""
     if path.suffix.lower() == ".npy":
         try:
             img = np.asarray(np.load(path, allow_pickle=False))
         except Exception as exc:
             raise DataError(f"{path}: not a readable .npy file ({exc})") from exc
     else:
-        img = _read_png(path)
+        img = _read_pil_image(path)
     if img.dtype != np.uint8:
         raise DataError(f"{path}: dtype {img.dtype}, expected uint8")
     if img.ndim == 2:
@@ -227,7 +240,13 @@ def _read_image(path: Path) -> np.ndarray:
 def load_image_folder(
     root: Path,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
-    """``<root>/train/<class>/*.{png,npy}`` and ``<root>/test/<class>/...``; classes sorted."""
+    """``<root>/train/<class>/*.{png,jpg,jpeg,bmp,webp,npy}`` and ``<root>/test/<class>/...``.
+
+    Classes are the sorted subdirectory names (the same in both splits); files with other
+    suffixes are ignored. Every image of a split must have the same ``[H, W, C]``: a set that
+    mixes grayscale and colour files (1 and 3 channels, see :func:`_read_pil_image`) or sizes
+    is refused with the shapes found.
+    """
     if not root.is_dir():
         raise DataError(f"{root}: no such directory")
     parts = {}
@@ -246,11 +265,11 @@ def load_image_folder(
         images, labels = [], []
         for label, name in enumerate(names):
             for f in sorted((d / name).iterdir()):
-                if f.suffix.lower() in (".png", ".npy"):
+                if f.suffix.lower() in IMAGE_SUFFIXES:
                     images.append(_read_image(f))
                     labels.append(label)
         if not images:
-            raise DataError(f"{d}: no .png or .npy images")
+            raise DataError(f"{d}: no images ({', '.join(IMAGE_SUFFIXES)})")
         shapes = {im.shape for im in images}
         if len(shapes) > 1:
             raise DataError(f"{d}: images of different shapes {sorted(shapes)}")

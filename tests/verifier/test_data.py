@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from verifier.data import DataError, augment, load_npz, load_splits
+from verifier.data import (
+    DataError,
+    _read_image,
+    augment,
+    load_image_folder,
+    load_npz,
+    load_splits,
+)
 
 
 def good_arrays(n: int = 40, colour: bool = False) -> dict[str, np.ndarray]:
@@ -108,6 +117,10 @@ def test_missing_and_unreadable_files(tmp_path: Path) -> None:
         load_splits("csv", junk)
 
 
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
 def png_bytes(img: np.ndarray, filters: list[int]) -> bytes:
     """An 8-bit grayscale PNG whose rows use the given filter types."""
     h, w = img.shape
@@ -127,19 +140,45 @@ def png_bytes(img: np.ndarray, filters: list[int]) -> bytes:
             enc = row - (left + prev) // 2
         raw += bytes([f]) + (enc & 0xFF).astype(np.uint8).tobytes()
         prev = row
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-        )
-
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
     return (
         b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(raw))
-        + chunk(b"IEND", b"")
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", zlib.compress(raw))
+        + png_chunk(b"IEND", b"")
     )
+
+
+def interlaced_png_bytes(img: np.ndarray) -> bytes:
+    """An 8-bit RGB Adam7-interlaced PNG (PNG specification, section 8.2; Pillow only writes
+    non-interlaced files): seven passes of sub-images, each row with filter type 0."""
+    h, w, _ = img.shape
+    raw = b""
+    # (first row, first column, row step, column step) of passes 1..7
+    for y0, x0, dy, dx in [
+        (0, 0, 8, 8), (0, 4, 8, 8), (4, 0, 8, 4), (0, 2, 4, 4), (2, 0, 4, 2), (0, 1, 2, 2),
+        (1, 0, 2, 1),
+    ]:  # fmt: skip
+        sub = img[y0::dy, x0::dx]
+        if sub.size:  # an empty pass has no rows at all
+            raw += b"".join(b"\x00" + row.tobytes() for row in sub)
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 1)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", zlib.compress(raw))
+        + png_chunk(b"IEND", b"")
+    )
+
+
+def one_image_folder(root: Path, name: str, write: Callable[[Path], object]) -> np.ndarray:
+    """An ImageFolder with one image, written by ``write(path)`` into train and test; the
+    decoded test image as uint8 ``[C, H, W]``."""
+    for split in ("train", "test"):
+        (root / split / "x").mkdir(parents=True)
+        write(root / split / "x" / name)
+    _, _, x_test, _, _ = load_image_folder(root)
+    return (x_test[0] * 255).round().astype(np.uint8)
 
 
 def test_image_folder_png_and_npy(tmp_path: Path) -> None:
@@ -166,20 +205,154 @@ def test_image_folder_png_and_npy(tmp_path: Path) -> None:
     assert decoded == written
 
 
+def test_image_folder_jpeg(tmp_path: Path) -> None:
+    # solid colours survive JPEG's lossy coding to within a few levels
+    colours = {"blue": (20, 40, 220), "red": (200, 30, 30)}
+    for split in ("train", "test"):
+        for name, colour in colours.items():
+            d = tmp_path / "imgs" / split / name
+            d.mkdir(parents=True)
+            for i, suffix in enumerate([".jpg", ".jpeg", ".JPG"]):
+                Image.new("RGB", (8, 6), colour).save(d / f"{i}{suffix}", "JPEG", quality=95)
+            # CMYK JPEG: converted to RGB like every non-grayscale mode
+            Image.new("RGB", (8, 6), colour).convert("CMYK").save(d / "3.jpg", "JPEG")
+    splits = load_splits("folder", tmp_path / "imgs", seed=0, val_fraction=0.25)
+    assert splits.classes == ["blue", "red"]
+    assert splits.image_shape == (3, 6, 8)
+    assert len(splits.test) == 8
+    for x, y in zip(splits.test.x, splits.test.y, strict=True):
+        want = torch.tensor(colours[splits.classes[int(y)]], dtype=torch.float32) / 255
+        assert torch.allclose(x, want[:, None, None].expand_as(x), atol=4 / 255)
+
+
+def test_grayscale_jpeg_is_one_channel(tmp_path: Path) -> None:
+    img = one_image_folder(
+        tmp_path, "0.jpeg", lambda p: Image.new("L", (5, 7), 90).save(p, "JPEG", quality=95)
+    )
+    assert img.shape == (1, 7, 5)
+    assert np.abs(img.astype(int) - 90).max() <= 2
+
+
+RGB = np.random.default_rng(2).integers(0, 256, (5, 4, 3), dtype=np.uint8)  # [H, W, 3]
+GRAY = RGB[:, :, 0]
+
+
+@pytest.mark.parametrize(
+    ("image", "want"),
+    [
+        (Image.fromarray(GRAY, "L"), GRAY[None]),
+        (Image.fromarray(RGB, "RGB"), RGB.transpose(2, 0, 1)),
+        # alpha is dropped, not composited
+        (
+            Image.fromarray(np.dstack([RGB, np.full((5, 4), 7, dtype=np.uint8)]), "RGBA"),
+            RGB.transpose(2, 0, 1),
+        ),
+        (Image.fromarray(np.dstack([GRAY, GRAY[::-1]]), "LA"), GRAY[None]),
+        (Image.fromarray(GRAY > 127), (GRAY[None] > 127).astype(np.uint8) * 255),
+    ],
+    ids=["L", "RGB", "RGBA", "LA", "1"],
+)
+def test_png_modes(tmp_path: Path, image: Image.Image, want: np.ndarray) -> None:
+    img = one_image_folder(tmp_path, "0.png", lambda p: image.save(p, "PNG"))
+    assert img.dtype == np.uint8
+    np.testing.assert_array_equal(img, want)
+
+
+@pytest.mark.parametrize("transparency", [None, 0])
+def test_palette_png_is_rgb(tmp_path: Path, transparency: int | None) -> None:
+    palette = np.random.default_rng(3).integers(0, 256, (256, 3), dtype=np.uint8)
+    index = np.random.default_rng(4).integers(0, 256, (5, 4), dtype=np.uint8)
+    image = Image.fromarray(index, "P")
+    image.putpalette(palette.tobytes())
+    extra = {} if transparency is None else {"transparency": transparency}  # a tRNS chunk
+    img = one_image_folder(tmp_path, "0.png", lambda p: image.save(p, "PNG", **extra))
+    np.testing.assert_array_equal(img, palette[index].transpose(2, 0, 1))
+
+
+def test_16bit_grayscale_png_is_scaled_not_clipped(tmp_path: Path) -> None:
+    wide = np.array([[0, 128, 129, 1000], [32896, 40000, 65406, 65535]], dtype=np.uint16)
+    image = Image.fromarray(wide)
+    assert image.mode == "I;16"
+    img = one_image_folder(tmp_path, "0.png", lambda p: image.save(p, "PNG"))
+    assert img.dtype == np.uint8
+    np.testing.assert_array_equal(img[0], [[0, 0, 1, 4], [128, 156, 254, 255]])  # round(v/257)
+
+
+def test_interlaced_png(tmp_path: Path) -> None:
+    rgb = np.random.default_rng(5).integers(0, 256, (11, 13, 3), dtype=np.uint8)
+    img = one_image_folder(tmp_path, "0.png", lambda p: p.write_bytes(interlaced_png_bytes(rgb)))
+    with Image.open(tmp_path / "test" / "x" / "0.png") as im:
+        assert im.info.get("interlace") == 1
+    np.testing.assert_array_equal(img, rgb.transpose(2, 0, 1))
+
+
+@pytest.mark.parametrize(
+    ("name", "options"), [("0.bmp", {}), ("0.webp", {"lossless": True})], ids=["bmp", "webp"]
+)
+def test_bmp_and_lossless_webp(tmp_path: Path, name: str, options: dict[str, object]) -> None:
+    img = one_image_folder(tmp_path, name, lambda p: Image.fromarray(RGB).save(p, **options))
+    np.testing.assert_array_equal(img, RGB.transpose(2, 0, 1))
+
+
+def test_mixed_channels_are_refused(tmp_path: Path) -> None:
+    for split in ("train", "test"):
+        d = tmp_path / split / "x"
+        d.mkdir(parents=True)
+        Image.fromarray(GRAY, "L").save(d / "0.png")
+        Image.fromarray(RGB, "RGB").save(d / "1.png")
+    with pytest.raises(DataError, match=r"train: images of different shapes \[\(5, 4, 1\), "):
+        load_image_folder(tmp_path)
+
+
 def test_image_folder_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="no such directory"):
         load_splits("folder", tmp_path / "none")
     (tmp_path / "a" / "train" / "x").mkdir(parents=True)
-    with pytest.raises(DataError, match=r"train: no \.png or \.npy images"):
+    (tmp_path / "a" / "train" / "x" / "notes.txt").write_text("not an image suffix: ignored")
+    with pytest.raises(DataError, match=r"train: no images \(\.png, \.jpg, .*\.npy\)"):
         load_splits("folder", tmp_path / "a")
     np.save(tmp_path / "a" / "train" / "x" / "0.npy", np.zeros((4, 4), dtype=np.uint8))
     with pytest.raises(DataError, match=r"test: missing"):
         load_splits("folder", tmp_path / "a")
     (tmp_path / "a" / "test" / "x").mkdir(parents=True)
     bad = tmp_path / "a" / "train" / "x" / "1.png"
-    bad.write_bytes(b"GIF89a")
-    with pytest.raises(DataError, match=r"1\.png: not a PNG"):
+    bad.write_bytes(b"GIF89a")  # a format Pillow reads, but not one the loader accepts
+    with pytest.raises(DataError, match=r"1\.png: not an image file"):
         load_splits("folder", tmp_path / "a")
+
+
+def test_broken_image_files_name_the_file(tmp_path: Path) -> None:
+    d = tmp_path / "x"
+    d.mkdir()
+    good = d / "good.png"
+    Image.fromarray(RGB, "RGB").save(good)
+    data = good.read_bytes()
+    text = d / "notes.jpg"
+    text.write_text("this is text, not a JPEG\n")
+    truncated = d / "truncated.png"
+    truncated.write_bytes(data[: len(data) // 2])
+    corrupt = d / "corrupt.png"
+    at = data.index(b"IDAT") + 8
+    corrupt.write_bytes(data[:at] + bytes(b ^ 0xFF for b in data[at : at + 8]) + data[at + 8 :])
+    for path, message in [
+        (text, "not an image file"),
+        (truncated, "truncated or corrupt image"),
+        (corrupt, "truncated or corrupt image"),
+    ]:
+        with pytest.raises(DataError, match=message) as info:
+            _read_image(path)
+        assert str(info.value).startswith(f"{path}: ")
+
+
+@pytest.mark.parametrize("side", [4, 5])  # Pillow warns above the limit, refuses above twice it
+def test_decompression_bomb_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, side: int
+) -> None:
+    path = tmp_path / "big.png"
+    Image.new("L", (side, side)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)
+    with pytest.raises(DataError, match=r"big\.png: image too large"):
+        _read_image(path)
 
 
 def test_augment_is_deterministic_and_shape_preserving() -> None:
