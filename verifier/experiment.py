@@ -44,7 +44,7 @@ class AugmentConfig(_Strict):
 class DataConfig(_Strict):
     source: Literal["digits", "npz", "folder"] = Field(
         description="digits: scikit-learn's bundled set; npz: x_train/y_train/x_test/y_test; "
-        "folder: <path>/{train,test}/<class>/*.png|npy"
+        "folder: <path>/{train,test}/<class>/*.png|jpg|jpeg|bmp|webp|npy"
     )
     path: Path | None = Field(None, description="File or directory (relative to the cwd).")
     val_fraction: float = Field(0.1, gt=0, lt=0.5, description="Held out from train.")
