@@ -141,6 +141,11 @@ def png_bytes(img: np.ndarray, filters: list[int]) -> bytes:
         raw += bytes([f]) + (enc & 0xFF).astype(np.uint8).tobytes()
         prev = row
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
+    return png_file(ihdr, raw)
+
+
+def png_file(ihdr: bytes, raw: bytes) -> bytes:
+    """Signature, IHDR, one zlib-compressed IDAT of the filtered rows ``raw``, IEND."""
     return (
         b"\x89PNG\r\n\x1a\n"
         + png_chunk(b"IHDR", ihdr)
@@ -163,12 +168,7 @@ def interlaced_png_bytes(img: np.ndarray) -> bytes:
         if sub.size:  # an empty pass has no rows at all
             raw += b"".join(b"\x00" + row.tobytes() for row in sub)
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 1)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + png_chunk(b"IHDR", ihdr)
-        + png_chunk(b"IDAT", zlib.compress(raw))
-        + png_chunk(b"IEND", b"")
-    )
+    return png_file(ihdr, raw)
 
 
 def one_image_folder(root: Path, name: str, write: Callable[[Path], object]) -> np.ndarray:
