@@ -2,7 +2,8 @@
 
 Data (all from splits the service and verifier weights never saw):
 
-- detector training: the validation split + ``train_fraction`` of the test split;
+- detector training: the validation split + ``train_fraction`` of the test split, each image
+  also as ``augment_views`` shifted / flipped copies;
 - calibration: ``calibration_fraction`` of the test split (clean pairs only);
 - evaluation: the rest of the test split, unseen by every model in the pipeline.
 
