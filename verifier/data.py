@@ -160,7 +160,7 @@ _GRAY_16BIT_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
 
 
 def _read_pil_image(path: Path) -> np.ndarray:
-    """Decode a PNG / JPEG / BMP / WebP file with Pillow -> uint8 ``[H, W, 1|3]``.
+    """Decode a PNG / JPEG / BMP / WebP file with Pillow -> uint8 ``[H, W]`` or ``[H, W, 3]``.
 
     Channels follow the file's Pillow mode: ``1``, ``L`` and ``LA`` give 1 grayscale channel
     (alpha dropped); 16-bit grayscale (``I;16*``, and ``I`` with values in 0..65535) gives 1
@@ -215,7 +215,7 @@ def _read_pil_image(path: Path) -> np.ndarray:
                 "the 16-bit range 0..65535"
             )
         raw = ((wide + 128) // 257).astype(np.uint8)  # round(v / 257): 65535 -> 255
-    return raw[:, :, None] if raw.ndim == 2 else raw
+    return raw  # [H, W] (grayscale) or [H, W, 3]; _read_image adds the channel axis
 
 
 def _read_image(path: Path) -> np.ndarray:

@@ -125,11 +125,11 @@ def _flipped(att: Attacked, q: np.ndarray, honest: np.ndarray) -> _Pairs:
 
 
 def _fgsm_pairs(
-    service: nn.Module, verifier: nn.Module, x: torch.Tensor, eps: float
+    service: nn.Module, verifier: nn.Module, x: torch.Tensor, honest: np.ndarray, eps: float
 ) -> tuple[_Pairs, float]:
-    """FGSM on the input images ``x``; both models see the perturbed image. Kept: rows whose
-    service answer changed. Returns the pairs and the flip rate."""
-    honest = _probs(service, x).argmax(1)
+    """FGSM on the input images ``x`` (``honest``: the service's top-1 on them, already
+    computed by the caller); both models see the perturbed image. Kept: rows whose service
+    answer changed. Returns the pairs and the flip rate."""
     x_adv = fgsm(service, x, eps)
     p_adv, q_adv = _probs(service, x_adv), _probs(verifier, x_adv)
     keep = p_adv.argmax(1) != honest
@@ -279,7 +279,7 @@ def evaluate_experiment(
             for a in cfg.train_attacks
         ]
         if cfg.fgsm_train_epsilon is not None:
-            fixed.append(_fgsm_pairs(service, verifier, x_tr, cfg.fgsm_train_epsilon)[0])
+            fixed.append(_fgsm_pairs(service, verifier, x_tr, honest_tr, cfg.fgsm_train_epsilon)[0])
         att_p = np.concatenate([f.p for f in fixed])
         att_q = np.concatenate([f.q for f in fixed])
         att_honest = np.concatenate([f.honest for f in fixed])
@@ -355,7 +355,9 @@ def evaluate_experiment(
         attacked["gan"], flip_rates["gan"] = _flipped(gan_res, q_ev, honest_ev), gan_res.flip_rate
         for eps in cfg.fgsm_epsilons:
             name = f"fgsm_eps{eps:g}"
-            attacked[name], flip_rates[name] = _fgsm_pairs(service, verifier, evald.x, eps)
+            attacked[name], flip_rates[name] = _fgsm_pairs(
+                service, verifier, evald.x, honest_ev, eps
+            )
 
         attacks_report: dict[str, dict[str, Any]] = {}
         for name, pairs in attacked.items():
