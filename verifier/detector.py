@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+import scipy.stats
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -153,22 +154,42 @@ def train_reclassifier(
     return losses
 
 
-def calibrate_threshold(clean_scores: np.ndarray, target_fpr: float) -> float:
-    """The smallest threshold ``t`` (flag when ``score > t``) with a false-positive rate of at
-    most ``target_fpr`` on a new clean score, in expectation.
+def calibrate_threshold(
+    clean_scores: np.ndarray, target_fpr: float, confidence: float | None = None
+) -> float:
+    """The smallest threshold ``t`` (flag when ``score > t``) whose false-positive rate on a
+    new clean score is at most ``target_fpr``: in expectation (``confidence=None``), or with
+    probability at least ``confidence`` over the draw of the calibration scores.
 
-    Split-conformal quantile (Vovk et al., 2005; Angelopoulos and Bates, 2021): with ``n``
-    exchangeable clean scores, ``t`` = the ``ceil((n + 1)(1 - a))``-th smallest, so
-    ``P(score_new > t) <= a``. With too few scores for the target it returns ``inf`` (nothing
-    is ever flagged) rather than a threshold that cannot keep its promise.
+    In expectation: the split-conformal quantile (Vovk et al., 2005; Angelopoulos and Bates,
+    2021): with ``n`` exchangeable clean scores, ``t`` = the ``ceil((n + 1)(1 - a))``-th
+    smallest, so ``P(score_new > t) <= a``. The realised FPR of one calibration scatters
+    around ``a`` (its standard deviation is about ``sqrt(a / n)``).
+
+    With ``confidence``: a training-conditional ("PAC") threshold (Vovk, 2012). The FPR left
+    above the ``k``-th smallest of ``n`` continuous scores is above ``a`` exactly when at least
+    ``k`` of the scores fall below the clean ``1 - a`` quantile, so
+    ``P(FPR > a) = P(Binomial(n, 1 - a) >= k)``; ``t`` is the ``k``-th smallest score for the
+    smallest ``k`` that makes this at most ``1 - confidence``.
+
+    With too few scores for the target it returns ``inf`` (nothing is ever flagged) rather
+    than a threshold that cannot keep its promise.
     """
     if not 0 < target_fpr < 1:
         raise ValueError(f"target_fpr must be in (0, 1), got {target_fpr}")
+    if confidence is not None and not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     s = np.sort(np.asarray(clean_scores, dtype=np.float64))
-    if s.size == 0:
+    n = s.size
+    if n == 0:
         raise ValueError("calibration needs clean scores")
-    k = math.ceil((s.size + 1) * (1.0 - target_fpr) - 1e-9)  # 1e-9: 200 * 0.99 is 198.00..03
-    return float("inf") if k > s.size else float(s[k - 1])
+    if confidence is None:
+        k = math.ceil((n + 1) * (1.0 - target_fpr) - 1e-9)  # 1e-9: 200 * 0.99 is 198.00..03
+    else:
+        ks = np.arange(1, n + 1)
+        ok = scipy.stats.binom.sf(ks - 1, n, 1.0 - target_fpr) <= 1.0 - confidence
+        k = int(ks[ok][0]) if ok.any() else n + 1
+    return float("inf") if k > n else float(s[k - 1])
 
 
 def export_pair_model(

@@ -97,6 +97,13 @@ def _roc(clean: np.ndarray, attacked: np.ndarray, fpr_at: float = 0.01) -> tuple
     return float(roc_auc_score(y, s)), float(tpr[fpr <= fpr_at].max())
 
 
+def _rule(confidence: float | None) -> str:
+    """How the threshold keeps its FPR target (see ``calibrate_threshold``)."""
+    if confidence is None:
+        return "FPR <= target in expectation (split conformal)"
+    return f"FPR <= target with probability >= {confidence:g} over the calibration draw"
+
+
 def _detection_row(
     clean: np.ndarray, attacked: np.ndarray, threshold: float, target_fpr: float
 ) -> dict[str, Any]:
@@ -337,8 +344,11 @@ def evaluate_experiment(
         # --- calibration on clean held-out pairs ---
         p_cal, q_cal = _probs(service, calib.x), _probs(verifier, calib.x)
         cal_scores = detector.scores(p_cal, q_cal)
-        threshold = calibrate_threshold(cal_scores, cfg.target_fpr)
-        log(f"threshold {threshold:.6f} for {cfg.target_fpr:.1%} FPR ({len(cal_scores)} scores)")
+        threshold = calibrate_threshold(cal_scores, cfg.target_fpr, cfg.fpr_confidence)
+        log(
+            f"threshold {threshold:.6f} for {cfg.target_fpr:.1%} FPR, {_rule(cfg.fpr_confidence)} "
+            f"({len(cal_scores)} scores)"
+        )
 
         # --- evaluation ---
         t0 = time.perf_counter()
@@ -391,7 +401,7 @@ def evaluate_experiment(
             def score(p: np.ndarray, q: np.ndarray) -> np.ndarray:
                 return pair_features_np(p, q)[:, idx]
 
-            t = calibrate_threshold(score(p_cal, q_cal), cfg.target_fpr)
+            t = calibrate_threshold(score(p_cal, q_cal), cfg.target_fpr, cfg.fpr_confidence)
             clean = score(p_ev, q_ev)
             rows = {
                 n: _detection_row(clean, score(pr.p, pr.q), t, cfg.target_fpr)
@@ -470,6 +480,8 @@ def evaluate_experiment(
         "service_eval_accuracy": round(float((honest_ev == evald.y.numpy()).mean()), 5),
         "verifier_eval_fidelity": round(float((q_ev.argmax(1) == honest_ev).mean()), 5),
         "target_fpr": cfg.target_fpr,
+        "fpr_confidence": cfg.fpr_confidence,
+        "threshold_rule": _rule(cfg.fpr_confidence),
         "threshold": threshold,
         "clean_fpr": round(clean_fpr, 5),
         "attacks": attacks_report,
@@ -508,6 +520,7 @@ def evaluate_experiment(
                 "inputs": ["service_probs", "verifier_probs"],
                 "threshold": threshold,
                 "target_fpr": cfg.target_fpr,
+                "fpr_confidence": cfg.fpr_confidence,
                 "window": {"size": cfg.window_size, "alpha": cfg.window_alpha},
                 # the clean reference of the windowed substitution test, in score order
                 "calibration_scores": [round(float(s), 7) for s in np.sort(cal_scores)],
@@ -583,7 +596,8 @@ def report_markdown(report: dict[str, Any], command: str) -> str:
         f"{_pct(report['service_eval_accuracy'])}, verifier fidelity "
         f"{_pct(report['verifier_eval_fidelity'])}.",
         "",
-        f"Threshold {report['threshold']:.5g} (target FPR {report['target_fpr']:.0%}); clean "
+        f"Threshold {report['threshold']:.5g} (target FPR {report['target_fpr']:.0%}, "
+        f"{report['threshold_rule']}); clean "
         f"FPR on the evaluation split **{_pct(report['clean_fpr'])}**. Mean detection accuracy "
         f"over {', '.join(report['mean_detection_attacks'])}: "
         f"**{_pct(report['mean_detection_accuracy'])}**. Re-classification accuracy on attacked "

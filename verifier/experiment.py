@@ -235,6 +235,16 @@ class DetectorConfig(_Strict):
         default_factory=lambda: [SubstituteConfig(name="int8", kind="int8")]
     )
     target_fpr: float = Field(0.01, gt=0, lt=0.5, description="Clean false-positive target.")
+    fpr_confidence: float | None = Field(
+        None,
+        gt=0.5,
+        lt=1,
+        description="None: the threshold keeps the clean FPR at target_fpr in expectation "
+        "(split conformal; one calibration's realised FPR scatters around the target). A "
+        "probability such as 0.9: the FPR is at most target_fpr with that probability over "
+        "the calibration draw (a stricter threshold; needs enough calibration scores, e.g. "
+        "230 or more for 1% at 0.9, or nothing is flagged).",
+    )
     window_size: int = Field(100, ge=5, description="Requests per substitution-test window.")
     window_alpha: float = Field(
         0.001,

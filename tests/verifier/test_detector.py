@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
+import scipy.stats
 import torch
 
 from verifier.detector import (
@@ -29,6 +31,38 @@ def test_calibration_hits_its_target_fpr_on_fresh_scores(target: float) -> None:
     mean_fpr = float(np.mean(fprs))
     # conformal: E[FPR] <= target, and not much below it with 2,000 scores
     assert target * 0.85 <= mean_fpr <= target * 1.02
+
+
+@pytest.mark.parametrize("confidence", [0.9, 0.95])
+def test_confident_calibration_keeps_its_fpr_bound_per_calibration(confidence: float) -> None:
+    # the true FPR of each threshold is known exactly for Beta(2, 5) scores
+    clean = scipy.stats.beta(2, 5)
+    rng = np.random.default_rng(1)
+    pac, conformal = [], []
+    for _ in range(400):
+        s = clean.rvs(size=2000, random_state=rng)
+        pac.append(clean.sf(calibrate_threshold(s, 0.01, confidence)))
+        conformal.append(clean.sf(calibrate_threshold(s, 0.01)))
+    over = float(np.mean(np.array(pac) > 0.01))
+    # P(FPR > 1%) <= 1 - confidence (+ sampling slack over 400 draws) ...
+    assert over <= (1 - confidence) + 0.03
+    # ... where the in-expectation threshold is over its target about half the time
+    assert 0.35 <= float(np.mean(np.array(conformal) > 0.01)) <= 0.65
+    # ... and it is not needlessly strict: the FPR stays above 0.5%
+    assert 0.005 <= float(np.mean(pac)) < 0.01
+
+
+def test_confident_calibration_needs_enough_scores() -> None:
+    # 0.99 ** n > 0.1 for n < 230: even the largest score leaves FPR > 1% too often
+    assert calibrate_threshold(np.linspace(0, 1, 200), 0.01, 0.9) == float("inf")
+    assert math.isfinite(calibrate_threshold(np.linspace(0, 1, 230), 0.01, 0.9))
+    assert calibrate_threshold(np.linspace(0, 1, 229), 0.01, 0.9) == float("inf")
+    # 2,000 scores: 13 left above (19 in expectation)
+    s = np.arange(2000) / 2000
+    assert (s > calibrate_threshold(s, 0.01, 0.9)).sum() == 13
+    assert (s > calibrate_threshold(s, 0.01)).sum() == 19
+    with pytest.raises(ValueError, match="confidence"):
+        calibrate_threshold(s, 0.01, 1.0)
 
 
 def test_calibration_refuses_what_it_cannot_promise() -> None:

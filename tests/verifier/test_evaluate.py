@@ -28,6 +28,7 @@ DETECTOR = {
     "augment_views": 1,
     "calibration_fraction": 0.5,
     "target_fpr": 0.05,
+    "fpr_confidence": 0.9,
     "reclassifier_epochs": 3,
     "finetune_epochs": 1,
     "windows": 20,
@@ -109,6 +110,8 @@ def test_exported_models_load_and_agree(evaluated: tuple[Path, dict[str, Any]]) 
     assert card["role"] == "detector"
     assert card["threshold"] == r["threshold"]
     assert card["target_fpr"] == 0.05
+    assert card["fpr_confidence"] == r["fpr_confidence"] == 0.9
+    assert "probability >= 0.9" in r["threshold_rule"]
     assert len(card["calibration_scores"]) == r["data"]["calibration"]
     sess = ort.InferenceSession(
         str(repo / "digits_detector" / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
