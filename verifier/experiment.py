@@ -259,6 +259,17 @@ class DetectorConfig(_Strict):
     windows: int = Field(400, ge=10, description="Windows drawn per condition in evaluation.")
     gan: GanConfig = Field(default_factory=GanConfig)
 
+    @model_serializer(mode="wrap")
+    def _omit_unset_fpr_confidence(
+        self, handler: SerializerFunctionWrapHandler
+    ) -> dict[str, object]:
+        # fpr_confidence came later: left out of the canonical dump while unset, so the config
+        # hashes of experiments that do not use it stay what they were
+        out: dict[str, object] = handler(self)
+        if self.fpr_confidence is None:
+            out.pop("fpr_confidence", None)
+        return out
+
     @model_validator(mode="after")
     def _fractions(self) -> DetectorConfig:
         if self.train_fraction + self.calibration_fraction >= 0.9:

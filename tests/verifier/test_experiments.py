@@ -67,3 +67,14 @@ def test_hash_changes_with_the_config() -> None:
     a = digits_default()
     assert a.config_hash() == digits_default().config_hash()
     assert a.config_hash() != digits_default(seed=1).config_hash()
+
+
+def test_fpr_confidence_unset_keeps_the_config_hash() -> None:
+    data = raw()
+    assert "fpr_confidence" not in parse_experiment(data).model_dump(mode="json")["detector"]
+    base = parse_experiment(data).config_hash()
+    data.setdefault("detector", {})["fpr_confidence"] = 0.95  # type: ignore[index]
+    assert parse_experiment(data).config_hash() != base
+    data["detector"]["fpr_confidence"] = 1.0  # type: ignore[index]
+    with pytest.raises(ExperimentError, match="fpr_confidence"):
+        parse_experiment(data)
