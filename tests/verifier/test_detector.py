@@ -57,9 +57,12 @@ def test_confident_calibration_needs_enough_scores() -> None:
     assert calibrate_threshold(np.linspace(0, 1, 200), 0.01, 0.9) == float("inf")
     assert math.isfinite(calibrate_threshold(np.linspace(0, 1, 230), 0.01, 0.9))
     assert calibrate_threshold(np.linspace(0, 1, 229), 0.01, 0.9) == float("inf")
+    assert calibrate_threshold(np.linspace(0, 1, 298), 0.01, 0.95) == float("inf")
+    assert math.isfinite(calibrate_threshold(np.linspace(0, 1, 299), 0.01, 0.95))
     # 2,000 scores: 13 left above (19 in expectation)
     s = np.arange(2000) / 2000
     assert (s > calibrate_threshold(s, 0.01, 0.9)).sum() == 13
+    assert (s > calibrate_threshold(s, 0.01, 0.95)).sum() == 12  # the committed experiments'
     assert (s > calibrate_threshold(s, 0.01)).sum() == 19
     with pytest.raises(ValueError, match="confidence"):
         calibrate_threshold(s, 0.01, 1.0)
