@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal, get_args
+from typing import ClassVar, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -34,6 +34,19 @@ class ExperimentError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Optional fields that came after experiments had been run: left out of the canonical dump
+    # while unset, so the config hashes (and the cached stages) of experiments that do not use
+    # them stay what they were.
+    _added_later: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_later_fields(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
+        out: dict[str, object] = handler(self)
+        for name in self._added_later:
+            if getattr(self, name) is None:
+                out.pop(name, None)
+        return out
 
 
 class AugmentConfig(_Strict):
@@ -148,14 +161,7 @@ class VerifierConfig(_Strict):
         True, description="Keep the backbone's batch-norm statistics frozen (as Fides)."
     )
 
-    @model_serializer(mode="wrap")
-    def _omit_unset_final_step(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
-        # final_step came later: left out of the canonical dump while unset, so the config
-        # hashes (and the cached stages) of experiments that do not use it stay what they were
-        out: dict[str, object] = handler(self)
-        if self.final_step is None:
-            out.pop("final_step", None)
-        return out
+    _added_later: ClassVar[tuple[str, ...]] = ("final_step",)
 
 
 OutputAttackName = Literal["switch", "avg", "random_switch", "targeted_flip", "noise"]
@@ -259,16 +265,7 @@ class DetectorConfig(_Strict):
     windows: int = Field(400, ge=10, description="Windows drawn per condition in evaluation.")
     gan: GanConfig = Field(default_factory=GanConfig)
 
-    @model_serializer(mode="wrap")
-    def _omit_unset_fpr_confidence(
-        self, handler: SerializerFunctionWrapHandler
-    ) -> dict[str, object]:
-        # fpr_confidence came later: left out of the canonical dump while unset, so the config
-        # hashes of experiments that do not use it stay what they were
-        out: dict[str, object] = handler(self)
-        if self.fpr_confidence is None:
-            out.pop("fpr_confidence", None)
-        return out
+    _added_later: ClassVar[tuple[str, ...]] = ("fpr_confidence",)
 
     @model_validator(mode="after")
     def _fractions(self) -> DetectorConfig:
