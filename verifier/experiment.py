@@ -113,11 +113,14 @@ class StudentConfig(_Strict):
 class PretrainConfig(_Strict):
     """The source task of the verifier's backbone (no downloads: the pipeline makes it)."""
 
-    task: Literal["rotation", "dataset"] = Field(
+    task: Literal["rotation", "dataset", "service"] = Field(
         "rotation",
         description="rotation: predict 0/90/180/270 degree rotations of the target's train "
         "images, labels unused (Gidaris et al., ICLR 2018); dataset: supervised on another "
-        "data set (npz) with the same number of channels.",
+        "data set (npz) with the same number of channels; service: no source task, the "
+        "service model itself pruned to the candidate's widths (each layer keeps its filters "
+        "of largest L1 norm, Li et al., ICLR 2017), head included; the candidate needs the "
+        "service's block count, convs_per_block and pool, and `train` is unused.",
     )
     path: Path | None = Field(None, description="The other data set's .npz (task: dataset).")
     checkpoint: Path | None = Field(

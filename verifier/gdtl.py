@@ -7,7 +7,10 @@ number of unfrozen layers is a manual parameter). Here the loop is real:
 
 1. the backbone is pretrained on a source task (:func:`pretrain_backbone`: rotation
    prediction on the target's images without labels, or another labelled data set, or an
-   earlier checkpoint), then frozen; the head is fresh;
+   earlier checkpoint), then frozen; the head is fresh. Or (task ``service``) the backbone
+   and head are the service model's own, filter-pruned to the candidate's widths
+   (:func:`verifier.nets.prune_filters`): a start that already agrees with the service in
+   its strongest features;
 2. step 0 fine-tunes the head alone with KD from the service model's outputs;
 3. each further step unfreezes the next block from the top and fine-tunes; the step is kept
    only if top-1 fidelity (agreement with the service model on a held-out split) rises by
@@ -39,7 +42,7 @@ from verifier.data import Dataset, Splits, load_npz
 from verifier.experiment import AugmentConfig, NetSpec, PretrainConfig, VerifierConfig
 from verifier.flops import count_flops, memory_estimate
 from verifier.losses import cross_entropy, kd_loss
-from verifier.nets import ConvNet, NetConfig, count_parameters
+from verifier.nets import ConvNet, NetConfig, count_parameters, prune_filters
 from verifier.train import fit, predict_logits
 
 __all__ = [
@@ -125,11 +128,24 @@ def pretrain_backbone(
     stage_dir: Path | None,
     progress: Progress | None = None,
     label: str = "pretrain",
+    service: nn.Module | None = None,
 ) -> tuple[ConvNet, dict[str, object]]:
     """A network of architecture ``spec`` whose blocks are trained on the source task, with a
-    fresh head for the target's classes. Returns the net and a description for the card."""
+    fresh head for the target's classes; or, for task ``service``, the ``service`` model
+    pruned to ``spec`` (its head kept). Returns the net and a description for the card."""
     torch.manual_seed(seed)
     net = ConvNet(spec)
+    if cfg.checkpoint is None and cfg.task == "service":
+        if not isinstance(service, ConvNet):
+            raise ValueError(
+                "pretrain task 'service' prunes the service model, which must be a ConvNet "
+                f"(got {type(service).__name__})"
+            )
+        widths = list(service.cfg.widths)
+        return prune_filters(service, spec), {
+            "source": f"the service model {widths} filter-pruned to {list(spec.widths)} "
+            "(largest L1 norm per layer), head included"
+        }
     if cfg.checkpoint is not None:
         state = torch.load(cfg.checkpoint, weights_only=True)
         state = state.get("model", state)
@@ -420,6 +436,7 @@ def select_verifier(
                 stage_dir=cand_dir / "pretrain" if cand_dir is not None else None,
                 progress=progress,
                 label=f"verifier {i} pretrain",
+                service=service,
             )
             log(f"verifier {i} {list(net_cfg.widths)}: backbone pretrained ({pre['source']})")
             result = greedy_unfreeze(

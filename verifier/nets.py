@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-__all__ = ["ConvNet", "NetConfig", "Normalize", "count_parameters"]
+__all__ = ["ConvNet", "NetConfig", "Normalize", "count_parameters", "prune_filters"]
 
 
 @dataclass(frozen=True)
@@ -117,3 +117,67 @@ class ConvNet(nn.Module):
 
 def count_parameters(net: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in net.parameters() if p.requires_grad or not trainable_only)
+
+
+def prune_filters(net: ConvNet, cfg: NetConfig) -> ConvNet:
+    """A narrower copy of the trained ``net``: every conv layer keeps the ``cfg.widths`` filters
+    of largest L1 norm (over the input channels the layer before kept), with their batch-norm
+    parameters and statistics, and the head keeps the features of the channels left.
+
+    Filter pruning by weight norm: Li, Kadav, Durdanovic, Samet and Graf, "Pruning Filters for
+    Efficient ConvNets", ICLR 2017, section 3.1 (there followed by retraining, as GDTL does
+    here). A feature the head loses is replaced by its running mean (its batch norm's output
+    is then the bias), folded into the logits' bias. ``cfg`` must describe ``net``'s
+    architecture except for the widths, each no larger than ``net``'s, and the head's dropout.
+    """
+    src = net.cfg
+    same = ("convs_per_block", "in_channels", "num_classes", "pool", "image_size", "mean", "std")
+    for name in same:
+        if getattr(cfg, name) != getattr(src, name):
+            raise ValueError(
+                f"cannot prune to this net: {name} is {getattr(cfg, name)!r}, "
+                f"the source net's is {getattr(src, name)!r}"
+            )
+    if len(cfg.widths) != len(src.widths) or any(
+        w < 1 or w > s for w, s in zip(cfg.widths, src.widths, strict=True)
+    ):
+        raise ValueError(
+            f"cannot prune widths {list(src.widths)} to {list(cfg.widths)}: pruning keeps the "
+            "number of blocks and can only remove filters (each width 1..the source's)"
+        )
+    out = ConvNet(cfg)
+    kept = torch.arange(src.in_channels)  # input channels of the next conv layer
+    with torch.no_grad():
+        out.normalize.load_state_dict(net.normalize.state_dict())
+        for src_block, dst_block, width in zip(net.blocks, out.blocks, cfg.widths, strict=True):
+            convs = [m for m in src_block.children() if isinstance(m, nn.Conv2d)]
+            norms = [m for m in src_block.children() if isinstance(m, nn.BatchNorm2d)]
+            dst_convs = [m for m in dst_block.children() if isinstance(m, nn.Conv2d)]
+            dst_norms = [m for m in dst_block.children() if isinstance(m, nn.BatchNorm2d)]
+            for conv, bn, dst_conv, dst_bn in zip(convs, norms, dst_convs, dst_norms, strict=True):
+                weight = conv.weight[:, kept]  # [out, in kept, k, k]
+                l1 = weight.abs().sum(dim=(1, 2, 3))  # [out]
+                keep = torch.sort(torch.argsort(l1, descending=True, stable=True)[:width]).values
+                dst_conv.weight.copy_(weight[keep])
+                for key in ("weight", "bias", "running_mean", "running_var"):
+                    getattr(dst_bn, key).copy_(getattr(bn, key)[keep])
+                kept = keep
+        # head: BatchNorm1d over the pooled features, then Linear; "flatten" lays the last map
+        # out channel-major, so channel c owns features c * (h * w) ... (c + 1) * (h * w) - 1
+        src_bn, src_fc = net.head[2], net.head[4]
+        dst_bn1, dst_fc = out.head[2], out.head[4]
+        assert isinstance(src_bn, nn.BatchNorm1d)
+        assert isinstance(dst_bn1, nn.BatchNorm1d)
+        assert isinstance(src_fc, nn.Linear)
+        assert isinstance(dst_fc, nn.Linear)
+        per_channel = src_bn.num_features // src.widths[-1]
+        cols = (kept[:, None] * per_channel + torch.arange(per_channel)[None, :]).reshape(-1)
+        dropped = torch.ones(src_bn.num_features, dtype=torch.bool)
+        dropped[cols] = False
+        for key in ("weight", "bias", "running_mean", "running_var"):
+            getattr(dst_bn1, key).copy_(getattr(src_bn, key)[cols])
+        dst_fc.weight.copy_(src_fc.weight[:, cols])
+        # a dropped feature at its running mean leaves the batch norm as its bias: fold that
+        # expected contribution into the logits' bias instead of losing it
+        dst_fc.bias.copy_(src_fc.bias + src_fc.weight[:, dropped] @ src_bn.bias[dropped])
+    return out.train(net.training)

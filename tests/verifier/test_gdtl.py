@@ -210,3 +210,38 @@ def test_pretrain_rotation_then_fresh_head_and_checkpoint_reuse(tmp_path: Path) 
         pretrain_backbone(
             spec, PretrainConfig(checkpoint=tmp_path / "wrong.pt"), splits, seed=0, stage_dir=None
         )
+
+
+def test_pretrain_from_the_pruned_service_then_greedy_steps(service: nn.Module) -> None:
+    from verifier.gdtl import pretrain_backbone
+
+    train = tiny_data()
+    splits = Splits(train, tiny_data(48, 1), train, 4, list("abcd"), [0.5], [0.3], "test")
+    spec = NetConfig(widths=(4, 6, 8), num_classes=4, dropout=0.0)
+    pre = PretrainConfig(task="service")
+    pruned, info = pretrain_backbone(spec, pre, splits, seed=0, stage_dir=None, service=service)
+    assert "filter-pruned to [4, 6, 8]" in str(info["source"])
+    assert count_flops(pruned, SHAPE) < count_flops(service, SHAPE)
+    # the service's own head, not a fresh one: the last block keeps all 8 channels, so the
+    # head is the service's, unchanged (the pruned values are checked in test_nets.py)
+    assert torch.equal(pruned.head[4].weight, service.head[4].weight)
+    assert torch.equal(pruned.head[4].bias, service.head[4].bias)
+    with pytest.raises(ValueError, match="must be a ConvNet"):
+        pretrain_backbone(spec, pre, splits, seed=0, stage_dir=None, service=nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="number of blocks"):
+        pretrain_backbone(
+            NetConfig(widths=(4, 6), num_classes=4),
+            pre,
+            splits,
+            seed=0,
+            stage_dir=None,
+            service=service,
+        )
+    c = cfg(pretrain=pre, candidates=[{"widths": [4, 6, 8], "dropout": 0.0}], max_flops_ratio=1.0)
+    result, summary = select_verifier(
+        c.candidates, NetConfig(num_classes=4), service, splits, c, seed=0
+    )
+    assert "filter-pruned" in str(result.extra["pretrain"]["source"])  # type: ignore[index]
+    assert result.path[0].note == "head only"
+    assert len(result.path) >= 2
+    assert summary[0]["flops_ratio_to_service"] < 1.0
