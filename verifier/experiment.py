@@ -132,6 +132,8 @@ class PretrainConfig(_Strict):
     def _path(self) -> PretrainConfig:
         if self.task == "dataset" and self.path is None and self.checkpoint is None:
             raise ValueError("pretrain task 'dataset' needs a path")
+        if self.task == "service" and (self.path is not None or self.checkpoint is not None):
+            raise ValueError("pretrain task 'service' prunes the service: no path or checkpoint")
         return self
 
 
@@ -305,6 +307,29 @@ class Experiment(_Strict):
                 "detector.augment_views needs data.augment (crop_padding or hflip): "
                 "without it every view is the same image"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _prunable_from_the_service(self) -> Experiment:
+        """``pretrain: {task: service}`` prunes the service student: say a mismatch now, not
+        after the teachers and the student have trained."""
+        if self.verifier.pretrain.task != "service":
+            return self
+        svc = self.student.net
+        for i, c in enumerate(self.verifier.candidates):
+            if (c.convs_per_block, c.pool) != (svc.convs_per_block, svc.pool):
+                raise ValueError(
+                    f"verifier.candidates[{i}]: pretrain task 'service' prunes the student, so "
+                    f"convs_per_block and pool must be the student's ({svc.convs_per_block}, "
+                    f"{svc.pool!r})"
+                )
+            if len(c.widths) != len(svc.widths) or any(
+                w > s for w, s in zip(c.widths, svc.widths, strict=True)
+            ):
+                raise ValueError(
+                    f"verifier.candidates[{i}]: widths {c.widths} cannot be pruned from the "
+                    f"student's {svc.widths} (same number of blocks, each no wider)"
+                )
         return self
 
     def config_hash(self) -> str:

@@ -9,8 +9,8 @@ number of unfrozen layers is a manual parameter). Here the loop is real:
    prediction on the target's images without labels, or another labelled data set, or an
    earlier checkpoint), then frozen; the head is fresh. Or (task ``service``) the backbone
    and head are the service model's own, filter-pruned to the candidate's widths
-   (:func:`verifier.nets.prune_filters`): a start that already agrees with the service in
-   its strongest features;
+   (:func:`verifier.nets.prune_filters`): a start built from the service's strongest
+   filters, retrained by the same steps;
 2. step 0 fine-tunes the head alone with KD from the service model's outputs;
 3. each further step unfreezes the next block from the top and fine-tunes; the step is kept
    only if top-1 fidelity (agreement with the service model on a held-out split) rises by
@@ -241,7 +241,8 @@ def greedy_unfreeze(
     candidate: int = 0,
     say: Say | None = None,
 ) -> GreedyResult:
-    """Run the greedy unfreezing loop on ``net`` (backbone pretrained, head fresh)."""
+    """Run the greedy unfreezing loop on ``net`` (backbone pretrained, head fresh; or both
+    pruned from the service)."""
     log: Say = say or (lambda _m: None)
     service.eval()
     budget_bytes = cfg.memory_budget_mb * 2**20

@@ -126,8 +126,7 @@ def prune_filters(net: ConvNet, cfg: NetConfig) -> ConvNet:
 
     Filter pruning by weight norm: Li, Kadav, Durdanovic, Samet and Graf, "Pruning Filters for
     Efficient ConvNets", ICLR 2017, section 3.1 (there followed by retraining, as GDTL does
-    here). A feature the head loses is replaced by its running mean (its batch norm's output
-    is then the bias), folded into the logits' bias. ``cfg`` must describe ``net``'s
+    here). ``cfg`` must describe ``net``'s
     architecture except for the widths, each no larger than ``net``'s, and the head's dropout.
     """
     src = net.cfg
@@ -145,8 +144,9 @@ def prune_filters(net: ConvNet, cfg: NetConfig) -> ConvNet:
             f"cannot prune widths {list(src.widths)} to {list(cfg.widths)}: pruning keeps the "
             "number of blocks and can only remove filters (each width 1..the source's)"
         )
-    out = ConvNet(cfg)
-    kept = torch.arange(src.in_channels)  # input channels of the next conv layer
+    device = next(net.parameters()).device
+    out = ConvNet(cfg).to(device)
+    kept = torch.arange(src.in_channels, device=device)  # input channels of the next conv
     with torch.no_grad():
         out.normalize.load_state_dict(net.normalize.state_dict())
         for src_block, dst_block, width in zip(net.blocks, out.blocks, cfg.widths, strict=True):
@@ -171,13 +171,13 @@ def prune_filters(net: ConvNet, cfg: NetConfig) -> ConvNet:
         assert isinstance(src_fc, nn.Linear)
         assert isinstance(dst_fc, nn.Linear)
         per_channel = src_bn.num_features // src.widths[-1]
-        cols = (kept[:, None] * per_channel + torch.arange(per_channel)[None, :]).reshape(-1)
-        dropped = torch.ones(src_bn.num_features, dtype=torch.bool)
-        dropped[cols] = False
+        offsets = torch.arange(per_channel, device=kept.device)
+        cols = (kept[:, None] * per_channel + offsets[None, :]).reshape(-1)
         for key in ("weight", "bias", "running_mean", "running_var"):
             getattr(dst_bn1, key).copy_(getattr(src_bn, key)[cols])
         dst_fc.weight.copy_(src_fc.weight[:, cols])
-        # a dropped feature at its running mean leaves the batch norm as its bias: fold that
-        # expected contribution into the logits' bias instead of losing it
-        dst_fc.bias.copy_(src_fc.bias + src_fc.weight[:, dropped] @ src_bn.bias[dropped])
+        # the dropped features' contributions are simply lost (as in Li et al.): folding their
+        # expected value (the batch norm's bias) into the logits' bias fixed the mean logits
+        # but lowered the start's agreement with the Fashion-MNIST service (54.6% -> 41.3%)
+        dst_fc.bias.copy_(src_fc.bias)
     return out.train(net.training)

@@ -78,3 +78,39 @@ def test_fpr_confidence_unset_keeps_the_config_hash() -> None:
     data["detector"]["fpr_confidence"] = 1.0  # type: ignore[index]
     with pytest.raises(ExperimentError, match="fpr_confidence"):
         parse_experiment(data)
+
+
+def test_pretrain_from_the_service_is_checked_against_the_student() -> None:
+    data = raw()
+    student = data["student"]["net"]  # type: ignore[index]
+    narrower = [max(1, w // 2) for w in student["widths"]]
+    data["verifier"]["pretrain"] = {"task": "service"}  # type: ignore[index]
+    data["verifier"]["candidates"] = [{**student, "widths": narrower}]  # type: ignore[index]
+    parse_experiment(data)  # same architecture, narrower: fine
+    for bad, match in [
+        ({**student, "widths": [*narrower, 4]}, "cannot be pruned"),
+        ({**student, "widths": [w + 1 for w in student["widths"]]}, "cannot be pruned"),
+        (
+            {
+                **student,
+                "widths": narrower,
+                "pool": "flatten" if student.get("pool") != "flatten" else "gap",
+            },
+            "pool",
+        ),
+        (
+            {
+                **student,
+                "widths": narrower,
+                "convs_per_block": 2 if student.get("convs_per_block", 1) == 1 else 1,
+            },
+            "convs_per_block",
+        ),
+    ]:
+        data["verifier"]["candidates"] = [bad]  # type: ignore[index]
+        with pytest.raises(ExperimentError, match=match):
+            parse_experiment(data)
+    data["verifier"]["candidates"] = [{**student, "widths": narrower}]  # type: ignore[index]
+    data["verifier"]["pretrain"] = {"task": "service", "checkpoint": "x.pt"}  # type: ignore[index]
+    with pytest.raises(ExperimentError, match="no path or checkpoint"):
+        parse_experiment(data)

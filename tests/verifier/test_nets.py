@@ -24,22 +24,29 @@ def trained_like(cfg: NetConfig, seed: int = 0) -> ConvNet:
     return net.eval()
 
 
-def kill_channels(net: ConvNet, block: int, channels: list[int], scale: float = 1e-3) -> None:
+def kill_channels(
+    net: ConvNet, block: int, channels: list[int], scale: float = 1e-3, conv: int | None = None
+) -> None:
     """Make ``channels`` of every conv in ``block`` output exactly 0 after ReLU, and shrink
-    their filters so they have the smallest L1 norms: pruning them must not change the net.
-    In the last block the head's batch norm learns their mean, 0, so the head can fold them."""
+    their filters so they have the smallest L1 norms: pruning them must not change the net."""
+    convs = [m for m in net.blocks[block] if isinstance(m, nn.Conv2d)]
+    norms = [m for m in net.blocks[block] if isinstance(m, nn.BatchNorm2d)]
+    last = len(convs) - 1
     with torch.no_grad():
-        for m in net.blocks[block]:
-            if isinstance(m, nn.Conv2d):
-                m.weight[channels] *= scale
-            if isinstance(m, nn.BatchNorm2d):
-                m.bias[channels] = -10.0  # ReLU(bn(anything this small)) == 0
-                m.running_mean[channels] = 0.0
-        if block == len(net.blocks) - 1:
+        for i, (c, bn) in enumerate(zip(convs, norms, strict=True)):
+            if conv is not None and i != conv:
+                continue
+            c.weight[channels] *= scale
+            bn.bias[channels] = -10.0  # ReLU(bn(anything this small)) == 0
+            bn.running_mean[channels] = 0.0
+        if conv is not None and conv != last:
+            return
+        if block == len(net.blocks) - 1:  # the head's batch norm maps them to 0 as well
             bn = net.head[2]
             per_channel = bn.num_features // net.cfg.widths[-1]
             for c in channels:
                 bn.running_mean[c * per_channel : (c + 1) * per_channel] = 0.0
+                bn.bias[c * per_channel : (c + 1) * per_channel] = 0.0
 
 
 @pytest.mark.parametrize("pool", ["flatten", "gap"])
@@ -48,8 +55,12 @@ def test_pruning_dead_channels_keeps_the_function(pool: str, convs: int) -> None
     cfg = NetConfig(widths=(6, 8, 10), convs_per_block=convs, pool=pool, image_size=(9, 9))
     net = trained_like(cfg)
     kill_channels(net, 0, [1, 4])
-    kill_channels(net, 1, [0, 3, 7])
     kill_channels(net, 2, [2, 5, 6, 9])
+    if convs == 1:
+        kill_channels(net, 1, [0, 3, 7])
+    else:  # each conv of a block chooses its own filters
+        kill_channels(net, 1, [0, 3, 7], conv=0)
+        kill_channels(net, 1, [1, 2, 6], conv=1)
     small = NetConfig(widths=(4, 5, 6), convs_per_block=convs, pool=pool, image_size=(9, 9))
     pruned = prune_filters(net, small).eval()
     x = torch.rand(16, 1, 9, 9)
@@ -75,13 +86,19 @@ def test_pruning_to_the_same_widths_is_a_copy() -> None:
 
 def test_pruning_keeps_largest_l1_filters_given_the_kept_inputs() -> None:
     net = trained_like(NetConfig(widths=(4, 6)))
-    pruned = prune_filters(net, NetConfig(widths=(2, 3)))
-    w0 = net.blocks[0][0].weight
-    keep0 = sorted(w0.abs().sum((1, 2, 3)).topk(2).indices.tolist())
-    w1 = net.blocks[1][0].weight[:, keep0]  # only the inputs that survived count
-    keep1 = sorted(w1.abs().sum((1, 2, 3)).topk(3).indices.tolist())
-    assert torch.equal(pruned.blocks[1][0].weight, w1[keep1])
-    assert torch.equal(pruned.head[4].weight, net.head[4].weight[:, keep1])  # gap: 1 per channel
+    with torch.no_grad():
+        w0, w1 = net.blocks[0][0].weight, net.blocks[1][0].weight
+        w0.copy_(torch.tensor([4.0, 1.0, 3.0, 2.0]).view(4, 1, 1, 1).expand_as(w0))
+        w1.fill_(0.1)
+        w1[5, 1] = 10.0  # the largest filter over all inputs, but only through input 1,
+        w1[2, 0] = 1.0  # which is pruned: over the kept inputs 0 and 2, filters 2 and 4
+        w1[4, 2] = 2.0  # are the largest
+    pruned = prune_filters(net, NetConfig(widths=(2, 2)))
+    assert torch.equal(pruned.blocks[0][0].weight, w0[[0, 2]])
+    assert torch.equal(pruned.blocks[1][0].weight, w1[[2, 4]][:, [0, 2]])
+    assert torch.equal(pruned.head[4].weight, net.head[4].weight[:, [2, 4]])  # gap: 1 per channel
+    assert torch.equal(pruned.head[4].bias, net.head[4].bias)
+    assert not pruned.training  # the source's mode
 
 
 @pytest.mark.parametrize(
