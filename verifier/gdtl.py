@@ -133,8 +133,6 @@ def pretrain_backbone(
     """A network of architecture ``spec`` whose blocks are trained on the source task, with a
     fresh head for the target's classes; or, for task ``service``, the ``service`` model
     pruned to ``spec`` (its head kept). Returns the net and a description for the card."""
-    torch.manual_seed(seed)
-    net = ConvNet(spec)
     if cfg.checkpoint is None and cfg.task == "service":
         if not isinstance(service, ConvNet):
             raise ValueError(
@@ -146,6 +144,8 @@ def pretrain_backbone(
             "source": f"the service model {widths} filter-pruned to {list(spec.widths)} "
             "(largest L1 norm per layer), head included"
         }
+    torch.manual_seed(seed)
+    net = ConvNet(spec)
     if cfg.checkpoint is not None:
         state = torch.load(cfg.checkpoint, weights_only=True)
         state = state.get("model", state)

@@ -126,8 +126,8 @@ def prune_filters(net: ConvNet, cfg: NetConfig) -> ConvNet:
 
     Filter pruning by weight norm: Li, Kadav, Durdanovic, Samet and Graf, "Pruning Filters for
     Efficient ConvNets", ICLR 2017, section 3.1 (there followed by retraining, as GDTL does
-    here). ``cfg`` must describe ``net``'s
-    architecture except for the widths, each no larger than ``net``'s, and the head's dropout.
+    here). ``cfg`` must describe ``net``'s architecture except for the widths, each no larger
+    than ``net``'s, and the head's dropout.
     """
     src = net.cfg
     same = ("convs_per_block", "in_channels", "num_classes", "pool", "image_size", "mean", "std")
@@ -159,8 +159,7 @@ def prune_filters(net: ConvNet, cfg: NetConfig) -> ConvNet:
                 l1 = weight.abs().sum(dim=(1, 2, 3))  # [out]
                 keep = torch.sort(torch.argsort(l1, descending=True, stable=True)[:width]).values
                 dst_conv.weight.copy_(weight[keep])
-                for key in ("weight", "bias", "running_mean", "running_var"):
-                    getattr(dst_bn, key).copy_(getattr(bn, key)[keep])
+                _copy_batchnorm(dst_bn, bn, keep)
                 kept = keep
         # head: BatchNorm1d over the pooled features, then Linear; "flatten" lays the last map
         # out channel-major, so channel c owns features c * (h * w) ... (c + 1) * (h * w) - 1
@@ -173,11 +172,16 @@ def prune_filters(net: ConvNet, cfg: NetConfig) -> ConvNet:
         per_channel = src_bn.num_features // src.widths[-1]
         offsets = torch.arange(per_channel, device=kept.device)
         cols = (kept[:, None] * per_channel + offsets[None, :]).reshape(-1)
-        for key in ("weight", "bias", "running_mean", "running_var"):
-            getattr(dst_bn1, key).copy_(getattr(src_bn, key)[cols])
+        _copy_batchnorm(dst_bn1, src_bn, cols)
         dst_fc.weight.copy_(src_fc.weight[:, cols])
         # the dropped features' contributions are simply lost (as in Li et al.): folding their
         # expected value (the batch norm's bias) into the logits' bias fixed the mean logits
         # but lowered the start's agreement with the Fashion-MNIST service (54.6% -> 41.3%)
         dst_fc.bias.copy_(src_fc.bias)
     return out.train(net.training)
+
+
+def _copy_batchnorm(dst: nn.Module, src: nn.Module, idx: torch.Tensor) -> None:
+    """``dst``'s affine parameters and running statistics: ``src``'s at the features ``idx``."""
+    for key in ("weight", "bias", "running_mean", "running_var"):
+        getattr(dst, key).copy_(getattr(src, key)[idx])
