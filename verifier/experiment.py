@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import ClassVar, Literal, get_args
+from typing import ClassVar, Literal, Protocol, get_args
 
 import yaml
 from pydantic import (
@@ -25,7 +26,7 @@ from pydantic import (
 
 from gateway.model_config import format_validation_error
 
-__all__ = ["Experiment", "ExperimentError", "load_experiment"]
+__all__ = ["Experiment", "ExperimentError", "load_experiment", "pruning_mismatch"]
 
 
 class ExperimentError(ValueError):
@@ -81,6 +82,35 @@ class NetSpec(_Strict):
         description="Head: global average pooling (Fides' verifier head) or the flattened last "
         "feature map (better for small service models on small images).",
     )
+
+
+class _Layout(Protocol):
+    """What :class:`NetSpec` and ``verifier.nets.NetConfig`` share."""
+
+    @property
+    def widths(self) -> Sequence[int]: ...
+    @property
+    def convs_per_block(self) -> int: ...
+    @property
+    def pool(self) -> str: ...
+
+
+def pruning_mismatch(source: _Layout, target: _Layout) -> str | None:
+    """Why filter pruning cannot turn a net of layout ``source`` into one of layout ``target``
+    (same blocks, convs per block and pool; each width 1..the source's), or None."""
+    if (target.convs_per_block, target.pool) != (source.convs_per_block, source.pool):
+        return (
+            f"convs_per_block and pool must be the source net's ({source.convs_per_block}, "
+            f"{source.pool!r}), not ({target.convs_per_block}, {target.pool!r})"
+        )
+    if len(target.widths) != len(source.widths) or any(
+        w < 1 or w > s for w, s in zip(target.widths, source.widths, strict=True)
+    ):
+        return (
+            f"widths {list(target.widths)} cannot be pruned from {list(source.widths)}: pruning "
+            "keeps the number of blocks and can only remove filters (each width 1..the source's)"
+        )
+    return None
 
 
 class OptimConfig(_Strict):
@@ -315,21 +345,10 @@ class Experiment(_Strict):
         after the teachers and the student have trained."""
         if self.verifier.pretrain.task != "service":
             return self
-        svc = self.student.net
-        for i, c in enumerate(self.verifier.candidates):
-            if (c.convs_per_block, c.pool) != (svc.convs_per_block, svc.pool):
-                raise ValueError(
-                    f"verifier.candidates[{i}]: pretrain task 'service' prunes the student, so "
-                    f"convs_per_block and pool must be the student's ({svc.convs_per_block}, "
-                    f"{svc.pool!r})"
-                )
-            if len(c.widths) != len(svc.widths) or any(
-                w > s for w, s in zip(c.widths, svc.widths, strict=True)
-            ):
-                raise ValueError(
-                    f"verifier.candidates[{i}]: widths {c.widths} cannot be pruned from the "
-                    f"student's {svc.widths} (same number of blocks, each no wider)"
-                )
+        for i, candidate in enumerate(self.verifier.candidates):
+            problem = pruning_mismatch(self.student.net, candidate)
+            if problem is not None:
+                raise ValueError(f"verifier.candidates[{i}]: pretrain task 'service': {problem}")
         return self
 
     def config_hash(self) -> str:

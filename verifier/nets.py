@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from verifier.experiment import pruning_mismatch
+
 __all__ = ["ConvNet", "NetConfig", "Normalize", "count_parameters", "prune_filters"]
 
 
@@ -130,20 +132,15 @@ def prune_filters(net: ConvNet, cfg: NetConfig) -> ConvNet:
     than ``net``'s, and the head's dropout.
     """
     src = net.cfg
-    same = ("convs_per_block", "in_channels", "num_classes", "pool", "image_size", "mean", "std")
-    for name in same:
+    problem = pruning_mismatch(src, cfg)
+    if problem is not None:
+        raise ValueError(f"cannot prune to this net: {problem}")
+    for name in ("in_channels", "num_classes", "image_size", "mean", "std"):
         if getattr(cfg, name) != getattr(src, name):
             raise ValueError(
                 f"cannot prune to this net: {name} is {getattr(cfg, name)!r}, "
                 f"the source net's is {getattr(src, name)!r}"
             )
-    if len(cfg.widths) != len(src.widths) or any(
-        w < 1 or w > s for w, s in zip(cfg.widths, src.widths, strict=True)
-    ):
-        raise ValueError(
-            f"cannot prune widths {list(src.widths)} to {list(cfg.widths)}: pruning keeps the "
-            "number of blocks and can only remove filters (each width 1..the source's)"
-        )
     device = next(net.parameters()).device
     out = ConvNet(cfg).to(device)
     kept = torch.arange(src.in_channels, device=device)  # input channels of the next conv
