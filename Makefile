@@ -6,30 +6,46 @@ PY := $(VENV)/bin/python
 FIDES := $(VENV)/bin/fides
 REPO ?= model_repository
 PIP_QUIET ?= -q
+LOCK := requirements.lock
+PIP_TOOLS := pip-tools==7.7.0
 
-.PHONY: install install-dev deploy-tools sync-deploy run models test lint bench clean
+.PHONY: install install-dev deploy-tools sync-deploy run models test lint lock bench clean
 
 $(VENV)/bin/python:
 	@echo "==> creating $(VENV) with $(PYTHON)"
 	$(PYTHON) -m venv $(VENV)
 
-# torch first: pick the CPU build where pip can see one locally (scripts/install_torch.py)
-$(VENV)/.installed: $(VENV)/bin/python pyproject.toml scripts/install_torch.py
-	@echo "==> installing torch ($$($(PY) scripts/install_torch.py))"
-	$(PY) -m pip install $(PIP_QUIET) "$$($(PY) scripts/install_torch.py)"
-	@echo "==> installing fides-gateway"
-	$(PY) -m pip install $(PIP_QUIET) -e .
+# Every install takes its versions from the lock file (requirements.lock, `make lock`), as
+# constraints: torch first (its build chosen by scripts/install_torch.py), then the build
+# backend, then the project without build isolation, so nothing resolves "the newest" anywhere.
+CONSTRAINTS := $(VENV)/constraints.txt
+PIP_INSTALL := $(PY) -m pip install $(PIP_QUIET) -c $(CONSTRAINTS)
+
+$(VENV)/.installed: $(VENV)/bin/python pyproject.toml $(LOCK) scripts/install_torch.py
+	@echo "==> installing torch ($$($(PY) scripts/install_torch.py --constraints $(CONSTRAINTS)))"
+	$(PIP_INSTALL) "$$($(PY) scripts/install_torch.py --constraints $(CONSTRAINTS))"
+	@echo "==> installing fides-gateway (versions from $(LOCK))"
+	$(PIP_INSTALL) setuptools wheel
+	$(PIP_INSTALL) --no-build-isolation -e .
 	@touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
 	@echo "==> installing test and lint tools"
-	$(PY) -m pip install $(PIP_QUIET) -e ".[dev]"
+	$(PIP_INSTALL) --no-build-isolation -e ".[dev]"
 	@touch $@
 
-# promtool, amtool (apt-get) and helm-sdkpy (pip) for the deployment checks in tests/deploy
-$(VENV)/.deploy-tools: $(VENV)/.installed-dev scripts/install_deploy_tools.sh
-	scripts/install_deploy_tools.sh $(PY) $(PIP_QUIET)
-	@touch $@
+# Re-resolve requirements.lock from pyproject.toml against the torch installed in .venv (the one
+# install_torch.py chose). Existing pins are kept unless UPGRADE=1; commit the result.
+lock: $(VENV)/.installed
+	$(PY) -m pip install $(PIP_QUIET) "$(PIP_TOOLS)"
+	torch=$$($(PY) -c 'import torch; print(torch.__version__.split("+")[0])') \
+	  && echo "torch==$$torch" > $(VENV)/lock-torch.txt \
+	  && CUSTOM_COMPILE_COMMAND="make lock" $(VENV)/bin/pip-compile --quiet --extra dev \
+	       --all-build-deps --allow-unsafe --strip-extras --no-emit-index-url \
+	       --no-emit-find-links --no-emit-trusted-host $(if $(UPGRADE),--upgrade) \
+	       --constraint $(VENV)/lock-torch.txt --output-file $(LOCK) pyproject.toml
+	@# the local label of a CPU wheel (+cpu) is the machine's business, not the lock's
+	sed -i -E 's/^torch==([^+ ]+)\+[^ ]*/torch==\1/' $(LOCK)
 
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev

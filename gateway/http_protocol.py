@@ -13,16 +13,72 @@
 
 The h11 protocol enforces a head size limit of its own, but it cost 20% of a small request's
 throughput (measured side by side, docs/reliability.md), so the limits live here instead.
+
+This subclasses an internal of uvicorn, which a minor release may change. pyproject.toml pins
+the range of uvicorn releases it was checked against; :func:`internals_problems` lists what
+it relies on that a release no longer has, and :func:`limited_http_protocol` refuses to start
+the server on such a release, naming what changed (tests/gateway/test_http_protocol.py runs
+the same check).
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 
+from uvicorn.protocols.http import httptools_impl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-__all__ = ["LimitedHttpToolsProtocol", "limited_http_protocol"]
+__all__ = ["LimitedHttpToolsProtocol", "internals_problems", "limited_http_protocol"]
+
+# What this module relies on in uvicorn's HttpToolsProtocol: the methods it overrides or calls,
+# with their parameters (after self), and the attributes it reads.
+_METHODS = {
+    "connection_made": ["transport"],
+    "connection_lost": ["exc"],
+    "data_received": ["data"],
+    "on_message_begin": [],
+    "on_url": ["url"],
+    "on_header": ["name", "value"],
+    "on_headers_complete": [],
+    "send_400_response": ["msg"],
+}
+_ATTRIBUTES = ("transport", "loop", "cycle")  # set in __init__ / connection_made
+_CYCLE_ATTRIBUTES = ("response_complete",)  # RequestResponseCycle
+
+
+def internals_problems() -> list[str]:
+    """What :class:`LimitedHttpToolsProtocol` needs from uvicorn and the installed release
+    lacks (empty when all is there)."""
+    problems = []
+    for name, params in _METHODS.items():
+        method = getattr(HttpToolsProtocol, name, None)
+        if method is None:
+            problems.append(f"HttpToolsProtocol.{name} is gone")
+            continue
+        got = list(inspect.signature(method).parameters)[1:]
+        if got != params:
+            problems.append(f"HttpToolsProtocol.{name} takes {got}, not {params}")
+    init = inspect.getsource(HttpToolsProtocol.__init__) + inspect.getsource(
+        HttpToolsProtocol.connection_made
+    )
+    problems += [
+        f"HttpToolsProtocol no longer sets self.{a}"
+        for a in _ATTRIBUTES
+        if f"self.{a} " not in init and f"self.{a}:" not in init
+    ]
+    cycle_init = inspect.getsource(httptools_impl.RequestResponseCycle.__init__)
+    problems += [
+        f"RequestResponseCycle no longer sets self.{a}"
+        for a in _CYCLE_ATTRIBUTES
+        if f"self.{a} " not in cycle_init
+    ]
+    # a parser callback that raises must still end in send_400_response (how 431 is sent)
+    if "send_400_response" not in inspect.getsource(HttpToolsProtocol.data_received):
+        problems.append("HttpToolsProtocol.data_received no longer answers parser errors with "
+                        "send_400_response")
+    return problems
 
 
 class _HeadTooLarge(Exception):
@@ -139,7 +195,16 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 def limited_http_protocol(
     header_timeout_s: float, max_head_bytes: int = 64 * 1024
 ) -> type[LimitedHttpToolsProtocol]:
-    """The protocol class for ``uvicorn.run(http=...)`` with these limits."""
+    """The protocol class for ``uvicorn.run(http=...)`` with these limits; refuses (with what
+    changed) a uvicorn release whose internals this module does not fit."""
+    problems = internals_problems()
+    if problems:
+        import uvicorn
+
+        raise RuntimeError(
+            f"uvicorn {uvicorn.__version__} is not supported by gateway/http_protocol.py "
+            f"(install the range pyproject.toml pins): {'; '.join(problems)}"
+        )
     return type(
         "LimitedHttpToolsProtocol",
         (LimitedHttpToolsProtocol,),

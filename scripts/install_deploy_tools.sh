@@ -4,15 +4,18 @@
 #   promtool + amtool, and the prometheus and prometheus-alertmanager servers the alerting test
 #                      starts: Debian's prometheus and prometheus-alertmanager packages
 #                      (apt-get, as root), unless all four are already on PATH;
-#   helm-sdkpy:        the Helm 4 library for Python, into the project's virtualenv. It declares
-#                      Python >= 3.12 but runs on 3.11 (a cffi binding to a Go shared object), so
-#                      on 3.11 it goes in with --ignore-requires-python plus cffi and pycparser.
+#   helm-sdkpy:        the Helm 4 library for Python, into the project's virtualenv, at an exact
+#                      version. It declares Python >= 3.12 but runs on 3.11 (a cffi binding to a
+#                      Go shared object), so pip-compile cannot put it in requirements.lock for
+#                      3.11: it goes in with --ignore-requires-python --no-deps, and its cffi and
+#                      pycparser come from the lock (CONSTRAINTS).
 # Fails loudly with what to do when it cannot install something; never skips.
 set -euo pipefail
-PY="${1:?usage: install_deploy_tools.sh VENV_PYTHON [PIP_FLAGS...]}"
-shift
+PY="${1:?usage: install_deploy_tools.sh VENV_PYTHON CONSTRAINTS [PIP_FLAGS...]}"
+CONSTRAINTS="${2:?usage: install_deploy_tools.sh VENV_PYTHON CONSTRAINTS [PIP_FLAGS...]}"
+shift 2
 PIP_FLAGS=("$@")  # e.g. -q
-HELM_SDKPY_SPEC="${HELM_SDKPY_SPEC:-helm-sdkpy>=0.1.32,<0.2}"
+HELM_SDKPY_SPEC="${HELM_SDKPY_SPEC:-helm-sdkpy==0.1.32}"
 
 MONITORING_TOOLS=(promtool amtool prometheus prometheus-alertmanager)
 missing=()
@@ -42,9 +45,9 @@ done
 if ! "$PY" -c "import helm_sdkpy" 2>/dev/null; then
     echo "==> installing $HELM_SDKPY_SPEC into the virtualenv"
     if "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 12))'; then
-        "$PY" -m pip install "${PIP_FLAGS[@]}" "$HELM_SDKPY_SPEC"
+        "$PY" -m pip install "${PIP_FLAGS[@]}" -c "$CONSTRAINTS" "$HELM_SDKPY_SPEC"
     else
-        "$PY" -m pip install "${PIP_FLAGS[@]}" cffi pycparser
+        "$PY" -m pip install "${PIP_FLAGS[@]}" -c "$CONSTRAINTS" cffi pycparser
         "$PY" -m pip install "${PIP_FLAGS[@]}" --ignore-requires-python --no-deps "$HELM_SDKPY_SPEC"
     fi
 fi
