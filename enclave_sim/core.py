@@ -105,10 +105,21 @@ class VerifiedItem:
 
 
 @dataclass(frozen=True)
+class RejectedItem:
+    """One request of a batch that the enclave refused (a bad id, nonce or input); the other
+    requests of the batch are verified and signed as if it had not been there."""
+
+    id: str | None  # None when the request did not even carry a string id
+    code: str  # the enclave error code, e.g. "bad_request"
+    message: str
+
+
+@dataclass(frozen=True)
 class VerifyOutput:
-    seq: int
-    items: list[VerifiedItem]
-    result: bytes  # the signed batch result (COSE_Sign1), also inside each item's evidence
+    seq: int  # the signed result's sequence number (unchanged when every request was refused)
+    items: list[VerifiedItem | RejectedItem]  # one per request, in request order
+    result: bytes  # the signed batch result (COSE_Sign1), also inside each item's evidence;
+    # empty when every request was refused (nothing was signed)
 
 
 @dataclass
@@ -286,56 +297,44 @@ class EnclaveCore:
 
     # -- verification --------------------------------------------------------------------
 
-    def _check(self, requests: Sequence[VerifyRequest]) -> int:
+    def verify(self, requests: Sequence[VerifyRequest | RejectedItem]) -> VerifyOutput:
+        """Run the verifier on a batch and sign its result, bound to each request's exact
+        input bytes, nonce and id (see enclave_sim.evidence for the format).
+
+        Each request is checked on its own (:func:`check_request`): a bad one gets a
+        :class:`RejectedItem` in its place and the others are verified and signed without it,
+        so one request never fails the others of its batch. Only what concerns the whole call
+        refuses it whole: no request at all, or more rows than ``max_batch_size``."""
         if not requests:
             raise BadRequest("verify needs at least one request")
-        names = {s.name for s in self.inputs}
-        rows = 0
-        for r in requests:
-            if not isinstance(r.id, str) or not 0 < len(r.id) <= MAX_REQUEST_ID:
-                raise BadRequest(f"request ids must be strings of 1..{MAX_REQUEST_ID} characters")
-            if not isinstance(r.nonce, bytes) or not MIN_NONCE <= len(r.nonce) <= MAX_NONCE:
-                raise BadRequest(f"request {r.id}: nonce must be {MIN_NONCE}..{MAX_NONCE} bytes")
-            if set(r.inputs) != names:
-                raise BadRequest(
-                    f"request {r.id}: inputs {sorted(r.inputs)} do not match the verifier's "
-                    f"{sorted(names)}"
-                )
-            n = None
-            for spec in self.inputs:
-                x = r.inputs[spec.name]
-                if datatype_of(x) != spec.datatype:
-                    raise BadRequest(
-                        f"request {r.id}: input {spec.name} is {datatype_of(x)}, "
-                        f"the verifier takes {spec.datatype}"
-                    )
-                if x.ndim != len(spec.shape) or any(
-                    want not in (-1, got)
-                    for want, got in zip(spec.shape[1:], x.shape[1:], strict=True)
-                ):
-                    raise BadRequest(
-                        f"request {r.id}: input {spec.name} has shape {list(x.shape)}, "
-                        f"the verifier takes {list(spec.shape)}"
-                    )
-                if x.shape[0] < 1 or (n is not None and x.shape[0] != n):
-                    raise BadRequest(f"request {r.id}: inputs need the same number (>0) of rows")
-                n = x.shape[0]
-            rows += n or 0
+        items: list[VerifiedItem | RejectedItem | None] = [None] * len(requests)
+        accepted: list[tuple[int, VerifyRequest, int]] = []  # (position, request, rows)
+        for i, r in enumerate(requests):
+            if isinstance(r, RejectedItem):
+                items[i] = r
+                continue
+            try:
+                accepted.append((i, r, check_request(r, self.inputs)))
+            except BadRequest as exc:
+                items[i] = RejectedItem(r.id if isinstance(r.id, str) else None, exc.code, str(exc))
+        rejected = len(requests) - len(accepted)
+        if rejected:
+            with self._lock:
+                self.counters.errors += rejected
+        rows = sum(n for _, _, n in accepted)
         if rows > self.config.max_batch_size:
             raise BatchTooLarge(
                 f"{rows} rows in one call; the verifier takes at most {self.config.max_batch_size}"
             )
-        return rows
+        if not accepted:
+            return VerifyOutput(self._seq, [it for it in items if it is not None], b"")
+        signed = self._verify_signed([r for _, r, _ in accepted], rows)
+        for (i, _, _), item in zip(accepted, signed.items, strict=True):
+            items[i] = item
+        return VerifyOutput(signed.seq, [it for it in items if it is not None], signed.result)
 
-    def verify(self, requests: Sequence[VerifyRequest]) -> VerifyOutput:
-        """Run the verifier on a batch and sign its result, bound to each request's exact
-        input bytes, nonce and id (see enclave_sim.evidence for the format)."""
-        try:
-            rows = self._check(requests)
-        except BadRequest:
-            with self._lock:
-                self.counters.errors += 1
-            raise
+    def _verify_signed(self, requests: Sequence[VerifyRequest], rows: int) -> VerifyOutput:
+        """Run the verifier on checked requests and sign one result over all of them."""
         busy_wait_us(self.resources.transition_us + self.penalty_us)
         feeds = {
             s.name: np.concatenate([np.asarray(r.inputs[s.name]) for r in requests], axis=0)
@@ -377,7 +376,7 @@ class EnclaveCore:
             result = cose.sign1(cbor2.dumps(payload), self._result_cose)
             self.counters.calls += 1
             self.counters.rows += rows
-        items = [
+        items: list[VerifiedItem | RejectedItem] = [
             VerifiedItem(
                 r.id,
                 per_request[i],
@@ -398,18 +397,102 @@ class EnclaveCore:
         return self._leaf
 
 
-def parse_requests(raw: Any) -> list[VerifyRequest]:
-    """Wire ``requests`` -> VerifyRequest list; every field checked."""
+def check_request(r: VerifyRequest, specs: Sequence[InputSpec]) -> int:
+    """The rows of one request, or :class:`BadRequest` naming what the enclave refuses in it.
+
+    The gateway runs this very check before a request joins a shared enclave call, so a bad
+    request is refused alone there (400) and never reaches the batch."""
+    if not isinstance(r.id, str) or not 0 < len(r.id) <= MAX_REQUEST_ID:
+        raise BadRequest(f"request ids must be strings of 1..{MAX_REQUEST_ID} characters")
+    if not isinstance(r.nonce, bytes) or not MIN_NONCE <= len(r.nonce) <= MAX_NONCE:
+        raise BadRequest(f"request {r.id}: nonce must be {MIN_NONCE}..{MAX_NONCE} bytes")
+    names = {s.name for s in specs}
+    if set(r.inputs) != names:
+        raise BadRequest(
+            f"request {r.id}: inputs {sorted(r.inputs)} do not match the verifier's {sorted(names)}"
+        )
+    n = None
+    for spec in specs:
+        x = r.inputs[spec.name]
+        if datatype_of(x) != spec.datatype:
+            raise BadRequest(
+                f"request {r.id}: input {spec.name} is {datatype_of(x)}, "
+                f"the verifier takes {spec.datatype}"
+            )
+        if x.ndim != len(spec.shape) or any(
+            want not in (-1, got) for want, got in zip(spec.shape[1:], x.shape[1:], strict=True)
+        ):
+            raise BadRequest(
+                f"request {r.id}: input {spec.name} has shape {list(x.shape)}, "
+                f"the verifier takes {list(spec.shape)}"
+            )
+        if x.shape[0] < 1 or (n is not None and x.shape[0] != n):
+            raise BadRequest(f"request {r.id}: inputs need the same number (>0) of rows")
+        n = x.shape[0]
+    return n or 0
+
+
+def input_specs(model: bytes) -> list[InputSpec]:
+    """The inputs of an ONNX verifier as the enclave sees them, read from the graph without
+    loading it into onnxruntime (what the gateway checks requests against)."""
+    import onnx
+
+    by_proto = {
+        getattr(onnx.TensorProto, name): oip
+        for name, oip in (
+            ("BOOL", "BOOL"),
+            ("UINT8", "UINT8"),
+            ("UINT16", "UINT16"),
+            ("UINT32", "UINT32"),
+            ("UINT64", "UINT64"),
+            ("INT8", "INT8"),
+            ("INT16", "INT16"),
+            ("INT32", "INT32"),
+            ("INT64", "INT64"),
+            ("FLOAT16", "FP16"),
+            ("FLOAT", "FP32"),
+            ("DOUBLE", "FP64"),
+        )
+    }
+    try:
+        graph = onnx.load_model_from_string(model).graph
+    except Exception as exc:  # protobuf's DecodeError, and whatever else a bad file raises
+        raise BootError(f"the verifier is not an ONNX model: {type(exc).__name__}: {exc}") from None
+    initialized = {t.name for t in graph.initializer}
+    specs = []
+    for arg in graph.input:
+        if arg.name in initialized:
+            continue
+        t = arg.type.tensor_type
+        datatype = by_proto.get(t.elem_type)
+        if datatype is None:
+            raise BootError(f"verifier input {arg.name} has unsupported element type {t.elem_type}")
+        dims = tuple(
+            d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else -1 for d in t.shape.dim
+        )
+        if not dims:
+            raise BootError(f"verifier input {arg.name} must have a batch axis")
+        specs.append(InputSpec(arg.name, datatype, dims))
+    return specs
+
+
+def parse_requests(raw: Any) -> list[VerifyRequest | RejectedItem]:
+    """Wire ``requests`` -> one VerifyRequest per item, every field checked; an item that
+    cannot be read becomes a RejectedItem in its place (the others are still verified)."""
     if not isinstance(raw, list):
         raise BadRequest("requests must be a list")
-    out = []
+    out: list[VerifyRequest | RejectedItem] = []
     for i, item in enumerate(raw):
-        if not isinstance(item, dict):
-            raise BadRequest(f"requests[{i}] must be a map")
-        rid, nonce = item.get("id"), item.get("nonce")
-        if not isinstance(rid, str) or not isinstance(nonce, bytes):
-            raise BadRequest(f"requests[{i}] needs a string id and a byte-string nonce")
-        out.append(VerifyRequest(rid, nonce, decode_tensors(item.get("inputs"), what=rid)))
+        rid = item.get("id") if isinstance(item, dict) else None
+        try:
+            if not isinstance(item, dict):
+                raise BadRequest(f"requests[{i}] must be a map")
+            nonce = item.get("nonce")
+            if not isinstance(rid, str) or not isinstance(nonce, bytes):
+                raise BadRequest(f"requests[{i}] needs a string id and a byte-string nonce")
+            out.append(VerifyRequest(rid, nonce, decode_tensors(item.get("inputs"), what=rid)))
+        except BadRequest as exc:
+            out.append(RejectedItem(rid if isinstance(rid, str) else None, exc.code, str(exc)))
     return out
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from enclave_sim import protocol
-from enclave_sim.core import EnclaveCore, parse_requests
+from enclave_sim.core import EnclaveCore, RejectedItem, parse_requests
 from enclave_sim.errors import (
     BadRequest,
     BootError,
@@ -174,7 +174,9 @@ class EnclaveServer:
         return {
             "seq": out.seq,
             "items": [
-                {
+                {"id": item.id, "error": {"code": item.code, "message": item.message}}
+                if isinstance(item, RejectedItem)
+                else {
                     "id": item.id,
                     "outputs": {n: encode_tensor(np.asarray(v)) for n, v in item.outputs.items()},
                     "evidence": item.evidence,

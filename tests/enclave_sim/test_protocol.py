@@ -130,7 +130,10 @@ def test_unknown_op_and_bad_arguments(enclave: RunningEnclave) -> None:
                 }
             ],
         )
-        assert call(s, bad)["error"]["code"] == "bad_request"
+        (item,) = call(s, bad)["result"]["items"]  # refused alone, the call answered
+        assert item["id"] == "r"
+        assert item["error"]["code"] == "bad_request"
+        assert "evidence" not in item
         big = _verify_body(4, np.zeros((65, 4), np.float32))
         assert call(s, big)["error"]["code"] == "batch_too_large"
     _still_serves(enclave)

@@ -24,7 +24,7 @@ from enclave_sim.attestation import (
     verify_attestation,
 )
 from enclave_sim.config import VerifierConfig
-from enclave_sim.core import EnclaveCore, VerifyRequest
+from enclave_sim.core import EnclaveCore, RejectedItem, VerifiedItem, VerifyRequest
 from enclave_sim.errors import BadRequest, BatchTooLarge, ModelTooLarge
 from enclave_sim.evidence import merkle_root_from_proof, merkle_tree
 from enclave_sim.pki import PlatformIdentity
@@ -216,19 +216,44 @@ def test_canonical_tensor_bytes_name_type_and_shape() -> None:
     assert tensor_digest(x) == tensor_digest(x.astype(">f4"))  # byte order does not matter
 
 
-def test_bad_requests_are_refused(core: EnclaveCore) -> None:
+def test_bad_requests_are_refused_each_alone(core: EnclaveCore) -> None:
     good = _request(0).inputs["input"]
-    cases = [
-        [],
-        [VerifyRequest("a", b"n" * 16, {"other": good})],
-        [VerifyRequest("a", b"n" * 16, {"input": good.astype(np.float64)})],
-        [VerifyRequest("a", b"n" * 16, {"input": np.zeros((1, 5), np.float32)})],
-        [VerifyRequest("a", b"short", {"input": good})],
-        [VerifyRequest("", b"n" * 16, {"input": good})],
+    bad = [
+        VerifyRequest("a", b"n" * 16, {"other": good}),
+        VerifyRequest("b", b"n" * 16, {"input": good.astype(np.float64)}),
+        VerifyRequest("c", b"n" * 16, {"input": np.zeros((1, 5), np.float32)}),
+        VerifyRequest("d", b"short", {"input": good}),
+        VerifyRequest("", b"n" * 16, {"input": good}),
+        VerifyRequest("x" * 257, b"n" * 16, {"input": good}),
     ]
-    for requests in cases:
-        with pytest.raises(BadRequest):
-            core.verify(requests)
+    for request in bad:
+        out = core.verify([request])
+        (item,) = out.items
+        assert isinstance(item, RejectedItem), request.id
+        assert item.code == "bad_request"
+        assert out.result == b""  # nothing signed
+    # beside good requests: only the bad one is refused; the others are signed together
+    mixed = [_request(0), bad[0], _request(1), bad[5], _request(2)]
+    out = core.verify(mixed)
+    assert [type(i).__name__ for i in out.items] == [
+        "VerifiedItem",
+        "RejectedItem",
+        "VerifiedItem",
+        "RejectedItem",
+        "VerifiedItem",
+    ]
+    assert out.items[3].id is None or len(out.items[3].id) == 257
+    for item in out.items:
+        if isinstance(item, VerifiedItem):
+            doc = cbor2.loads(item.evidence)
+            assert doc["result"] == out.result  # one signature over the three good ones
+    indices = [
+        cbor2.loads(i.evidence)["entry"]["index"] for i in out.items if isinstance(i, VerifiedItem)
+    ]
+    assert indices == [0, 1, 2]
+    # what concerns the whole call still refuses it whole
+    with pytest.raises(BadRequest):
+        core.verify([])
     with pytest.raises(BatchTooLarge):
         core.verify([_request(0, rows=65)])
 
