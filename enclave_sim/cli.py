@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+import yaml
 
-from enclave_sim.errors import EnclaveError
+from enclave_sim.config import VerifierConfig
+from enclave_sim.errors import BootError, EnclaveError
 
 enclave_app = typer.Typer(
     no_args_is_help=True,
@@ -57,24 +59,89 @@ def init_ca_cmd(
 
 @enclave_app.command("measure")
 def measure_cmd(
-    model: Annotated[Path, typer.Option(help="The verifier ONNX model.", exists=True)],
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            help="The verifier ONNX model (default: the one --config's model names).", exists=True
+        ),
+    ] = None,
     config: Annotated[
-        Path | None, typer.Option(help="Verifier config YAML (default: defaults).")
+        Path | None,
+        typer.Option(
+            help="A verifier config YAML, or a served model's config.yaml in a model repository "
+            "(its integrity.enclave block: what the gateway measures and clients pin)."
+        ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print all PCRs as JSON.")] = False,
 ) -> None:
-    """Print the expected measurement (PCR0, SHA-384) of an enclave serving MODEL, offline."""
-    from enclave_sim.config import VerifierConfig
+    """Print the expected measurement (PCR0, SHA-384) of an enclave serving the verifier, offline.
+
+    For a model repository, pass the served model's config (``--config
+    model_repository/digits/config.yaml``), or the verifier's file inside the repository: the
+    measurement then covers the verifier with the settings of the integrity block that names it,
+    exactly as the gateway computes it, and is what a client pins."""
     from enclave_sim.measurement import measure
 
     try:
-        m = measure(model.read_bytes(), VerifierConfig.load(config))
+        model, vcfg, pinned = _what_to_measure(model, config)
+        m = measure(model.read_bytes(), vcfg)
     except EnclaveError as exc:
         raise _fail(exc) from None
+    if pinned is not None and pinned != m.pcr0.hex():
+        typer.echo(
+            f"warning: the config pins measurement {pinned[:16]}..., not the measured "
+            f"{m.pcr0.hex()[:16]}...: the gateway pins (and clients must pin) the config's",
+            err=True,
+        )
     if as_json:
         typer.echo(json.dumps({f"pcr{i}": v.hex() for i, v in m.pcrs().items()}, indent=2))
     else:
-        typer.echo(m.hex)
+        typer.echo(pinned or m.hex)
+
+
+def _what_to_measure(
+    model: Path | None, config: Path | None
+) -> tuple[Path, VerifierConfig, str | None]:
+    """(verifier file, verifier config, measurement pinned in the model config or None)."""
+    from enclave_sim.config import (
+        from_enclave_block,
+        latest_version_file,
+        served_verifiers,
+    )
+
+    raw = _read_yaml(config) if config is not None else None
+    if isinstance(raw, dict) and ("integrity" in raw or "platform" in raw):  # a served model's
+        integrity = raw.get("integrity")
+        block = integrity.get("enclave") if isinstance(integrity, dict) else None
+        if not isinstance(block, dict) or not isinstance(block.get("verifier_model"), str):
+            raise BootError(f"{config}: a model config without an integrity.enclave block")
+        assert config is not None
+        if model is None:
+            model = latest_version_file(config.parent.parent / block["verifier_model"])
+        return model, from_enclave_block(block), block.get("measurement")
+    if model is None:
+        raise BootError("give --model (the verifier ONNX) or --config (a served model's config)")
+    if config is not None:
+        return model, VerifierConfig.from_dict(raw), None
+    # a verifier inside a model repository (<repo>/<name>/<version>/model.onnx): measured with
+    # the integrity block that names it, as the gateway does
+    entry = model.resolve().parent.parent
+    named = served_verifiers(entry.parent).get(entry.name)
+    if named is None:
+        return model, VerifierConfig(), None
+    typer.echo(
+        f"note: measured with the integrity.enclave block of '{named.model}' "
+        f"({entry.parent / named.model / 'config.yaml'}), as the gateway does",
+        err=True,
+    )
+    return model, from_enclave_block(named.block), named.block.get("measurement")
+
+
+def _read_yaml(path: Path) -> object:
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise BootError(f"cannot read {path}: {exc}") from None
 
 
 @enclave_app.command("seal")
@@ -88,7 +155,6 @@ def seal_cmd(
     ] = None,
 ) -> None:
     """Encrypt the verifier for this enclave build's measurement (AES-256-GCM, HKDF key)."""
-    from enclave_sim.config import VerifierConfig
     from enclave_sim.pki import write_secret_file
     from enclave_sim.sealing import seal
 

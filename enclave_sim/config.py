@@ -13,6 +13,7 @@ file and a file that spells out the defaults measure the same.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,3 +77,70 @@ class VerifierConfig:
         except (OSError, yaml.YAMLError) as exc:
             raise BootError(f"cannot read verifier config {path}: {exc}") from None
         return cls.from_dict(data)
+
+
+# The gateway's `integrity.enclave` block of a served model (gateway/model_config.py) says
+# which verifier the model's enclave runs and with which of these settings; the defaults are
+# the gateway's. The measurement a client pins covers the verifier AND this config, so every
+# place that computes it (the gateway, `fides enclave measure`, the client SDK) builds the
+# config here.
+DEFAULT_OUTPUTS = ("probabilities",)
+DEFAULT_MAX_BATCH_SIZE = 64
+
+
+def from_enclave_block(block: Mapping[str, Any]) -> VerifierConfig:
+    """The verifier config of a served model's ``integrity.enclave`` block."""
+    outputs = block.get("outputs")
+    return VerifierConfig.from_dict(
+        {
+            "outputs": list(outputs) if outputs is not None else list(DEFAULT_OUTPUTS),
+            "max_batch_size": block.get("max_batch_size", DEFAULT_MAX_BATCH_SIZE),
+        }
+    )
+
+
+@dataclass(frozen=True)
+class ServedVerifier:
+    """A verifier named by a served model's ``integrity.enclave`` block."""
+
+    model: str  # the served model it verifies
+    verifier: str  # the repository entry of the verifier
+    block: Mapping[str, Any]  # the raw integrity.enclave block
+
+
+def served_verifiers(repository: Path) -> dict[str, ServedVerifier]:
+    """Verifier name -> what names it, for every model config in ``repository`` (read
+    leniently: a config that does not parse names nothing)."""
+    found: dict[str, ServedVerifier] = {}
+    if not repository.is_dir():
+        return found
+    for config in sorted(repository.glob("*/config.yaml")):
+        try:
+            raw = yaml.safe_load(config.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError, yaml.YAMLError):
+            continue
+        integrity = raw.get("integrity") if isinstance(raw, dict) else None
+        block = integrity.get("enclave") if isinstance(integrity, dict) else None
+        name = block.get("verifier_model") if isinstance(block, dict) else None
+        if isinstance(block, dict) and isinstance(name, str):
+            found.setdefault(name, ServedVerifier(config.parent.name, name, block))
+    return found
+
+
+def latest_version_file(entry: Path, filename: str = "model.onnx") -> Path:
+    """``entry/<highest version>/filename`` of a repository entry."""
+    versions = (
+        [
+            int(p.name)
+            for p in entry.iterdir()
+            if p.is_dir() and p.name.isascii() and p.name.isdigit()
+        ]
+        if entry.is_dir()
+        else []
+    )
+    if not versions:
+        raise BootError(f"{entry} has no version directory (1, 2, ...)")
+    path = entry / str(max(versions)) / filename
+    if not path.is_file():
+        raise BootError(f"{path} is missing")
+    return path
