@@ -290,15 +290,17 @@ def load_splits(
     val_fraction: float = 0.1,
     train_limit: int | None = None,
     test_limit: int | None = None,
+    test_fraction: float | None = None,
 ) -> Splits:
     """Load a source and split train into train / validation (seeded, stratified).
 
     ``source``: ``digits`` | ``npz`` | ``folder``. ``train_limit`` / ``test_limit`` keep the
-    first images after shuffling (for quick runs and tests).
+    first images after shuffling (for quick runs and tests). ``test_fraction``: the test share
+    of ``digits`` (the other sources bring their own test split).
     """
     classes: list[str] | None
     if source == "digits":
-        x_tr, y_tr, x_te, y_te, classes = load_digits_arrays(seed)
+        x_tr, y_tr, x_te, y_te, classes = load_digits_arrays(seed, test_fraction or 0.2)
         desc = "sklearn.datasets.load_digits"
     elif source in ("npz", "folder"):
         if path is None:

@@ -19,6 +19,7 @@ import platform
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from torch import nn
 
 from verifier.attacks import Attacked, fgsm, output_attack, quantize_int8
-from verifier.data import Dataset, Splits, augment, load_splits
+from verifier.data import Dataset, Splits, augment
 from verifier.detector import (
     AttackDetector,
     Reclassifier,
@@ -39,13 +40,20 @@ from verifier.detector import (
     train_reclassifier,
     window_test,
 )
-from verifier.experiment import AugmentConfig, Experiment
-from verifier.export import serving_config, write_entry
+from verifier.experiment import AugmentConfig, Experiment, NoveltyConfig
+from verifier.export import INPUT_NAME, serving_config, write_entry
 from verifier.features import pair_features_np
 from verifier.gan import Generator, train_gan
 from verifier.losses import cross_entropy
 from verifier.nets import ConvNet
-from verifier.pipeline import net_config, run_experiment, stage_key
+from verifier.novelty import (
+    NoveltyScorer,
+    export_novelty,
+    fit_novelty,
+    novelty_scores,
+    synthetic_novel_inputs,
+)
+from verifier.pipeline import experiment_splits, net_config, run_experiment, stage_key
 from verifier.train import fit, predict_logits, set_determinism
 
 __all__ = ["MEAN_DETECTION_ATTACKS", "evaluate_experiment", "report_markdown", "split_for_detector"]
@@ -203,6 +211,89 @@ def _write_pair_entry(
     return card
 
 
+@dataclass
+class Novelty:
+    scorer: NoveltyScorer
+    threshold: float
+    eval_scores: np.ndarray  # [n evaluation images]
+    report: dict[str, Any]
+
+
+def _novelty(
+    nc: NoveltyConfig,
+    x_train: torch.Tensor,
+    x_cal: torch.Tensor,
+    x_eval: torch.Tensor,
+    models: tuple[nn.Module, nn.Module, AttackDetector],
+    det_threshold: float,
+    seed: int,
+) -> Novelty:
+    """Fit the out-of-distribution check on the training images, set its threshold on the
+    calibration images, and measure it on the evaluation split and on honest novel inputs made
+    from it (blank, inverted, faint, noise): how often the detector alone would accuse the
+    provider there, and how often it still does behind the check."""
+    service, verifier, detector = models
+    scorer = fit_novelty(
+        x_train,
+        components=nc.components,
+        neighbours=nc.neighbours,
+        reference=nc.reference,
+        seed=seed + 15,
+    )
+    cal = novelty_scores(scorer, x_cal)
+    threshold = calibrate_threshold(cal, nc.target_rate, nc.confidence)
+    ev = novelty_scores(scorer, x_eval)
+    inputs = {}
+    for name, x in synthetic_novel_inputs(x_eval, seed + 16).items():
+        novel = novelty_scores(scorer, x) > threshold
+        accused = detector.scores(_probs(service, x), _probs(verifier, x)) > det_threshold
+        inputs[name] = {
+            "n": len(x),
+            "called_novel": round(float(novel.mean()), 5),
+            "detector_alone_accuses": round(float(accused.mean()), 5),
+            "accused_behind_the_check": round(float((accused & ~novel).mean()), 5),
+        }
+    report = {
+        "threshold": threshold,
+        "target_rate": nc.target_rate,
+        "threshold_rule": _rule(nc.confidence),
+        "calibration_scores": len(cal),
+        "clean_rate": round(float((ev > threshold).mean()), 5),
+        "inputs": inputs,
+    }
+    return Novelty(scorer, threshold, ev, report)
+
+
+def _write_novelty_entry(
+    root: Path, exp: Experiment, novelty: Novelty, x_check: torch.Tensor, common: dict[str, Any]
+) -> None:
+    name = f"{exp.export.service_name}_novelty"
+    version = root / name / "1"
+    version.mkdir(parents=True, exist_ok=True)
+    diff = export_novelty(novelty.scorer, version / "model.onnx", x_check, INPUT_NAME)
+    cfg = {**serving_config(["novelty"], exp.export.max_batch_size)}
+    body = yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)
+    (root / name / "config.yaml").write_text(
+        f"# {exp.name}: out-of-distribution check (verifier.novelty)\n{body}", encoding="utf-8"
+    )
+    card = {
+        **common,
+        "name": name,
+        "role": "novelty",
+        "inputs": [INPUT_NAME],
+        "threshold": novelty.threshold,
+        "target_rate": novelty.report["target_rate"],
+        "threshold_rule": novelty.report["threshold_rule"],
+        "calibration_scores": novelty.report["calibration_scores"],
+        "novelty_config": exp.detector.novelty.model_dump(mode="json")
+        if exp.detector.novelty
+        else None,
+        "metrics": {"clean_rate": novelty.report["clean_rate"]},
+        "onnx_max_rel_diff": diff,
+    }
+    (version / "model_card.json").write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+
+
 def integrity_block(exp: Experiment) -> dict[str, Any]:
     """The ``integrity:`` block that pairs the service with its verifier and detector."""
     ex = exp.export
@@ -214,6 +305,7 @@ def integrity_block(exp: Experiment) -> dict[str, Any]:
         "failure_policy": "fail_closed",
         "substitution_window": exp.detector.window_size,
         "substitution_alpha": exp.detector.window_alpha,
+        **({"novelty": f"{ex.service_name}_novelty"} if exp.detector.novelty is not None else {}),
     }
 
 
@@ -256,15 +348,7 @@ def evaluate_experiment(
     )
     set_determinism(exp.seed, exp.threads)
     service, verifier = trained["student"], trained["verifier"]
-    d = exp.data
-    splits = load_splits(
-        d.source,
-        d.path,
-        seed=exp.seed,
-        val_fraction=d.val_fraction,
-        train_limit=d.train_limit,
-        test_limit=d.test_limit,
-    )
+    splits = experiment_splits(exp)
     det_train, calib, evald = split_for_detector(splits, exp)
     log(
         f"detector data: {len(det_train)} train (val + test part) / {len(calib)} calibration / "
@@ -463,6 +547,21 @@ def evaluate_experiment(
                 f"{w['clean_false_alarm']['flag_rate']:.1%})"
             )
         timings["evaluation"] = round(time.perf_counter() - t0, 1)
+        novelty: Novelty | None = None
+        if cfg.novelty is not None:
+            novelty = _novelty(
+                cfg.novelty,
+                splits.train.x,
+                calib.x,
+                evald.x,
+                (service, verifier, detector),
+                threshold,
+                exp.seed,
+            )
+            log(
+                f"novelty check: threshold {novelty.threshold:.4f}; clean inputs called novel "
+                f"{novelty.report['clean_rate']:.2%}"
+            )
 
     mean_det = float(
         np.mean([attacks_report[n]["detection_accuracy"] for n in MEAN_DETECTION_ATTACKS])
@@ -483,6 +582,7 @@ def evaluate_experiment(
         "fpr_confidence": cfg.fpr_confidence,
         "threshold_rule": _rule(cfg.fpr_confidence),
         "threshold": threshold,
+        "calibration_scores": len(cal_scores),
         "clean_fpr": round(clean_fpr, 5),
         "attacks": attacks_report,
         "mean_detection_accuracy": round(mean_det, 5),
@@ -495,6 +595,10 @@ def evaluate_experiment(
         "reclassifier_loss": [round(v, 5) for v in re_losses],
         "seconds": timings,
     }
+    if novelty is not None:
+        report["novelty"] = novelty.report
+        flagged_in = (clean_scores > threshold) & (novelty.eval_scores <= novelty.threshold)
+        report["clean_fpr_in_distribution"] = round(float(flagged_in.mean()), 5)
     if repository is not None:
         ex = exp.export
         common = {
@@ -574,6 +678,8 @@ def evaluate_experiment(
                 max_batch_size=ex.max_batch_size,
                 latency_repeats=10,
             )
+        if novelty is not None:
+            _write_novelty_entry(repository, exp, novelty, evald.x[:64], common)
         _enable_integrity(repository, exp)
         report["repository"] = str(repository)
         report["onnx_max_abs_diff"] = det_card["onnx_max_abs_diff"]

@@ -64,12 +64,23 @@ class DataConfig(_Strict):
     val_fraction: float = Field(0.1, gt=0, lt=0.5, description="Held out from train.")
     train_limit: int | None = Field(None, ge=10, description="Keep this many train images.")
     test_limit: int | None = Field(None, ge=10, description="Keep this many test images.")
+    test_fraction: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="digits only: the share held out as the test split (default 0.2; npz and "
+        "folder data bring their own test split).",
+    )
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+    _added_later: ClassVar[tuple[str, ...]] = ("test_fraction",)
 
     @model_validator(mode="after")
     def _path(self) -> DataConfig:
         if self.source != "digits" and self.path is None:
             raise ValueError(f"data source {self.source!r} needs a path")
+        if self.source != "digits" and self.test_fraction is not None:
+            raise ValueError(f"test_fraction is for data source 'digits', not {self.source!r}")
         return self
 
 
@@ -233,6 +244,22 @@ class SubstituteConfig(_Strict):
         return self
 
 
+class NoveltyConfig(_Strict):
+    """The out-of-distribution check (:mod:`verifier.novelty`): an answer whose input is unlike
+    the training images is reported ``unverified`` (reason ``out_of_distribution``) instead of
+    being judged by the detector."""
+
+    components: int = Field(32, ge=1, description="PCA directions kept (plus the residual).")
+    neighbours: int = Field(3, ge=1, description="The score is the distance to the k-th nearest.")
+    reference: int = Field(2000, ge=10, description="Training images kept as neighbours.")
+    target_rate: float = Field(
+        0.005, gt=0, lt=0.5, description="Share of clean inputs called novel (the threshold)."
+    )
+    confidence: float | None = Field(
+        None, gt=0.5, lt=1, description="As detector.fpr_confidence, for target_rate."
+    )
+
+
 class DetectorConfig(_Strict):
     """Attack detector, re-classifier and their evaluation (``fides evaluate``).
 
@@ -286,6 +313,9 @@ class DetectorConfig(_Strict):
         "the calibration draw (a stricter threshold; needs enough calibration scores, e.g. "
         "230 or more for 1% at 0.9, or nothing is flagged).",
     )
+    novelty: NoveltyConfig | None = Field(
+        None, description="An out-of-distribution check exported beside the detector."
+    )
     window_size: int = Field(100, ge=5, description="Requests per substitution-test window.")
     window_alpha: float = Field(
         0.001,
@@ -300,7 +330,7 @@ class DetectorConfig(_Strict):
     windows: int = Field(400, ge=10, description="Windows drawn per condition in evaluation.")
     gan: GanConfig = Field(default_factory=GanConfig)
 
-    _added_later: ClassVar[tuple[str, ...]] = ("fpr_confidence",)
+    _added_later: ClassVar[tuple[str, ...]] = ("fpr_confidence", "novelty")
 
     @model_validator(mode="after")
     def _fractions(self) -> DetectorConfig:

@@ -45,6 +45,20 @@ def net_config(spec: NetSpec, splits: Splits) -> NetConfig:
     )
 
 
+def experiment_splits(exp: Experiment) -> Splits:
+    """The experiment's data, split (seeded) into train / validation / test."""
+    d = exp.data
+    return load_splits(
+        d.source,
+        d.path,
+        seed=exp.seed,
+        val_fraction=d.val_fraction,
+        train_limit=d.train_limit,
+        test_limit=d.test_limit,
+        test_fraction=d.test_fraction,
+    )
+
+
 def stage_key(*parts: object) -> str:
     """A short hash of everything a stage's result depends on: a stage directory is reused
     only by a config that would train it identically (changing the verifier settings keeps
@@ -78,15 +92,7 @@ def run_experiment(
     (run_dir / "experiment.json").write_text(
         json.dumps(exp.model_dump(mode="json"), indent=2) + "\n", encoding="utf-8"
     )
-    d = exp.data
-    splits = load_splits(
-        d.source,
-        d.path,
-        seed=exp.seed,
-        val_fraction=d.val_fraction,
-        train_limit=d.train_limit,
-        test_limit=d.test_limit,
-    )
+    splits = experiment_splits(exp)
     shape = splits.image_shape
     log(
         f"data: {splits.source}, {len(splits.train)} train / {len(splits.val)} val / "
@@ -123,7 +129,7 @@ def run_experiment(
                 lambda logits, _x, y: cross_entropy(logits, y),
                 tc.train,
                 seed=exp.seed + i,
-                augment_cfg=d.augment,
+                augment_cfg=exp.data.augment,
                 stage_dir=run_dir / f"teacher_{i}-{stage_key(*base, teachers_dump[i])}",
                 progress=bar,
                 label=f"teacher {i}",
@@ -163,7 +169,7 @@ def run_experiment(
             student_loss,
             exp.student.train,
             seed=exp.seed + 50,
-            augment_cfg=d.augment,
+            augment_cfg=exp.data.augment,
             stage_dir=run_dir / f"student-{student_key}",
             progress=bar,
             label="student (KD)",
@@ -185,7 +191,7 @@ def run_experiment(
             splits,
             exp.verifier,
             seed=exp.seed,
-            augment_cfg=d.augment,
+            augment_cfg=exp.data.augment,
             run_dir=run_dir / f"verifier-{verifier_key}",
             progress=bar,
             say=log,

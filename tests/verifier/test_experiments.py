@@ -69,14 +69,37 @@ def test_hash_changes_with_the_config() -> None:
     assert a.config_hash() != digits_default(seed=1).config_hash()
 
 
-def test_fpr_confidence_unset_keeps_the_config_hash() -> None:
+@pytest.mark.parametrize(
+    ("block", "key", "value"),
+    [
+        ("detector", "fpr_confidence", 0.95),
+        ("detector", "novelty", {"target_rate": 0.01}),
+        ("data", "test_fraction", 0.3),
+    ],
+)
+def test_fields_added_later_keep_the_config_hash_while_unset(
+    block: str, key: str, value: object
+) -> None:
+    """Experiments run before a field existed keep their hash (and cached stages)."""
     data = raw()
-    assert "fpr_confidence" not in parse_experiment(data).model_dump(mode="json")["detector"]
+    data[block].pop(key, None)  # type: ignore[attr-defined]
+    assert key not in parse_experiment(data).model_dump(mode="json")[block]
     base = parse_experiment(data).config_hash()
-    data.setdefault("detector", {})["fpr_confidence"] = 0.95  # type: ignore[index]
+    data[block][key] = value  # type: ignore[index]
     assert parse_experiment(data).config_hash() != base
+
+
+def test_a_bad_fpr_confidence_is_refused() -> None:
+    data = raw()
     data["detector"]["fpr_confidence"] = 1.0  # type: ignore[index]
     with pytest.raises(ExperimentError, match="fpr_confidence"):
+        parse_experiment(data)
+
+
+def test_test_fraction_is_for_digits_only() -> None:
+    data = raw()
+    data["data"] = {"source": "npz", "path": "x.npz", "test_fraction": 0.3}
+    with pytest.raises(ExperimentError, match="test_fraction is for data source 'digits'"):
         parse_experiment(data)
 
 
