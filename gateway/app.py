@@ -87,6 +87,7 @@ def create_app(
         on_runtime=on_runtime,
         on_load=lambda m, ok: metrics.model_loads.labels(m, "success" if ok else "failure").inc(),
         drain_timeout_s=settings.shutdown_grace_s,
+        serve_verifiers=settings.serve_verifiers,
     )
     dataplane = DataPlane(repository, settings, metrics)
     integrity = IntegrityService(repository, settings, metrics.integrity, enclave_factory)
@@ -104,7 +105,7 @@ def create_app(
         # freezing them every full collection walks them all (150 ms pauses measured).
         gc.collect()
         gc.freeze()
-        ok, missing = repository.ready()
+        ok, missing = dataplane.ready()
         log.info(
             "gateway started",
             extra={"ready": ok, "not_ready": missing, "models": repository.loaded_names()},
@@ -150,6 +151,13 @@ def create_app(
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
         errors = exc.errors()
+        if errors and errors[0].get("type") == "json_invalid":  # not "body.0: JSON decode error"
+            ctx = errors[0].get("ctx") or {}
+            where = errors[0]["loc"][1] if len(errors[0]["loc"]) > 1 else None
+            detail = ctx.get("error", "")
+            at = f" at character {where}" if isinstance(where, int) else ""
+            message = f"the request body is not valid JSON{at}" + (f": {detail}" if detail else "")
+            return _error(request, message, 400)
         parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors]
         loc = [str(p) for p in errors[0]["loc"][1:]] if errors else []
         param = ".".join(loc) or None

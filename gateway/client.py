@@ -44,7 +44,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Self
 
 import httpx
 import numpy as np
@@ -62,6 +62,7 @@ from enclave_sim.attestation import (
     verify_attestation,
 )
 from enclave_sim.tensors import DATATYPES, Array, datatype_of
+from gateway.integrity.verdict import Verdict, decide
 
 __all__ = [
     "AsyncFidesClient",
@@ -73,12 +74,12 @@ __all__ = [
     "Verdict",
 ]
 
-Verdict = Literal["verified", "attack", "unverified"]
 VERDICTS: tuple[Verdict, ...] = ("verified", "attack", "unverified")
 NONCE_BYTES = 32
 # the detector's and re-classifier's ONNX interface (verifier/ exports them so)
 P_INPUT, Q_INPUT = "service_probs", "verifier_probs"
 DETECTOR_OUTPUT, RECLASSIFIER_OUTPUT = "attack_probability", "probabilities"
+NOVELTY_OUTPUT = "novelty_score"
 
 
 class FidesClientError(Exception):
@@ -113,6 +114,8 @@ class IntegrityModels:
     ``model_card.json`` beside the detector. ``output``: the service output holding the class
     probabilities; ``verifier_output``: the signed verifier output. ``measurement``: the
     expected enclave measurement (hex), when known; the client pins what it is given.
+    ``novelty``: the out-of-distribution check, when the model has one (an answer whose input
+    it calls novel is "unverified", as the gateway says; see gateway.integrity.verdict).
     """
 
     detector: Path
@@ -121,13 +124,14 @@ class IntegrityModels:
     output: str = "probabilities"
     verifier_output: str = "probabilities"
     measurement: str | None = None
+    novelty: Path | None = None  # the out-of-distribution check (ONNX; threshold in its card)
 
     @classmethod
     def from_repository(cls, repository: str | Path, model: str) -> IntegrityModels:
         """Read a model repository (e.g. the provider's published copy): the ``integrity:``
         block of ``<model>/config.yaml`` names the detector and re-classifier; the expected
         measurement is pinned there or computed from the verifier (``fides enclave measure``)."""
-        from enclave_sim.config import VerifierConfig
+        from enclave_sim.config import from_enclave_block
         from enclave_sim.measurement import measure
         from gateway.model_config import load_model_config
 
@@ -139,9 +143,7 @@ class IntegrityModels:
         measurement = block.enclave.measurement
         if measurement is None:
             verifier = _latest_version(repo / block.enclave.verifier_model) / "model.onnx"
-            vcfg = VerifierConfig(
-                outputs=tuple(block.enclave.outputs), max_batch_size=block.enclave.max_batch_size
-            )
+            vcfg = from_enclave_block(block.enclave.model_dump())
             measurement = measure(verifier.read_bytes(), vcfg).pcr0.hex()
         return cls(
             detector=_latest_version(repo / block.detector) / "model.onnx",
@@ -150,7 +152,19 @@ class IntegrityModels:
             output=block.output,
             verifier_output=block.enclave.outputs[0],
             measurement=measurement,
+            novelty=None
+            if block.novelty is None
+            else _latest_version(repo / block.novelty) / "model.onnx",
         )
+
+
+def _card(model: Path) -> dict[str, Any]:
+    """The ``model_card.json`` beside an ONNX file; it must carry a threshold."""
+    path = model.parent / "model_card.json"
+    card = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(card, dict) or "threshold" not in card:
+        raise ValueError(f"{path} has no 'threshold'")
+    return card
 
 
 class _LocalDetector:
@@ -167,11 +181,20 @@ class _LocalDetector:
         if models.threshold is not None:
             self.threshold = float(models.threshold)
         else:
-            card_path = models.detector.parent / "model_card.json"
-            card = json.loads(card_path.read_text(encoding="utf-8"))
-            if not isinstance(card, dict) or "threshold" not in card:
-                raise ValueError(f"{card_path} has no 'threshold'")
-            self.threshold = float(card["threshold"])
+            self.threshold = float(_card(models.detector)["threshold"])
+        self.novelty: ort.InferenceSession | None = None
+        self.novelty_threshold: float | None = None
+        if models.novelty is not None:
+            self.novelty = ort.InferenceSession(str(models.novelty), options, providers=providers)
+            self.novelty_threshold = float(_card(models.novelty)["threshold"])
+
+    def novelty_scores(self, inputs: Mapping[str, Array]) -> Array | None:
+        """The inputs' novelty ``[n]`` (None without a novelty check)."""
+        if self.novelty is None:
+            return None
+        feed = {i.name: np.asarray(inputs[i.name]) for i in self.novelty.get_inputs()}
+        (out,) = self.novelty.run([NOVELTY_OUTPUT], feed)
+        return np.asarray(out, dtype=np.float64).reshape(-1)
 
     def scores(self, p: Array, q: Array) -> Array:
         (out,) = self.detector.run([DETECTOR_OUTPUT], {P_INPUT: p, Q_INPUT: q})
@@ -444,8 +467,11 @@ class _Core:
                     "differ in shape"
                 )
             scores = self.local.scores(p, q)
-            flagged = scores > self.local.threshold  # [n]
-            verdict = "attack" if flagged.any() else "verified"
+            novelty = self.local.novelty_scores(prepared.inputs)
+            novel = None
+            if novelty is not None and self.local.novelty_threshold is not None:
+                novel = novelty > self.local.novelty_threshold
+            verdict, flagged = decide(scores, self.local.threshold, novel)
             if flagged.any():
                 classes = self.local.reclassify(p, q).argmax(1)
                 ours = tuple(int(c) if f else -1 for c, f in zip(classes, flagged, strict=True))

@@ -14,7 +14,6 @@ import numpy as np
 from gateway import __version__
 from gateway.codec import InferRequest, InferResponse, OutputTensor
 from gateway.errors import BadRequest, GatewayError, Unavailable
-from gateway.integrity.pipeline import UnavailableIntegrity
 from gateway.integrity.service import IntegrityService
 from gateway.metrics import GatewayMetrics
 from gateway.repository import ModelRepository, ModelVersion
@@ -47,13 +46,12 @@ class DataPlane:
         return not missing, missing
 
     def integrity_setup_error(self, name: str) -> str | None:
-        """Why ``name`` cannot answer at all: its integrity block could not be set up and its
-        policy is fail_closed (it refuses every request). None otherwise; under fail_open
-        it serves, marked unverified. A restarting enclave is transient and not counted."""
+        """Why ``name`` cannot answer at all: its policy is fail_closed and its integrity
+        block could not be set up, or its enclave is down or not attested (it refuses every
+        request). None otherwise; under fail_open it serves, marked unverified. A restarting
+        enclave is transient and not counted."""
         pipe = None if self.integrity is None else self.integrity.get(name)
-        if isinstance(pipe, UnavailableIntegrity) and pipe.cfg.failure_policy == "fail_closed":
-            return f"integrity could not be set up: {pipe.error}"
-        return None
+        return None if pipe is None else pipe.readiness_error()
 
     def server_metadata(self) -> dict[str, Any]:
         return {"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS}
@@ -130,6 +128,9 @@ class DataPlane:
         wanted = self._check_outputs(rt.name, rt.outputs, request)
         deadline = time.monotonic() + self._timeout_s(cfg.dynamic_batching, request)
         pipeline = self.integrity.get(rt.name) if self.integrity is not None else None
+        if pipeline is None and cfg.integrity is not None:
+            # loaded, its integrity not set up yet: never answer as if it had no block
+            raise Unavailable(f"model '{rt.name}': its integrity is being set up")
         params: dict[str, Any] = {}
         if pipeline is None:
             results = await mv.batcher.submit(tensors, deadline)

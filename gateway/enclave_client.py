@@ -48,7 +48,13 @@ from enclave_sim.attestation import (
     verify_attestation,
 )
 from enclave_sim.config import VerifierConfig
-from enclave_sim.core import EnclaveCore, VerifiedItem, VerifyRequest, encode_requests
+from enclave_sim.core import (
+    EnclaveCore,
+    RejectedItem,
+    VerifiedItem,
+    VerifyRequest,
+    encode_requests,
+)
 from enclave_sim.errors import EnclaveError as EnclaveSideError
 from enclave_sim.errors import ProtocolError
 from enclave_sim.measurement import Measurement, measure
@@ -63,11 +69,13 @@ __all__ = [
     "AttachedEnclave",
     "EnclaveClient",
     "EnclaveError",
+    "EnclaveHealth",
     "EnclaveLaunch",
     "EnclaveState",
     "EnclaveSupervisor",
     "EnclaveUnavailable",
     "FakeEnclaveClient",
+    "RejectedItem",
     "SocketEnclaveClient",
     "VerifiedItem",
     "VerifyRequest",
@@ -99,15 +107,44 @@ class EnclaveUnavailable(EnclaveError):
 @dataclass(frozen=True)
 class VerifyResult:
     """One verified batch: the enclave's sequence number and, in request order, each
-    request's outputs and per-request evidence (base64 it into ``integrity_evidence``)."""
+    request's outputs and per-request evidence (base64 it into ``integrity_evidence``), or a
+    :class:`RejectedItem` for a request the enclave refused on its own."""
 
     seq: int
-    items: list[VerifiedItem]
+    items: list[VerifiedItem | RejectedItem]
+
+
+class EnclaveState(enum.StrEnum):
+    STARTING = "starting"
+    UP = "up"
+    RESTARTING = "restarting"
+    DOWN = "down"
+
+
+@dataclass(frozen=True)
+class EnclaveHealth:
+    """What readiness and the metrics need to know about an enclave."""
+
+    state: EnclaveState
+    reason: str = ""  # why it is not up (empty while up)
+    restarts: int = 0  # successful restarts so far
+
+    @property
+    def up(self) -> bool:
+        return self.state is EnclaveState.UP
 
 
 @runtime_checkable
 class EnclaveClient(Protocol):
     """What the gateway needs from a (simulated or real) trusted execution module."""
+
+    def health(self) -> EnclaveHealth:
+        """Its state now; ``up`` means calls can succeed (started and attested)."""
+        ...
+
+    def snapshot(self) -> dict[str, Any]:
+        """Details for the integrity status endpoint (state, pid, counters, ...)."""
+        ...
 
     async def ping(self) -> None: ...
 
@@ -129,10 +166,16 @@ def _result_from_wire(result: Mapping[str, Any], requests: Sequence[VerifyReques
     seq, items = result.get("seq"), result.get("items")
     if not isinstance(seq, int) or not isinstance(items, list) or len(items) != len(requests):
         raise EnclaveError("malformed verify answer", code="malformed_answer")
-    out = []
+    out: list[VerifiedItem | RejectedItem] = []
     for req, item in zip(requests, items, strict=True):
         if not isinstance(item, dict) or item.get("id") != req.id:
             raise EnclaveError("verify answer out of order", code="malformed_answer")
+        error = item.get("error")
+        if error is not None:  # the enclave refused this request alone
+            if not isinstance(error, dict):
+                raise EnclaveError("malformed error in a verify answer", code="malformed_answer")
+            out.append(RejectedItem(req.id, str(error.get("code")), str(error.get("message"))))
+            continue
         evidence = item.get("evidence")
         if not isinstance(evidence, bytes):
             raise EnclaveError("verify answer without evidence", code="malformed_answer")
@@ -150,6 +193,8 @@ def check_batch(
     """Every item bound to its request's exact inputs, id, nonce and returned outputs."""
     verified: dict[bytes, dict[str, Any]] = {}  # the batch's one signed result, checked once
     for req, item in zip(requests, result.items, strict=True):
+        if isinstance(item, RejectedItem):
+            continue  # nothing was signed for it, and it is never reported verified
         check_verification(
             item.evidence,
             attested=attested,
@@ -282,6 +327,15 @@ class SocketEnclaveClient:
             raise EnclaveError(f"malformed answer to {op}", code="malformed_answer")
         return result
 
+    def health(self) -> EnclaveHealth:
+        # a bare socket client knows nothing of attestation: up unless closed
+        if self._closed:
+            return EnclaveHealth(EnclaveState.DOWN, "the enclave client is closed")
+        return EnclaveHealth(EnclaveState.UP)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"state": self.health().state.value, "socket": str(self.socket_path)}
+
     async def ping(self) -> None:
         await self._call("ping")
 
@@ -338,6 +392,17 @@ class FakeEnclaveClient:
         """A policy that accepts this fake (its measurement, simulated evidence allowed)."""
         return Policy(frozenset({self.measurement.pcr0}), allow_simulated=True, **kwargs)
 
+    def health(self) -> EnclaveHealth:
+        if self._closed:
+            return EnclaveHealth(EnclaveState.DOWN, "the enclave client is closed")
+        if self.fail is not None:
+            return EnclaveHealth(EnclaveState.DOWN, f"{type(self.fail).__name__}: {self.fail}")
+        return EnclaveHealth(EnclaveState.UP)
+
+    def snapshot(self) -> dict[str, Any]:
+        h = self.health()
+        return {"state": h.state.value, "in_process": True, "calls": self.calls, "reason": h.reason}
+
     async def _enter(self) -> None:
         self.calls += 1
         if self._closed:
@@ -379,13 +444,6 @@ class FakeEnclaveClient:
 
 
 # -- the supervisor -------------------------------------------------------------------------
-
-
-class EnclaveState(enum.StrEnum):
-    STARTING = "starting"
-    UP = "up"
-    RESTARTING = "restarting"
-    DOWN = "down"
 
 
 @dataclass
@@ -495,6 +553,12 @@ class EnclaveSupervisor:
     def restarts(self) -> int:
         return self.counters.restarts
 
+    def health(self) -> EnclaveHealth:
+        reason = "" if self._state is EnclaveState.UP else self.counters.last_error
+        if self._state is EnclaveState.STARTING and not reason:
+            reason = "not attested yet"
+        return EnclaveHealth(self._state, reason, self.counters.restarts)
+
     def snapshot(self) -> dict[str, Any]:
         """For health endpoints and metrics."""
         attested = self.attested
@@ -535,6 +599,7 @@ class EnclaveSupervisor:
         try:
             await self._launch()
         except Exception as exc:
+            self.counters.last_error = self.counters.last_error or f"{type(exc).__name__}: {exc}"
             self._set_state(EnclaveState.DOWN)
             raise EnclaveUnavailable(
                 f"the enclave did not start: {type(exc).__name__}: {exc}"

@@ -76,8 +76,9 @@ def internals_problems() -> list[str]:
     ]
     # a parser callback that raises must still end in send_400_response (how 431 is sent)
     if "send_400_response" not in inspect.getsource(HttpToolsProtocol.data_received):
-        problems.append("HttpToolsProtocol.data_received no longer answers parser errors with "
-                        "send_400_response")
+        problems.append(
+            "HttpToolsProtocol.data_received no longer answers parser errors with send_400_response"
+        )
     return problems
 
 

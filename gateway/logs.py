@@ -31,12 +31,47 @@ class JsonFormatter(logging.Formatter):
         rid = getattr(record, "request_id", None) or request_id.get()
         if rid is not None:
             doc["request_id"] = rid
-        for key, value in record.__dict__.items():
-            if key not in _STANDARD and key != "request_id" and not key.startswith("_"):
-                doc[key] = value
+        doc.update(_extras(record))
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(doc, default=str).decode()
+
+
+def _extras(record: logging.LogRecord) -> dict[str, object]:
+    """The record's structured fields (``extra=``), beyond the standard ones."""
+    return {
+        key: value
+        for key, value in record.__dict__.items()
+        if key not in _STANDARD and key != "request_id" and not key.startswith("_")
+    }
+
+
+class TextFormatter(logging.Formatter):
+    """One readable line per record, with the structured fields as ``key=value`` after the
+    message: an access line reads ``... gateway.access request method=POST path=/v2/...
+    status=200 duration_s=0.0021 request_id=...``, not just ``request``."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        fields = _extras(record)
+        rid = getattr(record, "request_id", None) or request_id.get()
+        if rid is not None:
+            fields["request_id"] = rid
+        if not fields:
+            return line
+        head, sep, tail = line.partition("\n")  # a traceback stays below the fields
+        pairs = " ".join(f"{k}={_text(v)}" for k, v in fields.items())
+        return f"{head} {pairs}{sep}{tail}"
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str):
+        return orjson.dumps(value, default=str).decode()  # compact JSON: no spaces
+    plain = value and not any(c in value for c in ' "=')
+    return value if plain else orjson.dumps(value).decode()
 
 
 class RequestIdFilter(logging.Filter):
@@ -53,7 +88,7 @@ def configure_logging(level: str = "INFO", json: bool = True) -> None:
     if json:
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+        handler.setFormatter(TextFormatter())
     handler.addFilter(RequestIdFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from enclave_sim.config import DEFAULT_MAX_BATCH_SIZE, DEFAULT_OUTPUTS, served_verifiers
 from gateway.datatypes import DATATYPES
 from gateway.generation.config import GenerationConfig
 
@@ -145,7 +146,9 @@ class DrillConfig(_Strict):
     attack: DrillAttack = Field(description="What the compromised service does to its answers.")
     rate: float = Field(1.0, gt=0, le=1, description="Share of answers tampered with.")
     substitute: str | None = Field(
-        None, description="substitution: the (cheaper) model in this repository served instead."
+        None,
+        description="substitution: the (cheaper) model in this repository served instead, or "
+        "the model's own enclave verifier (its answers then come from the enclave's).",
     )
     noise_sigma: float = Field(1.5, gt=0, description="noise: std on the log-probabilities.")
 
@@ -175,9 +178,11 @@ class EnclaveConfig(_Strict):
         description="Pinned PCR0 (fides enclave measure). Default: measured from verifier_model.",
     )
     outputs: list[str] = Field(
-        default_factory=lambda: ["probabilities"], description="Verifier outputs signed."
+        default_factory=lambda: list(DEFAULT_OUTPUTS), description="Verifier outputs signed."
     )
-    max_batch_size: int = Field(64, ge=1, le=4096, description="Rows per enclave call.")
+    max_batch_size: int = Field(
+        DEFAULT_MAX_BATCH_SIZE, ge=1, le=4096, description="Rows per enclave call."
+    )
     max_queue_delay_microseconds: int = Field(
         500, ge=0, description="How long a verification waits for others to share an enclave call."
     )
@@ -193,6 +198,12 @@ class IntegrityConfig(_Strict):
     enclave: EnclaveConfig
     detector: str = Field(description="Repository entry of the attack detector (pair model).")
     reclassifier: str = Field(description="Repository entry of the re-classifier (pair model).")
+    novelty: str | None = Field(
+        None,
+        description="Repository entry of the out-of-distribution check (input -> novelty_score, "
+        "threshold in its model card): an answer whose input it calls novel is 'unverified' "
+        "(reason out_of_distribution), not judged by the detector. None: no such check.",
+    )
     output: str = Field(
         "probabilities", description="The service output holding class probabilities."
     )
@@ -302,13 +313,24 @@ def format_validation_error(exc: ValidationError, path: Path | str, root: str = 
     return f"{path}: " + "; ".join(parts)
 
 
-def read_platform(path: Path) -> str | None:
-    """The ``platform`` a config.yaml names, or None when it cannot be read (no validation)."""
+def _read_raw(path: Path) -> dict[str, Any] | None:
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError, yaml.YAMLError):
         return None
-    platform = raw.get("platform") if isinstance(raw, dict) else None
+    return raw if isinstance(raw, dict) else None
+
+
+def read_verifier_names(root: Path) -> dict[str, str]:
+    """Enclave verifiers named by the models of repository ``root``: verifier -> the model it
+    verifies (read leniently; a config that does not parse names none)."""
+    return {name: v.model for name, v in served_verifiers(root).items()}
+
+
+def read_platform(path: Path) -> str | None:
+    """The ``platform`` a config.yaml names, or None when it cannot be read (no validation)."""
+    raw = _read_raw(path)
+    platform = raw.get("platform") if raw is not None else None
     return platform if isinstance(platform, str) else None
 
 

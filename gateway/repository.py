@@ -24,6 +24,7 @@ from gateway.model_config import (
     ModelConfig,
     load_model_config,
     read_platform,
+    read_verifier_names,
 )
 from gateway.runtimes import Runtime, runtime_class
 
@@ -110,8 +111,10 @@ class ModelRepository:
         on_runtime: Callable[[Runtime], None] | None = None,
         on_load: Callable[[str, bool], None] | None = None,
         drain_timeout_s: float = 30.0,
+        serve_verifiers: bool = False,
     ) -> None:
         self.root = root
+        self.serve_verifiers = serve_verifiers
         self._observer_factory = observer_factory or (lambda _n, _v: BatchObserver())
         self._on_state = on_state or (lambda _n, _v, _r: None)
         self._on_runtime = on_runtime or (lambda _rt: None)
@@ -133,18 +136,28 @@ class ModelRepository:
         return self.root / validate_model_name(name)
 
     def discover(self) -> list[str]:
-        """Model directories on disk (those holding a config.yaml); causal LMs are served by
-        :mod:`gateway.generation` at /v1, not here."""
+        """Model directories on disk (those holding a config.yaml) that are served here:
+        causal LMs are served by :mod:`gateway.generation` at /v1, and enclave verifiers
+        (:meth:`private_verifiers`) not at all."""
         if not self.root.is_dir():
             return []
+        private = self.private_verifiers()
         return sorted(
             p.name
             for p in self.root.iterdir()
             if p.is_dir()
             and (p / "config.yaml").is_file()
             and MODEL_NAME_RE.fullmatch(p.name)
+            and p.name not in private
             and read_platform(p / "config.yaml") != "causal_lm"
         )
+
+    def private_verifiers(self) -> dict[str, str]:
+        """Verifier -> the model whose enclave it runs in. A verifier is not served on the
+        data plane: whoever can query it can serve its answers in place of the model's, the
+        cheapest substitution there is, and the answers would then agree with the enclave's
+        perfectly. Empty with ``serve_verifiers`` (development only)."""
+        return {} if self.serve_verifiers else read_verifier_names(self.root)
 
     def index(self) -> list[dict[str, str]]:
         """Every model on disk or in memory, with version and state (repository extension)."""
@@ -168,6 +181,8 @@ class ModelRepository:
         validate_model_name(name)
         served = self._models.get(name)
         if served is None:
+            if name in self.private_verifiers():
+                raise NotFound(f"unknown model '{name}' (an enclave verifier is not served)")
             if name in self._states or (self.root / name / "config.yaml").is_file():
                 reason = self._states.get(name, ModelState("UNAVAILABLE", "not loaded")).reason
                 raise Unavailable(f"model '{name}' is not ready: {reason or 'not loaded'}")
@@ -209,6 +224,13 @@ class ModelRepository:
     async def load(self, name: str) -> None:
         """(Re)load ``name`` from disk; atomically replaces the versions it serves."""
         path = self.model_dir(name)
+        verified = self.private_verifiers().get(name)
+        if verified is not None:
+            raise ModelLoadError(
+                f"model '{name}' is the enclave verifier of '{verified}' and is not served on "
+                "the data plane: anyone who could query it could serve its answers in place of "
+                f"'{verified}' (set FIDES_SERVE_VERIFIERS=1 for development only)"
+            )
         if name not in self._models and not (path / "config.yaml").is_file():
             # before any state changes: an unknown name must not become a model that is
             # "wanted" (the server would stay not ready) or listed in the index
@@ -275,6 +297,8 @@ class ModelRepository:
             raise ModelLoadError(f"model '{name}': {exc}") from exc
         for check in self.load_checks:
             check(name, cfg)
+        if not versions and not cfg.model_filename:
+            versions = [1]  # a remote model (upstream) has no artefact: no version folder needed
         if not versions:
             raise ModelLoadError(f"model '{name}': no version directories (1, 2, ...) in {path}")
         cls = runtime_class(cfg.platform)

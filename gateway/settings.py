@@ -90,6 +90,11 @@ class Settings(BaseSettings):
         description="Accept evidence from the simulated enclave (default: in dev mode only; "
         "anywhere else it must be said explicitly).",
     )
+    serve_verifiers: bool = Field(
+        False,
+        description="Also serve enclave verifiers on /v2 (development only: a provider that "
+        "can query its verifier can serve its answers as a cheap substitute).",
+    )
     log_level: str = Field("INFO", description="Root log level.")
     log_json: bool = Field(True, description="Structured JSON logs (one object per line).")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
@@ -14,6 +14,9 @@ from fastapi import FastAPI
 from gateway.app import create_app
 from gateway.settings import Settings
 from tests.model_factory import make_repository
+
+if TYPE_CHECKING:
+    from tests.integrity_factory import Digits
 
 USER_KEY = "user-key-0123456789"
 ADMIN_KEY = "admin-key-0123456789"
@@ -76,3 +79,12 @@ def trained_repository(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, 
     from tests.integrity_factory import build_integrity_repository  # torch: only when needed
 
     return build_integrity_repository(tmp_path_factory.mktemp("integrity"))
+
+
+@pytest.fixture(scope="session")
+def digits(trained_repository: tuple[Path, dict[str, Any]]) -> Digits:
+    """Clear cases for the trained repository's models (tests/integrity_factory.py): what
+    tests about plumbing send, so that none depends on one training outcome."""
+    from tests.integrity_factory import typical_digits
+
+    return typical_digits(trained_repository[0])

@@ -89,7 +89,12 @@ class _Sampling(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = Field(None)
-    seed: int | None = None
+    seed: int | None = Field(
+        None,
+        ge=-(2**63),
+        le=2**64 - 1,
+        description="Sampling seed: a 64-bit integer (what torch.Generator.manual_seed takes).",
+    )
     user: str | None = None
     presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="Not supported: 0 only.")
     frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="Not supported: 0 only.")

@@ -20,15 +20,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from enclave_sim.attestation import Policy
-from enclave_sim.config import VerifierConfig
+from enclave_sim.config import from_enclave_block
 from enclave_sim.measurement import measure
 from enclave_sim.pki import ROOT_CERT, init_ca
 from enclave_sim.sealing import seal
 from gateway.enclave_client import (
     AttachedEnclave,
     EnclaveClient,
+    EnclaveError,
     EnclaveLaunch,
     EnclaveSupervisor,
+    RejectedItem,
     VerifiedItem,
     VerifyRequest,
 )
@@ -80,7 +82,7 @@ def enclave_for_model(
 ) -> tuple[EnclaveSupervisor, str]:
     """A supervisor (not started) for ``model``'s enclave and the pinned measurement (hex)."""
     onnx_bytes = verifier_file(repository, cfg.verifier_model).read_bytes()
-    vcfg = VerifierConfig(outputs=tuple(cfg.outputs), max_batch_size=cfg.max_batch_size)
+    vcfg = from_enclave_block(cfg.model_dump())
     platform = settings.enclave_platform_dir
     if settings.enclave_external:  # a sidecar: pin its root and measurement, attach
         root = platform / ROOT_CERT
@@ -187,7 +189,13 @@ class EnclaveBatcher:
                 raise
             return
         for p, item in zip(batch, result.items, strict=True):
-            if not p.future.done():
+            if p.future.done():
+                continue
+            if isinstance(item, RejectedItem):  # this request alone; the others verified
+                p.future.set_exception(
+                    EnclaveError(f"the enclave refused the request: {item.message}", code=item.code)
+                )
+            else:
                 p.future.set_result(item)
 
     async def close(self) -> None:

@@ -42,7 +42,7 @@ class IntegrityMetrics:
         self.unverified = Counter(
             "fides_integrity_unverified",
             "Answers returned without verification, by reason (not_sampled, enclave_unavailable, "
-            "enclave_timeout, enclave_error).",
+            "enclave_timeout, enclave_error, integrity_setup, out_of_distribution).",
             ["model", "reason"],
             registry=r,
         )
@@ -54,13 +54,13 @@ class IntegrityMetrics:
         )
         self.substitution_p_value = Gauge(
             "fides_integrity_substitution_p_value",
-            "p-value of the windowed substitution test (one-sided Mann-Whitney U).",
+            "p-value of the windowed substitution test (two-sided Mann-Whitney U).",
             ["model"],
             registry=r,
         )
         self.substitution_suspected = Gauge(
             "fides_integrity_substitution_suspected",
-            "1 while the windowed test rejects an honest service at its level, else 0.",
+            "1 while the windowed two-sided test rejects an honest service at its level, else 0.",
             ["model"],
             registry=r,
         )

@@ -23,25 +23,30 @@ import logging
 import secrets
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from enclave_sim.core import MAX_REQUEST_ID, InputSpec, check_request, input_specs
+from enclave_sim.errors import BadRequest as EnclaveRefusal
 from gateway.enclave_client import (
     EnclaveClient,
     EnclaveError,
+    EnclaveState,
     EnclaveUnavailable,
     VerifyRequest,
 )
 from gateway.errors import BadRequest, GatewayError, Unavailable
 from gateway.integrity.drills import ActiveDrill, tamper
-from gateway.integrity.enclave import EnclaveBatcher
+from gateway.integrity.enclave import EnclaveBatcher, verifier_file
 from gateway.integrity.metrics import IntegrityMetrics
 from gateway.integrity.stats import kl_divergence
 from gateway.integrity.substitution import SubstitutionMonitor
-from gateway.model_config import DrillConfig, IntegrityConfig
+from gateway.integrity.verdict import OUT_OF_DISTRIBUTION, decide, novelty_reason
+from gateway.model_config import DrillConfig, IntegrityConfig, read_platform
 from gateway.repository import ModelRepository, ModelVersion
 from gateway.runtimes import Tensors
 
@@ -57,6 +62,7 @@ __all__ = [
 
 DETECTOR_OUTPUT = "attack_probability"
 RECLASSIFIER_OUTPUT = "probabilities"
+NOVELTY_OUTPUT = "novelty_score"
 P_INPUT, Q_INPUT = "service_probs", "verifier_probs"
 NONCE_PARAMETER = "integrity_nonce"
 MIN_NONCE, MAX_NONCE = 8, 512
@@ -74,19 +80,39 @@ class IntegrityOutcome:
     parameters: dict[str, Any]  # integrity_* response parameters
 
 
-def read_detector_card(repository: Path, name: str) -> dict[str, Any]:
-    """The model card of the detector's latest version (threshold, calibration scores)."""
+def read_card(repository: Path, name: str, keys: Sequence[str]) -> dict[str, Any]:
+    """The model card of entry ``name``'s latest version, which must hold ``keys``."""
     root = repository / name
+    if not root.is_dir():
+        raise ValueError(f"model '{name}' is not in {repository}")
     versions = sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit())
     if not versions:
-        raise ValueError(f"detector '{name}' has no version in {repository}")
+        raise ValueError(f"model '{name}' has no version in {repository}")
     card = json.loads((root / str(versions[-1]) / "model_card.json").read_text(encoding="utf-8"))
-    for key in ("threshold", "calibration_scores", "calibration_kl"):
-        if key not in card:
-            raise ValueError(f"detector '{name}': model card has no '{key}'")
     if not isinstance(card, dict):
-        raise ValueError(f"detector '{name}': model card is not a JSON object")
+        raise ValueError(f"model '{name}': model card is not a JSON object")
+    for key in keys:
+        if key not in card:
+            raise ValueError(f"model '{name}': model card has no '{key}'")
     return card
+
+
+def read_detector_card(repository: Path, name: str) -> dict[str, Any]:
+    """The model card of the detector's latest version (threshold, calibration scores)."""
+    return read_card(repository, name, ("threshold", "calibration_scores", "calibration_kl"))
+
+
+def read_novelty_threshold(repository: ModelRepository, model: str, name: str) -> float:
+    """The novelty check's threshold (its model card), after checking that it takes inputs
+    the model's requests carry."""
+    card = read_card(repository.root, name, ("threshold",))
+    served = {t.name for t in repository.get(model, None).runtime.inputs}
+    wanted = {t.name for t in repository.get(name, None).runtime.inputs}
+    if not wanted <= served:
+        raise ValueError(
+            f"novelty check '{name}' takes inputs {sorted(wanted)}; '{model}' has {sorted(served)}"
+        )
+    return float(card["threshold"])
 
 
 def parse_nonce(value: Any) -> bytes | None:
@@ -117,9 +143,18 @@ class IntegrityPipeline:
         metrics: IntegrityMetrics,
         *,
         measurement: str | None = None,
+        verifier_inputs: Sequence[InputSpec] | None = None,
         seed: int | None = None,
     ) -> None:
         self.model = model
+        # what the enclave checks requests against; default: read from the verifier's graph
+        self.verifier_inputs = list(
+            verifier_inputs
+            if verifier_inputs is not None
+            else input_specs(
+                verifier_file(repository.root, cfg.enclave.verifier_model).read_bytes()
+            )
+        )
         self.cfg = cfg
         self.repository = repository
         self.enclave = enclave
@@ -127,6 +162,9 @@ class IntegrityPipeline:
         self.measurement = measurement
         card = read_detector_card(repository.root, cfg.detector)
         self.threshold = float(cfg.threshold if cfg.threshold is not None else card["threshold"])
+        self.novelty_threshold: float | None = None
+        if cfg.novelty is not None:
+            self.novelty_threshold = read_novelty_threshold(repository, model, cfg.novelty)
         reference = card[
             "calibration_kl" if cfg.substitution_score == "kl" else "calibration_scores"
         ]
@@ -151,22 +189,32 @@ class IntegrityPipeline:
         self._duration = m.duration.labels(model)
         m.enclave_up.labels(model).set_function(self._enclave_up)
         m.enclave_restarts.labels(model)  # exported from 0, so increase() sees the first restart
-        m.substitution_statistic.labels(model).set(0.5)
-        m.substitution_suspected.labels(model).set(0)
+        self._reset_window()
         if cfg.drill is not None:
             self.set_drill(cfg.drill)
 
     # -- state ------------------------------------------------------------------------------
 
     def _enclave_up(self) -> float:
-        state = getattr(self.enclave, "state", None)
-        if state is None:  # an in-process client: up unless told to fail
-            return 0.0 if getattr(self.enclave, "fail", None) is not None else 1.0
-        restarts = int(getattr(self.enclave, "restarts", 0))
-        if restarts > self._restarts_seen:  # counted when Prometheus looks
-            self.metrics.enclave_restarts.labels(self.model).inc(restarts - self._restarts_seen)
-            self._restarts_seen = restarts
-        return 1.0 if getattr(state, "value", state) == "up" else 0.0
+        health = self.enclave.health()
+        if health.restarts > self._restarts_seen:  # counted when Prometheus looks
+            self.metrics.enclave_restarts.labels(self.model).inc(
+                health.restarts - self._restarts_seen
+            )
+            self._restarts_seen = health.restarts
+        return 1.0 if health.up else 0.0
+
+    def readiness_error(self) -> str | None:
+        """Why this model cannot answer now, for readiness: under ``fail_closed`` an enclave
+        that is down (failed to start, refused by the attestation policy, gave up restarting)
+        or not attested yet refuses every request. A restart in progress is transient and not
+        counted; under ``fail_open`` the model answers (unverified)."""
+        if self.cfg.failure_policy != "fail_closed":
+            return None
+        health = self.enclave.health()
+        if health.state in (EnclaveState.DOWN, EnclaveState.STARTING):
+            return f"its enclave is {health.state.value}: {health.reason or 'no reason given'}"
+        return None
 
     def set_drill(self, drill: DrillConfig | None) -> ActiveDrill | None:
         """Start (or replace, or with None stop) an attack drill; returns the old one."""
@@ -174,7 +222,8 @@ class IntegrityPipeline:
             assert drill.substitute is not None  # checked by DrillConfig
             if drill.substitute == self.model:
                 raise BadRequest("a substitution drill needs a model other than the served one")
-            self.repository.get(drill.substitute, None)  # 404 / 503 when it cannot serve
+            if drill.substitute != self.cfg.enclave.verifier_model:  # the verifier: see run()
+                self._check_substitute(drill.substitute)
         old = self.drill
         if old is not None:
             self.metrics.drill_active.labels(self.model, old.config.attack).set(0)
@@ -190,11 +239,34 @@ class IntegrityPipeline:
             )
         elif old is not None:
             log.warning("attack drill OFF for %s", self.model, extra={"model": self.model})
-        self.monitor.reset()  # the window must not mix before and after
+        self._reset_window()  # the window must not mix before and after
         return old
 
+    def _check_substitute(self, name: str) -> None:
+        """A substitute must be a served classifier with the output the service answers in."""
+        config = self.repository.model_dir(name) / "config.yaml"
+        if read_platform(config) == "causal_lm":
+            raise BadRequest(
+                f"model '{name}' is a text model (platform causal_lm); a substitution drill "
+                f"serves a classifier in place of '{self.model}'"
+            )
+        mv = self.repository.get(name, None)  # 404 / 503 when it cannot serve
+        outputs = [o.name for o in mv.runtime.outputs]
+        if self.cfg.output not in outputs:
+            raise BadRequest(
+                f"model '{name}' has no output '{self.cfg.output}' (it has {outputs}): it "
+                f"cannot answer in place of '{self.model}'"
+            )
+
+    def _reset_window(self) -> None:
+        """Empty the substitution window and show it as such (no stale alarm left firing)."""
+        self.monitor.reset()
+        m = self.metrics
+        m.substitution_statistic.labels(self.model).set(0.5)
+        m.substitution_p_value.labels(self.model).set(1.0)
+        m.substitution_suspected.labels(self.model).set(0)
+
     def status(self) -> dict[str, Any]:
-        snap = getattr(self.enclave, "snapshot", None)
         last = self.monitor.last
         return {
             "model": self.model,
@@ -205,7 +277,7 @@ class IntegrityPipeline:
             "detector": self.cfg.detector,
             "reclassifier": self.cfg.reclassifier,
             "measurement": self.measurement,
-            "enclave": snap() if callable(snap) else {"state": "in-process"},
+            "enclave": self.enclave.snapshot(),
             "drill": self.drill.as_dict() if self.drill is not None else None,
             "substitution": {
                 "window": self.cfg.substitution_window,
@@ -215,6 +287,7 @@ class IntegrityPipeline:
                 "statistic": last.statistic if last else None,
                 "p_value": last.p_value if last else None,
                 "suspected": last.flagged if last else False,
+                "direction": last.direction if last else None,
             },
         }
 
@@ -237,15 +310,20 @@ class IntegrityPipeline:
     ) -> IntegrityOutcome:
         nonce = parse_nonce(parameters.get(NONCE_PARAMETER)) or secrets.token_bytes(16)
         rid = request_id or uuid.uuid4().hex
-        rows = len(next(iter(tensors.values())))
+        rows = self._check_verifiable(VerifyRequest(rid, nonce, tensors))
         drill = self.drill
         service = mv
+        copy_verifier = False  # this answer will be the enclave verifier's own
         if drill is not None and drill.config.attack == "substitution":
             assert drill.config.substitute is not None
             if self.rng.random() < drill.config.rate:  # this request goes to the cheap model
-                service = self.repository.get(drill.config.substitute, None)
-                drill.tampered += rows
-                self.metrics.drill_tampered.labels(self.model, "substitution").inc(rows)
+                if drill.config.substitute == self.cfg.enclave.verifier_model:
+                    # the cheapest substitute of all: a provider that runs the verifier. It is
+                    # not served here, so the drill takes its answer from the enclave's.
+                    copy_verifier = True
+                else:
+                    service = self.repository.get(drill.config.substitute, None)
+                    self._count_substituted(drill, rows)
         sampled = self.cfg.sampling_rate >= 1 or self.rng.random() < self.cfg.sampling_rate
         if not sampled:
             results = self._tampered(await service.batcher.submit(tensors, deadline), drill)
@@ -276,24 +354,32 @@ class IntegrityPipeline:
         except EnclaveError as exc:
             return self._failed(results, "enclave_error", exc.message)
 
-        p = _probabilities(results, self.cfg.output, "service")  # [n, C]
         q = _probabilities(item.outputs, self.cfg.enclave.outputs[0], "verifier")  # [n, C]
+        if copy_verifier and drill is not None:
+            results = {**results, self.cfg.output: q.copy()}
+            self._count_substituted(drill, rows)
+        p = _probabilities(results, self.cfg.output, "service")  # [n, C]
         if p.shape != q.shape:
             raise GatewayError(
                 f"service answer {list(p.shape)} and verifier answer {list(q.shape)} differ "
                 "in shape: the integrity block pairs the wrong models"
             )
         pair = {P_INPUT: p, Q_INPUT: q}
-        det = await self.repository.get(self.cfg.detector, None).batcher.submit(pair, deadline)
-        scores = np.asarray(det[DETECTOR_OUTPUT], dtype=np.float64).reshape(len(p))  # [n]
-        flagged = scores > self.threshold
+        scores, novelty = await self._judge(pair, tensors, deadline)  # [n], [n] or None
+        novel = None if novelty is None else novelty > self.novelty_threshold
+        verdict, flagged = decide(scores, self.threshold, novel)
         params: dict[str, Any] = {
-            "integrity_verdict": "attack" if flagged.any() else "verified",
+            "integrity_verdict": verdict,
             "integrity_score": round(float(scores.max()), 6),
             "integrity_threshold": self.threshold,
             "integrity_evidence": base64.b64encode(item.evidence).decode("ascii"),
             "integrity_request_id": rid,
         }
+        if verdict == "unverified":  # novel input(s): nothing to say about the provider
+            assert novelty is not None
+            assert self.novelty_threshold is not None
+            params["integrity_reason"] = novelty_reason(novelty, self.novelty_threshold)
+            self.metrics.unverified.labels(self.model, OUT_OF_DISTRIBUTION).inc()
         if flagged.any():
             rec = await self.repository.get(self.cfg.reclassifier, None).batcher.submit(
                 pair, deadline
@@ -312,22 +398,66 @@ class IntegrityPipeline:
             log.warning(
                 "integrity: attack detected on %s (score %.4f, threshold %.4f)",
                 self.model,
-                float(scores.max()),
+                float(scores[flagged].max()),
                 self.threshold,
                 extra={"model": self.model, "request_id": rid, "drill": drill is not None},
             )
         for s in scores:
             self._score.observe(float(s))
-        self._verdict[params["integrity_verdict"]].inc()
+        self._verdict[verdict].inc()
         self._duration.observe(time.perf_counter() - t0)
-        tested = self.monitor.add(
-            scores if self.cfg.substitution_score == "detector" else kl_divergence(p, q)
-        )
-        if tested is not None:
-            self.metrics.substitution_statistic.labels(self.model).set(tested.statistic)
-            self.metrics.substitution_p_value.labels(self.model).set(tested.p_value)
-            self.metrics.substitution_suspected.labels(self.model).set(1 if tested.flagged else 0)
+        known = np.ones(len(p), dtype=bool) if novel is None else ~novel  # in distribution
+        if known.any():  # the window's clean reference is in-distribution data
+            by_row = scores if self.cfg.substitution_score == "detector" else kl_divergence(p, q)
+            tested = self.monitor.add(by_row[known])
+            if tested is not None:
+                m = self.metrics
+                m.substitution_statistic.labels(self.model).set(tested.statistic)
+                m.substitution_p_value.labels(self.model).set(tested.p_value)
+                m.substitution_suspected.labels(self.model).set(1 if tested.flagged else 0)
         return IntegrityOutcome(results, params)
+
+    async def _judge(
+        self, pair: Tensors, tensors: Tensors, deadline: float
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """The detector's scores ``[n]`` and, with a novelty check, the inputs' novelty ``[n]``
+        (both repository models, batched like any other; run side by side)."""
+        detector = self.repository.get(self.cfg.detector, None).batcher.submit(pair, deadline)
+        if self.cfg.novelty is None:
+            det = await detector
+            return np.asarray(det[DETECTOR_OUTPUT], dtype=np.float64).reshape(-1), None
+        novelty_model = self.repository.get(self.cfg.novelty, None)
+        feed = {t.name: tensors[t.name] for t in novelty_model.runtime.inputs}
+        det, nov = await asyncio.gather(detector, novelty_model.batcher.submit(feed, deadline))
+        scores = np.asarray(det[DETECTOR_OUTPUT], dtype=np.float64).reshape(-1)
+        return scores, np.asarray(nov[NOVELTY_OUTPUT], dtype=np.float64).reshape(-1)
+
+    def _check_verifiable(self, request: VerifyRequest) -> int:
+        """Refuse (400) what the enclave would refuse, before the request joins a shared
+        enclave call: there one bad request would fail every request of the call. Returns the
+        request's rows."""
+        if not 0 < len(request.id) <= MAX_REQUEST_ID:
+            raise BadRequest(
+                f"model '{self.model}' is verified: its request 'id' must be 1..{MAX_REQUEST_ID} "
+                f"characters (the enclave binds it into the evidence), not {len(request.id)}"
+            )
+        try:
+            rows = check_request(request, self.verifier_inputs)
+        except EnclaveRefusal as exc:
+            raise BadRequest(
+                f"model '{self.model}': the verifier cannot take this input: {exc}"
+            ) from None
+        limit = self.cfg.enclave.max_batch_size
+        if rows > limit:
+            raise BadRequest(
+                f"model '{self.model}': {rows} rows in one request; its enclave verifies at most "
+                f"{limit} (integrity.enclave.max_batch_size)"
+            )
+        return rows
+
+    def _count_substituted(self, drill: ActiveDrill, rows: int) -> None:
+        drill.tampered += rows
+        self.metrics.drill_tampered.labels(self.model, "substitution").inc(rows)
 
     def _tampered(
         self, results: dict[str, np.ndarray], drill: ActiveDrill | None
@@ -411,6 +541,12 @@ class UnavailableIntegrity:
 
     def status(self) -> dict[str, Any]:
         return {"model": self.model, "mode": self.cfg.mode, "error": self.error}
+
+    def readiness_error(self) -> str | None:
+        """Under ``fail_closed`` every request is refused: not ready, and why."""
+        if self.cfg.failure_policy != "fail_closed":
+            return None
+        return f"integrity could not be set up: {self.error}"
 
     def set_drill(self, drill: DrillConfig | None) -> None:
         raise Unavailable(f"model '{self.model}': integrity is not running: {self.error}")

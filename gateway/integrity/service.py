@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
+from enclave_sim.errors import EnclaveError as EnclaveSideError
 from gateway.enclave_client import EnclaveClient, EnclaveSupervisor
 from gateway.errors import GatewayError, ModelLoadError, NotFound
 from gateway.integrity.enclave import enclave_for_model
@@ -42,25 +43,27 @@ class IntegrityService:
     async def start(self) -> None:
         """One pipeline (and enclave) per loaded model with an ``integrity:`` block. A model
         whose enclave does not come up is still served; its failure policy then applies."""
-        starts = []
-        for name in self.repository.loaded_names():
-            cfg = self.repository.served(name).config.integrity
-            if cfg is None:
-                continue
-            try:
-                enclave, measurement = self._factory(name, cfg.enclave)
-                self.pipelines[name] = IntegrityPipeline(
-                    name, cfg, self.repository, enclave, self.metrics, measurement=measurement
-                )
-            except (GatewayError, ValueError, OSError, KeyError) as exc:
-                # never serve the model as if it had no integrity block: its policy applies
-                log.error("integrity for %s cannot be set up: %s", name, exc)
-                self.pipelines[name] = UnavailableIntegrity(name, cfg, self.metrics, str(exc))
-                continue
-            if isinstance(enclave, EnclaveSupervisor):
-                starts.append(self._start(name, enclave))
-        await asyncio.gather(*starts)
+        await asyncio.gather(*(self.setup(name) for name in self.repository.loaded_names()))
         self.repository.load_checks.append(self._check_load)
+
+    async def setup(self, name: str) -> None:
+        """Set up the integrity of served model ``name`` if its config has a block and it has
+        no pipeline yet (at start, or when a model first loads later)."""
+        cfg = self.repository.served(name).config.integrity
+        if cfg is None or name in self.pipelines:
+            return
+        try:
+            enclave, measurement = self._factory(name, cfg.enclave)
+            self.pipelines[name] = IntegrityPipeline(
+                name, cfg, self.repository, enclave, self.metrics, measurement=measurement
+            )
+        except (GatewayError, EnclaveSideError, ValueError, OSError, KeyError) as exc:
+            # never serve the model as if it had no integrity block: its policy applies
+            log.error("integrity for %s cannot be set up: %s", name, exc)
+            self.pipelines[name] = UnavailableIntegrity(name, cfg, self.metrics, str(exc))
+            return
+        if isinstance(enclave, EnclaveSupervisor):
+            await self._start(name, enclave)
 
     def _check_load(self, name: str, cfg: ModelConfig) -> None:
         """Refuse a hot (re)load that adds, removes or changes an ``integrity:`` block.
@@ -71,6 +74,8 @@ class IntegrityService:
         being verified, a new threshold or policy not applied. A clear 400 instead, and the
         versions that serve keep serving; a restart applies the change."""
         pipe = self.pipelines.get(name)
+        if pipe is None and name not in self.repository.loaded_names():
+            return  # a first load: its integrity is set up once it has loaded (setup)
         current = None if pipe is None else pipe.cfg
         if cfg.integrity == current:
             return

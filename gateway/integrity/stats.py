@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 from scipy import stats
@@ -15,27 +16,37 @@ EPS = 1e-7  # the probability floor of verifier.features, so both compute the sa
 @dataclass(frozen=True)
 class WindowResult:
     statistic: float  # P(window score > clean score), from Mann-Whitney U; 0.5 when honest
-    p_value: float
+    p_value: float  # two-sided
     flagged: bool
+    # which way a flagged window leans: "more" disagreement with the verifier than the honest
+    # service shows (a cheaper substitute), or "less" (answers that copy the verifier)
+    direction: Literal["more", "less"] | None = None
 
 
 def window_test(window: np.ndarray, reference: np.ndarray, alpha: float = 0.01) -> WindowResult:
-    """Is a window of recent per-request scores stochastically larger than clean scores?
+    """Do a window of recent per-request scores come from another distribution than clean
+    scores, in either direction?
 
-    One-sided Mann-Whitney U test (scipy.stats.mannwhitneyu, alternative "greater") of the
-    window against the clean calibration scores. Under an honest service the window and the
-    reference are exchangeable, so a window is flagged with probability <= ``alpha``; a
-    substitute model that disagrees with the verifier more often shifts the scores up. The
-    statistic is U / (n_window * n_reference): the probability that a window score exceeds a
-    clean one (0.5 when honest).
+    Two-sided Mann-Whitney U test (scipy.stats.mannwhitneyu) of the window against the clean
+    calibration scores. Under an honest service the window and the reference are
+    exchangeable, so a window is flagged with probability <= ``alpha``. A substitute that
+    disagrees with the verifier more often shifts the scores up; one that reproduces the
+    verifier (the verifier itself, or anything distilled to copy it) shifts them down, since
+    the honest service never agrees with its verifier that closely. Both are substitutions.
+    The statistic is U / (n_window * n_reference): the probability that a window score exceeds
+    a clean one (0.5 when honest).
     """
     w = np.asarray(window, dtype=np.float64)
     r = np.asarray(reference, dtype=np.float64)
     if w.size == 0 or r.size == 0:
         raise ValueError("window test needs scores in the window and the reference")
-    res = stats.mannwhitneyu(w, r, alternative="greater")
+    res = stats.mannwhitneyu(w, r, alternative="two-sided")
     stat = float(res.statistic) / (w.size * r.size)
-    return WindowResult(stat, float(res.pvalue), bool(res.pvalue < alpha))
+    flagged = bool(res.pvalue < alpha)
+    direction: Literal["more", "less"] | None = None
+    if flagged:
+        direction = "more" if stat > 0.5 else "less"
+    return WindowResult(stat, float(res.pvalue), flagged, direction)
 
 
 def kl_divergence(p: np.ndarray, q: np.ndarray) -> np.ndarray:

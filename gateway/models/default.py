@@ -9,10 +9,12 @@ images, 10 classes), which ships inside the scikit-learn wheel:
   -> ``probabilities`` [-1, 10], softmax inside the graph), with ``1/model_card.json``;
 * ``digits_verifier`` - its Fides verification model, built by GDTL (rotation-pretrained
   backbone, greedy unfreezing with KD from ``digits``), ONNX with a model card; the gateway
-  seals it into ``digits``' enclave at start;
+  seals it into ``digits``' enclave at start and never serves it on ``/v2``;
 * ``digits_detector`` / ``digits_reclassifier`` - the GAN-trained attack detector and the
   re-classifier over (service, verifier) probability pairs (:mod:`verifier.evaluate`);
   ``digits``' config has the ``integrity:`` block that uses them;
+* ``digits_novelty`` - the out-of-distribution check: a blank, inverted or faint image is
+  answered ``unverified`` (reason ``out_of_distribution``), not judged an attack;
 * ``digits_lite`` - a much cheaper model, what a lazy provider might serve instead (the
   substitution drill serves it);
 * ``digits_torch`` - the same service student as a ``torch.export`` program (``model.pt2``);
@@ -254,7 +256,8 @@ def build_default(
 
 def _build(root: Path, seed: int, say: Progress) -> dict[str, Any]:
     t0 = time.perf_counter()
-    split = load_split(seed)
+    exp = digits_default(seed)
+    split = load_split(seed, test_size=exp.data.test_fraction or 0.2)  # the experiment's split
     x_test = split.x_test.numpy()  # [n_test, 1, 8, 8]
     sample = split.x_train[:2]  # export example; the batch axis is dynamic
     say(
@@ -265,7 +268,6 @@ def _build(root: Path, seed: int, say: Progress) -> dict[str, Any]:
 
     # digits + digits_verifier: the verifier pipeline (teacher -> distilled service student
     # -> GDTL verifier), exported with model cards by the pipeline itself
-    exp = digits_default(seed)
     say(
         f"digits: verifier pipeline (teacher, KD student, GDTL verifier; config "
         f"{exp.config_hash()[:8]})"
@@ -343,8 +345,21 @@ def _build(root: Path, seed: int, say: Progress) -> dict[str, Any]:
         "role": "attack detector (GAN-trained, inputs service_probs + verifier_probs)",
         "threshold": integrity["threshold"],
         "target_fpr": exp.detector.target_fpr,
+        "threshold_rule": integrity["threshold_rule"],
+        "calibration_scores": integrity["calibration_scores"],
         "clean_fpr": integrity["clean_fpr"],
+        "evaluation_images": integrity["data"]["evaluation"],
         "mean_detection_accuracy": integrity["mean_detection_accuracy"],
+    }
+    novelty = integrity["novelty"]
+    models["digits_novelty"] = {
+        "platform": "onnx",
+        "role": "out-of-distribution check (input -> novelty_score)",
+        "threshold": novelty["threshold"],
+        "threshold_rule": novelty["threshold_rule"],
+        "calibration_scores": novelty["calibration_scores"],
+        "clean_rate": novelty["clean_rate"],
+        "called_novel": {k: v["called_novel"] for k, v in novelty["inputs"].items()},
     }
     models["digits_reclassifier"] = {
         "platform": "onnx",

@@ -97,6 +97,7 @@ class UpstreamRuntime(Runtime):
         self.breaker = CircuitBreaker(cb.failure_threshold, cb.reset_timeout_s, name=self.base_url)
         self._client: httpx.Client | None = None
         self._client_lock = threading.Lock()
+        self._warned_integrity = False
         # set by the app to count retries in its metrics
         self.on_retry: Callable[[], None] = lambda: None
 
@@ -294,7 +295,27 @@ class UpstreamRuntime(Runtime):
             data = flat.tolist()
         return {"name": name, "shape": list(array.shape), "datatype": datatype, "data": data}
 
+    def _note_upstream_integrity(self, answer: Any) -> None:
+        """Say once (not silently) that the upstream's own integrity parameters are not
+        passed on: its evidence binds the batch this gateway sent, not a client's request,
+        and this gateway's verification (its own enclave) is what its answers carry."""
+        params = answer.get("parameters") if isinstance(answer, dict) else None
+        if self._warned_integrity or not isinstance(params, dict):
+            return
+        theirs = sorted(k for k in params if isinstance(k, str) and k.startswith("integrity_"))
+        if theirs:
+            self._warned_integrity = True
+            logger.warning(
+                "upstream %s answers with its own integrity parameters %s; they are not passed "
+                "on (its evidence covers the batch this gateway sent, not a client's request): "
+                "give this model an integrity block to verify it here",
+                self.infer_url,
+                theirs,
+                extra={"model": self.name},
+            )
+
     def _decode(self, answer: Any, inputs: Tensors, output_names: list[str] | None) -> Tensors:
+        self._note_upstream_integrity(answer)
         try:
             return self._decode_outputs(answer, inputs, output_names)
         except ValueError as exc:

@@ -123,3 +123,25 @@ def test_alertmanager_inhibits_alerts_explained_by_a_dead_enclave(alert: str) ->
     pattern = target.split("=~", 1)[1].strip('"')
     assert re.fullmatch(pattern, alert)
     assert alert in {r["alert"] for r in _rules()}
+
+
+def test_the_docs_say_when_fides_attack_detected_fires() -> None:
+    """The README once said it fired on a single detection; the rule never did. The share and
+    the count in the rule's expression are what the README and the deploy guide say."""
+    (rule,) = [r for r in _rules() if r.get("alert") == "FidesAttackDetected"]
+    expr = " ".join(rule["expr"].split())
+    share = re.search(r"\)\s*>\s*([0-9.]+)", expr)
+    count = re.search(r">=\s*([0-9]+)", expr)
+    assert share is not None
+    assert count is not None
+    percent = f"{float(share.group(1)):.0%}"  # 0.10 -> "10%"
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    guide = (ROOT / "docs" / "deploy.md").read_text(encoding="utf-8")
+    for name, text in (("README.md", readme), ("docs/deploy.md", guide)):
+        lines = text.splitlines()
+        windows = [" ".join(lines[i : i + 3]) for i, ln in enumerate(lines) if rule["alert"] in ln]
+        assert any(f"over {percent}" in w and f"at least {count.group(1)}" in w for w in windows), (
+            name,
+            windows,
+        )
+        assert "single detection" not in text, name

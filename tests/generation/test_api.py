@@ -222,3 +222,29 @@ async def test_malformed_json_is_400(client: httpx.AsyncClient) -> None:
     )
     assert r.status_code == 400
     assert r.json()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("seed", [2**64, -(2**63) - 1, 10**30])
+async def test_a_seed_outside_64_bits_is_a_400_streamed_or_not(
+    client: httpx.AsyncClient, seed: int, stream: bool
+) -> None:
+    """It was a 500 (an overflow inside the engine), or a 200 with an error event."""
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 2, "seed": seed, "stream": stream}
+    r = await client.post("/v1/completions", json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "seed"
+    ok = {**body, "seed": 2**64 - 1}
+    assert (await client.post("/v1/completions", json=ok)).status_code == 200
+
+
+async def test_a_body_that_is_not_json_says_so(client: httpx.AsyncClient) -> None:
+    r = await client.post(
+        "/v1/completions",
+        content=b'{"model": "tiny", prompt',
+        headers={"content-type": "application/json"},
+    )
+    assert r.status_code == 400
+    message = r.json()["error"]["message"]
+    assert message.startswith("the request body is not valid JSON"), message
+    assert "body.0" not in message

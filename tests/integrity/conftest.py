@@ -42,14 +42,6 @@ def set_integrity(repo: Path, **changes: Any) -> None:
     path.write_text(yaml.safe_dump(cfg))
 
 
-def digit_images(n: int, seed: int = 0) -> np.ndarray:
-    from sklearn.datasets import load_digits
-
-    x, _ = load_digits(return_X_y=True)
-    idx = np.random.default_rng(seed).choice(len(x), size=n, replace=False)
-    return (x[idx] / 16.0).astype(np.float32).reshape(n, 1, 8, 8)
-
-
 def infer_body(x: np.ndarray, **params: Any) -> dict[str, Any]:
     body: dict[str, Any] = {
         "inputs": [

@@ -23,6 +23,7 @@ from gateway.integrity.enclave import verifier_file
 from gateway.settings import Settings
 from tests.conftest import ADMIN_KEY, USER_KEY, serving
 from tests.integrity.conftest import EXAMPLE
+from tests.integrity_factory import Digits
 from tests.processes import stop_process
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -47,12 +48,12 @@ def _start_enclave(
 
 
 async def _wait_verdict(
-    client: httpx.AsyncClient, want: str, timeout_s: float
+    client: httpx.AsyncClient, body: dict[str, object], want: str, timeout_s: float
 ) -> dict[str, object]:
     deadline = time.monotonic() + timeout_s
     last: dict[str, object] = {}
     while time.monotonic() < deadline:
-        r = await client.post("/v2/models/digits/infer", json=EXAMPLE)
+        r = await client.post("/v2/models/digits/infer", json=body)
         if r.status_code == 200:
             last = r.json()["parameters"]
             if last.get("integrity_verdict") == want:
@@ -62,8 +63,9 @@ async def _wait_verdict(
 
 
 async def test_attach_to_a_sidecar_enclave_and_reattest_after_its_restart(
-    integrity_repo: Path, short_dir: Path
+    integrity_repo: Path, short_dir: Path, digits: Digits
 ) -> None:
+    body = digits.body()
     platform, rt = short_dir / "p", short_dir / "r"
     rt.mkdir()
     init_ca(platform)
@@ -88,21 +90,21 @@ async def test_attach_to_a_sidecar_enclave_and_reattest_after_its_restart(
         )
         # the default enclave factory: attach, do not spawn
         async with serving(settings) as client:
-            await _wait_verdict(client, "verified", 30)
+            await _wait_verdict(client, body, "verified", 30)
             status = (await client.get("/v2/models/digits/integrity")).json()
             assert status["enclave"]["state"] == "up"
             assert status["enclave"]["pid"] is None  # not ours to manage
             module = status["enclave"]["module_id"]
 
             stop_process(first)  # the sidecar dies ...
-            r = await client.post("/v2/models/digits/infer", json=EXAMPLE)
+            r = await client.post("/v2/models/digits/infer", json=body)
             assert r.status_code in (200, 503)  # never a false "verified" from a dead enclave
             if r.status_code == 200:
                 assert r.json()["parameters"]["integrity_verdict"] == "verified"
             socket.unlink(missing_ok=True)
             second = _start_enclave(sealed, platform, socket, short_dir / "enclave2.log")
             await asyncio.sleep(0.5)
-            await _wait_verdict(client, "verified", 40)  # ... and is re-attested when back
+            await _wait_verdict(client, body, "verified", 40)  # ... and is re-attested when back
             status = (await client.get("/v2/models/digits/integrity")).json()
             assert status["enclave"]["module_id"] != module  # a new boot, a new identity
             assert status["enclave"]["restarts"] >= 1

@@ -43,12 +43,12 @@ from gateway.enclave_client import EnclaveUnavailable
 from gateway.settings import Settings
 from tests.conftest import ADMIN_KEY, USER_KEY
 from tests.e2e.conftest import GatewayProcess, running_gateway
-from tests.integrity.conftest import EXAMPLE, Fakes, digit_images, set_integrity
+from tests.integrity.conftest import Fakes, set_integrity
+from tests.integrity_factory import Digits
 
 pytestmark = [pytest.mark.e2e]
 
 README = Path(__file__).resolve().parents[2] / "README.md"
-X3 = np.asarray(EXAMPLE["inputs"][0]["data"], dtype=np.float32).reshape(1, 1, 8, 8)  # a "3"
 DRILL = "/v2/admin/models/digits/drill"
 Body = dict[str, Any]
 
@@ -145,23 +145,24 @@ def switch_top2(probs: Body) -> Body:
 # -- honest gateway ---------------------------------------------------------------------------
 
 
-def test_a_verified_answer_checks_out(live: Live) -> None:
+def test_a_verified_answer_checks_out(live: Live, digits: Digits) -> None:
     with client(live) as c:
-        r = c.infer({"input": X3})
+        r = c.infer({"input": digits.images[:1]})
         assert r.verdict == r.gateway_verdict == "verified"
         assert r.trusted, r.mismatches
-        assert int(r.probabilities.argmax()) == 3
+        assert int(r.probabilities.argmax()) == digits.labels[0]
         assert r.evidence is not None
         assert r.evidence.request_id == r.request_id
         assert r.verifier_probabilities is not None
-        assert int(r.verifier_probabilities.argmax()) == 3  # q: from the signed evidence
+        # q: from the signed evidence
+        assert int(r.verifier_probabilities.argmax()) == digits.labels[0]
         assert r.score == pytest.approx(r.gateway_score, abs=1e-4)
         assert c.handshakes == 1
         assert c.attested is not None
         assert c.attested.simulated
         assert c.attested.measurement.hex() == live.models.measurement
 
-        x = digit_images(4, seed=1)
+        x = digits.take(4, seed=1)
         batch = c.infer({"input": x}, request_id="my-batch-1")
         assert batch.request_id == "my-batch-1"
         assert batch.verdict == batch.gateway_verdict == "verified"
@@ -170,8 +171,10 @@ def test_a_verified_answer_checks_out(live: Live) -> None:
         assert batch.probabilities.shape == (4, 10)
 
 
-def test_a_drill_is_an_attack_for_the_client_and_the_gateway_alike(live: Live) -> None:
-    x = digit_images(8, seed=2)
+def test_a_drill_is_an_attack_for_the_client_and_the_gateway_alike(
+    live: Live, digits: Digits
+) -> None:
+    x = digits.take(8, seed=2)
     drill(live, True)
     try:
         with client(live) as c:
@@ -192,7 +195,9 @@ def test_a_drill_is_an_attack_for_the_client_and_the_gateway_alike(live: Live) -
 # -- a lying gateway --------------------------------------------------------------------------
 
 
-def test_a_gateway_that_calls_a_drilled_answer_verified_is_caught(live: Live) -> None:
+def test_a_gateway_that_calls_a_drilled_answer_verified_is_caught(
+    live: Live, digits: Digits
+) -> None:
     def lie(body: Body) -> Body:
         params = body["parameters"]
         params.update(integrity_verdict="verified", integrity_score=0.01)
@@ -201,7 +206,7 @@ def test_a_gateway_that_calls_a_drilled_answer_verified_is_caught(live: Live) ->
 
     liar = Liar()
     liar.on_infer = lie
-    x = digit_images(8, seed=3)
+    x = digits.take(8, seed=3)
     drill(live, True)
     try:
         with client(live, liar) as c:
@@ -218,14 +223,14 @@ def test_a_gateway_that_calls_a_drilled_answer_verified_is_caught(live: Live) ->
         assert not r.trusted
 
 
-def test_a_tampered_answer_called_verified_is_caught(live: Live) -> None:
+def test_a_tampered_answer_called_verified_is_caught(live: Live, digits: Digits) -> None:
     """The gateway swaps the served answer after the (honest) verification, keeps 'verified'."""
     liar = Liar()
     liar.on_infer = lambda body: {
         **body,
         "outputs": [switch_top2(o) if o["name"] == "probabilities" else o for o in body["outputs"]],
     }
-    x = digit_images(8, seed=4)
+    x = digits.take(8, seed=4)
     with client(live, liar) as c:
         results = [c.infer({"input": x[i : i + 1]}) for i in range(len(x))]
     caught = [r for r in results if r.mismatch]
@@ -235,14 +240,14 @@ def test_a_tampered_answer_called_verified_is_caught(live: Live) -> None:
         assert r.verdict == "attack"
 
 
-def test_stripped_evidence_is_never_verified(live: Live) -> None:
+def test_stripped_evidence_is_never_verified(live: Live, digits: Digits) -> None:
     liar = Liar()
     liar.on_infer = lambda body: {
         **body,
         "parameters": {k: v for k, v in body["parameters"].items() if k != "integrity_evidence"},
     }
     with client(live, liar) as c:
-        r = c.infer({"input": X3})
+        r = c.infer({"input": digits.images[:1]})
     assert r.gateway_verdict == "verified"
     assert r.verdict == "unverified"
     assert r.evidence is None
@@ -257,7 +262,7 @@ def _edit_evidence(body: Body, edit: Callable[[dict[str, Any]], None]) -> Body:
     return body
 
 
-def test_a_forged_signature_fails_after_one_new_handshake(live: Live) -> None:
+def test_a_forged_signature_fails_after_one_new_handshake(live: Live, digits: Digits) -> None:
     def forge(doc: dict[str, Any]) -> None:
         signed = bytearray(doc["result"])
         signed[-5] ^= 0x01  # inside the ES384 signature, the last field of the COSE_Sign1
@@ -265,14 +270,14 @@ def test_a_forged_signature_fails_after_one_new_handshake(live: Live) -> None:
 
     liar = Liar()
     with client(live, liar) as c:
-        assert c.infer({"input": X3}).trusted
+        assert c.infer({"input": digits.images[:1]}).trusted
         liar.on_infer = lambda body: _edit_evidence(body, forge)
         with pytest.raises(SignatureError):
-            c.infer({"input": X3})
+            c.infer({"input": digits.images[:1]})
     assert liar.attestations == 2  # the first, then one re-handshake: then it gave up
 
 
-def test_a_forged_verifier_output_breaks_the_signed_binding(live: Live) -> None:
+def test_a_forged_verifier_output_breaks_the_signed_binding(live: Live, digits: Digits) -> None:
     """The gateway tampers with the answer AND rewrites q in the evidence to match it."""
 
     def lie(body: Body) -> Body:
@@ -288,37 +293,37 @@ def test_a_forged_verifier_output_breaks_the_signed_binding(live: Live) -> None:
     liar = Liar()
     liar.on_infer = lie
     with client(live, liar) as c, pytest.raises(BindingError, match="Merkle"):
-        c.infer({"input": X3})
+        c.infer({"input": digits.images[:1]})
 
 
-def test_replayed_evidence_for_a_new_nonce_is_refused(live: Live) -> None:
+def test_replayed_evidence_for_a_new_nonce_is_refused(live: Live, digits: Digits) -> None:
     liar = Liar()
     old: list[Body] = []
     liar.on_infer = lambda body: old[0] if old else old.append(body) or body
     with client(live, liar) as c:
-        first = c.infer({"input": X3}, request_id="same-id")
+        first = c.infer({"input": digits.images[:1]}, request_id="same-id")
         assert first.trusted
         # the same request again (same id, same input): the gateway replays the old answer
         with pytest.raises(BindingError, match="nonce"):
-            c.infer({"input": X3}, request_id="same-id")
+            c.infer({"input": digits.images[:1]}, request_id="same-id")
 
 
 # -- the handshake ----------------------------------------------------------------------------
 
 
 def test_the_handshake_refuses_a_wrong_root_measurement_or_simulation(
-    live: Live, tmp_path: Path
+    live: Live, digits: Digits, tmp_path: Path
 ) -> None:
     init_ca(tmp_path / "other")
     with client(live, root=tmp_path / "other" / ROOT_CERT) as c, pytest.raises(ChainError):
         c.attest()
     with client(live, measurements=["ab" * 48]) as c, pytest.raises(MeasurementMismatch):
-        c.infer({"input": X3})
+        c.infer({"input": digits.images[:1]})
     with client(live, allow_simulated=False) as c, pytest.raises(SimulatedEvidenceRejected):
         c.attest()
 
 
-def test_a_replayed_attestation_document_is_refused(live: Live) -> None:
+def test_a_replayed_attestation_document_is_refused(live: Live, digits: Digits) -> None:
     liar = Liar()
     old: list[Body] = []
     liar.on_attestation = lambda body: old[0] if old else old.append(body) or body
@@ -328,13 +333,13 @@ def test_a_replayed_attestation_document_is_refused(live: Live) -> None:
             c.attest()
 
 
-def test_an_enclave_restart_costs_one_new_handshake(live: Live) -> None:
+def test_an_enclave_restart_costs_one_new_handshake(live: Live, digits: Digits) -> None:
     status_url = "/v2/models/digits/integrity"
     with (
         httpx.Client(base_url=live.gateway.base_url, headers={"X-API-Key": USER_KEY}) as http,
         client(live) as c,
     ):
-        assert c.infer({"input": X3}).trusted
+        assert c.infer({"input": digits.images[:1]}).trusted
         before = http.get(status_url).json()["enclave"]
         # the enclave process is a child of the gateway this module started
         os.kill(before["pid"], signal.SIGKILL)
@@ -345,7 +350,7 @@ def test_an_enclave_restart_costs_one_new_handshake(live: Live) -> None:
                 break
             assert time.monotonic() < deadline, f"the enclave did not come back: {now}"
             time.sleep(0.1)
-        r = c.infer({"input": X3})
+        r = c.infer({"input": digits.images[:1]})
         assert r.trusted, r.mismatches
         assert c.handshakes == 2
         assert c.attested is not None
@@ -419,45 +424,77 @@ class AsyncLiar(httpx.AsyncBaseTransport):
         return httpx.Response(response.status_code, json=self.lie(json.loads(response.content)))
 
 
-async def test_enforce_mode_the_replacement_is_checked(integrity_repo: Path) -> None:
+async def test_enforce_mode_the_replacement_is_checked(
+    integrity_repo: Path, digits: Digits
+) -> None:
     set_integrity(integrity_repo, mode="enforce", drill={"attack": "switch", "rate": 1.0})
     async with in_process(integrity_repo) as (transport, fakes):
         async with async_client(integrity_repo, transport, fakes) as c:
-            r = await c.infer({"input": X3})
+            r = await c.infer({"input": digits.images[:1]})
         assert r.gateway_verdict == "attack"
         assert r.replaced
         # we never saw the original; the replacement we hold agrees with the signed verifier
         assert r.verdict == "verified"
         assert not r.mismatch, r.mismatches
-        assert r.gateway_reclassified == (3,)
-        assert int(r.probabilities.argmax()) == 3
+        assert r.gateway_reclassified == (int(digits.labels[0]),)
+        assert int(r.probabilities.argmax()) == digits.labels[0]
 
         def wrong_replacement(body: Body) -> Body:
             probs = body["outputs"][0]
             p = np.full(probs["shape"], 0.01, dtype=np.float32)
-            p[:, 5] = 0.91  # claims it restored a 3, serves a confident 5
+            p[:, (int(digits.labels[0]) + 1) % 10] = 0.91  # claims it restored, serves another
             body["outputs"] = [{**probs, "data": p.ravel().tolist()}]
             return body
 
         async with async_client(
             integrity_repo, AsyncLiar(transport, wrong_replacement), fakes
         ) as c:
-            r = await c.infer({"input": X3})
+            r = await c.infer({"input": digits.images[:1]})
         assert r.replaced
         assert r.verdict == "attack"
         assert any(m.startswith("reclassified") for m in r.mismatches)
 
 
-async def test_fail_open_unverified_answers_are_never_verified(integrity_repo: Path) -> None:
+async def test_fail_open_unverified_answers_are_never_verified(
+    integrity_repo: Path, digits: Digits
+) -> None:
     set_integrity(integrity_repo, failure_policy="fail_open")
     async with in_process(integrity_repo) as (transport, fakes):
         async with async_client(integrity_repo, transport, fakes) as c:
             await c.attest()
             fakes.by_model["digits"].fail = EnclaveUnavailable("simulated outage")
-            r = await c.infer({"input": X3})
+            r = await c.infer({"input": digits.images[:1]})
         assert r.gateway_verdict == r.verdict == "unverified"
         assert r.reason is not None
         assert r.reason.startswith("enclave_unavailable")
         assert r.evidence is None
         assert not r.mismatch
         assert not r.trusted
+
+
+async def test_out_of_distribution_is_unverified_for_the_client_too(
+    integrity_repo: Path, digits: Digits
+) -> None:
+    """The client runs the novelty check on the input it sent: it agrees with an honest
+    gateway's "unverified", and catches a gateway that dodges a verdict by calling an
+    ordinary input out of distribution."""
+    blank = np.zeros((1, 1, 8, 8), np.float32)
+    async with in_process(integrity_repo) as (transport, fakes):
+        async with async_client(integrity_repo, transport, fakes) as c:
+            r = await c.infer({"input": blank})
+        assert r.gateway_verdict == r.verdict == "unverified"
+        assert r.reason is not None
+        assert r.reason.startswith("out_of_distribution")
+        assert not r.mismatch, r.mismatches
+
+        def dodge(body: Body) -> Body:
+            params = body["parameters"]
+            params.update(
+                integrity_verdict="unverified", integrity_reason="out_of_distribution: trust me"
+            )
+            return body
+
+        async with async_client(integrity_repo, AsyncLiar(transport, dodge), fakes) as c:
+            r = await c.infer({"input": digits.images[:1]})
+        assert r.verdict == "verified"
+        assert any(m.startswith("verdict") for m in r.mismatches), r.mismatches

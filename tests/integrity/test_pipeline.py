@@ -19,11 +19,11 @@ from gateway.enclave_client import EnclaveUnavailable
 from tests.integrity.conftest import (
     ADMIN,
     EXAMPLE,
-    digit_images,
     infer_body,
     integrity_gateway,
     set_integrity,
 )
+from tests.integrity_factory import Digits
 
 URL = "/v2/models/digits/infer"
 
@@ -42,17 +42,19 @@ def _probs(resp: httpx.Response) -> np.ndarray:
     return np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
 
 
-async def test_an_honest_answer_is_verified_with_evidence(integrity_repo: Path) -> None:
+async def test_an_honest_answer_is_verified_with_evidence(
+    integrity_repo: Path, digits: Digits
+) -> None:
     async with integrity_gateway(integrity_repo) as (client, fakes):
         nonce = b"client-nonce-0001"
-        body = {**EXAMPLE, "parameters": {"integrity_nonce": base64.b64encode(nonce).decode()}}
+        body = digits.body(0, integrity_nonce=base64.b64encode(nonce).decode())
         r = await client.post(URL, json=body)
         assert r.status_code == 200, r.text
         params = r.json()["parameters"]
         assert params["integrity_verdict"] == "verified"
         assert 0 <= params["integrity_score"] <= params["integrity_threshold"]
         assert "integrity_reclassified" not in params
-        assert int(np.argmax(_probs(r))) == 3
+        assert int(np.argmax(_probs(r))) == digits.labels[0]
         # the evidence is the enclave's, bound to these input bytes, this nonce and this id
         fake = fakes.by_model["digits"]
         attested = verify_attestation(
@@ -61,21 +63,23 @@ async def test_an_honest_answer_is_verified_with_evidence(integrity_repo: Path) 
             policy=fake.policy(),
             nonce=b"handshake-nonce-1",
         )
-        x = np.asarray(EXAMPLE["inputs"][0]["data"], dtype=np.float32).reshape(1, 1, 8, 8)
+        x = digits.images[0:1]
         evidence = base64.b64decode(params["integrity_evidence"])
         checked = check_verification(
-            evidence, attested=attested, inputs={"input": x}, nonce=nonce, request_id=EXAMPLE["id"]
+            evidence, attested=attested, inputs={"input": x}, nonce=nonce, request_id=body["id"]
         )
         assert checked is not None
         entry = cbor2.loads(evidence)["entry"]
-        assert entry["id"] == EXAMPLE["id"]
+        assert entry["id"] == body["id"]
         assert await metric(client, "fides_integrity_verdicts_total", verdict="verified") == 1
         assert await metric(client, "fides_enclave_up", model="digits") == 1
 
 
-async def test_switch_drill_is_detected_and_reclassified(integrity_repo: Path) -> None:
+async def test_switch_drill_is_detected_and_reclassified(
+    integrity_repo: Path, digits: Digits
+) -> None:
     async with integrity_gateway(integrity_repo) as (client, _):
-        x = digit_images(40)
+        x = digits.take(40)
         honest = []
         for i in range(len(x)):
             r = await client.post(URL, json=infer_body(x[i : i + 1]))
@@ -105,20 +109,22 @@ async def test_switch_drill_is_detected_and_reclassified(integrity_repo: Path) -
         assert await metric(client, "fides_integrity_drill_active", attack="switch") == 0
 
 
-async def test_enforce_mode_replaces_an_attacked_answer(integrity_repo: Path) -> None:
+async def test_enforce_mode_replaces_an_attacked_answer(
+    integrity_repo: Path, digits: Digits
+) -> None:
     set_integrity(integrity_repo, mode="enforce", drill={"attack": "switch", "rate": 1.0})
     async with integrity_gateway(integrity_repo) as (client, _):
-        r = await client.post(URL, json=EXAMPLE)
+        r = await client.post(URL, json=digits.body(0))
         params = r.json()["parameters"]
         assert params["integrity_verdict"] == "attack"
         assert params["integrity_replaced"] is True
-        assert int(np.argmax(_probs(r))) == params["integrity_reclassified"] == 3
+        assert int(np.argmax(_probs(r))) == params["integrity_reclassified"] == digits.labels[0]
 
 
-async def test_batches_get_per_row_reclassification(integrity_repo: Path) -> None:
+async def test_batches_get_per_row_reclassification(integrity_repo: Path, digits: Digits) -> None:
     set_integrity(integrity_repo, drill={"attack": "switch", "rate": 1.0})
     async with integrity_gateway(integrity_repo) as (client, _):
-        r = await client.post(URL, json=infer_body(digit_images(4)))
+        r = await client.post(URL, json=infer_body(digits.take(4)))
         params = r.json()["parameters"]
         assert params["integrity_verdict"] == "attack"
         assert len(str(params["integrity_reclassified"]).split(",")) == 4
@@ -129,12 +135,12 @@ async def test_batches_get_per_row_reclassification(integrity_repo: Path) -> Non
     [("fail_closed", 503, None), ("fail_open", 200, "unverified")],
 )
 async def test_enclave_outage_follows_the_failure_policy(
-    integrity_repo: Path, policy: str, status: int, verdict: str | None
+    integrity_repo: Path, digits: Digits, policy: str, status: int, verdict: str | None
 ) -> None:
     set_integrity(integrity_repo, failure_policy=policy)
     async with integrity_gateway(integrity_repo) as (client, fakes):
         fakes.by_model["digits"].fail = EnclaveUnavailable("enclave process died")
-        r = await client.post(URL, json=EXAMPLE)
+        r = await client.post(URL, json=digits.body())
         assert r.status_code == status, r.text
         if verdict is None:
             assert "could not be verified" in r.json()["error"]
@@ -151,11 +157,11 @@ async def test_enclave_outage_follows_the_failure_policy(
         assert await metric(client, "fides_enclave_up", model="digits") == 0
         # it keeps serving once the enclave is back
         fakes.by_model["digits"].fail = None
-        r = await client.post(URL, json=EXAMPLE)
+        r = await client.post(URL, json=digits.body())
         assert r.json()["parameters"]["integrity_verdict"] == "verified"
 
 
-async def test_a_hung_enclave_times_out(integrity_repo: Path) -> None:
+async def test_a_hung_enclave_times_out(integrity_repo: Path, digits: Digits) -> None:
     cfg_path = integrity_repo / "digits" / "config.yaml"
     cfg_path.write_text(
         cfg_path.read_text().replace("max_batch_size: 64}", "max_batch_size: 64, timeout_s: 0.2}")
@@ -163,16 +169,18 @@ async def test_a_hung_enclave_times_out(integrity_repo: Path) -> None:
     set_integrity(integrity_repo, failure_policy="fail_open")
     async with integrity_gateway(integrity_repo) as (client, fakes):
         fakes.by_model["digits"].delay_s = 2.0
-        r = await client.post(URL, json=EXAMPLE)
+        r = await client.post(URL, json=digits.body())
         params = r.json()["parameters"]
         assert params["integrity_verdict"] == "unverified"
         assert params["integrity_reason"].startswith("enclave_timeout")
 
 
-async def test_unsampled_requests_are_never_called_verified(integrity_repo: Path) -> None:
+async def test_unsampled_requests_are_never_called_verified(
+    integrity_repo: Path, digits: Digits
+) -> None:
     set_integrity(integrity_repo, sampling_rate=0.0)
     async with integrity_gateway(integrity_repo) as (client, fakes):
-        r = await client.post(URL, json=EXAMPLE)
+        r = await client.post(URL, json=digits.body())
         assert r.json()["parameters"] == {
             "integrity_verdict": "unverified",
             "integrity_reason": "not_sampled: sampling_rate is 0",
@@ -180,9 +188,11 @@ async def test_unsampled_requests_are_never_called_verified(integrity_repo: Path
         assert fakes.by_model["digits"].calls == 0
 
 
-async def test_concurrent_verifications_share_enclave_calls(integrity_repo: Path) -> None:
+async def test_concurrent_verifications_share_enclave_calls(
+    integrity_repo: Path, digits: Digits
+) -> None:
     async with integrity_gateway(integrity_repo) as (client, fakes):
-        x = digit_images(24)
+        x = digits.take(24)
         rs = await asyncio.gather(
             *(client.post(URL, json=infer_body(x[i : i + 1])) for i in range(24))
         )
@@ -190,7 +200,9 @@ async def test_concurrent_verifications_share_enclave_calls(integrity_repo: Path
         assert fakes.by_model["digits"].calls < 24  # batched into fewer enclave calls
 
 
-async def test_substitution_drill_raises_the_window_statistic(integrity_repo: Path) -> None:
+async def test_substitution_drill_raises_the_window_statistic(
+    integrity_repo: Path, digits: Digits
+) -> None:
     async with integrity_gateway(integrity_repo) as (client, _):
         r = await client.put(
             "/v2/admin/models/digits/drill",
@@ -198,7 +210,7 @@ async def test_substitution_drill_raises_the_window_statistic(integrity_repo: Pa
             headers=ADMIN,
         )
         assert r.status_code == 200, r.text
-        x = digit_images(60, seed=1)
+        x = digits.take(60, seed=1)
         for i in range(len(x)):
             r = await client.post(URL, json=infer_body(x[i : i + 1]))
             assert r.status_code == 200
@@ -209,13 +221,13 @@ async def test_substitution_drill_raises_the_window_statistic(integrity_repo: Pa
         assert stat == pytest.approx(status["substitution"]["statistic"])
 
 
-async def test_bad_integrity_input_is_a_clear_400(integrity_repo: Path) -> None:
+async def test_bad_integrity_input_is_a_clear_400(integrity_repo: Path, digits: Digits) -> None:
     async with integrity_gateway(integrity_repo) as (client, _):
-        bad_nonce = {**EXAMPLE, "parameters": {"integrity_nonce": "not base64!"}}
+        bad_nonce = digits.body(integrity_nonce="not base64!")
         r = await client.post(URL, json=bad_nonce)
         assert r.status_code == 400
         assert "integrity_nonce" in r.json()["error"]
-        short = {**EXAMPLE, "parameters": {"integrity_nonce": base64.b64encode(b"abc").decode()}}
+        short = digits.body(integrity_nonce=base64.b64encode(b"abc").decode())
         assert "8..512 bytes" in (await client.post(URL, json=short)).json()["error"]
         drill = "/v2/admin/models/digits/drill"
         r = await client.put(drill, json={"attack": "switch"})  # user key: not an admin
@@ -231,17 +243,17 @@ async def test_bad_integrity_input_is_a_clear_400(integrity_repo: Path) -> None:
         assert r.status_code == 404
         r = await client.put(drill, content=b"[", headers=ADMIN)
         assert r.status_code == 400
-        r = await client.get("/v2/models/digits_verifier/integrity")
+        r = await client.get("/v2/models/digits_lite/integrity")
         assert r.status_code == 404
         assert "no integrity verification" in r.json()["error"]
         r = await client.get("/v2/models/digits/attestation", params={"nonce": "x"})
         assert r.status_code == 400
         # and it still serves
-        r = await client.post(URL, json=EXAMPLE)
+        r = await client.post(URL, json=digits.body())
         assert r.json()["parameters"]["integrity_verdict"] == "verified"
 
 
-async def test_attestation_handshake(integrity_repo: Path) -> None:
+async def test_attestation_handshake(integrity_repo: Path, digits: Digits) -> None:
     async with integrity_gateway(integrity_repo) as (client, fakes):
         nonce = b"0123456789abcdef"
         r = await client.get(
@@ -261,7 +273,7 @@ async def test_attestation_handshake(integrity_repo: Path) -> None:
 
 
 async def test_a_hot_reload_that_changes_the_integrity_block_is_refused(
-    integrity_repo: Path,
+    integrity_repo: Path, digits: Digits
 ) -> None:
     """Integrity is set up at start (enclave, sealed verifier, attestation). A reload that
     changed the block was ignored silently: a new threshold or policy not applied, a model
@@ -276,7 +288,7 @@ async def test_a_hot_reload_that_changes_the_integrity_block_is_refused(
         assert r.status_code == 400
         assert "changes its integrity block" in r.json()["error"]
         assert "restart the gateway" in r.json()["error"]
-        r = await client.post(URL, json=EXAMPLE)
+        r = await client.post(URL, json=digits.body())
         assert r.json()["parameters"]["integrity_verdict"] == "verified"
         # a model without a block that gains one (digits_lite takes the same input)
         lite = integrity_repo / "digits_lite" / "config.yaml"

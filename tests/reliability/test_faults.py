@@ -42,6 +42,7 @@ from tests.e2e.conftest import REPO_ROOT, _server_env, free_port, running_gatewa
 from tests.gateway.test_upstream_gateway import serve_in_thread
 from tests.integrity.conftest import EXAMPLE, integrity_gateway, set_integrity
 from tests.integrity.test_pipeline import metric
+from tests.integrity_factory import Digits
 from tests.model_factory import TINY_CONFIG, make_repository, write_config
 from tests.processes import stop_process
 
@@ -60,7 +61,7 @@ def integrity_repo(tmp_path: Path, trained_repository: tuple[Path, dict[str, Any
 
 @pytest.mark.parametrize("policy", ["fail_closed", "fail_open"])
 async def test_a_hung_enclave_times_out_under_either_policy(
-    integrity_repo: Path, policy: str
+    integrity_repo: Path, policy: str, digits: Digits
 ) -> None:
     cfg = integrity_repo / "digits" / "config.yaml"
     cfg.write_text(
@@ -89,7 +90,7 @@ async def test_a_hung_enclave_times_out_under_either_policy(
         assert await metric(client, "fides_integrity_verdicts_total", verdict="verified") == 0
         # the enclave answers again: verified again, nothing to restart by hand
         fakes.by_model["digits"].delay_s = 0.0
-        r = await client.post("/v2/models/digits/infer", json=EXAMPLE)
+        r = await client.post("/v2/models/digits/infer", json=digits.body())
         assert r.json()["parameters"]["integrity_verdict"] == "verified"
 
 
