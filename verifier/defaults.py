@@ -34,7 +34,7 @@ DIGITS_DEFAULT: dict[str, Any] = {
     "verifier": {
         "candidates": [{"widths": [8, 16, 32]}, {"widths": [12, 24, 48]}],
         "pretrain": {"task": "rotation", "train": {"epochs": 6, "batch_size": 64, "lr": 0.004}},
-        "step": {"epochs": 6, **_OPTIM},
+        "step": {"epochs": 12, **_OPTIM},
         "kd": {"temperature": 5.0, "alpha": 0.8, "beta": 0.2},
         "threshold": 0.002,
         "fidelity_target": 0.97,
