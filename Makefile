@@ -47,6 +47,11 @@ lock: $(VENV)/.installed
 	@# the local label of a CPU wheel (+cpu) is the machine's business, not the lock's
 	sed -i -E 's/^torch==([^+ ]+)\+[^ ]*/torch==\1/' $(LOCK)
 
+# promtool, amtool (apt-get) and helm-sdkpy (pip) for the deployment checks in tests/deploy
+$(VENV)/.deploy-tools: $(VENV)/.installed-dev scripts/install_deploy_tools.sh
+	scripts/install_deploy_tools.sh $(PY) $(CONSTRAINTS) $(PIP_QUIET)
+	@touch $@
+
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 deploy-tools: $(VENV)/.deploy-tools
