@@ -26,12 +26,12 @@ $(VENV)/.installed: $(VENV)/bin/python pyproject.toml $(LOCK) scripts/install_to
 	$(PIP_INSTALL) "$$($(PY) scripts/install_torch.py --constraints $(CONSTRAINTS))"
 	@echo "==> installing fides-gateway (versions from $(LOCK))"
 	$(PIP_INSTALL) setuptools wheel
-	$(PIP_INSTALL) --no-build-isolation -e .
+	$(PIP_INSTALL) --no-build-isolation -e ".[server]"
 	@touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
 	@echo "==> installing test and lint tools"
-	$(PIP_INSTALL) --no-build-isolation -e ".[dev]"
+	$(PIP_INSTALL) --no-build-isolation -e ".[server,dev]"
 	@touch $@
 
 # Re-resolve requirements.lock from pyproject.toml against the torch installed in .venv (the one
@@ -40,7 +40,7 @@ lock: $(VENV)/.installed
 	$(PY) -m pip install $(PIP_QUIET) "$(PIP_TOOLS)"
 	torch=$$($(PY) -c 'import torch; print(torch.__version__.split("+")[0])') \
 	  && echo "torch==$$torch" > $(VENV)/lock-torch.txt \
-	  && CUSTOM_COMPILE_COMMAND="make lock" $(VENV)/bin/pip-compile --quiet --extra dev \
+	  && CUSTOM_COMPILE_COMMAND="make lock" $(VENV)/bin/pip-compile --quiet --extra server --extra dev \
 	       --all-build-deps --allow-unsafe --strip-extras --no-emit-index-url \
 	       --no-emit-find-links --no-emit-trusted-host $(if $(UPGRADE),--upgrade) \
 	       --constraint $(VENV)/lock-torch.txt --output-file $(LOCK) pyproject.toml
@@ -62,9 +62,9 @@ sync-deploy:
 
 # The embedded default model repository, built once and cached; rebuilt when its recipe
 # changes (the builder or the default experiment).
-DEFAULT_RECIPE := gateway/models/default.py gateway/models/nets.py verifier/defaults.py \
+DEFAULT_RECIPE := fides/defaults/digits.py fides/defaults/nets.py verifier/defaults.py \
 	verifier/evaluate.py verifier/gan.py verifier/detector.py verifier/features.py \
-	gateway/models/text_default.py verifier/lm.py verifier/distillspec.py
+	fides/defaults/text.py verifier/lm.py verifier/distillspec.py
 $(REPO)/.built: $(DEFAULT_RECIPE) | $(VENV)/.installed
 	$(FIDES) models build-default --output $(REPO) --force
 
@@ -79,6 +79,7 @@ test: install-dev deploy-tools
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install-dev
+	$(VENV)/bin/lint-imports  # the layer contracts in pyproject.toml (docs/architecture.md)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy

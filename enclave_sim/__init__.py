@@ -1,11 +1,11 @@
 """Simulated trusted execution module: SIMULATED, it protects nothing (see README.md here).
 
 The enclave is its own process behind a Unix socket (:mod:`enclave_sim.server`,
-:mod:`enclave_sim.protocol`). At boot it measures its code, verifier model and config
-(:mod:`enclave_sim.measurement`) and opens a verifier sealed for that measurement
+:mod:`fides_core.enclave_wire`). At boot it measures its code, verifier model and config
+(:mod:`fides_core.measurement`) and opens a verifier sealed for that measurement
 (:mod:`enclave_sim.sealing`). It answers attestation challenges with Nitro-shaped COSE_Sign1
-evidence chained to a simulated root CA (:mod:`enclave_sim.pki`, :mod:`enclave_sim.evidence`),
+evidence chained to a simulated root CA (:mod:`enclave_sim.pki`, :mod:`fides_core.evidence`),
 and it runs the verifier and signs results bound to the exact inputs (:mod:`enclave_sim.core`).
-Relying parties check all of it with :mod:`enclave_sim.attestation`. The command line is
+Relying parties check all of it with :mod:`fides_core.attestation`. The command line is
 ``fides enclave {init-ca, measure, seal, run}`` (:mod:`enclave_sim.cli`).
 """

@@ -16,8 +16,8 @@ from typing import Annotated
 import typer
 import yaml
 
-from enclave_sim.config import VerifierConfig
-from enclave_sim.errors import BootError, EnclaveError
+from fides_core.enclave_config import EnclaveModelConfig
+from fides_core.enclave_errors import BootError, EnclaveFailure
 
 enclave_app = typer.Typer(
     no_args_is_help=True,
@@ -50,7 +50,7 @@ def init_ca_cmd(
 
     try:
         paths = init_ca(platform_dir, force=force)
-    except EnclaveError as exc:
+    except EnclaveFailure as exc:
         raise _fail(exc) from None
     for p in paths:
         typer.echo(f"wrote {p}")
@@ -80,12 +80,12 @@ def measure_cmd(
     model_repository/digits/config.yaml``), or the verifier's file inside the repository: the
     measurement then covers the verifier with the settings of the integrity block that names it,
     exactly as the gateway computes it, and is what a client pins."""
-    from enclave_sim.measurement import measure
+    from fides_core.measurement import measure
 
     try:
         model, vcfg, pinned = _what_to_measure(model, config)
         m = measure(model.read_bytes(), vcfg)
-    except EnclaveError as exc:
+    except EnclaveFailure as exc:
         raise _fail(exc) from None
     if pinned is not None and pinned != m.pcr0.hex():
         typer.echo(
@@ -101,13 +101,10 @@ def measure_cmd(
 
 def _what_to_measure(
     model: Path | None, config: Path | None
-) -> tuple[Path, VerifierConfig, str | None]:
+) -> tuple[Path, EnclaveModelConfig, str | None]:
     """(verifier file, verifier config, measurement pinned in the model config or None)."""
-    from enclave_sim.config import (
-        from_enclave_block,
-        latest_version_file,
-        served_verifiers,
-    )
+    from fides_core.enclave_config import from_enclave_block, served_verifiers
+    from fides_core.layout import latest_version_file
 
     raw = _read_yaml(config) if config is not None else None
     if isinstance(raw, dict) and ("integrity" in raw or "platform" in raw):  # a served model's
@@ -117,18 +114,21 @@ def _what_to_measure(
             raise BootError(f"{config}: a model config without an integrity.enclave block")
         assert config is not None
         if model is None:
-            model = latest_version_file(config.parent.parent / block["verifier_model"])
+            try:
+                model = latest_version_file(config.parent.parent / block["verifier_model"])
+            except FileNotFoundError as exc:
+                raise BootError(str(exc)) from None
         return model, from_enclave_block(block), block.get("measurement")
     if model is None:
         raise BootError("give --model (the verifier ONNX) or --config (a served model's config)")
     if config is not None:
-        return model, VerifierConfig.from_dict(raw), None
+        return model, EnclaveModelConfig.from_dict(raw), None
     # a verifier inside a model repository (<repo>/<name>/<version>/model.onnx): measured with
     # the integrity block that names it, as the gateway does
     entry = model.resolve().parent.parent
     named = served_verifiers(entry.parent).get(entry.name)
     if named is None:
-        return model, VerifierConfig(), None
+        return model, EnclaveModelConfig(), None
     typer.echo(
         f"note: measured with the integrity.enclave block of '{named.model}' "
         f"({entry.parent / named.model / 'config.yaml'}), as the gateway does",
@@ -160,9 +160,9 @@ def seal_cmd(
 
     try:
         data, m, v = seal(
-            model.read_bytes(), VerifierConfig.load(config), platform_dir, version=version
+            model.read_bytes(), EnclaveModelConfig.load(config), platform_dir, version=version
         )
-    except EnclaveError as exc:
+    except EnclaveFailure as exc:
         raise _fail(exc) from None
     output.parent.mkdir(parents=True, exist_ok=True)
     write_secret_file(output, data)
@@ -213,7 +213,7 @@ def run_cmd(
         asyncio.run(
             serve(core, socket, max_frame_bytes=max_frame_bytes, exit_with_parent=exit_with_parent)
         )
-    except (EnclaveError, ValueError) as exc:
+    except (EnclaveFailure, ValueError) as exc:
         logging.getLogger("enclave_sim").error("enclave refused to start: %s", exc)
         raise _fail(exc) from None
 

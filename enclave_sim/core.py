@@ -19,7 +19,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,21 +30,7 @@ import onnxruntime as ort
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from enclave_sim import cose
-from enclave_sim.config import VerifierConfig
-from enclave_sim.errors import BadRequest, BatchTooLarge, BootError
-from enclave_sim.evidence import (
-    EVIDENCE_VERSION,
-    MAX_NONCE,
-    MAX_USER_DATA,
-    MIN_NONCE,
-    RESULT_TYPE,
-    leaf_hash,
-    merkle_tree,
-)
-from enclave_sim.measurement import CODE_ROOT, Measurement
 from enclave_sim.pki import PlatformIdentity, issue_leaf, load_identity, new_key
-from enclave_sim.protocol import PROTOCOL_VERSION
 from enclave_sim.resources import (
     Footprint,
     ResourceSettings,
@@ -53,7 +39,28 @@ from enclave_sim.resources import (
     paging_penalty_us,
 )
 from enclave_sim.sealing import unseal
-from enclave_sim.tensors import Array, datatype_of, decode_tensors, encode_tensor, tensor_digest
+from fides_core import cose
+from fides_core.enclave_config import EnclaveModelConfig
+from fides_core.enclave_errors import BatchTooLarge, BootError, InvalidRequest
+from fides_core.enclave_wire import PROTOCOL_VERSION
+from fides_core.evidence import (
+    EVIDENCE_VERSION,
+    MAX_NONCE,
+    MAX_USER_DATA,
+    MIN_NONCE,
+    RESULT_TYPE,
+    leaf_hash,
+    merkle_tree,
+)
+from fides_core.measurement import CODE_ROOT, Measurement
+from fides_core.tensors import Array, encode_tensor, tensor_digest
+from fides_core.verify import (
+    InputSpec,
+    RejectedItem,
+    VerifiedItem,
+    VerifyRequest,
+    check_request,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +69,6 @@ BANNER = (
     "evidence is marked simulated=true and a strict verifier rejects it."
 )
 LEAF_RENEW_BEFORE = dt.timedelta(days=1)
-MAX_REQUEST_ID = 256
 
 # onnxruntime type string -> OIP datatype
 _ORT_TYPES = {
@@ -79,39 +85,6 @@ _ORT_TYPES = {
     "tensor(float)": "FP32",
     "tensor(double)": "FP64",
 }
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    name: str
-    datatype: str
-    shape: tuple[int, ...]  # -1: any size (the first axis is the batch axis)
-
-
-@dataclass(frozen=True)
-class VerifyRequest:
-    """One client request inside a batch: its id, its nonce and its input tensors."""
-
-    id: str
-    nonce: bytes
-    inputs: Mapping[str, Array]
-
-
-@dataclass(frozen=True)
-class VerifiedItem:
-    id: str
-    outputs: dict[str, Array]  # name -> [rows of this request, ...]
-    evidence: bytes  # per-request evidence (see enclave_sim.evidence)
-
-
-@dataclass(frozen=True)
-class RejectedItem:
-    """One request of a batch that the enclave refused (a bad id, nonce or input); the other
-    requests of the batch are verified and signed as if it had not been there."""
-
-    id: str | None  # None when the request did not even carry a string id
-    code: str  # the enclave error code, e.g. "bad_request"
-    message: str
 
 
 @dataclass(frozen=True)
@@ -139,7 +112,7 @@ class EnclaveCore:
     def __init__(
         self,
         model: bytes,
-        config: VerifierConfig,
+        config: EnclaveModelConfig,
         measurement: Measurement,
         identity: PlatformIdentity,
         *,
@@ -267,11 +240,11 @@ class EnclaveCore:
     def attest(self, nonce: bytes, user_data: bytes | None = None) -> bytes:
         """An attestation document (COSE_Sign1) binding ``nonce`` to this boot's identity."""
         if not isinstance(nonce, bytes) or not MIN_NONCE <= len(nonce) <= MAX_NONCE:
-            raise BadRequest(f"nonce must be {MIN_NONCE}..{MAX_NONCE} bytes")
+            raise InvalidRequest(f"nonce must be {MIN_NONCE}..{MAX_NONCE} bytes")
         if user_data is not None and (
             not isinstance(user_data, bytes) or len(user_data) > MAX_USER_DATA
         ):
-            raise BadRequest(f"user_data must be at most {MAX_USER_DATA} bytes")
+            raise InvalidRequest(f"user_data must be at most {MAX_USER_DATA} bytes")
         busy_wait_us(self.resources.transition_us)
         claims = {
             "module_id": self.module_id,
@@ -299,14 +272,14 @@ class EnclaveCore:
 
     def verify(self, requests: Sequence[VerifyRequest | RejectedItem]) -> VerifyOutput:
         """Run the verifier on a batch and sign its result, bound to each request's exact
-        input bytes, nonce and id (see enclave_sim.evidence for the format).
+        input bytes, nonce and id (see fides_core.evidence for the format).
 
         Each request is checked on its own (:func:`check_request`): a bad one gets a
         :class:`RejectedItem` in its place and the others are verified and signed without it,
         so one request never fails the others of its batch. Only what concerns the whole call
         refuses it whole: no request at all, or more rows than ``max_batch_size``."""
         if not requests:
-            raise BadRequest("verify needs at least one request")
+            raise InvalidRequest("verify needs at least one request")
         items: list[VerifiedItem | RejectedItem | None] = [None] * len(requests)
         accepted: list[tuple[int, VerifyRequest, int]] = []  # (position, request, rows)
         for i, r in enumerate(requests):
@@ -315,7 +288,7 @@ class EnclaveCore:
                 continue
             try:
                 accepted.append((i, r, check_request(r, self.inputs)))
-            except BadRequest as exc:
+            except InvalidRequest as exc:
                 items[i] = RejectedItem(r.id if isinstance(r.id, str) else None, exc.code, str(exc))
         rejected = len(requests) - len(accepted)
         if rejected:
@@ -395,113 +368,3 @@ class EnclaveCore:
 
     def leaf_certificate(self) -> x509.Certificate:
         return self._leaf
-
-
-def check_request(r: VerifyRequest, specs: Sequence[InputSpec]) -> int:
-    """The rows of one request, or :class:`BadRequest` naming what the enclave refuses in it.
-
-    The gateway runs this very check before a request joins a shared enclave call, so a bad
-    request is refused alone there (400) and never reaches the batch."""
-    if not isinstance(r.id, str) or not 0 < len(r.id) <= MAX_REQUEST_ID:
-        raise BadRequest(f"request ids must be strings of 1..{MAX_REQUEST_ID} characters")
-    if not isinstance(r.nonce, bytes) or not MIN_NONCE <= len(r.nonce) <= MAX_NONCE:
-        raise BadRequest(f"request {r.id}: nonce must be {MIN_NONCE}..{MAX_NONCE} bytes")
-    names = {s.name for s in specs}
-    if set(r.inputs) != names:
-        raise BadRequest(
-            f"request {r.id}: inputs {sorted(r.inputs)} do not match the verifier's {sorted(names)}"
-        )
-    n = None
-    for spec in specs:
-        x = r.inputs[spec.name]
-        if datatype_of(x) != spec.datatype:
-            raise BadRequest(
-                f"request {r.id}: input {spec.name} is {datatype_of(x)}, "
-                f"the verifier takes {spec.datatype}"
-            )
-        if x.ndim != len(spec.shape) or any(
-            want not in (-1, got) for want, got in zip(spec.shape[1:], x.shape[1:], strict=True)
-        ):
-            raise BadRequest(
-                f"request {r.id}: input {spec.name} has shape {list(x.shape)}, "
-                f"the verifier takes {list(spec.shape)}"
-            )
-        if x.shape[0] < 1 or (n is not None and x.shape[0] != n):
-            raise BadRequest(f"request {r.id}: inputs need the same number (>0) of rows")
-        n = x.shape[0]
-    return n or 0
-
-
-def input_specs(model: bytes) -> list[InputSpec]:
-    """The inputs of an ONNX verifier as the enclave sees them, read from the graph without
-    loading it into onnxruntime (what the gateway checks requests against)."""
-    import onnx
-
-    by_proto = {
-        getattr(onnx.TensorProto, name): oip
-        for name, oip in (
-            ("BOOL", "BOOL"),
-            ("UINT8", "UINT8"),
-            ("UINT16", "UINT16"),
-            ("UINT32", "UINT32"),
-            ("UINT64", "UINT64"),
-            ("INT8", "INT8"),
-            ("INT16", "INT16"),
-            ("INT32", "INT32"),
-            ("INT64", "INT64"),
-            ("FLOAT16", "FP16"),
-            ("FLOAT", "FP32"),
-            ("DOUBLE", "FP64"),
-        )
-    }
-    try:
-        graph = onnx.load_model_from_string(model).graph
-    except Exception as exc:  # protobuf's DecodeError, and whatever else a bad file raises
-        raise BootError(f"the verifier is not an ONNX model: {type(exc).__name__}: {exc}") from None
-    initialized = {t.name for t in graph.initializer}
-    specs = []
-    for arg in graph.input:
-        if arg.name in initialized:
-            continue
-        t = arg.type.tensor_type
-        datatype = by_proto.get(t.elem_type)
-        if datatype is None:
-            raise BootError(f"verifier input {arg.name} has unsupported element type {t.elem_type}")
-        dims = tuple(
-            d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else -1 for d in t.shape.dim
-        )
-        if not dims:
-            raise BootError(f"verifier input {arg.name} must have a batch axis")
-        specs.append(InputSpec(arg.name, datatype, dims))
-    return specs
-
-
-def parse_requests(raw: Any) -> list[VerifyRequest | RejectedItem]:
-    """Wire ``requests`` -> one VerifyRequest per item, every field checked; an item that
-    cannot be read becomes a RejectedItem in its place (the others are still verified)."""
-    if not isinstance(raw, list):
-        raise BadRequest("requests must be a list")
-    out: list[VerifyRequest | RejectedItem] = []
-    for i, item in enumerate(raw):
-        rid = item.get("id") if isinstance(item, dict) else None
-        try:
-            if not isinstance(item, dict):
-                raise BadRequest(f"requests[{i}] must be a map")
-            nonce = item.get("nonce")
-            if not isinstance(rid, str) or not isinstance(nonce, bytes):
-                raise BadRequest(f"requests[{i}] needs a string id and a byte-string nonce")
-            out.append(VerifyRequest(rid, nonce, decode_tensors(item.get("inputs"), what=rid)))
-        except BadRequest as exc:
-            out.append(RejectedItem(rid if isinstance(rid, str) else None, exc.code, str(exc)))
-    return out
-
-
-def encode_requests(requests: Sequence[VerifyRequest]) -> list[dict[str, Any]]:
-    return [
-        {
-            "id": r.id,
-            "nonce": r.nonce,
-            "inputs": {name: encode_tensor(np.asarray(x)) for name, x in r.inputs.items()},
-        }
-        for r in requests
-    ]

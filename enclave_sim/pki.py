@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from enclave_sim.errors import PlatformError
+from fides_core.enclave_errors import PlatformError
 
 ROOT_CERT = "root.pem"
 ROOT_KEY = "root.key"

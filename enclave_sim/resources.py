@@ -30,7 +30,7 @@ from typing import Any
 import onnx
 from onnx import helper, shape_inference
 
-from enclave_sim.errors import ModelTooLarge
+from fides_core.enclave_errors import ModelTooLarge
 
 MIB = 1024 * 1024
 DEFAULT_BUDGET_BYTES = 96 * 1000 * 1000

@@ -42,8 +42,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from enclave_sim.config import VerifierConfig
-from enclave_sim.errors import (
+from enclave_sim.pki import load_platform_secret
+from fides_core.enclave_config import EnclaveModelConfig
+from fides_core.enclave_errors import (
     BootError,
     PlatformError,
     RollbackRejected,
@@ -51,8 +52,7 @@ from enclave_sim.errors import (
     SealedFileTampered,
     SealedForOtherMeasurement,
 )
-from enclave_sim.measurement import CODE_ROOT, Measurement, code_digest, measure, model_digest
-from enclave_sim.pki import load_platform_secret
+from fides_core.measurement import CODE_ROOT, Measurement, code_digest, measure, model_digest
 
 MAGIC = b"FIDESSL1"
 FORMAT_VERSION = 1
@@ -86,7 +86,7 @@ class SealedHeader:
 @dataclass(frozen=True)
 class UnsealedModel:
     model: bytes
-    config: VerifierConfig
+    config: EnclaveModelConfig
     version: int
     measurement: Measurement
 
@@ -117,7 +117,7 @@ def write_counter(platform_dir: Path, value: int) -> None:
 
 def seal(
     model: bytes,
-    config: VerifierConfig,
+    config: EnclaveModelConfig,
     platform_dir: Path,
     *,
     version: int | None = None,
@@ -166,7 +166,7 @@ def unseal(
         ) from None
     try:
         body = cbor2.loads(plaintext)
-        model, config = body["model"], VerifierConfig.from_dict(body["config"])
+        model, config = body["model"], EnclaveModelConfig.from_dict(body["config"])
     except Exception as exc:  # authenticated but unreadable: a sealing bug, still fail closed
         raise SealedFileMalformed(f"sealed payload cannot be read: {exc}") from None
     if not isinstance(model, bytes) or model_digest(model, config) != header.model_pcr:

@@ -21,17 +21,18 @@ from typing import Any
 
 import numpy as np
 
-from enclave_sim import protocol
-from enclave_sim.core import EnclaveCore, RejectedItem, parse_requests
-from enclave_sim.errors import (
-    BadRequest,
+from enclave_sim.core import EnclaveCore
+from fides_core import enclave_wire as protocol
+from fides_core.enclave_errors import (
     BootError,
-    EnclaveError,
+    EnclaveFailure,
     FrameTooLarge,
+    InvalidRequest,
     ProtocolError,
     UnknownOperation,
 )
-from enclave_sim.tensors import encode_tensor
+from fides_core.tensors import encode_tensor
+from fides_core.verify import RejectedItem, parse_requests
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,9 @@ class EnclaveServer:
             elif op == "attest":
                 nonce, user_data = body.get("nonce"), body.get("user_data")
                 if not isinstance(nonce, bytes) or not isinstance(user_data, bytes | None):
-                    raise BadRequest("attest needs a byte-string nonce (and optional user_data)")
+                    raise InvalidRequest(
+                        "attest needs a byte-string nonce (and optional user_data)"
+                    )
                 evidence = await loop.run_in_executor(
                     self._pool, self.core.attest, nonce, user_data
                 )
@@ -162,7 +165,7 @@ class EnclaveServer:
                 result = await loop.run_in_executor(self._pool, self._verify, body)
             else:
                 raise UnknownOperation(f"unknown operation {op!r}; known: {protocol.OPS}")
-        except EnclaveError as exc:
+        except EnclaveFailure as exc:
             return protocol.error(request_id, exc.code, str(exc))
         except Exception as exc:  # never crash the server on one request; never claim success
             log.exception("internal error serving %r", op)

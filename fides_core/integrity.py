@@ -1,6 +1,6 @@
-"""The verdict on one answer, from the detector's scores and the novelty check: the one rule
-the gateway and the client SDK both apply, so that an honest gateway and a checking client
-always agree."""
+"""The integrity vocabulary: the pair models' tensor names, and the verdict on one answer
+from the detector's scores and the novelty check: the one rule the gateway and the client SDK
+both apply, so that an honest gateway and a checking client always agree."""
 
 from __future__ import annotations
 
@@ -8,10 +8,29 @@ from typing import Literal
 
 import numpy as np
 
-__all__ = ["OUT_OF_DISTRIBUTION", "Verdict", "decide", "novelty_reason"]
+__all__ = [
+    "DETECTOR_OUTPUT",
+    "NOVELTY_OUTPUT",
+    "OUT_OF_DISTRIBUTION",
+    "P_INPUT",
+    "Q_INPUT",
+    "RECLASSIFIER_OUTPUT",
+    "VERDICTS",
+    "Verdict",
+    "decide",
+    "novelty_reason",
+]
 
 Verdict = Literal["verified", "attack", "unverified"]
+VERDICTS: tuple[Verdict, ...] = ("verified", "attack", "unverified")
 OUT_OF_DISTRIBUTION = "out_of_distribution"
+
+# The pair models (detector, re-classifier) take the service's and the verifier's class
+# probabilities, [n, C] each; the novelty check takes the service's own input.
+P_INPUT, Q_INPUT = "service_probs", "verifier_probs"
+DETECTOR_OUTPUT = "attack_probability"  # [n, 1]
+RECLASSIFIER_OUTPUT = "probabilities"  # [n, C]
+NOVELTY_OUTPUT = "novelty_score"  # [n]
 
 
 def decide(

@@ -1,4 +1,5 @@
-"""The ``fides`` command line."""
+"""``python -m gateway.cli serve``: the gateway's own entry point (``fides serve`` is the same
+command, mounted by :mod:`fides.cli`)."""
 
 from __future__ import annotations
 
@@ -9,18 +10,9 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from enclave_sim.cli import enclave_app
-
-app = typer.Typer(no_args_is_help=True, help="Fides Gateway: verifiable model serving.")
-models_app = typer.Typer(no_args_is_help=True, help="Model repository tools.")
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (results in bench/results/).")
-app.add_typer(models_app, name="models")
-app.add_typer(bench_app, name="bench")
-app.add_typer(enclave_app, name="enclave")
 console = Console(stderr=True)
 
 
-@app.command()
 def serve(
     host: Annotated[str | None, typer.Option(help="Bind address (FIDES_HOST).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (FIDES_PORT).")] = None,
@@ -82,275 +74,14 @@ def serve(
     )
 
 
-@models_app.command("build-default")
-def build_default_cmd(
-    output: Annotated[Path, typer.Option(help="Repository directory to create.")] = Path(
-        "model_repository"
-    ),
-    force: Annotated[bool, typer.Option(help="Rebuild even if already built.")] = False,
-    text: Annotated[
-        bool, typer.Option(help="Also train the code-completion LM pair (a few minutes).")
-    ] = True,
-) -> None:
-    """Train and export the embedded default models (digits, the code LM pair; no download)."""
-    from gateway.models.default import build_default
-
-    if (output / ".built").is_file() and not force:
-        console.print(f"{output} already built (use --force to rebuild)")
-        return
-    build_default(output, progress=lambda msg: console.print(f"  [cyan]>[/cyan] {msg}"), text=text)
+app = typer.Typer(no_args_is_help=True, help="The Fides Gateway server.")
+app.command()(serve)
 
 
-@app.command()
-def train(
-    experiment: Annotated[Path, typer.Argument(help="Experiment YAML (see experiments/).")],
-    run_dir: Annotated[
-        Path | None, typer.Option(help="Checkpoints; default runs/<name>-<config hash>.")
-    ] = None,
-    repository: Annotated[
-        Path | None,
-        typer.Option(help="Model repository to export into; default <run-dir>/repository."),
-    ] = None,
-    results: Annotated[
-        Path | None, typer.Option(help="Results JSON; default bench/results/verifier_<name>.json.")
-    ] = None,
-    no_results: Annotated[bool, typer.Option(help="Do not write a results file.")] = False,
-) -> None:
-    """Train teachers, distil the service student and the GDTL verifier, export them."""
-    from verifier.cli import train_command
-    from verifier.data import DataError
-    from verifier.experiment import ExperimentError, load_experiment
-
-    try:
-        name = load_experiment(experiment).name
-        results_path = (
-            None if no_results else results or Path(f"bench/results/verifier_{name}.json")
-        )
-        train_command(
-            experiment,
-            run_dir=run_dir,
-            repository=repository,
-            results_path=results_path,
-            console=console,
-        )
-    except (ExperimentError, DataError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
-
-
-@app.command()
-def evaluate(
-    experiment: Annotated[Path, typer.Argument(help="Experiment YAML (see experiments/).")],
-    out: Annotated[
-        Path | None,
-        typer.Option(
-            help="Report JSON (+ .md beside it); default bench/results/integrity_<name>.json."
-        ),
-    ] = None,
-    run_dir: Annotated[Path | None, typer.Option(help="Checkpoints; default runs/<name>.")] = None,
-    repository: Annotated[
-        Path | None,
-        typer.Option(help="Where the detector and re-classifier go; default <run-dir>/repository."),
-    ] = None,
-) -> None:
-    """Attacks, GAN-trained detector, re-classifier and calibration; writes the report."""
-    from verifier.cli import evaluate_command
-    from verifier.data import DataError
-    from verifier.experiment import ExperimentError
-
-    try:
-        evaluate_command(
-            experiment, out=out, run_dir=run_dir, repository=repository, console=console
-        )
-    except (ExperimentError, DataError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
-
-
-@bench_app.command("serving")
-def bench_serving(
-    output: Annotated[Path, typer.Option(help="Where to write the JSON results.")] = Path(
-        "bench/results/serving.json"
-    ),
-    model_repository: Annotated[Path, typer.Option()] = Path("model_repository"),
-    model: Annotated[str, typer.Option(help="Model to benchmark.")] = "digits_heavy",
-    duration: Annotated[float, typer.Option(help="Seconds per measurement.")] = 10.0,
-) -> None:
-    """Throughput and latency: raw onnxruntime vs the gateway (JSON and binary)."""
-    from gateway.bench.serving import run_serving_bench
-
-    run_serving_bench(model_repository, model, output, duration, log=console.print)
-
-
-@bench_app.command("payload")
-def bench_payload(
-    output: Annotated[Path, typer.Option(help="Where to write the JSON results.")] = Path(
-        "bench/results/payload.json"
-    ),
-) -> None:
-    """JSON vs Triton binary tensors for tensors of 1 Ki to 4 Mi elements."""
-    from gateway.bench.payload import run_payload_bench
-
-    run_payload_bench(output, log=console.print)
-
-
-@bench_app.command("integrity")
-def bench_integrity(
-    output: Annotated[Path, typer.Option(help="Where to write the JSON results.")] = Path(
-        "bench/results/enclave.json"
-    ),
-    duration: Annotated[float, typer.Option(help="Seconds per measurement.")] = 2.0,
-) -> None:
-    """Enclave overhead: socket round trip and signing vs the verifier in process."""
-    from enclave_sim.bench import run_enclave_bench
-
-    run_enclave_bench(output, log=console.print, duration_s=duration)
-
-
-@bench_app.command("speculative")
-def bench_speculative(
-    output: Annotated[Path, typer.Option(help="Where to write the JSON results.")] = Path(
-        "bench/results/speculative.json"
-    ),
-    model_repository: Annotated[Path, typer.Option()] = Path("model_repository"),
-    data: Annotated[
-        Path, typer.Option(help="Directory with war_and_peace.txt / anna_karenina.txt.")
-    ] = Path("../shared/data"),
-    gamma: Annotated[int, typer.Option(help="Draft tokens per round.")] = 4,
-    prompts: Annotated[int, typer.Option(help="Prompts per measurement.")] = 12,
-    new_tokens: Annotated[int, typer.Option(help="Tokens generated per prompt.")] = 128,
-    distill_steps: Annotated[
-        int, typer.Option(help="DistillSpec steps per divergence (0 skips that part).")
-    ] = 30,
-    pair: Annotated[
-        list[str], typer.Option(help="code and/or war_and_peace; others in --output are kept.")
-    ] = ["code", "war_and_peace"],  # noqa: B006 - typer reads the default
-) -> None:
-    """Speculative decoding: tokens/s vs target-only, HF assisted generation and prediction."""
-    from gateway.bench.speculative import run_speculative_bench
-
-    run_speculative_bench(
-        model_repository,
-        output,
-        console.print,
-        data=data,
-        gamma=gamma,
-        prompts=prompts,
-        new_tokens=new_tokens,
-        distill_steps=distill_steps,
-        pairs=tuple(pair),
-    )
-
-
-@bench_app.command("soak")
-def bench_soak(
-    output: Annotated[Path, typer.Option(help="Where to write the JSON results.")] = Path(
-        "bench/results/soak.json"
-    ),
-    duration: Annotated[float, typer.Option(help="Seconds of soak after the warm-up.")] = 600.0,
-    load: Annotated[float, typer.Option(help="Offered load as a share of capacity.")] = 0.8,
-) -> None:
-    """Soak: a share of the measured capacity for a long time (ids, statuses, memory growth)."""
-    from gateway.bench.load import run_soak_bench
-
-    run_soak_bench(output, duration, load, log=console.print)
-
-
-@bench_app.command("overload")
-def bench_overload(
-    output: Annotated[Path, typer.Option(help="Where to write the JSON results.")] = Path(
-        "bench/results/overload.json"
-    ),
-    factor: Annotated[float, typer.Option(help="Offered load as a multiple of capacity.")] = 4.0,
-    duration: Annotated[float, typer.Option(help="Seconds of overload.")] = 30.0,
-) -> None:
-    """Overload: 80% of capacity, then FACTOR x capacity, then 80% (shedding and recovery)."""
-    from gateway.bench.load import run_overload_bench
-
-    run_overload_bench(output, factor, duration, log=console.print)
-
-
-@app.command()
-def distillspec(
-    model_dir: Annotated[
-        Path, typer.Argument(help="Target model directory, e.g. model_repository/code/1.")
-    ],
-    draft: Annotated[
-        Path | None, typer.Option(help="Draft to distil; default <model-dir>/draft-corpus.")
-    ] = None,
-    corpus: Annotated[
-        str, typer.Option(help="'stdlib' or a text file (prompts and fixed data).")
-    ] = "stdlib",
-    held_out: Annotated[
-        Path | None, typer.Option(help="Held-out text file for evaluation (not with stdlib).")
-    ] = None,
-    divergence: Annotated[
-        list[str], typer.Option(help="fkl, rkl, jsd, tvd; repeat for several.")
-    ] = ["fkl", "rkl", "jsd", "tvd"],  # noqa: B006 - typer reads the default
-    steps: Annotated[int, typer.Option(help="Training steps per divergence.")] = 40,
-    draft_share: Annotated[float, typer.Option(help="Share of on-policy draft samples.")] = 0.5,
-    target_share: Annotated[float, typer.Option(help="Share of target samples.")] = 0.25,
-    save: Annotated[
-        Path | None, typer.Option(help="Save the draft distilled with the first divergence.")
-    ] = None,
-    output: Annotated[Path, typer.Option(help="Results JSON.")] = Path(
-        "bench/results/distillspec.json"
-    ),
-    threads: Annotated[int, typer.Option(help="torch intra-op threads.")] = 1,
-) -> None:
-    """DistillSpec: distil a draft from a target on on-policy data; acceptance before/after."""
-    import json
-
-    import torch
-
-    torch.set_num_threads(threads)
-
-    from verifier.distillspec import DIVERGENCES
-
-    bad = [d for d in divergence if d not in DIVERGENCES]
-    if bad:
-        console.print(f"[red]error:[/red] unknown divergence {bad}; one of {list(DIVERGENCES)}")
-        raise typer.Exit(2)
-    from gateway.generation.runtime import load_causal_lm, load_tokenizer
-    from gateway.models.text_default import TextRecipe, encode_corpus, stdlib_sources
-    from verifier.distillspec import DistillSpecConfig, distill
-
-    tok = load_tokenizer(model_dir)
-    if corpus == "stdlib":
-        train_texts, held_texts = stdlib_sources(TextRecipe())
-    else:
-        if held_out is None:
-            console.print("[red]error:[/red] --held-out is needed with a corpus file")
-            raise typer.Exit(2)
-        train_texts = [Path(corpus).read_text(encoding="utf-8", errors="replace")]
-        held_texts = [held_out.read_text(encoding="utf-8", errors="replace")]
-    train_ids, held_ids = encode_corpus(tok, train_texts), encode_corpus(tok, held_texts)
-    target = load_causal_lm(model_dir).model
-    results = {}
-    for i, name in enumerate(divergence):
-        student = load_causal_lm(draft or model_dir / "draft-corpus").model
-        cfg = DistillSpecConfig(
-            divergence=name,  # type: ignore[arg-type]
-            steps=steps,
-            draft_share=draft_share,
-            target_share=target_share,
-        )
-        r = distill(target, student, train_ids, held_ids, cfg, desc=name)
-        results[name] = {"before": r.before, "after": r.after, "seconds": r.seconds}
-        console.print(
-            f"{name}: acceptance greedy {r.before['greedy']:.3f} -> {r.after['greedy']:.3f}, "
-            f"T=1 {r.before['t1']:.3f} -> {r.after['t1']:.3f} ({r.seconds:.0f}s)"
-        )
-        if i == 0 and save is not None:
-            student.save_pretrained(save)
-            tok.save_pretrained(save)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-
-
-def main() -> None:
-    app(prog_name="fides")
+@app.callback()
+def _group() -> None:
+    """The Fides Gateway server (``fides serve`` is the same command)."""
 
 
 if __name__ == "__main__":
-    main()
+    app()

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from gateway.datatypes import DATATYPES, element_size, oip_datatype
+from fides_core.oip import DATATYPES, element_size, oip_datatype
 from gateway.errors import BadRequest, PayloadTooLarge
 
 HEADER_LENGTH = "Inference-Header-Content-Length"

@@ -3,9 +3,7 @@
 - :class:`EnclaveClient`: the typed protocol every enclave implementation satisfies (the
   integrity pipeline depends on this, never on a concrete class).
 - :class:`SocketEnclaveClient`: the real one, over the enclave's Unix socket (length-prefixed
-  CBOR frames, see :mod:`enclave_sim.protocol`), with a small connection pool and timeouts.
-- :class:`FakeEnclaveClient`: in-process, for unit tests; it still runs the ONNX verifier and
-  really signs, with a fresh in-memory root CA, so evidence checks run for real.
+  CBOR frames, see :mod:`fides_core.enclave_wire`), with a small connection pool and timeouts.
 - :class:`EnclaveSupervisor`: starts the enclave process, waits for its socket, attests it with
   its own nonce against the pinned root and policy, restarts it with exponential backoff when
   it dies or stops answering, re-attests after every restart, and exposes its state. It is
@@ -35,11 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol, runtime_checkable
 
-import numpy as np
 from cryptography import x509
 
-from enclave_sim import protocol
-from enclave_sim.attestation import (
+from fides_core import enclave_wire as protocol
+from fides_core.attestation import (
     AttestationError,
     AttestedEnclave,
     Policy,
@@ -47,20 +44,10 @@ from enclave_sim.attestation import (
     load_root,
     verify_attestation,
 )
-from enclave_sim.config import VerifierConfig
-from enclave_sim.core import (
-    EnclaveCore,
-    RejectedItem,
-    VerifiedItem,
-    VerifyRequest,
-    encode_requests,
-)
-from enclave_sim.errors import EnclaveError as EnclaveSideError
-from enclave_sim.errors import ProtocolError
-from enclave_sim.measurement import Measurement, measure
-from enclave_sim.pki import create_identity
-from enclave_sim.resources import ResourceSettings
-from enclave_sim.tensors import decode_tensors
+from fides_core.enclave_errors import EnclaveFailure as EnclaveSideError
+from fides_core.enclave_errors import ProtocolError
+from fides_core.tensors import decode_tensors
+from fides_core.verify import RejectedItem, VerifiedItem, VerifyRequest, encode_requests
 from gateway.errors import GatewayError
 
 log = logging.getLogger(__name__)
@@ -74,7 +61,6 @@ __all__ = [
     "EnclaveState",
     "EnclaveSupervisor",
     "EnclaveUnavailable",
-    "FakeEnclaveClient",
     "RejectedItem",
     "SocketEnclaveClient",
     "VerifiedItem",
@@ -152,7 +138,7 @@ class EnclaveClient(Protocol):
 
     async def attest(self, nonce: bytes, user_data: bytes | None = None) -> bytes:
         """An attestation document (COSE_Sign1) bound to ``nonce``; check it with
-        :func:`enclave_sim.attestation.verify_attestation`."""
+        :func:`fides_core.attestation.verify_attestation`."""
         ...
 
     async def verify(self, requests: Sequence[VerifyRequest]) -> VerifyResult:
@@ -355,92 +341,6 @@ class SocketEnclaveClient:
     async def close(self) -> None:
         self._closed = True
         self.reset()
-
-
-# -- the in-process fake --------------------------------------------------------------------
-
-
-class FakeEnclaveClient:
-    """An in-process EnclaveClient for unit tests: a real :class:`EnclaveCore` (onnxruntime,
-    ES384 signatures) under a fresh in-memory root CA, no process, no socket.
-
-    ``fail`` -- while set, every call raises it (simulate an outage: ``EnclaveUnavailable``).
-    ``delay_s`` -- added to every call (simulate a slow enclave). ``calls`` counts calls.
-    """
-
-    def __init__(
-        self,
-        model: bytes | Path,
-        config: VerifierConfig | None = None,
-        *,
-        resources: ResourceSettings | None = None,
-    ) -> None:
-        model_bytes = model.read_bytes() if isinstance(model, Path) else model
-        self.config = config or VerifierConfig()
-        _, identity = create_identity()
-        self.measurement: Measurement = measure(model_bytes, self.config)
-        self.core = EnclaveCore(
-            model_bytes, self.config, self.measurement, identity, resources=resources
-        )
-        self.root_pem: bytes = identity.root_pem
-        self.fail: Exception | None = None
-        self.delay_s = 0.0
-        self.calls = 0
-        self._closed = False
-
-    def policy(self, **kwargs: Any) -> Policy:
-        """A policy that accepts this fake (its measurement, simulated evidence allowed)."""
-        return Policy(frozenset({self.measurement.pcr0}), allow_simulated=True, **kwargs)
-
-    def health(self) -> EnclaveHealth:
-        if self._closed:
-            return EnclaveHealth(EnclaveState.DOWN, "the enclave client is closed")
-        if self.fail is not None:
-            return EnclaveHealth(EnclaveState.DOWN, f"{type(self.fail).__name__}: {self.fail}")
-        return EnclaveHealth(EnclaveState.UP)
-
-    def snapshot(self) -> dict[str, Any]:
-        h = self.health()
-        return {"state": h.state.value, "in_process": True, "calls": self.calls, "reason": h.reason}
-
-    async def _enter(self) -> None:
-        self.calls += 1
-        if self._closed:
-            raise EnclaveUnavailable("the enclave client is closed")
-        if self.delay_s:
-            await asyncio.sleep(self.delay_s)
-        if self.fail is not None:
-            raise self.fail
-
-    async def ping(self) -> None:
-        await self._enter()
-
-    async def info(self) -> dict[str, Any]:
-        await self._enter()
-        return self.core.info()
-
-    async def attest(self, nonce: bytes, user_data: bytes | None = None) -> bytes:
-        await self._enter()
-        try:
-            return await asyncio.to_thread(self.core.attest, nonce, user_data)
-        except EnclaveSideError as exc:
-            raise EnclaveError(str(exc), code=exc.code) from None
-
-    async def verify(self, requests: Sequence[VerifyRequest]) -> VerifyResult:
-        await self._enter()
-        # what the socket would carry: numpy arrays, as the wire decodes them
-        reqs = [
-            VerifyRequest(r.id, r.nonce, {k: np.asarray(v) for k, v in r.inputs.items()})
-            for r in requests
-        ]
-        try:
-            out = await asyncio.to_thread(self.core.verify, reqs)
-        except EnclaveSideError as exc:
-            raise EnclaveError(str(exc), code=exc.code) from None
-        return VerifyResult(out.seq, out.items)
-
-    async def close(self) -> None:
-        self._closed = True
 
 
 # -- the supervisor -------------------------------------------------------------------------

@@ -11,10 +11,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from enclave_sim.config import DEFAULT_MAX_BATCH_SIZE, DEFAULT_OUTPUTS, served_verifiers
-from gateway.datatypes import DATATYPES
+from fides_core.config import StrictModel, format_validation_error
+from fides_core.enclave_config import served_verifiers
+from fides_core.integrity_config import (
+    IntegrityConfig,
+)
+from fides_core.oip import DATATYPES
 from gateway.generation.config import GenerationConfig
 
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
@@ -24,11 +28,7 @@ class ConfigError(ValueError):
     """A model configuration file is missing, unreadable or invalid."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class TensorConfig(_Strict):
+class TensorConfig(StrictModel):
     """One input or output; ``shape`` excludes the batch dimension when batching is on."""
 
     name: str
@@ -44,15 +44,15 @@ class TensorConfig(_Strict):
         return self
 
 
-class LatestPolicy(_Strict):
+class LatestPolicy(StrictModel):
     num_versions: int = Field(1, ge=1)
 
 
-class SpecificPolicy(_Strict):
+class SpecificPolicy(StrictModel):
     versions: list[int] = Field(min_length=1)
 
 
-class VersionPolicy(_Strict):
+class VersionPolicy(StrictModel):
     """Exactly one of latest / all / specific (as Triton's ``version_policy``)."""
 
     latest: LatestPolicy | None = None
@@ -80,7 +80,7 @@ class VersionPolicy(_Strict):
         return available[-n:]
 
 
-class DynamicBatching(_Strict):
+class DynamicBatching(StrictModel):
     """Server-side batching of concurrent requests (Triton ``dynamic_batching``)."""
 
     max_queue_delay_microseconds: int = Field(
@@ -97,12 +97,12 @@ class DynamicBatching(_Strict):
     )
 
 
-class InstanceGroup(_Strict):
+class InstanceGroup(StrictModel):
     count: int = Field(1, ge=1, le=64, description="Concurrent executions of this model.")
     kind: Literal["cpu", "gpu"] = "cpu"
 
 
-class OnnxOptions(_Strict):
+class OnnxOptions(StrictModel):
     intra_op_threads: int = Field(0, ge=0, description="0 lets onnxruntime choose.")
     inter_op_threads: int = Field(0, ge=0)
     providers: list[Literal["cpu", "cuda"]] = Field(
@@ -112,19 +112,19 @@ class OnnxOptions(_Strict):
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
 
 
-class TorchOptions(_Strict):
+class TorchOptions(StrictModel):
     device: str = Field("cpu", description="'cpu', 'cuda' or 'cuda:N'.")
     num_threads: int = Field(
         0, ge=0, description="torch intra-op threads (process-wide); 0 keeps the default."
     )
 
 
-class CircuitBreakerConfig(_Strict):
+class CircuitBreakerConfig(StrictModel):
     failure_threshold: int = Field(5, ge=1, description="Consecutive failures that open it.")
     reset_timeout_s: float = Field(10.0, gt=0, description="Open time before one trial call.")
 
 
-class UpstreamOptions(_Strict):
+class UpstreamOptions(StrictModel):
     """A remote Open Inference Protocol endpoint (a third-party MLaaS)."""
 
     url: str = Field(description="Base URL, e.g. http://mlaas.example:8000")
@@ -137,110 +137,7 @@ class UpstreamOptions(_Strict):
     circuit_breaker: CircuitBreakerConfig = Field(default_factory=CircuitBreakerConfig)
 
 
-DrillAttack = Literal["switch", "avg", "random_switch", "noise", "substitution"]
-
-
-class DrillConfig(_Strict):
-    """An attack drill: the model behaves like a compromised service (off by default)."""
-
-    attack: DrillAttack = Field(description="What the compromised service does to its answers.")
-    rate: float = Field(1.0, gt=0, le=1, description="Share of answers tampered with.")
-    substitute: str | None = Field(
-        None,
-        description="substitution: the (cheaper) model in this repository served instead, or "
-        "the model's own enclave verifier (its answers then come from the enclave's).",
-    )
-    noise_sigma: float = Field(1.5, gt=0, description="noise: std on the log-probabilities.")
-
-    @model_validator(mode="after")
-    def _substitute(self) -> DrillConfig:
-        if (self.attack == "substitution") != (self.substitute is not None):
-            raise ValueError(
-                "'substitute' names the model to serve, for attack 'substitution' only"
-            )
-        return self
-
-
-class EnclaveConfig(_Strict):
-    """The verifier that runs inside the (simulated) enclave for this model."""
-
-    verifier_model: str = Field(
-        description="Repository entry whose latest version's model.onnx is the verifier."
-    )
-    sealed_model: Path | None = Field(
-        None,
-        description="A sealed verifier (fides enclave seal), relative to the model directory. "
-        "Default: the gateway seals verifier_model for the local platform at start.",
-    )
-    measurement: str | None = Field(
-        None,
-        pattern=r"^[0-9a-f]{96}$",
-        description="Pinned PCR0 (fides enclave measure). Default: measured from verifier_model.",
-    )
-    outputs: list[str] = Field(
-        default_factory=lambda: list(DEFAULT_OUTPUTS), description="Verifier outputs signed."
-    )
-    max_batch_size: int = Field(
-        DEFAULT_MAX_BATCH_SIZE, ge=1, le=4096, description="Rows per enclave call."
-    )
-    max_queue_delay_microseconds: int = Field(
-        500, ge=0, description="How long a verification waits for others to share an enclave call."
-    )
-    timeout_s: float = Field(5.0, gt=0, description="Enclave call timeout (then the policy).")
-    extra_args: list[str] = Field(
-        default_factory=list, description="Extra `fides enclave run` options (e.g. --paging)."
-    )
-
-
-class IntegrityConfig(_Strict):
-    """Fides verification of this model's answers (see the README's integrity section)."""
-
-    enclave: EnclaveConfig
-    detector: str = Field(description="Repository entry of the attack detector (pair model).")
-    reclassifier: str = Field(description="Repository entry of the re-classifier (pair model).")
-    novelty: str | None = Field(
-        None,
-        description="Repository entry of the out-of-distribution check (input -> novelty_score, "
-        "threshold in its model card): an answer whose input it calls novel is 'unverified' "
-        "(reason out_of_distribution), not judged by the detector. None: no such check.",
-    )
-    output: str = Field(
-        "probabilities", description="The service output holding class probabilities."
-    )
-    threshold: float | None = Field(
-        None, ge=0, le=1, description="Detector threshold; default: the detector card's."
-    )
-    sampling_rate: float = Field(1.0, ge=0, le=1, description="Share of requests verified.")
-    mode: Literal["monitor", "enforce"] = Field(
-        "monitor",
-        description="monitor: answer as served and flag; enforce: replace an attacked answer "
-        "by the re-classifier's.",
-    )
-    failure_policy: Literal["fail_closed", "fail_open"] = Field(
-        "fail_closed",
-        description="Enclave unavailable or late: fail_closed answers 503, fail_open answers "
-        "with verdict 'unverified' and a reason.",
-    )
-    substitution_window: int = Field(
-        100, ge=10, description="Recent verified rows in the substitution test."
-    )
-    substitution_score: Literal["kl", "detector"] = Field(
-        "kl",
-        description="Per-row score of the substitution test: KL(service || verifier) or the "
-        "detector's probability (blind to a low-confidence substitute).",
-    )
-    substitution_alpha: float = Field(
-        0.001,
-        gt=0,
-        lt=0.5,
-        description="Level of the windowed substitution test, run every 10 rows over the last "
-        "`substitution_window`: 0.001 keeps false alarms per 100 rows <= 1% (union bound; "
-        "verifier.experiment.DetectorConfig.window_alpha, the same default, says more).",
-    )
-    drill: DrillConfig | None = Field(None, description="An attack drill active from load.")
-
-
-class ModelConfig(_Strict):
+class ModelConfig(StrictModel):
     """Contents of ``<repository>/<model>/config.yaml``."""
 
     name: str | None = Field(None, description="Must match the directory name when given.")
@@ -299,18 +196,6 @@ class ModelConfig(_Strict):
         return {"onnx": "model.onnx", "torch": "model.pt2", "upstream": "", "causal_lm": ""}[
             self.platform
         ]
-
-
-def format_validation_error(exc: ValidationError, path: Path | str, root: str = "config") -> str:
-    """One line naming the file and every problem; an unknown key is named as such."""
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"])
-        if err["type"] == "extra_forbidden":
-            parts.append(f"unknown key '{loc}'")
-        else:
-            parts.append(f"{loc or root}: {err['msg']}")
-    return f"{path}: " + "; ".join(parts)
 
 
 def _read_raw(path: Path) -> dict[str, Any] | None:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fides_core.layout import is_version, versions_on_disk
 from gateway.batcher import BatchObserver, BatchPolicy, DynamicBatcher
 from gateway.errors import BadRequest, GatewayError, ModelLoadError, NotFound, Unavailable
 from gateway.model_config import (
@@ -75,7 +76,7 @@ def validate_model_name(name: str) -> str:
 
 
 def parse_version(version: str) -> int:
-    if not version.isascii() or not version.isdigit() or int(version) < 1:
+    if not is_version(version):
         raise BadRequest(f"invalid model version {version!r}: expected a positive integer")
     return int(version)
 
@@ -292,7 +293,7 @@ class ModelRepository:
         t0 = time.perf_counter()
         try:
             cfg = load_model_config(path / "config.yaml", expected_name=name)
-            versions = cfg.version_policy.select(_versions_on_disk(path))
+            versions = cfg.version_policy.select(versions_on_disk(path))
         except ConfigError as exc:
             raise ModelLoadError(f"model '{name}': {exc}") from exc
         for check in self.load_checks:
@@ -335,14 +336,6 @@ class ModelRepository:
             served.versions[rt.version] = ModelVersion(rt, batcher)
         log.info("built model %s versions %s in %.2fs", name, versions, time.perf_counter() - t0)
         return served
-
-
-def _versions_on_disk(path: Path) -> list[int]:
-    return [
-        int(p.name)
-        for p in path.iterdir()
-        if p.is_dir() and p.name.isascii() and p.name.isdigit() and int(p.name) > 0
-    ]
 
 
 __all__ = ["ModelRepository", "ModelVersion", "ServedModel"]

@@ -44,7 +44,13 @@ def test_the_lock_satisfies_pyproject() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
     bad = [
         f"{req.name}=={pins[canonicalize_name(req.name)]} outside {req.specifier}"
-        for req in map(Requirement, project["project"]["dependencies"])
+        for req in map(
+            Requirement,
+            [
+                *project["project"]["dependencies"],
+                *project["project"]["optional-dependencies"]["server"],
+            ],
+        )
         if not req.specifier.contains(pins[canonicalize_name(req.name)], prereleases=True)
     ]
     assert not bad, f"requirements.lock is stale: {bad}; run `make lock`"

@@ -133,7 +133,7 @@ def load_digits_arrays(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
     """scikit-learn's digits (0..16 pixels scaled to [0, 1]), stratified seeded test split.
 
-    The same split as :func:`gateway.models.default.load_split` with the same seed.
+    The same split as :func:`fides.defaults.digits.load_split` with the same seed.
     """
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gateway.integrity.stats import WindowResult, window_test
+from fides_core.integrity import P_INPUT, Q_INPUT
+from fides_core.stats import WindowResult, window_test
 from verifier.features import EPS, feature_count, pair_features
 
 __all__ = [
@@ -40,7 +41,6 @@ __all__ = [
     "window_test",
 ]
 
-P_INPUT, Q_INPUT = "service_probs", "verifier_probs"
 ONNX_OPSET = 17
 
 

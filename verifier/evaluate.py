@@ -30,6 +30,7 @@ from rich.progress import Progress
 from sklearn.metrics import roc_auc_score, roc_curve
 from torch import nn
 
+from fides_core.integrity import DETECTOR_OUTPUT, P_INPUT, Q_INPUT, RECLASSIFIER_OUTPUT
 from verifier.attacks import Attacked, fgsm, output_attack, quantize_int8
 from verifier.data import Dataset, Splits, augment
 from verifier.detector import (
@@ -616,12 +617,12 @@ def evaluate_experiment(
             detector,
             p_cal,
             q_cal,
-            "attack_probability",
+            DETECTOR_OUTPUT,
             ["attack"],
             {
                 **common,
                 "role": "detector",
-                "inputs": ["service_probs", "verifier_probs"],
+                "inputs": [P_INPUT, Q_INPUT],
                 "threshold": threshold,
                 "target_fpr": cfg.target_fpr,
                 "fpr_confidence": cfg.fpr_confidence,
@@ -643,12 +644,12 @@ def evaluate_experiment(
             reclassifier,
             p_cal,
             q_cal,
-            "probabilities",
+            RECLASSIFIER_OUTPUT,
             splits.classes,
             {
                 **common,
                 "role": "reclassifier",
-                "inputs": ["service_probs", "verifier_probs"],
+                "inputs": [P_INPUT, Q_INPUT],
                 "metrics": {"reclassification_accuracy": report["reclassification_accuracy"]},
             },
             f"{exp.name}: re-classifier (verifier.evaluate)",

@@ -15,16 +15,12 @@ from typing import ClassVar, Literal, Protocol, get_args
 
 import yaml
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
-    SerializerFunctionWrapHandler,
     ValidationError,
-    model_serializer,
     model_validator,
 )
 
-from gateway.model_config import format_validation_error
+from fides_core.config import StrictModel, format_validation_error
 
 __all__ = ["Experiment", "ExperimentError", "load_experiment", "pruning_mismatch"]
 
@@ -33,29 +29,12 @@ class ExperimentError(ValueError):
     """An experiment file is missing or invalid; the message names the file and the key."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    # Optional fields that came after experiments had been run: left out of the canonical dump
-    # while unset, so the config hashes (and the cached stages) of experiments that do not use
-    # them stay what they were.
-    _added_later: ClassVar[tuple[str, ...]] = ()
-
-    @model_serializer(mode="wrap")
-    def _omit_unset_later_fields(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
-        out: dict[str, object] = handler(self)
-        for name in self._added_later:
-            if getattr(self, name) is None:
-                out.pop(name, None)
-        return out
-
-
-class AugmentConfig(_Strict):
+class AugmentConfig(StrictModel):
     crop_padding: int = Field(0, ge=0, le=8, description="Random shift by up to this many px.")
     hflip: bool = Field(False, description="Random horizontal flips (not for digits/letters).")
 
 
-class DataConfig(_Strict):
+class DataConfig(StrictModel):
     source: Literal["digits", "npz", "folder"] = Field(
         description="digits: scikit-learn's bundled set; npz: x_train/y_train/x_test/y_test; "
         "folder: <path>/{train,test}/<class>/*.png|jpg|jpeg|bmp|webp|npy"
@@ -84,7 +63,7 @@ class DataConfig(_Strict):
         return self
 
 
-class NetSpec(_Strict):
+class NetSpec(StrictModel):
     widths: list[int] = Field(min_length=1, description="Output channels of each block.")
     convs_per_block: int = Field(1, ge=1, le=4)
     dropout: float = Field(0.2, ge=0, lt=1)
@@ -124,25 +103,25 @@ def pruning_mismatch(source: _Layout, target: _Layout) -> str | None:
     return None
 
 
-class OptimConfig(_Strict):
+class OptimConfig(StrictModel):
     epochs: int = Field(ge=1)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(3e-3, gt=0, description="Peak learning rate (AdamW, one-cycle).")
     weight_decay: float = Field(5e-4, ge=0)
 
 
-class KDConfig(_Strict):
+class KDConfig(StrictModel):
     temperature: float = Field(4.0, gt=0)
     alpha: float = Field(0.9, ge=0, description="Weight of the soft (teacher) term.")
     beta: float = Field(0.1, ge=0, description="Weight of the hard-label cross-entropy.")
 
 
-class TeacherConfig(_Strict):
+class TeacherConfig(StrictModel):
     net: NetSpec
     train: OptimConfig
 
 
-class StudentConfig(_Strict):
+class StudentConfig(StrictModel):
     net: NetSpec
     train: OptimConfig
     kd: KDConfig = Field(default_factory=KDConfig)
@@ -151,7 +130,7 @@ class StudentConfig(_Strict):
     )
 
 
-class PretrainConfig(_Strict):
+class PretrainConfig(StrictModel):
     """The source task of the verifier's backbone (no downloads: the pipeline makes it)."""
 
     task: Literal["rotation", "dataset", "service"] = Field(
@@ -178,7 +157,7 @@ class PretrainConfig(_Strict):
         return self
 
 
-class VerifierConfig(_Strict):
+class VerifierConfig(StrictModel):
     candidates: list[NetSpec] = Field(
         min_length=1, description="Verifier sizes, tried smallest-FLOPs first."
     )
@@ -213,7 +192,7 @@ class VerifierConfig(_Strict):
 OutputAttackName = Literal["switch", "avg", "random_switch", "targeted_flip", "noise"]
 
 
-class GanConfig(_Strict):
+class GanConfig(StrictModel):
     """The GAN that trains the attack detector (verifier.gan)."""
 
     epochs: int = Field(30, ge=1)
@@ -226,7 +205,7 @@ class GanConfig(_Strict):
     kappa: float = Field(1.0, ge=0, description="Margin (nats) the flip loss asks for.")
 
 
-class SubstituteConfig(_Strict):
+class SubstituteConfig(StrictModel):
     """A cheaper model a lazy provider might serve instead of the service student."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_]+$")
@@ -244,7 +223,7 @@ class SubstituteConfig(_Strict):
         return self
 
 
-class NoveltyConfig(_Strict):
+class NoveltyConfig(StrictModel):
     """The out-of-distribution check (:mod:`verifier.novelty`): an answer whose input is unlike
     the training images is reported ``unverified`` (reason ``out_of_distribution``) instead of
     being judged by the detector."""
@@ -260,7 +239,7 @@ class NoveltyConfig(_Strict):
     )
 
 
-class DetectorConfig(_Strict):
+class DetectorConfig(StrictModel):
     """Attack detector, re-classifier and their evaluation (``fides evaluate``).
 
     The test split is cut (seeded) into detector training, calibration and evaluation parts;
@@ -339,14 +318,14 @@ class DetectorConfig(_Strict):
         return self
 
 
-class ExportConfig(_Strict):
+class ExportConfig(StrictModel):
     service_name: str
     verifier_name: str
     max_batch_size: int = Field(64, ge=1)
     latency_repeats: int = Field(200, ge=1, description="Single-image runs for the CPU latency.")
 
 
-class Experiment(_Strict):
+class Experiment(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
     seed: int = 0
     threads: int = Field(

@@ -108,7 +108,9 @@ def pair_features(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     top1_agree = (p_order[:, 0] == q_order[:, 0]).to(p.dtype)
     # position of p's top-1 class in q's descending order
     q_desc_rank = (c - 1) - _ranks(q)  # [n, C], 0 = largest
-    rank_in_q = torch.gather(q_desc_rank, -1, p_order[:, :1])[:, 0] / (c - 1)
+    # (gathered at every position, then the first taken: an index of the data's shape, which
+    # onnx's reference evaluator needs where the client SDK runs without onnxruntime)
+    rank_in_q = torch.gather(q_desc_rank, -1, p_order)[:, 0] / (c - 1)
     rp, rq = _ranks(p), _ranks(q)
     rp = rp - rp.mean(-1, keepdim=True)
     rq = rq - rq.mean(-1, keepdim=True)

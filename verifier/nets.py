@@ -16,7 +16,15 @@ from torch import nn
 
 from verifier.experiment import pruning_mismatch
 
-__all__ = ["ConvNet", "NetConfig", "Normalize", "count_parameters", "prune_filters"]
+__all__ = [
+    "ConvNet",
+    "NamedProbabilities",
+    "NetConfig",
+    "Normalize",
+    "Probabilities",
+    "count_parameters",
+    "prune_filters",
+]
 
 
 @dataclass(frozen=True)
@@ -115,6 +123,35 @@ class ConvNet(nn.Module):
     def new_head(self, num_classes: int) -> None:
         """Replace the head (fresh weights) for a different task."""
         self.head = self._head(num_classes)
+
+
+class Probabilities(nn.Module):
+    """``net`` followed by a softmax, for ONNX export (output named at export time)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    # The argument is called `input` because torch.export names the graph input after it.
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        logits: torch.Tensor = self.net(input)  # [batch, 10]
+        return logits.softmax(dim=-1)  # [batch, 10]
+
+
+class NamedProbabilities(nn.Module):
+    """``net`` followed by a softmax, returned as ``{"probabilities": ...}``.
+
+    torch.export keeps the dict keys in the program's output spec, which is where the torch
+    runtime reads output names from; a bare tensor would be served as ``output0``.
+    """
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, input: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits: torch.Tensor = self.net(input)  # [batch, 10]
+        return {"probabilities": logits.softmax(dim=-1)}  # [batch, 10]
 
 
 def count_parameters(net: nn.Module, trainable_only: bool = False) -> int:

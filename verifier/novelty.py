@@ -31,6 +31,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from fides_core.integrity import NOVELTY_OUTPUT
 from verifier.detector import ONNX_OPSET
 
 __all__ = [
@@ -40,8 +41,6 @@ __all__ = [
     "novelty_scores",
     "synthetic_novel_inputs",
 ]
-
-OUTPUT = "novelty_score"
 
 
 class NoveltyScorer(nn.Module):
@@ -132,8 +131,8 @@ def export_novelty(
             str(path),
             dynamo=False,
             input_names=[input_name],
-            output_names=[OUTPUT],
-            dynamic_axes={input_name: {0: "batch"}, OUTPUT: {0: "batch"}},
+            output_names=[NOVELTY_OUTPUT],
+            dynamic_axes={input_name: {0: "batch"}, NOVELTY_OUTPUT: {0: "batch"}},
             opset_version=ONNX_OPSET,
         )
     onnx.checker.check_model(str(path))

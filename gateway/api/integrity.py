@@ -16,11 +16,12 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import ValidationError
 
+from fides_core.config import format_validation_error
+from fides_core.integrity_config import DrillConfig
 from gateway.api.deps import AdminAuth, UserAuth
 from gateway.errors import BadRequest
 from gateway.integrity.pipeline import MAX_NONCE, MIN_NONCE
 from gateway.integrity.service import IntegrityService
-from gateway.model_config import DrillConfig, format_validation_error
 
 router = APIRouter(prefix="/v2/models", tags=["integrity"], dependencies=[UserAuth])
 admin = APIRouter(prefix="/v2/admin/models", tags=["integrity"], dependencies=[AdminAuth])

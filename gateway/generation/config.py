@@ -9,16 +9,16 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from fides_core.config import StrictModel
 
 Schedule = Literal["constant", "adaptive", "confidence"]
 DType = Literal["float32", "bfloat16", "float16"]
 
 
-class GenerationConfig(BaseModel):
+class GenerationConfig(StrictModel):
     """How a causal LM (optionally with a draft) is served at ``/v1``."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     target: str = Field(
         ".",

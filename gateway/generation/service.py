@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fides_core.layout import versions_on_disk
 from gateway.errors import BadRequest, GatewayError, ModelLoadError, QueueFull
 from gateway.generation.config import GenerationConfig
 from gateway.generation.metrics import GenerationMetrics
@@ -152,9 +153,7 @@ class GenerationService:
         except ConfigError as exc:
             raise ModelLoadError(str(exc)) from exc
         gen = cfg.generation or GenerationConfig()
-        versions = sorted(
-            int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit() and p.name != "0"
-        )
+        versions = versions_on_disk(path)
         if not versions:
             raise ModelLoadError(f"model '{name}': no version directories (1, 2, ...) in {path}")
         version = cfg.version_policy.select(versions)[-1]

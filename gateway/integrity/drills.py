@@ -3,7 +3,7 @@
 An operator (or a test, or a demo) turns one on with the admin endpoint or the model config;
 every verified answer is then tampered with at the chosen rate *before* the detector sees it,
 exactly as a dishonest MLaaS provider would do it. Output attacks reuse
-:mod:`verifier.attacks`; ``substitution`` serves a chosen cheaper model from the repository.
+:mod:`fides_core.attacks`; ``substitution`` serves a chosen cheaper model from the repository.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gateway.model_config import DrillConfig
-from verifier.attacks import avg, random_noise, random_switch, switch
+from fides_core.attacks import avg, random_noise, random_switch, switch
+from fides_core.integrity_config import DrillConfig
 
 __all__ = ["ActiveDrill", "tamper"]
 

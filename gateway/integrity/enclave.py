@@ -19,11 +19,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from enclave_sim.attestation import Policy
-from enclave_sim.config import from_enclave_block
-from enclave_sim.measurement import measure
 from enclave_sim.pki import ROOT_CERT, init_ca
 from enclave_sim.sealing import seal
+from fides_core.attestation import Policy
+from fides_core.enclave_config import from_enclave_block
+from fides_core.integrity_config import EnclaveConfig
+from fides_core.layout import latest_version_file
+from fides_core.measurement import measure
 from gateway.enclave_client import (
     AttachedEnclave,
     EnclaveClient,
@@ -35,7 +37,6 @@ from gateway.enclave_client import (
     VerifyRequest,
 )
 from gateway.errors import GatewayError
-from gateway.model_config import EnclaveConfig
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -51,17 +52,10 @@ class IntegritySetupError(GatewayError):
 
 def verifier_file(repository: Path, name: str) -> Path:
     """The latest version's ``model.onnx`` of repository entry ``name``."""
-    versions = (
-        [int(p.name) for p in (repository / name).iterdir() if p.is_dir() and p.name.isdigit()]
-        if (repository / name).is_dir()
-        else []
-    )
-    if not versions:
-        raise IntegritySetupError(f"verifier model '{name}' has no version in {repository}")
-    path = repository / name / str(max(versions)) / "model.onnx"
-    if not path.is_file():
-        raise IntegritySetupError(f"verifier model file {path} is missing")
-    return path
+    try:
+        return latest_version_file(repository / name)
+    except FileNotFoundError as exc:
+        raise IntegritySetupError(f"verifier model '{name}': {exc}") from None
 
 
 def _write_whole(path: Path, data: bytes) -> None:

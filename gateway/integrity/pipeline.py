@@ -30,8 +30,21 @@ from typing import Any
 
 import numpy as np
 
-from enclave_sim.core import MAX_REQUEST_ID, InputSpec, check_request, input_specs
-from enclave_sim.errors import BadRequest as EnclaveRefusal
+from fides_core.enclave_errors import InvalidRequest as EnclaveRefusal
+from fides_core.integrity import (
+    DETECTOR_OUTPUT,
+    NOVELTY_OUTPUT,
+    OUT_OF_DISTRIBUTION,
+    P_INPUT,
+    Q_INPUT,
+    RECLASSIFIER_OUTPUT,
+    decide,
+    novelty_reason,
+)
+from fides_core.integrity_config import DrillConfig, IntegrityConfig
+from fides_core.layout import latest_version_file
+from fides_core.stats import kl_divergence
+from fides_core.verify import MAX_REQUEST_ID, InputSpec, check_request, input_specs
 from gateway.enclave_client import (
     EnclaveClient,
     EnclaveError,
@@ -43,10 +56,8 @@ from gateway.errors import BadRequest, GatewayError, Unavailable
 from gateway.integrity.drills import ActiveDrill, tamper
 from gateway.integrity.enclave import EnclaveBatcher, verifier_file
 from gateway.integrity.metrics import IntegrityMetrics
-from gateway.integrity.stats import kl_divergence
 from gateway.integrity.substitution import SubstitutionMonitor
-from gateway.integrity.verdict import OUT_OF_DISTRIBUTION, decide, novelty_reason
-from gateway.model_config import DrillConfig, IntegrityConfig, read_platform
+from gateway.model_config import read_platform
 from gateway.repository import ModelRepository, ModelVersion
 from gateway.runtimes import Tensors
 
@@ -60,10 +71,6 @@ __all__ = [
     "read_detector_card",
 ]
 
-DETECTOR_OUTPUT = "attack_probability"
-RECLASSIFIER_OUTPUT = "probabilities"
-NOVELTY_OUTPUT = "novelty_score"
-P_INPUT, Q_INPUT = "service_probs", "verifier_probs"
 NONCE_PARAMETER = "integrity_nonce"
 MIN_NONCE, MAX_NONCE = 8, 512
 
@@ -82,13 +89,11 @@ class IntegrityOutcome:
 
 def read_card(repository: Path, name: str, keys: Sequence[str]) -> dict[str, Any]:
     """The model card of entry ``name``'s latest version, which must hold ``keys``."""
-    root = repository / name
-    if not root.is_dir():
-        raise ValueError(f"model '{name}' is not in {repository}")
-    versions = sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit())
-    if not versions:
-        raise ValueError(f"model '{name}' has no version in {repository}")
-    card = json.loads((root / str(versions[-1]) / "model_card.json").read_text(encoding="utf-8"))
+    try:
+        path = latest_version_file(repository / name, "model_card.json")
+    except FileNotFoundError as exc:
+        raise ValueError(f"model '{name}': {exc}") from None
+    card = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(card, dict):
         raise ValueError(f"model '{name}': model card is not a JSON object")
     for key in keys:

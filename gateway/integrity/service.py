@@ -6,13 +6,14 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from enclave_sim.errors import EnclaveError as EnclaveSideError
+from fides_core.enclave_errors import EnclaveFailure as EnclaveSideError
+from fides_core.integrity_config import EnclaveConfig
 from gateway.enclave_client import EnclaveClient, EnclaveSupervisor
 from gateway.errors import GatewayError, ModelLoadError, NotFound
 from gateway.integrity.enclave import enclave_for_model
 from gateway.integrity.metrics import IntegrityMetrics
 from gateway.integrity.pipeline import IntegrityPipeline, UnavailableIntegrity
-from gateway.model_config import EnclaveConfig, ModelConfig
+from gateway.model_config import ModelConfig
 from gateway.repository import ModelRepository
 from gateway.settings import Settings
 

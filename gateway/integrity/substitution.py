@@ -3,7 +3,7 @@
 A lazy provider that serves a cheaper model cannot be caught on one answer, but its answers
 disagree with the verifier a little more often: the detector's scores drift up. Every
 ``every`` new scores, the last ``window`` of them are compared with the detector's clean
-calibration scores (:func:`gateway.integrity.stats.window_test`).
+calibration scores (:func:`fides_core.stats.window_test`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from gateway.integrity.stats import WindowResult, window_test
+from fides_core.stats import WindowResult, window_test
 
 __all__ = ["SubstitutionMonitor"]
 

@@ -32,8 +32,8 @@ import httpx
 import numpy as np
 import orjson
 
+from fides_core.oip import DATATYPES, oip_datatype
 from gateway.circuit_breaker import CircuitBreaker
-from gateway.datatypes import DATATYPES, oip_datatype
 from gateway.errors import (
     BadRequest,
     GatewayError,

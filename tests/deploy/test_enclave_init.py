@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from enclave_sim import protocol
-from enclave_sim.attestation import NonceStore, Policy, verify_attestation
-from enclave_sim.config import VerifierConfig
-from enclave_sim.measurement import measure
-from gateway.model_config import EnclaveConfig
+from fides_core import enclave_wire as protocol
+from fides_core.attestation import NonceStore, Policy, verify_attestation
+from fides_core.enclave_config import EnclaveModelConfig
+from fides_core.integrity_config import EnclaveConfig
+from fides_core.measurement import measure
 from tests.deploy.conftest import DEPLOY, ROOT
 from tests.enclave_sim.helpers import call, connect, ping_ok, short_tmpdir
 from tests.model_factory import tiny_classifier
@@ -56,15 +56,15 @@ def _mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
-def _gateway_verifier_config() -> VerifierConfig:
+def _gateway_verifier_config() -> EnclaveModelConfig:
     """The config the gateway measures a model's verifier with, for the integrity.enclave
     defaults (as gateway/integrity/enclave.py builds it)."""
     cfg = EnclaveConfig(verifier_model="digits_verifier")
-    return VerifierConfig(outputs=tuple(cfg.outputs), max_batch_size=cfg.max_batch_size)
+    return EnclaveModelConfig(outputs=tuple(cfg.outputs), max_batch_size=cfg.max_batch_size)
 
 
 def test_the_deployments_seal_config_is_the_one_the_gateway_measures_with() -> None:
-    deployed = VerifierConfig.load(SEAL_CONFIG)
+    deployed = EnclaveModelConfig.load(SEAL_CONFIG)
     assert deployed.canonical_bytes() == _gateway_verifier_config().canonical_bytes()
     dockerfile = (DEPLOY / "Dockerfile").read_text(encoding="utf-8")
     assert "COPY deploy/enclave/verifier.yaml /opt/fides/enclave/verifier.yaml" in dockerfile

@@ -23,11 +23,11 @@ from typing import Any
 
 import cbor2
 
-from enclave_sim import protocol
-from enclave_sim.config import VerifierConfig
-from enclave_sim.measurement import Measurement
 from enclave_sim.pki import ROOT_CERT, init_ca
 from enclave_sim.sealing import seal
+from fides_core import enclave_wire as protocol
+from fides_core.enclave_config import EnclaveModelConfig
+from fides_core.measurement import MEASURED_PACKAGES, Measurement
 from tests.model_factory import tiny_classifier
 from tests.processes import stop_process
 
@@ -40,7 +40,7 @@ class EnclaveFiles:
     base: Path
     platform_dir: Path
     model_path: Path
-    config: VerifierConfig
+    config: EnclaveModelConfig
     sealed_path: Path
     measurement: Measurement
 
@@ -54,7 +54,7 @@ class EnclaveFiles:
 
 
 def make_enclave_files(
-    base: Path, config: VerifierConfig | None = None, code_root: Path | None = None
+    base: Path, config: EnclaveModelConfig | None = None, code_root: Path | None = None
 ) -> EnclaveFiles:
     """A tiny verifier, a fresh simulated platform, and the model sealed for this code."""
     base.mkdir(parents=True, exist_ok=True)
@@ -62,7 +62,7 @@ def make_enclave_files(
     tiny_classifier(model_path)
     platform_dir = base / "platform"
     init_ca(platform_dir)
-    config = config or VerifierConfig(max_batch_size=64)
+    config = config or EnclaveModelConfig(max_batch_size=64)
     kwargs = {"code_root": code_root} if code_root is not None else {}
     data, measurement, _ = seal(model_path.read_bytes(), config, platform_dir, **kwargs)
     sealed_path = base / "verifier.sealed"
@@ -226,7 +226,10 @@ def run_cli(
 
 
 def copy_enclave_code(dest_root: Path) -> Path:
-    """A copy of the enclave_sim package under ``dest_root`` (to modify a code file)."""
-    dest = dest_root / "enclave_sim"
-    shutil.copytree(REPO_ROOT / "enclave_sim", dest, ignore=shutil.ignore_patterns("__pycache__"))
-    return dest
+    """A copy of the measured packages under ``dest_root`` (to modify a code file); returns
+    the copy's source root (``<root>/enclave_sim/core.py``)."""
+    for package in MEASURED_PACKAGES:
+        shutil.copytree(
+            REPO_ROOT / package, dest_root / package, ignore=shutil.ignore_patterns("__pycache__")
+        )
+    return dest_root

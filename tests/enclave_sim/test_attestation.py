@@ -9,8 +9,10 @@ import cbor2
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from enclave_sim import cose
-from enclave_sim.attestation import (
+from enclave_sim.core import EnclaveCore
+from enclave_sim.pki import PlatformIdentity, create_identity, issue_leaf, new_key
+from fides_core import cose
+from fides_core.attestation import (
     AttestationError,
     BindingError,
     ChainError,
@@ -26,9 +28,7 @@ from enclave_sim.attestation import (
     TimestampError,
     verify_attestation,
 )
-from enclave_sim.core import EnclaveCore
-from enclave_sim.measurement import measure
-from enclave_sim.pki import PlatformIdentity, create_identity, issue_leaf, new_key
+from fides_core.measurement import measure
 from tests.enclave_sim.helpers import EnclaveFiles, copy_enclave_code
 
 
@@ -124,7 +124,9 @@ def test_modified_code_is_rejected_by_the_policy(
 ) -> None:
     """An enclave built from a modified code file reports another measurement."""
     code = copy_enclave_code(tmp_path)
-    (code / "core.py").write_text((code / "core.py").read_text() + "\n# evil\n")
+    (code / "enclave_sim" / "core.py").write_text(
+        (code / "enclave_sim" / "core.py").read_text() + "\n# evil\n"
+    )
     modified = measure(module_files.model_bytes, module_files.config, code)
     evil = EnclaveCore(module_files.model_bytes, module_files.config, modified, identity)
     nonce = b"c" * 32

@@ -9,12 +9,12 @@ from pathlib import Path
 import orjson
 from typer.testing import CliRunner
 
-from enclave_sim.bench import markdown_table, run_enclave_bench
 from enclave_sim.cli import enclave_app
-from enclave_sim.config import VerifierConfig
-from enclave_sim.measurement import measure
 from enclave_sim.pki import ROOT_CERT
 from enclave_sim.sealing import unseal
+from fides.bench.enclave import markdown_table, run_enclave_bench
+from fides_core.enclave_config import EnclaveModelConfig
+from fides_core.measurement import measure
 from tests.model_factory import tiny_classifier
 
 runner = CliRunner()
@@ -34,7 +34,7 @@ def test_init_ca_measure_seal(tmp_path: Path) -> None:
     assert again.exit_code == 2
     assert "--force" in again.output
 
-    expected = measure(model.read_bytes(), VerifierConfig.load(config))
+    expected = measure(model.read_bytes(), EnclaveModelConfig.load(config))
     done = runner.invoke(enclave_app, ["measure", "--model", str(model), "--config", str(config)])
     assert done.exit_code == 0, done.output
     assert done.output.strip() == expected.hex

@@ -15,15 +15,15 @@ import cbor2
 import numpy as np
 import pytest
 
-from enclave_sim import protocol
-from enclave_sim.attestation import (
+from enclave_sim.sealing import seal
+from fides_core import enclave_wire as protocol
+from fides_core.attestation import (
     MeasurementMismatch,
     Policy,
     check_verification,
     verify_attestation,
 )
-from enclave_sim.sealing import seal
-from enclave_sim.tensors import encode_tensor
+from fides_core.tensors import encode_tensor
 from tests.enclave_sim.helpers import (
     EnclaveFiles,
     RunningEnclave,
@@ -208,7 +208,9 @@ def test_modified_and_resealed_enclave_is_caught_by_the_policy(
     carries another measurement, and the client's pinned policy rejects it."""
     root = tmp_path / "evil"
     code = copy_enclave_code(root)
-    (code / "core.py").write_text((code / "core.py").read_text() + "\n# exfiltrate inputs\n")
+    (code / "enclave_sim" / "core.py").write_text(
+        (code / "enclave_sim" / "core.py").read_text() + "\n# exfiltrate inputs\n"
+    )
     # a copy of the same platform, so that its rollback counter moves apart from the module's
     platform = tmp_path / "platform"
     shutil.copytree(module_files.platform_dir, platform)

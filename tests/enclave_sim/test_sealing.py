@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from enclave_sim.config import VerifierConfig
-from enclave_sim.errors import (
+from enclave_sim.pki import PLATFORM_SECRET, init_ca
+from enclave_sim.sealing import COUNTER_FILE, read_counter, seal, unseal
+from fides_core.enclave_config import EnclaveModelConfig
+from fides_core.enclave_errors import (
     PlatformError,
     RollbackRejected,
     SealedFileMalformed,
@@ -16,9 +18,7 @@ from enclave_sim.errors import (
     SealedForOtherMeasurement,
     SealError,
 )
-from enclave_sim.measurement import CODE_ROOT, code_files, measure
-from enclave_sim.pki import PLATFORM_SECRET, init_ca
-from enclave_sim.sealing import COUNTER_FILE, read_counter, seal, unseal
+from fides_core.measurement import CODE_ROOT, code_files, measure
 from tests.enclave_sim.helpers import EnclaveFiles, copy_enclave_code, run_cli
 
 
@@ -28,21 +28,21 @@ def test_measurement_is_deterministic_and_covers_code_model_config(files: Enclav
     assert a == measure(model, files.config) == files.measurement
     assert len(a.pcr0) == len(a.pcr1) == len(a.pcr2) == 48
     assert measure(model + b"\0", files.config).pcr0 != a.pcr0
-    assert measure(model, VerifierConfig(max_batch_size=8)).pcr0 != a.pcr0
+    assert measure(model, EnclaveModelConfig(max_batch_size=8)).pcr0 != a.pcr0
     # defaults spelled out measure the same as no config
-    assert measure(model, VerifierConfig()) == measure(
-        model, VerifierConfig.from_dict({"max_batch_size": 64, "intra_op_threads": 1})
+    assert measure(model, EnclaveModelConfig()) == measure(
+        model, EnclaveModelConfig.from_dict({"max_batch_size": 64, "intra_op_threads": 1})
     )
     names = [p.relative_to(CODE_ROOT).as_posix() for p in code_files()]
-    assert {"core.py", "sealing.py", "server.py"} <= set(names)
+    assert {"enclave_sim/core.py", "enclave_sim/server.py", "fides_core/verify.py"} <= set(names)
     assert names == sorted(names)
-    assert "bench.py" not in names  # host-side benchmark, never loaded by the enclave
+    assert not any(n.startswith(("gateway/", "fides/")) for n in names)  # host side
 
 
 def test_modified_code_file_changes_the_measurement(files: EnclaveFiles, tmp_path: Path) -> None:
     code = copy_enclave_code(tmp_path / "copy")
     assert measure(files.model_bytes, files.config, code) == files.measurement
-    with (code / "core.py").open("a") as f:
+    with (code / "enclave_sim" / "core.py").open("a") as f:
         f.write("\n# a backdoor would go here\n")
     changed = measure(files.model_bytes, files.config, code)
     assert changed.pcr1 != files.measurement.pcr1
@@ -81,7 +81,9 @@ def test_truncated_and_extended_files_are_refused(files: EnclaveFiles) -> None:
 
 def test_sealed_for_another_measurement(files: EnclaveFiles, tmp_path: Path) -> None:
     code = copy_enclave_code(tmp_path / "copy")
-    (code / "server.py").write_text((code / "server.py").read_text() + "\n# changed\n")
+    (code / "enclave_sim" / "server.py").write_text(
+        (code / "enclave_sim" / "server.py").read_text() + "\n# changed\n"
+    )
     other, _, _ = seal(files.model_bytes, files.config, files.platform_dir, code_root=code)
     with pytest.raises(SealedForOtherMeasurement, match="sealed for measurement"):
         unseal(other, files.platform_dir)
@@ -147,7 +149,9 @@ def test_boot_refuses_modified_enclave_code(files: EnclaveFiles, tmp_path: Path)
     model sealed for the original measurement."""
     root = tmp_path / "modified"
     code = copy_enclave_code(root)
-    (code / "core.py").write_text((code / "core.py").read_text() + "\n# modified\n")
+    (code / "enclave_sim" / "core.py").write_text(
+        (code / "enclave_sim" / "core.py").read_text() + "\n# modified\n"
+    )
     done = run_cli(
         "run",
         "--socket",

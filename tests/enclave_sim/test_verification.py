@@ -9,7 +9,10 @@ import cbor2
 import numpy as np
 import pytest
 
-from enclave_sim.attestation import (
+from enclave_sim.core import EnclaveCore
+from enclave_sim.pki import PlatformIdentity
+from enclave_sim.resources import ResourceSettings, estimate_footprint
+from fides_core.attestation import (
     AttestedEnclave,
     BindingError,
     MalformedEvidence,
@@ -23,13 +26,11 @@ from enclave_sim.attestation import (
     check_verification,
     verify_attestation,
 )
-from enclave_sim.config import VerifierConfig
-from enclave_sim.core import EnclaveCore, RejectedItem, VerifiedItem, VerifyRequest
-from enclave_sim.errors import BadRequest, BatchTooLarge, ModelTooLarge
-from enclave_sim.evidence import merkle_root_from_proof, merkle_tree
-from enclave_sim.pki import PlatformIdentity
-from enclave_sim.resources import ResourceSettings, estimate_footprint
-from enclave_sim.tensors import canonical_bytes, tensor_digest
+from fides_core.enclave_config import EnclaveModelConfig
+from fides_core.enclave_errors import BatchTooLarge, InvalidRequest, ModelTooLarge
+from fides_core.evidence import merkle_root_from_proof, merkle_tree
+from fides_core.tensors import canonical_bytes, tensor_digest
+from fides_core.verify import RejectedItem, VerifiedItem, VerifyRequest
 from tests.enclave_sim.helpers import EnclaveFiles
 from tests.model_factory import tiny_expected
 
@@ -252,7 +253,7 @@ def test_bad_requests_are_refused_each_alone(core: EnclaveCore) -> None:
     ]
     assert indices == [0, 1, 2]
     # what concerns the whole call still refuses it whole
-    with pytest.raises(BadRequest):
+    with pytest.raises(InvalidRequest):
         core.verify([])
     with pytest.raises(BatchTooLarge):
         core.verify([_request(0, rows=65)])
@@ -282,7 +283,7 @@ def test_paging_and_transition_costs(
 ) -> None:
     paged = EnclaveCore(
         module_files.model_bytes,
-        VerifierConfig(max_batch_size=64),
+        EnclaveModelConfig(max_batch_size=64),
         module_files.measurement,
         platform_identity,
         resources=ResourceSettings(

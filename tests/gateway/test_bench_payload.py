@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.bench.payload import run_payload_bench
+from fides.bench.payload import run_payload_bench
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.bench.serving import run_serving_bench
+from fides.bench.serving import run_serving_bench
 from tests.model_factory import TINY_CONFIG, tiny_classifier, write_config
 
 MODES = {"raw_ort", "raw_ort_batcher", "gateway_json", "gateway_binary"}

@@ -7,6 +7,7 @@ import numpy as np
 import orjson
 import pytest
 
+from fides_core.oip import DATATYPES
 from gateway.codec import (
     InferResponse,
     OutputTensor,
@@ -15,7 +16,6 @@ from gateway.codec import (
     parse_infer_request,
     serialize_bytes,
 )
-from gateway.datatypes import DATATYPES
 from gateway.errors import BadRequest, PayloadTooLarge
 
 LIMIT = 1_000_000

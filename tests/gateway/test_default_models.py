@@ -1,4 +1,4 @@
-"""The embedded default model repository (gateway.models.default), built once per module."""
+"""The embedded default model repository (fides.defaults.digits), built once per module."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from fides.defaults import digits as default
 from gateway.model_config import load_model_config
-from gateway.models import default
 from gateway.runtimes.base import TensorSpec
 from gateway.runtimes.torch_runtime import TorchRuntime
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from enclave_sim.attestation import Policy, check_verification, verify_attestation
-from enclave_sim.config import VerifierConfig
-from enclave_sim.errors import FrameTooLarge
+from fides_core.attestation import Policy, check_verification, verify_attestation
+from fides_core.enclave_config import EnclaveModelConfig
+from fides_core.enclave_errors import FrameTooLarge
 from gateway.enclave_client import (
     EnclaveClient,
     EnclaveError,
@@ -21,10 +21,10 @@ from gateway.enclave_client import (
     EnclaveState,
     EnclaveSupervisor,
     EnclaveUnavailable,
-    FakeEnclaveClient,
     SocketEnclaveClient,
     VerifyRequest,
 )
+from tests.enclave_double import FakeEnclaveClient
 from tests.enclave_sim.helpers import (
     REPO_ROOT,
     EnclaveFiles,
@@ -56,7 +56,7 @@ async def _attest(client: EnclaveClient, root: bytes, policy: Policy) -> object:
 @pytest.fixture
 def fake(tmp_path: Path) -> FakeEnclaveClient:
     tiny_classifier(tmp_path / "v.onnx")
-    return FakeEnclaveClient(tmp_path / "v.onnx", VerifierConfig(max_batch_size=16))
+    return FakeEnclaveClient(tmp_path / "v.onnx", EnclaveModelConfig(max_batch_size=16))
 
 
 async def test_fake_runs_the_model_and_really_signs(fake: FakeEnclaveClient) -> None:

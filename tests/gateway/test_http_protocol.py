@@ -18,7 +18,8 @@ PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 
 
 def _uvicorn_requirement() -> Requirement:
-    deps = tomllib.loads(PYPROJECT.read_text(encoding="utf-8"))["project"]["dependencies"]
+    project = tomllib.loads(PYPROJECT.read_text(encoding="utf-8"))["project"]
+    deps = project["optional-dependencies"]["server"]
     return next(Requirement(d) for d in deps if Requirement(d).name == "uvicorn")
 
 

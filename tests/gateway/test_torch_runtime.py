@@ -11,13 +11,14 @@ import torch
 from torch import nn
 from torch.export import Dim
 
+from fides.defaults.nets import CNNConfig, DigitsCNN
 from gateway.errors import BadRequest, ModelLoadError, Unavailable
 from gateway.model_config import ModelConfig
-from gateway.models.nets import CNNConfig, DigitsCNN, NamedProbabilities
 from gateway.runtimes import runtime_class
 from gateway.runtimes import torch_runtime as tr
 from gateway.runtimes.base import TensorSpec
 from gateway.runtimes.torch_runtime import TorchRuntime
+from verifier.nets import NamedProbabilities
 
 TINY = CNNConfig(channels=4, hidden=8)
 
@@ -223,7 +224,7 @@ def test_bf16_model_takes_and_returns_float32_arrays(tmp_path: Path) -> None:
     rt.load()
     assert rt.inputs == [TensorSpec("x", "BF16", (-1, 3))]
     assert rt.outputs == [TensorSpec("output0", "BF16", (-1, 3))]
-    # OIP BF16 travels as float32 in numpy (gateway.datatypes)
+    # OIP BF16 travels as float32 in numpy (fides_core.oip)
     out = rt.predict({"x": np.array([[1.0, 1.0, 1.0]], dtype=np.float32)})["output0"]
     assert out.dtype == np.float32
     np.testing.assert_allclose(out, [[1.0, 0.0, 0.5]])

@@ -9,11 +9,12 @@ import numpy as np
 import torch
 from torch.export import Dim
 
-from gateway.models.nets import CNNConfig, DigitsCNN, NamedProbabilities
+from fides.defaults.nets import CNNConfig, DigitsCNN
 from gateway.settings import Settings
 from tests.conftest import USER_KEY, serving
 from tests.gateway.test_torch_runtime import export
 from tests.model_factory import write_config
+from verifier.nets import NamedProbabilities
 
 
 async def test_torch_model_through_the_gateway(tmp_path: Path) -> None:

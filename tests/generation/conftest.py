@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import torch
 
+from fides.defaults.text import LMSpec
 from gateway.generation.runtime import CausalLM, load_causal_lm, load_tokenizer
-from gateway.models.text_default import LMSpec
 from tests.generation.factory import make_lm_repository, perturbed, save
 
 

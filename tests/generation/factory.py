@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import yaml
 
-from gateway.models.text_default import LMSpec, train_tokenizer
+from fides.defaults.text import LMSpec, train_tokenizer
 
 # a few kilobytes of varied text for the tokenizer
 CORPUS = [inspect.getsource(inspect), inspect.getsource(yaml)]

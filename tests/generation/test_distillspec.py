@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from gateway.models.text_default import LMSpec
+from fides.defaults.text import LMSpec
 from verifier import losses
 from verifier.distillspec import DIVERGENCES, DistillSpecConfig, distill
 from verifier.lm import acceptance

@@ -17,12 +17,12 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
+from fides.defaults.text import LMSpec
 from gateway.generation.engine import SpeculativeEngine
 from gateway.generation.params import SamplingParams
 from gateway.generation.runtime import CausalLM
 from gateway.generation.sampling import warp
 from gateway.generation.schedule import Lookahead
-from gateway.models.text_default import LMSpec
 
 VOCAB, LENGTH, SAMPLES, SIGNIFICANCE = 4, 3, 2000, 1e-3
 PROMPT = [1, 2]

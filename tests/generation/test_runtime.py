@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fides.defaults.text import LMSpec, train_tokenizer
 from gateway.errors import ModelLoadError
 from gateway.generation.metrics import GenerationMetrics
 from gateway.generation.service import GenerationService
 from gateway.generation.text import Detokenizer
 from gateway.model_config import ConfigError, load_model_config
-from gateway.models.text_default import LMSpec, train_tokenizer
 from tests.generation.factory import make_lm_repository, save, tokenizer
 
 

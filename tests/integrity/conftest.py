@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import yaml
 
-from enclave_sim.config import VerifierConfig
+from fides_core.enclave_config import EnclaveModelConfig
+from fides_core.integrity_config import EnclaveConfig
 from gateway.app import create_app
-from gateway.enclave_client import FakeEnclaveClient
-from gateway.model_config import EnclaveConfig
 from gateway.settings import Settings
 from tests.conftest import ADMIN_KEY, USER_KEY
+from tests.enclave_double import FakeEnclaveClient
 
 EXAMPLE = json.loads((Path(__file__).resolve().parents[2] / "examples" / "digit.json").read_text())
 
@@ -70,7 +70,7 @@ class Fakes:
 
         fake = FakeEnclaveClient(
             verifier_file(self.repo, cfg.verifier_model),
-            VerifierConfig(outputs=tuple(cfg.outputs), max_batch_size=cfg.max_batch_size),
+            EnclaveModelConfig(outputs=tuple(cfg.outputs), max_batch_size=cfg.max_batch_size),
         )
         self.by_model[model] = fake
         return fake, fake.measurement.pcr0.hex()

@@ -16,9 +16,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from enclave_sim.config import VerifierConfig
 from enclave_sim.pki import init_ca
 from enclave_sim.sealing import seal
+from fides_core.enclave_config import EnclaveModelConfig
 from gateway.integrity.enclave import verifier_file
 from gateway.settings import Settings
 from tests.conftest import ADMIN_KEY, USER_KEY, serving
@@ -70,7 +70,9 @@ async def test_attach_to_a_sidecar_enclave_and_reattest_after_its_restart(
     rt.mkdir()
     init_ca(platform)
     onnx = verifier_file(integrity_repo, "digits_verifier").read_bytes()
-    data, _, _ = seal(onnx, VerifierConfig(outputs=("probabilities",), max_batch_size=64), platform)
+    data, _, _ = seal(
+        onnx, EnclaveModelConfig(outputs=("probabilities",), max_batch_size=64), platform
+    )
     sealed = short_dir / "v.sealed"
     sealed.write_bytes(data)
     socket = rt / "digits.sock"

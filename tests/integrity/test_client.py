@@ -1,4 +1,4 @@
-"""The client SDK (``gateway.client``) against the REAL gateway process and its real enclave
+"""The client SDK (``fides_client``) against the REAL gateway process and its real enclave
 process: a client that does not trust the gateway checks the evidence and runs the detector
 itself. A lying gateway is simulated honestly: an httpx transport in front of the real one
 rewrites the real gateway's answers, as a provider that lies would.
@@ -27,7 +27,9 @@ import httpx
 import numpy as np
 import pytest
 
-from enclave_sim.attestation import (
+from enclave_sim.pki import ROOT_CERT, init_ca
+from fides_client import AsyncFidesClient, FidesClient, IntegrityModels
+from fides_core.attestation import (
     BindingError,
     ChainError,
     MeasurementMismatch,
@@ -35,10 +37,8 @@ from enclave_sim.attestation import (
     SignatureError,
     SimulatedEvidenceRejected,
 )
-from enclave_sim.pki import ROOT_CERT, init_ca
-from enclave_sim.tensors import encode_tensor
+from fides_core.tensors import encode_tensor
 from gateway.app import create_app
-from gateway.client import AsyncFidesClient, FidesClient, IntegrityModels
 from gateway.enclave_client import EnclaveUnavailable
 from gateway.settings import Settings
 from tests.conftest import ADMIN_KEY, USER_KEY

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from enclave_sim.attestation import check_verification, verify_attestation
+from fides_core.attestation import check_verification, verify_attestation
 from gateway.enclave_client import EnclaveUnavailable
 from tests.integrity.conftest import (
     ADMIN,

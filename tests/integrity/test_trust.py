@@ -232,7 +232,7 @@ def test_fides_enclave_measure_prints_what_the_gateway_pins(
     from typer.testing import CliRunner
 
     from enclave_sim.cli import enclave_app
-    from gateway.client import IntegrityModels
+    from fides_client import IntegrityModels
     from gateway.integrity.enclave import enclave_for_model
     from gateway.model_config import load_model_config
     from gateway.settings import Settings

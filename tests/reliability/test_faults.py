@@ -34,8 +34,8 @@ import httpx
 import pytest
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from fides.bench.load import Phase, build_load_repository, run_phases
 from gateway.app import create_app
-from gateway.bench.load import Phase, build_load_repository, run_phases
 from gateway.settings import Settings
 from tests.conftest import USER_KEY
 from tests.e2e.conftest import REPO_ROOT, _server_env, free_port, running_gateway

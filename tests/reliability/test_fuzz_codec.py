@@ -20,9 +20,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from fides_core.oip import DATATYPES
 from gateway.api.v2 import _decompress
 from gateway.codec import deserialize_bytes, parse_infer_request, serialize_bytes
-from gateway.datatypes import DATATYPES
 from gateway.errors import BadRequest, GatewayError, PayloadTooLarge
 from tests.reliability.conftest import fuzz_settings, record
 

@@ -26,14 +26,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from enclave_sim import protocol
-from enclave_sim.config import VerifierConfig
 from enclave_sim.core import EnclaveCore
-from enclave_sim.errors import FrameTooLarge, ProtocolError
-from enclave_sim.measurement import measure
 from enclave_sim.pki import create_identity
 from enclave_sim.server import EnclaveServer
-from enclave_sim.tensors import DATATYPES, encode_tensor
+from fides_core import enclave_wire as protocol
+from fides_core.enclave_config import EnclaveModelConfig
+from fides_core.enclave_errors import FrameTooLarge, ProtocolError
+from fides_core.measurement import measure
+from fides_core.tensors import DATATYPES, encode_tensor
 from tests.enclave_sim.helpers import connect, recv_frame, short_tmpdir
 from tests.model_factory import tiny_classifier
 from tests.reliability.conftest import fuzz_settings, record
@@ -151,7 +151,7 @@ def enclave_server() -> Iterator[InProcessEnclave]:
         model_path = d / "verifier.onnx"
         tiny_classifier(model_path)
         model = model_path.read_bytes()
-        config = VerifierConfig(max_batch_size=8)
+        config = EnclaveModelConfig(max_batch_size=8)
         _, identity = create_identity()
         core = EnclaveCore(model, config, measure(model, config), identity)
         server = EnclaveServer(core, d / "e.sock", max_frame_bytes=MAX_FRAME, body_timeout_s=2)

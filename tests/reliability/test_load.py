@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from gateway.bench.load import (
+from fides.bench.load import (
     LoadRun,
     Phase,
     build_load_repository,

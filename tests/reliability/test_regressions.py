@@ -12,8 +12,8 @@ import pytest
 from fastapi import FastAPI
 from prometheus_client import generate_latest
 
-from enclave_sim.errors import BadRequest as EnclaveBadRequest
-from enclave_sim.tensors import decode_tensor
+from fides_core.enclave_errors import InvalidRequest as EnclaveBadRequest
+from fides_core.tensors import decode_tensor
 from gateway.codec import parse_infer_request
 from gateway.errors import BadRequest, PayloadTooLarge
 from tests.conftest import ADMIN_KEY, USER_KEY

@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 from typer.testing import CliRunner
 
-from gateway.cli import app
+from fides.cli import app
 from tests.verifier.test_pipeline import tiny_experiment
 
 

@@ -67,7 +67,7 @@ def test_splits_are_seeded(tmp_path: Path) -> None:
 
 
 def test_digits_split_is_the_default_builds() -> None:
-    from gateway.models.default import load_split
+    from fides.defaults.digits import load_split
 
     splits = load_splits("digits", seed=0)
     old = load_split(seed=0)

@@ -21,17 +21,17 @@ from typing import Any
 
 import torch
 
-from gateway.bench.serving import _machine
-from gateway.generation.engine import SpeculativeEngine
-from gateway.generation.params import SamplingParams
-from gateway.generation.runtime import CausalLM, load_causal_lm, load_tokenizer
-from gateway.generation.schedule import Lookahead
-from gateway.models.text_default import (
+from fides.bench.serving import _machine
+from fides.defaults.text import (
     TextRecipe,
     encode_corpus,
     stdlib_sources,
     train_pair,
 )
+from gateway.generation.engine import SpeculativeEngine
+from gateway.generation.params import SamplingParams
+from gateway.generation.runtime import CausalLM, load_causal_lm, load_tokenizer
+from gateway.generation.schedule import Lookahead
 from verifier.distillspec import DistillSpecConfig, evaluate_divergences
 from verifier.lm import acceptance, windows
 

@@ -46,11 +46,12 @@ import onnxruntime as ort
 import orjson
 from onnx import TensorProto, helper, numpy_helper
 
-from enclave_sim.attestation import Policy, verify_attestation
-from enclave_sim.config import VerifierConfig
-from enclave_sim.core import EnclaveCore, VerifyRequest
+from enclave_sim.core import EnclaveCore
 from enclave_sim.pki import ROOT_CERT, init_ca, load_identity
 from enclave_sim.sealing import seal
+from fides_core.attestation import Policy, verify_attestation
+from fides_core.enclave_config import EnclaveModelConfig
+from fides_core.verify import VerifyRequest
 
 Log = Callable[..., None]
 BATCH_SIZES = (1, 32)
@@ -235,7 +236,7 @@ def _bench_model(
     warmup: int,
     log: Log,
 ) -> dict[int, dict[str, dict[str, float]]]:
-    config = VerifierConfig(max_batch_size=max(batch_sizes), intra_op_threads=1)
+    config = EnclaveModelConfig(max_batch_size=max(batch_sizes), intra_op_threads=1)
     model_bytes = model_path.read_bytes()
     platform_dir = work / "platform"
     init_ca(platform_dir, force=True)

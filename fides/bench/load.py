@@ -482,7 +482,7 @@ def _with_server(
     kind: str,
     extra: Callable[[LoadRun, float], dict[str, Any]],
 ) -> dict[str, Any]:
-    from gateway.bench.serving import _Server
+    from fides.bench.serving import _Server
 
     with tempfile.TemporaryDirectory(prefix="fides-load-") as d:
         repo = build_load_repository(Path(d) / "repo")

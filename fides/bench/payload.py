@@ -22,7 +22,7 @@ import onnx
 import orjson
 from onnx import TensorProto, helper
 
-from gateway.bench.serving import _machine, _running_server
+from fides.bench.serving import _machine, _running_server
 
 SIZES = (1_024, 65_536, 1_048_576, 4_194_304)
 MODEL = "identity_fp32"

@@ -53,6 +53,7 @@ import httpx
 import numpy as np
 import orjson
 
+from fides_core.layout import versions_on_disk
 from gateway.batcher import BatchPolicy
 from gateway.runtimes.base import Runtime
 
@@ -107,18 +108,13 @@ def _load_model(repository: Path, name: str) -> _Model:
     cfg = load_model_config(model_dir / "config.yaml", expected_name=name)
     if cfg.platform != "onnx":
         raise ValueError(f"model '{name}' is platform {cfg.platform!r}; the bench needs onnx")
-    on_disk = [
-        int(p.name)
-        for p in model_dir.iterdir()
-        if p.is_dir() and p.name.isascii() and p.name.isdigit() and int(p.name) > 0
-    ]
-    versions = cfg.version_policy.select(on_disk)
+    versions = cfg.version_policy.select(versions_on_disk(model_dir))
     if not versions:
         raise ValueError(f"model '{name}' has no version directories in {model_dir}")
     version = max(versions)  # what the gateway serves when no version is named
     rt = OnnxRuntime(name, version, model_dir / str(version), cfg)
     rt.load()
-    from gateway.datatypes import DATATYPES
+    from fides_core.oip import DATATYPES
 
     batched = cfg.max_batch_size > 0
     inputs = []
@@ -723,7 +719,7 @@ def _http_request(server: _Server, model: str, extra: bytes, body: bytes) -> byt
 
 
 def _decode_response(resp: httpx.Response) -> dict[str, np.ndarray]:
-    from gateway.datatypes import DATATYPES
+    from fides_core.oip import DATATYPES
 
     hlen = resp.headers.get("inference-header-content-length")
     raw = resp.content

@@ -27,7 +27,7 @@ it was attacked; we check what we hold: the replacement must pass our detector a
 signed verifier output (our verdict is then "verified") and say the class the gateway claims.
 
 Evidence that does not check out raises the specific :class:`AttestationError` subclass from
-``enclave_sim.attestation`` (never swallowed). A result signed by a key we have not attested
+``fides_core.attestation`` (never swallowed). A result signed by a key we have not attested
 (the enclave restarted since our handshake) triggers one new handshake; if the result still
 does not verify, :class:`SignatureError` is raised.
 """
@@ -48,9 +48,10 @@ from typing import Any, Self
 
 import httpx
 import numpy as np
-import onnxruntime as ort
+import yaml
+from pydantic import ValidationError
 
-from enclave_sim.attestation import (
+from fides_core.attestation import (
     AttestedEnclave,
     CheckedResult,
     MalformedEvidence,
@@ -61,8 +62,20 @@ from enclave_sim.attestation import (
     load_root,
     verify_attestation,
 )
-from enclave_sim.tensors import DATATYPES, Array, datatype_of
-from gateway.integrity.verdict import Verdict, decide
+from fides_core.config import format_validation_error
+from fides_core.integrity import (
+    DETECTOR_OUTPUT,
+    NOVELTY_OUTPUT,
+    P_INPUT,
+    Q_INPUT,
+    RECLASSIFIER_OUTPUT,
+    VERDICTS,
+    Verdict,
+    decide,
+)
+from fides_core.integrity_config import IntegrityConfig
+from fides_core.layout import latest_version
+from fides_core.tensors import DATATYPES, Array, datatype_of
 
 __all__ = [
     "AsyncFidesClient",
@@ -74,12 +87,8 @@ __all__ = [
     "Verdict",
 ]
 
-VERDICTS: tuple[Verdict, ...] = ("verified", "attack", "unverified")
 NONCE_BYTES = 32
 # the detector's and re-classifier's ONNX interface (verifier/ exports them so)
-P_INPUT, Q_INPUT = "service_probs", "verifier_probs"
-DETECTOR_OUTPUT, RECLASSIFIER_OUTPUT = "attack_probability", "probabilities"
-NOVELTY_OUTPUT = "novelty_score"
 
 
 class FidesClientError(Exception):
@@ -98,13 +107,6 @@ class FidesHTTPError(FidesClientError):
 # -- the local models -------------------------------------------------------------------------
 
 
-def _latest_version(root: Path) -> Path:
-    versions = [int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit()]
-    if not versions:
-        raise FileNotFoundError(f"{root} has no version directory")
-    return root / str(max(versions))
-
-
 @dataclass(frozen=True)
 class IntegrityModels:
     """What the provider publishes for one model so that clients can check it themselves.
@@ -115,7 +117,7 @@ class IntegrityModels:
     probabilities; ``verifier_output``: the signed verifier output. ``measurement``: the
     expected enclave measurement (hex), when known; the client pins what it is given.
     ``novelty``: the out-of-distribution check, when the model has one (an answer whose input
-    it calls novel is "unverified", as the gateway says; see gateway.integrity.verdict).
+    it calls novel is "unverified", as the gateway says; see fides_core.integrity).
     """
 
     detector: Path
@@ -131,31 +133,43 @@ class IntegrityModels:
         """Read a model repository (e.g. the provider's published copy): the ``integrity:``
         block of ``<model>/config.yaml`` names the detector and re-classifier; the expected
         measurement is pinned there or computed from the verifier (``fides enclave measure``)."""
-        from enclave_sim.config import from_enclave_block
-        from enclave_sim.measurement import measure
-        from gateway.model_config import load_model_config
+        from fides_core.enclave_config import from_enclave_block
+        from fides_core.measurement import measure
 
         repo = Path(repository)
-        cfg = load_model_config(repo / model / "config.yaml", model)
-        if cfg.integrity is None:
-            raise ValueError(f"model '{model}' in {repo} has no integrity block")
-        block = cfg.integrity
+        block = read_integrity_block(repo / model / "config.yaml")
         measurement = block.enclave.measurement
         if measurement is None:
-            verifier = _latest_version(repo / block.enclave.verifier_model) / "model.onnx"
+            verifier = latest_version(repo / block.enclave.verifier_model) / "model.onnx"
             vcfg = from_enclave_block(block.enclave.model_dump())
             measurement = measure(verifier.read_bytes(), vcfg).pcr0.hex()
         return cls(
-            detector=_latest_version(repo / block.detector) / "model.onnx",
-            reclassifier=_latest_version(repo / block.reclassifier) / "model.onnx",
+            detector=latest_version(repo / block.detector) / "model.onnx",
+            reclassifier=latest_version(repo / block.reclassifier) / "model.onnx",
             threshold=block.threshold,
             output=block.output,
             verifier_output=block.enclave.outputs[0],
             measurement=measurement,
             novelty=None
             if block.novelty is None
-            else _latest_version(repo / block.novelty) / "model.onnx",
+            else latest_version(repo / block.novelty) / "model.onnx",
         )
+
+
+def read_integrity_block(path: Path) -> IntegrityConfig:
+    """The ``integrity:`` block of a served model's ``config.yaml`` (validated as the gateway
+    validates it; the rest of the file is the gateway's business)."""
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from None
+    block = raw.get("integrity") if isinstance(raw, dict) else None
+    if block is None:
+        raise ValueError(f"{path} has no integrity block")
+    try:
+        return IntegrityConfig.model_validate(block)
+    except ValidationError as exc:
+        raise ValueError(format_validation_error(exc, path, "integrity")) from None
 
 
 def _card(model: Path) -> dict[str, Any]:
@@ -167,42 +181,61 @@ def _card(model: Path) -> dict[str, Any]:
     return card
 
 
-class _LocalDetector:
-    """The detector and re-classifier, run here with onnxruntime."""
+class _Session:
+    """One ONNX model run on this machine: onnxruntime when it is installed, else onnx's own
+    reference evaluator (numpy; slower, but the SDK then needs neither onnxruntime nor torch)."""
 
-    def __init__(self, models: IntegrityModels) -> None:
+    def __init__(self, path: Path) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            from onnx.reference import ReferenceEvaluator
+
+            self._reference: Any = ReferenceEvaluator(str(path))
+            self._ort: Any = None
+            self.input_names = list(self._reference.input_names)
+            return
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
-        providers = ["CPUExecutionProvider"]
-        self.detector = ort.InferenceSession(str(models.detector), options, providers=providers)
-        self.reclassifier = ort.InferenceSession(
-            str(models.reclassifier), options, providers=providers
-        )
+        self._ort = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self._ort.get_inputs()]
+
+    def run(self, output: str, feed: Mapping[str, Array]) -> Array:
+        if self._ort is not None:
+            return np.asarray(self._ort.run([output], dict(feed))[0])
+        return np.asarray(self._reference.run([output], dict(feed))[0])
+
+
+class _LocalDetector:
+    """The detector, the re-classifier and the novelty check, run here (see :class:`_Session`)."""
+
+    def __init__(self, models: IntegrityModels) -> None:
+        self.detector = _Session(models.detector)
+        self.reclassifier = _Session(models.reclassifier)
         if models.threshold is not None:
             self.threshold = float(models.threshold)
         else:
             self.threshold = float(_card(models.detector)["threshold"])
-        self.novelty: ort.InferenceSession | None = None
+        self.novelty: _Session | None = None
         self.novelty_threshold: float | None = None
         if models.novelty is not None:
-            self.novelty = ort.InferenceSession(str(models.novelty), options, providers=providers)
+            self.novelty = _Session(models.novelty)
             self.novelty_threshold = float(_card(models.novelty)["threshold"])
 
     def novelty_scores(self, inputs: Mapping[str, Array]) -> Array | None:
         """The inputs' novelty ``[n]`` (None without a novelty check)."""
         if self.novelty is None:
             return None
-        feed = {i.name: np.asarray(inputs[i.name]) for i in self.novelty.get_inputs()}
-        (out,) = self.novelty.run([NOVELTY_OUTPUT], feed)
-        return np.asarray(out, dtype=np.float64).reshape(-1)
+        feed = {name: np.asarray(inputs[name]) for name in self.novelty.input_names}
+        return self.novelty.run(NOVELTY_OUTPUT, feed).astype(np.float64).reshape(-1)
 
     def scores(self, p: Array, q: Array) -> Array:
-        (out,) = self.detector.run([DETECTOR_OUTPUT], {P_INPUT: p, Q_INPUT: q})
-        return np.asarray(out, dtype=np.float64).reshape(len(p))  # [n]
+        out = self.detector.run(DETECTOR_OUTPUT, {P_INPUT: p, Q_INPUT: q})
+        return out.astype(np.float64).reshape(len(p))  # [n]
 
     def reclassify(self, p: Array, q: Array) -> Array:
-        (out,) = self.reclassifier.run([RECLASSIFIER_OUTPUT], {P_INPUT: p, Q_INPUT: q})
-        return np.asarray(out, dtype=np.float32)  # [n, C]
+        out = self.reclassifier.run(RECLASSIFIER_OUTPUT, {P_INPUT: p, Q_INPUT: q})
+        return out.astype(np.float32)  # [n, C]
 
 
 # -- the result -------------------------------------------------------------------------------

@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -49,16 +48,16 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 from torch.export import Dim
 
-from gateway.models.nets import (
+from fides.defaults.nets import (
     NUM_CLASSES,
     DigitsHeavy,
     HeavyConfig,
-    NamedProbabilities,
-    count_parameters,
 )
 from verifier.defaults import digits_default
 from verifier.evaluate import evaluate_experiment
-from verifier.export import export_onnx
+from verifier.export import export_onnx, ort_session
+from verifier.export import measure_latency as single_latency_ms
+from verifier.nets import NamedProbabilities, count_parameters
 from verifier.pipeline import run_experiment
 
 Progress = Callable[[str], None]
@@ -144,14 +143,6 @@ def export_torch(net: nn.Module, path: Path, sample: torch.Tensor) -> None:
     torch.export.save(program, path)
 
 
-def ort_session(path: Path) -> ort.InferenceSession:
-    """One intra-op thread, as the served configs use (and as the latency is quoted)."""
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-
-
 def eager_probabilities(net: nn.Module, x: torch.Tensor) -> np.ndarray:
     with torch.inference_mode():
         probs: np.ndarray = net(x).softmax(dim=-1).numpy()  # [n, 10]
@@ -167,23 +158,12 @@ def check_close(name: str, got: np.ndarray, want: np.ndarray) -> float:
 
 def measure_latency(session: ort.InferenceSession, x: np.ndarray) -> dict[str, float]:
     """Median single-sample latency and per-sample latency at batch MAX_BATCH_SIZE, in ms."""
-    one = x[:1]  # [1, 1, 8, 8]
     batch = x[:MAX_BATCH_SIZE]  # [64, 1, 8, 8]
-    for _ in range(20):
-        session.run(None, {INPUT_NAME: one})
-    singles = []
-    for _ in range(200):
-        t = time.perf_counter()
-        session.run(None, {INPUT_NAME: one})
-        singles.append(time.perf_counter() - t)
-    batched = []
-    for _ in range(20):
-        t = time.perf_counter()
-        session.run(None, {INPUT_NAME: batch})
-        batched.append(time.perf_counter() - t)
     return {
-        "batch1_ms": round(statistics.median(singles) * 1e3, 4),
-        f"batch{len(batch)}_ms_per_sample": round(statistics.median(batched) * 1e3 / len(batch), 4),
+        "batch1_ms": single_latency_ms(session, x[:1], repeats=200, warmup=20),
+        f"batch{len(batch)}_ms_per_sample": round(
+            single_latency_ms(session, batch, repeats=20, warmup=0) / len(batch), 4
+        ),
     }
 
 
@@ -224,7 +204,7 @@ def build_default(
 
     Model directories already in ``output`` with the same names are replaced; others are left
     alone. Takes roughly 30-70 s on two CPU cores (the verifier pipeline, then digits_heavy);
-    ``text=True`` adds the ``code`` LM pair (:mod:`gateway.models.text_default`, minutes).
+    ``text=True`` adds the ``code`` LM pair (:mod:`fides.defaults.text`, minutes).
     Raises ``RuntimeError`` when an exported model disagrees with the trained one.
     """
     say: Progress = progress or (lambda _msg: None)
@@ -236,7 +216,7 @@ def build_default(
     try:
         report = _build(staging, seed, say)
         if text:
-            from gateway.models.text_default import build_text_default
+            from fides.defaults.text import build_text_default
 
             report["models"]["code"] = build_text_default(staging, seed=seed, say=say)
         for name in report["models"]:

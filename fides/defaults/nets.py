@@ -28,7 +28,7 @@ class CNNConfig:
 
 class DigitsCNN(nn.Module):
     """A small classifier (~40k parameters); the runtime tests use it. The served ``digits``
-    is now the distilled student of :mod:`verifier.pipeline` (see gateway.models.default)."""
+    is now the distilled student of :mod:`verifier.pipeline` (see fides.defaults.digits)."""
 
     def __init__(self, cfg: CNNConfig) -> None:
         super().__init__()
@@ -88,36 +88,3 @@ class DigitsHeavy(nn.Module):
         x = F.max_pool2d(F.relu(self.conv2(x)), 2)  # [batch, 2c, 4, 4]
         out: torch.Tensor = self.mlp(x.flatten(1))  # [batch, 10] logits
         return out
-
-
-class Probabilities(nn.Module):
-    """``net`` followed by a softmax, for ONNX export (output named at export time)."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    # The argument is called `input` because torch.export names the graph input after it.
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        logits: torch.Tensor = self.net(input)  # [batch, 10]
-        return logits.softmax(dim=-1)  # [batch, 10]
-
-
-class NamedProbabilities(nn.Module):
-    """``net`` followed by a softmax, returned as ``{"probabilities": ...}``.
-
-    torch.export keeps the dict keys in the program's output spec, which is where the torch
-    runtime reads output names from; a bare tensor would be served as ``output0``.
-    """
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, input: torch.Tensor) -> dict[str, torch.Tensor]:
-        logits: torch.Tensor = self.net(input)  # [batch, 10]
-        return {"probabilities": logits.softmax(dim=-1)}  # [batch, 10]
-
-
-def count_parameters(net: nn.Module) -> int:
-    return sum(p.numel() for p in net.parameters())

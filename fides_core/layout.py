@@ -1,0 +1,37 @@
+"""The model repository's layout, read the same way everywhere: ``<root>/<model>/config.yaml``
+and ``<root>/<model>/<version>/<file>``, a version being a positive integer written in ASCII
+digits (``1``, ``2``, ...; ``0``, ``01x`` or ``²`` are not versions)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["is_version", "latest_version", "latest_version_file", "versions_on_disk"]
+
+
+def is_version(name: str) -> bool:
+    """A version directory's name: ASCII digits, value >= 1 (``str.isdigit`` alone takes ``²``)."""
+    return name.isascii() and name.isdigit() and int(name) > 0
+
+
+def versions_on_disk(entry: Path) -> list[int]:
+    """The versions present in model directory ``entry``, ascending (none if it is missing)."""
+    if not entry.is_dir():
+        return []
+    return sorted(int(p.name) for p in entry.iterdir() if p.is_dir() and is_version(p.name))
+
+
+def latest_version(entry: Path) -> Path:
+    """``entry/<highest version>``; FileNotFoundError when there is none."""
+    versions = versions_on_disk(entry)
+    if not versions:
+        raise FileNotFoundError(f"{entry} has no version directory (1, 2, ...)")
+    return entry / str(versions[-1])
+
+
+def latest_version_file(entry: Path, filename: str = "model.onnx") -> Path:
+    """``entry/<highest version>/filename``; FileNotFoundError naming what is missing."""
+    path = latest_version(entry) / filename
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing")
+    return path
