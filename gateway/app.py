@@ -91,7 +91,7 @@ def create_app(
     )
     dataplane = DataPlane(repository, settings, metrics)
     integrity = IntegrityService(repository, settings, metrics.integrity, enclave_factory)
-    dataplane.integrity = integrity
+    repository.wrap = integrity.wrap  # a model with an integrity block is served verified
     generation = GenerationService(settings.model_repository, metrics.generation)
 
     @asynccontextmanager

@@ -13,11 +13,11 @@ import numpy as np
 
 from gateway import __version__
 from gateway.codec import InferRequest, InferResponse, OutputTensor
-from gateway.errors import BadRequest, GatewayError, Unavailable
-from gateway.integrity.service import IntegrityService
+from gateway.errors import BadRequest, GatewayError
 from gateway.metrics import GatewayMetrics
-from gateway.repository import ModelRepository, ModelVersion
+from gateway.repository import ModelRepository
 from gateway.runtimes import Tensors, TensorSpec
+from gateway.servables import InferContext, Servable
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,6 @@ class DataPlane:
         self.repository = repository
         self.settings = settings
         self.metrics = metrics
-        self.integrity: IntegrityService | None = None  # set by the app when it starts
 
     # -- health and metadata --------------------------------------------------------------------
 
@@ -41,44 +40,33 @@ class DataPlane:
         """Ready when every model serves; else what does not (a name, or a name and why)."""
         ok, missing = self.repository.ready()
         for name in self.repository.loaded_names():
-            if (error := self.integrity_setup_error(name)) is not None:
-                missing.append(f"{name} ({error})")
+            if (why := self.not_ready(name)) is not None:
+                missing.append(f"{name} ({why})")
         return not missing, missing
 
-    def integrity_setup_error(self, name: str) -> str | None:
-        """Why ``name`` cannot answer at all: its policy is fail_closed and its integrity
-        block could not be set up, or its enclave is down or not attested (it refuses every
-        request). None otherwise; under fail_open it serves, marked unverified. A restarting
-        enclave is transient and not counted."""
-        pipe = None if self.integrity is None else self.integrity.get(name)
-        return None if pipe is None else pipe.readiness_error()
+    def not_ready(self, name: str, version: str | None = None) -> str | None:
+        """Why model ``name`` cannot answer now (e.g. its integrity cannot run under
+        fail_closed), or None when it can (an unknown model raises NotFound)."""
+        return self.repository.get(name, version).not_ready()
 
     def server_metadata(self) -> dict[str, Any]:
         return {"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS}
 
     def model_metadata(self, name: str, version: str | None) -> dict[str, Any]:
-        mv = self.repository.get(name, version)
+        servable = self.repository.get(name, version)
         served = self.repository.served(name)
-        rt = mv.runtime
         meta: dict[str, Any] = {
             "name": name,
             "versions": [str(v) for v in sorted(served.versions)],
-            "platform": rt.platform,
-            "inputs": [t.as_dict() for t in rt.inputs],
-            "outputs": [t.as_dict() for t in rt.outputs],
+            "platform": servable.platform,
+            "inputs": [t.as_dict() for t in servable.inputs],
+            "outputs": [t.as_dict() for t in servable.outputs],
         }
         params: dict[str, Any] = {"max_batch_size": served.config.max_batch_size}
         if served.config.labels:
             params["labels"] = served.config.labels
         meta["parameters"] = params
         return meta
-
-    def model_ready(self, name: str, version: str | None) -> bool:
-        try:
-            mv = self.repository.get(name, version)
-        except Unavailable:
-            return False
-        return not mv.batcher.closed and self.integrity_setup_error(name) is None
 
     # -- inference ------------------------------------------------------------------------------
 
@@ -87,11 +75,11 @@ class DataPlane:
         the HTTP layer sheds load before reading and parsing a body it would throw away
         (under 4x overload, refusals after the parse were 10x slower). The queue may still
         fill before the request reaches it; then :meth:`infer` refuses it."""
-        mv = self.repository.get(name, version)
+        servable = self.repository.get(name, version)
         try:
-            mv.batcher.check_queue()
+            servable.check_queue()
         except GatewayError as exc:
-            self._count_failure(name, str(mv.version), exc)
+            self._count_failure(name, str(servable.version), exc)
             raise
 
     def _count_failure(self, name: str, version: str, exc: GatewayError) -> None:
@@ -99,15 +87,15 @@ class DataPlane:
         self.metrics.failures.labels(name, version, exc.reason).inc()
 
     async def infer(self, name: str, version: str | None, request: InferRequest) -> InferResponse:
-        mv = self.repository.get(name, version)
-        if mv.batcher.closed:  # raced with a hot reload: take the new version
-            mv = self.repository.get(name, version)
-        version_label = str(mv.version)
+        servable = self.repository.get(name, version)
+        if servable.closed:  # raced with a hot reload: take the new version
+            servable = self.repository.get(name, version)
+        version_label = str(servable.version)
         series = self.metrics.model_series(name, version_label)
         t0 = time.perf_counter()
         series.inflight.inc()
         try:
-            outputs, params = await self._infer(mv, request)
+            outputs, params = await self._infer(servable, request)
         except GatewayError as exc:
             self._count_failure(name, version_label, exc)
             raise
@@ -115,32 +103,25 @@ class DataPlane:
             series.inflight.dec()
         series.success.inc()
         series.duration.observe(time.perf_counter() - t0)
-        return InferResponse(name, str(mv.version), outputs, id=request.id, parameters=params)
+        return InferResponse(name, version_label, outputs, id=request.id, parameters=params)
 
     async def _infer(
-        self, mv: ModelVersion, request: InferRequest
+        self, servable: Servable, request: InferRequest
     ) -> tuple[list[OutputTensor], dict[str, Any]]:
-        rt = mv.runtime
-        cfg = mv.batcher.runtime.config
+        cfg = servable.config
         tensors = self._check_inputs(
-            rt.name, rt.inputs, cfg.max_batch_size, cfg.allow_non_finite, request
+            servable.name, servable.inputs, cfg.max_batch_size, cfg.allow_non_finite, request
         )
-        wanted = self._check_outputs(rt.name, rt.outputs, request)
-        deadline = time.monotonic() + self._timeout_s(cfg.dynamic_batching, request)
-        pipeline = self.integrity.get(rt.name) if self.integrity is not None else None
-        if pipeline is None and cfg.integrity is not None:
-            # loaded, its integrity not set up yet: never answer as if it had no block
-            raise Unavailable(f"model '{rt.name}': its integrity is being set up")
-        params: dict[str, Any] = {}
-        if pipeline is None:
-            results = await mv.batcher.submit(tensors, deadline)
-        else:
-            outcome = await pipeline.run(
-                mv, tensors, request_id=request.id, parameters=request.parameters, deadline=deadline
-            )
-            results, params = outcome.results, outcome.parameters
-        specs = {o.name: o for o in rt.outputs}
-        return [OutputTensor(n, results[n], _bf16(specs.get(n))) for n in wanted], params
+        wanted = self._check_outputs(servable.name, servable.outputs, request)
+        ctx = InferContext(
+            deadline=time.monotonic() + self._timeout_s(cfg.dynamic_batching, request),
+            request_id=request.id,
+            parameters=request.parameters,
+        )
+        done = await servable.infer(tensors, ctx)
+        specs = {o.name: o for o in servable.outputs}
+        outputs = [OutputTensor(n, done.outputs[n], _bf16(specs.get(n))) for n in wanted]
+        return outputs, done.parameters
 
     def _timeout_s(self, db: Any, request: InferRequest) -> float:
         # OIP parameter `timeout`, in microseconds as Triton and tritonclient use it

@@ -12,7 +12,7 @@ import asyncio
 import gc
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,32 +28,25 @@ from gateway.model_config import (
     read_verifier_names,
 )
 from gateway.runtimes import Runtime, runtime_class
+from gateway.servables import ModelSlot, Servable, TensorServable
 
 log = logging.getLogger(__name__)
 
 ObserverFactory = Callable[[str, int], BatchObserver]
-
-
-@dataclass
-class ModelVersion:
-    """One loaded version: its runtime and its batcher."""
-
-    runtime: Runtime
-    batcher: DynamicBatcher
-
-    @property
-    def version(self) -> int:
-        return self.runtime.version
+# (model, its new config, its freshly loaded versions) -> the servables to serve; raises
+# ModelLoadError to refuse the load (the old versions keep serving). The integrity service's
+# wrap: a model with an integrity block is served verified.
+Wrapper = Callable[[str, ModelConfig, list[TensorServable]], Awaitable[list[Servable]]]
 
 
 @dataclass
 class ServedModel:
     name: str
     config: ModelConfig
-    versions: dict[int, ModelVersion] = field(default_factory=dict)
+    versions: dict[int, Servable] = field(default_factory=dict)
 
     @property
-    def latest(self) -> ModelVersion:
+    def latest(self) -> Servable:
         return self.versions[max(self.versions)]
 
 
@@ -124,10 +117,10 @@ class ModelRepository:
         self._models: dict[str, ServedModel] = {}
         self._states: dict[str, ModelState] = {}
         self._wanted: set[str] = set()  # models that should be serving (for readiness)
+        self._slots: dict[str, ModelSlot] = {}
         self._lock = asyncio.Lock()
-        # run on a model's new config before any of it loads; a check raises ModelLoadError
-        # to refuse the load (the old versions keep serving)
-        self.load_checks: list[Callable[[str, ModelConfig], None]] = []
+        # set by the app once the integrity service exists (it needs this repository's slots)
+        self.wrap: Wrapper | None = None
 
     # -- queries --------------------------------------------------------------------------------
 
@@ -178,7 +171,16 @@ class ModelRepository:
                 )
         return rows
 
-    def get(self, name: str, version: str | None = None) -> ModelVersion:
+    def slot(self, name: str) -> ModelSlot:
+        """The stable handle on ``name`` (whether it serves now or not)."""
+        slot = self._slots.get(name)
+        if slot is None:
+            slot = self._slots[name] = ModelSlot(validate_model_name(name))
+            served = self._models.get(name)
+            slot.served = served
+        return slot
+
+    def get(self, name: str, version: str | None = None) -> Servable:
         validate_model_name(name)
         served = self._models.get(name)
         if served is None:
@@ -246,10 +248,12 @@ class ModelRepository:
                     self._states[name] = ModelState("READY", f"last load failed: {exc.message}")
                 else:
                     self._states[name] = ModelState("UNAVAILABLE", exc.message)
+                    self.slot(name).reason = exc.message
                 self._on_load(name, False)
                 raise
             old = self._models.get(name)
             self._models[name] = served
+            self.slot(name).served = served
             self._states[name] = ModelState("READY")
             self._on_load(name, True)
             for v in served.versions:
@@ -269,6 +273,8 @@ class ModelRepository:
         async with self._lock:
             self._wanted.discard(name)
             served = self._models.pop(name, None)
+            slot = self.slot(name)
+            slot.served, slot.reason = None, "unloaded"
             self._states[name] = ModelState("UNAVAILABLE", "unloaded")
             if served is None:
                 raise NotFound(f"model '{name}' is not loaded")
@@ -280,14 +286,19 @@ class ModelRepository:
         async with self._lock:
             models = list(self._models.values())
             self._models.clear()
+            for slot in self._slots.values():
+                slot.served, slot.reason = None, "the gateway is shutting down"
         for served in models:
             await self._retire(served)
 
     async def _retire(self, served: ServedModel) -> None:
         """Drain the batchers (in-flight requests finish), then free the runtimes."""
-        for mv in served.versions.values():
-            await mv.batcher.close(self._drain_timeout_s)
-            await asyncio.to_thread(mv.runtime.unload)
+        await self._stop([s.tensors for s in served.versions.values()])
+
+    async def _stop(self, versions: list[TensorServable]) -> None:
+        for v in versions:
+            await v.batcher.close(self._drain_timeout_s)
+            await asyncio.to_thread(v.runtime.unload)
 
     async def _build(self, name: str, path: Path) -> ServedModel:
         t0 = time.perf_counter()
@@ -296,8 +307,6 @@ class ModelRepository:
             versions = cfg.version_policy.select(versions_on_disk(path))
         except ConfigError as exc:
             raise ModelLoadError(f"model '{name}': {exc}") from exc
-        for check in self.load_checks:
-            check(name, cfg)
         if not versions and not cfg.model_filename:
             versions = [1]  # a remote model (upstream) has no artefact: no version folder needed
         if not versions:
@@ -328,14 +337,22 @@ class ModelRepository:
             if not exc.message.startswith(f"model '{name}'"):
                 exc.message = f"model '{name}': {exc.message}"
             raise
-        served = ServedModel(name, cfg)
         policy = batch_policy(cfg)
+        built = []
         for rt in loaded:
             batcher = DynamicBatcher(rt, policy, self._observer_factory(name, rt.version))
             batcher.start()
-            served.versions[rt.version] = ModelVersion(rt, batcher)
+            built.append(TensorServable(rt, batcher))
+        servables: list[Servable] = list(built)
+        if self.wrap is not None:
+            try:
+                servables = await self.wrap(name, cfg, built)
+            except ModelLoadError:
+                await self._stop(built)
+                raise
+        served = ServedModel(name, cfg, {s.version: s for s in servables})
         log.info("built model %s versions %s in %.2fs", name, versions, time.perf_counter() - t0)
         return served
 
 
-__all__ = ["ModelRepository", "ModelVersion", "ServedModel"]
+__all__ = ["ModelRepository", "ServedModel"]

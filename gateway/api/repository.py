@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Response
 
 from gateway.api.deps import AdminAuth, RepositoryDep, UserAuth
 from gateway.api.responses import json_response
@@ -17,10 +17,8 @@ async def index(repo: RepositoryDep) -> list[dict[str, str]]:
 
 
 @router.post("/models/{name}/load", dependencies=[AdminAuth])
-async def load(name: str, repo: RepositoryDep, request: Request) -> Response:
-    await repo.load(name)
-    # a model loaded for the first time after start gets its integrity set up now
-    await request.app.state.integrity.setup(name)
+async def load(name: str, repo: RepositoryDep) -> Response:
+    await repo.load(name)  # a verified model's integrity is set up as it loads
     versions = sorted(repo.served(name).versions)
     return json_response({"name": name, "versions": [str(v) for v in versions], "loaded": True})
 

@@ -11,7 +11,7 @@ from gateway.api.deps import DataPlaneDep, UserAuth
 from gateway.api.responses import json_response
 from gateway.codec import HEADER_LENGTH, encode_infer_response, parse_infer_request
 from gateway.dataplane import DataPlane
-from gateway.errors import BadRequest, PayloadTooLarge
+from gateway.errors import BadRequest, PayloadTooLarge, Unavailable
 from gateway.settings import Settings
 
 health = APIRouter(prefix="/v2/health", tags=["health"])
@@ -92,22 +92,25 @@ async def model_version_metadata(name: str, version: str, dp: DataPlaneDep) -> d
     return dp.model_metadata(name, version)
 
 
-def _ready_response(name: str, ok: bool, dp: DataPlane) -> Response:
-    if ok:
+def _ready_response(name: str, version: str | None, dp: DataPlane) -> Response:
+    try:
+        why = dp.not_ready(name, version)
+    except Unavailable as exc:
+        why = exc.message.removeprefix(f"model '{name}' is not ready: ")
+    if why is None:
         return json_response({"name": name, "ready": True})
-    why = dp.integrity_setup_error(name)
-    error = f"model '{name}' is not ready" + (f": {why}" if why else "")
+    error = f"model '{name}' is not ready: {why}"
     return json_response({"name": name, "ready": False, "error": error}, status_code=503)
 
 
 @router.get("/models/{name}/ready")
 async def model_ready(name: str, dp: DataPlaneDep) -> Response:
-    return _ready_response(name, dp.model_ready(name, None), dp)
+    return _ready_response(name, None, dp)
 
 
 @router.get("/models/{name}/versions/{version}/ready")
 async def model_version_ready(name: str, version: str, dp: DataPlaneDep) -> Response:
-    return _ready_response(name, dp.model_ready(name, version), dp)
+    return _ready_response(name, version, dp)
 
 
 # The inference routes take the data plane and settings from app.state rather than through

@@ -24,7 +24,6 @@ import secrets
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,13 +57,13 @@ from gateway.integrity.enclave import EnclaveBatcher, verifier_file
 from gateway.integrity.metrics import IntegrityMetrics
 from gateway.integrity.substitution import SubstitutionMonitor
 from gateway.model_config import read_platform
-from gateway.repository import ModelRepository, ModelVersion
-from gateway.runtimes import Tensors
+from gateway.repository import ModelRepository
+from gateway.runtimes import Tensors, TensorSpec
+from gateway.servables import InferContext, Inferred, ModelSlot, TensorServable
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "IntegrityOutcome",
     "IntegrityPipeline",
     "UnavailableIntegrity",
     "VerificationFailed",
@@ -79,12 +78,6 @@ class VerificationFailed(Unavailable):
     """fail_closed: the answer could not be verified, so it is not given (503)."""
 
     reason = "unverified"
-
-
-@dataclass
-class IntegrityOutcome:
-    results: dict[str, np.ndarray]  # the outputs the client gets
-    parameters: dict[str, Any]  # integrity_* response parameters
 
 
 def read_card(repository: Path, name: str, keys: Sequence[str]) -> dict[str, Any]:
@@ -107,12 +100,14 @@ def read_detector_card(repository: Path, name: str) -> dict[str, Any]:
     return read_card(repository, name, ("threshold", "calibration_scores", "calibration_kl"))
 
 
-def read_novelty_threshold(repository: ModelRepository, model: str, name: str) -> float:
+def read_novelty_threshold(
+    repository: ModelRepository, model: str, name: str, service_inputs: Sequence[TensorSpec]
+) -> float:
     """The novelty check's threshold (its model card), after checking that it takes inputs
     the model's requests carry."""
     card = read_card(repository.root, name, ("threshold",))
-    served = {t.name for t in repository.get(model, None).runtime.inputs}
-    wanted = {t.name for t in repository.get(name, None).runtime.inputs}
+    served = {t.name for t in service_inputs}
+    wanted = {t.name for t in repository.slot(name).latest().runtime.inputs}
     if not wanted <= served:
         raise ValueError(
             f"novelty check '{name}' takes inputs {sorted(wanted)}; '{model}' has {sorted(served)}"
@@ -147,6 +142,7 @@ class IntegrityPipeline:
         enclave: EnclaveClient,
         metrics: IntegrityMetrics,
         *,
+        service_inputs: Sequence[TensorSpec],
         measurement: str | None = None,
         verifier_inputs: Sequence[InputSpec] | None = None,
         seed: int | None = None,
@@ -169,7 +165,14 @@ class IntegrityPipeline:
         self.threshold = float(cfg.threshold if cfg.threshold is not None else card["threshold"])
         self.novelty_threshold: float | None = None
         if cfg.novelty is not None:
-            self.novelty_threshold = read_novelty_threshold(repository, model, cfg.novelty)
+            self.novelty_threshold = read_novelty_threshold(
+                repository, model, cfg.novelty, service_inputs
+            )
+        # the pair models and the novelty check, held by slot: no lookup per request
+        self.detector = repository.slot(cfg.detector)
+        self.reclassifier = repository.slot(cfg.reclassifier)
+        self.novelty = None if cfg.novelty is None else repository.slot(cfg.novelty)
+        self.substitute: ModelSlot | None = None  # the substitution drill's model
         reference = card[
             "calibration_kl" if cfg.substitution_score == "kl" else "calibration_scores"
         ]
@@ -229,6 +232,11 @@ class IntegrityPipeline:
                 raise BadRequest("a substitution drill needs a model other than the served one")
             if drill.substitute != self.cfg.enclave.verifier_model:  # the verifier: see run()
                 self._check_substitute(drill.substitute)
+        self.substitute = (
+            self.repository.slot(drill.substitute)
+            if drill is not None and drill.substitute is not None
+            else None
+        )
         old = self.drill
         if old is not None:
             self.metrics.drill_active.labels(self.model, old.config.attack).set(0)
@@ -255,8 +263,8 @@ class IntegrityPipeline:
                 f"model '{name}' is a text model (platform causal_lm); a substitution drill "
                 f"serves a classifier in place of '{self.model}'"
             )
-        mv = self.repository.get(name, None)  # 404 / 503 when it cannot serve
-        outputs = [o.name for o in mv.runtime.outputs]
+        substitute = self.repository.get(name, None)  # 404 / 503 when it cannot serve
+        outputs = [o.name for o in substitute.outputs]
         if self.cfg.output not in outputs:
             raise BadRequest(
                 f"model '{name}' has no output '{self.cfg.output}' (it has {outputs}): it "
@@ -304,20 +312,12 @@ class IntegrityPipeline:
 
     # -- one request ------------------------------------------------------------------------
 
-    async def run(
-        self,
-        mv: ModelVersion,
-        tensors: Tensors,
-        *,
-        request_id: str | None,
-        parameters: dict[str, Any],
-        deadline: float,
-    ) -> IntegrityOutcome:
-        nonce = parse_nonce(parameters.get(NONCE_PARAMETER)) or secrets.token_bytes(16)
-        rid = request_id or uuid.uuid4().hex
+    async def run(self, service: TensorServable, tensors: Tensors, ctx: InferContext) -> Inferred:
+        deadline = ctx.deadline
+        nonce = parse_nonce(ctx.parameters.get(NONCE_PARAMETER)) or secrets.token_bytes(16)
+        rid = ctx.request_id or uuid.uuid4().hex
         rows = self._check_verifiable(VerifyRequest(rid, nonce, tensors))
         drill = self.drill
-        service = mv
         copy_verifier = False  # this answer will be the enclave verifier's own
         if drill is not None and drill.config.attack == "substitution":
             assert drill.config.substitute is not None
@@ -326,13 +326,13 @@ class IntegrityPipeline:
                     # the cheapest substitute of all: a provider that runs the verifier. It is
                     # not served here, so the drill takes its answer from the enclave's.
                     copy_verifier = True
-                else:
-                    service = self.repository.get(drill.config.substitute, None)
+                elif self.substitute is not None:
+                    service = self.substitute.latest()
                     self._count_substituted(drill, rows)
         sampled = self.cfg.sampling_rate >= 1 or self.rng.random() < self.cfg.sampling_rate
         if not sampled:
-            results = self._tampered(await service.batcher.submit(tensors, deadline), drill)
-            return IntegrityOutcome(
+            results = self._tampered(await service.predict(tensors, deadline), drill)
+            return Inferred(
                 results,
                 self._unverified("not_sampled", f"sampling_rate is {self.cfg.sampling_rate:g}"),
             )
@@ -345,7 +345,7 @@ class IntegrityPipeline:
             )
         )
         try:
-            results = await service.batcher.submit(tensors, deadline)
+            results = await service.predict(tensors, deadline)
         except BaseException:
             verify.cancel()
             raise
@@ -386,9 +386,7 @@ class IntegrityPipeline:
             params["integrity_reason"] = novelty_reason(novelty, self.novelty_threshold)
             self.metrics.unverified.labels(self.model, OUT_OF_DISTRIBUTION).inc()
         if flagged.any():
-            rec = await self.repository.get(self.cfg.reclassifier, None).batcher.submit(
-                pair, deadline
-            )
+            rec = await self.reclassifier.latest().predict(pair, deadline)
             rec_p = np.asarray(rec[RECLASSIFIER_OUTPUT], dtype=np.float32)  # [n, C]
             classes = np.where(flagged, rec_p.argmax(1), -1)
             params["integrity_reclassified"] = (
@@ -420,20 +418,20 @@ class IntegrityPipeline:
                 m.substitution_statistic.labels(self.model).set(tested.statistic)
                 m.substitution_p_value.labels(self.model).set(tested.p_value)
                 m.substitution_suspected.labels(self.model).set(1 if tested.flagged else 0)
-        return IntegrityOutcome(results, params)
+        return Inferred(results, params)
 
     async def _judge(
         self, pair: Tensors, tensors: Tensors, deadline: float
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """The detector's scores ``[n]`` and, with a novelty check, the inputs' novelty ``[n]``
         (both repository models, batched like any other; run side by side)."""
-        detector = self.repository.get(self.cfg.detector, None).batcher.submit(pair, deadline)
-        if self.cfg.novelty is None:
+        detector = self.detector.latest().predict(pair, deadline)
+        if self.novelty is None:
             det = await detector
             return np.asarray(det[DETECTOR_OUTPUT], dtype=np.float64).reshape(-1), None
-        novelty_model = self.repository.get(self.cfg.novelty, None)
+        novelty_model = self.novelty.latest()
         feed = {t.name: tensors[t.name] for t in novelty_model.runtime.inputs}
-        det, nov = await asyncio.gather(detector, novelty_model.batcher.submit(feed, deadline))
+        det, nov = await asyncio.gather(detector, novelty_model.predict(feed, deadline))
         scores = np.asarray(det[DETECTOR_OUTPUT], dtype=np.float64).reshape(-1)
         return scores, np.asarray(nov[NOVELTY_OUTPUT], dtype=np.float64).reshape(-1)
 
@@ -488,7 +486,7 @@ class IntegrityPipeline:
 
     def _failed(
         self, results: dict[str, np.ndarray], reason: str, message: str
-    ) -> IntegrityOutcome:
+    ) -> Inferred:
         if self.cfg.failure_policy == "fail_closed":
             self._verdict["unverified"].inc()
             self.metrics.unverified.labels(self.model, reason).inc()
@@ -496,7 +494,7 @@ class IntegrityPipeline:
                 f"model '{self.model}': the answer could not be verified ({reason}: {message}); "
                 "failure_policy is fail_closed"
             )
-        return IntegrityOutcome(results, self._unverified(reason, message))
+        return Inferred(results, self._unverified(reason, message))
 
 
 def _probabilities(outputs: dict[str, np.ndarray], name: str, what: str) -> np.ndarray:
@@ -520,16 +518,8 @@ class UnavailableIntegrity:
         self.measurement: str | None = None
         metrics.enclave_up.labels(model).set(0)
 
-    async def run(
-        self,
-        mv: ModelVersion,
-        tensors: Tensors,
-        *,
-        request_id: str | None,
-        parameters: dict[str, Any],
-        deadline: float,
-    ) -> IntegrityOutcome:
-        parse_nonce(parameters.get(NONCE_PARAMETER))  # bad input is still a 400
+    async def run(self, service: TensorServable, tensors: Tensors, ctx: InferContext) -> Inferred:
+        parse_nonce(ctx.parameters.get(NONCE_PARAMETER))  # bad input is still a 400
         self.metrics.verdicts.labels(self.model, "unverified").inc()
         self.metrics.unverified.labels(self.model, "integrity_setup").inc()
         message = f"integrity could not be set up: {self.error}"
@@ -538,8 +528,8 @@ class UnavailableIntegrity:
                 f"model '{self.model}': the answer cannot be verified ({message}); "
                 "failure_policy is fail_closed"
             )
-        results = await mv.batcher.submit(tensors, deadline)
-        return IntegrityOutcome(
+        results = await service.predict(tensors, ctx.deadline)
+        return Inferred(
             results,
             {"integrity_verdict": "unverified", "integrity_reason": f"integrity_setup: {message}"},
         )

@@ -1,4 +1,14 @@
-"""All integrity pipelines of one gateway: built after the models load, closed at shutdown."""
+"""The integrity of every verified model: the wrapper the repository serves them through, and
+their pipelines, set up after the models load and closed at shutdown.
+
+A model whose ``config.yaml`` has an ``integrity:`` block is served as a
+:class:`~gateway.servables.VerifiedServable`: its versions' own servables inside, the model's
+:class:`ModelIntegrity` around them (one pipeline and one enclave per model, shared by its
+versions). At start the pipelines are set up once every model has loaded (the detector,
+re-classifier and novelty check are models of the same repository); a model first loaded later
+gets its pipeline when it loads. Until its pipeline exists a verified model answers 503, never
+unverified as if it had no block.
+"""
 
 from __future__ import annotations
 
@@ -7,22 +17,50 @@ import logging
 from collections.abc import Callable
 
 from fides_core.enclave_errors import EnclaveFailure as EnclaveSideError
-from fides_core.integrity_config import EnclaveConfig
+from fides_core.integrity_config import EnclaveConfig, IntegrityConfig
 from gateway.enclave_client import EnclaveClient, EnclaveSupervisor
-from gateway.errors import GatewayError, ModelLoadError, NotFound
+from gateway.errors import GatewayError, ModelLoadError, NotFound, Unavailable
 from gateway.integrity.enclave import enclave_for_model
 from gateway.integrity.metrics import IntegrityMetrics
 from gateway.integrity.pipeline import IntegrityPipeline, UnavailableIntegrity
 from gateway.model_config import ModelConfig
 from gateway.repository import ModelRepository
+from gateway.runtimes import Tensors
+from gateway.servables import (
+    InferContext,
+    Inferred,
+    Servable,
+    TensorServable,
+    VerifiedServable,
+)
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EnclaveFactory", "IntegrityService"]
+__all__ = ["EnclaveFactory", "IntegrityService", "ModelIntegrity"]
 
 # (model, its enclave config) -> (a client, the pinned measurement); tests pass an in-process one
 EnclaveFactory = Callable[[str, EnclaveConfig], tuple[EnclaveClient, str | None]]
+Pipeline = IntegrityPipeline | UnavailableIntegrity
+
+
+class ModelIntegrity:
+    """One verified model's integrity: what its servables run every request through."""
+
+    def __init__(self, model: str, cfg: IntegrityConfig) -> None:
+        self.model = model
+        self.cfg = cfg
+        self.pipeline: Pipeline | None = None  # None until set up
+
+    async def run(self, service: TensorServable, inputs: Tensors, ctx: InferContext) -> Inferred:
+        if self.pipeline is None:
+            raise Unavailable(f"model '{self.model}': its integrity is being set up")
+        return await self.pipeline.run(service, inputs, ctx)
+
+    def readiness_error(self) -> str | None:
+        if self.pipeline is None:
+            return "its integrity is being set up"
+        return self.pipeline.readiness_error()
 
 
 class IntegrityService:
@@ -39,52 +77,38 @@ class IntegrityService:
         self._factory = enclave_factory or (
             lambda model, cfg: enclave_for_model(model, cfg, repository.root, settings)
         )
-        self.pipelines: dict[str, IntegrityPipeline | UnavailableIntegrity] = {}
+        self.models: dict[str, ModelIntegrity] = {}
+        self._started = False
 
-    async def start(self) -> None:
-        """One pipeline (and enclave) per loaded model with an ``integrity:`` block. A model
-        whose enclave does not come up is still served; its failure policy then applies."""
-        await asyncio.gather(*(self.setup(name) for name in self.repository.loaded_names()))
-        self.repository.load_checks.append(self._check_load)
+    async def wrap(
+        self, name: str, cfg: ModelConfig, versions: list[TensorServable]
+    ) -> list[Servable]:
+        """The repository's hook on every load: a model with an integrity block is served
+        verified. A reload that adds, removes or changes the block of a model that already
+        serves is refused (ModelLoadError, a 400): integrity is set up once (enclave, sealed
+        verifier, attestation), and ignoring the change would be silent (a model that gains a
+        block answering unverified, a new threshold or policy not applied)."""
+        current = self.models.get(name)
+        self._refuse_a_changed_block(name, cfg.integrity, current)
+        if cfg.integrity is None:
+            return list(versions)
+        if current is None:
+            current = self.models[name] = ModelIntegrity(name, cfg.integrity)
+            if self._started:  # loaded after start: set up now, before it serves
+                await self._setup(current, versions[-1])
+        return [VerifiedServable(v, current) for v in versions]
 
-    async def setup(self, name: str) -> None:
-        """Set up the integrity of served model ``name`` if its config has a block and it has
-        no pipeline yet (at start, or when a model first loads later)."""
-        cfg = self.repository.served(name).config.integrity
-        if cfg is None or name in self.pipelines:
-            return
-        try:
-            enclave, measurement = self._factory(name, cfg.enclave)
-            self.pipelines[name] = IntegrityPipeline(
-                name, cfg, self.repository, enclave, self.metrics, measurement=measurement
-            )
-        except (GatewayError, EnclaveSideError, ValueError, OSError, KeyError) as exc:
-            # never serve the model as if it had no integrity block: its policy applies
-            log.error("integrity for %s cannot be set up: %s", name, exc)
-            self.pipelines[name] = UnavailableIntegrity(name, cfg, self.metrics, str(exc))
-            return
-        if isinstance(enclave, EnclaveSupervisor):
-            await self._start(name, enclave)
-
-    def _check_load(self, name: str, cfg: ModelConfig) -> None:
-        """Refuse a hot (re)load that adds, removes or changes an ``integrity:`` block.
-
-        Integrity is set up at start (the enclave spawned, the verifier sealed, attested);
-        a reload that changed the block would otherwise be ignored silently: a model that
-        gains one served unverified answers as if nothing were asked, one that loses it kept
-        being verified, a new threshold or policy not applied. A clear 400 instead, and the
-        versions that serve keep serving; a restart applies the change."""
-        pipe = self.pipelines.get(name)
-        if pipe is None and name not in self.repository.loaded_names():
-            return  # a first load: its integrity is set up once it has loaded (setup)
-        current = None if pipe is None else pipe.cfg
-        if cfg.integrity == current:
-            return
+    def _refuse_a_changed_block(
+        self, name: str, new: IntegrityConfig | None, current: ModelIntegrity | None
+    ) -> None:
+        old = None if current is None else current.cfg
+        if new == old or name not in self.repository.loaded_names():
+            return  # unchanged, or a first load (its integrity is set up as it loads)
         change = (
             "adds an integrity block"
-            if current is None
+            if old is None
             else "removes its integrity block"
-            if cfg.integrity is None
+            if new is None
             else "changes its integrity block"
         )
         raise ModelLoadError(
@@ -92,25 +116,63 @@ class IntegrityService:
             "starts (enclave, sealed verifier, attestation): restart the gateway to apply it"
         )
 
-    async def _start(self, name: str, enclave: EnclaveSupervisor) -> None:
+    async def start(self) -> None:
+        """Set up the pipeline (and enclave) of every verified model that loaded. A model whose
+        enclave does not come up is still served; its failure policy then applies."""
+        await asyncio.gather(
+            *(
+                self._setup(mi, self.repository.get(name, None).tensors)
+                for name, mi in self.models.items()
+                if mi.pipeline is None and name in self.repository.loaded_names()
+            )
+        )
+        self._started = True
+
+    async def _setup(self, mi: ModelIntegrity, service: TensorServable) -> None:
         try:
-            await enclave.start()
-            log.info("enclave for %s is up and attested", name, extra={"model": name})
-        except GatewayError as exc:
-            log.error("enclave for %s did not start: %s", name, exc, extra={"model": name})
+            enclave, measurement = self._factory(mi.model, mi.cfg.enclave)
+            mi.pipeline = IntegrityPipeline(
+                mi.model,
+                mi.cfg,
+                self.repository,
+                enclave,
+                self.metrics,
+                service_inputs=service.inputs,
+                measurement=measurement,
+            )
+        except (GatewayError, EnclaveSideError, ValueError, OSError, KeyError) as exc:
+            # never serve the model as if it had no integrity block: its policy applies
+            log.error("integrity for %s cannot be set up: %s", mi.model, exc)
+            mi.pipeline = UnavailableIntegrity(mi.model, mi.cfg, self.metrics, str(exc))
+            return
+        if isinstance(enclave, EnclaveSupervisor):
+            try:
+                await enclave.start()
+                log.info("enclave for %s is up and attested", mi.model, extra={"model": mi.model})
+            except GatewayError as exc:
+                log.error(
+                    "enclave for %s did not start: %s", mi.model, exc, extra={"model": mi.model}
+                )
 
-    def get(self, name: str) -> IntegrityPipeline | UnavailableIntegrity | None:
-        return self.pipelines.get(name)
+    def get(self, name: str) -> Pipeline | None:
+        mi = self.models.get(name)
+        return None if mi is None else mi.pipeline
 
-    def require(self, name: str) -> IntegrityPipeline | UnavailableIntegrity:
-        pipe = self.pipelines.get(name)
-        if pipe is None:
+    def require(self, name: str) -> Pipeline:
+        """The model's pipeline, for the integrity routes (404 / 503 otherwise)."""
+        mi = self.models.get(name)
+        if mi is None:
             self.repository.get(name, None)  # 404 for an unknown model
             raise NotFound(f"model '{name}' has no integrity verification configured")
-        return pipe
+        if mi.pipeline is None:
+            raise Unavailable(f"model '{name}': its integrity is being set up")
+        return mi.pipeline
 
     async def close(self) -> None:
-        for name, pipe in self.pipelines.items():
+        for name, mi in self.models.items():
+            pipe, mi.pipeline = mi.pipeline, None
+            if pipe is None:
+                continue
             await pipe.close()
             if isinstance(pipe, UnavailableIntegrity):
                 continue
@@ -120,4 +182,3 @@ class IntegrityService:
             else:
                 await enclave.close()
             log.info("integrity for %s stopped", name)
-        self.pipelines.clear()

@@ -1,0 +1,167 @@
+"""What the model repository serves: one interface for every loaded model version.
+
+- :class:`TensorServable`: a runtime (onnx, torch, upstream) behind its dynamic batcher.
+- :class:`VerifiedServable`: a model with an ``integrity:`` block: the same interface around the
+  service's :class:`TensorServable`, whose :meth:`~Servable.infer` runs the integrity pipeline
+  (the way MLServer's adaptive batching wraps a model's ``predict``), so that the data plane
+  never branches on integrity.
+- :class:`ModelSlot`: a stable handle on whatever versions of a model serve now; what the
+  integrity pipeline holds for its detector, re-classifier and novelty check, so a request
+  reaches them without looking them up and a hot reload of one of them is picked up.
+
+Text models (``platform: causal_lm``) are served at ``/v1`` by :mod:`gateway.generation`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from gateway.batcher import DynamicBatcher
+from gateway.errors import Unavailable
+from gateway.model_config import ModelConfig
+from gateway.runtimes import Runtime, Tensors, TensorSpec
+
+if TYPE_CHECKING:
+    from gateway.repository import ServedModel
+
+__all__ = [
+    "InferContext",
+    "Inferred",
+    "IntegrityRunner",
+    "ModelSlot",
+    "Servable",
+    "TensorServable",
+    "VerifiedServable",
+]
+
+
+@dataclass(frozen=True)
+class InferContext:
+    """What a request brings besides its tensors, whatever the protocol it came in by."""
+
+    deadline: float  # time.monotonic() by which it must be answered
+    request_id: str | None = None
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Inferred:
+    outputs: Tensors  # every output the model produced, by name
+    parameters: dict[str, Any] = field(default_factory=dict)  # e.g. integrity_* parameters
+
+
+class Servable(ABC):
+    """One loaded version of a model."""
+
+    @property
+    @abstractmethod
+    def tensors(self) -> TensorServable:
+        """The runtime and batcher that compute this version's answers."""
+
+    @property
+    def name(self) -> str:
+        return self.tensors.runtime.name
+
+    @property
+    def version(self) -> int:
+        return self.tensors.runtime.version
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.tensors.runtime.config
+
+    @property
+    def platform(self) -> str:
+        return self.tensors.runtime.platform
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        return self.tensors.runtime.inputs
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        return self.tensors.runtime.outputs
+
+    @property
+    def closed(self) -> bool:
+        return self.tensors.batcher.closed
+
+    def check_queue(self) -> None:
+        """QueueFull now if a request submitted now would be refused for a full queue."""
+        self.tensors.batcher.check_queue()
+
+    def not_ready(self) -> str | None:
+        """Why this version cannot answer (for readiness), or None when it can."""
+        return "it is being unloaded" if self.closed else None
+
+    @abstractmethod
+    async def infer(self, inputs: Tensors, ctx: InferContext) -> Inferred:
+        """Answer one request whose inputs were already checked against :attr:`inputs`."""
+
+
+@dataclass(eq=False)
+class TensorServable(Servable):
+    """A runtime behind its dynamic batcher."""
+
+    runtime: Runtime
+    batcher: DynamicBatcher
+
+    @property
+    def tensors(self) -> TensorServable:
+        return self
+
+    async def predict(self, inputs: Tensors, deadline: float) -> Tensors:
+        """The batched call itself (what wrappers and the integrity pipeline use)."""
+        return await self.batcher.submit(inputs, deadline)
+
+    async def infer(self, inputs: Tensors, ctx: InferContext) -> Inferred:
+        return Inferred(await self.batcher.submit(inputs, ctx.deadline))
+
+
+class IntegrityRunner(Protocol):
+    """What :class:`VerifiedServable` needs from its model's integrity (gateway.integrity)."""
+
+    async def run(self, service: TensorServable, inputs: Tensors, ctx: InferContext) -> Inferred:
+        """Serve ``inputs`` with ``service`` and verify the answer (or meet the policy)."""
+        ...
+
+    def readiness_error(self) -> str | None: ...
+
+
+class VerifiedServable(Servable):
+    """A model version whose answers are verified: the service's own servable inside, the
+    model's integrity runner around it (shared by its versions: one enclave per model)."""
+
+    def __init__(self, service: TensorServable, integrity: IntegrityRunner) -> None:
+        self.service = service
+        self.integrity = integrity
+
+    @property
+    def tensors(self) -> TensorServable:
+        return self.service
+
+    def not_ready(self) -> str | None:
+        return super().not_ready() or self.integrity.readiness_error()
+
+    async def infer(self, inputs: Tensors, ctx: InferContext) -> Inferred:
+        return await self.integrity.run(self.service, inputs, ctx)
+
+
+class ModelSlot:
+    """A stable handle on a model name: the versions serving now (swapped by the repository on
+    every load and unload), without a lookup per request."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.served: ServedModel | None = None
+        self.reason = "not loaded"  # why nothing serves, while nothing does
+
+    def latest(self) -> TensorServable:
+        """The latest version's runtime and batcher; 503 while the model does not serve."""
+        served = self.served
+        if served is None:
+            raise Unavailable(f"model '{self.name}' is not ready: {self.reason}")
+        return served.latest.tensors
