@@ -92,7 +92,7 @@ def create_app(
     dataplane = DataPlane(repository, settings, metrics)
     integrity = IntegrityService(repository, settings, metrics.integrity, enclave_factory)
     repository.wrap = integrity.wrap  # a model with an integrity block is served verified
-    generation = GenerationService(settings.model_repository, metrics.generation)
+    generation = GenerationService(repository, metrics.generation)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -100,7 +100,6 @@ def create_app(
             log.warning("running WITHOUT API keys (FIDES_DEV_MODE): development only")
         await repository.load_all()
         await integrity.start()
-        await generation.load_all()
         # Loaded models (torch especially) leave millions of long-lived objects: without
         # freezing them every full collection walks them all (150 ms pauses measured).
         gc.collect()
@@ -114,7 +113,6 @@ def create_app(
         log.info("shutting down: draining in-flight requests")
         await repository.close()
         await integrity.close()
-        await generation.close()
 
     app = FastAPI(
         title="Fides Gateway",

@@ -17,7 +17,7 @@ from gateway.errors import BadRequest, GatewayError
 from gateway.metrics import GatewayMetrics
 from gateway.repository import ModelRepository
 from gateway.runtimes import Tensors, TensorSpec
-from gateway.servables import InferContext, Servable
+from gateway.servables import InferContext, InferenceServable
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ class DataPlane:
     def not_ready(self, name: str, version: str | None = None) -> str | None:
         """Why model ``name`` cannot answer now (e.g. its integrity cannot run under
         fail_closed), or None when it can (an unknown model raises NotFound)."""
-        return self.repository.get(name, version).not_ready()
+        return self.repository.servable(name, version).not_ready()
 
     def server_metadata(self) -> dict[str, Any]:
         return {"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS}
@@ -106,7 +106,7 @@ class DataPlane:
         return InferResponse(name, version_label, outputs, id=request.id, parameters=params)
 
     async def _infer(
-        self, servable: Servable, request: InferRequest
+        self, servable: InferenceServable, request: InferRequest
     ) -> tuple[list[OutputTensor], dict[str, Any]]:
         cfg = servable.config
         tensors = self._check_inputs(

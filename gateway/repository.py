@@ -19,16 +19,22 @@ from pathlib import Path
 from fides_core.layout import is_version, versions_on_disk
 from gateway.batcher import BatchObserver, BatchPolicy, DynamicBatcher
 from gateway.errors import BadRequest, GatewayError, ModelLoadError, NotFound, Unavailable
+from gateway.generation.service import TextModel, load_text_model
 from gateway.model_config import (
     MODEL_NAME_RE,
     ConfigError,
     ModelConfig,
     load_model_config,
-    read_platform,
     read_verifier_names,
 )
 from gateway.runtimes import Runtime, runtime_class
-from gateway.servables import ModelSlot, Servable, TensorServable
+from gateway.servables import (
+    InferenceServable,
+    ModelSlot,
+    Servable,
+    TensorServable,
+    TextServable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -130,9 +136,8 @@ class ModelRepository:
         return self.root / validate_model_name(name)
 
     def discover(self) -> list[str]:
-        """Model directories on disk (those holding a config.yaml) that are served here:
-        causal LMs are served by :mod:`gateway.generation` at /v1, and enclave verifiers
-        (:meth:`private_verifiers`) not at all."""
+        """Model directories on disk (those holding a config.yaml) that are served: every one
+        but the enclave verifiers (:meth:`private_verifiers`)."""
         if not self.root.is_dir():
             return []
         private = self.private_verifiers()
@@ -143,7 +148,6 @@ class ModelRepository:
             and (p / "config.yaml").is_file()
             and MODEL_NAME_RE.fullmatch(p.name)
             and p.name not in private
-            and read_platform(p / "config.yaml") != "causal_lm"
         )
 
     def private_verifiers(self) -> dict[str, str]:
@@ -180,7 +184,33 @@ class ModelRepository:
             slot.served = served
         return slot
 
-    def get(self, name: str, version: str | None = None) -> Servable:
+    def get(self, name: str, version: str | None = None) -> InferenceServable:
+        """A tensor model's version for /v2 (the latest when ``version`` is None): 404 for an
+        unknown model or version, 503 while it does not serve."""
+        servable = self.servable(name, version)
+        if not isinstance(servable, InferenceServable):
+            raise NotFound(
+                f"model '{name}' is a text model (platform {servable.platform}): it is served "
+                "at /v1 (OpenAI-compatible), not over the Open Inference Protocol"
+            )
+        return servable
+
+    def text_model(self, name: str) -> TextModel:
+        """A text model for /v1 (NotFound for an unknown or tensor model, Unavailable while it
+        does not serve)."""
+        servable = self.servable(name, None)
+        if not isinstance(servable, TextServable):
+            raise NotFound(f"model '{name}' is not a text model")
+        return servable.model
+
+    def text_models(self) -> list[TextModel]:
+        return [
+            s.model
+            for name in sorted(self._models)
+            if isinstance(s := self._models[name].latest, TextServable)
+        ]
+
+    def servable(self, name: str, version: str | None = None) -> Servable:
         validate_model_name(name)
         served = self._models.get(name)
         if served is None:
@@ -292,13 +322,12 @@ class ModelRepository:
             await self._retire(served)
 
     async def _retire(self, served: ServedModel) -> None:
-        """Drain the batchers (in-flight requests finish), then free the runtimes."""
-        await self._stop([s.tensors for s in served.versions.values()])
+        """Drain (in-flight requests finish), then free what each version holds."""
+        await self._stop(list(served.versions.values()))
 
-    async def _stop(self, versions: list[TensorServable]) -> None:
+    async def _stop(self, versions: list[Servable]) -> None:
         for v in versions:
-            await v.batcher.close(self._drain_timeout_s)
-            await asyncio.to_thread(v.runtime.unload)
+            await v.close(self._drain_timeout_s)
 
     async def _build(self, name: str, path: Path) -> ServedModel:
         t0 = time.perf_counter()
@@ -307,6 +336,8 @@ class ModelRepository:
             versions = cfg.version_policy.select(versions_on_disk(path))
         except ConfigError as exc:
             raise ModelLoadError(f"model '{name}': {exc}") from exc
+        if cfg.platform == "causal_lm":
+            return await self._build_text(name, path, cfg)
         if not versions and not cfg.model_filename:
             versions = [1]  # a remote model (upstream) has no artefact: no version folder needed
         if not versions:
@@ -348,11 +379,21 @@ class ModelRepository:
             try:
                 servables = await self.wrap(name, cfg, built)
             except ModelLoadError:
-                await self._stop(built)
+                await self._stop(list(built))
                 raise
         served = ServedModel(name, cfg, {s.version: s for s in servables})
         log.info("built model %s versions %s in %.2fs", name, versions, time.perf_counter() - t0)
         return served
+
+    async def _build_text(self, name: str, path: Path, cfg: ModelConfig) -> ServedModel:
+        """A causal LM: its latest selected version, loaded off the event loop."""
+        try:
+            model = await asyncio.to_thread(load_text_model, name, path, cfg)
+        except ModelLoadError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a broken model directory must not crash us
+            raise ModelLoadError(f"model '{name}': {type(exc).__name__}: {exc}") from exc
+        return ServedModel(name, cfg, {model.version: TextServable(model, cfg)})
 
 
 __all__ = ["ModelRepository", "ServedModel"]

@@ -9,11 +9,13 @@
   integrity pipeline holds for its detector, re-classifier and novelty check, so a request
   reaches them without looking them up and a hot reload of one of them is picked up.
 
-Text models (``platform: causal_lm``) are served at ``/v1`` by :mod:`gateway.generation`.
+- :class:`TextServable`: a causal LM (``platform: causal_lm``), served at ``/v1`` by
+  :mod:`gateway.generation`.
 """
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway.batcher import DynamicBatcher
 from gateway.errors import Unavailable
+from gateway.generation.service import TextModel
 from gateway.model_config import ModelConfig
 from gateway.runtimes import Runtime, Tensors, TensorSpec
 
@@ -30,10 +33,12 @@ if TYPE_CHECKING:
 __all__ = [
     "InferContext",
     "Inferred",
+    "InferenceServable",
     "IntegrityRunner",
     "ModelSlot",
     "Servable",
     "TensorServable",
+    "TextServable",
     "VerifiedServable",
 ]
 
@@ -54,7 +59,35 @@ class Inferred:
 
 
 class Servable(ABC):
-    """One loaded version of a model."""
+    """One loaded version of a model, whatever its kind."""
+
+    @property
+    @abstractmethod
+    def name(self) -> str: ...
+
+    @property
+    @abstractmethod
+    def version(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def config(self) -> ModelConfig: ...
+
+    @property
+    def platform(self) -> str:
+        return self.config.platform
+
+    @abstractmethod
+    def not_ready(self) -> str | None:
+        """Why this version cannot answer (for readiness), or None when it can."""
+
+    @abstractmethod
+    async def close(self, drain_timeout_s: float) -> None:
+        """Finish or cancel what is in flight, then free what it holds."""
+
+
+class InferenceServable(Servable):
+    """A tensor model, served over the Open Inference Protocol (``/v2``)."""
 
     @property
     @abstractmethod
@@ -94,8 +127,11 @@ class Servable(ABC):
         self.tensors.batcher.check_queue()
 
     def not_ready(self) -> str | None:
-        """Why this version cannot answer (for readiness), or None when it can."""
         return "it is being unloaded" if self.closed else None
+
+    async def close(self, drain_timeout_s: float) -> None:
+        await self.tensors.batcher.close(drain_timeout_s)
+        await asyncio.to_thread(self.tensors.runtime.unload)
 
     @abstractmethod
     async def infer(self, inputs: Tensors, ctx: InferContext) -> Inferred:
@@ -103,7 +139,7 @@ class Servable(ABC):
 
 
 @dataclass(eq=False)
-class TensorServable(Servable):
+class TensorServable(InferenceServable):
     """A runtime behind its dynamic batcher."""
 
     runtime: Runtime
@@ -131,7 +167,7 @@ class IntegrityRunner(Protocol):
     def readiness_error(self) -> str | None: ...
 
 
-class VerifiedServable(Servable):
+class VerifiedServable(InferenceServable):
     """A model version whose answers are verified: the service's own servable inside, the
     model's integrity runner around it (shared by its versions: one enclave per model)."""
 
@@ -150,6 +186,35 @@ class VerifiedServable(Servable):
         return await self.integrity.run(self.service, inputs, ctx)
 
 
+class TextServable(Servable):
+    """A causal LM, served at ``/v1`` (:mod:`gateway.generation`)."""
+
+    def __init__(self, model: TextModel, config: ModelConfig) -> None:
+        self.model = model
+        self._config = config
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+    @property
+    def version(self) -> int:
+        return self.model.version
+
+    @property
+    def config(self) -> ModelConfig:
+        return self._config
+
+    def not_ready(self) -> str | None:
+        return None
+
+    async def close(self, drain_timeout_s: float) -> None:
+        """Cancel running generations (they stop at their next round) and free the pool."""
+        for handle in list(self.model.active):
+            handle.cancel()
+        self.model.executor.shutdown(wait=False, cancel_futures=True)
+
+
 class ModelSlot:
     """A stable handle on a model name: the versions serving now (swapped by the repository on
     every load and unload), without a lookup per request."""
@@ -162,6 +227,7 @@ class ModelSlot:
     def latest(self) -> TensorServable:
         """The latest version's runtime and batcher; 503 while the model does not serve."""
         served = self.served
-        if served is None:
+        latest = None if served is None else served.latest
+        if not isinstance(latest, InferenceServable):
             raise Unavailable(f"model '{self.name}' is not ready: {self.reason}")
-        return served.latest.tensors
+        return latest.tensors

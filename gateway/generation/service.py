@@ -1,10 +1,11 @@
 """The text-generation data plane: causal-LM models of the repository, admission (bounded
 concurrency and queue), worker threads, streaming, cancellation and metrics.
 
-Models are the repository's directories whose ``config.yaml`` says ``platform: causal_lm``;
-their latest version directory holds the Hugging Face target (and, by default, the draft in
-a sub-directory named by ``generation.draft``). Routes (:mod:`gateway.api.openai`) translate
-HTTP to :meth:`GenerationService.submit` and back.
+Models are the repository's directories whose ``config.yaml`` says ``platform: causal_lm``,
+loaded by the model repository (:func:`load_text_model`, served as
+:class:`gateway.servables.TextServable`); their latest version directory holds the Hugging Face
+target (and, by default, the draft in a sub-directory named by ``generation.draft``). Routes
+(:mod:`gateway.api.openai`) translate HTTP to :meth:`GenerationService.submit` and back.
 """
 
 from __future__ import annotations
@@ -18,18 +19,24 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from fides_core.layout import versions_on_disk
-from gateway.errors import BadRequest, GatewayError, ModelLoadError, QueueFull
+from gateway.errors import BadRequest, GatewayError, ModelLoadError, QueueFull, Unavailable
 from gateway.generation.config import GenerationConfig
 from gateway.generation.metrics import GenerationMetrics
 from gateway.generation.text import Detokenizer, chat_prompt
-from gateway.model_config import MODEL_NAME_RE, ConfigError, load_model_config, read_platform
+from gateway.model_config import ModelConfig
 
 log = logging.getLogger(__name__)
 
-PLATFORM = "causal_lm"
+
+class TextModels(Protocol):
+    """Where the text models come from (the model repository)."""
+
+    def text_models(self) -> list[TextModel]: ...
+
+    def text_model(self, name: str) -> TextModel: ...
 
 
 class InvalidGeneration(BadRequest):
@@ -112,128 +119,27 @@ class GenerationHandle:
 
 
 class GenerationService:
-    def __init__(self, root: Path, metrics: GenerationMetrics) -> None:
-        self.root = root
+    """Admission, worker threads, streaming and metrics for the repository's text models."""
+
+    def __init__(self, repository: TextModels, metrics: GenerationMetrics) -> None:
+        self.repository = repository
         self.metrics = metrics
-        self._models: dict[str, TextModel] = {}
-        self._errors: dict[str, str] = {}
-
-    # -- models ---------------------------------------------------------------------------------
-
-    def discover(self) -> list[str]:
-        if not self.root.is_dir():
-            return []
-        return sorted(
-            p.name
-            for p in self.root.iterdir()
-            if MODEL_NAME_RE.fullmatch(p.name) and read_platform(p / "config.yaml") == PLATFORM
-        )
-
-    async def load_all(self) -> None:
-        for name in self.discover():
-            try:
-                self._models[name] = await asyncio.to_thread(self._load, name)
-            except GatewayError as exc:
-                self._errors[name] = exc.message
-                log.error("text model %s failed to load: %s", name, exc.message)
-
-    def _load(self, name: str) -> TextModel:
-        from gateway.generation.engine import SpeculativeEngine
-        from gateway.generation.runtime import (
-            check_same_vocabulary,
-            load_causal_lm,
-            load_tokenizer,
-        )
-        from gateway.generation.schedule import Lookahead
-
-        t0 = time.perf_counter()
-        path = self.root / name
-        try:
-            cfg = load_model_config(path / "config.yaml", expected_name=name)
-        except ConfigError as exc:
-            raise ModelLoadError(str(exc)) from exc
-        gen = cfg.generation or GenerationConfig()
-        versions = versions_on_disk(path)
-        if not versions:
-            raise ModelLoadError(f"model '{name}': no version directories (1, 2, ...) in {path}")
-        version = cfg.version_policy.select(versions)[-1]
-        vdir = path / str(version)
-        if gen.num_threads:
-            import torch
-
-            torch.set_num_threads(gen.num_threads)
-        try:
-            target = load_causal_lm(vdir / gen.target, gen.device, gen.dtype)
-            tokenizer = load_tokenizer(vdir / gen.target)
-            draft = None
-            if gen.draft is not None and gen.num_speculative_tokens > 0:
-                dpath = vdir / gen.draft
-                draft = load_causal_lm(dpath, gen.device, gen.dtype)
-                has_tok = any((dpath / f).is_file() for f in ("tokenizer.json", "vocab.json"))
-                check_same_vocabulary(
-                    target, draft, tokenizer, load_tokenizer(dpath) if has_tok else None
-                )
-        except ModelLoadError as exc:
-            raise ModelLoadError(f"model '{name}': {exc.message}") from exc
-        except Exception as exc:  # noqa: BLE001 - a broken model directory must not crash us
-            raise ModelLoadError(f"model '{name}': {type(exc).__name__}: {exc}") from exc
-        limit = target.max_positions or 2048
-        if gen.max_context is not None and gen.max_context > limit:
-            raise ModelLoadError(
-                f"model '{name}': max_context {gen.max_context} exceeds the target's "
-                f"max_position_embeddings {limit}"
-            )
-        max_context = gen.max_context or limit
-        eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-        gen_eos = getattr(target.model.generation_config, "eos_token_id", None)
-        eos |= set(gen_eos) if isinstance(gen_eos, list) else {gen_eos} if gen_eos else set()
-        engine = SpeculativeEngine(
-            target, draft, Lookahead.from_config(gen, draft is not None), max_context
-        )
-        log.info(
-            "text model %s v%d loaded in %.2fs (draft: %s, k=%d, schedule %s)",
-            name,
-            version,
-            time.perf_counter() - t0,
-            gen.draft if draft is not None else "none",
-            engine.lookahead.gamma,
-            gen.schedule,
-        )
-        return TextModel(
-            name=name,
-            version=version,
-            config=gen,
-            engine=engine,
-            tokenizer=tokenizer,
-            max_context=max_context,
-            eos_token_ids=frozenset(int(e) for e in eos),
-            created=int(time.time()),
-            executor=ThreadPoolExecutor(gen.max_concurrent_sequences, f"generate-{name}"),
-            slots=asyncio.Semaphore(gen.max_concurrent_sequences),
-        )
 
     def models(self) -> list[TextModel]:
-        return [self._models[n] for n in sorted(self._models)]
+        return self.repository.text_models()
 
     def get(self, name: str) -> TextModel:
-        model = self._models.get(name)
-        if model is None:
-            why = self._errors.get(name)
+        """The text model ``name``, or a 404 in OpenAI's terms naming what is available."""
+        try:
+            return self.repository.text_model(name)
+        except GatewayError as exc:
+            available = sorted(m.name for m in self.models())
             msg = (
-                f"model '{name}' failed to load: {why}"
-                if why
-                else f"the model '{name}' does not exist; available: {sorted(self._models)}"
+                f"model '{name}' failed to load: {exc.message}"
+                if isinstance(exc, Unavailable)
+                else f"the model '{name}' does not exist; available: {available}"
             )
-            raise InvalidGeneration(msg, param="model", code="model_not_found")
-        return model
-
-    async def close(self) -> None:
-        """Cancel running generations (they stop at their next round) and free the pools."""
-        for m in self._models.values():
-            for handle in list(m.active):
-                handle.cancel()
-            m.executor.shutdown(wait=False, cancel_futures=True)
-        self._models.clear()
+            raise InvalidGeneration(msg, param="model", code="model_not_found") from None
 
     # -- generation -----------------------------------------------------------------------------
 
@@ -381,3 +287,76 @@ class GenerationService:
                 m.accepted_tokens.labels(name).inc(rnd.accepted)
                 for pos in range(rnd.accepted):
                     m.per_position(name, pos).inc()
+
+
+def load_text_model(name: str, path: Path, cfg: ModelConfig) -> TextModel:
+    """Load a causal LM model directory (its latest selected version): target, tokenizer and
+    draft, the speculative engine and the admission limits (a thread; may be slow)."""
+    from gateway.generation.engine import SpeculativeEngine
+    from gateway.generation.runtime import (
+        check_same_vocabulary,
+        load_causal_lm,
+        load_tokenizer,
+    )
+    from gateway.generation.schedule import Lookahead
+
+    t0 = time.perf_counter()
+    gen = cfg.generation or GenerationConfig()
+    versions = versions_on_disk(path)
+    if not versions:
+        raise ModelLoadError(f"model '{name}': no version directories (1, 2, ...) in {path}")
+    version = cfg.version_policy.select(versions)[-1]
+    vdir = path / str(version)
+    if gen.num_threads:
+        import torch
+
+        torch.set_num_threads(gen.num_threads)
+    try:
+        target = load_causal_lm(vdir / gen.target, gen.device, gen.dtype)
+        tokenizer = load_tokenizer(vdir / gen.target)
+        draft = None
+        if gen.draft is not None and gen.num_speculative_tokens > 0:
+            dpath = vdir / gen.draft
+            draft = load_causal_lm(dpath, gen.device, gen.dtype)
+            has_tok = any((dpath / f).is_file() for f in ("tokenizer.json", "vocab.json"))
+            check_same_vocabulary(
+                target, draft, tokenizer, load_tokenizer(dpath) if has_tok else None
+            )
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"model '{name}': {exc.message}") from exc
+    except Exception as exc:  # noqa: BLE001 - a broken model directory must not crash us
+        raise ModelLoadError(f"model '{name}': {type(exc).__name__}: {exc}") from exc
+    limit = target.max_positions or 2048
+    if gen.max_context is not None and gen.max_context > limit:
+        raise ModelLoadError(
+            f"model '{name}': max_context {gen.max_context} exceeds the target's "
+            f"max_position_embeddings {limit}"
+        )
+    max_context = gen.max_context or limit
+    eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    gen_eos = getattr(target.model.generation_config, "eos_token_id", None)
+    eos |= set(gen_eos) if isinstance(gen_eos, list) else {gen_eos} if gen_eos else set()
+    engine = SpeculativeEngine(
+        target, draft, Lookahead.from_config(gen, draft is not None), max_context
+    )
+    log.info(
+        "text model %s v%d loaded in %.2fs (draft: %s, k=%d, schedule %s)",
+        name,
+        version,
+        time.perf_counter() - t0,
+        gen.draft if draft is not None else "none",
+        engine.lookahead.gamma,
+        gen.schedule,
+    )
+    return TextModel(
+        name=name,
+        version=version,
+        config=gen,
+        engine=engine,
+        tokenizer=tokenizer,
+        max_context=max_context,
+        eos_token_ids=frozenset(int(e) for e in eos),
+        created=int(time.time()),
+        executor=ThreadPoolExecutor(gen.max_concurrent_sequences, f"generate-{name}"),
+        slots=asyncio.Semaphore(gen.max_concurrent_sequences),
+    )

@@ -10,16 +10,16 @@ import yaml
 from fides.defaults.text import LMSpec, train_tokenizer
 from gateway.errors import ModelLoadError
 from gateway.generation.metrics import GenerationMetrics
-from gateway.generation.service import GenerationService
+from gateway.generation.service import GenerationService, load_text_model
 from gateway.generation.text import Detokenizer
 from gateway.model_config import ConfigError, load_model_config
+from gateway.repository import ModelRepository
 from tests.generation.factory import make_lm_repository, save, tokenizer
 
 
-def service(root: Path) -> GenerationService:
-    from prometheus_client import CollectorRegistry
-
-    return GenerationService(root, GenerationMetrics(CollectorRegistry()))
+def load(root: Path, name: str = "tiny") -> object:
+    path = root / name
+    return load_text_model(name, path, load_model_config(path / "config.yaml", name))
 
 
 def test_draft_with_another_vocabulary_size_is_refused(tmp_path: Path) -> None:
@@ -28,7 +28,7 @@ def test_draft_with_another_vocabulary_size_is_refused(tmp_path: Path) -> None:
     spec = LMSpec(layers=1, dim=32, heads=2, vocab_size=512, context=128)
     save(spec.build(seed=0), None, draft_dir)
     with pytest.raises(ModelLoadError, match="vocabulary of 512 tokens.*must share a tokenizer"):
-        service(root)._load("tiny")
+        load(root)
 
 
 def test_draft_with_another_tokenizer_of_the_same_size_is_refused(tmp_path: Path) -> None:
@@ -39,17 +39,22 @@ def test_draft_with_another_tokenizer_of_the_same_size_is_refused(tmp_path: Path
     )
     other.save_pretrained(draft_dir)
     with pytest.raises(ModelLoadError, match="different tokenizer"):
-        service(root)._load("tiny")
+        load(root)
 
 
 async def test_broken_model_is_reported_on_use_not_fatal(tmp_path: Path) -> None:
+    from prometheus_client import CollectorRegistry
+
     root = make_lm_repository(tmp_path / "repo")
     (root / "tiny" / "1" / "draft" / "config.json").write_text("{broken", encoding="utf-8")
-    svc = service(root)
-    await svc.load_all()
+    repository = ModelRepository(root)
+    await repository.load_all()  # logged, not fatal
+    svc = GenerationService(repository, GenerationMetrics(CollectorRegistry()))
     assert svc.models() == []
     with pytest.raises(Exception, match="failed to load"):
         svc.get("tiny")
+    assert repository.ready() == (False, ["tiny"])  # one registry: readiness says so too
+    await repository.close()
 
 
 def test_generation_block_is_validated(tmp_path: Path) -> None:
