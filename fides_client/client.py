@@ -75,6 +75,7 @@ from fides_core.integrity import (
 )
 from fides_core.integrity_config import IntegrityConfig
 from fides_core.layout import latest_version
+from fides_core.oip import TensorError, decode_json_tensor, encode_json_tensor
 from fides_core.tensors import DATATYPES, Array, datatype_of
 
 __all__ = [
@@ -312,19 +313,17 @@ def _as_arrays(inputs: Mapping[str, Any]) -> dict[str, Array]:
     return arrays
 
 
+def _json_input(name: str, array: Array) -> dict[str, Any]:
+    tensor = encode_json_tensor(name, array, datatype_of(array))
+    tensor["data"] = np.asarray(tensor["data"]).tolist()  # httpx sends with the json module
+    return tensor
+
+
 def _decode_output(raw: Any) -> tuple[str, Array]:
-    if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
-        raise FidesClientError("an output is not a tensor object")
-    datatype, shape, data = raw.get("datatype"), raw.get("shape"), raw.get("data")
-    if not isinstance(shape, list) or not isinstance(data, list):
-        raise FidesClientError(f"output {raw['name']!r} lacks shape or data (binary outputs?)")
-    dtype = DATATYPES.get(datatype) if isinstance(datatype, str) else None
     try:
-        if dtype is None:  # BYTES and the like: kept as objects
-            return raw["name"], np.asarray(data, dtype=object).reshape(shape)
-        return raw["name"], np.asarray(data, dtype=dtype).reshape(shape)
-    except (TypeError, ValueError) as exc:
-        raise FidesClientError(f"output {raw['name']!r} does not decode: {exc}") from None
+        return decode_json_tensor(raw, "output")
+    except TensorError as exc:
+        raise FidesClientError(f"the answer's {exc}") from None
 
 
 def _per_row(value: Any, rows: int) -> tuple[int, ...] | None:
@@ -422,15 +421,7 @@ class _Core:
         params["integrity_nonce"] = base64.b64encode(nonce).decode("ascii")
         body = {
             "id": rid,
-            "inputs": [
-                {
-                    "name": name,
-                    "shape": list(a.shape),
-                    "datatype": datatype_of(a),
-                    "data": a.ravel().tolist(),
-                }
-                for name, a in arrays.items()
-            ],
+            "inputs": [_json_input(name, a) for name, a in arrays.items()],
             "parameters": params,
         }
         return _Prepared(rid, nonce, arrays, body)

@@ -24,22 +24,14 @@ import numpy as np
 import numpy.typing as npt
 
 from fides_core.enclave_errors import InvalidRequest
+from fides_core.oip import DATATYPES as OIP_DATATYPES
 
-# Open Inference Protocol datatype -> little-endian numpy dtype. BYTES is not supported: a
-# verifier model takes numbers.
+# The numeric Open Inference Protocol datatypes (fides_core.oip's table), little-endian. BYTES is
+# not supported: a verifier model takes numbers; nor BF16, which numpy has no type for.
 DATATYPES: dict[str, np.dtype[Any]] = {
-    "BOOL": np.dtype("?"),
-    "UINT8": np.dtype("<u1"),
-    "UINT16": np.dtype("<u2"),
-    "UINT32": np.dtype("<u4"),
-    "UINT64": np.dtype("<u8"),
-    "INT8": np.dtype("<i1"),
-    "INT16": np.dtype("<i2"),
-    "INT32": np.dtype("<i4"),
-    "INT64": np.dtype("<i8"),
-    "FP16": np.dtype("<f2"),
-    "FP32": np.dtype("<f4"),
-    "FP64": np.dtype("<f8"),
+    name: dtype.newbyteorder("<")
+    for name, dtype in OIP_DATATYPES.items()
+    if name not in ("BYTES", "BF16")
 }
 _BY_KIND = {(dt.kind, dt.itemsize): name for name, dt in DATATYPES.items()}
 MAX_RANK = 8

@@ -12,13 +12,13 @@ from typing import Any
 import numpy as np
 
 from gateway import __version__
-from gateway.codec import InferRequest, InferResponse, OutputTensor
 from gateway.errors import BadRequest, GatewayError
 from gateway.metrics import GatewayMetrics
 from gateway.repository import ModelRepository
 from gateway.runtimes import Tensors, TensorSpec
 from gateway.servables import InferContext, InferenceServable
 from gateway.settings import Settings
+from gateway.types import InferRequest, InferResponse, OutputTensor
 
 log = logging.getLogger(__name__)
 

@@ -484,9 +484,7 @@ class IntegrityPipeline:
             "integrity_reason": f"{reason}: {message}",
         }
 
-    def _failed(
-        self, results: dict[str, np.ndarray], reason: str, message: str
-    ) -> Inferred:
+    def _failed(self, results: dict[str, np.ndarray], reason: str, message: str) -> Inferred:
         if self.cfg.failure_policy == "fail_closed":
             self._verdict["unverified"].inc()
             self.metrics.unverified.labels(self.model, reason).inc()

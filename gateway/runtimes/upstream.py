@@ -32,7 +32,13 @@ import httpx
 import numpy as np
 import orjson
 
-from fides_core.oip import DATATYPES, oip_datatype
+from fides_core.oip import (
+    DATATYPES,
+    TensorError,
+    decode_json_tensor,
+    encode_json_tensor,
+    oip_datatype,
+)
 from gateway.circuit_breaker import CircuitBreaker
 from gateway.errors import (
     BadRequest,
@@ -285,15 +291,10 @@ class UpstreamRuntime(Runtime):
         datatype = oip_datatype(array.dtype)
         if spec is not None and spec.datatype == "BF16" and datatype == "FP32":
             datatype = "BF16"
-        flat = np.ascontiguousarray(array).reshape(-1)
-        data: Any
-        if datatype == "BYTES":
-            data = [_to_text(name, x) for x in flat.tolist()]
-        elif flat.dtype.isnative:
-            data = flat  # orjson serialises native numpy arrays directly (fast path)
-        else:
-            data = flat.tolist()
-        return {"name": name, "shape": list(array.shape), "datatype": datatype, "data": data}
+        try:
+            return encode_json_tensor(name, array, datatype)
+        except TensorError as exc:
+            raise BadRequest(f"{exc}; it cannot be sent to the upstream as JSON") from None
 
     def _note_upstream_integrity(self, answer: Any) -> None:
         """Say once (not silently) that the upstream's own integrity parameters are not
@@ -330,7 +331,7 @@ class UpstreamRuntime(Runtime):
             raise ValueError("expected an object with an 'outputs' list")
         decoded: Tensors = {}
         for item in answer["outputs"]:
-            name, array = _decode_tensor(item)
+            name, array = decode_json_tensor(item, "output")
             if name in decoded:
                 raise ValueError(f"output {name!r} appears twice")
             decoded[name] = array
@@ -386,20 +387,6 @@ def _dumps(body: dict[str, Any]) -> bytes:
         return orjson.dumps(body)
 
 
-def _to_text(name: str, value: object) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, bytes | bytearray):
-        try:
-            return bytes(value).decode("utf-8")
-        except UnicodeDecodeError:
-            raise BadRequest(
-                f"input {name!r}: BYTES element is not valid UTF-8 and cannot be sent to the "
-                "upstream as JSON"
-            ) from None
-    return str(value)
-
-
 def _parse_specs(meta: Any, key: str) -> list[TensorSpec]:
     if not isinstance(meta, dict) or not isinstance(meta.get(key), list):
         raise ValueError(f"expected an object with an {key!r} list")
@@ -422,41 +409,6 @@ def _is_int_list(value: Any) -> TypeGuard[list[int]]:
     return isinstance(value, list) and all(
         isinstance(d, int) and not isinstance(d, bool) for d in value
     )
-
-
-def _decode_tensor(item: Any) -> tuple[str, np.ndarray]:
-    if not isinstance(item, dict):
-        raise ValueError(f"output entries must be objects, got {_snippet(repr(item))}")
-    name, datatype, shape = item.get("name"), item.get("datatype"), item.get("shape")
-    data = item.get("data")
-    if not isinstance(name, str):
-        raise ValueError("an output has no name")
-    if datatype not in DATATYPES:
-        raise ValueError(f"output {name!r} has unknown datatype {datatype!r}")
-    if not _is_int_list(shape) or any(d < 0 for d in shape):
-        raise ValueError(f"output {name!r} has invalid shape {shape!r}")
-    if not isinstance(data, list):
-        raise ValueError(f"output {name!r} has no 'data' list (binary outputs are not supported)")
-    try:
-        if datatype == "BYTES":
-            flat = np.asarray(data, dtype=np.object_).reshape(-1)
-            values = [v.encode("utf-8") if isinstance(v, str) else v for v in flat.tolist()]
-            if not all(isinstance(v, bytes) for v in values):
-                raise ValueError("BYTES data must be strings")
-            array = np.empty(len(values), dtype=np.object_)
-            array[:] = values
-        else:
-            if any(isinstance(v, str) for v in data):
-                raise ValueError("numeric data contains strings")
-            array = np.asarray(data, dtype=DATATYPES[datatype]).reshape(-1)
-    except (ValueError, TypeError, OverflowError) as exc:
-        raise ValueError(f"output {name!r} has data that is not {datatype}: {exc}") from None
-    expected = math.prod(shape)
-    if array.size != expected:
-        raise ValueError(
-            f"output {name!r} has {array.size} element(s) but shape {shape} needs {expected}"
-        )
-    return name, array.reshape(shape)
 
 
 def _conform(name: str, array: np.ndarray, spec: TensorSpec) -> np.ndarray:

@@ -7,16 +7,10 @@ import numpy as np
 import orjson
 import pytest
 
-from fides_core.oip import DATATYPES
-from gateway.codec import (
-    InferResponse,
-    OutputTensor,
-    deserialize_bytes,
-    encode_infer_response,
-    parse_infer_request,
-    serialize_bytes,
-)
+from fides_core.oip import DATATYPES, deserialize_bytes, serialize_bytes
+from gateway.api.v2.protocol import encode_infer_response, parse_infer_request
 from gateway.errors import BadRequest, PayloadTooLarge
+from gateway.types import InferResponse, OutputTensor
 
 LIMIT = 1_000_000
 
@@ -51,7 +45,7 @@ def test_bytes_json_and_binary_roundtrip() -> None:
     req = _parse(_req([{"name": "s", "shape": [2], "datatype": "BYTES", "data": ["héllo", ""]}]))
     assert req.inputs[0].data.tolist() == ["héllo".encode(), b""]
     raw = serialize_bytes(req.inputs[0].data)
-    assert deserialize_bytes(memoryview(raw), "s") == ["héllo".encode(), b""]
+    assert deserialize_bytes(memoryview(raw), "input 's'") == ["héllo".encode(), b""]
 
 
 @pytest.mark.parametrize(

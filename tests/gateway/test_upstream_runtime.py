@@ -511,7 +511,7 @@ def test_unload_closes_the_client(make_runtime: MakeRuntime) -> None:
     [
         ("invalid_json", "not JSON"),
         ("missing_output", "missing output(s) ['label']"),
-        ("bad_shape", "element(s) but shape"),
+        ("bad_shape", "data has 12 elements but shape [5, 3] needs 15"),
         ("wrong_rows", "but the batch has 4 row(s)"),
     ],
 )

@@ -1,4 +1,5 @@
-"""Property tests of the tensor codec (gateway/codec.py): JSON bodies, Triton's binary tensor
+"""Property tests of the tensor codec (gateway/api/v2/protocol.py over fides_core/oip.py):
+JSON bodies, Triton's binary tensor
 extension and request decompression.
 
 Properties: hostile bytes or documents raise only the gateway's 4xx errors (400/413, with a
@@ -20,9 +21,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from fides_core.oip import DATATYPES
-from gateway.api.v2 import _decompress
-from gateway.codec import deserialize_bytes, parse_infer_request, serialize_bytes
+from fides_core.oip import DATATYPES, TensorError, deserialize_bytes, serialize_bytes
+from gateway.api.v2.protocol import parse_infer_request
+from gateway.api.v2.serving import decompress
 from gateway.errors import BadRequest, GatewayError, PayloadTooLarge
 from tests.reliability.conftest import fuzz_settings, record
 
@@ -283,10 +284,10 @@ def test_bf16_widens_exactly(words: np.ndarray) -> None:
 def test_bytes_elements_never_escape_their_chunk(chunk: bytes) -> None:
     record("codec: BYTES element framing")
     try:
-        items = deserialize_bytes(memoryview(chunk), "x")
-    except BadRequest as exc:
-        rejected = exc
-        assert_clear_rejection(rejected)
+        items = deserialize_bytes(memoryview(chunk), "input 'x'")
+    except TensorError as exc:
+        rejected = str(exc)
+        assert rejected.startswith("input 'x': "), rejected  # names the tensor and says why
         return
     arr = np.empty(len(items), dtype=object)
     arr[:] = items
@@ -301,7 +302,7 @@ def test_bytes_elements_never_escape_their_chunk(chunk: bytes) -> None:
 def test_arbitrary_compressed_bodies_are_a_4xx(body: bytes, enc: str) -> None:
     record("codec: compressed bodies")
     try:
-        out = _decompress(body, enc, limit=1024)
+        out = decompress(body, enc, limit=1024)
     except GatewayError as exc:
         rejected = exc
         assert_clear_rejection(rejected)
@@ -315,16 +316,16 @@ def test_compression_round_trips_within_the_limit(raw: bytes, enc: str) -> None:
     record("codec: compression round trips")
     packed = gzip.compress(raw) if enc == "gzip" else zlib.compress(raw)
     if len(raw) <= 1024:
-        assert _decompress(packed, enc, limit=1024) == raw
+        assert decompress(packed, enc, limit=1024) == raw
     else:
         with pytest.raises(PayloadTooLarge):
-            _decompress(packed, enc, limit=1024)
+            decompress(packed, enc, limit=1024)
 
 
 def test_a_decompression_bomb_stops_at_the_limit() -> None:
     bomb = gzip.compress(b"\0" * (64 * 1024 * 1024))  # 64 MiB of zeros in ~64 KB
     with pytest.raises(PayloadTooLarge, match="decompressed body exceeds"):
-        _decompress(bomb, "gzip", limit=1024 * 1024)
+        decompress(bomb, "gzip", limit=1024 * 1024)
 
 
 def test_binary_header_length_is_checked_against_the_body() -> None:

@@ -14,7 +14,7 @@ from prometheus_client import generate_latest
 
 from fides_core.enclave_errors import InvalidRequest as EnclaveBadRequest
 from fides_core.tensors import decode_tensor
-from gateway.codec import parse_infer_request
+from gateway.api.v2.protocol import parse_infer_request
 from gateway.errors import BadRequest, PayloadTooLarge
 from tests.conftest import ADMIN_KEY, USER_KEY
 

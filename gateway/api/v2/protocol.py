@@ -1,0 +1,263 @@
+"""The Open Inference Protocol's REST wire format: an inference request body (JSON, or a JSON
+header followed by Triton's binary tensors) to :class:`gateway.types.InferRequest`, and an
+:class:`~gateway.types.InferResponse` back to a body. The tensor data itself goes through the one
+codec in :mod:`fides_core.oip`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import orjson
+
+from fides_core.oip import (
+    DATATYPES,
+    TensorError,
+    decode_binary_data,
+    decode_json_data,
+    encode_binary_data,
+    encode_json_data,
+    oip_datatype,
+)
+from gateway.errors import BadRequest, PayloadTooLarge
+from gateway.types import InferRequest, InferResponse, InputTensor, RequestedOutput
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+# the OpenAPI description of an inference body (the route reads the raw body itself)
+INFER_BODY_SCHEMA: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["inputs"],
+                    "properties": {
+                        "id": {"type": "string"},
+                        "parameters": {"type": "object"},
+                        "inputs": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "required": ["name", "shape", "datatype", "data"],
+                                "properties": {
+                                    "name": {"type": "string"},
+                                    "shape": {"type": "array", "items": {"type": "integer"}},
+                                    "datatype": {"type": "string"},
+                                    "parameters": {"type": "object"},
+                                    "data": {},
+                                },
+                            },
+                        },
+                        "outputs": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "required": ["name"],
+                                "properties": {
+                                    "name": {"type": "string"},
+                                    "parameters": {"type": "object"},
+                                },
+                            },
+                        },
+                    },
+                }
+            },
+            "application/octet-stream": {
+                "schema": {"type": "string", "format": "binary"},
+            },
+        },
+    }
+}
+
+
+def _obj(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise BadRequest(f"{what} must be a JSON object")
+    return value
+
+
+def _params(value: Any, what: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    return _obj(value, f"{what} 'parameters'")
+
+
+def _shape(value: Any, name: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) for d in value
+    ):
+        raise BadRequest(f"input '{name}': 'shape' must be a list of integers")
+    if any(d < 0 for d in value):
+        raise BadRequest(f"input '{name}': 'shape' must not contain negative dimensions")
+    return tuple(value)
+
+
+def parse_infer_request(
+    body: bytes, header_length: int | None = None, *, max_elements: int
+) -> InferRequest:
+    """Decode an inference request body (JSON, or JSON header + binary tensors)."""
+    if header_length is not None:
+        if header_length < 0 or header_length > len(body):
+            raise BadRequest(
+                f"{HEADER_LENGTH} is {header_length} but the body has {len(body)} bytes"
+            )
+        json_part, binary = body[:header_length], memoryview(body)[header_length:]
+    else:
+        json_part, binary = body, memoryview(b"")
+    try:
+        doc = orjson.loads(json_part)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    doc = _obj(doc, "request body")
+    unknown = set(doc) - {"id", "parameters", "inputs", "outputs"}
+    if unknown:
+        raise BadRequest(f"unknown field(s) in request: {sorted(unknown)}")
+    req_id = doc.get("id")
+    if req_id is not None and not isinstance(req_id, str):
+        raise BadRequest("'id' must be a string")
+    raw_inputs = doc.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise BadRequest("'inputs' must be a non-empty list of tensors")
+
+    offset = 0
+    inputs: list[InputTensor] = []
+    seen: set[str] = set()
+    for i, raw in enumerate(raw_inputs):
+        raw = _obj(raw, f"inputs[{i}]")
+        name = raw.get("name")
+        if not isinstance(name, str) or not name:
+            raise BadRequest(f"inputs[{i}]: 'name' must be a non-empty string")
+        if name in seen:
+            raise BadRequest(f"input '{name}' appears more than once")
+        seen.add(name)
+        extra = set(raw) - {"name", "shape", "datatype", "parameters", "data"}
+        if extra:
+            raise BadRequest(f"input '{name}': unknown field(s) {sorted(extra)}")
+        datatype = raw.get("datatype")
+        if not isinstance(datatype, str) or datatype not in DATATYPES:
+            raise BadRequest(
+                f"input '{name}': unknown datatype {datatype!r}; one of {sorted(DATATYPES)}"
+            )
+        if "shape" not in raw:
+            raise BadRequest(f"input '{name}': missing 'shape'")
+        shape = _shape(raw["shape"], name)
+        count = math.prod(shape)
+        if count > max_elements:
+            raise PayloadTooLarge(
+                f"input '{name}' has {count} elements; the limit is {max_elements}"
+            )
+        # an empty tensor may still name a dimension numpy cannot allocate ([0, 2**62])
+        if any(d > max_elements for d in shape):
+            raise PayloadTooLarge(
+                f"input '{name}': dimension {max(shape)} exceeds the limit of {max_elements}"
+            )
+        params = _params(raw.get("parameters"), f"input '{name}'")
+        size = params.get("binary_data_size")
+        if size is not None:
+            if header_length is None:
+                raise BadRequest(
+                    f"input '{name}' sets binary_data_size but the request has no "
+                    f"{HEADER_LENGTH} header"
+                )
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise BadRequest(f"input '{name}': binary_data_size must be a non-negative int")
+            if "data" in raw:
+                raise BadRequest(f"input '{name}' has both 'data' and binary_data_size")
+            if offset + size > len(binary):
+                raise BadRequest(
+                    f"input '{name}': binary_data_size {size} runs past the end of the body"
+                )
+            chunk = binary[offset : offset + size]
+            offset += size
+            data = _decoded(decode_binary_data, chunk, datatype, shape, name)
+        else:
+            if "data" not in raw:
+                raise BadRequest(f"input '{name}': missing 'data'")
+            data = _decoded(decode_json_data, raw["data"], datatype, shape, name)
+        inputs.append(InputTensor(name, datatype, shape, data, params))
+    if offset != len(binary):
+        raise BadRequest(
+            f"body has {len(binary) - offset} binary bytes that no input's binary_data_size claims"
+        )
+
+    outputs: list[RequestedOutput] | None = None
+    raw_outputs = doc.get("outputs")
+    if raw_outputs is not None:
+        if not isinstance(raw_outputs, list):
+            raise BadRequest("'outputs' must be a list")
+        outputs = []
+        for i, raw in enumerate(raw_outputs):
+            raw = _obj(raw, f"outputs[{i}]")
+            name = raw.get("name")
+            if not isinstance(name, str) or not name:
+                raise BadRequest(f"outputs[{i}]: 'name' must be a non-empty string")
+            params = _params(raw.get("parameters"), f"output '{name}'")
+            binary_flag = params.get("binary_data")
+            if binary_flag is not None and not isinstance(binary_flag, bool):
+                raise BadRequest(f"output '{name}': binary_data must be a boolean")
+            if any(o.name == name for o in outputs):
+                raise BadRequest(f"output '{name}' is requested more than once")
+            outputs.append(RequestedOutput(name, binary_flag, params))
+    return InferRequest(
+        inputs=inputs,
+        id=req_id,
+        parameters=_params(doc.get("parameters"), "request"),
+        outputs=outputs,
+    )
+
+
+def _decoded(
+    decode: Callable[[Any, str, tuple[int, ...], str], np.ndarray],
+    data: Any,
+    datatype: str,
+    shape: tuple[int, ...],
+    name: str,
+) -> np.ndarray:
+    try:
+        return decode(data, datatype, shape, f"input '{name}'")
+    except TensorError as exc:
+        raise BadRequest(str(exc)) from None
+
+
+def _json_output(arr: np.ndarray, datatype: str) -> object:
+    try:
+        return encode_json_data(arr, datatype)
+    except TensorError as exc:
+        raise BadRequest(str(exc)) from None
+
+
+def encode_infer_response(
+    resp: InferResponse, binary_default: bool, binary_names: dict[str, bool]
+) -> tuple[bytes, dict[str, str]]:
+    """Serialise a response; returns the body and extra headers (binary header length)."""
+    doc_outputs: list[dict[str, Any]] = []
+    chunks: list[bytes] = []
+    for out in resp.outputs:
+        datatype = out.datatype or oip_datatype(out.data.dtype)
+        entry: dict[str, Any] = {
+            "name": out.name,
+            "datatype": datatype,
+            "shape": list(out.data.shape),
+        }
+        if binary_names.get(out.name, binary_default):
+            raw = encode_binary_data(out.data, datatype)
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            chunks.append(raw)
+        else:
+            entry["data"] = _json_output(out.data, datatype)
+        doc_outputs.append(entry)
+    doc: dict[str, Any] = {"model_name": resp.model_name, "model_version": resp.model_version}
+    if resp.id is not None:
+        doc["id"] = resp.id
+    if resp.parameters:
+        doc["parameters"] = resp.parameters
+    doc["outputs"] = doc_outputs
+    header = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not chunks:
+        return header, {}
+    return header + b"".join(chunks), {HEADER_LENGTH: str(len(header))}

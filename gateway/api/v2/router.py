@@ -1,0 +1,80 @@
+"""Open Inference Protocol (KServe V2) REST routes: HTTP only. The wire format is in
+:mod:`gateway.api.v2.protocol`, the inference handler in :mod:`gateway.api.v2.serving`, the
+serving logic in :class:`gateway.dataplane.DataPlane`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+
+from gateway.api.deps import DataPlaneDep, UserAuth
+from gateway.api.responses import json_response
+from gateway.api.v2.protocol import INFER_BODY_SCHEMA
+from gateway.api.v2.serving import infer_handler
+from gateway.dataplane import DataPlane
+from gateway.errors import Unavailable
+
+health = APIRouter(prefix="/v2/health", tags=["health"])
+router = APIRouter(prefix="/v2", tags=["inference"], dependencies=[UserAuth])
+
+
+@health.get("/live")
+async def live() -> dict[str, bool]:
+    return {"live": True}
+
+
+@health.get("/ready")
+async def ready(dp: DataPlaneDep) -> Response:
+    ok, missing = dp.ready()
+    if ok:
+        return json_response({"ready": True})
+    return json_response({"ready": False, "error": f"models not ready: {missing}"}, status_code=503)
+
+
+@router.get("")
+async def server_metadata(dp: DataPlaneDep) -> dict[str, Any]:
+    return dp.server_metadata()
+
+
+@router.get("/models/{name}")
+async def model_metadata(name: str, dp: DataPlaneDep) -> dict[str, Any]:
+    return dp.model_metadata(name, None)
+
+
+@router.get("/models/{name}/versions/{version}")
+async def model_version_metadata(name: str, version: str, dp: DataPlaneDep) -> dict[str, Any]:
+    return dp.model_metadata(name, version)
+
+
+def _ready_response(name: str, version: str | None, dp: DataPlane) -> Response:
+    try:
+        why = dp.not_ready(name, version)
+    except Unavailable as exc:
+        why = exc.message.removeprefix(f"model '{name}' is not ready: ")
+    if why is None:
+        return json_response({"name": name, "ready": True})
+    error = f"model '{name}' is not ready: {why}"
+    return json_response({"name": name, "ready": False, "error": error}, status_code=503)
+
+
+@router.get("/models/{name}/ready")
+async def model_ready(name: str, dp: DataPlaneDep) -> Response:
+    return _ready_response(name, None, dp)
+
+
+@router.get("/models/{name}/versions/{version}/ready")
+async def model_version_ready(name: str, version: str, dp: DataPlaneDep) -> Response:
+    return _ready_response(name, version, dp)
+
+
+# The inference routes take the data plane and settings from app.state rather than through
+# dependencies: FastAPI's dependency solving is a measurable share of a small request's cost.
+@router.post("/models/{name}/infer", openapi_extra=INFER_BODY_SCHEMA)
+async def infer(name: str, request: Request) -> Response:
+    return await infer_handler(name, None, request)
+
+
+@router.post("/models/{name}/versions/{version}/infer", openapi_extra=INFER_BODY_SCHEMA)
+async def infer_version(name: str, version: str, request: Request) -> Response:
+    return await infer_handler(name, version, request)
