@@ -214,6 +214,24 @@ def bench_overload(
     run_overload_bench(output, factor, duration, log=console.print)
 
 
+@bench_app.command("report")
+def bench_report(
+    results: Annotated[Path, typer.Option(help="The benchmarks' JSON files.")] = Path(
+        "bench/results"
+    ),
+    output: Annotated[Path, typer.Option(help="Where the pages go.")] = Path("docs/results"),
+) -> None:
+    """Render every results JSON to a Markdown page (docs/results/: generated, never edited)."""
+    from fides.bench.report import ReportError, render_reports
+
+    try:
+        pages = render_reports(results, output)
+    except ReportError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    console.print(f"{len(pages)} pages in {output}")
+
+
 @app.command()
 def distillspec(
     model_dir: Annotated[
