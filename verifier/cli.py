@@ -1,5 +1,7 @@
-"""``fides train``: what the gateway's command line calls (kept here so the gateway CLI
-imports no training code until the command runs)."""
+"""``fides train`` / ``fides evaluate``: what the command line calls (kept here so the CLI
+imports no training code until the command runs). Progress: the training code's log records on
+the console while a command runs (:func:`verifier.logs.log_to_console`), with progress bars when
+stderr is a terminal."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from rich.console import Console
 
 from verifier.experiment import Experiment, load_experiment
 from verifier.gdtl import StepRecord, path_table
+from verifier.logs import log_to_console
 from verifier.pipeline import run_experiment
 
 __all__ = ["default_run_dir", "evaluate_command", "results_markdown", "train_command"]
@@ -90,13 +93,8 @@ def train_command(
     repository = repository or run_dir / "repository"
     console.print(f"experiment [bold]{exp.name}[/bold] -> {run_dir} (resumes if interrupted)")
     t0 = time.perf_counter()
-    results = run_experiment(
-        exp,
-        run_dir,
-        repository=repository,
-        show_progress=True,
-        say=lambda m: console.print(f"  [cyan]>[/cyan] {m}"),
-    )
+    with log_to_console(console):
+        results = run_experiment(exp, run_dir, repository=repository, show_progress=True).report
     results["machine"] = f"{platform.machine()}, torch {torch.__version__}"
     results["command"] = f"fides train {experiment}"
     results["command_seconds"] = round(time.perf_counter() - t0, 1)
@@ -125,13 +123,8 @@ def evaluate_command(
     repository = repository or run_dir / "repository"
     out = out or Path(f"bench/results/integrity_{exp.name}.json")
     console.print(f"experiment [bold]{exp.name}[/bold] -> {run_dir} (resumes if interrupted)")
-    report = evaluate_experiment(
-        exp,
-        run_dir,
-        repository=repository,
-        show_progress=True,
-        say=lambda m: console.print(f"  [cyan]>[/cyan] {m}"),
-    )
+    with log_to_console(console):
+        report = evaluate_experiment(exp, run_dir, repository=repository, show_progress=True)
     report["command"] = f"fides evaluate {experiment}"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

@@ -14,14 +14,15 @@ ONNX graphs need nothing but the two vectors:
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import scipy.stats
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,9 @@ from torch import nn
 
 from fides_core.integrity import P_INPUT, Q_INPUT
 from fides_core.stats import WindowResult, window_test
+from verifier.export import ONNX_OPSET, PARITY_ATOL, ExportError, ort_session
 from verifier.features import EPS, feature_count, pair_features
+from verifier.logs import log_epoch
 
 __all__ = [
     "AttackDetector",
@@ -41,7 +44,7 @@ __all__ = [
     "window_test",
 ]
 
-ONNX_OPSET = 17
+log = logging.getLogger(__name__)
 
 
 class _PairNet(nn.Module):
@@ -138,7 +141,8 @@ def train_reclassifier(
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(seed)
     losses = []
-    for _ in range(epochs):
+    t0 = time.perf_counter()
+    for epoch in range(epochs):
         net.train()
         order = torch.randperm(len(yt), generator=gen)
         total = 0.0
@@ -150,6 +154,8 @@ def train_reclassifier(
             opt.step()
             total += loss.item() * len(idx)
         losses.append(total / len(yt))
+        detail = f"loss {losses[-1]:.4f}"
+        log_epoch(log, "re-classifier", epoch + 1, epochs, detail, time.perf_counter() - t0, None)
     net.eval()
     return losses
 
@@ -212,11 +218,10 @@ def export_pair_model(
             opset_version=ONNX_OPSET,
         )
     onnx.checker.check_model(str(path))
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = sess.run(None, {P_INPUT: p_check, Q_INPUT: q_check})[0]
+    got = ort_session(path).run(None, {P_INPUT: p_check, Q_INPUT: q_check})[0]
     with torch.no_grad():
         want = net(torch.as_tensor(p_check), torch.as_tensor(q_check)).numpy()
     diff = float(np.abs(got - want).max())
-    if not diff <= 1e-4:
-        raise RuntimeError(f"{path}: ONNX differs from torch by {diff:.3g} (limit 1e-4)")
+    if not diff <= PARITY_ATOL:
+        raise ExportError(f"{path}: ONNX differs from torch by {diff:.3g} (limit {PARITY_ATOL})")
     return diff

@@ -21,6 +21,9 @@ D and G are updated alternately, one step each per batch (Goodfellow et al., Neu
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,8 +35,11 @@ from torch import nn
 
 from verifier.detector import AttackDetector
 from verifier.features import EPS
+from verifier.logs import log_epoch
 
 __all__ = ["GanHistory", "Generator", "flip_loss", "train_gan"]
+
+log = logging.getLogger(__name__)
 
 
 class Generator(nn.Module):
@@ -84,6 +90,112 @@ class GanHistory:
         return {k: [round(v, 5) for v in vals] for k, vals in self.__dict__.items()}
 
 
+@dataclass(frozen=True)
+class _Pairs:
+    """The (p, q) pairs the GAN trains on, as tensors."""
+
+    clean_p: torch.Tensor  # [n, C] honest service probabilities
+    clean_q: torch.Tensor  # [n, C] the verifier's
+    attacked_p: torch.Tensor  # [m, C] the fixed attacks' tampered p' (flipped rows only)
+    attacked_q: torch.Tensor  # [m, C]
+    honest: torch.Tensor  # [n] the honest top-1
+
+
+@dataclass(frozen=True)
+class _Game:
+    """The two players, their optimisers and the generator's loss weights."""
+
+    detector: AttackDetector
+    generator: Generator
+    opt_d: torch.optim.Optimizer
+    opt_g: torch.optim.Optimizer
+    flip_weight: float
+    fool_weight: float
+    kappa: float
+    train_generator: bool
+
+
+def _d_step(
+    game: _Game,
+    p: torch.Tensor,
+    q: torch.Tensor,
+    y: torch.Tensor,
+    fixed_p: torch.Tensor,
+    fixed_q: torch.Tensor,
+    z: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """D step: clean -> 0; fixed attacks and G's flipped outputs -> 1. Returns D's loss and
+    its logits on the clean and the attacked halves."""
+    detector = game.detector
+    with torch.no_grad():
+        fake = game.generator(p, z)  # [b, C]
+    flipped = fake.argmax(1) != y
+    att_p = torch.cat([fixed_p, fake[flipped]])
+    att_q = torch.cat([fixed_q, q[flipped]])
+    d_clean = detector.logits(p, q)  # [b]
+    d_att = detector.logits(att_p, att_q)  # [b + flipped]
+    loss_d = 0.5 * F.binary_cross_entropy_with_logits(
+        d_clean, torch.zeros_like(d_clean)
+    ) + 0.5 * F.binary_cross_entropy_with_logits(d_att, torch.ones_like(d_att))
+    game.opt_d.zero_grad(set_to_none=True)
+    loss_d.backward()  # type: ignore[no-untyped-call]
+    game.opt_d.step()
+    return loss_d, d_clean, d_att
+
+
+def _g_step(
+    game: _Game, p: torch.Tensor, q: torch.Tensor, y: torch.Tensor, z: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """G step: flip the label and look clean to D. Returns G's loss and its outputs."""
+    fake = game.generator(p, z)  # [b, C]
+    l_flip = flip_loss(fake, y, game.kappa)
+    l_fool = F.softplus(game.detector.logits(fake, q)).mean()
+    loss_g = game.flip_weight * l_flip + game.fool_weight * l_fool
+    game.opt_g.zero_grad(set_to_none=True)
+    if game.train_generator:
+        loss_g.backward()  # type: ignore[no-untyped-call]
+        game.opt_g.step()
+    return loss_g, fake
+
+
+def _epoch(
+    game: _Game,
+    pairs: _Pairs,
+    gen: torch.Generator,
+    batch_size: int,
+    advance: Callable[[], None],
+) -> dict[str, float]:
+    """One pass over the clean pairs, one D and one G step per batch; returns the sums of the
+    epoch's statistics (``d``, ``g``: losses times batch size; ``flipped``, ``fool``: counts;
+    ``acc``: D's batch accuracy times batch size)."""
+    game.detector.train()
+    game.generator.train(game.train_generator)
+    n = len(pairs.clean_p)
+    order = torch.randperm(n, generator=gen)
+    sums = dict.fromkeys(("d", "g", "flip", "fool", "acc", "flipped"), 0.0)
+    for i in range(0, n, batch_size):
+        idx = order[i : i + batch_size]
+        b = len(idx)
+        p, q, y = pairs.clean_p[idx], pairs.clean_q[idx], pairs.honest[idx]
+        fixed = torch.randint(0, len(pairs.attacked_p), (b,), generator=gen)
+        z = torch.randn(b, game.generator.noise_dim, generator=gen)
+        loss_d, d_clean, d_att = _d_step(
+            game, p, q, y, pairs.attacked_p[fixed], pairs.attacked_q[fixed], z
+        )
+        loss_g, fake = _g_step(game, p, q, y, z)
+        with torch.no_grad():
+            now_flipped = fake.argmax(1) != y
+            fooled = now_flipped & (game.detector.logits(fake, q) < 0)
+            correct = (d_clean < 0).sum() + (d_att > 0).sum()
+        sums["d"] += loss_d.item() * b
+        sums["g"] += loss_g.item() * b
+        sums["flipped"] += float(now_flipped.sum())
+        sums["fool"] += float(fooled.sum())
+        sums["acc"] += float(correct) / (len(d_clean) + len(d_att)) * b
+        advance()
+    return sums
+
+
 def train_gan(
     detector: AttackDetector,
     generator: Generator,
@@ -102,89 +214,65 @@ def train_gan(
     seed: int = 0,
     train_generator: bool = True,
     progress: Progress | None = None,
-    log: Any = None,
 ) -> GanHistory:
     """Train ``detector`` (D) and ``generator`` (G) alternately; see the module docstring.
 
     ``clean_*``: honest (p, q) pairs; ``attacked_*``: the fixed attacks' pairs (flipped rows
     only). Both on data the service and verifier never trained on. With
-    ``train_generator=False`` only D learns (fine-tuning against a fixed, trained G).
+    ``train_generator=False`` only D learns (fine-tuning against a fixed, trained G). Logs one
+    line per epoch (stage ``GAN`` or ``detector fine-tuning``).
     """
-    cp, cq = torch.as_tensor(clean_p), torch.as_tensor(clean_q)
-    ap, aq = torch.as_tensor(attacked_p), torch.as_tensor(attacked_q)
-    honest = cp.argmax(1)
+    cp = torch.as_tensor(clean_p)
+    pairs = _Pairs(
+        cp,
+        torch.as_tensor(clean_q),
+        torch.as_tensor(attacked_p),
+        torch.as_tensor(attacked_q),
+        cp.argmax(1),
+    )
     gen = torch.Generator().manual_seed(seed)
     # scaler over everything D will see at the start: clean, fixed attacks, and G's outputs
     with torch.no_grad():
         g0 = generator(cp, torch.randn(len(cp), generator.noise_dim, generator=gen))
     if train_generator:  # a fine-tuning run keeps the scaler the detector was trained with
-        detector.fit_scaler(torch.cat([cp, ap, g0]), torch.cat([cq, aq, cq]))
-    opt_d = torch.optim.Adam(detector.parameters(), lr=lr_d, betas=(0.5, 0.999))
-    opt_g = torch.optim.Adam(generator.parameters(), lr=lr_g, betas=(0.5, 0.999))
+        detector.fit_scaler(
+            torch.cat([cp, pairs.attacked_p, g0]),
+            torch.cat([pairs.clean_q, pairs.attacked_q, pairs.clean_q]),
+        )
+    game = _Game(
+        detector,
+        generator,
+        torch.optim.Adam(detector.parameters(), lr=lr_d, betas=(0.5, 0.999)),
+        torch.optim.Adam(generator.parameters(), lr=lr_g, betas=(0.5, 0.999)),
+        flip_weight,
+        fool_weight,
+        kappa,
+        train_generator,
+    )
     history = GanHistory()
     n = len(cp)
-    steps = (n + batch_size - 1) // batch_size
     label = "GAN" if train_generator else "detector fine-tuning"
+    steps = (n + batch_size - 1) // batch_size
     task = progress.add_task(label, total=epochs * steps) if progress is not None else None
+
+    def advance() -> None:
+        if progress is not None and task is not None:
+            progress.update(task, advance=1)
+
+    t0 = time.perf_counter()
     for epoch in range(epochs):
-        detector.train()
-        generator.train(train_generator)
-        order = torch.randperm(n, generator=gen)
-        sums = dict.fromkeys(("d", "g", "flip", "fool", "acc", "flipped"), 0.0)
-        for i in range(0, n, batch_size):
-            idx = order[i : i + batch_size]
-            b = len(idx)
-            p, q, y = cp[idx], cq[idx], honest[idx]
-            fixed = torch.randint(0, len(ap), (b,), generator=gen)
-            z = torch.randn(b, generator.noise_dim, generator=gen)
-
-            # D step: clean -> 0; fixed attacks and G's flipped outputs -> 1
-            with torch.no_grad():
-                fake = generator(p, z)
-            flipped = fake.argmax(1) != y
-            att_p = torch.cat([ap[fixed], fake[flipped]])
-            att_q = torch.cat([aq[fixed], q[flipped]])
-            d_clean = detector.logits(p, q)
-            d_att = detector.logits(att_p, att_q)
-            loss_d = 0.5 * F.binary_cross_entropy_with_logits(
-                d_clean, torch.zeros_like(d_clean)
-            ) + 0.5 * F.binary_cross_entropy_with_logits(d_att, torch.ones_like(d_att))
-            opt_d.zero_grad(set_to_none=True)
-            loss_d.backward()  # type: ignore[no-untyped-call]
-            opt_d.step()
-
-            # G step: flip the label and look clean to D
-            fake = generator(p, z)
-            l_flip = flip_loss(fake, y, kappa)
-            l_fool = F.softplus(detector.logits(fake, q)).mean()
-            loss_g = flip_weight * l_flip + fool_weight * l_fool
-            opt_g.zero_grad(set_to_none=True)
-            if train_generator:
-                loss_g.backward()  # type: ignore[no-untyped-call]
-                opt_g.step()
-
-            with torch.no_grad():
-                now_flipped = fake.argmax(1) != y
-                fooled = now_flipped & (detector.logits(fake, q) < 0)
-                correct = (d_clean < 0).sum() + (d_att > 0).sum()
-            sums["d"] += loss_d.item() * b
-            sums["g"] += loss_g.item() * b
-            sums["flipped"] += float(now_flipped.sum())
-            sums["fool"] += float(fooled.sum())
-            sums["acc"] += float(correct) / (len(d_clean) + len(d_att)) * b
-            if progress is not None and task is not None:
-                progress.update(task, advance=1)
+        sums = _epoch(game, pairs, gen, batch_size, advance)
         history.d_loss.append(sums["d"] / n)
         history.g_loss.append(sums["g"] / n)
         history.g_flip_rate.append(sums["flipped"] / n)
         history.g_fool_rate.append(sums["fool"] / max(sums["flipped"], 1.0))
         history.d_accuracy.append(sums["acc"] / n)
-        if log is not None:
-            log(
-                f"{label} epoch {epoch + 1}/{epochs}: D loss {history.d_loss[-1]:.4f} "
-                f"(acc {history.d_accuracy[-1]:.3f}), G loss {history.g_loss[-1]:.4f}, "
-                f"flip rate {history.g_flip_rate[-1]:.3f}, fooled D {history.g_fool_rate[-1]:.3f}"
-            )
+        detail = (
+            f"D loss {history.d_loss[-1]:.4f} (acc {history.d_accuracy[-1]:.3f}), "
+            f"G loss {history.g_loss[-1]:.4f}, flip rate {history.g_flip_rate[-1]:.3f}, "
+            f"fooled D {history.g_fool_rate[-1]:.3f}"
+        )
+        log_epoch(log, label, epoch + 1, epochs, detail, time.perf_counter() - t0, progress)
     if progress is not None and task is not None:
         progress.remove_task(task)
     detector.eval()

@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import logging
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,13 @@ from rich.progress import Progress
 from torch import nn
 
 from verifier.data import Dataset, Splits, load_npz
-from verifier.experiment import AugmentConfig, NetSpec, PretrainConfig, VerifierConfig
+from verifier.experiment import (
+    AugmentConfig,
+    NetSpec,
+    OptimConfig,
+    PretrainConfig,
+    VerifierConfig,
+)
 from verifier.flops import count_flops, memory_estimate
 from verifier.losses import cross_entropy, kd_loss
 from verifier.nets import ConvNet, NetConfig, count_parameters, prune_filters
@@ -55,7 +61,7 @@ __all__ = [
     "select_verifier",
 ]
 
-Say = Callable[[str], None]
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -226,6 +232,159 @@ def _step_row(
     )
 
 
+def _record(
+    row: dict[str, Any], fid: Fidelity, wall: float, accepted: bool, note: str
+) -> StepRecord:
+    return StepRecord(
+        **row,
+        fidelity=round(fid.agreement, 5),
+        mean_kl=round(fid.mean_kl, 5),
+        val_accuracy=round(fid.accuracy, 5),
+        wall_s=round(wall, 2),
+        accepted=accepted,
+        note=note,
+    )
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """What every step of one candidate's greedy loop shares."""
+
+    service: nn.Module
+    train: Dataset
+    val: Dataset
+    service_val: torch.Tensor  # [n_val, C] the service's logits on the validation split
+    cfg: VerifierConfig
+    seed: int
+    image_shape: tuple[int, int, int]
+    flops: int
+    augment_cfg: AugmentConfig | None
+    run_dir: Path | None
+    progress: Progress | None
+    candidate: int
+
+    def kd_loss(self, logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        kd = self.cfg.kd
+        with torch.no_grad():
+            teacher = self.service(x)  # [b, C]
+        return kd_loss(logits, teacher, y, kd.temperature, kd.alpha, kd.beta)
+
+    def start(self, net: ConvNet, step: int, unfrozen: int) -> tuple[dict[str, Any], int]:
+        """Make ``unfrozen`` blocks trainable; the step's known fields and the bytes it needs
+        to fine-tune."""
+        _set_trainable(net, unfrozen)
+        mem = memory_estimate(net, self.image_shape, self.cfg.memory_batch_size, training=True)
+        row = _step_row(net, self.candidate, step, unfrozen, self.flops, mem.total_mb)
+        return row, mem.total_bytes
+
+    def fine_tune(
+        self, net: ConvNet, step: int, unfrozen: int, optim: OptimConfig, stage: str, label: str
+    ) -> tuple[Fidelity, float]:
+        """Fine-tune what is trainable (from the checkpoint when this stage finished in an
+        earlier run); its validation fidelity and wall seconds."""
+        seconds = fit(
+            net,
+            self.train,
+            self.kd_loss,
+            optim,
+            seed=self.seed + 1000 * self.candidate + step,
+            augment_cfg=self.augment_cfg,
+            stage_dir=self.run_dir / stage if self.run_dir is not None else None,
+            progress=self.progress,
+            label=label,
+            frozen_modules=_frozen_modules(net, unfrozen, self.cfg.freeze_batchnorm),
+        )
+        t0 = time.perf_counter()
+        fid = fidelity(predict_logits(net, self.val.x), self.service_val, self.val.y)
+        return fid, seconds + time.perf_counter() - t0
+
+
+@dataclass(frozen=True)
+class _Stopped:
+    """Where the greedy loop stopped: the steps taken, the kept weights and their fidelity."""
+
+    path: list[StepRecord]
+    best: Fidelity | None
+    best_state: dict[str, torch.Tensor] | None
+    unfrozen: int
+    stop: str
+
+
+def _greedy_steps(c: _Candidate, net: ConvNet) -> _Stopped:
+    """Steps 0, 1, ...: unfreeze one more block from the top and fine-tune, while the step
+    fits the memory budget, raises fidelity by more than the threshold, and the target is not
+    reached. A rejected step's weights are discarded."""
+    cfg = c.cfg
+    path: list[StepRecord] = []
+    best: Fidelity | None = None
+    best_state: dict[str, torch.Tensor] | None = None
+    unfrozen = 0
+    stop = "every block is trainable"
+    for step in range(len(net.blocks) + 1):
+        unfrozen = step
+        row, needed = c.start(net, step, unfrozen)
+        if needed > cfg.memory_budget_mb * 2**20:
+            nan = Fidelity(float("nan"), float("nan"), float("nan"))
+            note = f"exceeds the memory budget ({cfg.memory_budget_mb} MB)"
+            path.append(_record(row, nan, 0.0, False, note))
+            stop = "memory budget"
+            unfrozen = step - 1
+            break
+        label = f"verifier {c.candidate} step {step}"
+        fid, wall = c.fine_tune(net, step, unfrozen, cfg.step, f"step_{step}", label)
+        gain = fid.agreement - best.agreement if best is not None else float("inf")
+        accepted = gain > cfg.threshold
+        path.append(
+            _record(row, fid, wall, accepted, "head only" if step == 0 else f"gain {gain:+.4f}")
+        )
+        log.info(
+            "%s: %d block(s) unfrozen, fidelity %.2f%% (KL %.4f), %s",
+            label,
+            unfrozen,
+            100 * fid.agreement,
+            fid.mean_kl,
+            "kept" if accepted else "discarded",
+        )
+        if not accepted:
+            assert best_state is not None
+            net.load_state_dict(best_state)
+            unfrozen = step - 1
+            stop = f"gain {gain:+.4f} not above the threshold {cfg.threshold}"
+            break
+        best, best_state = fid, copy.deepcopy(net.state_dict())
+        if fid.agreement >= cfg.fidelity_target:
+            stop = f"fidelity target {cfg.fidelity_target} reached"
+            break
+    return _Stopped(path, best, best_state, max(unfrozen, 0), stop)
+
+
+def _final_step(c: _Candidate, net: ConvNet, loop: _Stopped) -> tuple[Fidelity | None, str]:
+    """One more fine-tune of what the loop left trainable (e.g. longer, at a lower lr), judged
+    by the same rule as every step. Returns the kept fidelity and the stop reason."""
+    final = c.cfg.final_step
+    if final is None or loop.best is None or loop.best_state is None:
+        return loop.best, loop.stop
+    step = loop.path[-1].step + 1
+    row, _ = c.start(net, step, loop.unfrozen)
+    label = f"verifier {c.candidate} final step"
+    fid, wall = c.fine_tune(net, step, loop.unfrozen, final, "final", label)
+    gain = fid.agreement - loop.best.agreement
+    accepted = gain > c.cfg.threshold
+    note = f"final step ({final.epochs} epochs, lr {final.lr:g}): gain {gain:+.4f}"
+    loop.path.append(_record(row, fid, wall, accepted, note))
+    log.info(
+        "%s: fidelity %.2f%% (KL %.4f), %s",
+        label,
+        100 * fid.agreement,
+        fid.mean_kl,
+        "kept" if accepted else "discarded",
+    )
+    if accepted:
+        return fid, loop.stop + f"; final step kept (gain {gain:+.4f})"
+    net.load_state_dict(loop.best_state)
+    return loop.best, loop.stop + f"; final step discarded (gain {gain:+.4f})"
+
+
 def greedy_unfreeze(
     net: ConvNet,
     service: nn.Module,
@@ -239,160 +398,34 @@ def greedy_unfreeze(
     run_dir: Path | None = None,
     progress: Progress | None = None,
     candidate: int = 0,
-    say: Say | None = None,
 ) -> GreedyResult:
     """Run the greedy unfreezing loop on ``net`` (backbone pretrained, head fresh; or both
-    pruned from the service)."""
-    log: Say = say or (lambda _m: None)
+    pruned from the service), then the optional final step."""
     service.eval()
-    budget_bytes = cfg.memory_budget_mb * 2**20
-    flops = count_flops(net, image_shape)
-    service_val = predict_logits(service, val.x)  # [n_val, C]
-    kd = cfg.kd
-
-    def loss_fn(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            teacher = service(x)  # [b, C]
-        return kd_loss(logits, teacher, y, kd.temperature, kd.alpha, kd.beta)
-
-    path: list[StepRecord] = []
-    best: Fidelity | None = None
-    best_state: dict[str, torch.Tensor] | None = None
-    unfrozen = 0
-    stop = "every block is trainable"
-    for step in range(len(net.blocks) + 1):
-        unfrozen = step
-        _set_trainable(net, unfrozen)
-        mem = memory_estimate(net, image_shape, cfg.memory_batch_size, training=True)
-        row = _step_row(net, candidate, step, unfrozen, flops, mem.total_mb)
-        if mem.total_bytes > budget_bytes:
-            path.append(
-                StepRecord(
-                    **row,
-                    fidelity=float("nan"),
-                    mean_kl=float("nan"),
-                    val_accuracy=float("nan"),
-                    wall_s=0.0,
-                    accepted=False,
-                    note=f"exceeds the memory budget ({cfg.memory_budget_mb} MB)",
-                )
-            )
-            stop = "memory budget"
-            unfrozen = step - 1
-            break
-        seconds = fit(  # from the checkpoint when this step finished in an earlier run
-            net,
-            train,
-            loss_fn,
-            cfg.step,
-            seed=seed + 1000 * candidate + step,
-            augment_cfg=augment_cfg,
-            stage_dir=run_dir / f"step_{step}" if run_dir is not None else None,
-            progress=progress,
-            label=f"verifier {candidate} step {step}",
-            frozen_modules=_frozen_modules(net, unfrozen, cfg.freeze_batchnorm),
-        )
-        t0 = time.perf_counter()
-        fid = fidelity(predict_logits(net, val.x), service_val, val.y)
-        wall = seconds + time.perf_counter() - t0
-        gain = fid.agreement - best.agreement if best is not None else float("inf")
-        accepted = gain > cfg.threshold
-        note = "head only" if step == 0 else f"gain {gain:+.4f}"
-        path.append(
-            StepRecord(
-                **row,
-                fidelity=round(fid.agreement, 5),
-                mean_kl=round(fid.mean_kl, 5),
-                val_accuracy=round(fid.accuracy, 5),
-                wall_s=round(wall, 2),
-                accepted=accepted,
-                note=note,
-            )
-        )
-        log(
-            f"verifier {candidate} step {step}: {unfrozen} block(s) unfrozen, fidelity "
-            f"{fid.agreement:.2%} (KL {fid.mean_kl:.4f}), {'kept' if accepted else 'discarded'}"
-        )
-        if not accepted:
-            assert best_state is not None
-            net.load_state_dict(best_state)
-            unfrozen = step - 1
-            stop = f"gain {gain:+.4f} not above the threshold {cfg.threshold}"
-            break
-        best, best_state = fid, copy.deepcopy(net.state_dict())
-        if fid.agreement >= cfg.fidelity_target:
-            stop = f"fidelity target {cfg.fidelity_target} reached"
-            break
-    unfrozen = max(unfrozen, 0)
-    final = cfg.final_step
-    if final is not None and best is not None and best_state is not None:
-        # one more fine-tune of what the loop left trainable (e.g. longer, at a lower lr),
-        # judged by the same rule as every step
-        step = path[-1].step + 1
-        _set_trainable(net, unfrozen)
-        mem = memory_estimate(net, image_shape, cfg.memory_batch_size, training=True)
-        row = _step_row(net, candidate, step, unfrozen, flops, mem.total_mb)
-        seconds = fit(
-            net,
-            train,
-            loss_fn,
-            final,
-            seed=seed + 1000 * candidate + step,
-            augment_cfg=augment_cfg,
-            stage_dir=run_dir / "final" if run_dir is not None else None,
-            progress=progress,
-            label=f"verifier {candidate} final step",
-            frozen_modules=_frozen_modules(net, unfrozen, cfg.freeze_batchnorm),
-        )
-        t0 = time.perf_counter()
-        fid = fidelity(predict_logits(net, val.x), service_val, val.y)
-        gain = fid.agreement - best.agreement
-        accepted = gain > cfg.threshold
-        path.append(
-            StepRecord(
-                **row,
-                fidelity=round(fid.agreement, 5),
-                mean_kl=round(fid.mean_kl, 5),
-                val_accuracy=round(fid.accuracy, 5),
-                wall_s=round(seconds + time.perf_counter() - t0, 2),
-                accepted=accepted,
-                note=f"final step ({final.epochs} epochs, lr {final.lr:g}): gain {gain:+.4f}",
-            )
-        )
-        log(
-            f"verifier {candidate} final step: fidelity {fid.agreement:.2%} "
-            f"(KL {fid.mean_kl:.4f}), {'kept' if accepted else 'discarded'}"
-        )
-        if accepted:
-            best = fid
-            stop += f"; final step kept (gain {gain:+.4f})"
-        else:
-            net.load_state_dict(best_state)
-            stop += f"; final step discarded (gain {gain:+.4f})"
-    _set_trainable(net, unfrozen)
+    c = _Candidate(
+        service=service,
+        train=train,
+        val=val,
+        service_val=predict_logits(service, val.x),
+        cfg=cfg,
+        seed=seed,
+        image_shape=image_shape,
+        flops=count_flops(net, image_shape),
+        augment_cfg=augment_cfg,
+        run_dir=run_dir,
+        progress=progress,
+        candidate=candidate,
+    )
+    loop = _greedy_steps(c, net)
+    best, stop = _final_step(c, net, loop)
+    _set_trainable(net, loop.unfrozen)
     net.eval()
-    return GreedyResult(net, path, stop, best, {"unfrozen_blocks": unfrozen})
+    return GreedyResult(net, loop.path, stop, best, {"unfrozen_blocks": loop.unfrozen})
 
 
-def select_verifier(
-    specs: list[NetSpec],
-    base: NetConfig,
-    service: nn.Module,
-    splits: Splits,
-    cfg: VerifierConfig,
-    *,
-    seed: int,
-    augment_cfg: AugmentConfig | None = None,
-    run_dir: Path | None = None,
-    progress: Progress | None = None,
-    say: Say | None = None,
-) -> tuple[GreedyResult, list[dict[str, object]]]:
-    """Try candidate sizes smallest-FLOPs first; the first reaching the fidelity target wins,
-    else the one with the best fidelity. Returns it and one summary row per candidate."""
-    log: Say = say or (lambda _m: None)
-    image_shape = splits.image_shape
-    service_flops = count_flops(service, image_shape)
-    configs = [
+def _candidate_configs(specs: list[NetSpec], base: NetConfig) -> list[NetConfig]:
+    """Each candidate's architecture, with the data-dependent fields of ``base``."""
+    return [
         NetConfig(
             widths=tuple(s.widths),
             convs_per_block=s.convs_per_block,
@@ -406,6 +439,70 @@ def select_verifier(
         )
         for s in specs
     ]
+
+
+def _train_candidate(
+    i: int,
+    spec: NetSpec,
+    net_cfg: NetConfig,
+    service: nn.Module,
+    splits: Splits,
+    cfg: VerifierConfig,
+    *,
+    seed: int,
+    augment_cfg: AugmentConfig | None,
+    run_dir: Path | None,
+    progress: Progress | None,
+) -> GreedyResult:
+    """Pretrain candidate ``i``'s backbone, then its greedy loop, in its own directory."""
+    spec_key = hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:8]
+    cand_dir = run_dir / f"candidate_{i}-{spec_key}" if run_dir is not None else None
+    net, pre = pretrain_backbone(
+        net_cfg,
+        cfg.pretrain,
+        splits,
+        seed=seed + 100 + i,
+        stage_dir=cand_dir / "pretrain" if cand_dir is not None else None,
+        progress=progress,
+        label=f"verifier {i} pretrain",
+        service=service,
+    )
+    log.info("verifier %d %s: backbone pretrained (%s)", i, list(net_cfg.widths), pre["source"])
+    result = greedy_unfreeze(
+        net,
+        service,
+        splits.train,
+        splits.val,
+        cfg,
+        seed=seed + 200,
+        image_shape=splits.image_shape,
+        augment_cfg=augment_cfg,
+        run_dir=cand_dir,
+        progress=progress,
+        candidate=i,
+    )
+    result.extra["pretrain"] = pre
+    result.extra["candidate"] = i
+    return result
+
+
+def select_verifier(
+    specs: list[NetSpec],
+    base: NetConfig,
+    service: nn.Module,
+    splits: Splits,
+    cfg: VerifierConfig,
+    *,
+    seed: int,
+    augment_cfg: AugmentConfig | None = None,
+    run_dir: Path | None = None,
+    progress: Progress | None = None,
+) -> tuple[GreedyResult, list[dict[str, object]]]:
+    """Try candidate sizes smallest-FLOPs first; the first reaching the fidelity target wins,
+    else the one with the best fidelity. Returns it and one summary row per candidate."""
+    image_shape = splits.image_shape
+    service_flops = count_flops(service, image_shape)
+    configs = _candidate_configs(specs, base)
     order = sorted(range(len(configs)), key=lambda i: count_flops(ConvNet(configs[i]), image_shape))
     summary: list[dict[str, object]] = []
     search_path: list[StepRecord] = []  # every candidate's steps, in the order tried
@@ -427,36 +524,19 @@ def select_verifier(
         elif inference.total_bytes > cfg.memory_budget_mb * 2**20:
             row["outcome"] = "skipped: does not fit the memory budget"
         else:
-            spec_key = hashlib.sha256(specs[i].model_dump_json().encode()).hexdigest()[:8]
-            cand_dir = run_dir / f"candidate_{i}-{spec_key}" if run_dir is not None else None
-            net, pre = pretrain_backbone(
+            result = _train_candidate(
+                i,
+                specs[i],
                 net_cfg,
-                cfg.pretrain,
-                splits,
-                seed=seed + 100 + i,
-                stage_dir=cand_dir / "pretrain" if cand_dir is not None else None,
-                progress=progress,
-                label=f"verifier {i} pretrain",
-                service=service,
-            )
-            log(f"verifier {i} {list(net_cfg.widths)}: backbone pretrained ({pre['source']})")
-            result = greedy_unfreeze(
-                net,
                 service,
-                splits.train,
-                splits.val,
+                splits,
                 cfg,
-                seed=seed + 200,
-                image_shape=image_shape,
+                seed=seed,
                 augment_cfg=augment_cfg,
-                run_dir=cand_dir,
+                run_dir=run_dir,
                 progress=progress,
-                candidate=i,
-                say=say,
             )
-            result.extra["pretrain"] = pre
             search_path += result.path
-            result.extra["candidate"] = i
             fid = result.fidelity.agreement if result.fidelity else float("nan")
             row.update(outcome=result.stop_reason, fidelity=fid)
             if chosen is None or (

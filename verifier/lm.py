@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,6 +111,3 @@ def acceptance(
     p = F.softmax(p_logits / temperature, dim=-1)
     q = F.softmax(q_logits / temperature, dim=-1)
     return float(torch.minimum(p, q).sum(-1).mean())
-
-
-Say = Callable[[str], None]

@@ -27,12 +27,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 from torch import nn
 
 from fides_core.integrity import NOVELTY_OUTPUT
-from verifier.detector import ONNX_OPSET
+from verifier.export import ONNX_OPSET, PARITY_ATOL, ExportError, ort_session
 
 __all__ = [
     "NoveltyScorer",
@@ -136,13 +135,12 @@ def export_novelty(
             opset_version=ONNX_OPSET,
         )
     onnx.checker.check_model(str(path))
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = sess.run(None, {input_name: x_check.numpy()})[0]
+    got = ort_session(path).run(None, {input_name: x_check.numpy()})[0]
     with torch.no_grad():
         want = scorer(x_check).numpy()
     diff = float((np.abs(got - want) / np.maximum(1.0, np.abs(want))).max())
-    if not diff <= 1e-4:
-        raise RuntimeError(f"{path}: ONNX differs from torch by {diff:.3g} (limit 1e-4)")
+    if not diff <= PARITY_ATOL:
+        raise ExportError(f"{path}: ONNX differs from torch by {diff:.3g} (limit {PARITY_ATOL})")
     return diff
 
 

@@ -1,33 +1,48 @@
 """One experiment end to end: data -> teachers -> distilled service student -> GDTL verifier
--> ONNX model-repository entries with model cards -> a results JSON."""
+-> ONNX model-repository entries with model cards -> a results JSON.
+
+Each stage is a function with explicit inputs and a small frozen result; :func:`run_experiment`
+runs them in order and returns the report with the trained networks (:class:`ExperimentRun`).
+Progress goes to ``logging`` (:mod:`verifier.logs`).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.progress import Progress
-from torch import nn
 
 from verifier.cards import model_card
 from verifier.data import Splits, load_splits
 from verifier.experiment import Experiment, NetSpec
 from verifier.export import write_entry
 from verifier.flops import count_flops, memory_estimate
-from verifier.gdtl import fidelity, path_rows, path_table, select_verifier
+from verifier.gdtl import Fidelity, GreedyResult, fidelity, path_rows, path_table, select_verifier
+from verifier.logs import progress_bar
 from verifier.losses import cross_entropy, ensemble_kd_loss, kd_loss
 from verifier.nets import ConvNet, NetConfig, count_parameters
 from verifier.train import fit, predict_logits, set_determinism
 
-__all__ = ["net_config", "run_experiment", "stage_key", "trained_nets"]
+__all__ = [
+    "ExperimentRun",
+    "Exported",
+    "StageKeys",
+    "experiment_splits",
+    "net_config",
+    "run_experiment",
+    "stage_key",
+    "stage_keys",
+    "trained_nets",
+]
 
-Say = Callable[[str], None]
+log = logging.getLogger(__name__)
 
 
 def net_config(spec: NetSpec, splits: Splits) -> NetConfig:
@@ -67,265 +82,445 @@ def stage_key(*parts: object) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
 
+@dataclass(frozen=True)
+class StageKeys:
+    """The keys of the stage directories (``<run_dir>/<stage>-<key>``)."""
+
+    teachers: tuple[str, ...]
+    student: str
+    verifier: str
+
+
+def stage_keys(exp: Experiment) -> StageKeys:
+    """Teacher ``i``: data, seed, threads and its own config; the student: those and every
+    teacher's and its own config; the verifier: the student's key and the verifier config less
+    its candidates (each candidate has its own directory inside)."""
+    base = (exp.data.model_dump(mode="json"), exp.seed, exp.threads)
+    teachers_dump = [t.model_dump(mode="json") for t in exp.teachers]
+    student = stage_key(*base, teachers_dump, exp.student.model_dump(mode="json"))
+    return StageKeys(
+        teachers=tuple(stage_key(*base, t) for t in teachers_dump),
+        student=student,
+        verifier=stage_key(student, exp.verifier.model_dump(mode="json", exclude={"candidates"})),
+    )
+
+
 def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
     return round(float((logits.argmax(-1) == y).float().mean()), 5)
 
 
-def run_experiment(
-    exp: Experiment,
-    run_dir: Path,
-    *,
-    repository: Path | None = None,
-    show_progress: bool = False,
-    say: Say | None = None,
-    trained: dict[str, nn.Module] | None = None,
-) -> dict[str, Any]:
-    """Run (or resume) ``exp`` in ``run_dir``; export into ``repository`` when given.
+# ---------------------------------------------------------------- stages
 
-    Returns the results (also written to ``run_dir/results.json``). When ``trained`` is a
-    dict, the trained networks are put in it (``teacher_<i>``, ``student``, ``verifier``).
-    """
-    log: Say = say or (lambda _m: None)
-    t_start = time.perf_counter()
+
+@dataclass(frozen=True)
+class Architectures:
+    """The teachers' and the student's architectures and costs (FLOPs per image)."""
+
+    teachers: tuple[NetConfig, ...]
+    student: NetConfig
+    teacher_flops: tuple[int, ...]
+    student_flops: int
+
+    @property
+    def ratio(self) -> float:
+        """How many times cheaper the student is than the cheapest teacher."""
+        return min(self.teacher_flops) / self.student_flops
+
+
+def architectures(exp: Experiment, splits: Splits) -> Architectures:
+    """Raises ``ValueError`` when the student is not ``student.min_flops_ratio`` times cheaper
+    than the cheapest teacher."""
+    shape = splits.image_shape
+    teachers = tuple(net_config(t.net, splits) for t in exp.teachers)
+    student = net_config(exp.student.net, splits)
+    teacher_flops = tuple(count_flops(ConvNet(c), shape) for c in teachers)
+    arch = Architectures(teachers, student, teacher_flops, count_flops(ConvNet(student), shape))
+    if arch.ratio < exp.student.min_flops_ratio:
+        raise ValueError(
+            f"student costs {arch.student_flops:,} FLOPs, the cheapest teacher "
+            f"{min(teacher_flops):,}: ratio {arch.ratio:.2f} is below student.min_flops_ratio "
+            f"{exp.student.min_flops_ratio}"
+        )
+    return arch
+
+
+@dataclass(frozen=True)
+class Teachers:
+    nets: tuple[ConvNet, ...]
+    rows: list[dict[str, Any]]  # one report row per teacher
+    ensemble_accuracy: float  # of the averaged softmax, on the test split
+    seconds: dict[str, float]  # "teacher_<i>" -> training seconds
+
+
+def train_teachers(
+    exp: Experiment,
+    splits: Splits,
+    arch: Architectures,
+    keys: StageKeys,
+    run_dir: Path,
+    bar: Progress | None,
+) -> Teachers:
+    """Each teacher trained with cross-entropy (or loaded from its finished stage)."""
+    nets: list[ConvNet] = []
+    rows, seconds = [], {}
+    for i, (tc, cfg) in enumerate(zip(exp.teachers, arch.teachers, strict=True)):
+        torch.manual_seed(exp.seed + i)
+        net = ConvNet(cfg)
+        secs = fit(
+            net,
+            splits.train,
+            lambda logits, _x, y: cross_entropy(logits, y),
+            tc.train,
+            seed=exp.seed + i,
+            augment_cfg=exp.data.augment,
+            stage_dir=run_dir / f"teacher_{i}-{keys.teachers[i]}",
+            progress=bar,
+            label=f"teacher {i}",
+        )
+        acc = _accuracy(predict_logits(net, splits.test.x), splits.test.y)
+        rows.append(
+            {
+                "widths": list(cfg.widths),
+                "convs_per_block": cfg.convs_per_block,
+                "params": count_parameters(net),
+                "flops": arch.teacher_flops[i],
+                "test_accuracy": acc,
+                "train_seconds": round(secs, 1),
+            }
+        )
+        seconds[f"teacher_{i}"] = round(secs, 1)
+        log.info("teacher %d: test accuracy %.2f%% (%.0fs)", i, 100 * acc, secs)
+        nets.append(net)
+    ens_logits = torch.stack([predict_logits(t, splits.test.x) for t in nets])  # [K, n, C]
+    ensemble = _accuracy(ens_logits.softmax(-1).mean(0), splits.test.y)
+    return Teachers(tuple(nets), rows, ensemble, seconds)
+
+
+@dataclass(frozen=True)
+class Student:
+    net: ConvNet
+    test_logits: torch.Tensor  # [n_test, C]
+    accuracy: float  # on the test split
+    seconds: float
+
+
+def train_student(
+    exp: Experiment,
+    splits: Splits,
+    arch: Architectures,
+    teachers: Teachers,
+    stage_dir: Path,
+    bar: Progress | None,
+) -> Student:
+    """The service student, distilled from the teacher (or the teachers' averaged softmax)."""
+    kd = exp.student.kd
+
+    def student_loss(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            t_logits = [t(x) for t in teachers.nets]  # K x [b, C]
+        if len(t_logits) == 1:
+            return kd_loss(logits, t_logits[0], y, kd.temperature, kd.alpha, kd.beta)
+        return ensemble_kd_loss(logits, t_logits, y, kd.temperature, kd.alpha, kd.beta)
+
+    torch.manual_seed(exp.seed + 50)
+    net = ConvNet(arch.student)
+    secs = fit(
+        net,
+        splits.train,
+        student_loss,
+        exp.student.train,
+        seed=exp.seed + 50,
+        augment_cfg=exp.data.augment,
+        stage_dir=stage_dir,
+        progress=bar,
+        label="student (KD)",
+    )
+    test_logits = predict_logits(net, splits.test.x)
+    acc = _accuracy(test_logits, splits.test.y)
+    log.info(
+        "service student: test accuracy %.2f%% (%.0fs; %.1fx fewer FLOPs than the cheapest "
+        "teacher)",
+        100 * acc,
+        secs,
+        arch.ratio,
+    )
+    return Student(net, test_logits, acc, secs)
+
+
+@dataclass(frozen=True)
+class Verifier:
+    result: GreedyResult  # the chosen candidate; ``result.net`` is the verifier
+    candidates: list[dict[str, object]]  # one summary row per candidate
+    seconds: float
+    test_fidelity: Fidelity
+    flops: int
+    memory_mb: float  # inference footprint at ``verifier.memory_batch_size``
+
+    @property
+    def net(self) -> ConvNet:
+        return self.result.net
+
+    @property
+    def search_path(self) -> list[Any]:
+        path = self.result.extra["search_path"]
+        assert isinstance(path, list)
+        return path
+
+
+def train_verifier(
+    exp: Experiment,
+    splits: Splits,
+    arch: Architectures,
+    student: Student,
+    stage_dir: Path,
+    bar: Progress | None,
+) -> Verifier:
+    """GDTL over the candidate sizes, then the chosen verifier measured on the test split."""
+    t0 = time.perf_counter()
+    result, candidates = select_verifier(
+        exp.verifier.candidates,
+        arch.student,
+        student.net,
+        splits,
+        exp.verifier,
+        seed=exp.seed,
+        augment_cfg=exp.data.augment,
+        run_dir=stage_dir,
+        progress=bar,
+    )
+    seconds = round(time.perf_counter() - t0, 1)
+    net, shape = result.net, splits.image_shape
+    test_fid = fidelity(predict_logits(net, splits.test.x), student.test_logits, splits.test.y)
+    flops = count_flops(net, shape)
+    mem = memory_estimate(net, shape, exp.verifier.memory_batch_size, training=False)
+    log.info(
+        "verifier: test fidelity %.2f%% (KL %.4f), accuracy %.2f%%, %.1f%% of the service "
+        "FLOPs; stopped: %s",
+        100 * test_fid.agreement,
+        test_fid.mean_kl,
+        100 * test_fid.accuracy,
+        100 * flops / arch.student_flops,
+        result.stop_reason,
+    )
+    return Verifier(result, candidates, seconds, test_fid, flops, mem.total_mb)
+
+
+# ---------------------------------------------------------------- report and export
+
+
+def dataset_summary(splits: Splits) -> dict[str, Any]:
+    return {
+        "source": splits.source,
+        "train": len(splits.train),
+        "val": len(splits.val),
+        "test": len(splits.test),
+        "image_shape": list(splits.image_shape),
+        "classes": splits.classes,
+        "normalisation": {"mean": splits.mean, "std": splits.std, "computed_on": "train"},
+    }
+
+
+def assemble_report(
+    exp: Experiment,
+    splits: Splits,
+    arch: Architectures,
+    teachers: Teachers,
+    student: Student,
+    verifier: Verifier,
+) -> dict[str, Any]:
+    """The results (``run_dir/results.json``), before export and wall time."""
+    v, fid = verifier, verifier.test_fidelity
+    result = v.result
+    return {
+        "experiment": exp.name,
+        "config_sha256": exp.config_hash(),
+        "dataset": dataset_summary(splits),
+        "teachers": teachers.rows,
+        "teacher_ensemble_test_accuracy": teachers.ensemble_accuracy,
+        "student": {
+            "widths": list(arch.student.widths),
+            "params": count_parameters(student.net),
+            "flops": arch.student_flops,
+            "teacher_to_student_flops_ratio": round(arch.ratio, 2),
+            "test_accuracy": student.accuracy,
+        },
+        "verifier": {
+            "widths": list(v.net.cfg.widths),
+            "params": count_parameters(v.net),
+            "flops": v.flops,
+            "flops_ratio_to_service": round(v.flops / arch.student_flops, 4),
+            "inference_memory_mb": round(v.memory_mb, 3),
+            "memory_budget_mb": exp.verifier.memory_budget_mb,
+            "fits_budget": v.memory_mb <= exp.verifier.memory_budget_mb,
+            "unfrozen_blocks": result.extra["unfrozen_blocks"],
+            "pretrain": result.extra.get("pretrain"),
+            "stop_reason": result.stop_reason,
+            "val_fidelity": result.fidelity.agreement if result.fidelity else None,
+            "test_fidelity_top1": round(fid.agreement, 5),
+            "test_mean_kl": round(fid.mean_kl, 5),
+            "test_accuracy": round(fid.accuracy, 5),
+            "candidates": v.candidates,
+            "path": path_rows(v.search_path),  # every candidate tried, the chosen one last
+        },
+        "train_seconds": {
+            **teachers.seconds,
+            "student": round(student.seconds, 1),
+            "verifier_gdtl": v.seconds,
+        },
+    }
+
+
+@dataclass(frozen=True)
+class Exported:
+    """What the export adds to the report."""
+
+    service_latency_ms: float  # batch 1, one CPU thread
+    verifier_latency_ms: float
+    onnx_max_abs_diff: float  # the larger of the two entries'
+
+
+def export_models(
+    exp: Experiment,
+    splits: Splits,
+    student: Student,
+    verifier: Verifier,
+    report: dict[str, Any],
+    repository: Path,
+) -> Exported:
+    """The service student and the verifier as repository entries with model cards."""
+    ex = exp.export
+    dataset = report["dataset"]
+    stu, ver = report["student"], report["verifier"]
+    service_card = model_card(
+        exp,
+        role="service",
+        architecture={"type": "ConvNet", **student.net.cfg.as_dict()},
+        metrics={
+            "test_accuracy": student.accuracy,
+            "teacher_test_accuracy": [t["test_accuracy"] for t in report["teachers"]],
+        },
+        params=stu["params"],
+        flops=stu["flops"],
+        dataset=dataset,
+    )
+    verifier_card = model_card(
+        exp,
+        role="verifier",
+        architecture={"type": "ConvNet", **verifier.net.cfg.as_dict()},
+        metrics={
+            "test_accuracy": ver["test_accuracy"],
+            "fidelity_top1": ver["test_fidelity_top1"],
+            "fidelity_mean_kl": ver["test_mean_kl"],
+            "service_model": ex.service_name,
+        },
+        params=ver["params"],
+        flops=ver["flops"],
+        extra={"gdtl_path": ver["path"], "inference_memory_mb": ver["inference_memory_mb"]},
+        dataset=dataset,
+    )
+    cards = {}
+    for name, net, card, comment in (
+        (ex.service_name, student.net, service_card, f"{exp.name}: distilled service student"),
+        (ex.verifier_name, verifier.net, verifier_card, f"{exp.name}: GDTL verifier"),
+    ):
+        cards[name] = write_entry(
+            repository,
+            name,
+            net,
+            splits.test.x[:256],
+            splits.classes,
+            card,
+            comment=f"{comment} (verifier.pipeline)",
+            max_batch_size=ex.max_batch_size,
+            latency_repeats=ex.latency_repeats,
+        )
+    log.info("exported %s and %s to %s", ex.service_name, ex.verifier_name, repository)
+    return Exported(
+        cards[ex.service_name]["cpu_latency_ms_batch1"],
+        cards[ex.verifier_name]["cpu_latency_ms_batch1"],
+        max(c["onnx_max_abs_diff"] for c in cards.values()),
+    )
+
+
+def _write_results(report: dict[str, Any], exp: Experiment, run_dir: Path, seconds: float) -> None:
+    """Wall time (this invocation, and with the earlier ones that finished in ``run_dir``),
+    then ``run_dir/results.json``."""
+    report["wall_seconds"] = round(seconds, 1)
+    earlier = run_dir / "results.json"
+    prior = json.loads(earlier.read_text(encoding="utf-8")) if earlier.is_file() else {}
+    if prior.get("config_sha256") != exp.config_hash():
+        prior = {}
+    report["wall_seconds_total"] = round(
+        prior.get("wall_seconds_total", prior.get("wall_seconds", 0.0)) + report["wall_seconds"], 1
+    )
+    report["threads"] = exp.threads
+    (run_dir / "results.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+
+
+# ---------------------------------------------------------------- the whole run
+
+
+@dataclass(frozen=True)
+class ExperimentRun:
+    """A finished run: its results (as in ``run_dir/results.json``) and the trained nets."""
+
+    report: dict[str, Any]
+    splits: Splits
+    teachers: tuple[ConvNet, ...]
+    student: ConvNet
+    verifier: ConvNet
+
+
+def _prepare(exp: Experiment, run_dir: Path) -> Splits:
+    """Seed and threads, ``run_dir/experiment.json``, and the data."""
     set_determinism(exp.seed, exp.threads)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "experiment.json").write_text(
         json.dumps(exp.model_dump(mode="json"), indent=2) + "\n", encoding="utf-8"
     )
     splits = experiment_splits(exp)
-    shape = splits.image_shape
-    log(
-        f"data: {splits.source}, {len(splits.train)} train / {len(splits.val)} val / "
-        f"{len(splits.test)} test, images {shape}, {splits.num_classes} classes"
+    log.info(
+        "data: %s, %d train / %d val / %d test, images %s, %d classes",
+        splits.source,
+        len(splits.train),
+        len(splits.val),
+        len(splits.test),
+        splits.image_shape,
+        splits.num_classes,
     )
-    teacher_cfgs = [net_config(t.net, splits) for t in exp.teachers]
-    student_cfg = net_config(exp.student.net, splits)
-    teacher_flops = [count_flops(ConvNet(c), shape) for c in teacher_cfgs]
-    student_flops = count_flops(ConvNet(student_cfg), shape)
-    ratio = min(teacher_flops) / student_flops
-    if ratio < exp.student.min_flops_ratio:
-        raise ValueError(
-            f"student costs {student_flops:,} FLOPs, the cheapest teacher {min(teacher_flops):,}: "
-            f"ratio {ratio:.2f} is below student.min_flops_ratio {exp.student.min_flops_ratio}"
+    return splits
+
+
+def run_experiment(
+    exp: Experiment, run_dir: Path, *, repository: Path | None = None, show_progress: bool = False
+) -> ExperimentRun:
+    """Run (or resume) ``exp`` in ``run_dir``; export into ``repository`` when given.
+
+    Returns the results (also written to ``run_dir/results.json``) and the trained networks.
+    ``show_progress``: rich progress bars, when stderr is a terminal.
+    """
+    t_start = time.perf_counter()
+    splits = _prepare(exp, run_dir)
+    arch = architectures(exp, splits)
+    keys = stage_keys(exp)
+    with progress_bar(show_progress) as bar:
+        teachers = train_teachers(exp, splits, arch, keys, run_dir, bar)
+        student = train_student(
+            exp, splits, arch, teachers, run_dir / f"student-{keys.student}", bar
         )
-    base = (exp.data.model_dump(mode="json"), exp.seed, exp.threads)
-    teachers_dump = [t.model_dump(mode="json") for t in exp.teachers]
-    student_key = stage_key(*base, teachers_dump, exp.student.model_dump(mode="json"))
-    verifier_key = stage_key(
-        student_key, exp.verifier.model_dump(mode="json", exclude={"candidates"})
-    )
-    bar = Progress(transient=True) if show_progress else None
-    timings: dict[str, float] = {}
-    with bar if bar is not None else nullcontext():
-        # teachers (cross-entropy)
-        teachers: list[ConvNet] = []
-        teacher_results = []
-        for i, (tc, cfg) in enumerate(zip(exp.teachers, teacher_cfgs, strict=True)):
-            torch.manual_seed(exp.seed + i)
-            net = ConvNet(cfg)
-            secs = fit(
-                net,
-                splits.train,
-                lambda logits, _x, y: cross_entropy(logits, y),
-                tc.train,
-                seed=exp.seed + i,
-                augment_cfg=exp.data.augment,
-                stage_dir=run_dir / f"teacher_{i}-{stage_key(*base, teachers_dump[i])}",
-                progress=bar,
-                label=f"teacher {i}",
-            )
-            acc = _accuracy(predict_logits(net, splits.test.x), splits.test.y)
-            teacher_results.append(
-                {
-                    "widths": list(cfg.widths),
-                    "convs_per_block": cfg.convs_per_block,
-                    "params": count_parameters(net),
-                    "flops": teacher_flops[i],
-                    "test_accuracy": acc,
-                    "train_seconds": round(secs, 1),
-                }
-            )
-            timings[f"teacher_{i}"] = round(secs, 1)
-            log(f"teacher {i}: test accuracy {acc:.2%} ({secs:.0f}s)")
-            teachers.append(net)
-        ens_logits = torch.stack([predict_logits(t, splits.test.x) for t in teachers])
-        ensemble_acc = _accuracy(ens_logits.softmax(-1).mean(0), splits.test.y)
-
-        # service student (KD from the teacher, or the teachers' averaged softmax)
-        kd = exp.student.kd
-
-        def student_loss(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            with torch.no_grad():
-                t_logits = [t(x) for t in teachers]  # K x [b, C]
-            if len(t_logits) == 1:
-                return kd_loss(logits, t_logits[0], y, kd.temperature, kd.alpha, kd.beta)
-            return ensemble_kd_loss(logits, t_logits, y, kd.temperature, kd.alpha, kd.beta)
-
-        torch.manual_seed(exp.seed + 50)
-        student = ConvNet(student_cfg)
-        secs = fit(
-            student,
-            splits.train,
-            student_loss,
-            exp.student.train,
-            seed=exp.seed + 50,
-            augment_cfg=exp.data.augment,
-            stage_dir=run_dir / f"student-{student_key}",
-            progress=bar,
-            label="student (KD)",
+        verifier = train_verifier(
+            exp, splits, arch, student, run_dir / f"verifier-{keys.verifier}", bar
         )
-        timings["student"] = round(secs, 1)
-        student_test = predict_logits(student, splits.test.x)
-        student_acc = _accuracy(student_test, splits.test.y)
-        log(
-            f"service student: test accuracy {student_acc:.2%} ({secs:.0f}s; "
-            f"{ratio:.1f}x fewer FLOPs than the cheapest teacher)"
-        )
-
-        # verifier (GDTL)
-        t0 = time.perf_counter()
-        result, candidates = select_verifier(
-            exp.verifier.candidates,
-            student_cfg,
-            student,
-            splits,
-            exp.verifier,
-            seed=exp.seed,
-            augment_cfg=exp.data.augment,
-            run_dir=run_dir / f"verifier-{verifier_key}",
-            progress=bar,
-            say=log,
-        )
-        timings["verifier_gdtl"] = round(time.perf_counter() - t0, 1)
-    verifier = result.net
-    if trained is not None:
-        trained.update({f"teacher_{i}": t for i, t in enumerate(teachers)})
-        trained.update(student=student, verifier=verifier)
-    verifier_test = predict_logits(verifier, splits.test.x)
-    test_fid = fidelity(verifier_test, student_test, splits.test.y)
-    verifier_flops = count_flops(verifier, shape)
-    verifier_mem = memory_estimate(verifier, shape, exp.verifier.memory_batch_size, training=False)
-    log(
-        f"verifier: test fidelity {test_fid.agreement:.2%} (KL {test_fid.mean_kl:.4f}), "
-        f"accuracy {test_fid.accuracy:.2%}, {verifier_flops / student_flops:.1%} of the service "
-        f"FLOPs; stopped: {result.stop_reason}"
-    )
-    search_path = result.extra["search_path"]
-    assert isinstance(search_path, list)
-    (run_dir / "gdtl_path.md").write_text(path_table(search_path) + "\n", encoding="utf-8")
-
-    dataset = {
-        "source": splits.source,
-        "train": len(splits.train),
-        "val": len(splits.val),
-        "test": len(splits.test),
-        "image_shape": list(shape),
-        "classes": splits.classes,
-        "normalisation": {"mean": splits.mean, "std": splits.std, "computed_on": "train"},
-    }
-    results: dict[str, Any] = {
-        "experiment": exp.name,
-        "config_sha256": exp.config_hash(),
-        "dataset": dataset,
-        "teachers": teacher_results,
-        "teacher_ensemble_test_accuracy": ensemble_acc,
-        "student": {
-            "widths": list(student_cfg.widths),
-            "params": count_parameters(student),
-            "flops": student_flops,
-            "teacher_to_student_flops_ratio": round(ratio, 2),
-            "test_accuracy": student_acc,
-        },
-        "verifier": {
-            "widths": list(verifier.cfg.widths),
-            "params": count_parameters(verifier),
-            "flops": verifier_flops,
-            "flops_ratio_to_service": round(verifier_flops / student_flops, 4),
-            "inference_memory_mb": round(verifier_mem.total_mb, 3),
-            "memory_budget_mb": exp.verifier.memory_budget_mb,
-            "fits_budget": verifier_mem.total_mb <= exp.verifier.memory_budget_mb,
-            "unfrozen_blocks": result.extra["unfrozen_blocks"],
-            "pretrain": result.extra.get("pretrain"),
-            "stop_reason": result.stop_reason,
-            "val_fidelity": result.fidelity.agreement if result.fidelity else None,
-            "test_fidelity_top1": round(test_fid.agreement, 5),
-            "test_mean_kl": round(test_fid.mean_kl, 5),
-            "test_accuracy": round(test_fid.accuracy, 5),
-            "candidates": candidates,
-            "path": path_rows(search_path),  # every candidate tried, the chosen one last
-        },
-        "train_seconds": timings,
-    }
+    (run_dir / "gdtl_path.md").write_text(path_table(verifier.search_path) + "\n", encoding="utf-8")
+    report = assemble_report(exp, splits, arch, teachers, student, verifier)
     if repository is not None:
-        x_check = splits.test.x[:256]
-        common = {"dataset": dataset}
-        ex = exp.export
-        service_card = model_card(
-            exp,
-            role="service",
-            architecture={"type": "ConvNet", **student_cfg.as_dict()},
-            metrics={
-                "test_accuracy": student_acc,
-                "teacher_test_accuracy": [t["test_accuracy"] for t in teacher_results],
-            },
-            params=count_parameters(student),
-            flops=student_flops,
-            **common,
-        )
-        verifier_card = model_card(
-            exp,
-            role="verifier",
-            architecture={"type": "ConvNet", **verifier.cfg.as_dict()},
-            metrics={
-                "test_accuracy": round(test_fid.accuracy, 5),
-                "fidelity_top1": round(test_fid.agreement, 5),
-                "fidelity_mean_kl": round(test_fid.mean_kl, 5),
-                "service_model": ex.service_name,
-            },
-            params=count_parameters(verifier),
-            flops=verifier_flops,
-            extra={
-                "gdtl_path": path_rows(search_path),
-                "inference_memory_mb": round(verifier_mem.total_mb, 3),
-            },
-            **common,
-        )
-        cards = {}
-        for name, net, card, comment in (
-            (ex.service_name, student, service_card, f"{exp.name}: distilled service student"),
-            (ex.verifier_name, verifier, verifier_card, f"{exp.name}: GDTL verifier"),
-        ):
-            cards[name] = write_entry(
-                repository,
-                name,
-                net,
-                x_check,
-                splits.classes,
-                card,
-                comment=f"{comment} (verifier.pipeline)",
-                max_batch_size=ex.max_batch_size,
-                latency_repeats=ex.latency_repeats,
-            )
-        results["student"]["cpu_latency_ms_batch1"] = cards[ex.service_name][
-            "cpu_latency_ms_batch1"
-        ]
-        results["verifier"]["cpu_latency_ms_batch1"] = cards[ex.verifier_name][
-            "cpu_latency_ms_batch1"
-        ]
-        results["onnx_max_abs_diff"] = max(c["onnx_max_abs_diff"] for c in cards.values())
-        results["repository"] = str(repository)
-    results["wall_seconds"] = round(time.perf_counter() - t_start, 1)  # this invocation
-    # a resumed run also counts the earlier invocations that finished in this run directory
-    earlier = run_dir / "results.json"
-    prior = json.loads(earlier.read_text(encoding="utf-8")) if earlier.is_file() else {}
-    if prior.get("config_sha256") != exp.config_hash():
-        prior = {}
-    results["wall_seconds_total"] = round(
-        prior.get("wall_seconds_total", prior.get("wall_seconds", 0.0)) + results["wall_seconds"], 1
-    )
-    results["threads"] = exp.threads
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    return results
+        exported = export_models(exp, splits, student, verifier, report, repository)
+        report["student"]["cpu_latency_ms_batch1"] = exported.service_latency_ms
+        report["verifier"]["cpu_latency_ms_batch1"] = exported.verifier_latency_ms
+        report["onnx_max_abs_diff"] = exported.onnx_max_abs_diff
+        report["repository"] = str(repository)
+    _write_results(report, exp, run_dir, time.perf_counter() - t_start)
+    return ExperimentRun(report, splits, teachers.nets, student.net, verifier.net)
 
 
 def trained_nets(run_dir: Path) -> dict[str, Path]:

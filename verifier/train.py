@@ -1,4 +1,5 @@
-"""The training loop shared by every stage: seeded, resumable, with a progress bar.
+"""The training loop shared by every stage: seeded, resumable, with a progress bar on a
+terminal and one log line per epoch (:func:`verifier.logs.log_epoch`).
 
 One stage = one network trained for a number of epochs. A stage writes
 ``<dir>/last.pt`` (model, optimizer, schedule, random-number states) after every epoch and
@@ -8,8 +9,10 @@ stopped and a finished stage is loaded rather than retrained.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +22,14 @@ from torch import nn
 
 from verifier.data import Dataset, augment
 from verifier.experiment import AugmentConfig, OptimConfig
+from verifier.logs import log_epoch
 
 __all__ = ["LossFn", "fit", "predict_logits", "set_determinism"]
 
 # (logits of the net being trained [b, C], augmented inputs [b, C, H, W], labels [b]) -> loss
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+log = logging.getLogger(__name__)
 
 
 def set_determinism(seed: int, threads: int) -> None:
@@ -46,6 +52,40 @@ def _save(path: Path, state: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     tmp.replace(path)  # never a half-written checkpoint
+
+
+@dataclass(frozen=True)
+class _Resumed:
+    done: bool  # the stage finished in an earlier run: ``net`` holds its final weights
+    epoch: int  # epochs already trained
+    seconds: float  # training seconds so far
+
+
+def _resume(
+    stage_dir: Path,
+    net: nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    gen: torch.Generator,
+) -> _Resumed:
+    """Load ``stage_dir``'s checkpoint, if any, into the net (and, from an unfinished stage,
+    the optimizer, the schedule and the random-number states)."""
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    done, last = stage_dir / "done.pt", stage_dir / "last.pt"
+    if done.is_file():
+        state = torch.load(done, weights_only=True)
+        net.load_state_dict(state["model"])
+        net.eval()
+        return _Resumed(True, 0, float(state["seconds"]))
+    if not last.is_file():
+        return _Resumed(False, 0, 0.0)
+    state = torch.load(last, weights_only=True)
+    net.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    gen.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    return _Resumed(False, int(state["epoch"]), float(state["seconds"]))
 
 
 def fit(
@@ -80,21 +120,13 @@ def fit(
     gen = torch.Generator().manual_seed(seed)
     start_epoch, elapsed = 0, 0.0
     if stage_dir is not None:
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        done, last = stage_dir / "done.pt", stage_dir / "last.pt"
-        if done.is_file():
-            state = torch.load(done, weights_only=True)
-            net.load_state_dict(state["model"])
-            net.eval()
-            return float(state["seconds"])
-        if last.is_file():
-            state = torch.load(last, weights_only=True)
-            net.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            gen.set_state(state["generator"])
-            torch.set_rng_state(state["torch_rng"])
-            start_epoch, elapsed = int(state["epoch"]), float(state["seconds"])
+        resumed = _resume(stage_dir, net, opt, sched, gen)
+        if resumed.done:
+            log.info("%s: loaded from %s (finished in an earlier run)", label, stage_dir)
+            return resumed.seconds
+        if resumed.epoch:
+            log.info("%s: resuming after epoch %d/%d", label, resumed.epoch, optim.epochs)
+        start_epoch, elapsed = resumed.epoch, resumed.seconds
     task = (
         progress.add_task(label, total=optim.epochs * steps, completed=start_epoch * steps)
         if progress is not None
@@ -106,6 +138,7 @@ def fit(
         for m in frozen:
             m.eval()
         order = torch.randperm(n, generator=gen)
+        total, seen = 0.0, 0
         for i in range(0, n, optim.batch_size):
             idx = order[i : i + optim.batch_size]
             x = augment(data.x[idx], gen, aug.crop_padding, aug.hflip)  # [b, C, H, W]
@@ -116,9 +149,12 @@ def fit(
             loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
             sched.step()
+            total, seen = total + loss.item() * len(idx), seen + len(idx)
             if progress is not None and task is not None:
                 progress.update(task, advance=1, description=f"{label} loss {loss.item():.3f}")
         elapsed += time.perf_counter() - t0
+        detail = f"loss {total / max(seen, 1):.4f}"
+        log_epoch(log, label, epoch + 1, optim.epochs, detail, elapsed, progress)
         if stage_dir is not None:
             _save(
                 stage_dir / "last.pt",

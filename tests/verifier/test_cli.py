@@ -1,14 +1,17 @@
-"""`fides train` from the command line: results files, exported models, clear errors."""
+"""`fides train` / `fides evaluate` from the command line: results files, exported models,
+clear errors, progress in the log."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import yaml
 from typer.testing import CliRunner
 
 from fides.cli import app
+from tests.verifier.test_evaluate import DETECTOR
 from tests.verifier.test_pipeline import tiny_experiment
 
 
@@ -35,3 +38,40 @@ def test_train_reports_a_bad_experiment(tmp_path: Path) -> None:
     out = CliRunner().invoke(app, ["train", str(exp)])
     assert out.exit_code == 2
     assert "unknown key 'epochs'" in out.output
+
+
+def test_evaluate_logs_every_epoch_of_every_stage_without_a_terminal(tmp_path: Path) -> None:
+    """Output to a file or CI (CliRunner's stderr is no terminal): no progress bars, but one
+    log line per epoch of each training stage, with the epoch, the loss and the seconds."""
+    raw = tiny_experiment().model_dump(mode="json")
+    raw["verifier"]["candidates"] = raw["verifier"]["candidates"][:1]
+    raw["detector"] = {
+        **DETECTOR,
+        "gan": {"epochs": 2, "batch_size": 64},
+        "reclassifier_epochs": 2,
+        "fgsm_epsilons": [0.1],
+    }
+    exp = tmp_path / "tiny.yaml"
+    exp.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    args = ["evaluate", str(exp), "--run-dir", str(tmp_path / "run"), "--out"]
+    out = CliRunner().invoke(app, [*args, str(tmp_path / "report.json")])
+    assert out.exit_code == 0, out.output
+    lines = out.stderr.splitlines()
+    stages = {
+        "teacher 0": 4,
+        "student (KD)": 4,
+        "verifier 0 pretrain": 1,
+        "verifier 0 step 0": 2,
+        "GAN": 2,
+        "detector fine-tuning": 1,
+        "re-classifier": 2,
+        "substitute tiny": 1,
+    }
+    for stage, epochs in stages.items():
+        pattern = re.compile(
+            rf" {re.escape(stage)} epoch (\d+)/{epochs}: .*loss \d+\.\d+.* \(\d+\.\d+s\)$"
+        )
+        seen = [int(m.group(1)) for line in lines if (m := pattern.search(line))]
+        assert seen == list(range(1, epochs + 1)), (stage, out.stderr)
+    assert "\r" not in out.stderr  # no progress bar redrawing itself
+    assert (tmp_path / "report.json").is_file()

@@ -12,12 +12,12 @@ import torch
 
 from gateway.model_config import load_model_config
 from verifier.data import load_splits
-from verifier.defaults import DIGITS_DEFAULT
+from verifier.defaults import DIGITS_DEFAULT, digits_default
 from verifier.experiment import Experiment, OptimConfig, parse_experiment
 from verifier.losses import cross_entropy
 from verifier.nets import ConvNet, NetConfig
-from verifier.pipeline import run_experiment
-from verifier.train import fit, set_determinism
+from verifier.pipeline import StageKeys, run_experiment, stage_keys
+from verifier.train import fit, predict_logits, set_determinism
 
 
 def tiny_experiment(**changes: Any) -> Experiment:
@@ -37,7 +37,7 @@ def tiny_experiment(**changes: Any) -> Experiment:
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any], float]:
     root = tmp_path_factory.mktemp("pipeline")
     t0 = time.perf_counter()
-    results = run_experiment(tiny_experiment(), root / "run", repository=root / "repo")
+    results = run_experiment(tiny_experiment(), root / "run", repository=root / "repo").report
     return root, results, time.perf_counter() - t0
 
 
@@ -68,10 +68,35 @@ def test_tiny_pipeline_runs_end_to_end(tiny_run: tuple[Path, dict[str, Any], flo
 def test_rerun_resumes_from_the_checkpoints(tiny_run: tuple[Path, dict[str, Any], float]) -> None:
     root, first, seconds = tiny_run
     t0 = time.perf_counter()
-    again = run_experiment(tiny_experiment(), root / "run")  # every stage is done: loaded
+    again = run_experiment(tiny_experiment(), root / "run").report  # every stage is done: loaded
     assert time.perf_counter() - t0 < seconds / 2
     assert again["student"]["test_accuracy"] == first["student"]["test_accuracy"]
     assert again["verifier"]["test_fidelity_top1"] == first["verifier"]["test_fidelity_top1"]
+
+
+def test_the_run_returns_the_trained_networks(
+    tiny_run: tuple[Path, dict[str, Any], float],
+) -> None:
+    root, first, _ = tiny_run
+    run = run_experiment(tiny_experiment(), root / "run")  # loaded from the finished stages
+    assert run.report["student"]["test_accuracy"] == first["student"]["test_accuracy"]
+    test = run.splits.test
+    student = predict_logits(run.student, test.x).argmax(-1)
+    assert round(float((student == test.y).float().mean()), 5) == first["student"]["test_accuracy"]
+    verifier = predict_logits(run.verifier, test.x).argmax(-1)
+    fidelity = round(float((verifier == student).float().mean()), 5)
+    assert fidelity == first["verifier"]["test_fidelity_top1"]
+    assert len(run.teachers) == len(first["teachers"])
+    assert run.verifier.cfg.widths == tuple(first["verifier"]["widths"])
+
+
+def test_stage_directories_keep_their_names() -> None:
+    """The stage directories of the default experiment, as earlier versions named them: a
+    change here means existing run directories no longer resume (and must be said so)."""
+    exp = digits_default()
+    assert exp.config_hash()[:8] == "5b740d6b"
+    keys = stage_keys(exp)
+    assert keys == StageKeys(teachers=("9b12b8fa",), student="0222c0ba", verifier="6d6d21fb")
 
 
 def test_a_changed_verifier_config_reuses_teacher_and_student(
@@ -83,7 +108,7 @@ def test_a_changed_verifier_config_reuses_teacher_and_student(
     changed = exp.model_copy(
         update={"verifier": exp.verifier.model_copy(update={"fidelity_target": 0.5})}
     )
-    again = run_experiment(changed, root / "run")
+    again = run_experiment(changed, root / "run").report
     after = sorted(p.name for p in (root / "run").iterdir() if p.is_dir())
     new = sorted(set(after) - set(before))
     assert len(new) == 1
