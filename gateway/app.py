@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -14,11 +15,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway import __version__
 from gateway.api import integrity as integrity_routes
-from gateway.api import openai as openai_routes
+from gateway.api import openai, v2
 from gateway.api import repository as repository_routes
-from gateway.api import v2
 from gateway.api.body import BodyLimitMiddleware
 from gateway.api.middleware import RequestContextMiddleware
+from gateway.api.openai import openai_error_response
 from gateway.api.responses import error_response
 from gateway.auth import KeyChecker
 from gateway.batcher import BatchObserver
@@ -56,6 +57,18 @@ class MetricsObserver(BatchObserver):
         self._compute.observe(compute_s)
 
 
+@dataclass
+class Components:
+    """What one gateway is made of; the lifespan starts and stops them in order."""
+
+    settings: Settings
+    metrics: GatewayMetrics
+    repository: ModelRepository
+    dataplane: DataPlane
+    integrity: IntegrityService
+    generation: GenerationService
+
+
 def create_app(
     settings: Settings | None = None, *, enclave_factory: EnclaveFactory | None = None
 ) -> FastAPI:
@@ -63,128 +76,181 @@ def create_app(
     enclave (tests pass an in-process one); by default each gets its own enclave process."""
     settings = settings or Settings()
     settings.check_secure()
-    # `_created` series double the output and no dashboard uses them
-    disable_created_metrics()  # type: ignore[no-untyped-call]
-    metrics = GatewayMetrics()
-
-    def on_state(model: str, version: int, ready: bool) -> None:
-        metrics.model_ready.labels(model, str(version)).set(1 if ready else 0)
-
-    def on_runtime(runtime: Runtime) -> None:
-        # upstream runtimes: count retries, expose the circuit breaker's state at scrape time
-        breaker = getattr(runtime, "breaker", None)
-        if breaker is not None:
-            retries = metrics.upstream_retries.labels(runtime.name)
-            runtime.on_retry = retries.inc  # type: ignore[attr-defined]
-            metrics.upstream_circuit_open.labels(runtime.name).set_function(
-                lambda: 1.0 if breaker.state == "open" else 0.0
-            )
-
-    repository = ModelRepository(
-        settings.model_repository,
-        observer_factory=lambda m, v: MetricsObserver(metrics, m, v),
-        on_state=on_state,
-        on_runtime=on_runtime,
-        on_load=lambda m, ok: metrics.model_loads.labels(m, "success" if ok else "failure").inc(),
-        drain_timeout_s=settings.shutdown_grace_s,
-        serve_verifiers=settings.serve_verifiers,
-    )
-    dataplane = DataPlane(repository, settings, metrics)
-    integrity = IntegrityService(repository, settings, metrics.integrity, enclave_factory)
-    repository.wrap = integrity.wrap  # a model with an integrity block is served verified
-    generation = GenerationService(repository, metrics.generation)
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if not settings.api_keys:
-            log.warning("running WITHOUT API keys (FIDES_DEV_MODE): development only")
-        await repository.load_all()
-        await integrity.start()
-        # Loaded models (torch especially) leave millions of long-lived objects: without
-        # freezing them every full collection walks them all (150 ms pauses measured).
-        gc.collect()
-        gc.freeze()
-        ok, missing = dataplane.ready()
-        log.info(
-            "gateway started",
-            extra={"ready": ok, "not_ready": missing, "models": repository.loaded_names()},
-        )
-        yield
-        log.info("shutting down: draining in-flight requests")
-        await repository.close()
-        await integrity.close()
-
+    parts = build_components(settings, enclave_factory)
     app = FastAPI(
         title="Fides Gateway",
         version=__version__,
         description="Open Inference Protocol gateway with integrity verification.",
-        lifespan=lifespan,
+        lifespan=_lifespan(parts),
     )
-    app.state.settings = settings
-    app.state.metrics = metrics
-    app.state.dataplane = dataplane
-    app.state.generation = generation
-    app.state.integrity = integrity
-    app.state.keys = KeyChecker(settings.api_keys, settings.admin_api_keys)
+    _put_state(app, parts)
+    _add_error_handlers(app)
+    _add_routes(app, parts)
+    _add_middleware(app, parts)
+    return app
 
-    def _error(
-        request: Request,
-        message: str,
-        status: int,
-        headers: dict[str, str] | None = None,
-        param: str | None = None,
-        code: str | None = None,
-    ) -> Response:
-        # /v1 speaks OpenAI's error body; everything else the gateway's {"error": message}
-        if request.url.path.startswith("/v1/"):
-            return openai_routes.openai_error_response(message, status, headers, param, code)
-        return error_response(message, status, headers)
 
-    @app.exception_handler(GatewayError)
-    async def _gateway_error(request: Request, exc: GatewayError) -> Response:
-        if isinstance(exc, InvalidGeneration):
-            return _error(request, exc.message, exc.status, exc.headers, exc.param, exc.code)
-        return _error(request, exc.message, exc.status, exc.headers)
+def build_components(
+    settings: Settings, enclave_factory: EnclaveFactory | None = None
+) -> Components:
+    """The repository (every model, one registry), the data plane, the integrity service
+    that wraps verified models, and the generation service, wired to one metrics registry."""
+    # `_created` series double the output and no dashboard uses them
+    disable_created_metrics()  # type: ignore[no-untyped-call]
+    metrics = GatewayMetrics()
+    repository = ModelRepository(
+        settings.model_repository,
+        observer_factory=lambda m, v: MetricsObserver(metrics, m, v),
+        on_state=lambda m, v, ok: metrics.model_ready.labels(m, str(v)).set(1 if ok else 0),
+        on_runtime=lambda runtime: _watch_upstream(metrics, runtime),
+        on_load=lambda m, ok: metrics.model_loads.labels(m, "success" if ok else "failure").inc(),
+        drain_timeout_s=settings.shutdown_grace_s,
+        serve_verifiers=settings.serve_verifiers,
+    )
+    integrity = IntegrityService(repository, settings, metrics.integrity, enclave_factory)
+    repository.wrap = integrity.wrap  # a model with an integrity block is served verified
+    return Components(
+        settings=settings,
+        metrics=metrics,
+        repository=repository,
+        dataplane=DataPlane(repository, settings, metrics),
+        integrity=integrity,
+        generation=GenerationService(repository, metrics.generation),
+    )
 
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
-        errors = exc.errors()
-        if errors and errors[0].get("type") == "json_invalid":  # not "body.0: JSON decode error"
-            ctx = errors[0].get("ctx") or {}
-            where = errors[0]["loc"][1] if len(errors[0]["loc"]) > 1 else None
-            detail = ctx.get("error", "")
-            at = f" at character {where}" if isinstance(where, int) else ""
-            message = f"the request body is not valid JSON{at}" + (f": {detail}" if detail else "")
-            return _error(request, message, 400)
-        parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors]
-        loc = [str(p) for p in errors[0]["loc"][1:]] if errors else []
-        param = ".".join(loc) or None
-        return _error(request, "invalid request: " + "; ".join(parts), 400, param=param)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        return _error(request, str(exc.detail), exc.status_code, dict(exc.headers or {}))
+def _watch_upstream(metrics: GatewayMetrics, runtime: Runtime) -> None:
+    """Upstream runtimes: count retries, expose the circuit breaker's state at scrape time."""
+    breaker = getattr(runtime, "breaker", None)
+    if breaker is None:
+        return
+    runtime.on_retry = metrics.upstream_retries.labels(runtime.name).inc  # type: ignore[attr-defined]
+    metrics.upstream_circuit_open.labels(runtime.name).set_function(
+        lambda: 1.0 if breaker.state == "open" else 0.0
+    )
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("unhandled error", exc_info=exc)
-        return _error(request, f"internal error: {type(exc).__name__}", 500)
 
+def _lifespan(parts: Components) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if not parts.settings.api_keys:
+            log.warning("running WITHOUT API keys (FIDES_DEV_MODE): development only")
+        await parts.repository.load_all()
+        await parts.integrity.start()
+        # Loaded models (torch especially) leave millions of long-lived objects: without
+        # freezing them every full collection walks them all (150 ms pauses measured).
+        gc.collect()
+        gc.freeze()
+        ok, missing = parts.dataplane.ready()
+        log.info(
+            "gateway started",
+            extra={"ready": ok, "not_ready": missing, "models": parts.repository.loaded_names()},
+        )
+        yield
+        log.info("shutting down: draining in-flight requests")
+        await parts.repository.close()
+        await parts.integrity.close()
+
+    return lifespan
+
+
+def _put_state(app: FastAPI, parts: Components) -> None:
+    app.state.settings = parts.settings
+    app.state.metrics = parts.metrics
+    app.state.dataplane = parts.dataplane
+    app.state.generation = parts.generation
+    app.state.integrity = parts.integrity
+    app.state.keys = KeyChecker(parts.settings.api_keys, parts.settings.admin_api_keys)
+
+
+# -- errors: one handler per error type; /v1 answers in OpenAI's body, the rest in {"error"} --
+
+
+def _error(
+    request: Request,
+    message: str,
+    status: int,
+    headers: dict[str, str] | None = None,
+    param: str | None = None,
+    code: str | None = None,
+) -> Response:
+    if request.url.path.startswith("/v1/"):
+        return openai_error_response(message, status, headers, param, code)
+    return error_response(message, status, headers)
+
+
+async def _on_invalid_generation(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, InvalidGeneration)
+    return _error(request, exc.message, exc.status, exc.headers, exc.param, exc.code)
+
+
+async def _on_gateway_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, GatewayError)
+    return _error(request, exc.message, exc.status, exc.headers)
+
+
+async def _on_validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    if errors and errors[0].get("type") == "json_invalid":  # not "body.0: JSON decode error"
+        ctx = errors[0].get("ctx") or {}
+        where = errors[0]["loc"][1] if len(errors[0]["loc"]) > 1 else None
+        detail = ctx.get("error", "")
+        at = f" at character {where}" if isinstance(where, int) else ""
+        message = f"the request body is not valid JSON{at}" + (f": {detail}" if detail else "")
+        return _error(request, message, 400)
+    parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors]
+    loc = [str(p) for p in errors[0]["loc"][1:]] if errors else []
+    param = ".".join(loc) or None
+    return _error(request, "invalid request: " + "; ".join(parts), 400, param=param)
+
+
+async def _on_http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    return _error(request, str(exc.detail), exc.status_code, dict(exc.headers or {}))
+
+
+async def _on_unexpected(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error", exc_info=exc)
+    return _error(request, f"internal error: {type(exc).__name__}", 500)
+
+
+ERROR_HANDLERS: dict[type[Exception], Callable[[Request, Exception], Awaitable[Response]]] = {
+    InvalidGeneration: _on_invalid_generation,
+    GatewayError: _on_gateway_error,
+    RequestValidationError: _on_validation_error,
+    StarletteHTTPException: _on_http_error,
+    Exception: _on_unexpected,
+}
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    for exc_type, handler in ERROR_HANDLERS.items():
+        app.add_exception_handler(exc_type, handler)
+
+
+def _add_routes(app: FastAPI, parts: Components) -> None:
     @app.get("/metrics", include_in_schema=True, tags=["monitoring"])
     async def prometheus_metrics(request: Request) -> Response:
-        if settings.metrics_require_auth:
+        if parts.settings.metrics_require_auth:
             app.state.keys.check_user(request)
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(parts.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    app.include_router(v2.health)
-    app.include_router(v2.router)
-    app.include_router(repository_routes.router)
-    app.include_router(integrity_routes.router)
-    app.include_router(integrity_routes.admin)
-    app.include_router(openai_routes.router)
+    for router in (
+        v2.health,
+        v2.router,
+        repository_routes.router,
+        integrity_routes.router,
+        integrity_routes.admin,
+        openai.router,
+    ):
+        app.include_router(router)
+
+
+def _add_middleware(app: FastAPI, parts: Components) -> None:
     # the last added is the outermost: request ids and metrics see the body limits' answers
+    settings = parts.settings
     app.add_middleware(
         BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s
     )
-    app.add_middleware(RequestContextMiddleware, metrics=metrics)
-    return app
+    app.add_middleware(RequestContextMiddleware, metrics=parts.metrics)

@@ -1,8 +1,7 @@
-"""OpenAI-compatible text generation: /v1/completions, /v1/chat/completions, /v1/models.
-
-HTTP only: parsing, response shapes, Server-Sent Events; the work is done by
-:class:`gateway.generation.service.GenerationService`. Errors on /v1 use OpenAI's body
-``{"error": {"message", "type", "param", "code"}}`` (see :func:`openai_error_response`).
+"""The work behind the /v1 routes: turn OpenAI requests into generation-service calls and its
+deltas into OpenAI answers (JSON, or Server-Sent Events when streaming), with cancellation when
+the client goes away. The generation itself is
+:class:`gateway.generation.service.GenerationService`.
 """
 
 from __future__ import annotations
@@ -12,14 +11,13 @@ import itertools
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import orjson
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 
-from gateway.api.deps import UserAuth
+from gateway.api.openai.protocol import ChatRequest, CompletionRequest, SamplingFields
 from gateway.api.responses import json_response
 from gateway.generation.params import SamplingParams
 from gateway.generation.service import (
@@ -29,106 +27,7 @@ from gateway.generation.service import (
     TextModel,
 )
 
-router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[UserAuth])
-
-_ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    413: "invalid_request_error",
-    429: "rate_limit_error",
-    503: "service_unavailable",
-}
-MAX_STOP_SEQUENCES = 4
-
-
-def openai_error_response(
-    message: str,
-    status: int,
-    headers: dict[str, str] | None = None,
-    param: str | None = None,
-    code: str | None = None,
-) -> Response:
-    body = {
-        "error": {
-            "message": message,
-            "type": _ERROR_TYPES.get(status, "server_error"),
-            "param": param,
-            "code": code,
-        }
-    }
-    return json_response(body, status, headers)
-
-
-async def _service(request: Request) -> GenerationService:
-    svc: GenerationService = request.app.state.generation
-    return svc
-
-
-GenerationDep = Annotated[GenerationService, Depends(_service)]
-
-
-# -- requests (strict: "5" is not an int, unknown fields are refused as OpenAI does) ----------
-
-
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class StreamOptions(_Request):
-    include_usage: bool = False
-
-
-class _Sampling(_Request):
-    model: str = Field(min_length=1)
-    temperature: float | None = Field(1.0, ge=0.0, le=2.0)
-    top_p: float | None = Field(1.0, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1, description="Extension (vLLM): -1 or 0 = off.")
-    n: int = Field(1, ge=1, le=1, description="Only one choice per request.")
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = Field(None)
-    seed: int | None = Field(
-        None,
-        ge=-(2**63),
-        le=2**64 - 1,
-        description="Sampling seed: a 64-bit integer (what torch.Generator.manual_seed takes).",
-    )
-    user: str | None = None
-    presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="Not supported: 0 only.")
-    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="Not supported: 0 only.")
-
-    def stops(self) -> list[str]:
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if len(stops) > MAX_STOP_SEQUENCES:
-            raise InvalidGeneration(
-                f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(stops)}", param="stop"
-            )
-        if any(not s for s in stops):
-            raise InvalidGeneration("stop sequences must not be empty", param="stop")
-        return stops
-
-
-class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int]
-    max_tokens: int | None = Field(None, ge=1)
-    echo: bool = Field(False, description="Not supported: false only.")
-    logprobs: None = Field(None, description="Not supported.")
-
-
-class ChatMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str
-    name: str | None = None
-
-
-class ChatRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = Field(False, description="Not supported: false only.")
-
+__all__ = ["list_models", "serve_chat", "serve_completion"]
 
 # -- helpers ----------------------------------------------------------------------------------
 
@@ -140,7 +39,7 @@ def _new_id(kind: str) -> str:
     return f"{kind}-{_prefix}{next(_ids):08x}"
 
 
-def _params(body: _Sampling, model: TextModel, max_tokens: int) -> SamplingParams:
+def _params(body: SamplingFields, model: TextModel, max_tokens: int) -> SamplingParams:
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
@@ -275,11 +174,11 @@ def _streaming_response(gen: AsyncIterator[bytes]) -> StreamingResponse:
     )
 
 
-# -- routes -----------------------------------------------------------------------------------
+# -- handlers ------------------------------------------------------------------------------
 
 
-@router.get("/models")
-async def list_models(svc: GenerationDep) -> Response:
+def list_models(svc: GenerationService) -> Response:
+    """/v1/models."""
     data = [
         {
             "id": m.name,
@@ -293,8 +192,10 @@ async def list_models(svc: GenerationDep) -> Response:
     return json_response({"object": "list", "data": data})
 
 
-@router.post("/completions")
-async def completions(body: CompletionRequest, request: Request, svc: GenerationDep) -> Response:
+async def serve_completion(
+    body: CompletionRequest, request: Request, svc: GenerationService
+) -> Response:
+    """/v1/completions: admit, generate, answer (JSON or SSE)."""
     model = svc.get(body.model)
     if body.echo:
         raise InvalidGeneration("echo is not supported", param="echo")
@@ -341,8 +242,8 @@ async def completions(body: CompletionRequest, request: Request, svc: Generation
     )
 
 
-@router.post("/chat/completions")
-async def chat_completions(body: ChatRequest, request: Request, svc: GenerationDep) -> Response:
+async def serve_chat(body: ChatRequest, request: Request, svc: GenerationService) -> Response:
+    """/v1/chat/completions: the chat template, then as a completion."""
     model = svc.get(body.model)
     if body.logprobs:
         raise InvalidGeneration("logprobs is not supported", param="logprobs")
