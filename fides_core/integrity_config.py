@@ -1,4 +1,4 @@
-"""The ``integrity:`` block of a served model's ``config.yaml`` (see the README's "Integrity
+"""The ``integrity:`` block of a served model's ``config.yaml`` (see docs/integrity.md, "Integrity
 verification"): what the gateway sets up for the model, and what a client that checks the
 evidence itself reads from the provider's published repository. The rest of ``config.yaml`` is
 the gateway's (:mod:`gateway.model_config`)."""
@@ -72,7 +72,7 @@ class EnclaveConfig(StrictModel):
 
 
 class IntegrityConfig(StrictModel):
-    """Fides verification of this model's answers (see the README's integrity section)."""
+    """Fides verification of this model's answers (docs/reference/configuration.md)."""
 
     enclave: EnclaveConfig
     detector: str = Field(description="Repository entry of the attack detector (pair model).")

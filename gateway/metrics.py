@@ -1,6 +1,6 @@
 """Prometheus metrics in a registry owned by the app (no module globals), so two apps can
-live in one process (tests) without clashing. Every name starts with ``fides_``; the README
-has a table of all of them."""
+live in one process (tests) without clashing. Every name starts with ``fides_``;
+docs/reference/metrics.md has a table of all of them (tests/test_readme.py holds it)."""
 
 from __future__ import annotations
 

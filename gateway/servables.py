@@ -166,6 +166,10 @@ class IntegrityRunner(Protocol):
 
     def readiness_error(self) -> str | None: ...
 
+    async def release(self) -> None:
+        """A version that used it is retired (the last one stops it)."""
+        ...
+
 
 class VerifiedServable(InferenceServable):
     """A model version whose answers are verified: the service's own servable inside, the
@@ -184,6 +188,10 @@ class VerifiedServable(InferenceServable):
 
     async def infer(self, inputs: Tensors, ctx: InferContext) -> Inferred:
         return await self.integrity.run(self.service, inputs, ctx)
+
+    async def close(self, drain_timeout_s: float) -> None:
+        await super().close(drain_timeout_s)  # in-flight verifications finish first
+        await self.integrity.release()
 
 
 class TextServable(Servable):

@@ -75,7 +75,7 @@ async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
 @pytest.fixture(scope="session")
 def trained_repository(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     """One really trained integrity-enabled digits repository per session (seconds to build),
-    shared by tests/integrity and the e2e alerting test; copy it before changing it."""
+    shared by tests/gateway/integrity and the e2e alerting test; copy it before changing it."""
     from tests.integrity_factory import build_integrity_repository  # torch: only when needed
 
     return build_integrity_repository(tmp_path_factory.mktemp("integrity"))

@@ -22,6 +22,7 @@ import onnx
 import orjson
 from onnx import TensorProto, helper
 
+from fides.bench.report import payload_markdown
 from fides.bench.serving import _machine, _running_server
 
 SIZES = (1_024, 65_536, 1_048_576, 4_194_304)
@@ -126,15 +127,7 @@ def run_payload_bench(
     }
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(doc, indent=2) + "\n")
-    lines = [
-        "| elements | raw MB | JSON ms | binary ms | binary speedup |",
-        "|---:|---:|---:|---:|---:|",
-    ]
-    lines += [
-        f"| {r['elements']:,} | {r['mbytes_raw']} | {r['json_ms']} | {r['binary_ms']} | "
-        f"{r['speedup']}x |"
-        for r in rows
-    ]
+    lines = payload_markdown(doc)
     output.with_suffix(".md").write_text("\n".join(lines) + "\n")
     for line in lines:
         log(line)

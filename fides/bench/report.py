@@ -50,9 +50,9 @@ def _integrity(doc: dict[str, Any]) -> str:
 
 
 def _serving(doc: dict[str, Any]) -> str:
-    from fides.bench.serving import _markdown
+    from fides.bench.serving import serving_markdown
 
-    return "\n".join(["# Serving: the gateway against raw onnxruntime", "", *_markdown(doc)])
+    return "\n".join(["# Serving: the gateway against raw onnxruntime", "", *serving_markdown(doc)])
 
 
 def _speculative(doc: dict[str, Any]) -> str:

@@ -1127,7 +1127,7 @@ def _fmt(value: Any, digits: int = 1) -> str:
     return str(value)
 
 
-def _markdown(doc: dict[str, Any]) -> list[str]:
+def serving_markdown(doc: dict[str, Any]) -> list[str]:
     m, mod = doc["machine"], doc["model"]
     single = mod["single_sample_ms"]
     cfg = mod["config"]
@@ -1351,7 +1351,7 @@ def run_serving_bench(
     }
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n")
-    lines = _markdown(doc)
+    lines = serving_markdown(doc)
     md_path = output.with_suffix(".md")
     md_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     for line in lines:

@@ -1,13 +1,14 @@
 """The integrity of every verified model: the wrapper the repository serves them through, and
-their pipelines, set up after the models load and closed at shutdown.
+their pipelines, set up after the models load and stopped with the model.
 
 A model whose ``config.yaml`` has an ``integrity:`` block is served as a
 :class:`~gateway.servables.VerifiedServable`: its versions' own servables inside, the model's
 :class:`ModelIntegrity` around them (one pipeline and one enclave per model, shared by its
-versions). At start the pipelines are set up once every model has loaded (the detector,
-re-classifier and novelty check are models of the same repository); a model first loaded later
-gets its pipeline when it loads. Until its pipeline exists a verified model answers 503, never
-unverified as if it had no block.
+versions, stopped with the last of them). The repository is the one registry: this service
+finds a model's integrity through the servable it serves. At start the pipelines are set up
+once every model has loaded (the detector, re-classifier and novelty check are models of the
+same repository); a model first loaded later gets its pipeline when it loads. Until its
+pipeline exists a verified model answers 503, never unverified as if it had no block.
 """
 
 from __future__ import annotations
@@ -45,12 +46,15 @@ Pipeline = IntegrityPipeline | UnavailableIntegrity
 
 
 class ModelIntegrity:
-    """One verified model's integrity: what its servables run every request through."""
+    """One verified model's integrity: what its servables run every request through. Its
+    versions share it (one pipeline, one enclave per model); it stops when the last one is
+    retired (an unload), not when a reload replaces them."""
 
     def __init__(self, model: str, cfg: IntegrityConfig) -> None:
         self.model = model
         self.cfg = cfg
         self.pipeline: Pipeline | None = None  # None until set up
+        self._users = 0
 
     async def run(self, service: TensorServable, inputs: Tensors, ctx: InferContext) -> Inferred:
         if self.pipeline is None:
@@ -61,6 +65,23 @@ class ModelIntegrity:
         if self.pipeline is None:
             return "its integrity is being set up"
         return self.pipeline.readiness_error()
+
+    def attach(self) -> None:
+        self._users += 1
+
+    async def release(self) -> None:
+        """One version retired; with the last one, stop the pipeline and the enclave."""
+        self._users -= 1
+        if self._users > 0:
+            return
+        pipe, self.pipeline = self.pipeline, None
+        if pipe is None:
+            return
+        await pipe.close()
+        if not isinstance(pipe, UnavailableIntegrity):
+            enclave = pipe.enclave
+            await (enclave.stop() if isinstance(enclave, EnclaveSupervisor) else enclave.close())
+        log.info("integrity for %s stopped", self.model)
 
 
 class IntegrityService:
@@ -77,7 +98,6 @@ class IntegrityService:
         self._factory = enclave_factory or (
             lambda model, cfg: enclave_for_model(model, cfg, repository.root, settings)
         )
-        self.models: dict[str, ModelIntegrity] = {}
         self._started = False
 
     async def wrap(
@@ -88,15 +108,24 @@ class IntegrityService:
         serves is refused (ModelLoadError, a 400): integrity is set up once (enclave, sealed
         verifier, attestation), and ignoring the change would be silent (a model that gains a
         block answering unverified, a new threshold or policy not applied)."""
-        current = self.models.get(name)
+        current = self._current(name)
         self._refuse_a_changed_block(name, cfg.integrity, current)
         if cfg.integrity is None:
             return list(versions)
         if current is None:
-            current = self.models[name] = ModelIntegrity(name, cfg.integrity)
+            current = ModelIntegrity(name, cfg.integrity)
             if self._started:  # loaded after start: set up now, before it serves
                 await self._setup(current, versions[-1])
+        for _ in versions:
+            current.attach()
         return [VerifiedServable(v, current) for v in versions]
+
+    def _current(self, name: str) -> ModelIntegrity | None:
+        """The integrity of ``name`` as it serves now (None: not served, or unverified)."""
+        if name not in self.repository.loaded_names():
+            return None
+        latest = self.repository.served(name).latest
+        return _integrity_of(latest)
 
     def _refuse_a_changed_block(
         self, name: str, new: IntegrityConfig | None, current: ModelIntegrity | None
@@ -119,13 +148,12 @@ class IntegrityService:
     async def start(self) -> None:
         """Set up the pipeline (and enclave) of every verified model that loaded. A model whose
         enclave does not come up is still served; its failure policy then applies."""
-        await asyncio.gather(
-            *(
-                self._setup(mi, self.repository.get(name, None).tensors)
-                for name, mi in self.models.items()
-                if mi.pipeline is None and name in self.repository.loaded_names()
-            )
-        )
+        waiting = [
+            (mi, self.repository.get(name).tensors)
+            for name in self.repository.loaded_names()
+            if (mi := self._current(name)) is not None and mi.pipeline is None
+        ]
+        await asyncio.gather(*(self._setup(mi, service) for mi, service in waiting))
         self._started = True
 
     async def _setup(self, mi: ModelIntegrity, service: TensorServable) -> None:
@@ -155,30 +183,20 @@ class IntegrityService:
                 )
 
     def get(self, name: str) -> Pipeline | None:
-        mi = self.models.get(name)
+        mi = self._current(name)
         return None if mi is None else mi.pipeline
 
     def require(self, name: str) -> Pipeline:
         """The model's pipeline, for the integrity routes (404 / 503 otherwise)."""
-        mi = self.models.get(name)
+        mi = _integrity_of(self.repository.get(name))  # 404 unknown, 503 while not served
         if mi is None:
-            self.repository.get(name, None)  # 404 for an unknown model
             raise NotFound(f"model '{name}' has no integrity verification configured")
         if mi.pipeline is None:
             raise Unavailable(f"model '{name}': its integrity is being set up")
         return mi.pipeline
 
-    async def close(self) -> None:
-        for name, mi in self.models.items():
-            pipe, mi.pipeline = mi.pipeline, None
-            if pipe is None:
-                continue
-            await pipe.close()
-            if isinstance(pipe, UnavailableIntegrity):
-                continue
-            enclave = pipe.enclave
-            if isinstance(enclave, EnclaveSupervisor):
-                await enclave.stop()
-            else:
-                await enclave.close()
-            log.info("integrity for %s stopped", name)
+
+def _integrity_of(servable: Servable) -> ModelIntegrity | None:
+    if isinstance(servable, VerifiedServable) and isinstance(servable.integrity, ModelIntegrity):
+        return servable.integrity
+    return None

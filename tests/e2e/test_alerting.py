@@ -35,7 +35,7 @@ import pytest
 
 from tests.conftest import ADMIN_KEY, USER_KEY
 from tests.e2e.conftest import REPO_ROOT, GatewayProcess, running_gateway
-from tests.integrity.conftest import infer_body
+from tests.gateway.integrity.conftest import infer_body
 from tests.integrity_factory import Digits
 from tests.monitoring import (
     MonitorProcess,

@@ -30,6 +30,7 @@ class Marking:
     def __init__(self) -> None:
         self.why: str | None = None
         self.seen: list[InferContext] = []
+        self.released = 0
 
     async def run(self, service: TensorServable, inputs: Tensors, ctx: InferContext) -> Inferred:
         self.seen.append(ctx)
@@ -38,6 +39,9 @@ class Marking:
 
     def readiness_error(self) -> str | None:
         return self.why
+
+    async def release(self) -> None:
+        self.released += 1
 
 
 @pytest.fixture
@@ -151,8 +155,12 @@ async def test_failures_and_successes_are_counted(plane: tuple[DataPlane, Markin
     assert sample("fides_inference_failures_total", failures) == 1
 
 
-async def test_a_closed_version_is_not_ready(plane: tuple[DataPlane, Marking]) -> None:
-    dp, _ = plane
+async def test_an_unloaded_model_is_not_ready_and_its_wrapper_released(
+    plane: tuple[DataPlane, Marking],
+) -> None:
+    dp, runner = plane
     await dp.repository.unload("identity_fp32")
     with pytest.raises(Unavailable):
         dp.not_ready("identity_fp32")
+    await dp.repository.unload("tiny")
+    assert runner.released == 2  # both versions retired

@@ -3,9 +3,10 @@
 What other tests already inject, and so is not repeated here (docs/reliability.md maps them):
 the enclave killed under load (tests/e2e/test_alerting.py: 503 in the gaps under fail_closed,
 FidesEnclaveRestarting fires; tests/gateway/test_enclave_client.py: supervisor restart and
-re-attestation; tests/integrity/test_client.py: one new handshake after a restart), a hung
-enclave under fail_open (tests/integrity/test_pipeline.py), the upstream MLaaS down (502, then
-the circuit opens: tests/gateway/test_upstream_gateway.py), a corrupt model version in a hot
+re-attestation; tests/gateway/integrity/test_client.py: one new handshake after a restart), a
+hung enclave under fail_open (tests/gateway/integrity/test_pipeline.py), the upstream MLaaS
+down (502, then the circuit opens: tests/gateway/test_upstream_gateway.py), a corrupt model
+version in a hot
 reload under load (tests/e2e/test_hot_reload.py) and SIGTERM with requests in the batcher
 (tests/e2e/test_shutdown.py).
 
@@ -39,9 +40,9 @@ from gateway.app import create_app
 from gateway.settings import Settings
 from tests.conftest import USER_KEY
 from tests.e2e.conftest import REPO_ROOT, _server_env, free_port, running_gateway
+from tests.gateway.integrity.conftest import EXAMPLE, integrity_gateway, set_integrity
+from tests.gateway.integrity.test_pipeline import metric
 from tests.gateway.test_upstream_gateway import serve_in_thread
-from tests.integrity.conftest import EXAMPLE, integrity_gateway, set_integrity
-from tests.integrity.test_pipeline import metric
 from tests.integrity_factory import Digits
 from tests.model_factory import TINY_CONFIG, make_repository, write_config
 from tests.processes import stop_process

@@ -2,7 +2,7 @@
 sockets where a client library would tidy the request up.
 
 Evidence replay and forged signatures against the client SDK are in
-tests/integrity/test_client.py (forged signature, forged verifier output, replayed evidence
+tests/gateway/integrity/test_client.py (forged signature, forged verifier output, replayed evidence
 for a new nonce, replayed attestation document, stripped evidence, wrong root / measurement /
 simulation); the API fuzzing in test_fuzz_api.py checks every operation without a key and
 every admin operation with a user key. Here: keys (missing, wrong, malformed, and the time a

@@ -17,7 +17,6 @@ from verifier.detector import (
     calibrate_threshold,
     export_pair_model,
     train_reclassifier,
-    window_test,
 )
 
 
@@ -77,63 +76,6 @@ def test_calibration_refuses_what_it_cannot_promise() -> None:
         calibrate_threshold(np.ones(10), 0.0)
     with pytest.raises(ValueError, match="clean scores"):
         calibrate_threshold(np.array([]), 0.01)
-
-
-def test_window_test_false_alarms_and_power() -> None:
-    rng = np.random.default_rng(1)
-    reference = rng.normal(size=2000)
-    clean = [window_test(rng.normal(size=100), reference, 0.01).flagged for _ in range(1000)]
-    shifted = [window_test(rng.normal(0.5, size=100), reference, 0.01) for _ in range(200)]
-    assert np.mean(clean) <= 0.02  # about 1%, the level
-    assert np.mean([r.flagged for r in shifted]) >= 0.95
-    assert np.mean([r.statistic for r in shifted]) > 0.6  # P(window > clean) above 0.5
-    assert {r.direction for r in shifted if r.flagged} == {"more"}
-
-
-def test_window_test_is_two_sided_and_catches_answers_that_copy_the_verifier() -> None:
-    """A provider that serves the verifier's own answers has KL(service || verifier) = 0 on
-    every row: closer than the honest service ever is. The window test flags it (direction
-    "less"), while honest windows stay at the level; a one-sided test would call it clean."""
-    from scipy import stats
-
-    rng = np.random.default_rng(4)
-    reference = rng.gamma(0.5, 0.05, size=2000)  # clean KL(p || q): small, skewed, > 0
-    copies = window_test(np.zeros(100), reference, 0.001)
-    assert copies.flagged
-    assert copies.direction == "less"
-    assert copies.statistic < 0.05
-    one_sided = stats.mannwhitneyu(np.zeros(100), reference, alternative="greater").pvalue
-    assert one_sided > 0.5  # what the old test said: nothing to see
-    honest = [window_test(rng.gamma(0.5, 0.05, size=100), reference, 0.01) for _ in range(2000)]
-    assert np.mean([r.flagged for r in honest]) <= 0.015  # the level, both sides together
-    assert {r.direction for r in honest if r.flagged} <= {"more", "less"}
-
-
-def test_default_window_level_keeps_clean_false_alarms_low_for_almost_every_reference() -> None:
-    """The evaluation (and a gateway) tests windows against one fixed clean reference, so the
-    false-alarm rate it sees is conditional on that reference: spread around the level. At the
-    default level (0.001) it stays far below the 1% goal; at the old 0.005 some references
-    pass 1%."""
-    from scipy import stats
-
-    from verifier.experiment import DetectorConfig
-
-    alpha = DetectorConfig().window_alpha
-    assert alpha == 0.001
-    rng = np.random.default_rng(3)
-    rates: dict[float, list[float]] = {alpha: [], 0.005: []}
-    for _ in range(20):  # 20 references of 2,000 clean scores, 2,000 clean windows each
-        reference = rng.normal(size=(1, 2000))
-        windows = rng.normal(size=(2000, 100))
-        pvalues = stats.mannwhitneyu(windows, reference, alternative="two-sided", axis=1).pvalue
-        for level, seen in rates.items():
-            seen.append(float((pvalues < level).mean()))
-    assert np.mean(rates[alpha]) <= 0.002
-    assert max(rates[alpha]) < 0.01
-    assert max(rates[0.005]) > max(rates[alpha])
-    # the same p-values as the shared test the gateway runs
-    r = window_test(windows[0], reference[0], alpha)
-    assert r.p_value == pytest.approx(pvalues[0])
 
 
 def _pairs(n: int = 64, c: int = 5) -> tuple[np.ndarray, np.ndarray]:

@@ -14,7 +14,7 @@ from gateway.generation.service import GenerationService, load_text_model
 from gateway.generation.text import Detokenizer
 from gateway.model_config import ConfigError, load_model_config
 from gateway.repository import ModelRepository
-from tests.generation.factory import make_lm_repository, save, tokenizer
+from tests.gateway.generation.factory import make_lm_repository, save, tokenizer
 
 
 def load(root: Path, name: str = "tiny") -> object:

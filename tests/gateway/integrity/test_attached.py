@@ -22,11 +22,11 @@ from fides_core.enclave_config import EnclaveModelConfig
 from gateway.integrity.enclave import verifier_file
 from gateway.settings import Settings
 from tests.conftest import ADMIN_KEY, USER_KEY, serving
-from tests.integrity.conftest import EXAMPLE
+from tests.gateway.integrity.conftest import EXAMPLE
 from tests.integrity_factory import Digits
 from tests.processes import stop_process
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import numpy as np
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integrity.conftest import ADMIN, infer_body, integrity_gateway, set_integrity
+from tests.gateway.integrity.conftest import ADMIN, infer_body, integrity_gateway, set_integrity
 from tests.integrity_factory import Digits
 
 URL = "/v2/models/digits/infer"

@@ -17,8 +17,8 @@ import yaml
 
 from gateway.app import create_app
 from gateway.settings import Settings
+from tests.gateway.integrity.conftest import ADMIN, Fakes, integrity_gateway
 from tests.gateway.test_upstream_gateway import serve_in_thread
-from tests.integrity.conftest import ADMIN, Fakes, integrity_gateway
 from tests.integrity_factory import Digits
 
 URL = "/v2/models/digits/infer"

@@ -43,12 +43,12 @@ from gateway.enclave_client import EnclaveUnavailable
 from gateway.settings import Settings
 from tests.conftest import ADMIN_KEY, USER_KEY
 from tests.e2e.conftest import GatewayProcess, running_gateway
-from tests.integrity.conftest import Fakes, set_integrity
+from tests.gateway.integrity.conftest import Fakes, set_integrity
 from tests.integrity_factory import Digits
 
 pytestmark = [pytest.mark.e2e]
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+README = Path(__file__).resolve().parents[3] / "README.md"
 DRILL = "/v2/admin/models/digits/drill"
 Body = dict[str, Any]
 

@@ -10,7 +10,7 @@ from gateway.generation.params import SamplingParams
 from gateway.generation.runtime import CausalLM
 from gateway.generation.sampling import warp
 from gateway.generation.schedule import Lookahead
-from tests.generation.conftest import Pair
+from tests.gateway.generation.conftest import Pair
 
 CONTEXT = 128
 

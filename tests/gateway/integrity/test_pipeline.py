@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fides_core.attestation import check_verification, verify_attestation
 from gateway.enclave_client import EnclaveUnavailable
-from tests.integrity.conftest import (
+from tests.gateway.integrity.conftest import (
     ADMIN,
     EXAMPLE,
     infer_body,
@@ -301,3 +301,24 @@ async def test_a_hot_reload_that_changes_the_integrity_block_is_refused(
         r = await client.post("/v2/models/digits_lite/infer", json=EXAMPLE)
         assert r.status_code == 200
         assert "integrity_verdict" not in r.json().get("parameters", {})
+
+
+async def test_a_reload_keeps_the_enclave_and_an_unload_stops_it(
+    integrity_repo: Path, digits: Digits
+) -> None:
+    """A verified model's versions share one pipeline and one enclave: a reload keeps them (no
+    new attestation), an unload stops them (no enclave left running for a model not served)."""
+    load, unload = "/v2/repository/models/digits/load", "/v2/repository/models/digits/unload"
+    async with integrity_gateway(integrity_repo) as (client, fakes):
+        fake = fakes.by_model["digits"]
+        assert (await client.post(load, headers=ADMIN)).status_code == 200
+        assert fakes.by_model["digits"] is fake  # the same enclave
+        r = await client.post(URL, json=digits.body())
+        assert r.json()["parameters"]["integrity_verdict"] == "verified"
+        assert (await client.post(unload, headers=ADMIN)).status_code == 200
+        assert fake.health().reason == "the enclave client is closed"
+        assert (await client.get("/v2/models/digits/integrity")).status_code == 503
+        assert (await client.post(load, headers=ADMIN)).status_code == 200  # set up anew
+        assert fakes.by_model["digits"] is not fake
+        r = await client.post(URL, json=digits.body())
+        assert r.json()["parameters"]["integrity_verdict"] == "verified"

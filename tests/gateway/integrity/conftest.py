@@ -24,7 +24,7 @@ from gateway.settings import Settings
 from tests.conftest import ADMIN_KEY, USER_KEY
 from tests.enclave_double import FakeEnclaveClient
 
-EXAMPLE = json.loads((Path(__file__).resolve().parents[2] / "examples" / "digit.json").read_text())
+EXAMPLE = json.loads((Path(__file__).resolve().parents[3] / "examples" / "digit.json").read_text())
 
 
 @pytest.fixture

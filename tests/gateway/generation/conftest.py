@@ -12,7 +12,7 @@ import torch
 
 from fides.defaults.text import LMSpec
 from gateway.generation.runtime import CausalLM, load_causal_lm, load_tokenizer
-from tests.generation.factory import make_lm_repository, perturbed, save
+from tests.gateway.generation.factory import make_lm_repository, perturbed, save
 
 
 @dataclass

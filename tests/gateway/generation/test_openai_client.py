@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import USER_KEY
 from tests.e2e.conftest import GatewayProcess, running_gateway
-from tests.generation.factory import make_lm_repository
+from tests.gateway.generation.factory import make_lm_repository
 
 pytestmark = pytest.mark.e2e
 
