@@ -1199,6 +1199,30 @@ def _plain(log: Log) -> Log:
     return log
 
 
+# what the report's terms mean (written into every report)
+DEFINITIONS: dict[str, str] = {
+    "raw_ort": "ceiling: onnxruntime in process, the gateway's own session, ideal "
+    "batches of b = min(max_batch_size, ceil(C / instances)) run back to back on "
+    "w = min(instances, ceil(C / b)) threads; latency = ceil(C / (b * w)) batch times",
+    "raw_ort_batcher": "onnxruntime behind a minimal threaded micro-batcher with the "
+    "config's batch policy, C client threads in process",
+    "gateway_json": "the gateway over HTTP, OIP JSON request and response",
+    "gateway_binary": "the gateway over HTTP, binary tensor extension both ways",
+    "mean_batch": "gateway: delta of fides_inference_batch_size sum/count over the "
+    "window; raw modes: the executed batch sizes",
+    "ratio": "gateway throughput / raw_ort throughput at the same concurrency",
+    "compute_busy": "fraction of the window the model's instances spent computing; for "
+    "the gateway from fides_inference_compute_duration_seconds, which runs from the "
+    "executor hand-off to the event loop seeing the result (thread wake-up and GIL "
+    "waits included)",
+    "compute_ms_per_sample": "compute time per sample at the batch sizes reached",
+    "cpu": "cores in use over the window: server_cores (the gateway process), "
+    "client_cores (the load generator), bench_process_cores (raw modes), other_cores "
+    "(everything else on the machine), machine_steal (hypervisor steal, fraction)",
+    "goal.met": "true when the better of the two encodings reaches the target",
+}
+
+
 def run_serving_bench(
     model_repository: Path,
     model: str,
@@ -1269,23 +1293,7 @@ def run_serving_bench(
     finally:
         mut.runtime.unload()
 
-    raw = {r["concurrency"]: r["throughput_rps"] for r in cells if r["mode"] == "raw_ort"}
-    raw_b = {r["concurrency"]: r["throughput_rps"] for r in cells if r["mode"] == "raw_ort_batcher"}
-    ratios: dict[str, dict[str, float | None]] = {}
-    ratios_b: dict[str, dict[str, float | None]] = {}
-    for row in cells:
-        if row["mode"] == "raw_ort":
-            continue
-        conc = row["concurrency"]
-        base = raw.get(conc)
-        ratios.setdefault(str(conc), {})[row["mode"]] = (
-            round(row["throughput_rps"] / base, 3) if base else None
-        )
-        if row["mode"] in GATEWAY_MODES:
-            base_b = raw_b.get(conc)
-            ratios_b.setdefault(str(conc), {})[row["mode"]] = (
-                round(row["throughput_rps"] / base_b, 3) if base_b else None
-            )
+    ratios, ratios_b = _ratios(cells)
     at_goal = ratios.get(str(GOAL_CONCURRENCY), {})
     json_ratio, binary_ratio = at_goal.get("gateway_json"), at_goal.get("gateway_binary")
     reached = [r for r in (json_ratio, binary_ratio) if r is not None]
@@ -1315,27 +1323,7 @@ def run_serving_bench(
             "load_generator": "separate process, asyncio (uvloop when installed) raw HTTP/1.1 "
             "keep-alive, one connection per in-flight request, pre-encoded requests",
         },
-        "definitions": {
-            "raw_ort": "ceiling: onnxruntime in process, the gateway's own session, ideal "
-            "batches of b = min(max_batch_size, ceil(C / instances)) run back to back on "
-            "w = min(instances, ceil(C / b)) threads; latency = ceil(C / (b * w)) batch times",
-            "raw_ort_batcher": "onnxruntime behind a minimal threaded micro-batcher with the "
-            "config's batch policy, C client threads in process",
-            "gateway_json": "the gateway over HTTP, OIP JSON request and response",
-            "gateway_binary": "the gateway over HTTP, binary tensor extension both ways",
-            "mean_batch": "gateway: delta of fides_inference_batch_size sum/count over the "
-            "window; raw modes: the executed batch sizes",
-            "ratio": "gateway throughput / raw_ort throughput at the same concurrency",
-            "compute_busy": "fraction of the window the model's instances spent computing; for "
-            "the gateway from fides_inference_compute_duration_seconds, which runs from the "
-            "executor hand-off to the event loop seeing the result (thread wake-up and GIL "
-            "waits included)",
-            "compute_ms_per_sample": "compute time per sample at the batch sizes reached",
-            "cpu": "cores in use over the window: server_cores (the gateway process), "
-            "client_cores (the load generator), bench_process_cores (raw modes), other_cores "
-            "(everything else on the machine), machine_steal (hypervisor steal, fraction)",
-            "goal.met": "true when the better of the two encodings reaches the target",
-        },
+        "definitions": DEFINITIONS,
         "cells": cells,
         "ratios": ratios,
         "ratios_vs_raw_ort_batcher": ratios_b,
@@ -1349,6 +1337,36 @@ def run_serving_bench(
         "server_log_lines": server_log_lines,
         "server_log_tail": server_log_tail,
     }
+    _write(doc, output, log)
+    return doc
+
+
+def _ratios(
+    cells: list[dict[str, Any]],
+) -> tuple[dict[str, dict[str, float | None]], dict[str, dict[str, float | None]]]:
+    """Each cell's throughput over raw onnxruntime's (and over the raw micro-batcher's) at the
+    same concurrency."""
+    raw = {r["concurrency"]: r["throughput_rps"] for r in cells if r["mode"] == "raw_ort"}
+    raw_b = {r["concurrency"]: r["throughput_rps"] for r in cells if r["mode"] == "raw_ort_batcher"}
+    ratios: dict[str, dict[str, float | None]] = {}
+    ratios_b: dict[str, dict[str, float | None]] = {}
+    for row in cells:
+        if row["mode"] == "raw_ort":
+            continue
+        conc = row["concurrency"]
+        base = raw.get(conc)
+        ratios.setdefault(str(conc), {})[row["mode"]] = (
+            round(row["throughput_rps"] / base, 3) if base else None
+        )
+        if row["mode"] in GATEWAY_MODES:
+            base_b = raw_b.get(conc)
+            ratios_b.setdefault(str(conc), {})[row["mode"]] = (
+                round(row["throughput_rps"] / base_b, 3) if base_b else None
+            )
+    return ratios, ratios_b
+
+
+def _write(doc: dict[str, Any], output: Path, log: Log) -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n")
     lines = serving_markdown(doc)
@@ -1357,7 +1375,6 @@ def run_serving_bench(
     for line in lines:
         log(line)
     log(f"wrote {output} and {md_path}")
-    return doc
 
 
 __all__ = ["CONCURRENCIES", "run_serving_bench"]

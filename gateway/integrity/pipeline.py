@@ -318,17 +318,7 @@ class IntegrityPipeline:
         rid = ctx.request_id or uuid.uuid4().hex
         rows = self._check_verifiable(VerifyRequest(rid, nonce, tensors))
         drill = self.drill
-        copy_verifier = False  # this answer will be the enclave verifier's own
-        if drill is not None and drill.config.attack == "substitution":
-            assert drill.config.substitute is not None
-            if self.rng.random() < drill.config.rate:  # this request goes to the cheap model
-                if drill.config.substitute == self.cfg.enclave.verifier_model:
-                    # the cheapest substitute of all: a provider that runs the verifier. It is
-                    # not served here, so the drill takes its answer from the enclave's.
-                    copy_verifier = True
-                elif self.substitute is not None:
-                    service = self.substitute.latest()
-                    self._count_substituted(drill, rows)
+        service, copy_verifier = self._substituted(service, drill, rows)
         sampled = self.cfg.sampling_rate >= 1 or self.rng.random() < self.cfg.sampling_rate
         if not sampled:
             results = self._tampered(await service.predict(tensors, deadline), drill)
@@ -388,16 +378,7 @@ class IntegrityPipeline:
         if flagged.any():
             rec = await self.reclassifier.latest().predict(pair, deadline)
             rec_p = np.asarray(rec[RECLASSIFIER_OUTPUT], dtype=np.float32)  # [n, C]
-            classes = np.where(flagged, rec_p.argmax(1), -1)
-            params["integrity_reclassified"] = (
-                int(classes[0]) if rows == 1 else ",".join(str(int(c)) for c in classes)
-            )
-            if self.cfg.mode == "enforce":
-                replaced = p.copy()
-                replaced[flagged] = rec_p[flagged]
-                results = {**results, self.cfg.output: replaced}
-                params["integrity_replaced"] = True
-            self._attacks.inc(int(flagged.sum()))
+            results = self._on_attack(results, p, rec_p, flagged, params)
             log.warning(
                 "integrity: attack detected on %s (score %.4f, threshold %.4f)",
                 self.model,
@@ -409,16 +390,62 @@ class IntegrityPipeline:
             self._score.observe(float(s))
         self._verdict[verdict].inc()
         self._duration.observe(time.perf_counter() - t0)
-        known = np.ones(len(p), dtype=bool) if novel is None else ~novel  # in distribution
-        if known.any():  # the window's clean reference is in-distribution data
-            by_row = scores if self.cfg.substitution_score == "detector" else kl_divergence(p, q)
-            tested = self.monitor.add(by_row[known])
-            if tested is not None:
-                m = self.metrics
-                m.substitution_statistic.labels(self.model).set(tested.statistic)
-                m.substitution_p_value.labels(self.model).set(tested.p_value)
-                m.substitution_suspected.labels(self.model).set(1 if tested.flagged else 0)
+        self._watch(p, q, scores, novel)
         return Inferred(results, params)
+
+    def _substituted(
+        self, service: TensorServable, drill: ActiveDrill | None, rows: int
+    ) -> tuple[TensorServable, bool]:
+        """Under a substitution drill, who answers this request: the cheap model instead of the
+        service, or (True) the enclave's own verifier answer, taken after verification."""
+        if drill is None or drill.config.attack != "substitution":
+            return service, False
+        if self.rng.random() >= drill.config.rate:  # this request is served honestly
+            return service, False
+        if drill.config.substitute == self.cfg.enclave.verifier_model:
+            # the cheapest substitute of all: a provider that runs the verifier. It is not
+            # served here, so the drill takes its answer from the enclave's.
+            return service, True
+        if self.substitute is None:
+            return service, False
+        self._count_substituted(drill, rows)
+        return self.substitute.latest(), False
+
+    def _on_attack(
+        self,
+        results: dict[str, np.ndarray],
+        p: np.ndarray,
+        rec_p: np.ndarray,
+        flagged: np.ndarray,
+        params: dict[str, Any],
+    ) -> dict[str, np.ndarray]:
+        """The re-classified classes in the parameters; in enforce mode, the answer replaced."""
+        classes = np.where(flagged, rec_p.argmax(1), -1)  # [n], -1 where not flagged
+        params["integrity_reclassified"] = (
+            int(classes[0]) if len(classes) == 1 else ",".join(str(int(c)) for c in classes)
+        )
+        self._attacks.inc(int(flagged.sum()))
+        if self.cfg.mode != "enforce":
+            return results
+        replaced = p.copy()
+        replaced[flagged] = rec_p[flagged]
+        params["integrity_replaced"] = True
+        return {**results, self.cfg.output: replaced}
+
+    def _watch(
+        self, p: np.ndarray, q: np.ndarray, scores: np.ndarray, novel: np.ndarray | None
+    ) -> None:
+        """Feed the substitution window (in-distribution rows: its clean reference is)."""
+        known = np.ones(len(p), dtype=bool) if novel is None else ~novel
+        if not known.any():
+            return
+        by_row = scores if self.cfg.substitution_score == "detector" else kl_divergence(p, q)
+        tested = self.monitor.add(by_row[known])
+        if tested is not None:
+            m = self.metrics
+            m.substitution_statistic.labels(self.model).set(tested.statistic)
+            m.substitution_p_value.labels(self.model).set(tested.p_value)
+            m.substitution_suspected.labels(self.model).set(1 if tested.flagged else 0)
 
     async def _judge(
         self, pair: Tensors, tensors: Tensors, deadline: float

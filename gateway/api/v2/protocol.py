@@ -126,60 +126,11 @@ def parse_infer_request(
 
     offset = 0
     inputs: list[InputTensor] = []
-    seen: set[str] = set()
     for i, raw in enumerate(raw_inputs):
-        raw = _obj(raw, f"inputs[{i}]")
-        name = raw.get("name")
-        if not isinstance(name, str) or not name:
-            raise BadRequest(f"inputs[{i}]: 'name' must be a non-empty string")
-        if name in seen:
-            raise BadRequest(f"input '{name}' appears more than once")
-        seen.add(name)
-        extra = set(raw) - {"name", "shape", "datatype", "parameters", "data"}
-        if extra:
-            raise BadRequest(f"input '{name}': unknown field(s) {sorted(extra)}")
-        datatype = raw.get("datatype")
-        if not isinstance(datatype, str) or datatype not in DATATYPES:
-            raise BadRequest(
-                f"input '{name}': unknown datatype {datatype!r}; one of {sorted(DATATYPES)}"
-            )
-        if "shape" not in raw:
-            raise BadRequest(f"input '{name}': missing 'shape'")
-        shape = _shape(raw["shape"], name)
-        count = math.prod(shape)
-        if count > max_elements:
-            raise PayloadTooLarge(
-                f"input '{name}' has {count} elements; the limit is {max_elements}"
-            )
-        # an empty tensor may still name a dimension numpy cannot allocate ([0, 2**62])
-        if any(d > max_elements for d in shape):
-            raise PayloadTooLarge(
-                f"input '{name}': dimension {max(shape)} exceeds the limit of {max_elements}"
-            )
-        params = _params(raw.get("parameters"), f"input '{name}'")
-        size = params.get("binary_data_size")
-        if size is not None:
-            if header_length is None:
-                raise BadRequest(
-                    f"input '{name}' sets binary_data_size but the request has no "
-                    f"{HEADER_LENGTH} header"
-                )
-            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-                raise BadRequest(f"input '{name}': binary_data_size must be a non-negative int")
-            if "data" in raw:
-                raise BadRequest(f"input '{name}' has both 'data' and binary_data_size")
-            if offset + size > len(binary):
-                raise BadRequest(
-                    f"input '{name}': binary_data_size {size} runs past the end of the body"
-                )
-            chunk = binary[offset : offset + size]
-            offset += size
-            data = _decoded(decode_binary_data, chunk, datatype, shape, name)
-        else:
-            if "data" not in raw:
-                raise BadRequest(f"input '{name}': missing 'data'")
-            data = _decoded(decode_json_data, raw["data"], datatype, shape, name)
-        inputs.append(InputTensor(name, datatype, shape, data, params))
+        tensor, offset = _parse_input(i, raw, binary, offset, header_length, max_elements)
+        if any(t.name == tensor.name for t in inputs):
+            raise BadRequest(f"input '{tensor.name}' appears more than once")
+        inputs.append(tensor)
     if offset != len(binary):
         raise BadRequest(
             f"body has {len(binary) - offset} binary bytes that no input's binary_data_size claims"
@@ -209,6 +160,65 @@ def parse_infer_request(
         parameters=_params(doc.get("parameters"), "request"),
         outputs=outputs,
     )
+
+
+def _parse_input(
+    i: int,
+    raw: Any,
+    binary: memoryview,
+    offset: int,
+    header_length: int | None,
+    max_elements: int,
+) -> tuple[InputTensor, int]:
+    """Input ``i`` of the request, its data from JSON or from the binary part at ``offset``;
+    returns it and the offset past its binary data."""
+    raw = _obj(raw, f"inputs[{i}]")
+    name = raw.get("name")
+    if not isinstance(name, str) or not name:
+        raise BadRequest(f"inputs[{i}]: 'name' must be a non-empty string")
+    extra = set(raw) - {"name", "shape", "datatype", "parameters", "data"}
+    if extra:
+        raise BadRequest(f"input '{name}': unknown field(s) {sorted(extra)}")
+    datatype = raw.get("datatype")
+    if not isinstance(datatype, str) or datatype not in DATATYPES:
+        raise BadRequest(
+            f"input '{name}': unknown datatype {datatype!r}; one of {sorted(DATATYPES)}"
+        )
+    if "shape" not in raw:
+        raise BadRequest(f"input '{name}': missing 'shape'")
+    shape = _shape(raw["shape"], name)
+    count = math.prod(shape)
+    if count > max_elements:
+        raise PayloadTooLarge(f"input '{name}' has {count} elements; the limit is {max_elements}")
+    # an empty tensor may still name a dimension numpy cannot allocate ([0, 2**62])
+    if any(d > max_elements for d in shape):
+        raise PayloadTooLarge(
+            f"input '{name}': dimension {max(shape)} exceeds the limit of {max_elements}"
+        )
+    params = _params(raw.get("parameters"), f"input '{name}'")
+    size = params.get("binary_data_size")
+    if size is not None:
+        if header_length is None:
+            raise BadRequest(
+                f"input '{name}' sets binary_data_size but the request has no "
+                f"{HEADER_LENGTH} header"
+            )
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise BadRequest(f"input '{name}': binary_data_size must be a non-negative int")
+        if "data" in raw:
+            raise BadRequest(f"input '{name}' has both 'data' and binary_data_size")
+        if offset + size > len(binary):
+            raise BadRequest(
+                f"input '{name}': binary_data_size {size} runs past the end of the body"
+            )
+        chunk = binary[offset : offset + size]
+        offset += size
+        data = _decoded(decode_binary_data, chunk, datatype, shape, name)
+    else:
+        if "data" not in raw:
+            raise BadRequest(f"input '{name}': missing 'data'")
+        data = _decoded(decode_json_data, raw["data"], datatype, shape, name)
+    return InputTensor(name, datatype, shape, data, params), offset
 
 
 def _decoded(
