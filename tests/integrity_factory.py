@@ -76,21 +76,24 @@ class Digits:
 
     def body(self, i: int = 0, **params: Any) -> dict[str, Any]:
         """An OIP request for digit ``i`` (id ``typical-digit-<i>``)."""
-        x = self.images[i : i + 1]
-        body: dict[str, Any] = {
-            "id": f"typical-digit-{i}",
-            "inputs": [
-                {
-                    "name": "input",
-                    "shape": list(x.shape),
-                    "datatype": "FP32",
-                    "data": x.ravel().tolist(),
-                }
-            ],
-        }
-        if params:
-            body["parameters"] = params
-        return body
+        return {"id": f"typical-digit-{i}", **infer_body(self.images[i : i + 1], **params)}
+
+
+def infer_body(x: np.ndarray, **params: Any) -> dict[str, Any]:
+    """An OIP request body for digit images ``x`` ``[n, 1, 8, 8]`` (and request parameters)."""
+    body: dict[str, Any] = {
+        "inputs": [
+            {
+                "name": "input",
+                "shape": list(x.shape),
+                "datatype": "FP32",
+                "data": x.ravel().tolist(),
+            }
+        ]
+    }
+    if params:
+        body["parameters"] = params
+    return body
 
 
 def _run(path: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
 import yaml
 
@@ -23,6 +22,9 @@ from gateway.app import create_app
 from gateway.settings import Settings
 from tests.conftest import ADMIN_KEY, USER_KEY
 from tests.enclave_double import FakeEnclaveClient
+from tests.integrity_factory import infer_body
+
+__all__ = ["ADMIN", "EXAMPLE", "Fakes", "infer_body", "integrity_gateway", "set_integrity"]
 
 EXAMPLE = json.loads((Path(__file__).resolve().parents[3] / "examples" / "digit.json").read_text())
 
@@ -40,22 +42,6 @@ def set_integrity(repo: Path, **changes: Any) -> None:
     cfg = yaml.safe_load(path.read_text())
     cfg["integrity"].update(changes)
     path.write_text(yaml.safe_dump(cfg))
-
-
-def infer_body(x: np.ndarray, **params: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "inputs": [
-            {
-                "name": "input",
-                "shape": list(x.shape),
-                "datatype": "FP32",
-                "data": x.ravel().tolist(),
-            }
-        ]
-    }
-    if params:
-        body["parameters"] = params
-    return body
 
 
 class Fakes:
