@@ -6,6 +6,7 @@ Unknown keys are an error that names the key and the file: a typo such as
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -134,7 +135,36 @@ class UpstreamOptions(StrictModel):
     retries: int = Field(2, ge=0, le=10, description="Retries on 5xx / connection errors.")
     backoff_s: float = Field(0.1, ge=0, description="First backoff; doubles each retry.")
     headers: dict[str, str] = Field(default_factory=dict, description="Sent with each call.")
+    headers_from_env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Header -> environment variable holding its value (an API key stays out "
+        "of config.yaml), e.g. {Authorization: MLAAS_AUTH}.",
+    )
+    headers_from_file: dict[str, Path] = Field(
+        default_factory=dict,
+        description="Header -> file holding its value (e.g. a mounted Kubernetes secret); "
+        "surrounding whitespace is stripped.",
+    )
     circuit_breaker: CircuitBreakerConfig = Field(default_factory=CircuitBreakerConfig)
+
+    def resolved_headers(self) -> dict[str, str]:
+        """``headers`` with the ones from the environment and from files; raises
+        ``ConfigError`` naming a variable that is unset or a file that cannot be read."""
+        out = dict(self.headers)
+        for header, var in self.headers_from_env.items():
+            value = os.environ.get(var)
+            if not value:
+                raise ConfigError(f"upstream header {header!r}: environment variable {var} is unset")
+            out[header] = value
+        for header, path in self.headers_from_file.items():
+            try:
+                value = path.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ConfigError(f"upstream header {header!r}: cannot read {path}: {exc}") from exc
+            if not value:
+                raise ConfigError(f"upstream header {header!r}: {path} is empty")
+            out[header] = value
+        return out
 
 
 class ModelConfig(StrictModel):

@@ -7,13 +7,13 @@ from typing import Any
 
 import torch
 
-from verifier.experiment import Experiment
+from verifier.experiment import RunSpec
 
 __all__ = ["model_card"]
 
 
 def model_card(
-    exp: Experiment,
+    exp: RunSpec,
     *,
     role: str,
     dataset: dict[str, Any],

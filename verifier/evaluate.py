@@ -19,7 +19,7 @@ import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -36,7 +36,13 @@ from verifier.detector import (
     train_reclassifier,
     window_test,
 )
-from verifier.experiment import AugmentConfig, Experiment, NoveltyConfig, SubstituteConfig
+from verifier.experiment import (
+    AugmentConfig,
+    Experiment,
+    NoveltyConfig,
+    RunSpec,
+    SubstituteConfig,
+)
 from verifier.features import pair_features_np
 from verifier.gan import GanHistory, Generator, train_gan
 from verifier.integrity_export import IntegrityModels, Novelty, export_integrity, integrity_block
@@ -50,7 +56,10 @@ from verifier.train import fit, predict_logits, set_determinism
 __all__ = [
     "MEAN_DETECTION_ATTACKS",
     "DetectorSplits",
+    "Models",
+    "PairSource",
     "evaluate_experiment",
+    "evaluate_models",
     "integrity_block",
     "report_markdown",
     "split_for_detector",
@@ -77,7 +86,7 @@ class DetectorSplits:
     evaluation: Dataset  # the rest of the test split
 
 
-def split_for_detector(splits: Splits, exp: Experiment) -> DetectorSplits:
+def split_for_detector(splits: Splits, exp: RunSpec) -> DetectorSplits:
     cfg = exp.detector
     n = len(splits.test)
     order = torch.from_numpy(np.random.default_rng(exp.seed + 4).permutation(n))
@@ -93,6 +102,25 @@ def _probs(net: nn.Module, x: torch.Tensor) -> np.ndarray:
     return predict_logits(net, x).softmax(-1).numpy().astype(np.float32)  # [n, C]
 
 
+class PairSource(Protocol):
+    """Where the evaluation gets its (service, verifier) answers."""
+
+    def probs(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(p, q): the service's and the verifier's probabilities on ``x``, each ``[n, C]``."""
+        ...
+
+    @property
+    def attack_surrogate(self) -> nn.Module:
+        """The network FGSM takes its gradients from: the service itself when its weights
+        are known, else the verifier (a transfer attack, as an outsider would mount)."""
+        ...
+
+    @property
+    def service_module(self) -> nn.Module | None:
+        """The service's weights (int8 substitutes round them), None for a black box."""
+        ...
+
+
 @dataclass(frozen=True)
 class Models:
     """The service model and its verifier, as trained by :func:`run_experiment`."""
@@ -103,6 +131,14 @@ class Models:
     def probs(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """(p, q): both models' probabilities on the images ``x``, each ``[n, C]``."""
         return _probs(self.service, x), _probs(self.verifier, x)
+
+    @property
+    def attack_surrogate(self) -> nn.Module:
+        return self.service
+
+    @property
+    def service_module(self) -> nn.Module | None:
+        return self.service
 
 
 def _with_views(x: torch.Tensor, views: int, aug: AugmentConfig, seed: int) -> torch.Tensor:
@@ -160,12 +196,12 @@ def _flipped(att: Attacked, q: np.ndarray, honest: np.ndarray) -> Pairs:
 
 
 def _fgsm_pairs(
-    models: Models, x: torch.Tensor, honest: np.ndarray, eps: float
+    models: PairSource, x: torch.Tensor, honest: np.ndarray, eps: float
 ) -> tuple[Pairs, float]:
     """FGSM on the input images ``x`` (``honest``: the service's top-1 on them, already
     computed by the caller); both models see the perturbed image. Kept: rows whose service
     answer changed. Returns the pairs and the flip rate."""
-    x_adv = fgsm(models.service, x, eps)
+    x_adv = fgsm(models.attack_surrogate, x, eps)
     p_adv, q_adv = models.probs(x_adv)
     keep = p_adv.argmax(1) != honest
     return Pairs(p_adv[keep], q_adv[keep], honest[keep]), float(keep.mean())
@@ -195,7 +231,7 @@ class TrainingPairs:
 
 
 def training_pairs(
-    exp: Experiment, models: Models, images: Dataset, rng: np.random.Generator
+    exp: RunSpec, models: PairSource, images: Dataset, rng: np.random.Generator
 ) -> TrainingPairs:
     """Clean pairs and the fixed attacks' pairs (+ FGSM) for the detector and re-classifier."""
     cfg = exp.detector
@@ -226,7 +262,7 @@ class Gan:
 
 
 def train_detector(
-    exp: Experiment, pairs: TrainingPairs, num_classes: int, bar: Progress | None
+    exp: RunSpec, pairs: TrainingPairs, num_classes: int, bar: Progress | None
 ) -> Gan:
     """The detector (GAN discriminator) against the generator, then the detector alone
     fine-tuned against the trained generator."""
@@ -279,7 +315,7 @@ class Reclassified:
 
 
 def fit_reclassifier(
-    exp: Experiment,
+    exp: RunSpec,
     pairs: TrainingPairs,
     generator: Generator,
     num_classes: int,
@@ -310,7 +346,7 @@ class Calibration:
 
 
 def calibrate(
-    exp: Experiment, models: Models, detector: AttackDetector, images: Dataset
+    exp: RunSpec, models: PairSource, detector: AttackDetector, images: Dataset
 ) -> Calibration:
     """The detector's threshold on clean held-out pairs, for the target FPR."""
     cfg = exp.detector
@@ -341,8 +377,8 @@ class Attacks:
 
 
 def attack_evaluation_images(
-    exp: Experiment,
-    models: Models,
+    exp: RunSpec,
+    models: PairSource,
     gan: Gan,
     images: Dataset,
     rng: np.random.Generator,
@@ -404,7 +440,7 @@ def _attack_row(
 
 
 def measure_detection(
-    exp: Experiment, ev: Attacks, detector: AttackDetector, re: Reclassifier, cal: Calibration
+    exp: RunSpec, ev: Attacks, detector: AttackDetector, re: Reclassifier, cal: Calibration
 ) -> Detection:
     """Detection and re-classification per attack, and the re-classification accuracy over
     the output attacks (every attack but FGSM)."""
@@ -426,7 +462,7 @@ def measure_detection(
     )
 
 
-def _baseline(name: str, exp: Experiment, cal: Calibration, ev: Attacks) -> dict[str, Any]:
+def _baseline(name: str, exp: RunSpec, cal: Calibration, ev: Attacks) -> dict[str, Any]:
     """One single-feature detector (see ``BASELINES``) on the same pairs."""
     cfg = exp.detector
     idx = {"research_ce_threshold": 0, "kl_percentile": 1}[name]
@@ -451,7 +487,7 @@ def _baseline(name: str, exp: Experiment, cal: Calibration, ev: Attacks) -> dict
     }
 
 
-def measure_baselines(exp: Experiment, cal: Calibration, ev: Attacks) -> dict[str, Any]:
+def measure_baselines(exp: RunSpec, cal: Calibration, ev: Attacks) -> dict[str, Any]:
     """Each single-feature baseline detector on the same pairs."""
     return {name: _baseline(name, exp, cal, ev) for name in BASELINES}
 
@@ -461,14 +497,19 @@ def measure_baselines(exp: Experiment, cal: Calibration, ev: Attacks) -> dict[st
 
 def _substitute(
     spec: SubstituteConfig,
-    exp: Experiment,
+    exp: RunSpec,
     splits: Splits,
-    service: nn.Module,
+    service: nn.Module | None,
     run_dir: Path,
     bar: Progress | None,
 ) -> tuple[nn.Module, float]:
     """The substitute model (trained, or loaded from its finished stage) and its seconds."""
     if spec.kind == "int8":
+        if service is None:
+            raise ValueError(
+                f"substitute {spec.name!r}: kind 'int8' rounds the service's weights, which a "
+                "black-box service does not have; use kind 'student'"
+            )
         return quantize_int8(service), 0.0
     assert spec.net is not None  # both checked by the config
     assert spec.train is not None
@@ -500,7 +541,7 @@ def _substitution_row(
     spec: SubstituteConfig,
     p_sub: np.ndarray,
     secs: float,
-    exp: Experiment,
+    exp: RunSpec,
     images: Dataset,
     ev: Attacks,
     detector: AttackDetector,
@@ -534,9 +575,9 @@ def _substitution_row(
 
 
 def measure_substitution(
-    exp: Experiment,
+    exp: RunSpec,
     splits: Splits,
-    models: Models,
+    models: PairSource,
     detector: AttackDetector,
     cal: Calibration,
     ev: Attacks,
@@ -550,7 +591,9 @@ def measure_substitution(
     report: dict[str, Any] = {}
     nets: dict[str, nn.Module] = {}
     for spec in exp.detector.substitutes:
-        nets[spec.name], secs = _substitute(spec, exp, splits, models.service, run_dir, bar)
+        nets[spec.name], secs = _substitute(
+            spec, exp, splits, models.service_module, run_dir, bar
+        )
         p_sub = _probs(nets[spec.name], images.x)
         row = _substitution_row(spec, p_sub, secs, exp, images, ev, detector, cal, kl_ref)
         report[spec.name] = row
@@ -573,7 +616,7 @@ def _novelty(
     nc: NoveltyConfig,
     x_train: torch.Tensor,
     data: DetectorSplits,
-    models: Models,
+    models: PairSource,
     detector: AttackDetector,
     cal: Calibration,
     seed: int,
@@ -622,7 +665,7 @@ def _novelty(
 
 
 def assemble_report(
-    exp: Experiment,
+    exp: RunSpec,
     *,
     data: DetectorSplits,
     num_classes: int,
@@ -696,13 +739,32 @@ def evaluate_experiment(
     their export into ``repository``), when the caller has it; run (or resumed) here
     otherwise. ``show_progress``: rich progress bars, when stderr is a terminal.
     """
-    cfg = exp.detector
     t_start = time.perf_counter()
     if run is None:  # the service student and the verifier are exported beside the detector
         run = run_experiment(exp, run_dir, repository=repository, show_progress=show_progress)
-    set_determinism(exp.seed, exp.threads)
     models = Models(run.student, run.verifier)
-    splits = run.splits
+    report = evaluate_models(
+        exp, models, run.splits, run_dir, repository=repository, show_progress=show_progress
+    )
+    report["wall_seconds"] = round(time.perf_counter() - t_start, 1)
+    return report
+
+
+def evaluate_models(
+    exp: RunSpec,
+    models: PairSource,
+    splits: Splits,
+    run_dir: Path,
+    *,
+    repository: Path | None = None,
+    show_progress: bool = False,
+) -> dict[str, Any]:
+    """The detector and re-classifier for a service and its verifier (``models``), trained
+    and evaluated on ``splits`` (see the module docstring for which part serves what), and
+    exported into ``repository`` when given. Returns the report."""
+    cfg = exp.detector
+    t_start = time.perf_counter()
+    set_determinism(exp.seed, exp.threads)
     data = split_for_detector(splits, exp)
     log.info(
         "detector data: %d train (val + test part) / %d calibration / %d evaluation",

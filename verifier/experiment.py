@@ -22,7 +22,7 @@ from pydantic import (
 
 from fides_core.config import StrictModel, format_validation_error
 
-__all__ = ["Experiment", "ExperimentError", "load_experiment", "pruning_mismatch"]
+__all__ = ["Experiment", "ExperimentError", "RunSpec", "load_experiment", "pruning_mismatch"]
 
 
 class ExperimentError(ValueError):
@@ -180,13 +180,25 @@ class VerifierConfig(StrictModel):
     max_flops_ratio: float = Field(
         0.25, gt=0, description="Candidates above this fraction of the service FLOPs are skipped."
     )
+    max_flops: int | None = Field(
+        None,
+        ge=1,
+        description="Candidates above this many FLOPs per image are skipped (absolute: the "
+        "budget of a verifier for a black box, whose FLOPs nobody knows).",
+    )
+    max_latency_ms: float | None = Field(
+        None,
+        gt=0,
+        description="Candidates whose single-image latency (onnxruntime, one thread, as the "
+        "enclave runs them) is above this are skipped.",
+    )
     memory_budget_mb: float = Field(96.0, gt=0, description="Enclave memory budget (MiB).")
     memory_batch_size: int = Field(64, ge=1, description="Batch size of the memory estimate.")
     freeze_batchnorm: bool = Field(
         True, description="Keep the backbone's batch-norm statistics frozen (as Fides)."
     )
 
-    _added_later: ClassVar[tuple[str, ...]] = ("final_step",)
+    _added_later: ClassVar[tuple[str, ...]] = ("final_step", "max_flops", "max_latency_ms")
 
 
 OutputAttackName = Literal["switch", "avg", "random_switch", "targeted_flip", "noise"]
@@ -325,21 +337,23 @@ class ExportConfig(StrictModel):
     latency_repeats: int = Field(200, ge=1, description="Single-image runs for the CPU latency.")
 
 
-class Experiment(StrictModel):
+class RunSpec(StrictModel):
+    """What every run that ends in a verifier and a detector shares: ``fides train`` /
+    ``fides evaluate`` (:class:`Experiment`, which also trains the service) and
+    ``fides protect`` (which distils from a service it is given)."""
+
     name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
     seed: int = 0
     threads: int = Field(
         1, ge=1, description="torch intra-op threads (fixed: results depend on it)."
     )
     data: DataConfig
-    teachers: list[TeacherConfig] = Field(min_length=1)
-    student: StudentConfig
     verifier: VerifierConfig
     export: ExportConfig
     detector: DetectorConfig = Field(default_factory=DetectorConfig)
 
     @model_validator(mode="after")
-    def _views_need_augmentation(self) -> Experiment:
+    def _views_need_augmentation(self) -> RunSpec:
         aug = self.data.augment
         if self.detector.augment_views and not (aug.crop_padding or aug.hflip):
             raise ValueError(
@@ -347,6 +361,18 @@ class Experiment(StrictModel):
                 "without it every view is the same image"
             )
         return self
+
+    def config_hash(self) -> str:
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class Experiment(RunSpec):
+    """``fides train`` / ``fides evaluate``: teachers, the service student distilled from
+    them, its verifier and detector."""
+
+    teachers: list[TeacherConfig] = Field(min_length=1)
+    student: StudentConfig
 
     @model_validator(mode="after")
     def _prunable_from_the_service(self) -> Experiment:
@@ -359,10 +385,6 @@ class Experiment(StrictModel):
             if problem is not None:
                 raise ValueError(f"verifier.candidates[{i}]: pretrain task 'service': {problem}")
         return self
-
-    def config_hash(self) -> str:
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
-        return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def parse_experiment(raw: object, where: Path | str = "<experiment>") -> Experiment:

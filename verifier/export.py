@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -103,6 +104,16 @@ def measure_latency(
         session.run(None, feed)
         times.append(time.perf_counter() - t)
     return round(statistics.median(times) * 1e3, 4)
+
+
+def single_image_latency_ms(net: nn.Module, image_shape: tuple[int, int, int]) -> float:
+    """``net`` (untrained weights are as fast as trained ones) exported to ONNX and run on one
+    image on one onnxruntime thread, as the enclave runs a verifier: median milliseconds."""
+    x = torch.rand(2, *image_shape)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "probe.onnx"
+        export_onnx(net.eval(), path, x)
+        return measure_latency(ort_session(path), x[:1].numpy(), repeats=50)
 
 
 def serving_config(labels: list[str], max_batch_size: int = 64) -> dict[str, Any]:

@@ -46,6 +46,7 @@ from verifier.experiment import (
     PretrainConfig,
     VerifierConfig,
 )
+from verifier.export import single_image_latency_ms
 from verifier.flops import count_flops, memory_estimate
 from verifier.losses import cross_entropy, kd_loss
 from verifier.nets import ConvNet, NetConfig, count_parameters, prune_filters
@@ -486,6 +487,31 @@ def _train_candidate(
     return result
 
 
+def _over_budget(
+    probe: ConvNet,
+    flops: int,
+    service_flops: int | None,
+    cfg: VerifierConfig,
+    image_shape: tuple[int, int, int],
+    row: dict[str, object],
+) -> str | None:
+    """Why a candidate does not fit the verifier budget (None when it fits); a measured
+    latency goes into ``row``."""
+    if service_flops is not None and flops > cfg.max_flops_ratio * service_flops:
+        return f"above {cfg.max_flops_ratio:.0%} of the service FLOPs"
+    if cfg.max_flops is not None and flops > cfg.max_flops:
+        return f"above max_flops {cfg.max_flops:,}"
+    inference = memory_estimate(probe, image_shape, cfg.memory_batch_size, training=False)
+    if inference.total_bytes > cfg.memory_budget_mb * 2**20:
+        return "does not fit the memory budget"
+    if cfg.max_latency_ms is not None:
+        latency = single_image_latency_ms(probe, image_shape)
+        row["cpu_latency_ms_batch1"] = latency
+        if latency > cfg.max_latency_ms:
+            return f"{latency:.3f} ms per image, above max_latency_ms {cfg.max_latency_ms:g}"
+    return None
+
+
 def select_verifier(
     specs: list[NetSpec],
     base: NetConfig,
@@ -494,14 +520,19 @@ def select_verifier(
     cfg: VerifierConfig,
     *,
     seed: int,
+    service_flops: int | None,
     augment_cfg: AugmentConfig | None = None,
     run_dir: Path | None = None,
     progress: Progress | None = None,
 ) -> tuple[GreedyResult, list[dict[str, object]]]:
     """Try candidate sizes smallest-FLOPs first; the first reaching the fidelity target wins,
-    else the one with the best fidelity. Returns it and one summary row per candidate."""
+    else the one with the best fidelity. Returns it and one summary row per candidate.
+
+    ``service_flops``: the service's FLOPs per image (``max_flops_ratio`` is a share of it);
+    None for a service whose cost is unknown (a black box): then only ``max_flops``, the
+    memory budget and ``max_latency_ms`` bound the candidates.
+    """
     image_shape = splits.image_shape
-    service_flops = count_flops(service, image_shape)
     configs = _candidate_configs(specs, base)
     order = sorted(range(len(configs)), key=lambda i: count_flops(ConvNet(configs[i]), image_shape))
     summary: list[dict[str, object]] = []
@@ -515,14 +546,12 @@ def select_verifier(
             "candidate": i,
             "widths": list(net_cfg.widths),
             "flops": flops,
-            "flops_ratio_to_service": round(flops / service_flops, 4),
+            "flops_ratio_to_service": round(flops / service_flops, 4) if service_flops else None,
             "params": count_parameters(probe),
         }
-        inference = memory_estimate(probe, image_shape, cfg.memory_batch_size, training=False)
-        if flops > cfg.max_flops_ratio * service_flops:
-            row["outcome"] = f"skipped: above {cfg.max_flops_ratio:.0%} of the service FLOPs"
-        elif inference.total_bytes > cfg.memory_budget_mb * 2**20:
-            row["outcome"] = "skipped: does not fit the memory budget"
+        skipped = _over_budget(probe, flops, service_flops, cfg, image_shape, row)
+        if skipped is not None:
+            row["outcome"] = f"skipped: {skipped}"
         else:
             result = _train_candidate(
                 i,

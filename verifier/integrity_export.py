@@ -16,11 +16,17 @@ from torch import nn
 
 from fides_core.integrity import DETECTOR_OUTPUT, P_INPUT, Q_INPUT, RECLASSIFIER_OUTPUT
 from verifier.detector import AttackDetector, Reclassifier, export_pair_model
-from verifier.experiment import Experiment
+from verifier.experiment import RunSpec
 from verifier.export import INPUT_NAME, serving_config, write_entry
 from verifier.novelty import NoveltyScorer, export_novelty
 
-__all__ = ["IntegrityModels", "Novelty", "export_integrity", "integrity_block"]
+__all__ = [
+    "IntegrityModels",
+    "Novelty",
+    "enable_integrity",
+    "export_integrity",
+    "integrity_block",
+]
 
 
 @dataclass(frozen=True)
@@ -71,7 +77,7 @@ def _write_pair_entry(
 
 
 def _write_novelty_entry(
-    root: Path, exp: Experiment, novelty: Novelty, x_check: torch.Tensor, common: dict[str, Any]
+    root: Path, exp: RunSpec, novelty: Novelty, x_check: torch.Tensor, common: dict[str, Any]
 ) -> None:
     name = f"{exp.export.service_name}_novelty"
     version = root / name / "1"
@@ -100,7 +106,7 @@ def _write_novelty_entry(
     (version / "model_card.json").write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
 
 
-def integrity_block(exp: Experiment) -> dict[str, Any]:
+def integrity_block(exp: RunSpec) -> dict[str, Any]:
     """The ``integrity:`` block that pairs the service with its verifier and detector."""
     ex = exp.export
     return {
@@ -115,23 +121,29 @@ def integrity_block(exp: Experiment) -> dict[str, Any]:
     }
 
 
-def _enable_integrity(repository: Path, exp: Experiment) -> None:
+def enable_integrity(repository: Path, exp: RunSpec, note: str = "fides evaluate") -> None:
+    """Add the ``integrity:`` block to the service's ``config.yaml``; one already there (an
+    earlier export) is replaced, keeping the file's leading comments."""
     path = repository / exp.export.service_name / "config.yaml"
     text = path.read_text(encoding="utf-8")
+    raw = yaml.safe_load(text) or {}
+    if "integrity" in raw:
+        header = "".join(line + "\n" for line in text.splitlines() if line.startswith("#"))
+        header = header.split("# verified by its GDTL verifier")[0]
+        raw.pop("integrity")
+        text = header + yaml.safe_dump(raw, sort_keys=False, default_flow_style=None)
     block = yaml.safe_dump(
         {"integrity": integrity_block(exp)}, sort_keys=False, default_flow_style=None
     )
     path.write_text(
-        text.rstrip("\n")
-        + "\n# verified by its GDTL verifier in the enclave (fides evaluate)\n"
-        + block,
+        text.rstrip("\n") + f"\n# verified by its GDTL verifier in the enclave ({note})\n" + block,
         encoding="utf-8",
     )
 
 
 def _write_substitutes(
     repository: Path,
-    exp: Experiment,
+    exp: RunSpec,
     models: IntegrityModels,
     substitution: dict[str, Any],
     common: dict[str, Any],
@@ -165,7 +177,11 @@ def _write_substitutes(
 
 
 def export_integrity(
-    repository: Path, exp: Experiment, models: IntegrityModels, report: dict[str, Any]
+    repository: Path,
+    exp: RunSpec,
+    models: IntegrityModels,
+    report: dict[str, Any],
+    note: str = "fides evaluate",
 ) -> float:
     """Every entry, then the service's ``integrity:`` block; ``report`` is the evaluation
     report (the cards quote it). Returns the detector's ONNX parity (max |ONNX - torch|)."""
@@ -225,5 +241,5 @@ def export_integrity(
     _write_substitutes(repository, exp, models, report["substitution"], common)
     if models.novelty is not None:
         _write_novelty_entry(repository, exp, models.novelty, models.x_check[:64], common)
-    _enable_integrity(repository, exp)
+    enable_integrity(repository, exp, note)
     return float(det_card["onnx_max_abs_diff"])

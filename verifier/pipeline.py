@@ -284,6 +284,7 @@ def train_verifier(
         splits,
         exp.verifier,
         seed=exp.seed,
+        service_flops=arch.student_flops,
         augment_cfg=exp.data.augment,
         run_dir=stage_dir,
         progress=bar,

@@ -47,7 +47,7 @@ from gateway.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from gateway.model_config import ModelConfig, UpstreamOptions
+from gateway.model_config import ConfigError, ModelConfig, UpstreamOptions
 from gateway.runtimes.base import Runtime, Tensors, TensorSpec
 
 logger = logging.getLogger(__name__)
@@ -91,6 +91,10 @@ class UpstreamRuntime(Runtime):
         if config.upstream is None:  # ModelConfig already enforces this for 'upstream'
             raise ModelLoadError(f"model {name!r}: platform 'upstream' needs an 'upstream:' block")
         self.options: UpstreamOptions = config.upstream
+        try:
+            self._headers = self.options.resolved_headers()
+        except ConfigError as exc:
+            raise ModelLoadError(f"model {name!r}: {exc}") from None
         self.base_url = self.options.url.rstrip("/")
         remote_name = self.options.model_name or name
         model_path = f"/v2/models/{quote(remote_name, safe='')}"
@@ -117,7 +121,7 @@ class UpstreamRuntime(Runtime):
                 if self._client is None:
                     self._client = httpx.Client(
                         timeout=self.options.timeout_s,
-                        headers=self.options.headers,
+                        headers=self._headers,
                         follow_redirects=False,
                     )
                 client = self._client

@@ -173,15 +173,44 @@ def test_select_verifier_prefers_the_smallest_and_skips_expensive(service: nn.Mo
     service_flops = count_flops(service, SHAPE)
     specs = [NetSpec(widths=[8, 8, 8]), NetSpec(widths=[2, 2, 2]), NetSpec(widths=[3, 3, 3])]
     c = cfg(target=0.01, max_flops_ratio=0.5)
-    result, summary = select_verifier(specs, NetConfig(num_classes=4), service, splits, c, seed=0)
+    result, summary = select_verifier(
+        specs, NetConfig(num_classes=4), service, splits, c, seed=0, service_flops=service_flops
+    )
     assert result.net.cfg.widths == (2, 2, 2)  # the cheapest reaches the (low) target first
     assert [row["candidate"] for row in summary] == [1]
     c = cfg(max_flops_ratio=0.5)
-    result, summary = select_verifier(specs, NetConfig(num_classes=4), service, splits, c, seed=0)
+    result, summary = select_verifier(
+        specs, NetConfig(num_classes=4), service, splits, c, seed=0, service_flops=service_flops
+    )
     assert [row["candidate"] for row in summary] == [1, 2, 0]
     assert "skipped" in str(summary[-1]["outcome"])  # same FLOPs as the service
     assert float(summary[-1]["flops_ratio_to_service"]) == pytest.approx(1.0)
     assert service_flops > 0
+
+
+def test_a_black_box_budget_is_absolute_flops_and_measured_latency(service: nn.Module) -> None:
+    """No service FLOPs (a black box): ``max_flops`` and ``max_latency_ms`` bound the
+    candidates, each skip names its reason, and nothing fits -> a clear error."""
+    train, val = tiny_data(), tiny_data(48, 1)
+    splits = Splits(train, val, val, 4, list("abcd"), [0.5], [0.3], "test")
+    specs = [NetSpec(widths=[8, 8, 8]), NetSpec(widths=[2, 2, 2])]
+    small = count_flops(ConvNet(NetConfig(widths=(2, 2, 2), num_classes=4)), SHAPE)
+    c = cfg(target=0.01, max_flops=small)
+    result, summary = select_verifier(
+        specs, NetConfig(num_classes=4), service, splits, c, seed=0, service_flops=None
+    )
+    assert result.net.cfg.widths == (2, 2, 2)
+    assert summary[0]["flops_ratio_to_service"] is None
+    c = cfg(target=0.01, max_flops=small - 1)
+    with pytest.raises(ValueError, match="no verifier candidate fits"):
+        select_verifier(
+            specs, NetConfig(num_classes=4), service, splits, c, seed=0, service_flops=None
+        )
+    c = cfg(target=0.01, max_latency_ms=1e-6)  # no net runs in a nanosecond
+    with pytest.raises(ValueError, match="no verifier candidate fits"):
+        select_verifier(
+            specs, NetConfig(num_classes=4), service, splits, c, seed=0, service_flops=None
+        )
 
 
 def test_pretrain_rotation_then_fresh_head_and_checkpoint_reuse(tmp_path: Path) -> None:
@@ -239,7 +268,13 @@ def test_pretrain_from_the_pruned_service_then_greedy_steps(service: nn.Module) 
         )
     c = cfg(pretrain=pre, candidates=[{"widths": [4, 6, 8], "dropout": 0.0}], max_flops_ratio=1.0)
     result, summary = select_verifier(
-        c.candidates, NetConfig(num_classes=4), service, splits, c, seed=0
+        c.candidates,
+        NetConfig(num_classes=4),
+        service,
+        splits,
+        c,
+        seed=0,
+        service_flops=count_flops(service, SHAPE),
     )
     assert "filter-pruned" in str(result.extra["pretrain"]["source"])  # type: ignore[index]
     assert result.path[0].note == "head only"
