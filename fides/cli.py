@@ -82,6 +82,51 @@ def train(
         raise typer.Exit(2) from None
 
 
+@app.command("protect")
+def protect_cmd(
+    config: Annotated[Path, typer.Argument(help="Protect YAML (see experiments/protect_*.yaml).")],
+    repository: Annotated[
+        Path,
+        typer.Option(
+            help="Repository of the gateway that serves (or fronts) the service: the kit and "
+            "the integrity block are written here."
+        ),
+    ],
+    run_dir: Annotated[
+        Path | None, typer.Option(help="Checkpoints and answers; default runs/<name>.")
+    ] = None,
+    answers: Annotated[
+        Path | None,
+        typer.Option(help="Answer store (SQLite); default <run-dir>/answers.sqlite."),
+    ] = None,
+    max_queries: Annotated[
+        int | None,
+        typer.Option(help="Inputs paid for at most, over every run with this answer store.", min=1),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Report JSON (+ .md beside it); default <run-dir>/report.json."),
+    ] = None,
+) -> None:
+    """Build the integrity kit for a classifier you already have (a repository model or a
+    remote endpoint queried as a black box): verifier, detector, re-classifier, report."""
+    from fides.protect.cli import CommandFailed, protect_command
+
+    try:
+        protect_command(
+            config,
+            repository=repository,
+            run_dir=run_dir,
+            answers=answers,
+            max_queries=max_queries,
+            out=out,
+            console=console,
+        )
+    except CommandFailed as exc:
+        console.print(f"[red]error:[/red] {exc.message}")
+        raise typer.Exit(exc.code) from None
+
+
 @app.command()
 def evaluate(
     experiment: Annotated[Path, typer.Argument(help="Experiment YAML (see experiments/).")],

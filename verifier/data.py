@@ -24,7 +24,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["DataError", "Dataset", "Splits", "augment", "load_splits"]
+__all__ = [
+    "DataError",
+    "Dataset",
+    "Splits",
+    "augment",
+    "load_digits_arrays",
+    "load_image_folder",
+    "load_npz_inputs",
+    "load_splits",
+]
 
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
@@ -125,6 +134,44 @@ def load_npz(
         )
     y_train = _check_labels(where, "y_train", arrays["y_train"], len(x_train))
     y_test = _check_labels(where, "y_test", arrays["y_test"], len(x_test))
+    return x_train, y_train, x_test, y_test, classes
+
+
+def load_npz_inputs(
+    path: Path,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, np.ndarray | None, list[str] | None]:
+    """Images a user has, labels optional: ``x_train`` (required), ``y_train``, ``x_test``,
+    ``y_test`` (each optional; a label array needs its images). Images NCHW float32 in [0, 1].
+    """
+    where = str(path)
+    if not path.is_file():
+        raise DataError(f"{where}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "x_train" not in z.files:
+                raise DataError(f"{where}: no x_train (found {sorted(z.files)})")
+            arrays = {k: z[k] for k in NPZ_KEYS if k in z.files}
+            classes = [str(c) for c in z["classes"]] if "classes" in z.files else None
+    except DataError:
+        raise
+    except Exception as exc:  # zipfile / pickle / format errors from numpy
+        raise DataError(f"{where}: not a readable .npz file ({exc})") from exc
+    if "y_test" in arrays and "x_test" not in arrays:
+        raise DataError(f"{where}: y_test without x_test")
+    x_train = _check_images(where, "x_train", arrays["x_train"])
+    x_test = _check_images(where, "x_test", arrays["x_test"]) if "x_test" in arrays else None
+    if x_test is not None and x_train.shape[1:] != x_test.shape[1:]:
+        raise DataError(
+            f"{where}: x_train images are {x_train.shape[1:]} but x_test are {x_test.shape[1:]}"
+        )
+    y_train = (
+        _check_labels(where, "y_train", arrays["y_train"], len(x_train))
+        if "y_train" in arrays
+        else None
+    )
+    y_test = None
+    if x_test is not None and "y_test" in arrays:
+        y_test = _check_labels(where, "y_test", arrays["y_test"], len(x_test))
     return x_train, y_train, x_test, y_test, classes
 
 

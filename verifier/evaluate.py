@@ -758,10 +758,12 @@ def evaluate_models(
     *,
     repository: Path | None = None,
     show_progress: bool = False,
+    note: str = "fides evaluate",
 ) -> dict[str, Any]:
     """The detector and re-classifier for a service and its verifier (``models``), trained
     and evaluated on ``splits`` (see the module docstring for which part serves what), and
-    exported into ``repository`` when given. Returns the report."""
+    exported into ``repository`` when given (``note``: the command, for config.yaml's
+    comment). Returns the report."""
     cfg = exp.detector
     t_start = time.perf_counter()
     set_determinism(exp.seed, exp.threads)
@@ -825,7 +827,7 @@ def evaluate_models(
             x_check=data.evaluation.x,
             labels=splits.classes,
         )
-        diff = export_integrity(repository, exp, trained, report)
+        diff = export_integrity(repository, exp, trained, report, note)
         log.info("exported the detector, re-classifier and substitutes to %s", repository)
         report["repository"] = str(repository)
         report["onnx_max_abs_diff"] = diff

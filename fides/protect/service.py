@@ -1,0 +1,160 @@
+"""The service to protect, opened with the gateway's own runtimes.
+
+A repository model (onnx, torch, or an ``upstream`` entry) is loaded as the gateway loads it;
+a remote endpoint goes through :class:`gateway.runtimes.upstream.UpstreamRuntime` (pooled
+HTTP, retries with backoff on 5xx / 429 / timeouts, ``Retry-After``, a circuit breaker). The
+kit therefore sees the service exactly as the fronting gateway will.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from gateway.errors import GatewayError
+from gateway.model_config import ConfigError, ModelConfig, UpstreamOptions, load_model_config
+from gateway.runtimes import Runtime, runtime_class
+from gateway.runtimes.base import TensorSpec
+
+__all__ = ["Service", "ServiceError", "open_service"]
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"FP32": np.float32, "FP16": np.float16, "FP64": np.float64, "UINT8": np.uint8}
+
+
+class ServiceError(RuntimeError):
+    """The service cannot be opened or queried; the message names what is wrong."""
+
+
+class Service:
+    """One classifier: images (float32 NCHW in [0, 1]) in, one answer row per image out."""
+
+    def __init__(self, runtime: Runtime, output: str | None, identity: str) -> None:
+        self.runtime = runtime
+        self.identity = identity  # what the answer store is keyed to
+        if len(runtime.inputs) != 1:
+            raise ServiceError(
+                f"{identity} takes {len(runtime.inputs)} inputs "
+                f"({[s.name for s in runtime.inputs]}); a classifier of images takes one"
+            )
+        self.input: TensorSpec = runtime.inputs[0]
+        if self.input.datatype not in _DTYPES:
+            raise ServiceError(
+                f"{identity}: input {self.input.name!r} is {self.input.datatype}; images are "
+                f"sent as one of {sorted(_DTYPES)}"
+            )
+        names = [s.name for s in runtime.outputs]
+        if output is None:
+            if len(names) != 1:
+                raise ServiceError(
+                    f"{identity} has outputs {names}: name the class scores with service.output"
+                )
+            output = names[0]
+        elif output not in names:
+            raise ServiceError(f"{identity} has no output {output!r} (outputs: {names})")
+        self.output = output
+        spec = next(s for s in runtime.outputs if s.name == output)
+        # [batch, C] class scores or [batch] / [batch, 1] class indices
+        if len(spec.shape) not in (1, 2) or (len(spec.shape) == 2 and spec.shape[1] == 0):
+            raise ServiceError(
+                f"{identity}: output {output!r} has shape {list(spec.shape)}; a classifier "
+                "answers [batch, classes] scores or [batch] class indices"
+            )
+        self.max_batch = runtime.config.max_batch_size
+
+    @property
+    def item_shape(self) -> tuple[int, ...]:
+        return tuple(self.input.shape[1:]) if self.max_batch > 0 else tuple(self.input.shape)
+
+    def check_images(self, image_shape: tuple[int, ...]) -> None:
+        """Raises :class:`ServiceError` when images of ``image_shape`` ([C, H, W]) cannot be
+        sent to the service as they are."""
+        want = self.item_shape
+        ok = len(want) == len(image_shape) and all(
+            w in (-1, g) for w, g in zip(want, image_shape, strict=True)
+        )
+        if not ok:
+            raise ServiceError(
+                f"{self.identity} takes {self.input.name!r} of shape {list(want)} per image "
+                f"({self.input.datatype}), but the inputs are {list(image_shape)} ([C, H, W]): "
+                "give images the service was built for"
+            )
+        if self.max_batch == 0:
+            raise ServiceError(
+                f"{self.identity} has max_batch_size 0 (no batch dimension); the kit sends "
+                "batches of images"
+            )
+
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        """Images (float32 [n, C, H, W] in [0, 1]) as the service takes them."""
+        dtype = _DTYPES[self.input.datatype]
+        if dtype is np.uint8:
+            return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(x, dtype=dtype)
+
+    def ask(self, batch: np.ndarray) -> np.ndarray:
+        """The service's answers to an encoded batch (thread-safe; raises GatewayError)."""
+        out = self.runtime.predict({self.input.name: batch}, [self.output])
+        return np.asarray(out[self.output])
+
+    def close(self) -> None:
+        self.runtime.unload()
+
+
+def _load(runtime: Runtime, identity: str) -> Runtime:
+    try:
+        runtime.load()
+    except GatewayError as exc:
+        raise ServiceError(f"{identity}: {exc.message}") from None
+    return runtime
+
+
+def open_service(
+    *,
+    repository: Path | None,
+    model: str | None,
+    upstream: UpstreamOptions | None,
+    output: str | None,
+    max_batch_size: int,
+) -> Service:
+    """The service of a protect file: ``model`` of ``repository`` (its latest version), or
+    the ``upstream`` endpoint."""
+    if upstream is not None:
+        remote = upstream.model_name or "model"
+        identity = f"upstream {upstream.url.rstrip('/')}/v2/models/{remote}"
+        if upstream.model_version:
+            identity += f"/versions/{upstream.model_version}"
+        config = ModelConfig(
+            name=upstream.model_name,
+            platform="upstream",
+            max_batch_size=max_batch_size,
+            upstream=upstream,
+        )
+        try:
+            runtime = runtime_class("upstream")(remote, 1, Path("."), config)
+        except GatewayError as exc:
+            raise ServiceError(f"{identity}: {exc.message}") from None
+        return Service(_load(runtime, identity), output, identity)
+    assert model is not None
+    assert repository is not None
+    model_dir = repository / model
+    try:
+        config = load_model_config(model_dir / "config.yaml", model)
+    except ConfigError as exc:
+        raise ServiceError(f"model {model!r} of {repository}: {exc}") from None
+    if config.platform == "causal_lm":
+        raise ServiceError(f"model {model!r} is a causal_lm (text generation), not a classifier")
+    versions = sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+    if not versions:
+        raise ServiceError(f"model {model!r}: no version directory in {model_dir}")
+    identity = f"model {model!r} v{versions[-1]} of {repository.resolve()}"
+    try:
+        runtime = runtime_class(config.platform)(
+            model, versions[-1], model_dir / str(versions[-1]), config
+        )
+    except GatewayError as exc:
+        raise ServiceError(f"{identity}: {exc.message}") from None
+    return Service(_load(runtime, identity), output, identity)

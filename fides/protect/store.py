@@ -1,0 +1,141 @@
+"""The answer store: every answer the service gave, on disk (SQLite), keyed by input hash.
+
+Each answer is committed as soon as it arrives, with the number of inputs paid for, so a run
+that is interrupted, killed or out of budget loses nothing it paid for, and a rerun asks only
+for what is missing. One store belongs to one service: opening it for another is an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["AnswerStore", "StoreError", "input_key"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS answers (key BLOB PRIMARY KEY, answer BLOB NOT NULL);
+"""
+_CHUNK = 500  # keys per SELECT (SQLite's default limit on host parameters is 32766)
+
+
+class StoreError(RuntimeError):
+    """The store cannot be used (another service's, unreadable, inconsistent)."""
+
+
+def input_key(row: np.ndarray) -> bytes:
+    """16-byte BLAKE2b of one input exactly as sent (dtype, shape and bytes)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{row.dtype.str}{row.shape}".encode())
+    h.update(np.ascontiguousarray(row).tobytes())
+    return h.digest()
+
+
+class AnswerStore:
+    """Answers of one service. Not thread-safe: the query client writes from one thread."""
+
+    def __init__(self, path: Path, service_id: str) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None)  # explicit transactions
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")  # an answer committed is on disk
+            self._db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{path}: not a usable answer store ({exc})") from exc
+        recorded = self.meta("service")
+        if recorded is None:
+            self.set_meta("service", service_id)
+        elif recorded != service_id:
+            raise StoreError(
+                f"{path} holds the answers of {recorded}, not of {service_id}: give another "
+                "--answers file (answers from one service are no use for another)"
+            )
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- metadata ---------------------------------------------------------------------
+
+    def meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    def meta_json(self, key: str) -> Any:
+        raw = self.meta(key)
+        return None if raw is None else json.loads(raw)
+
+    @property
+    def spent(self) -> int:
+        """Inputs paid for (sent and answered), over every run with this store."""
+        return int(self.meta("spent") or 0)
+
+    def add_spent(self, n: int) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+        self.set_meta("spent", str(self.spent + n))
+        self._db.execute("COMMIT")
+
+    def __len__(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM answers").fetchone()[0])
+
+    # -- answers ----------------------------------------------------------------------
+
+    def _layout(self, answer: np.ndarray) -> tuple[str, tuple[int, ...]]:
+        """The answers' dtype and row shape, fixed by the first answer stored."""
+        layout = self.meta_json("layout")
+        if layout is None:
+            layout = {"dtype": answer.dtype.str, "shape": list(answer.shape[1:])}
+            self.set_meta("layout", json.dumps(layout))
+        dtype, shape = str(layout["dtype"]), tuple(int(d) for d in layout["shape"])
+        if answer.dtype.str != dtype or answer.shape[1:] != shape:
+            raise StoreError(
+                f"the service answered {answer.dtype} {list(answer.shape[1:])} per input, but "
+                f"earlier answers in {self.path} are {np.dtype(dtype)} {list(shape)}"
+            )
+        return dtype, shape
+
+    def put(self, keys: list[bytes], answers: np.ndarray, paid: int) -> None:
+        """Record ``answers`` ([n, ...]) for ``keys`` and ``paid`` more inputs paid for, in
+        one transaction."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._layout(answers)
+            self._db.executemany(
+                "INSERT OR REPLACE INTO answers VALUES (?, ?)",
+                (
+                    (k, np.ascontiguousarray(a).tobytes())
+                    for k, a in zip(keys, answers, strict=True)
+                ),
+            )
+            self.set_meta("spent", str(self.spent + paid))
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def get(self, keys: Iterable[bytes]) -> dict[bytes, np.ndarray]:
+        """The recorded answers among ``keys``."""
+        layout = self.meta_json("layout")
+        if layout is None:
+            return {}
+        dtype, shape = np.dtype(str(layout["dtype"])), tuple(int(d) for d in layout["shape"])
+        keys = list(keys)
+        out: dict[bytes, np.ndarray] = {}
+        for i in range(0, len(keys), _CHUNK):
+            part = keys[i : i + _CHUNK]
+            marks = ",".join("?" * len(part))
+            for k, blob in self._db.execute(
+                f"SELECT key, answer FROM answers WHERE key IN ({marks})", part
+            ):
+                out[bytes(k)] = np.frombuffer(blob, dtype=dtype).reshape(shape)
+        return out
