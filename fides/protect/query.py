@@ -196,6 +196,8 @@ class Querier:
         try:
             out = self.service.ask(batch)
         except GatewayError as exc:
+            if "returned an invalid response" in exc.message:  # answered (paid), unusable
+                raise AnswerError(f"{self.service.identity}: {exc.message}") from None
             hint = ""
             if " 401" in exc.message or " 403" in exc.message:
                 hint = (
@@ -220,11 +222,12 @@ class Querier:
             if room < len(todo):
                 short, todo = len(todo) - room, todo[:room]
         chunks = [todo[i : i + self._batch] for i in range(0, len(todo), self._batch)]
-        prog = _Progress(total=len(todo), started=time.monotonic())
+        prog = _Progress(total=len(todo), started=time.monotonic(), last_log=time.monotonic())
         if self.progress is not None and todo:
             prog.task = self.progress.add_task(f"asking for {what}", total=len(todo))
         if todo:
-            log.info(
+            log.log(
+                logging.INFO if len(todo) >= 1000 else logging.DEBUG,
                 "asking the service for %d %s (%d already recorded)",
                 len(todo),
                 what,
@@ -306,7 +309,7 @@ class Querier:
                 description=f"asking for {what} ({self.store.spent:,} paid for)",
             )
         now = time.monotonic()
-        if now - prog.last_log >= 10.0 or prog.done == prog.total:
+        if now - prog.last_log >= 10.0 or (prog.done == prog.total and prog.total >= 1000):
             prog.last_log = now
             log.info(
                 "%s: %d/%d answered, %d paid for in all, ETA %.0f s",

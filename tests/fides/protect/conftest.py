@@ -1,0 +1,162 @@
+"""Fixtures for ``fides protect``: small protect files, and an MLaaS that misbehaves on
+purpose (the adversary of the query client: it answers with the session's really trained
+digits model, then breaks its answers or its HTTP the way real endpoints do)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from tests.gateway.test_upstream_gateway import serve_in_thread
+from tests.integrity_factory import DETECTOR
+
+KEY = "mlaas-secret"
+
+
+def protect_raw(service: dict[str, Any], **over: Any) -> dict[str, Any]:
+    """A protect file for the digits data, sized to train in seconds."""
+    raw: dict[str, Any] = {
+        "name": "protect_test",
+        "seed": 0,
+        "threads": 1,
+        "service": service,
+        "views": 1,
+        "query": {"batch_size": 64, "concurrency": 2, "repeat_probe": 32},
+        "data": {
+            "source": "digits",
+            "val_fraction": 0.1,
+            "test_fraction": 0.4,
+            "augment": {"crop_padding": 1},
+        },
+        "verifier": {
+            "max_flops": 300_000,
+            "candidates": [{"widths": [8, 16, 32]}],
+            "pretrain": {"task": "rotation", "train": {"epochs": 1, "batch_size": 64}},
+            "step": {"epochs": 3, "batch_size": 64, "lr": 0.004},
+            "fidelity_target": 0.97,
+        },
+        "export": {
+            "service_name": "digits",
+            "verifier_name": "digits_verifier",
+            "max_batch_size": 64,
+            "latency_repeats": 5,
+        },
+        "detector": {**DETECTOR, "target_fpr": 0.02},
+    }
+    for key, value in over.items():
+        raw[key] = {**raw[key], **value} if isinstance(value, dict) and key in raw else value
+    return raw
+
+
+@dataclass
+class MLaaS:
+    """The trained digits model behind a deliberately unreliable OIP endpoint."""
+
+    session: ort.InferenceSession
+    url: str = ""
+    mode: str = "ok"  # ok | nan | short | logits | noisy | top2 | label | index
+    fail_with: int | None = None  # answer this HTTP status ...
+    fail_times: int = 0  # ... this many times (then answer normally)
+    rows_answered: int = 0  # inputs answered with 200, as the provider bills them
+    rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def answer(self, x: np.ndarray) -> np.ndarray:
+        p = self.session.run(None, {"input": x})[0]  # [n, 10] probabilities
+        if self.mode == "nan":
+            p[0] = np.nan
+        elif self.mode == "short":
+            p = p[:-1]
+        elif self.mode == "logits":
+            p = np.log(np.clip(p, 1e-6, None)) + 3.0
+        elif self.mode == "noisy":  # a different answer each time it is asked
+            p = p + self.rng.uniform(0, 0.5, p.shape).astype(np.float32)
+            p /= p.sum(1, keepdims=True)
+        elif self.mode == "top2":
+            cut = np.sort(p, 1)[:, -2:-1]
+            p = np.where(p >= cut, p, 0.0).astype(np.float32)
+        elif self.mode == "label":
+            p = np.eye(10, dtype=np.float32)[p.argmax(1)]
+        elif self.mode == "index":
+            return p.argmax(1).astype(np.int64)
+        return p
+
+    def app(self) -> FastAPI:
+        app = FastAPI()
+
+        def authorised(request: Request) -> JSONResponse | None:
+            if request.headers.get("authorization") != f"Bearer {KEY}":
+                return JSONResponse({"error": "invalid API key"}, status_code=401)
+            return None
+
+        @app.get("/v2/models/digits")
+        def meta(request: Request) -> Any:
+            return authorised(request) or {
+                "name": "digits",
+                "platform": "onnx",
+                "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 8, 8]}],
+                "outputs": [
+                    {"name": "probabilities", "datatype": "INT64", "shape": [-1]}
+                    if self.mode == "index"
+                    else {"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]}
+                ],
+            }
+
+        @app.post("/v2/models/digits/infer")
+        async def infer(request: Request) -> Any:
+            if (denied := authorised(request)) is not None:
+                return denied
+            with self.lock:
+                if self.fail_times > 0 and self.fail_with is not None:
+                    self.fail_times -= 1
+                    return JSONResponse(
+                        {"error": f"HTTP {self.fail_with} on purpose"},
+                        status_code=self.fail_with,
+                        headers={"Retry-After": "0"} if self.fail_with == 429 else {},
+                    )
+            body = json.loads(await request.body())
+            t = body["inputs"][0]
+            x = np.asarray(t["data"], dtype=np.float32).reshape(t["shape"])
+            p = self.answer(x)
+            with self.lock:
+                self.rows_answered += len(x)
+            dt = "INT64" if p.dtype == np.int64 else "FP32"
+            # NaN goes out as JSON null, as orjson (the gateway's encoder) writes it
+            data = [None if v != v else v for v in p.ravel().tolist()]
+            out = {"name": "probabilities", "datatype": dt, "shape": list(p.shape), "data": data}
+            return JSONResponse({"model_name": "digits", "outputs": [out]})
+
+        return app
+
+
+@pytest.fixture
+def mlaas(trained_repository: tuple[Path, dict[str, Any]]) -> Iterator[MLaaS]:
+    onnx = trained_repository[0] / "digits" / "1" / "model.onnx"
+    service = MLaaS(ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"]))
+    with serve_in_thread(service.app()) as (url, _):
+        service.url = url
+        yield service
+
+
+def upstream(url: str, **over: Any) -> dict[str, Any]:
+    return {
+        "upstream": {
+            "url": url,
+            "model_name": "digits",
+            "headers_from_env": {"Authorization": "PROTECT_TEST_AUTH"},
+            "timeout_s": 5,
+            "retries": 2,
+            "backoff_s": 0.01,
+            **over,
+        }
+    }

@@ -1,0 +1,269 @@
+"""The query client against an MLaaS that misbehaves on purpose (tests/fides/protect/
+conftest.py): every answer paid for is recorded once, a rerun asks only for what is missing,
+and each bad answer or HTTP failure is an error that names the problem."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fides.protect.config import QueryConfig, parse_protect_config
+from fides.protect.query import (
+    AnswerError,
+    BudgetExhausted,
+    Querier,
+    QueryFailed,
+    answer_kind,
+    as_probabilities,
+)
+from fides.protect.service import Service, ServiceError, open_service
+from fides.protect.store import AnswerStore, StoreError
+from gateway.model_config import UpstreamOptions
+from tests.fides.protect.conftest import KEY, MLaaS, protect_raw, upstream
+from verifier.data import load_digits_arrays
+
+X = load_digits_arrays(0)[0][:300]  # [300, 1, 8, 8] float32 in [0, 1]
+
+
+_OPEN: list[Service | AnswerStore] = []  # closed after each test (sockets, databases)
+
+
+@pytest.fixture(autouse=True)
+def _key_and_cleanup(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("PROTECT_TEST_AUTH", f"Bearer {KEY}")
+    yield
+    while _OPEN:
+        _OPEN.pop().close()
+
+
+def _service(mlaas: MLaaS, **over: Any) -> Service:
+    options = UpstreamOptions.model_validate(upstream(mlaas.url, **over)["upstream"])
+    service = open_service(
+        repository=None, model=None, upstream=options, output=None, max_batch_size=64
+    )
+    _OPEN.append(service)
+    return service
+
+
+def _querier(mlaas: MLaaS, store_path: Path, budget: int | None = None, **cfg: Any) -> Querier:
+    service = _service(mlaas)
+    store = AnswerStore(store_path, service.identity)
+    _OPEN.append(store)
+    return Querier(
+        service, store, QueryConfig(batch_size=32, concurrency=3, **cfg), max_queries=budget
+    )
+
+
+def test_each_answer_is_paid_for_once_and_a_rerun_asks_nothing(
+    mlaas: MLaaS, tmp_path: Path
+) -> None:
+    x = np.concatenate([X, X[:50]])  # repeats inside one call are asked once
+    q = _querier(mlaas, tmp_path / "a.sqlite")
+    first = q.answers(x)
+    assert first.shape == (350, 10)
+    np.testing.assert_allclose(first[:50], first[300:])
+    assert mlaas.rows_answered == q.store.spent == len(q.store) == 300
+    again = _querier(mlaas, tmp_path / "a.sqlite")  # a new process on the same store
+    np.testing.assert_array_equal(again.answers(x), first)
+    assert mlaas.rows_answered == 300
+
+
+def test_an_exhausted_budget_stops_cleanly_and_a_larger_one_resumes(
+    mlaas: MLaaS, tmp_path: Path
+) -> None:
+    q = _querier(mlaas, tmp_path / "a.sqlite", budget=100)
+    with pytest.raises(
+        BudgetExhausted,
+        match=r"100 inputs paid for of --max-queries 100, 200 more needed.*--max-queries 300",
+    ):
+        q.answers(X)
+    assert mlaas.rows_answered == q.store.spent == len(q.store) == 100  # what fits is kept
+    q2 = _querier(mlaas, tmp_path / "a.sqlite", budget=300)
+    assert q2.answers(X).shape == (300, 10)
+    assert mlaas.rows_answered == 300  # nothing asked twice
+
+
+def test_429_and_503_are_retried_with_backoff(mlaas: MLaaS, tmp_path: Path) -> None:
+    mlaas.fail_with, mlaas.fail_times = 429, 2
+    q = _querier(mlaas, tmp_path / "a.sqlite", rate_limit=200.0)
+    assert q.answers(X[:64]).shape == (64, 10)
+    mlaas.fail_with, mlaas.fail_times = 503, 1
+    assert q.answers(X[64:128]).shape == (64, 10)
+    assert mlaas.rows_answered == 128
+
+
+def test_a_failing_upstream_is_named_and_what_it_answered_is_kept(
+    mlaas: MLaaS, tmp_path: Path
+) -> None:
+    q = _querier(mlaas, tmp_path / "a.sqlite")
+    q.answers(X[:64])
+    mlaas.fail_with, mlaas.fail_times = 500, 10**6
+    with pytest.raises(QueryFailed, match=r"HTTP 500"):
+        q.answers(X)
+    assert len(q.store) == 64
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_refused_credentials_say_so(mlaas: MLaaS, tmp_path: Path, status: int) -> None:
+    q = _querier(mlaas, tmp_path / "a.sqlite")
+    mlaas.fail_with, mlaas.fail_times = status, 10**6
+    with pytest.raises(QueryFailed, match=rf"HTTP {status}.*check the credentials"):
+        q.answers(X[:10])
+
+
+def test_a_missing_key_is_named_before_any_query(
+    mlaas: MLaaS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("PROTECT_TEST_AUTH")
+    with pytest.raises(ServiceError, match="environment variable PROTECT_TEST_AUTH is unset"):
+        _service(mlaas)
+    monkeypatch.setenv("PROTECT_TEST_AUTH", "Bearer wrong")
+    with pytest.raises(ServiceError, match="HTTP 401"):  # the metadata call is refused
+        _service(mlaas)
+
+
+def test_a_key_from_a_file(mlaas: MLaaS, tmp_path: Path) -> None:
+    secret = tmp_path / "key"
+    secret.write_text(f"Bearer {KEY}\n")
+    service = _service(mlaas, headers_from_env={}, headers_from_file={"Authorization": str(secret)})
+    assert service.ask(X[:2]).shape == (2, 10)
+    missing = tmp_path / "nope"
+    with pytest.raises(ServiceError, match=f"cannot read {missing}"):
+        _service(mlaas, headers_from_env={}, headers_from_file={"Authorization": str(missing)})
+
+
+def test_an_unreachable_upstream_is_named(tmp_path: Path) -> None:
+    options = UpstreamOptions(url="http://127.0.0.1:9", model_name="digits", retries=0)
+    with pytest.raises(ServiceError, match="cannot read the upstream model's metadata"):
+        open_service(repository=None, model=None, upstream=options, output=None, max_batch_size=64)
+
+
+def test_nan_answers_are_named_and_paid_for(mlaas: MLaaS, tmp_path: Path) -> None:
+    q = _querier(mlaas, tmp_path / "a.sqlite")
+    mlaas.mode = "nan"
+    with pytest.raises(AnswerError, match="must be numbers"):
+        q.answers(X[:64])
+    assert q.store.spent == 64  # both batches came back unusable, and were paid for
+    assert len(q.store) == 0
+
+
+def test_the_wrong_number_of_rows_is_named(mlaas: MLaaS, tmp_path: Path) -> None:
+    q = _querier(mlaas, tmp_path / "a.sqlite")
+    mlaas.mode = "short"
+    with pytest.raises((AnswerError, QueryFailed), match=r"31|shape"):
+        q.answers(X[:32])
+
+
+def test_logits_are_named_not_silently_softmaxed(mlaas: MLaaS, tmp_path: Path) -> None:
+    mlaas.mode = "logits"
+    raw = _querier(mlaas, tmp_path / "a.sqlite").answers(X[:64])
+    with pytest.raises(AnswerError, match="look like logits.*service.answers: logits"):
+        answer_kind(raw, "auto", "the service")
+    kind, _ = answer_kind(raw, "logits", "the service")
+    p = as_probabilities(raw, kind, 10)
+    np.testing.assert_allclose(p.sum(1), 1, atol=1e-5)
+    with pytest.raises(AnswerError, match="not probability vectors"):
+        answer_kind(raw, "probabilities", "the service")
+
+
+@pytest.mark.parametrize(
+    ("mode", "kind", "k"),
+    [
+        ("ok", "probabilities", 10),
+        ("top2", "top_k", 2),
+        ("label", "label", 1),
+        ("index", "label", 1),
+    ],
+)
+def test_answer_kinds_are_recognised(
+    mlaas: MLaaS, tmp_path: Path, mode: str, kind: str, k: int
+) -> None:
+    mlaas.mode = mode
+    raw = _querier(mlaas, tmp_path / "a.sqlite").answers(X[:64])
+    assert answer_kind(raw, "auto", "the service") == (kind, k)
+    p = as_probabilities(raw, kind, 10)  # type: ignore[arg-type]
+    assert p.shape == (64, 10)
+    np.testing.assert_allclose(p.sum(1), 1, atol=1e-5)
+    mlaas.mode = "ok"
+    honest = _querier(mlaas, tmp_path / "b.sqlite").answers(X[:64])
+    assert (p.argmax(1) == honest.argmax(1)).all()  # the top-1 survives every kind
+
+
+def test_non_determinism_is_measured(mlaas: MLaaS, tmp_path: Path) -> None:
+    q = _querier(mlaas, tmp_path / "a.sqlite")
+    q.answers(X[:64])
+    mlaas.mode = "noisy"
+    probe = q.repeat_probe(X[:64])
+    assert probe["inputs"] == 64
+    assert probe["max_abs_diff"] > 0.01
+    assert q.store.spent == 128
+    assert q.repeat_probe(X[:64]) == probe  # measured once per store, not paid for again
+    assert q.store.spent == 128
+
+
+def test_deterministic_service_probe(mlaas: MLaaS, tmp_path: Path) -> None:
+    q = _querier(mlaas, tmp_path / "a.sqlite")
+    q.answers(X[:32])
+    assert q.repeat_probe(X[:32])["top1_changed"] == 0
+
+
+def test_a_store_belongs_to_one_service(mlaas: MLaaS, tmp_path: Path) -> None:
+    AnswerStore(tmp_path / "a.sqlite", "upstream http://elsewhere/v2/models/x").close()
+    with pytest.raises(StoreError, match="holds the answers of upstream http://elsewhere"):
+        _querier(mlaas, tmp_path / "a.sqlite")
+    (tmp_path / "junk.sqlite").write_bytes(b"not a database at all" * 100)
+    with pytest.raises(StoreError, match="not a usable answer store"):
+        AnswerStore(tmp_path / "junk.sqlite", "x")
+
+
+def test_images_of_the_wrong_shape_are_refused(mlaas: MLaaS) -> None:
+    service = _service(mlaas)
+    service.check_images((1, 8, 8))
+    with pytest.raises(
+        ServiceError, match=r"takes 'input' of shape \[1, 8, 8\].*inputs are \[3, 32, 32\]"
+    ):
+        service.check_images((3, 32, 32))
+
+
+def test_a_repository_model_that_is_not_a_classifier_is_refused(tmp_path: Path) -> None:
+    from tests.model_factory import make_repository
+
+    repo = make_repository(tmp_path / "repo", datatypes=())
+    models = sorted(p.name for p in repo.iterdir() if p.is_dir())
+    with pytest.raises(ServiceError):
+        for (
+            name
+        ) in models:  # tiny identity / regression models: none answers class scores for images
+            open_service(
+                repository=repo, model=name, upstream=None, output=None, max_batch_size=8
+            ).check_images((1, 8, 8))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"views": 2, "data": {"augment": {}}}, "views needs data.augment"),
+        ({"verifier": {"max_flops": None}}, "set verifier.max_flops"),
+        ({"service": {}}, "exactly one of service.model and service.upstream"),
+        (
+            {"detector": {"substitutes": [{"name": "q", "kind": "int8"}]}},
+            "kind 'int8' rounds the service's weights",
+        ),
+        ({"surprise": 1}, "surprise"),
+    ],
+)
+def test_protect_files_are_checked(change: dict[str, Any], message: str) -> None:
+    from fides.protect.config import ProtectConfigError
+
+    raw = protect_raw(upstream("http://x"))
+    for key, value in change.items():
+        if isinstance(value, dict) and isinstance(raw.get(key), dict) and key != "service":
+            raw[key] = {**raw[key], **value}
+        else:
+            raw[key] = value
+    with pytest.raises(ProtectConfigError, match=message):
+        parse_protect_config(raw)
