@@ -57,13 +57,22 @@ class Service:
             raise ServiceError(f"{identity} has no output {output!r} (outputs: {names})")
         self.output = output
         spec = next(s for s in runtime.outputs if s.name == output)
-        # [batch, C] class scores or [batch] / [batch, 1] class indices
-        if len(spec.shape) not in (1, 2) or (len(spec.shape) == 2 and spec.shape[1] == 0):
+        # [batch, C] class scores (C >= 2), or [batch] / [batch, 1] integer class indices
+        dims = list(spec.shape[1:])
+        scores = len(dims) == 1 and dims[0] != 1
+        indices = (dims in ([], [1])) and spec.datatype.startswith(("INT", "UINT"))
+        if not (scores or indices):
             raise ServiceError(
-                f"{identity}: output {output!r} has shape {list(spec.shape)}; a classifier "
-                "answers [batch, classes] scores or [batch] class indices"
+                f"{identity} is not a classifier: output {output!r} is {spec.datatype} "
+                f"{dims} per input, where a classifier answers [classes] scores or an "
+                "integer class index"
             )
         self.max_batch = runtime.config.max_batch_size
+        if self.max_batch == 0:
+            raise ServiceError(
+                f"{identity} has max_batch_size 0 (no batch dimension); the kit sends batches "
+                "of images"
+            )
 
     @property
     def item_shape(self) -> tuple[int, ...]:
@@ -82,11 +91,6 @@ class Service:
                 f"({self.input.datatype}), but the inputs are {list(image_shape)} ([C, H, W]): "
                 "give images the service was built for"
             )
-        if self.max_batch == 0:
-            raise ServiceError(
-                f"{self.identity} has max_batch_size 0 (no batch dimension); the kit sends "
-                "batches of images"
-            )
 
     def encode(self, x: np.ndarray) -> np.ndarray:
         """Images (float32 [n, C, H, W] in [0, 1]) as the service takes them."""
@@ -104,12 +108,17 @@ class Service:
         self.runtime.unload()
 
 
-def _load(runtime: Runtime, identity: str) -> Runtime:
+def _open(runtime: Runtime, output: str | None, identity: str) -> Service:
+    """Load ``runtime`` and check it is a classifier (unloaded again when it is not)."""
     try:
         runtime.load()
     except GatewayError as exc:
         raise ServiceError(f"{identity}: {exc.message}") from None
-    return runtime
+    try:
+        return Service(runtime, output, identity)
+    except ServiceError:
+        runtime.unload()
+        raise
 
 
 def open_service(
@@ -137,7 +146,7 @@ def open_service(
             runtime = runtime_class("upstream")(remote, 1, Path("."), config)
         except GatewayError as exc:
             raise ServiceError(f"{identity}: {exc.message}") from None
-        return Service(_load(runtime, identity), output, identity)
+        return _open(runtime, output, identity)
     assert model is not None
     assert repository is not None
     model_dir = repository / model
@@ -157,4 +166,4 @@ def open_service(
         )
     except GatewayError as exc:
         raise ServiceError(f"{identity}: {exc.message}") from None
-    return Service(_load(runtime, identity), output, identity)
+    return _open(runtime, output, identity)

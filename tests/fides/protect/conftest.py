@@ -64,7 +64,7 @@ class MLaaS:
 
     session: ort.InferenceSession
     url: str = ""
-    mode: str = "ok"  # ok | nan | short | logits | noisy | top2 | label | index
+    mode: str = "ok"  # ok | nan | short | logits | noisy | top2 | label | index | image
     fail_with: int | None = None  # answer this HTTP status ...
     fail_times: int = 0  # ... this many times (then answer normally)
     rows_answered: int = 0  # inputs answered with 200, as the provider bills them
@@ -108,6 +108,8 @@ class MLaaS:
                 "outputs": [
                     {"name": "probabilities", "datatype": "INT64", "shape": [-1]}
                     if self.mode == "index"
+                    else {"name": "denoised", "datatype": "FP32", "shape": [-1, 1, 8, 8]}
+                    if self.mode == "image"  # an image-to-image model, not a classifier
                     else {"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]}
                 ],
             }

@@ -229,18 +229,31 @@ def test_images_of_the_wrong_shape_are_refused(mlaas: MLaaS) -> None:
         service.check_images((3, 32, 32))
 
 
-def test_a_repository_model_that_is_not_a_classifier_is_refused(tmp_path: Path) -> None:
+def test_a_model_that_is_not_a_classifier_is_refused(tmp_path: Path, mlaas: MLaaS) -> None:
     from tests.model_factory import make_repository
 
-    repo = make_repository(tmp_path / "repo", datatypes=())
-    models = sorted(p.name for p in repo.iterdir() if p.is_dir())
-    with pytest.raises(ServiceError):
-        for (
-            name
-        ) in models:  # tiny identity / regression models: none answers class scores for images
-            open_service(
-                repository=repo, model=name, upstream=None, output=None, max_batch_size=8
-            ).check_images((1, 8, 8))
+    mlaas.mode = "image"
+    with pytest.raises(
+        ServiceError, match=r"is not a classifier: output 'denoised' is FP32 \[1, 8, 8\]"
+    ):
+        _service(mlaas)
+    repo = make_repository(tmp_path / "repo", datatypes=("FP32",))
+    with pytest.raises(ServiceError, match=r"'identity_fp32'.* is not a classifier"):
+        open_service(
+            repository=repo, model="identity_fp32", upstream=None, output=None, max_batch_size=8
+        )
+    with pytest.raises(ServiceError, match=r"outputs \['logits', 'probabilities'\]: name the"):
+        open_service(repository=repo, model="tiny", upstream=None, output=None, max_batch_size=8)
+    tiny = open_service(
+        repository=repo, model="tiny", upstream=None, output="probabilities", max_batch_size=8
+    )
+    try:
+        with pytest.raises(ServiceError, match=r"shape \[4\] per image"):
+            tiny.check_images((1, 8, 8))
+    finally:
+        tiny.close()
+    with pytest.raises(ServiceError, match="no model 'nope'|nope"):
+        open_service(repository=repo, model="nope", upstream=None, output=None, max_batch_size=8)
 
 
 @pytest.mark.parametrize(
