@@ -154,7 +154,9 @@ class UpstreamOptions(StrictModel):
         for header, var in self.headers_from_env.items():
             value = os.environ.get(var)
             if not value:
-                raise ConfigError(f"upstream header {header!r}: environment variable {var} is unset")
+                raise ConfigError(
+                    f"upstream header {header!r}: environment variable {var} is unset"
+                )
             out[header] = value
         for header, path in self.headers_from_file.items():
             try:

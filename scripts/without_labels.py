@@ -2,7 +2,8 @@
 user who protects a service with unlabelled images has it: ``fides protect`` then has no
 labels to spot-check the service with, and scores accuracy on the test labels only.
 
-    python scripts/without_labels.py ../shared/data/fashion_mnist.npz runs/fashion_mnist_unlabelled.npz
+    python scripts/without_labels.py ../shared/data/fashion_mnist.npz \
+        runs/fashion_mnist_unlabelled.npz
 """
 
 from __future__ import annotations

@@ -591,9 +591,7 @@ def measure_substitution(
     report: dict[str, Any] = {}
     nets: dict[str, nn.Module] = {}
     for spec in exp.detector.substitutes:
-        nets[spec.name], secs = _substitute(
-            spec, exp, splits, models.service_module, run_dir, bar
-        )
+        nets[spec.name], secs = _substitute(spec, exp, splits, models.service_module, run_dir, bar)
         p_sub = _probs(nets[spec.name], images.x)
         row = _substitution_row(spec, p_sub, secs, exp, images, ev, detector, cal, kl_ref)
         report[spec.name] = row

@@ -49,6 +49,12 @@ def _integrity(doc: dict[str, Any]) -> str:
     return report_markdown(doc, doc["command"])
 
 
+def _protect(doc: dict[str, Any]) -> str:
+    from fides.protect.run import report_markdown
+
+    return report_markdown(doc, doc["command"])
+
+
 def _serving(doc: dict[str, Any]) -> str:
     from fides.bench.serving import serving_markdown
 
@@ -206,6 +212,7 @@ FAMILIES = (
     Family("distillspec.json", _distillspec, "fides distillspec"),
     Family("verifier_", _verifier, "fides train"),
     Family("integrity_", _integrity, "fides evaluate"),
+    Family("protect_", _protect, "fides protect"),
 )
 
 

@@ -72,7 +72,7 @@ class MLaaS:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def answer(self, x: np.ndarray) -> np.ndarray:
-        p = self.session.run(None, {"input": x})[0]  # [n, 10] probabilities
+        p: np.ndarray = self.session.run(None, {"input": x})[0]  # [n, 10] probabilities
         if self.mode == "nan":
             p[0] = np.nan
         elif self.mode == "short":
@@ -88,7 +88,7 @@ class MLaaS:
         elif self.mode == "label":
             p = np.eye(10, dtype=np.float32)[p.argmax(1)]
         elif self.mode == "index":
-            return p.argmax(1).astype(np.int64)
+            p = p.argmax(1).astype(np.int64)
         return p
 
     def app(self) -> FastAPI:

@@ -127,6 +127,7 @@ def test_protect_a_black_box_then_front_it_and_catch_a_drill(
 
     with _gateway(repo, tmp_path / "front-gw") as front:
         models = IntegrityModels.from_repository(repo, "digits")
+        assert models.measurement is not None
         client = FidesClient(
             front.base_url,
             "digits",

@@ -1,0 +1,109 @@
+"""``fides protect`` on a repository model (the ONNX file is loaded as the gateway loads it,
+no HTTP), the pieces the run is made of, and the command's exit codes."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from fides.cli import app
+from fides.protect.config import parse_protect_config
+from fides.protect.distill import AnswerTable, load_inputs, split_pool, views_of
+from fides.protect.run import protect
+from gateway.model_config import load_model_config
+from tests.fides.protect.conftest import protect_raw
+
+
+def _local(**over: Any) -> dict[str, Any]:
+    return protect_raw({"model": "digits"}, **over)
+
+
+def test_a_repository_model_is_protected_in_place(
+    tmp_path: Path, trained_repository: tuple[Path, dict[str, Any]]
+) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(trained_repository[0], repo)
+    for name in ("digits_verifier", "digits_detector", "digits_reclassifier"):
+        shutil.rmtree(repo / name)  # the kit builds its own
+    result = protect(parse_protect_config(_local()), repository=repo, run_dir=tmp_path / "run")
+    report = result.report
+    assert report["protect"]["service"].startswith("model 'digits' v1 of ")
+    assert report["protect"]["answer_kind"] == "probabilities"
+    assert report["protect"]["verifier"]["test_fidelity_top1"] >= 0.85
+    assert report["mean_detection_accuracy"] >= 0.8
+    assert report["service_eval_accuracy"] >= 0.9  # digits come with labels
+    config = load_model_config(repo / "digits" / "config.yaml", "digits")
+    assert config.platform == "onnx"
+    assert config.integrity is not None
+    assert config.integrity.detector == "digits_detector"
+    text = (repo / "digits" / "config.yaml").read_text()
+    assert text.count("integrity:") == 1  # the earlier block was replaced, not doubled
+    assert "(fides protect)" in text
+    for name in ("digits_verifier", "digits_detector", "digits_reclassifier"):
+        assert (repo / name / "1" / "model.onnx").is_file()
+    # a second run with nothing changed asks nothing and trains the verifier from its stage
+    again = protect(parse_protect_config(_local()), repository=repo, run_dir=tmp_path / "run")
+    assert again.report["protect"]["queries"]["asked_by_this_run"] == 0
+    assert (
+        again.report["protect"]["verifier"]["test_fidelity_top1"]
+        == report["protect"]["verifier"]["test_fidelity_top1"]
+    )
+
+
+def test_the_answer_table_never_guesses() -> None:
+    x = np.random.default_rng(0).random((5, 1, 8, 8), dtype=np.float32)
+    p = np.full((5, 10), 0.1, dtype=np.float32)
+    p[np.arange(5), np.arange(5)] = 0.9
+    table = AnswerTable(x, p)
+    import torch
+
+    out = table(torch.from_numpy(x[[3, 1]]))
+    assert out.argmax(1).tolist() == [3, 1]
+    with pytest.raises(LookupError, match="1 of 2 images have no recorded answer"):
+        table(torch.from_numpy(np.concatenate([x[:1], x[:1] + 0.01])))
+
+
+def test_splits_and_views_are_seeded_and_disjoint() -> None:
+    cfg = parse_protect_config(_local(views=2))
+    pool = split_pool(load_inputs(cfg), cfg)
+    keys = [{r.tobytes() for r in part} for part in (pool.train, pool.val, pool.test)]
+    assert not keys[0] & keys[1]
+    assert not keys[0] & keys[2]
+    assert not keys[1] & keys[2]
+    views = views_of(pool.train, cfg)
+    assert views.shape == (2 * len(pool.train), *pool.train.shape[1:])
+    np.testing.assert_array_equal(views, views_of(pool.train, cfg))  # a rerun asks the same
+    assert pool.y_train is not None  # digits have labels: used for the spot check only
+
+
+def test_the_command_names_a_bad_file_and_a_dead_service(tmp_path: Path) -> None:
+    runner = CliRunner()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**_local(), "views": -1}))
+    r = runner.invoke(app, ["protect", str(bad), "--repository", str(tmp_path / "repo")])
+    assert r.exit_code == 2, r.output
+    assert "views" in r.output
+    dead = tmp_path / "dead.yaml"
+    raw = protect_raw(
+        {"upstream": {"url": "http://127.0.0.1:9", "model_name": "digits", "retries": 0}}
+    )
+    dead.write_text(yaml.safe_dump(raw))
+    r = runner.invoke(
+        app,
+        [
+            "protect",
+            str(dead),
+            "--repository",
+            str(tmp_path / "repo"),
+            "--run-dir",
+            str(tmp_path / "run"),
+        ],
+    )
+    assert r.exit_code == 4, r.output
+    assert "127.0.0.1:9" in r.output
