@@ -11,7 +11,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import ClassVar, Literal, Protocol, get_args
+from typing import ClassVar, Literal, Protocol, TypeVar, get_args
 
 import yaml
 from pydantic import (
@@ -22,7 +22,17 @@ from pydantic import (
 
 from fides_core.config import StrictModel, format_validation_error
 
-__all__ = ["Experiment", "ExperimentError", "RunSpec", "load_experiment", "pruning_mismatch"]
+__all__ = [
+    "Experiment",
+    "ExperimentError",
+    "RunSpec",
+    "load_experiment",
+    "pruning_mismatch",
+    "read_yaml",
+    "validate_file",
+]
+
+_M = TypeVar("_M", bound=StrictModel)
 
 
 class ExperimentError(ValueError):
@@ -387,20 +397,31 @@ class Experiment(RunSpec):
         return self
 
 
-def parse_experiment(raw: object, where: Path | str = "<experiment>") -> Experiment:
+def validate_file(
+    model: type[_M], raw: object, where: Path | str, what: str, error: type[ValueError]
+) -> _M:
+    """``raw`` (a parsed YAML document) as ``model``; ``error`` names ``where`` and the key."""
     if not isinstance(raw, dict):
-        raise ExperimentError(f"{where}: expected a mapping at the top level")
+        raise error(f"{where}: expected a mapping at the top level")
     try:
-        return Experiment.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as exc:
-        raise ExperimentError(format_validation_error(exc, where, "experiment")) from exc
+        raise error(format_validation_error(exc, where, what)) from exc
+
+
+def read_yaml(path: Path, error: type[ValueError]) -> object:
+    """The YAML document at ``path`` (``yaml.safe_load``); ``error`` when missing or invalid."""
+    try:
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise error(f"{path}: no such file") from exc
+    except yaml.YAMLError as exc:
+        raise error(f"{path}: not valid YAML: {exc}") from exc
+
+
+def parse_experiment(raw: object, where: Path | str = "<experiment>") -> Experiment:
+    return validate_file(Experiment, raw, where, "experiment", ExperimentError)
 
 
 def load_experiment(path: Path) -> Experiment:
-    try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise ExperimentError(f"{path}: no such file") from exc
-    except yaml.YAMLError as exc:
-        raise ExperimentError(f"{path}: not valid YAML: {exc}") from exc
-    return parse_experiment(raw, path)
+    return parse_experiment(read_yaml(path, ExperimentError), path)

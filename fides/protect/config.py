@@ -10,12 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from fides_core.config import StrictModel, format_validation_error
+from fides_core.config import StrictModel
 from gateway.model_config import UpstreamOptions
-from verifier.experiment import RunSpec
+from verifier.experiment import RunSpec, read_yaml, validate_file
 
 __all__ = [
     "AnswerKind",
@@ -140,19 +139,8 @@ class ProtectConfig(RunSpec):
 
 
 def parse_protect_config(raw: object, where: Path | str = "<protect>") -> ProtectConfig:
-    if not isinstance(raw, dict):
-        raise ProtectConfigError(f"{where}: expected a mapping at the top level")
-    try:
-        return ProtectConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise ProtectConfigError(format_validation_error(exc, where, "protect")) from exc
+    return validate_file(ProtectConfig, raw, where, "protect", ProtectConfigError)
 
 
 def load_protect_config(path: Path) -> ProtectConfig:
-    try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise ProtectConfigError(f"{path}: no such file") from exc
-    except yaml.YAMLError as exc:
-        raise ProtectConfigError(f"{path}: not valid YAML: {exc}") from exc
-    return parse_protect_config(raw, path)
+    return parse_protect_config(read_yaml(path, ProtectConfigError), path)
