@@ -146,6 +146,7 @@ def evaluate(
     from verifier.cli import evaluate_command
     from verifier.data import DataError
     from verifier.experiment import ExperimentError
+    from verifier.export import ExportError
 
     try:
         evaluate_command(
@@ -154,6 +155,12 @@ def evaluate(
     except (ExperimentError, DataError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
+    except ExportError as exc:
+        console.print(
+            f"[red]error:[/red] exporting the detector: {exc}. Every figure is in the run "
+            "directory's evaluation.json, and a rerun resumes from its trained stages."
+        )
+        raise typer.Exit(1) from None
 
 
 @bench_app.command("serving")

@@ -14,6 +14,8 @@ attack changed); TPR at 1% FPR and ROC-AUC come from the evaluation ROC.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import platform
 import time
@@ -748,6 +750,57 @@ def evaluate_experiment(
     return report
 
 
+def _pairs_digest(pairs: TrainingPairs) -> str:
+    h = hashlib.sha256()
+    for part in (pairs.clean, pairs.attacked):
+        for a in (part.p, part.q, part.honest):
+            h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _trained_detector(
+    exp: RunSpec,
+    pairs: TrainingPairs,
+    num_classes: int,
+    tgen: torch.Generator,
+    run_dir: Path,
+    bar: Progress | None,
+    timings: dict[str, float],
+) -> tuple[Gan, Reclassified]:
+    """The GAN-trained detector and the re-classifier: trained, or loaded from the stage an
+    earlier run finished with the same training pairs and config (keyed by both), with the
+    random states it left, so what follows is what an uninterrupted run computes."""
+    key = stage_key(_pairs_digest(pairs), exp.detector.model_dump(mode="json"), exp.seed)
+    path = run_dir / f"detector-{key}" / "trained.pt"
+    if path.is_file():
+        saved = torch.load(path, weights_only=False)  # written by this function, below
+        tgen.set_state(saved["tgen"])
+        torch.set_rng_state(saved["torch"])
+        timings.update(saved["timings"])
+        log.info("detector and re-classifier: loaded from %s", path.parent)
+        return saved["gan"], saved["reclassified"]
+    t0 = time.perf_counter()
+    gan = train_detector(exp, pairs, num_classes, bar)
+    timings["gan"] = round(time.perf_counter() - t0, 1)
+    t0 = time.perf_counter()
+    reclassified = fit_reclassifier(exp, pairs, gan.generator, num_classes, tgen)
+    timings["reclassifier"] = round(time.perf_counter() - t0, 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(
+        {
+            "gan": gan,
+            "reclassified": reclassified,
+            "tgen": tgen.get_state(),
+            "torch": torch.get_rng_state(),
+            "timings": {k: timings[k] for k in ("gan", "reclassifier")},
+        },
+        tmp,
+    )
+    tmp.replace(path)  # never a half-written stage
+    return gan, reclassified
+
+
 def evaluate_models(
     exp: RunSpec,
     models: PairSource,
@@ -777,13 +830,8 @@ def evaluate_models(
     c = splits.num_classes
     timings: dict[str, float] = {}
     with progress_bar(show_progress) as bar:
-        t0 = time.perf_counter()
         pairs = training_pairs(exp, models, data.train, rng)
-        gan = train_detector(exp, pairs, c, bar)
-        timings["gan"] = round(time.perf_counter() - t0, 1)
-        t0 = time.perf_counter()
-        reclassified = fit_reclassifier(exp, pairs, gan.generator, c, tgen)
-        timings["reclassifier"] = round(time.perf_counter() - t0, 1)
+        gan, reclassified = _trained_detector(exp, pairs, c, tgen, run_dir, bar, timings)
         cal = calibrate(exp, models, gan.detector, data.calibration)
         t0 = time.perf_counter()
         ev = attack_evaluation_images(exp, models, gan, data.evaluation, rng, tgen)
@@ -812,6 +860,8 @@ def evaluate_models(
         novelty=novelty,
         timings=timings,
     )
+    # on disk before the export, which can still fail: nothing measured is lost
+    (run_dir / "evaluation.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     if repository is not None:
         trained = IntegrityModels(
             detector=gan.detector,

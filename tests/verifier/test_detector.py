@@ -118,3 +118,36 @@ def test_reclassifier_learns_to_undo_a_switch() -> None:
     # undoing a switch means answering p''s runner-up; the verifier here says nothing
     acc = float((net.predict(tampered, uniform) == q.argmax(1)).mean())
     assert acc > 0.9  # chance: 0.2
+
+
+def test_tied_probabilities_do_not_fail_the_export_check(tmp_path: Path) -> None:
+    """Issue 26: with 43 classes, tiny probabilities underflow to equal values; torch and ONNX
+    Runtime order such ties differently inside the order features, so the outputs differ on
+    those rows although nothing is wrong. Tied rows are reported, not held to the limit."""
+    import onnxruntime as ort
+
+    from verifier.detector import tied_rows
+    from verifier.export import ExportError
+
+    torch.manual_seed(0)
+    c = 43
+    net = Reclassifier(c)
+    for m in net.modules():
+        if isinstance(m, torch.nn.Linear):
+            torch.nn.init.normal_(m.weight, std=0.2)
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet(np.full(c, 0.1), size=256).astype(np.float32)
+    q = rng.dirichlet(np.full(c, 0.1), size=256).astype(np.float32)
+    q[:128, 10:18] = np.float32(1e-35)  # equal tiny probabilities in half the rows
+    p[:128, 20:28] = np.float32(1e-35)
+    assert tied_rows(p, q).tolist() == [True] * 128 + [False] * 128
+    path = tmp_path / "r.onnx"
+    diff = export_pair_model(net, path, p, q, "probabilities")  # used to raise
+    assert diff <= 1e-4
+    # the tie really changes the answer between the two runtimes (the check is not vacuous)
+    got = ort.InferenceSession(str(path)).run(None, {"service_probs": p, "verifier_probs": q})[0]
+    with torch.no_grad():
+        want = net(torch.from_numpy(p), torch.from_numpy(q)).numpy()
+    assert np.abs(got[:128] - want[:128]).max() > 1e-3
+    with pytest.raises(ExportError, match="every check row holds tied"):
+        export_pair_model(net, tmp_path / "all.onnx", p[:128], q[:128], "probabilities")

@@ -131,3 +131,39 @@ def test_augmented_views_keep_the_originals_and_are_seeded() -> None:
     assert not torch.equal(views[6:12], x)  # each copy is shifted or flipped
     assert torch.equal(views, _with_views(x, 2, aug, seed=3))
     assert torch.equal(_with_views(x, 0, aug, seed=3), x)
+
+
+def test_a_failed_export_keeps_the_report_and_a_rerun_resumes(
+    tmp_path: Path, evaluated: tuple[Path, dict[str, Any]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 26: an export that fails after every metric was computed used to lose them all.
+    The report is on disk first, the trained detector stage is kept, and a rerun loads it and
+    computes exactly what the uninterrupted run did."""
+    import shutil
+
+    import verifier.evaluate as ev
+    from verifier.export import ExportError
+
+    root, first = evaluated
+    run = tmp_path / "run"
+    shutil.copytree(root / "run", run)  # the trained service, verifier and detector stages
+    for stage in run.glob("detector-*"):
+        shutil.rmtree(stage)  # train the detector again, then fail in the export
+    (run / "evaluation.json").unlink()
+
+    def broken(*args: Any, **kwargs: Any) -> float:
+        raise ExportError("ONNX differs from torch by 0.00279 (limit 0.0001)")
+
+    exp = tiny_experiment(detector=DETECTOR)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ev, "export_integrity", broken)
+        with pytest.raises(ExportError):
+            evaluate_experiment(exp, run, repository=tmp_path / "repo")
+    kept = json.loads((run / "evaluation.json").read_text())
+    for key in ("mean_detection_accuracy", "clean_fpr", "reclassification_accuracy", "attacks"):
+        assert kept[key] == first[key]
+    caplog.set_level("INFO", logger="verifier.evaluate")
+    again = evaluate_experiment(exp, run, repository=tmp_path / "repo")
+    assert any("loaded from" in r.getMessage() for r in caplog.records)
+    for key in ("mean_detection_accuracy", "clean_fpr", "threshold", "attacks", "substitution"):
+        assert again[key] == first[key]
