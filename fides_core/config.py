@@ -25,15 +25,15 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     # Optional fields that came after experiments had been run: left out of the canonical dump
-    # while unset, so the config hashes (and the cached stages) of experiments that do not use
-    # them stay what they were.
+    # while at their default, so the config hashes (and the cached stages) of experiments that
+    # do not use them stay what they were.
     _added_later: ClassVar[tuple[str, ...]] = ()
 
     @model_serializer(mode="wrap")
     def _omit_unset_later_fields(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
         out: dict[str, object] = handler(self)
         for name in self._added_later:
-            if getattr(self, name) is None:
+            if getattr(self, name) == type(self).model_fields[name].default:
                 out.pop(name, None)
         return out
 

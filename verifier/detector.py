@@ -39,6 +39,7 @@ __all__ = [
     "Reclassifier",
     "WindowResult",
     "calibrate_threshold",
+    "threshold_rule",
     "export_pair_model",
     "tied_rows",
     "train_reclassifier",
@@ -197,6 +198,31 @@ def calibrate_threshold(
         ok = scipy.stats.binom.sf(ks - 1, n, 1.0 - target_fpr) <= 1.0 - confidence
         k = int(ks[ok][0]) if ok.any() else n + 1
     return float("inf") if k > n else float(s[k - 1])
+
+
+#: The confidence ``fpr_confidence: auto`` uses when the calibration scores allow it.
+AUTO_CONFIDENCE = 0.95
+
+
+def threshold_rule(
+    fpr_confidence: float | str | None, target_fpr: float, n: int
+) -> tuple[float | None, str]:
+    """The confidence :func:`calibrate_threshold` is given, and why. ``auto``: the stricter
+    rule (``AUTO_CONFIDENCE``) whenever ``n`` scores are enough for it (the largest score keeps
+    the promise once ``(1 - target)^n <= 1 - confidence``), in expectation otherwise."""
+    if fpr_confidence != "auto":
+        assert not isinstance(fpr_confidence, str)
+        return fpr_confidence, "as configured (detector.fpr_confidence)"
+    need = math.ceil(math.log(1 - AUTO_CONFIDENCE) / math.log(1 - target_fpr))
+    if n >= need:
+        return AUTO_CONFIDENCE, (
+            f"auto: {n} calibration scores, enough for {AUTO_CONFIDENCE:g} confidence "
+            f"(needs {need})"
+        )
+    return None, (
+        f"auto: {n} calibration scores, fewer than the {need} that {AUTO_CONFIDENCE:g} "
+        f"confidence needs for a {target_fpr:g} target: in expectation"
+    )
 
 
 def export_pair_model(

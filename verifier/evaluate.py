@@ -35,6 +35,7 @@ from verifier.detector import (
     AttackDetector,
     Reclassifier,
     calibrate_threshold,
+    threshold_rule,
     train_reclassifier,
     window_test,
 )
@@ -345,6 +346,8 @@ class Calibration:
     clean: Pairs  # the calibration images' clean pairs
     scores: np.ndarray  # [n] the detector's scores of them
     threshold: float  # flag when a score is above it
+    confidence: float | None  # the rule's (threshold_rule): None = in expectation
+    why: str  # why that rule
 
 
 def calibrate(
@@ -354,15 +357,16 @@ def calibrate(
     cfg = exp.detector
     p_cal, q_cal = models.probs(images.x)
     scores = detector.scores(p_cal, q_cal)
-    threshold = calibrate_threshold(scores, cfg.target_fpr, cfg.fpr_confidence)
+    confidence, why = threshold_rule(cfg.fpr_confidence, cfg.target_fpr, len(scores))
+    threshold = calibrate_threshold(scores, cfg.target_fpr, confidence)
     log.info(
-        "threshold %.6f for %.1f%% FPR, %s (%d scores)",
+        "threshold %.6f for %.1f%% FPR, %s (%s)",
         threshold,
         100 * cfg.target_fpr,
-        _rule(cfg.fpr_confidence),
-        len(scores),
+        _rule(confidence),
+        why,
     )
-    return Calibration(Pairs(p_cal, q_cal, p_cal.argmax(1)), scores, threshold)
+    return Calibration(Pairs(p_cal, q_cal, p_cal.argmax(1)), scores, threshold, confidence, why)
 
 
 # ---------------------------------------------------------------- evaluation
@@ -472,7 +476,7 @@ def _baseline(name: str, exp: RunSpec, cal: Calibration, ev: Attacks) -> dict[st
     def score(p: np.ndarray, q: np.ndarray) -> np.ndarray:
         return pair_features_np(p, q)[:, idx]
 
-    t = calibrate_threshold(score(cal.clean.p, cal.clean.q), cfg.target_fpr, cfg.fpr_confidence)
+    t = calibrate_threshold(score(cal.clean.p, cal.clean.q), cfg.target_fpr, cal.confidence)
     clean = score(ev.clean.p, ev.clean.q)
     rows = {
         n: _detection_row(clean, score(pr.p, pr.q), t, cfg.target_fpr)
@@ -695,8 +699,9 @@ def assemble_report(
         "service_eval_accuracy": round(float((honest == data.evaluation.y.numpy()).mean()), 5),
         "verifier_eval_fidelity": round(float((ev.clean.q.argmax(1) == honest).mean()), 5),
         "target_fpr": cfg.target_fpr,
-        "fpr_confidence": cfg.fpr_confidence,
-        "threshold_rule": _rule(cfg.fpr_confidence),
+        "fpr_confidence": cal.confidence,
+        "threshold_rule": _rule(cal.confidence),
+        "threshold_rule_why": cal.why,
         "threshold": cal.threshold,
         "calibration_scores": len(cal.scores),
         "clean_fpr": round(detection.clean_fpr, 5),

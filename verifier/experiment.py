@@ -17,6 +17,7 @@ import yaml
 from pydantic import (
     Field,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -304,16 +305,24 @@ class DetectorConfig(StrictModel):
         default_factory=lambda: [SubstituteConfig(name="int8", kind="int8")]
     )
     target_fpr: float = Field(0.01, gt=0, lt=0.5, description="Clean false-positive target.")
-    fpr_confidence: float | None = Field(
-        None,
-        gt=0.5,
-        lt=1,
-        description="None: the threshold keeps the clean FPR at target_fpr in expectation "
-        "(split conformal; one calibration's realised FPR scatters around the target). A "
+    fpr_confidence: float | Literal["auto"] | None = Field(
+        "auto",
+        description="auto: 0.95 whenever the calibration scores are enough for it (299 or "
+        "more for a 1% target), in expectation otherwise; the report says which and why. "
+        "None: the threshold keeps the clean FPR at target_fpr in expectation (split "
+        "conformal; one calibration's realised FPR scatters around the target). A "
         "probability such as 0.9: the FPR is at most target_fpr with that probability over "
         "the calibration draw (a stricter threshold; needs enough calibration scores, e.g. "
         "230 or more for 1% at 0.9, or nothing is flagged).",
     )
+
+    @field_validator("fpr_confidence")
+    @classmethod
+    def _confidence(cls, v: float | str | None) -> float | str | None:
+        if isinstance(v, float) and not 0.5 < v < 1:
+            raise ValueError(f"fpr_confidence must be 'auto', null or in (0.5, 1), got {v}")
+        return v
+
     novelty: NoveltyConfig | None = Field(
         None, description="An out-of-distribution check exported beside the detector."
     )

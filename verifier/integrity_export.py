@@ -209,7 +209,7 @@ def export_integrity(
             "inputs": [P_INPUT, Q_INPUT],
             "threshold": report["threshold"],
             "target_fpr": cfg.target_fpr,
-            "fpr_confidence": cfg.fpr_confidence,
+            "fpr_confidence": report["fpr_confidence"],
             "window": {"size": cfg.window_size, "alpha": cfg.window_alpha},
             # the clean reference of the windowed substitution test, in score order
             "calibration_scores": [round(float(s), 7) for s in np.sort(models.calibration_scores)],

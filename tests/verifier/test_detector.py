@@ -151,3 +151,22 @@ def test_tied_probabilities_do_not_fail_the_export_check(tmp_path: Path) -> None
     assert np.abs(got[:128] - want[:128]).max() > 1e-3
     with pytest.raises(ExportError, match="every check row holds tied"):
         export_pair_model(net, tmp_path / "all.onnx", p[:128], q[:128], "probabilities")
+
+
+def test_the_threshold_rule_follows_the_calibration_size() -> None:
+    """Issue 26: a copied recipe kept the in-expectation rule with 1,590 calibration scores
+    and missed its 1% target; auto takes the 0.95-confidence rule whenever it can."""
+    from verifier.detector import threshold_rule
+
+    conf, why = threshold_rule("auto", 0.01, 1590)
+    assert conf == 0.95
+    assert "1590 calibration scores, enough" in why
+    assert threshold_rule("auto", 0.01, 299)[0] == 0.95
+    conf, why = threshold_rule("auto", 0.01, 298)
+    assert conf is None
+    assert "fewer than the 299" in why
+    assert threshold_rule(None, 0.01, 5000) == (None, "as configured (detector.fpr_confidence)")
+    assert threshold_rule(0.9, 0.01, 10)[0] == 0.9
+    # at the auto boundary the strict rule still gives a finite threshold
+    assert math.isfinite(calibrate_threshold(np.arange(299.0), 0.01, 0.95))
+    assert not math.isfinite(calibrate_threshold(np.arange(298.0), 0.01, 0.95))

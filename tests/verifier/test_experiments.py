@@ -73,6 +73,7 @@ def test_hash_changes_with_the_config() -> None:
     ("block", "key", "value"),
     [
         ("detector", "fpr_confidence", 0.95),
+        ("detector", "fpr_confidence", None),  # explicit: in expectation, not auto
         ("detector", "novelty", {"target_rate": 0.01}),
         ("data", "test_fraction", 0.3),
     ],
