@@ -48,9 +48,7 @@ def build_default_cmd(
 @app.command()
 def train(
     experiment: Annotated[Path, typer.Argument(help="Experiment YAML (see experiments/).")],
-    run_dir: Annotated[
-        Path | None, typer.Option(help="Checkpoints; default runs/<name>-<config hash>.")
-    ] = None,
+    run_dir: Annotated[Path | None, typer.Option(help="Checkpoints; default runs/<name>.")] = None,
     repository: Annotated[
         Path | None,
         typer.Option(help="Model repository to export into; default <run-dir>/repository."),

@@ -18,6 +18,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -105,10 +106,20 @@ def _check_labels(where: str, key: str, y: np.ndarray, n: int) -> np.ndarray:
     return y.astype(np.int64)
 
 
+def _class_names(where: str, files: list[str], z: Any, key: str) -> list[str] | None:
+    """The class names under ``key`` (a configured key that is missing is an error)."""
+    if key in files:
+        return [str(c) for c in z[key]]
+    if key != "classes":
+        raise DataError(f"{where}: no key {key!r} for the class names (found {sorted(files)})")
+    return None
+
+
 def load_npz(
-    path: Path,
+    path: Path, classes_key: str = "classes"
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str] | None]:
-    """``x_train, y_train, x_test, y_test`` (images NCHW float32 in [0, 1]) and class names."""
+    """``x_train, y_train, x_test, y_test`` (images NCHW float32 in [0, 1]) and class names
+    (under ``classes_key``)."""
     where = str(path)
     if not path.is_file():
         raise DataError(f"{where}: no such file")
@@ -121,7 +132,7 @@ def load_npz(
                     f"(need {list(NPZ_KEYS)})"
                 )
             arrays = {k: z[k] for k in NPZ_KEYS}
-            classes = [str(c) for c in z["classes"]] if "classes" in z.files else None
+            classes = _class_names(where, z.files, z, classes_key)
     except DataError:
         raise
     except Exception as exc:  # zipfile / pickle / format errors from numpy
@@ -138,7 +149,7 @@ def load_npz(
 
 
 def load_npz_inputs(
-    path: Path,
+    path: Path, classes_key: str = "classes"
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, np.ndarray | None, list[str] | None]:
     """Images a user has, labels optional: ``x_train`` (required), ``y_train``, ``x_test``,
     ``y_test`` (each optional; a label array needs its images). Images NCHW float32 in [0, 1].
@@ -151,7 +162,7 @@ def load_npz_inputs(
             if "x_train" not in z.files:
                 raise DataError(f"{where}: no x_train (found {sorted(z.files)})")
             arrays = {k: z[k] for k in NPZ_KEYS if k in z.files}
-            classes = [str(c) for c in z["classes"]] if "classes" in z.files else None
+            classes = _class_names(where, z.files, z, classes_key)
     except DataError:
         raise
     except Exception as exc:  # zipfile / pickle / format errors from numpy
@@ -338,6 +349,7 @@ def load_splits(
     train_limit: int | None = None,
     test_limit: int | None = None,
     test_fraction: float | None = None,
+    classes_key: str = "classes",
 ) -> Splits:
     """Load a source and split train into train / validation (seeded, stratified).
 
@@ -353,7 +365,7 @@ def load_splits(
         if path is None:
             raise DataError(f"data source {source!r} needs a path")
         if source == "npz":
-            x_tr, y_tr, x_te, y_te, classes = load_npz(path)
+            x_tr, y_tr, x_te, y_te, classes = load_npz(path, classes_key)
         else:
             x_tr, y_tr, x_te, y_te, classes = load_image_folder(path)
         desc = f"{source}:{path.name}"

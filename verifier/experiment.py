@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar, Literal, Protocol, TypeVar, get_args
@@ -16,6 +18,7 @@ from typing import ClassVar, Literal, Protocol, TypeVar, get_args
 import yaml
 from pydantic import (
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -34,6 +37,7 @@ __all__ = [
 ]
 
 _M = TypeVar("_M", bound=StrictModel)
+log = logging.getLogger(__name__)
 
 
 class ExperimentError(ValueError):
@@ -50,7 +54,9 @@ class DataConfig(StrictModel):
         description="digits: scikit-learn's bundled set; npz: x_train/y_train/x_test/y_test; "
         "folder: <path>/{train,test}/<class>/*.png|jpg|jpeg|bmp|webp|npy"
     )
-    path: Path | None = Field(None, description="File or directory (relative to the cwd).")
+    path: Path | None = Field(
+        None, description="File or directory, relative to the experiment file."
+    )
     val_fraction: float = Field(0.1, gt=0, lt=0.5, description="Held out from train.")
     train_limit: int | None = Field(None, ge=10, description="Keep this many train images.")
     test_limit: int | None = Field(None, ge=10, description="Keep this many test images.")
@@ -62,8 +68,35 @@ class DataConfig(StrictModel):
         "folder data bring their own test split).",
     )
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    classes_key: str = Field(
+        "classes", description="npz: the key holding the class names, index-aligned."
+    )
 
-    _added_later: ClassVar[tuple[str, ...]] = ("test_fraction",)
+    _added_later: ClassVar[tuple[str, ...]] = ("test_fraction", "classes_key")
+    _base: Path | None = PrivateAttr(None)  # the experiment file's directory
+
+    def anchor(self, base: Path) -> None:
+        """Read a relative ``path`` from ``base`` (the experiment file's directory)."""
+        self._base = base
+
+    @property
+    def file(self) -> Path | None:
+        """``path`` as it is read: relative to the experiment file; a path that exists only
+        relative to the working directory (files written before this rule) still works, and
+        the log says so."""
+        if self.path is None or self.path.is_absolute() or self._base is None:
+            return self.path
+        anchored = self._base / self.path
+        if not anchored.exists() and self.path.exists():
+            log.warning(
+                "data.path %s is read relative to the working directory; relative paths are "
+                "read from the experiment file's directory (%s): write %s",
+                self.path,
+                self._base,
+                os.path.relpath(self.path.resolve(), self._base.resolve()),
+            )
+            return self.path
+        return anchored
 
     @model_validator(mode="after")
     def _path(self) -> DataConfig:
@@ -433,4 +466,7 @@ def parse_experiment(raw: object, where: Path | str = "<experiment>") -> Experim
 
 
 def load_experiment(path: Path) -> Experiment:
-    return parse_experiment(read_yaml(path, ExperimentError), path)
+    """The experiment file at ``path``; its relative ``data.path`` is read from its directory."""
+    exp = parse_experiment(read_yaml(path, ExperimentError), path)
+    exp.data.anchor(Path(path).parent)
+    return exp

@@ -65,12 +65,13 @@ def experiment_splits(exp: Experiment) -> Splits:
     d = exp.data
     return load_splits(
         d.source,
-        d.path,
+        d.file,
         seed=exp.seed,
         val_fraction=d.val_fraction,
         train_limit=d.train_limit,
         test_limit=d.test_limit,
         test_fraction=d.test_fraction,
+        classes_key=d.classes_key,
     )
 
 

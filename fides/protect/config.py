@@ -143,4 +143,7 @@ def parse_protect_config(raw: object, where: Path | str = "<protect>") -> Protec
 
 
 def load_protect_config(path: Path) -> ProtectConfig:
-    return parse_protect_config(read_yaml(path, ProtectConfigError), path)
+    """The protect file at ``path``; its relative ``data.path`` is read from its directory."""
+    cfg = parse_protect_config(read_yaml(path, ProtectConfigError), path)
+    cfg.data.anchor(Path(path).parent)
+    return cfg

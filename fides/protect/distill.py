@@ -42,12 +42,13 @@ def load_inputs(cfg: ProtectConfig) -> Inputs:
     if d.source == "digits":
         x_tr, y_tr, x_te, y_te, classes = load_digits_arrays(cfg.seed, d.test_fraction or 0.2)
         return Inputs(x_tr, y_tr, x_te, y_te, classes, "sklearn.datasets.load_digits")
-    assert d.path is not None  # DataConfig checks it
+    path = d.file
+    assert path is not None  # DataConfig checks it
     if d.source == "npz":
-        x_tr2, y_tr2, x_te2, y_te2, classes2 = load_npz_inputs(d.path)
-        return Inputs(x_tr2, y_tr2, x_te2, y_te2, classes2, f"npz:{d.path.name}")
-    x_tr, y_tr, x_te, y_te, classes = load_image_folder(d.path)
-    return Inputs(x_tr, y_tr, x_te, y_te, classes, f"folder:{d.path.name}")
+        x_tr2, y_tr2, x_te2, y_te2, classes2 = load_npz_inputs(path, d.classes_key)
+        return Inputs(x_tr2, y_tr2, x_te2, y_te2, classes2, f"npz:{path.name}")
+    x_tr, y_tr, x_te, y_te, classes = load_image_folder(path)
+    return Inputs(x_tr, y_tr, x_te, y_te, classes, f"folder:{path.name}")
 
 
 @dataclass(frozen=True)

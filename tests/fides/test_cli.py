@@ -75,3 +75,17 @@ def test_evaluate_logs_every_epoch_of_every_stage_without_a_terminal(tmp_path: P
         assert seen == list(range(1, epochs + 1)), (stage, out.stderr)
     assert "\r" not in out.stderr  # no progress bar redrawing itself
     assert (tmp_path / "report.json").is_file()
+
+
+def test_train_help_names_the_run_directory_the_code_uses() -> None:
+    """Issue 26: the help said runs/<name>-<config hash>; the code uses runs/<name>."""
+    from typer.testing import CliRunner
+
+    from fides.cli import app
+    from verifier.cli import default_run_dir
+    from verifier.defaults import digits_default
+
+    assert default_run_dir(digits_default()) == Path("runs") / "digits"
+    out = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "200"}).output
+    assert "default runs/<name>." in out
+    assert "config hash" not in out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -21,7 +22,10 @@ def test_committed_experiments_validate(name: str) -> None:
 
 
 def test_digits_yaml_is_the_embedded_default() -> None:
-    assert load_experiment(EXPERIMENTS / "digits.yaml") == digits_default()
+    # the same config (the file's directory, where relative paths are read from, aside)
+    assert load_experiment(EXPERIMENTS / "digits.yaml").model_dump() == (
+        digits_default().model_dump()
+    )
 
 
 def raw() -> dict[str, object]:
@@ -138,3 +142,42 @@ def test_pretrain_from_the_service_is_checked_against_the_student() -> None:
     data["verifier"]["pretrain"] = {"task": "service", "checkpoint": "x.pt"}  # type: ignore[index]
     with pytest.raises(ExperimentError, match="no path or checkpoint"):
         parse_experiment(data)
+
+
+def test_data_paths_are_read_from_the_experiment_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 26: a copied experiment works from any directory."""
+    from verifier.data import DataError
+    from verifier.pipeline import experiment_splits
+
+    data = tmp_path / "project" / "data"
+    data.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    arrays = {
+        "x_train": rng.integers(0, 255, (40, 8, 8), dtype=np.uint8),
+        "y_train": np.arange(40) % 4,
+        "x_test": rng.integers(0, 255, (12, 8, 8), dtype=np.uint8),
+        "y_test": np.arange(12) % 4,
+        "names": np.array(["ant", "bee", "cat", "dog"]),
+    }
+    np.savez(data / "set.npz", **arrays)
+    exp_dir = tmp_path / "project" / "experiments"
+    exp_dir.mkdir()
+    body = raw()
+    body["data"] = {"source": "npz", "path": "../data/set.npz", "classes_key": "names"}
+    (exp_dir / "mine.yaml").write_text(yaml.safe_dump(body))
+    monkeypatch.chdir(tmp_path)  # anywhere but the experiment's directory
+    exp = load_experiment(exp_dir / "mine.yaml")
+    splits = experiment_splits(exp)
+    assert splits.classes == ["ant", "bee", "cat", "dog"]
+    # the old rule (relative to the working directory) still works, and says what to write
+    body["data"]["path"] = "project/data/set.npz"
+    (exp_dir / "old.yaml").write_text(yaml.safe_dump(body))
+    caplog.set_level("WARNING", logger="verifier.experiment")
+    assert experiment_splits(load_experiment(exp_dir / "old.yaml")).classes[0] == "ant"
+    assert "write ../data/set.npz" in caplog.text
+    body["data"] = {"source": "npz", "path": "../data/set.npz", "classes_key": "labels"}
+    (exp_dir / "bad.yaml").write_text(yaml.safe_dump(body))
+    with pytest.raises(DataError, match="no key 'labels' for the class names"):
+        experiment_splits(load_experiment(exp_dir / "bad.yaml"))
