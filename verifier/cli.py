@@ -76,8 +76,42 @@ def results_markdown(results: dict[str, Any], command: str) -> str:
         "",
         path_table([StepRecord(**r) for r in v["path"]]),
         "",
+        *per_class_markdown(results.get("per_class")),
     ]
     return "\n".join(lines)
+
+
+def _pct_or_dash(x: float | None) -> str:
+    return "–" if x is None else f"{x:.1%}"
+
+
+def per_class_markdown(pc: dict[str, Any] | None) -> list[str]:
+    """The per-class table and the largest confusions (results written before they existed
+    have none)."""
+    if not pc:
+        return []
+    lines = [
+        "## Per class (test split)",
+        "",
+        "| class | service accuracy | verifier accuracy | verifier fidelity |",
+        "|---|---|---|---|",
+        *[
+            f"| {name} | {_pct_or_dash(acc)} | {_pct_or_dash(pc['verifier_accuracy'][name])} "
+            f"| {_pct_or_dash(pc['verifier_fidelity'][name])} |"
+            for name, acc in pc["service_accuracy"].items()
+        ],
+        "",
+    ]
+    for key, title in (
+        ("service_confusions", "Service's largest confusions (true -> predicted)"),
+        ("verifier_confusions", "Verifier's largest disagreements (service -> verifier)"),
+    ):
+        listed = [
+            f"{c['true']} -> {c['predicted']}: {c['count']} ({c['share_of_errors']:.0%})"
+            for c in pc[key]
+        ]
+        lines += [f"{title}, share of all: " + ("; ".join(listed) or "none") + ".", ""]
+    return lines
 
 
 def train_command(

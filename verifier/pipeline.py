@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from rich.progress import Progress
 
@@ -369,6 +370,54 @@ def assemble_report(
             "student": round(student.seconds, 1),
             "verifier_gdtl": v.seconds,
         },
+        "per_class": per_class_report(
+            splits.test.y.numpy(),
+            student.test_logits.argmax(-1).numpy(),
+            predict_logits(v.net, splits.test.x).argmax(-1).numpy(),
+            splits.classes,
+        ),
+    }
+
+
+def confusions(
+    y: np.ndarray, pred: np.ndarray, classes: list[str], most: int
+) -> list[dict[str, Any]]:
+    """The ``most`` commonest (true, predicted) mistakes, with their share of all mistakes."""
+    wrong = y != pred
+    pairs, counts = np.unique(np.stack([y[wrong], pred[wrong]], 1), axis=0, return_counts=True)
+    order = np.argsort(-counts, kind="stable")[:most]
+    total = max(1, int(wrong.sum()))
+    return [
+        {
+            "true": classes[int(pairs[i, 0])],
+            "predicted": classes[int(pairs[i, 1])],
+            "count": int(counts[i]),
+            "share_of_errors": round(int(counts[i]) / total, 4),
+        }
+        for i in order
+    ]
+
+
+def per_class_report(
+    y: np.ndarray, service: np.ndarray, verifier: np.ndarray, classes: list[str], most: int = 5
+) -> dict[str, Any]:
+    """Per-class test accuracy of the service and the verifier, the verifier's agreement with
+    the service per service class, and the largest confusions: a label-changing augmentation
+    (a flip that turns one class into another) or a class the verifier cannot follow shows
+    here, where the overall figures hide it."""
+
+    def by_class(hit: np.ndarray, of: np.ndarray) -> dict[str, float | None]:
+        return {
+            name: (round(float(hit[of == c].mean()), 4) if (of == c).any() else None)
+            for c, name in enumerate(classes)
+        }
+
+    return {
+        "service_accuracy": by_class(service == y, y),
+        "verifier_accuracy": by_class(verifier == y, y),
+        "verifier_fidelity": by_class(verifier == service, service),
+        "service_confusions": confusions(y, service, classes, most),
+        "verifier_confusions": confusions(service, verifier, classes, most),  # vs the service
     }
 
 

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -159,3 +160,38 @@ def test_an_interrupted_stage_resumes_to_the_same_weights(tmp_path: Path) -> Non
         straight.state_dict().items(), resumed.state_dict().values(), strict=True
     ):
         assert torch.equal(a, b), name
+
+
+def test_the_report_has_per_class_figures(tiny_run: tuple[Path, dict[str, Any], float]) -> None:
+    from verifier.cli import results_markdown
+
+    _, results, _ = tiny_run
+    pc = results["per_class"]
+    assert set(pc["service_accuracy"]) == {str(i) for i in range(10)}
+    for key in ("service_accuracy", "verifier_accuracy", "verifier_fidelity"):
+        assert all(v is None or 0 <= v <= 1 for v in pc[key].values())
+    md = results_markdown({**results, "wall_seconds": 1.0, "threads": 1}, "fides train x")
+    assert "## Per class (test split)" in md
+    assert "largest confusions" in md
+
+
+def test_a_label_changing_flip_shows_in_the_confusions() -> None:
+    """Issue 26: 41% of a service's errors were the mirror-image class; the overall accuracy
+    hid it. Two mirror classes mixed half the time top the confusions, and their accuracy."""
+    from verifier.pipeline import per_class_report
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 2000)
+    service = y.copy()
+    mirrored = (y == 1) & (rng.random(2000) < 0.5)
+    service[mirrored] = 3  # "b" read as "d"
+    noise = rng.random(2000) < 0.02
+    service[noise] = rng.integers(0, 4, int(noise.sum()))
+    verifier = service.copy()
+    pc = per_class_report(y, service, verifier, ["a", "b", "c", "d"])
+    top = pc["service_confusions"][0]
+    assert (top["true"], top["predicted"]) == ("b", "d")
+    assert top["share_of_errors"] > 0.8
+    assert pc["service_accuracy"]["b"] < 0.6 < pc["service_accuracy"]["a"]
+    assert pc["verifier_fidelity"]["b"] == 1.0
+    assert pc["verifier_confusions"] == []
