@@ -15,8 +15,9 @@ uint8 ``.npy`` arrays). Every problem raises :class:`DataError` naming the file.
 
 from __future__ import annotations
 
+import logging
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,8 @@ __all__ = [
 ]
 
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -65,6 +68,8 @@ class Splits:
     mean: list[float]  # per channel, computed on train only
     std: list[float]
     source: str  # a description for model cards
+    # how the validation split was made and whether it leaks (see near_duplicate_check)
+    checks: dict[str, Any] = field(default_factory=dict)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -350,6 +355,7 @@ def load_splits(
     test_limit: int | None = None,
     test_fraction: float | None = None,
     classes_key: str = "classes",
+    group_key: str | None = None,
 ) -> Splits:
     """Load a source and split train into train / validation (seeded, stratified).
 
@@ -382,15 +388,24 @@ def load_splits(
     if missing:
         raise DataError(f"{where}: y_train has no examples of class(es) {missing}")
 
+    groups = None
+    if group_key is not None:
+        if source != "npz" or path is None:
+            raise DataError(f"data.group_key is for npz data, not {source!r}")
+        groups = load_npz_groups(path, group_key, len(y_tr))
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(y_tr))  # the stored order may be grouped by class
     x_tr, y_tr = x_tr[order], y_tr[order]
-    val_idx: list[int] = []
-    for c in range(num_classes):  # stratified: the same fraction of every class
-        idx = np.flatnonzero(y_tr == c)
-        val_idx.extend(idx[: max(1, round(len(idx) * val_fraction))].tolist())
-    is_val = np.zeros(len(y_tr), dtype=bool)
-    is_val[val_idx] = True
+    if groups is not None:
+        groups = groups[order]
+        is_val = group_split(groups, val_fraction, seed)
+    else:
+        val_idx: list[int] = []
+        for c in range(num_classes):  # stratified: the same fraction of every class
+            idx = np.flatnonzero(y_tr == c)
+            val_idx.extend(idx[: max(1, round(len(idx) * val_fraction))].tolist())
+        is_val = np.zeros(len(y_tr), dtype=bool)
+        is_val[val_idx] = True
     x_val, y_val = x_tr[is_val], y_tr[is_val]
     x_tr, y_tr = x_tr[~is_val], y_tr[~is_val]
     if train_limit is not None:
@@ -401,6 +416,11 @@ def load_splits(
         x_te, y_te = x_te[test_order], y_te[test_order]
 
     train = Dataset(torch.from_numpy(np.ascontiguousarray(x_tr)), torch.from_numpy(y_tr))
+    if groups is not None:
+        checks: dict[str, Any] = {"validation_split": f"by group ({group_key})"}
+    else:
+        checks = {"validation_split": "random, stratified by class"}
+        checks["near_duplicates"] = near_duplicate_check(x_tr, x_val, x_te, seed, where)
     mean = train.x.mean(dim=(0, 2, 3))  # [C]
     std = train.x.std(dim=(0, 2, 3)).clamp_min(1e-3)  # [C]
     return Splits(
@@ -412,7 +432,78 @@ def load_splits(
         mean=[round(float(m), 6) for m in mean],
         std=[round(float(s), 6) for s in std],
         source=desc,
+        checks=checks,
     )
+
+
+def load_npz_groups(path: Path, key: str, n: int) -> np.ndarray:
+    """The group id of each training image (``key`` in the npz, one per ``x_train`` row)."""
+    with np.load(path, allow_pickle=False) as z:
+        if key not in z.files:
+            raise DataError(f"{path}: no key {key!r} for the groups (found {sorted(z.files)})")
+        groups = np.asarray(z[key])
+    if groups.shape != (n,):
+        raise DataError(f"{path}: {key} has shape {list(groups.shape)}, expected [{n}]")
+    return groups
+
+
+def group_split(groups: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
+    """``[n]`` bool, True for validation: whole groups (scikit-learn's GroupShuffleSplit, a
+    ``val_fraction`` share of the groups), so no object is on both sides."""
+    from sklearn.model_selection import GroupShuffleSplit
+
+    if len(np.unique(groups)) < 2:
+        raise DataError("data.group_key: every image is in one group; nothing to split")
+    splitter = GroupShuffleSplit(n_splits=1, test_size=val_fraction, random_state=seed)
+    _, val = next(splitter.split(np.zeros(len(groups)), groups=groups))
+    is_val = np.zeros(len(groups), dtype=bool)
+    is_val[val] = True
+    return is_val
+
+
+#: Validation images this much closer to their nearest training image than test images are
+#: (median distance ratio) mean the validation split leaks: near-duplicates across it.
+LEAK_RATIO = 0.5
+
+
+def near_duplicate_check(
+    x_train: np.ndarray, x_val: np.ndarray, x_test: np.ndarray, seed: int, where: str, n: int = 300
+) -> dict[str, Any]:
+    """Does the random validation split leak? The median distance from a validation image to
+    its nearest training image, against the same for test images (a split made apart from
+    training). Near-duplicates (several photos of one object) put validation images much
+    closer: validation figures are then optimistic and GDTL stops on them. Logs a warning."""
+    rng = np.random.default_rng(seed + 11)
+
+    def small(x: np.ndarray) -> np.ndarray:  # [n, C, H, W] -> [n, C * 8 * 8] (average pooled)
+        t = F.adaptive_avg_pool2d(torch.from_numpy(np.ascontiguousarray(x)), 8)
+        return t.flatten(1).numpy()
+
+    def nearest(x: np.ndarray) -> float:
+        pick = x[rng.choice(len(x), size=min(n, len(x)), replace=False)]
+        a, b = torch.from_numpy(small(pick)), torch.from_numpy(small(x_train))
+        d = torch.cat([torch.cdist(a[i : i + 64], b).min(1).values for i in range(0, len(a), 64)])
+        return float(d.median())
+
+    val_d, test_d = nearest(x_val), nearest(x_test)
+    ratio = val_d / max(test_d, 1e-12)
+    leaks = ratio < LEAK_RATIO
+    if leaks:
+        log.warning(
+            "%s: validation images are much closer to training images than test images are "
+            "(median nearest distance %.4g against %.4g): the data likely holds near-"
+            "duplicates (several images of one object), so validation figures are optimistic; "
+            "give data.group_key to split by object",
+            where,
+            val_d,
+            test_d,
+        )
+    return {
+        "val_to_train_median": round(val_d, 5),
+        "test_to_train_median": round(test_d, 5),
+        "ratio": round(ratio, 4),
+        "leak_suspected": bool(leaks),
+    }
 
 
 # ---------------------------------------------------------------- augmentation

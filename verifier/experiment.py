@@ -71,8 +71,14 @@ class DataConfig(StrictModel):
     classes_key: str = Field(
         "classes", description="npz: the key holding the class names, index-aligned."
     )
+    group_key: str | None = Field(
+        None,
+        description="npz: the key holding a group id per training image (e.g. the object "
+        "it shows); the validation split then keeps each group on one side. Without it the "
+        "split is random and checked for near-duplicates across it.",
+    )
 
-    _added_later: ClassVar[tuple[str, ...]] = ("test_fraction", "classes_key")
+    _added_later: ClassVar[tuple[str, ...]] = ("test_fraction", "classes_key", "group_key")
     _base: Path | None = PrivateAttr(None)  # the experiment file's directory
 
     def anchor(self, base: Path) -> None:

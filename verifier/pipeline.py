@@ -73,6 +73,7 @@ def experiment_splits(exp: Experiment) -> Splits:
         test_limit=d.test_limit,
         test_fraction=d.test_fraction,
         classes_key=d.classes_key,
+        group_key=d.group_key,
     )
 
 
@@ -320,6 +321,7 @@ def dataset_summary(splits: Splits) -> dict[str, Any]:
         "image_shape": list(splits.image_shape),
         "classes": splits.classes,
         "normalisation": {"mean": splits.mean, "std": splits.std, "computed_on": "train"},
+        **splits.checks,
     }
 
 
