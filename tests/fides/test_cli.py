@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import yaml
 from typer.testing import CliRunner
@@ -89,3 +90,41 @@ def test_train_help_names_the_run_directory_the_code_uses() -> None:
     out = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "200"}).output
     assert "default runs/<name>." in out
     assert "config hash" not in out
+
+
+def test_a_copied_experiment_on_new_grouped_data_runs_from_anywhere(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """Issue 26, done-when: a copy of a shipped experiment pointed at a new npz with a group
+    key runs end to end from another directory and reports per-class figures."""
+    from tests.verifier.test_data import _grouped_npz
+
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    _grouped_npz(project / "data" / "objects.npz")
+    raw = tiny_experiment().model_dump(mode="json")
+    raw["name"] = "objects"
+    raw["data"] = {
+        "source": "npz",
+        "path": "../data/objects.npz",  # relative to the experiment file
+        "group_key": "groups",
+        "val_fraction": 0.2,
+        "augment": {"crop_padding": 1},
+    }
+    raw["teachers"][0]["net"]["widths"] = [32, 64, 128]
+    raw["student"]["net"]["widths"] = [16, 32, 64]
+    raw["verifier"]["candidates"] = [{"widths": [4, 8, 16]}]
+    raw["export"] = {**raw["export"], "service_name": "objects", "verifier_name": "objects_v"}
+    (project / "experiments").mkdir()
+    exp = project / "experiments" / "objects.yaml"
+    exp.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    out = CliRunner().invoke(app, ["train", str(exp), "--results", "r.json"])
+    assert out.exit_code == 0, out.output
+    data = json.loads((elsewhere / "r.json").read_text(encoding="utf-8"))
+    assert data["dataset"]["validation_split"] == "by group (groups)"
+    assert set(data["per_class"]["service_accuracy"]) == {"0", "1", "2", "3"}
+    assert "## Per class (test split)" in (elsewhere / "r.md").read_text(encoding="utf-8")
+    assert (elsewhere / "runs" / "objects" / "repository" / "objects" / "1").is_dir()
