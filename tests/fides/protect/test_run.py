@@ -107,3 +107,16 @@ def test_the_command_names_a_bad_file_and_a_dead_service(tmp_path: Path) -> None
     )
     assert r.exit_code == 4, r.output
     assert "127.0.0.1:9" in r.output
+
+
+@pytest.mark.parametrize(
+    "name", ["protect_digits", "protect_fashion_mnist", "protect_fashion_mnist_onnx"]
+)
+def test_the_shipped_protect_files_parse(name: str) -> None:
+    from fides.protect.config import load_protect_config
+
+    root = Path(__file__).parents[3]
+    cfg = load_protect_config(root / "experiments" / f"{name}.yaml")
+    assert cfg.name == name
+    if cfg.data.path is not None:  # read from the experiment file's directory
+        assert cfg.data.file == root / "experiments" / cfg.data.path
