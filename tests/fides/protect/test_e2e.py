@@ -104,11 +104,9 @@ def test_protect_a_black_box_then_front_it_and_catch_a_drill(
     monkeypatch.setenv(AUTH_VAR, f"Bearer {USER_KEY}")
     repo = tmp_path / "front"
     before = _served_rows(provider)
-    t0 = time.monotonic()
     result = protect(
         parse_protect_config(_raw(provider.base_url)), repository=repo, run_dir=tmp_path / "run"
     )
-    seconds = time.monotonic() - t0
     report = result.report
     q = report["protect"]["queries"]
     assert q["paid_for_in_all"] == q["asked_by_this_run"] == _served_rows(provider) - before
@@ -118,7 +116,6 @@ def test_protect_a_black_box_then_front_it_and_catch_a_drill(
     assert report["protect"]["verifier"]["test_fidelity_top1"] >= 0.85
     assert report["mean_detection_accuracy"] >= 0.8
     assert report["clean_fpr"] <= 0.06
-    assert seconds < 300, f"protect took {seconds:.0f} s"
 
     config = yaml.safe_load((repo / "digits" / "config.yaml").read_text())
     assert config["platform"] == "upstream"
