@@ -62,6 +62,7 @@ class Pool:
     y_train: np.ndarray | None
     y_val: np.ndarray | None
     y_test: np.ndarray | None
+    given: int  # the training images the user gave (the test images, if carved from them)
 
 
 def _take(y: np.ndarray | None, idx: np.ndarray) -> np.ndarray | None:
@@ -99,7 +100,8 @@ def split_pool(inputs: Inputs, cfg: ProtectConfig) -> Pool:
         raise DataError(
             f"{inputs.source}: {len(x)} training images after the splits; need 10 or more"
         )
-    return Pool(x, x_val, x_test, y, y_val, y_test)
+    given = len(inputs.x_train) if d.train_limit is None else len(x) + len(x_val)
+    return Pool(x, x_val, x_test, y, y_val, y_test, given)
 
 
 def views_of(x: np.ndarray, cfg: ProtectConfig) -> np.ndarray:

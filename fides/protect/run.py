@@ -416,6 +416,8 @@ def _protect(
             "paid_for_in_all": store.spent,
             "asked_by_this_run": querier.asked,
             "distillation": distil_queries,
+            "given_images": pool.given,
+            "per_given_image": round(store.spent / pool.given, 3),
             "per_training_image": round(store.spent / len(pool.train), 3),
             "distillation_per_training_image": round(distil_queries / len(pool.train), 3),
             "answers_recorded": len(store),
@@ -445,9 +447,11 @@ def report_markdown(report: dict[str, Any], command: str) -> str:
         + (f". Warning: {pr['lower_fidelity_warning']}" if pr["lower_fidelity_warning"] else "")
         + ".",
         "",
-        f"Queries paid for: **{q['paid_for_in_all']:,}** ({q['per_training_image']} per training "
-        f"image; {q['distillation']:,} for distillation), {q['asked_by_this_run']:,} asked by "
-        f"this run; wall {report['command_seconds']:.0f} s.",
+        f"Queries paid for: **{q['paid_for_in_all']:,}** ("
+        + (f"{q['per_given_image']} per image given, " if "per_given_image" in q else "")
+        + f"{q['per_training_image']} per image distilled from; {q['distillation']:,} for "
+        f"distillation), {q['asked_by_this_run']:,} asked by this run; wall "
+        f"{report['command_seconds']:.0f} s.",
         f"Verifier {v['widths']}: {v['flops']:,} FLOPs per image, {v['params']:,} parameters, "
         f"{v['inference_memory_mb']} MB of {v['memory_budget_mb']} MB, "
         f"{v['cpu_latency_ms_batch1']:.3f} ms per image; test fidelity "

@@ -38,6 +38,9 @@ def test_a_repository_model_is_protected_in_place(
     assert report["protect"]["verifier"]["test_fidelity_top1"] >= 0.85
     assert report["mean_detection_accuracy"] >= 0.8
     assert report["service_eval_accuracy"] >= 0.9  # digits come with labels
+    q = report["protect"]["queries"]
+    assert q["given_images"] == 1078  # digits' 60% training share: train + validation
+    assert q["per_given_image"] == round(q["paid_for_in_all"] / 1078, 3)
     config = load_model_config(repo / "digits" / "config.yaml", "digits")
     assert config.platform == "onnx"
     assert config.integrity is not None
