@@ -31,12 +31,14 @@ __all__ = [
     "ExperimentError",
     "RunSpec",
     "load_experiment",
+    "load_run_file",
     "pruning_mismatch",
     "read_yaml",
     "validate_file",
 ]
 
 _M = TypeVar("_M", bound=StrictModel)
+_R = TypeVar("_R", bound="RunSpec")
 log = logging.getLogger(__name__)
 
 
@@ -471,8 +473,13 @@ def parse_experiment(raw: object, where: Path | str = "<experiment>") -> Experim
     return validate_file(Experiment, raw, where, "experiment", ExperimentError)
 
 
+def load_run_file(model: type[_R], path: Path, what: str, error: type[ValueError]) -> _R:
+    """The YAML file at ``path`` as ``model``; its relative ``data.path`` is read from the
+    file's directory."""
+    spec = validate_file(model, read_yaml(path, error), path, what, error)
+    spec.data.anchor(Path(path).parent)
+    return spec
+
+
 def load_experiment(path: Path) -> Experiment:
-    """The experiment file at ``path``; its relative ``data.path`` is read from its directory."""
-    exp = parse_experiment(read_yaml(path, ExperimentError), path)
-    exp.data.anchor(Path(path).parent)
-    return exp
+    return load_run_file(Experiment, path, "experiment", ExperimentError)

@@ -14,7 +14,7 @@ from pydantic import Field, model_validator
 
 from fides_core.config import StrictModel
 from gateway.model_config import UpstreamOptions
-from verifier.experiment import RunSpec, read_yaml, validate_file
+from verifier.experiment import RunSpec, load_run_file, validate_file
 
 __all__ = [
     "AnswerKind",
@@ -143,7 +143,4 @@ def parse_protect_config(raw: object, where: Path | str = "<protect>") -> Protec
 
 
 def load_protect_config(path: Path) -> ProtectConfig:
-    """The protect file at ``path``; its relative ``data.path`` is read from its directory."""
-    cfg = parse_protect_config(read_yaml(path, ProtectConfigError), path)
-    cfg.data.anchor(Path(path).parent)
-    return cfg
+    return load_run_file(ProtectConfig, path, "protect", ProtectConfigError)

@@ -132,7 +132,7 @@ class Querier:
                 missing[k] = i
         if missing:
             self._fetch(sent, list(missing.items()), what)
-            have = self.store.get(keys)
+            have.update(self.store.get(missing))  # only what was just asked for
         lost = [i for i, k in enumerate(keys) if k not in have]
         if lost:  # only non-finite answers are not stored: _fetch raised for them
             raise AnswerError(f"{len(lost)} {what} have no usable answer")

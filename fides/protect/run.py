@@ -197,7 +197,8 @@ def _distil(
             progress=bar,
         )
     net, shape = result.net, splits.image_shape
-    test_fid = fidelity(predict_logits(net, splits.test.x), table(splits.test.x), splits.test.y)
+    test_logits = predict_logits(net, splits.test.x)
+    test_fid = fidelity(test_logits, table(splits.test.x), splits.test.y)
     mem = memory_estimate(net, shape, cfg.verifier.memory_batch_size, training=False)
     info = {
         "widths": list(net.cfg.widths),
@@ -210,9 +211,7 @@ def _distil(
         "val_fidelity": None if result.fidelity is None else round(result.fidelity.agreement, 5),
         "test_fidelity_top1": round(test_fid.agreement, 5),
         "test_mean_kl": round(test_fid.mean_kl, 5),
-        "test_accuracy": round(
-            float((predict_logits(net, splits.test.x).argmax(1) == splits.test.y).float().mean()), 5
-        )
+        "test_accuracy": round(float((test_logits.argmax(1) == splits.test.y).float().mean()), 5)
         if pool.y_test is not None
         else None,
         "candidates": candidates,
