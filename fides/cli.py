@@ -62,6 +62,8 @@ def train(
     from verifier.cli import train_command
     from verifier.data import DataError
     from verifier.experiment import ExperimentError, load_experiment
+    from verifier.pipeline import StageError
+    from verifier.train import CheckpointError
 
     try:
         name = load_experiment(experiment).name
@@ -75,7 +77,7 @@ def train(
             results_path=results_path,
             console=console,
         )
-    except (ExperimentError, DataError) as exc:
+    except (ExperimentError, DataError, StageError, CheckpointError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
 
@@ -145,12 +147,14 @@ def evaluate(
     from verifier.data import DataError
     from verifier.experiment import ExperimentError
     from verifier.export import ExportError
+    from verifier.pipeline import StageError
+    from verifier.train import CheckpointError
 
     try:
         evaluate_command(
             experiment, out=out, run_dir=run_dir, repository=repository, console=console
         )
-    except (ExperimentError, DataError) as exc:
+    except (ExperimentError, DataError, StageError, CheckpointError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
     except ExportError as exc:

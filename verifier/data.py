@@ -15,6 +15,7 @@ uint8 ``.npy`` arrays). Every problem raises :class:`DataError` naming the file.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import warnings
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ __all__ = [
     "Dataset",
     "Splits",
     "augment",
+    "data_fingerprint",
     "load_digits_arrays",
     "load_image_folder",
     "load_npz_inputs",
@@ -340,6 +342,27 @@ def load_image_folder(
         parts[split] = (_check_images(str(d), "images", x), np.asarray(labels, dtype=np.int64))
     assert classes is not None
     return parts["train"][0], parts["train"][1], parts["test"][0], parts["test"][1], classes
+
+
+def data_fingerprint(source: str, path: Path | None) -> str:
+    """What a trained stage depends on in the data, beyond its config: the SHA-256 of an npz
+    file's bytes; of an image folder's file list with sizes and modification times (reading
+    every image would cost as much as loading them); ``digits`` for the bundled set."""
+    if source == "digits" or path is None:
+        return "digits"
+    h = hashlib.sha256()
+    try:
+        if path.is_dir():
+            for f in sorted(p for p in path.rglob("*") if p.is_file()):
+                st = f.stat()
+                h.update(f"{f.relative_to(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            return "files:" + h.hexdigest()
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
+    return "sha256:" + h.hexdigest()
 
 
 # ---------------------------------------------------------------- splits

@@ -124,6 +124,15 @@ class NetSpec(StrictModel):
         description="Head: global average pooling (Fides' verifier head) or the flattened last "
         "feature map (better for small service models on small images).",
     )
+    pool_after: Literal["block", "first_conv"] = Field(
+        "block",
+        description="Where each block halves the map: after its last conv (VGG), or after its "
+        "first, so the block's other convs run at the lower resolution (the fast CIFAR-10 "
+        "nets of Page's DAWNBench ResNet-9 and Jordan's airbench: conv, pool, BN, act).",
+    )
+    activation: Literal["relu", "gelu"] = Field("relu")
+
+    _added_later: ClassVar[tuple[str, ...]] = ("pool_after", "activation")
 
 
 class _Layout(Protocol):
@@ -135,16 +144,20 @@ class _Layout(Protocol):
     def convs_per_block(self) -> int: ...
     @property
     def pool(self) -> str: ...
+    @property
+    def pool_after(self) -> str: ...
+    @property
+    def activation(self) -> str: ...
 
 
 def pruning_mismatch(source: _Layout, target: _Layout) -> str | None:
     """Why filter pruning cannot turn a net of layout ``source`` into one of layout ``target``
     (same blocks, convs per block and pool; each width 1..the source's), or None."""
-    if (target.convs_per_block, target.pool) != (source.convs_per_block, source.pool):
-        return (
-            f"convs_per_block and pool must be the source net's ({source.convs_per_block}, "
-            f"{source.pool!r}), not ({target.convs_per_block}, {target.pool!r})"
-        )
+    layout = ("convs_per_block", "pool", "pool_after", "activation")
+    want = tuple(getattr(source, k) for k in layout)
+    got = tuple(getattr(target, k) for k in layout)
+    if got != want:
+        return f"{', '.join(layout)} must be the source net's {want}, not {got}"
     if len(target.widths) != len(source.widths) or any(
         w < 1 or w > s for w, s in zip(target.widths, source.widths, strict=True)
     ):
@@ -158,8 +171,34 @@ def pruning_mismatch(source: _Layout, target: _Layout) -> str | None:
 class OptimConfig(StrictModel):
     epochs: int = Field(ge=1)
     batch_size: int = Field(128, ge=1)
-    lr: float = Field(3e-3, gt=0, description="Peak learning rate (AdamW, one-cycle).")
+    lr: float = Field(3e-3, gt=0, description="Peak learning rate (one-cycle schedule).")
     weight_decay: float = Field(5e-4, ge=0)
+    optimizer: Literal["adamw", "sgd"] = Field(
+        "adamw", description="sgd: SGD with Nesterov momentum (the fast CIFAR-10 recipes)."
+    )
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd: Nesterov momentum (fixed).")
+    warmup: float = Field(
+        0.3, gt=0, lt=1, description="Share of the steps spent raising the learning rate."
+    )
+    anneal: Literal["cos", "linear"] = Field("cos", description="The one-cycle ramps' shape.")
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=1, description="Hard-label cross-entropy with smoothed targets (teachers)."
+    )
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="bf16: forward and backward under CPU bfloat16 autocast with channels-last "
+        "tensors (weights, optimizer state and batch-norm statistics stay float32); about 1.8x "
+        "faster where the CPU has bfloat16 units (AVX512-BF16 / AMX), slower where it has not.",
+    )
+
+    _added_later: ClassVar[tuple[str, ...]] = (
+        "optimizer",
+        "momentum",
+        "warmup",
+        "anneal",
+        "label_smoothing",
+        "precision",
+    )
 
 
 class KDConfig(StrictModel):

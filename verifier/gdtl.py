@@ -432,6 +432,8 @@ def _candidate_configs(specs: list[NetSpec], base: NetConfig) -> list[NetConfig]
             convs_per_block=s.convs_per_block,
             dropout=s.dropout,
             pool=s.pool,
+            pool_after=s.pool_after,
+            activation=s.activation,
             image_size=base.image_size,
             in_channels=base.in_channels,
             num_classes=base.num_classes,

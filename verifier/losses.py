@@ -27,14 +27,20 @@ __all__ = [
 ]
 
 
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0
+) -> torch.Tensor:
     """Cross-entropy with hard labels: ``CE(y, z) = -mean_i log softmax(z_i)[y_i]``.
 
     The maximum-likelihood loss for a categorical model (e.g. Goodfellow, Bengio and
-    Courville, *Deep Learning*, 2016, section 6.2.2.3).
+    Courville, *Deep Learning*, 2016, section 6.2.2.3). With ``label_smoothing`` ``e`` the
+    target is ``(1 - e)`` on the label and ``e / C`` spread over every class (Szegedy et al.,
+    "Rethinking the Inception Architecture", CVPR 2016, section 7).
     """
     # logits: [n, C], labels: [n]
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), label_smoothing=label_smoothing
+    )
 
 
 def soft_kl(

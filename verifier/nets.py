@@ -2,13 +2,15 @@
 
 A network is ``Normalize -> blocks -> head``. Each block is ``convs_per_block`` times
 (3x3 conv, batch norm, ReLU) followed by 2x2 max pooling (rounding up, so a 1x1 map stays
-1x1). The head follows Fides' verification head (arXiv:2304.00083 research code): global
-average pooling, batch norm, dropout, linear to the class logits. Keeping the blocks in an
+1x1); with ``pool_after="first_conv"`` the pooling follows the block's first conv instead.
+The head follows Fides' verification head (arXiv:2304.00083 research code): global average
+pooling, batch norm, dropout, linear to the class logits. Keeping the blocks in an
 ``nn.ModuleList`` gives GDTL its unit of unfreezing.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -43,6 +45,10 @@ class NetConfig:
     # image_size)
     pool: str = "gap"
     image_size: tuple[int, int] = (0, 0)
+    # "block": 2x2 max pooling after the block's last conv; "first_conv": after its first, so
+    # the block's other convs run at half the resolution (DAWNBench ResNet-9 / airbench layout)
+    pool_after: str = "block"
+    activation: str = "relu"  # or "gelu"
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -63,6 +69,12 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std  # [b, C, H, W]
 
 
+_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": lambda: nn.ReLU(inplace=True),
+    "gelu": nn.GELU,
+}
+
+
 class ConvNet(nn.Module):
     def __init__(self, cfg: NetConfig) -> None:
         super().__init__()
@@ -70,19 +82,23 @@ class ConvNet(nn.Module):
             raise ValueError("NetConfig mean/std need one value per input channel")
         self.cfg = cfg
         self.normalize = Normalize(cfg.mean, cfg.std)
+        if cfg.pool_after not in ("block", "first_conv"):
+            raise ValueError(f"unknown pool_after {cfg.pool_after!r}; one of block, first_conv")
+        if cfg.activation not in _ACTIVATIONS:
+            raise ValueError(f"unknown activation {cfg.activation!r}; one of relu, gelu")
         blocks: list[nn.Module] = []
         c_in = cfg.in_channels
         for width in cfg.widths:
             layers: list[nn.Module] = []
-            for _ in range(cfg.convs_per_block):
-                layers += [
-                    nn.Conv2d(c_in, width, 3, padding=1, bias=False),
-                    nn.BatchNorm2d(width),
-                    nn.ReLU(inplace=True),
-                ]
+            for i in range(cfg.convs_per_block):
+                layers.append(nn.Conv2d(c_in, width, 3, padding=1, bias=False))
+                if i == 0 and cfg.pool_after == "first_conv":
+                    layers.append(nn.MaxPool2d(2, ceil_mode=True))
+                layers += [nn.BatchNorm2d(width), _ACTIVATIONS[cfg.activation]()]
                 c_in = width
-            # ceil_mode: odd sizes round up (7 -> 4) and a 1x1 map stays 1x1
-            layers.append(nn.MaxPool2d(2, ceil_mode=True))
+            if cfg.pool_after == "block":
+                # ceil_mode: odd sizes round up (7 -> 4) and a 1x1 map stays 1x1
+                layers.append(nn.MaxPool2d(2, ceil_mode=True))
             blocks.append(nn.Sequential(*layers))
         self.blocks = nn.ModuleList(blocks)
         self.head = self._head(cfg.num_classes)

@@ -13,6 +13,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import torch
 from rich.progress import Progress
 
 from verifier.cards import model_card
-from verifier.data import Splits, load_splits
+from verifier.data import Splits, data_fingerprint, load_splits
 from verifier.experiment import Experiment, NetSpec
 from verifier.export import write_entry
 from verifier.flops import count_flops, memory_estimate
@@ -34,10 +35,13 @@ from verifier.train import fit, predict_logits, set_determinism
 __all__ = [
     "ExperimentRun",
     "Exported",
+    "StageError",
     "StageKeys",
     "experiment_splits",
     "net_config",
     "run_experiment",
+    "checked_stage_dir",
+    "stage_inputs",
     "stage_key",
     "stage_keys",
     "trained_nets",
@@ -53,6 +57,8 @@ def net_config(spec: NetSpec, splits: Splits) -> NetConfig:
         convs_per_block=spec.convs_per_block,
         dropout=spec.dropout,
         pool=spec.pool,
+        pool_after=spec.pool_after,
+        activation=spec.activation,
         image_size=splits.image_shape[1:],
         in_channels=c,
         num_classes=splits.num_classes,
@@ -92,6 +98,98 @@ class StageKeys:
     teachers: tuple[str, ...]
     student: str
     verifier: str
+
+
+class StageError(ValueError):
+    """A stage directory does not belong to this run's config or data; the message names the
+    directory, what changed and what to do."""
+
+
+def _flatten(tree: object, prefix: str = "") -> dict[str, object]:
+    if isinstance(tree, dict):
+        out: dict[str, object] = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    if isinstance(tree, list) and any(isinstance(v, dict | list) for v in tree):
+        out = {}
+        for i, v in enumerate(tree):
+            out.update(_flatten(v, f"{prefix}[{i}]"))
+        return out
+    return {prefix: tree}
+
+
+def _changes(before: dict[str, object], now: dict[str, object], most: int = 6) -> str:
+    keys = sorted(set(before) | set(now))
+    diff = [
+        f"{k}: {before.get(k, '(unset)')!r} -> {now.get(k, '(unset)')!r}"
+        for k in keys
+        if before.get(k, "(unset)") != now.get(k, "(unset)")
+    ]
+    more = f" and {len(diff) - most} more" if len(diff) > most else ""
+    return "; ".join(diff[:most]) + more
+
+
+def checked_stage_dir(run_dir: Path, stage: str, key: str, inputs: dict[str, object]) -> Path:
+    """``run_dir/<stage>-<key>``, checked against what it was made from.
+
+    Each stage directory records its inputs (``stage.json``: the config it depends on and the
+    data file's fingerprint). A directory whose data changed since is refused, and so is a
+    config change while the stage is interrupted (another ``<stage>-*`` directory holds an
+    unfinished epoch): resuming would mix two runs, and starting over silently would drop the
+    work done. Either way the message names what changed."""
+    here = run_dir / f"{stage}-{key}"
+    now = _flatten(inputs)
+    manifest = here / "stage.json"
+    if manifest.is_file():
+        before = json.loads(manifest.read_text(encoding="utf-8"))["inputs"]
+        if before != json.loads(json.dumps(now)):
+            raise StageError(
+                f"{here} was trained from other inputs ({_changes(before, now)}); delete it "
+                "to train the stage again from this data"
+            )
+        return here
+    for other in sorted(run_dir.glob(f"{stage}-*")):
+        earlier = other / "stage.json"
+        if other == here or not earlier.is_file() or not any(other.rglob("last.pt")):
+            continue
+        before = json.loads(earlier.read_text(encoding="utf-8"))["inputs"]
+        raise StageError(
+            f"{stage} was interrupted in {other}, trained from other inputs "
+            f"({_changes(before, now)}): restore them to resume it, or delete {other} to "
+            "start the stage over with these"
+        )
+    here.mkdir(parents=True, exist_ok=True)
+    manifest.write_text(
+        json.dumps({"stage": stage, "key": key, "inputs": now}, indent=2, default=str) + "\n",
+        encoding="utf-8",
+    )
+    return here
+
+
+def stage_inputs(exp: Experiment, data_fingerprint: str) -> dict[str, dict[str, object]]:
+    """What each stage's key is computed from, with the data file's fingerprint (not in the
+    keys: the directories of runs made before it keep their names)."""
+    base = {
+        "data": exp.data.model_dump(mode="json"),
+        "data_file": data_fingerprint,
+        "seed": exp.seed,
+        "threads": exp.threads,
+    }
+    teachers = [t.model_dump(mode="json") for t in exp.teachers]
+    out: dict[str, dict[str, object]] = {
+        f"teacher_{i}": {**base, "teacher": t} for i, t in enumerate(teachers)
+    }
+    out["student"] = {
+        **base,
+        "teachers": teachers,
+        "student": exp.student.model_dump(mode="json"),
+    }
+    out["verifier"] = {
+        **out["student"],
+        "verifier": exp.verifier.model_dump(mode="json", exclude={"candidates"}),
+    }
+    return out
 
 
 def stage_keys(exp: Experiment) -> StageKeys:
@@ -147,6 +245,12 @@ def architectures(exp: Experiment, splits: Splits) -> Architectures:
     return arch
 
 
+def _smoothed_cross_entropy(
+    logits: torch.Tensor, _x: torch.Tensor, y: torch.Tensor, label_smoothing: float
+) -> torch.Tensor:
+    return cross_entropy(logits, y, label_smoothing)
+
+
 @dataclass(frozen=True)
 class Teachers:
     nets: tuple[ConvNet, ...]
@@ -162,6 +266,7 @@ def train_teachers(
     keys: StageKeys,
     run_dir: Path,
     bar: Progress | None,
+    inputs: dict[str, dict[str, object]],
 ) -> Teachers:
     """Each teacher trained with cross-entropy (or loaded from its finished stage)."""
     nets: list[ConvNet] = []
@@ -172,11 +277,13 @@ def train_teachers(
         secs = fit(
             net,
             splits.train,
-            lambda logits, _x, y: cross_entropy(logits, y),
+            partial(_smoothed_cross_entropy, label_smoothing=tc.train.label_smoothing),
             tc.train,
             seed=exp.seed + i,
             augment_cfg=exp.data.augment,
-            stage_dir=run_dir / f"teacher_{i}-{keys.teachers[i]}",
+            stage_dir=checked_stage_dir(
+                run_dir, f"teacher_{i}", keys.teachers[i], inputs[f"teacher_{i}"]
+            ),
             progress=bar,
             label=f"teacher {i}",
         )
@@ -220,7 +327,7 @@ def train_student(
 
     def student_loss(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            t_logits = [t(x) for t in teachers.nets]  # K x [b, C]
+            t_logits = [t(x).float() for t in teachers.nets]  # K x [b, C]
         if len(t_logits) == 1:
             return kd_loss(logits, t_logits[0], y, kd.temperature, kd.alpha, kd.beta)
         return ensemble_kd_loss(logits, t_logits, y, kd.temperature, kd.alpha, kd.beta)
@@ -556,14 +663,13 @@ def run_experiment(
     splits = _prepare(exp, run_dir)
     arch = architectures(exp, splits)
     keys = stage_keys(exp)
+    inputs = stage_inputs(exp, data_fingerprint(exp.data.source, exp.data.file))
     with progress_bar(show_progress) as bar:
-        teachers = train_teachers(exp, splits, arch, keys, run_dir, bar)
-        student = train_student(
-            exp, splits, arch, teachers, run_dir / f"student-{keys.student}", bar
-        )
-        verifier = train_verifier(
-            exp, splits, arch, student, run_dir / f"verifier-{keys.verifier}", bar
-        )
+        teachers = train_teachers(exp, splits, arch, keys, run_dir, bar, inputs)
+        student_dir = checked_stage_dir(run_dir, "student", keys.student, inputs["student"])
+        student = train_student(exp, splits, arch, teachers, student_dir, bar)
+        verifier_dir = checked_stage_dir(run_dir, "verifier", keys.verifier, inputs["verifier"])
+        verifier = train_verifier(exp, splits, arch, student, verifier_dir, bar)
     (run_dir / "gdtl_path.md").write_text(path_table(verifier.search_path) + "\n", encoding="utf-8")
     report = assemble_report(exp, splits, arch, teachers, student, verifier)
     if repository is not None:

@@ -24,7 +24,7 @@ from verifier.data import Dataset, augment
 from verifier.experiment import AugmentConfig, OptimConfig
 from verifier.logs import log_epoch
 
-__all__ = ["LossFn", "fit", "predict_logits", "set_determinism"]
+__all__ = ["CheckpointError", "LossFn", "fit", "predict_logits", "set_determinism"]
 
 # (logits of the net being trained [b, C], augmented inputs [b, C, H, W], labels [b]) -> loss
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -48,10 +48,52 @@ def predict_logits(net: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> t
     return out  # [n, C]
 
 
+class CheckpointError(RuntimeError):
+    """A stage checkpoint could not be written, or one on disk cannot be used; the message
+    names the file and what to do."""
+
+
 def _save(path: Path, state: dict[str, Any]) -> None:
+    """Write ``state`` to ``path`` atomically: into a temporary file, then renamed over it, so
+    a crash or a full disk mid-write leaves the previous checkpoint as it was."""
     tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)  # never a half-written checkpoint
+    try:
+        torch.save(state, tmp)
+        tmp.replace(path)  # never a half-written checkpoint
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        kept = f"{path} is as it was before" if path.exists() else "no earlier checkpoint"
+        raise CheckpointError(
+            f"could not write the checkpoint {path} ({exc.strerror or exc}); {kept}: free the "
+            "space and run again to resume from it"
+        ) from exc
+
+
+def _load(path: Path) -> dict[str, Any]:
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as exc:  # torch raises RuntimeError, pickle errors, EOFError, ...
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc}); delete it to "
+            "train this stage from its start"
+        ) from exc
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(f"{path}: not a stage checkpoint (no model state)")
+    return state
+
+
+def _load_into(path: Path, what: str, load: Callable[[Any], Any], state: Any) -> None:
+    try:
+        load(state)
+    except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+        # load_state_dict's message is a header line, then one line per problem
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 else (lines[0] if lines else type(exc).__name__)
+        more = f", and {len(lines) - 2} more" if len(lines) > 2 else ""
+        raise CheckpointError(
+            f"{path}: its {what} does not fit this stage ({detail}{more}); it was written for "
+            "another network or optimizer: delete it to train this stage from its start"
+        ) from exc
 
 
 @dataclass(frozen=True)
@@ -59,6 +101,8 @@ class _Resumed:
     done: bool  # the stage finished in an earlier run: ``net`` holds its final weights
     epoch: int  # epochs already trained
     seconds: float  # training seconds so far
+    cpu_seconds: float = 0.0  # CPU seconds of this process's threads over those epochs
+    samples: int = 0  # training images processed so far
 
 
 def _resume(
@@ -73,19 +117,40 @@ def _resume(
     stage_dir.mkdir(parents=True, exist_ok=True)
     done, last = stage_dir / "done.pt", stage_dir / "last.pt"
     if done.is_file():
-        state = torch.load(done, weights_only=True)
-        net.load_state_dict(state["model"])
+        state = _load(done)
+        _load_into(done, "model", net.load_state_dict, state["model"])
         net.eval()
-        return _Resumed(True, 0, float(state["seconds"]))
+        return _Resumed(True, 0, float(state.get("seconds", 0.0)))
     if not last.is_file():
         return _Resumed(False, 0, 0.0)
-    state = torch.load(last, weights_only=True)
-    net.load_state_dict(state["model"])
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
-    gen.set_state(state["generator"])
-    torch.set_rng_state(state["torch_rng"])
-    return _Resumed(False, int(state["epoch"]), float(state["seconds"]))
+    state = _load(last)
+    missing = {"optimizer", "scheduler", "generator", "torch_rng", "epoch"} - set(state)
+    if missing:
+        raise CheckpointError(f"{last}: an incomplete checkpoint (no {', '.join(sorted(missing))})")
+    _load_into(last, "model", net.load_state_dict, state["model"])
+    _load_into(last, "optimizer state", opt.load_state_dict, state["optimizer"])
+    _load_into(last, "schedule", sched.load_state_dict, state["scheduler"])
+    _load_into(last, "data-order generator", gen.set_state, state["generator"])
+    _load_into(last, "random-number state", torch.set_rng_state, state["torch_rng"])
+    return _Resumed(
+        False,
+        int(state["epoch"]),
+        float(state["seconds"]),
+        float(state.get("cpu_seconds", 0.0)),
+        int(state.get("samples", 0)),
+    )
+
+
+def _optimizer(params: list[nn.Parameter], optim: OptimConfig) -> torch.optim.Optimizer:
+    if optim.optimizer == "sgd":
+        return torch.optim.SGD(
+            params,
+            lr=optim.lr,
+            momentum=optim.momentum,
+            nesterov=True,
+            weight_decay=optim.weight_decay,
+        )
+    return torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
 
 
 def fit(
@@ -103,37 +168,51 @@ def fit(
 ) -> float:
     """Train the parameters of ``net`` that require grad; returns the training seconds.
 
-    AdamW with a one-cycle learning-rate schedule. ``frozen_modules`` stay in eval mode (their
-    batch-norm statistics do not move). With ``stage_dir`` the stage checkpoints and resumes.
+    AdamW (or SGD with Nesterov momentum) under a one-cycle learning-rate schedule; with
+    ``optim.precision == "bf16"`` the forward and backward passes run under bfloat16 autocast
+    on channels-last tensors and the loss is computed in float32. ``frozen_modules`` stay in
+    eval mode (their batch-norm statistics do not move). With ``stage_dir`` the stage
+    checkpoints and resumes.
     """
     frozen = list(frozen_modules)
     aug = augment_cfg or AugmentConfig()
     params = [p for p in net.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"{label}: nothing to train (every parameter is frozen)")
-    opt = torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
+    opt = _optimizer(params, optim)
     n = len(data)
     steps = (n + optim.batch_size - 1) // optim.batch_size
     sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=optim.lr, total_steps=optim.epochs * steps
+        opt,
+        max_lr=optim.lr,
+        total_steps=optim.epochs * steps,
+        pct_start=optim.warmup,
+        anneal_strategy=optim.anneal,
+        cycle_momentum=optim.optimizer == "adamw",  # SGD keeps its Nesterov momentum fixed
     )
+    bf16 = optim.precision == "bf16"
+    if bf16:
+        net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     gen = torch.Generator().manual_seed(seed)
-    start_epoch, elapsed = 0, 0.0
+    start_epoch, elapsed, cpu, samples = 0, 0.0, 0.0, 0
     if stage_dir is not None:
         resumed = _resume(stage_dir, net, opt, sched, gen)
         if resumed.done:
             log.info("%s: loaded from %s (finished in an earlier run)", label, stage_dir)
+            if bf16:  # as a net trained in this run leaves: float32 kernels see one layout
+                net.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
             return resumed.seconds
         if resumed.epoch:
             log.info("%s: resuming after epoch %d/%d", label, resumed.epoch, optim.epochs)
         start_epoch, elapsed = resumed.epoch, resumed.seconds
+        cpu, samples = resumed.cpu_seconds, resumed.samples
     task = (
         progress.add_task(label, total=optim.epochs * steps, completed=start_epoch * steps)
         if progress is not None
         else None
     )
     for epoch in range(start_epoch, optim.epochs):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         net.train()
         for m in frozen:
             m.eval()
@@ -144,7 +223,11 @@ def fit(
             x = augment(data.x[idx], gen, aug.crop_padding, aug.hflip)  # [b, C, H, W]
             if len(idx) == 1:  # batch norm cannot train on a single sample
                 continue
-            loss = loss_fn(net(x), x, data.y[idx])
+            if bf16:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                # the loss sees float32 logits; a teacher it runs on x runs under autocast too
+                loss = loss_fn(net(x).float(), x, data.y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
@@ -153,6 +236,8 @@ def fit(
             if progress is not None and task is not None:
                 progress.update(task, advance=1, description=f"{label} loss {loss.item():.3f}")
         elapsed += time.perf_counter() - t0
+        cpu += time.process_time() - c0
+        samples += seen
         detail = f"loss {total / max(seen, 1):.4f}"
         log_epoch(log, label, epoch + 1, optim.epochs, detail, elapsed, progress)
         if stage_dir is not None:
@@ -166,11 +251,18 @@ def fit(
                     "torch_rng": torch.get_rng_state(),
                     "epoch": epoch + 1,
                     "seconds": elapsed,
+                    "cpu_seconds": cpu,
+                    "samples": samples,
                 },
             )
     net.eval()
+    if bf16:
+        net.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     if stage_dir is not None:
-        _save(stage_dir / "done.pt", {"model": net.state_dict(), "seconds": elapsed})
+        _save(
+            stage_dir / "done.pt",
+            {"model": net.state_dict(), "seconds": elapsed, "cpu_seconds": cpu, "samples": samples},
+        )
         (stage_dir / "last.pt").unlink(missing_ok=True)
     if progress is not None and task is not None:
         progress.remove_task(task)

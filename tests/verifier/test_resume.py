@@ -1,0 +1,270 @@
+"""Stages that survive interruption (issue 20): `fides train` killed mid-stage and run again
+ends with the same weights, bit for bit, as an uninterrupted run; corrupt and mismatched
+checkpoints, a full disk while checkpointing, and a resume against changed data or config are
+refused with a message that names the file and what changed."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from verifier.data import load_splits
+from verifier.defaults import DIGITS_DEFAULT
+from verifier.experiment import OptimConfig, parse_experiment
+from verifier.losses import cross_entropy
+from verifier.nets import ConvNet, NetConfig
+from verifier.pipeline import StageError, run_experiment
+from verifier.train import CheckpointError, fit, set_determinism
+
+FIDES = [sys.executable, "-m", "fides.cli"]
+
+
+def experiment_file(tmp_path: Path, data: dict[str, Any] | None = None, epochs: int = 12) -> Path:
+    """A digits experiment small enough for seconds, long enough per stage to be killed in:
+    the teacher uses the CIFAR-10 recipe (SGD, label smoothing, bfloat16, pool after the
+    first conv, GELU), the student the default AdamW one."""
+    raw = json.loads(json.dumps(DIGITS_DEFAULT))
+    if data is not None:
+        raw["data"] = data
+    raw["data"]["train_limit"] = 600
+    raw["data"]["test_limit"] = 200
+    raw["teachers"][0]["net"].update(convs_per_block=2, pool_after="first_conv", activation="gelu")
+    raw["teachers"][0]["train"] = {
+        "epochs": epochs,
+        "batch_size": 64,
+        "lr": 0.1,
+        "optimizer": "sgd",
+        "warmup": 0.2,
+        "anneal": "linear",
+        "label_smoothing": 0.2,
+        "precision": "bf16",
+    }
+    raw["student"]["train"]["epochs"] = epochs
+    raw["student"]["min_flops_ratio"] = 1.5  # pooling after the first conv makes it cheap
+    raw["verifier"]["pretrain"]["train"]["epochs"] = 1
+    raw["verifier"]["step"]["epochs"] = 2
+    raw["export"]["latency_repeats"] = 2
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    return path
+
+
+def weights(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """Every finished stage's weights, by path relative to the run directory."""
+    return {
+        str(p.relative_to(run_dir)): torch.load(p, weights_only=True)["model"]
+        for p in sorted(run_dir.rglob("done.pt"))
+    }
+
+
+def train(exp: Path, run_dir: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [*FIDES, "train", str(exp), "--run-dir", str(run_dir), "--no-results"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+def test_a_killed_run_resumes_to_the_same_weights_bit_for_bit(tmp_path: Path) -> None:
+    exp = experiment_file(tmp_path)
+    straight = train(exp, tmp_path / "straight")
+    stderr = straight.communicate(timeout=600)[1].decode()
+    straight.stderr.close()  # type: ignore[union-attr]
+    assert straight.returncode == 0, stderr
+
+    with (tmp_path / "killed.log").open("wb") as log:  # nobody reads stderr while it runs
+        killed = subprocess.Popen(
+            [*FIDES, "train", str(exp), "--run-dir", str(tmp_path / "killed"), "--no-results"],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+    try:
+        deadline = time.monotonic() + 300
+        # kill once the student stage has written a checkpoint mid-way (the teacher is done)
+        while not list((tmp_path / "killed").glob("student-*/last.pt")):
+            assert killed.poll() is None, "the run finished before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    finally:
+        killed.send_signal(signal.SIGKILL)
+        killed.wait(timeout=60)
+    assert killed.returncode == -signal.SIGKILL
+    assert not (tmp_path / "killed" / "results.json").exists()
+    (checkpoint,) = (tmp_path / "killed").glob("student-*/last.pt")
+    assert torch.load(checkpoint, weights_only=True)["epoch"] < 12
+
+    resumed = train(exp, tmp_path / "killed")
+    stderr = resumed.communicate(timeout=600)[1].decode()
+    resumed.stderr.close()  # type: ignore[union-attr]
+    assert resumed.returncode == 0, stderr
+    assert "resuming after epoch" in stderr
+
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "killed")
+    assert a.keys() == b.keys()
+    assert any(k.startswith("verifier-") for k in a)
+    for stage, state in a.items():
+        for name, tensor in state.items():
+            assert torch.equal(tensor, b[stage][name]), f"{stage}: {name}"
+    results = [
+        json.loads((tmp_path / d / "results.json").read_text()) for d in ("straight", "killed")
+    ]
+    for key in ("student", "verifier"):
+        assert results[0][key]["test_accuracy"] == results[1][key]["test_accuracy"]
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def small_net() -> ConvNet:
+    set_determinism(0, 1)
+    return ConvNet(NetConfig(widths=(8, 16)))
+
+
+@pytest.fixture(scope="module")
+def digits_train() -> Any:
+    return load_splits("digits", seed=0, train_limit=200).train
+
+
+def ce(z: torch.Tensor, _x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return cross_entropy(z, y)
+
+
+OPTIM = OptimConfig(epochs=3, batch_size=32, lr=3e-3)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def interrupted_stage(tmp_path: Path, data: Any) -> Path:
+    """A stage directory whose last.pt holds epoch 1."""
+    calls = 0
+
+    def crash(z: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        if calls == 9:  # in epoch 2 (7 batches per epoch)
+            raise Interrupt
+        return ce(z, x, y)
+
+    stage = tmp_path / "stage"
+    with pytest.raises(Interrupt):
+        fit(small_net(), data, crash, OPTIM, seed=0, stage_dir=stage)
+    return stage
+
+
+def test_a_corrupt_checkpoint_is_refused_by_name(tmp_path: Path, digits_train: Any) -> None:
+    stage = interrupted_stage(tmp_path, digits_train)
+    last = stage / "last.pt"
+    blob = bytearray(last.read_bytes())
+    last.write_bytes(bytes(blob[: len(blob) // 2]))  # truncated, as by a crash mid-copy
+    with pytest.raises(CheckpointError, match=r"last\.pt: not a readable checkpoint"):
+        fit(small_net(), digits_train, ce, OPTIM, seed=0, stage_dir=stage)
+    last.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="delete it to train this stage from its start"):
+        fit(small_net(), digits_train, ce, OPTIM, seed=0, stage_dir=stage)
+
+
+def test_a_checkpoint_of_another_network_is_refused(tmp_path: Path, digits_train: Any) -> None:
+    stage = interrupted_stage(tmp_path, digits_train)
+    set_determinism(0, 1)
+    wider = ConvNet(NetConfig(widths=(8, 24)))
+    with pytest.raises(CheckpointError, match=r"its model does not fit this stage \(.*size mis"):
+        fit(wider, digits_train, ce, OPTIM, seed=0, stage_dir=stage)
+    state = torch.load(stage / "last.pt", weights_only=True)
+    del state["generator"]
+    torch.save(state, stage / "last.pt")
+    with pytest.raises(CheckpointError, match=r"incomplete checkpoint \(no generator\)"):
+        fit(small_net(), digits_train, ce, OPTIM, seed=0, stage_dir=stage)
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint(
+    tmp_path: Path, digits_train: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_save = torch.save
+    saves = 0
+
+    def save_until_the_disk_fills(obj: Any, f: Any) -> None:
+        nonlocal saves
+        saves += 1
+        if saves == 2:  # the second epoch's checkpoint: half written, then ENOSPC
+            Path(f).write_bytes(b"\0" * 100)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
+        real_save(obj, f)
+
+    monkeypatch.setattr(torch, "save", save_until_the_disk_fills)
+    stage = tmp_path / "stage"
+    with pytest.raises(CheckpointError, match="No space left on device.*is as it was before"):
+        fit(small_net(), digits_train, ce, OPTIM, seed=0, stage_dir=stage)
+    assert not list(stage.glob("*.tmp"))
+    assert torch.load(stage / "last.pt", weights_only=True)["epoch"] == 1
+    monkeypatch.setattr(torch, "save", real_save)
+
+    straight = small_net()
+    fit(straight, digits_train, ce, OPTIM, seed=0)
+    resumed = small_net()
+    fit(resumed, digits_train, ce, OPTIM, seed=0, stage_dir=stage)
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- changed inputs
+
+
+def write_npz(path: Path, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    y = np.arange(400) % 4
+    x = (rng.integers(0, 60, (400, 8, 8)) + 40 * y[:, None, None]).astype(np.uint8)
+    np.savez(path, x_train=x[:300], y_train=y[:300], x_test=x[300:], y_test=y[300:])
+
+
+def npz_experiment(path: Path, teacher_epochs: int = 2) -> Any:
+    raw = json.loads(json.dumps(DIGITS_DEFAULT))
+    raw["data"] = {"source": "npz", "path": str(path), "val_fraction": 0.1}
+    raw["teachers"][0]["train"]["epochs"] = teacher_epochs
+    raw["student"]["train"]["epochs"] = 1
+    raw["verifier"]["pretrain"]["train"]["epochs"] = 1
+    raw["verifier"]["step"]["epochs"] = 1
+    return parse_experiment(raw)
+
+
+def test_a_changed_data_file_is_refused(tmp_path: Path) -> None:
+    data = tmp_path / "data.npz"
+    write_npz(data, seed=0)
+    run_experiment(npz_experiment(data), tmp_path / "run")
+    write_npz(data, seed=1)  # same path and config, other images
+    with pytest.raises(StageError, match=r"teacher_0-\w+ was trained from other inputs \(data_f"):
+        run_experiment(npz_experiment(data), tmp_path / "run")
+
+
+def test_a_config_change_while_a_stage_is_interrupted_is_refused(tmp_path: Path) -> None:
+    data = tmp_path / "data.npz"
+    write_npz(data, seed=0)
+    run = tmp_path / "run"
+    run_experiment(npz_experiment(data), run)
+    (teacher,) = run.glob("teacher_0-*")
+    done = torch.load(teacher / "done.pt", weights_only=True)
+    (teacher / "done.pt").unlink()
+    torch.save({**done, "epoch": 1}, teacher / "last.pt")  # as if killed after epoch 1
+    with pytest.raises(
+        StageError,
+        match=r"teacher_0 was interrupted in .*teacher\.train\.epochs: 2 -> 3.*restore them",
+    ):
+        run_experiment(npz_experiment(data, teacher_epochs=3), run)
+    # a finished stage with other inputs is no obstacle: it stays as a cache
+    torch.save(done, teacher / "done.pt")
+    (teacher / "last.pt").unlink()
+    run_experiment(npz_experiment(data, teacher_epochs=3), run)
+    assert len(list(run.glob("teacher_0-*"))) == 2
