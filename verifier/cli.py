@@ -76,9 +76,32 @@ def results_markdown(results: dict[str, Any], command: str) -> str:
         "",
         path_table([StepRecord(**r) for r in v["path"]]),
         "",
+        *throughput_markdown(results.get("stage_throughput")),
         *per_class_markdown(results.get("per_class")),
     ]
     return "\n".join(lines)
+
+
+def throughput_markdown(stages: dict[str, dict[str, float]] | None) -> list[str]:
+    """Where the training time went (results written before it was recorded: nothing)."""
+    if not stages:
+        return []
+    rows = [
+        f"| {name} | {s['wall_s']:,.0f} | {s['cpu_s']:,.0f} | {s['images']:,} | "
+        f"{s['images_per_s']:,.0f} |"
+        for name, s in stages.items()
+    ]
+    return [
+        "## Training time per stage",
+        "",
+        "Training loops only (the verifier's row sums its pretraining and every GDTL step); "
+        "CPU seconds are the process's, over every thread.",
+        "",
+        "| stage | wall s | CPU s | images | images/s |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
 
 
 def _pct_or_dash(x: float | None) -> str:

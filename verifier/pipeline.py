@@ -30,7 +30,7 @@ from verifier.gdtl import Fidelity, GreedyResult, fidelity, path_rows, path_tabl
 from verifier.logs import progress_bar
 from verifier.losses import cross_entropy, ensemble_kd_loss, kd_loss
 from verifier.nets import ConvNet, NetConfig, count_parameters
-from verifier.train import fit, predict_logits, set_determinism
+from verifier.train import fit, predict_logits, set_determinism, stage_throughput
 
 __all__ = [
     "ExperimentRun",
@@ -672,6 +672,16 @@ def run_experiment(
         verifier = train_verifier(exp, splits, arch, student, verifier_dir, bar)
     (run_dir / "gdtl_path.md").write_text(path_table(verifier.search_path) + "\n", encoding="utf-8")
     report = assemble_report(exp, splits, arch, teachers, student, verifier)
+    # where the training time went: per stage, wall and CPU seconds and images per second
+    # (the verifier's row sums its search: pretraining, every greedy step, the final step)
+    report["stage_throughput"] = {
+        **{
+            f"teacher_{i}": stage_throughput(run_dir / f"teacher_{i}-{k}")
+            for i, k in enumerate(keys.teachers)
+        },
+        "student": stage_throughput(student_dir),
+        "verifier_gdtl": stage_throughput(verifier_dir),
+    }
     if repository is not None:
         exported = export_models(exp, splits, student, verifier, report, repository)
         report["student"]["cpu_latency_ms_batch1"] = exported.service_latency_ms

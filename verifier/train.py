@@ -24,7 +24,14 @@ from verifier.data import Dataset, augment
 from verifier.experiment import AugmentConfig, OptimConfig
 from verifier.logs import log_epoch
 
-__all__ = ["CheckpointError", "LossFn", "fit", "predict_logits", "set_determinism"]
+__all__ = [
+    "CheckpointError",
+    "LossFn",
+    "fit",
+    "predict_logits",
+    "set_determinism",
+    "stage_throughput",
+]
 
 # (logits of the net being trained [b, C], augmented inputs [b, C, H, W], labels [b]) -> loss
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -139,6 +146,24 @@ def _resume(
         float(state.get("cpu_seconds", 0.0)),
         int(state.get("samples", 0)),
     )
+
+
+def stage_throughput(stage_dir: Path) -> dict[str, float]:
+    """Training wall and CPU seconds and images per second of the finished stages under
+    ``stage_dir`` (one stage, or a tree of them such as a GDTL search), from their
+    ``done.pt``; checkpoints written before CPU time was recorded count wall time only."""
+    wall = cpu = samples = 0.0
+    for done in sorted(stage_dir.rglob("done.pt")):
+        state = _load(done)
+        wall += float(state.get("seconds", 0.0))
+        cpu += float(state.get("cpu_seconds", 0.0))
+        samples += float(state.get("samples", 0))
+    return {
+        "wall_s": round(wall, 1),
+        "cpu_s": round(cpu, 1),
+        "images": int(samples),
+        "images_per_s": round(samples / wall, 1) if wall > 0 else 0.0,
+    }
 
 
 def _optimizer(params: list[nn.Parameter], optim: OptimConfig) -> torch.optim.Optimizer:

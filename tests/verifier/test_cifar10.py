@@ -112,6 +112,11 @@ def test_the_small_cifar_path_trains_evaluates_and_exports(
     assert v["fits_budget"]
     assert "filter-pruned" in v["pretrain"]["source"]  # the service, pruned to its widths
     assert report["onnx_max_abs_diff"] < 1e-3
+    for stage in ("teacher_0", "student", "verifier_gdtl"):  # where the training time went
+        t = report["stage_throughput"][stage]
+        assert t["images"] > 0, stage
+        assert t["cpu_s"] > 0, stage
+        assert t["images_per_s"] > 0, stage
     assert evaluation["clean_fpr"] <= 1
     assert set(evaluation["mean_detection_attacks"]) == {"switch", "avg", "random_switch", "gan"}
     assert {"switch", "avg", "random_switch", "gan"} <= set(evaluation["attacks"])
