@@ -8,7 +8,7 @@ builds the embedded defaults (:mod:`fides.defaults`) and ``bench`` runs :mod:`fi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -266,6 +266,60 @@ def bench_overload(
     from fides.bench.load import run_overload_bench
 
     run_overload_bench(output, factor, duration, log=console.print)
+
+
+@bench_app.command("cost-quality")
+def bench_cost_quality(
+    experiment: Annotated[Path, typer.Argument(help="Experiment YAML (see experiments/).")],
+    shares: Annotated[
+        str, typer.Option(help="Verifier FLOPs as shares of the service's, comma-separated.")
+    ] = "0.1,0.25,0.5,1",
+    run_dir: Annotated[
+        Path | None, typer.Option(help="The experiment's run directory; default runs/<name>.")
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option(help="Default bench/results/cost_quality_<name>.json.")
+    ] = None,
+) -> None:
+    """What each FLOP of verification buys: a verifier and a detector per FLOPs share."""
+    import json
+
+    from verifier.cli import default_run_dir
+    from verifier.cost_quality import cost_quality, table_markdown
+    from verifier.data import DataError
+    from verifier.experiment import ExperimentError, load_experiment
+    from verifier.logs import log_to_console
+    from verifier.pipeline import StageError
+    from verifier.train import CheckpointError
+
+    try:
+        share_list = [float(x) for x in shares.split(",") if x.strip()]
+    except ValueError:
+        console.print(f"[red]error:[/red] --shares {shares!r}: comma-separated numbers, e.g. 0.1,1")
+        raise typer.Exit(2) from None
+    command = f"fides bench cost-quality {experiment} --shares {shares}"
+
+    def write(result: dict[str, Any]) -> None:  # after every share: a long sweep keeps its rows
+        result["command"] = command
+        result["complete"] = len(result["rows"]) == len(share_list)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        md = [f"# Cost and quality of verification: {result['experiment']}", "", f"`{command}`"]
+        body = [*md, "", *table_markdown(result), ""]
+        out.with_suffix(".md").write_text("\n".join(body), encoding="utf-8")
+
+    try:
+        exp = load_experiment(experiment)
+        out = output or Path(f"bench/results/cost_quality_{exp.name}.json")
+        with log_to_console(console):
+            result = cost_quality(
+                exp, run_dir or default_run_dir(exp), share_list, show_progress=True, on_row=write
+            )
+    except (ExperimentError, DataError, StageError, CheckpointError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    console.print("\n".join(table_markdown(result)))
+    console.print(f"results: {out} and {out.with_suffix('.md')}")
 
 
 @bench_app.command("report")
