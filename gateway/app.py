@@ -31,6 +31,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.repository import ModelRepository
 from gateway.runtimes import Runtime
 from gateway.settings import Settings
+from gateway.statistics import Statistics
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,11 @@ log = logging.getLogger(__name__)
 class MetricsObserver(BatchObserver):
     """Feeds batcher events into the model's metrics."""
 
-    def __init__(self, metrics: GatewayMetrics, model: str, version: int) -> None:
+    def __init__(
+        self, metrics: GatewayMetrics, model: str, version: int, statistics: Statistics
+    ) -> None:
         v = str(version)
+        self._stats = statistics.model(model, v)
         self._depth = metrics.queue_depth.labels(model, v)
         self._queue = metrics.queue_duration.labels(model, v)
         self._compute = metrics.compute_duration.labels(model, v)
@@ -51,10 +55,14 @@ class MetricsObserver(BatchObserver):
     def batch_started(self, size: int, waits_s: list[float]) -> None:
         for w in waits_s:
             self._queue.observe(w)
+        self._stats.queued(waits_s)
 
     def batch_finished(self, size: int, compute_s: float) -> None:
         self._batch.observe(size)
         self._compute.observe(compute_s)
+
+    def batch_stages(self, size: int, input_s: float, infer_s: float, output_s: float) -> None:
+        self._stats.executed(size, input_s, infer_s, output_s)
 
 
 @dataclass
@@ -98,9 +106,10 @@ def build_components(
     # `_created` series double the output and no dashboard uses them
     disable_created_metrics()  # type: ignore[no-untyped-call]
     metrics = GatewayMetrics()
+    statistics = Statistics()  # the OIP statistics extension's counters
     repository = ModelRepository(
         settings.model_repository,
-        observer_factory=lambda m, v: MetricsObserver(metrics, m, v),
+        observer_factory=lambda m, v: MetricsObserver(metrics, m, v, statistics),
         on_state=lambda m, v, ok: metrics.model_ready.labels(m, str(v)).set(1 if ok else 0),
         on_runtime=lambda runtime: _watch_upstream(metrics, runtime),
         on_load=lambda m, ok: metrics.model_loads.labels(m, "success" if ok else "failure").inc(),
@@ -113,7 +122,7 @@ def build_components(
         settings=settings,
         metrics=metrics,
         repository=repository,
-        dataplane=DataPlane(repository, settings, metrics),
+        dataplane=DataPlane(repository, settings, metrics, statistics),
         integrity=integrity,
         generation=GenerationService(repository, metrics.generation),
     )

@@ -45,6 +45,10 @@ class BatchObserver:
 
     def batch_finished(self, size: int, compute_s: float) -> None: ...
 
+    def batch_stages(self, size: int, input_s: float, infer_s: float, output_s: float) -> None:
+        """Of one execution: assembling the batch's inputs, running the model, splitting its
+        outputs per request (the statistics extension's compute_input / infer / output)."""
+
 
 @dataclass(eq=False)
 class _Pending:
@@ -247,7 +251,7 @@ class DynamicBatcher:
             loop = asyncio.get_running_loop()
             start = self._clock()
             try:
-                results = await loop.run_in_executor(self._executor, self._execute, batch)
+                results, stages = await loop.run_in_executor(self._executor, self._execute, batch)
             except Exception as exc:  # noqa: BLE001 - every request in the batch gets the error
                 err = exc if isinstance(exc, GatewayError) else _internal(self.runtime, exc)
                 for item in batch:
@@ -255,6 +259,7 @@ class DynamicBatcher:
                         item.future.set_exception(err)
                 return
             self.observer.batch_finished(size, self._clock() - start)
+            self.observer.batch_stages(size, *stages)
             for item, out in zip(batch, results, strict=True):
                 if not item.future.done():
                     item.future.set_result(out)
@@ -262,16 +267,22 @@ class DynamicBatcher:
             self._slots.release()
             self._wakeup.set()
 
-    def _execute(self, batch: list[_Pending]) -> list[Tensors]:
-        """Worker thread: concatenate, run, split."""
+    def _execute(self, batch: list[_Pending]) -> tuple[list[Tensors], tuple[float, float, float]]:
+        """Worker thread: concatenate, run, split; with the seconds of each of the three."""
+        clock = time.perf_counter
+        t0 = clock()
         if len(batch) == 1:
-            return [self.runtime.predict(batch[0].inputs)]
+            outputs = self.runtime.predict(batch[0].inputs)
+            return [outputs], (0.0, clock() - t0, 0.0)
         names = list(batch[0].inputs)
         merged = {n: np.concatenate([i.inputs[n] for i in batch], axis=0) for n in names}
+        t1 = clock()
         outputs = self.runtime.predict(merged)
+        t2 = clock()
         splits = np.cumsum([i.batch for i in batch])[:-1]
         per_output = {n: np.split(arr, splits, axis=0) for n, arr in outputs.items()}
-        return [{n: parts[k] for n, parts in per_output.items()} for k in range(len(batch))]
+        results = [{n: parts[k] for n, parts in per_output.items()} for k in range(len(batch))]
+        return results, (t1 - t0, t2 - t1, clock() - t2)
 
 
 def _internal(runtime: Runtime, exc: Exception) -> GatewayError:

@@ -18,21 +18,33 @@ from gateway.repository import ModelRepository
 from gateway.runtimes import Tensors, TensorSpec
 from gateway.servables import InferContext, InferenceServable
 from gateway.settings import Settings
+from gateway.statistics import Statistics
 from gateway.types import InferRequest, InferResponse, OutputTensor
 
 log = logging.getLogger(__name__)
 
 SERVER_NAME = "fides-gateway"
-EXTENSIONS = ["model_repository", "binary_tensor_data", "statistics_metrics"]
+EXTENSIONS = [
+    "model_repository",
+    "model_configuration",
+    "binary_tensor_data",
+    "statistics",
+    "statistics_metrics",
+]
 
 
 class DataPlane:
     def __init__(
-        self, repository: ModelRepository, settings: Settings, metrics: GatewayMetrics
+        self,
+        repository: ModelRepository,
+        settings: Settings,
+        metrics: GatewayMetrics,
+        statistics: Statistics | None = None,
     ) -> None:
         self.repository = repository
         self.settings = settings
         self.metrics = metrics
+        self.statistics = statistics or Statistics()
 
     # -- health and metadata --------------------------------------------------------------------
 
@@ -68,6 +80,54 @@ class DataPlane:
         meta["parameters"] = params
         return meta
 
+    def model_statistics(self, name: str | None, version: str | None) -> dict[str, Any]:
+        """The statistics extension: every loaded model's versions (no ``name``), one model's
+        loaded versions, or one version (404 for an unknown model or version)."""
+        if name is None:
+            names = self.repository.loaded_names()
+            wanted = [(n, self._versions(n)) for n in names]
+        elif version is None:
+            wanted = [(name, self._versions(name))]
+        else:
+            wanted = [(name, [str(self.repository.servable(name, version).version)])]
+        return self.statistics.snapshot(wanted)
+
+    def _versions(self, name: str) -> list[str]:
+        return [str(v) for v in sorted(self.repository.served(name).versions)]
+
+    def model_config(self, name: str, version: str | None) -> dict[str, Any]:
+        """The model configuration extension, in Triton's shape (tritonclient's
+        ``get_model_config``): tensor data types as ``TYPE_*`` and, for a model with a batch
+        dimension, ``dims`` without it."""
+        servable = self.repository.get(name, version)
+        cfg = servable.config
+        batched = cfg.max_batch_size > 0
+
+        def tensor(spec: TensorSpec) -> dict[str, Any]:
+            dims = list(spec.shape[1:] if batched else spec.shape)
+            return {"name": spec.name, "data_type": _TRITON_TYPES[spec.datatype], "dims": dims}
+
+        out: dict[str, Any] = {
+            "name": name,
+            "platform": servable.platform,
+            "backend": servable.platform,
+            "max_batch_size": cfg.max_batch_size,
+            "input": [tensor(t) for t in servable.inputs],
+            "output": [tensor(t) for t in servable.outputs],
+            "version_policy": cfg.version_policy.model_dump(exclude_none=True) or {"latest": {}},
+            "instance_group": [
+                {
+                    "count": cfg.instance_group.count,
+                    "kind": f"KIND_{cfg.instance_group.kind.upper()}",
+                }
+            ],
+        }
+        if cfg.dynamic_batching is not None:
+            out["dynamic_batching"] = cfg.dynamic_batching.model_dump(exclude_none=True)
+        if cfg.integrity is not None:
+            out["parameters"] = {"integrity": {"string_value": "verified"}}
+        return out
+
     # -- inference ------------------------------------------------------------------------------
 
     def admit(self, name: str, version: str | None) -> None:
@@ -80,6 +140,7 @@ class DataPlane:
             servable.check_queue()
         except GatewayError as exc:
             self._count_failure(name, str(servable.version), exc)
+            self.statistics.model(name, str(servable.version)).request_done(False, 0.0)
             raise
 
     def _count_failure(self, name: str, version: str, exc: GatewayError) -> None:
@@ -92,17 +153,21 @@ class DataPlane:
             servable = self.repository.get(name, version)
         version_label = str(servable.version)
         series = self.metrics.model_series(name, version_label)
+        stats = self.statistics.model(name, version_label)
         t0 = time.perf_counter()
         series.inflight.inc()
         try:
             outputs, params = await self._infer(servable, request)
         except GatewayError as exc:
             self._count_failure(name, version_label, exc)
+            stats.request_done(False, time.perf_counter() - t0)
             raise
         finally:
             series.inflight.dec()
+        elapsed = time.perf_counter() - t0
         series.success.inc()
-        series.duration.observe(time.perf_counter() - t0)
+        series.duration.observe(elapsed)
+        stats.request_done(True, elapsed)
         return InferResponse(name, version_label, outputs, id=request.id, parameters=params)
 
     async def _infer(
@@ -196,6 +261,25 @@ class DataPlane:
         if unknown:
             raise BadRequest(f"model '{model}' has no output(s) {unknown}; it has {names}")
         return asked
+
+
+# OIP tensor data types -> Triton's model configuration names
+_TRITON_TYPES = {
+    "BOOL": "TYPE_BOOL",
+    "UINT8": "TYPE_UINT8",
+    "UINT16": "TYPE_UINT16",
+    "UINT32": "TYPE_UINT32",
+    "UINT64": "TYPE_UINT64",
+    "INT8": "TYPE_INT8",
+    "INT16": "TYPE_INT16",
+    "INT32": "TYPE_INT32",
+    "INT64": "TYPE_INT64",
+    "FP16": "TYPE_FP16",
+    "FP32": "TYPE_FP32",
+    "FP64": "TYPE_FP64",
+    "BF16": "TYPE_BF16",
+    "BYTES": "TYPE_STRING",
+}
 
 
 def _bf16(spec: TensorSpec | None) -> str | None:

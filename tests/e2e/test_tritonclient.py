@@ -436,3 +436,77 @@ def test_server_log_is_json(gateway: GatewayProcess) -> None:
     assert records, gateway.log()
     assert any(r.get("msg") == "gateway started" for r in records)
     assert all({"ts", "level", "logger", "msg"} <= set(r) for r in records)
+
+
+# -- statistics and model configuration extensions (issue 22) ---------------------------------
+
+
+def tiny_stats(triton: httpclient.InferenceServerClient, version: str = "") -> dict[str, Any]:
+    got = triton.get_inference_statistics("tiny", model_version=version, headers=auth())
+    (entry,) = got["model_stats"]
+    assert isinstance(entry, dict)
+    return entry
+
+
+def test_inference_statistics_count_what_was_served(
+    triton: httpclient.InferenceServerClient,
+) -> None:
+    start = tiny_stats(triton, "2")
+    for _ in range(5):
+        infer_tiny(triton, binary=True)  # 2 rows each, the latest version (2)
+    with pytest.raises(InferenceServerException):
+        triton.infer("tiny", tiny_inputs(np.zeros((2, 3), np.float32), True), headers=auth())
+    end = tiny_stats(triton, "2")
+    assert (end["name"], end["version"]) == ("tiny", "2")
+
+    def delta(*path: str) -> int:
+        a: Any = end
+        b: Any = start
+        for key in path:
+            a, b = a[key], b[key]
+        return int(a) - int(b)
+
+    s = ("inference_stats",)
+    assert delta(*s, "success", "count") == 5
+    assert delta(*s, "success", "ns") > 0
+    assert delta(*s, "fail", "count") == 1  # the wrong shape, refused by name
+    assert delta("inference_count") == 10
+    assert 1 <= delta("execution_count") <= 5
+    assert delta(*s, "queue", "count") == 5
+    assert delta(*s, "compute_infer", "count") == delta("execution_count")
+    assert delta(*s, "compute_infer", "ns") > 0
+    assert end["last_inference"] >= start["last_inference"]
+    assert end["last_inference"] > 1.6e12  # milliseconds since the epoch
+    sizes = {b["batch_size"]: b for b in end["batch_stats"]}
+    assert 2 in sizes  # a request of 2 rows ran alone at least once
+    assert sum(b["compute_infer"]["count"] for b in end["batch_stats"]) == end["execution_count"]
+
+
+def test_statistics_of_every_model_and_of_unknown_ones(
+    triton: httpclient.InferenceServerClient,
+) -> None:
+    every = triton.get_inference_statistics(headers=auth())["model_stats"]
+    assert {("tiny", "1"), ("tiny", "2")} <= {(e["name"], e["version"]) for e in every}
+    assert tiny_stats(triton, "1")["version"] == "1"
+    with pytest.raises(InferenceServerException, match="unknown model 'nope'"):
+        triton.get_inference_statistics("nope", headers=auth())
+    with pytest.raises(InferenceServerException, match="no loaded version 9"):
+        triton.get_inference_statistics("tiny", model_version="9", headers=auth())
+
+
+def test_model_config(triton: httpclient.InferenceServerClient) -> None:
+    cfg = triton.get_model_config("tiny", headers=auth())
+    assert cfg["name"] == "tiny"
+    assert cfg["platform"] == "onnx"
+    assert cfg["max_batch_size"] == 16
+    assert cfg["input"] == [{"name": "input", "data_type": "TYPE_FP32", "dims": [4]}]
+    assert {o["name"]: o["data_type"] for o in cfg["output"]} == {
+        "logits": "TYPE_FP32",
+        "probabilities": "TYPE_FP32",
+    }
+    assert cfg["instance_group"][0]["kind"] == "KIND_CPU"
+    assert triton.get_model_config("tiny", model_version="1", headers=auth())["name"] == "tiny"
+    with pytest.raises(InferenceServerException, match="unknown model 'nope'"):
+        triton.get_model_config("nope", headers=auth())
+    meta = triton.get_server_metadata(headers=auth())
+    assert {"statistics", "model_configuration"} <= set(meta["extensions"])

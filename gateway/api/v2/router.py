@@ -37,6 +37,33 @@ async def server_metadata(dp: DataPlaneDep) -> dict[str, Any]:
     return dp.server_metadata()
 
 
+# Statistics and model configuration extensions (Triton's shapes: tritonclient's
+# get_inference_statistics and get_model_config). /models/stats comes before /models/{name}.
+@router.get("/models/stats")
+async def all_model_statistics(dp: DataPlaneDep) -> dict[str, Any]:
+    return dp.model_statistics(None, None)
+
+
+@router.get("/models/{name}/stats")
+async def model_statistics(name: str, dp: DataPlaneDep) -> dict[str, Any]:
+    return dp.model_statistics(name, None)
+
+
+@router.get("/models/{name}/versions/{version}/stats")
+async def model_version_statistics(name: str, version: str, dp: DataPlaneDep) -> dict[str, Any]:
+    return dp.model_statistics(name, version)
+
+
+@router.get("/models/{name}/config")
+async def model_config(name: str, dp: DataPlaneDep) -> dict[str, Any]:
+    return dp.model_config(name, None)
+
+
+@router.get("/models/{name}/versions/{version}/config")
+async def model_version_config(name: str, version: str, dp: DataPlaneDep) -> dict[str, Any]:
+    return dp.model_config(name, version)
+
+
 @router.get("/models/{name}")
 async def model_metadata(name: str, dp: DataPlaneDep) -> dict[str, Any]:
     return dp.model_metadata(name, None)
