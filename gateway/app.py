@@ -18,6 +18,7 @@ from gateway.api import integrity as integrity_routes
 from gateway.api import openai, v2
 from gateway.api import repository as repository_routes
 from gateway.api.body import BodyLimitMiddleware
+from gateway.api.compression import ResponseCompression
 from gateway.api.middleware import RequestContextMiddleware
 from gateway.api.openai import openai_error_response
 from gateway.api.responses import error_response
@@ -258,6 +259,10 @@ def _add_routes(app: FastAPI, parts: Components) -> None:
 def _add_middleware(app: FastAPI, parts: Components) -> None:
     # the last added is the outermost: request ids and metrics see the body limits' answers
     settings = parts.settings
+    if settings.response_compression_min_bytes > 0:  # innermost: sizes are the app's bodies
+        app.add_middleware(
+            ResponseCompression, minimum_size=settings.response_compression_min_bytes
+        )
     app.add_middleware(
         BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s
     )

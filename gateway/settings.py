@@ -47,6 +47,12 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         64 * 1024 * 1024, gt=0, description="Largest accepted request body (413 above it)."
     )
+    response_compression_min_bytes: int = Field(
+        1024,
+        ge=0,
+        description="Responses of at least this many bytes are gzip-compressed for clients "
+        "whose Accept-Encoding allows it (0: never compress).",
+    )
     header_timeout_s: float = Field(
         10.0,
         gt=0,

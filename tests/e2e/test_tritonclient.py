@@ -510,3 +510,30 @@ def test_model_config(triton: httpclient.InferenceServerClient) -> None:
         triton.get_model_config("nope", headers=auth())
     meta = triton.get_server_metadata(headers=auth())
     assert {"statistics", "model_configuration"} <= set(meta["extensions"])
+
+
+def test_large_answers_are_compressed_when_the_client_accepts_gzip(http: httpx.Client) -> None:
+    x = np.arange(4096, dtype=np.float32)  # about 25 KB of JSON back
+    body = {"inputs": [{"name": "input", "shape": [4096], "datatype": "FP32", "data": x.tolist()}]}
+    url = "/v2/models/identity_fp32/infer"
+    for accept, compressed in [
+        ("gzip", True),
+        ("br, gzip;q=0.5", True),
+        ("*", False),  # any encoding: identity is one
+        ("gzip;q=0", False),  # explicitly refused
+        ("gzip;q=abc", False),  # a malformed weight: identity is always acceptable
+        ("identity", False),
+        ("br", False),
+    ]:
+        got = http.post(url, json=body, headers={"Accept-Encoding": accept})
+        assert got.status_code == 200, got.text
+        assert (got.headers.get("content-encoding") == "gzip") is compressed, accept
+        out = got.json()["outputs"][0]  # httpx decodes gzip itself
+        np.testing.assert_array_equal(np.asarray(out["data"], np.float32), x.ravel())
+    small = http.post(  # under the 1 KiB threshold: sent as it is
+        "/v2/models/tiny/infer",
+        json={"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [1] * 4}]},
+        headers={"Accept-Encoding": "gzip"},
+    )
+    assert small.status_code == 200
+    assert "content-encoding" not in small.headers
