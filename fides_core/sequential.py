@@ -215,6 +215,29 @@ class SequentialDetector:
             trajectory.append(m)
         return trajectory
 
+    def run_lengths(self, streams: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Simulation: answers until the alarm for each of ``S`` streams of ``T`` answers
+        (each score ``[S, T]``), all streams stepped together; ``T + 1`` where it never fired.
+        The same arithmetic as :meth:`update`."""
+        first = next(iter(streams.values()))
+        n_streams, length = np.shape(first)
+        r = np.zeros((n_streams, len(self.components)))
+        out = np.full(n_streams, length + 1)
+        live = np.ones(n_streams, dtype=bool)
+        block = max(1, 65536 // max(1, n_streams))  # e-values a block of steps at a time
+        for start in range(0, length, block):
+            stop = min(length, start + block)
+            chunk = {k: np.asarray(v)[:, start:stop].reshape(-1) for k, v in streams.items()}
+            e = self.e_values(chunk).reshape(n_streams, stop - start, -1)  # [S, t, components]
+            for i in range(stop - start):
+                r = np.minimum((1.0 + r) * e[:, i], 1e300)
+                fired = live & (r.mean(axis=1) >= self.threshold)
+                out[fired] = start + i + 1
+                live &= ~fired
+            if not live.any():
+                break
+        return out
+
     def reset(self, state: StreamState) -> None:
         """After an investigation: the statistic starts over (the guarantee restarts too)."""
         state.r = np.zeros(len(self.components))

@@ -54,6 +54,7 @@ from verifier.losses import cross_entropy
 from verifier.nets import ConvNet
 from verifier.novelty import fit_novelty, novelty_scores, synthetic_novel_inputs
 from verifier.pipeline import ExperimentRun, net_config, run_experiment, stage_key
+from verifier.streams import ScoredAnswers, delays_markdown, stream_report
 from verifier.train import fit, predict_logits, set_determinism
 
 __all__ = [
@@ -613,6 +614,46 @@ def measure_substitution(
     return Substitution(report, nets, kl_ref)
 
 
+# ---------------------------------------------------------------- streams
+
+
+def measure_streams(
+    exp: RunSpec,
+    detector: AttackDetector,
+    cal: Calibration,
+    ev: Attacks,
+    subst: Substitution,
+    images: Dataset,
+) -> dict[str, Any]:
+    """The sequential monitor over simulated answer streams (verifier.streams): each
+    attack of the mean-detection set, each substitute and the verifier itself served as the
+    answer, at tamper rates from 100% to 1%; and clean streams' run length to a false alarm."""
+
+    def scored(p: np.ndarray, q: np.ndarray) -> ScoredAnswers:
+        return ScoredAnswers(detector.scores(p, q), pair_features_np(p, q)[:, 1])
+
+    attacks = {n: scored(ev.attacked[n].p, ev.attacked[n].q) for n in MEAN_DETECTION_ATTACKS}
+    for name, net in subst.nets.items():
+        attacks[f"substitute_{name}"] = scored(_probs(net, images.x), ev.clean.q)
+    attacks["substitute_verifier"] = scored(ev.clean.q, ev.clean.q)  # the verifier as answer
+    report = stream_report(
+        scored(cal.clean.p, cal.clean.q),
+        ScoredAnswers(ev.clean_scores, pair_features_np(ev.clean.p, ev.clean.q)[:, 1]),
+        attacks,
+        seed=exp.seed + 21,
+    )
+    c = report["clean"]
+    log.info(
+        "streams: %d false alarms in %d clean answers (run length >= %d, 95%%); median "
+        "answers to the alarm at 1%% tampering: %s",
+        c["false_alarms"],
+        c["answers"],
+        c["run_length_lower_95"],
+        {n: d["0.01"]["median"] for n, d in report["delays"].items()},
+    )
+    return report
+
+
 # ---------------------------------------------------------------- novelty
 
 
@@ -671,6 +712,7 @@ def _novelty(
 def assemble_report(
     exp: RunSpec,
     *,
+    streams: dict[str, Any] | None = None,
     data: DetectorSplits,
     num_classes: int,
     cal: Calibration,
@@ -719,6 +761,8 @@ def assemble_report(
         "reclassifier_loss": [round(v, 5) for v in reclassified.losses],
         "seconds": timings,
     }
+    if streams is not None:
+        report["streams"] = streams
     if novelty is not None:
         report["novelty"] = novelty.report
         flagged_in = (ev.clean_scores > cal.threshold) & (novelty.eval_scores <= novelty.threshold)
@@ -846,6 +890,9 @@ def evaluate_models(
             exp, splits, models, gan.detector, cal, ev, data.evaluation, run_dir, bar
         )
         timings["evaluation"] = round(time.perf_counter() - t0, 1)
+        t0 = time.perf_counter()
+        streams = measure_streams(exp, gan.detector, cal, ev, subst, data.evaluation)
+        timings["streams"] = round(time.perf_counter() - t0, 1)
         novelty = None
         if cfg.novelty is not None:
             novelty = _novelty(
@@ -853,6 +900,7 @@ def evaluate_models(
             )
     report = assemble_report(
         exp,
+        streams=streams,
         data=data,
         num_classes=c,
         cal=cal,
@@ -955,4 +1003,30 @@ def report_markdown(report: dict[str, Any], command: str) -> str:
         ],
         "",
     ]
+    st = report.get("streams")  # reports written before the sequential monitor have none
+    if st is not None:
+        c = st["clean"]
+        lines += [
+            "## Answer streams: the sequential monitor",
+            "",
+            f"Mixture e-detector at false-alarm level {st['alpha']:g} (average run length to "
+            f"a false alarm >= {1 / st['alpha']:,.0f} answers), calibrated on "
+            f"{st['calibration_answers']:,} clean answers (guarantee holds with probability "
+            f"{1 - st['delta']:g} over that draw). Clean streams: {c['false_alarms']} false "
+            f"alarms in {c['answers']:,} answers (run length >= {c['run_length_lower_95']:,} "
+            "at 95% confidence). Median answers to the alarm:",
+            "",
+            *delays_markdown(st),
+            "",
+            "One client of 100 attacked at 100%: "
+            + "; ".join(
+                f"{n}: its key after {_answers(d['key'])}, the model after {_answers(d['model'])}"
+                for n, d in st["one_client_of_100"].items()
+            ),
+            "",
+        ]
     return "\n".join(lines)
+
+
+def _answers(n: float | None) -> str:
+    return "more than the horizon" if n is None else f"{n:.0f} answers"

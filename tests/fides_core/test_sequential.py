@@ -104,3 +104,11 @@ def test_state_is_small_fixed_and_resets() -> None:
             {"a": calibrate_scores(np.arange(20.0)), "b": calibrate_scores(np.arange(20.0))},
             {"a": ("upper",), "b": ("upper",)},
         ).e_values({"a": np.zeros(3), "b": np.zeros(4)})
+
+
+def test_the_vectorised_simulation_matches_the_streaming_update() -> None:
+    det = detector(alpha=1e-3, tails={"score": ("upper", "lower")})
+    rng = np.random.default_rng(5)
+    streams = rng.normal(size=(30, 400))
+    streams[:10, 100:] += 3.0  # ten streams attacked from answer 101 on
+    np.testing.assert_array_equal(det.run_lengths({"score": streams}), run_lengths(det, streams))

@@ -167,3 +167,19 @@ def test_a_failed_export_keeps_the_report_and_a_rerun_resumes(
     assert any("loaded from" in r.getMessage() for r in caplog.records)
     for key in ("mean_detection_accuracy", "clean_fpr", "threshold", "attacks", "substitution"):
         assert again[key] == first[key]
+
+
+def test_the_report_has_the_stream_monitor(evaluated: tuple[Path, dict[str, Any]]) -> None:
+    """Issue 21: clean streams' false alarms and detection delays, simulated from the
+    evaluation's scores (the guarantee itself is tested in tests/fides_core)."""
+    _, r = evaluated
+    st = r["streams"]
+    assert st["alpha"] == 1e-5
+    assert st["clean"]["answers"] == 1_000_000
+    assert st["clean"]["false_alarms"] <= 10  # an ARL of 100,000 allows about 10
+    assert set(st["delays"]) >= {"switch", "avg", "random_switch", "gan", "substitute_verifier"}
+    for rates in st["delays"].values():
+        assert set(rates) == {"1", "0.2", "0.05", "0.01"}
+    # even this tiny detector catches a stream of random switches, answer after answer
+    assert st["delays"]["random_switch"]["1"]["median"] is not None
+    assert "## Answer streams" in report_markdown(r, "fides evaluate x")
