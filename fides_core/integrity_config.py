@@ -116,4 +116,15 @@ class IntegrityConfig(StrictModel):
         "`substitution_window`: 0.001 keeps false alarms per 100 rows <= 1% (union bound; "
         "verifier.experiment.DetectorConfig.window_alpha, the same default, says more).",
     )
+    alarm_alpha: float = Field(
+        1e-5,
+        gt=0,
+        lt=0.5,
+        description="False-alarm level of the sequential alarm over the model's answer stream "
+        "and each API key's: the average run length to a false alarm is at least 1/alpha "
+        "answers per stream (fides_core.sequential).",
+    )
+    alarm_max_keys: int = Field(
+        10_000, ge=1, description="API keys the alarm tracks at most (bounded memory)."
+    )
     drill: DrillConfig | None = Field(None, description="An attack drill active from load.")

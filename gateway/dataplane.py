@@ -147,7 +147,9 @@ class DataPlane:
         self.metrics.model_series(name, version).failure.inc()
         self.metrics.failures.labels(name, version, exc.reason).inc()
 
-    async def infer(self, name: str, version: str | None, request: InferRequest) -> InferResponse:
+    async def infer(
+        self, name: str, version: str | None, request: InferRequest, client: str | None = None
+    ) -> InferResponse:
         servable = self.repository.get(name, version)
         if servable.closed:  # raced with a hot reload: take the new version
             servable = self.repository.get(name, version)
@@ -157,7 +159,7 @@ class DataPlane:
         t0 = time.perf_counter()
         series.inflight.inc()
         try:
-            outputs, params = await self._infer(servable, request)
+            outputs, params = await self._infer(servable, request, client)
         except GatewayError as exc:
             self._count_failure(name, version_label, exc)
             stats.request_done(False, time.perf_counter() - t0)
@@ -171,7 +173,7 @@ class DataPlane:
         return InferResponse(name, version_label, outputs, id=request.id, parameters=params)
 
     async def _infer(
-        self, servable: InferenceServable, request: InferRequest
+        self, servable: InferenceServable, request: InferRequest, client: str | None
     ) -> tuple[list[OutputTensor], dict[str, Any]]:
         cfg = servable.config
         tensors = self._check_inputs(
@@ -182,6 +184,7 @@ class DataPlane:
             deadline=time.monotonic() + self._timeout_s(cfg.dynamic_batching, request),
             request_id=request.id,
             parameters=request.parameters,
+            client=client,
         )
         done = await servable.infer(tensors, ctx)
         specs = {o.name: o for o in servable.outputs}

@@ -50,6 +50,7 @@ class InferContext:
     deadline: float  # time.monotonic() by which it must be answered
     request_id: str | None = None
     parameters: Mapping[str, Any] = field(default_factory=dict)
+    client: str | None = None  # who asked (gateway.integrity.alarm.client_id), for the alarm
 
 
 @dataclass

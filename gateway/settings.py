@@ -83,6 +83,11 @@ class Settings(BaseSettings):
         description="Enclave sockets, sealed verifiers and logs (keep the path short: socket "
         "paths are limited to 107 bytes).",
     )
+    integrity_state_dir: Path | None = Field(
+        None,
+        description="Where each verified model's sequential alarm state is kept across "
+        "restarts (<model>.alarm.json); default <enclave_runtime_dir>/alarm.",
+    )
     enclave_external: bool = Field(
         False,
         description="Attach to enclaves started elsewhere (sidecars) at "
@@ -121,6 +126,12 @@ class Settings(BaseSettings):
     @property
     def enclave_may_init_platform(self) -> bool:
         return self.dev_mode if self.enclave_init_platform is None else self.enclave_init_platform
+
+    @property
+    def alarm_state_dir(self) -> Path:
+        """``integrity_state_dir``, or the enclave runtime directory's ``alarm`` folder: each
+        gateway keeps its alarms beside its own enclaves."""
+        return self.integrity_state_dir or self.enclave_runtime_dir / "alarm"
 
     def check_secure(self) -> None:
         """Refuse insecure set-ups outside development mode (raises ``ValueError``)."""

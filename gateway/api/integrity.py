@@ -5,12 +5,15 @@
 - ``GET /v2/models/{name}/integrity``: mode, threshold, enclave state, drill, substitution test.
 - ``PUT /v2/admin/models/{name}/drill`` (body: ``{"attack", "rate", "substitute"?}``) starts an
   attack drill; ``DELETE`` stops it.
+- ``POST /v2/admin/models/{name}/integrity/alarm/reset`` (body: ``{"scope", "key"?}``) resets
+  the sequential alarm after an investigation.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -75,6 +78,26 @@ async def start_drill(name: str, request: Request, svc: IntegrityDep) -> dict[st
         raise BadRequest(format_validation_error(exc, "drill", "drill")) from None
     pipe.set_drill(drill)
     return pipe.status()
+
+
+@admin.post("/{name}/integrity/alarm/reset")
+async def reset_alarm(name: str, request: Request, svc: IntegrityDep) -> dict[str, Any]:
+    """After an investigation: start the sequential alarm over. Body (optional):
+    ``{"scope": "model" | "key" | "all", "key": "<key id from the status>"}``; default all."""
+    pipe = svc.require(name)
+    raw = await request.body()
+    body: Any = {}
+    if raw.strip():
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            raise BadRequest("the body must be a JSON object: {scope, key?}") from None
+    if not isinstance(body, dict) or set(body) - {"scope", "key"}:
+        raise BadRequest("the body must be a JSON object with 'scope' and, for a key, 'key'")
+    scope, key = body.get("scope", "all"), body.get("key")
+    if not isinstance(scope, str) or (key is not None and not isinstance(key, str)):
+        raise BadRequest("'scope' and 'key' must be strings")
+    return pipe.reset_alarm(scope, key)
 
 
 @admin.delete("/{name}/drill")

@@ -64,6 +64,26 @@ class IntegrityMetrics:
             ["model"],
             registry=r,
         )
+        self.alarm = Gauge(
+            "fides_integrity_alarm",
+            "1 while the sequential alarm is raised: scope model (the model's whole answer "
+            "stream) or key (any API key's stream), until an admin resets it.",
+            ["model", "scope"],
+            registry=r,
+        )
+        self.alarm_statistic = Gauge(
+            "fides_integrity_alarm_statistic",
+            "log10 of the sequential alarm's e-detector statistic (the alarm fires at "
+            "log10(1/alpha)); scope key: the largest over the tracked keys.",
+            ["model", "scope"],
+            registry=r,
+        )
+        self.alarm_keys = Gauge(
+            "fides_integrity_alarm_keys_tracked",
+            "API keys the sequential alarm tracks (at most integrity.alarm_max_keys).",
+            ["model"],
+            registry=r,
+        )
         self.enclave_up = Gauge(
             "fides_enclave_up",
             "1 while the model's enclave is up and attested, else 0.",

@@ -52,6 +52,7 @@ from gateway.enclave_client import (
     VerifyRequest,
 )
 from gateway.errors import BadRequest, GatewayError, Unavailable
+from gateway.integrity.alarm import ANONYMOUS, AlarmMonitor
 from gateway.integrity.drills import ActiveDrill, tamper
 from gateway.integrity.enclave import EnclaveBatcher, verifier_file
 from gateway.integrity.metrics import IntegrityMetrics
@@ -146,6 +147,7 @@ class IntegrityPipeline:
         measurement: str | None = None,
         verifier_inputs: Sequence[InputSpec] | None = None,
         seed: int | None = None,
+        state_dir: Path | None = None,
     ) -> None:
         self.model = model
         # what the enclave checks requests against; default: read from the verifier's graph
@@ -181,6 +183,14 @@ class IntegrityPipeline:
             window=cfg.substitution_window,
             alpha=cfg.substitution_alpha,
         )
+        self.alarm = AlarmMonitor(
+            model,
+            np.asarray(card["calibration_scores"], dtype=np.float64),
+            np.asarray(card["calibration_kl"], dtype=np.float64),
+            alpha=cfg.alarm_alpha,
+            max_keys=cfg.alarm_max_keys,
+            state_dir=state_dir,
+        )
         e = cfg.enclave
         self.batcher = EnclaveBatcher(
             enclave, e.max_batch_size, e.max_queue_delay_microseconds / 1e6
@@ -196,6 +206,7 @@ class IntegrityPipeline:
         self._score = m.score.labels(model)
         self._duration = m.duration.labels(model)
         m.enclave_up.labels(model).set_function(self._enclave_up)
+        self._alarm_gauges()
         m.enclave_restarts.labels(model)  # exported from 0, so increase() sees the first restart
         self._reset_window()
         if cfg.drill is not None:
@@ -279,6 +290,27 @@ class IntegrityPipeline:
         m.substitution_p_value.labels(self.model).set(1.0)
         m.substitution_suspected.labels(self.model).set(0)
 
+    def _alarm_gauges(self) -> None:
+        m, a = self.metrics, self.alarm
+        on = a.in_alarm()
+        m.alarm.labels(self.model, "model").set(1 if on["model"] else 0)
+        m.alarm.labels(self.model, "key").set(1 if on["keys"] else 0)
+        for scope, value in (
+            ("model", a.detector.statistic(a.model_state)),
+            ("key", a.key_statistic_max()),
+        ):
+            m.alarm_statistic.labels(self.model, scope).set(np.log10(value) if value > 0 else -1.0)
+        m.alarm_keys.labels(self.model).set(len(a.keys))
+
+    def reset_alarm(self, scope: str, key: str | None) -> dict[str, Any]:
+        """After an investigation (the admin route): the alarm of the model, a key, or all."""
+        try:
+            status = self.alarm.reset(scope, key)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        self._alarm_gauges()
+        return status
+
     def status(self) -> dict[str, Any]:
         last = self.monitor.last
         return {
@@ -302,6 +334,7 @@ class IntegrityPipeline:
                 "suspected": last.flagged if last else False,
                 "direction": last.direction if last else None,
             },
+            "alarm": self.alarm.status(),
         }
 
     async def attest(self, nonce: bytes) -> bytes:
@@ -309,6 +342,7 @@ class IntegrityPipeline:
 
     async def close(self) -> None:
         await self.batcher.close()
+        self.alarm.save()  # nothing the alarm has seen is lost at shutdown
 
     # -- one request ------------------------------------------------------------------------
 
@@ -391,7 +425,30 @@ class IntegrityPipeline:
         self._verdict[verdict].inc()
         self._duration.observe(time.perf_counter() - t0)
         self._watch(p, q, scores, novel)
+        scopes = self._sequential(ctx.client, p, q, scores, novel)
+        params["integrity_alarm"] = bool(scopes)
+        if scopes:
+            params["integrity_alarm_scope"] = ",".join(scopes)
         return Inferred(results, params)
+
+    def _sequential(
+        self,
+        client: str | None,
+        p: np.ndarray,
+        q: np.ndarray,
+        scores: np.ndarray,
+        novel: np.ndarray | None,
+    ) -> list[str]:
+        """Feed the sequential alarm (in-distribution rows, as its calibration); the scopes in
+        alarm for this request (``model``, ``key``)."""
+        known = np.ones(len(p), dtype=bool) if novel is None else ~novel
+        if known.any():
+            kl = kl_divergence(p[known], q[known])
+            scopes = self.alarm.observe(client or ANONYMOUS, scores[known], kl)
+        else:
+            scopes = self.alarm.scopes(client or ANONYMOUS)
+        self._alarm_gauges()
+        return scopes
 
     def _substituted(
         self, service: TensorServable, drill: ActiveDrill | None, rows: int
@@ -569,6 +626,9 @@ class UnavailableIntegrity:
         return f"integrity could not be set up: {self.error}"
 
     def set_drill(self, drill: DrillConfig | None) -> None:
+        raise Unavailable(f"model '{self.model}': integrity is not running: {self.error}")
+
+    def reset_alarm(self, scope: str, key: str | None) -> dict[str, Any]:
         raise Unavailable(f"model '{self.model}': integrity is not running: {self.error}")
 
     async def attest(self, nonce: bytes) -> bytes:

@@ -167,6 +167,7 @@ class IntegrityService:
                 self.metrics,
                 service_inputs=service.inputs,
                 measurement=measurement,
+                state_dir=self.settings.alarm_state_dir,
             )
         except (GatewayError, EnclaveSideError, ValueError, OSError, KeyError) as exc:
             # never serve the model as if it had no integrity block: its policy applies

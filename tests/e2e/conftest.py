@@ -155,7 +155,11 @@ def running_gateway(
             process = subprocess.Popen(
                 [sys.executable, "-m", "gateway.cli", "serve", "--host", HOST, "--port", str(port)],
                 cwd=REPO_ROOT,
-                env={**_server_env(repository), **(env or {})},
+                env={
+                    **_server_env(repository),
+                    "FIDES_INTEGRITY_STATE_DIR": str(workdir / "alarm-state"),
+                    **(env or {}),
+                },
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,

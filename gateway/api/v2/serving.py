@@ -8,8 +8,10 @@ import zlib
 from fastapi import Request, Response
 
 from gateway.api.v2.protocol import HEADER_LENGTH, encode_infer_response, parse_infer_request
+from gateway.auth import KeyChecker
 from gateway.dataplane import DataPlane
 from gateway.errors import BadRequest, PayloadTooLarge
+from gateway.integrity.alarm import client_id
 from gateway.settings import Settings
 
 __all__ = ["decompress", "infer_handler"]
@@ -33,7 +35,7 @@ async def infer_handler(name: str, version: str | None, request: Request) -> Res
         int(header_len) if header_len is not None else None,
         max_elements=settings.max_tensor_elements,
     )
-    resp = await dp.infer(name, version, req)
+    resp = await dp.infer(name, version, req, client_id(KeyChecker.presented(request)))
     binary_names = {o.name: o.binary for o in req.outputs or [] if o.binary is not None}
     payload, headers = encode_infer_response(resp, req.binary_output_default, binary_names)
     media = "application/octet-stream" if headers else "application/json"

@@ -70,6 +70,7 @@ async def integrity_gateway(repo: Path) -> AsyncIterator[tuple[httpx.AsyncClient
         admin_api_keys=[ADMIN_KEY],
         log_json=False,
         shutdown_grace_s=5,
+        integrity_state_dir=repo.parent / "alarm-state",
     )
     fakes = Fakes(repo)
     app = create_app(settings, enclave_factory=fakes)

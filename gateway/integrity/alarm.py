@@ -1,0 +1,267 @@
+"""The sequential integrity alarm of one verified model (issue 21): the mixture e-detector of
+:mod:`fides_core.sequential` over every verified answer's detector score and KL(service ||
+verifier), once over the model's whole stream and once per API key, so that a provider that
+tampers with one client's answers is not diluted by everyone else's.
+
+- Calibration: the detector's model card (``calibration_scores``, ``calibration_kl``: clean
+  answers the detector never trained on). Level ``alpha``: the average run length to a false
+  alarm is at least ``1 / alpha`` answers per stream (with probability ``1 - delta`` over the
+  calibration draw).
+- An alarm latches until an admin resets it after investigating
+  (``POST /v2/admin/models/{name}/integrity/alarm/reset``).
+- Bounded memory: a fixed-size state per stream, at most ``max_keys`` keys (the least recently
+  seen key not in alarm is dropped first, and counted; keys in alarm are kept).
+- Persistence: ``<state_dir>/<model>.alarm.json``, written atomically when an alarm fires or
+  is reset, every ``save_every_s`` while answers arrive, and when the pipeline closes (the
+  gateway's shutdown on SIGTERM). A file that cannot be read, or was written for another
+  calibration, is set aside (renamed ``.rejected``) and the monitor starts clean; its status
+  says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fides_core.sequential import SequentialDetector, StreamState, calibrate_scores
+from gateway.errors import NotFound
+
+__all__ = ["AlarmMonitor", "client_id"]
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+ANONYMOUS = "anonymous"
+
+
+def client_id(api_key: str | None) -> str:
+    """How a client's stream is named (never the key itself): ``key-<12 hex of SHA-256>``."""
+    if not api_key:
+        return ANONYMOUS
+    return "key-" + hashlib.sha256(api_key.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+
+
+class AlarmMonitor:
+    def __init__(
+        self,
+        model: str,
+        calibration_scores: np.ndarray,
+        calibration_kl: np.ndarray,
+        *,
+        alpha: float = 1e-5,
+        delta: float = 1e-5,
+        max_keys: int = 10_000,
+        state_dir: Path | None = None,
+        save_every_s: float = 5.0,
+    ) -> None:
+        self.model = model
+        self.detector = SequentialDetector(
+            {
+                "detector": calibrate_scores(calibration_scores, delta),
+                "kl": calibrate_scores(calibration_kl, delta),
+            },
+            {"detector": ("upper",), "kl": ("upper", "lower")},
+            alpha=alpha,
+        )
+        self.max_keys = max_keys
+        self.dropped_keys = 0
+        self.model_state = self.detector.new_state()
+        self.keys: OrderedDict[str, StreamState] = OrderedDict()
+        self.fingerprint = hashlib.sha256(
+            np.ascontiguousarray(np.sort(calibration_scores), dtype=np.float64).tobytes()
+            + np.ascontiguousarray(np.sort(calibration_kl), dtype=np.float64).tobytes()
+            + json.dumps([alpha, delta, len(self.detector.components)]).encode()
+        ).hexdigest()[:16]
+        self.path = None if state_dir is None else Path(state_dir) / f"{model}.alarm.json"
+        self.save_every_s = save_every_s
+        self._saved_at = time.monotonic()
+        self.restored = self._load()
+
+    # -- answers ----------------------------------------------------------------------------
+
+    def observe(self, client: str, detector: np.ndarray, kl: np.ndarray) -> list[str]:
+        """Feed one request's answers (rows); returns the scopes in alarm after them
+        (``model``, ``key``)."""
+        scores = {"detector": np.asarray(detector, np.float64), "kl": np.asarray(kl, np.float64)}
+        model_before = self.model_state.alarm
+        self.detector.update(self.model_state, scores)
+        key_state = self._key(client)
+        key_before = key_state.alarm
+        self.detector.update(key_state, scores)
+        fired = (self.model_state.alarm and not model_before) or (
+            key_state.alarm and not key_before
+        )
+        if fired:
+            log.warning(
+                "integrity alarm on %s: %s",
+                self.model,
+                ", ".join(self._scopes(key_state)),
+                extra={"model": self.model, "client": client},
+            )
+        if fired or time.monotonic() - self._saved_at >= self.save_every_s:
+            self.save()
+        return self._scopes(key_state)
+
+    def scopes(self, client: str) -> list[str]:
+        """The scopes in alarm for ``client``'s requests, without feeding anything."""
+        key_state = self.keys.get(client)
+        key = key_state is not None and key_state.alarm
+        return [s for s, on in (("model", self.model_state.alarm), ("key", key)) if on]
+
+    def _scopes(self, key_state: StreamState) -> list[str]:
+        return [s for s, on in (("model", self.model_state.alarm), ("key", key_state.alarm)) if on]
+
+    def _key(self, client: str) -> StreamState:
+        state = self.keys.get(client)
+        if state is not None:
+            self.keys.move_to_end(client)
+            return state
+        if len(self.keys) >= self.max_keys:
+            victim = next((k for k, s in self.keys.items() if not s.alarm), None)
+            if victim is None:  # every tracked key is in alarm: keep them, drop the oldest
+                victim = next(iter(self.keys))
+                log.error(
+                    "integrity alarm monitor of %s: %d keys, all in alarm; dropping %s",
+                    self.model,
+                    len(self.keys),
+                    victim,
+                )
+            del self.keys[victim]
+            self.dropped_keys += 1
+        state = self.keys[client] = self.detector.new_state()
+        return state
+
+    # -- status and reset -------------------------------------------------------------------
+
+    def in_alarm(self) -> dict[str, Any]:
+        return {
+            "model": self.model_state.alarm,
+            "keys": sorted(k for k, s in self.keys.items() if s.alarm),
+        }
+
+    def key_statistic_max(self) -> float:
+        return max((self.detector.statistic(s) for s in self.keys.values()), default=0.0)
+
+    def status(self) -> dict[str, Any]:
+        det = self.detector
+
+        def stream(state: StreamState) -> dict[str, Any]:
+            return {
+                "alarm": state.alarm,
+                "alarm_at_answer": state.alarm_at,
+                "answers": state.answers,
+                "statistic": det.statistic(state),
+                "peak": state.peak,
+            }
+
+        alarmed = {k: stream(s) for k, s in self.keys.items() if s.alarm}
+        return {
+            "alpha": det.alpha,
+            "threshold": det.threshold,
+            "calibration": {n: c.n for n, c in det.calibrations.items()},
+            "model": stream(self.model_state),
+            "keys": {
+                "tracked": len(self.keys),
+                "max": self.max_keys,
+                "dropped": self.dropped_keys,
+                "in_alarm": alarmed,
+                "largest_statistic": self.key_statistic_max(),
+            },
+            "restored": self.restored,
+        }
+
+    def reset(self, scope: str, key: str | None = None) -> dict[str, Any]:
+        """After an investigation: ``model``, one ``key`` (``key`` names it), or ``all``."""
+        if scope not in ("model", "key", "all"):
+            raise ValueError(f"scope must be one of model, key, all; not {scope!r}")
+        if scope == "key":
+            if key is None:
+                raise ValueError("a key reset needs the key's id (as the status lists it)")
+            state = self.keys.get(key)
+            if state is None:
+                raise NotFound(f"model '{self.model}': no tracked key '{key}'")
+            self.detector.reset(state)
+        if scope in ("model", "all"):
+            self.detector.reset(self.model_state)
+        if scope == "all":
+            for state in self.keys.values():
+                self.detector.reset(state)
+        log.warning(
+            "integrity alarm of %s reset (%s%s)",
+            self.model,
+            scope,
+            f" {key}" if key else "",
+            extra={"model": self.model},
+        )
+        self.save()
+        return self.status()
+
+    # -- persistence ------------------------------------------------------------------------
+
+    def save(self) -> None:
+        self._saved_at = time.monotonic()
+        if self.path is None:
+            return
+        doc = {
+            "version": STATE_VERSION,
+            "model": self.model,
+            "fingerprint": self.fingerprint,
+            "dropped_keys": self.dropped_keys,
+            "model_state": self.model_state.to_dict(),
+            "keys": {k: s.to_dict() for k, s in self.keys.items()},
+        }
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(doc), encoding="utf-8")
+            os.replace(tmp, self.path)
+        except OSError as exc:  # the monitor keeps working in memory; say so
+            log.error("integrity alarm state of %s not saved to %s: %s", self.model, self.path, exc)
+
+    def _load(self) -> str:
+        if self.path is None:
+            return "not persisted"
+        if not self.path.exists():
+            return "new"
+        try:
+            doc = json.loads(self.path.read_text(encoding="utf-8"))
+            if doc.get("version") != STATE_VERSION or doc.get("model") != self.model:
+                raise ValueError(f"not a version-{STATE_VERSION} state of '{self.model}'")
+            if doc.get("fingerprint") != self.fingerprint:
+                raise ValueError("written for another calibration or level")
+            model_state = self._state(doc["model_state"])
+            keys = OrderedDict((str(k), self._state(v)) for k, v in doc["keys"].items())
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            rejected = self.path.with_suffix(".rejected")
+            os.replace(self.path, rejected)
+            log.error(
+                "integrity alarm state %s refused (%s); set aside as %s, monitor starts clean",
+                self.path,
+                exc,
+                rejected,
+            )
+            return f"refused ({exc}); set aside as {rejected.name}, started clean"
+        self.model_state, self.keys = model_state, keys
+        self.dropped_keys = int(doc.get("dropped_keys", 0))
+        return f"restored {len(keys)} keys and the model's stream"
+
+    def _state(self, raw: dict[str, Any]) -> StreamState:
+        r = np.asarray(raw["r"], dtype=np.float64)
+        if r.shape != (len(self.detector.components),) or not np.isfinite(r).all() or (r < 0).any():
+            raise ValueError("a stream state of the wrong size or with invalid values")
+        alarm_at = raw["alarm_at"]
+        return StreamState(
+            r,
+            answers=int(raw["answers"]),
+            alarm=bool(raw["alarm"]),
+            alarm_at=None if alarm_at is None else int(alarm_at),
+            peak=float(raw["peak"]),
+        )

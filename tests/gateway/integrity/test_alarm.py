@@ -1,0 +1,153 @@
+"""The sequential integrity alarm (issue 21) in the gateway: a switch drill raises it on the
+model and on the caller's key; it shows in the response, the status and the metrics; only an
+admin resets it; it survives a restart; per-key isolation, bounded keys and corrupt state."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gateway.errors import NotFound
+from gateway.integrity.alarm import AlarmMonitor, client_id
+from tests.conftest import USER_KEY
+from tests.gateway.integrity.conftest import ADMIN, infer_body, integrity_gateway
+from tests.gateway.integrity.test_pipeline import URL, metric
+from tests.integrity_factory import Digits
+
+RESET = "/v2/admin/models/digits/integrity/alarm/reset"
+
+
+async def test_a_switch_drill_raises_the_alarm_until_an_admin_resets_it(
+    integrity_repo: Path, digits: Digits
+) -> None:
+    async with integrity_gateway(integrity_repo) as (client, _):
+        x = digits.take(30)
+        for i in range(10):  # honest answers: no alarm
+            r = await client.post(URL, json=infer_body(x[i : i + 1]))
+            assert r.json()["parameters"]["integrity_alarm"] is False
+        r = await client.put(
+            "/v2/admin/models/digits/drill", json={"attack": "switch", "rate": 1.0}, headers=ADMIN
+        )
+        assert r.status_code == 200
+        raised_after = None
+        for i in range(30):
+            params = (await client.post(URL, json=infer_body(x[i : i + 1]))).json()["parameters"]
+            if params["integrity_alarm"]:
+                raised_after = i + 1
+                assert params["integrity_alarm_scope"] == "model,key"
+                break
+        assert raised_after is not None, "30 switched answers did not raise the alarm"
+        status = (await client.get("/v2/models/digits/integrity")).json()["alarm"]
+        assert status["model"]["alarm"] is True
+        assert list(status["keys"]["in_alarm"]) == [client_id(USER_KEY)]
+        assert await metric(client, "fides_integrity_alarm", scope="model") == 1
+        assert await metric(client, "fides_integrity_alarm", scope="key") == 1
+        assert await metric(client, "fides_integrity_alarm_statistic", scope="model") >= 5
+        # the alarm latches: the drill stops, the alarm stays until someone looks
+        await client.delete("/v2/admin/models/digits/drill", headers=ADMIN)
+        params = (await client.post(URL, json=infer_body(x[:1]))).json()["parameters"]
+        assert params["integrity_alarm"] is True
+        # only an admin resets it, naming what
+        assert (await client.post(RESET, json={"scope": "model"})).status_code == 403
+        bad = await client.post(RESET, json={"scope": "everything"}, headers=ADMIN)
+        assert bad.status_code == 400
+        assert "scope must be one of model, key, all" in bad.json()["error"]
+        unknown = await client.post(RESET, json={"scope": "key", "key": "key-0"}, headers=ADMIN)
+        assert unknown.status_code == 404
+        assert "no tracked key 'key-0'" in unknown.json()["error"]
+        r = await client.post(RESET, json={"scope": "model"}, headers=ADMIN)
+        assert r.status_code == 200
+        assert r.json()["model"]["alarm"] is False
+        assert r.json()["keys"]["in_alarm"]  # the key's alarm is its own
+        r = await client.post(RESET, headers=ADMIN)  # no body: everything
+        assert r.json()["keys"]["in_alarm"] == {}
+        assert await metric(client, "fides_integrity_alarm", scope="key") == 0
+        missing = await client.post("/v2/admin/models/nope/integrity/alarm/reset", headers=ADMIN)
+        assert missing.status_code == 404
+
+
+async def test_the_alarm_survives_a_restart(integrity_repo: Path, digits: Digits) -> None:
+    async with integrity_gateway(integrity_repo) as (client, _):
+        await client.put(
+            "/v2/admin/models/digits/drill", json={"attack": "switch", "rate": 1.0}, headers=ADMIN
+        )
+        for i in range(30):
+            await client.post(URL, json=infer_body(digits.take(30)[i : i + 1]))
+        before = (await client.get("/v2/models/digits/integrity")).json()["alarm"]
+        assert before["model"]["alarm"] is True
+    saved = integrity_repo.parent / "alarm-state" / "digits.alarm.json"
+    assert saved.is_file()  # written at shutdown (and when the alarm fired)
+    async with integrity_gateway(integrity_repo) as (client, _):
+        after = (await client.get("/v2/models/digits/integrity")).json()["alarm"]
+        assert after["model"]["alarm"] is True
+        assert after["model"]["answers"] == before["model"]["answers"]
+        assert after["restored"].startswith("restored 1 keys")
+
+
+def monitor(tmp_path: Path, **kw: object) -> AlarmMonitor:
+    rng = np.random.default_rng(0)
+    return AlarmMonitor(
+        "m",
+        rng.random(500) * 0.1,  # clean detector scores: low
+        rng.random(500) * 0.5,  # clean KL
+        alpha=1e-5,
+        state_dir=tmp_path,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def test_one_attacked_client_is_not_diluted_by_the_others(tmp_path: Path) -> None:
+    mon = monitor(tmp_path)
+    rng = np.random.default_rng(1)
+    raised_at = None
+    for step in range(60):
+        for k in range(20):  # 19 honest clients and one attacked, interleaved
+            attacked = k == 7
+            det = np.array([0.95 if attacked else rng.random() * 0.1])
+            scopes = mon.observe(f"client-{k}", det, np.array([rng.random() * 0.5]))
+            if attacked and "key" in scopes and raised_at is None:
+                raised_at = step + 1
+    assert raised_at is not None
+    assert raised_at <= 10  # that client's own answers, not everyone's
+    assert list(mon.in_alarm()["keys"]) == ["client-7"]
+
+
+def test_keys_are_bounded_and_alarms_are_kept(tmp_path: Path) -> None:
+    mon = monitor(tmp_path, max_keys=3)
+    for _ in range(10):
+        mon.observe("bad", np.array([0.99]), np.array([0.2]))
+    for k in range(5):
+        mon.observe(f"k{k}", np.array([0.01]), np.array([0.2]))
+    status = mon.status()
+    assert status["keys"]["tracked"] == 3
+    assert status["keys"]["dropped"] == 3
+    assert "bad" in status["keys"]["in_alarm"]  # the key in alarm was never dropped
+
+
+def test_corrupt_or_foreign_state_is_set_aside_and_said(tmp_path: Path) -> None:
+    mon = monitor(tmp_path)
+    mon.observe("a", np.array([0.5]), np.array([0.2]))
+    mon.save()
+    assert monitor(tmp_path).status()["restored"] == "restored 1 keys and the model's stream"
+    path = tmp_path / "m.alarm.json"
+    doc = json.loads(path.read_text())
+    doc["model_state"]["r"] = [-1.0] * len(doc["model_state"]["r"])
+    path.write_text(json.dumps(doc))
+    again = monitor(tmp_path)
+    assert again.status()["restored"].startswith("refused (a stream state of the wrong size")
+    assert (tmp_path / "m.alarm.rejected").is_file()
+    assert again.status()["model"]["answers"] == 0
+    path.write_text("{not json")
+    assert monitor(tmp_path).status()["restored"].startswith("refused (")
+    rng = np.random.default_rng(9)
+    other = AlarmMonitor("m", rng.random(500), rng.random(500), state_dir=tmp_path)
+    mon.save()  # a state of this calibration, read by a monitor of another one
+    assert other.restored == "new"
+    assert AlarmMonitor(
+        "m", rng.random(500), rng.random(500), state_dir=tmp_path
+    ).restored.startswith("refused (written for another calibration")
+    with pytest.raises(NotFound):
+        mon.reset("key", "nobody")
