@@ -285,7 +285,7 @@ def bench_cost_quality(
     import json
 
     from verifier.cli import default_run_dir
-    from verifier.cost_quality import cost_quality, table_markdown
+    from verifier.cost_quality import cost_quality, result_markdown, table_markdown
     from verifier.data import DataError
     from verifier.experiment import ExperimentError, load_experiment
     from verifier.logs import log_to_console
@@ -304,9 +304,7 @@ def bench_cost_quality(
         result["complete"] = len(result["rows"]) == len(share_list)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        md = [f"# Cost and quality of verification: {result['experiment']}", "", f"`{command}`"]
-        body = [*md, "", *table_markdown(result), ""]
-        out.with_suffix(".md").write_text("\n".join(body), encoding="utf-8")
+        out.with_suffix(".md").write_text(result_markdown(result), encoding="utf-8")
 
     try:
         exp = load_experiment(experiment)

@@ -27,7 +27,7 @@ from verifier.flops import count_flops
 from verifier.nets import ConvNet
 from verifier.pipeline import net_config, run_experiment
 
-__all__ = ["candidate_at_share", "cost_quality", "table_markdown"]
+__all__ = ["candidate_at_share", "cost_quality", "result_markdown", "table_markdown"]
 
 log = logging.getLogger(__name__)
 
@@ -183,9 +183,29 @@ def _table(
     }
 
 
+def result_markdown(result: dict[str, Any]) -> str:
+    """The page of one sweep: what was measured, then the table (cheapest verifier first)."""
+    svc = result["service"]
+    done = "" if result.get("complete", True) else " (incomplete: the sweep is still running)"
+    return "\n".join(
+        [
+            f"# Cost and quality of verification: {result['experiment']}{done}",
+            "",
+            f"Command: `{result.get('command', '')}`  ",
+            f"Service {svc['widths']}: {svc['flops']:,} FLOPs per image, test accuracy "
+            f"{svc['test_accuracy']:.2%}. Each row: a verifier at that share of the service's "
+            "FLOPs, distilled by GDTL from the same service, and a detector trained for it; "
+            "mean detection over switch / avg / random switch / GAN at the clean-FPR rule.",
+            "",
+            *table_markdown(result),
+            "",
+        ]
+    )
+
+
 def table_markdown(result: dict[str, Any]) -> list[str]:
-    """The table's markdown rows (with its header)."""
-    rows = result["rows"]
+    """The table's markdown rows (with its header), cheapest verifier first."""
+    rows = sorted(result["rows"], key=lambda r: r["flops"])
     eps = sorted({e for r in rows for e in r["fgsm"]}, key=float)
     head = (
         "| FLOPs share | verifier widths | FLOPs | fidelity | mean detection | clean FPR | "

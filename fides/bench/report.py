@@ -55,6 +55,12 @@ def _protect(doc: dict[str, Any]) -> str:
     return report_markdown(doc, doc["command"])
 
 
+def _cost_quality(doc: dict[str, Any]) -> str:
+    from verifier.cost_quality import result_markdown
+
+    return result_markdown(doc)
+
+
 def _serving(doc: dict[str, Any]) -> str:
     from fides.bench.serving import serving_markdown
 
@@ -213,6 +219,7 @@ FAMILIES = (
     Family("verifier_", _verifier, "fides train"),
     Family("integrity_", _integrity, "fides evaluate"),
     Family("protect_", _protect, "fides protect"),
+    Family("cost_quality_", _cost_quality, "fides bench cost-quality"),
 )
 
 
