@@ -165,6 +165,15 @@ class SequentialDetector:
             for rate in self.rates
             for calibrator in calibrators
         ]
+        # the distinct (score, tail, calibrator) columns, and each component's column and rate:
+        # e-values of a batch of answers are one broadcast over these
+        self._columns = list(
+            dict.fromkeys((c.score, c.tail, c.calibrator) for c in self.components)
+        )
+        self._column_of = np.array(
+            [self._columns.index((c.score, c.tail, c.calibrator)) for c in self.components]
+        )
+        self._rates = np.array([c.rate for c in self.components])
 
     @property
     def threshold(self) -> float:
@@ -181,30 +190,36 @@ class SequentialDetector:
         missing = {c.score for c in self.components} - set(scores)
         if missing:
             raise ValueError(f"missing scores {sorted(missing)}")
-        calibrated: dict[tuple[str, Tail, str], np.ndarray] = {}
+        p_of: dict[tuple[str, Tail], np.ndarray] = {}
         columns = []
-        for c in self.components:
-            key = (c.score, c.tail, c.calibrator)
-            if key not in calibrated:
-                cal = self.calibrations[c.score]
-                p = cal.p(np.atleast_1d(scores[c.score]), c.tail)
-                if c.calibrator == "power":
-                    calibrated[key] = self.kappa * p ** (self.kappa - 1.0)
-                else:
-                    cut = min(1.0, int(c.calibrator.removeprefix("tail")) * cal.p_values[0])
-                    calibrated[key] = (p <= cut) / cut
-            columns.append(1.0 - c.rate + c.rate * calibrated[key])
-        return np.stack(columns, axis=1)
+        for score, tail, calibrator in self._columns:
+            cal = self.calibrations[score]
+            if (score, tail) not in p_of:
+                p_of[score, tail] = cal.p(np.atleast_1d(scores[score]), tail)
+            p = p_of[score, tail]
+            if calibrator == "power":
+                columns.append(self.kappa * p ** (self.kappa - 1.0))
+            else:
+                cut = min(1.0, int(calibrator.removeprefix("tail")) * cal.p_values[0])
+                columns.append((p <= cut) / cut)
+        f = np.stack(columns, axis=1)[:, self._column_of]  # [m, components]
+        return 1.0 - self._rates + self._rates * f
 
     def statistic(self, state: StreamState) -> float:
         """The mixture statistic: the components' average."""
         return float(state.r.mean())
 
-    def update(self, state: StreamState, scores: Mapping[str, np.ndarray]) -> list[float]:
+    def update(
+        self,
+        state: StreamState,
+        scores: Mapping[str, np.ndarray],
+        e_values: np.ndarray | None = None,
+    ) -> list[float]:
         """Feed answers in order (in place); returns the statistic after each answer. The
-        alarm latches until :meth:`reset`."""
+        alarm latches until :meth:`reset`. ``e_values``: the answers' :meth:`e_values`, when
+        the caller feeds the same answers to several streams."""
         trajectory = []
-        for row in self.e_values(scores):
+        for row in self.e_values(scores) if e_values is None else e_values:
             # Shiryaev-Roberts, capped far above any threshold so it never overflows
             state.r = np.minimum((1.0 + state.r) * row, 1e300)
             state.answers += 1

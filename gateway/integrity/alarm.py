@@ -11,11 +11,11 @@ tampers with one client's answers is not diluted by everyone else's.
   (``POST /v2/admin/models/{name}/integrity/alarm/reset``).
 - Bounded memory: a fixed-size state per stream, at most ``max_keys`` keys (the least recently
   seen key not in alarm is dropped first, and counted; keys in alarm are kept).
-- Persistence: ``<state_dir>/<model>.alarm.json``, written atomically when an alarm fires or
-  is reset, every ``save_every_s`` while answers arrive, and when the pipeline closes (the
-  gateway's shutdown on SIGTERM). A file that cannot be read, or was written for another
-  calibration, is set aside (renamed ``.rejected``) and the monitor starts clean; its status
-  says so.
+- Persistence: ``<state_dir>/<model>.alarm.npz`` (arrays, no pickle: 10,000 keys write in
+  milliseconds), written atomically when an alarm fires or is reset, every ``save_every_s``
+  while answers arrive, and when the pipeline closes (the gateway's shutdown on SIGTERM). A
+  file that cannot be read, or was written for another calibration, is set aside (renamed
+  ``.rejected``) and the monitor starts clean; its status says so.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
+from zipfile import BadZipFile
 
 import numpy as np
 
@@ -75,12 +76,13 @@ class AlarmMonitor:
         self.dropped_keys = 0
         self.model_state = self.detector.new_state()
         self.keys: OrderedDict[str, StreamState] = OrderedDict()
+        self.alarmed_keys: set[str] = set()  # kept as alarms fire and reset: no scan per request
         self.fingerprint = hashlib.sha256(
             np.ascontiguousarray(np.sort(calibration_scores), dtype=np.float64).tobytes()
             + np.ascontiguousarray(np.sort(calibration_kl), dtype=np.float64).tobytes()
             + json.dumps([alpha, delta, len(self.detector.components)]).encode()
         ).hexdigest()[:16]
-        self.path = None if state_dir is None else Path(state_dir) / f"{model}.alarm.json"
+        self.path = None if state_dir is None else Path(state_dir) / f"{model}.alarm.npz"
         self.save_every_s = save_every_s
         self._saved_at = time.monotonic()
         self.restored = self._load()
@@ -91,11 +93,14 @@ class AlarmMonitor:
         """Feed one request's answers (rows); returns the scopes in alarm after them
         (``model``, ``key``)."""
         scores = {"detector": np.asarray(detector, np.float64), "kl": np.asarray(kl, np.float64)}
+        e = self.detector.e_values(scores)  # once, for both streams
         model_before = self.model_state.alarm
-        self.detector.update(self.model_state, scores)
+        self.detector.update(self.model_state, scores, e)
         key_state = self._key(client)
         key_before = key_state.alarm
-        self.detector.update(key_state, scores)
+        self.detector.update(key_state, scores, e)
+        if key_state.alarm and not key_before:
+            self.alarmed_keys.add(client)
         fired = (self.model_state.alarm and not model_before) or (
             key_state.alarm and not key_before
         )
@@ -135,6 +140,7 @@ class AlarmMonitor:
                     victim,
                 )
             del self.keys[victim]
+            self.alarmed_keys.discard(victim)
             self.dropped_keys += 1
         state = self.keys[client] = self.detector.new_state()
         return state
@@ -142,10 +148,7 @@ class AlarmMonitor:
     # -- status and reset -------------------------------------------------------------------
 
     def in_alarm(self) -> dict[str, Any]:
-        return {
-            "model": self.model_state.alarm,
-            "keys": sorted(k for k, s in self.keys.items() if s.alarm),
-        }
+        return {"model": self.model_state.alarm, "keys": sorted(self.alarmed_keys)}
 
     def key_statistic_max(self) -> float:
         return max((self.detector.statistic(s) for s in self.keys.values()), default=0.0)
@@ -162,7 +165,7 @@ class AlarmMonitor:
                 "peak": state.peak,
             }
 
-        alarmed = {k: stream(s) for k, s in self.keys.items() if s.alarm}
+        alarmed = {k: stream(self.keys[k]) for k in sorted(self.alarmed_keys)}
         return {
             "alpha": det.alpha,
             "threshold": det.threshold,
@@ -189,11 +192,13 @@ class AlarmMonitor:
             if state is None:
                 raise NotFound(f"model '{self.model}': no tracked key '{key}'")
             self.detector.reset(state)
+            self.alarmed_keys.discard(key)
         if scope in ("model", "all"):
             self.detector.reset(self.model_state)
         if scope == "all":
             for state in self.keys.values():
                 self.detector.reset(state)
+            self.alarmed_keys.clear()
         log.warning(
             "integrity alarm of %s reset (%s%s)",
             self.model,
@@ -210,18 +215,29 @@ class AlarmMonitor:
         self._saved_at = time.monotonic()
         if self.path is None:
             return
-        doc = {
+        states = [self.model_state, *self.keys.values()]  # row 0: the model's stream
+        meta = {
             "version": STATE_VERSION,
             "model": self.model,
             "fingerprint": self.fingerprint,
             "dropped_keys": self.dropped_keys,
-            "model_state": self.model_state.to_dict(),
-            "keys": {k: s.to_dict() for k, s in self.keys.items()},
+        }
+        arrays = {
+            "meta": np.array(json.dumps(meta)),
+            "keys": np.array(list(self.keys), dtype=np.str_),
+            "r": np.stack([st.r for st in states]),
+            "answers": np.array([st.answers for st in states], dtype=np.int64),
+            "alarm_at": np.array(
+                [-1 if st.alarm_at is None else st.alarm_at for st in states], dtype=np.int64
+            ),
+            "alarm": np.array([st.alarm for st in states], dtype=bool),
+            "peak": np.array([st.peak for st in states]),
         }
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(doc), encoding="utf-8")
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            with tmp.open("wb") as fh:
+                np.savez(fh, **arrays)  # type: ignore[arg-type]  # numpy stubs: **kwds
             os.replace(tmp, self.path)
         except OSError as exc:  # the monitor keeps working in memory; say so
             log.error("integrity alarm state of %s not saved to %s: %s", self.model, self.path, exc)
@@ -232,15 +248,21 @@ class AlarmMonitor:
         if not self.path.exists():
             return "new"
         try:
-            doc = json.loads(self.path.read_text(encoding="utf-8"))
-            if doc.get("version") != STATE_VERSION or doc.get("model") != self.model:
-                raise ValueError(f"not a version-{STATE_VERSION} state of '{self.model}'")
-            if doc.get("fingerprint") != self.fingerprint:
-                raise ValueError("written for another calibration or level")
-            model_state = self._state(doc["model_state"])
-            keys = OrderedDict((str(k), self._state(v)) for k, v in doc["keys"].items())
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            rejected = self.path.with_suffix(".rejected")
+            with self.path.open("rb") as fh, np.load(fh, allow_pickle=False) as z:
+                meta = json.loads(str(z["meta"]))
+                if meta.get("version") != STATE_VERSION or meta.get("model") != self.model:
+                    raise ValueError(f"not a version-{STATE_VERSION} state of '{self.model}'")
+                if meta.get("fingerprint") != self.fingerprint:
+                    raise ValueError("written for another calibration or level")
+                names = [str(k) for k in z["keys"]]
+                r, answers, alarm = z["r"], z["answers"], z["alarm"]
+                alarm_at, peak = z["alarm_at"], z["peak"]
+                rows = [
+                    self._state(r[i], answers[i], alarm[i], alarm_at[i], peak[i])
+                    for i in range(len(names) + 1)
+                ]
+        except (OSError, ValueError, KeyError, IndexError, TypeError, EOFError, BadZipFile) as exc:
+            rejected = self.path.with_name(self.path.name + ".rejected")
             os.replace(self.path, rejected)
             log.error(
                 "integrity alarm state %s refused (%s); set aside as %s, monitor starts clean",
@@ -249,19 +271,22 @@ class AlarmMonitor:
                 rejected,
             )
             return f"refused ({exc}); set aside as {rejected.name}, started clean"
-        self.model_state, self.keys = model_state, keys
-        self.dropped_keys = int(doc.get("dropped_keys", 0))
-        return f"restored {len(keys)} keys and the model's stream"
+        self.model_state = rows[0]
+        self.keys = OrderedDict(zip(names, rows[1:], strict=True))
+        self.alarmed_keys = {k for k, st in self.keys.items() if st.alarm}
+        self.dropped_keys = int(meta.get("dropped_keys", 0))
+        return f"restored {len(names)} keys and the model's stream"
 
-    def _state(self, raw: dict[str, Any]) -> StreamState:
-        r = np.asarray(raw["r"], dtype=np.float64)
+    def _state(
+        self, r: np.ndarray, answers: Any, alarm: Any, alarm_at: Any, peak: Any
+    ) -> StreamState:
+        r = np.asarray(r, dtype=np.float64)
         if r.shape != (len(self.detector.components),) or not np.isfinite(r).all() or (r < 0).any():
             raise ValueError("a stream state of the wrong size or with invalid values")
-        alarm_at = raw["alarm_at"]
         return StreamState(
-            r,
-            answers=int(raw["answers"]),
-            alarm=bool(raw["alarm"]),
-            alarm_at=None if alarm_at is None else int(alarm_at),
-            peak=float(raw["peak"]),
+            r.copy(),
+            answers=int(answers),
+            alarm=bool(alarm),
+            alarm_at=None if int(alarm_at) < 0 else int(alarm_at),
+            peak=float(peak),
         )

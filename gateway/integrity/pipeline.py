@@ -206,6 +206,7 @@ class IntegrityPipeline:
         self._score = m.score.labels(model)
         self._duration = m.duration.labels(model)
         m.enclave_up.labels(model).set_function(self._enclave_up)
+        self._keys_gauged_at = float("-inf")
         self._alarm_gauges()
         m.enclave_restarts.labels(model)  # exported from 0, so increase() sees the first restart
         self._reset_window()
@@ -290,17 +291,20 @@ class IntegrityPipeline:
         m.substitution_p_value.labels(self.model).set(1.0)
         m.substitution_suspected.labels(self.model).set(0)
 
-    def _alarm_gauges(self) -> None:
+    def _alarm_gauges(self, every_s: float = 1.0) -> None:
+        """The alarm's gauges: the alarm flags and the model's statistic at once; the largest
+        key statistic (a scan over every tracked key) at most once per ``every_s``."""
         m, a = self.metrics, self.alarm
-        on = a.in_alarm()
-        m.alarm.labels(self.model, "model").set(1 if on["model"] else 0)
-        m.alarm.labels(self.model, "key").set(1 if on["keys"] else 0)
-        for scope, value in (
-            ("model", a.detector.statistic(a.model_state)),
-            ("key", a.key_statistic_max()),
-        ):
-            m.alarm_statistic.labels(self.model, scope).set(np.log10(value) if value > 0 else -1.0)
-        m.alarm_keys.labels(self.model).set(len(a.keys))
+        m.alarm.labels(self.model, "model").set(1 if a.model_state.alarm else 0)
+        m.alarm.labels(self.model, "key").set(1 if a.alarmed_keys else 0)
+        stat = a.detector.statistic(a.model_state)
+        m.alarm_statistic.labels(self.model, "model").set(np.log10(stat) if stat > 0 else -1.0)
+        now = time.monotonic()
+        if now - self._keys_gauged_at >= every_s:
+            self._keys_gauged_at = now
+            top = a.key_statistic_max()
+            m.alarm_statistic.labels(self.model, "key").set(np.log10(top) if top > 0 else -1.0)
+            m.alarm_keys.labels(self.model).set(len(a.keys))
 
     def reset_alarm(self, scope: str, key: str | None) -> dict[str, Any]:
         """After an investigation (the admin route): the alarm of the model, a key, or all."""
@@ -308,6 +312,7 @@ class IntegrityPipeline:
             status = self.alarm.reset(scope, key)
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
+        self._keys_gauged_at = float("-inf")  # show the reset at once
         self._alarm_gauges()
         return status
 

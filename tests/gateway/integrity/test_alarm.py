@@ -4,7 +4,6 @@ admin resets it; it survives a restart; per-key isolation, bounded keys and corr
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -78,7 +77,7 @@ async def test_the_alarm_survives_a_restart(integrity_repo: Path, digits: Digits
             await client.post(URL, json=infer_body(digits.take(30)[i : i + 1]))
         before = (await client.get("/v2/models/digits/integrity")).json()["alarm"]
         assert before["model"]["alarm"] is True
-    saved = integrity_repo.parent / "alarm-state" / "digits.alarm.json"
+    saved = integrity_repo.parent / "alarm-state" / "digits.alarm.npz"
     assert saved.is_file()  # written at shutdown (and when the alarm fired)
     async with integrity_gateway(integrity_repo) as (client, _):
         after = (await client.get("/v2/models/digits/integrity")).json()["alarm"]
@@ -132,15 +131,17 @@ def test_corrupt_or_foreign_state_is_set_aside_and_said(tmp_path: Path) -> None:
     mon.observe("a", np.array([0.5]), np.array([0.2]))
     mon.save()
     assert monitor(tmp_path).status()["restored"] == "restored 1 keys and the model's stream"
-    path = tmp_path / "m.alarm.json"
-    doc = json.loads(path.read_text())
-    doc["model_state"]["r"] = [-1.0] * len(doc["model_state"]["r"])
-    path.write_text(json.dumps(doc))
+    path = tmp_path / "m.alarm.npz"
+    with np.load(path) as z:
+        arrays = dict(z)
+    arrays["r"] = -arrays["r"] - 1.0  # statistics cannot be negative
+    with path.open("wb") as fh:
+        np.savez(fh, **arrays)
     again = monitor(tmp_path)
     assert again.status()["restored"].startswith("refused (a stream state of the wrong size")
-    assert (tmp_path / "m.alarm.rejected").is_file()
+    assert (tmp_path / "m.alarm.npz.rejected").is_file()
     assert again.status()["model"]["answers"] == 0
-    path.write_text("{not json")
+    path.write_bytes(b"PK\x03\x04 truncated")
     assert monitor(tmp_path).status()["restored"].startswith("refused (")
     rng = np.random.default_rng(9)
     other = AlarmMonitor("m", rng.random(500), rng.random(500), state_dir=tmp_path)
