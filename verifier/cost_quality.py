@@ -141,7 +141,7 @@ def cost_quality(
             spec = configured  # the experiment's own verifier stands for its share
         # the verifier stage keeps the experiment's settings (and so its directory) unless
         # the share needs a higher FLOPs ceiling; the candidate is under the share either way
-        ceiling = max(exp.verifier.max_flops_ratio, share + 1e-9)
+        ceiling = max(exp.verifier.max_flops_ratio, share)
         point = exp.model_copy(
             update={
                 "verifier": exp.verifier.model_copy(

@@ -105,3 +105,24 @@ def test_the_command_writes_the_table(tmp_path: Path) -> None:
     assert result["command"].endswith("--shares 0.5")
     assert [r["share"] for r in result["rows"]] == [0.5]
     assert "| FLOPs share |" in out.with_suffix(".md").read_text()
+
+
+def test_the_configured_verifier_stands_for_its_share_without_retraining(tmp_path: Path) -> None:
+    exp = tiny_experiment(detector=DETECTOR)
+    first = run_experiment(exp, tmp_path / "probe").report
+    share = first["verifier"]["flops"] / first["student"]["flops"]  # the configured one's
+    # the experiment's own FLOPs ceiling is that share: the sweep's row for it must keep the
+    # verifier stage's settings (and so its directory), not raise the ceiling by a hair
+    exp = exp.model_copy(
+        update={"verifier": exp.verifier.model_copy(update={"max_flops_ratio": share})}
+    )
+    run_dir = tmp_path / "run"
+    own = run_experiment(exp, run_dir).report["verifier"]
+    (row,) = cost_quality(exp, run_dir, [share])["rows"]
+    assert row["widths"] == own["widths"]
+    assert row["test_fidelity_top1"] == own["test_fidelity_top1"]
+    share_dir = run_dir / "cost_quality" / f"share_{share:g}"
+    # its verifier stage is the experiment's own, linked: nothing was trained again
+    verifiers = list(share_dir.glob("verifier-*"))
+    assert verifiers
+    assert all(v.is_symlink() for v in verifiers)
