@@ -93,6 +93,7 @@ class DataPlane:
         return self.statistics.snapshot(wanted)
 
     def _versions(self, name: str) -> list[str]:
+        self.repository.servable(name)  # 404 unknown, 503 while it is not serving
         return [str(v) for v in sorted(self.repository.served(name).versions)]
 
     def model_config(self, name: str, version: str | None) -> dict[str, Any]:

@@ -142,7 +142,7 @@ def checked_stage_dir(run_dir: Path, stage: str, key: str, inputs: dict[str, obj
     now = _flatten(inputs)
     manifest = here / "stage.json"
     if manifest.is_file():
-        before = json.loads(manifest.read_text(encoding="utf-8"))["inputs"]
+        before = _recorded_inputs(manifest)
         if before != json.loads(json.dumps(now)):
             raise StageError(
                 f"{here} was trained from other inputs ({_changes(before, now)}); delete it "
@@ -153,18 +153,33 @@ def checked_stage_dir(run_dir: Path, stage: str, key: str, inputs: dict[str, obj
         earlier = other / "stage.json"
         if other == here or not earlier.is_file() or not any(other.rglob("last.pt")):
             continue
-        before = json.loads(earlier.read_text(encoding="utf-8"))["inputs"]
+        before = _recorded_inputs(earlier)
         raise StageError(
             f"{stage} was interrupted in {other}, trained from other inputs "
             f"({_changes(before, now)}): restore them to resume it, or delete {other} to "
             "start the stage over with these"
         )
     here.mkdir(parents=True, exist_ok=True)
-    manifest.write_text(
+    tmp = manifest.with_suffix(".tmp")  # written whole, then renamed: never half a manifest
+    tmp.write_text(
         json.dumps({"stage": stage, "key": key, "inputs": now}, indent=2, default=str) + "\n",
         encoding="utf-8",
     )
+    tmp.replace(manifest)
     return here
+
+
+def _recorded_inputs(manifest: Path) -> dict[str, object]:
+    try:
+        inputs = json.loads(manifest.read_text(encoding="utf-8"))["inputs"]
+        if not isinstance(inputs, dict):
+            raise TypeError("inputs is not an object")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise StageError(
+            f"{manifest}: not a readable stage record ({exc}); delete its directory to train "
+            "the stage again"
+        ) from exc
+    return inputs
 
 
 def stage_inputs(exp: Experiment, data_fingerprint: str) -> dict[str, dict[str, object]]:

@@ -9,7 +9,9 @@ stopped and a finished stage is loaded rather than retrained.
 
 from __future__ import annotations
 
+import io
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -64,8 +66,13 @@ def _save(path: Path, state: dict[str, Any]) -> None:
     """Write ``state`` to ``path`` atomically: into a temporary file, then renamed over it, so
     a crash or a full disk mid-write leaves the previous checkpoint as it was."""
     tmp = path.with_suffix(".tmp")
-    try:
-        torch.save(state, tmp)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)  # serialised first: torch's own file writer reports a full disk
+    try:  # as a RuntimeError ("unexpected pos"), Python's file writes as OSError (ENOSPC)
+        with tmp.open("wb") as fh:
+            fh.write(buffer.getbuffer())
+            fh.flush()
+            os.fsync(fh.fileno())  # on disk before the rename, not only in the page cache
         tmp.replace(path)  # never a half-written checkpoint
     except OSError as exc:
         tmp.unlink(missing_ok=True)

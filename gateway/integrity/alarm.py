@@ -263,18 +263,29 @@ class AlarmMonitor:
                 ]
         except (OSError, ValueError, KeyError, IndexError, TypeError, EOFError, BadZipFile) as exc:
             rejected = self.path.with_name(self.path.name + ".rejected")
-            os.replace(self.path, rejected)
+            try:
+                os.replace(self.path, rejected)
+                aside = f"set aside as {rejected.name}"
+            except OSError as move:  # one bad file must not stop the model's integrity
+                aside = f"could not be set aside ({move.strerror or move})"
             log.error(
-                "integrity alarm state %s refused (%s); set aside as %s, monitor starts clean",
+                "integrity alarm state %s refused (%s); %s, monitor starts clean",
                 self.path,
                 exc,
-                rejected,
+                aside,
             )
-            return f"refused ({exc}); set aside as {rejected.name}, started clean"
+            return f"refused ({exc}); {aside}, started clean"
         self.model_state = rows[0]
-        self.keys = OrderedDict(zip(names, rows[1:], strict=True))
+        # a state saved under a larger alarm_max_keys: keep the most recently seen keys, and
+        # every key in alarm
+        keep = names[-self.max_keys :] if len(names) > self.max_keys else names
+        keep_set = set(keep) | {n for n, st in zip(names, rows[1:], strict=True) if st.alarm}
+        self.keys = OrderedDict(
+            (n, st) for n, st in zip(names, rows[1:], strict=True) if n in keep_set
+        )
+        self.dropped_keys += len(names) - len(self.keys)
         self.alarmed_keys = {k for k, st in self.keys.items() if st.alarm}
-        self.dropped_keys = int(meta.get("dropped_keys", 0))
+        self.dropped_keys += int(meta.get("dropped_keys", 0))
         return f"restored {len(names)} keys and the model's stream"
 
     def _state(

@@ -193,24 +193,23 @@ def test_a_checkpoint_of_another_network_is_refused(tmp_path: Path, digits_train
 def test_a_full_disk_keeps_the_previous_checkpoint(
     tmp_path: Path, digits_train: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_save = torch.save
-    saves = 0
+    real_fsync = os.fsync
+    syncs = 0
 
-    def save_until_the_disk_fills(obj: Any, f: Any) -> None:
-        nonlocal saves
-        saves += 1
-        if saves == 2:  # the second epoch's checkpoint: half written, then ENOSPC
-            Path(f).write_bytes(b"\0" * 100)
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
-        real_save(obj, f)
+    def fsync_until_the_disk_fills(fd: int) -> None:
+        nonlocal syncs
+        syncs += 1
+        if syncs == 2:  # the second epoch's checkpoint: written, then ENOSPC on the flush
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
 
-    monkeypatch.setattr(torch, "save", save_until_the_disk_fills)
+    monkeypatch.setattr(os, "fsync", fsync_until_the_disk_fills)
     stage = tmp_path / "stage"
     with pytest.raises(CheckpointError, match="No space left on device.*is as it was before"):
         fit(small_net(), digits_train, ce, OPTIM, seed=0, stage_dir=stage)
     assert not list(stage.glob("*.tmp"))
     assert torch.load(stage / "last.pt", weights_only=True)["epoch"] == 1
-    monkeypatch.setattr(torch, "save", real_save)
+    monkeypatch.setattr(os, "fsync", real_fsync)
 
     straight = small_net()
     fit(straight, digits_train, ce, OPTIM, seed=0)
@@ -268,3 +267,13 @@ def test_a_config_change_while_a_stage_is_interrupted_is_refused(tmp_path: Path)
     (teacher / "last.pt").unlink()
     run_experiment(npz_experiment(data, teacher_epochs=3), run)
     assert len(list(run.glob("teacher_0-*"))) == 2
+
+
+def test_an_unreadable_stage_record_is_refused_by_name(tmp_path: Path) -> None:
+    data = tmp_path / "data.npz"
+    write_npz(data, seed=0)
+    run_experiment(npz_experiment(data), tmp_path / "run")
+    (record,) = (tmp_path / "run").glob("teacher_0-*/stage.json")
+    record.write_text('{"stage": "teacher_0", "inp')  # cut short
+    with pytest.raises(StageError, match=r"stage\.json: not a readable stage record"):
+        run_experiment(npz_experiment(data), tmp_path / "run")

@@ -152,3 +152,17 @@ def test_corrupt_or_foreign_state_is_set_aside_and_said(tmp_path: Path) -> None:
     ).restored.startswith("refused (written for another calibration")
     with pytest.raises(NotFound):
         mon.reset("key", "nobody")
+
+
+def test_a_state_of_more_keys_than_allowed_is_trimmed_on_load(tmp_path: Path) -> None:
+    mon = monitor(tmp_path, max_keys=10)
+    for _ in range(10):
+        mon.observe("bad", np.array([0.99]), np.array([0.2]))
+    for k in range(9):
+        mon.observe(f"k{k}", np.array([0.01]), np.array([0.2]))
+    mon.save()
+    small = monitor(tmp_path, max_keys=3)
+    status = small.status()
+    assert status["keys"]["tracked"] <= 4  # the 3 most recent, and the key in alarm
+    assert "bad" in status["keys"]["in_alarm"]
+    assert status["keys"]["dropped"] >= 6
