@@ -85,6 +85,7 @@ class AlarmMonitor:
         self.path = None if state_dir is None else Path(state_dir) / f"{model}.alarm.npz"
         self.save_every_s = save_every_s
         self._saved_at = time.monotonic()
+        self._save_failing = False
         self.restored = self._load()
 
     # -- answers ----------------------------------------------------------------------------
@@ -239,8 +240,20 @@ class AlarmMonitor:
             with tmp.open("wb") as fh:
                 np.savez(fh, **arrays)  # type: ignore[arg-type]  # numpy stubs: **kwds
             os.replace(tmp, self.path)
-        except OSError as exc:  # the monitor keeps working in memory; say so
-            log.error("integrity alarm state of %s not saved to %s: %s", self.model, self.path, exc)
+        except OSError as exc:  # the monitor keeps working in memory; say so, once per outage
+            if not self._save_failing:
+                log.error(
+                    "integrity alarm state of %s not saved to %s: %s (the alarm keeps working "
+                    "in memory; said again when saving works)",
+                    self.model,
+                    self.path,
+                    exc,
+                )
+            self._save_failing = True
+            return
+        if self._save_failing:
+            log.warning("integrity alarm state of %s saved to %s again", self.model, self.path)
+            self._save_failing = False
 
     def _load(self) -> str:
         if self.path is None:

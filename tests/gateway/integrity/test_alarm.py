@@ -166,3 +166,17 @@ def test_a_state_of_more_keys_than_allowed_is_trimmed_on_load(tmp_path: Path) ->
     assert status["keys"]["tracked"] <= 4  # the 3 most recent, and the key in alarm
     assert "bad" in status["keys"]["in_alarm"]
     assert status["keys"]["dropped"] >= 6
+
+
+def test_an_unwritable_state_dir_is_said_once_and_the_alarm_keeps_working(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    mon = monitor(blocked / "state")  # its parent is a file: every save fails
+    for _ in range(10):
+        mon.observe("a", np.array([0.99]), np.array([0.2]))
+        mon.save()
+    assert mon.in_alarm()["keys"] == ["a"]
+    errors = [r for r in caplog.records if "not saved" in r.getMessage()]
+    assert len(errors) == 1
