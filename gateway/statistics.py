@@ -5,8 +5,9 @@ time each request waited in the batcher's queue; and, per execution, the time to
 batch's inputs (``compute_input``: concatenating the requests), to run the model
 (``compute_infer``) and to split its outputs back per request (``compute_output``), also per
 batch size. Durations are cumulative nanoseconds, as Triton reports them, so a client computes
-averages from two snapshots. Counters are updated from the event loop and the batchers'
-worker threads, under one lock per model version.
+averages from two snapshots. Counters are updated on the event loop (the batcher reports an
+execution's stage times once its worker thread has returned); the lock per model version keeps
+a snapshot whole should an update ever come from another thread.
 """
 
 from __future__ import annotations
