@@ -207,6 +207,13 @@ class IntegrityPipeline:
         self._duration = m.duration.labels(model)
         m.enclave_up.labels(model).set_function(self._enclave_up)
         self._keys_gauged_at = float("-inf")
+        self._alarm_children = {  # looked up once, not per request
+            "model": m.alarm.labels(model, "model"),
+            "key": m.alarm.labels(model, "key"),
+            "model_statistic": m.alarm_statistic.labels(model, "model"),
+            "key_statistic": m.alarm_statistic.labels(model, "key"),
+            "keys": m.alarm_keys.labels(model),
+        }
         self._alarm_gauges()
         m.enclave_restarts.labels(model)  # exported from 0, so increase() sees the first restart
         self._reset_window()
@@ -294,17 +301,17 @@ class IntegrityPipeline:
     def _alarm_gauges(self, every_s: float = 1.0) -> None:
         """The alarm's gauges: the alarm flags and the model's statistic at once; the largest
         key statistic (a scan over every tracked key) at most once per ``every_s``."""
-        m, a = self.metrics, self.alarm
-        m.alarm.labels(self.model, "model").set(1 if a.model_state.alarm else 0)
-        m.alarm.labels(self.model, "key").set(1 if a.alarmed_keys else 0)
+        g, a = self._alarm_children, self.alarm
+        g["model"].set(1 if a.model_state.alarm else 0)
+        g["key"].set(1 if a.alarmed_keys else 0)
         stat = a.detector.statistic(a.model_state)
-        m.alarm_statistic.labels(self.model, "model").set(np.log10(stat) if stat > 0 else -1.0)
+        g["model_statistic"].set(np.log10(stat) if stat > 0 else -1.0)
         now = time.monotonic()
         if now - self._keys_gauged_at >= every_s:
             self._keys_gauged_at = now
             top = a.key_statistic_max()
-            m.alarm_statistic.labels(self.model, "key").set(np.log10(top) if top > 0 else -1.0)
-            m.alarm_keys.labels(self.model).set(len(a.keys))
+            g["key_statistic"].set(np.log10(top) if top > 0 else -1.0)
+            g["keys"].set(len(a.keys))
 
     def reset_alarm(self, scope: str, key: str | None) -> dict[str, Any]:
         """After an investigation (the admin route): the alarm of the model, a key, or all."""
@@ -429,27 +436,22 @@ class IntegrityPipeline:
             self._score.observe(float(s))
         self._verdict[verdict].inc()
         self._duration.observe(time.perf_counter() - t0)
-        self._watch(p, q, scores, novel)
-        scopes = self._sequential(ctx.client, p, q, scores, novel)
+        # the rows both stream checks take (in-distribution: their calibration is), and their
+        # KL(service || verifier), computed once for both
+        known = np.ones(len(p), dtype=bool) if novel is None else ~novel
+        kl = kl_divergence(p[known], q[known])  # [known rows]
+        self._watch(scores[known], kl)
+        scopes = self._sequential(ctx.client, scores[known], kl)
         params["integrity_alarm"] = bool(scopes)
         if scopes:
             params["integrity_alarm_scope"] = ",".join(scopes)
         return Inferred(results, params)
 
-    def _sequential(
-        self,
-        client: str | None,
-        p: np.ndarray,
-        q: np.ndarray,
-        scores: np.ndarray,
-        novel: np.ndarray | None,
-    ) -> list[str]:
-        """Feed the sequential alarm (in-distribution rows, as its calibration); the scopes in
-        alarm for this request (``model``, ``key``)."""
-        known = np.ones(len(p), dtype=bool) if novel is None else ~novel
-        if known.any():
-            kl = kl_divergence(p[known], q[known])
-            scopes = self.alarm.observe(client or ANONYMOUS, scores[known], kl)
+    def _sequential(self, client: str | None, scores: np.ndarray, kl: np.ndarray) -> list[str]:
+        """Feed the sequential alarm the in-distribution rows' detector scores and KL; the
+        scopes in alarm for this request (``model``, ``key``)."""
+        if len(scores):
+            scopes = self.alarm.observe(client or ANONYMOUS, scores, kl)
         else:
             scopes = self.alarm.scopes(client or ANONYMOUS)
         self._alarm_gauges()
@@ -494,15 +496,12 @@ class IntegrityPipeline:
         params["integrity_replaced"] = True
         return {**results, self.cfg.output: replaced}
 
-    def _watch(
-        self, p: np.ndarray, q: np.ndarray, scores: np.ndarray, novel: np.ndarray | None
-    ) -> None:
-        """Feed the substitution window (in-distribution rows: its clean reference is)."""
-        known = np.ones(len(p), dtype=bool) if novel is None else ~novel
-        if not known.any():
+    def _watch(self, scores: np.ndarray, kl: np.ndarray) -> None:
+        """Feed the substitution window the in-distribution rows' score (its clean reference
+        is in-distribution)."""
+        if not len(scores):
             return
-        by_row = scores if self.cfg.substitution_score == "detector" else kl_divergence(p, q)
-        tested = self.monitor.add(by_row[known])
+        tested = self.monitor.add(scores if self.cfg.substitution_score == "detector" else kl)
         if tested is not None:
             m = self.metrics
             m.substitution_statistic.labels(self.model).set(tested.statistic)
