@@ -23,6 +23,10 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (results in bench
 app.add_typer(models_app, name="models")
 app.add_typer(bench_app, name="bench")
 app.add_typer(enclave_app, name="enclave")
+incident_app = typer.Typer(
+    no_args_is_help=True, help="Incident bundles: the signed evidence behind an integrity alarm."
+)
+app.add_typer(incident_app, name="incident")
 console = Console(stderr=True)
 
 
@@ -422,3 +426,70 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+@incident_app.command("export")
+def incident_export_cmd(
+    model: Annotated[str, typer.Argument(help="The verified model whose alarm fired.")],
+    incident_id: Annotated[
+        str | None, typer.Option("--id", help="The incident (default: the newest).")
+    ] = None,
+    url: Annotated[str, typer.Option(help="The gateway.")] = "http://127.0.0.1:8000",
+    out: Annotated[
+        Path | None, typer.Option(help="Where the bundle goes; default <id>.incident.json.")
+    ] = None,
+    list_only: Annotated[
+        bool, typer.Option("--list", help="List the model's incidents, export nothing.")
+    ] = False,
+) -> None:
+    """Fetch an incident bundle from the gateway (admin key in FIDES_ADMIN_KEY)."""
+    from fides.incident import IncidentCommandError, export_incident
+
+    try:
+        export_incident(model, incident_id, url=url, out=out, list_only=list_only, console=console)
+    except IncidentCommandError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+@incident_app.command("verify")
+def incident_verify_cmd(
+    bundle: Annotated[Path, typer.Argument(help="The bundle (fides incident export).")],
+    root: Annotated[Path, typer.Option(help="The pinned enclave root certificate (PEM).")],
+    measurement: Annotated[
+        list[str] | None,
+        typer.Option(help="An expected enclave measurement (hex); repeat for several."),
+    ] = None,
+    repository: Annotated[
+        Path | None,
+        typer.Option(
+            help="The provider's published repository: its detector recomputes the scores, its "
+            "card's calibration is required, its verifier gives the measurement."
+        ),
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="The model in --repository (default: the bundle's).")
+    ] = None,
+    allow_simulated: Annotated[
+        bool, typer.Option(help="Accept the SIMULATED enclave (development only).")
+    ] = False,
+) -> None:
+    """Check a bundle offline: attestations, signatures, KL and scores recomputed, and the
+    statistic recomputed to the alarm threshold. Exit 1 naming the broken part."""
+    from fides.incident import IncidentCommandError, verify_command
+
+    try:
+        ok = verify_command(
+            bundle,
+            root=root,
+            measurements=measurement or [],
+            repository=repository,
+            model=model,
+            allow_simulated=allow_simulated,
+            console=console,
+        )
+    except IncidentCommandError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    if not ok:
+        raise typer.Exit(1)

@@ -211,6 +211,7 @@ class AttestedEnclave:
     simulated: bool
     user_data: bytes | None
     claims: dict[str, Any] = field(repr=False)
+    document: bytes = field(default=b"", repr=False)  # the attestation document as checked
 
     @functools.cached_property
     def result_key(self) -> COSEKeyInterface:
@@ -395,6 +396,7 @@ def verify_attestation(
         simulated=simulated,
         user_data=claims.get("user_data"),
         claims=claims,
+        document=evidence,
     )
 
 
@@ -438,8 +440,8 @@ def check_verification(
     evidence: bytes,
     *,
     attested: AttestedEnclave,
-    inputs: Mapping[str, Array],
-    nonce: bytes,
+    inputs: Mapping[str, Array] | None,
+    nonce: bytes | None,
     request_id: str | None = None,
     outputs: Mapping[str, Array] | None = None,
     nonce_store: NonceStore | None = None,
@@ -456,7 +458,12 @@ def check_verification(
 
     ``verified_results``: when checking every item of one batch, pass the same empty dict to
     each call; the batch's signed result is then verified once instead of once per item. Use
-    a dict with one ``attested`` enclave only."""
+    a dict with one ``attested`` enclave only.
+
+    ``inputs=None`` and ``nonce=None`` (with ``max_age_s=None``): a third party's check of
+    evidence it did not ask for (an incident bundle, :mod:`fides_core.incident`): the signature,
+    the enclave boot, the Merkle binding and the request id are checked; the inputs' hashes and
+    the nonce are taken as signed, since only the requester knows the inputs and its nonce."""
     doc = decode_result_evidence(evidence)
     signed: bytes = doc["result"]
     cached = verified_results.get(signed) if verified_results is not None else None
@@ -492,18 +499,18 @@ def check_verification(
     except ValueError as exc:
         raise BindingError(f"bad Merkle proof: {exc}") from None
     # the exact input bytes
-    if set(entry["inputs"]) != set(inputs):
+    if inputs is not None and set(entry["inputs"]) != set(inputs):
         raise BindingError(
             f"the result covers inputs {sorted(entry['inputs'])}, we sent {sorted(inputs)}"
         )
-    for name, x in inputs.items():
+    for name, x in (inputs or {}).items():
         if not secrets.compare_digest(entry["inputs"][name], tensor_digest(np.asarray(x))):
             raise BindingError(f"input hash mismatch for {name!r}: the enclave saw other bytes")
     if request_id is not None and entry["id"] != request_id:
         raise BindingError(f"the result is for request {entry['id']!r}, not {request_id!r}")
-    if not secrets.compare_digest(entry["nonce"], nonce):
+    if nonce is not None and not secrets.compare_digest(entry["nonce"], nonce):
         raise BindingError("the result is bound to another nonce than ours")
-    if nonce_store is not None:
+    if nonce_store is not None and nonce is not None:
         nonce_store.consume(nonce)
     try:
         signed_outputs = {

@@ -127,4 +127,13 @@ class IntegrityConfig(StrictModel):
     alarm_max_keys: int = Field(
         10_000, ge=1, description="API keys the alarm tracks at most (bounded memory)."
     )
+    alarm_incident_requests: int = Field(
+        2048,
+        ge=16,
+        le=100_000,
+        description=(
+            "Verified requests kept (about 1 KB each) for the incident bundle of an alarm: "
+            "the alarmed stream's requests among the model's last this many."
+        ),
+    )
     drill: DrillConfig | None = Field(None, description="An attack drill active from load.")

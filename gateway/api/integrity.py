@@ -7,6 +7,8 @@
   attack drill; ``DELETE`` stops it.
 - ``POST /v2/admin/models/{name}/integrity/alarm/reset`` (body: ``{"scope", "key"?}``) resets
   the sequential alarm after an investigation.
+- ``GET /v2/admin/models/{name}/integrity/incidents``: the incident bundles kept (newest last);
+  ``GET .../incidents/{id}``: one bundle (``fides incident export``; checked offline by the SDK).
 """
 
 from __future__ import annotations
@@ -98,6 +100,18 @@ async def reset_alarm(name: str, request: Request, svc: IntegrityDep) -> dict[st
     if not isinstance(scope, str) or (key is not None and not isinstance(key, str)):
         raise BadRequest("'scope' and 'key' must be strings")
     return pipe.reset_alarm(scope, key)
+
+
+@admin.get("/{name}/integrity/incidents")
+async def incidents(name: str, svc: IntegrityDep) -> dict[str, Any]:
+    """The incident bundles kept for the model's alarms (oldest first)."""
+    return {"model": name, "incidents": svc.require(name).incident_list()}
+
+
+@admin.get("/{name}/integrity/incidents/{ident}")
+async def incident(name: str, ident: str, svc: IntegrityDep) -> dict[str, Any]:
+    """One incident bundle (``fides-incident/1``), for offline checking."""
+    return svc.require(name).incident(ident)
 
 
 @admin.delete("/{name}/drill")

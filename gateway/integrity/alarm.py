@@ -32,7 +32,8 @@ from zipfile import BadZipFile
 
 import numpy as np
 
-from fides_core.sequential import SequentialDetector, StreamState, calibrate_scores
+from fides_core.incident import alarm_detector, calibration_fingerprint
+from fides_core.sequential import StreamState
 from gateway.errors import NotFound
 
 __all__ = ["AlarmMonitor", "client_id"]
@@ -64,24 +65,19 @@ class AlarmMonitor:
         save_every_s: float = 5.0,
     ) -> None:
         self.model = model
-        self.detector = SequentialDetector(
-            {
-                "detector": calibrate_scores(calibration_scores, delta),
-                "kl": calibrate_scores(calibration_kl, delta),
-            },
-            {"detector": ("upper",), "kl": ("upper", "lower")},
-            alpha=alpha,
-        )
+        self.calibration_scores = np.asarray(calibration_scores, dtype=np.float64)
+        self.calibration_kl = np.asarray(calibration_kl, dtype=np.float64)
+        self.alpha, self.delta = alpha, delta
+        self.detector = alarm_detector(self.calibration_scores, self.calibration_kl, alpha, delta)
         self.max_keys = max_keys
         self.dropped_keys = 0
         self.model_state = self.detector.new_state()
         self.keys: OrderedDict[str, StreamState] = OrderedDict()
         self.alarmed_keys: set[str] = set()  # kept as alarms fire and reset: no scan per request
-        self.fingerprint = hashlib.sha256(
-            np.ascontiguousarray(np.sort(calibration_scores), dtype=np.float64).tobytes()
-            + np.ascontiguousarray(np.sort(calibration_kl), dtype=np.float64).tobytes()
-            + json.dumps([alpha, delta, len(self.detector.components)]).encode()
-        ).hexdigest()[:16]
+        self.fired: list[str] = []  # the scopes the last observe() raised (for the incident)
+        self.fingerprint = calibration_fingerprint(
+            self.calibration_scores, self.calibration_kl, self.detector
+        )
         self.path = None if state_dir is None else Path(state_dir) / f"{model}.alarm.npz"
         self.save_every_s = save_every_s
         self._saved_at = time.monotonic()
@@ -102,9 +98,15 @@ class AlarmMonitor:
         self.detector.update(key_state, scores, e)
         if key_state.alarm and not key_before:
             self.alarmed_keys.add(client)
-        fired = (self.model_state.alarm and not model_before) or (
-            key_state.alarm and not key_before
-        )
+        self.fired = [
+            scope
+            for scope, now, before in (
+                ("model", self.model_state.alarm, model_before),
+                ("key", key_state.alarm, key_before),
+            )
+            if now and not before
+        ]
+        fired = bool(self.fired)
         if fired:
             log.warning(
                 "integrity alarm on %s: %s",

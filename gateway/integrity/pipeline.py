@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from fides_core.enclave_errors import InvalidRequest as EnclaveRefusal
+from fides_core.incident import IncidentAnswer
 from fides_core.integrity import (
     DETECTOR_OUTPUT,
     NOVELTY_OUTPUT,
@@ -55,6 +56,7 @@ from gateway.errors import BadRequest, GatewayError, Unavailable
 from gateway.integrity.alarm import ANONYMOUS, AlarmMonitor
 from gateway.integrity.drills import ActiveDrill, tamper
 from gateway.integrity.enclave import EnclaveBatcher, verifier_file
+from gateway.integrity.incident import IncidentRecorder
 from gateway.integrity.metrics import IntegrityMetrics
 from gateway.integrity.substitution import SubstitutionMonitor
 from gateway.model_config import read_platform
@@ -190,6 +192,15 @@ class IntegrityPipeline:
             alpha=cfg.alarm_alpha,
             max_keys=cfg.alarm_max_keys,
             state_dir=state_dir,
+        )
+        self.incidents = IncidentRecorder(
+            model,
+            self.alarm,
+            verifier_output=cfg.enclave.outputs[0],
+            detector_threshold=self.threshold,
+            attest=self.attest,
+            directory=None if state_dir is None else state_dir / "incidents",
+            capacity=cfg.alarm_incident_requests,
         )
         e = cfg.enclave
         self.batcher = EnclaveBatcher(
@@ -352,8 +363,15 @@ class IntegrityPipeline:
     async def attest(self, nonce: bytes) -> bytes:
         return await self.enclave.attest(nonce)
 
+    def incident_list(self) -> list[dict[str, Any]]:
+        return self.incidents.summaries()
+
+    def incident(self, ident: str) -> dict[str, Any]:
+        return self.incidents.get(ident)
+
     async def close(self) -> None:
         await self.batcher.close()
+        await self.incidents.close()
         self.alarm.save()  # nothing the alarm has seen is lost at shutdown
 
     # -- one request ------------------------------------------------------------------------
@@ -441,6 +459,8 @@ class IntegrityPipeline:
         known = np.ones(len(p), dtype=bool) if novel is None else ~novel
         kl = kl_divergence(p[known], q[known])  # [known rows]
         self._watch(scores[known], kl)
+        if len(kl):
+            self._keep_for_incidents(rid, ctx.client, item.evidence, known, p, scores, kl)
         scopes = self._sequential(ctx.client, scores[known], kl)
         params["integrity_alarm"] = bool(scopes)
         if scopes:
@@ -452,10 +472,38 @@ class IntegrityPipeline:
         scopes in alarm for this request (``model``, ``key``)."""
         if len(scores):
             scopes = self.alarm.observe(client or ANONYMOUS, scores, kl)
+            if self.alarm.fired:
+                self.incidents.fired(self.alarm.fired, client or ANONYMOUS)
         else:
             scopes = self.alarm.scopes(client or ANONYMOUS)
         self._alarm_gauges()
         return scopes
+
+    def _keep_for_incidents(
+        self,
+        rid: str,
+        client: str | None,
+        evidence: bytes,
+        known: np.ndarray,
+        p: np.ndarray,
+        scores: np.ndarray,
+        kl: np.ndarray,
+    ) -> None:
+        """This request's part in the alarm, for an incident bundle should it fire."""
+        attested = getattr(self.enclave, "attested", None)  # the supervisor's current boot
+        if attested is not None and attested.document:
+            self.incidents.boot(attested.module_id, attested.document)
+        self.incidents.record(
+            IncidentAnswer(
+                rid,
+                client or ANONYMOUS,
+                evidence,
+                np.flatnonzero(known),
+                p[known],
+                scores[known],
+                kl,
+            )
+        )
 
     def _substituted(
         self, service: TensorServable, drill: ActiveDrill | None, rows: int
@@ -636,6 +684,12 @@ class UnavailableIntegrity:
         raise Unavailable(f"model '{self.model}': integrity is not running: {self.error}")
 
     async def attest(self, nonce: bytes) -> bytes:
+        raise Unavailable(f"model '{self.model}': integrity is not running: {self.error}")
+
+    def incident_list(self) -> list[dict[str, Any]]:
+        raise Unavailable(f"model '{self.model}': integrity is not running: {self.error}")
+
+    def incident(self, ident: str) -> dict[str, Any]:
         raise Unavailable(f"model '{self.model}': integrity is not running: {self.error}")
 
     async def close(self) -> None:

@@ -1,0 +1,423 @@
+"""Incident bundles (issue 21): the proof behind a sequential integrity alarm, checkable offline
+by anyone who trusts the enclave's root certificate and measurement, not the gateway.
+
+When the alarm of a model or of one API key fires, the gateway keeps the answers that drove it
+(the alarmed stream's most recent verified answers), and writes a bundle::
+
+    {"type": "fides-incident/1", "model", "scope": "model" | "key", "client": key id or null,
+     "raised_at", "verifier_output", "detector_threshold",
+     "monitor": {"alpha", "delta", "calibration": {"detector": [...], "kl": [...]}},
+     "attestations": {module_id: base64 attestation document},
+     "answers": [{"request_id", "client", "module_id", "evidence": base64 per-request evidence,
+                  "rows": [row indices fed to the alarm], "service": [[p...] per row],
+                  "detector": [score per row], "kl": [KL per row]}],
+     "trajectory": [the statistic after each row, from zero at the bundle's first answer],
+     "live": {the gateway's statistic when it fired, over the whole stream}}
+
+What :func:`check_incident` proves from it:
+
+- each enclave boot is attested (chain to the pinned root, a measurement the policy expects);
+- each answer's verifier output ``q`` is the one the attested enclave signed for that request id
+  (signature, boot, measurement, Merkle proof into the signed batch);
+- KL(service || verifier) is recomputed from the recorded service answers and the SIGNED ``q``;
+  the detector scores are recomputed too when the checker has the detector (the SDK does, from
+  the repository's detector model), otherwise they are the gateway's and the check says so;
+- the statistic is recomputed from those scores and the calibration, from zero at the bundle's
+  first answer (a lower bound of the live statistic, which started earlier: Shiryaev-Roberts is
+  increasing in its past), and must reach the alarm threshold within the bundle.
+
+What it does not prove: that the provider served exactly these service answers. The recorded
+``service`` rows are what the gateway saw; a client holding its own responses compares them
+(the request ids tie both together). Binding the provider to its answers needs the provider to
+sign them, which the Open Inference Protocol does not do.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import cbor2
+import numpy as np
+from cryptography import x509
+
+from fides_core import cose
+from fides_core.attestation import (
+    AttestationError,
+    AttestedEnclave,
+    Policy,
+    check_verification,
+    decode_attestation,
+    decode_result_evidence,
+    verify_attestation,
+)
+from fides_core.sequential import SequentialDetector, calibrate_scores
+from fides_core.stats import kl_divergence
+
+__all__ = [
+    "INCIDENT_TYPE",
+    "IncidentAnswer",
+    "IncidentCheck",
+    "IncidentError",
+    "alarm_detector",
+    "build_bundle",
+    "calibration_fingerprint",
+    "check_incident",
+    "evidence_module_id",
+]
+
+INCIDENT_TYPE = "fides-incident/1"
+TAILS: dict[str, tuple[Any, ...]] = {"detector": ("upper",), "kl": ("upper", "lower")}
+TRAJECTORY_RTOL = 1e-9
+KL_RTOL = 1e-6
+SCORE_ATOL = 1e-4  # the detector recomputed on another CPU: float32 rounding, not tampering
+
+
+class IncidentError(Exception):
+    """The bundle does not prove the alarm; ``part`` names what is broken (``format``,
+    ``calibration``, ``attestation <module>``, ``answer <i> (request <id>)``, ``statistic``)."""
+
+    def __init__(self, part: str, message: str) -> None:
+        super().__init__(f"{part}: {message}")
+        self.part = part
+
+
+def alarm_detector(
+    calibration_scores: np.ndarray, calibration_kl: np.ndarray, alpha: float, delta: float
+) -> SequentialDetector:
+    """The alarm's e-detector over the detector score (upper tail) and KL(service || verifier)
+    (both tails), calibrated on clean answers: the gateway's and the checker's, the same."""
+    return SequentialDetector(
+        {
+            "detector": calibrate_scores(calibration_scores, delta),
+            "kl": calibrate_scores(calibration_kl, delta),
+        },
+        TAILS,
+        alpha=alpha,
+    )
+
+
+def calibration_fingerprint(
+    calibration_scores: np.ndarray, calibration_kl: np.ndarray, detector: SequentialDetector
+) -> str:
+    """16 hex naming the calibration and level (a persisted alarm state is only restored
+    under the same)."""
+    delta = next(iter(detector.calibrations.values())).delta
+    return hashlib.sha256(
+        np.ascontiguousarray(np.sort(calibration_scores), dtype=np.float64).tobytes()
+        + np.ascontiguousarray(np.sort(calibration_kl), dtype=np.float64).tobytes()
+        + json.dumps([detector.alpha, delta, len(detector.components)]).encode()
+    ).hexdigest()[:16]
+
+
+def evidence_module_id(evidence: bytes) -> str | None:
+    """The enclave boot a per-request evidence names (unverified: for choosing the key)."""
+    try:
+        _, payload = cose.split_sign1(decode_result_evidence(evidence)["result"])
+        module = cbor2.loads(payload).get("module_id")
+    except (AttestationError, cose.CoseError, ValueError, AttributeError, cbor2.CBORDecodeError):
+        return None
+    return module if isinstance(module, str) else None
+
+
+@dataclass(frozen=True)
+class IncidentAnswer:
+    """One verified request's part in an alarmed stream (its in-distribution rows only)."""
+
+    request_id: str
+    client: str
+    evidence: bytes
+    rows: np.ndarray  # [m] row indices of the request fed to the alarm
+    service: np.ndarray  # [m, C] float32, the service's answer as the gateway saw it
+    detector: np.ndarray  # [m] detector scores
+    kl: np.ndarray  # [m] KL(service || verifier)
+
+
+def build_bundle(
+    *,
+    model: str,
+    scope: str,
+    client: str | None,
+    raised_at: str,
+    verifier_output: str,
+    detector_threshold: float,
+    calibration_scores: np.ndarray,
+    calibration_kl: np.ndarray,
+    alpha: float,
+    delta: float,
+    attestations: Mapping[str, bytes],
+    answers: Sequence[IncidentAnswer],
+    live: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The bundle (a JSON-able dict) over ``answers`` in stream order; answers of an enclave
+    boot with no attestation document in ``attestations`` are left out and counted."""
+    kept, unattested = [], 0
+    for a in answers:
+        module = evidence_module_id(a.evidence)
+        if module is None or module not in attestations:
+            unattested += 1
+            continue
+        kept.append((module, a))
+    detector = alarm_detector(calibration_scores, calibration_kl, alpha, delta)
+    state = detector.new_state()
+    trajectory: list[float] = []
+    for _, a in kept:
+        trajectory += detector.update(state, {"detector": a.detector, "kl": a.kl})
+    used = sorted({m for m, _ in kept})
+    return {
+        "type": INCIDENT_TYPE,
+        "model": model,
+        "scope": scope,
+        "client": client,
+        "raised_at": raised_at,
+        "verifier_output": verifier_output,
+        "detector_threshold": detector_threshold,
+        "monitor": {
+            "alpha": alpha,
+            "delta": delta,
+            "threshold": detector.threshold,
+            "fingerprint": calibration_fingerprint(calibration_scores, calibration_kl, detector),
+            "calibration": {
+                "detector": [float(x) for x in np.asarray(calibration_scores, np.float64)],
+                "kl": [float(x) for x in np.asarray(calibration_kl, np.float64)],
+            },
+        },
+        "attestations": {m: base64.b64encode(attestations[m]).decode("ascii") for m in used},
+        "answers": [
+            {
+                "request_id": a.request_id,
+                "client": a.client,
+                "module_id": module,
+                "evidence": base64.b64encode(a.evidence).decode("ascii"),
+                "rows": [int(r) for r in a.rows],
+                "service": [[float(v) for v in row] for row in np.asarray(a.service, np.float32)],
+                "detector": [float(x) for x in np.asarray(a.detector, np.float64)],
+                "kl": [float(x) for x in np.asarray(a.kl, np.float64)],
+            }
+            for module, a in kept
+        ],
+        "answers_left_out": {"no_attestation": unattested},
+        "trajectory": trajectory,
+        "peak": max(trajectory, default=0.0),
+        "live": dict(live),
+    }
+
+
+@dataclass(frozen=True)
+class IncidentCheck:
+    """What an incident bundle proved."""
+
+    model: str
+    scope: str
+    client: str | None
+    requests: int
+    answers: int  # rows fed to the statistic
+    modules: list[str]
+    simulated: bool
+    threshold: float
+    peak: float  # the recomputed statistic's largest value (>= threshold)
+    alarm_at: int  # the row (1-based, within the bundle) where it first reached the threshold
+    scores_recomputed: bool  # the detector scores came from our detector, not the gateway
+
+    def summary(self) -> str:
+        scores = (
+            "detector scores recomputed with the repository's detector"
+            if self.scores_recomputed
+            else "detector scores as the gateway reported them (no detector given)"
+        )
+        who = f"{self.scope} {self.client}" if self.client else self.scope
+        simulated = " (SIMULATED)" if self.simulated else ""
+        return (
+            f"incident on {self.model} ({who}): {self.requests} signed requests, "
+            f"{self.answers} answers from {len(self.modules)} attested enclave boot(s){simulated}; "
+            f"the statistic recomputed from them reaches {self.peak:.3g} >= {self.threshold:.3g} "
+            f"at answer {self.alarm_at}; KL recomputed from the signed verifier outputs; {scores}"
+        )
+
+
+def _b64(value: Any, part: str, what: str) -> bytes:
+    if not isinstance(value, str):
+        raise IncidentError(part, f"{what} must be a base64 string")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise IncidentError(part, f"{what} is not valid base64") from None
+
+
+def _floats(value: Any, part: str, what: str, ndim: int = 1) -> np.ndarray:
+    try:
+        a = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise IncidentError(part, f"{what} must be numbers") from None
+    if a.ndim != ndim or not np.isfinite(a).all():
+        raise IncidentError(part, f"{what} must be a {ndim}-d array of finite numbers")
+    return a
+
+
+def _close(a: np.ndarray, b: np.ndarray, rtol: float, atol: float = 0.0) -> bool:
+    return a.shape == b.shape and bool(np.allclose(a, b, rtol=rtol, atol=atol))
+
+
+def check_incident(
+    bundle: Mapping[str, Any],
+    *,
+    root: x509.Certificate | bytes | str,
+    policy: Policy,
+    detector_scores: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+    calibration: tuple[np.ndarray, np.ndarray] | None = None,
+) -> IncidentCheck:
+    """Check ``bundle`` offline (see the module docstring); raises :class:`IncidentError`
+    naming the broken part. ``detector_scores(p, q)``: the detector, to recompute the scores;
+    ``calibration``: the detector card's clean ``(scores, kl)``, which the bundle's must equal
+    (a provider could otherwise ship a calibration that makes anything an alarm)."""
+    if not isinstance(bundle, Mapping) or bundle.get("type") != INCIDENT_TYPE:
+        raise IncidentError("format", f"not a {INCIDENT_TYPE} bundle")
+    for key, kind in (
+        ("model", str),
+        ("scope", str),
+        ("verifier_output", str),
+        ("monitor", dict),
+        ("attestations", dict),
+        ("answers", list),
+        ("trajectory", list),
+    ):
+        if not isinstance(bundle.get(key), kind):
+            raise IncidentError("format", f"'{key}' is missing or not a {kind.__name__}")
+    if not bundle["answers"]:
+        raise IncidentError("format", "the bundle holds no answers")
+
+    # the calibration and level the statistic is computed with
+    mon = bundle["monitor"]
+    cal = mon.get("calibration")
+    if not isinstance(cal, dict):
+        raise IncidentError("calibration", "'monitor.calibration' is missing")
+    cal_scores = _floats(cal.get("detector"), "calibration", "calibration.detector")
+    cal_kl = _floats(cal.get("kl"), "calibration", "calibration.kl")
+    alpha, delta = mon.get("alpha"), mon.get("delta")
+    if not all(isinstance(v, float) and 0 < v < 1 for v in (alpha, delta)):
+        raise IncidentError("calibration", "alpha and delta must be numbers in (0, 1)")
+    assert isinstance(alpha, float)
+    assert isinstance(delta, float)
+    if calibration is not None and not (
+        _close(np.sort(cal_scores), np.sort(np.asarray(calibration[0], np.float64)), 0.0)
+        and _close(np.sort(cal_kl), np.sort(np.asarray(calibration[1], np.float64)), 0.0)
+    ):
+        raise IncidentError(
+            "calibration", "the bundle's calibration is not the detector card's clean calibration"
+        )
+    try:
+        detector = alarm_detector(cal_scores, cal_kl, alpha, delta)
+    except ValueError as exc:
+        raise IncidentError("calibration", str(exc)) from None
+
+    # every enclave boot, attested
+    attested: dict[str, AttestedEnclave] = {}
+    for module, doc_b64 in bundle["attestations"].items():
+        part = f"attestation {module}"
+        doc = _b64(doc_b64, part, "the document")
+        try:
+            _, claims = decode_attestation(doc)
+            enclave = verify_attestation(
+                doc,
+                root=root,
+                policy=policy,
+                nonce=claims["nonce"],  # the gateway's challenge, not ours: replay is moot here
+                now=claims["timestamp"] / 1000,
+            )
+        except AttestationError as exc:
+            raise IncidentError(part, f"{type(exc).__name__}: {exc}") from None
+        if enclave.module_id != module:
+            raise IncidentError(part, f"the document attests {enclave.module_id}, not {module}")
+        attested[module] = enclave
+
+    # every answer: signed verifier output, recomputed KL (and scores)
+    out = bundle["verifier_output"]
+    scores_all, kl_all = [], []
+    for i, ans in enumerate(bundle["answers"]):
+        rid = ans.get("request_id") if isinstance(ans, dict) else None
+        part = f"answer {i} (request {rid})"
+        if not isinstance(ans, dict) or not isinstance(rid, str):
+            raise IncidentError(part, "not an answer record with a request_id")
+        module = ans.get("module_id")
+        if module not in attested:
+            raise IncidentError(part, f"its enclave boot {module!r} has no attestation here")
+        evidence = _b64(ans.get("evidence"), part, "evidence")
+        try:
+            decode_result_evidence(evidence)
+            checked = check_verification(
+                evidence,
+                attested=attested[module],
+                inputs=None,
+                nonce=None,
+                request_id=rid,
+                max_age_s=None,
+            )
+        except AttestationError as exc:
+            raise IncidentError(part, f"{type(exc).__name__}: {exc}") from None
+        if out not in checked.outputs:
+            raise IncidentError(part, f"the signed result has no output '{out}'")
+        q_all = np.asarray(checked.outputs[out], dtype=np.float32)
+        rows = ans.get("rows")
+        if (
+            not isinstance(rows, list)
+            or not rows
+            or not all(isinstance(r, int) and 0 <= r < len(q_all) for r in rows)
+        ):
+            raise IncidentError(part, f"'rows' must be row indices of the {len(q_all)} signed")
+        q = q_all[rows]
+        p = _floats(ans.get("service"), part, "service", ndim=2).astype(np.float32)
+        if p.shape != q.shape:
+            raise IncidentError(
+                part, f"service answer {list(p.shape)} and signed verifier {list(q.shape)} differ"
+            )
+        kl = kl_divergence(p, q)
+        if not _close(kl, _floats(ans.get("kl"), part, "kl"), KL_RTOL, 1e-12):
+            raise IncidentError(part, "KL(service || verifier) does not match the signed output")
+        scores = _floats(ans.get("detector"), part, "detector")
+        if len(scores) != len(rows):
+            raise IncidentError(part, "one detector score per row is needed")
+        if detector_scores is not None:
+            ours = np.asarray(detector_scores(p, q), dtype=np.float64).reshape(-1)
+            if not _close(ours, scores, 0.0, SCORE_ATOL):
+                worst = float(np.abs(ours - scores).max())
+                raise IncidentError(
+                    part, f"the detector scores differ from our detector's (by up to {worst:.3g})"
+                )
+            scores = ours
+        scores_all.append(scores)
+        kl_all.append(kl)
+
+    # the statistic, recomputed from zero at the bundle's first answer
+    state = detector.new_state()
+    trajectory = np.asarray(
+        detector.update(
+            state, {"detector": np.concatenate(scores_all), "kl": np.concatenate(kl_all)}
+        )
+    )
+    recorded = _floats(bundle["trajectory"], "statistic", "trajectory")
+    if detector_scores is None and not _close(trajectory, recorded, TRAJECTORY_RTOL):
+        raise IncidentError("statistic", "the recorded trajectory is not what the answers give")
+    if state.alarm_at is None:
+        raise IncidentError(
+            "statistic",
+            f"recomputed from these answers the statistic peaks at {state.peak:.3g}, below the "
+            f"alarm threshold {detector.threshold:.3g}: the bundle does not prove the alarm",
+        )
+    return IncidentCheck(
+        model=bundle["model"],
+        scope=bundle["scope"],
+        client=bundle.get("client"),
+        requests=len(bundle["answers"]),
+        answers=len(trajectory),
+        modules=sorted(attested),
+        simulated=any(e.simulated for e in attested.values()),
+        threshold=detector.threshold,
+        peak=state.peak,
+        alarm_at=state.alarm_at,
+        scores_recomputed=detector_scores is not None,
+    )
