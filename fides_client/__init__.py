@@ -15,6 +15,7 @@ from fides_client.client import (
     FidesHTTPError,
     IntegrityModels,
 )
+from fides_client.incident import verify_incident
 from fides_core.integrity import Verdict
 
 __all__ = [
@@ -25,4 +26,5 @@ __all__ = [
     "FidesHTTPError",
     "IntegrityModels",
     "Verdict",
+    "verify_incident",
 ]

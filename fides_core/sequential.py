@@ -112,6 +112,7 @@ class StreamState:
     alarm: bool = False
     alarm_at: int | None = None  # the answer count when the alarm first fired
     peak: float = 0.0  # the largest statistic seen since the last reset
+    last: float = 0.0  # the statistic now (kept by update: no mean over components to read it)
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -224,6 +225,7 @@ class SequentialDetector:
             state.r = np.minimum((1.0 + state.r) * row, 1e300)
             state.answers += 1
             m = float(state.r.mean())
+            state.last = m
             state.peak = max(state.peak, m)
             if m >= self.threshold and not state.alarm:
                 state.alarm, state.alarm_at = True, state.answers
@@ -256,7 +258,7 @@ class SequentialDetector:
     def reset(self, state: StreamState) -> None:
         """After an investigation: the statistic starts over (the guarantee restarts too)."""
         state.r = np.zeros(len(self.components))
-        state.alarm, state.alarm_at, state.peak = False, None, 0.0
+        state.alarm, state.alarm_at, state.peak, state.last = False, None, 0.0, 0.0
 
     def log10_statistic(self, state: StreamState) -> float:
         m = self.statistic(state)

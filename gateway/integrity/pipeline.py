@@ -372,7 +372,7 @@ class IntegrityPipeline:
     async def close(self) -> None:
         await self.batcher.close()
         await self.incidents.close()
-        self.alarm.save()  # nothing the alarm has seen is lost at shutdown
+        await self.alarm.flush()  # nothing the alarm has seen is lost at shutdown
 
     # -- one request ------------------------------------------------------------------------
 

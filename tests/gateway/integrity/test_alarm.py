@@ -180,3 +180,28 @@ def test_an_unwritable_state_dir_is_said_once_and_the_alarm_keeps_working(
     assert mon.in_alarm()["keys"] == ["a"]
     errors = [r for r in caplog.records if "not saved" in r.getMessage()]
     assert len(errors) == 1
+
+
+def test_the_largest_key_statistic_is_kept_as_keys_update(tmp_path: Path) -> None:
+    mon = monitor(tmp_path)
+    rng = np.random.default_rng(2)
+    for k in range(50):
+        det = np.array([0.97 if k % 7 == 0 else rng.random() * 0.1])
+        mon.observe(f"client-{k % 10}", det, np.array([rng.random() * 0.5]))
+    scanned = max(mon.detector.statistic(s) for s in mon.keys.values())
+    assert mon.key_statistic_max() == pytest.approx(scanned, rel=1e-12)
+    mon.reset("all")
+    assert mon.key_statistic_max() == 0.0
+
+
+async def test_periodic_saves_are_written_by_a_worker_and_flushed_at_close(
+    tmp_path: Path,
+) -> None:
+    mon = monitor(tmp_path, save_every_s=0.0)  # every observe saves
+    for k in range(20):
+        mon.observe(f"client-{k}", np.array([0.05]), np.array([0.2]))
+    assert mon._writing is not None  # a worker thread writes, the event loop does not wait
+    await mon.flush()
+    restored = monitor(tmp_path)
+    assert restored.restored == "restored 20 keys and the model's stream"
+    assert restored.model_state.answers == 20
