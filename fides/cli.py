@@ -198,15 +198,80 @@ def bench_payload(
 
 @bench_app.command("integrity")
 def bench_integrity(
-    output: Annotated[Path, typer.Option(help="Where to write the JSON results.")] = Path(
-        "bench/results/enclave.json"
-    ),
-    duration: Annotated[float, typer.Option(help="Seconds per measurement.")] = 2.0,
+    output: Annotated[
+        Path, typer.Option(help="Where to write the enclave boundary's JSON results.")
+    ] = Path("bench/results/enclave.json"),
+    duration: Annotated[float, typer.Option(help="Seconds per boundary measurement.")] = 2.0,
+    part: Annotated[
+        str,
+        typer.Option(
+            help="boundary (the enclave call alone), cost (verified against unverified "
+            "answers through the gateway) or all."
+        ),
+    ] = "all",
+    cost_output: Annotated[
+        Path, typer.Option(help="Where to write the verified-vs-unverified JSON (+ .md).")
+    ] = Path("bench/results/verification_cost_current.json"),
+    model_repository: Annotated[Path, typer.Option()] = Path("model_repository"),
+    model: Annotated[
+        list[str], typer.Option(help="Verified models to measure (each needs its inputs).")
+    ] = ["digits"],  # noqa: B006 - typer reads the default
+    inputs: Annotated[
+        list[str],
+        typer.Option(
+            help="MODEL=FILE.npz: real inputs for a model ('x_test'; uint8 is scaled to [0, 1]). "
+            "The default digits model uses its own test split."
+        ),
+    ] = [],  # noqa: B006 - typer reads the default
+    concurrency: Annotated[list[int], typer.Option(help="Closed-loop clients.")] = [1, 4, 16],  # noqa: B006
+    cell_duration: Annotated[float, typer.Option(help="Seconds per cost cell.")] = 8.0,
+    repeats: Annotated[int, typer.Option(help="Runs of each cost cell (best kept).")] = 2,
+    note: Annotated[str | None, typer.Option(help="A note stored in the results.")] = None,
 ) -> None:
-    """Enclave overhead: socket round trip and signing vs the verifier in process."""
-    from fides.bench.enclave import run_enclave_bench
+    """What verification costs: verified against unverified answers through the gateway (cost)
+    and the enclave boundary's socket round trip and signing vs the verifier in process."""
+    if part not in ("all", "boundary", "cost"):
+        raise typer.BadParameter(f"--part must be all, boundary or cost, not {part!r}")
+    if part in ("all", "cost"):
+        from fides.bench.verified import (
+            BenchSetupError,
+            digits_inputs,
+            npz_inputs,
+            run_verified_bench,
+        )
 
-    run_enclave_bench(output, log=console.print, duration_s=duration)
+        files: dict[str, Path] = {}
+        for item in inputs:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                raise typer.BadParameter(f"--inputs takes MODEL=FILE.npz, not {item!r}")
+            files[name] = Path(path)
+        try:
+            samples = {}
+            for name in model:
+                if name in files:
+                    samples[name] = npz_inputs(files[name])
+                elif name == "digits":
+                    samples[name] = digits_inputs()
+                else:
+                    raise BenchSetupError(f"model '{name}' needs --inputs {name}=FILE.npz")
+            run_verified_bench(
+                model_repository,
+                samples,
+                cost_output,
+                console.print,
+                concurrency=tuple(concurrency),
+                duration_s=cell_duration,
+                repeats=repeats,
+                note=note,
+            )
+        except (BenchSetupError, OSError) as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(2) from None
+    if part in ("all", "boundary"):
+        from fides.bench.enclave import run_enclave_bench
+
+        run_enclave_bench(output, log=console.print, duration_s=duration)
 
 
 @bench_app.command("speculative")

@@ -94,6 +94,12 @@ def _enclave(doc: dict[str, Any]) -> str:
     )
 
 
+def _verification_cost(doc: dict[str, Any]) -> str:
+    from fides.bench.verified import markdown
+
+    return markdown(doc)
+
+
 def payload_markdown(doc: dict[str, Any]) -> list[str]:
     """The table of ``fides bench payload``: median round trip, JSON against binary tensors."""
     lines = [
@@ -213,6 +219,7 @@ FAMILIES = (
     Family("payload.json", _payload, "fides bench payload"),
     Family("speculative.json", _speculative, "fides bench speculative"),
     Family("enclave.json", _enclave, "fides bench integrity"),
+    Family("verification_cost_", _verification_cost, "fides bench integrity --part cost"),
     Family("overload.json", _overload, "fides bench overload"),
     Family("soak.json", _soak, "fides bench soak"),
     Family("distillspec.json", _distillspec, "fides distillspec"),

@@ -550,8 +550,9 @@ def _free_port() -> int:
 class _Server:
     """``python -m gateway.cli serve`` in a subprocess, stopped by pid on exit."""
 
-    def __init__(self, repository: Path, workdir: Path) -> None:
+    def __init__(self, repository: Path, workdir: Path, env: dict[str, str] | None = None) -> None:
         self.repository = repository
+        self.env = dict(env or {})  # extra FIDES_* settings for this server
         self.port = _free_port()
         self.key = secrets.token_urlsafe(24)
         self.base = f"http://127.0.0.1:{self.port}"
@@ -588,6 +589,7 @@ class _Server:
             FIDES_LOG_JSON="1",
             FIDES_LOG_LEVEL="WARNING",
         )
+        env.update(self.env)
         src_root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (src_root, env.get("PYTHONPATH", "")) if p)
         cmd = [

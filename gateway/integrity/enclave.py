@@ -15,7 +15,8 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,6 +133,7 @@ class _Pending:
     request: VerifyRequest
     rows: int
     future: asyncio.Future[VerifiedItem]
+    queued: float  # time.perf_counter() when it joined the batcher
 
 
 class EnclaveBatcher:
@@ -139,10 +141,17 @@ class EnclaveBatcher:
     enclave call. Errors of a call go to every request in it; nothing is retried here (the
     integrity pipeline's failure policy decides)."""
 
-    def __init__(self, client: EnclaveClient, max_rows: int, delay_s: float) -> None:
+    def __init__(
+        self,
+        client: EnclaveClient,
+        max_rows: int,
+        delay_s: float,
+        on_wait: Callable[[float], None] | None = None,
+    ) -> None:
         self.client = client
         self.max_rows = max_rows
         self.delay_s = delay_s
+        self.on_wait = on_wait  # seconds each request waited for its call to start (metrics)
         self._pending: list[_Pending] = []
         self._rows = 0
         self._timer: asyncio.TimerHandle | None = None
@@ -150,7 +159,7 @@ class EnclaveBatcher:
 
     async def verify(self, request: VerifyRequest, rows: int) -> VerifiedItem:
         loop = asyncio.get_running_loop()
-        item = _Pending(request, rows, loop.create_future())
+        item = _Pending(request, rows, loop.create_future(), time.perf_counter())
         if self._rows + rows > self.max_rows:
             self._flush()
         self._pending.append(item)
@@ -173,6 +182,10 @@ class EnclaveBatcher:
         task.add_done_callback(self._tasks.discard)
 
     async def _call(self, batch: Sequence[_Pending]) -> None:
+        if self.on_wait is not None:
+            now = time.perf_counter()
+            for p in batch:
+                self.on_wait(now - p.queued)
         try:
             result = await self.client.verify([p.request for p in batch])
         except BaseException as exc:  # noqa: BLE001 - every waiter must hear about it

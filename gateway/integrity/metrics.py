@@ -8,6 +8,7 @@ __all__ = ["IntegrityMetrics"]
 
 SCORE_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+STAGE_BUCKETS = (0.0001, 0.00025, *DURATION_BUCKETS)  # stages take tens of microseconds up
 
 
 class IntegrityMetrics:
@@ -37,6 +38,26 @@ class IntegrityMetrics:
             "Enclave verification plus detector (and re-classifier) per verified request.",
             ["model"],
             buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.stage = Histogram(
+            "fides_integrity_stage_duration_seconds",
+            "Where a verified request's time goes, per stage: service (the model's answer, "
+            "queue included), enclave (waiting for the enclave after the service answered: "
+            "they run side by side), judge (detector and novelty check), reclassify (flagged "
+            "answers only), monitor (substitution window, alarm, incident record, response).",
+            ["model", "stage"],
+            buckets=STAGE_BUCKETS,
+            registry=r,
+        )
+        self.enclave_call = Histogram(
+            "fides_enclave_call_duration_seconds",
+            "The enclave boundary, by part: batching (per request, waiting for its enclave "
+            "call to start), round_trip (per call: framing, socket, the enclave's verifier, "
+            "hashing and signing, decoding), check (per call: the gateway's check of the "
+            "signed evidence).",
+            ["model", "part"],
+            buckets=STAGE_BUCKETS,
             registry=r,
         )
         self.unverified = Counter(

@@ -49,6 +49,7 @@ from gateway.enclave_client import (
     EnclaveClient,
     EnclaveError,
     EnclaveState,
+    EnclaveSupervisor,
     EnclaveUnavailable,
     VerifyRequest,
 )
@@ -75,6 +76,9 @@ __all__ = [
 
 NONCE_PARAMETER = "integrity_nonce"
 MIN_NONCE, MAX_NONCE = 8, 512
+# fides_integrity_stage_duration_seconds and fides_enclave_call_duration_seconds labels
+STAGES = ("service", "enclave", "judge", "reclassify", "monitor")
+ENCLAVE_PARTS = ("batching", "round_trip", "check")
 
 
 class VerificationFailed(Unavailable):
@@ -203,9 +207,20 @@ class IntegrityPipeline:
             capacity=cfg.alarm_incident_requests,
         )
         e = cfg.enclave
+        part = {p: metrics.enclave_call.labels(model, p) for p in ENCLAVE_PARTS}
         self.batcher = EnclaveBatcher(
-            enclave, e.max_batch_size, e.max_queue_delay_microseconds / 1e6
+            enclave,
+            e.max_batch_size,
+            e.max_queue_delay_microseconds / 1e6,
+            on_wait=part["batching"].observe,
         )
+        if isinstance(enclave, EnclaveSupervisor):
+
+            def timing(round_trip_s: float, check_s: float) -> None:
+                part["round_trip"].observe(round_trip_s)
+                part["check"].observe(check_s)
+
+            enclave.on_timing = timing
         self.rng = np.random.default_rng(seed)
         self.drill: ActiveDrill | None = None
         self._restarts_seen = 0
@@ -216,6 +231,7 @@ class IntegrityPipeline:
         self._attacks = m.attacks.labels(model)
         self._score = m.score.labels(model)
         self._duration = m.duration.labels(model)
+        self._stage = {s: m.stage.labels(model, s) for s in STAGES}
         m.enclave_up.labels(model).set_function(self._enclave_up)
         self._keys_gauged_at = float("-inf")
         self._alarm_children = {  # looked up once, not per request
@@ -403,6 +419,7 @@ class IntegrityPipeline:
         except BaseException:
             verify.cancel()
             raise
+        t_service = time.perf_counter()
         results = self._tampered(results, drill)
         try:
             item = await verify
@@ -424,7 +441,9 @@ class IntegrityPipeline:
                 "in shape: the integrity block pairs the wrong models"
             )
         pair = {P_INPUT: p, Q_INPUT: q}
+        t_enclave = time.perf_counter()
         scores, novelty = await self._judge(pair, tensors, deadline)  # [n], [n] or None
+        t_judge = time.perf_counter()
         novel = None if novelty is None else novelty > self.novelty_threshold
         verdict, flagged = decide(scores, self.threshold, novel)
         params: dict[str, Any] = {
@@ -439,8 +458,10 @@ class IntegrityPipeline:
             assert self.novelty_threshold is not None
             params["integrity_reason"] = novelty_reason(novelty, self.novelty_threshold)
             self.metrics.unverified.labels(self.model, OUT_OF_DISTRIBUTION).inc()
+        t_reclassify = t_judge
         if flagged.any():
             rec = await self.reclassifier.latest().predict(pair, deadline)
+            t_reclassify = time.perf_counter()
             rec_p = np.asarray(rec[RECLASSIFIER_OUTPUT], dtype=np.float32)  # [n, C]
             results = self._on_attack(results, p, rec_p, flagged, params)
             log.warning(
@@ -465,6 +486,14 @@ class IntegrityPipeline:
         params["integrity_alarm"] = bool(scopes)
         if scopes:
             params["integrity_alarm_scope"] = ",".join(scopes)
+        t_end = time.perf_counter()
+        stage = self._stage
+        stage["service"].observe(t_service - t0)
+        stage["enclave"].observe(t_enclave - t_service)
+        stage["judge"].observe(t_judge - t_enclave)
+        if t_reclassify > t_judge:
+            stage["reclassify"].observe(t_reclassify - t_judge)
+        stage["monitor"].observe(t_end - t_reclassify)
         return Inferred(results, params)
 
     def _sequential(self, client: str | None, scores: np.ndarray, kl: np.ndarray) -> list[str]:

@@ -25,6 +25,7 @@ from typing import Any
 import cbor2
 import httpx
 import numpy as np
+import onnxruntime as ort
 import pytest
 
 from enclave_sim.pki import ROOT_CERT, init_ca
@@ -439,11 +440,22 @@ async def test_enforce_mode_the_replacement_is_checked(
         assert r.gateway_reclassified == (int(digits.labels[0]),)
         assert int(r.probabilities.argmax()) == digits.labels[0]
 
+        # It claims it restored the honest class but serves the service's own answer with its
+        # top two classes switched: the attack that typical digits are sure to be flagged for
+        # (tests/integrity_factory.py), whatever this CPU's training made of the detector.
+        session = ort.InferenceSession(
+            str(integrity_repo / "digits" / "1" / "model.onnx"),
+            providers=["CPUExecutionProvider"],
+        )
+        honest = np.asarray(session.run(None, {"input": digits.images[:1]})[0])  # [1, 10]
+        top = np.argsort(honest[0])[-2:]
+        switched = honest.copy()
+        switched[0, top] = honest[0, top[::-1]]
+        assert int(switched.argmax()) != digits.labels[0]
+
         def wrong_replacement(body: Body) -> Body:
             probs = body["outputs"][0]
-            p = np.full(probs["shape"], 0.01, dtype=np.float32)
-            p[:, (int(digits.labels[0]) + 1) % 10] = 0.91  # claims it restored, serves another
-            body["outputs"] = [{**probs, "data": p.ravel().tolist()}]
+            body["outputs"] = [{**probs, "data": switched.ravel().tolist()}]
             return body
 
         async with async_client(
