@@ -65,6 +65,11 @@ class EnclaveConfig(StrictModel):
     max_queue_delay_microseconds: int = Field(
         500, ge=0, description="How long a verification waits for others to share an enclave call."
     )
+    dispatch_when_idle: bool = Field(
+        True,
+        description="While no enclave call is in flight, a verification goes at once instead "
+        "of waiting max_queue_delay; under load, calls fill while one is in flight.",
+    )
     timeout_s: float = Field(5.0, gt=0, description="Enclave call timeout (then the policy).")
     extra_args: list[str] = Field(
         default_factory=list, description="Extra `fides enclave run` options (e.g. --paging)."

@@ -3,7 +3,9 @@
 Requests wait in a bounded queue; a scheduler task forms a batch from the head of the queue
 (requests whose non-batch dimensions match), dispatching when a preferred size or
 ``max_batch_size`` is reached, or when the oldest request has waited
-``max_queue_delay_microseconds``. Batches run on a thread pool with one worker per model
+``max_queue_delay_microseconds``, or at once while no batch of the model is running
+(``dispatch_when_idle``: waiting cannot fill a batch when the model is idle; it would only
+add the delay to every request at low load). Batches run on a thread pool with one worker per model
 instance, so inference never runs on the event loop. While every instance is busy, the queue
 keeps filling, and the next batch is larger: batching adapts to load by itself.
 """
@@ -31,6 +33,7 @@ log = logging.getLogger(__name__)
 class BatchPolicy:
     max_batch_size: int  # 0: the model has no batch dimension; requests run one by one
     max_queue_delay_s: float = 0.0005
+    dispatch_when_idle: bool = False  # the model config's default is True (DynamicBatching)
     preferred_batch_sizes: tuple[int, ...] = ()
     max_queue_size: int = 256
     instances: int = 1
@@ -89,6 +92,7 @@ class DynamicBatcher:
             max_workers=policy.instances, thread_name_prefix=f"infer-{runtime.name}"
         )
         self._running: set[asyncio.Task[None]] = set()
+        self._busy = 0  # batches dispatched and not yet finished
         self._scheduler: asyncio.Task[None] | None = None
         self._closing = False
 
@@ -213,6 +217,8 @@ class DynamicBatcher:
     def _should_dispatch(self) -> bool:
         if not self.batched or self._closing:
             return True
+        if self.policy.dispatch_when_idle and self._busy == 0:
+            return True
         size = self._ready_size()
         if size >= self.policy.max_batch_size or size in self.policy.preferred_batch_sizes:
             return True
@@ -238,6 +244,7 @@ class DynamicBatcher:
                 self._slots.release()
                 continue
             batch = self._take_batch()
+            self._busy += 1
             self.observer.queued(len(self._queue))
             task = asyncio.get_running_loop().create_task(self._run(batch))
             self._running.add(task)
@@ -264,6 +271,7 @@ class DynamicBatcher:
                 if not item.future.done():
                     item.future.set_result(out)
         finally:
+            self._busy -= 1
             self._slots.release()
             self._wakeup.set()
 

@@ -87,6 +87,12 @@ class DynamicBatching(StrictModel):
     max_queue_delay_microseconds: int = Field(
         500, ge=0, description="How long the first request may wait for others to join a batch."
     )
+    dispatch_when_idle: bool = Field(
+        True,
+        description="While no batch of the model is running, what is queued goes at once "
+        "instead of waiting max_queue_delay for more: waiting cannot fill a batch then, and "
+        "under load batches fill while the instances are busy. false: always wait (Triton).",
+    )
     preferred_batch_size: list[int] = Field(
         default_factory=list, description="Batch sizes that are dispatched at once when reached."
     )

@@ -94,6 +94,7 @@ def batch_policy(cfg: ModelConfig) -> BatchPolicy:
     return BatchPolicy(
         max_batch_size=cfg.max_batch_size,
         max_queue_delay_s=db.max_queue_delay_microseconds / 1e6,
+        dispatch_when_idle=db.dispatch_when_idle,
         preferred_batch_sizes=tuple(db.preferred_batch_size),
         max_queue_size=db.max_queue_size,
         instances=instances,

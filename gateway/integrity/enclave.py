@@ -138,8 +138,10 @@ class _Pending:
 
 class EnclaveBatcher:
     """Collects verifications for up to ``delay_s`` or ``max_rows`` rows, then makes one
-    enclave call. Errors of a call go to every request in it; nothing is retried here (the
-    integrity pipeline's failure policy decides)."""
+    enclave call. With ``when_idle``, a verification that finds no call in flight goes at
+    once, and what gathered while calls were in flight goes when the last of them ends (or
+    at ``delay_s``, whichever is first). Errors of a call go to every request in it; nothing
+    is retried here (the integrity pipeline's failure policy decides)."""
 
     def __init__(
         self,
@@ -147,10 +149,12 @@ class EnclaveBatcher:
         max_rows: int,
         delay_s: float,
         on_wait: Callable[[float], None] | None = None,
+        when_idle: bool = False,
     ) -> None:
         self.client = client
         self.max_rows = max_rows
         self.delay_s = delay_s
+        self.when_idle = when_idle
         self.on_wait = on_wait  # seconds each request waited for its call to start (metrics)
         self._pending: list[_Pending] = []
         self._rows = 0
@@ -164,7 +168,7 @@ class EnclaveBatcher:
             self._flush()
         self._pending.append(item)
         self._rows += rows
-        if self._rows >= self.max_rows or self.delay_s <= 0:
+        if self._rows >= self.max_rows or self.delay_s <= 0 or (self.when_idle and not self._tasks):
             self._flush()
         elif self._timer is None:
             self._timer = loop.call_later(self.delay_s, self._flush)
@@ -179,7 +183,12 @@ class EnclaveBatcher:
         batch, self._pending, self._rows = self._pending, [], 0
         task = asyncio.get_running_loop().create_task(self._call(batch))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._call_done)
+
+    def _call_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if self.when_idle and not self._tasks and self._pending:
+            self._flush()  # they gathered while the enclave was busy: a batch, ready now
 
     async def _call(self, batch: Sequence[_Pending]) -> None:
         if self.on_wait is not None:

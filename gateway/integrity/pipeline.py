@@ -213,6 +213,7 @@ class IntegrityPipeline:
             e.max_batch_size,
             e.max_queue_delay_microseconds / 1e6,
             on_wait=part["batching"].observe,
+            when_idle=e.dispatch_when_idle,
         )
         if isinstance(enclave, EnclaveSupervisor):
 

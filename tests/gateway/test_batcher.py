@@ -85,6 +85,26 @@ async def test_waits_max_delay_for_a_batch_to_form() -> None:
     await b.close()
 
 
+async def test_an_idle_model_takes_a_lone_request_at_once() -> None:
+    rt = DoublingRuntime(delay_s=0.2)
+    b = DynamicBatcher(rt, _policy(max_queue_delay_s=5.0, dispatch_when_idle=True))
+    b.start()
+    t0 = time.monotonic()
+    await _run_all(b, [_x(1.0)])
+    assert time.monotonic() - t0 < 2.0  # not the 5 s delay: nothing else could have joined
+    # while that first batch runs, the queue fills; the rest go as one batch when it ends
+    deadline = time.monotonic() + 10.0
+    first = asyncio.ensure_future(b.submit(_x(0.0), deadline))
+    await asyncio.sleep(0.05)  # the first is running now
+    rest = [asyncio.ensure_future(b.submit(_x(float(i)), deadline)) for i in range(1, 6)]
+    outs = await asyncio.gather(first, *rest)
+    assert time.monotonic() - t0 < 4.0  # no 5 s delay anywhere
+    assert rt.batches == [1, 1, 5]
+    for i, out in enumerate(outs):
+        np.testing.assert_array_equal(out["y"], _x(float(i))["x"] * 2)
+    await b.close()
+
+
 async def test_preferred_size_dispatches_without_waiting() -> None:
     rt = DoublingRuntime()
     b = DynamicBatcher(rt, _policy(max_queue_delay_s=5.0, preferred_batch_sizes=(4,)))

@@ -1,0 +1,66 @@
+"""The enclave batcher: verifications share enclave calls, and a lone one does not wait for
+company that cannot come (``integrity.enclave.dispatch_when_idle``). The enclave is the
+in-process double: a real EnclaveCore signing real evidence, with a chosen delay per call."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from fides.bench.enclave import mlp_verifier
+from fides_core.verify import VerifyRequest
+from gateway.integrity.enclave import EnclaveBatcher
+from tests.enclave_double import FakeEnclaveClient
+
+
+def _enclave(tmp_path: Path) -> FakeEnclaveClient:
+    path = tmp_path / "verifier.onnx"
+    mlp_verifier(path, (64, 16, 10))
+    return FakeEnclaveClient(path)
+
+
+def _request(i: int) -> VerifyRequest:
+    x = np.random.default_rng(i).standard_normal((1, 64)).astype(np.float32)
+    return VerifyRequest(f"r{i}", os.urandom(16), {"input": x})
+
+
+async def test_a_lone_verification_goes_at_once_when_the_enclave_is_idle(tmp_path: Path) -> None:
+    enclave = _enclave(tmp_path)
+    batcher = EnclaveBatcher(enclave, max_rows=32, delay_s=5.0, when_idle=True)
+    t0 = time.monotonic()
+    item = await batcher.verify(_request(0), 1)
+    assert time.monotonic() - t0 < 2.0  # not the 5 s delay
+    assert item.id == "r0"
+    assert enclave.calls == 1
+    await batcher.close()
+
+
+async def test_what_gathers_during_a_call_goes_as_one_call_when_it_ends(tmp_path: Path) -> None:
+    enclave = _enclave(tmp_path)
+    enclave.delay_s = 0.3
+    batcher = EnclaveBatcher(enclave, max_rows=32, delay_s=5.0, when_idle=True)
+    t0 = time.monotonic()
+    first = asyncio.ensure_future(batcher.verify(_request(0), 1))
+    await asyncio.sleep(0.05)  # the first call is in flight
+    rest = [asyncio.ensure_future(batcher.verify(_request(i), 1)) for i in range(1, 6)]
+    items = await asyncio.gather(first, *rest)
+    assert time.monotonic() - t0 < 3.0  # never the 5 s delay
+    assert [it.id for it in items] == [f"r{i}" for i in range(6)]
+    assert enclave.calls == 2  # the first alone, then the five that waited for it
+    await batcher.close()
+
+
+async def test_without_idle_dispatch_a_lone_verification_waits_the_delay(tmp_path: Path) -> None:
+    enclave = _enclave(tmp_path)
+    batcher = EnclaveBatcher(enclave, max_rows=32, delay_s=0.2, when_idle=False)
+    t0 = time.monotonic()
+    await batcher.verify(_request(0), 1)
+    assert time.monotonic() - t0 >= 0.19
+    # and verifications within the delay share the call
+    await asyncio.gather(*(batcher.verify(_request(i), 1) for i in range(1, 5)))
+    assert enclave.calls == 2
+    await batcher.close()
