@@ -3,13 +3,14 @@
 The server (:mod:`enclave_sim.server`) runs one of these behind the Unix socket; the gateway's
 in-process fake runs one directly. Both therefore run the real model and really sign.
 
-Keys, both P-384 and new at every boot (nothing signed by a previous boot verifies against
-this one's attestation):
+Keys, both new at every boot (nothing signed by a previous boot verifies against this one's
+attestation):
 
-- the attestation key, certified by the platform CA in a per-boot leaf certificate (the role of
-  the Nitro Security Module's key): it signs attestation documents;
-- the result key, whose public half the attestation document carries in ``public_key`` (the
-  role of an enclave application's key): it signs verification results.
+- the attestation key (P-384, ES384), certified by the platform CA in a per-boot leaf
+  certificate (the role of the Nitro Security Module's key): it signs attestation documents;
+- the result key (P-256, ES256), whose public half the attestation document carries in
+  ``public_key`` (the role of an enclave application's key): it signs verification results.
+  ES256 because its signature is on every verified answer's path.
 """
 
 from __future__ import annotations
@@ -30,7 +31,13 @@ import onnxruntime as ort
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from enclave_sim.pki import PlatformIdentity, issue_leaf, load_identity, new_key
+from enclave_sim.pki import (
+    PlatformIdentity,
+    issue_leaf,
+    load_identity,
+    new_key,
+    new_result_key,
+)
 from enclave_sim.resources import (
     Footprint,
     ResourceSettings,
@@ -148,7 +155,7 @@ class EnclaveCore:
         self._attestation_key = new_key()
         self._leaf = issue_leaf(identity, self._attestation_key.public_key(), self.module_id)
         self._attestation_cose = cose.private_key(self._attestation_key)
-        result_key = new_key()
+        result_key = new_result_key()
         self._result_cose = cose.private_key(result_key)
         self.result_public_key = result_key.public_key().public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo

@@ -733,7 +733,7 @@ class FidesClient(_ClientBase):
 
 
 class AsyncFidesClient(_ClientBase):
-    """The same client on ``httpx.AsyncClient``. The local checks (one ES384 verification and
+    """The same client on ``httpx.AsyncClient``. The local checks (one ES256 verification and
     two small ONNX models) run in the event loop: about a millisecond per request."""
 
     def __init__(

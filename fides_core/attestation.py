@@ -375,9 +375,10 @@ def verify_attestation(
     except (ValueError, TypeError) as exc:
         raise MalformedEvidence(f"public_key is not a DER public key: {exc}") from None
     if not isinstance(result_key, ec.EllipticCurvePublicKey) or not isinstance(
-        result_key.curve, ec.SECP384R1
+        result_key.curve, ec.SECP256R1 | ec.SECP384R1
     ):
-        raise MalformedEvidence("public_key must be an ECDSA P-384 key")
+        # P-256 (ES256) since the verification cost work (issue 25); P-384 before it
+        raise MalformedEvidence("public_key must be an ECDSA P-256 or P-384 key")
     if expected_user_data is not None and claims.get("user_data") != expected_user_data:
         raise BindingError("user_data does not match what we asked the enclave to bind")
     # 6. simulation

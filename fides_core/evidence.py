@@ -16,7 +16,8 @@ like an AWS Nitro Enclaves attestation document, plus simulation markers::
     fides        {"protocol": 1, "model_version", "memory_budget_bytes",
                   "model_footprint_bytes", "paging", "transition_us"}
 
-Verification result: one COSE_Sign1 per batch (ES384, by the key in ``public_key``) over::
+Verification result: one COSE_Sign1 per batch (ES256, by the P-256 key in ``public_key``; ES384
+by a P-384 key in evidence from before issue 25, still accepted) over::
 
     {"type": "fides-verification/1", "module_id", "measurement": pcr0, "seq", "timestamp",
      "count": n requests, "root": Merkle root (32 bytes), "simulated": true}

@@ -118,7 +118,7 @@ def calibration_fingerprint(
 def evidence_module_id(evidence: bytes) -> str | None:
     """The enclave boot a per-request evidence names (unverified: for choosing the key)."""
     try:
-        _, payload = cose.split_sign1(decode_result_evidence(evidence)["result"])
+        _, payload = cose.split_sign1(decode_result_evidence(evidence)["result"], alg=None)
         module = cbor2.loads(payload).get("module_id")
     except (AttestationError, cose.CoseError, ValueError, AttributeError, cbor2.CBORDecodeError):
         return None

@@ -31,7 +31,7 @@ from gateway.enclave_client import (
 
 class FakeEnclaveClient:
     """An in-process EnclaveClient for unit tests: a real :class:`EnclaveCore` (onnxruntime,
-    ES384 signatures) under a fresh in-memory root CA, no process, no socket.
+    ES256 result signatures) under a fresh in-memory root CA, no process, no socket.
 
     ``fail`` -- while set, every call raises it (simulate an outage: ``EnclaveUnavailable``).
     ``delay_s`` -- added to every call (simulate a slow enclave). ``calls`` counts calls.

@@ -8,13 +8,13 @@ model and onnxruntime settings (one intra-op thread):
     ``session.run`` on the stacked batch: the verifier alone, the baseline.
 ``in_process_core``
     :meth:`EnclaveCore.verify` in this process: the model plus input hashing, Merkle tree,
-    one ES384 signature and CBOR evidence. What signing costs, without transport.
+    one ES256 signature and CBOR evidence. What signing costs, without transport.
 ``socket_enclave``
     :class:`gateway.enclave_client.SocketEnclaveClient` to the real enclave process: CBOR
     frames over the Unix socket both ways, decoding, plus everything above.
 ``socket_enclave_checked``
     ``socket_enclave`` plus the gateway supervisor's :func:`check_verification` of every
-    item (one ES384 verification per batch, one Merkle proof and input re-hash per request).
+    item (one ES256 verification per batch, one Merkle proof and input re-hash per request).
 
 Overhead = socket_enclave - in_process_ort (median per call), and its share of the total
 ``socket_enclave`` time. Two synthetic verifiers (seeded random weights) unless models are

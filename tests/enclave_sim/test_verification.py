@@ -12,6 +12,7 @@ import pytest
 from enclave_sim.core import EnclaveCore
 from enclave_sim.pki import PlatformIdentity
 from enclave_sim.resources import ResourceSettings, estimate_footprint
+from fides_core import cose
 from fides_core.attestation import (
     AttestedEnclave,
     BindingError,
@@ -76,6 +77,33 @@ def test_verify_runs_the_model_and_binds_each_request(
         doc = cbor2.loads(item.evidence)
         assert doc["entry"]["id"] == req.id
     assert len(set(seqs)) == 1
+
+
+def test_results_are_signed_es256_and_the_alg_is_the_keys(
+    core: EnclaveCore, attested: AttestedEnclave
+) -> None:
+    """Results: ES256 by the attested P-256 key (on every answer's path); the attestation
+    document: ES384 (once per boot, as Nitro). A result whose header claims another alg than
+    the attested key's is refused before any signature check, whatever its bytes."""
+    req = _request(3)
+    item = core.verify([req]).items[0]
+    assert isinstance(item, VerifiedItem)
+    doc = cbor2.loads(item.evidence)
+    protected, _ = cose.split_sign1(doc["result"], alg=None)
+    assert protected[1] == cose.ES256
+    assert attested.public_key.curve.name == "secp256r1"
+    assert cose.split_sign1(attested.document)[0][1] == cose.ES384
+    tag = cbor2.loads(doc["result"])
+    relabelled = cbor2.dumps(
+        cbor2.CBORTag(18, [cbor2.dumps({1: cose.ES384}), *tag.value[1:3], bytes(96)])
+    )
+    with pytest.raises(SignatureError, match="must carry alg ES256"):
+        check_verification(
+            cbor2.dumps({**doc, "result": relabelled}),
+            attested=attested,
+            inputs=req.inputs,
+            nonce=req.nonce,
+        )
 
 
 def test_sequence_numbers_increase(core: EnclaveCore, attested: AttestedEnclave) -> None:

@@ -266,7 +266,7 @@ def _edit_evidence(body: Body, edit: Callable[[dict[str, Any]], None]) -> Body:
 def test_a_forged_signature_fails_after_one_new_handshake(live: Live, digits: Digits) -> None:
     def forge(doc: dict[str, Any]) -> None:
         signed = bytearray(doc["result"])
-        signed[-5] ^= 0x01  # inside the ES384 signature, the last field of the COSE_Sign1
+        signed[-5] ^= 0x01  # inside the ES256 signature, the last field of the COSE_Sign1
         doc["result"] = bytes(signed)
 
     liar = Liar()
