@@ -7,7 +7,9 @@ Requests wait in a bounded queue; a scheduler task forms a batch from the head o
 (``dispatch_when_idle``: waiting cannot fill a batch when the model is idle; it would only
 add the delay to every request at low load). Batches run on a thread pool with one worker per model
 instance, so inference never runs on the event loop. While every instance is busy, the queue
-keeps filling, and the next batch is larger: batching adapts to load by itself.
+keeps filling, and the next batch is larger: batching adapts to load by itself. A model
+with ``execution: inline`` runs its batches on the event loop itself instead (microsecond
+models, for which the thread hop costs more than the model).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class BatchPolicy:
     preferred_batch_sizes: tuple[int, ...] = ()
     max_queue_size: int = 256
     instances: int = 1
+    inline: bool = False  # run batches on the event loop itself (execution: inline)
 
 
 class BatchObserver:
@@ -258,7 +261,12 @@ class DynamicBatcher:
             loop = asyncio.get_running_loop()
             start = self._clock()
             try:
-                results, stages = await loop.run_in_executor(self._executor, self._execute, batch)
+                if self.policy.inline:  # on the loop: no hop, no GIL hand-back
+                    results, stages = self._execute(batch)
+                else:
+                    results, stages = await loop.run_in_executor(
+                        self._executor, self._execute, batch
+                    )
             except Exception as exc:  # noqa: BLE001 - every request in the batch gets the error
                 err = exc if isinstance(exc, GatewayError) else _internal(self.runtime, exc)
                 for item in batch:

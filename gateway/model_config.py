@@ -188,6 +188,13 @@ class ModelConfig(StrictModel):
     version_policy: VersionPolicy = Field(default_factory=VersionPolicy)
     dynamic_batching: DynamicBatching | None = None
     instance_group: InstanceGroup = Field(default_factory=InstanceGroup)
+    execution: Literal["thread", "inline"] = Field(
+        "thread",
+        description="thread: batches run on the model's worker threads (instance_group). "
+        "inline: on the server's event loop, no thread hop; for models whose batch costs tens "
+        "of microseconds (a detector, a re-classifier), where the hop and handing the GIL back "
+        "cost more than the model. An inline model blocks every request while it runs.",
+    )
     allow_non_finite: bool = Field(False, description="Accept NaN/Inf in float inputs.")
     default_model_filename: str | None = Field(
         None, description="Artefact file inside each version dir (default by platform)."
@@ -212,6 +219,16 @@ class ModelConfig(StrictModel):
             raise ValueError("an 'integrity:' block is for classifiers, not platform 'causal_lm'")
         if self.generation is not None and self.platform != "causal_lm":
             raise ValueError("a 'generation:' block needs platform 'causal_lm'")
+        if self.execution == "inline":
+            if self.platform not in ("onnx", "torch"):
+                raise ValueError(
+                    f"execution 'inline' is for onnx and torch models, not {self.platform!r}"
+                )
+            if self.instance_group.count != 1:
+                raise ValueError(
+                    "execution 'inline' runs one batch at a time on the event loop: "
+                    f"instance_group.count must be 1, not {self.instance_group.count}"
+                )
         if self.dynamic_batching is not None and self.max_batch_size == 0:
             raise ValueError("dynamic_batching needs max_batch_size > 0")
         if self.dynamic_batching is not None:

@@ -90,6 +90,7 @@ def batch_policy(cfg: ModelConfig) -> BatchPolicy:
             max_queue_delay_s=0.0,
             instances=instances,
             max_queue_size=256,
+            inline=cfg.execution == "inline",
         )
     return BatchPolicy(
         max_batch_size=cfg.max_batch_size,
@@ -98,6 +99,7 @@ def batch_policy(cfg: ModelConfig) -> BatchPolicy:
         preferred_batch_sizes=tuple(db.preferred_batch_size),
         max_queue_size=db.max_queue_size,
         instances=instances,
+        inline=cfg.execution == "inline",
     )
 
 

@@ -116,7 +116,28 @@ def single_image_latency_ms(net: nn.Module, image_shape: tuple[int, int, int]) -
         return measure_latency(ort_session(path), x[:1].numpy(), repeats=50)
 
 
-def serving_config(labels: list[str], max_batch_size: int = 64) -> dict[str, Any]:
+# A model whose full batch runs faster than this is served inline (on the event loop): the
+# thread hop and handing the GIL back cost more than the model (issue 25, docs/enclave.md).
+INLINE_BELOW_MS = 0.2
+
+
+def execution_for(path: Path, feeds: dict[str, np.ndarray], repeats: int = 50) -> str:
+    """``inline`` when one run of the ONNX model at ``path`` on ``feeds`` (a full batch) takes
+    under :data:`INLINE_BELOW_MS` on one thread (median), else ``thread``."""
+    session = ort_session(path)
+    for _ in range(5):
+        session.run(None, feeds)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        session.run(None, feeds)
+        times.append(time.perf_counter() - t)
+    return "inline" if statistics.median(times) * 1e3 < INLINE_BELOW_MS else "thread"
+
+
+def serving_config(
+    labels: list[str], max_batch_size: int = 64, execution: str = "thread"
+) -> dict[str, Any]:
     """The gateway ``config.yaml`` (gateway.model_config) for a classifier on one core."""
     preferred = [b for b in (16, 32, 64) if b < max_batch_size] + [max_batch_size]
     return {
@@ -129,6 +150,7 @@ def serving_config(labels: list[str], max_batch_size: int = 64) -> dict[str, Any
             "max_queue_size": 512,
         },
         "instance_group": {"count": 1, "kind": "cpu"},
+        "execution": execution,
         "onnx": {"intra_op_threads": 1},
         "labels": labels,
     }

@@ -17,7 +17,7 @@ from torch import nn
 from fides_core.integrity import DETECTOR_OUTPUT, P_INPUT, Q_INPUT, RECLASSIFIER_OUTPUT
 from verifier.detector import AttackDetector, Reclassifier, export_pair_model
 from verifier.experiment import RunSpec
-from verifier.export import INPUT_NAME, serving_config, write_entry
+from verifier.export import INPUT_NAME, execution_for, serving_config, write_entry
 from verifier.novelty import NoveltyScorer, export_novelty
 
 __all__ = [
@@ -69,7 +69,15 @@ def _write_pair_entry(
     version = root / name / "1"
     version.mkdir(parents=True, exist_ok=True)
     diff = export_pair_model(net, version / "model.onnx", p[:256], q[:256], output)  # type: ignore[arg-type]
-    body = yaml.safe_dump(serving_config(labels), sort_keys=False, default_flow_style=None)
+    rows = np.resize(np.arange(len(p)), 64)  # a full batch, however few rows were given
+    feeds = {
+        P_INPUT: p[rows].astype(np.float32),
+        Q_INPUT: q[rows].astype(np.float32),
+    }
+    execution = execution_for(version / "model.onnx", feeds)
+    body = yaml.safe_dump(
+        serving_config(labels, execution=execution), sort_keys=False, default_flow_style=None
+    )
     (root / name / "config.yaml").write_text(f"# {comment}\n{body}", encoding="utf-8")
     card = {**card, "name": name, "onnx_max_abs_diff": diff}
     (version / "model_card.json").write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
@@ -83,7 +91,10 @@ def _write_novelty_entry(
     version = root / name / "1"
     version.mkdir(parents=True, exist_ok=True)
     diff = export_novelty(novelty.scorer, version / "model.onnx", x_check, INPUT_NAME)
-    cfg = {**serving_config(["novelty"], exp.export.max_batch_size)}
+    rows = np.resize(np.arange(len(x_check)), exp.export.max_batch_size)
+    feeds = {INPUT_NAME: x_check.numpy()[rows]}
+    execution = execution_for(version / "model.onnx", feeds)
+    cfg = {**serving_config(["novelty"], exp.export.max_batch_size, execution=execution)}
     body = yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)
     (root / name / "config.yaml").write_text(
         f"# {exp.name}: out-of-distribution check (verifier.novelty)\n{body}", encoding="utf-8"

@@ -105,6 +105,34 @@ async def test_an_idle_model_takes_a_lone_request_at_once() -> None:
     await b.close()
 
 
+async def test_an_inline_model_runs_on_the_event_loop_and_still_batches() -> None:
+    rt = DoublingRuntime()
+    b = DynamicBatcher(rt, _policy(max_queue_delay_s=0.02, inline=True))
+    b.start()
+    items = [_x(float(i)) for i in range(6)]
+    outs = await _run_all(b, items)
+    for i, out in zip(items, outs, strict=True):
+        np.testing.assert_array_equal(out["y"], i["x"] * 2)
+    assert rt.threads == {threading.get_ident()}  # the loop's own thread, no worker
+    assert len(rt.batches) < 6  # queued requests still shared batches
+    rt.fail = True  # an error still goes to every request of its batch, the loop lives on
+    with pytest.raises(GatewayError, match="ValueError: boom"):
+        await _run_all(b, [_x(1.0)])
+    rt.fail = False
+    assert (await _run_all(b, [_x(3.0)]))[0]["y"][0, 0] == 6.0
+    await b.close()
+
+
+def test_inline_execution_needs_one_instance_and_a_local_model() -> None:
+    with pytest.raises(ValueError, match="instance_group.count must be 1, not 2"):
+        ModelConfig(
+            platform="onnx", max_batch_size=8, execution="inline", instance_group={"count": 2}
+        )
+    with pytest.raises(ValueError, match="not 'upstream'"):
+        ModelConfig(platform="upstream", execution="inline", upstream={"url": "http://127.0.0.1:1"})
+    assert ModelConfig(platform="onnx", execution="inline").execution == "inline"
+
+
 async def test_preferred_size_dispatches_without_waiting() -> None:
     rt = DoublingRuntime()
     b = DynamicBatcher(rt, _policy(max_queue_delay_s=5.0, preferred_batch_sizes=(4,)))
