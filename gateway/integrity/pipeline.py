@@ -51,6 +51,7 @@ from gateway.enclave_client import (
     EnclaveState,
     EnclaveSupervisor,
     EnclaveUnavailable,
+    VerifiedItem,
     VerifyRequest,
 )
 from gateway.errors import BadRequest, GatewayError, Unavailable
@@ -409,12 +410,7 @@ class IntegrityPipeline:
             )
 
         t0 = time.perf_counter()
-        verify = asyncio.ensure_future(
-            asyncio.wait_for(
-                self.batcher.verify(VerifyRequest(rid, nonce, tensors), rows),
-                self.cfg.enclave.timeout_s,
-            )
-        )
+        verify = asyncio.ensure_future(self._verify(VerifyRequest(rid, nonce, tensors), rows))
         try:
             results = await service.predict(tensors, deadline)
         except BaseException:
@@ -496,6 +492,12 @@ class IntegrityPipeline:
             stage["reclassify"].observe(t_reclassify - t_judge)
         stage["monitor"].observe(t_end - t_reclassify)
         return Inferred(results, params)
+
+    async def _verify(self, request: VerifyRequest, rows: int) -> VerifiedItem:
+        """The enclave's answer within ``enclave.timeout_s`` (TimeoutError otherwise); one task
+        per request (``asyncio.wait_for`` would add a second)."""
+        async with asyncio.timeout(self.cfg.enclave.timeout_s):
+            return await self.batcher.verify(request, rows)
 
     def _sequential(self, client: str | None, scores: np.ndarray, kl: np.ndarray) -> list[str]:
         """Feed the sequential alarm the in-distribution rows' detector scores and KL; the
