@@ -138,7 +138,7 @@ def _start_enclave(
 ) -> tuple[subprocess.Popen[bytes], Path]:
     sock = Path(tempfile.mkdtemp(prefix="fxb-", dir="/tmp")) / "bench.sock"
     log_file = (workdir / "enclave.log").open("wb")
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]  # the checkout (fides/bench/enclave.py)
     env = {**os.environ, "PYTHONPATH": str(root), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         [
