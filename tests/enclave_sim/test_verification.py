@@ -106,6 +106,35 @@ def test_results_are_signed_es256_and_the_alg_is_the_keys(
         )
 
 
+def test_es384_results_from_before_the_switch_still_verify(
+    module_files: EnclaveFiles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An enclave whose result key is P-384 (every boot before issue 25) signs ES384 results:
+    its evidence, incident bundles included, checks as before."""
+    import enclave_sim.core
+    from enclave_sim.pki import new_key
+
+    monkeypatch.setattr(enclave_sim.core, "new_result_key", new_key)  # the old key
+    old = EnclaveCore.boot(module_files.sealed_path, module_files.platform_dir)
+    nonce = b"b" * 32
+    attested = verify_attestation(
+        old.attest(nonce),
+        root=module_files.root_pem,
+        policy=Policy.of(old.measurement.pcr0, allow_simulated=True),
+        nonce=nonce,
+    )
+    assert attested.public_key.curve.name == "secp384r1"
+    req = _request(4)
+    item = old.verify([req]).items[0]
+    assert isinstance(item, VerifiedItem)
+    signed = cbor2.loads(item.evidence)["result"]
+    assert cose.split_sign1(signed, alg=None)[0][1] == cose.ES384
+    checked = check_verification(
+        item.evidence, attested=attested, inputs=req.inputs, nonce=req.nonce, request_id=req.id
+    )
+    assert checked.request_id == req.id
+
+
 def test_sequence_numbers_increase(core: EnclaveCore, attested: AttestedEnclave) -> None:
     a = core.verify([_request(1)])
     b = core.verify([_request(1)])
