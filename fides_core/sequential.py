@@ -175,6 +175,19 @@ class SequentialDetector:
             [self._columns.index((c.score, c.tail, c.calibrator)) for c in self.components]
         )
         self._rates = np.array([c.rate for c in self.components])
+        # per column: its (score, tail) pair, whether it is the power calibrator, and the tail
+        # calibrator's cut (the calibrations are fixed): one broadcast per batch of answers
+        self._pairs = list(dict.fromkeys((score, tail) for score, tail, _ in self._columns))
+        self._pair_of = np.array([self._pairs.index((s, t)) for s, t, _ in self._columns])
+        self._power = np.array([c == "power" for _, _, c in self._columns])
+        self._cut = np.array(
+            [
+                1.0
+                if c == "power"
+                else min(1.0, int(c.removeprefix("tail")) * self.calibrations[s].p_values[0])
+                for s, _, c in self._columns
+            ]
+        )
 
     @property
     def threshold(self) -> float:
@@ -191,20 +204,16 @@ class SequentialDetector:
         missing = {c.score for c in self.components} - set(scores)
         if missing:
             raise ValueError(f"missing scores {sorted(missing)}")
-        p_of: dict[tuple[str, Tail], np.ndarray] = {}
-        columns = []
-        for score, tail, calibrator in self._columns:
-            cal = self.calibrations[score]
-            if (score, tail) not in p_of:
-                p_of[score, tail] = cal.p(np.atleast_1d(scores[score]), tail)
-            p = p_of[score, tail]
-            if calibrator == "power":
-                columns.append(self.kappa * p ** (self.kappa - 1.0))
-            else:
-                cut = min(1.0, int(calibrator.removeprefix("tail")) * cal.p_values[0])
-                columns.append((p <= cut) / cut)
-        f = np.stack(columns, axis=1)[:, self._column_of]  # [m, components]
-        return 1.0 - self._rates + self._rates * f
+        p = np.stack(
+            [self.calibrations[s].p(np.atleast_1d(scores[s]), t) for s, t in self._pairs], axis=1
+        )[:, self._pair_of]  # [m, columns]: each column's p-values
+        # calibrators: power kappa * p^(kappa - 1), or tail 1{p <= cut} / cut
+        columns = np.where(
+            self._power, self.kappa * p ** (self.kappa - 1.0), (p <= self._cut) / self._cut
+        )
+        f = columns[:, self._column_of]  # [m, components]
+        e: np.ndarray = 1.0 - self._rates + self._rates * f
+        return e
 
     def statistic(self, state: StreamState) -> float:
         """The mixture statistic: the components' average."""
