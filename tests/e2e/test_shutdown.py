@@ -20,8 +20,8 @@ pytestmark = pytest.mark.e2e
 
 def test_sigterm_lets_in_flight_requests_finish(tmp_path: Path) -> None:
     repo = make_repository(tmp_path / "repo", datatypes=())
-    # Requests wait up to 1.5 s in the batcher for a batch to fill: they are in flight when
-    # the signal arrives.
+    # Requests wait up to 1.5 s in the batcher for a batch to fill (even the first, on an idle
+    # model): they are in flight when the signal arrives.
     write_config(
         repo / "tiny",
         {
@@ -30,6 +30,7 @@ def test_sigterm_lets_in_flight_requests_finish(tmp_path: Path) -> None:
             "dynamic_batching": {
                 "max_queue_delay_microseconds": 1_500_000,
                 "preferred_batch_size": [16],
+                "dispatch_when_idle": False,
             },
         },
     )

@@ -464,12 +464,17 @@ async def test_symlinked_model_directory_is_served(settings: Settings, tmp_path:
 
 
 async def test_request_timeout_parameter(client: httpx.AsyncClient, repo_path: Path) -> None:
-    # A model whose batcher waits 2 s for company: a 50 ms request timeout expires first.
+    # A model whose batcher waits 2 s for company, even when idle: a 50 ms request timeout
+    # expires first.
     write_config(
         repo_path / "slow",
         {
             **TINY_CONFIG,
-            "dynamic_batching": {"max_queue_delay_microseconds": 2_000_000, "max_queue_size": 4},
+            "dynamic_batching": {
+                "max_queue_delay_microseconds": 2_000_000,
+                "max_queue_size": 4,
+                "dispatch_when_idle": False,
+            },
         },
     )
     tiny_classifier(repo_path / "slow" / "1" / "model.onnx")
@@ -491,6 +496,7 @@ async def test_queue_full_sheds_with_503(client: httpx.AsyncClient, repo_path: P
                 "max_queue_delay_microseconds": 300_000,
                 "max_queue_size": 2,
                 "preferred_batch_size": [16],
+                "dispatch_when_idle": False,  # requests wait, so the queue fills
             },
         },
     )
