@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import re
 import shutil
-import statistics
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,6 +35,7 @@ import numpy as np
 import orjson
 import yaml
 
+from fides.bench.enclave import _timed
 from fides.bench.serving import (
     REQUEST_TIMEOUT_S,
     _decode_response,
@@ -240,18 +239,6 @@ def breakdown(before: Any, after: Any, model: str, pair_models: dict[str, str]) 
 # -- the enclave's own work, in this process ------------------------------------------------
 
 
-def _timed_us(fn: Callable[[], Any], duration_s: float) -> float:
-    for _ in range(20):
-        fn()
-    samples: list[float] = []
-    end = time.perf_counter() + duration_s
-    while time.perf_counter() < end or len(samples) < 50:
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return round(statistics.median(samples) * 1e6, 1)
-
-
 def enclave_work(verifier: Path, config: dict[str, Any], sample: np.ndarray) -> dict[str, float]:
     """Median microseconds of the enclave's own work at batch 1 on this verifier: onnxruntime
     alone, the whole :meth:`EnclaveCore.verify` (checks, hashing, Merkle tree, one signature,
@@ -282,13 +269,13 @@ def enclave_work(verifier: Path, config: dict[str, Any], sample: np.ndarray) -> 
         request = [VerifyRequest("bench-0", b"n" * 16, {spec.name: x})]
         payload = cbor2.dumps({"type": "fides-verification/1", "root": b"r" * 32, "seq": 1})
         key = core._result_cose  # noqa: SLF001 - the key the core signs results with
-        ort_us = _timed_us(lambda: session.run(None, {spec.name: x}), 1.0)
-        core_us = _timed_us(lambda: core.verify(request), 1.0)
-        sign_us = _timed_us(lambda: cose.sign1(payload, key), 1.0)
+        ort_us = _timed(lambda: session.run(None, {spec.name: x}), 1.0, 20)["median_us"]
+        core_us = _timed(lambda: core.verify(request), 1.0, 20)["median_us"]
+        sign_us = _timed(lambda: cose.sign1(payload, key), 1.0, 20)["median_us"]
     return {
-        "verifier_ort_us": ort_us,
-        "core_verify_us": core_us,
-        "signature_us": sign_us,
+        "verifier_ort_us": round(ort_us, 1),
+        "core_verify_us": round(core_us, 1),
+        "signature_us": round(sign_us, 1),
         "hashing_and_evidence_us": round(core_us - ort_us - sign_us, 1),
     }
 
