@@ -91,11 +91,14 @@ def check_parity(net: nn.Module, session: ort.InferenceSession, x: torch.Tensor)
 
 
 def measure_latency(
-    session: ort.InferenceSession, x: np.ndarray, repeats: int = 200, warmup: int = 10
+    session: ort.InferenceSession,
+    x: np.ndarray | dict[str, np.ndarray],
+    repeats: int = 200,
+    warmup: int = 10,
 ) -> float:
-    """Median latency of one run on the batch ``x`` as given (``x[:1]`` for a single image), on
-    one CPU thread, in milliseconds."""
-    feed = {INPUT_NAME: x}
+    """Median latency of one run on the batch ``x`` as given (``x[:1]`` for a single image; a
+    dict feeds a model with several inputs), on one CPU thread, in milliseconds."""
+    feed = x if isinstance(x, dict) else {INPUT_NAME: x}
     for _ in range(warmup):
         session.run(None, feed)
     times = []
@@ -124,15 +127,8 @@ INLINE_BELOW_MS = 0.2
 def execution_for(path: Path, feeds: dict[str, np.ndarray], repeats: int = 50) -> str:
     """``inline`` when one run of the ONNX model at ``path`` on ``feeds`` (a full batch) takes
     under :data:`INLINE_BELOW_MS` on one thread (median), else ``thread``."""
-    session = ort_session(path)
-    for _ in range(5):
-        session.run(None, feeds)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        session.run(None, feeds)
-        times.append(time.perf_counter() - t)
-    return "inline" if statistics.median(times) * 1e3 < INLINE_BELOW_MS else "thread"
+    ms = measure_latency(ort_session(path), feeds, repeats=repeats, warmup=5)
+    return "inline" if ms < INLINE_BELOW_MS else "thread"
 
 
 def serving_config(
