@@ -19,6 +19,10 @@ def test_serving_bench_smoke(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     write_config(repo / "tiny", TINY_CONFIG)
     tiny_classifier(repo / "tiny" / "1" / "model.onnx")
+    # another model that can never be ready (its version holds no artefact): the bench serves
+    # the model it measures alone, so this one does not hold the gateway's readiness back
+    write_config(repo / "unready", TINY_CONFIG)
+    (repo / "unready" / "1").mkdir(parents=True)
     output = tmp_path / "results" / "serving.json"
     logged: list[str] = []
 
