@@ -18,6 +18,8 @@ from pathlib import Path
 
 import yaml
 
+from fides.bench.verified import integrity_models
+
 
 def main(kit: Path, service: Path, out: Path, inline: list[str]) -> None:
     name = service.name
@@ -32,9 +34,8 @@ def main(kit: Path, service: Path, out: Path, inline: list[str]) -> None:
     config = yaml.safe_load((out / name / "config.yaml").read_text(encoding="utf-8"))
     config["integrity"] = block
     (out / name / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    needed = [block.get(k) for k in ("detector", "reclassifier", "novelty")]
-    needed.append(block["enclave"]["verifier_model"])
-    for entry in filter(None, needed):
+    needed = integrity_models(kit_config)
+    for entry in needed:
         shutil.copytree(kit / entry, out / entry)
     for entry in inline:
         path = out / entry / "config.yaml"
@@ -43,7 +44,7 @@ def main(kit: Path, service: Path, out: Path, inline: list[str]) -> None:
         cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
         cfg["execution"] = "inline"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    print(f"{out}: {name} (local) with {', '.join(filter(None, needed))}")
+    print(f"{out}: {name} (local) with {', '.join(needed)}")
 
 
 if __name__ == "__main__":

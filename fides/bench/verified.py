@@ -47,6 +47,7 @@ from fides.bench.serving import (
     _Model,
     _Server,
 )
+from gateway.integrity.pipeline import ENCLAVE_PARTS, STAGES  # the histograms' labels
 
 Log = Callable[..., None]
 MODES = ("unverified", "verified")
@@ -199,11 +200,11 @@ def breakdown(before: Any, after: Any, model: str, pair_models: dict[str, str]) 
     histograms), and each pair model's queue wait and compute per batch."""
     stages = {
         s: _mean_us(before, after, "fides_integrity_stage_duration_seconds", model=model, stage=s)
-        for s in ("service", "enclave", "judge", "reclassify", "monitor")
+        for s in STAGES
     }
     enclave = {
         p: _mean_us(before, after, "fides_enclave_call_duration_seconds", model=model, part=p)
-        for p in ("batching", "round_trip", "check")
+        for p in ENCLAVE_PARTS
     }
     batchers = {}
     for role, name in pair_models.items():
