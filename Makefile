@@ -9,7 +9,7 @@ PIP_QUIET ?= -q
 LOCK := requirements.lock
 PIP_TOOLS := pip-tools==7.7.0
 
-.PHONY: install install-dev deploy-tools sync-deploy run models test lint lock bench clean
+.PHONY: install install-dev deploy-tools sync-deploy run models test lint lock protos bench clean
 
 $(VENV)/bin/python:
 	@echo "==> creating $(VENV) with $(PYTHON)"
@@ -46,6 +46,11 @@ lock: $(VENV)/.installed
 	       --constraint $(VENV)/lock-torch.txt --output-file $(LOCK) pyproject.toml
 	@# the local label of a CPU wheel (+cpu) is the machine's business, not the lock's
 	sed -i -E 's/^torch==([^+ ]+)\+[^ ]*/torch==\1/' $(LOCK)
+
+# The gRPC messages (gateway/api/oip_grpc/oip_pb2.py and .pyi) from oip.proto, with the protoc
+# that grpcio-tools (the lock's version) carries; commit the result.
+protos: $(VENV)/.installed-dev
+	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. gateway/api/oip_grpc/oip.proto
 
 # promtool, amtool (apt-get) and helm-sdkpy (pip) for the deployment checks in tests/deploy
 $(VENV)/.deploy-tools: $(VENV)/.installed-dev scripts/install_deploy_tools.sh

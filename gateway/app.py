@@ -20,6 +20,7 @@ from gateway.api import repository as repository_routes
 from gateway.api.body import BodyLimitMiddleware
 from gateway.api.compression import ResponseCompression
 from gateway.api.middleware import RequestContextMiddleware
+from gateway.api.oip_grpc.server import GrpcServer
 from gateway.api.openai import openai_error_response
 from gateway.api.responses import error_response
 from gateway.auth import KeyChecker
@@ -151,6 +152,15 @@ def _lifespan(parts: Components) -> Callable[[FastAPI], AbstractAsyncContextMana
         # freezing them every full collection walks them all (150 ms pauses measured).
         gc.collect()
         gc.freeze()
+        grpc_server = None
+        if parts.settings.grpc_enabled:
+            grpc_server = GrpcServer(parts.dataplane, app.state.keys, parts.metrics, parts.settings)
+            try:
+                await grpc_server.start()
+            except BaseException:
+                await parts.repository.close()
+                raise
+            app.state.grpc_port = grpc_server.port
         ok, missing = parts.dataplane.ready()
         log.info(
             "gateway started",
@@ -158,6 +168,8 @@ def _lifespan(parts: Components) -> Callable[[FastAPI], AbstractAsyncContextMana
         )
         yield
         log.info("shutting down: draining in-flight requests")
+        if grpc_server is not None:  # uvicorn has drained HTTP by now; gRPC drains here
+            await grpc_server.stop(parts.settings.shutdown_grace_s)
         await parts.repository.close()  # a verified model's enclave stops with its last version
 
     return lifespan

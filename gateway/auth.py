@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Callable
 
 from fastapi import Request
 
@@ -32,18 +33,26 @@ class KeyChecker:
 
     @staticmethod
     def presented(request: Request) -> str | None:
-        auth = request.headers.get("authorization")
+        return KeyChecker.presented_in(request.headers.get)
+
+    @staticmethod
+    def presented_in(get: Callable[[str], str | None]) -> str | None:
+        """The key in ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``; ``get`` looks a
+        lower-case header (or gRPC metadata) name up."""
+        auth = get("authorization")
         if auth is not None:
             scheme, _, token = auth.partition(" ")
             if scheme.lower() == "bearer" and token.strip():
                 return token.strip()
-        key = request.headers.get("x-api-key")
+        key = get("x-api-key")
         return key.strip() if key else None
 
     def check_user(self, request: Request) -> None:
+        self.check_user_key(self.presented(request))
+
+    def check_user_key(self, key: str | None) -> None:
         if not self.enabled:
             return
-        key = self.presented(request)
         if key is None:
             raise Unauthorized(
                 "missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
@@ -53,11 +62,13 @@ class KeyChecker:
             raise Unauthorized("invalid API key", headers={"WWW-Authenticate": "Bearer"})
 
     def check_admin(self, request: Request) -> None:
+        self.check_admin_key(self.presented(request))
+
+    def check_admin_key(self, key: str | None) -> None:
         if not self._admin:
             if self.enabled:
                 raise Forbidden("admin endpoints are disabled: set FIDES_ADMIN_API_KEYS")
             return  # development mode without any keys
-        key = self.presented(request)
         if key is None:
             raise Unauthorized("missing admin API key", headers={"WWW-Authenticate": "Bearer"})
         digest = _digest(key)

@@ -49,7 +49,8 @@ def serve(
         )
         raise typer.Exit(2)
     url = f"http://{settings.host}:{settings.port}"
-    console.print(f"Fides Gateway on [bold]{url}[/bold]  (Ctrl-C to stop)")
+    grpc = f", gRPC on {settings.host}:{settings.grpc_port}" if settings.grpc_enabled else ""
+    console.print(f"Fides Gateway on [bold]{url}[/bold]{grpc}  (Ctrl-C to stop)")
     auth = "" if not settings.api_keys else ' -H "Authorization: Bearer $KEY"'
     console.print(
         "  try: curl -s" + auth + f" {url}/v2/models/digits\n"

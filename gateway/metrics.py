@@ -129,6 +129,19 @@ class GatewayMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.grpc_requests = Counter(
+            "fides_grpc_requests",
+            "gRPC calls by method and status code (CANCELLED: the client went away mid-call).",
+            ["method", "code"],
+            registry=r,
+        )
+        self.grpc_duration = Histogram(
+            "fides_grpc_request_duration_seconds",
+            "gRPC call duration by method (decoding and encoding included).",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.upstream_retries = Counter(
             "fides_upstream_retries",
             "Retried calls to an upstream MLaaS.",

@@ -26,6 +26,12 @@ class Settings(BaseSettings):
     )
     host: str = Field("127.0.0.1", description="Address to bind.")
     port: int = Field(8000, ge=0, le=65535, description="Port to bind (0 picks a free one).")
+    grpc_enabled: bool = Field(
+        True, description="Serve the Open Inference Protocol over gRPC too, on grpc_port."
+    )
+    grpc_port: int = Field(
+        8001, ge=0, le=65535, description="gRPC port, on the same host (0 picks a free one)."
+    )
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Comma-separated API keys accepted on /v2 and /v1 (Bearer or X-API-Key).",

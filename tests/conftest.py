@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -17,6 +18,11 @@ from tests.model_factory import make_repository
 
 if TYPE_CHECKING:
     from tests.integrity_factory import Digits
+
+# Apps built in the test process serve HTTP only: each would otherwise bind the gRPC port 8001
+# (a second gateway on a taken port refuses to start). The gRPC tests turn it on, on a free port;
+# the real server processes of tests/e2e get it from running_gateway.
+os.environ.setdefault("FIDES_GRPC_ENABLED", "false")
 
 USER_KEY = "user-key-0123456789"
 ADMIN_KEY = "admin-key-0123456789"

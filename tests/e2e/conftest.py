@@ -57,6 +57,7 @@ class GatewayProcess:
     process: subprocess.Popen[bytes]
     log_path: Path
     repository: Path
+    grpc_port: int
 
     @property
     def base_url(self) -> str:
@@ -66,6 +67,11 @@ class GatewayProcess:
     def address(self) -> str:
         """``host:port``, as tritonclient wants its ``url``."""
         return f"{self.host}:{self.port}"
+
+    @property
+    def grpc_address(self) -> str:
+        """``host:port`` of its gRPC endpoint, as tritonclient.grpc wants its ``url``."""
+        return f"{self.host}:{self.grpc_port}"
 
     @property
     def pid(self) -> int:
@@ -102,6 +108,9 @@ def _server_env(repository: Path) -> dict[str, str]:
             "FIDES_ADMIN_API_KEYS": ADMIN_KEY,
             "FIDES_LOG_JSON": "1",
             "FIDES_SHUTDOWN_GRACE_S": "5",
+            # HTTP only unless the test asks (running_gateway does, on a free port): the
+            # default gRPC port 8001 is one port for every process on the machine
+            "FIDES_GRPC_ENABLED": "false",
             "PYTHONUNBUFFERED": "1",
             "PYTHONPATH": os.pathsep.join(
                 p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
@@ -149,7 +158,7 @@ def running_gateway(
     workdir.mkdir(parents=True, exist_ok=True)
     failure = ""
     for _ in range(attempts):
-        port = free_port()
+        port, grpc_port = free_port(), free_port()
         log_path = workdir / f"server-{port}.log"
         with log_path.open("wb") as log_file:
             process = subprocess.Popen(
@@ -158,6 +167,8 @@ def running_gateway(
                 env={
                     **_server_env(repository),
                     "FIDES_INTEGRITY_STATE_DIR": str(workdir / "alarm-state"),
+                    "FIDES_GRPC_ENABLED": "true",
+                    "FIDES_GRPC_PORT": str(grpc_port),
                     **(env or {}),
                 },
                 stdin=subprocess.DEVNULL,
@@ -165,7 +176,7 @@ def running_gateway(
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # Ctrl-C on pytest does not hit it; teardown stops it
             )
-        gw = GatewayProcess(HOST, port, process, log_path, repository)
+        gw = GatewayProcess(HOST, port, process, log_path, repository, grpc_port)
         try:
             why = _wait_ready(gw, READY_TIMEOUT_S)
             if why is None:

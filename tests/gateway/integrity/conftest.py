@@ -63,7 +63,10 @@ class Fakes:
 
 
 @asynccontextmanager
-async def integrity_gateway(repo: Path) -> AsyncIterator[tuple[httpx.AsyncClient, Fakes]]:
+async def integrity_gateway(
+    repo: Path, **overrides: Any
+) -> AsyncIterator[tuple[httpx.AsyncClient, Fakes]]:
+    """The gateway on ``repo`` (``overrides``: more settings, e.g. gRPC on) and a client."""
     settings = Settings(
         model_repository=repo,
         api_keys=[USER_KEY],
@@ -71,6 +74,7 @@ async def integrity_gateway(repo: Path) -> AsyncIterator[tuple[httpx.AsyncClient
         log_json=False,
         shutdown_grace_s=5,
         integrity_state_dir=repo.parent / "alarm-state",
+        **overrides,
     )
     fakes = Fakes(repo)
     app = create_app(settings, enclave_factory=fakes)

@@ -1,0 +1,280 @@
+"""The Open Inference Protocol over gRPC: ``inference.GRPCInferenceService`` (KServe's
+grpc_predict_v2 with Triton's statistics, model configuration and repository extensions), on
+the same data plane, API keys and limits as the REST routes, in the same process and event loop.
+
+Health (``ServerLive``, ``ServerReady``) answers without a key, as ``/v2/health`` does; every
+other call needs a user key in ``authorization: Bearer <key>`` or ``x-api-key`` metadata, and
+repository load / unload an admin key. A gateway error becomes the gRPC status its HTTP status
+maps to, with the same message; a 503's ``Retry-After`` travels as ``retry-after`` trailing
+metadata. A message larger than ``max_body_bytes`` (after decompression) is refused by gRPC
+itself with ``RESOURCE_EXHAUSTED``; at most 2,048 calls run at once (``RESOURCE_EXHAUSTED``
+beyond). A client that cancels mid-call cancels its inference (counted as ``CANCELLED``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+
+from gateway.api.oip_grpc import oip_pb2 as pb
+from gateway.api.oip_grpc.protocol import encode_infer_response, parse_infer_request
+from gateway.auth import KeyChecker
+from gateway.dataplane import DataPlane
+from gateway.errors import BadRequest, GatewayError, NotFound
+from gateway.integrity.alarm import client_id
+from gateway.metrics import GatewayMetrics
+from gateway.settings import Settings
+
+__all__ = ["SERVICE", "GrpcServer"]
+
+log = logging.getLogger(__name__)
+
+SERVICE = "inference.GRPCInferenceService"
+MAX_CONCURRENT_CALLS = 2048
+
+_CODES = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
+    404: grpc.StatusCode.NOT_FOUND,
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    502: grpc.StatusCode.UNAVAILABLE,
+    503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+
+Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+
+def status_code(exc: GatewayError) -> grpc.StatusCode:
+    """The gRPC status of a gateway error (by its HTTP status; INTERNAL for anything else)."""
+    return _CODES.get(exc.status, grpc.StatusCode.INTERNAL)
+
+
+class GrpcServer:
+    """One ``grpc.aio`` server bound to ``settings.host:settings.grpc_port``."""
+
+    def __init__(
+        self, dataplane: DataPlane, keys: KeyChecker, metrics: GatewayMetrics, settings: Settings
+    ) -> None:
+        self.dp = dataplane
+        self.keys = keys
+        self.metrics = metrics
+        self.settings = settings
+        self.port: int | None = None
+        self._server: grpc.aio.Server | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> int:
+        """Bind and start serving; returns the bound port (``grpc_port`` 0 picks one)."""
+        limit = self.settings.max_body_bytes
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                # a second gateway on the same port must fail to start, not share the traffic
+                ("grpc.so_reuseport", 0),
+            ],
+            maximum_concurrent_rpcs=MAX_CONCURRENT_CALLS,
+        )
+        server.add_generic_rpc_handlers((self._handlers(),))
+        host = self.settings.host
+        address = f"[{host}]" if ":" in host else host
+        try:
+            port: int = server.add_insecure_port(f"{address}:{self.settings.grpc_port}")
+        except RuntimeError as exc:
+            port, reason = 0, str(exc)
+        else:
+            reason = "address already in use, or not a local address"
+        if port == 0:
+            raise RuntimeError(
+                f"cannot serve gRPC on {address}:{self.settings.grpc_port} ({reason}); set "
+                "FIDES_GRPC_PORT to a free port, or FIDES_GRPC_ENABLED=false to serve HTTP only"
+            )
+        await server.start()
+        self._server, self.port = server, port
+        log.info("gRPC Open Inference Protocol serving", extra={"grpc_port": port})
+        return port
+
+    async def stop(self, grace_s: float) -> None:
+        """Refuse new calls and let those in flight finish for up to ``grace_s``."""
+        if self._server is not None:
+            await self._server.stop(grace_s)
+            self._server = None
+
+    # -- dispatch -------------------------------------------------------------------------------
+
+    def _handlers(self) -> grpc.GenericRpcHandler:
+        table: dict[str, tuple[Handler, Any, str]] = {
+            "ServerLive": (self.server_live, pb.ServerLiveRequest, "none"),
+            "ServerReady": (self.server_ready, pb.ServerReadyRequest, "none"),
+            "ModelReady": (self.model_ready, pb.ModelReadyRequest, "user"),
+            "ServerMetadata": (self.server_metadata, pb.ServerMetadataRequest, "user"),
+            "ModelMetadata": (self.model_metadata, pb.ModelMetadataRequest, "user"),
+            "ModelInfer": (self.model_infer, pb.ModelInferRequest, "user"),
+            "ModelStatistics": (self.model_statistics, pb.ModelStatisticsRequest, "user"),
+            "ModelConfig": (self.model_config, pb.ModelConfigRequest, "user"),
+            "RepositoryIndex": (self.repository_index, pb.RepositoryIndexRequest, "user"),
+            "RepositoryModelLoad": (self.repository_load, pb.RepositoryModelLoadRequest, "admin"),
+            "RepositoryModelUnload": (
+                self.repository_unload,
+                pb.RepositoryModelUnloadRequest,
+                "admin",
+            ),
+        }
+        methods = {
+            name: grpc.unary_unary_rpc_method_handler(
+                self._guarded(name, handler, auth),
+                request_deserializer=request_type.FromString,
+                response_serializer=lambda msg: msg.SerializeToString(),
+            )
+            for name, (handler, request_type, auth) in table.items()
+        }
+        return grpc.method_handlers_generic_handler(SERVICE, methods)
+
+    def _guarded(self, method: str, handler: Handler, auth: str) -> Handler:
+        """``handler`` behind the key check, with its outcome counted and timed and a gateway
+        error turned into its gRPC status."""
+        requests = self.metrics.grpc_requests
+        duration = self.metrics.grpc_duration.labels(method)
+
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            t0 = time.perf_counter()
+            code = grpc.StatusCode.OK
+            try:
+                if auth != "none":
+                    key = _presented(context)
+                    if auth == "admin":
+                        self.keys.check_admin_key(key)
+                    else:
+                        self.keys.check_user_key(key)
+                return await handler(request, context)
+            except GatewayError as exc:
+                code = status_code(exc)
+                trailers = tuple((k.lower(), v) for k, v in exc.headers.items())
+                await context.abort(code, exc.message, trailers)
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except grpc.aio.AbortError:
+                raise
+            except Exception:
+                code = grpc.StatusCode.INTERNAL
+                log.exception("gRPC %s failed", method)
+                await context.abort(code, "internal error (logged by the gateway)")
+            finally:
+                requests.labels(method, code.name).inc()
+                duration.observe(time.perf_counter() - t0)
+
+        return call
+
+    # -- health and metadata --------------------------------------------------------------------
+
+    async def server_live(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return pb.ServerLiveResponse(live=True)
+
+    async def server_ready(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        ok, _ = self.dp.ready()
+        return pb.ServerReadyResponse(ready=ok)
+
+    async def model_ready(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        name = _model_name(request.name)
+        try:
+            why = self.dp.not_ready(name, request.version or None)
+        except NotFound:
+            raise
+        except GatewayError as exc:  # e.g. not serving yet: not ready, and no error
+            why = exc.message
+        return pb.ModelReadyResponse(ready=why is None)
+
+    async def server_metadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return json_format.ParseDict(self.dp.server_metadata(), pb.ServerMetadataResponse())
+
+    async def model_metadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        meta = self.dp.model_metadata(_model_name(request.name), request.version or None)
+        return json_format.ParseDict(meta, pb.ModelMetadataResponse(), ignore_unknown_fields=True)
+
+    # -- inference ------------------------------------------------------------------------------
+
+    async def model_infer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        name = _model_name(request.model_name)
+        version = request.model_version or None
+        self.dp.admit(name, version)  # unknown model or full queue: refused before decoding
+        req = parse_infer_request(request, max_elements=self.settings.max_tensor_elements)
+        resp = await self.dp.infer(name, version, req, client_id(_presented(context)))
+        return encode_infer_response(resp)
+
+    # -- extensions -----------------------------------------------------------------------------
+
+    async def model_statistics(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if request.version and not request.name:
+            raise BadRequest("a version needs a model name")
+        stats = self.dp.model_statistics(request.name or None, request.version or None)
+        return json_format.ParseDict(
+            stats, pb.ModelStatisticsResponse(), ignore_unknown_fields=True
+        )
+
+    async def model_config(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        config = self.dp.model_config(_model_name(request.name), request.version or None)
+        msg = json_format.ParseDict(config, pb.ModelConfig(), ignore_unknown_fields=True)
+        return pb.ModelConfigResponse(config=msg)
+
+    async def repository_index(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        _one_repository(request.repository_name)
+        rows = self.dp.repository.index()
+        if request.ready:
+            rows = [r for r in rows if r["state"] == "READY"]
+        return pb.RepositoryIndexResponse(
+            models=[pb.RepositoryIndexResponse.ModelIndex(**r) for r in rows]
+        )
+
+    async def repository_load(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        _one_repository(request.repository_name)
+        _no_load_parameters(request)
+        await self.dp.repository.load(_model_name(request.model_name))
+        return pb.RepositoryModelLoadResponse()
+
+    async def repository_unload(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        _one_repository(request.repository_name)
+        _no_load_parameters(request, allowed={"unload_dependents"})  # no ensembles: no dependents
+        await self.dp.repository.unload(_model_name(request.model_name))
+        return pb.RepositoryModelUnloadResponse()
+
+
+def _presented(context: grpc.aio.ServicerContext) -> str | None:
+    metadata = dict(context.invocation_metadata() or ())
+    value = KeyChecker.presented_in(lambda k: _text(metadata.get(k)))
+    return value
+
+
+def _text(value: str | bytes | None) -> str | None:
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
+
+
+def _model_name(name: str) -> str:
+    if not name:
+        raise BadRequest("the model name is empty")
+    return name
+
+
+def _one_repository(name: str) -> None:
+    if name:
+        raise NotFound(
+            f"unknown repository {name!r}: the gateway serves one model repository; leave "
+            "repository_name empty"
+        )
+
+
+def _no_load_parameters(request: Any, allowed: frozenset[str] | set[str] = frozenset()) -> None:
+    unsupported = sorted(set(request.parameters) - allowed)
+    if unsupported:
+        raise BadRequest(
+            f"load and unload parameters {unsupported} are not supported: the model is "
+            "(un)loaded as its directory in the repository holds it"
+        )
