@@ -18,6 +18,10 @@ four modes are measured on the same model and batch policy (its ``config.yaml``)
     The real server (``python -m gateway.cli serve``) in a subprocess, loaded by a separate
     client process (asyncio, one keep-alive connection per in-flight request, requests
     pre-encoded) over the OIP JSON body, or Triton's binary tensor extension both ways.
+``gateway_grpc``
+    The same server over gRPC (``inference.GRPCInferenceService/ModelInfer``, raw tensor
+    contents both ways), loaded by a client process with grpc.aio over one channel (one HTTP/2
+    connection, as tritonclient.grpc uses), requests pre-serialised.
 
 Ratios are gateway throughput over ``raw_ort`` throughput at the same concurrency. Client,
 server and raw onnxruntime share the machine's cores: client and server CPU are measured
@@ -59,10 +63,11 @@ from gateway.batcher import BatchPolicy
 from gateway.runtimes.base import Runtime
 
 CONCURRENCIES: tuple[int, ...] = (1, 8, 32)
-GATEWAY_MODES = ("gateway_json", "gateway_binary")
+GATEWAY_MODES = ("gateway_json", "gateway_binary", "gateway_grpc")
 GOAL_CONCURRENCY = 32
 GOAL_RATIO = 0.70
 REQUEST_TIMEOUT_S = 30.0  # a request without an answer by then is an error
+GRPC_INFER = "/inference.GRPCInferenceService/ModelInfer"
 MAX_REQUESTS_PER_CELL = 5_000_000  # requests are bounded by count as well as by time
 SERVER_START_TIMEOUT_S = 180.0
 _METRIC_RE = re.compile(
@@ -555,6 +560,7 @@ class _Server:
         self.repository = repository
         self.env = dict(env or {})  # extra FIDES_* settings for this server
         self.port = _free_port()
+        self.grpc_port = _free_port()  # never the default 8001 another gateway may hold
         self.key = secrets.token_urlsafe(24)
         self.base = f"http://127.0.0.1:{self.port}"
         self.log_path = workdir / "server.log"
@@ -589,6 +595,7 @@ class _Server:
             FIDES_API_KEYS=self.key,
             FIDES_LOG_JSON="1",
             FIDES_LOG_LEVEL="WARNING",
+            FIDES_GRPC_PORT=str(self.grpc_port),
         )
         env.update(self.env)
         src_root = str(Path(__file__).resolve().parents[2])
@@ -717,6 +724,42 @@ def _encode(model: _Model, feed: dict[str, np.ndarray], binary: bool) -> tuple[b
     return extra, header + b"".join(raws)
 
 
+def _grpc_request(model: _Model, feed: dict[str, np.ndarray]) -> bytes:
+    """A serialised ``ModelInferRequest`` with every input in ``raw_input_contents``."""
+    from gateway.api.oip_grpc import oip_pb2 as pb
+
+    msg = pb.ModelInferRequest(model_name=model.name)
+    for s in model.inputs:
+        msg.inputs.add(name=s.name, datatype=s.datatype, shape=list(s.shape))
+        msg.raw_input_contents.append(
+            np.ascontiguousarray(feed[s.name], dtype=s.dtype.newbyteorder("<")).tobytes()
+        )
+    return bytes(msg.SerializeToString())
+
+
+def _decode_grpc_response(payload: bytes) -> dict[str, np.ndarray]:
+    from fides_core.oip import DATATYPES
+    from gateway.api.oip_grpc import oip_pb2 as pb
+
+    msg = pb.ModelInferResponse.FromString(payload)
+    return {
+        o.name: np.frombuffer(raw, dtype=DATATYPES[o.datatype].newbyteorder("<")).reshape(
+            list(o.shape)
+        )
+        for o, raw in zip(msg.outputs, msg.raw_output_contents, strict=True)
+    }
+
+
+def _grpc_infer_once(server: _Server, request: bytes) -> bytes:
+    import grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        call = channel.unary_unary(GRPC_INFER)  # bytes in, bytes out
+        return bytes(
+            call(request, timeout=REQUEST_TIMEOUT_S, metadata=(("x-api-key", server.key),))
+        )
+
+
 def _http_request(server: _Server, model: str, extra: bytes, body: bytes) -> bytes:
     head = (
         f"POST /v2/models/{model}/infer HTTP/1.1\r\n"
@@ -771,6 +814,10 @@ def _check_gateway(
                         f"gateway output '{name}' ({'binary' if binary else 'JSON'}) differs "
                         "from onnxruntime's"
                     )
+    got = _decode_grpc_response(_grpc_infer_once(server, _grpc_request(model, feed)))
+    for name, want in expected.items():
+        if name not in got or not np.allclose(got[name], want, rtol=1e-4, atol=1e-5):
+            raise RuntimeError(f"gateway output '{name}' (gRPC) differs from onnxruntime's")
 
 
 # -- the load generator (a separate process) -------------------------------------------------
@@ -786,6 +833,7 @@ class _LoadSpec:
     duration_s: float
     max_requests: int = MAX_REQUESTS_PER_CELL
     timeout_s: float = REQUEST_TIMEOUT_S
+    grpc_key: str | None = None  # set: requests are ModelInferRequest bytes for gRPC
 
 
 class _Conn(asyncio.Protocol):
@@ -985,6 +1033,71 @@ async def _drive(
     }
 
 
+async def _drive_grpc(
+    spec: _LoadSpec, measuring: MPEvent, measured: MPEvent, stop: MPEvent
+) -> dict[str, Any]:
+    """The closed loop of :func:`_drive` over gRPC: ``concurrency`` callers on one channel,
+    each sending its next request as soon as its answer came."""
+    import grpc
+
+    latencies: list[float] = []
+    errors: Counter[str] = Counter()
+    errors_outside: Counter[str] = Counter()
+    issued = 0
+    start = time.perf_counter()
+    t_measure = start + spec.warmup_s
+    t_end = t_measure + spec.duration_s
+    issuing = True
+    metadata = (("x-api-key", spec.grpc_key or ""),)
+    async with grpc.aio.insecure_channel(
+        f"{spec.host}:{spec.port}", options=[("grpc.max_receive_message_length", -1)]
+    ) as channel:
+        infer = channel.unary_unary(GRPC_INFER)  # bytes in, bytes out: no client decoding
+
+        async def caller() -> None:
+            nonlocal issued
+            while issuing and issued < spec.max_requests:
+                req = spec.requests[issued % len(spec.requests)]
+                issued += 1
+                t0 = time.perf_counter()
+                error: str | None = None
+                try:
+                    await infer(req, metadata=metadata, timeout=spec.timeout_s)
+                except grpc.aio.AioRpcError as exc:
+                    error = f"grpc_{exc.code().name}"
+                t1 = time.perf_counter()
+                if t_measure <= t1 < t_end:
+                    if error is None:
+                        latencies.append(t1 - t0)
+                    else:
+                        errors[error] += 1
+                elif error is not None:
+                    errors_outside[error] += 1
+
+        callers = [asyncio.create_task(caller()) for _ in range(spec.concurrency)]
+        await asyncio.sleep(max(0.0, t_measure - time.perf_counter()))
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        measuring.set()
+        while time.perf_counter() < t_end and not all(c.done() for c in callers):
+            await asyncio.sleep(min(0.05, max(0.0, t_end - time.perf_counter())))
+        t1, cpu1 = time.perf_counter(), time.process_time()
+        measured.set()
+        limit = time.perf_counter() + 60.0
+        while not stop.is_set() and time.perf_counter() < limit:
+            await asyncio.sleep(0.02)
+        issuing = False
+        await asyncio.gather(*callers, return_exceptions=True)
+    return {
+        "latencies": latencies,
+        "errors": dict(errors),
+        "errors_outside_window": dict(errors_outside),
+        "measured_s": max(min(t1, t_end) - t0, 1e-9),
+        "issued": issued,
+        "client_cpu_s": cpu1 - cpu0,
+        "client_wall_s": t1 - t0,
+    }
+
+
 def _load_worker(
     spec: _LoadSpec,
     measuring: MPEvent,
@@ -1000,9 +1113,10 @@ def _load_worker(
         loop_factory = uvloop.new_event_loop
     except ImportError:
         pass
+    drive = _drive if spec.grpc_key is None else _drive_grpc
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
-            res = runner.run(_drive(spec, measuring, measured, stop))
+            res = runner.run(drive(spec, measuring, measured, stop))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent
         res = {"fatal": f"{type(exc).__name__}: {exc}"}
         measuring.set()
@@ -1023,7 +1137,18 @@ def _gateway_cell(
     ctx = mp.get_context("spawn")
     measuring, measured, stop = ctx.Event(), ctx.Event(), ctx.Event()
     results: MPQueue[dict[str, Any]] = ctx.Queue()
-    spec = _LoadSpec("127.0.0.1", server.port, requests, concurrency, warmup_s, duration_s)
+    if mode == "gateway_grpc":
+        spec = _LoadSpec(
+            "127.0.0.1",
+            server.grpc_port,
+            requests,
+            concurrency,
+            warmup_s,
+            duration_s,
+            grpc_key=server.key,
+        )
+    else:
+        spec = _LoadSpec("127.0.0.1", server.port, requests, concurrency, warmup_s, duration_s)
     proc = ctx.Process(
         target=_load_worker, args=(spec, measuring, measured, stop, results), daemon=True
     )
@@ -1184,7 +1309,9 @@ def serving_markdown(doc: dict[str, Any]) -> list[str]:
         "",
         f"Goal: gateway throughput at C={goal['concurrency']} >= {goal['target']:.0%} of "
         f"raw_ort. Reached: json {_fmt(goal['json_ratio'], 2)}, binary "
-        f"{_fmt(goal['binary_ratio'], 2)} ({'met' if goal['met'] else 'not met'}).",
+        f"{_fmt(goal['binary_ratio'], 2)}"
+        + (f", gRPC {_fmt(goal['grpc_ratio'], 2)}" if goal.get("grpc_ratio") is not None else "")
+        + f" ({'met' if goal['met'] else 'not met'}).",
         "compute busy: fraction of the window the model instances spent in onnxruntime "
         "(gateway: fides_inference_compute_duration_seconds); ms/sample: compute time per "
         "sample at the batch sizes reached. "
@@ -1217,6 +1344,7 @@ DEFINITIONS: dict[str, str] = {
     "config's batch policy, C client threads in process",
     "gateway_json": "the gateway over HTTP, OIP JSON request and response",
     "gateway_binary": "the gateway over HTTP, binary tensor extension both ways",
+    "gateway_grpc": "the gateway over gRPC, raw tensor contents both ways, one channel",
     "mean_batch": "gateway: delta of fides_inference_batch_size sum/count over the "
     "window; raw modes: the executed batch sizes",
     "ratio": "gateway throughput / raw_ort throughput at the same concurrency",
@@ -1228,7 +1356,7 @@ DEFINITIONS: dict[str, str] = {
     "cpu": "cores in use over the window: server_cores (the gateway process), "
     "client_cores (the load generator), bench_process_cores (raw modes), other_cores "
     "(everything else on the machine), machine_steal (hypervisor steal, fraction)",
-    "goal.met": "true when the better of the two encodings reaches the target",
+    "goal.met": "true when the best of the encodings reaches the target",
 }
 
 
@@ -1289,8 +1417,9 @@ def run_serving_bench(
                     _http_request(server, model, *_encode(mut, s, mode == "gateway_binary"))
                     for s in samples
                 )
-                for mode in GATEWAY_MODES
+                for mode in ("gateway_json", "gateway_binary")
             }
+            bodies["gateway_grpc"] = tuple(_grpc_request(mut, s) for s in samples)
             log(
                 "cells: raw onnxruntime in process; the gateway in a subprocess, loaded by a "
                 "client process"
@@ -1308,7 +1437,8 @@ def run_serving_bench(
     ratios, ratios_b = _ratios(cells)
     at_goal = ratios.get(str(GOAL_CONCURRENCY), {})
     json_ratio, binary_ratio = at_goal.get("gateway_json"), at_goal.get("gateway_binary")
-    reached = [r for r in (json_ratio, binary_ratio) if r is not None]
+    grpc_ratio = at_goal.get("gateway_grpc")
+    reached = [r for r in (json_ratio, binary_ratio, grpc_ratio) if r is not None]
     doc: dict[str, Any] = {
         "benchmark": "serving",
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -1344,6 +1474,7 @@ def run_serving_bench(
             "target": GOAL_RATIO,
             "json_ratio": json_ratio,
             "binary_ratio": binary_ratio,
+            "grpc_ratio": grpc_ratio,
             "met": bool(reached) and max(reached) >= GOAL_RATIO,
         },
         "server_log_lines": server_log_lines,

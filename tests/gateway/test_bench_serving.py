@@ -10,7 +10,7 @@ import pytest
 from fides.bench.serving import run_serving_bench
 from tests.model_factory import TINY_CONFIG, tiny_classifier, write_config
 
-MODES = {"raw_ort", "raw_ort_batcher", "gateway_json", "gateway_binary"}
+MODES = {"raw_ort", "raw_ort_batcher", "gateway_json", "gateway_binary", "gateway_grpc"}
 
 
 @pytest.mark.e2e
@@ -58,8 +58,9 @@ def test_serving_bench_smoke(tmp_path: Path) -> None:
     assert all(c["mean_batch"] > 1 for c in gw4), gw4
     for conc in ("1", "4"):
         assert set(on_disk["ratios"][conc]) == MODES - {"raw_ort"}
-    assert set(on_disk["goal"]) >= {"target", "json_ratio", "binary_ratio", "met"}
+    assert set(on_disk["goal"]) >= {"target", "json_ratio", "binary_ratio", "grpc_ratio", "met"}
 
     table = output.with_suffix(".md").read_text()
     assert "| gateway_binary | 4 |" in table
+    assert "| gateway_grpc | 4 |" in table
     assert any(line.startswith("| mode |") for line in logged)
