@@ -101,14 +101,27 @@ def _verification_cost(doc: dict[str, Any]) -> str:
 
 
 def payload_markdown(doc: dict[str, Any]) -> list[str]:
-    """The table of ``fides bench payload``: median round trip, JSON against binary tensors."""
+    """The table of ``fides bench payload``: median round trip, JSON against binary tensors
+    (and gRPC with raw contents, in reports that measured it)."""
+    grpc = all("grpc_ms" in r for r in doc["rows"])
+    if not grpc:
+        lines = [
+            "| elements | raw MB | JSON ms | binary ms | binary speedup |",
+            "|---:|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {r['elements']:,} | {r['mbytes_raw']} | {r['json_ms']} | {r['binary_ms']} | "
+            f"{r['speedup']}x |"
+            for r in doc["rows"]
+        ]
+        return lines
     lines = [
-        "| elements | raw MB | JSON ms | binary ms | binary speedup |",
-        "|---:|---:|---:|---:|---:|",
+        "| elements | raw MB | JSON ms | binary ms | gRPC ms | binary speedup | gRPC vs binary |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     lines += [
         f"| {r['elements']:,} | {r['mbytes_raw']} | {r['json_ms']} | {r['binary_ms']} | "
-        f"{r['speedup']}x |"
+        f"{r['grpc_ms']} | {r['speedup']}x | {r['grpc_speedup']}x |"
         for r in doc["rows"]
     ]
     return lines

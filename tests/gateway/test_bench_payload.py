@@ -16,4 +16,7 @@ def test_payload_bench_smoke(tmp_path: Path) -> None:
     assert json.loads(out.read_text()) == doc
     assert [r["elements"] for r in doc["rows"]] == [16, 4096]
     assert all(r["json_ms"] > 0 and r["binary_ms"] > 0 for r in doc["rows"])
-    assert (tmp_path / "payload.md").read_text().startswith("| elements")
+    assert all(r["grpc_ms"] > 0 and r["grpc_speedup"] > 0 for r in doc["rows"])
+    table = (tmp_path / "payload.md").read_text()
+    assert table.startswith("| elements")
+    assert "| gRPC ms |" in table
