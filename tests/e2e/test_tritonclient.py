@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -537,3 +538,32 @@ def test_large_answers_are_compressed_when_the_client_accepts_gzip(http: httpx.C
     )
     assert small.status_code == 200
     assert "content-encoding" not in small.headers
+    # binary tensors are sent as they are: float32 shrinks by under 10% for ten times the
+    # round trip (fides bench payload)
+    raw = x.astype("<f4").tobytes()
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": [4096],
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": len(raw)},
+                }
+            ],
+            "parameters": {"binary_data_output": True},
+        }
+    ).encode()
+    binary = http.post(
+        url,
+        content=header + raw,
+        headers={
+            "Accept-Encoding": "gzip",
+            "Inference-Header-Content-Length": str(len(header)),
+            "Content-Type": "application/octet-stream",
+        },
+    )
+    assert binary.status_code == 200, binary.text
+    assert "content-encoding" not in binary.headers
+    n = int(binary.headers["inference-header-content-length"])
+    np.testing.assert_array_equal(np.frombuffer(binary.content[n:], "<f4"), x)
