@@ -213,6 +213,78 @@ def _machine(doc: dict[str, Any]) -> str:
     return "Machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()) + "."
 
 
+PEERS_GOAL_SHARE = 0.85  # issue 22: the gateway at c=32, as a share of raw onnxruntime
+
+
+def peers_markdown(doc: dict[str, Any]) -> list[str]:
+    """The peer kit's report (``../shared/bench/peers``, run by ``scripts/peers.sh`` with the
+    gateway as an extra target): every server's levels, each as a share of the raw
+    onnxruntime ceiling (the best samples/s of any batch size the kit measured), and the
+    issue's three bars."""
+    ceiling = max((r["samples_per_s"] for r in doc.get("ceiling", [])), default=None)
+    lines = [
+        "| server | conc | req/s | p50 ms | p99 ms | errors | share of raw onnxruntime |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    by_name: dict[str, dict[int, dict[str, Any]]] = {}
+    for peer in doc["peers"]:
+        if peer.get("status") != "ok":
+            lines.append(f"| {peer['name']} | - | - | - | - | - | {peer.get('status')} |")
+            continue
+        for lv in peer["levels"]:
+            if "rps" not in lv:
+                lines.append(f"| {peer['name']} | {lv['concurrency']} | {lv.get('error')} ||||")
+                continue
+            by_name.setdefault(peer["name"], {})[lv["concurrency"]] = lv
+            share = f"{lv['rps'] / ceiling:.0%}" if ceiling else "-"
+            lines.append(
+                f"| {peer['name']} | {lv['concurrency']} | {lv['rps']:.0f} | {lv['p50_ms']:.1f} "
+                f"| {lv['p99_ms']:.1f} | {lv['errors']} | {share} |"
+            )
+    gw = by_name.get("gateway", {})
+    others = {n: lv for n, lv in by_name.items() if n != "gateway"}
+    top = max(doc["config"].get("concurrency") or [0])
+    if gw.get(top) and ceiling:
+        rps = gw[top]["rps"]
+        share_met = "met" if rps / ceiling >= PEERS_GOAL_SHARE else "not met"
+        best = max(((lv[top]["rps"], n) for n, lv in others.items() if top in lv), default=None)
+        lead = f"{rps / best[0]:.2f}x {best[1]}'s, the best peer" if best else "no peer ran"
+        lines += [
+            "",
+            f"Raw onnxruntime ceiling: {ceiling:.0f} samples/s (the best batch size, one thread).",
+            "",
+            "| bar (issue 22) | measured | |",
+            "|---|---|---|",
+            f"| gateway at c={top} >= {PEERS_GOAL_SHARE:.0%} of raw onnxruntime "
+            f"| {rps / ceiling:.0%} | {share_met} |",
+            f"| ahead of every peer at c={top} | {lead} "
+            f"| {'met' if best is None or rps > best[0] else 'not met'} |",
+        ]
+        plain = others.get("fastapi", {}).get(1)
+        if gw.get(1) and plain:
+            p50, theirs = gw[1]["p50_ms"], plain["p50_ms"]
+            verdict = "met" if p50 <= theirs else "not met"
+            lines.append(
+                f"| c=1 p50 no worse than plain FastAPI's | {p50:.2f} ms against {theirs:.2f} ms "
+                f"| {verdict} |"
+            )
+    return lines
+
+
+def _peers(doc: dict[str, Any]) -> str:
+    cfg = doc["config"]
+    head = (
+        f"Machine: {cfg.get('cpus')} CPUs ({cfg.get('cpu_model', '?')}), Python "
+        f"{cfg.get('python')}; server CPUs {cfg.get('server_cpus') or 'any'}, load-generator "
+        f"CPUs {cfg.get('load_cpus') or 'any'}; onnxruntime intra-op threads "
+        f"{cfg.get('threads')}, max batch {cfg.get('max_batch')}, max batch delay "
+        f"{cfg.get('max_delay_ms')} ms; {cfg.get('duration')} s per level after "
+        f"{cfg.get('warmup')} s warm-up; run {cfg.get('date')}. Model: {doc.get('model')}"
+    )
+    title = "# Serving peers on one ONNX model (the peer kit, the gateway among them)"
+    return "\n".join([title, "", head, "", *peers_markdown(doc)])
+
+
 @dataclass(frozen=True)
 class Family:
     """One kind of results file: how it is named, rendered, and which command writes it."""
@@ -240,6 +312,7 @@ FAMILIES = (
     Family("integrity_", _integrity, "fides evaluate"),
     Family("protect_", _protect, "fides protect"),
     Family("cost_quality_", _cost_quality, "fides bench cost-quality"),
+    Family("peers.json", _peers, "scripts/peers.sh"),
 )
 
 

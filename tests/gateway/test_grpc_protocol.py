@@ -141,7 +141,7 @@ def test_parameters_keep_their_types_both_ways() -> None:
     params = {"integrity_verdict": "verified", "integrity_score": 0.25, "integrity_alarm": False}
     params |= {"integrity_reclassified": 3, "nested": {"a": [1, 2]}, "big": 2**64 - 1}
     resp = InferResponse("m", "1", [OutputTensor("y", np.arange(3, dtype=np.int64))], "r", params)
-    msg = encode_infer_response(resp)
+    msg = pb.ModelInferResponse.FromString(encode_infer_response(resp))
     got = {k: getattr(v, v.WhichOneof("parameter_choice")) for k, v in msg.parameters.items()}
     assert got == {**params, "nested": '{"a":[1,2]}'}
     np.testing.assert_array_equal(np.frombuffer(msg.raw_output_contents[0], "<i8"), [0, 1, 2])
@@ -179,3 +179,25 @@ def test_grpc_is_on_by_default_on_8001(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = Settings(dev_mode=True)
     assert settings.grpc_enabled
     assert settings.grpc_port == 8001
+
+
+def test_raw_outputs_of_every_layout_read_back_whole() -> None:
+    """The hand-placed raw output fields parse as protobuf's own, for contiguous arrays (taken
+    without a copy), transposed ones, FP16, BYTES and a tensor above the 1-byte varint."""
+    from fides_core.oip import decode_binary_data
+
+    outputs = {
+        "ints": np.arange(6, dtype=np.int64).reshape(2, 3),
+        "transposed": np.arange(6, dtype=np.float32).reshape(2, 3).T,
+        "half": np.array([0.5, -2.0], np.float16),
+        "words": np.array([b"ab", b"", b"\xff"], dtype=object),
+        "big": np.random.default_rng(0).standard_normal(70_000).astype(np.float32),
+    }
+    resp = InferResponse("m", "1", [OutputTensor(k, v) for k, v in outputs.items()], "r")
+    msg = pb.ModelInferResponse.FromString(encode_infer_response(resp))
+    assert [o.name for o in msg.outputs] == list(outputs)
+    for out, raw in zip(msg.outputs, msg.raw_output_contents, strict=True):
+        got = decode_binary_data(memoryview(raw), out.datatype, tuple(out.shape), out.name)
+        want = outputs[out.name]
+        assert got.shape == want.shape
+        assert got.tolist() == want.tolist()

@@ -171,17 +171,53 @@ def _typed(tensor: Any, datatype: str, shape: tuple[int, ...], what: str) -> np.
     return wide.astype(target, copy=False).reshape(shape)
 
 
-def encode_infer_response(resp: InferResponse) -> Any:
-    """A ``ModelInferResponse`` with every output in ``raw_output_contents``."""
+def encode_infer_response(resp: InferResponse) -> bytes:
+    """A serialised ``ModelInferResponse`` with every output in ``raw_output_contents``.
+
+    The message without the tensor bytes is serialised by protobuf; each output's bytes follow
+    as field 6 in protobuf's wire format (a length-delimited field: tag, varint length, bytes;
+    concatenated fields of one message read as one message). upb's serialiser copies a large
+    bytes field slowly (32 ms for a 16 MB tensor, against 8 ms for this whole answer), and a
+    numeric tensor's bytes are taken from the array without a copy of their own.
+    """
     msg = pb.ModelInferResponse(model_name=resp.model_name, model_version=resp.model_version)
     if resp.id is not None:
         msg.id = resp.id
     encode_parameters(resp.parameters, msg.parameters)
+    parts: list[bytes | memoryview] = [b""]
     for out in resp.outputs:
         datatype = out.datatype or _oip_datatype(out.data.dtype)
         msg.outputs.add(name=out.name, datatype=datatype, shape=list(out.data.shape))
-        try:
-            msg.raw_output_contents.append(encode_binary_data(out.data, datatype))
-        except TensorError as exc:
-            raise BadRequest(str(exc)) from None
-    return msg
+        raw = _raw(out.data, datatype)
+        parts += [_RAW_OUTPUT_TAG, _varint(len(raw)), raw]
+    parts[0] = msg.SerializeToString()
+    return b"".join(parts)
+
+
+# field 6 (raw_output_contents), wire type 2 (length-delimited): (6 << 3) | 2
+_RAW_OUTPUT_TAG = bytes([(6 << 3) | 2])
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _raw(arr: np.ndarray, datatype: str) -> bytes | memoryview:
+    """A tensor's little-endian bytes: the array's own memory where it already is that."""
+    native = DATATYPES.get(datatype)
+    if (
+        datatype not in ("BYTES", "BF16")
+        and native is not None
+        and arr.dtype == native.newbyteorder("<")
+        and arr.flags.c_contiguous
+    ):
+        return arr.data.cast("B")
+    try:
+        return encode_binary_data(arr, datatype)
+    except TensorError as exc:
+        raise BadRequest(str(exc)) from None

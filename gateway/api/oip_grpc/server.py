@@ -132,7 +132,8 @@ class GrpcServer:
             name: grpc.unary_unary_rpc_method_handler(
                 self._guarded(name, handler, auth),
                 request_deserializer=request_type.FromString,
-                response_serializer=lambda msg: msg.SerializeToString(),
+                # ModelInfer answers arrive serialised (protocol.encode_infer_response)
+                response_serializer=_serialized if name == "ModelInfer" else _serialize,
             )
             for name, (handler, request_type, auth) in table.items()
         }
@@ -245,6 +246,14 @@ class GrpcServer:
         _no_load_parameters(request, allowed={"unload_dependents"})  # no ensembles: no dependents
         await self.dp.repository.unload(_model_name(request.model_name))
         return pb.RepositoryModelUnloadResponse()
+
+
+def _serialize(msg: Any) -> bytes:
+    return bytes(msg.SerializeToString())
+
+
+def _serialized(payload: bytes) -> bytes:
+    return payload
 
 
 def _presented(context: grpc.aio.ServicerContext) -> str | None:
