@@ -10,7 +10,7 @@
 #   GATEWAY_BATCH_DELAY_US (2000: the kit's MAX_DELAY_MS) for the gateway's max_queue_delay.
 # The gateway is started here and stopped by its process group id on exit, also on failure.
 set -euo pipefail
-: "${PEERS_VENV:?set PEERS_VENV to the venv prefix given to the kit's setup.sh}"
+: "${PEERS_VENV:?set PEERS_VENV to the venv prefix given to the peer kit setup.sh}"
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 KIT=${KIT:-$ROOT/../shared/bench/peers}
 KIT=$(cd "$KIT" && pwd)
