@@ -177,11 +177,28 @@ def bench_serving(
     model_repository: Annotated[Path, typer.Option()] = Path("model_repository"),
     model: Annotated[str, typer.Option(help="Model to benchmark.")] = "digits_heavy",
     duration: Annotated[float, typer.Option(help="Seconds per measurement.")] = 10.0,
+    setting: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A gateway setting for the measured server, KEY=VALUE (infer_fast_path=false "
+            "is FIDES_INFER_FAST_PATH=false); repeatable."
+        ),
+    ] = None,
 ) -> None:
-    """Throughput and latency: raw onnxruntime vs the gateway (JSON and binary)."""
+    """Throughput and latency: raw onnxruntime vs the gateway (JSON, binary and gRPC)."""
     from fides.bench.serving import run_serving_bench
+    from gateway.settings import Settings
 
-    run_serving_bench(model_repository, model, output, duration, log=console.print)
+    settings: dict[str, str] = {}
+    for item in setting or []:
+        key, sep, value = item.partition("=")
+        if not sep or key.lower() not in Settings.model_fields:
+            console.print(f"[red]error:[/red] --setting {item!r}: not KEY=VALUE of a setting")
+            raise typer.Exit(2)
+        settings[key.lower()] = value
+    run_serving_bench(
+        model_repository, model, output, duration, log=console.print, settings=settings
+    )
 
 
 @bench_app.command("payload")

@@ -23,6 +23,7 @@ from gateway.api.middleware import RequestContextMiddleware
 from gateway.api.oip_grpc.server import GrpcServer
 from gateway.api.openai import openai_error_response
 from gateway.api.responses import error_response
+from gateway.api.v2.fast_path import InferFastPath
 from gateway.auth import KeyChecker
 from gateway.batcher import BatchObserver
 from gateway.dataplane import DataPlane
@@ -271,7 +272,9 @@ def _add_routes(app: FastAPI, parts: Components) -> None:
 def _add_middleware(app: FastAPI, parts: Components) -> None:
     # the last added is the outermost: request ids and metrics see the body limits' answers
     settings = parts.settings
-    if settings.response_compression_min_bytes > 0:  # innermost: sizes are the app's bodies
+    if settings.infer_fast_path:  # innermost: inference without FastAPI's routing
+        app.add_middleware(InferFastPath, keys=app.state.keys, error_handlers=ERROR_HANDLERS)
+    if settings.response_compression_min_bytes > 0:  # sizes are the app's bodies
         app.add_middleware(
             ResponseCompression, minimum_size=settings.response_compression_min_bytes
         )

@@ -26,6 +26,12 @@ class Settings(BaseSettings):
     )
     host: str = Field("127.0.0.1", description="Address to bind.")
     port: int = Field(8000, ge=0, le=65535, description="Port to bind (0 picks a free one).")
+    infer_fast_path: bool = Field(
+        True,
+        description="Answer POST /v2/models/{name}[/versions/{v}]/infer without FastAPI's "
+        "routing and dependency solving (same handler, keys, errors and metrics; "
+        "gateway/api/v2/fast_path.py).",
+    )
     grpc_enabled: bool = Field(
         True, description="Serve the Open Inference Protocol over gRPC too, on grpc_port."
     )

@@ -664,7 +664,9 @@ class _Server:
 
 
 @contextmanager
-def _running_server(repository: Path, only: str | None = None) -> Iterator[_Server]:
+def _running_server(
+    repository: Path, only: str | None = None, env: dict[str, str] | None = None
+) -> Iterator[_Server]:
     """A gateway on ``repository``, or on a copy of its model ``only`` alone: the other models
     cost nothing then, and one that cannot be ready here (a verified model, whose enclave
     platform the bench's clean environment does not set up) does not hold readiness back."""
@@ -672,7 +674,7 @@ def _running_server(repository: Path, only: str | None = None) -> Iterator[_Serv
         if only is not None:
             shutil.copytree(repository / only, Path(tmp) / "repository" / only)
             repository = Path(tmp) / "repository"
-        server = _Server(repository, Path(tmp))
+        server = _Server(repository, Path(tmp), env)
         try:
             server.start()
             yield server
@@ -1369,10 +1371,15 @@ def run_serving_bench(
     *,
     concurrencies: Sequence[int] = CONCURRENCIES,
     warmup_s: float | None = None,
+    settings: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Run every cell, write ``output`` (JSON) and ``output`` with ``.md``; return the doc."""
+    """Run every cell, write ``output`` (JSON) and ``output`` with ``.md``; return the doc.
+    ``settings``: gateway settings for the measured server (``{"infer_fast_path": "false"}``
+    becomes ``FIDES_INFER_FAST_PATH=false``), recorded in the report."""
     if duration <= 0:
         raise ValueError("duration must be positive")
+    settings = dict(settings or {})
+    server_env = {f"FIDES_{k.upper()}": v for k, v in settings.items()}
     log = _plain(log)
     warmup = warmup_s if warmup_s is not None else min(2.0, max(0.5, 0.2 * duration))
     repository = model_repository.resolve()
@@ -1408,7 +1415,7 @@ def run_serving_bench(
     # no CPU while the raw cells run.
     try:
         with (
-            _running_server(repository, only=model) as server,
+            _running_server(repository, only=model, env=server_env) as server,
             httpx.Client(timeout=10.0) as http,
         ):
             _check_gateway(server, mut, samples[0], expected)
@@ -1460,6 +1467,7 @@ def run_serving_bench(
             "warmup_s": warmup,
             "concurrencies": list(concurrencies),
             "samples_per_request": 1,
+            "gateway_settings": settings,
             "request_timeout_s": REQUEST_TIMEOUT_S,
             "max_requests_per_cell": MAX_REQUESTS_PER_CELL,
             "load_generator": "separate process, asyncio (uvloop when installed) raw HTTP/1.1 "
