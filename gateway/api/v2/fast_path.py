@@ -63,7 +63,10 @@ class InferFastPath:
         if scope["type"] != "http" or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
-        match = _INFER.match(scope["path"])
+        path, root = scope["path"], scope.get("root_path", "")
+        if root and path.startswith(root):  # as Starlette's router: the path below root_path
+            path = path[len(root) :]
+        match = _INFER.match(path)
         if match is None:
             await self.app(scope, receive, send)
             return
