@@ -202,6 +202,30 @@ def test_refusals(triton: grpcclient.InferenceServerClient, channel: grpc.Channe
     assert triton.is_model_ready("tiny", headers=USER)  # still serving
 
 
+def test_undecodable_bytes_and_plain_http_are_refused(
+    channel: grpc.Channel, gateway: GatewayProcess
+) -> None:
+    raw = channel.unary_unary(SERVICE + "ModelInfer")  # bytes in, bytes out
+    with pytest.raises(grpc.RpcError) as info:
+        raw(b"\xff\xff\xff", metadata=(*USER.items(),), timeout=20)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid ModelInferRequest message" in info.value.details()
+    with pytest.raises(grpc.RpcError) as info:  # the key is checked before anything else
+        raw(b"\xff\xff\xff", timeout=20)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    # HTTP/1.1 with a JSON body on the gRPC port: the connection is refused, nothing else
+    with pytest.raises(httpx.RemoteProtocolError):
+        httpx.post(
+            f"http://{gateway.grpc_address}{SERVICE}ModelInfer",
+            content=b"{}",
+            headers={"content-type": "application/json"},
+        )
+    live = call(
+        channel, "ServerLive", service_pb2.ServerLiveRequest(), service_pb2.ServerLiveResponse
+    )
+    assert live.live
+
+
 def test_oversized_message_is_refused(gateway: GatewayProcess, tmp_path: Any) -> None:
     """gRPC's own limit (max_body_bytes; 64 MiB by default) refuses a larger message with
     RESOURCE_EXHAUSTED, and the server keeps serving."""

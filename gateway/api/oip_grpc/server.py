@@ -21,6 +21,7 @@ from typing import Any
 
 import grpc
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError
 
 from gateway.api.oip_grpc import oip_pb2 as pb
 from gateway.api.oip_grpc.protocol import encode_infer_response, parse_infer_request
@@ -131,7 +132,7 @@ class GrpcServer:
         methods = {
             name: grpc.unary_unary_rpc_method_handler(
                 self._guarded(name, handler, auth),
-                request_deserializer=request_type.FromString,
+                request_deserializer=_deserializer(request_type),
                 # ModelInfer answers arrive serialised (protocol.encode_infer_response)
                 response_serializer=_serialized if name == "ModelInfer" else _serialize,
             )
@@ -155,6 +156,8 @@ class GrpcServer:
                         self.keys.check_admin_key(key)
                     else:
                         self.keys.check_user_key(key)
+                if isinstance(request, Undecodable):
+                    raise BadRequest(request.message)
                 return await handler(request, context)
             except GatewayError as exc:
                 code = status_code(exc)
@@ -246,6 +249,26 @@ class GrpcServer:
         _no_load_parameters(request, allowed={"unload_dependents"})  # no ensembles: no dependents
         await self.dp.repository.unload(_model_name(request.model_name))
         return pb.RepositoryModelUnloadResponse()
+
+
+class Undecodable:
+    """A request whose bytes are not its message: answered INVALID_ARGUMENT by name (gRPC's
+    own answer to a deserializer that raises is UNKNOWN, with Python's exception text)."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def _deserializer(request_type: Any) -> Callable[[bytes], Any]:
+    def parse(payload: bytes) -> Any:
+        try:
+            return request_type.FromString(payload)
+        except DecodeError as exc:
+            return Undecodable(
+                f"the request is not a valid {request_type.DESCRIPTOR.name} message ({exc})"
+            )
+
+    return parse
 
 
 def _serialize(msg: Any) -> bytes:
