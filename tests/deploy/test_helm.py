@@ -29,6 +29,7 @@ CUSTOM_RELEASE = "monitoring-stack"
 # values for renders; each toggle on by itself, and everything on at once
 RENDERS: dict[str, dict[str, Any]] = {
     "default": {},
+    "no_grpc": {"gateway": {"grpcPort": 0}},
     "service_monitor": {"metrics": {"serviceMonitor": {"enabled": True}}},
     "prometheus_rule": {"metrics": {"prometheusRule": {"enabled": True}}},
     "custom_release": {
@@ -467,11 +468,36 @@ def test_api_keys_from_values_and_from_an_existing_secret(helm: dict[str, Any]) 
     assert env["FIDES_ADMIN_API_KEY_FILE"] == "/etc/fides/api-keys/admin-api-keys"
 
 
+def test_grpc_port_on_by_default_and_off_with_zero(helm: dict[str, Any]) -> None:
+    objects = _objects(helm, "default")
+    gateway = _containers(objects)["gateway"]
+    assert {"name": "grpc", "containerPort": 8001, "protocol": "TCP"} in gateway["ports"]
+    assert _env(gateway)["FIDES_GRPC_PORT"] == "8001"
+    service = _one(objects, "Service")["spec"]["ports"]
+    assert {
+        "name": "grpc",
+        "port": 8001,
+        "targetPort": "grpc",
+        "protocol": "TCP",
+        "appProtocol": "grpc",
+    } in service
+    off = _objects(helm, "no_grpc")
+    gateway = _containers(off)["gateway"]
+    assert [p["name"] for p in gateway["ports"]] == ["http"]
+    assert _env(gateway)["FIDES_GRPC_ENABLED"] == "false"
+    assert [p["name"] for p in _one(off, "Service")["spec"]["ports"]] == ["http"]
+    (ingress,) = _one(off, "NetworkPolicy")["spec"]["ingress"]
+    assert ingress["ports"] == [{"port": "http", "protocol": "TCP"}]
+
+
 def test_network_policy(helm: dict[str, Any]) -> None:
     default = _one(_objects(helm, "default"), "NetworkPolicy")["spec"]
     assert default["policyTypes"] == ["Ingress", "Egress"]
     (ingress,) = default["ingress"]
-    assert ingress == {"ports": [{"port": "http", "protocol": "TCP"}]}  # any caller, one port
+    # any caller, the gateway's two ports
+    assert ingress == {
+        "ports": [{"port": "http", "protocol": "TCP"}, {"port": "grpc", "protocol": "TCP"}]
+    }
     assert [p["port"] for rule in default["egress"] for p in rule["ports"]] == [53, 53]  # DNS only
     restricted = _one(_objects(helm, "restricted_ingress"), "NetworkPolicy")["spec"]
     peers = restricted["ingress"][0]["from"]
