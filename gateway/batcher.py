@@ -175,7 +175,10 @@ class DynamicBatcher:
     # -- scheduling ---------------------------------------------------------------------------
 
     def _drop_dead(self) -> None:
+        """Drop cancelled and expired requests from the head of the queue (and report the new
+        depth: a caller that went away must not stay counted as waiting)."""
         now = self._clock()
+        before = len(self._queue)
         while self._queue:
             head = self._queue[0]
             if head.future.done():
@@ -186,7 +189,9 @@ class DynamicBatcher:
                     RequestTimeout(f"model '{self.runtime.name}': request timed out in queue")
                 )
             else:
-                return
+                break
+        if len(self._queue) != before:
+            self.observer.queued(len(self._queue))
 
     def _take_batch(self) -> list[_Pending]:
         """Pop the head and every compatible request after it that still fits."""

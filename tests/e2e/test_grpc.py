@@ -5,8 +5,11 @@ bad keys, a client that cancels mid-call)."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -18,9 +21,16 @@ from tritonclient.grpc import service_pb2
 from tritonclient.utils import InferenceServerException
 
 from tests.conftest import ADMIN_KEY, USER_KEY
-from tests.e2e.conftest import ALL_DATATYPES, GatewayProcess
+from tests.e2e.conftest import ALL_DATATYPES, GatewayProcess, running_gateway
 from tests.e2e.test_tritonclient import ROUNDTRIP_VALUES, X
-from tests.model_factory import TINY_B, TINY_W, tiny_expected
+from tests.model_factory import (
+    TINY_B,
+    TINY_CONFIG,
+    TINY_W,
+    make_repository,
+    tiny_expected,
+    write_config,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 
@@ -329,3 +339,67 @@ def test_a_cancelled_call_is_counted_and_leaks_nothing(
         time.sleep(0.1)
     assert all(line.endswith(" 0.0") for line in inflight), inflight
     assert 'fides_grpc_requests_total{code="OK",method="ModelInfer"}' in metrics
+
+
+def _metric(gw: GatewayProcess, prefix: str) -> float:
+    """The summed value of every sample whose line starts with ``prefix``."""
+    text = httpx.get(f"{gw.base_url}/metrics").text
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix)
+    )
+
+
+def test_cancel_mid_call_and_sigterm_drain(tmp_path: Path) -> None:
+    """Calls wait 1.5 s in the batcher (no dispatch while idle): one cancelled there is counted
+    CANCELLED and leaves nothing in flight; on SIGTERM those in flight still get their answer."""
+    repo = make_repository(tmp_path / "repo", datatypes=())
+    write_config(
+        repo / "tiny",
+        {
+            **TINY_CONFIG,
+            "dynamic_batching": {
+                "max_queue_delay_microseconds": 1_500_000,
+                "preferred_batch_size": [16],
+                "dispatch_when_idle": False,
+            },
+        },
+    )
+    req = service_pb2.ModelInferRequest(model_name="tiny")
+    req.inputs.add(name="input", datatype="FP32", shape=[1, 4])
+    req.raw_input_contents.append(X[:1].tobytes())
+    with (
+        running_gateway(repo, tmp_path / "logs") as gw,
+        grpc.insecure_channel(gw.grpc_address) as ch,
+    ):
+        infer = ch.unary_unary(
+            SERVICE + "ModelInfer",
+            request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=service_pb2.ModelInferResponse.FromString,
+        )
+        inflight = 'fides_inference_inflight_requests{model="tiny"}'
+        future = infer.future(req, metadata=(*USER.items(),), timeout=20)
+        deadline = time.monotonic() + 10
+        while _metric(gw, inflight) < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _metric(gw, inflight) == 1
+        future.cancel()
+        while _metric(gw, inflight) > 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _metric(gw, inflight) == 0
+        cancelled = 'fides_grpc_requests_total{code="CANCELLED",method="ModelInfer"}'
+        while _metric(gw, cancelled) < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _metric(gw, cancelled) == 1
+        # the cancelled item leaves the batcher's queue when its batch would have run (within
+        # the 1.5 s delay), without being computed
+        depth = 'fides_inference_queue_depth{model="tiny"'
+        while _metric(gw, depth) > 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _metric(gw, depth) == 0
+
+        calls = [infer.future(req, metadata=(*USER.items(),), timeout=20) for _ in range(2)]
+        time.sleep(0.5)
+        os.kill(gw.pid, signal.SIGTERM)
+        answers = [c.result(timeout=15) for c in calls]
+        assert [len(a.raw_output_contents) for a in answers] == [2, 2]
+        gw.process.wait(timeout=15)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gateway.batcher import BatchPolicy, DynamicBatcher
+from gateway.batcher import BatchObserver, BatchPolicy, DynamicBatcher
 from gateway.errors import GatewayError, QueueFull, RequestTimeout
 from gateway.model_config import ModelConfig
 from gateway.runtimes.base import Runtime, Tensors
@@ -193,6 +193,34 @@ async def test_request_times_out_in_queue() -> None:
     await slow
     await asyncio.sleep(0.05)
     assert rt.batches == [1]  # the timed-out request was never computed
+    await b.close()
+
+
+async def test_a_cancelled_request_leaves_the_queue_and_its_depth() -> None:
+    """A caller that goes away (a cancelled gRPC call) is dropped without being computed, and
+    the queue depth the metrics see goes back to 0 when its batch would have run."""
+
+    class Depths(BatchObserver):
+        def __init__(self) -> None:
+            self.depths: list[int] = []
+
+        def queued(self, depth: int) -> None:
+            self.depths.append(depth)
+
+    rt, seen = DoublingRuntime(), Depths()
+    b = DynamicBatcher(
+        rt,
+        _policy(max_queue_delay_s=0.1, dispatch_when_idle=False, preferred_batch_sizes=(8,)),
+        seen,
+    )
+    b.start()
+    waiting = asyncio.ensure_future(b.submit(_x(1.0), time.monotonic() + 5))
+    await asyncio.sleep(0.02)
+    assert seen.depths == [1]
+    waiting.cancel()
+    await asyncio.sleep(0.2)
+    assert seen.depths[-1] == 0
+    assert rt.batches == []  # never computed
     await b.close()
 
 
