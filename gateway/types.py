@@ -4,12 +4,37 @@ wire format to and from these."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-__all__ = ["InferRequest", "InferResponse", "InputTensor", "OutputTensor", "RequestedOutput"]
+from gateway.errors import BadRequest, PayloadTooLarge
+
+__all__ = [
+    "InferRequest",
+    "InferResponse",
+    "InputTensor",
+    "OutputTensor",
+    "RequestedOutput",
+    "check_shape",
+]
+
+
+def check_shape(name: str, shape: tuple[int, ...], max_elements: int) -> None:
+    """An input's shape within the gateway's limits, whatever the protocol: no negative
+    dimension (400), at most ``max_elements`` elements and no dimension above it (413; an empty
+    tensor may still name a dimension numpy cannot allocate, ``[0, 2**62]``)."""
+    if any(d < 0 for d in shape):
+        raise BadRequest(f"input '{name}': 'shape' must not contain negative dimensions")
+    count = math.prod(shape)
+    if count > max_elements:
+        raise PayloadTooLarge(f"input '{name}' has {count} elements; the limit is {max_elements}")
+    if any(d > max_elements for d in shape):
+        raise PayloadTooLarge(
+            f"input '{name}': dimension {max(shape)} exceeds the limit of {max_elements}"
+        )
 
 
 @dataclass

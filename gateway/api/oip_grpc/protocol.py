@@ -20,8 +20,14 @@ import orjson
 from fides_core.oip import DATATYPES, TensorError, decode_binary_data, encode_binary_data
 from fides_core.oip import oip_datatype as _oip_datatype
 from gateway.api.oip_grpc import oip_pb2 as pb
-from gateway.errors import BadRequest, PayloadTooLarge
-from gateway.types import InferRequest, InferResponse, InputTensor, RequestedOutput
+from gateway.errors import BadRequest
+from gateway.types import (
+    InferRequest,
+    InferResponse,
+    InputTensor,
+    RequestedOutput,
+    check_shape,
+)
 
 __all__ = ["decode_parameters", "encode_infer_response", "encode_parameters", "parse_infer_request"]
 
@@ -97,17 +103,7 @@ def parse_infer_request(msg: Any, *, max_elements: int) -> InferRequest:
                 f"input '{name}': unknown datatype {datatype!r}; one of {sorted(DATATYPES)}"
             )
         shape = tuple(tensor.shape)
-        if any(d < 0 for d in shape):
-            raise BadRequest(f"input '{name}': 'shape' must not contain negative dimensions")
-        count = math.prod(shape)
-        if count > max_elements:
-            raise PayloadTooLarge(
-                f"input '{name}' has {count} elements; the limit is {max_elements}"
-            )
-        if any(d > max_elements for d in shape):
-            raise PayloadTooLarge(
-                f"input '{name}': dimension {max(shape)} exceeds the limit of {max_elements}"
-            )
+        check_shape(name, shape, max_elements)
         what = f"input '{name}'"
         try:
             if raw:

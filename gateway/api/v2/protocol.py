@@ -6,7 +6,6 @@ codec in :mod:`fides_core.oip`.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -22,8 +21,14 @@ from fides_core.oip import (
     encode_json_data,
     oip_datatype,
 )
-from gateway.errors import BadRequest, PayloadTooLarge
-from gateway.types import InferRequest, InferResponse, InputTensor, RequestedOutput
+from gateway.errors import BadRequest
+from gateway.types import (
+    InferRequest,
+    InferResponse,
+    InputTensor,
+    RequestedOutput,
+    check_shape,
+)
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
@@ -92,8 +97,6 @@ def _shape(value: Any, name: str) -> tuple[int, ...]:
         isinstance(d, int) and not isinstance(d, bool) for d in value
     ):
         raise BadRequest(f"input '{name}': 'shape' must be a list of integers")
-    if any(d < 0 for d in value):
-        raise BadRequest(f"input '{name}': 'shape' must not contain negative dimensions")
     return tuple(value)
 
 
@@ -187,14 +190,7 @@ def _parse_input(
     if "shape" not in raw:
         raise BadRequest(f"input '{name}': missing 'shape'")
     shape = _shape(raw["shape"], name)
-    count = math.prod(shape)
-    if count > max_elements:
-        raise PayloadTooLarge(f"input '{name}' has {count} elements; the limit is {max_elements}")
-    # an empty tensor may still name a dimension numpy cannot allocate ([0, 2**62])
-    if any(d > max_elements for d in shape):
-        raise PayloadTooLarge(
-            f"input '{name}': dimension {max(shape)} exceeds the limit of {max_elements}"
-        )
+    check_shape(name, shape, max_elements)
     params = _params(raw.get("parameters"), f"input '{name}'")
     size = params.get("binary_data_size")
     if size is not None:
