@@ -92,9 +92,19 @@ class GenerationHandle:
     stats: dict[str, int] = field(default_factory=dict)
     completion_tokens: int = 0
     finish_reason: str | None = None
+    slot_released: bool = False
 
     def cancel(self) -> None:
         self.cancelled.set()
+
+    def release_slot(self) -> None:
+        """Give the model's slot back (once; on the event loop). The worker schedules it
+        before its last delta, so a client that has its answer can send the next request
+        at once without being shed; the executor's done callback is the backstop."""
+        if not self.slot_released:
+            self.slot_released = True
+            self.model.active.discard(self)
+            self.model.slots.release()
 
     async def deltas(self) -> AsyncIterator[Delta]:
         """Deltas until the one carrying ``finish_reason``; cancels the worker if abandoned."""
@@ -196,12 +206,7 @@ class GenerationService:
             model.slots.release()
             raise
         model.active.add(handle)
-
-        def done(_f: object) -> None:
-            model.active.discard(handle)
-            model.slots.release()
-
-        future.add_done_callback(done)
+        future.add_done_callback(lambda _f: handle.release_slot())
         return handle
 
     def _run(
@@ -233,6 +238,8 @@ class GenerationService:
                 done = True
                 running.dec()
                 m.requests.labels(name, reason).inc()
+                with contextlib.suppress(RuntimeError):  # the loop closed under us (shutdown)
+                    loop.call_soon_threadsafe(handle.release_slot)
 
         try:
             detok = Detokenizer(model.tokenizer, stop)

@@ -63,6 +63,11 @@ class SamplingFields(_Request):
     temperature: float | None = Field(1.0, ge=0.0, le=2.0)
     top_p: float | None = Field(1.0, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=-1, description="Extension (vLLM): -1 or 0 = off.")
+    ignore_eos: bool = Field(
+        False,
+        description="Extension (vLLM): generate past the end-of-sequence token up to "
+        "max_tokens, for fixed-length load tests.",
+    )
     n: int = Field(1, ge=1, le=1, description="Only one choice per request.")
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -46,7 +46,7 @@ def _params(body: SamplingFields, model: TextModel, max_tokens: int) -> Sampling
         top_p=1.0 if body.top_p is None else body.top_p,
         top_k=max(0, body.top_k or 0),
         seed=body.seed,
-        eos_token_ids=model.eos_token_ids,
+        eos_token_ids=frozenset() if body.ignore_eos else model.eos_token_ids,
     )
 
 

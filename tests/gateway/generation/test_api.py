@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
 import orjson
 import pytest
 
+from gateway.api.openai.protocol import CompletionRequest
+from gateway.api.openai.serving import _params
 from gateway.settings import Settings
 from tests.conftest import USER_KEY, serving
 
@@ -68,6 +71,30 @@ async def test_seeded_sampling_is_reproducible(client: httpx.AsyncClient) -> Non
         for _ in range(2)
     }
     assert len(texts) == 1
+
+
+async def test_ignore_eos_generates_max_tokens_whatever_is_sampled(
+    client: httpx.AsyncClient,
+) -> None:
+    body = {
+        "model": MODEL,
+        "prompt": "x",
+        "max_tokens": 100,
+        "temperature": 2.0,
+        "ignore_eos": True,
+    }
+    for seed in range(4):
+        r = (await client.post("/v1/completions", json={**body, "seed": seed})).json()
+        assert r["usage"]["completion_tokens"] == 100
+        assert r["choices"][0]["finish_reason"] == "length"
+
+
+def test_ignore_eos_empties_the_end_of_sequence_set() -> None:
+    model = SimpleNamespace(eos_token_ids=frozenset({0, 5}))
+    plain = CompletionRequest(model=MODEL, prompt="a")
+    ignoring = CompletionRequest(model=MODEL, prompt="a", ignore_eos=True)
+    assert _params(plain, model, 8).eos_token_ids == {0, 5}  # type: ignore[arg-type]
+    assert _params(ignoring, model, 8).eos_token_ids == frozenset()  # type: ignore[arg-type]
 
 
 async def test_stop_sequence_cuts_the_text(client: httpx.AsyncClient) -> None:
@@ -171,6 +198,7 @@ BAD: list[tuple[str, dict[str, Any], str | None]] = [
     ("temperature as string", {"model": MODEL, "prompt": "a", "temperature": "hot"}, None),
     ("prompt as number", {"model": MODEL, "prompt": 5}, "prompt"),
     ("stream as string", {"model": MODEL, "prompt": "a", "stream": "yes"}, "stream"),
+    ("ignore_eos as string", {"model": MODEL, "prompt": "a", "ignore_eos": "yes"}, "ignore_eos"),
     ("n > 1", {"model": MODEL, "prompt": "a", "n": 2}, "n"),
     ("unknown field", {"model": MODEL, "prompt": "a", "max_tokenz": 5}, "max_tokenz"),
     ("five stops", {"model": MODEL, "prompt": "a", "stop": list("abcde")}, "stop"),

@@ -111,7 +111,12 @@ def test_disconnect_cancels_and_full_queue_sheds(
 ) -> None:
     before = metric(gateway, "fides_generation_requests_total", finish_reason="cancelled")
     stream = client.completions.create(
-        model="long", prompt="def", max_tokens=2000, temperature=1.0, stream=True
+        model="long",
+        prompt="def",
+        max_tokens=2000,
+        temperature=1.0,
+        stream=True,
+        extra_body={"ignore_eos": True},  # a sampled EOS must not end it before the cancel
     )
     first = next(iter(stream))
     assert first.choices[0].finish_reason is None
@@ -131,8 +136,24 @@ def test_disconnect_cancels_and_full_queue_sheds(
         time.sleep(0.05)
     quick = openai.OpenAI(base_url=client.base_url, api_key=USER_KEY, max_retries=0, timeout=0.3)
     with pytest.raises(openai.APITimeoutError):
-        quick.completions.create(model="long", prompt="def", max_tokens=2000, temperature=1.0)
+        quick.completions.create(
+            model="long",
+            prompt="def",
+            max_tokens=2000,
+            temperature=1.0,
+            extra_body={"ignore_eos": True},
+        )
     while cancelled() < before + 2:
         assert time.monotonic() < deadline, "non-streaming generation not cancelled"
         time.sleep(0.05)
+    assert metric(gateway, "fides_generation_running", model="long") == 0
+
+
+def test_back_to_back_requests_are_not_shed(gateway: GatewayProcess, client: openai.OpenAI) -> None:
+    """One slot and no queue: a client that has its answer may send the next request at once;
+    the slot is free before the answer goes out, so it is never refused as busy."""
+    for i in range(40):
+        r = client.completions.create(model="long", prompt="def", max_tokens=2, seed=i)
+        assert r.usage is not None
+        assert r.usage.completion_tokens >= 1
     assert metric(gateway, "fides_generation_running", model="long") == 0
