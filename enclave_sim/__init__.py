@@ -9,3 +9,10 @@ and it runs the verifier and signs results bound to the exact inputs (:mod:`encl
 Relying parties check all of it with :mod:`fides_core.attestation`. The command line is
 ``fides enclave {init-ca, measure, seal, run}`` (:mod:`enclave_sim.cli`).
 """
+
+import os as _os
+
+# onnxruntime's telemetry writes a device id and an event database under ~/.cache (XDG cache)
+# at import: a server process writes only where its settings point (a read-only container
+# root), so it is off unless the environment says otherwise.
+_os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")

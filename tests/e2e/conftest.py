@@ -150,11 +150,12 @@ def running_gateway(
     workdir: Path,
     attempts: int = 3,
     env: Mapping[str, str] | None = None,
+    cwd: Path = REPO_ROOT,
 ) -> Iterator[GatewayProcess]:
     """Start ``gateway.cli serve`` on ``repository``, yield it once ready, always stop it.
 
     ``env``: extra environment for the server (e.g. ``FIDES_ENCLAVE_*`` settings), applied after
-    the test's defaults."""
+    the test's defaults; ``cwd``: its working directory."""
     workdir.mkdir(parents=True, exist_ok=True)
     failure = ""
     for _ in range(attempts):
@@ -163,7 +164,7 @@ def running_gateway(
         with log_path.open("wb") as log_file:
             process = subprocess.Popen(
                 [sys.executable, "-m", "gateway.cli", "serve", "--host", HOST, "--port", str(port)],
-                cwd=REPO_ROOT,
+                cwd=cwd,
                 env={
                     **_server_env(repository),
                     "FIDES_INTEGRITY_STATE_DIR": str(workdir / "alarm-state"),
