@@ -65,6 +65,13 @@ class GenerationConfig(StrictModel):
     default_max_tokens: int = Field(
         16, ge=1, description="max_tokens of /v1/completions when the request sets none."
     )
+    timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="Longest a /v1 request may take, its wait for a sequence slot included: "
+        "past it the sequence is stopped, a plain request answers 504 and a stream ends with "
+        "an error event. A request's `timeout` (extension) can only shorten it.",
+    )
     chat_template: str | None = Field(
         None,
         description="Jinja chat template; default: the tokenizer's, else the built-in "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -22,7 +23,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from fides_core.layout import versions_on_disk
-from gateway.errors import BadRequest, GatewayError, ModelLoadError, QueueFull, Unavailable
+from gateway.errors import (
+    BadRequest,
+    GatewayError,
+    ModelLoadError,
+    QueueFull,
+    RequestTimeout,
+    Unavailable,
+)
 from gateway.generation.config import GenerationConfig
 from gateway.generation.metrics import GenerationMetrics
 from gateway.generation.text import Detokenizer, chat_prompt
@@ -87,6 +95,7 @@ class GenerationHandle:
 
     model: TextModel
     prompt_tokens: int
+    deadline: float = math.inf  # time.perf_counter() past which the worker stops the sequence
     queue: asyncio.Queue[Delta | BaseException] = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     stats: dict[str, int] = field(default_factory=dict)
@@ -179,10 +188,18 @@ class GenerationService:
         return max_tokens
 
     async def submit(
-        self, model: TextModel, prompt: list[int], params: Any, stop: list[str]
+        self,
+        model: TextModel,
+        prompt: list[int],
+        params: Any,
+        stop: list[str],
+        timeout_s: float | None = None,
     ) -> GenerationHandle:
-        """Admit the request (wait for a slot, or 503 when the queue is full) and start it."""
+        """Admit the request (wait for a slot, or 503 when the queue is full) and start it.
+        ``timeout_s`` (default: the model's) counts from now, the wait for a slot included:
+        504 when no slot frees in time; the worker stops the sequence when it passes."""
         t_arrival = time.perf_counter()
+        timeout_s = model.config.timeout_s if timeout_s is None else timeout_s
         gauge = self.metrics.waiting.labels(model.name)
         if model.slots.locked() and model.waiting >= model.config.max_queue_size:
             raise QueueFull(
@@ -192,11 +209,18 @@ class GenerationService:
         model.waiting += 1
         gauge.set(model.waiting)
         try:
-            await model.slots.acquire()
+            await asyncio.wait_for(model.slots.acquire(), timeout_s)
+        except TimeoutError:
+            self.metrics.requests.labels(model.name, "timeout").inc()
+            raise RequestTimeout(
+                f"no sequence slot of model '{model.name}' came free within the request's "
+                f"{timeout_s:g} s timeout ({model.config.max_concurrent_sequences} running); "
+                "retry later"
+            ) from None
         finally:
             model.waiting -= 1
             gauge.set(model.waiting)
-        handle = GenerationHandle(model, len(prompt))
+        handle = GenerationHandle(model, len(prompt), deadline=t_arrival + timeout_s)
         loop = asyncio.get_running_loop()
         try:
             future = loop.run_in_executor(
@@ -250,6 +274,15 @@ class GenerationService:
             while True:
                 if handle.cancelled.is_set():
                     finish("cancelled")
+                    return
+                if time.perf_counter() >= handle.deadline:
+                    finish("timeout")
+                    put(
+                        RequestTimeout(
+                            f"generation timed out after {handle.deadline - t_arrival:g} s "
+                            f"with {count} tokens generated (the request's timeout)"
+                        )
+                    )
                     return
                 rnd = model.engine.step(seq)
                 now = time.perf_counter()

@@ -28,6 +28,7 @@ _ERROR_TYPES = {
     413: "invalid_request_error",
     429: "rate_limit_error",
     503: "service_unavailable",
+    504: "timeout_error",
 }
 MAX_STOP_SEQUENCES = 4
 
@@ -63,6 +64,12 @@ class SamplingFields(_Request):
     temperature: float | None = Field(1.0, ge=0.0, le=2.0)
     top_p: float | None = Field(1.0, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=-1, description="Extension (vLLM): -1 or 0 = off.")
+    timeout: float | None = Field(
+        None,
+        gt=0,
+        description="Extension: seconds this request may take, its wait for a slot included; "
+        "at most the model's generation.timeout_s.",
+    )
     ignore_eos: bool = Field(
         False,
         description="Extension (vLLM): generate past the end-of-sequence token up to "

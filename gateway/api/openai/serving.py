@@ -17,8 +17,14 @@ import orjson
 from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
 
-from gateway.api.openai.protocol import ChatRequest, CompletionRequest, SamplingFields
+from gateway.api.openai.protocol import (
+    ChatRequest,
+    CompletionRequest,
+    SamplingFields,
+    openai_error_response,
+)
 from gateway.api.responses import json_response
+from gateway.errors import GatewayError
 from gateway.generation.params import SamplingParams
 from gateway.generation.service import (
     GenerationHandle,
@@ -48,6 +54,12 @@ def _params(body: SamplingFields, model: TextModel, max_tokens: int) -> Sampling
         seed=body.seed,
         eos_token_ids=frozenset() if body.ignore_eos else model.eos_token_ids,
     )
+
+
+def _timeout(body: SamplingFields, model: TextModel) -> float:
+    """The request's time limit: its ``timeout`` (an extension), never past the model's."""
+    limit = model.config.timeout_s
+    return limit if body.timeout is None else min(body.timeout, limit)
 
 
 def _completion_prompt(body: CompletionRequest, model: TextModel) -> list[int]:
@@ -125,6 +137,9 @@ async def _stream(
             yield _sse(first)
         async for delta in handle.deltas():
             yield _sse(chunk(delta.text, delta.finish_reason))
+    except GatewayError as exc:  # a timeout: the status line is gone, so it goes in the stream
+        doc = orjson.loads(openai_error_response(exc.message, exc.status).body)
+        yield _sse(doc)
     except Exception as exc:  # noqa: BLE001 - the status line is gone: report in the stream
         yield _sse(
             {
@@ -203,7 +218,7 @@ async def serve_completion(
     max_tokens = svc.check_lengths(model, prompt, body.max_tokens, model.config.default_max_tokens)
     params = _params(body, model, max_tokens)
     stops = body.stops()
-    handle = await svc.submit(model, prompt, params, stops)
+    handle = await svc.submit(model, prompt, params, stops, _timeout(body, model))
     rid, created = _new_id("cmpl"), int(time.time())
 
     def chunk(text: str | None, finish: str | None, final: bool = False) -> Any:
@@ -259,7 +274,7 @@ async def serve_chat(body: ChatRequest, request: Request, svc: GenerationService
     max_tokens = svc.check_lengths(model, prompt, asked, None)
     params = _params(body, model, max_tokens)
     stops = body.stops()
-    handle = await svc.submit(model, prompt, params, stops)
+    handle = await svc.submit(model, prompt, params, stops, _timeout(body, model))
     rid, created = _new_id("chatcmpl"), int(time.time())
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 

@@ -28,6 +28,13 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess
         context=2048,
         generation={"max_concurrent_sequences": 1, "max_queue_size": 0},
     )
+    # one slot and a queue: for the time limit of a request that waits for its slot
+    make_lm_repository(
+        repo,
+        name="queued",
+        context=2048,
+        generation={"max_concurrent_sequences": 1, "max_queue_size": 4},
+    )
     with running_gateway(repo, base / "logs") as gw:
         yield gw
 
@@ -47,7 +54,7 @@ def metric(gw: GatewayProcess, name: str, **labels: str) -> float:
 
 
 def test_models_and_completion(client: openai.OpenAI) -> None:
-    assert sorted(m.id for m in client.models.list()) == ["long", "tiny"]
+    assert sorted(m.id for m in client.models.list()) == ["long", "queued", "tiny"]
     c = client.completions.create(model="tiny", prompt="def f(x):", max_tokens=8, temperature=0)
     assert c.object == "text_completion"
     assert c.choices[0].finish_reason == "length"
@@ -157,3 +164,69 @@ def test_back_to_back_requests_are_not_shed(gateway: GatewayProcess, client: ope
         assert r.usage is not None
         assert r.usage.completion_tokens >= 1
     assert metric(gateway, "fides_generation_running", model="long") == 0
+
+
+LONG = {"prompt": "def", "max_tokens": 2000, "temperature": 1.0, "ignore_eos": True}
+
+
+def test_a_request_past_its_timeout_is_stopped_and_answers_504(gateway: GatewayProcess) -> None:
+    """2,000 tokens take seconds on any CPU; the request allows 0.3 s: the sequence stops and
+    the answer is OpenAI's error body with 504; streamed, the stream ends with that error."""
+    headers = {"Authorization": f"Bearer {USER_KEY}"}
+    before = metric(gateway, "fides_generation_requests_total", finish_reason="timeout")
+    r = httpx.post(
+        gateway.base_url + "/v1/completions",
+        json={"model": "long", "timeout": 0.3, **LONG},
+        headers=headers,
+        timeout=30,
+    )
+    assert r.status_code == 504, r.text
+    err = r.json()["error"]
+    assert err["type"] == "timeout_error"
+    assert "timed out after 0.3 s" in err["message"]
+    with httpx.stream(
+        "POST",
+        gateway.base_url + "/v1/completions",
+        json={"model": "long", "timeout": 0.5, "stream": True, **LONG},
+        headers=headers,
+        timeout=30,
+    ) as stream:
+        assert stream.status_code == 200
+        events = [line[6:] for line in stream.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    assert "timeout_error" in events[-2], events[-2]
+    assert len(events) > 3  # tokens went out before the limit
+    assert metric(gateway, "fides_generation_requests_total", finish_reason="timeout") == before + 2
+    assert metric(gateway, "fides_generation_running", model="long") == 0
+
+
+def test_a_request_that_waits_past_its_timeout_for_a_slot_answers_504(
+    gateway: GatewayProcess, client: openai.OpenAI
+) -> None:
+    stream = client.completions.create(
+        model="queued", stream=True, extra_body={"ignore_eos": True}, **_long_args()
+    )
+    next(iter(stream))  # the one slot is taken
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(openai.InternalServerError) as exc:
+            client.completions.create(
+                model="queued", prompt="a", max_tokens=5, extra_body={"timeout": 0.3}
+            )
+        assert exc.value.status_code == 504
+        assert "no sequence slot" in str(exc.value)
+        assert time.monotonic() - t0 < 5
+        assert metric(gateway, "fides_generation_queue_depth", model="queued") == 0
+    finally:
+        stream.close()
+    # the slot comes back and the next request is served
+    deadline = time.monotonic() + 10
+    while metric(gateway, "fides_generation_running", model="queued") > 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    ok = client.completions.create(model="queued", prompt="a", max_tokens=2)
+    assert ok.usage is not None
+
+
+def _long_args() -> dict[str, object]:
+    return {"prompt": "def", "max_tokens": 2000, "temperature": 1.0}
