@@ -70,12 +70,16 @@ def _ignored(path: str) -> bool:
 
 def test_multi_stage_slim_build() -> None:
     stages = _stages()
-    assert [s.name for s in stages] == ["build", "models", "runtime"]
+    assert [s.name for s in stages] == ["build", "venv", "models", "runtime"]
     runtime = stages[-1]
     assert runtime.base == "python:${PYTHON_VERSION}-slim-${DEBIAN_RELEASE}"
-    # the runtime stage takes the virtualenv and models, not the compilers or pip caches
+    # the runtime stage takes the trimmed virtualenv and the models, not the compilers, pip or
+    # its caches
     copies = runtime.args("COPY")
-    assert any(c.startswith("--from=build ") for c in copies)
+    assert any(c.startswith("--from=venv ") for c in copies)
+    trim = " ".join(stages[1].args("RUN"))
+    assert "torch/test" in trim
+    assert "pip uninstall" in trim
     assert any("--from=models" in c for c in copies)
     assert not runtime.args("RUN") or all("pip install" not in r for r in runtime.args("RUN"))
 
@@ -154,3 +158,32 @@ def test_volume_mount_points_belong_to_the_runtime_user(mount: str) -> None:
     """Empty named volumes copy the image directory's owner; root-owned ones are unwritable."""
     text = " ".join(_stages()[-1].args("RUN"))
     assert re.search(r"install -d -o 10001 -g 10001 -m 0700 [^&]*" + re.escape(mount), text)
+
+
+def test_every_installed_package_is_copied_into_the_build() -> None:
+    """pyproject's package list and the build stage's COPYs agree (the image once lacked
+    fides_core, fides_client and fides, and nothing built it to notice)."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    include = project["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = {p.split(".")[0].rstrip("*") for p in include}
+    copied = {c.split()[0] for c in _stages()[0].args("COPY")}
+    assert packages <= copied, f"not copied: {sorted(packages - copied)}"
+
+
+def test_every_path_the_gateway_writes_is_a_mount_point() -> None:
+    """Under --read-only, the gateway writes only to the enclave platform, the enclave's
+    runtime folder (socket, sealed verifier), the alarm state and /tmp: the image points each
+    setting at a folder made for a volume, owned by the runtime user."""
+    runtime = _stages()[-1]
+    env = dict(re.findall(r"(\w+)=(\S+)", " ".join(runtime.args("ENV"))))
+    text = " ".join(runtime.args("RUN"))
+    for setting in (
+        "FIDES_ENCLAVE_PLATFORM_DIR",
+        "FIDES_ENCLAVE_RUNTIME_DIR",
+        "FIDES_INTEGRITY_STATE_DIR",
+    ):
+        path = env[setting]
+        assert re.search(r"install -d -o 10001 -g 10001 -m 0700 [^&]*" + re.escape(path), text)
+    assert env["ORT_DISABLE_TELEMETRY"] == "1"  # onnxruntime writes ~/.cache otherwise
