@@ -17,6 +17,7 @@ __all__ = [
     "ChatRequest",
     "CompletionRequest",
     "StreamOptions",
+    "openai_error_body",
     "openai_error_response",
 ]
 
@@ -33,6 +34,14 @@ _ERROR_TYPES = {
 MAX_STOP_SEQUENCES = 4
 
 
+def openai_error_body(
+    message: str, status: int, param: str | None = None, code: str | None = None
+) -> dict[str, dict[str, str | None]]:
+    """OpenAI's error document (also the event that ends a stream that failed)."""
+    kind = _ERROR_TYPES.get(status, "server_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
 def openai_error_response(
     message: str,
     status: int,
@@ -40,15 +49,7 @@ def openai_error_response(
     param: str | None = None,
     code: str | None = None,
 ) -> Response:
-    body = {
-        "error": {
-            "message": message,
-            "type": _ERROR_TYPES.get(status, "server_error"),
-            "param": param,
-            "code": code,
-        }
-    }
-    return json_response(body, status, headers)
+    return json_response(openai_error_body(message, status, param, code), status, headers)
 
 
 class _Request(BaseModel):

@@ -21,7 +21,7 @@ from gateway.api.openai.protocol import (
     ChatRequest,
     CompletionRequest,
     SamplingFields,
-    openai_error_response,
+    openai_error_body,
 )
 from gateway.api.responses import json_response
 from gateway.errors import GatewayError
@@ -138,19 +138,9 @@ async def _stream(
         async for delta in handle.deltas():
             yield _sse(chunk(delta.text, delta.finish_reason))
     except GatewayError as exc:  # a timeout: the status line is gone, so it goes in the stream
-        doc = orjson.loads(openai_error_response(exc.message, exc.status).body)
-        yield _sse(doc)
+        yield _sse(openai_error_body(exc.message, exc.status))
     except Exception as exc:  # noqa: BLE001 - the status line is gone: report in the stream
-        yield _sse(
-            {
-                "error": {
-                    "message": f"generation failed: {type(exc).__name__}: {exc}",
-                    "type": "server_error",
-                    "param": None,
-                    "code": None,
-                }
-            }
-        )
+        yield _sse(openai_error_body(f"generation failed: {type(exc).__name__}: {exc}", 500))
     finally:
         if handle.finish_reason is None:  # client gone (or error): stop the worker
             handle.cancel()
