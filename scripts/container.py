@@ -274,7 +274,7 @@ def pip_build_args() -> Iterator[list[str]]:
         args += ["--build-arg", f"PIP_TRUSTED_HOST={config['trusted-host']}"]
     if not _reachable(TORCH_CPU_INDEX + "/"):
         index = values.get("index-url", "https://pypi.org/simple")
-        has_cpu = any(p.glob("torch-*+cpu-*.whl") for p in local if p.is_dir())
+        has_cpu = any(any(p.glob("torch-*+cpu-*.whl")) for p in local if p.is_dir())
         log(
             f"{TORCH_CPU_INDEX} is out of reach: torch comes from {index}"
             + (" and the local +cpu wheel" if has_cpu else "")
