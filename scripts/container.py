@@ -174,11 +174,10 @@ def ensure_base() -> str:
         done = _run(["debootstrap", "--variant=minbase", release, str(rootfs), mirror])
         if done.returncode != 0:
             raise ContainerError(f"debootstrap failed: {done.stderr.strip()[-500:]}")
-        tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
-        imported = subprocess.run(
-            [docker(), "import", "-", ROOTFS_IMAGE], stdin=tar.stdout, capture_output=True
-        )
-        tar.wait()
+        with subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE) as tar:
+            imported = subprocess.run(
+                [docker(), "import", "-", ROOTFS_IMAGE], stdin=tar.stdout, capture_output=True
+            )
         if imported.returncode != 0 or tar.returncode != 0:
             raise ContainerError(f"docker import failed: {imported.stderr.decode()[-500:]}")
         context = Path(tmp) / "context"
