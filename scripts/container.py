@@ -324,7 +324,7 @@ def compose_images() -> dict[str, str]:
 
 def ensure_monitoring() -> dict[str, str]:
     """Prometheus and Alertmanager images under compose.yaml's names: present, pulled, or
-    built from Debian's packages (what that makes is labelled with the Debian version)."""
+    built from Debian's packages (labelled io.fides.built-from=debian-package)."""
     images = compose_images()
     made: dict[str, str] = {}
     for service in ("prometheus", "alertmanager"):

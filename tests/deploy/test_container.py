@@ -40,6 +40,7 @@ import yaml
 
 from tests.conftest import ADMIN_KEY, USER_KEY
 from tests.deploy.conftest import DEPLOY, ROOT
+from tests.e2e.conftest import free_port
 from tests.integrity_factory import Digits, infer_body, typical_digits
 from tests.processes import stop_process
 
@@ -307,14 +308,6 @@ def test_refused_simulated_evidence_keeps_the_container_unready_and_says_why(ima
 # -- the compose stack --------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _compose_file(out: Path) -> tuple[Path, dict[str, int]]:
     """deploy/compose.yaml as Debian's Compose v1 (1.29) reads it: without the top-level
     ``name`` (the project name is given with -p), loopback ports moved to free ones (nothing
@@ -330,7 +323,7 @@ def _compose_file(out: Path) -> tuple[Path, dict[str, int]]:
         moved = []
         for mapping in body.get("ports", []):
             _, _, target = mapping.split("#")[0].strip().rpartition(":")
-            port = _free_port()
+            port = free_port()
             ports[f"{service}:{target}"] = port
             moved.append(f"127.0.0.1:{port}:{target}")
         if moved:
