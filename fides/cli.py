@@ -302,15 +302,67 @@ def bench_speculative(
     ] = Path("../shared/data"),
     gamma: Annotated[int, typer.Option(help="Draft tokens per round.")] = 4,
     prompts: Annotated[int, typer.Option(help="Prompts per measurement.")] = 12,
-    new_tokens: Annotated[int, typer.Option(help="Tokens generated per prompt.")] = 128,
+    new_tokens: Annotated[
+        int | None,
+        typer.Option(help="Tokens generated per prompt (default 128; 64 with --concurrency)."),
+    ] = None,
     distill_steps: Annotated[
         int, typer.Option(help="DistillSpec steps per divergence (0 skips that part).")
     ] = 30,
     pair: Annotated[
         list[str], typer.Option(help="code and/or war_and_peace; others in --output are kept.")
     ] = ["code", "war_and_peace"],  # noqa: B006 - typer reads the default
+    concurrency: Annotated[
+        list[int] | None,
+        typer.Option(
+            help="Concurrent clients (repeat it, e.g. 1, 4, 8): run the concurrency axis "
+            "instead, the default pair served by a gateway under continuous batching."
+        ),
+    ] = None,
+    variant: Annotated[
+        list[str] | None,
+        typer.Option(help="With --concurrency: auto, fixed, no_draft, serial (default: all)."),
+    ] = None,
+    duration: Annotated[float, typer.Option(help="With --concurrency: seconds per cell.")] = 10.0,
+    concurrency_output: Annotated[
+        Path, typer.Option(help="With --concurrency: where to write the JSON results.")
+    ] = Path("bench/results/speculative_concurrency.json"),
 ) -> None:
-    """Speculative decoding: tokens/s vs target-only, HF assisted generation and prediction."""
+    """Speculative decoding: tokens/s vs target-only, HF assisted generation and prediction;
+    with --concurrency, aggregate tokens/s and time per token under concurrent clients."""
+    if concurrency:
+        import json
+
+        from fides.bench.generation_load import VARIANTS, markdown, run_generation_load
+
+        names = variant or list(VARIANTS)
+        unknown = sorted(set(names) - set(VARIANTS))
+        if unknown or any(c < 1 for c in concurrency):
+            console.print(
+                f"[red]error:[/red] --variant {unknown} unknown (choose from {list(VARIANTS)})"
+                if unknown
+                else "[red]error:[/red] --concurrency must be at least 1"
+            )
+            raise typer.Exit(2)
+        result = run_generation_load(
+            model_repository,
+            console.print,
+            concurrency=sorted(set(concurrency)),
+            variants=names,
+            new_tokens=new_tokens or 64,
+            duration_s=duration,
+        )
+        result["command"] = "fides bench speculative " + " ".join(
+            [f"--concurrency {c}" for c in sorted(set(concurrency))]
+            + ([f"--variant {v}" for v in names] if variant else [])
+            + [f"--duration {duration:g}"]
+        )
+        concurrency_output.parent.mkdir(parents=True, exist_ok=True)
+        concurrency_output.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        md = "\n".join(markdown(result)) + "\n"
+        concurrency_output.with_suffix(".md").write_text(md, encoding="utf-8")
+        console.print(md)
+        return
     from fides.bench.speculative import run_speculative_bench
 
     run_speculative_bench(
@@ -320,7 +372,7 @@ def bench_speculative(
         data=data,
         gamma=gamma,
         prompts=prompts,
-        new_tokens=new_tokens,
+        new_tokens=new_tokens or 128,
         distill_steps=distill_steps,
         pairs=tuple(pair),
     )

@@ -218,10 +218,11 @@ class TextServable(Servable):
         return None
 
     async def close(self, drain_timeout_s: float) -> None:
-        """Cancel running generations (they stop at their next round) and free the pool."""
+        """Cancel running generations (they leave at the next step) and stop the model's
+        scheduler thread."""
         for handle in list(self.model.active):
             handle.cancel()
-        self.model.executor.shutdown(wait=False, cancel_futures=True)
+        await asyncio.to_thread(self.model.scheduler.close)
 
 
 class ModelSlot:

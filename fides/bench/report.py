@@ -78,6 +78,21 @@ def _speculative(doc: dict[str, Any]) -> str:
     return "\n".join(["# Speculative decoding", "", _machine(doc), setup, "", markdown(doc)])
 
 
+def _speculative_concurrency(doc: dict[str, Any]) -> str:
+    from fides.bench.generation_load import markdown
+
+    setup = (
+        f"`{doc['command']}`: the default `code` pair in one gateway, {doc['new_tokens']} "
+        f"greedy tokens per request (`ignore_eos`), closed-loop streaming clients, "
+        f"{doc['duration_s']:g} s per cell. Engines: "
+        + "; ".join(f"{k} {v}" for k, v in doc["variants"].items())
+        + ". The last two columns: the highest concurrency against one client."
+    )
+    return "\n".join(
+        ["# Text generation under concurrency", "", _machine(doc), setup, "", *markdown(doc)]
+    )
+
+
 def _enclave(doc: dict[str, Any]) -> str:
     from fides.bench.enclave import markdown_table
 
@@ -303,6 +318,11 @@ FAMILIES = (
     Family("serving.json", _serving, "fides bench serving"),
     Family("payload.json", _payload, "fides bench payload"),
     Family("speculative.json", _speculative, "fides bench speculative"),
+    Family(
+        "speculative_concurrency.json",
+        _speculative_concurrency,
+        "fides bench speculative --concurrency",
+    ),
     Family("enclave.json", _enclave, "fides bench integrity"),
     Family("verification_cost_", _verification_cost, "fides bench integrity --part cost"),
     Family("overload.json", _overload, "fides bench overload"),

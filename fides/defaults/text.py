@@ -261,7 +261,7 @@ def build_text_default(
             "num_speculative_tokens": r.num_speculative_tokens,
             "schedule": "constant",
             "num_threads": 1,
-            "max_concurrent_sequences": 1,
+            "max_concurrent_sequences": 8,
             "max_queue_size": 16,
             "default_max_tokens": 64,
         },

@@ -15,6 +15,7 @@ from fides_core.config import StrictModel
 
 Schedule = Literal["constant", "adaptive", "confidence"]
 DType = Literal["float32", "bfloat16", "float16"]
+Speculation = Literal["auto", "fixed"]
 
 
 class GenerationConfig(StrictModel):
@@ -51,7 +52,24 @@ class GenerationConfig(StrictModel):
         0, ge=0, description="torch intra-op threads (process-wide); 0 keeps the default."
     )
     max_concurrent_sequences: int = Field(
-        1, ge=1, le=64, description="Sequences generated at once (one worker thread each)."
+        8,
+        ge=1,
+        le=64,
+        description="Sequences decoded together: the largest batch of the model's engine "
+        "(continuous batching: sequences join and leave between steps).",
+    )
+    speculation: Speculation = Field(
+        "auto",
+        description="auto: every step, cap the draft tokens per sequence at the number that "
+        "gives the most tokens per second for the batch's size, from forward times measured "
+        "at load and while serving and the measured acceptance (no speculation once the "
+        "batch makes the target compute-bound); fixed: each sequence's schedule alone.",
+    )
+    prefill_chunk: int = Field(
+        256,
+        ge=1,
+        description="Prompt tokens prefilled per engine step, all new sequences together: a "
+        "longer prompt is prefilled over several steps while the batch keeps decoding.",
     )
     max_queue_size: int = Field(
         16, ge=0, description="Requests waiting for a free sequence slot; beyond: 503."

@@ -1,29 +1,45 @@
-"""The speculative decoding engine: one sequence, a target and an optional draft.
+"""The speculative decoding engine, batched: many sequences, a target and an optional draft.
 
-Each :meth:`SpeculativeEngine.step` is one round (module :mod:`gateway.generation.sampling`
-has the maths):
+Sequences join and leave between steps (continuous batching). One :meth:`SpeculativeEngine.
+step_batch` call is one scheduling step:
 
-1. the draft proposes ``g`` tokens one at a time from its own KV cache;
-2. the target scores every new position (the tokens it has not seen + the ``g`` drafts) in
-   ONE forward pass, giving ``p_1 .. p_{g+1}``;
-3. ``n`` drafts are accepted and one more token is emitted (correction or bonus), so every
-   round emits ``n + 1 >= 1`` tokens;
-4. both KV caches are cropped back to the accepted sequence: the target's holds every token
-   but the newest, the draft's at most that. Nothing before the rejection is recomputed.
+1. sequences that finished or were dropped leave the batch (their cache rows go);
+2. every sequence in the batch runs one speculative round (module :mod:`gateway.generation.
+   sampling` has the maths), all of them together:
 
-With no draft (or ``g = 0``) a round is plain decoding through the same code. Runs on a worker
-thread (torch releases the GIL in its kernels); never call it on the event loop.
+   a. the draft proposes up to ``g`` tokens per sequence, one batched draft forward per
+      drafted position (a sequence whose schedule or confidence stops early feeds nothing);
+   b. the target scores every sequence's newest token + its drafts in ONE batched forward,
+      giving ``p_1 .. p_{g+1}`` per sequence;
+   c. each sequence accepts its own prefix ``n`` and emits one more token (correction or
+      bonus), and its cache rows are cropped on their own (:class:`~gateway.generation.batch.
+      BatchKV`): the target's holds every token but the newest, the draft's at most that;
+
+3. new sequences are prefilled, chunk by chunk within a per-step token budget (so one long
+   prompt cannot stall the batch), each in a one-row cache of its own; a finished prefill
+   emits the sequence's first token and the sequence joins the batch for the next step.
+
+How many tokens the draft may propose (the batch-wide cap on each sequence's own schedule) is
+chosen every step by a :class:`~gateway.generation.schedule.SpeculationPolicy` from measured
+forward times and acceptance: speculation pays at small batches and is switched off when the
+batch is large enough that scoring extra positions costs more than it saves.
+
+With no draft (or ``g = 0``) a round is plain decoding through the same code. Runs on one
+worker thread per model (torch releases the GIL in its kernels); never call it on the event
+loop. :meth:`step` runs a batch of one, for callers with a single sequence.
 """
 
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 
-from gateway.generation.runtime import CausalLM, KVCache
+from gateway.generation.batch import BatchKV
+from gateway.generation.runtime import CausalLM
 from gateway.generation.sampling import (
     SamplingParams,
     sample,
@@ -31,20 +47,21 @@ from gateway.generation.sampling import (
     verify_sampled,
     warp,
 )
-from gateway.generation.schedule import Lookahead
+from gateway.generation.schedule import Lookahead, SpeculationPolicy
 
 
 @dataclass
 class Round:
-    """What one round produced: the new tokens and the draft's record."""
+    """What one step produced for one sequence: the new tokens and the draft's record."""
 
     tokens: list[int]
     drafted: int  # draft tokens proposed
     accepted: int  # of which accepted (a prefix)
     finished: str | None = None  # "stop" (EOS) or "length" when the sequence ended
+    batch_size: int = 1  # sequences in the batch this round ran in (1 for a prefill)
 
 
-@dataclass
+@dataclass(eq=False)
 class Sequence:
     """One request's decoding state; ``ids`` is prompt + generated tokens."""
 
@@ -53,9 +70,10 @@ class Sequence:
     params: SamplingParams
     lookahead: Lookahead
     generator: torch.Generator
-    target_cache: KVCache
-    draft_cache: KVCache | None
     finished: str | None = None
+    prefilled: int = 0  # prompt tokens fed so far (== prompt_len once in the batch)
+    target_kv: BatchKV | None = None  # the one-row caches of its prefill, until it joins
+    draft_kv: BatchKV | None = None
     stats: dict[str, int] = field(
         default_factory=lambda: {"rounds": 0, "drafts": 0, "draft_tokens": 0, "accepted": 0}
     )
@@ -72,13 +90,27 @@ class SpeculativeEngine:
         draft: CausalLM | None,
         lookahead: Lookahead,
         max_context: int,
+        policy: SpeculationPolicy | None = None,
+        prefill_chunk: int = 256,
     ) -> None:
         self.target = target
         self.draft = draft
         self.lookahead = lookahead
         self.max_context = max_context
+        self.policy = policy
+        self.prefill_chunk = prefill_chunk
+        self.batch: list[Sequence] = []  # row i of both caches is batch[i]
+        self.target_kv = BatchKV(target)
+        self.draft_kv = BatchKV(draft) if draft is not None else None
+        self.last_cap: int | None = None  # the policy's last choice (for metrics)
+        # (start, batch size, seconds in forwards) of the last round: the time between two
+        # rounds that is not forward passes is their overhead (verification, sampling, the
+        # scheduler handing tokens to requests), which speculation pays less often
+        self._last_round: tuple[float, int, float] | None = None
+        self._forward_s = 0.0
 
     def start(self, prompt: list[int], params: SamplingParams) -> Sequence:
+        """A new sequence (checked, nothing computed yet): pass it to :meth:`step_batch`."""
         if not prompt:
             raise ValueError("empty prompt")
         if len(prompt) + params.max_tokens > self.max_context:
@@ -99,81 +131,235 @@ class SpeculativeEngine:
             params=params,
             lookahead=la if self.draft is not None else Lookahead(0),
             generator=torch.Generator().manual_seed(seed),
-            target_cache=self.target.new_cache(),
-            draft_cache=self.draft.new_cache() if self.draft is not None else None,
         )
 
     def generate(self, prompt: list[int], params: SamplingParams) -> Iterator[Round]:
         """Rounds until EOS or max_tokens; stop iterating to cancel."""
         seq = self.start(prompt, params)
         while seq.finished is None:
-            yield self.step(seq)
+            rnd = self.step(seq)
+            if rnd is not None:
+                yield rnd
 
-    def step(self, seq: Sequence) -> Round:
+    def reset(self) -> None:
+        """Drop every sequence of the batch (after a failed step, or on unload)."""
+        self._last_round = None
+        self.batch = []
+        self.target_kv = BatchKV(self.target)
+        self.draft_kv = BatchKV(self.draft) if self.draft is not None else None
+
+    def step(self, seq: Sequence) -> Round | None:
+        """One step of ``seq`` alone (None while a long prompt is still being prefilled)."""
+        return self.step_batch([seq]).get(seq)
+
+    def calibrate(self, max_batch: int, context: int = 32, repeats: int = 3) -> float:
+        """Measure the forward times the policy needs (batch sizes 1, 2, 4 .. ``max_batch``,
+        widths 1 .. its maximum + 1, rows of ``context`` tokens); the seconds it took.
+        Also a warm-up: the first real requests do not pay for torch's first calls."""
+        if self.policy is None or self.draft is None or self.draft_kv is None or self.batch:
+            return 0.0
+        t_start = time.perf_counter()
+        sizes = sorted({min(1 << i, max_batch) for i in range(max_batch.bit_length() + 1)})
+        g = torch.Generator().manual_seed(0)
+        vocab = self.target.vocab_size
+        context = max(1, min(context, self.max_context - self.policy.maximum - 2))
+        for b in sizes:
+            for lm, timed in ((self.target, True), (self.draft, False)):
+                kv = BatchKV(lm)
+                for _ in range(b):
+                    row = BatchKV(lm)
+                    row.add_empty_row()
+                    row.forward([torch.randint(1, vocab, (context,), generator=g).tolist()], [0])
+                    kv.merge(row)
+                widths = range(1, self.policy.maximum + 2) if timed else [1]
+                for w in widths:
+                    times = []
+                    for _ in range(repeats + 1):  # the first call warms up
+                        feeds = torch.randint(1, vocab, (b, w), generator=g).tolist()
+                        t0 = time.perf_counter()
+                        kv.forward(feeds, [1] * b)
+                        times.append(time.perf_counter() - t0)
+                        for i in range(b):
+                            kv.crop(i, context)
+                    t = sorted(times[1:])[len(times[1:]) // 2]
+                    if timed:
+                        self.policy.target_s[(b, w)] = t
+                    else:
+                        self.policy.draft_s[b] = t
+        return time.perf_counter() - t_start
+
+    # -- one scheduling step ---------------------------------------------------------------------
+
+    def step_batch(self, seqs: list[Sequence]) -> dict[Sequence, Round]:
+        """One step of every sequence in ``seqs`` (module docstring); the rounds produced.
+
+        A sequence in the batch that is not in ``seqs`` (or finished) leaves it; a sequence
+        not yet in the batch is prefilled within the step's budget, in order.
+        """
+        self._keep({id(s) for s in seqs if s.finished is None})
+        rounds = self._round() if self.batch else {}
+        self._keep({id(s) for s in self.batch if s.finished is None})  # finished ones leave
+        in_batch = {id(s) for s in self.batch}
+        budget = self.prefill_chunk
+        for seq in seqs:
+            if budget <= 0:
+                break
+            if seq.finished is None and id(seq) not in in_batch:
+                fed, rnd = self._prefill(seq, budget)
+                self._last_round = None  # a prefill in the gap: not a round's overhead
+                budget -= fed
+                if rnd is not None:
+                    rounds[seq] = rnd
+        return rounds
+
+    def _keep(self, wanted: set[int]) -> None:
+        """Drop the batch's rows of sequences not in ``wanted`` (ids)."""
+        rows = [i for i, s in enumerate(self.batch) if id(s) in wanted]
+        if len(rows) != len(self.batch):
+            self.target_kv.select(rows)
+            if self.draft_kv is not None:
+                self.draft_kv.select(rows)
+            self.batch = [self.batch[i] for i in rows]
+
+    def _prefill(self, seq: Sequence, budget: int) -> tuple[int, Round | None]:
+        """Feed up to ``budget`` more prompt tokens; at the prompt's end, the first token."""
+        if seq.target_kv is None:
+            seq.target_kv = BatchKV(self.target)
+            seq.target_kv.add_empty_row()
+            if self.draft is not None:
+                seq.draft_kv = BatchKV(self.draft)
+                seq.draft_kv.add_empty_row()
+        chunk = seq.ids[seq.prefilled : seq.prefilled + budget]
+        last = seq.prefilled + len(chunk) == seq.prompt_len
+        logits = seq.target_kv.forward([chunk], [1 if last else 0])[0]
+        if seq.draft_kv is not None:
+            seq.draft_kv.forward([chunk], [0])
+        seq.prefilled += len(chunk)
+        if not last:
+            return len(chunk), None
+        params = seq.params
+        if params.greedy:
+            token = int(logits[-1].argmax())
+        else:
+            token = sample(warp(logits[-1:], params)[0], seq.generator)
+        rnd = self._emit(seq, [token], 0, 0, batch_size=1)
+        if seq.finished is None:  # joins the batch for the next step
+            self.target_kv.merge(seq.target_kv)
+            if self.draft_kv is not None and seq.draft_kv is not None:
+                self.draft_kv.merge(seq.draft_kv)
+            self.batch.append(seq)
+        seq.target_kv = seq.draft_kv = None
+        return len(chunk), rnd
+
+    def _round(self) -> dict[Sequence, Round]:
+        """One speculative round of every sequence in the batch, together."""
+        batch = self.batch
+        size = len(batch)
+        now = time.perf_counter()
+        if self.policy is not None and self._last_round is not None:
+            start, last_size, forward_s = self._last_round
+            if last_size == size:
+                self.policy.observe_overhead(size, now - start - forward_s)
+        self._forward_s = 0.0
+        cap = self.policy.cap(size) if (self.policy is not None and self.draft) else None
+        self.last_cap = cap
+        gammas = []
+        for seq in batch:
+            remaining = seq.params.max_tokens - len(seq.generated)
+            # a round emits up to g + 1 tokens: never draft past max_tokens
+            g = max(0, min(seq.lookahead.gamma, remaining - 1))
+            gammas.append(g if cap is None else min(g, cap))
+        drafts, qs = self._propose(gammas)
+
+        # the target sees its newest token + every draft, all sequences in one forward
+        feeds = [seq.ids[self.target_kv.lengths[i] :] + drafts[i] for i, seq in enumerate(batch)]
+        t0 = time.perf_counter()
+        logits = self.target_kv.forward(feeds, [len(d) + 1 for d in drafts])
+        if self.policy is not None:
+            took = time.perf_counter() - t0
+            self._forward_s += took
+            self.policy.observe_target(size, max(len(f) for f in feeds), took)
+            self._last_round = (now, size, self._forward_s)
+
+        rounds: dict[Sequence, Round] = {}
+        for i, seq in enumerate(batch):
+            params, d = seq.params, drafts[i]
+            if params.greedy:
+                n, nxt = verify_greedy(logits[i], d)
+            else:
+                p = warp(logits[i], params)  # [g + 1, V]
+                qi = qs[i]
+                q = qi if qi is not None else torch.empty(0, p.shape[-1])
+                n, nxt = verify_sampled(p, q, d, seq.generator)
+            base = len(seq.ids)
+            # keep the KV of every token but the newest (not fed yet): rejected drafts go
+            self.target_kv.crop(i, base + n)
+            if self.draft_kv is not None and self.draft_kv.lengths[i] > base + n:
+                self.draft_kv.crop(i, base + n)
+            seq.lookahead.update(len(d), n)
+            if self.policy is not None and d:
+                self.policy.observe_acceptance(len(d), n)
+            rounds[seq] = self._emit(seq, [*d[:n], nxt], len(d), n, batch_size=size)
+        return rounds
+
+    def _emit(
+        self, seq: Sequence, tokens: list[int], drafted: int, accepted: int, batch_size: int
+    ) -> Round:
         params = seq.params
         remaining = params.max_tokens - len(seq.generated)
-        # a round emits up to g + 1 tokens: never draft past max_tokens
-        gamma = max(0, min(seq.lookahead.gamma, remaining - 1))
-        drafts, q = self._propose(seq, gamma) if gamma else ([], None)
-        g = len(drafts)
-
-        # the target sees what it has not seen yet + every draft, in one pass
-        seen = seq.target_cache.length
-        feed = seq.ids[seen:] + drafts
-        logits = self.target.forward(feed, seq.target_cache, keep=g + 1)  # [g + 1, V]
-        if params.greedy:
-            n, nxt = verify_greedy(logits, drafts)
-        else:
-            p = warp(logits, params)  # [g + 1, V]
-            if q is None:
-                q = torch.empty(0, p.shape[-1])
-            n, nxt = verify_sampled(p, q, drafts, seq.generator)
-
-        base = len(seq.ids)
-        # keep the KV of every token but the newest (not fed yet): rejected drafts go
-        seq.target_cache.crop(base + n)
-        if seq.draft_cache is not None and seq.draft_cache.length > base + n:
-            seq.draft_cache.crop(base + n)
-
-        tokens = [*drafts[:n], nxt]
         finished = None
         for i, t in enumerate(tokens):
             if t in params.eos_token_ids:
                 tokens, finished = tokens[: i + 1], "stop"
                 break
-        if finished is None and len(seq.generated) + len(tokens) >= params.max_tokens:
+        if finished is None and len(tokens) >= remaining:
             tokens, finished = tokens[:remaining], "length"
         seq.ids.extend(tokens)
         seq.finished = finished
-        seq.lookahead.update(g, n)
         st = seq.stats
         st["rounds"] += 1
-        if g:
+        if drafted:
             st["drafts"] += 1
-            st["draft_tokens"] += g
-            st["accepted"] += n
-        return Round(tokens, g, n, finished)
+            st["draft_tokens"] += drafted
+            st["accepted"] += accepted
+        return Round(tokens, drafted, accepted, finished, batch_size)
 
-    def _propose(self, seq: Sequence, gamma: int) -> tuple[list[int], torch.Tensor | None]:
-        """Draft up to ``gamma`` tokens; their draft distributions when sampling."""
-        assert self.draft is not None
-        assert seq.draft_cache is not None
-        params = seq.params
-        cache = seq.draft_cache
-        drafts: list[int] = []
-        probs: list[torch.Tensor] = []
-        for _ in range(gamma):
-            feed = (seq.ids + drafts)[cache.length :]
-            logits = self.draft.forward(feed, cache, keep=1)[0]  # [V]
-            if params.greedy:
-                x = int(logits.argmax())
-                conf = float(torch.softmax(logits, -1)[x]) if seq.lookahead.min_confidence else 1.0
-            else:
-                qi = warp(logits[None], params)[0]  # [V]
-                x = sample(qi, seq.generator)
-                probs.append(qi)
-                conf = float(qi[x])
-            drafts.append(x)
-            if conf < seq.lookahead.min_confidence:
+    def _propose(self, gammas: list[int]) -> tuple[list[list[int]], list[torch.Tensor | None]]:
+        """Up to ``gammas[i]`` draft tokens per sequence; their draft distributions when
+        sampling (``[g, V]``), one batched draft forward per position."""
+        batch = self.batch
+        drafts: list[list[int]] = [[] for _ in batch]
+        probs: list[list[torch.Tensor]] = [[] for _ in batch]
+        kv = self.draft_kv
+        active = [g > 0 for g in gammas]
+        if kv is None or not any(active):
+            return drafts, [None] * len(batch)
+        for _ in range(max(gammas)):
+            feeds = [
+                (seq.ids + drafts[i])[kv.lengths[i] :] if active[i] else []
+                for i, seq in enumerate(batch)
+            ]
+            t0 = time.perf_counter()
+            logits = kv.forward(feeds, [1 if f else 0 for f in feeds])
+            if self.policy is not None:
+                took = time.perf_counter() - t0
+                self._forward_s += took
+                self.policy.observe_draft(len(batch), took)
+            for i, seq in enumerate(batch):
+                if not active[i]:
+                    continue
+                params, row = seq.params, logits[i][0]  # [V]
+                if params.greedy:
+                    x = int(row.argmax())
+                    conf = float(torch.softmax(row, -1)[x]) if seq.lookahead.min_confidence else 1.0
+                else:
+                    qi = warp(row[None], params)[0]  # [V]
+                    x = sample(qi, seq.generator)
+                    probs[i].append(qi)
+                    conf = float(qi[x])
+                drafts[i].append(x)
+                if len(drafts[i]) >= gammas[i] or conf < seq.lookahead.min_confidence:
+                    active[i] = False
+            if not any(active):
                 break
-        return drafts, (torch.stack(probs) if probs else None)  # q: [g, V]
+        return drafts, [torch.stack(p) if p else None for p in probs]

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0)
 ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 TPS_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 
 class GenerationMetrics:
@@ -83,6 +84,26 @@ class GenerationMetrics:
         self.waiting = Gauge(
             "fides_generation_queue_depth",
             "Requests waiting for a free sequence slot.",
+            m,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "fides_generation_batch_size",
+            "Sequences decoded together per engine step (continuous batching).",
+            m,
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.draft_cap = Gauge(
+            "fides_spec_decode_draft_cap",
+            "Draft tokens per sequence the speculation policy allowed in the last step "
+            "(0: speculation off at this batch size; speculation: auto only).",
+            m,
+            registry=r,
+        )
+        self.acceptance_estimate = Gauge(
+            "fides_spec_decode_acceptance_estimate",
+            "The policy's estimate of the per-token acceptance rate it chooses the cap from.",
             m,
             registry=r,
         )

@@ -57,6 +57,11 @@ class CausalLM:
         n = getattr(self.model.config, "max_position_embeddings", None)
         return int(n) if n else None
 
+    @property
+    def cache_arg(self) -> str:
+        """The forward's keyword for the KV cache (``cache`` or ``past_key_values``)."""
+        return self._cache_arg
+
     def new_cache(self) -> KVCache:
         from transformers import DynamicCache
 

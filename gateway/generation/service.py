@@ -17,7 +17,6 @@ import math
 import threading
 import time
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -33,6 +32,7 @@ from gateway.errors import (
 )
 from gateway.generation.config import GenerationConfig
 from gateway.generation.metrics import GenerationMetrics
+from gateway.generation.scheduler import Scheduler
 from gateway.generation.text import Detokenizer, chat_prompt
 from gateway.model_config import ModelConfig
 
@@ -77,7 +77,7 @@ class TextModel:
     max_context: int
     eos_token_ids: frozenset[int]
     created: int
-    executor: ThreadPoolExecutor
+    scheduler: Scheduler
     slots: asyncio.Semaphore
     waiting: int = 0
     active: set[GenerationHandle] = field(default_factory=set)
@@ -107,9 +107,9 @@ class GenerationHandle:
         self.cancelled.set()
 
     def release_slot(self) -> None:
-        """Give the model's slot back (once; on the event loop). The worker schedules it
-        before its last delta, so a client that has its answer can send the next request
-        at once without being shed; the executor's done callback is the backstop."""
+        """Give the model's slot back (once; on the event loop). The scheduler's thread
+        schedules it before the request's last delta, so a client that has its answer can
+        send the next request at once without being shed."""
         if not self.slot_released:
             self.slot_released = True
             self.model.active.discard(self)
@@ -221,101 +221,37 @@ class GenerationService:
             model.waiting -= 1
             gauge.set(model.waiting)
         handle = GenerationHandle(model, len(prompt), deadline=t_arrival + timeout_s)
-        loop = asyncio.get_running_loop()
         try:
-            future = loop.run_in_executor(
-                model.executor, self._run, model, prompt, params, stop, handle, loop, t_arrival
-            )
+            seq = model.engine.start(prompt, params)
+            job = _Job(self, model, handle, seq, Detokenizer(model.tokenizer, stop))
         except BaseException:
-            model.slots.release()
+            handle.release_slot()
             raise
+        if model.scheduler.on_step is None:
+            model.scheduler.on_step = self._step_observer(model.name)
+        job.begin(asyncio.get_running_loop(), t_arrival)
         model.active.add(handle)
-        future.add_done_callback(lambda _f: handle.release_slot())
+        try:
+            model.scheduler.submit(job)
+        except RuntimeError as exc:  # the model is unloading
+            job.finish("error")
+            handle.release_slot()
+            raise Unavailable(str(exc)) from None
         return handle
 
-    def _run(
-        self,
-        model: TextModel,
-        prompt: list[int],
-        params: Any,
-        stop: list[str],
-        handle: GenerationHandle,
-        loop: asyncio.AbstractEventLoop,
-        t_arrival: float,
-    ) -> None:
-        """The worker thread: rounds of the engine -> deltas on the handle's queue."""
-        m, name = self.metrics, model.name
+    def _step_observer(self, name: str) -> Any:
+        batch_size = self.metrics.batch_size.labels(name)
+        cap = self.metrics.draft_cap.labels(name)
+        alpha = self.metrics.acceptance_estimate.labels(name)
 
-        def put(item: Delta | BaseException) -> None:
-            with contextlib.suppress(RuntimeError):  # the loop closed under us (shutdown)
-                loop.call_soon_threadsafe(handle.queue.put_nowait, item)
+        def observe(engine: Any) -> None:  # on the scheduler's thread, after a step
+            if engine.batch:
+                batch_size.observe(len(engine.batch))
+            if engine.last_cap is not None:
+                cap.set(engine.last_cap)
+                alpha.set(engine.policy.alpha)
 
-        running = m.running.labels(name)
-        running.inc()
-        m.prompt_tokens.labels(name).inc(len(prompt))
-        done = False
-
-        def finish(reason: str) -> None:
-            # before the last delta goes out, so a client that saw it sees the metrics too
-            nonlocal done
-            if not done:
-                done = True
-                running.dec()
-                m.requests.labels(name, reason).inc()
-                with contextlib.suppress(RuntimeError):  # the loop closed under us (shutdown)
-                    loop.call_soon_threadsafe(handle.release_slot)
-
-        try:
-            detok = Detokenizer(model.tokenizer, stop)
-            seq = model.engine.start(prompt, params)
-            handle.stats = seq.stats
-            count = 0
-            t_last = 0.0
-            while True:
-                if handle.cancelled.is_set():
-                    finish("cancelled")
-                    return
-                if time.perf_counter() >= handle.deadline:
-                    finish("timeout")
-                    put(
-                        RequestTimeout(
-                            f"generation timed out after {handle.deadline - t_arrival:g} s "
-                            f"with {count} tokens generated (the request's timeout)"
-                        )
-                    )
-                    return
-                rnd = model.engine.step(seq)
-                now = time.perf_counter()
-                self._count_round(name, rnd)
-                if count == 0:
-                    m.ttft.labels(name).observe(now - t_arrival)
-                    itl_n = len(rnd.tokens) - 1
-                    per_token = (now - t_arrival) / len(rnd.tokens)
-                else:
-                    itl_n = len(rnd.tokens)
-                    per_token = (now - t_last) / len(rnd.tokens)
-                itl = m.itl.labels(name)
-                for _ in range(itl_n):
-                    itl.observe(per_token)
-                count += len(rnd.tokens)
-                t_last = now
-                text, stopped = detok.add(rnd.tokens)
-                reason = "stop" if stopped else rnd.finished
-                if reason is not None:
-                    if not stopped:
-                        text += detok.flush()
-                    m.tokens_per_second.labels(name).observe(count / max(now - t_arrival, 1e-9))
-                    finish(reason)
-                    put(Delta(text, count, reason))
-                    return
-                if text:
-                    put(Delta(text, count))
-        except BaseException as exc:  # noqa: BLE001 - handed to the request, then logged
-            log.exception("generation failed on model %s", name)
-            finish("error")
-            put(exc)
-        finally:
-            finish("error")
+        return observe
 
     def _count_round(self, name: str, rnd: Any) -> None:
         m = self.metrics
@@ -329,6 +265,98 @@ class GenerationService:
                     m.per_position(name, pos).inc()
 
 
+@dataclass(eq=False)
+class _Job:
+    """One admitted request as the model's scheduler drives it: rounds of the engine ->
+    deltas on the handle's queue, metrics, the time limit and cancellation (all on the
+    scheduler's thread, :mod:`gateway.generation.scheduler`)."""
+
+    service: GenerationService
+    model: TextModel
+    handle: GenerationHandle
+    seq: Any  # gateway.generation.engine.Sequence
+    detok: Detokenizer
+    loop: asyncio.AbstractEventLoop | None = None
+    t_arrival: float = 0.0
+    t_last: float = 0.0
+    count: int = 0
+    done: bool = False
+
+    def begin(self, loop: asyncio.AbstractEventLoop, t_arrival: float) -> None:
+        self.loop, self.t_arrival = loop, t_arrival
+        m, name = self.service.metrics, self.model.name
+        self.handle.stats = self.seq.stats
+        m.running.labels(name).inc()
+        m.prompt_tokens.labels(name).inc(self.seq.prompt_len)
+
+    def put(self, item: Delta | BaseException) -> None:
+        assert self.loop is not None
+        with contextlib.suppress(RuntimeError):  # the loop closed under us (shutdown)
+            self.loop.call_soon_threadsafe(self.handle.queue.put_nowait, item)
+
+    def finish(self, reason: str) -> None:
+        """Count the request and give its slot back, before its last delta goes out: a
+        client that saw it sees the metrics too, and can send its next request at once."""
+        if self.done:
+            return
+        self.done = True
+        m, name = self.service.metrics, self.model.name
+        m.running.labels(name).dec()
+        m.requests.labels(name, reason).inc()
+        assert self.loop is not None
+        with contextlib.suppress(RuntimeError):  # the loop closed under us (shutdown)
+            self.loop.call_soon_threadsafe(self.handle.release_slot)
+
+    def check(self) -> bool:
+        handle = self.handle
+        if handle.cancelled.is_set():
+            self.finish("cancelled")
+            return True
+        if time.perf_counter() >= handle.deadline:
+            self.finish("timeout")
+            self.put(
+                RequestTimeout(
+                    f"generation timed out after {handle.deadline - self.t_arrival:g} s "
+                    f"with {self.count} tokens generated (the request's timeout)"
+                )
+            )
+            return True
+        return False
+
+    def on_round(self, rnd: Any) -> bool:
+        m, name = self.service.metrics, self.model.name
+        now = time.perf_counter()
+        self.service._count_round(name, rnd)
+        if self.count == 0:
+            m.ttft.labels(name).observe(now - self.t_arrival)
+            itl_n = len(rnd.tokens) - 1
+            per_token = (now - self.t_arrival) / len(rnd.tokens)
+        else:
+            itl_n = len(rnd.tokens)
+            per_token = (now - self.t_last) / len(rnd.tokens)
+        itl = m.itl.labels(name)
+        for _ in range(itl_n):
+            itl.observe(per_token)
+        self.count += len(rnd.tokens)
+        self.t_last = now
+        text, stopped = self.detok.add(rnd.tokens)
+        reason = "stop" if stopped else rnd.finished
+        if reason is not None:
+            if not stopped:
+                text += self.detok.flush()
+            m.tokens_per_second.labels(name).observe(self.count / max(now - self.t_arrival, 1e-9))
+            self.finish(reason)
+            self.put(Delta(text, self.count, reason))
+            return True
+        if text:
+            self.put(Delta(text, self.count))
+        return False
+
+    def fail(self, exc: BaseException) -> None:
+        self.finish("error")
+        self.put(exc)
+
+
 def load_text_model(name: str, path: Path, cfg: ModelConfig) -> TextModel:
     """Load a causal LM model directory (its latest selected version): target, tokenizer and
     draft, the speculative engine and the admission limits (a thread; may be slow)."""
@@ -338,7 +366,7 @@ def load_text_model(name: str, path: Path, cfg: ModelConfig) -> TextModel:
         load_causal_lm,
         load_tokenizer,
     )
-    from gateway.generation.schedule import Lookahead
+    from gateway.generation.schedule import Lookahead, SpeculationPolicy
 
     t0 = time.perf_counter()
     gen = cfg.generation or GenerationConfig()
@@ -376,17 +404,28 @@ def load_text_model(name: str, path: Path, cfg: ModelConfig) -> TextModel:
     eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     gen_eos = getattr(target.model.generation_config, "eos_token_id", None)
     eos |= set(gen_eos) if isinstance(gen_eos, list) else {gen_eos} if gen_eos else set()
+    lookahead = Lookahead.from_config(gen, draft is not None)
+    policy = None
+    if draft is not None and gen.speculation == "auto" and lookahead.gamma:
+        # the cap never needs to exceed what a sequence's own schedule may draft
+        most = lookahead.gamma if lookahead.kind == "constant" else lookahead.maximum
+        policy = SpeculationPolicy(most)
     engine = SpeculativeEngine(
-        target, draft, Lookahead.from_config(gen, draft is not None), max_context
+        target, draft, lookahead, max_context, policy=policy, prefill_chunk=gen.prefill_chunk
     )
+    calibration_s = engine.calibrate(gen.max_concurrent_sequences)
     log.info(
-        "text model %s v%d loaded in %.2fs (draft: %s, k=%d, schedule %s)",
+        "text model %s v%d loaded in %.2fs (draft: %s, k=%d, schedule %s, speculation %s; "
+        "%.2fs of it measuring forward times), up to %d sequences per batch",
         name,
         version,
         time.perf_counter() - t0,
         gen.draft if draft is not None else "none",
         engine.lookahead.gamma,
         gen.schedule,
+        gen.speculation if policy is not None else "fixed",
+        calibration_s,
+        gen.max_concurrent_sequences,
     )
     return TextModel(
         name=name,
@@ -397,6 +436,6 @@ def load_text_model(name: str, path: Path, cfg: ModelConfig) -> TextModel:
         max_context=max_context,
         eos_token_ids=frozenset(int(e) for e in eos),
         created=int(time.time()),
-        executor=ThreadPoolExecutor(gen.max_concurrent_sequences, f"generate-{name}"),
+        scheduler=Scheduler(engine, name),
         slots=asyncio.Semaphore(gen.max_concurrent_sequences),
     )

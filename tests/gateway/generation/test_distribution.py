@@ -102,3 +102,36 @@ def test_the_check_has_power_draft_samples_are_refused() -> None:
     draft_only = SpeculativeEngine(draft, None, Lookahead(0), 16)
     seen, _ = counts(draft_only, params)
     assert p_value(seen, exact(target, params)) < SIGNIFICANCE
+
+
+def test_samples_follow_the_target_in_a_busy_batch() -> None:
+    """The same check with every sampled sequence decoded in a batch of 8: five more sampled
+    sequences and two greedy fillers with other prompts and lengths, joining and leaving at
+    different steps, so rows of every kind share each draft and target forward."""
+    params = SamplingParams(max_tokens=LENGTH, temperature=1.0)
+    target, draft = tiny(seed=1), tiny(seed=2)
+    probs = exact(target, params)
+    engine = SpeculativeEngine(target, draft, Lookahead(3), 16)
+    seen: dict[tuple[int, ...], int] = {}
+    seed = 0
+    live: list = []
+    fillers = 0
+    while seed < SAMPLES or live:
+        # top the batch up: six measured sequences and two greedy fillers of other shapes
+        while seed < SAMPLES and sum(s.prompt_len == len(PROMPT) for s in live) < 6:
+            live.append(engine.start(PROMPT, SamplingParams(**{**params.__dict__, "seed": seed})))
+            seed += 1
+        while seed < SAMPLES and len(live) < 8:
+            fillers += 1
+            prompt = [3, 1, 0, 2][: 1 + fillers % 4] + [1] * (fillers % 3)
+            live.append(engine.start(prompt, SamplingParams(1 + fillers % 5, 0.0)))
+        engine.step_batch(live)
+        for s in [s for s in live if s.finished is not None]:
+            live.remove(s)
+            if s.prompt_len == len(PROMPT) and s.params.temperature > 0:
+                key = tuple(s.generated)
+                seen[key] = seen.get(key, 0) + 1
+        assert len(engine.batch) <= 8
+    assert sum(seen.values()) == SAMPLES
+    p = p_value(seen, probs)
+    assert p > SIGNIFICANCE, f"samples in a busy batch differ from the target (p = {p:.2g})"

@@ -88,28 +88,41 @@ def test_zero_speculative_tokens_is_plain_decoding(pair: Pair) -> None:
 
 
 def test_kv_cache_crop_leaves_no_stale_entries(pair: Pair) -> None:
-    """After every round both caches hold exactly the accepted prefix, and the target's
-    keys equal those of a fresh prefill of it: stale draft positions would show up as extra
-    length or as different keys (their positions are reused by the accepted tokens)."""
+    """After every step each sequence's cache rows hold exactly its accepted prefix, and the
+    target's keys (valid slots) equal those of a fresh prefill of it: stale draft positions
+    would show up as extra length or as different keys. Three sequences share the batch, so
+    one row's crop must not touch its neighbours'."""
     engine = SpeculativeEngine(pair.target, pair.far, Lookahead(4), CONTEXT)
-    seq = engine.start(prompts(1, pair.target.vocab_size, seed=5)[0], SamplingParams(40, 0.0))
+    seqs = [
+        engine.start(p, SamplingParams(40, 0.0)) for p in prompts(3, pair.target.vocab_size, seed=5)
+    ]
     rejections = 0
-    while seq.finished is None:
-        rnd = engine.step(seq)
-        rejections += rnd.accepted < rnd.drafted
-        assert seq.draft_cache is not None
-        assert seq.target_cache.length == len(seq.ids) - 1
-        assert seq.target_cache.cache.get_seq_length() == len(seq.ids) - 1
-        assert seq.draft_cache.length <= len(seq.ids) - 1
-        assert seq.draft_cache.cache.get_seq_length() == seq.draft_cache.length
+    while any(s.finished is None for s in seqs):
+        rounds = engine.step_batch(seqs)
+        rejections += sum(r.accepted < r.drafted for r in rounds.values())
+        assert engine.draft_kv is not None
+        for row, seq in enumerate(engine.batch):
+            assert engine.target_kv.lengths[row] == len(seq.ids) - 1
+            assert int(engine.target_kv.valid[row].sum()) == len(seq.ids) - 1
+            assert engine.draft_kv.lengths[row] <= len(seq.ids) - 1
+            assert int(engine.draft_kv.valid[row].sum()) == engine.draft_kv.lengths[row]
     assert rejections > 5
-    fresh = pair.target.new_cache()
-    pair.target.forward(seq.ids[:-1], fresh, keep=1)
-    for kept, ref in zip(seq.target_cache.cache.layers, fresh.cache.layers, strict=True):
-        # keys: [batch, heads, positions, head_dim]
-        assert kept.keys.shape == ref.keys.shape
-        torch.testing.assert_close(kept.keys, ref.keys, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(kept.values, ref.values, atol=1e-4, rtol=1e-4)
+    # the keys themselves, on a live batch after a sequence left it mid-way
+    seqs = [
+        engine.start(p, SamplingParams(30, 0.0)) for p in prompts(3, pair.target.vocab_size, seed=6)
+    ]
+    for _ in range(8):
+        engine.step_batch(seqs)
+    engine.step_batch(seqs[::2])  # the middle one leaves the batch
+    assert len(engine.batch) == 2
+    for row, seq in enumerate(engine.batch):
+        fresh = pair.target.new_cache()
+        pair.target.forward(seq.ids[:-1], fresh, keep=1)
+        for layer, ref in enumerate(fresh.cache.layers):
+            keys, values = engine.target_kv.row_keys(row, layer)  # [heads, positions, dim]
+            assert keys.shape == ref.keys[0].shape
+            torch.testing.assert_close(keys, ref.keys[0], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(values, ref.values[0], atol=1e-4, rtol=1e-4)
 
 
 def test_max_tokens_and_eos_end_the_sequence(pair: Pair) -> None:
@@ -140,3 +153,97 @@ def test_warp_top_k_and_top_p() -> None:
     torch.testing.assert_close(p, torch.tensor([[0.5, 0.3, 0.15, 0.0]]) / 0.95)
     p = warp(logits, SamplingParams(1, temperature=1.0, top_p=0.5))
     torch.testing.assert_close(p, torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
+
+
+def test_every_greedy_sequence_of_a_mixed_batch_equals_target_greedy(pair: Pair) -> None:
+    """Continuous batching: 24 sequences through a batch of at most 6, joining as others
+    finish, greedy ones beside sampled ones with other temperatures, top-k and lengths; every
+    greedy output equals plain greedy decoding of the target, whatever shared its steps."""
+    engine = SpeculativeEngine(pair.target, pair.near, Lookahead(4), CONTEXT)
+    todo = list(enumerate(prompts(24, pair.target.vocab_size, seed=7)))
+    live: list = []
+    want: dict[int, list[int]] = {}
+    greedy_done = 0
+    batch_sizes = set()
+    while todo or live:
+        while todo and len(live) < 6:
+            i, prompt = todo.pop(0)
+            if i % 3 == 2:  # a sampled neighbour
+                params = SamplingParams(5 + i, temperature=0.9, top_k=20, seed=i)
+            else:
+                params = SamplingParams(4 + i % 17, temperature=0.0)
+                want[id(prompt)] = reference_greedy(pair.target, prompt, params.max_tokens)
+            seq = engine.start(prompt, params)
+            seq.key = id(prompt)  # type: ignore[attr-defined]
+            live.append(seq)
+        engine.step_batch(live)
+        batch_sizes.add(len(engine.batch))
+        for seq in [s for s in live if s.finished is not None]:
+            live.remove(seq)
+            if seq.params.greedy:
+                assert seq.generated == want[seq.key], "a greedy sequence differs in a batch"
+                greedy_done += 1
+            else:
+                assert len(seq.generated) == seq.params.max_tokens or seq.finished == "stop"
+    assert greedy_done == 16
+    assert max(batch_sizes) == 6
+    assert len(batch_sizes) > 2
+    assert engine.target_kv.rows == 0
+    assert engine.batch == []
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_the_batch_decodes(pair: Pair) -> None:
+    engine = SpeculativeEngine(pair.target, pair.near, Lookahead(4), CONTEXT, prefill_chunk=8)
+    short = engine.start([5, 6, 7], SamplingParams(60, 0.0))
+    long_prompt = prompts(1, pair.target.vocab_size, seed=9)[0] * 5  # 40-120 tokens
+    long = engine.start(long_prompt, SamplingParams(6, 0.0))
+    first = engine.step_batch([short])  # the short one is prefilled and in the batch
+    assert short in first
+    steps_before_first_token = 0
+    while long.finished is None:
+        rounds = engine.step_batch([short, long])
+        assert short in rounds, "the decoding sequence stalled behind a prefill"
+        if long not in rounds:
+            steps_before_first_token += 1
+            assert long.prefilled <= len(long_prompt)
+        elif len(long.generated) == 1:
+            assert long.prefilled == len(long_prompt)
+    # chunks of 8 prompt tokens per step: the prompt took that many steps
+    assert steps_before_first_token == -(-len(long_prompt) // 8) - 1
+    assert long.generated == reference_greedy(pair.target, long_prompt, 6)
+
+
+def test_a_failed_sequence_set_leaves_the_engine_usable(pair: Pair) -> None:
+    engine = SpeculativeEngine(pair.target, pair.near, Lookahead(4), CONTEXT)
+    seqs = [engine.start(p, SamplingParams(10, 0.0)) for p in prompts(3, 300, seed=3)]
+    engine.step_batch(seqs)
+    engine.step_batch(seqs)
+    engine.reset()
+    assert engine.batch == []
+    assert engine.target_kv.rows == 0
+    prompt = prompts(1, pair.target.vocab_size, seed=4)[0]
+    assert run(engine, prompt, SamplingParams(12, 0.0)) == reference_greedy(pair.target, prompt, 12)
+
+
+def test_cache_memory_stays_bounded_over_many_sequences(pair: Pair) -> None:
+    """120 sequences through a batch of 8 with many rejections (the far draft): the cache's
+    slots never exceed the longest row + the compaction slack + what one step adds and its
+    crops take back (5 slots each), nor the context + slack + a step, and the batch is empty
+    at the end (no rows leak)."""
+    engine = SpeculativeEngine(pair.target, pair.far, Lookahead(4), CONTEXT)
+    todo = prompts(120, pair.target.vocab_size, seed=8)
+    live: list = []
+    while todo or live:
+        while todo and len(live) < 8:
+            p = todo.pop()
+            live.append(engine.start(p, SamplingParams(CONTEXT - len(p) - 1, temperature=0.0)))
+        engine.step_batch(live)
+        kv = engine.target_kv
+        if kv.rows:
+            assert kv.slots <= max(kv.lengths) + kv.slack + 10
+            assert kv.slots <= CONTEXT + kv.slack + 5
+        live = [s for s in live if s.finished is None]
+    assert engine.target_kv.rows == 0
+    assert engine.batch == []
+    assert engine.draft_kv is not None
+    assert engine.draft_kv.rows == 0

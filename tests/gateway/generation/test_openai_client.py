@@ -40,8 +40,9 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess
 
 
 @pytest.fixture
-def client(gateway: GatewayProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gateway.base_url + "/v1", api_key=USER_KEY, max_retries=0)
+def client(gateway: GatewayProcess) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=gateway.base_url + "/v1", api_key=USER_KEY, max_retries=0) as c:
+        yield c  # closed after the test: no pooled connection left open
 
 
 def metric(gw: GatewayProcess, name: str, **labels: str) -> float:
@@ -230,3 +231,67 @@ def test_a_request_that_waits_past_its_timeout_for_a_slot_answers_504(
 
 def _long_args() -> dict[str, object]:
     return {"prompt": "def", "max_tokens": 2000, "temperature": 1.0}
+
+
+def test_concurrent_requests_share_the_batch_and_keep_their_answers(
+    gateway: GatewayProcess, client: openai.OpenAI
+) -> None:
+    """Eight clients at once (the tiny model's default batch of 8): every greedy answer is
+    the one that prompt gets alone, sampled neighbours with a stop string and a mid-stream
+    disconnect ride in the same steps, and the engine did run steps with several
+    sequences."""
+    import concurrent.futures
+
+    prompts = [f"def f{i}(x):" for i in range(6)]
+    alone = {
+        p: client.completions.create(model="tiny", prompt=p, max_tokens=24, temperature=0)
+        .choices[0]
+        .text
+        for p in prompts
+    }
+    batched_before = metric(gateway, "fides_generation_batch_size_bucket", model="tiny", le="1.0")
+    steps_before = metric(gateway, "fides_generation_batch_size_count", model="tiny")
+
+    def greedy(p: str) -> str:
+        c = client.completions.create(model="tiny", prompt=p, max_tokens=24, temperature=0)
+        return c.choices[0].text
+
+    def sampled(i: int) -> str:
+        c = client.completions.create(
+            model="tiny", prompt="class", max_tokens=30, temperature=1.0, seed=i, stop=["\n"]
+        )
+        return c.choices[0].finish_reason
+
+    def dropped() -> None:  # reads two chunks of a stream, then goes away
+        stream = client.completions.create(
+            model="tiny",
+            prompt="import",
+            max_tokens=100,
+            temperature=1.0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        for n, _ in enumerate(stream):
+            if n == 1:
+                stream.close()
+                return
+
+    with concurrent.futures.ThreadPoolExecutor(9) as pool:
+        answers = {p: pool.submit(greedy, p) for p in prompts}
+        reasons = [pool.submit(sampled, i) for i in range(2)]
+        gone = pool.submit(dropped)
+        assert {p: f.result(timeout=60) for p, f in answers.items()} == alone
+        assert all(r.result(timeout=60) in ("stop", "length") for r in reasons)
+        gone.result(timeout=60)
+    steps = metric(gateway, "fides_generation_batch_size_count", model="tiny") - steps_before
+    singles = (
+        metric(gateway, "fides_generation_batch_size_bucket", model="tiny", le="1.0")
+        - batched_before
+    )
+    assert steps > 0
+    assert singles < steps, "no step decoded more than one sequence"
+    # every slot came back: the model has no running sequence left
+    deadline = time.monotonic() + 10
+    while metric(gateway, "fides_generation_running", model="tiny") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert metric(gateway, "fides_generation_running", model="tiny") == 0

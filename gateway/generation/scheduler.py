@@ -1,0 +1,135 @@
+"""Continuous batching: one thread per text model runs the engine's steps over every admitted
+sequence together.
+
+Requests are admitted on the event loop (:meth:`gateway.generation.service.GenerationService.
+submit`: a bounded number of running sequences, a bounded queue, 503 beyond it) and handed
+to the model's :class:`Scheduler` as a :class:`Job`. The scheduler's thread loops:
+
+1. new jobs join (they are prefilled by the engine within its per-step token budget);
+2. a job whose client went away or whose time limit passed is finished and leaves, so its
+   batch row is freed at this step boundary;
+3. one :meth:`~gateway.generation.engine.SpeculativeEngine.step_batch` for all of them; each
+   job gets its round (new tokens) and hands deltas to its request on the event loop.
+
+An exception inside a step cannot be pinned on one sequence (they share the forward pass):
+every job of that step fails with it, the engine's batch is cleared, and the thread goes on
+serving new requests.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Job", "Scheduler"]
+
+
+class Job(Protocol):
+    """One admitted sequence, as the scheduler drives it (all calls on its thread)."""
+
+    seq: Any  # gateway.generation.engine.Sequence
+
+    def check(self) -> bool:
+        """Before a step: True when the job must stop (cancelled, timed out); it finished."""
+        ...
+
+    def on_round(self, rnd: Any) -> bool:
+        """A round of new tokens; True when the sequence is done."""
+        ...
+
+    def fail(self, exc: BaseException) -> None:
+        """The job ends with ``exc`` (handed to its request)."""
+        ...
+
+
+class Scheduler:
+    """The stepping thread of one text model's engine (module docstring)."""
+
+    def __init__(self, engine: Any, name: str) -> None:
+        self.engine = engine
+        self.name = name
+        self._cv = threading.Condition()
+        self._inbox: list[Job] = []
+        self._closed = False
+        # called after every step with the engine (its batch and policy): metrics
+        self.on_step: Callable[[Any], None] | None = None
+        self._thread = threading.Thread(target=self._loop, name=f"generate-{name}", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        with self._cv:
+            if self._closed:
+                raise RuntimeError(f"model '{self.name}' is unloading")
+            self._inbox.append(job)
+            self._cv.notify()
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stop the thread after its current step; jobs still running fail."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout_s)
+
+    def _loop(self) -> None:
+        jobs: list[Job] = []
+        while True:
+            with self._cv:
+                while not self._inbox and not jobs and not self._closed:
+                    self._cv.wait()
+                jobs.extend(self._inbox)
+                self._inbox.clear()
+                if self._closed:
+                    break
+            jobs = [job for job in jobs if not self._stopped(job)]
+            if not jobs:
+                continue
+            try:
+                rounds = self.engine.step_batch([job.seq for job in jobs])
+            except BaseException as exc:  # noqa: BLE001 - handed to every request of the step
+                log.exception(
+                    "generation step failed on model %s (%d sequences)", self.name, len(jobs)
+                )
+                self.engine.reset()
+                for job in jobs:
+                    self._fail(job, exc)
+                jobs = []
+                continue
+            if self.on_step is not None:
+                try:
+                    self.on_step(self.engine)
+                except Exception:  # noqa: BLE001 - metrics never stop generation
+                    log.exception("generation metrics failed on model %s", self.name)
+            still: list[Job] = []
+            for job in jobs:
+                rnd = rounds.get(job.seq)
+                try:
+                    done = rnd is not None and job.on_round(rnd)
+                except BaseException as exc:  # noqa: BLE001 - one job's fault stays its own
+                    log.exception("generation on model %s failed", self.name)
+                    self._fail(job, exc)
+                    continue
+                if not done:
+                    still.append(job)
+            jobs = still
+        for job in jobs:
+            self._fail(job, RuntimeError(f"model '{self.name}' was unloaded"))
+        self.engine.reset()
+
+    def _stopped(self, job: Job) -> bool:
+        try:
+            return job.check()
+        except BaseException as exc:  # noqa: BLE001
+            self._fail(job, exc)
+            return True
+
+    @staticmethod
+    def _fail(job: Job, exc: BaseException) -> None:
+        try:
+            job.fail(exc)
+        except BaseException:  # noqa: BLE001 - nothing more to tell that request
+            log.exception("could not hand a generation error to its request")
