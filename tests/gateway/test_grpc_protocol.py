@@ -4,6 +4,7 @@ bytes on the wire mean the same), the request translation's refusals, and the se
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from gateway.api.oip_grpc.protocol import (
 )
 from gateway.api.oip_grpc.server import GrpcServer
 from gateway.app import create_app
-from gateway.errors import BadRequest, PayloadTooLarge
+from gateway.errors import BadRequest, GatewayError, PayloadTooLarge
 from gateway.settings import Settings
 from gateway.types import InferResponse, OutputTensor
 
@@ -201,3 +202,63 @@ def test_raw_outputs_of_every_layout_read_back_whole() -> None:
         want = outputs[out.name]
         assert got.shape == want.shape
         assert got.tolist() == want.tolist()
+
+
+async def test_grpc_health_follows_readiness_and_shutdown(repo_path: Path) -> None:
+    """grpc.health.v1 (what Kubernetes' gRPC probes call), without a key: SERVING for the
+    server and the inference service while ready; NOT_FOUND for another service; a model that
+    fails to load makes it NOT_SERVING, and a Watch stream sees the change; shutting down
+    answers NOT_SERVING from the start of the drain."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from gateway.api.oip_grpc import server as grpc_server
+
+    serving, not_serving = (
+        health_pb2.HealthCheckResponse.SERVING,
+        health_pb2.HealthCheckResponse.NOT_SERVING,
+    )
+    settings = Settings(model_repository=repo_path, dev_mode=True, grpc_enabled=True, grpc_port=0)
+    app = create_app(settings)
+    async with (
+        app.router.lifespan_context(app),
+        grpc.aio.insecure_channel(f"127.0.0.1:{app.state.grpc_port}") as channel,
+    ):
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "inference.GRPCInferenceService"):
+            got = await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            assert got.status == serving
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await health.Check(health_pb2.HealthCheckRequest(service="other"), timeout=10)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+        watch = health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=30)
+        assert (await watch.read()).status == serving
+        # a model the gateway must serve but cannot load: not ready
+        broken = repo_path / "broken"
+        (broken / "1").mkdir(parents=True)
+        (broken / "config.yaml").write_text("platform: onnx\n", encoding="utf-8")
+        with pytest.raises(GatewayError, match="broken"):
+            await app.state.dataplane.repository.load("broken")
+        assert not app.state.dataplane.ready()[0]
+        got = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+        assert got.status == not_serving
+        assert (await watch.read()).status == not_serving  # within HEALTH_REFRESH_S
+        watch.cancel()
+
+    # a stopping server answers NOT_SERVING before it stops taking calls
+    app = create_app(settings)
+    (repo_path / "broken" / "config.yaml").unlink()
+    async with app.router.lifespan_context(app):
+        server = grpc_server.GrpcServer(
+            app.state.dataplane, app.state.keys, app.state.metrics, settings
+        )
+        port = await server.start()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            request = health_pb2.HealthCheckRequest(service="")
+            assert (await health.Check(request, timeout=10)).status == serving
+            watch = health.Watch(request, timeout=30)
+            assert (await watch.read()).status == serving
+            stopping = asyncio.ensure_future(server.stop(grace_s=2))
+            assert (await watch.read()).status == not_serving
+            await stopping

@@ -2,10 +2,15 @@
 grpc_predict_v2 with Triton's statistics, model configuration and repository extensions), on
 the same data plane, API keys and limits as the REST routes, in the same process and event loop.
 
-Health (``ServerLive``, ``ServerReady``) answers without a key, as ``/v2/health`` does; every
-other call needs a user key in ``authorization: Bearer <key>`` or ``x-api-key`` metadata, and
-repository load / unload an admin key. A gateway error becomes the gRPC status its HTTP status
-maps to, with the same message; a 503's ``Retry-After`` travels as ``retry-after`` trailing
+Health (``ServerLive``, ``ServerReady``) answers without a key, as ``/v2/health`` does, and so
+does the standard ``grpc.health.v1.Health`` service (``Check`` and ``Watch``, for Kubernetes'
+gRPC probes and grpc-health-probe): ``SERVING`` for the server (service ``""``) and for
+``inference.GRPCInferenceService`` while the gateway is ready, ``NOT_SERVING`` while it is not
+(a model still loading, a verified model whose enclave cannot verify) and from the moment it
+starts shutting down; any other service name is ``NOT_FOUND``. Every other call needs a user
+key in ``authorization: Bearer <key>`` or ``x-api-key`` metadata, and repository load / unload
+an admin key. A gateway error becomes the gRPC status its HTTP status maps to, with the same
+message; a 503's ``Retry-After`` travels as ``retry-after`` trailing
 metadata. A message larger than ``max_body_bytes`` (after decompression) is refused by gRPC
 itself with ``RESOURCE_EXHAUSTED``; at most 2,048 calls run at once (``RESOURCE_EXHAUSTED``
 beyond). A client that cancels mid-call cancels its inference (counted as ``CANCELLED``).
@@ -22,6 +27,8 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
 
 from gateway.api.oip_grpc import oip_pb2 as pb
 from gateway.api.oip_grpc.protocol import encode_infer_response, parse_infer_request
@@ -51,6 +58,31 @@ _CODES = {
 }
 
 Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+HEALTH_REFRESH_S = 1.0  # how often Watch streams see a change of readiness
+
+
+class ReadinessHealth(health_aio.HealthServicer):  # type: ignore[misc]  # untyped upstream
+    """``grpc.health.v1.Health`` answering from the gateway's readiness: recomputed at every
+    ``Check``, and every :data:`HEALTH_REFRESH_S` for ``Watch`` streams (:meth:`run`)."""
+
+    def __init__(self, ready: Callable[[], bool]) -> None:
+        super().__init__()
+        self._ready = ready
+
+    async def refresh(self) -> None:
+        serving = health_pb2.HealthCheckResponse.SERVING
+        status = serving if self._ready() else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", SERVICE):
+            await self.set(service, status)
+
+    async def Check(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        await self.refresh()
+        return await super().Check(request, context)
+
+    async def run(self) -> None:
+        while True:
+            await self.refresh()
+            await asyncio.sleep(HEALTH_REFRESH_S)
 
 
 def status_code(exc: GatewayError) -> grpc.StatusCode:
@@ -70,6 +102,8 @@ class GrpcServer:
         self.settings = settings
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
+        self.health = ReadinessHealth(lambda: self.dp.ready()[0])
+        self._health_task: asyncio.Task[None] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -85,6 +119,7 @@ class GrpcServer:
             maximum_concurrent_rpcs=MAX_CONCURRENT_CALLS,
         )
         server.add_generic_rpc_handlers((self._handlers(),))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         host = self.settings.host
         address = f"[{host}]" if ":" in host else host
         try:
@@ -100,11 +135,17 @@ class GrpcServer:
             )
         await server.start()
         self._server, self.port = server, port
+        self._health_task = asyncio.create_task(self.health.run(), name="grpc-health")
         log.info("gRPC Open Inference Protocol serving", extra={"grpc_port": port})
         return port
 
     async def stop(self, grace_s: float) -> None:
-        """Refuse new calls and let those in flight finish for up to ``grace_s``."""
+        """Refuse new calls and let those in flight finish for up to ``grace_s``; health
+        answers NOT_SERVING from the start (and Watch streams are told)."""
+        if self._health_task is not None:
+            self._health_task.cancel()
+            self._health_task = None
+        await self.health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(grace_s)
             self._server = None
