@@ -22,7 +22,7 @@ from scipy import stats
 
 from fides_core.sequential import SequentialDetector, calibrate_scores
 
-__all__ = ["ScoredAnswers", "delays_markdown", "stream_report"]
+__all__ = ["ScoredAnswers", "delays_markdown", "delays_svg", "stream_report"]
 
 RATES = (1.0, 0.2, 0.05, 0.01)
 
@@ -133,3 +133,87 @@ def delays_markdown(report: dict[str, Any]) -> list[str]:
             cells.append(f"{d['median']:.0f}" if d["median"] is not None else f"> {d['horizon']:,}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
+
+
+# Colours of the delay chart's lines (Okabe and Ito's palette, readable with colour blindness)
+_COLOURS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#999999")
+
+
+def delays_svg(report: dict[str, Any], title: str) -> str:
+    """The delay curves as a standalone SVG line chart: tamper rate (x) against the median
+    number of answers to the alarm (y, log scale), one line per attack. Where no stream of a
+    rate alarmed within its horizon, the point is an open circle at the horizon (the true delay
+    is larger); the table beside it says the same in numbers. Deterministic text, so a test can
+    compare it with a stored copy."""
+    rates = [f"{r:g}" for r in RATES]
+    width, height, left, right, top, bottom = 720, 360, 64, 220, 40, 48
+    horizons = [d["horizon"] for row in report["delays"].values() for d in row.values()]
+    top_decade = max(1, math.ceil(math.log10(max([10, *horizons]))))
+    plot_w, plot_h = width - left - right, height - top - bottom
+
+    def x(i: int) -> float:
+        return left + plot_w * i / max(1, len(rates) - 1)
+
+    def y(v: float) -> float:
+        return top + plot_h * (1 - math.log10(max(v, 1.0)) / top_decade)
+
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
+        '<rect width="100%" height="100%" fill="white"/>',
+        f'<text x="{width / 2:.0f}" y="22" text-anchor="middle" font-size="14">'
+        f"{_esc(title)}</text>",
+    ]
+    for k in range(top_decade + 1):  # horizontal grid, one line per decade
+        yy = y(10.0**k)
+        out.append(
+            f'<line x1="{left}" y1="{yy:.1f}" x2="{left + plot_w}" y2="{yy:.1f}" stroke="#ddd"/>'
+        )
+        out.append(f'<text x="{left - 6}" y="{yy + 4:.1f}" text-anchor="end">{10**k:,}</text>')
+    for i, r in enumerate(rates):
+        out.append(
+            f'<text x="{x(i):.1f}" y="{top + plot_h + 18}" text-anchor="middle">'
+            f"{float(r):.0%}</text>"
+        )
+    out += [
+        f'<text x="{left + plot_w / 2:.0f}" y="{height - 8}" text-anchor="middle">'
+        "share of answers tampered with</text>",
+        f'<text x="16" y="{top + plot_h / 2:.0f}" text-anchor="middle" '
+        f'transform="rotate(-90 16 {top + plot_h / 2:.0f})">median answers to the alarm</text>',
+        f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" '
+        'stroke="#888"/>',
+    ]
+    for n, (name, row) in enumerate(report["delays"].items()):
+        colour = _COLOURS[n % len(_COLOURS)]
+        points = []
+        for i, r in enumerate(rates):
+            d = row[r]
+            censored = d["median"] is None
+            points.append((x(i), y(d["horizon"] if censored else d["median"]), censored))
+        path = " ".join(f"{px:.1f},{py:.1f}" for px, py, _ in points)
+        out.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="2"/>')
+        for px, py, censored in points:
+            fill = "white" if censored else colour
+            out.append(
+                f'<circle cx="{px:.1f}" cy="{py:.1f}" r="4" fill="{fill}" stroke="{colour}" '
+                'stroke-width="2"/>'
+            )
+        ly = top + 14 + 18 * n
+        out.append(
+            f'<line x1="{width - right + 12}" y1="{ly - 4}" x2="{width - right + 32}" '
+            f'y2="{ly - 4}" stroke="{colour}" stroke-width="2"/>'
+        )
+        out.append(f'<text x="{width - right + 38}" y="{ly}">{_esc(name)}</text>')
+    ly = top + 14 + 18 * len(report["delays"]) + 8
+    out.append(
+        f'<circle cx="{width - right + 22}" cy="{ly - 4}" r="4" fill="white" stroke="#555" '
+        'stroke-width="2"/>'
+    )
+    out.append(f'<text x="{width - right + 38}" y="{ly}">no alarm within</text>')
+    out.append(f'<text x="{width - right + 38}" y="{ly + 14}">the horizon</text>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+def _esc(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")

@@ -49,6 +49,18 @@ def _integrity(doc: dict[str, Any]) -> str:
     return report_markdown(doc, doc["command"])
 
 
+def _integrity_figures(doc: dict[str, Any]) -> dict[tuple[str, str], str]:
+    """The delay curves of the answer-stream simulation, where the evaluation ran one."""
+    from verifier.streams import delays_svg
+
+    streams = doc.get("streams")
+    if not streams or not streams.get("delays"):
+        return {}
+    name = doc.get("experiment", "")
+    alt = f"{name}: median answers to the alarm against the share of answers tampered with"
+    return {("delays.svg", alt): delays_svg(streams, f"{name}: answers to the alarm")}
+
+
 def _protect(doc: dict[str, Any]) -> str:
     from fides.protect.run import report_markdown
 
@@ -307,6 +319,8 @@ class Family:
     pattern: str  # a file name, or a prefix ending in "_"
     render: Callable[[dict[str, Any]], str]
     written_by: str  # the command; a document's own "command" field wins
+    # figures beside the page: (file suffix, alt text) -> SVG text; the page links each
+    figures: Callable[[dict[str, Any]], dict[tuple[str, str], str]] | None = None
 
     def matches(self, name: str) -> bool:
         if self.pattern.endswith("_"):
@@ -329,7 +343,7 @@ FAMILIES = (
     Family("soak.json", _soak, "fides bench soak"),
     Family("distillspec.json", _distillspec, "fides distillspec"),
     Family("verifier_", _verifier, "fides train"),
-    Family("integrity_", _integrity, "fides evaluate"),
+    Family("integrity_", _integrity, "fides evaluate", _integrity_figures),
     Family("protect_", _protect, "fides protect"),
     Family("cost_quality_", _cost_quality, "fides bench cost-quality"),
     Family("peers.json", _peers, "scripts/peers.sh"),
@@ -394,6 +408,11 @@ def render_pages(results: Path = DEFAULT_RESULTS) -> dict[str, str]:
         written_by = written_by or family.written_by
         page = path.with_suffix(".md").name
         source = f"{shown}/{path.name}"
+        figures = family.figures(doc) if family.figures is not None else {}
+        for (suffix, alt), svg in figures.items():
+            figure = f"{path.stem}_{suffix}"
+            pages[figure] = svg.replace(">", f">\n<!-- {MARKER[5:]} from {source} -->", 1)
+            body = body.rstrip("\n") + f"\n\n![{alt}]({figure})\n"
         pages[page] = _page(source, command, written_by, doc, body)
         title = body.partition("\n")[0].removeprefix("# ")
         rows.append((FAMILIES.index(family), page, title, source, written_by))
@@ -419,8 +438,8 @@ def render_reports(
     gone (files without the generated marker are left alone). Returns the pages written."""
     pages = render_pages(results)
     output.mkdir(parents=True, exist_ok=True)
-    for old in output.glob("*.md"):
-        if old.name not in pages and old.read_text(encoding="utf-8").startswith(MARKER):
+    for old in [*output.glob("*.md"), *output.glob("*.svg")]:
+        if old.name not in pages and MARKER[5:] in old.read_text(encoding="utf-8")[:400]:
             old.unlink()
     written = []
     for name, text in pages.items():
