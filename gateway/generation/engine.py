@@ -58,7 +58,6 @@ class Round:
     drafted: int  # draft tokens proposed
     accepted: int  # of which accepted (a prefix)
     finished: str | None = None  # "stop" (EOS) or "length" when the sequence ended
-    batch_size: int = 1  # sequences in the batch this round ran in (1 for a prefill)
 
 
 @dataclass(eq=False)
@@ -154,8 +153,9 @@ class SpeculativeEngine:
 
     def calibrate(self, max_batch: int, context: int = 32, repeats: int = 3) -> float:
         """Measure the forward times the policy needs (batch sizes 1, 2, 4 .. ``max_batch``,
-        widths 1 .. its maximum + 1, rows of ``context`` tokens); the seconds it took.
-        Also a warm-up: the first real requests do not pay for torch's first calls."""
+        widths 1, 2, 3, 5, 9, 17 up to its maximum + 1, the policy interpolating between them;
+        rows of ``context`` tokens); the seconds it took. Also a warm-up: the first real
+        requests do not pay for torch's first calls."""
         if self.policy is None or self.draft is None or self.draft_kv is None or self.batch:
             return 0.0
         t_start = time.perf_counter()
@@ -171,7 +171,9 @@ class SpeculativeEngine:
                     row.add_empty_row()
                     row.forward([torch.randint(1, vocab, (context,), generator=g).tolist()], [0])
                     kv.merge(row)
-                widths = range(1, self.policy.maximum + 2) if timed else [1]
+                most = self.policy.maximum + 1
+                widths = sorted({w for w in (1, 2, 3, 5, 9, 17) if w < most} | {most})
+                widths = widths if timed else [1]
                 for w in widths:
                     times = []
                     for _ in range(repeats + 1):  # the first call warms up
@@ -242,7 +244,7 @@ class SpeculativeEngine:
             token = int(logits[-1].argmax())
         else:
             token = sample(warp(logits[-1:], params)[0], seq.generator)
-        rnd = self._emit(seq, [token], 0, 0, batch_size=1)
+        rnd = self._emit(seq, [token], 0, 0)
         if seq.finished is None:  # joins the batch for the next step
             self.target_kv.merge(seq.target_kv)
             if self.draft_kv is not None and seq.draft_kv is not None:
@@ -299,12 +301,10 @@ class SpeculativeEngine:
             seq.lookahead.update(len(d), n)
             if self.policy is not None and d:
                 self.policy.observe_acceptance(len(d), n)
-            rounds[seq] = self._emit(seq, [*d[:n], nxt], len(d), n, batch_size=size)
+            rounds[seq] = self._emit(seq, [*d[:n], nxt], len(d), n)
         return rounds
 
-    def _emit(
-        self, seq: Sequence, tokens: list[int], drafted: int, accepted: int, batch_size: int
-    ) -> Round:
+    def _emit(self, seq: Sequence, tokens: list[int], drafted: int, accepted: int) -> Round:
         params = seq.params
         remaining = params.max_tokens - len(seq.generated)
         finished = None
@@ -322,7 +322,7 @@ class SpeculativeEngine:
             st["drafts"] += 1
             st["draft_tokens"] += drafted
             st["accepted"] += accepted
-        return Round(tokens, drafted, accepted, finished, batch_size)
+        return Round(tokens, drafted, accepted, finished)
 
     def _propose(self, gammas: list[int]) -> tuple[list[list[int]], list[torch.Tensor | None]]:
         """Up to ``gammas[i]`` draft tokens per sequence; their draft distributions when

@@ -121,6 +121,22 @@ class SpeculationPolicy:
         table[key] = seconds if old is None else old + self.decay * (seconds - old)
 
     def t_target(self, batch: int, width: int) -> float | None:
+        """Seconds of one target forward of ``batch`` rows x ``width`` tokens: measured, or
+        interpolated between the measured batch sizes and widths around it."""
+        if (batch, width) in self.target_s:
+            return self.target_s[(batch, width)]
+        widths = sorted({w for _, w in self.target_s})
+        below = [w for w in widths if w <= width]
+        above = [w for w in widths if w >= width]
+        if not below or not above:
+            return None  # outside the measured widths: no guess
+        lo, hi = below[-1], above[0]
+        t_lo, t_hi = self._at_width(batch, lo), self._at_width(batch, hi)
+        if t_lo is None or t_hi is None:
+            return None
+        return t_lo if hi == lo else t_lo + (t_hi - t_lo) * (width - lo) / (hi - lo)
+
+    def _at_width(self, batch: int, width: int) -> float | None:
         if (batch, width) in self.target_s:
             return self.target_s[(batch, width)]
         sizes = sorted(b for b, w in self.target_s if w == width)

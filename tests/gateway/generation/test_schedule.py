@@ -76,7 +76,11 @@ def test_the_engine_calibrates_and_stays_exact_under_the_policy(pair: Pair) -> N
     engine = SpeculativeEngine(pair.target, pair.near, Lookahead(4), CONTEXT, policy=policy)
     assert engine.calibrate(max_batch=4) > 0
     assert sorted({b for b, _ in policy.target_s}) == [1, 2, 4]
-    assert sorted({w for _, w in policy.target_s}) == [1, 2, 3, 4, 5]
+    assert sorted({w for _, w in policy.target_s}) == [1, 2, 3, 5]  # 4 is interpolated
+    t3, t4, t5 = (policy.t_target(2, w) for w in (3, 4, 5))
+    assert t3 is not None
+    assert t5 is not None
+    assert t4 == pytest.approx((t3 + t5) / 2)
     assert sorted(policy.draft_s) == [1, 2, 4]
     assert engine.target_kv.rows == 0  # calibration left no rows behind
     ps = prompts(4, pair.target.vocab_size, seed=11)
