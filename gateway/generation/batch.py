@@ -39,7 +39,11 @@ class BatchKV:
     def __init__(self, lm: CausalLM, slack: int = 32) -> None:
         self.lm = lm
         self.slack = slack
-        self.cache: Any = lm.new_cache().cache
+        self._empty()
+
+    def _empty(self) -> None:
+        """No rows, and a fresh cache (its layers' buffers go)."""
+        self.cache: Any = self.lm.new_cache().cache
         if all(type(layer) is DynamicLayer for layer in self.cache.layers):
             self.cache.layers = [_GrowingLayer() for _ in self.cache.layers]
         self.valid = torch.zeros((0, 0), dtype=torch.bool)
@@ -84,7 +88,7 @@ class BatchKV:
         if rows == list(range(self.rows)):
             return
         if not rows:
-            self.__init__(self.lm, self.slack)  # type: ignore[misc]  # back to empty
+            self._empty()
             return
         index = torch.tensor(rows)
         for layer in self._layers():
