@@ -21,6 +21,7 @@ token after it (TPOT); per cell: aggregate completion tokens per second.
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import statistics
 import tempfile
@@ -38,7 +39,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "auto": {"speculation": "auto"},
     "fixed": {"speculation": "fixed"},
     "no_draft": {"num_speculative_tokens": 0},
-    "serial": {"speculation": "fixed", "max_concurrent_sequences": 1, "max_queue_size": 64},
+    "serial": {"speculation": "fixed", "max_concurrent_sequences": 1},
 }
 
 
@@ -47,10 +48,10 @@ def _repository(source: Path, root: Path, variants: list[str]) -> Path:
     the version directory linked (no copy of the weights)."""
     base = yaml.safe_load((source / "config.yaml").read_text(encoding="utf-8"))
     for name in variants:
-        cfg = json.loads(json.dumps(base))
+        cfg = copy.deepcopy(base)
         cfg["generation"] = {**cfg.get("generation", {}), **VARIANTS[name]}
-        cfg["generation"].setdefault("max_queue_size", 64)
-        cfg["generation"]["max_queue_size"] = max(cfg["generation"]["max_queue_size"], 64)
+        # every client waits for a slot instead of being shed (the serial engine queues them)
+        cfg["generation"]["max_queue_size"] = max(cfg["generation"].get("max_queue_size", 0), 64)
         (root / name).mkdir(parents=True)
         (root / name / "config.yaml").write_text(yaml.safe_dump(cfg), encoding="utf-8")
         for version in source.iterdir():
@@ -130,10 +131,8 @@ async def _cell(
     async with httpx.AsyncClient(
         base_url=base, headers=headers, timeout=120.0, limits=limits
     ) as http:
-        # warm-up: one request per client, not counted
-        await asyncio.gather(
-            *[_client(http, model, prompts, c, 8, time.perf_counter() + 1e-3, []) for c in range(1)]
-        )
+        # warm-up: one short request, not counted
+        await _client(http, model, prompts, 0, 8, time.perf_counter() + 1e-3, [])
         rows: list[dict[str, float]] = []
         t_start = time.perf_counter()
         until = t_start + s
