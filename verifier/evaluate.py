@@ -51,7 +51,7 @@ from verifier.gan import GanHistory, Generator, train_gan
 from verifier.integrity_export import IntegrityModels, Novelty, export_integrity, integrity_block
 from verifier.logs import progress_bar
 from verifier.losses import cross_entropy
-from verifier.nets import ConvNet
+from verifier.nets import new_net
 from verifier.novelty import fit_novelty, novelty_scores, synthetic_novel_inputs
 from verifier.pipeline import ExperimentRun, net_config, run_experiment, stage_key
 from verifier.streams import ScoredAnswers, delays_markdown, stream_report
@@ -520,8 +520,7 @@ def _substitute(
         return quantize_int8(service), 0.0
     assert spec.net is not None  # both checked by the config
     assert spec.train is not None
-    torch.manual_seed(exp.seed + 90)
-    net = ConvNet(net_config(spec.net, splits))
+    net = new_net(net_config(spec.net, splits), splits.train.x, seed=exp.seed + 90)
     key = stage_key(exp.data.model_dump(mode="json"), exp.seed, spec.model_dump(mode="json"))
     secs = fit(
         net,

@@ -131,8 +131,15 @@ class NetSpec(StrictModel):
         "nets of Page's DAWNBench ResNet-9 and Jordan's airbench: conv, pool, BN, act).",
     )
     activation: Literal["relu", "gelu"] = Field("relu")
+    stem: Literal["none", "whiten"] = Field(
+        "none",
+        description="whiten: a first 2x2 conv (stride 1, no padding) whose frozen filters whiten "
+        "the training images' 2x2 patches (each eigenvector of their covariance over the square "
+        "root of its eigenvalue, with its negative), then the activation: Jordan's airbench "
+        "patch-whitening initialisation. The blocks then see 2 x 4 x channels inputs.",
+    )
 
-    _added_later: ClassVar[tuple[str, ...]] = ("pool_after", "activation")
+    _added_later: ClassVar[tuple[str, ...]] = ("pool_after", "activation", "stem")
 
 
 class _Layout(Protocol):
@@ -148,12 +155,14 @@ class _Layout(Protocol):
     def pool_after(self) -> str: ...
     @property
     def activation(self) -> str: ...
+    @property
+    def stem(self) -> str: ...
 
 
 def pruning_mismatch(source: _Layout, target: _Layout) -> str | None:
     """Why filter pruning cannot turn a net of layout ``source`` into one of layout ``target``
     (same blocks, convs per block and pool; each width 1..the source's), or None."""
-    layout = ("convs_per_block", "pool", "pool_after", "activation")
+    layout = ("convs_per_block", "pool", "pool_after", "activation", "stem")
     want = tuple(getattr(source, k) for k in layout)
     got = tuple(getattr(target, k) for k in layout)
     if got != want:
@@ -184,6 +193,17 @@ class OptimConfig(StrictModel):
     label_smoothing: float = Field(
         0.0, ge=0, lt=1, description="Hard-label cross-entropy with smoothed targets (teachers)."
     )
+    decay_norms: bool = Field(
+        True,
+        description="Weight decay on batch-norm and bias parameters too; false exempts every "
+        "one-dimensional parameter, as the fast CIFAR-10 recipes do.",
+    )
+    lookahead: bool = Field(
+        False,
+        description="Lookahead (Zhang et al. 2019) as airbench uses it: every 5 steps the "
+        "weights move to an exponential average of themselves whose decay rises from 0 to "
+        "0.95^5 as the cube of training progress; the average is the stage's result.",
+    )
     precision: Literal["fp32", "bf16"] = Field(
         "fp32",
         description="bf16: forward and backward under CPU bfloat16 autocast with channels-last "
@@ -198,6 +218,8 @@ class OptimConfig(StrictModel):
         "anneal",
         "label_smoothing",
         "precision",
+        "decay_norms",
+        "lookahead",
     )
 
 

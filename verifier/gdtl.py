@@ -49,7 +49,7 @@ from verifier.experiment import (
 from verifier.export import single_image_latency_ms
 from verifier.flops import count_flops, memory_estimate
 from verifier.losses import cross_entropy, kd_loss
-from verifier.nets import ConvNet, NetConfig, count_parameters, prune_filters
+from verifier.nets import ConvNet, NetConfig, count_parameters, new_net, prune_filters
 from verifier.train import fit, predict_logits
 
 __all__ = [
@@ -151,8 +151,7 @@ def pretrain_backbone(
             "source": f"the service model {widths} filter-pruned to {list(spec.widths)} "
             "(largest L1 norm per layer), head included"
         }
-    torch.manual_seed(seed)
-    net = ConvNet(spec)
+    net = new_net(spec, splits.train.x, seed=seed)
     if cfg.checkpoint is not None:
         state = torch.load(cfg.checkpoint, weights_only=True)
         state = state.get("model", state)
@@ -434,6 +433,7 @@ def _candidate_configs(specs: list[NetSpec], base: NetConfig) -> list[NetConfig]
             pool=s.pool,
             pool_after=s.pool_after,
             activation=s.activation,
+            stem=s.stem,
             image_size=base.image_size,
             in_channels=base.in_channels,
             num_classes=base.num_classes,

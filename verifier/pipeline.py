@@ -29,7 +29,7 @@ from verifier.flops import count_flops, memory_estimate
 from verifier.gdtl import Fidelity, GreedyResult, fidelity, path_rows, path_table, select_verifier
 from verifier.logs import progress_bar
 from verifier.losses import cross_entropy, ensemble_kd_loss, kd_loss
-from verifier.nets import ConvNet, NetConfig, count_parameters
+from verifier.nets import ConvNet, NetConfig, count_parameters, new_net
 from verifier.train import fit, predict_logits, set_determinism, stage_throughput
 
 __all__ = [
@@ -59,6 +59,7 @@ def net_config(spec: NetSpec, splits: Splits) -> NetConfig:
         pool=spec.pool,
         pool_after=spec.pool_after,
         activation=spec.activation,
+        stem=spec.stem,
         image_size=splits.image_shape[1:],
         in_channels=c,
         num_classes=splits.num_classes,
@@ -287,8 +288,7 @@ def train_teachers(
     nets: list[ConvNet] = []
     rows, seconds = [], {}
     for i, (tc, cfg) in enumerate(zip(exp.teachers, arch.teachers, strict=True)):
-        torch.manual_seed(exp.seed + i)
-        net = ConvNet(cfg)
+        net = new_net(cfg, splits.train.x, seed=exp.seed + i)
         secs = fit(
             net,
             splits.train,
@@ -347,8 +347,7 @@ def train_student(
             return kd_loss(logits, t_logits[0], y, kd.temperature, kd.alpha, kd.beta)
         return ensemble_kd_loss(logits, t_logits, y, kd.temperature, kd.alpha, kd.beta)
 
-    torch.manual_seed(exp.seed + 50)
-    net = ConvNet(arch.student)
+    net = new_net(arch.student, splits.train.x, seed=exp.seed + 50)
     secs = fit(
         net,
         splits.train,

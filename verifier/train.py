@@ -125,6 +125,7 @@ def _resume(
     opt: torch.optim.Optimizer,
     sched: torch.optim.lr_scheduler.LRScheduler,
     gen: torch.Generator,
+    lookahead: _Lookahead | None = None,
 ) -> _Resumed:
     """Load ``stage_dir``'s checkpoint, if any, into the net (and, from an unfinished stage,
     the optimizer, the schedule and the random-number states)."""
@@ -146,6 +147,10 @@ def _resume(
     _load_into(last, "schedule", sched.load_state_dict, state["scheduler"])
     _load_into(last, "data-order generator", gen.set_state, state["generator"])
     _load_into(last, "random-number state", torch.set_rng_state, state["torch_rng"])
+    if lookahead is not None:
+        if "lookahead" not in state:
+            raise CheckpointError(f"{last}: an incomplete checkpoint (no lookahead weights)")
+        _load_into(last, "lookahead weights", lookahead.load, state["lookahead"])
     return _Resumed(
         False,
         int(state["epoch"]),
@@ -174,15 +179,62 @@ def stage_throughput(stage_dir: Path) -> dict[str, float]:
 
 
 def _optimizer(params: list[nn.Parameter], optim: OptimConfig) -> torch.optim.Optimizer:
+    """SGD (Nesterov) or AdamW over ``params``; with ``decay_norms`` off, the one-dimensional
+    parameters (batch-norm scales and shifts, biases) form a second group without decay."""
+    groups: list[dict[str, Any]] = [{"params": params}]
+    if not optim.decay_norms:
+        groups = [
+            group
+            for group in (
+                {"params": [p for p in params if p.ndim > 1]},
+                {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+            )
+            if group["params"]
+        ]
     if optim.optimizer == "sgd":
         return torch.optim.SGD(
-            params,
+            groups,
             lr=optim.lr,
             momentum=optim.momentum,
             nesterov=True,
             weight_decay=optim.weight_decay,
         )
-    return torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
+    return torch.optim.AdamW(groups, lr=optim.lr, weight_decay=optim.weight_decay)
+
+
+class _Lookahead:
+    """Lookahead as airbench schedules it: every ``every`` steps the trainable weights move to
+    ``slow = decay * slow + (1 - decay) * fast`` (and start again from there), ``decay``
+    rising as ``0.95^5 * progress^3``; at the end the weights are the slow ones (Zhang, Lucas,
+    Hinton and Ba, "Lookahead Optimizer: k steps forward, 1 step back", NeurIPS 2019)."""
+
+    def __init__(self, params: list[nn.Parameter], total_steps: int, every: int = 5) -> None:
+        self.params, self.total, self.every = params, max(1, total_steps), every
+        self.slow = [p.detach().clone() for p in params]
+
+    def step(self, done_steps: int) -> None:
+        if done_steps % self.every:
+            return
+        decay = 0.95**5 * (done_steps / self.total) ** 3
+        with torch.no_grad():
+            for slow, p in zip(self.slow, self.params, strict=True):
+                slow.lerp_(p.detach(), 1.0 - decay)
+                p.copy_(slow)
+
+    def finish(self) -> None:
+        with torch.no_grad():
+            for slow, p in zip(self.slow, self.params, strict=True):
+                p.copy_(slow)
+
+    def state(self) -> list[torch.Tensor]:
+        return self.slow
+
+    def load(self, state: list[torch.Tensor]) -> None:
+        if len(state) != len(self.slow) or any(
+            a.shape != b.shape for a, b in zip(state, self.slow, strict=True)
+        ):
+            raise ValueError("the lookahead weights do not match the trainable parameters")
+        self.slow = [t.clone() for t in state]
 
 
 def fit(
@@ -203,8 +255,8 @@ def fit(
     AdamW (or SGD with Nesterov momentum) under a one-cycle learning-rate schedule; with
     ``optim.precision == "bf16"`` the forward and backward passes run under bfloat16 autocast
     on channels-last tensors and the loss is computed in float32. ``frozen_modules`` stay in
-    eval mode (their batch-norm statistics do not move). With ``stage_dir`` the stage
-    checkpoints and resumes.
+    eval mode (their batch-norm statistics do not move). ``optim.lookahead`` averages the
+    weights as :class:`_Lookahead` says. With ``stage_dir`` the stage checkpoints and resumes.
     """
     frozen = list(frozen_modules)
     aug = augment_cfg or AugmentConfig()
@@ -222,13 +274,14 @@ def fit(
         anneal_strategy=optim.anneal,
         cycle_momentum=optim.optimizer == "adamw",  # SGD keeps its Nesterov momentum fixed
     )
+    lookahead = _Lookahead(params, optim.epochs * steps) if optim.lookahead else None
     bf16 = optim.precision == "bf16"
     if bf16:
         net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     gen = torch.Generator().manual_seed(seed)
     start_epoch, elapsed, cpu, samples = 0, 0.0, 0.0, 0
     if stage_dir is not None:
-        resumed = _resume(stage_dir, net, opt, sched, gen)
+        resumed = _resume(stage_dir, net, opt, sched, gen, lookahead)
         if resumed.done:
             log.info("%s: loaded from %s (finished in an earlier run)", label, stage_dir)
             if bf16:  # as a net trained in this run leaves: float32 kernels see one layout
@@ -264,6 +317,8 @@ def fit(
             loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
             sched.step()
+            if lookahead is not None:
+                lookahead.step(sched.last_epoch)  # the steps taken so far, resumes included
             total, seen = total + loss.item() * len(idx), seen + len(idx)
             if progress is not None and task is not None:
                 progress.update(task, advance=1, description=f"{label} loss {loss.item():.3f}")
@@ -285,8 +340,11 @@ def fit(
                     "seconds": elapsed,
                     "cpu_seconds": cpu,
                     "samples": samples,
+                    **({"lookahead": lookahead.state()} if lookahead is not None else {}),
                 },
             )
+    if lookahead is not None:
+        lookahead.finish()
     net.eval()
     if bf16:
         net.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from verifier.flops import count_flops
-from verifier.nets import ConvNet, NetConfig, prune_filters
+from verifier.nets import ConvNet, NetConfig, new_net, prune_filters, whiten_stem
 
 
 def trained_like(cfg: NetConfig, seed: int = 0) -> ConvNet:
@@ -116,3 +116,56 @@ def test_pruning_refuses_another_architecture(change: dict[str, object], match: 
     net = trained_like(NetConfig(widths=(4, 6)))
     with pytest.raises(ValueError, match=match):
         prune_filters(net, NetConfig(**{**NetConfig(widths=(2, 3)).as_dict(), **change}))
+
+
+def test_the_whitening_stem_decorrelates_the_training_patches() -> None:
+    """Its first 4C filters map the normalised 2x2 patches to unit-variance, uncorrelated
+    outputs (up to eps); the other 4C are their negatives; the filters are not trained."""
+    torch.manual_seed(0)
+    mixing = torch.randn(12, 12)
+    # correlated colour patches: 2x2 RGB patches mixed by a random matrix, tiled to 16x16
+    patches = (torch.randn(400, 64, 12) @ mixing).sigmoid()  # [n, positions, 12]
+    images = torch.nn.functional.fold(patches.transpose(1, 2), (16, 16), 2, stride=2)
+    cfg = NetConfig(widths=(8, 8), in_channels=3, mean=(0.5,) * 3, std=(0.2,) * 3, stem="whiten")
+    net = new_net(cfg, images, seed=0)
+    conv = net.stem[0]
+    assert conv.weight.shape == (24, 3, 2, 2)
+    assert not conv.weight.requires_grad
+    assert torch.equal(conv.weight[12:], -conv.weight[:12])
+    with torch.no_grad():
+        out = conv(net.normalize(images))[:, :12]  # [n, 12, 15, 15]
+    flat = out.permute(0, 2, 3, 1).reshape(-1, 12)
+    cov = torch.cov(flat.T)
+    var = torch.linalg.eigvalsh(cov)
+    assert cov.diagonal().max() <= 1.0
+    assert cov.diagonal().min() > 0.5  # unit variance, shrunk a little by eps on small ones
+    off = cov - torch.diag(cov.diagonal())
+    assert off.abs().max() < 0.1 * var.max()
+    assert net(images[:4]).shape == (4, 10)
+
+
+@pytest.mark.parametrize("pool", ["flatten", "gap"])
+def test_pruning_keeps_the_whitening_stem(pool: str) -> None:
+    cfg = NetConfig(
+        widths=(6, 8),
+        in_channels=3,
+        mean=(0.5,) * 3,
+        std=(0.2,) * 3,
+        pool=pool,
+        image_size=(9, 9),
+        stem="whiten",
+    )
+    net = trained_like(cfg)
+    whiten_stem(net, torch.rand(50, 3, 9, 9))
+    small = NetConfig(**{**cfg.as_dict(), "widths": (3, 4)})
+    pruned = prune_filters(net, small)
+    assert torch.equal(pruned.stem[0].weight, net.stem[0].weight)
+    assert pruned.blocks[0][0].weight.shape == (3, 24, 3, 3)  # all 24 stem channels kept
+    assert pruned(torch.rand(2, 3, 9, 9)).shape == (2, 10)
+    # the same widths: the same function
+    same = prune_filters(net, cfg)
+    x = torch.rand(3, 3, 9, 9)
+    torch.testing.assert_close(same(x), net(x))
+    with pytest.raises(ValueError, match="stem"):
+        prune_filters(net, NetConfig(**{**small.as_dict(), "stem": "none"}))
+    assert count_flops(net, (3, 9, 9)) > count_flops(pruned, (3, 9, 9))

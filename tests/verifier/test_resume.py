@@ -33,14 +33,17 @@ FIDES = [sys.executable, "-m", "fides.cli"]
 
 def experiment_file(tmp_path: Path, data: dict[str, Any] | None = None, epochs: int = 12) -> Path:
     """A digits experiment small enough for seconds, long enough per stage to be killed in:
-    the teacher uses the CIFAR-10 recipe (SGD, label smoothing, bfloat16, pool after the
-    first conv, GELU), the student the default AdamW one."""
+    the teacher uses the CIFAR-10 recipe (whitening stem, SGD without decay on norms,
+    lookahead, label smoothing, bfloat16, pool after the first conv, GELU), the student the
+    default AdamW one."""
     raw = json.loads(json.dumps(DIGITS_DEFAULT))
     if data is not None:
         raw["data"] = data
     raw["data"]["train_limit"] = 600
     raw["data"]["test_limit"] = 200
-    raw["teachers"][0]["net"].update(convs_per_block=2, pool_after="first_conv", activation="gelu")
+    raw["teachers"][0]["net"].update(
+        convs_per_block=2, pool_after="first_conv", activation="gelu", stem="whiten"
+    )
     raw["teachers"][0]["train"] = {
         "epochs": epochs,
         "batch_size": 64,
@@ -50,6 +53,8 @@ def experiment_file(tmp_path: Path, data: dict[str, Any] | None = None, epochs: 
         "anneal": "linear",
         "label_smoothing": 0.2,
         "precision": "bf16",
+        "decay_norms": False,
+        "lookahead": True,  # its averaged weights are checkpointed and restored too
     }
     raw["student"]["train"]["epochs"] = epochs
     raw["student"]["min_flops_ratio"] = 1.5  # pooling after the first conv makes it cheap
