@@ -20,7 +20,10 @@ from verifier.flops import count_flops
 from verifier.nets import ConvNet
 from verifier.pipeline import run_experiment
 
-EXPERIMENT = Path(__file__).parents[2] / "experiments" / "cifar10.yaml"
+EXPERIMENTS = Path(__file__).parents[2] / "experiments"
+EXPERIMENT = EXPERIMENTS / "cifar10.yaml"
+# the committed recipe and the candidate of the recipe study (whitening stem, lookahead)
+RECIPES = ["cifar10.yaml", "cifar10_whitened.yaml"]
 
 
 def synthetic_cifar(path: Path, n_train: int = 800, n_test: int = 200) -> None:
@@ -43,6 +46,11 @@ def synthetic_cifar(path: Path, n_train: int = 800, n_test: int = 200) -> None:
     )
 
 
+# the verifier's FLOPs share at half widths with the whitening stem (26% against 24.3% at full
+# width: the stem's 24 channels feed every first conv)
+SMALL_STEM_RATIO = 0.3
+
+
 def shortened(raw: dict[str, Any], data: Path) -> dict[str, Any]:
     raw = copy.deepcopy(raw)
     raw["data"]["path"] = str(data)
@@ -58,6 +66,11 @@ def shortened(raw: dict[str, Any], data: Path) -> dict[str, Any]:
         # learning rate scaled with the batch size
         t = stage["train"]
         stage["train"] = {**t, "epochs": 4, "batch_size": 32, "lr": t["lr"] * 32 / t["batch_size"]}
+    # at half the widths the whitening stem's fixed cost weighs more: the teacher is 1.68x
+    # the student there (1.72x at full width)
+    raw["student"]["min_flops_ratio"] = min(raw["student"]["min_flops_ratio"], 1.6)
+    if raw["student"]["net"].get("stem") == "whiten":  # and the verifier's first conv
+        raw["verifier"]["max_flops_ratio"] = SMALL_STEM_RATIO
     raw["verifier"]["step"] = {**raw["verifier"]["step"], "epochs": 1, "batch_size": 32}
     raw["verifier"]["final_step"] = {**raw["verifier"]["final_step"], "epochs": 1}
     raw["export"]["latency_repeats"] = 2
@@ -78,19 +91,22 @@ def shortened(raw: dict[str, Any], data: Path) -> dict[str, Any]:
     return raw
 
 
-@pytest.fixture(scope="module")
-def cifar_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any], Any]:
+@pytest.fixture(scope="module", params=RECIPES)
+def cifar_run(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> tuple[Path, dict[str, Any], Any, Any]:
     root = tmp_path_factory.mktemp("cifar10")
     synthetic_cifar(root / "cifar.npz")
-    raw = yaml.safe_load(EXPERIMENT.read_text(encoding="utf-8"))
+    raw = yaml.safe_load((EXPERIMENTS / request.param).read_text(encoding="utf-8"))
     exp = parse_experiment(shortened(raw, root / "cifar.npz"))
     run = run_experiment(exp, root / "run", repository=root / "repo")
     evaluation = evaluate_experiment(exp, root / "run", repository=root / "repo")
-    return root, run.report, evaluation
+    return root, run.report, evaluation, exp
 
 
-def test_the_committed_recipe_is_the_fast_one() -> None:
-    raw = yaml.safe_load(EXPERIMENT.read_text(encoding="utf-8"))
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_the_committed_recipe_is_the_fast_one(recipe: str) -> None:
+    raw = yaml.safe_load((EXPERIMENTS / recipe).read_text(encoding="utf-8"))
     exp = parse_experiment(raw)
     assert exp.data.file is not None
     assert exp.data.file.name == "cifar10.npz"
@@ -101,14 +117,14 @@ def test_the_committed_recipe_is_the_fast_one() -> None:
 
 
 def test_the_small_cifar_path_trains_evaluates_and_exports(
-    cifar_run: tuple[Path, dict[str, Any], Any],
+    cifar_run: tuple[Path, dict[str, Any], Any, Any],
 ) -> None:
-    root, report, evaluation = cifar_run
+    root, report, evaluation, exp = cifar_run
     assert report["dataset"]["image_shape"] == [3, 32, 32]
     # the patterns are easy: a service that learned nothing would sit near 10%
     assert report["student"]["test_accuracy"] > 0.5
     v = report["verifier"]
-    assert v["flops_ratio_to_service"] <= 0.25
+    assert v["flops_ratio_to_service"] <= exp.verifier.max_flops_ratio <= SMALL_STEM_RATIO
     assert v["fits_budget"]
     assert "filter-pruned" in v["pretrain"]["source"]  # the service, pruned to its widths
     assert report["onnx_max_abs_diff"] < 1e-3
@@ -133,8 +149,9 @@ def test_the_small_cifar_path_trains_evaluates_and_exports(
     np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
 
 
-def test_the_committed_verifier_is_a_quarter_of_the_service() -> None:
-    raw = yaml.safe_load(EXPERIMENT.read_text(encoding="utf-8"))
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_the_committed_verifier_is_a_quarter_of_the_service(recipe: str) -> None:
+    raw = yaml.safe_load((EXPERIMENTS / recipe).read_text(encoding="utf-8"))
     exp = parse_experiment(raw)
     from verifier.nets import NetConfig
 
@@ -145,6 +162,7 @@ def test_the_committed_verifier_is_a_quarter_of_the_service() -> None:
             pool=spec.pool,
             pool_after=spec.pool_after,
             activation=spec.activation,
+            stem=spec.stem,
             in_channels=3,
             mean=(0.5,) * 3,
             std=(0.25,) * 3,

@@ -14,7 +14,10 @@ from verifier.experiment import ExperimentError, load_experiment, parse_experime
 EXPERIMENTS = Path(__file__).parents[2] / "experiments"
 
 
-@pytest.mark.parametrize("name", ["digits", "fashion_mnist", "mnist", "cifar10_subset"])
+@pytest.mark.parametrize(
+    "name",
+    sorted(p.stem for p in EXPERIMENTS.glob("*.yaml") if not p.stem.startswith("protect_")),
+)
 def test_committed_experiments_validate(name: str) -> None:
     exp = load_experiment(EXPERIMENTS / f"{name}.yaml")
     assert exp.name == name
