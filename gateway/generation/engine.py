@@ -60,6 +60,14 @@ class Round:
     finished: str | None = None  # "stop" (EOS) or "length" when the sequence ended
 
 
+class PrefillError(RuntimeError):
+    """A prompt's prefill failed in its own caches (``cause``); the batch is untouched."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
 @dataclass(eq=False)
 class Sequence:
     """One request's decoding state; ``ids`` is prompt + generated tokens."""
@@ -73,6 +81,7 @@ class Sequence:
     prefilled: int = 0  # prompt tokens fed so far (== prompt_len once in the batch)
     target_kv: BatchKV | None = None  # the one-row caches of its prefill, until it joins
     draft_kv: BatchKV | None = None
+    error: Exception | None = None  # its own prefill failed (the batch was not touched)
     stats: dict[str, int] = field(
         default_factory=lambda: {"rounds": 0, "drafts": 0, "draft_tokens": 0, "accepted": 0}
     )
@@ -207,7 +216,12 @@ class SpeculativeEngine:
             if budget <= 0:
                 break
             if seq.finished is None and id(seq) not in in_batch:
-                fed, rnd = self._prefill(seq, budget)
+                try:
+                    fed, rnd = self._prefill(seq, budget)
+                except PrefillError as exc:  # that prompt's own caches: the batch goes on
+                    seq.target_kv = seq.draft_kv = None
+                    seq.error, seq.finished = exc.cause, "error"
+                    continue
                 self._last_round = None  # a prefill in the gap: not a round's overhead
                 budget -= fed
                 if rnd is not None:
@@ -233,9 +247,13 @@ class SpeculativeEngine:
                 seq.draft_kv.add_empty_row()
         chunk = seq.ids[seq.prefilled : seq.prefilled + budget]
         last = seq.prefilled + len(chunk) == seq.prompt_len
-        logits = seq.target_kv.forward([chunk], [1 if last else 0])[0]
-        if seq.draft_kv is not None:
-            seq.draft_kv.forward([chunk], [0])
+        try:  # the sequence's own one-row caches: a failure here (out of memory on a long
+            # prompt) is this request's alone
+            logits = seq.target_kv.forward([chunk], [1 if last else 0])[0]
+            if seq.draft_kv is not None:
+                seq.draft_kv.forward([chunk], [0])
+        except Exception as exc:
+            raise PrefillError(exc) from exc
         seq.prefilled += len(chunk)
         if not last:
             return len(chunk), None
@@ -270,7 +288,10 @@ class SpeculativeEngine:
             remaining = seq.params.max_tokens - len(seq.generated)
             # a round emits up to g + 1 tokens: never draft past max_tokens
             g = max(0, min(seq.lookahead.gamma, remaining - 1))
-            gammas.append(g if cap is None else min(g, cap))
+            # the load-dependent cap changes how many random numbers a sampled sequence
+            # draws, so a seeded one is exempt: its sample does not depend on the load
+            seeded = not seq.params.greedy and seq.params.seed is not None
+            gammas.append(g if cap is None or seeded else min(g, cap))
         drafts, qs = self._propose(gammas)
 
         # the target sees its newest token + every draft, all sequences in one forward

@@ -11,9 +11,11 @@ to the model's :class:`Scheduler` as a :class:`Job`. The scheduler's thread loop
 3. one :meth:`~gateway.generation.engine.SpeculativeEngine.step_batch` for all of them; each
    job gets its round (new tokens) and hands deltas to its request on the event loop.
 
-An exception inside a step cannot be pinned on one sequence (they share the forward pass):
-every job of that step fails with it, the engine's batch is cleared, and the thread goes on
-serving new requests.
+An exception inside a batched forward cannot be pinned on one sequence (they share it): every
+job of that step fails with it, the engine's batch is cleared, and the thread goes on serving
+new requests. A prompt's prefill runs in its own caches, so its failure (out of memory on a
+long prompt) fails that job alone. When the last jobs leave (cancelled, timed out), the
+batch's cache rows are freed at once, not when the next request comes.
 """
 
 from __future__ import annotations
@@ -87,6 +89,8 @@ class Scheduler:
                     break
             jobs = [job for job in jobs if not self._stopped(job)]
             if not jobs:
+                if self.engine.batch:  # the last ones left (cancelled, timed out): free their
+                    self._reset()  # cache rows now, not when the next request comes
                 continue
             try:
                 rounds = self.engine.step_batch([job.seq for job in jobs])
@@ -94,7 +98,7 @@ class Scheduler:
                 log.exception(
                     "generation step failed on model %s (%d sequences)", self.name, len(jobs)
                 )
-                self.engine.reset()
+                self._reset()
                 for job in jobs:
                     self._fail(job, exc)
                 jobs = []
@@ -106,6 +110,15 @@ class Scheduler:
                     log.exception("generation metrics failed on model %s", self.name)
             still: list[Job] = []
             for job in jobs:
+                if job.seq.error is not None:  # its own prefill failed; the others go on
+                    log.error(
+                        "prefill failed on model %s: %s",
+                        self.name,
+                        job.seq.error,
+                        exc_info=job.seq.error,
+                    )
+                    self._fail(job, job.seq.error)
+                    continue
                 rnd = rounds.get(job.seq)
                 try:
                     done = rnd is not None and job.on_round(rnd)
@@ -118,7 +131,15 @@ class Scheduler:
             jobs = still
         for job in jobs:
             self._fail(job, RuntimeError(f"model '{self.name}' was unloaded"))
-        self.engine.reset()
+        self._reset()
+
+    def _reset(self) -> None:
+        """Drop the engine's batch; a failure here must not end the stepping thread (every
+        later step would then hang its requests)."""
+        try:
+            self.engine.reset()
+        except Exception:  # noqa: BLE001 - logged; the next step starts from what is left
+            log.exception("resetting the generation batch of model %s failed", self.name)
 
     def _stopped(self, job: Job) -> bool:
         try:

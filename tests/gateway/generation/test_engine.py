@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import torch
 
@@ -10,6 +13,7 @@ from gateway.generation.params import SamplingParams
 from gateway.generation.runtime import CausalLM
 from gateway.generation.sampling import warp
 from gateway.generation.schedule import Lookahead
+from gateway.generation.scheduler import Scheduler
 from tests.gateway.generation.conftest import Pair
 
 CONTEXT = 128
@@ -247,3 +251,69 @@ def test_cache_memory_stays_bounded_over_many_sequences(pair: Pair) -> None:
     assert engine.batch == []
     assert engine.draft_kv is not None
     assert engine.draft_kv.rows == 0
+
+
+def test_a_failed_prefill_fails_only_its_own_sequence(pair: Pair) -> None:
+    """A prompt whose own prefill fails (here a token id past the embedding table, as an out
+    of memory on a long prompt would) ends that sequence with its error; the batch it was
+    joining decodes on, exactly."""
+    engine = SpeculativeEngine(pair.target, pair.near, Lookahead(4), CONTEXT)
+    ps = prompts(3, pair.target.vocab_size, seed=13)
+    good = [engine.start(p, SamplingParams(12, 0.0)) for p in ps[:2]]
+    engine.step_batch(good)
+    assert len(engine.batch) == 2
+    bad = engine.start(ps[2], SamplingParams(12, 0.0))
+    bad.ids[0] = pair.target.vocab_size + 1000
+    engine.step_batch([*good, bad])
+    assert bad.finished == "error"
+    assert isinstance(bad.error, IndexError)
+    assert bad not in engine.batch
+    assert bad.target_kv is None
+    while any(s.finished is None for s in good):
+        engine.step_batch(good)
+    for seq, p in zip(good, ps[:2], strict=True):
+        assert seq.generated == reference_greedy(pair.target, p, 12)
+    assert engine.target_kv.rows == 0
+
+
+class CancelledAfterOneRound:
+    """A scheduler job whose client leaves after its first round of tokens."""
+
+    def __init__(self, seq: object) -> None:
+        self.seq = seq
+        self.rounds = 0
+        self.done = threading.Event()
+
+    def check(self) -> bool:
+        if self.rounds:
+            self.done.set()
+            return True
+        return False
+
+    def on_round(self, rnd: object) -> bool:
+        self.rounds += 1
+        return False
+
+    def fail(self, exc: BaseException) -> None:
+        raise AssertionError(f"the job failed: {exc!r}")
+
+
+def test_the_last_cancelled_sequence_frees_its_rows_without_a_next_request(pair: Pair) -> None:
+    engine = SpeculativeEngine(pair.target, pair.near, Lookahead(4), CONTEXT)
+    scheduler = Scheduler(engine, "tiny")
+    try:
+        jobs = [
+            CancelledAfterOneRound(engine.start(p, SamplingParams(40, 0.0)))
+            for p in prompts(3, pair.target.vocab_size, seed=14)
+        ]
+        for job in jobs:
+            scheduler.submit(job)
+        for job in jobs:
+            assert job.done.wait(10)
+        deadline = time.monotonic() + 10
+        while engine.target_kv.rows and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.target_kv.rows == 0, "the cancelled sequences kept their cache rows"
+        assert engine.batch == []
+    finally:
+        scheduler.close()

@@ -8,7 +8,7 @@ from gateway.generation.engine import SpeculativeEngine
 from gateway.generation.params import SamplingParams
 from gateway.generation.schedule import Lookahead, SpeculationPolicy, expected_tokens
 from tests.gateway.generation.conftest import Pair
-from tests.gateway.generation.test_engine import CONTEXT, prompts, reference_greedy
+from tests.gateway.generation.test_engine import CONTEXT, prompts, reference_greedy, run
 
 
 def policy_with(target_ms: dict[int, tuple[float, float]], draft_ms: float) -> SpeculationPolicy:
@@ -90,3 +90,15 @@ def test_the_engine_calibrates_and_stays_exact_under_the_policy(pair: Pair) -> N
         assert engine.last_cap is None or 0 <= engine.last_cap <= 4
     for seq, p in zip(seqs, ps, strict=True):
         assert seq.generated == reference_greedy(pair.target, p, 16)
+
+
+def test_a_seeded_sample_does_not_depend_on_the_load_dependent_cap(pair: Pair) -> None:
+    """The policy's cap changes with the load; a sampled sequence with a seed keeps its own
+    draft schedule, so the same seed gives the same text under any cap."""
+    prompt = prompts(1, pair.target.vocab_size, seed=12)[0]
+    params = SamplingParams(24, temperature=1.0, seed=5)
+    free = SpeculativeEngine(pair.target, pair.near, Lookahead(4), CONTEXT)
+    policy = policy_with({1: (1.0, 0.0)}, draft_ms=50.0)  # a draft token never pays: cap 0
+    assert policy.cap(1) == 0
+    capped = SpeculativeEngine(pair.target, pair.near, Lookahead(4), CONTEXT, policy=policy)
+    assert run(capped, prompt, params) == run(free, prompt, params)
