@@ -365,7 +365,8 @@ class SpeculativeEngine:
             if self.policy is not None:
                 took = time.perf_counter() - t0
                 self._forward_s += took
-                self.policy.observe_draft(len(batch), took)
+                if max(len(f) for f in feeds) <= 2:  # a draft step, not a row catching up on
+                    self.policy.observe_draft(len(batch), took)  # tokens it did not draft
             for i, seq in enumerate(batch):
                 if not active[i]:
                     continue

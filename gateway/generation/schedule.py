@@ -122,25 +122,27 @@ class SpeculationPolicy:
 
     def t_target(self, batch: int, width: int) -> float | None:
         """Seconds of one target forward of ``batch`` rows x ``width`` tokens: measured, or
-        interpolated between the measured batch sizes and widths around it."""
+        interpolated across the widths measured at each batch size, then across the batch
+        sizes. In that order: the load-time grid measures every batch size at the same widths,
+        and a width measured later at one batch size only (a live round) must not stand in
+        for that width at every other batch size."""
         if (batch, width) in self.target_s:
             return self.target_s[(batch, width)]
-        widths = sorted({w for _, w in self.target_s})
+        at = {b: self._across_widths(b, width) for b in sorted({b for b, _ in self.target_s})}
+        known = [b for b, t in at.items() if t is not None]
+        return _interpolate(known, lambda b: at[b] or 0.0, batch)
+
+    def _across_widths(self, batch: int, width: int) -> float | None:
+        """``batch`` rows x ``width`` tokens from the widths measured at ``batch`` (None
+        outside them: no guess)."""
+        widths = sorted(w for b, w in self.target_s if b == batch)
         below = [w for w in widths if w <= width]
         above = [w for w in widths if w >= width]
         if not below or not above:
-            return None  # outside the measured widths: no guess
-        lo, hi = below[-1], above[0]
-        t_lo, t_hi = self._at_width(batch, lo), self._at_width(batch, hi)
-        if t_lo is None or t_hi is None:
             return None
+        lo, hi = below[-1], above[0]
+        t_lo, t_hi = self.target_s[(batch, lo)], self.target_s[(batch, hi)]
         return t_lo if hi == lo else t_lo + (t_hi - t_lo) * (width - lo) / (hi - lo)
-
-    def _at_width(self, batch: int, width: int) -> float | None:
-        if (batch, width) in self.target_s:
-            return self.target_s[(batch, width)]
-        sizes = sorted(b for b, w in self.target_s if w == width)
-        return _interpolate(sizes, lambda b: self.target_s[(b, width)], batch)
 
     def t_draft(self, batch: int) -> float | None:
         if batch in self.draft_s:

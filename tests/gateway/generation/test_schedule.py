@@ -102,3 +102,18 @@ def test_a_seeded_sample_does_not_depend_on_the_load_dependent_cap(pair: Pair) -
     assert policy.cap(1) == 0
     capped = SpeculativeEngine(pair.target, pair.near, Lookahead(4), CONTEXT, policy=policy)
     assert run(capped, prompt, params) == run(free, prompt, params)
+
+
+def test_a_width_measured_at_one_batch_size_does_not_stand_in_for_the_others() -> None:
+    """The load-time grid skips width 4 (1, 2, 3, 5 for a maximum of 4); a live round then
+    measures (batch 2, width 4). The estimate at (8, 4) still comes from batch 8's own widths,
+    not from batch 2's time scaled by the rows."""
+    p = policy_with({1: (1.0, 0.1), 2: (1.5, 0.1), 4: (2.5, 0.2), 8: (4.0, 0.4)}, draft_ms=0.3)
+    for b in (1, 2, 4, 8):
+        del p.target_s[(b, 4)]
+    before = p.t_target(8, 4)
+    assert before == pytest.approx((4.0 + 0.4 * 3) / 1e3)  # halfway between widths 3 and 5
+    p.observe_target(2, 4, 1.8e-3)
+    assert p.t_target(8, 4) == pytest.approx(before)
+    assert p.t_target(2, 4) == pytest.approx(1.8e-3)
+    assert p.t_target(6, 4) == pytest.approx((p.t_target(4, 4) + before) / 2)
