@@ -30,7 +30,15 @@ from transformers.cache_utils import DynamicLayer
 
 from gateway.generation.runtime import CausalLM
 
-__all__ = ["BatchKV"]
+__all__ = ["BatchKV", "unbatchable_layers"]
+
+
+def unbatchable_layers(lm: CausalLM) -> list[str]:
+    """The kinds of ``lm``'s cache layers that :class:`BatchKV` cannot hold (sliding-window
+    layers crop and mask in their own way), by name; empty when every layer is full
+    attention."""
+    layers = lm.new_cache().cache.layers
+    return sorted({type(layer).__name__ for layer in layers if type(layer) is not DynamicLayer})
 
 
 class BatchKV:

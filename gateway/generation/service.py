@@ -30,6 +30,7 @@ from gateway.errors import (
     RequestTimeout,
     Unavailable,
 )
+from gateway.generation.batch import unbatchable_layers
 from gateway.generation.config import GenerationConfig
 from gateway.generation.metrics import GenerationMetrics
 from gateway.generation.scheduler import Scheduler
@@ -401,6 +402,20 @@ def load_text_model(name: str, path: Path, cfg: ModelConfig) -> TextModel:
             f"max_position_embeddings {limit}"
         )
     max_context = gen.max_context or limit
+    if draft is not None and draft.max_positions and draft.max_positions < max_context:
+        raise ModelLoadError(
+            f"model '{name}': the draft's max_position_embeddings {draft.max_positions} is below "
+            f"the context of {max_context} tokens; set generation.max_context <= "
+            f"{draft.max_positions} or use a draft with the target's context"
+        )
+    for role, lm in (("target", target), ("draft", draft)):
+        kinds = unbatchable_layers(lm) if lm is not None else []
+        if kinds:
+            raise ModelLoadError(
+                f"model '{name}': the {role}'s cache has {', '.join(kinds)} layers (sliding-window "
+                "or other non-full attention); continuous batching serves full-attention models "
+                "only"
+            )
     eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     gen_eos = getattr(target.model.generation_config, "eos_token_id", None)
     eos |= set(gen_eos) if isinstance(gen_eos, list) else {gen_eos} if gen_eos else set()

@@ -87,3 +87,38 @@ def test_detokenizer_holds_back_stop_prefixes() -> None:
     det = Detokenizer(tok, [])
     streamed = "".join(det.add([t])[0] for t in tok.encode("héllo wörld ✓"))
     assert streamed + det.flush() == "héllo wörld ✓"
+
+
+def test_a_draft_with_a_shorter_context_is_refused(tmp_path: Path) -> None:
+    root = make_lm_repository(tmp_path / "repo", context=128)
+    draft_dir = root / "tiny" / "1" / "draft"
+    spec = LMSpec(layers=1, dim=32, heads=2, vocab_size=len(tokenizer()), context=64)
+    save(spec.build(seed=0), None, draft_dir)
+    with pytest.raises(ModelLoadError, match="draft's max_position_embeddings 64 is below"):
+        load(root)
+    # within the draft's context it loads
+    cfg = yaml.safe_load((root / "tiny" / "config.yaml").read_text(encoding="utf-8"))
+    cfg["generation"]["max_context"] = 64
+    (root / "tiny" / "config.yaml").write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    assert load(root) is not None
+
+
+def test_a_sliding_window_model_is_refused(tmp_path: Path) -> None:
+    from transformers import MistralConfig, MistralForCausalLM
+
+    root = make_lm_repository(tmp_path / "repo")
+    tok = tokenizer()
+    cfg = MistralConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        sliding_window=16,
+        eos_token_id=tok.eos_token_id,
+    )
+    save(MistralForCausalLM(cfg), tok, root / "tiny" / "1")
+    with pytest.raises(ModelLoadError, match="target's cache has DynamicSlidingWindowLayer"):
+        load(root)
