@@ -88,6 +88,11 @@ class AlarmMonitor:
         self._save_failing = False
         self._writing: asyncio.Future[None] | None = None
         self._write_lock = threading.Lock()
+        # snapshots are numbered; a write never replaces a newer snapshot already on disk (a
+        # reset's direct save is not undone by an older periodic write finishing after it)
+        self._generation = 0
+        self._written_generation = 0
+        self._save_pending = False  # a save asked for while one was being written
         self.restored = self._load()
 
     # -- answers ----------------------------------------------------------------------------
@@ -226,32 +231,43 @@ class AlarmMonitor:
         """Write the state now (reset, shutdown, tests); waits for nothing else."""
         self._saved_at = time.monotonic()
         if self.path is not None:
-            self._write(self._snapshot())
+            self._write(*self._snapshot())
 
     def save_soon(self) -> None:
         """Write the state without holding up the event loop: the arrays are taken here (a
-        few milliseconds for 10,000 keys), the file is written by a worker thread; a save
-        still being written is not started twice (the next one catches up)."""
+        few milliseconds for 10,000 keys), the file is written by a worker thread. While one
+        is being written, a new save waits for it and then writes the state of that moment
+        (an alarm that fires meanwhile is on disk as soon as the write before it is)."""
         self._saved_at = time.monotonic()
         if self.path is None:
             return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # no event loop (tools, tests): write here
-            self._write(self._snapshot())
+            self._write(*self._snapshot())
             return
         if self._writing is not None and not self._writing.done():
+            self._save_pending = True
             return
-        self._writing = loop.run_in_executor(None, self._write, self._snapshot())
+        self._save_pending = False
+        self._writing = loop.run_in_executor(None, self._write, *self._snapshot())
+        self._writing.add_done_callback(self._after_write)
+
+    def _after_write(self, _done: asyncio.Future[None]) -> None:
+        if self._save_pending:  # on the event loop (an asyncio future's callback)
+            self.save_soon()
 
     async def flush(self) -> None:
         """Wait for a save being written, then write the final state (the gateway's
         shutdown: nothing the alarm has seen is lost)."""
+        self._save_pending = False
         if self._writing is not None:
             await self._writing
         self.save()
 
-    def _snapshot(self) -> dict[str, np.ndarray]:
+    def _snapshot(self) -> tuple[int, dict[str, np.ndarray]]:
+        """The state's arrays (on the event loop), with the snapshot's number."""
+        self._generation += 1
         states = [self.model_state, *self.keys.values()]  # row 0: the model's stream
         meta = {
             "version": STATE_VERSION,
@@ -259,7 +275,7 @@ class AlarmMonitor:
             "fingerprint": self.fingerprint,
             "dropped_keys": self.dropped_keys,
         }
-        return {
+        return self._generation, {
             "meta": np.array(json.dumps(meta)),
             "keys": np.array(list(self.keys), dtype=np.str_),
             "r": np.stack([st.r for st in states]),
@@ -271,9 +287,11 @@ class AlarmMonitor:
             "peak": np.array([st.peak for st in states]),
         }
 
-    def _write(self, arrays: dict[str, np.ndarray]) -> None:
+    def _write(self, generation: int, arrays: dict[str, np.ndarray]) -> None:
         assert self.path is not None
         with self._write_lock:  # a worker's save and a direct one never share the .tmp
+            if generation <= self._written_generation:
+                return  # a newer snapshot is on disk already
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = self.path.with_name(self.path.name + ".tmp")
@@ -291,6 +309,7 @@ class AlarmMonitor:
                     )
                 self._save_failing = True
                 return
+            self._written_generation = generation
             if self._save_failing:
                 log.warning("integrity alarm state of %s saved to %s again", self.model, self.path)
                 self._save_failing = False
@@ -303,6 +322,8 @@ class AlarmMonitor:
         try:
             with self.path.open("rb") as fh, np.load(fh, allow_pickle=False) as z:
                 meta = json.loads(str(z["meta"]))
+                if not isinstance(meta, dict):
+                    raise ValueError("its metadata is not an object")
                 if meta.get("version") != STATE_VERSION or meta.get("model") != self.model:
                     raise ValueError(f"not a version-{STATE_VERSION} state of '{self.model}'")
                 if meta.get("fingerprint") != self.fingerprint:
@@ -314,6 +335,9 @@ class AlarmMonitor:
                     self._state(r[i], answers[i], alarm[i], alarm_at[i], peak[i])
                     for i in range(len(names) + 1)
                 ]
+                dropped = int(meta.get("dropped_keys", 0))
+                if dropped < 0:
+                    raise ValueError("a negative count of dropped keys")
         except (OSError, ValueError, KeyError, IndexError, TypeError, EOFError, BadZipFile) as exc:
             rejected = self.path.with_name(self.path.name + ".rejected")
             try:
@@ -338,7 +362,7 @@ class AlarmMonitor:
         )
         self.dropped_keys += len(names) - len(self.keys)
         self.alarmed_keys = {k for k, st in self.keys.items() if st.alarm}
-        self.dropped_keys += int(meta.get("dropped_keys", 0))
+        self.dropped_keys += dropped
         return f"restored {len(names)} keys and the model's stream"
 
     def _state(
@@ -347,6 +371,8 @@ class AlarmMonitor:
         r = np.asarray(r, dtype=np.float64)
         if r.shape != (len(self.detector.components),) or not np.isfinite(r).all() or (r < 0).any():
             raise ValueError("a stream state of the wrong size or with invalid values")
+        if int(answers) < 0 or not np.isfinite(peak) or float(peak) < 0:
+            raise ValueError("a stream state with a negative answer count or an invalid peak")
         return StreamState(
             r.copy(),
             answers=int(answers),

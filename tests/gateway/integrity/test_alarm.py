@@ -4,6 +4,8 @@ admin resets it; it survives a restart; per-key isolation, bounded keys and corr
 
 from __future__ import annotations
 
+import asyncio
+import json
 from pathlib import Path
 
 import numpy as np
@@ -205,3 +207,56 @@ async def test_periodic_saves_are_written_by_a_worker_and_flushed_at_close(
     restored = monitor(tmp_path)
     assert restored.restored == "restored 20 keys and the model's stream"
     assert restored.model_state.answers == 20
+
+
+async def test_an_alarm_raised_while_a_save_is_being_written_reaches_the_disk(
+    tmp_path: Path,
+) -> None:
+    """The worker's write of the state before the alarm is held up; the alarm fires
+    meanwhile; once that write is done the alarm's state follows without another answer."""
+    mon = monitor(tmp_path, save_every_s=0.0)
+    mon.observe("a", np.array([0.05]), np.array([0.2]))
+    await mon.flush()
+    mon._write_lock.acquire()  # the disk is slow: the next write waits
+    try:
+        mon.save_soon()  # the pre-alarm state, queued
+        first = mon._writing
+        for _ in range(20):  # switched answers: the alarm fires
+            mon.observe("a", np.array([0.999]), np.array([3.0]))
+        assert mon.model_state.alarm
+    finally:
+        mon._write_lock.release()
+    assert first is not None
+    await first
+    for _ in range(100):  # the catch-up save, written by a worker
+        await asyncio.sleep(0.01)
+        if mon._writing is not first and mon._writing is not None and mon._writing.done():
+            break
+    assert monitor(tmp_path).model_state.alarm, "the alarm was not saved"
+
+
+def test_an_older_snapshot_never_replaces_a_newer_one(tmp_path: Path) -> None:
+    """A periodic write that finishes after an admin's reset does not bring the alarm back."""
+    mon = monitor(tmp_path)
+    for _ in range(20):
+        mon.observe("a", np.array([0.999]), np.array([3.0]))
+    assert mon.model_state.alarm
+    before_reset = mon._snapshot()  # taken for a worker that is slow to write it
+    mon.reset("all")  # written at once
+    mon._write(*before_reset)
+    assert not monitor(tmp_path).model_state.alarm
+
+
+def test_state_metadata_that_is_not_an_object_is_set_aside(tmp_path: Path) -> None:
+    mon = monitor(tmp_path)
+    mon.observe("a", np.array([0.5]), np.array([0.2]))
+    mon.save()
+    path = tmp_path / "m.alarm.npz"
+    with np.load(path) as z:
+        arrays = dict(z)
+    bad_count = {"version": 1, "model": "m", "fingerprint": mon.fingerprint, "dropped_keys": -3}
+    for meta in ("[1, 2]", json.dumps(bad_count)):
+        arrays["meta"] = np.array(meta)
+        with path.open("wb") as fh:
+            np.savez(fh, **arrays)
+        assert monitor(tmp_path).restored.startswith("refused ("), meta
