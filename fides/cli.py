@@ -607,6 +607,15 @@ def incident_verify_cmd(
     allow_simulated: Annotated[
         bool, typer.Option(help="Accept the SIMULATED enclave (development only).")
     ] = False,
+    max_alpha: Annotated[
+        float,
+        typer.Option(
+            help="The loosest false-alarm level accepted; a bundle computed at a looser one "
+            "is refused (the gateway's default integrity.alarm_alpha).",
+            min=1e-300,
+            max=0.5,
+        ),
+    ] = 1e-5,
 ) -> None:
     """Check a bundle offline: attestations, signatures, KL and scores recomputed, and the
     statistic recomputed to the alarm threshold. Exit 1 naming the broken part."""
@@ -621,6 +630,7 @@ def incident_verify_cmd(
             model=model,
             allow_simulated=allow_simulated,
             console=console,
+            max_alpha=max_alpha,
         )
     except IncidentCommandError as exc:
         console.print(f"[red]error:[/red] {exc}")

@@ -84,6 +84,7 @@ def verify_command(
     model: str | None,
     allow_simulated: bool,
     console: Console,
+    max_alpha: float = 1e-5,
 ) -> bool:
     from fides_client.client import IntegrityModels
     from fides_client.incident import load_bundle, verify_incident
@@ -116,6 +117,7 @@ def verify_command(
             bundle,
             root=root_pem,
             measurements=measurements,
+            max_alpha=max_alpha,
             allow_simulated=allow_simulated,
             models=models,
         )

@@ -50,13 +50,15 @@ def verify_incident(
     measurements: Iterable[str | bytes],
     allow_simulated: bool,
     models: IntegrityModels | None = None,
+    max_alpha: float = 1e-5,
 ) -> Any:
     """Check an incident bundle offline; returns :class:`fides_core.incident.IncidentCheck`
     or raises :class:`fides_core.incident.IncidentError` naming the broken part.
 
     ``models``: the provider's published integrity models. With them the detector scores are
     recomputed and the calibration must be the detector card's; without them both are taken
-    from the bundle (the check says so)."""
+    from the bundle (the check says so). ``max_alpha``: the loosest false-alarm level
+    accepted (the gateway's default); a bundle computed at a looser one is refused."""
     try:
         from fides_core.incident import IncidentError, check_incident
     except ImportError as exc:  # pragma: no cover - the server extra always has scipy
@@ -88,5 +90,10 @@ def verify_incident(
         )
         score_fn = local.scores
     return check_incident(
-        bundle, root=pinned, policy=policy, detector_scores=score_fn, calibration=calibration
+        bundle,
+        root=pinned,
+        policy=policy,
+        detector_scores=score_fn,
+        calibration=calibration,
+        max_alpha=max_alpha,
     )

@@ -12,7 +12,8 @@ When the alarm of a model or of one API key fires, the gateway keeps the answers
                   "rows": [row indices fed to the alarm], "service": [[p...] per row],
                   "detector": [score per row], "kl": [KL per row]}],
      "trajectory": [the statistic after each row, from zero at the bundle's first answer],
-     "live": {the gateway's statistic when it fired, over the whole stream}}
+     "live": {the gateway's statistic when it fired, over the whole stream},
+     "drill": the attack drill active when it fired (an exercise), or null}
 
 What :func:`check_incident` proves from it:
 
@@ -23,10 +24,20 @@ What :func:`check_incident` proves from it:
   the detector scores are recomputed too when the checker has the detector (the SDK does, from
   the repository's detector model), otherwise they are the gateway's and the check says so;
 - the statistic is recomputed from those scores and the calibration, from zero at the bundle's
-  first answer (a lower bound of the live statistic, which started earlier: Shiryaev-Roberts is
-  increasing in its past), and must reach the alarm threshold within the bundle.
+  first answer, and must reach the alarm threshold within the bundle; the level is the
+  checker's (a bundle claiming a looser ``alpha`` or ``delta`` than the checker accepts is
+  refused), and the calibration the detector card's when the checker has the card (otherwise
+  the bundle's, and the check says so);
+- no signed request counts twice: request ids and rows are unique and each enclave boot's
+  answers come in its signing order (its signed batch sequence numbers never go back).
 
-What it does not prove: that the provider served exactly these service answers. The recorded
+What it does not prove: that the answers are every answer of the stream over that stretch. A
+gateway could leave answers out (the bundle names the signed batches it holds and the span of
+sequence numbers they cover, so gaps show); and clients choose their inputs, so a client that
+picks inputs the detector finds unusual can push an honest stream toward an alarm
+(docs/integrity.md, "What the alarm assumes").
+
+Nor does it prove that the provider served exactly these service answers. The recorded
 ``service`` rows are what the gateway saw; a client holding its own responses compares them
 (the request ids tie both together). Binding the provider to its answers needs the provider to
 sign them, which the Open Inference Protocol does not do.
@@ -61,6 +72,8 @@ from fides_core.stats import kl_divergence
 
 __all__ = [
     "INCIDENT_TYPE",
+    "MAX_ALPHA",
+    "MAX_DELTA",
     "IncidentAnswer",
     "IncidentCheck",
     "IncidentError",
@@ -76,6 +89,10 @@ TAILS: dict[str, tuple[Any, ...]] = {"detector": ("upper",), "kl": ("upper", "lo
 TRAJECTORY_RTOL = 1e-9
 KL_RTOL = 1e-6
 SCORE_ATOL = 1e-4  # the detector recomputed on another CPU: float32 rounding, not tampering
+# the loosest level a check accepts by default: the gateway's (integrity.alarm_alpha, and the
+# calibration risk delta of gateway.integrity.alarm.AlarmMonitor)
+MAX_ALPHA = 1e-5
+MAX_DELTA = 1e-5
 
 
 class IncidentError(Exception):
@@ -223,6 +240,11 @@ class IncidentCheck:
     peak: float  # the recomputed statistic's largest value (>= threshold)
     alarm_at: int  # the row (1-based, within the bundle) where it first reached the threshold
     scores_recomputed: bool  # the detector scores came from our detector, not the gateway
+    calibration_pinned: bool = False  # the calibration is the detector card's, not the bundle's
+    alpha: float = 0.0  # the false-alarm level the statistic was checked at
+    signed_batches: int = 0  # distinct (boot, signed batch) the answers come from
+    batch_span: int = 0  # the signed batches the answers' sequence numbers span, per boot
+    drill: bool = False  # the gateway says an attack drill was on (unsigned)
 
     def summary(self) -> str:
         scores = (
@@ -230,13 +252,21 @@ class IncidentCheck:
             if self.scores_recomputed
             else "detector scores as the gateway reported them (no detector given)"
         )
+        calibration = (
+            "the detector card's calibration"
+            if self.calibration_pinned
+            else "the calibration the bundle carries (no detector card given)"
+        )
         who = f"{self.scope} {self.client}" if self.client else self.scope
         simulated = " (SIMULATED)" if self.simulated else ""
+        drill = "; the gateway says an attack drill was on: an exercise" if self.drill else ""
         return (
             f"incident on {self.model} ({who}): {self.requests} signed requests, "
-            f"{self.answers} answers from {len(self.modules)} attested enclave boot(s){simulated}; "
-            f"the statistic recomputed from them reaches {self.peak:.3g} >= {self.threshold:.3g} "
-            f"at answer {self.alarm_at}; KL recomputed from the signed verifier outputs; {scores}"
+            f"{self.answers} answers from {len(self.modules)} attested enclave boot(s){simulated}, "
+            f"{self.signed_batches} of the {self.batch_span} signed batches their sequence "
+            f"numbers span; the statistic recomputed from them at alpha {self.alpha:g} with "
+            f"{calibration} reaches {self.peak:.3g} >= {self.threshold:.3g} at answer "
+            f"{self.alarm_at}; KL recomputed from the signed verifier outputs; {scores}{drill}"
         )
 
 
@@ -270,11 +300,15 @@ def check_incident(
     policy: Policy,
     detector_scores: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
     calibration: tuple[np.ndarray, np.ndarray] | None = None,
+    max_alpha: float = MAX_ALPHA,
+    max_delta: float = MAX_DELTA,
 ) -> IncidentCheck:
     """Check ``bundle`` offline (see the module docstring); raises :class:`IncidentError`
     naming the broken part. ``detector_scores(p, q)``: the detector, to recompute the scores;
     ``calibration``: the detector card's clean ``(scores, kl)``, which the bundle's must equal
-    (a provider could otherwise ship a calibration that makes anything an alarm)."""
+    (a provider could otherwise ship a calibration that makes anything an alarm);
+    ``max_alpha`` / ``max_delta``: the loosest false-alarm level and calibration risk the
+    checker accepts (the bundle's own could otherwise make clean answers an alarm)."""
     if not isinstance(bundle, Mapping) or bundle.get("type") != INCIDENT_TYPE:
         raise IncidentError("format", f"not a {INCIDENT_TYPE} bundle")
     for key, kind in (
@@ -303,6 +337,12 @@ def check_incident(
         raise IncidentError("calibration", "alpha and delta must be numbers in (0, 1)")
     assert isinstance(alpha, float)
     assert isinstance(delta, float)
+    if alpha > max_alpha or delta > max_delta:
+        raise IncidentError(
+            "calibration",
+            f"the bundle's level (alpha {alpha:g}, delta {delta:g}) is looser than this check "
+            f"accepts (alpha <= {max_alpha:g}, delta <= {max_delta:g})",
+        )
     if calibration is not None and not (
         _close(np.sort(cal_scores), np.sort(np.asarray(calibration[0], np.float64)), 0.0)
         and _close(np.sort(cal_kl), np.sort(np.asarray(calibration[1], np.float64)), 0.0)
@@ -338,11 +378,17 @@ def check_incident(
     # every answer: signed verifier output, recomputed KL (and scores)
     out = bundle["verifier_output"]
     scores_all, kl_all = [], []
+    seen_ids: set[str] = set()
+    last_seq: dict[str, int] = {}  # per boot: the signed batch sequence number so far
+    seqs: dict[str, set[int]] = {}
     for i, ans in enumerate(bundle["answers"]):
         rid = ans.get("request_id") if isinstance(ans, dict) else None
         part = f"answer {i} (request {rid})"
         if not isinstance(ans, dict) or not isinstance(rid, str):
             raise IncidentError(part, "not an answer record with a request_id")
+        if rid in seen_ids:
+            raise IncidentError(part, "the request appears twice: no answer counts twice")
+        seen_ids.add(rid)
         module = ans.get("module_id")
         if module not in attested:
             raise IncidentError(part, f"its enclave boot {module!r} has no attestation here")
@@ -361,6 +407,14 @@ def check_incident(
             raise IncidentError(part, f"{type(exc).__name__}: {exc}") from None
         if out not in checked.outputs:
             raise IncidentError(part, f"the signed result has no output '{out}'")
+        if checked.seq < last_seq.get(module, checked.seq):
+            raise IncidentError(
+                part,
+                f"signed in batch {checked.seq} of {module}, after an answer of batch "
+                f"{last_seq[module]}: the answers are not in the enclave's signing order",
+            )
+        last_seq[module] = checked.seq
+        seqs.setdefault(module, set()).add(checked.seq)
         q_all = np.asarray(checked.outputs[out], dtype=np.float32)
         rows = ans.get("rows")
         if (
@@ -369,6 +423,8 @@ def check_incident(
             or not all(isinstance(r, int) and 0 <= r < len(q_all) for r in rows)
         ):
             raise IncidentError(part, f"'rows' must be row indices of the {len(q_all)} signed")
+        if any(b <= a for a, b in zip(rows, rows[1:], strict=False)):
+            raise IncidentError(part, "'rows' repeat or are out of order: no row counts twice")
         q = q_all[rows]
         p = _floats(ans.get("service"), part, "service", ndim=2).astype(np.float32)
         if p.shape != q.shape:
@@ -420,4 +476,9 @@ def check_incident(
         peak=state.peak,
         alarm_at=state.alarm_at,
         scores_recomputed=detector_scores is not None,
+        calibration_pinned=calibration is not None,
+        alpha=alpha,
+        signed_batches=sum(len(v) for v in seqs.values()),
+        batch_span=sum(max(v) - min(v) + 1 for v in seqs.values()),
+        drill=bool(bundle.get("drill")),
     )

@@ -29,7 +29,8 @@ long the monitor watches. The pieces, each from the literature:
    average over components (a mixture over tamper rates and tails, so no rate has to be
    guessed). Under clean answers ``M_t - t`` is a supermartingale, so alarming at
    ``M_t >= 1 / alpha`` gives an average run length to a false alarm of at least
-   ``1 / alpha`` answers (on the calibration event of probability ``1 - delta``). Unlike a
+   ``1 / alpha`` answers (on the calibration events: probability ``1 - delta`` for each
+   watched tail of each score, so ``1 - 3 delta`` for the alarm's three). Unlike a
    test from the start of the stream, it detects tampering that begins late.
 
 Both tails of a score can be watched: a stream whose answers agree with the verifier *more*
@@ -75,13 +76,16 @@ class ScoreCalibration:
 
     def p(self, scores: np.ndarray, tail: Tail = "upper") -> np.ndarray:
         """The p-value of each score ([m] -> [m]) for large (``upper``) or small (``lower``)
-        scores being the suspicious ones. Ties count against the answer (conservative)."""
+        scores being the suspicious ones. Ties count against the answer (conservative); a
+        score that is not a number is no evidence (p = 1: searchsorted would rank NaN above
+        every calibration score, the strongest evidence there is)."""
         s = np.asarray(scores, dtype=np.float64)
         if tail == "upper":  # K = #{calibration >= s}
             k = self.n - np.searchsorted(self.scores, s, side="left")
         else:  # K = #{calibration <= s}
             k = np.searchsorted(self.scores, s, side="right")
-        return self.p_values[k]
+        p: np.ndarray = np.where(np.isnan(s), 1.0, self.p_values[k])
+        return p
 
 
 def calibrate_scores(scores: np.ndarray, delta: float = 1e-5) -> ScoreCalibration:

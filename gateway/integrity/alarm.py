@@ -5,7 +5,7 @@ tampers with one client's answers is not diluted by everyone else's.
 
 - Calibration: the detector's model card (``calibration_scores``, ``calibration_kl``: clean
   answers the detector never trained on). Level ``alpha``: the average run length to a false
-  alarm is at least ``1 / alpha`` answers per stream (with probability ``1 - delta`` over the
+  alarm is at least ``1 / alpha`` answers per stream (with probability ``1 - 3 delta`` over the
   calibration draw).
 - An alarm latches until an admin resets it after investigating
   (``POST /v2/admin/models/{name}/integrity/alarm/reset``).

@@ -77,16 +77,29 @@ class IncidentRecorder:
             while len(self.attestations) > 16:  # boots older than that have left the ring
                 del self.attestations[next(iter(self.attestations))]
 
-    def fired(self, scopes: list[str], client: str) -> None:
+    def forget(self, scope: str, client: str | None = None) -> None:
+        """After an admin reset of ``scope`` (``model``, ``key`` with ``client``, ``all``): the
+        answers that drove the old alarm leave the ring, so the next bundle holds only answers
+        the restarted statistic has seen (it could otherwise prove a later alarm with the
+        earlier incident's answers)."""
+        if scope == "key":
+            kept = [a for a in self.ring if a.client != client]
+            self.ring.clear()
+            self.ring.extend(kept)
+        else:
+            self.ring.clear()
+
+    def fired(self, scopes: list[str], client: str, drill: dict[str, Any] | None = None) -> None:
         """The alarm just fired on ``scopes``: snapshot the ring now, build and write the
-        bundle(s) in the background."""
+        bundle(s) in the background. ``drill``: the attack drill active then (the bundle says
+        so: an exercise, not an incident)."""
         now = datetime.now(UTC)
         live = self.alarm.status()
         for scope in scopes:
             who = None if scope == "model" else client
             answers = [a for a in self.ring if who is None or a.client == who]
             task = asyncio.get_running_loop().create_task(
-                self._write(scope, who, now, answers, live)
+                self._write(scope, who, now, answers, live, drill)
             )
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -98,6 +111,7 @@ class IncidentRecorder:
         now: datetime,
         answers: list[IncidentAnswer],
         live: dict[str, Any],
+        drill: dict[str, Any] | None = None,
     ) -> None:
         try:
             needed = {evidence_module_id(a.evidence) for a in answers} - set(self.attestations)
@@ -108,7 +122,8 @@ class IncidentRecorder:
                 _, claims = decode_attestation(doc)
                 self.boot(claims["module_id"], doc)
             stream = live["model"] if client is None else live["keys"]["in_alarm"].get(client)
-            bundle = build_bundle(
+            bundle = await asyncio.to_thread(  # up to thousands of rows: off the event loop
+                build_bundle,
                 model=self.model,
                 scope=scope,
                 client=client,
@@ -119,12 +134,13 @@ class IncidentRecorder:
                 calibration_kl=self.alarm.calibration_kl,
                 alpha=self.alarm.alpha,
                 delta=self.alarm.delta,
-                attestations=self.attestations,
+                attestations=dict(self.attestations),
                 answers=answers,
                 live={"stream": stream, "threshold": live["threshold"]},
             )
             ident = self._new_id(now, client)
             bundle["id"] = ident
+            bundle["drill"] = drill  # the gateway's word: an exercise, not a provider's fault
             await asyncio.to_thread(self._store, ident, bundle)
             log.warning(
                 "integrity incident %s of %s: %d signed requests kept (%s)",
@@ -192,6 +208,7 @@ class IncidentRecorder:
                     "raised_at": b.get("raised_at"),
                     "requests": len(b.get("answers", [])),
                     "peak": b.get("peak"),
+                    "drill": b.get("drill"),
                 }
             )
         return out

@@ -348,6 +348,7 @@ class IntegrityPipeline:
             status = self.alarm.reset(scope, key)
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
+        self.incidents.forget(scope, key)
         self._keys_gauged_at = float("-inf")  # show the reset at once
         self._alarm_gauges()
         return status
@@ -505,7 +506,8 @@ class IntegrityPipeline:
         if len(scores):
             scopes = self.alarm.observe(client or ANONYMOUS, scores, kl)
             if self.alarm.fired:
-                self.incidents.fired(self.alarm.fired, client or ANONYMOUS)
+                drill = self.drill.as_dict() if self.drill is not None else None
+                self.incidents.fired(self.alarm.fired, client or ANONYMOUS, drill)
         else:
             scopes = self.alarm.scopes(client or ANONYMOUS)
         self._alarm_gauges()

@@ -40,6 +40,9 @@ def test_p_values_are_conservative_and_monotone() -> None:
     assert lower[0] < lower[1]
     with pytest.raises(ValueError, match="at least 10 finite"):
         calibrate_scores(np.array([1.0, np.nan] * 10))
+    # a score that is not a number is no evidence, in either tail (not the strongest)
+    assert cal.p(np.array([np.nan]))[0] == 1.0
+    assert cal.p(np.array([np.nan]), "lower")[0] == 1.0
 
 
 def test_clean_streams_rarely_alarm_and_a_violated_null_does() -> None:

@@ -115,7 +115,15 @@ async def test_an_alarm_keeps_a_bundle_the_sdk_proves_and_every_tamper_is_named(
     assert check.peak >= check.threshold
     assert 8 < check.alarm_at <= check.answers
     assert check.requests == len(bundle["answers"]) >= 9  # honest answers and the attacked
-    assert not _check(bundle, fakes, integrity_repo, models=False).scores_recomputed
+    assert check.calibration_pinned
+    assert check.drill  # raised by a drill: the bundle says it was an exercise
+    assert check.batch_span >= check.signed_batches >= 1
+    assert "the detector card's calibration" in check.summary()
+    assert "an exercise" in check.summary()
+    unpinned = _check(bundle, fakes, integrity_repo, models=False)
+    assert not unpinned.scores_recomputed
+    assert not unpinned.calibration_pinned
+    assert "the calibration the bundle carries" in unpinned.summary()
 
     def tampered(change: Any) -> dict[str, Any]:
         b = copy.deepcopy(bundle)
@@ -177,6 +185,32 @@ async def test_an_alarm_keeps_a_bundle_the_sdk_proves_and_every_tamper_is_named(
         ]
 
     assert _broken(tampered(shrink), fakes, integrity_repo).part == "calibration"
+    # a looser false-alarm level than the checker accepts (clean answers would then alarm)
+    loose = _broken(tampered(lambda b: b["monitor"].update(alpha=0.5)), fakes, integrity_repo)
+    assert loose.part == "calibration"
+    assert "looser than this check accepts" in str(loose)
+    loose = _broken(tampered(lambda b: b["monitor"].update(delta=0.9)), fakes, integrity_repo)
+    assert "looser than this check accepts" in str(loose)
+    # one signed answer counted twice, or one row of it
+    twice = tampered(lambda b: b["answers"].append(copy.deepcopy(b["answers"][last])))
+    err = _broken(twice, fakes, integrity_repo)
+    assert err.part.startswith(f"answer {last + 1}")
+    assert "appears twice" in str(err)
+
+    def repeat_rows(b: dict[str, Any]) -> None:
+        a = b["answers"][last]
+        a.update(rows=a["rows"] * 2, service=a["service"] * 2, detector=a["detector"] * 2)
+        a.update(kl=a["kl"] * 2)
+
+    err = _broken(tampered(repeat_rows), fakes, integrity_repo)
+    assert "'rows' repeat" in str(err)
+
+    # answers moved out of the enclave's signing order
+    def swap(b: dict[str, Any]) -> None:
+        b["answers"][0], b["answers"][last] = b["answers"][last], b["answers"][0]
+
+    err = _broken(tampered(swap), fakes, integrity_repo)
+    assert "signing order" in str(err)
     # truncated to the honest answers: the alarm is not proven
     honest = tampered(lambda b: b.update(answers=b["answers"][:8], trajectory=b["trajectory"][:8]))
     err = _broken(honest, fakes, integrity_repo)
@@ -205,7 +239,7 @@ async def test_an_alarm_keeps_a_bundle_the_sdk_proves_and_every_tamper_is_named(
     )
     assert ok.exit_code == 0, ok.output
     assert "PROVEN" in ok.output
-    assert "recomputed with the repository's detector" in ok.output
+    assert "recomputed with the repository's detector" in " ".join(ok.output.split())
     bad = runner.invoke(
         app, ["incident", "verify", str(tmp_path / "bad.json"), *args, "--allow-simulated"]
     )
@@ -224,3 +258,29 @@ async def test_bundles_are_kept_across_a_restart_and_bounded(
     assert {p.stem for p in kept.glob("*.json")} == ids
     async with integrity_gateway(integrity_repo) as (client, _):
         assert {i["id"] for i in await _incidents(client, 2)} == ids
+
+
+async def test_a_reset_clears_the_answers_of_the_incident_it_closes(
+    integrity_repo: Path, digits: Digits
+) -> None:
+    """After an admin reset, the next bundle holds only answers the restarted statistic saw."""
+    async with integrity_gateway(integrity_repo) as (client, _):
+        await _raise_alarm(client, digits)
+        first = await _incidents(client, 2)
+        ids = [i["id"] for i in first]
+        old = set()
+        for ident in ids:
+            bundle = (await client.get(f"{INCIDENTS}/{ident}", headers=ADMIN)).json()
+            old |= {a["request_id"] for a in bundle["answers"]}
+        r = await client.post(
+            "/v2/admin/models/digits/integrity/alarm/reset", json={"scope": "all"}, headers=ADMIN
+        )
+        assert r.status_code == 200
+        await _raise_alarm(client, digits)
+        listed = await _incidents(client, 4)
+        for incident in listed:
+            if incident["id"] in ids:
+                continue
+            bundle = (await client.get(f"{INCIDENTS}/{incident['id']}", headers=ADMIN)).json()
+            assert incident["drill"] is not None
+            assert not {a["request_id"] for a in bundle["answers"]} & old
