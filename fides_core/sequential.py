@@ -43,7 +43,6 @@ signed parts of an incident bundle.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -117,15 +116,6 @@ class StreamState:
     alarm_at: int | None = None  # the answer count when the alarm first fired
     peak: float = 0.0  # the largest statistic seen since the last reset
     last: float = 0.0  # the statistic now (kept by update: no mean over components to read it)
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "r": [float(x) for x in self.r],
-            "answers": self.answers,
-            "alarm": self.alarm,
-            "alarm_at": self.alarm_at,
-            "peak": self.peak,
-        }
 
 
 @dataclass(frozen=True)
@@ -272,7 +262,3 @@ class SequentialDetector:
         """After an investigation: the statistic starts over (the guarantee restarts too)."""
         state.r = np.zeros(len(self.components))
         state.alarm, state.alarm_at, state.peak, state.last = False, None, 0.0, 0.0
-
-    def log10_statistic(self, state: StreamState) -> float:
-        m = self.statistic(state)
-        return math.log10(m) if m > 0 else float("-inf")
