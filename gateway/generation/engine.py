@@ -77,7 +77,7 @@ class Sequence:
     params: SamplingParams
     lookahead: Lookahead
     generator: torch.Generator
-    finished: str | None = None
+    finished: str | None = None  # "stop", "length", or "error" (its prefill failed: error)
     prefilled: int = 0  # prompt tokens fed so far (== prompt_len once in the batch)
     target_kv: BatchKV | None = None  # the one-row caches of its prefill, until it joins
     draft_kv: BatchKV | None = None
