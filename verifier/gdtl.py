@@ -425,23 +425,7 @@ def greedy_unfreeze(
 
 def _candidate_configs(specs: list[NetSpec], base: NetConfig) -> list[NetConfig]:
     """Each candidate's architecture, with the data-dependent fields of ``base``."""
-    return [
-        NetConfig(
-            widths=tuple(s.widths),
-            convs_per_block=s.convs_per_block,
-            dropout=s.dropout,
-            pool=s.pool,
-            pool_after=s.pool_after,
-            activation=s.activation,
-            stem=s.stem,
-            image_size=base.image_size,
-            in_channels=base.in_channels,
-            num_classes=base.num_classes,
-            mean=base.mean,
-            std=base.std,
-        )
-        for s in specs
-    ]
+    return [base.with_layout(s) for s in specs]
 
 
 def _train_candidate(

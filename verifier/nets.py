@@ -11,13 +11,13 @@ pooling, batch norm, dropout, linear to the class logits. Keeping the blocks in 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from verifier.experiment import pruning_mismatch
+from verifier.experiment import NetSpec, pruning_mismatch
 
 __all__ = [
     "ConvNet",
@@ -63,6 +63,20 @@ class NetConfig:
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
+
+    def with_layout(self, spec: NetSpec) -> NetConfig:
+        """This config's data-dependent fields (channels, classes, image size, normalisation)
+        with ``spec``'s architecture."""
+        return replace(
+            self,
+            widths=tuple(spec.widths),
+            convs_per_block=spec.convs_per_block,
+            dropout=spec.dropout,
+            pool=spec.pool,
+            pool_after=spec.pool_after,
+            activation=spec.activation,
+            stem=spec.stem,
+        )
 
 
 class Normalize(nn.Module):

@@ -51,21 +51,13 @@ log = logging.getLogger(__name__)
 
 
 def net_config(spec: NetSpec, splits: Splits) -> NetConfig:
-    c = splits.image_shape[0]
     return NetConfig(
-        widths=tuple(spec.widths),
-        convs_per_block=spec.convs_per_block,
-        dropout=spec.dropout,
-        pool=spec.pool,
-        pool_after=spec.pool_after,
-        activation=spec.activation,
-        stem=spec.stem,
         image_size=splits.image_shape[1:],
-        in_channels=c,
+        in_channels=splits.image_shape[0],
         num_classes=splits.num_classes,
         mean=tuple(splits.mean),
         std=tuple(splits.std),
-    )
+    ).with_layout(spec)
 
 
 def experiment_splits(exp: Experiment) -> Splits:

@@ -226,9 +226,6 @@ class _Lookahead:
             for slow, p in zip(self.slow, self.params, strict=True):
                 p.copy_(slow)
 
-    def state(self) -> list[torch.Tensor]:
-        return self.slow
-
     def load(self, state: list[torch.Tensor]) -> None:
         if len(state) != len(self.slow) or any(
             a.shape != b.shape for a, b in zip(state, self.slow, strict=True)
@@ -340,7 +337,7 @@ def fit(
                     "seconds": elapsed,
                     "cpu_seconds": cpu,
                     "samples": samples,
-                    **({"lookahead": lookahead.state()} if lookahead is not None else {}),
+                    **({"lookahead": lookahead.slow} if lookahead is not None else {}),
                 },
             )
     if lookahead is not None:

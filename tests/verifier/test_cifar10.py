@@ -21,7 +21,6 @@ from verifier.nets import ConvNet
 from verifier.pipeline import run_experiment
 
 EXPERIMENTS = Path(__file__).parents[2] / "experiments"
-EXPERIMENT = EXPERIMENTS / "cifar10.yaml"
 # the committed recipe and the candidate of the recipe study (whitening stem, lookahead)
 RECIPES = ["cifar10.yaml", "cifar10_whitened.yaml"]
 
