@@ -9,7 +9,9 @@ add the delay to every request at low load). Batches run on a thread pool with o
 instance, so inference never runs on the event loop. While every instance is busy, the queue
 keeps filling, and the next batch is larger: batching adapts to load by itself. A model
 with ``execution: inline`` runs its batches on the event loop itself instead (microsecond
-models, for which the thread hop costs more than the model).
+models, for which the thread hop costs more than the model); when it also dispatches when
+idle, it needs no scheduler task either: what is submitted in one turn of the loop runs as one
+batch from a callback in the next.
 """
 
 from __future__ import annotations
@@ -98,6 +100,9 @@ class DynamicBatcher:
         self._busy = 0  # batches dispatched and not yet finished
         self._scheduler: asyncio.Task[None] | None = None
         self._closing = False
+        # inline and dispatching when idle: batches run from a call_soon, not the scheduler
+        self._flushes = policy.inline and (policy.dispatch_when_idle or not self.batched)
+        self._flush_soon = False
 
     @property
     def batched(self) -> bool:
@@ -130,13 +135,22 @@ class DynamicBatcher:
             )
         self.check_queue()
         batch = next(iter(inputs.values())).shape[0] if self.batched else 1
-        loop = asyncio.get_running_loop()
         now = self._clock()
+        loop = asyncio.get_running_loop()
         item = _Pending(
             inputs, batch, _signature(inputs, self.batched), deadline, now, loop.create_future()
         )
         self._queue.append(item)
         self.observer.queued(len(self._queue))
+        if self._flushes:
+            # an inline model that dispatches when idle: whatever is queued by the end of this
+            # event-loop turn runs as one batch at the start of the next (one turn, where the
+            # scheduler task takes three); no timer: deadlines are checked when the batch is
+            # taken, and a batch runs within a turn or two of its requests
+            if not self._flush_soon:
+                self._flush_soon = True
+                loop.call_soon(self._flush)
+            return await item.future
         self._wakeup.set()
         # A timer instead of asyncio.wait_for: wait_for wraps the wait in a task and a shield,
         # which cost more than the rest of submit on a busy event loop.
@@ -194,16 +208,23 @@ class DynamicBatcher:
             self.observer.queued(len(self._queue))
 
     def _take_batch(self) -> list[_Pending]:
-        """Pop the head and every compatible request after it that still fits."""
+        """Pop the head and every compatible request after it that still fits (requests
+        whose caller left or whose deadline passed are dropped on the way)."""
         head = self._queue.popleft()
         batch = [head]
         if not self.batched:
             return batch
         total = head.batch
         keep: deque[_Pending] = deque()
+        now = self._clock()
         while self._queue and total < self.policy.max_batch_size:
             item = self._queue.popleft()
             if item.future.done():
+                continue
+            if item.deadline <= now:  # the flush path sets no timer per request
+                item.future.set_exception(
+                    RequestTimeout(f"model '{self.runtime.name}': request timed out in queue")
+                )
                 continue
             if (
                 item.signature == head.signature
@@ -263,46 +284,85 @@ class DynamicBatcher:
             now = self._clock()
             size = sum(i.batch for i in batch)
             self.observer.batch_started(size, [now - i.enqueued for i in batch])
-            loop = asyncio.get_running_loop()
+            inputs, sizes = [i.inputs for i in batch], [i.batch for i in batch]
             start = self._clock()
             try:
                 if self.policy.inline:  # on the loop: no hop, no GIL hand-back
-                    results, stages = self._execute(batch)
+                    results, stages = self._execute(inputs, sizes)
                 else:
-                    results, stages = await loop.run_in_executor(
-                        self._executor, self._execute, batch
+                    results, stages = await asyncio.get_running_loop().run_in_executor(
+                        self._executor, self._execute, inputs, sizes
                     )
             except Exception as exc:  # noqa: BLE001 - every request in the batch gets the error
-                err = exc if isinstance(exc, GatewayError) else _internal(self.runtime, exc)
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(err)
+                self._fail(batch, exc)
                 return
-            self.observer.batch_finished(size, self._clock() - start)
-            self.observer.batch_stages(size, *stages)
-            for item, out in zip(batch, results, strict=True):
-                if not item.future.done():
-                    item.future.set_result(out)
+            self._answer(batch, results, stages, size, start)
         finally:
             self._busy -= 1
             self._slots.release()
             self._wakeup.set()
 
-    def _execute(self, batch: list[_Pending]) -> tuple[list[Tensors], tuple[float, float, float]]:
-        """Worker thread: concatenate, run, split; with the seconds of each of the three."""
+    def _flush(self) -> None:
+        """One batch of what is queued, run on the loop (inline models that dispatch when
+        idle; see :meth:`submit`); a next batch runs in a callback of its own, so the loop
+        serves other work in between."""
+        self._flush_soon = False
+        self._drop_dead()
+        if not self._queue or self._busy:  # a batch of the scheduler's wakes it when done
+            return
+        batch = self._take_batch()
+        try:
+            self.observer.queued(len(self._queue))
+            start = self._clock()
+            size = sum(i.batch for i in batch)
+            self.observer.batch_started(size, [start - i.enqueued for i in batch])
+            results, stages = self._execute([i.inputs for i in batch], [i.batch for i in batch])
+            self._answer(batch, results, stages, size, start)
+        except Exception as exc:  # noqa: BLE001 - every request in the batch gets the error
+            self._fail(batch, exc)
+        finally:
+            if self._queue and not self._flush_soon:
+                self._flush_soon = True
+                asyncio.get_running_loop().call_soon(self._flush)
+
+    def _fail(self, batch: list[_Pending], exc: Exception) -> None:
+        err = exc if isinstance(exc, GatewayError) else _internal(self.runtime, exc)
+        for item in batch:
+            if not item.future.done():
+                item.future.set_exception(err)
+
+    def _answer(
+        self,
+        batch: list[_Pending],
+        results: list[Tensors],
+        stages: tuple[float, float, float],
+        size: int,
+        start: float,
+    ) -> None:
+        for item, out in zip(batch, results, strict=True):
+            if not item.future.done():
+                item.future.set_result(out)
+        self.observer.batch_finished(size, self._clock() - start)
+        self.observer.batch_stages(size, *stages)
+
+    def _execute(
+        self, inputs: list[Tensors], sizes: list[int]
+    ) -> tuple[list[Tensors], tuple[float, float, float]]:
+        """Worker thread (or the loop, inline): concatenate the requests' inputs (``sizes``
+        samples each), run, split; with the seconds of each of the three."""
         clock = time.perf_counter
         t0 = clock()
-        if len(batch) == 1:
-            outputs = self.runtime.predict(batch[0].inputs)
+        if len(inputs) == 1:
+            outputs = self.runtime.predict(inputs[0])
             return [outputs], (0.0, clock() - t0, 0.0)
-        names = list(batch[0].inputs)
-        merged = {n: np.concatenate([i.inputs[n] for i in batch], axis=0) for n in names}
+        names = list(inputs[0])
+        merged = {n: np.concatenate([i[n] for i in inputs], axis=0) for n in names}
         t1 = clock()
         outputs = self.runtime.predict(merged)
         t2 = clock()
-        splits = np.cumsum([i.batch for i in batch])[:-1]
+        splits = np.cumsum(sizes)[:-1]
         per_output = {n: np.split(arr, splits, axis=0) for n, arr in outputs.items()}
-        results = [{n: parts[k] for n, parts in per_output.items()} for k in range(len(batch))]
+        results = [{n: parts[k] for n, parts in per_output.items()} for k in range(len(inputs))]
         return results, (t1 - t0, t2 - t1, clock() - t2)
 
 

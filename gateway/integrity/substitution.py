@@ -31,12 +31,17 @@ class SubstitutionMonitor:
         self._since = 0
         self.last: WindowResult | None = None
 
-    def add(self, scores: Iterable[float]) -> WindowResult | None:
-        """Record scores; returns a new test result when one was run."""
+    def record(self, scores: Iterable[float]) -> bool:
+        """Record scores; True when a test is due (the window is full and ``every`` scores
+        came since the last test): then call :meth:`test`, off the request's path."""
         for s in scores:
             self.scores.append(float(s))
             self._since += 1
-        if len(self.scores) < (self.scores.maxlen or 0) or self._since < self.every:
+        return len(self.scores) >= (self.scores.maxlen or 0) and self._since >= self.every
+
+    def test(self) -> WindowResult | None:
+        """Test the window as it is now; None while it is not full (it was reset since)."""
+        if len(self.scores) < (self.scores.maxlen or 0):
             return None
         self._since = 0
         self.last = window_test(np.fromiter(self.scores, float), self.reference, self.alpha)

@@ -123,6 +123,93 @@ async def test_an_inline_model_runs_on_the_event_loop_and_still_batches() -> Non
     await b.close()
 
 
+async def test_an_idle_inline_model_runs_each_turns_requests_as_one_batch() -> None:
+    """Inline and dispatching when idle: what was submitted in one event-loop turn runs as
+    one batch in the next (up to max_batch_size, compatible shapes only), with no wait."""
+    rt = DoublingRuntime()
+    b = DynamicBatcher(rt, _policy(max_queue_delay_s=5.0, inline=True, dispatch_when_idle=True))
+    b.start()
+    t0 = time.monotonic()
+    items = [_x(float(i)) for i in range(10)] + [_x(7.0, width=5)]
+    outs = await _run_all(b, items)
+    assert time.monotonic() - t0 < 2.0  # the 5 s queue delay never applies
+    for i, out in zip(items, outs, strict=True):
+        np.testing.assert_array_equal(out["y"], i["x"] * 2)
+    assert rt.batches == [8, 2, 1]  # one turn: full batch, the rest, the other shape
+    assert rt.threads == {threading.get_ident()}
+    assert (await _run_all(b, [_x(3.0)]))[0]["y"][0, 0] == 6.0  # alone: a batch of one
+    assert rt.batches[-1] == 1
+    # a request cancelled before its turn is not computed; the others are
+    deadline = time.monotonic() + 5
+    gone = asyncio.ensure_future(b.submit(_x(1.0), deadline))
+    kept = asyncio.ensure_future(b.submit(_x(2.0), deadline))
+    await asyncio.sleep(0)  # both submitted
+    gone.cancel()
+    assert (await kept)["y"][0, 0] == 4.0
+    assert rt.batches[-1] == 1
+    # a failing batch fails its own requests only; the next turn's are served
+    rt.fail = True
+    failed = await asyncio.gather(
+        *(b.submit(_x(1.0), deadline) for _ in range(3)), return_exceptions=True
+    )
+    assert all(isinstance(r, GatewayError) and "ValueError: boom" in str(r) for r in failed)
+    rt.fail = False
+    assert (await _run_all(b, [_x(5.0)]))[0]["y"][0, 0] == 10.0
+    await b.close()
+
+
+async def test_the_flush_path_answers_in_one_turn_and_keeps_deadlines() -> None:
+    """An idle inline model answers a lone request within three loop turns (submit, the
+    flush, the caller's wake-up; the scheduler task takes five); a request whose deadline
+    passes behind a slow batch times out instead of being computed late."""
+    rt = DoublingRuntime()
+    b = DynamicBatcher(rt, _policy(max_queue_delay_s=5.0, inline=True, dispatch_when_idle=True))
+    b.start()
+    await asyncio.sleep(0)  # the scheduler task is parked
+    task = asyncio.ensure_future(b.submit(_x(2.0), time.monotonic() + 5))
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert task.done()
+    assert task.result()["y"][0, 0] == 4.0
+    rt.delay_s = 0.1
+    slow = asyncio.ensure_future(b.submit(_x(1.0), time.monotonic() + 5))
+    late = asyncio.ensure_future(b.submit(_x(1.0, width=5), time.monotonic() + 0.05))
+    assert (await slow)["y"][0, 0] == 2.0
+    with pytest.raises(RequestTimeout):
+        await late
+    assert rt.batches[-1] == 1  # the late request was never computed
+    assert len(rt.batches) == 2
+    await b.close()
+
+
+class FailingObserver(BatchObserver):
+    def __init__(self) -> None:
+        self.fail = True
+
+    def batch_started(self, size: int, waits_s: list[float]) -> None:
+        if self.fail:
+            raise RuntimeError("observer down")
+
+
+async def test_a_failing_observer_fails_its_batch_and_nothing_hangs() -> None:
+    """The flush path sets no timer per request: an error anywhere in a batch (here, the
+    metrics observer) must answer the batch's requests, and the next requests are served."""
+    rt = DoublingRuntime()
+    observer = FailingObserver()
+    b = DynamicBatcher(rt, _policy(inline=True, dispatch_when_idle=True), observer=observer)
+    b.start()
+    results = await asyncio.wait_for(
+        asyncio.gather(
+            *(b.submit(_x(1.0), time.monotonic() + 60) for _ in range(3)), return_exceptions=True
+        ),
+        timeout=5,
+    )
+    assert all(isinstance(r, GatewayError) and "observer down" in str(r) for r in results)
+    observer.fail = False
+    assert (await asyncio.wait_for(_run_all(b, [_x(4.0)]), timeout=5))[0]["y"][0, 0] == 8.0
+    await b.close()
+
+
 def test_inline_execution_needs_one_instance_and_a_local_model() -> None:
     with pytest.raises(ValueError, match="instance_group.count must be 1, not 2"):
         ModelConfig(
