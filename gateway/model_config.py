@@ -140,6 +140,13 @@ class UpstreamOptions(StrictModel):
     timeout_s: float = Field(10.0, gt=0)
     retries: int = Field(2, ge=0, le=10, description="Retries on 5xx / connection errors.")
     backoff_s: float = Field(0.1, ge=0, description="First backoff; doubles each retry.")
+    max_retry_after_s: float = Field(
+        5.0,
+        ge=0,
+        le=3600,
+        description="The longest a 429 / 503 answer's Retry-After is honoured before a retry "
+        "(a request being served should not wait longer; `fides protect` waits up to 120 s).",
+    )
     headers: dict[str, str] = Field(default_factory=dict, description="Sent with each call.")
     headers_from_env: dict[str, str] = Field(
         default_factory=dict,

@@ -15,8 +15,10 @@ verifier is distilled from.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -68,19 +70,23 @@ class BudgetExhausted(RuntimeError):
 
 
 class _RateLimiter:
-    """At most ``rate`` calls per second, evenly spaced (None: no limit)."""
+    """At most ``rate`` calls per second, evenly spaced (None: no limit), across the threads
+    that share it: each caller claims the next free slot under a lock, then sleeps until it."""
 
     def __init__(self, rate: float | None) -> None:
         self.interval = 0.0 if rate is None else 1.0 / rate
         self.next_at = 0.0
+        self._lock = threading.Lock()
 
     def wait(self) -> None:
         if self.interval == 0.0:
             return
-        now = time.monotonic()
-        if self.next_at > now:
-            time.sleep(self.next_at - now)
-        self.next_at = max(now, self.next_at) + self.interval
+        with self._lock:
+            now = time.monotonic()
+            at = max(now, self.next_at)
+            self.next_at = at + self.interval
+        if at > now:
+            time.sleep(at - now)
 
 
 @dataclass
@@ -146,27 +152,32 @@ class Querier:
             return dict(known or {})
         recorded = self.answers(x, "probe inputs")
         self._check_budget(len(x))
-        again = np.concatenate(
-            [
-                self._ask(self.service.encode(x[i : i + self._batch]))
-                for i in range(0, len(x), self._batch)
-            ]
-        )
-        self.store.add_spent(len(x))
-        self.asked += len(x)
-        diff = np.abs(again.astype(np.float64) - recorded.astype(np.float64))
-        flat_a = again.reshape(len(x), -1)
-        flat_r = recorded.reshape(len(x), -1)
+        parts = []
+        for i in range(0, len(x), self._batch):
+            batch = self.service.encode(x[i : i + self._batch])
+            try:
+                parts.append(self._ask(batch))
+            except AnswerError:
+                self.store.add_spent(len(batch))  # answered (paid for), unusable
+                raise
+            self.store.add_spent(len(batch))  # each batch counted once it is paid for
+            self.asked += len(batch)
+        again = np.concatenate(parts)
+        flat_a = again.reshape(len(x), -1).astype(np.float64)
+        flat_r = recorded.reshape(len(x), -1).astype(np.float64)
+        finite = np.isfinite(flat_a).all(1)  # the recorded answers are finite (stored)
+        diff = np.abs(flat_a[finite] - flat_r[finite])
         top1 = (
             (flat_a.argmax(1) != flat_r.argmax(1))
             if flat_a.shape[1] > 1
             else (flat_a != flat_r)[:, 0]
-        )
+        ) | ~finite
         result = {
             "inputs": len(x),
-            "max_abs_diff": float(diff.max()),
-            "mean_abs_diff": float(diff.mean()),
+            "max_abs_diff": float(diff.max()) if diff.size else 0.0,
+            "mean_abs_diff": float(diff.mean()) if diff.size else 0.0,
             "top1_changed": int(top1.sum()),
+            "non_finite": int((~finite).sum()),
         }
         self.store.set_meta("determinism", json.dumps(result))
         if result["top1_changed"]:
@@ -238,6 +249,7 @@ class Querier:
         pending: dict[Future[np.ndarray], list[tuple[bytes, int]]] = {}
         queue = iter(chunks)
         error: BaseException | None = None
+        in_hand: tuple[list[tuple[bytes, int]], np.ndarray] | None = None  # being recorded
         try:
             while True:
                 while error is None and len(pending) < self.cfg.concurrency:
@@ -258,11 +270,17 @@ class Querier:
                             self.store.add_spent(len(chunk))  # answered, though unusable
                         error = error or exc
                         continue
+                    in_hand = (chunk, answer)
                     self._record(chunk, answer, bad)
+                    in_hand = None
                     prog.done += len(chunk)
                     self._report(prog, what)
         except BaseException:  # Ctrl-C / SIGTERM: keep what is in flight, then stop
             pool.shutdown(wait=False, cancel_futures=True)
+            if in_hand is not None and not self.store.get(k for k, _ in in_hand[0]):
+                # interrupted while recording it (its transaction rolled back): paid for
+                with contextlib.suppress(Exception):
+                    self._record(*in_hand, bad)
             for fut, chunk in pending.items():
                 try:
                     self._record(chunk, fut.result(), bad)
@@ -324,17 +342,37 @@ class Querier:
 # ---------------------------------------------------------------- what the answers are
 
 
+def _decimal_grid(a: np.ndarray) -> int | None:
+    """The fewest decimals (1 to 3) every value of ``a`` is rounded to, or None: answers
+    rounded for a JSON API sum to 1 only within ``classes x 0.5 x 10^-d``."""
+    for d in (1, 2, 3):
+        scaled = a * 10.0**d
+        if np.abs(scaled - np.round(scaled)).max() < 1e-2:
+            return d
+    return None
+
+
 def answer_kind(answers: np.ndarray, declared: str, identity: str) -> tuple[AnswerKind, int]:
     """What the service answers (and k for top-k: the most non-zero scores in a row).
 
     ``declared`` (service.answers) other than ``auto`` is checked, not trusted: probabilities
-    declared for rows that are not probability vectors is an error.
+    declared for rows that are not probability vectors is an error. Rows that sum to 1 are
+    probabilities even where some entries are 0 (float16 underflow, rounding): top-k only
+    when declared, or when rows carry less than the whole mass.
     """
     if (
         answers.dtype.kind in "iu"
         or answers.ndim == 1
         or (answers.ndim == 2 and answers.shape[1] == 1)
     ):
+        flat = answers.reshape(len(answers), -1).astype(np.float64)
+        if answers.dtype.kind == "f" and (np.round(flat) != flat).any():
+            raise AnswerError(
+                f"{identity} answers one fractional score per input (e.g. "
+                f"{float(flat[np.round(flat) != flat][0]):.4g}), not a class index: one "
+                "class's probability (a sigmoid)? A classifier must answer a score for every "
+                "class (a binary one: both classes' probabilities) or the class index"
+            )
         if declared not in ("auto", "label"):
             raise AnswerError(f"{identity} answers class indices, not {declared}")
         return "label", 1
@@ -345,15 +383,26 @@ def answer_kind(answers: np.ndarray, declared: str, identity: str) -> tuple[Answ
         )
     a = answers.astype(np.float64)
     sums = a.sum(1)
-    probability_like = (a >= 0).all() and (a <= 1 + SUM_TOLERANCE).all()
-    if not probability_like or (np.abs(sums - 1) > SUM_TOLERANCE).any():
-        is_topk_mass = probability_like and (sums <= 1 + SUM_TOLERANCE).all()
+    probability_like = bool((a >= 0).all() and (a <= 1 + SUM_TOLERANCE).all())
+    tolerance = SUM_TOLERANCE
+    decimals = _decimal_grid(a) if probability_like else None
+    if decimals is not None:
+        tolerance = max(tolerance, a.shape[1] * 0.5 * 10.0**-decimals)
+    if not probability_like or (np.abs(sums - 1) > tolerance).any():
+        is_topk_mass = probability_like and (sums <= 1 + tolerance).all()
         nonzero = int((a > 0).sum(1).max())
         if is_topk_mass and nonzero < a.shape[1] and declared in ("auto", "top_k"):
             return "top_k", nonzero  # top-k scores whose rest of the mass is not given
         if declared == "logits":
             return "logits", a.shape[1]
         worst = int(np.abs(sums - 1).argmax())
+        if probability_like:  # values in [0, 1]: not logits, but not probability vectors
+            raise AnswerError(
+                f"{identity} answers rows of values in [0, 1] that do not sum to 1 (e.g. row "
+                f"{worst} sums to {sums[worst]:.4g}): not probability vectors, nor logits "
+                "(independent per-class scores, such as sigmoids?); the verifier is distilled "
+                "from a probability vector per input"
+            )
         raise AnswerError(
             f"{identity} answers rows that are not probability vectors (e.g. row {worst} sums "
             f"to {sums[worst]:.4g}, min value {a.min():.4g}): these look like logits. Set "
@@ -367,7 +416,7 @@ def answer_kind(answers: np.ndarray, declared: str, identity: str) -> tuple[Answ
             raise AnswerError(f"{identity} answers one-hot labels, not {declared}")
         return "label", 1
     k = int(nonzero_per_row.max())
-    if k < a.shape[1] and declared in ("auto", "top_k"):
+    if declared == "top_k" and k < a.shape[1]:
         return "top_k", k
     if declared == "logits":
         raise AnswerError(f"{identity} answers probability vectors, not logits")

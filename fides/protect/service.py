@@ -121,6 +121,10 @@ def _open(runtime: Runtime, output: str | None, identity: str) -> Service:
         raise
 
 
+#: The longest a provider's Retry-After is waited, unless service.upstream sets its own.
+PROTECT_RETRY_AFTER_S = 120.0
+
+
 def open_service(
     *,
     repository: Path | None,
@@ -132,6 +136,10 @@ def open_service(
     """The service of a protect file: ``model`` of ``repository`` (its latest version), or
     the ``upstream`` endpoint."""
     if upstream is not None:
+        if "max_retry_after_s" not in upstream.model_fields_set:
+            # a batch client is not answering anyone while it waits: honour a provider's
+            # Retry-After (up to 2 minutes) rather than retry into more 429s
+            upstream = upstream.model_copy(update={"max_retry_after_s": PROTECT_RETRY_AFTER_S})
         remote = upstream.model_name or "model"
         identity = f"upstream {upstream.url.rstrip('/')}/v2/models/{remote}"
         if upstream.model_version:

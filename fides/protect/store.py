@@ -80,9 +80,20 @@ class AnswerStore:
         """Inputs paid for (sent and answered), over every run with this store."""
         return int(self.meta("spent") or 0)
 
-    def add_spent(self, n: int) -> None:
+    def _begin(self) -> None:
+        """Start a write transaction; one left open by a write that an interrupt cut short
+        (between its BEGIN and its error handling) never committed, and is rolled back."""
+        if self._db.in_transaction:
+            self._db.execute("ROLLBACK")
         self._db.execute("BEGIN IMMEDIATE")
-        self.set_meta("spent", str(self.spent + n))
+
+    def add_spent(self, n: int) -> None:
+        self._begin()
+        try:
+            self.set_meta("spent", str(self.spent + n))
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
         self._db.execute("COMMIT")
 
     def __len__(self) -> int:
@@ -107,7 +118,7 @@ class AnswerStore:
     def put(self, keys: list[bytes], answers: np.ndarray, paid: int) -> None:
         """Record ``answers`` ([n, ...]) for ``keys`` and ``paid`` more inputs paid for, in
         one transaction."""
-        self._db.execute("BEGIN IMMEDIATE")
+        self._begin()
         try:
             self._layout(answers)
             self._db.executemany(

@@ -52,8 +52,6 @@ from gateway.runtimes.base import Runtime, Tensors, TensorSpec
 
 logger = logging.getLogger(__name__)
 
-#: Longest ``Retry-After`` (seconds) a 429 may make us wait between two attempts.
-MAX_RETRY_AFTER_S = 5.0
 #: Jitter added to each backoff, as a fraction of it.
 JITTER = 0.1
 #: Longest piece of an upstream's error body quoted in our messages.
@@ -230,7 +228,7 @@ class UpstreamRuntime(Runtime):
                 delay = opts.backoff_s * 2 ** (attempt - 1)
                 delay += random.uniform(0, JITTER * delay)
                 if last.retry_after_s is not None:
-                    delay = max(delay, min(last.retry_after_s, MAX_RETRY_AFTER_S))
+                    delay = max(delay, min(last.retry_after_s, opts.max_retry_after_s))
                 logger.warning(
                     "upstream %s %s failed (%s); retry %d/%d in %.2fs",
                     method,

@@ -584,7 +584,13 @@ def test_429_honours_retry_after_up_to_a_cap(
     out = rt.predict(x_batch(1))
     assert "label" in out
     assert mlaas.state.infer_hits == 3
-    assert delays == [upstream_mod.MAX_RETRY_AFTER_S] * 2
+    assert delays == [5.0] * 2  # upstream.max_retry_after_s's default
+    delays.clear()
+    rt = make_runtime(retries=1, max_retry_after_s=60.0)  # a batch client waits longer
+    mlaas.state.mode, mlaas.state.failures = "rate_limited", 4  # hits 1-4 refused: one more
+    mlaas.state.retry_after = "30"
+    assert "label" in rt.predict(x_batch(1))
+    assert delays == [30.0]
 
 
 def test_429_exhausted_passes_retry_after_on(make_runtime: MakeRuntime, mlaas: FakeMLaaS) -> None:

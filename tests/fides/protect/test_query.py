@@ -4,7 +4,9 @@ and each bad answer or HTTP failure is an error that names the problem."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from fides.protect.query import (
     BudgetExhausted,
     Querier,
     QueryFailed,
+    _RateLimiter,
     answer_kind,
     as_probabilities,
 )
@@ -280,3 +283,89 @@ def test_protect_files_are_checked(change: dict[str, Any], message: str) -> None
             raw[key] = value
     with pytest.raises(ProtectConfigError, match=message):
         parse_protect_config(raw)
+
+
+def test_an_interrupt_while_a_batch_is_recorded_loses_nothing(
+    mlaas: MLaaS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C / SIGTERM can land inside the write of an answered batch (its transaction
+    rolls back): that batch was paid for, and is recorded before the interrupt goes on."""
+    q = _querier(mlaas, tmp_path / "a.sqlite")
+    real_put = q.store.put
+    calls = {"n": 0}
+
+    def interrupted_once(*args: Any, **kwargs: Any) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt
+        real_put(*args, **kwargs)
+
+    monkeypatch.setattr(q.store, "put", interrupted_once)
+    with pytest.raises(KeyboardInterrupt):
+        q.answers(X[:64])
+    assert len(q.store) == 64  # the batch in hand and the one in flight
+    assert q.store.spent == 64 == mlaas.rows_answered
+
+
+def test_the_probe_counts_each_batch_it_pays_for(mlaas: MLaaS, tmp_path: Path) -> None:
+    q = _querier(mlaas, tmp_path / "a.sqlite")
+    q.answers(X[:64])
+    mlaas.mode = "short"  # the repeat's first batch comes back unusable (and is billed)
+    with pytest.raises(AnswerError, match="31, 10"):
+        q.repeat_probe(X[:64])
+    assert q.store.spent == 64 + 32 == mlaas.rows_answered
+
+
+def test_the_rate_limit_holds_across_threads() -> None:
+    """Each caller claims its own slot: 4 threads, 20 calls at 50 per second take at least
+    19 intervals (the claimed slots are spaced; sleeping never ends early)."""
+    limiter = _RateLimiter(50.0)
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda _: limiter.wait(), range(20)))
+    assert time.monotonic() - t0 >= 19 / 50 * 0.99
+
+
+def _rows(rng: np.random.Generator, n: int = 50, classes: int = 10) -> np.ndarray:
+    p = rng.dirichlet(np.full(classes, 0.3), size=n)
+    return p.astype(np.float32)
+
+
+def test_answer_kinds_at_the_edges() -> None:
+    rng = np.random.default_rng(0)
+    p = _rows(rng)
+    # probabilities rounded for a JSON API, to 3 and to 2 decimals: still probabilities
+    for decimals in (3, 2):
+        rounded = np.round(p, decimals)
+        assert answer_kind(rounded, "auto", "svc") == ("probabilities", 10)
+        np.testing.assert_allclose(
+            as_probabilities(rounded, "probabilities", 10).sum(1), 1, atol=1e-5
+        )
+    # float16 rows that sum to 1 with entries underflowed to 0: probabilities, not top-k
+    half = p.copy()
+    half[half < 0.01] = 0.0
+    half /= half.sum(1, keepdims=True)
+    half = half.astype(np.float16)
+    assert (half == 0).any(axis=1).all()
+    assert answer_kind(half, "auto", "svc") == ("probabilities", 10)
+    assert answer_kind(half, "top_k", "svc")[0] == "top_k"  # as declared
+    # one sigmoid probability per input is not a class index: refused, named
+    sigmoid = rng.uniform(size=(50, 1)).astype(np.float32)
+    with pytest.raises(AnswerError, match="sigmoid"):
+        answer_kind(sigmoid, "auto", "svc")
+    whole = rng.integers(0, 10, size=(50, 1)).astype(np.float32)  # indices sent as floats
+    assert answer_kind(whole, "auto", "svc") == ("label", 1)
+    # values in [0, 1] that do not sum to 1 are not called logits
+    scores = rng.uniform(size=(50, 10)).astype(np.float32)
+    with pytest.raises(AnswerError, match="do not sum to 1") as err:
+        answer_kind(scores, "auto", "svc")
+    assert "logits" not in str(err.value).split(":")[0]
+
+
+def test_a_batch_client_honours_a_long_retry_after(mlaas: MLaaS) -> None:
+    """The serving gateway waits at most 5 s for a Retry-After; the protect client, which
+    answers nobody while it waits, up to 120 s unless the file says otherwise."""
+    service = _service(mlaas)
+    assert service.runtime.options.max_retry_after_s == 120.0  # type: ignore[attr-defined]
+    own = _service(mlaas, max_retry_after_s=30.0)
+    assert own.runtime.options.max_retry_after_s == 30.0  # type: ignore[attr-defined]
