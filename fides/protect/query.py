@@ -60,11 +60,13 @@ class AnswerError(ValueError):
 class BudgetExhausted(RuntimeError):
     """The query budget does not cover the inputs still unanswered."""
 
-    def __init__(self, spent: int, budget: int, missing: int) -> None:
+    def __init__(self, spent: int, budget: int, missing: int, what: str = "inputs") -> None:
         super().__init__(
             f"query budget exhausted: {spent:,} inputs paid for of --max-queries {budget:,}, "
-            f"{missing:,} more needed; every answer so far is recorded, rerun with "
-            f"--max-queries {spent + missing:,} (or more) and nothing is asked twice"
+            f"{missing:,} more needed for the {what} (the run's later stages, of validation, "
+            "test, views, the determinism probe and the evaluation, ask for more); every "
+            f"answer so far is recorded: rerun with --max-queries of at least "
+            f"{spent + missing:,} and nothing is asked twice"
         )
         self.spent, self.budget, self.missing = spent, budget, missing
 
@@ -199,7 +201,7 @@ class Querier:
 
     def _check_budget(self, need: int) -> None:
         if self.budget is not None and self.store.spent + need > self.budget:
-            raise BudgetExhausted(self.store.spent, self.budget, need)
+            raise BudgetExhausted(self.store.spent, self.budget, need, "determinism probe")
 
     def _ask(self, batch: np.ndarray) -> np.ndarray:
         """One request; the answer rows checked against the batch."""
@@ -303,7 +305,7 @@ class Querier:
                 f"(first: {bad[0]})"
             )
         if short:
-            raise BudgetExhausted(self.store.spent, self.budget or 0, short)
+            raise BudgetExhausted(self.store.spent, self.budget or 0, short, what)
 
     def _record(self, chunk: list[tuple[bytes, int]], answer: np.ndarray, bad: list[str]) -> None:
         """Commit one batch's finite answers (and the whole batch as paid for)."""

@@ -81,7 +81,8 @@ def test_an_exhausted_budget_stops_cleanly_and_a_larger_one_resumes(
     q = _querier(mlaas, tmp_path / "a.sqlite", budget=100)
     with pytest.raises(
         BudgetExhausted,
-        match=r"100 inputs paid for of --max-queries 100, 200 more needed.*--max-queries 300",
+        match=r"100 inputs paid for of --max-queries 100, 200 more needed for the inputs"
+        r".*later stages.*at least 300",
     ):
         q.answers(X)
     assert mlaas.rows_answered == q.store.spent == len(q.store) == 100  # what fits is kept
