@@ -144,7 +144,10 @@ def checked_stage_dir(run_dir: Path, stage: str, key: str, inputs: dict[str, obj
         return here
     for other in sorted(run_dir.glob(f"{stage}-*")):
         earlier = other / "stage.json"
-        if other == here or not earlier.is_file() or not any(other.rglob("last.pt")):
+        unfinished = [
+            last for last in other.rglob("last.pt") if not (last.parent / "done.pt").is_file()
+        ]  # a last.pt beside its done.pt is a finished stage's leftover
+        if other == here or not earlier.is_file() or not unfinished:
             continue
         before = _recorded_inputs(earlier)
         raise StageError(

@@ -134,6 +134,9 @@ def _resume(
     if done.is_file():
         state = _load(done)
         _load_into(done, "model", net.load_state_dict, state["model"])
+        if "torch_rng" in state:  # what an uninterrupted run leaves for the stages after it
+            _load_into(done, "random-number state", torch.set_rng_state, state["torch_rng"])
+        last.unlink(missing_ok=True)  # left by a kill between writing done.pt and this
         net.eval()
         return _Resumed(True, 0, float(state.get("seconds", 0.0)))
     if not last.is_file():
@@ -348,7 +351,17 @@ def fit(
     if stage_dir is not None:
         _save(
             stage_dir / "done.pt",
-            {"model": net.state_dict(), "seconds": elapsed, "cpu_seconds": cpu, "samples": samples},
+            {
+                "model": net.state_dict(),
+                "seconds": elapsed,
+                "cpu_seconds": cpu,
+                "samples": samples,
+                # the global generator as this stage leaves it (dropout, the next stage's new
+                # head and pruning draw from it): a run that loads this stage instead of
+                # training it goes on from the same state, so what follows is bit for bit
+                # what an uninterrupted run computes
+                "torch_rng": torch.get_rng_state(),
+            },
         )
         (stage_dir / "last.pt").unlink(missing_ok=True)
     if progress is not None and task is not None:

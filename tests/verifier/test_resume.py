@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 
-from verifier.data import load_splits
+from verifier.data import Dataset, load_splits
 from verifier.defaults import DIGITS_DEFAULT
 from verifier.experiment import OptimConfig, parse_experiment
 from verifier.losses import cross_entropy
@@ -282,3 +282,48 @@ def test_an_unreadable_stage_record_is_refused_by_name(tmp_path: Path) -> None:
     record.write_text('{"stage": "teacher_0", "inp')  # cut short
     with pytest.raises(StageError, match=r"stage\.json: not a readable stage record"):
         run_experiment(npz_experiment(data), tmp_path / "run")
+
+
+def test_a_finished_stage_loaded_leaves_the_generator_as_training_it_did(tmp_path: Path) -> None:
+    """Dropout, the next stage's fresh head and pruning draw from torch's global generator:
+    a run that loads a finished stage (a resume after a kill between two stages) must go on
+    from the state an uninterrupted run is in after training it, or what follows differs."""
+    g = torch.Generator().manual_seed(0)
+    data_x = torch.rand(96, 1, 8, 8, generator=g)
+    data_y = torch.randint(0, 10, (96,), generator=g)
+
+    def stage(start_seed: int) -> torch.Tensor:
+        torch.manual_seed(0)
+        net = ConvNet(NetConfig(widths=(4, 8), image_size=(8, 8), dropout=0.3))
+        torch.manual_seed(start_seed)  # what ran before this stage in this process
+        cfg = OptimConfig(epochs=2, batch_size=16, lr=0.01)
+        fit(
+            net,
+            Dataset(data_x, data_y),
+            lambda z, _x, y: cross_entropy(z, y),
+            cfg,
+            seed=0,
+            stage_dir=tmp_path / "stage",
+        )
+        return torch.rand(8)  # the next stage's first draw
+
+    trained = stage(1)
+    loaded = stage(2)  # a fresh process after a kill: the stage is loaded, not trained
+    assert torch.equal(trained, loaded)
+    # a kill between writing done.pt and removing last.pt: the leftover goes at the next load
+    torch.save({"epoch": 1}, tmp_path / "stage" / "last.pt")
+    stage(3)
+    assert not (tmp_path / "stage" / "last.pt").exists()
+
+
+def test_a_finished_stage_with_a_leftover_last_checkpoint_is_not_interrupted(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "data.npz"
+    write_npz(data, seed=0)
+    run = tmp_path / "run"
+    run_experiment(npz_experiment(data), run)
+    (teacher,) = run.glob("teacher_0-*")
+    torch.save({"epoch": 1}, teacher / "last.pt")  # killed before its removal
+    run_experiment(npz_experiment(data, teacher_epochs=3), run)  # other inputs: not refused
+    assert len(list(run.glob("teacher_0-*"))) == 2
