@@ -178,12 +178,12 @@ def _recorded_inputs(manifest: Path) -> dict[str, object]:
     return inputs
 
 
-def stage_inputs(exp: Experiment, data_fingerprint: str) -> dict[str, dict[str, object]]:
+def stage_inputs(exp: Experiment, data_file: str) -> dict[str, dict[str, object]]:
     """What each stage's key is computed from, with the data file's fingerprint (not in the
     keys: the directories of runs made before it keep their names)."""
     base = {
         "data": exp.data.model_dump(mode="json"),
-        "data_file": data_fingerprint,
+        "data_file": data_file,
         "seed": exp.seed,
         "threads": exp.threads,
     }
@@ -200,6 +200,13 @@ def stage_inputs(exp: Experiment, data_fingerprint: str) -> dict[str, dict[str, 
         **out["student"],
         "verifier": exp.verifier.model_dump(mode="json", exclude={"candidates"}),
     }
+    pretrain = exp.verifier.pretrain
+    for name, path in (
+        ("pretrain_file", pretrain.path),
+        ("pretrain_checkpoint", pretrain.checkpoint),
+    ):
+        if path is not None:  # its bytes, not only its name (absent when unset: older records)
+            out["verifier"][name] = data_fingerprint("npz", path)
     return out
 
 

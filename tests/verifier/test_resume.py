@@ -25,7 +25,7 @@ from verifier.defaults import DIGITS_DEFAULT
 from verifier.experiment import OptimConfig, parse_experiment
 from verifier.losses import cross_entropy
 from verifier.nets import ConvNet, NetConfig
-from verifier.pipeline import StageError, run_experiment
+from verifier.pipeline import StageError, run_experiment, stage_inputs
 from verifier.train import CheckpointError, fit, set_determinism
 
 FIDES = [sys.executable, "-m", "fides.cli"]
@@ -327,3 +327,24 @@ def test_a_finished_stage_with_a_leftover_last_checkpoint_is_not_interrupted(
     torch.save({"epoch": 1}, teacher / "last.pt")  # killed before its removal
     run_experiment(npz_experiment(data, teacher_epochs=3), run)  # other inputs: not refused
     assert len(list(run.glob("teacher_0-*"))) == 2
+
+
+def test_a_pretraining_data_file_is_part_of_the_verifier_stage_record(tmp_path: Path) -> None:
+    """The verifier's source data set is fingerprinted by its bytes, like the data file: new
+    bytes under the same name are a change the stage record names."""
+    data, source = tmp_path / "data.npz", tmp_path / "source.npz"
+    write_npz(data, seed=0)
+    write_npz(source, seed=1)
+    raw = json.loads(json.dumps(DIGITS_DEFAULT))
+    raw["data"] = {"source": "npz", "path": str(data), "val_fraction": 0.1}
+    raw["verifier"]["pretrain"] = {
+        **raw["verifier"]["pretrain"],
+        "task": "dataset",
+        "path": str(source),
+    }
+    exp = parse_experiment(raw)
+    before = stage_inputs(exp, "sha256:x")["verifier"]["pretrain_file"]
+    write_npz(source, seed=2)
+    assert stage_inputs(exp, "sha256:x")["verifier"]["pretrain_file"] != before
+    plain = npz_experiment(data)  # no source file: the record is what it was
+    assert "pretrain_file" not in stage_inputs(plain, "sha256:x")["verifier"]
