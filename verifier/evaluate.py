@@ -46,6 +46,7 @@ from verifier.experiment import (
     RunSpec,
     SubstituteConfig,
 )
+from verifier.export import OUTPUT_NAME
 from verifier.features import pair_features_np
 from verifier.gan import GanHistory, Generator, train_gan
 from verifier.integrity_export import IntegrityModels, Novelty, export_integrity, integrity_block
@@ -858,11 +859,13 @@ def evaluate_models(
     repository: Path | None = None,
     show_progress: bool = False,
     note: str = "fides evaluate",
+    service_output: str = OUTPUT_NAME,
 ) -> dict[str, Any]:
     """The detector and re-classifier for a service and its verifier (``models``), trained
     and evaluated on ``splits`` (see the module docstring for which part serves what), and
     exported into ``repository`` when given (``note``: the command, for config.yaml's
-    comment). Returns the report."""
+    comment; ``service_output``: the service's output the integrity block verifies).
+    Returns the report."""
     cfg = exp.detector
     t_start = time.perf_counter()
     set_determinism(exp.seed, exp.threads)
@@ -927,7 +930,7 @@ def evaluate_models(
             x_check=data.evaluation.x,
             labels=splits.classes,
         )
-        diff = export_integrity(repository, exp, trained, report, note)
+        diff = export_integrity(repository, exp, trained, report, note, service_output)
         log.info("exported the detector, re-classifier and substitutes to %s", repository)
         report["repository"] = str(repository)
         report["onnx_max_abs_diff"] = diff

@@ -53,6 +53,7 @@ from verifier.nets import ConvNet, NetConfig, count_parameters, new_net, prune_f
 from verifier.train import fit, predict_logits
 
 __all__ = [
+    "NoVerifierFits",
     "Fidelity",
     "GreedyResult",
     "StepRecord",
@@ -61,6 +62,12 @@ __all__ = [
     "pretrain_backbone",
     "select_verifier",
 ]
+
+
+class NoVerifierFits(ValueError):
+    """Every verifier candidate is over the budget (FLOPs, memory or latency); the message
+    gives each candidate's reason."""
+
 
 log = logging.getLogger(__name__)
 
@@ -565,7 +572,8 @@ def select_verifier(
                 break
         summary.append(row)
     if chosen is None:
-        raise ValueError("no verifier candidate fits the FLOPs ratio and the memory budget")
+        reasons = "; ".join(f"{r['widths']}: {r.get('outcome', 'not tried')}" for r in summary)
+        raise NoVerifierFits(f"no verifier candidate fits the budget ({reasons})")
     chosen.extra["search_path"] = search_path
     return chosen, summary
 

@@ -17,7 +17,7 @@ from torch import nn
 from fides_core.integrity import DETECTOR_OUTPUT, P_INPUT, Q_INPUT, RECLASSIFIER_OUTPUT
 from verifier.detector import AttackDetector, Reclassifier, export_pair_model
 from verifier.experiment import RunSpec
-from verifier.export import INPUT_NAME, execution_for, serving_config, write_entry
+from verifier.export import INPUT_NAME, OUTPUT_NAME, execution_for, serving_config, write_entry
 from verifier.novelty import NoveltyScorer, export_novelty
 
 __all__ = [
@@ -117,13 +117,29 @@ def _write_novelty_entry(
     (version / "model_card.json").write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
 
 
-def integrity_block(exp: RunSpec) -> dict[str, Any]:
-    """The ``integrity:`` block that pairs the service with its verifier and detector."""
+#: The keys of the ``integrity:`` block that an export owns (rewritten each time); the others
+#: (mode, failure_policy, threshold, sampling_rate, alarm settings, the enclave's timeouts...)
+#: are the operator's, kept from the block already there.
+OWNED_KEYS = (
+    "detector",
+    "reclassifier",
+    "novelty",
+    "output",
+    "substitution_window",
+    "substitution_alpha",
+)
+OWNED_ENCLAVE_KEYS = ("verifier_model",)
+
+
+def integrity_block(exp: RunSpec, output: str = OUTPUT_NAME) -> dict[str, Any]:
+    """The ``integrity:`` block that pairs the service with its verifier and detector;
+    ``output``: the service's output holding the class probabilities."""
     ex = exp.export
     return {
         "enclave": {"verifier_model": ex.verifier_name, "max_batch_size": ex.max_batch_size},
         "detector": f"{ex.service_name}_detector",
         "reclassifier": f"{ex.service_name}_reclassifier",
+        **({"output": output} if output != OUTPUT_NAME else {}),
         "mode": "monitor",
         "failure_policy": "fail_closed",
         "substitution_window": exp.detector.window_size,
@@ -132,19 +148,44 @@ def integrity_block(exp: RunSpec) -> dict[str, Any]:
     }
 
 
-def enable_integrity(repository: Path, exp: RunSpec, note: str = "fides evaluate") -> None:
+def merged_block(new: dict[str, Any], old: dict[str, Any] | None) -> dict[str, Any]:
+    """``new`` over the block already there: the export's own keys from ``new`` (one it no
+    longer sets, such as a novelty check now off, is dropped), every other key as the
+    operator left it."""
+    if not isinstance(old, dict):
+        return new
+    out = {k: v for k, v in old.items() if k not in OWNED_KEYS and k != "enclave"}
+    out.update({k: v for k, v in new.items() if k in OWNED_KEYS})
+    for k, v in new.items():
+        out.setdefault(k, v)
+    found = old.get("enclave")
+    enclave: dict[str, Any] = found if isinstance(found, dict) else {}
+    out["enclave"] = {
+        **{k: v for k, v in new["enclave"].items() if k not in enclave},
+        **{k: v for k, v in enclave.items() if k not in OWNED_ENCLAVE_KEYS},
+        **{k: new["enclave"][k] for k in OWNED_ENCLAVE_KEYS},
+    }
+    return {"enclave": out.pop("enclave"), **out}
+
+
+def enable_integrity(
+    repository: Path, exp: RunSpec, note: str = "fides evaluate", output: str = OUTPUT_NAME
+) -> None:
     """Add the ``integrity:`` block to the service's ``config.yaml``; one already there (an
-    earlier export) is replaced, keeping the file's leading comments."""
+    earlier export) is updated (:func:`merged_block`), keeping the file's leading comments."""
     path = repository / exp.export.service_name / "config.yaml"
     text = path.read_text(encoding="utf-8")
     raw = yaml.safe_load(text) or {}
+    old = None
     if "integrity" in raw:
         header = "".join(line + "\n" for line in text.splitlines() if line.startswith("#"))
         header = header.split("# verified by its GDTL verifier")[0]
-        raw.pop("integrity")
+        old = raw.pop("integrity")
         text = header + yaml.safe_dump(raw, sort_keys=False, default_flow_style=None)
     block = yaml.safe_dump(
-        {"integrity": integrity_block(exp)}, sort_keys=False, default_flow_style=None
+        {"integrity": merged_block(integrity_block(exp, output), old)},
+        sort_keys=False,
+        default_flow_style=None,
     )
     path.write_text(
         text.rstrip("\n") + f"\n# verified by its GDTL verifier in the enclave ({note})\n" + block,
@@ -193,9 +234,11 @@ def export_integrity(
     models: IntegrityModels,
     report: dict[str, Any],
     note: str = "fides evaluate",
+    output: str = OUTPUT_NAME,
 ) -> float:
     """Every entry, then the service's ``integrity:`` block; ``report`` is the evaluation
-    report (the cards quote it). Returns the detector's ONNX parity (max |ONNX - torch|)."""
+    report (the cards quote it), ``output`` the service's output of class probabilities.
+    Returns the detector's ONNX parity (max |ONNX - torch|)."""
     ex, cfg = exp.export, exp.detector
     common = {
         "format": 1,
@@ -252,5 +295,5 @@ def export_integrity(
     _write_substitutes(repository, exp, models, report["substitution"], common)
     if models.novelty is not None:
         _write_novelty_entry(repository, exp, models.novelty, models.x_check[:64], common)
-    enable_integrity(repository, exp, note)
+    enable_integrity(repository, exp, note, output)
     return float(det_card["onnx_max_abs_diff"])

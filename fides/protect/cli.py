@@ -24,7 +24,10 @@ from fides.protect.run import protect, report_markdown
 from fides.protect.service import ServiceError
 from fides.protect.store import StoreError
 from verifier.data import DataError
+from verifier.export import ExportError
+from verifier.gdtl import NoVerifierFits
 from verifier.logs import log_to_console
+from verifier.train import CheckpointError
 
 __all__ = ["EXIT_BUDGET", "EXIT_SERVICE", "EXIT_USAGE", "protect_command"]
 
@@ -92,7 +95,7 @@ def protect_command(
         raise CommandFailed(EXIT_BUDGET, str(exc)) from None
     except (ServiceError, QueryFailed, AnswerError) as exc:
         raise CommandFailed(EXIT_SERVICE, str(exc)) from None
-    except (DataError, StoreError) as exc:
+    except (DataError, StoreError, NoVerifierFits, CheckpointError, ExportError) as exc:
         raise CommandFailed(EXIT_USAGE, str(exc)) from None
     report = result.report
     report["command"] = f"fides protect {config} --repository {repository}"

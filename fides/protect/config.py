@@ -130,6 +130,12 @@ class ProtectConfig(RunSpec):
                 f"export.service_name {self.export.service_name!r} must be the protected "
                 f"model's name {self.service.model!r} (its config.yaml gets the integrity block)"
             )
+        taken = {self.export.service_name, self.service.model} - {None}
+        if self.export.verifier_name in taken:
+            raise ValueError(
+                f"export.verifier_name {self.export.verifier_name!r} is the service's own "
+                "name: the verifier would overwrite the model it verifies"
+            )
         if self.verifier.max_flops is None and self.verifier.max_latency_ms is None:
             raise ValueError(
                 "set verifier.max_flops (FLOPs per image) or verifier.max_latency_ms: the "

@@ -36,7 +36,7 @@ from fides.protect.distill import (
     views_of,
 )
 from fides.protect.query import AnswerError, Querier, answer_kind, as_probabilities
-from fides.protect.service import Service, open_service
+from fides.protect.service import Service, ServiceError, open_service
 from fides.protect.store import AnswerStore
 from verifier.cards import model_card
 from verifier.data import Splits
@@ -250,6 +250,16 @@ def _upstream_entry(
         "labels": classes,
     }
     where = repository / cfg.export.service_name
+    earlier = where / "config.yaml"
+    if earlier.is_file():  # an earlier protect run's entry: its integrity block is kept
+        before = yaml.safe_load(earlier.read_text(encoding="utf-8")) or {}
+        if not isinstance(before, dict) or before.get("platform") != "upstream":
+            raise ServiceError(
+                f"{where} is a model of the repository, not the upstream entry of an earlier "
+                "run: choose another export.service_name (protect would overwrite it)"
+            )
+        if isinstance(before.get("integrity"), dict):
+            entry["integrity"] = before["integrity"]  # the operator's settings, merged later
     where.mkdir(parents=True, exist_ok=True)
     comment = f"# {service.identity}, fronted and verified here (fides protect)\n"
     if up.headers:
@@ -333,6 +343,13 @@ def protect(
         max_batch_size=cfg.query.batch_size,
     )
     try:
+        if service.index_answers:  # refused before a single query is paid for
+            raise ServiceError(
+                f"{service.identity} answers a class index per input (output "
+                f"{service.output!r}); the gateway verifies an answer by comparing its row of "
+                "class probabilities with the verifier's, so the integrity block would fail "
+                "every request: serve the probabilities, or one-hot rows"
+            )
         service.check_images(tuple(pool.train.shape[1:]))
         store = AnswerStore(answers or run_dir / "answers.sqlite", service.identity)
         try:
@@ -402,6 +419,7 @@ def _protect(
         repository=repository,
         show_progress=show,
         note="fides protect",
+        service_output=service.output,
     )
     if pool.y_test is None:
         report["service_eval_accuracy"] = None  # no labels: the service is scored against itself

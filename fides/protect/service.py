@@ -67,6 +67,7 @@ class Service:
                 f"{dims} per input, where a classifier answers [classes] scores or an "
                 "integer class index"
             )
+        self.index_answers = indices  # one class index per input, not a row of scores
         self.max_batch = runtime.config.max_batch_size
         if self.max_batch == 0:
             raise ServiceError(

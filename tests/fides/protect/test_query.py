@@ -271,6 +271,10 @@ def test_a_model_that_is_not_a_classifier_is_refused(tmp_path: Path, mlaas: MLaa
             "kind 'int8' rounds the service's weights",
         ),
         ({"surprise": 1}, "surprise"),
+        (
+            {"export": {"service_name": "digits", "verifier_name": "digits"}},
+            "verifier would overwrite the model it verifies",
+        ),
     ],
 )
 def test_protect_files_are_checked(change: dict[str, Any], message: str) -> None:
@@ -370,3 +374,20 @@ def test_a_batch_client_honours_a_long_retry_after(mlaas: MLaaS) -> None:
     assert service.runtime.options.max_retry_after_s == 120.0  # type: ignore[attr-defined]
     own = _service(mlaas, max_retry_after_s=30.0)
     assert own.runtime.options.max_retry_after_s == 30.0  # type: ignore[attr-defined]
+
+
+def test_a_service_answering_class_indices_is_refused_before_any_query(
+    mlaas: MLaaS, tmp_path: Path
+) -> None:
+    """The gateway compares a probability row per answer: an integrity block for a service
+    answering class indices would fail every request, so protect refuses it up front."""
+    from fides.protect.run import protect
+
+    mlaas.mode = "index"
+    with pytest.raises(ServiceError, match="answers a class index per input"):
+        protect(
+            parse_protect_config(protect_raw(upstream(mlaas.url))),
+            repository=tmp_path / "repo",
+            run_dir=tmp_path / "run",
+        )
+    assert mlaas.rows_answered == 0

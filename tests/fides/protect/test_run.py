@@ -50,8 +50,15 @@ def test_a_repository_model_is_protected_in_place(
     assert "(fides protect)" in text
     for name in ("digits_verifier", "digits_detector", "digits_reclassifier"):
         assert (repo / name / "1" / "model.onnx").is_file()
+    # the operator's settings in the block survive a rerun; what the kit owns is rewritten
+    raw_config = yaml.safe_load(text)
+    raw_config["integrity"].update(mode="enforce", sampling_rate=0.5, detector="stale")
+    (repo / "digits" / "config.yaml").write_text(yaml.safe_dump(raw_config))
     # a second run with nothing changed asks nothing and trains the verifier from its stage
     again = protect(parse_protect_config(_local()), repository=repo, run_dir=tmp_path / "run")
+    rerun = load_model_config(repo / "digits" / "config.yaml", "digits").integrity
+    assert rerun is not None
+    assert (rerun.mode, rerun.sampling_rate, rerun.detector) == ("enforce", 0.5, "digits_detector")
     assert again.report["protect"]["queries"]["asked_by_this_run"] == 0
     assert (
         again.report["protect"]["verifier"]["test_fidelity_top1"]
@@ -123,3 +130,32 @@ def test_the_shipped_protect_files_parse(name: str) -> None:
     assert cfg.name == name
     if cfg.data.path is not None:  # read from the experiment file's directory
         assert cfg.data.file == root / "experiments" / cfg.data.path
+
+
+def test_an_export_keeps_the_operators_settings_and_names_the_output() -> None:
+    from verifier.integrity_export import integrity_block, merged_block
+
+    exp = parse_protect_config(_local())
+    fresh = integrity_block(exp, output="scores")
+    assert fresh["output"] == "scores"
+    assert "output" not in integrity_block(exp)  # the gateway's default, not written
+    old = {
+        "enclave": {"verifier_model": "old_verifier", "timeout_s": 2.0},
+        "detector": "old_detector",
+        "novelty": "old_novelty",
+        "mode": "enforce",
+        "failure_policy": "fail_open",
+        "threshold": 0.7,
+    }
+    merged = merged_block({k: v for k, v in fresh.items() if k != "novelty"}, old)
+    assert merged["enclave"]["verifier_model"] == fresh["enclave"]["verifier_model"]
+    assert merged["enclave"]["timeout_s"] == 2.0
+    assert merged["enclave"]["max_batch_size"] == fresh["enclave"]["max_batch_size"]
+    assert merged["detector"] == fresh["detector"]
+    assert "novelty" not in merged  # the kit's own key, no longer set: dropped
+    assert (merged["mode"], merged["failure_policy"], merged["threshold"]) == (
+        "enforce",
+        "fail_open",
+        0.7,
+    )
+    assert merged["output"] == "scores"
