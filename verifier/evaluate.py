@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import scipy.stats
 import torch
 from rich.progress import Progress
 from sklearn.metrics import roc_auc_score, roc_curve
@@ -169,6 +170,23 @@ def _rule(confidence: float | None) -> str:
     if confidence is None:
         return "FPR <= target in expectation (split conformal)"
     return f"FPR <= target with probability >= {confidence:g} over the calibration draw"
+
+
+def _fpr_uncertainty(
+    clean: np.ndarray, calibration: np.ndarray, threshold: float
+) -> dict[str, object]:
+    """How far the measured clean FPR is from the threshold's true FPR: the exact (Clopper-
+    Pearson) 95% interval of the measurement, and the rule's expected FPR (the true FPR of a
+    threshold with m of n calibration scores above it is Beta(m + 1, n - m): mean
+    (m + 1) / (n + 1)). An FPR above the target on one evaluation draw, inside that interval,
+    is the draw's luck, not the rule's failure; runs with the same seed share one draw."""
+    flagged = int((clean > threshold).sum())
+    ci = scipy.stats.binomtest(flagged, len(clean)).proportion_ci(method="exact")
+    above = int((calibration > threshold).sum())
+    return {
+        "clean_fpr_ci95": [round(float(ci.low), 5), round(float(ci.high), 5)],
+        "clean_fpr_expected_by_rule": round((above + 1) / (len(calibration) + 1), 5),
+    }
 
 
 def _detection_row(
@@ -747,6 +765,7 @@ def assemble_report(
         "threshold": cal.threshold,
         "calibration_scores": len(cal.scores),
         "clean_fpr": round(detection.clean_fpr, 5),
+        **_fpr_uncertainty(ev.clean_scores, cal.scores, cal.threshold),
         "attacks": detection.attacks,
         "mean_detection_accuracy": round(detection.mean_detection_accuracy, 5),
         "mean_detection_attacks": list(MEAN_DETECTION_ATTACKS),
@@ -939,6 +958,18 @@ def evaluate_models(
     return report
 
 
+def _fpr_note(report: dict[str, Any]) -> str:
+    """The measured FPR's 95% interval and the rule's expected FPR (reports from before
+    they were recorded: nothing)."""
+    ci, expected = report.get("clean_fpr_ci95"), report.get("clean_fpr_expected_by_rule")
+    if ci is None or expected is None:
+        return ""
+    return (
+        f" (95% interval {_pct(ci[0])}-{_pct(ci[1])} over {report['data']['evaluation']} "
+        f"images; the threshold's expected FPR {_pct(expected)})"
+    )
+
+
 def _pct(x: float) -> str:
     return "n/a" if x != x else f"{x:.2%}"  # NaN-safe
 
@@ -955,7 +986,8 @@ def report_markdown(report: dict[str, Any], command: str) -> str:
         "",
         f"Threshold {report['threshold']:.5g} (target FPR {report['target_fpr']:.0%}, "
         f"{report['threshold_rule']}); clean "
-        f"FPR on the evaluation split **{_pct(report['clean_fpr'])}**. Mean detection accuracy "
+        f"FPR on the evaluation split **{_pct(report['clean_fpr'])}**{_fpr_note(report)}. "
+        "Mean detection accuracy "
         f"over {', '.join(report['mean_detection_attacks'])}: "
         f"**{_pct(report['mean_detection_accuracy'])}**. Re-classification accuracy on attacked "
         f"samples: **{_pct(report['reclassification_accuracy'])}**.",

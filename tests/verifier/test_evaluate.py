@@ -183,3 +183,18 @@ def test_the_report_has_the_stream_monitor(evaluated: tuple[Path, dict[str, Any]
     # even this tiny detector catches a stream of random switches, answer after answer
     assert st["delays"]["random_switch"]["1"]["median"] is not None
     assert "## Answer streams" in report_markdown(r, "fides evaluate x")
+
+
+def test_the_clean_fpr_comes_with_its_interval_and_the_rules_expectation() -> None:
+    """44 of 4,000 clean answers flagged (1.10%) by a threshold with 12 of 2,000 calibration
+    scores above it: the measurement's exact 95% interval holds 1%, and the rule expects
+    13 / 2001 = 0.65%; one draw above the target is that draw, not a broken rule."""
+    from verifier.evaluate import _fpr_uncertainty
+
+    clean = np.r_[np.full(44, 0.9), np.full(3956, 0.1)]
+    calibration = np.r_[np.full(12, 0.9), np.full(1988, 0.1)]
+    out = _fpr_uncertainty(clean, calibration, threshold=0.5)
+    low, high = out["clean_fpr_ci95"]  # type: ignore[misc]
+    assert 0.0079 < low < 0.0081
+    assert 0.0146 < high < 0.0148
+    assert out["clean_fpr_expected_by_rule"] == round(13 / 2001, 5)
