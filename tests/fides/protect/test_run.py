@@ -60,6 +60,8 @@ def test_a_repository_model_is_protected_in_place(
     assert rerun is not None
     assert (rerun.mode, rerun.sampling_rate, rerun.detector) == ("enforce", 0.5, "digits_detector")
     assert again.report["protect"]["queries"]["asked_by_this_run"] == 0
+    # what the distillation cost, whichever run paid: not the store's running total
+    assert again.report["protect"]["queries"]["distillation"] == q["distillation"] > 0
     assert (
         again.report["protect"]["verifier"]["test_fidelity_top1"]
         == report["protect"]["verifier"]["test_fidelity_top1"]
