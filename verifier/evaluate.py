@@ -540,7 +540,12 @@ def _substitute(
     assert spec.net is not None  # both checked by the config
     assert spec.train is not None
     net = new_net(net_config(spec.net, splits), splits.train.x, seed=exp.seed + 90)
-    key = stage_key(exp.data.model_dump(mode="json"), exp.seed, spec.model_dump(mode="json"))
+    # the labels it learns, by their bytes: under fides protect they are the service's top-1
+    # answers, so a new service (or new answers) is a new stage, not the old one reused
+    labels = hashlib.sha256(splits.train.y.numpy().tobytes()).hexdigest()[:16]
+    key = stage_key(
+        exp.data.model_dump(mode="json"), exp.seed, spec.model_dump(mode="json"), labels
+    )
     secs = fit(
         net,
         splits.train,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +16,14 @@ import torch
 
 from gateway.model_config import load_model_config
 from tests.verifier.test_pipeline import tiny_experiment
+from verifier.data import Dataset, load_splits
 from verifier.evaluate import (
     MEAN_DETECTION_ATTACKS,
     _with_views,
     evaluate_experiment,
     report_markdown,
 )
-from verifier.experiment import AugmentConfig
+from verifier.experiment import AugmentConfig, SubstituteConfig
 
 DETECTOR = {
     "train_fraction": 0.3,
@@ -198,3 +200,25 @@ def test_the_clean_fpr_comes_with_its_interval_and_the_rules_expectation() -> No
     assert 0.0079 < low < 0.0081
     assert 0.0146 < high < 0.0148
     assert out["clean_fpr_expected_by_rule"] == round(13 / 2001, 5)
+
+
+def test_a_substitute_learned_from_other_labels_is_a_new_stage(tmp_path: Path) -> None:
+    """Under fides protect a substitute learns the service's top-1 answers: new answers
+    (another service version) must train a new stage, not load the old one."""
+    from verifier.evaluate import _substitute
+
+    exp = tiny_experiment()
+    splits = load_splits("digits", None, seed=0)
+    spec = SubstituteConfig.model_validate(
+        {
+            "name": "tiny",
+            "kind": "student",
+            "net": {"widths": [4]},
+            "train": {"epochs": 1, "batch_size": 64},
+        }
+    )
+    _substitute(spec, exp, splits, None, tmp_path, None)
+    shifted = replace(splits, train=Dataset(splits.train.x, (splits.train.y + 1) % 10))
+    _substitute(spec, exp, shifted, None, tmp_path, None)
+    _substitute(spec, exp, splits, None, tmp_path, None)  # the first labels again: reused
+    assert len(list(tmp_path.glob("substitute_tiny-*"))) == 2
