@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -231,8 +233,28 @@ def _distil(
     return net, info
 
 
+STAGING = ".fides-protect-staging"  # not a model name: the gateway never serves it
+
+
+def _publish(staging: Path, repository: Path, config_only: str | None) -> None:
+    """Move each staged entry into the repository (the old one out first, then removed);
+    ``config_only``: the protected model's own entry, of which only config.yaml changes."""
+    for entry in sorted(p for p in staging.iterdir() if p.is_dir()):
+        target = repository / entry.name
+        if entry.name == config_only:
+            os.replace(entry / "config.yaml", target / "config.yaml")
+            continue
+        old = repository / f".{entry.name}.replaced"
+        shutil.rmtree(old, ignore_errors=True)
+        if target.exists():
+            target.rename(old)
+        entry.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
 def _upstream_entry(
-    cfg: ProtectConfig, service: Service, repository: Path, classes: list[str]
+    cfg: ProtectConfig, service: Service, repository: Path, classes: list[str], into: Path
 ) -> None:
     """The fronting gateway's entry for a remote service: ``platform: upstream`` with the
     endpoint (credentials only by reference: headers_from_env / headers_from_file), its
@@ -270,6 +292,7 @@ def _upstream_entry(
             )
         if isinstance(before.get("integrity"), dict):
             entry["integrity"] = before["integrity"]  # the operator's settings, merged later
+    where = into / cfg.export.service_name
     where.mkdir(parents=True, exist_ok=True)
     comment = f"# {service.identity}, fronted and verified here (fides protect)\n"
     if up.headers:
@@ -413,24 +436,42 @@ def _protect(
         "test": len(pool.test),
     }
     repository.mkdir(parents=True, exist_ok=True)
-    if cfg.service.upstream is not None:
-        _upstream_entry(cfg, service, repository, classes)
-    card = _write_verifier(cfg, net, splits, info, service, ans, repository, dataset)
-    info["cpu_latency_ms_batch1"] = card["cpu_latency_ms_batch1"]
-    eval_splits = replace(
-        splits, train=as_dataset(pool.train, ans.p_distil[: len(pool.train)].argmax(1))
-    )
-    pairs = QueriedPairs(querier, net, ans.kind, ans.num_classes)
-    report = evaluate_models(
-        cfg,
-        pairs,
-        eval_splits,
-        run_dir,
-        repository=repository,
-        show_progress=show,
-        note="fides protect",
-        service_output=service.output,
-    )
+    # every entry is written into a staging folder and moved into the repository only once
+    # the whole kit is built: a run that fails half-way (an exhausted budget in the
+    # evaluation) leaves the repository as it was, never a new verifier beside an old detector
+    staging = repository / STAGING
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        if cfg.service.upstream is not None:
+            _upstream_entry(cfg, service, repository, classes, into=staging)
+        else:  # the integrity block goes into a copy of the model's config.yaml
+            (staging / cfg.export.service_name).mkdir()
+            shutil.copy2(
+                repository / cfg.export.service_name / "config.yaml",
+                staging / cfg.export.service_name / "config.yaml",
+            )
+        card = _write_verifier(cfg, net, splits, info, service, ans, staging, dataset)
+        info["cpu_latency_ms_batch1"] = card["cpu_latency_ms_batch1"]
+        eval_splits = replace(
+            splits, train=as_dataset(pool.train, ans.p_distil[: len(pool.train)].argmax(1))
+        )
+        pairs = QueriedPairs(querier, net, ans.kind, ans.num_classes)
+        report = evaluate_models(
+            cfg,
+            pairs,
+            eval_splits,
+            run_dir,
+            repository=staging,
+            show_progress=show,
+            note="fides protect",
+            service_output=service.output,
+        )
+    except BaseException:  # nothing of a failed run reaches the repository
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _publish(staging, repository, config_only=cfg.service.model)
+    report["repository"] = str(repository)
     if pool.y_test is None:
         report["service_eval_accuracy"] = None  # no labels: the service is scored against itself
     report["protect"] = {

@@ -161,3 +161,34 @@ def test_an_export_keeps_the_operators_settings_and_names_the_output() -> None:
         0.7,
     )
     assert merged["output"] == "scores"
+
+
+def test_a_run_that_fails_in_its_evaluation_leaves_the_repository_as_it_was(
+    tmp_path: Path,
+    trained_repository: tuple[Path, dict[str, Any]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The kit is staged and moved in whole: an exhausted budget (or any failure) during the
+    evaluation leaves no new verifier beside the old detector and threshold."""
+    import fides.protect.run as run_module
+    from fides.protect.query import BudgetExhausted
+
+    repo = tmp_path / "repo"
+    shutil.copytree(trained_repository[0], repo)
+
+    def snapshot() -> dict[str, bytes]:
+        return {
+            str(p.relative_to(repo)): p.read_bytes() for p in sorted(repo.rglob("*")) if p.is_file()
+        }
+
+    before = snapshot()
+
+    def out_of_budget(*args: Any, **kwargs: Any) -> Any:
+        raise BudgetExhausted(100, 100, 5000, "evaluation images")
+
+    monkeypatch.setattr(run_module, "evaluate_models", out_of_budget)
+    with pytest.raises(BudgetExhausted):
+        protect(parse_protect_config(_local()), repository=repo, run_dir=tmp_path / "run")
+    after = snapshot()
+    assert [k for k in after if k not in before] == []  # nothing added (staging included)
+    assert all(after[k] == v for k, v in before.items())
