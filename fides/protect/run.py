@@ -342,6 +342,41 @@ def _write_verifier(
     )
 
 
+def _in_service_order(
+    pool: Pool, classes: list[str] | None, service: Service
+) -> tuple[Pool, list[str] | None]:
+    """The user's labels as the service's class indices. Data whose class names are the
+    service's labels in another order (an image folder's are alphabetical) is re-indexed;
+    names that differ are taken in the data's order, with a warning: the spot check and the
+    accuracy figures then assume the data's class i is the service's class i."""
+    labels = service.runtime.config.labels
+    if classes is None or labels is None or list(classes) == list(labels):
+        return pool, classes
+    if sorted(classes) == sorted(labels) and len(set(labels)) == len(labels):
+        to_service = np.array([list(labels).index(c) for c in classes])
+        log.info("the data's class names are the service's labels in another order: re-indexed")
+
+        def remap(y: np.ndarray | None) -> np.ndarray | None:
+            return None if y is None else to_service[y]
+
+        return (
+            replace(
+                pool,
+                y_train=remap(pool.y_train),
+                y_val=remap(pool.y_val),
+                y_test=remap(pool.y_test),
+            ),
+            list(labels),
+        )
+    log.warning(
+        "the data's class names %s are not the service's labels %s: the data's class i is "
+        "taken to be the service's class i (the spot check and the accuracy figures assume it)",
+        classes[:5],
+        list(labels)[:5],
+    )
+    return pool, classes
+
+
 def _classes(inputs_classes: list[str] | None, service: Service, n: int) -> list[str]:
     labels = service.runtime.config.labels
     if inputs_classes is not None and len(inputs_classes) == n:
@@ -384,11 +419,12 @@ def protect(
                 "every request: serve the probabilities, or one-hot rows"
             )
         service.check_images(tuple(pool.train.shape[1:]))
+        pool, classes_in = _in_service_order(pool, inputs.classes, service)
         store = AnswerStore(answers or run_dir / "answers.sqlite", service.identity)
         try:
             return _protect(
                 cfg,
-                inputs.classes,
+                classes_in,
                 inputs.source,
                 pool,
                 service,

@@ -192,3 +192,31 @@ def test_a_run_that_fails_in_its_evaluation_leaves_the_repository_as_it_was(
     after = snapshot()
     assert [k for k in after if k not in before] == []  # nothing added (staging included)
     assert all(after[k] == v for k, v in before.items())
+
+
+def test_labels_named_in_another_order_are_read_in_the_services_order(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An image folder's classes are alphabetical; the service's are its own order. The same
+    names in another order are re-indexed (the spot check would otherwise call an honest
+    service a tamperer); other names are kept, with a warning."""
+    from types import SimpleNamespace
+
+    from fides.protect.distill import Pool
+    from fides.protect.run import _in_service_order
+
+    service = SimpleNamespace(
+        runtime=SimpleNamespace(config=SimpleNamespace(labels=["shirt", "boot", "bag"]))
+    )
+    y = np.array([0, 1, 2, 2])
+    images = np.zeros((4, 1, 2, 2), np.float32)
+    pool = Pool(images, images, images, y, y, y, given=4)
+    alphabetical = ["bag", "boot", "shirt"]
+    moved, classes = _in_service_order(pool, alphabetical, service)  # type: ignore[arg-type]
+    assert classes == ["shirt", "boot", "bag"]
+    assert moved.y_train is not None
+    assert moved.y_train.tolist() == [2, 1, 0, 0]  # bag -> 2, boot -> 1, shirt -> 0
+    same, kept = _in_service_order(pool, ["a", "b", "c"], service)  # type: ignore[arg-type]
+    assert same is pool
+    assert kept == ["a", "b", "c"]
+    assert "not the service's labels" in caplog.text
