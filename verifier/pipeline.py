@@ -623,14 +623,20 @@ def _write_results(report: dict[str, Any], exp: Experiment, run_dir: Path, secon
     then ``run_dir/results.json``."""
     report["wall_seconds"] = round(seconds, 1)
     earlier = run_dir / "results.json"
-    prior = json.loads(earlier.read_text(encoding="utf-8")) if earlier.is_file() else {}
-    if prior.get("config_sha256") != exp.config_hash():
+    try:
+        prior = json.loads(earlier.read_text(encoding="utf-8")) if earlier.is_file() else {}
+    except (OSError, ValueError) as exc:  # cut short by a crash: its earlier wall time is lost
+        log.warning("%s is unreadable (%s): earlier runs' wall time is not added", earlier, exc)
+        prior = {}
+    if not isinstance(prior, dict) or prior.get("config_sha256") != exp.config_hash():
         prior = {}
     report["wall_seconds_total"] = round(
         prior.get("wall_seconds_total", prior.get("wall_seconds", 0.0)) + report["wall_seconds"], 1
     )
     report["threads"] = exp.threads
-    (run_dir / "results.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    tmp = earlier.with_suffix(".tmp")  # written whole, then renamed: never half a file
+    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(earlier)
 
 
 # ---------------------------------------------------------------- the whole run

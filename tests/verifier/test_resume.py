@@ -348,3 +348,13 @@ def test_a_pretraining_data_file_is_part_of_the_verifier_stage_record(tmp_path: 
     assert stage_inputs(exp, "sha256:x")["verifier"]["pretrain_file"] != before
     plain = npz_experiment(data)  # no source file: the record is what it was
     assert "pretrain_file" not in stage_inputs(plain, "sha256:x")["verifier"]
+
+
+def test_a_results_file_cut_short_is_replaced_not_fatal(tmp_path: Path) -> None:
+    data = tmp_path / "data.npz"
+    write_npz(data, seed=0)
+    run = tmp_path / "run"
+    run_experiment(npz_experiment(data), run)
+    (run / "results.json").write_text('{"wall_seconds": 1')  # a crash mid-write, before
+    run_experiment(npz_experiment(data), run)
+    assert "wall_seconds_total" in json.loads((run / "results.json").read_text())
