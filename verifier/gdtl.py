@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -449,8 +450,7 @@ def _train_candidate(
     progress: Progress | None,
 ) -> GreedyResult:
     """Pretrain candidate ``i``'s backbone, then its greedy loop, in its own directory."""
-    spec_key = hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:8]
-    cand_dir = run_dir / f"candidate_{i}-{spec_key}" if run_dir is not None else None
+    cand_dir = _candidate_dir(run_dir, i, spec) if run_dir is not None else None
     net, pre = pretrain_backbone(
         net_cfg,
         cfg.pretrain,
@@ -480,6 +480,32 @@ def _train_candidate(
     return result
 
 
+def _candidate_dir(run_dir: Path, i: int, spec: NetSpec) -> Path:
+    """Candidate ``i``'s directory, named by its spec."""
+    key = hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:8]
+    return run_dir / f"candidate_{i}-{key}"
+
+
+def _recorded_latency_ms(
+    probe: ConvNet, image_shape: tuple[int, int, int], record: Path | None
+) -> float:
+    """The candidate's single-image latency, measured once per stage directory: a timing
+    decides whether the candidate is trained, and a resumed run (another sitting, another
+    load on the machine) must decide as the first did."""
+    if record is not None and record.is_file():
+        try:
+            return float(json.loads(record.read_text(encoding="utf-8"))["ms"])
+        except (OSError, ValueError, KeyError, TypeError):
+            log.warning("%s is unreadable: the latency is measured again", record)
+    latency = single_image_latency_ms(probe, image_shape)
+    if record is not None:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        tmp = record.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"ms": latency}) + "\n", encoding="utf-8")
+        tmp.replace(record)
+    return latency
+
+
 def _over_budget(
     probe: ConvNet,
     flops: int,
@@ -487,9 +513,10 @@ def _over_budget(
     cfg: VerifierConfig,
     image_shape: tuple[int, int, int],
     row: dict[str, object],
+    latency_record: Path | None = None,
 ) -> str | None:
     """Why a candidate does not fit the verifier budget (None when it fits); a measured
-    latency goes into ``row``."""
+    latency goes into ``row`` (and ``latency_record``, read back by a resumed run)."""
     if service_flops is not None and flops > cfg.max_flops_ratio * service_flops:
         return f"above {cfg.max_flops_ratio:.0%} of the service FLOPs"
     if cfg.max_flops is not None and flops > cfg.max_flops:
@@ -498,7 +525,7 @@ def _over_budget(
     if inference.total_bytes > cfg.memory_budget_mb * 2**20:
         return "does not fit the memory budget"
     if cfg.max_latency_ms is not None:
-        latency = single_image_latency_ms(probe, image_shape)
+        latency = _recorded_latency_ms(probe, image_shape, latency_record)
         row["cpu_latency_ms_batch1"] = latency
         if latency > cfg.max_latency_ms:
             return f"{latency:.3f} ms per image, above max_latency_ms {cfg.max_latency_ms:g}"
@@ -542,7 +569,8 @@ def select_verifier(
             "flops_ratio_to_service": round(flops / service_flops, 4) if service_flops else None,
             "params": count_parameters(probe),
         }
-        skipped = _over_budget(probe, flops, service_flops, cfg, image_shape, row)
+        record = _candidate_dir(run_dir, i, specs[i]) / "latency.json" if run_dir else None
+        skipped = _over_budget(probe, flops, service_flops, cfg, image_shape, row, record)
         if skipped is not None:
             row["outcome"] = f"skipped: {skipped}"
         else:

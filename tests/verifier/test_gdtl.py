@@ -280,3 +280,32 @@ def test_pretrain_from_the_pruned_service_then_greedy_steps(service: nn.Module) 
     assert result.path[0].note == "head only"
     assert len(result.path) >= 2
     assert summary[0]["flops_ratio_to_service"] < 1.0
+
+
+def test_a_measured_latency_is_kept_so_a_resumed_run_decides_alike(
+    service: nn.Module, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whether a candidate fits max_latency_ms is a timing; the stage keeps the first one, so
+    a run resumed on a busier (or idler) machine trains the same candidates."""
+    import verifier.gdtl as gdtl
+
+    train, val = tiny_data(), tiny_data(48, 1)
+    splits = Splits(train, val, val, 4, list("abcd"), [0.5], [0.3], "test")
+    specs = [NetSpec(widths=[2, 2, 2])]
+    c = cfg(target=0.01, max_latency_ms=1.0)
+    timings = iter([0.5, 5.0])  # fits at first; a second measurement would not
+    monkeypatch.setattr(gdtl, "single_image_latency_ms", lambda *_: next(timings))
+    for _ in range(2):
+        result, summary = select_verifier(
+            specs,
+            NetConfig(num_classes=4),
+            service,
+            splits,
+            c,
+            seed=0,
+            service_flops=None,
+            run_dir=tmp_path,
+        )
+        assert summary[0]["cpu_latency_ms_batch1"] == 0.5
+    assert result.net.cfg.widths == (2, 2, 2)
+    assert next(timings) == 5.0  # measured once
