@@ -5,6 +5,7 @@ service's ``integrity:`` block that pairs them (layout: :mod:`verifier.export`).
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,9 @@ __all__ = [
     "export_integrity",
     "integrity_block",
 ]
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -128,7 +132,8 @@ OWNED_KEYS = (
     "substitution_window",
     "substitution_alpha",
 )
-OWNED_ENCLAVE_KEYS = ("verifier_model",)
+# the verifier's identity: a new verifier voids a pinned measurement and a sealed file
+OWNED_ENCLAVE_KEYS = ("verifier_model", "measurement", "sealed_model")
 
 
 def integrity_block(exp: RunSpec, output: str = OUTPUT_NAME) -> dict[str, Any]:
@@ -163,8 +168,21 @@ def merged_block(new: dict[str, Any], old: dict[str, Any] | None) -> dict[str, A
     out["enclave"] = {
         **{k: v for k, v in new["enclave"].items() if k not in enclave},
         **{k: v for k, v in enclave.items() if k not in OWNED_ENCLAVE_KEYS},
-        **{k: new["enclave"][k] for k in OWNED_ENCLAVE_KEYS},
+        **{k: v for k, v in new["enclave"].items() if k in OWNED_ENCLAVE_KEYS},
     }
+    for key in ("measurement", "sealed_model"):
+        if key in enclave:
+            log.warning(
+                "integrity.enclave.%s was set for the verifier this export replaces: dropped; "
+                "pin (or seal) the new verifier again",
+                key,
+            )
+    if "threshold" in out:
+        log.warning(
+            "integrity.threshold %s is kept from the earlier block, though it was set for the "
+            "detector this export replaces (the new detector's card has its own threshold)",
+            out["threshold"],
+        )
     return {"enclave": out.pop("enclave"), **out}
 
 

@@ -123,6 +123,9 @@ def _changes(before: dict[str, object], now: dict[str, object], most: int = 6) -
     return "; ".join(diff[:most]) + more
 
 
+_RECORDED_LATER = ("pretrain_file", "pretrain_checkpoint")  # the verifier stage's
+
+
 def checked_stage_dir(run_dir: Path, stage: str, key: str, inputs: dict[str, object]) -> Path:
     """``run_dir/<stage>-<key>``, checked against what it was made from.
 
@@ -136,6 +139,10 @@ def checked_stage_dir(run_dir: Path, stage: str, key: str, inputs: dict[str, obj
     manifest = here / "stage.json"
     if manifest.is_file():
         before = _recorded_inputs(manifest)
+        # inputs recorded only since a later version: a record without them is not a change
+        for later in _RECORDED_LATER:
+            if later not in before:
+                now.pop(later, None)
         if before != json.loads(json.dumps(now)):
             raise StageError(
                 f"{here} was trained from other inputs ({_changes(before, now)}); delete it "

@@ -20,7 +20,7 @@ from rich.console import Console
 
 from fides.protect.config import ProtectConfigError, load_protect_config
 from fides.protect.query import AnswerError, BudgetExhausted, QueryFailed
-from fides.protect.run import protect, report_markdown
+from fides.protect.run import PublishError, protect, report_markdown
 from fides.protect.service import ServiceError
 from fides.protect.store import StoreError
 from verifier.data import DataError
@@ -95,7 +95,15 @@ def protect_command(
         raise CommandFailed(EXIT_BUDGET, str(exc)) from None
     except (ServiceError, QueryFailed, AnswerError) as exc:
         raise CommandFailed(EXIT_SERVICE, str(exc)) from None
-    except (DataError, StoreError, NoVerifierFits, CheckpointError, ExportError) as exc:
+    except (
+        DataError,
+        StoreError,
+        NoVerifierFits,
+        CheckpointError,
+        ExportError,
+        PublishError,
+        ProtectConfigError,
+    ) as exc:
         raise CommandFailed(EXIT_USAGE, str(exc)) from None
     report = result.report
     report["command"] = f"fides protect {config} --repository {repository}"

@@ -388,8 +388,8 @@ def answer_kind(answers: np.ndarray, declared: str, identity: str) -> tuple[Answ
     probability_like = bool((a >= 0).all() and (a <= 1 + SUM_TOLERANCE).all())
     tolerance = SUM_TOLERANCE
     decimals = _decimal_grid(a) if probability_like else None
-    if decimals is not None:
-        tolerance = max(tolerance, a.shape[1] * 0.5 * 10.0**-decimals)
+    if decimals is not None:  # at most 0.1: coarser rounding says nothing of the row's sum
+        tolerance = min(max(tolerance, a.shape[1] * 0.5 * 10.0**-decimals), 0.1)
     if not probability_like or (np.abs(sums - 1) > tolerance).any():
         is_topk_mass = probability_like and (sums <= 1 + tolerance).all()
         nonzero = int((a > 0).sum(1).max())

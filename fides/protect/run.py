@@ -18,6 +18,7 @@ import hashlib
 import logging
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 import yaml
 
-from fides.protect.config import AnswerKind, ProtectConfig
+from fides.protect.config import AnswerKind, ProtectConfig, ProtectConfigError
 from fides.protect.distill import (
     AnswerTable,
     Pool,
@@ -233,24 +234,70 @@ def _distil(
     return net, info
 
 
-STAGING = ".fides-protect-staging"  # not a model name: the gateway never serves it
+STAGING_PREFIX = ".fides-protect-"  # not a model name: the gateway never serves it
 
 
-def _publish(staging: Path, repository: Path, config_only: str | None) -> None:
-    """Move each staged entry into the repository (the old one out first, then removed);
-    ``config_only``: the protected model's own entry, of which only config.yaml changes."""
-    for entry in sorted(p for p in staging.iterdir() if p.is_dir()):
-        target = repository / entry.name
-        if entry.name == config_only:
-            os.replace(entry / "config.yaml", target / "config.yaml")
-            continue
-        old = repository / f".{entry.name}.replaced"
-        shutil.rmtree(old, ignore_errors=True)
-        if target.exists():
-            target.rename(old)
-        entry.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
+class PublishError(RuntimeError):
+    """The built kit could not be moved into the repository (which is left as it was)."""
+
+
+def _publish(staging: Path, repository: Path, service_entry: str, config_only: bool) -> None:
+    """Move the staged entries into the repository: the replaced ones aside first, then the
+    new ones in, the service's entry last (its integrity block switches the kit on; with
+    ``config_only``, the protected model's own entry, only its config.yaml changes). A
+    failure puts back what was moved aside and raises PublishError."""
+    entries = sorted(p.name for p in staging.iterdir() if p.is_dir() and p.name != service_entry)
+    aside: list[tuple[Path, Path]] = []  # (the replaced entry's place, where it waits)
+    placed: list[Path] = []
+    try:
+        for name in entries:
+            target = repository / name
+            if target.exists():
+                hold = staging / f".{name}.replaced"
+                target.rename(hold)
+                aside.append((target, hold))
+            (staging / name).rename(target)
+            placed.append(target)
+        staged_service = staging / service_entry
+        if config_only:
+            os.replace(staged_service / "config.yaml", repository / service_entry / "config.yaml")
+        else:
+            target = repository / service_entry
+            if target.exists():
+                hold = staging / f".{service_entry}.replaced"
+                target.rename(hold)
+                aside.append((target, hold))
+            staged_service.rename(target)
+    except BaseException as exc:
+        for target in placed:
+            shutil.rmtree(target, ignore_errors=True)
+        for target, hold in aside:
+            if not target.exists():
+                hold.rename(target)
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise PublishError(
+                f"cannot move the kit into {repository} ({exc}); the repository is as it was"
+            ) from exc
+        raise
     shutil.rmtree(staging, ignore_errors=True)
+
+
+def _check_upstream_name(where: Path) -> None:
+    """The upstream entry's folder is free, or the entry of an earlier protect run; never a
+    model of the repository (checked before a single query is paid for)."""
+    earlier = where / "config.yaml"
+    if not earlier.is_file():
+        return
+    try:
+        before = yaml.safe_load(earlier.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ProtectConfigError(f"{earlier}: unreadable ({exc})") from None
+    if not isinstance(before, dict) or before.get("platform") != "upstream":
+        raise ProtectConfigError(
+            f"{where} is a model of the repository, not the upstream entry of an earlier run: "
+            "choose another export.service_name (protect would overwrite it)"
+        )
 
 
 def _upstream_entry(
@@ -261,7 +308,10 @@ def _upstream_entry(
     tensors (so it loads while the remote is down) and class names."""
     up = cfg.service.upstream
     assert up is not None
-    options = up.model_dump(mode="json", exclude={"headers"}, exclude_defaults=True)
+    # not the batch client's Retry-After patience: the served entry waits the gateway's 5 s
+    options = up.model_dump(
+        mode="json", exclude={"headers", "max_retry_after_s"}, exclude_defaults=True
+    )
     options["url"] = up.url
     entry = {
         "platform": "upstream",
@@ -285,12 +335,7 @@ def _upstream_entry(
     earlier = where / "config.yaml"
     if earlier.is_file():  # an earlier protect run's entry: its integrity block is kept
         before = yaml.safe_load(earlier.read_text(encoding="utf-8")) or {}
-        if not isinstance(before, dict) or before.get("platform") != "upstream":
-            raise ServiceError(
-                f"{where} is a model of the repository, not the upstream entry of an earlier "
-                "run: choose another export.service_name (protect would overwrite it)"
-            )
-        if isinstance(before.get("integrity"), dict):
+        if isinstance(before, dict) and isinstance(before.get("integrity"), dict):
             entry["integrity"] = before["integrity"]  # the operator's settings, merged later
     where = into / cfg.export.service_name
     where.mkdir(parents=True, exist_ok=True)
@@ -411,6 +456,8 @@ def protect(
         max_batch_size=cfg.query.batch_size,
     )
     try:
+        if svc.upstream is not None:
+            _check_upstream_name(repository / cfg.export.service_name)
         if service.index_answers:  # refused before a single query is paid for
             raise ServiceError(
                 f"{service.identity} answers a class index per input (output "
@@ -475,9 +522,7 @@ def _protect(
     # every entry is written into a staging folder and moved into the repository only once
     # the whole kit is built: a run that fails half-way (an exhausted budget in the
     # evaluation) leaves the repository as it was, never a new verifier beside an old detector
-    staging = repository / STAGING
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=repository))
     try:
         if cfg.service.upstream is not None:
             _upstream_entry(cfg, service, repository, classes, into=staging)
@@ -506,7 +551,12 @@ def _protect(
     except BaseException:  # nothing of a failed run reaches the repository
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _publish(staging, repository, config_only=cfg.service.model)
+    _publish(
+        staging,
+        repository,
+        cfg.export.service_name,
+        config_only=cfg.service.model is not None,
+    )
     report["repository"] = str(repository)
     if pool.y_test is None:
         report["service_eval_accuracy"] = None  # no labels: the service is scored against itself

@@ -358,3 +358,19 @@ def test_a_results_file_cut_short_is_replaced_not_fatal(tmp_path: Path) -> None:
     (run / "results.json").write_text('{"wall_seconds": 1')  # a crash mid-write, before
     run_experiment(npz_experiment(data), run)
     assert "wall_seconds_total" in json.loads((run / "results.json").read_text())
+
+
+def test_a_stage_recorded_before_the_pretraining_fingerprint_still_resumes(
+    tmp_path: Path,
+) -> None:
+    """Records written before the pretraining file was fingerprinted lack the entry: not a
+    change (the run in progress resumes); a record with it compares it."""
+    from verifier.pipeline import checked_stage_dir
+
+    older = {"data_file": "sha256:a", "verifier": {"pretrain": {"path": "src.npz"}}}
+    checked_stage_dir(tmp_path, "verifier", "k", older)
+    now = {**older, "pretrain_file": "sha256:b"}
+    assert checked_stage_dir(tmp_path, "verifier", "k", now) == tmp_path / "verifier-k"
+    checked_stage_dir(tmp_path / "new", "verifier", "k", now)
+    with pytest.raises(StageError, match="pretrain_file"):
+        checked_stage_dir(tmp_path / "new", "verifier", "k", {**now, "pretrain_file": "sha256:c"})

@@ -361,6 +361,11 @@ def test_answer_kinds_at_the_edges() -> None:
         answer_kind(sigmoid, "auto", "svc")
     whole = rng.integers(0, 10, size=(50, 1)).astype(np.float32)  # indices sent as floats
     assert answer_kind(whole, "auto", "svc") == ("label", 1)
+    # one decimal over 30 classes allows no tolerance of 1.5: rows summing to 0.5 are refused
+    coarse = np.zeros((50, 30), np.float32)
+    coarse[:, :5] = 0.1
+    with pytest.raises(AnswerError, match="do not sum to 1"):
+        answer_kind(coarse, "probabilities", "svc")
     # values in [0, 1] that do not sum to 1 are not called logits
     scores = rng.uniform(size=(50, 10)).astype(np.float32)
     with pytest.raises(AnswerError, match="do not sum to 1") as err:
@@ -389,6 +394,24 @@ def test_a_service_answering_class_indices_is_refused_before_any_query(
         protect(
             parse_protect_config(protect_raw(upstream(mlaas.url))),
             repository=tmp_path / "repo",
+            run_dir=tmp_path / "run",
+        )
+    assert mlaas.rows_answered == 0
+
+
+def test_an_upstream_entry_over_a_repository_model_is_refused_before_any_query(
+    mlaas: MLaaS, tmp_path: Path
+) -> None:
+    from fides.protect.config import ProtectConfigError
+    from fides.protect.run import protect
+
+    repo = tmp_path / "repo"
+    (repo / "digits").mkdir(parents=True)
+    (repo / "digits" / "config.yaml").write_text("platform: onnx\nmax_batch_size: 8\n")
+    with pytest.raises(ProtectConfigError, match="is a model of the repository"):
+        protect(
+            parse_protect_config(protect_raw(upstream(mlaas.url))),
+            repository=repo,
             run_dir=tmp_path / "run",
         )
     assert mlaas.rows_answered == 0

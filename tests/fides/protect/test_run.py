@@ -142,7 +142,12 @@ def test_an_export_keeps_the_operators_settings_and_names_the_output() -> None:
     assert fresh["output"] == "scores"
     assert "output" not in integrity_block(exp)  # the gateway's default, not written
     old = {
-        "enclave": {"verifier_model": "old_verifier", "timeout_s": 2.0},
+        "enclave": {
+            "verifier_model": "old_verifier",
+            "timeout_s": 2.0,
+            "measurement": "ab" * 48,  # pinned for the old verifier
+            "sealed_model": "old.sealed",
+        },
         "detector": "old_detector",
         "novelty": "old_novelty",
         "mode": "enforce",
@@ -152,6 +157,8 @@ def test_an_export_keeps_the_operators_settings_and_names_the_output() -> None:
     merged = merged_block({k: v for k, v in fresh.items() if k != "novelty"}, old)
     assert merged["enclave"]["verifier_model"] == fresh["enclave"]["verifier_model"]
     assert merged["enclave"]["timeout_s"] == 2.0
+    assert "measurement" not in merged["enclave"]  # void for the new verifier: dropped
+    assert "sealed_model" not in merged["enclave"]
     assert merged["enclave"]["max_batch_size"] == fresh["enclave"]["max_batch_size"]
     assert merged["detector"] == fresh["detector"]
     assert "novelty" not in merged  # the kit's own key, no longer set: dropped
@@ -220,3 +227,43 @@ def test_labels_named_in_another_order_are_read_in_the_services_order(
     assert same is pool
     assert kept == ["a", "b", "c"]
     assert "not the service's labels" in caplog.text
+
+
+def test_a_failed_move_into_the_repository_puts_everything_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kit goes in entry by entry, the service's last; a move that fails restores the
+    entries already replaced and names the problem."""
+    from fides.protect.run import PublishError, _publish
+
+    repo = tmp_path / "repo"
+    for name in ("svc", "svc_detector", "svc_verifier"):
+        (repo / name).mkdir(parents=True)
+        (repo / name / "config.yaml").write_text(f"old {name}")
+    staging = repo / ".fides-protect-x"
+    for name in ("svc", "svc_detector", "svc_verifier"):
+        (staging / name).mkdir(parents=True)
+        (staging / name / "config.yaml").write_text(f"new {name}")
+    real_rename = Path.rename
+
+    def failing(self: Path, target: Any) -> Any:
+        if self.name == "svc" and self.parent == staging:  # the last move, the service's
+            raise OSError(28, "No space left on device")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", failing)
+    with pytest.raises(PublishError, match="as it was"):
+        _publish(staging, repo, "svc", config_only=False)
+    monkeypatch.setattr(Path, "rename", real_rename)
+    assert sorted(p.name for p in repo.iterdir()) == ["svc", "svc_detector", "svc_verifier"]
+    for name in ("svc", "svc_detector", "svc_verifier"):
+        assert (repo / name / "config.yaml").read_text() == f"old {name}"
+    # and without a failure, every entry is the new one and nothing is left behind
+    for name in ("svc", "svc_detector", "svc_verifier"):
+        (staging / name).mkdir(parents=True)
+        (staging / name / "config.yaml").write_text(f"new {name}")
+    _publish(staging, repo, "svc", config_only=False)
+    assert sorted(p.name for p in repo.iterdir()) == ["svc", "svc_detector", "svc_verifier"]
+    assert all(
+        (repo / n / "config.yaml").read_text() == f"new {n}" for n in ("svc", "svc_detector")
+    )
