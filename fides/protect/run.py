@@ -331,13 +331,12 @@ def _upstream_entry(
         "upstream": options,
         "labels": classes,
     }
-    where = repository / cfg.export.service_name
-    earlier = where / "config.yaml"
+    earlier = repository / cfg.export.service_name / "config.yaml"
     if earlier.is_file():  # an earlier protect run's entry: its integrity block is kept
         before = yaml.safe_load(earlier.read_text(encoding="utf-8")) or {}
         if isinstance(before, dict) and isinstance(before.get("integrity"), dict):
             entry["integrity"] = before["integrity"]  # the operator's settings, merged later
-    where = into / cfg.export.service_name
+    where = into / cfg.export.service_name  # staged: moved into the repository at the end
     where.mkdir(parents=True, exist_ok=True)
     comment = f"# {service.identity}, fronted and verified here (fides protect)\n"
     if up.headers:
