@@ -124,6 +124,7 @@ class Querier:
         self.budget = max_queries if max_queries is not None else cfg.max_queries
         self.progress = progress  # a rich bar (answered, ETA, paid for), None: log lines only
         self.asked = 0  # inputs sent by this process (the store counts every run)
+        self.distinct: set[bytes] = set()  # every input answered for, whichever run paid
         self._limiter = _RateLimiter(cfg.rate_limit)
         self._batch = min(cfg.batch_size, service.max_batch or cfg.batch_size)
 
@@ -133,6 +134,7 @@ class Querier:
         """The service's answer rows for images ``x`` (float32 [n, C, H, W] in [0, 1])."""
         sent = self.service.encode(x)
         keys = [input_key(row) for row in sent]
+        self.distinct.update(keys)
         have = self.store.get(keys)
         missing: dict[bytes, int] = {}
         for i, k in enumerate(keys):

@@ -40,7 +40,7 @@ from fides.protect.distill import (
 )
 from fides.protect.query import AnswerError, Querier, answer_kind, as_probabilities
 from fides.protect.service import Service, ServiceError, open_service
-from fides.protect.store import AnswerStore, input_key
+from fides.protect.store import AnswerStore
 from verifier.cards import model_card
 from verifier.data import Splits
 from verifier.evaluate import evaluate_models
@@ -89,16 +89,6 @@ class _Answered:
         for a in (self.p_distil, self.p_val, self.p_test):
             h.update(np.ascontiguousarray(a).tobytes())
         return h.hexdigest()[:16]
-
-
-def _distinct_inputs(service: Service, *images: np.ndarray, chunk: int = 8192) -> int:
-    """How many distinct inputs (as sent: the store's keys) ``images`` hold: the queries
-    they cost, whichever run paid for them."""
-    keys: set[bytes] = set()
-    for x in images:
-        for i in range(0, len(x), chunk):
-            keys.update(input_key(row) for row in service.encode(x[i : i + chunk]))
-    return len(keys)
 
 
 def _ask_everything(
@@ -503,7 +493,7 @@ def _protect(
     with progress_bar(show) as bar:
         querier = Querier(service, store, cfg.query, max_queries=max_queries, progress=bar)
         ans = _ask_everything(cfg, pool, querier, service)
-        distil_queries = _distinct_inputs(service, ans.x_distil, pool.val, pool.test)
+        distil_queries = len(querier.distinct)  # train, views, validation, test
         determinism = querier.repeat_probe(pool.train[: cfg.query.repeat_probe])
     querier.progress = None  # the evaluation has bars of its own
     spot = _spot_check(cfg, pool, ans)
