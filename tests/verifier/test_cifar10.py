@@ -155,19 +155,8 @@ def test_the_committed_verifier_is_a_quarter_of_the_service(recipe: str) -> None
     from verifier.nets import NetConfig
 
     def flops(spec: Any) -> int:
-        cfg = NetConfig(
-            widths=tuple(spec.widths),
-            convs_per_block=spec.convs_per_block,
-            pool=spec.pool,
-            pool_after=spec.pool_after,
-            activation=spec.activation,
-            stem=spec.stem,
-            in_channels=3,
-            mean=(0.5,) * 3,
-            std=(0.25,) * 3,
-            image_size=(32, 32),
-        )
-        return count_flops(ConvNet(cfg), (3, 32, 32))
+        data = NetConfig(in_channels=3, mean=(0.5,) * 3, std=(0.25,) * 3, image_size=(32, 32))
+        return count_flops(ConvNet(data.with_layout(spec)), (3, 32, 32))
 
     service = flops(exp.student.net)
     assert flops(exp.verifier.candidates[0]) <= exp.verifier.max_flops_ratio * service
