@@ -10,7 +10,10 @@ attestation):
   certificate (the role of the Nitro Security Module's key): it signs attestation documents;
 - the result key (P-256, ES256), whose public half the attestation document carries in
   ``public_key`` (the role of an enclave application's key): it signs verification results.
-  ES256 because its signature is on every verified answer's path.
+  ES256 because its signature is on every verified answer's path;
+- a session key per relying party that offers one when it attests (X25519, HKDF, HMAC-SHA256,
+  :mod:`fides_core.session`): results verified under it carry a MAC the relying party checks
+  instead of the signature; the signature stays for everybody else.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import logging
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +64,7 @@ from fides_core.evidence import (
     merkle_tree,
 )
 from fides_core.measurement import CODE_ROOT, Measurement
+from fides_core.session import SessionError, SessionKey, accept_offer
 from fides_core.tensors import Array, encode_tensor, tensor_digest
 from fides_core.verify import (
     InputSpec,
@@ -76,6 +81,9 @@ BANNER = (
     "evidence is marked simulated=true and a strict verifier rejects it."
 )
 LEAF_RENEW_BEFORE = dt.timedelta(days=1)
+# MAC sessions kept at once (one per attesting gateway; the oldest is dropped beyond this, and
+# its gateway falls back to checking signatures)
+MAX_SESSIONS = 16
 
 # onnxruntime type string -> OIP datatype
 _ORT_TYPES = {
@@ -162,6 +170,7 @@ class EnclaveCore:
         )
         self._seq = 0
         self._lock = threading.Lock()
+        self._sessions: OrderedDict[bytes, SessionKey] = OrderedDict()
         self.counters = _Counters()
 
     # -- boot ----------------------------------------------------------------------------
@@ -244,16 +253,35 @@ class EnclaveCore:
             )
         return self._leaf.public_bytes(serialization.Encoding.DER)
 
-    def attest(self, nonce: bytes, user_data: bytes | None = None) -> bytes:
-        """An attestation document (COSE_Sign1) binding ``nonce`` to this boot's identity."""
+    def attest(
+        self, nonce: bytes, user_data: bytes | None = None, session_key: bytes | None = None
+    ) -> bytes:
+        """An attestation document (COSE_Sign1) binding ``nonce`` to this boot's identity.
+
+        ``session_key``: a relying party's X25519 public key (:mod:`fides_core.session`); the
+        document then carries this enclave's half of the exchange, and results verified under
+        that session carry a MAC besides their signature."""
         if not isinstance(nonce, bytes) or not MIN_NONCE <= len(nonce) <= MAX_NONCE:
             raise InvalidRequest(f"nonce must be {MIN_NONCE}..{MAX_NONCE} bytes")
         if user_data is not None and (
             not isinstance(user_data, bytes) or len(user_data) > MAX_USER_DATA
         ):
             raise InvalidRequest(f"user_data must be at most {MAX_USER_DATA} bytes")
+        session_answer: dict[str, bytes] | None = None
+        if session_key is not None:
+            try:
+                session, session_answer = accept_offer(
+                    session_key, nonce=nonce, module_id=self.module_id
+                )
+            except SessionError as exc:
+                raise InvalidRequest(str(exc)) from None
+            with self._lock:
+                self._sessions[session.id] = session
+                self._sessions.move_to_end(session.id)
+                while len(self._sessions) > MAX_SESSIONS:
+                    self._sessions.popitem(last=False)
         busy_wait_us(self.resources.transition_us)
-        claims = {
+        claims: dict[str, Any] = {
             "module_id": self.module_id,
             "timestamp": _now_ms(self._clock),
             "digest": "SHA384",
@@ -273,7 +301,16 @@ class EnclaveCore:
                 "transition_us": self.resources.transition_us,
             },
         }
+        if session_answer is not None:
+            claims["fides"]["session"] = session_answer
         return cose.sign1(cbor2.dumps(claims), self._attestation_cose)
+
+    def session_mac(self, session_id: bytes, signed_result: bytes) -> bytes | None:
+        """The MAC of a signed result under a session this boot agreed, or None when it
+        does not know the session (another boot's, or dropped): the relying party then
+        checks the signature, which it always can."""
+        session = self._sessions.get(session_id)
+        return session.mac(signed_result) if session is not None else None
 
     # -- verification --------------------------------------------------------------------
 

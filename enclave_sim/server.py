@@ -153,12 +153,15 @@ class EnclaveServer:
                 result = self.core.info()
             elif op == "attest":
                 nonce, user_data = body.get("nonce"), body.get("user_data")
-                if not isinstance(nonce, bytes) or not isinstance(user_data, bytes | None):
+                session_key = body.get("session_key")
+                if not all(isinstance(x, bytes | None) for x in (nonce, user_data, session_key)):
                     raise InvalidRequest(
-                        "attest needs a byte-string nonce (and optional user_data)"
+                        "attest needs a byte-string nonce (and optional user_data, session_key)"
                     )
+                if nonce is None:
+                    raise InvalidRequest("attest needs a byte-string nonce")
                 evidence = await loop.run_in_executor(
-                    self._pool, self.core.attest, nonce, user_data
+                    self._pool, self.core.attest, nonce, user_data, session_key
                 )
                 result = {"evidence": evidence}
             elif op == "verify":
@@ -173,8 +176,11 @@ class EnclaveServer:
         return protocol.answer(request_id, result)
 
     def _verify(self, body: dict[str, Any]) -> dict[str, Any]:
+        session = body.get("session")
+        if session is not None and not isinstance(session, bytes):
+            raise InvalidRequest("session must be a byte string (the id from attest)")
         out = self.core.verify(parse_requests(body.get("requests")))
-        return {
+        answer: dict[str, Any] = {
             "seq": out.seq,
             "items": [
                 {"id": item.id, "error": {"code": item.code, "message": item.message}}
@@ -187,6 +193,11 @@ class EnclaveServer:
                 for item in out.items
             ],
         }
+        if session is not None and out.result:
+            mac = self.core.session_mac(session, out.result)
+            if mac is not None:  # an unknown session: no MAC, the signature is checked
+                answer["mac"] = mac
+        return answer
 
 
 async def serve(

@@ -437,6 +437,32 @@ def decode_result_evidence(evidence: bytes) -> dict[str, Any]:
     return doc
 
 
+def _result_payload(payload: bytes) -> dict[str, Any]:
+    try:
+        result = cbor2.loads(payload)
+    except Exception:
+        raise MalformedEvidence("verification result payload is not CBOR") from None
+    if not isinstance(result, dict) or result.get("type") != RESULT_TYPE:
+        raise MalformedEvidence(f"not a {RESULT_TYPE} payload")
+    return result
+
+
+def accept_authenticated_result(
+    signed: bytes, attested: AttestedEnclave, verified_results: dict[bytes, dict[str, Any]]
+) -> None:
+    """Enter a batch's signed result in ``verified_results`` (see :func:`check_verification`)
+    WITHOUT checking its signature, for a caller that authenticated these exact bytes another
+    way: the gateway, by its session MAC (:mod:`fides_core.session`). The shape and alg are
+    checked as for a signature; every per-item check (boot, measurement, Merkle proof, input
+    bytes, nonce, id, outputs) still runs in check_verification. Never call it for bytes that
+    a third party handed over: only a signature proves anything to a third party."""
+    try:
+        _, payload = cose.split_sign1(signed, alg=attested.result_key.alg)
+    except cose.CoseError as exc:
+        raise MalformedEvidence(f"verification result: {exc}") from None
+    verified_results[signed] = _result_payload(payload)
+
+
 def check_verification(
     evidence: bytes,
     *,
@@ -475,12 +501,7 @@ def check_verification(
             payload = cose.verify1(signed, attested.result_key)
         except cose.CoseError as exc:
             raise SignatureError(f"verification result signature: {exc}") from None
-        try:
-            result = cbor2.loads(payload)
-        except Exception:
-            raise MalformedEvidence("verification result payload is not CBOR") from None
-        if not isinstance(result, dict) or result.get("type") != RESULT_TYPE:
-            raise MalformedEvidence(f"not a {RESULT_TYPE} payload")
+        result = _result_payload(payload)
         if verified_results is not None:
             verified_results[signed] = result
     seq = _require(result, "seq", int)

@@ -11,9 +11,14 @@ Request body  ``{"v": 1, "id": int, "op": str, ...op arguments}``
 Answer body   ``{"v": 1, "id": int, "result": {...}}``
 Error body    ``{"v": 1, "id": int | null, "error": {"code": str, "message": str}}``
 
-Operations: ``ping``, ``info``, ``attest`` (``nonce``, ``user_data``?) and ``verify``
-(``requests``: ``[{"id": str, "nonce": bytes, "inputs": {name: tensor}}]``, one frame per
-batch). A body longer than the maximum frame size is answered with ``frame_too_large`` and the
+Operations: ``ping``, ``info``, ``attest`` (``nonce``, ``user_data``?, ``session_key``?: an
+X25519 public key, see :mod:`fides_core.session`) and ``verify`` (``requests``:
+``[{"id": str, "nonce": bytes, "inputs": {name: tensor}}]``, one frame per batch; ``session``?:
+a session id, and the answer then carries ``mac``, the session's MAC of the signed result,
+unless the enclave does not know the session). Both optional fields were added without a
+version change: an enclave that ignores them answers as before.
+
+A body longer than the maximum frame size is answered with ``frame_too_large`` and the
 connection is closed (the stream cannot be trusted past an unread body); a malformed body or
 another version is answered with an error and the connection goes on.
 """

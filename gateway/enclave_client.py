@@ -39,13 +39,18 @@ from fides_core import enclave_wire as protocol
 from fides_core.attestation import (
     AttestationError,
     AttestedEnclave,
+    BindingError,
     Policy,
+    SignatureError,
+    accept_authenticated_result,
     check_verification,
+    decode_result_evidence,
     load_root,
     verify_attestation,
 )
 from fides_core.enclave_errors import EnclaveFailure as EnclaveSideError
 from fides_core.enclave_errors import ProtocolError
+from fides_core.session import SessionError, SessionKey, SessionOffer
 from fides_core.tensors import decode_tensors
 from fides_core.verify import RejectedItem, VerifiedItem, VerifyRequest, encode_requests
 from gateway.errors import GatewayError
@@ -94,10 +99,13 @@ class EnclaveUnavailable(EnclaveError):
 class VerifyResult:
     """One verified batch: the enclave's sequence number and, in request order, each
     request's outputs and per-request evidence (base64 it into ``integrity_evidence``), or a
-    :class:`RejectedItem` for a request the enclave refused on its own."""
+    :class:`RejectedItem` for a request the enclave refused on its own. ``mac``: the session's
+    MAC of the batch's signed result, when the call named a session the enclave knows
+    (:mod:`fides_core.session`); it is for the gateway's check only, never evidence."""
 
     seq: int
     items: list[VerifiedItem | RejectedItem]
+    mac: bytes | None = None
 
 
 class EnclaveState(enum.StrEnum):
@@ -149,9 +157,11 @@ class EnclaveClient(Protocol):
 
 
 def _result_from_wire(result: Mapping[str, Any], requests: Sequence[VerifyRequest]) -> VerifyResult:
-    seq, items = result.get("seq"), result.get("items")
+    seq, items, mac = result.get("seq"), result.get("items"), result.get("mac")
     if not isinstance(seq, int) or not isinstance(items, list) or len(items) != len(requests):
         raise EnclaveError("malformed verify answer", code="malformed_answer")
+    if mac is not None and not isinstance(mac, bytes):
+        raise EnclaveError("malformed MAC in a verify answer", code="malformed_answer")
     out: list[VerifiedItem | RejectedItem] = []
     for req, item in zip(requests, items, strict=True):
         if not isinstance(item, dict) or item.get("id") != req.id:
@@ -170,14 +180,29 @@ def _result_from_wire(result: Mapping[str, Any], requests: Sequence[VerifyReques
         except EnclaveSideError as exc:
             raise EnclaveError(str(exc), code="malformed_answer") from None
         out.append(VerifiedItem(req.id, outputs, evidence))
-    return VerifyResult(seq, out)
+    return VerifyResult(seq, out, mac)
 
 
 def check_batch(
-    attested: AttestedEnclave, requests: Sequence[VerifyRequest], result: VerifyResult
+    attested: AttestedEnclave,
+    requests: Sequence[VerifyRequest],
+    result: VerifyResult,
+    session: SessionKey | None = None,
 ) -> None:
-    """Every item bound to its request's exact inputs, id, nonce and returned outputs."""
+    """Every item bound to its request's exact inputs, id, nonce and returned outputs.
+
+    With a ``session`` and a result that carries its MAC, the batch's signed result is
+    authenticated by the MAC (a hash) instead of its ES256 signature (an ECDSA verify and a
+    COSE decode); every other check runs as before. A wrong MAC is refused, never retried as
+    a signature: nothing but the enclave and this gateway can make a right one."""
     verified: dict[bytes, dict[str, Any]] = {}  # the batch's one signed result, checked once
+    if session is not None and result.mac is not None:
+        first = next((it for it in result.items if isinstance(it, VerifiedItem)), None)
+        if first is not None:
+            signed = decode_result_evidence(first.evidence)["result"]
+            if not session.check(signed, result.mac):
+                raise SignatureError("the batch's MAC does not check under our enclave session")
+            accept_authenticated_result(signed, attested, verified)
     for req, item in zip(requests, result.items, strict=True):
         if isinstance(item, RejectedItem):
             continue  # nothing was signed for it, and it is never reported verified
@@ -328,14 +353,26 @@ class SocketEnclaveClient:
     async def info(self) -> dict[str, Any]:
         return await self._call("info")
 
-    async def attest(self, nonce: bytes, user_data: bytes | None = None) -> bytes:
-        evidence = (await self._call("attest", nonce=nonce, user_data=user_data)).get("evidence")
+    async def attest(
+        self, nonce: bytes, user_data: bytes | None = None, session_key: bytes | None = None
+    ) -> bytes:
+        """``session_key``: offer a MAC session (:mod:`fides_core.session`)."""
+        args: dict[str, Any] = {"nonce": nonce, "user_data": user_data}
+        if session_key is not None:
+            args["session_key"] = session_key
+        evidence = (await self._call("attest", **args)).get("evidence")
         if not isinstance(evidence, bytes):
             raise EnclaveError("attest answer without evidence", code="malformed_answer")
         return evidence
 
-    async def verify(self, requests: Sequence[VerifyRequest]) -> VerifyResult:
-        result = await self._call("verify", requests=encode_requests(requests))
+    async def verify(
+        self, requests: Sequence[VerifyRequest], session: bytes | None = None
+    ) -> VerifyResult:
+        """``session``: a session id; the enclave then MACs the result if it knows it."""
+        args: dict[str, Any] = {"requests": encode_requests(requests)}
+        if session is not None:
+            args["session"] = session
+        result = await self._call("verify", **args)
         return _result_from_wire(result, requests)
 
     async def close(self) -> None:
@@ -383,6 +420,8 @@ class SupervisorCounters:
     crashes: int = 0  # the process exited or stopped answering while up
     failed_starts: int = 0  # starts that did not reach an attested "up"
     check_failures: int = 0  # results whose evidence did not check (never returned)
+    mac_checks: int = 0  # batches authenticated by the session's MAC
+    signature_checks: int = 0  # batches authenticated by their signature (no session MAC)
     last_error: str = ""
 
 
@@ -437,6 +476,7 @@ class EnclaveSupervisor:
         self._process: asyncio.subprocess.Process | None = None
         self._log_file: IO[bytes] | None = None
         self._attested: AttestedEnclave | None = None
+        self._session: SessionKey | None = None  # agreed with the attested boot
         self._monitor: asyncio.Task[None] | None = None
         self._stopping = False
         self._up = asyncio.Event()
@@ -480,6 +520,9 @@ class EnclaveSupervisor:
             "crashes": self.counters.crashes,
             "failed_starts": self.counters.failed_starts,
             "check_failures": self.counters.check_failures,
+            "session": self._session is not None and attested is not None,
+            "mac_checks": self.counters.mac_checks,
+            "signature_checks": self.counters.signature_checks,
             "last_error": self.counters.last_error,
         }
 
@@ -537,6 +580,7 @@ class EnclaveSupervisor:
         else:
             self._up.clear()
             self._attested = None
+            self._session = None
 
     async def _spawn(self) -> asyncio.subprocess.Process:
         self.launch.socket_path.parent.mkdir(parents=True, exist_ok=True)
@@ -561,14 +605,14 @@ class EnclaveSupervisor:
         self._process = await self._spawn()
         try:
             await self._wait_ready(self._process)
-            attested = await self._attest_with_own_nonce()
+            attested, session = await self._attest_with_own_nonce()
         except BaseException as exc:
             self.counters.failed_starts += 1
             self.counters.last_error = f"{type(exc).__name__}: {exc}"
             await self._terminate()
             raise
         self._set_state(EnclaveState.UP)
-        self._attested = attested
+        self._attested, self._session = attested, session
         log.warning(
             "enclave pid %d up and attested: %s, measurement %s%s",
             self._process.pid,
@@ -577,12 +621,24 @@ class EnclaveSupervisor:
             " (SIMULATED)" if attested.simulated else "",
         )
 
-    async def _attest_with_own_nonce(self) -> AttestedEnclave:
-        """Challenge the enclave behind the socket and check its evidence against the pinned
-        root and the policy (raises AttestationError or EnclaveError)."""
+    async def _attest_with_own_nonce(self) -> tuple[AttestedEnclave, SessionKey | None]:
+        """Challenge the enclave behind the socket, offering a MAC session, and check its
+        evidence against the pinned root and the policy (raises AttestationError or
+        EnclaveError). The session is None when the enclave does not offer one (it predates
+        sessions): its results are then checked by their signatures."""
         nonce = secrets.token_bytes(32)
-        evidence = await self._client.attest(nonce)
-        return verify_attestation(evidence, root=self.root, policy=self.policy, nonce=nonce)
+        offer = SessionOffer.new()
+        evidence = await self._client.attest(nonce, session_key=offer.public)
+        attested = verify_attestation(evidence, root=self.root, policy=self.policy, nonce=nonce)
+        fides_claims = attested.claims.get("fides")
+        answer = fides_claims.get("session") if isinstance(fides_claims, dict) else None
+        if answer is None:
+            log.warning("the enclave %s offers no MAC session", attested.module_id)
+            return attested, None
+        try:
+            return attested, offer.complete(answer, nonce=nonce, module_id=attested.module_id)
+        except SessionError as exc:
+            raise BindingError(f"the attested session is not ours: {exc}") from None
 
     async def _wait_ready(self, process: asyncio.subprocess.Process) -> None:
         deadline = time.monotonic() + self.ready_timeout_s
@@ -697,20 +753,24 @@ class EnclaveSupervisor:
         """Verify a batch; each result is checked against the attested key, inputs and
         nonce before it is returned. A result from another boot (the enclave restarted in
         between) fails the check and raises EnclaveUnavailable: never reported verified."""
-        attested = self._require_up()
+        attested, session = self._require_up(), self._session
         t0 = time.perf_counter()
-        result = await self._client.verify(requests)
+        result = await self._client.verify(requests, session.id if session else None)
         t1 = time.perf_counter()
         if self.check_results:
+            if session is not None and result.mac is not None:
+                self.counters.mac_checks += 1
+            else:
+                self.counters.signature_checks += 1
             try:
-                # One ES256 verification per batch plus hashing per item: on the event loop
-                # for small batches (a thread hop and the GIL hand-back cost more than the
-                # check), off it when re-hashing the inputs takes long.
+                # One MAC (or ES256 signature) per batch plus hashing per item: on the event
+                # loop for small batches (a thread hop and the GIL hand-back cost more than
+                # the check), off it when re-hashing the inputs takes long.
                 size = sum(a.nbytes for r in requests for a in r.inputs.values())
                 if size <= INLINE_CHECK_BYTES:
-                    check_batch(attested, requests, result)
+                    check_batch(attested, requests, result, session)
                 else:
-                    await asyncio.to_thread(check_batch, attested, requests, result)
+                    await asyncio.to_thread(check_batch, attested, requests, result, session)
             except AttestationError as exc:
                 self.counters.check_failures += 1
                 if self.attested is not attested:
@@ -771,10 +831,10 @@ class AttachedEnclave(EnclaveSupervisor):
         if not self.launch.socket_path.exists():
             raise EnclaveUnavailable(f"no enclave socket at {self.launch.socket_path}")
         await self._client._call("ping", timeout_s=2.0)
-        attested = await self._attest_with_own_nonce()
+        attested, session = await self._attest_with_own_nonce()
         self.counters.starts += 1
         self._set_state(EnclaveState.UP)
-        self._attested = attested
+        self._attested, self._session = attested, session
         log.warning(
             "attached to the enclave at %s: %s, measurement %s%s",
             self.launch.socket_path,

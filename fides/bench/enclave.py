@@ -15,12 +15,21 @@ model and onnxruntime settings (one intra-op thread):
 ``socket_enclave_checked``
     ``socket_enclave`` plus the gateway supervisor's :func:`check_verification` of every
     item (one ES256 verification per batch, one Merkle proof and input re-hash per request).
+``socket_enclave_session``
+    ``socket_enclave`` under a MAC session agreed at attestation (:mod:`fides_core.session`):
+    the enclave also MACs each signed result.
+``socket_enclave_mac_checked``
+    ``socket_enclave_session`` plus the gateway's check as the supervisor does it with a
+    session: the MAC instead of the signature, every other binding as before.
 
 Overhead = socket_enclave - in_process_ort (median per call), and its share of the total
-``socket_enclave`` time. Two synthetic verifiers (seeded random weights) unless models are
-given: a digits-sized MLP 64-256-256-10 (the model costs microseconds, so the boundary
-dominates) and an MLP 784-2048-2048-10 (5.8 M parameters, 23 MB, well inside the 96 MB
-budget). Client and enclave share the machine's cores.
+``socket_enclave`` time. Boundary = socket_enclave_mac_checked - in_process_ort: what a call
+costs beyond the model as the gateway makes it (issue 25's bar).
+
+Two synthetic verifiers (seeded random weights) unless models are given: a digits-sized MLP
+64-256-256-10 (the model costs microseconds, so the boundary dominates) and an MLP
+784-2048-2048-10 (5.8 M parameters, 23 MB, well inside the 96 MB budget). Client and
+enclave share the machine's cores.
 """
 
 from __future__ import annotations
@@ -51,11 +60,19 @@ from enclave_sim.pki import ROOT_CERT, init_ca, load_identity
 from enclave_sim.sealing import seal
 from fides_core.attestation import Policy, verify_attestation
 from fides_core.enclave_config import EnclaveModelConfig
+from fides_core.session import SessionOffer
 from fides_core.verify import VerifyRequest
 
 Log = Callable[..., None]
 BATCH_SIZES = (1, 32)
-MODES = ("in_process_ort", "in_process_core", "socket_enclave", "socket_enclave_checked")
+MODES = (
+    "in_process_ort",
+    "in_process_core",
+    "socket_enclave",
+    "socket_enclave_checked",
+    "socket_enclave_session",
+    "socket_enclave_mac_checked",
+)
 READY_TIMEOUT_S = 60.0
 
 
@@ -198,9 +215,15 @@ async def _socket_modes(
                 if time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.05)
-        nonce = os.urandom(32)
+        nonce, offer = os.urandom(32), SessionOffer.new()
         attested = verify_attestation(
-            await client.attest(nonce), root=root_pem, policy=policy, nonce=nonce
+            await client.attest(nonce, session_key=offer.public),
+            root=root_pem,
+            policy=policy,
+            nonce=nonce,
+        )
+        session = offer.complete(
+            attested.claims["fides"]["session"], nonce=nonce, module_id=attested.module_id
         )
         out: dict[int, dict[str, dict[str, float]]] = {}
         for batch, requests in batches.items():
@@ -209,11 +232,22 @@ async def _socket_modes(
                 await client.verify(reqs)
 
             async def checked(reqs: list[VerifyRequest] = requests) -> None:
-                check_batch(attested, reqs, await client.verify(reqs))  # as the supervisor does
+                check_batch(attested, reqs, await client.verify(reqs))  # by the signature
+
+            async def in_session(reqs: list[VerifyRequest] = requests) -> None:
+                await client.verify(reqs, session.id)
+
+            async def mac_checked(reqs: list[VerifyRequest] = requests) -> None:
+                result = await client.verify(reqs, session.id)
+                if result.mac is None:
+                    raise RuntimeError("the enclave did not MAC a result of our session")
+                check_batch(attested, reqs, result, session)  # as the supervisor does
 
             out[batch] = {
                 "socket_enclave": await _timed_async(plain, duration_s, warmup),
                 "socket_enclave_checked": await _timed_async(checked, duration_s, warmup),
+                "socket_enclave_session": await _timed_async(in_session, duration_s, warmup),
+                "socket_enclave_mac_checked": await _timed_async(mac_checked, duration_s, warmup),
             }
         return out
     finally:
@@ -330,6 +364,11 @@ def run_enclave_bench(
                     "overhead_us": total - r["in_process_ort"],
                     "overhead_share": (total - r["in_process_ort"]) / total if total else 0.0,
                     "gateway_check_us": r["socket_enclave_checked"] - total,
+                    "gateway_mac_check_us": (
+                        r["socket_enclave_mac_checked"] - r["socket_enclave_session"]
+                    ),
+                    "boundary_signature_us": r["socket_enclave_checked"] - r["in_process_ort"],
+                    "boundary_mac_us": r["socket_enclave_mac_checked"] - r["in_process_ort"],
                 }
             )
     report: dict[str, Any] = {
@@ -357,16 +396,24 @@ def run_enclave_bench(
 
 
 def markdown_table(summary: list[dict[str, Any]]) -> list[str]:
+    """The summary as a table; the session columns read "-" for results from before them."""
+
+    def us(s: dict[str, Any], key: str) -> str:
+        return f"{s[key]:.0f}" if key in s else "-"
+
     lines = [
         "| model | batch | ORT in-process (us) | + hash & sign (us) | enclave via socket (us) "
-        "| overhead (us) | overhead share | gateway check (us) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| overhead (us) | overhead share | gateway check: signature (us) | gateway check: MAC "
+        "(us) | boundary with signature check (us) | boundary with MAC check (us) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in summary:
         lines.append(
             f"| {s['model']} | {s['batch']} | {s['in_process_ort_us']:.0f} "
             f"| {s['in_process_core_us']:.0f} "
             f"| {s['socket_enclave_us']:.0f} | {s['overhead_us']:.0f} "
-            f"| {100 * s['overhead_share']:.0f}% | {s['gateway_check_us']:.0f} |"
+            f"| {100 * s['overhead_share']:.0f}% | {s['gateway_check_us']:.0f} "
+            f"| {us(s, 'gateway_mac_check_us')} | {us(s, 'boundary_signature_us')} "
+            f"| {us(s, 'boundary_mac_us')} |"
         )
     return lines

@@ -279,6 +279,74 @@ async def test_supervisor_restarts_a_hung_enclave(files: EnclaveFiles) -> None:
         assert not any(pid_alive(p) for p in pids)
 
 
+async def test_supervisor_checks_results_by_its_session_mac(files: EnclaveFiles) -> None:
+    """The supervisor offers a MAC session when it attests and checks every batch by its
+    MAC; the evidence it returns is the signed one, which a client checks on its own; after a
+    restart the new boot gets a new session."""
+    with short_tmpdir() as d:
+        sup = _supervisor(files, d, health_interval_s=0)
+        try:
+            await sup.start()
+            attested = sup.attested
+            assert attested is not None
+            assert "session" in attested.claims["fides"]
+            requests = [_request(i) for i in range(3)]
+            results = await asyncio.gather(*(sup.verify([r]) for r in requests))
+            assert all(r.mac is not None for r in results)
+            assert sup.counters.mac_checks == 3
+            assert sup.counters.signature_checks == 0
+            snap = sup.snapshot()
+            assert snap["session"] is True
+            assert snap["mac_checks"] == 3
+            for req, result in zip(requests, results, strict=True):
+                check_verification(  # a client's check: the signature, no session
+                    result.items[0].evidence,  # type: ignore[union-attr]
+                    attested=attested,
+                    inputs=req.inputs,
+                    nonce=req.nonce,
+                    request_id=req.id,
+                    outputs=result.items[0].outputs,  # type: ignore[union-attr]
+                )
+            first_pid = sup.pid
+            assert first_pid is not None
+            os.kill(first_pid, signal.SIGKILL)
+            await _wait_restarts(sup, 1)
+            await sup.verify([_request(9)])
+            assert sup.counters.mac_checks == 4
+            assert sup.counters.signature_checks == 0
+        finally:
+            await sup.close()
+
+
+async def test_supervisor_falls_back_to_signatures_without_a_session(
+    files: EnclaveFiles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An enclave that offers no session (one that predates sessions: here the offer is
+    dropped on the way) is still checked, by every result's signature; a session id the
+    enclave does not know gets no MAC."""
+    with short_tmpdir() as d:
+        sup = _supervisor(files, d, health_interval_s=0)
+        real_attest = sup._client.attest
+
+        async def attest_without_offer(
+            nonce: bytes, user_data: bytes | None = None, session_key: bytes | None = None
+        ) -> bytes:
+            return await real_attest(nonce, user_data)
+
+        monkeypatch.setattr(sup._client, "attest", attest_without_offer)
+        try:
+            await sup.start()
+            assert sup.snapshot()["session"] is False
+            result = await sup.verify([_request(1)])
+            assert result.mac is None
+            assert sup.counters.signature_checks == 1
+            assert sup.counters.mac_checks == 0
+            unknown = await sup._client.verify([_request(2)], session=b"not-a-session-id")
+            assert unknown.mac is None
+        finally:
+            await sup.close()
+
+
 async def test_supervisor_refuses_an_enclave_the_policy_rejects(files: EnclaveFiles) -> None:
     with short_tmpdir() as d:
         sup = _supervisor(files, d, policy=Policy.of(b"\x07" * 48, allow_simulated=True))
