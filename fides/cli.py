@@ -111,6 +111,13 @@ def protect_cmd(
         Path | None,
         typer.Option(help="Report JSON (+ .md beside it); default <run-dir>/report.json."),
     ] = None,
+    retry_unusable: Annotated[
+        bool,
+        typer.Option(
+            help="Ask again for inputs an earlier run got NaN / Inf answers for (recorded "
+            "in the answer store and otherwise not paid for twice)."
+        ),
+    ] = False,
 ) -> None:
     """Build the integrity kit for a classifier you already have (a repository model or a
     remote endpoint queried as a black box): verifier, detector, re-classifier, report."""
@@ -125,6 +132,7 @@ def protect_cmd(
             max_queries=max_queries,
             out=out,
             console=console,
+            retry_unusable=retry_unusable,
         )
     except CommandFailed as exc:
         console.print(f"[red]error:[/red] {exc.message}")

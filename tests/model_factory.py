@@ -101,3 +101,30 @@ def make_repository(root: Path, datatypes: tuple[str, ...] = ("FP32", "INT32", "
         write_config(d, {"platform": "onnx", "max_batch_size": 0, "onnx": {"intra_op_threads": 1}})
         identity(d / "1" / "model.onnx", dt)
     return root
+
+
+def nan_on_blank(path: Path, width: int = 8, classes: int = 10) -> None:
+    """input FP32 [N, 1, width, width] -> probabilities FP32 [N, classes]: a softmax over a
+    fixed linear layer, times sum(x) / sum(x), so a blank (all-zero) image is answered with
+    NaN (0 / 0) and every other image with a probability vector."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(width * width, classes)).astype(np.float32)
+    nodes = [
+        helper.make_node("Flatten", ["input"], ["flat"], axis=1),
+        helper.make_node("MatMul", ["flat", "W"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["soft"], axis=1),
+        helper.make_node("ReduceSum", ["flat", "axes"], ["total"], keepdims=1),
+        helper.make_node("Div", ["total", "total"], ["one_or_nan"]),
+        helper.make_node("Mul", ["soft", "one_or_nan"], ["probabilities"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "nan_on_blank",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, width, width])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", classes])],
+        [
+            numpy_helper.from_array(w, "W"),
+            numpy_helper.from_array(np.array([1], dtype=np.int64), "axes"),
+        ],
+    )
+    _save(helper.make_model(graph), path)

@@ -64,6 +64,7 @@ def protect_command(
     max_queries: int | None,
     out: Path | None,
     console: Console,
+    retry_unusable: bool = False,
 ) -> dict[str, Any]:
     """Run the kit; raises :class:`CommandFailed` with an exit code and a message."""
     try:
@@ -85,6 +86,7 @@ def protect_command(
                 answers=answers,
                 max_queries=max_queries,
                 show_progress=True,
+                retry_unusable=retry_unusable,
             )
     except KeyboardInterrupt:
         raise CommandFailed(

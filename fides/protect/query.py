@@ -57,6 +57,9 @@ class AnswerError(ValueError):
     """The service's answers cannot be used as they are; the message names the problem."""
 
 
+UNUSABLE_REASON = "non-finite values (NaN / Inf)"
+
+
 class BudgetExhausted(RuntimeError):
     """The query budget does not cover the inputs still unanswered."""
 
@@ -140,6 +143,16 @@ class Querier:
         for i, k in enumerate(keys):
             if k not in have and k not in missing:
                 missing[k] = i
+        earlier = self.store.unusable(missing) if missing else {}
+        if earlier:  # answered NaN / Inf before: not paid for again
+            first = min(missing[k] for k in earlier)
+            raise AnswerError(
+                f"{len(earlier)} of the {what} were answered with unusable values by an earlier "
+                "run "
+                f"({next(iter(earlier.values()))}; first: input #{first}), recorded in "
+                f"{self.store.path} and not asked for again: remove them from the inputs, or "
+                "rerun with --retry-unusable to pay for them once more"
+            )
         if missing:
             self._fetch(sent, list(missing.items()), what)
             have.update(self.store.get(missing))  # only what was just asked for
@@ -320,7 +333,8 @@ class Querier:
             if not ok:
                 bad.append(f"input #{i}")
         keys = [k for (k, _), ok in zip(chunk, finite, strict=True) if ok]
-        self.store.put(keys, answer[finite], paid=len(chunk))
+        unusable = {k: UNUSABLE_REASON for (k, _), ok in zip(chunk, finite, strict=True) if not ok}
+        self.store.put(keys, answer[finite], paid=len(chunk), unusable=unusable)
         self.asked += len(chunk)
 
     def _report(self, prog: _Progress, what: str) -> None:

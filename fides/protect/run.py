@@ -428,10 +428,12 @@ def protect(
     answers: Path | None = None,
     max_queries: int | None = None,
     show_progress: bool = False,
+    retry_unusable: bool = False,
 ) -> ProtectResult:
     """The whole kit (see the module docstring). Raises ServiceError, AnswerError,
     BudgetExhausted, QueryFailed, DataError or StoreError with a message for the user;
-    every answer paid for is in the answer store whatever happens."""
+    every answer paid for is in the answer store whatever happens. ``retry_unusable``: ask
+    again for the inputs an earlier run got unusable (NaN / Inf) answers for."""
     t_start = time.perf_counter()
     set_determinism(cfg.seed, cfg.threads)
     inputs = load_inputs(cfg)
@@ -456,7 +458,15 @@ def protect(
             )
         service.check_images(tuple(pool.train.shape[1:]))
         pool, classes_in = _in_service_order(pool, inputs.classes, service)
-        store = AnswerStore(answers or run_dir / "answers.sqlite", service.identity)
+        store = AnswerStore(
+            answers or run_dir / "answers.sqlite",
+            f"{service.identity}, output {service.output}",
+            legacy_ids=[service.identity],  # stores made before the output was named
+        )
+        if retry_unusable:
+            forgotten = store.forget_unusable()
+            if forgotten:
+                log.warning("%d unusable answers will be asked for again", forgotten)
         try:
             return _protect(
                 cfg,

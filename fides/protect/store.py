@@ -2,13 +2,16 @@
 
 Each answer is committed as soon as it arrives, with the number of inputs paid for, so a run
 that is interrupted, killed or out of budget loses nothing it paid for, and a rerun asks only
-for what is missing. One store belongs to one service: opening it for another is an error.
+for what is missing. An answer that came back unusable (NaN / Inf) is recorded as such, so a
+rerun does not pay for it again. One store belongs to one service and one of its outputs:
+opening it for another is an error.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import sqlite3
 from collections.abc import Iterable
 from pathlib import Path
@@ -16,11 +19,14 @@ from typing import Any
 
 import numpy as np
 
+log = logging.getLogger(__name__)
+
 __all__ = ["AnswerStore", "StoreError", "input_key"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS answers (key BLOB PRIMARY KEY, answer BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS unusable (key BLOB PRIMARY KEY, reason TEXT NOT NULL);
 """
 _CHUNK = 500  # keys per SELECT (SQLite's default limit on host parameters is 32766)
 
@@ -40,7 +46,9 @@ def input_key(row: np.ndarray) -> bytes:
 class AnswerStore:
     """Answers of one service. Not thread-safe: the query client writes from one thread."""
 
-    def __init__(self, path: Path, service_id: str) -> None:
+    def __init__(self, path: Path, service_id: str, *, legacy_ids: Iterable[str] = ()) -> None:
+        """``legacy_ids``: what a store made by an earlier version recorded for this service
+        (its identity without the output): adopted, and re-recorded as ``service_id``."""
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -51,7 +59,14 @@ class AnswerStore:
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{path}: not a usable answer store ({exc})") from exc
         recorded = self.meta("service")
-        if recorded is None:
+        if recorded is None or recorded in set(legacy_ids):
+            if recorded is not None:
+                log.warning(
+                    "%s was made before answer stores named the output they read; taken as the "
+                    "answers of %s",
+                    path,
+                    service_id,
+                )
             self.set_meta("service", service_id)
         elif recorded != service_id:
             raise StoreError(
@@ -115,12 +130,19 @@ class AnswerStore:
             )
         return dtype, shape
 
-    def put(self, keys: list[bytes], answers: np.ndarray, paid: int) -> None:
-        """Record ``answers`` ([n, ...]) for ``keys`` and ``paid`` more inputs paid for, in
-        one transaction."""
+    def put(
+        self,
+        keys: list[bytes],
+        answers: np.ndarray,
+        paid: int,
+        unusable: dict[bytes, str] | None = None,
+    ) -> None:
+        """Record ``answers`` ([n, ...]) for ``keys``, the ``unusable`` answers (key ->
+        why) and ``paid`` more inputs paid for, in one transaction."""
         self._begin()
         try:
-            self._layout(answers)
+            if len(keys):
+                self._layout(answers)
             self._db.executemany(
                 "INSERT OR REPLACE INTO answers VALUES (?, ?)",
                 (
@@ -128,11 +150,41 @@ class AnswerStore:
                     for k, a in zip(keys, answers, strict=True)
                 ),
             )
+            self._db.executemany(
+                "INSERT OR REPLACE INTO unusable VALUES (?, ?)", (unusable or {}).items()
+            )
             self.set_meta("spent", str(self.spent + paid))
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
+
+    def _select(self, table: str, keys: list[bytes]) -> Iterable[tuple[bytes, Any]]:
+        for i in range(0, len(keys), _CHUNK):
+            part = keys[i : i + _CHUNK]
+            marks = ",".join("?" * len(part))
+            for k, value in self._db.execute(
+                f"SELECT key, {'answer' if table == 'answers' else 'reason'} FROM {table} "
+                f"WHERE key IN ({marks})",
+                part,
+            ):
+                yield bytes(k), value
+
+    def unusable(self, keys: Iterable[bytes]) -> dict[bytes, str]:
+        """The inputs among ``keys`` whose answer came back unusable, and why."""
+        return {k: str(reason) for k, reason in self._select("unusable", list(keys))}
+
+    def forget_unusable(self) -> int:
+        """Drop every unusable record (they will be asked for again); how many there were."""
+        self._begin()
+        try:
+            n = int(self._db.execute("SELECT COUNT(*) FROM unusable").fetchone()[0])
+            self._db.execute("DELETE FROM unusable")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+        return n
 
     def get(self, keys: Iterable[bytes]) -> dict[bytes, np.ndarray]:
         """The recorded answers among ``keys``."""
@@ -140,13 +192,7 @@ class AnswerStore:
         if layout is None:
             return {}
         dtype, shape = np.dtype(str(layout["dtype"])), tuple(int(d) for d in layout["shape"])
-        keys = list(keys)
-        out: dict[bytes, np.ndarray] = {}
-        for i in range(0, len(keys), _CHUNK):
-            part = keys[i : i + _CHUNK]
-            marks = ",".join("?" * len(part))
-            for k, blob in self._db.execute(
-                f"SELECT key, answer FROM answers WHERE key IN ({marks})", part
-            ):
-                out[bytes(k)] = np.frombuffer(blob, dtype=dtype).reshape(shape)
-        return out
+        return {
+            k: np.frombuffer(blob, dtype=dtype).reshape(shape)
+            for k, blob in self._select("answers", list(keys))
+        }

@@ -27,6 +27,7 @@ from fides.protect.service import Service, ServiceError, open_service
 from fides.protect.store import AnswerStore, StoreError
 from gateway.model_config import UpstreamOptions
 from tests.fides.protect.conftest import KEY, MLaaS, protect_raw, upstream
+from tests.model_factory import nan_on_blank, write_config
 from verifier.data import load_digits_arrays
 
 X = load_digits_arrays(0)[0][:300]  # [300, 1, 8, 8] float32 in [0, 1]
@@ -153,6 +154,61 @@ def test_nan_answers_are_named_and_paid_for(mlaas: MLaaS, tmp_path: Path) -> Non
         q.answers(X[:64])
     assert q.store.spent == 64  # both batches came back unusable, and were paid for
     assert len(q.store) == 0
+
+
+def _nan_on_blank_service(root: Path) -> Service:
+    """A repository model that answers NaN for a blank image (and only for one)."""
+    write_config(root / "nanny", {"platform": "onnx", "max_batch_size": 64})
+    nan_on_blank(root / "nanny" / "1" / "model.onnx")
+    service = open_service(
+        repository=root, model="nanny", upstream=None, output=None, max_batch_size=64
+    )
+    _OPEN.append(service)
+    return service
+
+
+def test_inputs_answered_nan_are_recorded_and_not_paid_for_again(tmp_path: Path) -> None:
+    service = _nan_on_blank_service(tmp_path / "repo")
+    x = X[:64].copy()
+    x[[3, 40]] = 0.0  # one blank image (twice, asked once): a NaN row, the other 62 answered
+    store_path = tmp_path / "a.sqlite"
+    cfg = QueryConfig(batch_size=32, concurrency=2)
+
+    def querier() -> Querier:  # a new run: a new store handle on the same file
+        store = AnswerStore(store_path, f"{service.identity}, output {service.output}")
+        _OPEN.append(store)
+        return Querier(service, store, cfg)
+
+    q = querier()
+    with pytest.raises(AnswerError, match=r"non-finite values .* for 1 of 63"):
+        q.answers(x)
+    assert q.store.spent == 63
+    assert len(q.store) == 62
+    rerun = querier()
+    with pytest.raises(
+        AnswerError, match=r"1 of the inputs were answered with unusable .* input #3"
+    ):
+        rerun.answers(x)
+    assert rerun.store.spent == 63  # nothing asked: named at once
+    assert rerun.answers(x[np.r_[0:3, 4:40, 41:64]]).shape == (62, 10)  # the others: recorded
+    assert rerun.store.spent == 63
+    assert rerun.store.forget_unusable() == 1  # --retry-unusable
+    with pytest.raises(AnswerError, match="for 1 of 1"):
+        rerun.answers(x)  # asked once more (still NaN): only the blank one
+    assert rerun.store.spent == 64
+
+
+def test_a_store_is_bound_to_the_output_it_reads(tmp_path: Path) -> None:
+    AnswerStore(tmp_path / "a.sqlite", "model m of r, output probabilities").close()
+    with pytest.raises(StoreError, match="holds the answers of model m of r, output probab"):
+        AnswerStore(tmp_path / "a.sqlite", "model m of r, output logits")
+    # a store made before outputs were named is taken over, and named from then on
+    AnswerStore(tmp_path / "old.sqlite", "model m of r").close()
+    AnswerStore(
+        tmp_path / "old.sqlite", "model m of r, output logits", legacy_ids=["model m of r"]
+    ).close()
+    with pytest.raises(StoreError, match="output logits"):
+        AnswerStore(tmp_path / "old.sqlite", "model m of r, output probabilities")
 
 
 def test_the_wrong_number_of_rows_is_named(mlaas: MLaaS, tmp_path: Path) -> None:
