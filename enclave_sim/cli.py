@@ -6,6 +6,7 @@ Mounted by ``gateway.cli`` as ``fides enclave``; also runnable alone as
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
@@ -209,7 +210,9 @@ def run_cmd(
             transition_us=transition_us,
         )
         core = EnclaveCore.boot(sealed_model, platform_dir, resources=resources)
-        serve(core, socket, max_frame_bytes=max_frame_bytes, exit_with_parent=exit_with_parent)
+        asyncio.run(
+            serve(core, socket, max_frame_bytes=max_frame_bytes, exit_with_parent=exit_with_parent)
+        )
     except (EnclaveFailure, ValueError) as exc:
         logging.getLogger("enclave_sim").error("enclave refused to start: %s", exc)
         raise _fail(exc) from None

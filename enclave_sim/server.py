@@ -1,28 +1,21 @@
-"""The enclave process's server: a Unix-socket server in front of an EnclaveCore.
+"""The enclave process's server: an asyncio Unix-socket server in front of an EnclaveCore.
 
-Only a Unix socket, mode 0600, no network listener. One thread per connection, blocking
-sockets: a thread reads a frame, runs the call (the model, hashing, signing) and writes the
-answer, with no event loop and no hand-off between threads on the way. Connections are
-independent, so a client that sends garbage or hangs up mid-frame only loses its own
-connection, and calls on different connections run side by side (onnxruntime releases the
-GIL). The gateway keeps a small pool of connections per enclave, so the number of threads
-stays small; beyond ``max_connections`` a new connection is told ``busy`` and closed.
-
-Why threads rather than asyncio (issue 25): a one-row verify through the asyncio server (its
-loop, then its thread pool for the model) took 533-556 µs per call, through this one 401-405
-µs, measured one call at a time from the gateway's client on the development machine.
+Only a Unix socket, mode 0600, no network listener. Each connection is served one frame at a
+time; connections are independent, so a client that sends garbage or hangs up mid-frame only
+loses its own connection. Model runs and signing go to a small thread pool (onnxruntime
+releases the GIL), so one slow batch does not stop other connections from being read.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 import signal
 import socket
 import stat
-import threading
-import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +28,6 @@ from fides_core.enclave_errors import (
     EnclaveFailure,
     FrameTooLarge,
     InvalidRequest,
-    MalformedFrame,
     ProtocolError,
     UnknownOperation,
 )
@@ -43,36 +35,6 @@ from fides_core.tensors import encode_tensor
 from fides_core.verify import RejectedItem, parse_requests
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MAX_CONNECTIONS = 64
-
-
-class _Closed(Exception):
-    """The peer closed the connection cleanly between two frames."""
-
-
-class _Dropped(Exception):
-    """The connection broke or stalled mid-frame: it is closed without an answer."""
-
-
-def _recv_exact(conn: socket.socket, size: int, deadline: float | None) -> bytes:
-    """``size`` bytes; before ``deadline`` (monotonic seconds) when one is given."""
-    buf = bytearray(size)
-    view = memoryview(buf)
-    got = 0
-    while got < size:
-        if deadline is not None:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError
-            conn.settimeout(left)
-        n = conn.recv_into(view[got:])
-        if n == 0:
-            if got == 0 and deadline is None:
-                raise _Closed
-            raise _Dropped(f"connection closed after {got} of {size} bytes")
-        got += n
-    return bytes(buf)
 
 
 def claim_socket_path(path: Path) -> None:
@@ -99,8 +61,6 @@ def claim_socket_path(path: Path) -> None:
 
 
 class EnclaveServer:
-    """Serves an :class:`EnclaveCore` on a Unix socket until :meth:`close`."""
-
     def __init__(
         self,
         core: EnclaveCore,
@@ -108,153 +68,84 @@ class EnclaveServer:
         *,
         max_frame_bytes: int = protocol.DEFAULT_MAX_FRAME_BYTES,
         body_timeout_s: float = 30.0,
-        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        workers: int = 2,
     ) -> None:
         self.core = core
         self.socket_path = socket_path
         self.max_frame_bytes = max_frame_bytes
         self.body_timeout_s = body_timeout_s
-        self.max_connections = max_connections
-        self._listener: socket.socket | None = None
-        self._acceptor: threading.Thread | None = None
-        self._connections: dict[socket.socket, threading.Thread] = {}
-        self._lock = threading.Lock()
-        self._closing = False
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="enclave")
+        self._server: asyncio.AbstractServer | None = None
+        self._connections: set[asyncio.Task[None]] = set()
 
-    @property
-    def open_connections(self) -> int:
-        with self._lock:
-            return len(self._connections)
-
-    def start(self) -> None:
+    async def start(self) -> None:
         claim_socket_path(self.socket_path)
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)  # the socket file is created 0600
         try:
-            listener.bind(str(self.socket_path))
-        except OSError:
-            listener.close()
-            raise
+            self._server = await asyncio.start_unix_server(self._handle, path=str(self.socket_path))
         finally:
             os.umask(old)
         os.chmod(self.socket_path, 0o600)
-        listener.listen(self.max_connections)
-        self._listener = listener
-        self._acceptor = threading.Thread(
-            target=self._accept_loop, name="enclave-accept", daemon=True
-        )
-        self._acceptor.start()
         log.warning("enclave %s listening on %s", self.core.module_id, self.socket_path)
 
-    def close(self, timeout_s: float = 5.0) -> None:
-        """Stop accepting, end every connection (a call in progress finishes first, its
-        answer may not be delivered), remove the socket file."""
-        with self._lock:
-            self._closing = True
-            connections = dict(self._connections)
-        if self._listener is not None:
-            with contextlib.suppress(OSError):
-                self._listener.shutdown(socket.SHUT_RDWR)
-            self._listener.close()
-        if self._acceptor is not None:
-            self._acceptor.join(timeout_s)
-        for conn in connections:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked reading
-        deadline = time.monotonic() + timeout_s
-        for thread in connections.values():
-            thread.join(max(0.0, deadline - time.monotonic()))
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for task in list(self._connections):
+                task.cancel()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), timeout=5)
+        self._pool.shutdown(wait=False, cancel_futures=True)
         with contextlib.suppress(FileNotFoundError):
             if stat.S_ISSOCK(self.socket_path.lstat().st_mode):
                 self.socket_path.unlink()
 
-    # -- connections ---------------------------------------------------------------------
-
-    def _accept_loop(self) -> None:
-        assert self._listener is not None
-        while True:
-            try:
-                conn, _ = self._listener.accept()
-            except OSError:
-                return  # closed
-            with self._lock:
-                if self._closing:
-                    conn.close()
-                    return
-                busy = len(self._connections) >= self.max_connections
-                if not busy:
-                    thread = threading.Thread(
-                        target=self._serve, args=(conn,), name="enclave-conn", daemon=True
-                    )
-                    self._connections[conn] = thread
-            if busy:
-                log.warning("refusing a connection: %d open already", self.max_connections)
-                with contextlib.suppress(OSError):
-                    conn.settimeout(1.0)
-                    conn.sendall(
-                        protocol.encode_frame(
-                            protocol.error(
-                                None, "busy", f"{self.max_connections} connections are open"
-                            )
-                        )
-                    )
-                conn.close()
-                continue
-            thread.start()
-
-    def _read_frame(self, conn: socket.socket) -> dict[str, Any]:
-        """One frame: the header may take as long as the client likes (an idle pooled
-        connection), the body must follow within ``body_timeout_s``."""
-        conn.settimeout(None)
-        header = _recv_exact(conn, protocol.HEADER.size, None)
-        (length,) = protocol.HEADER.unpack(header)
-        if length > self.max_frame_bytes:
-            raise FrameTooLarge(
-                f"frame of {length} bytes exceeds the maximum of {self.max_frame_bytes}"
-            )
-        if length == 0:
-            raise MalformedFrame("empty frame")
-        data = _recv_exact(conn, length, time.monotonic() + self.body_timeout_s)
-        return protocol.decode_body(data)
-
-    def _send(self, conn: socket.socket, body: dict[str, Any]) -> None:
+    async def _send(self, writer: asyncio.StreamWriter, body: dict[str, Any]) -> None:
         try:
             frame = protocol.encode_frame(body, self.max_frame_bytes)
         except FrameTooLarge as exc:
             frame = protocol.encode_frame(
                 protocol.error(body.get("id"), "response_too_large", str(exc))
             )
-        conn.settimeout(self.body_timeout_s)  # a client that stops reading is dropped
-        conn.sendall(frame)
+        writer.write(frame)
+        await writer.drain()
 
-    def _serve(self, conn: socket.socket) -> None:
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._connections.add(task)
         try:
             while True:
                 try:
-                    body = self._read_frame(conn)
-                except _Closed:
+                    body = await protocol.read_frame(
+                        reader, self.max_frame_bytes, self.body_timeout_s
+                    )
+                except protocol.ConnectionClosed:
                     return
-                except (_Dropped, TimeoutError, ConnectionError):
+                except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
                     log.info("connection dropped mid-frame (truncated or stalled)")
                     return
                 except FrameTooLarge as exc:
                     # the body is unread, so the stream is out of step: answer, then close
-                    self._send(conn, protocol.error(None, exc.code, str(exc)))
+                    await self._send(writer, protocol.error(None, exc.code, str(exc)))
                     return
                 except ProtocolError as exc:
-                    self._send(conn, protocol.error(exc.request_id, exc.code, str(exc)))
+                    await self._send(writer, protocol.error(exc.request_id, exc.code, str(exc)))
                     continue
-                self._send(conn, self._dispatch(body))
-        except OSError:
-            return  # the peer went away (or close() shut the connection down)
+                await self._send(writer, await self._dispatch(body))
+        except (ConnectionError, asyncio.CancelledError):
+            return
         finally:
-            with self._lock:
-                self._connections.pop(conn, None)
-            conn.close()
+            if task is not None:
+                self._connections.discard(task)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
 
-    def _dispatch(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def _dispatch(self, body: dict[str, Any]) -> dict[str, Any]:
         request_id = body.get("id")
         op = body.get("op")
+        loop = asyncio.get_running_loop()
         try:
             if op == "ping":
                 result: dict[str, Any] = {"pong": True, "module_id": self.core.module_id}
@@ -263,15 +154,18 @@ class EnclaveServer:
             elif op == "attest":
                 nonce, user_data = body.get("nonce"), body.get("user_data")
                 session_key = body.get("session_key")
-                if not isinstance(nonce, bytes) or not all(
-                    isinstance(x, bytes | None) for x in (user_data, session_key)
-                ):
+                if not all(isinstance(x, bytes | None) for x in (nonce, user_data, session_key)):
                     raise InvalidRequest(
                         "attest needs a byte-string nonce (and optional user_data, session_key)"
                     )
-                result = {"evidence": self.core.attest(nonce, user_data, session_key)}
+                if nonce is None:
+                    raise InvalidRequest("attest needs a byte-string nonce")
+                evidence = await loop.run_in_executor(
+                    self._pool, self.core.attest, nonce, user_data, session_key
+                )
+                result = {"evidence": evidence}
             elif op == "verify":
-                result = self._verify(body)
+                result = await loop.run_in_executor(self._pool, self._verify, body)
             else:
                 raise UnknownOperation(f"unknown operation {op!r}; known: {protocol.OPS}")
         except EnclaveFailure as exc:
@@ -306,7 +200,7 @@ class EnclaveServer:
         return answer
 
 
-def serve(
+async def serve(
     core: EnclaveCore,
     socket_path: Path,
     *,
@@ -319,16 +213,26 @@ def serve(
     killed with SIGKILL cannot stop its enclave, which would otherwise live on as an orphan).
     """
     server = EnclaveServer(core, socket_path, max_frame_bytes=max_frame_bytes)
-    stop = threading.Event()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    parent = os.getppid()
-    server.start()
+        loop.add_signal_handler(sig, stop.set)
+    watcher = None
+    if exit_with_parent:
+        parent = os.getppid()
+
+        async def watch_parent() -> None:
+            while os.getppid() == parent:
+                await asyncio.sleep(0.5)
+            log.warning("the process that started the enclave (pid %d) is gone", parent)
+            stop.set()
+
+        watcher = asyncio.create_task(watch_parent())
+    await server.start()
     try:
-        while not stop.wait(0.5):
-            if exit_with_parent and os.getppid() != parent:
-                log.warning("the process that started the enclave (pid %d) is gone", parent)
-                break
+        await stop.wait()
         log.warning("enclave %s stopping", core.module_id)
     finally:
-        server.close()
+        if watcher is not None:
+            watcher.cancel()
+        await server.close()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,12 +140,13 @@ def test_frames_round_trip(body: dict[str, Any]) -> None:
 @dataclass
 class InProcessEnclave:
     socket_path: Path
+    loop: asyncio.AbstractEventLoop
 
 
 @pytest.fixture(scope="module")
 def enclave_server() -> Iterator[InProcessEnclave]:
     """A real EnclaveCore (tiny verifier, fresh in-memory root) behind EnclaveServer, served
-    from this process's threads; closed in teardown."""
+    by an event loop in a thread; closed in teardown."""
     with short_tmpdir() as d:
         model_path = d / "verifier.onnx"
         tiny_classifier(model_path)
@@ -153,11 +155,17 @@ def enclave_server() -> Iterator[InProcessEnclave]:
         _, identity = create_identity()
         core = EnclaveCore(model, config, measure(model, config), identity)
         server = EnclaveServer(core, d / "e.sock", max_frame_bytes=MAX_FRAME, body_timeout_s=2)
-        server.start()
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, name="enclave-fuzz", daemon=True)
+        thread.start()
         try:
-            yield InProcessEnclave(d / "e.sock")
+            asyncio.run_coroutine_threadsafe(server.start(), loop).result(timeout=30)
+            yield InProcessEnclave(d / "e.sock", loop)
         finally:
-            server.close()
+            asyncio.run_coroutine_threadsafe(server.close(), loop).result(timeout=30)
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(timeout=10)
+            loop.close()
 
 
 tensor_maps = st.one_of(
