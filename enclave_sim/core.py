@@ -81,8 +81,8 @@ BANNER = (
     "evidence is marked simulated=true and a strict verifier rejects it."
 )
 LEAF_RENEW_BEFORE = dt.timedelta(days=1)
-# MAC sessions kept at once (one per attesting gateway; the oldest is dropped beyond this, and
-# its gateway falls back to checking signatures)
+# MAC sessions kept at once (one per attesting gateway; the least recently used is dropped
+# beyond this, and its gateway falls back to checking signatures)
 MAX_SESSIONS = 16
 
 # onnxruntime type string -> OIP datatype
@@ -309,7 +309,10 @@ class EnclaveCore:
         """The MAC of a signed result under a session this boot agreed, or None when it
         does not know the session (another boot's, or dropped): the relying party then
         checks the signature, which it always can."""
-        session = self._sessions.get(session_id)
+        with self._lock:
+            session = self._sessions.get(session_id)
+            if session is not None:
+                self._sessions.move_to_end(session_id)  # the least recently used goes first
         return session.mac(signed_result) if session is not None else None
 
     # -- verification --------------------------------------------------------------------

@@ -97,19 +97,25 @@ async def read_frame(
     body_timeout_s: float | None = 30.0,
 ) -> dict[str, Any]:
     """Read one frame. Raises ConnectionClosed at a clean end of stream,
-    ``asyncio.IncompleteReadError`` for a truncated frame, TimeoutError for a stalled body,
-    FrameTooLarge (body left unread), MalformedFrame and UnsupportedVersion."""
+    ``asyncio.IncompleteReadError`` for a truncated frame, TimeoutError for a stalled frame,
+    FrameTooLarge (body left unread), MalformedFrame and UnsupportedVersion.
+
+    An idle connection may wait for its next frame as long as it likes; once a frame's first
+    byte is in, the rest of it (header and body) must follow within ``body_timeout_s``."""
     try:
-        header = await reader.readexactly(HEADER.size)
-    except asyncio.IncompleteReadError as exc:
-        if not exc.partial:
-            raise ConnectionClosed from None
-        raise
+        first = await reader.readexactly(1)
+    except asyncio.IncompleteReadError:
+        raise ConnectionClosed from None
+    deadline = (
+        None if body_timeout_s is None else asyncio.get_running_loop().time() + body_timeout_s
+    )
+    async with asyncio.timeout_at(deadline):
+        header = first + await reader.readexactly(HEADER.size - 1)
     (length,) = HEADER.unpack(header)
     if length > max_frame_bytes:
         raise FrameTooLarge(f"frame of {length} bytes exceeds the maximum of {max_frame_bytes}")
     if length == 0:
         raise MalformedFrame("empty frame")
-    async with asyncio.timeout(body_timeout_s):
+    async with asyncio.timeout_at(deadline):
         data = await reader.readexactly(length)
     return decode_body(data)

@@ -74,9 +74,14 @@ def _peer(public: Any, what: str) -> X25519PublicKey:
         raise SessionError(f"{what} is not an X25519 public key: {exc}") from None
 
 
-def session_id(initiator_public: bytes) -> bytes:
-    """The name both sides use for a session: a hash of the initiator's public key."""
-    return hashlib.sha256(LABEL + initiator_public).digest()[:SESSION_ID_SIZE]
+def session_id(initiator_public: bytes, enclave_public: bytes) -> bytes:
+    """The name both sides use for a session: a hash of both public keys. Not of the
+    initiator's alone: anyone who can reach the socket could then offer the gateway's public
+    key again and put a session the gateway cannot use in place of its own under its name
+    (every MAC would then fail the gateway's check, a denial of service). The enclave's half
+    is new at every offer, so a second offer makes a second session beside the first."""
+    digest = hashlib.sha256(LABEL + initiator_public + enclave_public).digest()
+    return digest[:SESSION_ID_SIZE]
 
 
 def _derive(
@@ -143,7 +148,7 @@ class SessionOffer:
             initiator_public=self.public,
             enclave_public=enclave_public,
         )
-        return SessionKey(session_id(self.public), key)
+        return SessionKey(session_id(self.public, enclave_public), key)
 
 
 def accept_offer(
@@ -163,4 +168,4 @@ def accept_offer(
         enclave_public=enclave_public,
     )
     answer = {"initiator": initiator_public, "public_key": enclave_public}
-    return SessionKey(session_id(initiator_public), key), answer
+    return SessionKey(session_id(initiator_public, enclave_public), key), answer

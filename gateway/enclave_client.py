@@ -758,10 +758,12 @@ class EnclaveSupervisor:
         result = await self._client.verify(requests, session.id if session else None)
         t1 = time.perf_counter()
         if self.check_results:
-            if session is not None and result.mac is not None:
-                self.counters.mac_checks += 1
-            else:
-                self.counters.signature_checks += 1
+            signed = any(isinstance(it, VerifiedItem) for it in result.items)
+            if signed and session is not None and result.mac is None and self._session is session:
+                # the enclave no longer knows our session (dropped from its table): checked
+                # by the signature from now on, and the status says so
+                log.warning("the enclave dropped our MAC session; checking signatures")
+                self._session = None
             try:
                 # One MAC (or ES256 signature) per batch plus hashing per item: on the event
                 # loop for small batches (a thread hop and the GIL hand-back cost more than
@@ -771,6 +773,10 @@ class EnclaveSupervisor:
                     check_batch(attested, requests, result, session)
                 else:
                     await asyncio.to_thread(check_batch, attested, requests, result, session)
+                if signed and session is not None and result.mac is not None:
+                    self.counters.mac_checks += 1
+                elif signed:
+                    self.counters.signature_checks += 1
             except AttestationError as exc:
                 self.counters.check_failures += 1
                 if self.attested is not attested:

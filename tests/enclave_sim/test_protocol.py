@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket as socketlib
@@ -160,6 +161,27 @@ def test_truncated_frame_drops_only_that_connection(enclave: RunningEnclave) -> 
             s.sendall(struct.pack(">I", 0))
             assert recv_frame(s)["error"]["code"] == "malformed_frame"
     _still_serves(enclave)
+
+
+async def test_a_frame_that_stalls_after_its_first_byte_times_out() -> None:
+    """An idle connection may wait for its next frame for ever; a frame that has begun (even
+    one byte of its header) must be complete within the body deadline, or the connection is
+    dropped (a stalled partial header once held its connection open for good)."""
+    idle = asyncio.StreamReader()
+    waiting = asyncio.ensure_future(protocol.read_frame(idle, body_timeout_s=0.2))
+    await asyncio.sleep(0.4)
+    assert not waiting.done()  # idle: no deadline yet
+    waiting.cancel()
+    for sent in (b"\x00", b"\x00\x00\x00", struct.pack(">I", 10) + b"\xa1"):
+        reader = asyncio.StreamReader()
+        reader.feed_data(sent)
+        with pytest.raises(TimeoutError):
+            await protocol.read_frame(reader, body_timeout_s=0.2)
+    closed = asyncio.StreamReader()
+    closed.feed_data(b"\x00\x00")
+    closed.feed_eof()
+    with pytest.raises(asyncio.IncompleteReadError):  # truncated, not a clean close
+        await protocol.read_frame(closed, body_timeout_s=0.2)
 
 
 def test_concurrent_connections(enclave: RunningEnclave) -> None:

@@ -127,10 +127,29 @@ def test_the_enclave_keeps_a_bounded_number_of_sessions(
     core: EnclaveCore, module_files: EnclaveFiles, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(core_module, "MAX_SESSIONS", 2)
-    first = _attest_session(core, module_files)[1]
-    later = [_attest_session(core, module_files)[1] for _ in range(2)]
-    assert core.session_mac(first.id, b"x") is None  # the oldest was dropped
-    assert all(core.session_mac(s.id, b"x") == s.mac(b"x") for s in later)
+    first, used = (_attest_session(core, module_files)[1] for _ in range(2))
+    assert core.session_mac(first.id, b"x") == first.mac(b"x")  # used: now the most recent
+    latest = _attest_session(core, module_files)[1]
+    assert core.session_mac(used.id, b"x") is None  # the least recently used was dropped
+    assert core.session_mac(first.id, b"x") == first.mac(b"x")
+    assert core.session_mac(latest.id, b"x") == latest.mac(b"x")
+
+
+def test_offering_the_gateways_key_again_does_not_replace_its_session(
+    core: EnclaveCore, module_files: EnclaveFiles
+) -> None:
+    """Whoever reaches the socket can replay the gateway's public key in an offer of its own;
+    that makes a second session beside the gateway's (the enclave's half is new), never one
+    in its place, so the gateway's MACs keep checking."""
+    nonce, offer = os.urandom(32), SessionOffer.new()
+    evidence = core.attest(nonce, session_key=offer.public)
+    claims = cbor2.loads(cose.split_sign1(evidence)[1])
+    gateway = offer.complete(claims["fides"]["session"], nonce=nonce, module_id=core.module_id)
+    replayed = core.attest(os.urandom(32), session_key=offer.public)
+    other = cbor2.loads(cose.split_sign1(replayed)[1])["fides"]["session"]
+    assert other["initiator"] == offer.public
+    assert other["public_key"] != claims["fides"]["session"]["public_key"]
+    assert core.session_mac(gateway.id, b"result") == gateway.mac(b"result")
 
 
 def test_a_batch_checked_by_its_mac_and_the_evidence_clients_check_unchanged(

@@ -14,6 +14,7 @@ import pytest
 from fides_core.attestation import Policy, check_verification, verify_attestation
 from fides_core.enclave_config import EnclaveModelConfig
 from fides_core.enclave_errors import FrameTooLarge
+from fides_core.session import SessionOffer
 from gateway.enclave_client import (
     EnclaveClient,
     EnclaveError,
@@ -343,6 +344,54 @@ async def test_supervisor_falls_back_to_signatures_without_a_session(
             assert sup.counters.mac_checks == 0
             unknown = await sup._client.verify([_request(2)], session=b"not-a-session-id")
             assert unknown.mac is None
+        finally:
+            await sup.close()
+
+
+async def test_supervisor_refuses_a_session_made_for_another_offer(
+    files: EnclaveFiles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A host that swaps the gateway's session key on the way: the signed document names
+    the other key, and the enclave is not taken into use."""
+    with short_tmpdir() as d:
+        sup = _supervisor(files, d, health_interval_s=0)
+        real_attest = sup._client.attest
+
+        async def swapped(
+            nonce: bytes, user_data: bytes | None = None, session_key: bytes | None = None
+        ) -> bytes:
+            return await real_attest(nonce, user_data, SessionOffer.new().public)
+
+        monkeypatch.setattr(sup._client, "attest", swapped)
+        try:
+            with pytest.raises(EnclaveUnavailable, match="BindingError.*another offer"):
+                await sup.start()
+            assert sup.attested is None
+        finally:
+            await sup.close()
+
+
+async def test_supervisor_checks_signatures_once_the_enclave_drops_its_session(
+    files: EnclaveFiles,
+) -> None:
+    """Sixteen later sessions push the gateway's out of the enclave's table: its next result
+    comes without a MAC, is checked by its signature, and the status stops claiming a
+    session."""
+    with short_tmpdir() as d:
+        sup = _supervisor(files, d, health_interval_s=0)
+        try:
+            await sup.start()
+            await sup.verify([_request(0)])
+            assert sup.counters.mac_checks == 1
+            for _ in range(16):
+                await sup._client.attest(os.urandom(32), session_key=SessionOffer.new().public)
+            result = await sup.verify([_request(1)])
+            assert result.mac is None
+            assert sup.counters.signature_checks == 1
+            assert sup.snapshot()["session"] is False
+            await sup.verify([_request(2)])  # no session offered any more: signatures
+            assert sup.counters.signature_checks == 2
+            assert sup.counters.mac_checks == 1
         finally:
             await sup.close()
 
