@@ -3,7 +3,8 @@ as the distillation and the evaluation see it (recorded answers, not a local net
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -21,6 +22,8 @@ from verifier.data import (
     load_npz_inputs,
 )
 from verifier.train import predict_logits
+
+log = logging.getLogger(__name__)
 
 __all__ = ["AnswerTable", "Inputs", "Pool", "QueriedPairs", "load_inputs", "split_pool", "views_of"]
 
@@ -63,6 +66,9 @@ class Pool:
     y_val: np.ndarray | None
     y_test: np.ndarray | None
     given: int  # the training images the user gave (the test images, if carved from them)
+    # exact copies of a held-out image dropped from the splits before it (train, val): an
+    # image scored in the test is never one the verifier was distilled or selected on
+    duplicates_dropped: dict[str, int] = field(default_factory=dict)
 
 
 def _take(y: np.ndarray | None, idx: np.ndarray) -> np.ndarray | None:
@@ -94,6 +100,19 @@ def split_pool(inputs: Inputs, cfg: ProtectConfig) -> Pool:
         x[n_val:],
         _take(y, np.arange(n_val, len(x))),
     )
+    dropped: dict[str, int] = {}
+    held_out = {input_key(row) for row in np.ascontiguousarray(x_test, np.float32)}
+    x_val, y_val, dropped["val"] = _without(x_val, y_val, held_out)
+    held_out |= {input_key(row) for row in np.ascontiguousarray(x_val, np.float32)}
+    x, y, dropped["train"] = _without(x, y, held_out)
+    if any(dropped.values()):
+        log.warning(
+            "%s: %d validation and %d training images are exact copies of held-out images "
+            "(the test, or the validation for training) and are left out of the splits",
+            inputs.source,
+            dropped["val"],
+            dropped["train"],
+        )
     if d.train_limit is not None:
         x, y = x[: d.train_limit], _take(y, np.arange(min(d.train_limit, len(x))))
     if len(x) < 10:
@@ -101,7 +120,19 @@ def split_pool(inputs: Inputs, cfg: ProtectConfig) -> Pool:
             f"{inputs.source}: {len(x)} training images after the splits; need 10 or more"
         )
     given = len(inputs.x_train) if d.train_limit is None else len(x) + len(x_val)
-    return Pool(x, x_val, x_test, y, y_val, y_test, given)
+    return Pool(x, x_val, x_test, y, y_val, y_test, given, {k: v for k, v in dropped.items() if v})
+
+
+def _without(
+    x: np.ndarray, y: np.ndarray | None, held_out: set[bytes]
+) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """``x`` (and ``y``) less the images whose exact bytes are in ``held_out``."""
+    keep = np.array(
+        [input_key(row) not in held_out for row in np.ascontiguousarray(x, np.float32)], bool
+    )
+    if keep.all():
+        return x, y, 0
+    return x[keep], _take(y, np.flatnonzero(keep)), int((~keep).sum())
 
 
 def views_of(x: np.ndarray, cfg: ProtectConfig) -> np.ndarray:

@@ -516,6 +516,7 @@ def _protect(
         "views": cfg.views,
         "val": len(pool.val),
         "test": len(pool.test),
+        "duplicates_dropped": pool.duplicates_dropped,
     }
     repository.mkdir(parents=True, exist_ok=True)
     # every entry is written into a staging folder and moved into the repository only once

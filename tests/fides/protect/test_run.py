@@ -14,10 +14,11 @@ from typer.testing import CliRunner
 
 from fides.cli import app
 from fides.protect.config import parse_protect_config
-from fides.protect.distill import AnswerTable, load_inputs, split_pool, views_of
+from fides.protect.distill import AnswerTable, Inputs, load_inputs, split_pool, views_of
 from fides.protect.run import protect
 from gateway.model_config import load_model_config
 from tests.fides.protect.conftest import protect_raw
+from verifier.data import load_digits_arrays
 
 
 def _local(**over: Any) -> dict[str, Any]:
@@ -92,6 +93,31 @@ def test_splits_and_views_are_seeded_and_disjoint() -> None:
     assert views.shape == (2 * len(pool.train), *pool.train.shape[1:])
     np.testing.assert_array_equal(views, views_of(pool.train, cfg))  # a rerun asks the same
     assert pool.y_train is not None  # digits have labels: used for the spot check only
+
+
+def test_copies_of_held_out_images_are_left_out_of_the_splits_before_them(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Test images that the user's training images also hold (exact copies), and copies of
+    validation images among the training images: left out and counted, so the test scores
+    only images the verifier never saw."""
+    x, y = load_digits_arrays(0)[0][:400], load_digits_arrays(0)[1][:400]
+    x_test, y_test = x[:100], y[:100]
+    x_train = np.concatenate([x[100:], x_test[:7], x_test[:2]])  # 7 test images, 2 twice
+    y_train = np.concatenate([y[100:], y_test[:7], y_test[:2]])
+    inputs = Inputs(x_train, y_train, x_test, y_test, None, "dup-test")
+    cfg = parse_protect_config(_local())
+    pool = split_pool(inputs, cfg)
+    assert pool.duplicates_dropped.get("val", 0) + pool.duplicates_dropped["train"] == 9
+    keys = [{r.tobytes() for r in part} for part in (pool.train, pool.val, pool.test)]
+    assert not keys[0] & keys[1]
+    assert not keys[0] & keys[2]
+    assert not keys[1] & keys[2]
+    assert pool.y_train is not None
+    assert len(pool.y_train) == len(pool.train)
+    assert "exact copies of held-out images" in caplog.text
+    clean = split_pool(Inputs(x[100:], y[100:], x_test, y_test, None, "clean"), cfg)
+    assert clean.duplicates_dropped == {}
 
 
 def test_the_command_names_a_bad_file_and_a_dead_service(tmp_path: Path) -> None:
