@@ -302,8 +302,9 @@ class VerifierConfig(StrictModel):
     max_latency_ms: float | None = Field(
         None,
         gt=0,
-        description="Candidates whose single-image latency (onnxruntime, one thread, as the "
-        "enclave runs them) is above this are skipped.",
+        description="Candidates whose single-image latency in the simulated enclave (one "
+        "verify call: onnxruntime on one thread, hashing, signing; the socket excluded) is "
+        "above this are skipped.",
     )
     memory_budget_mb: float = Field(96.0, gt=0, description="Enclave memory budget (MiB).")
     memory_batch_size: int = Field(64, ge=1, description="Batch size of the memory estimate.")

@@ -7,6 +7,7 @@ Each entry is ``<repo>/<name>/config.yaml`` + ``<repo>/<name>/1/model.onnx`` +
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 import tempfile
@@ -22,6 +23,12 @@ import torch
 import yaml
 from torch import nn
 
+from enclave_sim.core import EnclaveCore
+from enclave_sim.pki import PlatformIdentity, create_identity
+from enclave_sim.resources import ResourceSettings
+from fides_core.enclave_config import EnclaveModelConfig
+from fides_core.measurement import measure
+from fides_core.verify import VerifyRequest
 from verifier.nets import Probabilities
 
 __all__ = [
@@ -117,6 +124,48 @@ def single_image_latency_ms(net: nn.Module, image_shape: tuple[int, int, int]) -
         path = Path(tmp) / "probe.onnx"
         export_onnx(net.eval(), path, x)
         return measure_latency(ort_session(path), x[:1].numpy(), repeats=50)
+
+
+@functools.cache
+def _probe_platform() -> PlatformIdentity:
+    return create_identity()[1]  # an in-memory platform CA: the probe signs as an enclave does
+
+
+def enclave_latency_ms(
+    net: nn.Module,
+    image_shape: tuple[int, int, int],
+    *,
+    memory_budget_mb: float = 96.0,
+    repeats: int = 50,
+) -> float:
+    """``net`` (untrained weights are as fast as trained ones) exported to ONNX, booted in a
+    simulated enclave core with ``memory_budget_mb`` (one onnxruntime thread, per-boot keys)
+    and asked to verify one image at a time: the median milliseconds of the enclave's whole
+    call (the model, hashing the input, the Merkle entry and the ES256 signature), the
+    socket to it excluded. Raises :class:`fides_core.enclave_errors.ModelTooLarge` when the
+    model does not fit the budget."""
+    x = torch.rand(2, *image_shape)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "probe.onnx"
+        export_onnx(net.eval(), path, x)
+        model = path.read_bytes()
+    config = EnclaveModelConfig(max_batch_size=1, intra_op_threads=1)
+    core = EnclaveCore(
+        model,
+        config,
+        measure(model, config),
+        _probe_platform(),
+        resources=ResourceSettings(memory_budget_bytes=int(memory_budget_mb * 2**20)),
+    )
+    request = [VerifyRequest("latency-probe", b"\x00" * 16, {INPUT_NAME: x[:1].numpy()})]
+    for _ in range(5):
+        core.verify(request)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        core.verify(request)
+        times.append(time.perf_counter() - t)
+    return round(statistics.median(times) * 1e3, 4)
 
 
 # A model whose full batch runs faster than this is served inline (on the event loop): the

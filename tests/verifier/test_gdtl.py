@@ -213,6 +213,21 @@ def test_a_black_box_budget_is_absolute_flops_and_measured_latency(service: nn.M
         )
 
 
+def test_the_latency_budget_is_measured_in_the_simulated_enclave() -> None:
+    """max_latency_ms bounds what the enclave spends on one call (the model, hashing,
+    signing), not the bare model: the enclave's figure is the larger, and a model over the
+    enclave's memory budget does not boot at all."""
+    from fides_core.enclave_errors import ModelTooLarge
+    from verifier.export import enclave_latency_ms, single_image_latency_ms
+
+    net = ConvNet(NetConfig(widths=(4, 4), num_classes=4))
+    in_enclave = enclave_latency_ms(net, SHAPE, repeats=20)
+    bare = single_image_latency_ms(net, SHAPE)
+    assert 0 < bare < in_enclave  # the signature alone takes tens of microseconds
+    with pytest.raises(ModelTooLarge):
+        enclave_latency_ms(net, SHAPE, memory_budget_mb=1e-4, repeats=1)
+
+
 def test_pretrain_rotation_then_fresh_head_and_checkpoint_reuse(tmp_path: Path) -> None:
     from verifier.gdtl import pretrain_backbone
 
@@ -294,7 +309,7 @@ def test_a_measured_latency_is_kept_so_a_resumed_run_decides_alike(
     specs = [NetSpec(widths=[2, 2, 2])]
     c = cfg(target=0.01, max_latency_ms=1.0)
     timings = iter([0.5, 5.0])  # fits at first; a second measurement would not
-    monkeypatch.setattr(gdtl, "single_image_latency_ms", lambda *_: next(timings))
+    monkeypatch.setattr(gdtl, "enclave_latency_ms", lambda *_, **__: next(timings))
     for _ in range(2):
         result, summary = select_verifier(
             specs,
@@ -306,6 +321,6 @@ def test_a_measured_latency_is_kept_so_a_resumed_run_decides_alike(
             service_flops=None,
             run_dir=tmp_path,
         )
-        assert summary[0]["cpu_latency_ms_batch1"] == 0.5
+        assert summary[0]["enclave_latency_ms_batch1"] == 0.5
     assert result.net.cfg.widths == (2, 2, 2)
     assert next(timings) == 5.0  # measured once
