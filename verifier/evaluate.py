@@ -15,6 +15,7 @@ attack changed); TPR at 1% FPR and ROC-AUC come from the evaluation ROC.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import platform
@@ -57,7 +58,7 @@ from verifier.nets import new_net
 from verifier.novelty import fit_novelty, novelty_scores, synthetic_novel_inputs
 from verifier.pipeline import ExperimentRun, net_config, run_experiment, stage_key
 from verifier.streams import ScoredAnswers, delays_markdown, stream_report
-from verifier.train import fit, predict_logits, set_determinism
+from verifier.train import fit, predict_logits, set_determinism, write_durably
 
 __all__ = [
     "MEAN_DETECTION_ATTACKS",
@@ -859,7 +860,7 @@ def _trained_detector(
     reclassified = fit_reclassifier(exp, pairs, gan.generator, num_classes, tgen)
     timings["reclassifier"] = round(time.perf_counter() - t0, 1)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    buffer = io.BytesIO()
     torch.save(
         {
             "gan": gan,
@@ -868,9 +869,9 @@ def _trained_detector(
             "torch": torch.get_rng_state(),
             "timings": {k: timings[k] for k in ("gan", "reclassifier")},
         },
-        tmp,
+        buffer,
     )
-    tmp.replace(path)  # never a half-written stage
+    write_durably(path, buffer.getbuffer(), "stage result")  # never a half-written stage
     return gan, reclassified
 
 

@@ -52,7 +52,7 @@ from verifier.export import enclave_latency_ms
 from verifier.flops import count_flops, memory_estimate
 from verifier.losses import cross_entropy, kd_loss
 from verifier.nets import ConvNet, NetConfig, count_parameters, new_net, prune_filters
-from verifier.train import fit, predict_logits
+from verifier.train import fit, predict_logits, write_durably
 
 __all__ = [
     "NoVerifierFits",
@@ -512,11 +512,11 @@ def _recorded_latency_ms(
     latency = enclave_latency_ms(probe, image_shape, memory_budget_mb=memory_budget_mb)
     if record is not None:
         record.parent.mkdir(parents=True, exist_ok=True)
-        tmp = record.with_suffix(".tmp")
-        tmp.write_text(
-            json.dumps({"ms": latency, "measure": LATENCY_MEASURE}) + "\n", encoding="utf-8"
+        write_durably(
+            record,
+            (json.dumps({"ms": latency, "measure": LATENCY_MEASURE}) + "\n").encode(),
+            "latency record",
         )
-        tmp.replace(record)
     return latency
 
 

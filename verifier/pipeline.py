@@ -30,7 +30,13 @@ from verifier.gdtl import Fidelity, GreedyResult, fidelity, path_rows, path_tabl
 from verifier.logs import progress_bar
 from verifier.losses import cross_entropy, ensemble_kd_loss, kd_loss
 from verifier.nets import ConvNet, NetConfig, count_parameters, new_net
-from verifier.train import fit, predict_logits, set_determinism, stage_throughput
+from verifier.train import (
+    fit,
+    predict_logits,
+    set_determinism,
+    stage_throughput,
+    write_durably,
+)
 
 __all__ = [
     "ExperimentRun",
@@ -163,12 +169,13 @@ def checked_stage_dir(run_dir: Path, stage: str, key: str, inputs: dict[str, obj
             "start the stage over with these"
         )
     here.mkdir(parents=True, exist_ok=True)
-    tmp = manifest.with_suffix(".tmp")  # written whole, then renamed: never half a manifest
-    tmp.write_text(
-        json.dumps({"stage": stage, "key": key, "inputs": now}, indent=2, default=str) + "\n",
-        encoding="utf-8",
+    write_durably(  # written whole, then renamed: never half a manifest
+        manifest,
+        (
+            json.dumps({"stage": stage, "key": key, "inputs": now}, indent=2, default=str) + "\n"
+        ).encode(),
+        "stage manifest",
     )
-    tmp.replace(manifest)
     return here
 
 
@@ -641,9 +648,7 @@ def _write_results(report: dict[str, Any], exp: Experiment, run_dir: Path, secon
         prior.get("wall_seconds_total", prior.get("wall_seconds", 0.0)) + report["wall_seconds"], 1
     )
     report["threads"] = exp.threads
-    tmp = earlier.with_suffix(".tmp")  # written whole, then renamed: never half a file
-    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(earlier)
+    write_durably(earlier, (json.dumps(report, indent=2) + "\n").encode(), "results file")
 
 
 # ---------------------------------------------------------------- the whole run

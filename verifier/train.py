@@ -62,25 +62,37 @@ class CheckpointError(RuntimeError):
     names the file and what to do."""
 
 
-def _save(path: Path, state: dict[str, Any]) -> None:
-    """Write ``state`` to ``path`` atomically: into a temporary file, then renamed over it, so
-    a crash or a full disk mid-write leaves the previous checkpoint as it was."""
-    tmp = path.with_suffix(".tmp")
-    buffer = io.BytesIO()
-    torch.save(state, buffer)  # serialised first: torch's own file writer reports a full disk
-    try:  # as a RuntimeError ("unexpected pos"), Python's file writes as OSError (ENOSPC)
+def write_durably(path: Path, data: bytes | memoryview, what: str = "checkpoint") -> None:
+    """Write ``data`` to ``path`` atomically and durably: into a temporary file, flushed to
+    disk, renamed over ``path``, then the directory flushed too (so the rename itself
+    survives a power cut). A crash or a full disk mid-write leaves the previous file as it
+    was; a failure is a :class:`CheckpointError` that says so."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    try:
         with tmp.open("wb") as fh:
-            fh.write(buffer.getbuffer())
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())  # on disk before the rename, not only in the page cache
-        tmp.replace(path)  # never a half-written checkpoint
+        tmp.replace(path)  # never a half-written file
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the directory entry too
+        finally:
+            os.close(fd)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        kept = f"{path} is as it was before" if path.exists() else "no earlier checkpoint"
+        kept = f"{path} is as it was before" if path.exists() else f"no earlier {what}"
         raise CheckpointError(
-            f"could not write the checkpoint {path} ({exc.strerror or exc}); {kept}: free the "
+            f"could not write the {what} {path} ({exc.strerror or exc}); {kept}: free the "
             "space and run again to resume from it"
         ) from exc
+
+
+def _save(path: Path, state: dict[str, Any]) -> None:
+    """Write ``state`` to ``path`` with :func:`write_durably`."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)  # serialised first: torch's own file writer reports a full disk
+    write_durably(path, buffer.getbuffer())  # as a RuntimeError, Python's file writes as ENOSPC
 
 
 def _load(path: Path) -> dict[str, Any]:

@@ -9,6 +9,7 @@ import errno
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -203,7 +204,8 @@ def test_a_full_disk_keeps_the_previous_checkpoint(
 
     def fsync_until_the_disk_fills(fd: int) -> None:
         nonlocal syncs
-        syncs += 1
+        if stat.S_ISREG(os.fstat(fd).st_mode):  # files; their directories are synced too
+            syncs += 1
         if syncs == 2:  # the second epoch's checkpoint: written, then ENOSPC on the flush
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real_fsync(fd)
@@ -222,6 +224,37 @@ def test_a_full_disk_keeps_the_previous_checkpoint(
     fit(resumed, digits_train, ce, OPTIM, seed=0, stage_dir=stage)
     for a, b in zip(straight.state_dict().values(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_every_stage_file_is_written_durably(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Checkpoints, stage manifests, results and latency records go through one writer: the
+    file and its directory are flushed to disk, and a write that fails leaves the earlier
+    file as it was."""
+    from verifier.train import write_durably
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append("file" if stat.S_ISREG(os.fstat(fd).st_mode) else "directory")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    target = tmp_path / "manifest.json"
+    write_durably(target, b"first")
+    assert synced == ["file", "directory"]
+    assert target.read_bytes() == b"first"
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(CheckpointError, match="stage manifest .* is as it was before"):
+        write_durably(target, b"second", "stage manifest")
+    assert target.read_bytes() == b"first"
+    assert not list(tmp_path.glob("*.tmp"))
 
 
 # ---------------------------------------------------------------- changed inputs
