@@ -941,7 +941,9 @@ def evaluate_models(
         timings=timings,
     )
     # on disk before the export, which can still fail: nothing measured is lost
-    (run_dir / "evaluation.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    write_durably(
+        run_dir / "evaluation.json", (json.dumps(report, indent=2) + "\n").encode(), "results file"
+    )
     if repository is not None:
         trained = IntegrityModels(
             detector=gan.detector,

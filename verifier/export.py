@@ -14,7 +14,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -23,13 +23,10 @@ import torch
 import yaml
 from torch import nn
 
-from enclave_sim.core import EnclaveCore
-from enclave_sim.pki import PlatformIdentity, create_identity
-from enclave_sim.resources import ResourceSettings
-from fides_core.enclave_config import EnclaveModelConfig
-from fides_core.measurement import measure
-from fides_core.verify import VerifyRequest
 from verifier.nets import Probabilities
+
+if TYPE_CHECKING:
+    from enclave_sim.pki import PlatformIdentity
 
 __all__ = [
     "ExportError",
@@ -128,6 +125,8 @@ def single_image_latency_ms(net: nn.Module, image_shape: tuple[int, int, int]) -
 
 @functools.cache
 def _probe_platform() -> PlatformIdentity:
+    from enclave_sim.pki import create_identity
+
     return create_identity()[1]  # an in-memory platform CA: the probe signs as an enclave does
 
 
@@ -142,8 +141,15 @@ def enclave_latency_ms(
     simulated enclave core with ``memory_budget_mb`` (one onnxruntime thread, per-boot keys)
     and asked to verify one image at a time: the median milliseconds of the enclave's whole
     call (the model, hashing the input, the Merkle entry and the ES256 signature), the
-    socket to it excluded. Raises :class:`fides_core.enclave_errors.ModelTooLarge` when the
-    model does not fit the budget."""
+    socket to it excluded. ``memory_budget_mb`` in MB of 10^6 bytes, as the enclave takes
+    it (``fides enclave run --memory-budget-mb``). Raises
+    :class:`fides_core.enclave_errors.ModelTooLarge` when the model does not fit the budget."""
+    from enclave_sim.core import EnclaveCore  # the enclave's own code, imported when used
+    from enclave_sim.resources import ResourceSettings
+    from fides_core.enclave_config import EnclaveModelConfig
+    from fides_core.measurement import measure
+    from fides_core.verify import VerifiedItem, VerifyRequest
+
     x = torch.rand(2, *image_shape)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "probe.onnx"
@@ -155,11 +161,13 @@ def enclave_latency_ms(
         config,
         measure(model, config),
         _probe_platform(),
-        resources=ResourceSettings(memory_budget_bytes=int(memory_budget_mb * 2**20)),
+        resources=ResourceSettings(memory_budget_bytes=int(memory_budget_mb * 1e6)),
     )
     request = [VerifyRequest("latency-probe", b"\x00" * 16, {INPUT_NAME: x[:1].numpy()})]
     for _ in range(5):
-        core.verify(request)
+        (item,) = core.verify(request).items
+        if not isinstance(item, VerifiedItem):  # never time a refusal
+            raise RuntimeError(f"the enclave refused the latency probe: {item.message}")
     times = []
     for _ in range(repeats):
         t = time.perf_counter()

@@ -499,14 +499,18 @@ def _recorded_latency_ms(
     """The candidate's single-image latency in the simulated enclave
     (:func:`verifier.export.enclave_latency_ms`), measured once per stage directory: a
     timing decides whether the candidate is trained, and a resumed run (another sitting,
-    another load on the machine) must decide as the first did. A record of another measure
-    (the bare onnxruntime run that earlier versions timed) is measured again."""
+    another load on the machine) must decide as the first did: a record made by an earlier
+    version (a bare onnxruntime session) is kept too, and said so."""
     if record is not None and record.is_file():
         try:
             saved = json.loads(record.read_text(encoding="utf-8"))
-            if saved.get("measure") == LATENCY_MEASURE:
-                return float(saved["ms"])
-            log.info("%s holds another measure of latency: measured again", record)
+            if saved.get("measure") != LATENCY_MEASURE:
+                log.info(
+                    "%s was measured on a bare onnxruntime session by an earlier version: "
+                    "kept, so the resumed run decides as it did",
+                    record,
+                )
+            return float(saved["ms"])
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             log.warning("%s is unreadable: the latency is measured again", record)
     latency = enclave_latency_ms(probe, image_shape, memory_budget_mb=memory_budget_mb)

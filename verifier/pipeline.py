@@ -669,8 +669,10 @@ def _prepare(exp: Experiment, run_dir: Path) -> Splits:
     """Seed and threads, ``run_dir/experiment.json``, and the data."""
     set_determinism(exp.seed, exp.threads)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "experiment.json").write_text(
-        json.dumps(exp.model_dump(mode="json"), indent=2) + "\n", encoding="utf-8"
+    write_durably(
+        run_dir / "experiment.json",
+        (json.dumps(exp.model_dump(mode="json"), indent=2) + "\n").encode(),
+        "experiment record",
     )
     splits = experiment_splits(exp)
     log.info(
@@ -704,7 +706,9 @@ def run_experiment(
         student = train_student(exp, splits, arch, teachers, student_dir, bar)
         verifier_dir = checked_stage_dir(run_dir, "verifier", keys.verifier, inputs["verifier"])
         verifier = train_verifier(exp, splits, arch, student, verifier_dir, bar)
-    (run_dir / "gdtl_path.md").write_text(path_table(verifier.search_path) + "\n", encoding="utf-8")
+    write_durably(
+        run_dir / "gdtl_path.md", (path_table(verifier.search_path) + "\n").encode(), "results file"
+    )
     report = assemble_report(exp, splits, arch, teachers, student, verifier)
     # where the training time went: per stage, wall and CPU seconds and images per second
     # (the verifier's row sums its search: pretraining, every greedy step, the final step)

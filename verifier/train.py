@@ -74,11 +74,6 @@ def write_durably(path: Path, data: bytes | memoryview, what: str = "checkpoint"
             fh.flush()
             os.fsync(fh.fileno())  # on disk before the rename, not only in the page cache
         tmp.replace(path)  # never a half-written file
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # the directory entry too
-        finally:
-            os.close(fd)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         kept = f"{path} is as it was before" if path.exists() else f"no earlier {what}"
@@ -86,6 +81,14 @@ def write_durably(path: Path, data: bytes | memoryview, what: str = "checkpoint"
             f"could not write the {what} {path} ({exc.strerror or exc}); {kept}: free the "
             "space and run again to resume from it"
         ) from exc
+    try:  # the new file is in place: a directory that cannot be synced is only logged
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the directory entry too, so the rename survives a power cut
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        log.warning("%s written, but its directory could not be synced: %s", path, exc)
 
 
 def _save(path: Path, state: dict[str, Any]) -> None:

@@ -113,6 +113,11 @@ def split_pool(inputs: Inputs, cfg: ProtectConfig) -> Pool:
             dropped["val"],
             dropped["train"],
         )
+    if len(x_val) == 0:
+        raise DataError(
+            f"{inputs.source}: every validation image is a copy of a test image; give more "
+            "images, or test images that the training images do not hold"
+        )
     if d.train_limit is not None:
         x, y = x[: d.train_limit], _take(y, np.arange(min(d.train_limit, len(x))))
     if len(x) < 10:

@@ -294,13 +294,17 @@ class Querier:
                     self._report(prog, what)
         except BaseException:  # Ctrl-C / SIGTERM: keep what is in flight, then stop
             pool.shutdown(wait=False, cancel_futures=True)
-            if in_hand is not None and not self.store.get(k for k, _ in in_hand[0]):
+            keys = [k for k, _ in in_hand[0]] if in_hand is not None else []
+            if in_hand is not None and not (self.store.get(keys) or self.store.unusable(keys)):
                 # interrupted while recording it (its transaction rolled back): paid for
                 with contextlib.suppress(Exception):
                     self._record(*in_hand, bad)
             for fut, chunk in pending.items():
                 try:
                     self._record(chunk, fut.result(), bad)
+                except AnswerError:  # answered (paid for), unusable as a whole
+                    with contextlib.suppress(Exception):
+                        self.store.add_spent(len(chunk))
                 except Exception:  # noqa: BLE001 - the interrupt is what is reported
                     continue
             log.warning(

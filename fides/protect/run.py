@@ -461,7 +461,9 @@ def protect(
         store = AnswerStore(
             answers or run_dir / "answers.sqlite",
             f"{service.identity}, output {service.output}",
-            legacy_ids=[service.identity],  # stores made before the output was named
+            # a store made before stores named the output is taken over only where the
+            # service has one output (it can only have read that one)
+            legacy_ids=[service.identity] if len(service.runtime.outputs) == 1 else [],
         )
         if retry_unusable:
             forgotten = store.forget_unusable()
