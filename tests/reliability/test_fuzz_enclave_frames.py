@@ -206,6 +206,14 @@ ops = st.one_of(
         st.binary(max_size=40) | cbor_values,
         st.none() | st.binary(max_size=8) | cbor_values,
     ),
+    st.builds(  # a MAC session offer: any 32 bytes (low-order points too), or not a key at all
+        lambda k: {"op": "attest", "nonce": b"n" * 32, "session_key": k},
+        st.binary(min_size=32, max_size=32) | st.binary(max_size=40) | cbor_values,
+    ),
+    st.builds(
+        lambda s: {"op": "verify", "requests": [], "session": s},
+        st.binary(max_size=20) | cbor_values,
+    ),
     st.sampled_from([{"op": "ping"}, {"op": "info"}]),
     st.dictionaries(st.text(max_size=5), cbor_values, max_size=3),
 )
