@@ -563,8 +563,9 @@ def breakdown_table(r: dict[str, Any]) -> list[str]:
         f"| · · hashing, Merkle tree, evidence | {_f(w['hashing_and_evidence_us'])} | inputs "
         "hashed, entry encoded |",
         f"| · · signature | {_f(w['signature_us'])} | one COSE_Sign1 per call |",
-        f"| · evidence check | {_f(en['check'])} | the gateway checks the signature, the "
-        "Merkle proof and the input hash |",
+        f"| · evidence check | {_f(en['check'])} | the gateway checks the result (by the "
+        "session's MAC, or by the signature without a session), the Merkle proof and the "
+        "input hash |",
         f"| judge | {_f(st['judge'])} | detector"
         + (" and novelty check" if "novelty" in b["batchers"] else "")
         + " ("
