@@ -101,10 +101,9 @@ def split_pool(inputs: Inputs, cfg: ProtectConfig) -> Pool:
         _take(y, np.arange(n_val, len(x))),
     )
     dropped: dict[str, int] = {}
-    held_out = {input_key(row) for row in np.ascontiguousarray(x_test, np.float32)}
-    x_val, y_val, dropped["val"] = _without(x_val, y_val, held_out)
-    held_out |= {input_key(row) for row in np.ascontiguousarray(x_val, np.float32)}
-    x, y, dropped["train"] = _without(x, y, held_out)
+    held_out = set(_keys(x_test))
+    x_val, y_val, dropped["val"], val_keys = _without(x_val, y_val, held_out)
+    x, y, dropped["train"], _ = _without(x, y, held_out | set(val_keys))
     if any(dropped.values()):
         log.warning(
             "%s: %d validation and %d training images are exact copies of held-out images "
@@ -128,16 +127,21 @@ def split_pool(inputs: Inputs, cfg: ProtectConfig) -> Pool:
     return Pool(x, x_val, x_test, y, y_val, y_test, given, {k: v for k, v in dropped.items() if v})
 
 
+def _keys(x: np.ndarray) -> list[bytes]:
+    return [input_key(row) for row in np.ascontiguousarray(x, np.float32)]
+
+
 def _without(
     x: np.ndarray, y: np.ndarray | None, held_out: set[bytes]
-) -> tuple[np.ndarray, np.ndarray | None, int]:
-    """``x`` (and ``y``) less the images whose exact bytes are in ``held_out``."""
-    keep = np.array(
-        [input_key(row) not in held_out for row in np.ascontiguousarray(x, np.float32)], bool
-    )
+) -> tuple[np.ndarray, np.ndarray | None, int, list[bytes]]:
+    """``x`` (and ``y``) less the images whose exact bytes are in ``held_out``: the kept
+    images, their labels, how many were dropped, and the kept images' keys."""
+    keys = _keys(x)
+    keep = np.array([k not in held_out for k in keys], bool)
     if keep.all():
-        return x, y, 0
-    return x[keep], _take(y, np.flatnonzero(keep)), int((~keep).sum())
+        return x, y, 0, keys
+    kept = [k for k, ok in zip(keys, keep, strict=True) if ok]
+    return x[keep], _take(y, np.flatnonzero(keep)), int((~keep).sum()), kept
 
 
 def views_of(x: np.ndarray, cfg: ProtectConfig) -> np.ndarray:

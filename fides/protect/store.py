@@ -159,20 +159,18 @@ class AnswerStore:
             raise
         self._db.execute("COMMIT")
 
-    def _select(self, table: str, keys: list[bytes]) -> Iterable[tuple[bytes, Any]]:
+    def _select(self, table: str, column: str, keys: list[bytes]) -> Iterable[tuple[bytes, Any]]:
+        """(key, ``column``) of the rows of ``table`` among ``keys``, in chunks."""
         for i in range(0, len(keys), _CHUNK):
             part = keys[i : i + _CHUNK]
             marks = ",".join("?" * len(part))
-            for k, value in self._db.execute(
-                f"SELECT key, {'answer' if table == 'answers' else 'reason'} FROM {table} "
-                f"WHERE key IN ({marks})",
-                part,
-            ):
+            query = f"SELECT key, {column} FROM {table} WHERE key IN ({marks})"
+            for k, value in self._db.execute(query, part):
                 yield bytes(k), value
 
     def unusable(self, keys: Iterable[bytes]) -> dict[bytes, str]:
         """The inputs among ``keys`` whose answer came back unusable, and why."""
-        return {k: str(reason) for k, reason in self._select("unusable", list(keys))}
+        return {k: str(reason) for k, reason in self._select("unusable", "reason", list(keys))}
 
     def forget_unusable(self) -> int:
         """Drop every unusable record (they will be asked for again); how many there were."""
@@ -194,5 +192,5 @@ class AnswerStore:
         dtype, shape = np.dtype(str(layout["dtype"])), tuple(int(d) for d in layout["shape"])
         return {
             k: np.frombuffer(blob, dtype=dtype).reshape(shape)
-            for k, blob in self._select("answers", list(keys))
+            for k, blob in self._select("answers", "answer", list(keys))
         }

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -319,6 +319,23 @@ async def test_supervisor_checks_results_by_its_session_mac(files: EnclaveFiles)
             await sup.close()
 
 
+def _offer_on_the_way(
+    sup: EnclaveSupervisor,
+    monkeypatch: pytest.MonkeyPatch,
+    change: Callable[[bytes | None], bytes | None],
+) -> None:
+    """What a host between the gateway and the enclave could do to the session offer of the
+    supervisor's attestation: ``change`` gets the offered key and returns what is sent."""
+    real_attest = sup._client.attest
+
+    async def attest(
+        nonce: bytes, user_data: bytes | None = None, session_key: bytes | None = None
+    ) -> bytes:
+        return await real_attest(nonce, user_data, change(session_key))
+
+    monkeypatch.setattr(sup._client, "attest", attest)
+
+
 async def test_supervisor_falls_back_to_signatures_without_a_session(
     files: EnclaveFiles, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -327,14 +344,7 @@ async def test_supervisor_falls_back_to_signatures_without_a_session(
     enclave does not know gets no MAC."""
     with short_tmpdir() as d:
         sup = _supervisor(files, d, health_interval_s=0)
-        real_attest = sup._client.attest
-
-        async def attest_without_offer(
-            nonce: bytes, user_data: bytes | None = None, session_key: bytes | None = None
-        ) -> bytes:
-            return await real_attest(nonce, user_data)
-
-        monkeypatch.setattr(sup._client, "attest", attest_without_offer)
+        _offer_on_the_way(sup, monkeypatch, lambda _: None)  # the offer dropped
         try:
             await sup.start()
             assert sup.snapshot()["session"] is False
@@ -355,14 +365,7 @@ async def test_supervisor_refuses_a_session_made_for_another_offer(
     the other key, and the enclave is not taken into use."""
     with short_tmpdir() as d:
         sup = _supervisor(files, d, health_interval_s=0)
-        real_attest = sup._client.attest
-
-        async def swapped(
-            nonce: bytes, user_data: bytes | None = None, session_key: bytes | None = None
-        ) -> bytes:
-            return await real_attest(nonce, user_data, SessionOffer.new().public)
-
-        monkeypatch.setattr(sup._client, "attest", swapped)
+        _offer_on_the_way(sup, monkeypatch, lambda _: SessionOffer.new().public)  # swapped
         try:
             with pytest.raises(EnclaveUnavailable, match="BindingError.*another offer"):
                 await sup.start()
