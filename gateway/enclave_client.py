@@ -22,6 +22,7 @@ import contextlib
 import enum
 import itertools
 import logging
+import math
 import os
 import secrets
 import signal
@@ -422,7 +423,15 @@ class SupervisorCounters:
     check_failures: int = 0  # results whose evidence did not check (never returned)
     mac_checks: int = 0  # batches authenticated by the session's MAC
     signature_checks: int = 0  # batches authenticated by their signature (no session MAC)
+    session_renewals: int = 0  # MAC sessions agreed again after the enclave dropped ours
     last_error: str = ""
+
+
+def _same_boot(a: AttestedEnclave, b: AttestedEnclave) -> bool:
+    """Whether two attestations are of one enclave boot (its module id and result key)."""
+    return a.module_id == b.module_id and (
+        a.public_key.public_numbers() == b.public_key.public_numbers()
+    )
 
 
 # Input bytes of a verify call below which the gateway checks its evidence on the event loop
@@ -439,6 +448,9 @@ class EnclaveSupervisor:
     ``max_consecutive_failures`` failed restarts the state is ``down`` and it gives up.
     A running enclave is pinged every ``health_interval_s`` (0: never); ``health_failures``
     missed pings in a row count as a crash (the process is killed and restarted).
+    When the enclave drops the MAC session (its table holds a bounded number), results are
+    checked by their signatures and a new session is agreed with the same boot in the
+    background, at most once per ``session_renew_interval_s``.
     """
 
     def __init__(
@@ -456,6 +468,7 @@ class EnclaveSupervisor:
         health_failures: int = 3,
         stop_timeout_s: float = 10.0,
         check_results: bool = True,
+        session_renew_interval_s: float = 5.0,
     ) -> None:
         self.launch = launch
         self.root = load_root(root)
@@ -468,6 +481,7 @@ class EnclaveSupervisor:
         self.health_failures = health_failures
         self.stop_timeout_s = stop_timeout_s
         self.check_results = check_results
+        self.session_renew_interval_s = session_renew_interval_s
         self.counters = SupervisorCounters()
         # (round trip, evidence check) seconds of each successful call, for the metrics
         self.on_timing: Callable[[float, float], None] | None = None
@@ -477,6 +491,8 @@ class EnclaveSupervisor:
         self._log_file: IO[bytes] | None = None
         self._attested: AttestedEnclave | None = None
         self._session: SessionKey | None = None  # agreed with the attested boot
+        self._renewal: asyncio.Task[None] | None = None  # a new session being agreed
+        self._last_renewal = -math.inf  # time.monotonic() of the last attempt
         self._monitor: asyncio.Task[None] | None = None
         self._stopping = False
         self._up = asyncio.Event()
@@ -523,6 +539,7 @@ class EnclaveSupervisor:
             "session": self._session is not None and attested is not None,
             "mac_checks": self.counters.mac_checks,
             "signature_checks": self.counters.signature_checks,
+            "session_renewals": self.counters.session_renewals,
             "last_error": self.counters.last_error,
         }
 
@@ -559,6 +576,11 @@ class EnclaveSupervisor:
     async def stop(self) -> None:
         """Stop watching and stop the process by its pid (SIGTERM, then SIGKILL)."""
         self._stopping = True
+        if self._renewal is not None:
+            self._renewal.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._renewal
+            self._renewal = None
         if self._monitor is not None:
             self._monitor.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -639,6 +661,33 @@ class EnclaveSupervisor:
             return attested, offer.complete(answer, nonce=nonce, module_id=attested.module_id)
         except SessionError as exc:
             raise BindingError(f"the attested session is not ours: {exc}") from None
+
+    def _renew_session(self, attested: AttestedEnclave) -> None:
+        """Agree a new MAC session with the boot ``attested`` in the background (one at a
+        time, at most once per ``session_renew_interval_s``: a peer on the socket that keeps
+        pushing ours out of the enclave's table costs an attestation that often, no more)."""
+        now = time.monotonic()
+        if self._renewal is not None or now - self._last_renewal < self.session_renew_interval_s:
+            return
+        self._last_renewal = now
+        self._renewal = asyncio.create_task(self._renew(attested), name="enclave-session")
+
+    async def _renew(self, attested: AttestedEnclave) -> None:
+        try:
+            fresh, session = await self._attest_with_own_nonce()
+            if session is None:
+                return  # the enclave no longer offers sessions: signatures it is
+            if self._attested is not attested or not _same_boot(fresh, attested):
+                # restarted meanwhile: the new boot's start agreed its own session
+                log.info("a new MAC session was agreed with another boot; not used")
+                return
+            self._session = session
+            self.counters.session_renewals += 1
+            log.warning("a new MAC session agreed with the enclave %s", attested.module_id)
+        except (EnclaveError, AttestationError, OSError) as exc:
+            log.warning("could not agree a new MAC session (checking signatures): %s", exc)
+        finally:
+            self._renewal = None
 
     async def _wait_ready(self, process: asyncio.subprocess.Process) -> None:
         deadline = time.monotonic() + self.ready_timeout_s
@@ -761,9 +810,10 @@ class EnclaveSupervisor:
             signed = any(isinstance(it, VerifiedItem) for it in result.items)
             if signed and session is not None and result.mac is None and self._session is session:
                 # the enclave no longer knows our session (dropped from its table): checked
-                # by the signature from now on, and the status says so
+                # by the signature until a new one is agreed, and the status says so
                 log.warning("the enclave dropped our MAC session; checking signatures")
                 self._session = None
+                self._renew_session(attested)
             try:
                 # One MAC (or ES256 signature) per batch plus hashing per item: on the event
                 # loop for small batches (a thread hop and the GIL hand-back cost more than

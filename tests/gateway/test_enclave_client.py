@@ -374,27 +374,47 @@ async def test_supervisor_refuses_a_session_made_for_another_offer(
             await sup.close()
 
 
-async def test_supervisor_checks_signatures_once_the_enclave_drops_its_session(
+async def test_supervisor_agrees_a_new_session_once_the_enclave_drops_its_own(
     files: EnclaveFiles,
 ) -> None:
     """Sixteen later sessions push the gateway's out of the enclave's table: its next result
-    comes without a MAC, is checked by its signature, and the status stops claiming a
-    session."""
+    comes without a MAC and is checked by its signature, the status stops claiming a session,
+    and a new session is agreed with the same boot in the background (once per renewal
+    interval however often it is dropped); results are MAC-checked again."""
     with short_tmpdir() as d:
         sup = _supervisor(files, d, health_interval_s=0)
+        sup.session_renew_interval_s = 3600.0
         try:
             await sup.start()
+            first = sup.attested
             await sup.verify([_request(0)])
             assert sup.counters.mac_checks == 1
-            for _ in range(16):
-                await sup._client.attest(os.urandom(32), session_key=SessionOffer.new().public)
+
+            async def push_ours_out() -> None:
+                for _ in range(16):
+                    await sup._client.attest(os.urandom(32), session_key=SessionOffer.new().public)
+
+            await push_ours_out()
             result = await sup.verify([_request(1)])
             assert result.mac is None
             assert sup.counters.signature_checks == 1
             assert sup.snapshot()["session"] is False
-            await sup.verify([_request(2)])  # no session offered any more: signatures
-            assert sup.counters.signature_checks == 2
-            assert sup.counters.mac_checks == 1
+            assert sup._renewal is not None
+            await sup._renewal  # the new session, agreed in the background
+            assert sup.snapshot()["session"] is True
+            assert sup.counters.session_renewals == 1
+            assert sup.attested is first  # the same boot, not re-attested as a new one
+            renewed = await sup.verify([_request(2)])
+            assert renewed.mac is not None
+            assert sup.counters.mac_checks == 2
+
+            await push_ours_out()  # dropped again within the interval: no second renewal
+            await sup.verify([_request(3)])
+            assert sup._renewal is None
+            assert sup.snapshot()["session"] is False
+            await sup.verify([_request(4)])
+            assert sup.counters.signature_checks == 3
+            assert sup.counters.session_renewals == 1
         finally:
             await sup.close()
 
