@@ -306,7 +306,11 @@ class VerifierConfig(StrictModel):
         "verify call: onnxruntime on one thread, hashing, signing; the socket excluded) is "
         "above this are skipped.",
     )
-    memory_budget_mb: float = Field(96.0, gt=0, description="Enclave memory budget (MiB).")
+    memory_budget_mb: float = Field(
+        96.0,
+        gt=0,
+        description="Enclave memory budget in MB of 10^6 bytes (the enclave's own unit).",
+    )
     memory_batch_size: int = Field(64, ge=1, description="Batch size of the memory estimate.")
     freeze_batchnorm: bool = Field(
         True, description="Keep the backbone's batch-norm statistics frozen (as Fides)."

@@ -47,6 +47,10 @@ def _activation_elements(net: nn.Module, image_shape: tuple[int, int, int]) -> i
     return total
 
 
+#: Bytes in the MB of every memory budget: the verifier's and the enclave's count alike.
+MB = 10**6
+
+
 @dataclass(frozen=True)
 class MemoryEstimate:
     parameters_bytes: int
@@ -59,7 +63,9 @@ class MemoryEstimate:
 
     @property
     def total_mb(self) -> float:
-        return self.total_bytes / 2**20
+        """In MB of 10^6 bytes, the unit of ``memory_budget_mb`` and of the enclave's own
+        budget (``fides enclave run --memory-budget-mb``)."""
+        return self.total_bytes / MB
 
 
 def memory_estimate(

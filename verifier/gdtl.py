@@ -49,7 +49,7 @@ from verifier.experiment import (
     VerifierConfig,
 )
 from verifier.export import enclave_latency_ms
-from verifier.flops import count_flops, memory_estimate
+from verifier.flops import MB, count_flops, memory_estimate
 from verifier.losses import cross_entropy, kd_loss
 from verifier.nets import ConvNet, NetConfig, count_parameters, new_net, prune_filters
 from verifier.train import fit, predict_logits, write_durably
@@ -332,7 +332,7 @@ def _greedy_steps(c: _Candidate, net: ConvNet) -> _Stopped:
     for step in range(len(net.blocks) + 1):
         unfrozen = step
         row, needed = c.start(net, step, unfrozen)
-        if needed > cfg.memory_budget_mb * 2**20:
+        if needed > cfg.memory_budget_mb * MB:
             nan = Fidelity(float("nan"), float("nan"), float("nan"))
             note = f"exceeds the memory budget ({cfg.memory_budget_mb} MB)"
             path.append(_record(row, nan, 0.0, False, note))
@@ -540,7 +540,7 @@ def _over_budget(
     if cfg.max_flops is not None and flops > cfg.max_flops:
         return f"above max_flops {cfg.max_flops:,}"
     inference = memory_estimate(probe, image_shape, cfg.memory_batch_size, training=False)
-    if inference.total_bytes > cfg.memory_budget_mb * 2**20:
+    if inference.total_bytes > cfg.memory_budget_mb * MB:
         return "does not fit the memory budget"
     if cfg.max_latency_ms is not None:
         try:

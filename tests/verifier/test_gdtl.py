@@ -83,6 +83,20 @@ def test_memory_grows_with_unfrozen_blocks() -> None:
     assert len(set(sizes)) == 4
 
 
+def test_the_memory_budget_counts_mb_as_the_enclave_does(service: nn.Module) -> None:
+    """MB of 10^6 bytes, the enclave's unit (``memory_budget_bytes = mb * 1e6``): a step
+    whose footprint fits the budget read as MiB but not as MB is not taken."""
+    model = net()
+    _set_trainable(model, 1)
+    needed = memory_estimate(model, SHAPE, 8).total_bytes
+    assert memory_estimate(model, SHAPE, 8).total_mb == needed / 1e6
+    budget = 0.99 * needed / 1e6  # below the footprint in MB, above it in MiB
+    assert needed <= budget * 2**20
+    result = run(cfg(memory_budget_mb=budget, threshold=-1.0), service)
+    assert result.stop_reason == "memory budget"
+    assert [r.accepted for r in result.path] == [True, False]
+
+
 def test_stops_at_the_memory_budget(service: nn.Module) -> None:
     model = net()
     _set_trainable(model, 1)
