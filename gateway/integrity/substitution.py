@@ -3,7 +3,7 @@
 A lazy provider that serves a cheaper model cannot be caught on one answer, but its answers
 disagree with the verifier a little more often: the detector's scores drift up. Every
 ``every`` new scores, the last ``window`` of them are compared with the detector's clean
-calibration scores (:func:`fides_core.stats.window_test`).
+calibration scores (:class:`fides_core.stats.WindowTest`, the reference prepared once).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from fides_core.stats import WindowResult, window_test
+from fides_core.stats import WindowResult, WindowTest
 
 __all__ = ["SubstitutionMonitor"]
 
@@ -25,6 +25,7 @@ class SubstitutionMonitor:
         if len(reference) < 10:
             raise ValueError("the substitution test needs at least 10 clean reference scores")
         self.reference = np.asarray(reference, dtype=np.float64)
+        self._test = WindowTest(self.reference)
         self.alpha = alpha
         self.every = every
         self.scores: deque[float] = deque(maxlen=window)
@@ -44,7 +45,7 @@ class SubstitutionMonitor:
         if len(self.scores) < (self.scores.maxlen or 0):
             return None
         self._since = 0
-        self.last = window_test(np.fromiter(self.scores, float), self.reference, self.alpha)
+        self.last = self._test(np.fromiter(self.scores, float), self.alpha)
         return self.last
 
     def reset(self) -> None:

@@ -64,3 +64,51 @@ def test_default_window_level_keeps_clean_false_alarms_low_for_almost_every_refe
     # the same p-values as the shared test the gateway runs
     r = window_test(windows[0], reference[0], alpha)
     assert r.p_value == pytest.approx(pvalues[0])
+
+
+@pytest.mark.parametrize("kind", ["continuous", "ties", "rounded", "all_equal", "small"])
+def test_prepared_window_test_gives_scipys_statistic_and_p_value(kind: str) -> None:
+    """WindowTest places each window score in the sorted reference instead of ranking both:
+    the same U and two-sided p-value as scipy's mannwhitneyu, ties (within the window, within
+    the reference and across) and tiny samples included."""
+    from scipy import stats
+
+    from fides_core.stats import WindowTest
+
+    rng = np.random.default_rng(11)
+    for trial in range(40):
+        n_ref, n_win = (6, 5) if kind == "small" else (2000, 100)
+        reference = rng.gamma(0.5, 0.05, size=n_ref)
+        window = rng.gamma(0.5, 0.05 * (1 + trial % 3), size=n_win)
+        if kind == "ties":  # scores that saturate, as a detector's do at 0 and 1
+            reference = np.clip(reference, 0.0, 0.02)
+            window = np.clip(window, 0.0, 0.02)
+        elif kind == "rounded":
+            reference, window = np.round(reference, 2), np.round(window, 2)
+        elif kind == "all_equal":
+            reference, window = np.full(n_ref, 0.5), np.full(n_win, 0.5)
+        prepared = WindowTest(reference)
+        expect = stats.mannwhitneyu(window, reference, alternative="two-sided")
+        got = prepared(window, 0.01)
+        assert got.statistic == pytest.approx(expect.statistic / (n_ref * n_win), rel=1e-12)
+        assert got.p_value == pytest.approx(expect.pvalue, rel=1e-9, abs=1e-300)
+        assert got.flagged == (expect.pvalue < 0.01)
+        assert window_test(window, reference, 0.01) == got
+
+
+def test_prepared_window_test_passes_scores_that_are_not_numbers_to_scipy() -> None:
+    from scipy import stats
+
+    from fides_core.stats import WindowTest
+
+    reference = np.linspace(0, 1, 200)
+    window = np.r_[np.linspace(0, 1, 99), np.nan]
+    got = WindowTest(reference)(window, 0.01)
+    expect = stats.mannwhitneyu(window, reference, alternative="two-sided")
+    assert np.isnan(expect.pvalue)
+    assert np.isnan(got.p_value)
+    assert not got.flagged
+    with pytest.raises(ValueError, match="needs scores"):
+        WindowTest(reference)(np.array([]), 0.01)
+    with pytest.raises(ValueError, match="needs scores"):
+        WindowTest(np.array([]))
