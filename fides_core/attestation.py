@@ -133,6 +133,8 @@ class Policy:
             values.add(value)
         if not values:
             raise ValueError("a policy names at least one expected measurement (no 'any')")
+        if not isinstance(self.allow_simulated, bool):  # "false" would be truthy
+            raise TypeError(f"allow_simulated must be True or False, not {self.allow_simulated!r}")
         object.__setattr__(self, "expected_measurements", frozenset(values))
         if self.nonce_max_age_s <= 0 or self.max_clock_skew_s < 0:
             raise ValueError("nonce_max_age_s must be > 0 and max_clock_skew_s >= 0")
@@ -236,6 +238,26 @@ def load_root(root: x509.Certificate | bytes | str) -> x509.Certificate:
     return x509.load_pem_x509_certificate(data)
 
 
+_CHAIN_SIGNATURES = frozenset(
+    {
+        x509.SignatureAlgorithmOID.ECDSA_WITH_SHA256,
+        x509.SignatureAlgorithmOID.ECDSA_WITH_SHA384,
+        x509.SignatureAlgorithmOID.ECDSA_WITH_SHA512,
+    }
+)
+
+#: The last millisecond of the year 9999, the last a ``datetime`` holds.
+MAX_TIMESTAMP_MS = 253_402_300_799_999
+
+#: What the simulated platform writes into the name of every certificate it issues
+#: (enclave_sim/pki.py); evidence under such a certificate is simulated whatever it claims.
+SIMULATION_MARK = "SIMULATED"
+
+
+def _marked_simulated(cert: x509.Certificate) -> bool:
+    return any(SIMULATION_MARK in str(a.value) for a in cert.subject)
+
+
 def _check_chain(
     leaf_der: bytes, cabundle: list[Any], root: x509.Certificate, at: dt.datetime
 ) -> x509.Certificate:
@@ -268,6 +290,17 @@ def _check_chain(
         below = len(path) - depth - 2  # CA certificates between this issuer and the leaf
         if not bc.ca or (bc.path_length is not None and below > bc.path_length):
             raise ChainError(f"issuer {issuer.subject.rfc4514_string()} may not issue this")
+        try:
+            may_sign = issuer.extensions.get_extension_for_class(x509.KeyUsage).value
+        except x509.ExtensionNotFound:
+            may_sign = None  # no key usage: unrestricted (RFC 5280 4.2.1.3)
+        if may_sign is not None and not may_sign.key_cert_sign:
+            raise ChainError(f"issuer {issuer.subject.rfc4514_string()} may not sign certificates")
+        if cert.signature_algorithm_oid not in _CHAIN_SIGNATURES:
+            raise ChainError(
+                f"certificate {cert.subject.rfc4514_string()} is signed with "
+                f"{cert.signature_algorithm_oid.dotted_string}, not ECDSA with SHA-2"
+            )
     for cert in path:
         if not cert.not_valid_before_utc <= at <= cert.not_valid_after_utc:
             raise ChainError(f"certificate {cert.subject.rfc4514_string()} is not valid now")
@@ -297,12 +330,17 @@ def decode_attestation(evidence: bytes) -> tuple[bytes, dict[str, Any]]:
     module_id = _require(claims, "module_id", str)
     if not module_id:
         raise MalformedEvidence("empty module_id")
-    _require(claims, "timestamp", int)
+    timestamp = _require(claims, "timestamp", int)
+    if not 0 <= timestamp <= MAX_TIMESTAMP_MS:  # milliseconds since 1970
+        raise MalformedEvidence("timestamp is out of range (milliseconds since 1970)")
     if _require(claims, "digest", str) != "SHA384":
         raise MalformedEvidence("digest must be SHA384")
     pcrs = _require(claims, "pcrs", dict)
     if not pcrs or not all(
-        isinstance(k, int) and isinstance(v, bytes) and len(v) == DIGEST_SIZE
+        isinstance(k, int)
+        and not isinstance(k, bool)
+        and isinstance(v, bytes)
+        and len(v) == DIGEST_SIZE
         for k, v in pcrs.items()
     ):
         raise MalformedEvidence("pcrs must map indexes to 48-byte values")
@@ -346,6 +384,13 @@ def verify_attestation(
     # 2. chain and signature
     root_cert = load_root(root)
     leaf = _check_chain(claims["certificate"], claims["cabundle"], root_cert, at)
+    names = leaf.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    if [n.value for n in names] != [claims["module_id"]]:
+        issued_to = ", ".join(str(n.value) for n in names) or "no common name"
+        raise ChainError(
+            f"the leaf certificate is issued to {issued_to}, not to the module "
+            f"{claims['module_id']!r} the document names"
+        )
     leaf_key = leaf.public_key()
     if not isinstance(leaf_key, ec.EllipticCurvePublicKey) or not isinstance(
         leaf_key.curve, ec.SECP384R1
@@ -382,7 +427,15 @@ def verify_attestation(
     if expected_user_data is not None and claims.get("user_data") != expected_user_data:
         raise BindingError("user_data does not match what we asked the enclave to bind")
     # 6. simulation
-    simulated = claims.get("simulated") is True or claims["module_id"].startswith("sim-")
+    # simulated when the document says so, or when any certificate on its chain (the pinned
+    # root included) is the simulated platform's: whoever holds that platform's key (on the
+    # host's disk) can issue a leaf and write any claim, so the claim alone proves nothing
+    simulated = (
+        claims.get("simulated") is True
+        or claims["module_id"].startswith("sim-")
+        or any(_marked_simulated(c) for c in (root_cert, leaf))
+        or any(_marked_simulated(x509.load_der_x509_certificate(d)) for d in claims["cabundle"])
+    )
     if simulated and not policy.allow_simulated:
         raise SimulatedEvidenceRejected(
             "the evidence comes from the SIMULATED enclave (no hardware protection); "

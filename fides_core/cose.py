@@ -100,6 +100,8 @@ def split_sign1(data: bytes, alg: int | None = ES384) -> tuple[dict[Any, Any], b
     except Exception:
         raise CoseError("COSE_Sign1 protected header is not CBOR") from None
     got = protected.get(1) if isinstance(protected, dict) else None
+    if not isinstance(got, int) or isinstance(got, bool):  # a list or map is not hashable
+        got = None
     if got not in ALGORITHMS or (alg is not None and got != alg) or 1 in unprotected:
         want = " or ".join(
             f"{ALGORITHMS[a][0]} ({a})" for a in ((alg,) if alg is not None else ALGORITHMS)

@@ -390,7 +390,7 @@ def check_incident(
             raise IncidentError(part, "the request appears twice: no answer counts twice")
         seen_ids.add(rid)
         module = ans.get("module_id")
-        if module not in attested:
+        if not isinstance(module, str) or module not in attested:
             raise IncidentError(part, f"its enclave boot {module!r} has no attestation here")
         evidence = _b64(ans.get("evidence"), part, "evidence")
         try:

@@ -221,6 +221,82 @@ def test_leaf_issued_by_another_platform_is_rejected(
         verify_attestation(forged, root=module_files.root_pem, policy=policy, nonce=nonce)
 
 
+def _host_forgery(
+    core: EnclaveCore,
+    platform: PlatformIdentity,
+    nonce: bytes,
+    module_id: str,
+    leaf_name: str | None = None,
+) -> bytes:
+    """What a host holding the simulated platform's key (it is on the host's disk) can sign:
+    a leaf of its own (issued to ``leaf_name``, by default the module), any claims."""
+    key = new_key()
+    claims = _claims(core.attest(nonce))
+    claims.pop("simulated")
+    claims["module_id"] = module_id
+    leaf = issue_leaf(platform, key.public_key(), leaf_name or module_id)
+    claims["certificate"] = leaf.public_bytes(serialization.Encoding.DER)
+    return cose.sign1(cbor2.dumps(claims), cose.private_key(key))
+
+
+def test_evidence_under_the_simulated_platform_is_simulated_whatever_it_claims(
+    core: EnclaveCore, module_files: EnclaveFiles, platform_identity: PlatformIdentity
+) -> None:
+    """A document that drops the ``simulated`` claim and names a Nitro-like module, signed
+    under a leaf the host issued with the simulated platform's key: a strict policy still
+    rejects it, since the chain (the pinned root included) is the simulated platform's."""
+    strict = Policy.of(core.measurement.pcr0)
+    nonce = b"h" * 32
+    forged = _host_forgery(core, platform_identity, nonce, "i-0123456789abcdef")
+    with pytest.raises(SimulatedEvidenceRejected):
+        verify_attestation(forged, root=module_files.root_pem, policy=strict, nonce=nonce)
+    lenient = Policy.of(core.measurement.pcr0, allow_simulated=True)
+    assert verify_attestation(
+        forged, root=module_files.root_pem, policy=lenient, nonce=nonce
+    ).simulated
+
+
+def test_the_leaf_certificate_names_the_attested_module(
+    core: EnclaveCore,
+    module_files: EnclaveFiles,
+    platform_identity: PlatformIdentity,
+    policy: Policy,
+) -> None:
+    nonce = b"m" * 32
+    forged = _host_forgery(core, platform_identity, nonce, "sim-other", leaf_name="sim-mine")
+    with pytest.raises(ChainError, match="issued to sim-mine, not to the module 'sim-other'"):
+        verify_attestation(forged, root=module_files.root_pem, policy=policy, nonce=nonce)
+
+
+def test_strange_header_and_field_types_are_named_errors(
+    core: EnclaveCore, module_files: EnclaveFiles, policy: Policy
+) -> None:
+    """A protected alg that is a list or a map, timestamps no clock can hold, PCR indexes that
+    are booleans, a policy flag that is a string: refused as evidence errors, never as a
+    TypeError, ValueError or OverflowError from underneath."""
+    nonce = b"t" * 32
+    evidence = core.attest(nonce)
+    msg = cbor2.loads(evidence)
+    body = msg.value if isinstance(msg, cbor2.CBORTag) else msg
+    for alg in ([], {}, [-7], True):
+        bad = cbor2.dumps(cbor2.CBORTag(18, [cbor2.dumps({1: alg}), *body[1:]]))
+        with pytest.raises(MalformedEvidence, match="alg"):
+            verify_attestation(bad, root=module_files.root_pem, policy=policy, nonce=nonce)
+    for field, value in (
+        ("timestamp", 10**15),
+        ("timestamp", 2**1100),
+        ("timestamp", -1),
+        ("pcrs", {False: core.measurement.pcr0}),
+    ):
+        claims = _claims(evidence)
+        claims[field] = value
+        resigned = cose.sign1(cbor2.dumps(claims), cose.private_key(new_key()))
+        with pytest.raises(MalformedEvidence, match=field):
+            verify_attestation(resigned, root=module_files.root_pem, policy=policy, nonce=nonce)
+    with pytest.raises(TypeError, match="allow_simulated"):
+        Policy.of(core.measurement.pcr0, allow_simulated="false")  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(
     "evidence",
     [

@@ -171,6 +171,12 @@ async def test_an_alarm_keeps_a_bundle_the_sdk_proves_and_every_tamper_is_named(
     err = _broken(tampered(lambda b: b["attestations"].clear()), fakes, integrity_repo)
     assert err.part.startswith("answer 0")
     assert "no attestation" in str(err)
+    # an answer whose boot is not a name (a list is not hashable: no TypeError from underneath)
+    err = _broken(
+        tampered(lambda b: b["answers"][0].update(module_id=[module])), fakes, integrity_repo
+    )
+    assert err.part.startswith("answer 0")
+    assert "no attestation" in str(err)
     # an enclave the policy does not expect, or simulated evidence under a strict policy
     err = _broken(bundle, fakes, integrity_repo, measurements=["00" * 48])
     assert err.part == f"attestation {module}"
