@@ -6,12 +6,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["is_version", "latest_version", "latest_version_file", "versions_on_disk"]
+__all__ = [
+    "MAX_VERSION_DIGITS",
+    "is_version",
+    "latest_version",
+    "latest_version_file",
+    "versions_on_disk",
+]
+
+# 18 digits stay below 2**63 (an int64 wherever a version is stored); the length is checked
+# before int(), which refuses more than 4,300 digits with a ValueError (CPython's limit).
+MAX_VERSION_DIGITS = 18
 
 
 def is_version(name: str) -> bool:
-    """A version directory's name: ASCII digits, value >= 1 (``str.isdigit`` alone takes ``²``)."""
-    return name.isascii() and name.isdigit() and int(name) > 0
+    """A version directory's name: 1 to 18 ASCII digits, value >= 1 (``str.isdigit`` alone
+    takes ``²``)."""
+    return len(name) <= MAX_VERSION_DIGITS and name.isascii() and name.isdigit() and int(name) > 0
 
 
 def versions_on_disk(entry: Path) -> list[int]:

@@ -174,7 +174,12 @@ def decode_binary_data(
     """A tensor from its raw little-endian bytes (Triton's binary tensor extension)."""
     count = math.prod(shape)
     if datatype == "BYTES":
-        items = deserialize_bytes(chunk, what)
+        try:
+            items = deserialize_bytes(chunk, what, max_count=count)
+        except _TooManyElements:
+            raise TensorError(
+                f"{what}: data has more than {count} elements but shape {list(shape)} needs {count}"
+            ) from None
         if len(items) != count:
             raise _count_error(what, len(items), shape)
         arr = np.empty(count, dtype=object)
@@ -193,11 +198,21 @@ def decode_binary_data(
     return np.frombuffer(chunk, dtype=dtype).reshape(shape)
 
 
-def deserialize_bytes(chunk: memoryview, what: str) -> list[bytes]:
-    """Triton's BYTES encoding: each element is a 4-byte little-endian length then the bytes."""
+class _TooManyElements(TensorError):
+    """More BYTES elements than ``max_count`` (the caller names the shape)."""
+
+
+def deserialize_bytes(chunk: memoryview, what: str, max_count: int | None = None) -> list[bytes]:
+    """Triton's BYTES encoding: each element is a 4-byte little-endian length then the bytes.
+
+    ``max_count``: refuse (TensorError) at the first element past it, before reading the rest:
+    16 MiB of zero lengths are 4M empty elements, seconds of the event loop to split.
+    """
     items: list[bytes] = []
     pos = 0
     while pos < len(chunk):
+        if max_count is not None and len(items) == max_count:
+            raise _TooManyElements(f"{what}: data has more than {max_count} elements")
         if pos + 4 > len(chunk):
             raise TensorError(f"{what}: truncated BYTES element length")
         n = int.from_bytes(chunk[pos : pos + 4], "little")

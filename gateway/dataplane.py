@@ -5,7 +5,9 @@ Routes (``gateway.api``) only translate HTTP to calls on :class:`DataPlane` and 
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 import time
 from typing import Any
 
@@ -31,6 +33,12 @@ EXTENSIONS = [
     "statistics",
     "statistics_metrics",
 ]
+# what a requested output may carry: HTTP's binary_data (accepted over gRPC too, where every
+# output travels raw anyway); Triton's classification and shared_memory_* are refused by name
+OUTPUT_PARAMETERS = frozenset({"binary_data"})
+# a request cancelled this close to its caller's deadline was cancelled by it (gRPC's timer and
+# the clock the deadline was read with are not the same instant)
+DEADLINE_SLACK_S = 0.005
 
 
 class DataPlane:
@@ -131,26 +139,36 @@ class DataPlane:
 
     # -- inference ------------------------------------------------------------------------------
 
-    def admit(self, name: str, version: str | None) -> None:
+    def admit(self, name: str, version: str | None) -> InferenceServable:
         """Refuse now (404, or 503 for a full queue) what :meth:`infer` would refuse, so that
         the HTTP layer sheds load before reading and parsing a body it would throw away
         (under 4x overload, refusals after the parse were 10x slower). The queue may still
-        fill before the request reaches it; then :meth:`infer` refuses it."""
+        fill before the request reaches it; then :meth:`infer` refuses it. Returns the
+        servable, whose declared inputs and outputs bound what a parser needs to read."""
         servable = self.repository.get(name, version)
         try:
             servable.check_queue()
         except GatewayError as exc:
-            self._count_failure(name, str(servable.version), exc)
+            self._count_failure(name, str(servable.version), exc.reason)
             self.statistics.model(name, str(servable.version)).request_done(False, 0.0)
             raise
+        return servable
 
-    def _count_failure(self, name: str, version: str, exc: GatewayError) -> None:
+    def _count_failure(self, name: str, version: str, reason: str) -> None:
         self.metrics.model_series(name, version).failure.inc()
-        self.metrics.failures.labels(name, version, exc.reason).inc()
+        self.metrics.failures.labels(name, version, reason).inc()
 
     async def infer(
-        self, name: str, version: str | None, request: InferRequest, client: str | None = None
+        self,
+        name: str,
+        version: str | None,
+        request: InferRequest,
+        client: str | None = None,
+        *,
+        deadline: float | None = None,
     ) -> InferResponse:
+        """``deadline``: the caller's own (``time.monotonic()``, e.g. a gRPC call's), which the
+        inference's deadline never passes."""
         servable = self.repository.get(name, version)
         if servable.closed:  # raced with a hot reload: take the new version
             servable = self.repository.get(name, version)
@@ -160,9 +178,14 @@ class DataPlane:
         t0 = time.perf_counter()
         series.inflight.inc()
         try:
-            outputs, params = await self._infer(servable, request, client)
+            outputs, params = await self._infer(servable, request, client, deadline)
         except GatewayError as exc:
-            self._count_failure(name, version_label, exc)
+            self._count_failure(name, version_label, exc.reason)
+            stats.request_done(False, time.perf_counter() - t0)
+            raise
+        except asyncio.CancelledError:  # the caller went away, or its deadline passed
+            past = deadline is not None and time.monotonic() >= deadline - DEADLINE_SLACK_S
+            self._count_failure(name, version_label, "timeout" if past else "cancelled")
             stats.request_done(False, time.perf_counter() - t0)
             raise
         finally:
@@ -174,15 +197,20 @@ class DataPlane:
         return InferResponse(name, version_label, outputs, id=request.id, parameters=params)
 
     async def _infer(
-        self, servable: InferenceServable, request: InferRequest, client: str | None
+        self,
+        servable: InferenceServable,
+        request: InferRequest,
+        client: str | None,
+        deadline: float | None,
     ) -> tuple[list[OutputTensor], dict[str, Any]]:
         cfg = servable.config
         tensors = self._check_inputs(
             servable.name, servable.inputs, cfg.max_batch_size, cfg.allow_non_finite, request
         )
         wanted = self._check_outputs(servable.name, servable.outputs, request)
+        own = time.monotonic() + self._timeout_s(cfg.dynamic_batching, request)
         ctx = InferContext(
-            deadline=time.monotonic() + self._timeout_s(cfg.dynamic_batching, request),
+            deadline=own if deadline is None else min(own, deadline),
             request_id=request.id,
             parameters=request.parameters,
             client=client,
@@ -193,11 +221,19 @@ class DataPlane:
         return outputs, done.parameters
 
     def _timeout_s(self, db: Any, request: InferRequest) -> float:
-        # OIP parameter `timeout`, in microseconds as Triton and tritonclient use it
+        # OIP parameter `timeout`, in microseconds as Triton and tritonclient use it (NaN and
+        # infinity pass `raw <= 0`; gRPC's double_param carries both)
         raw = request.parameters.get("timeout")
         if raw is not None:
-            if not isinstance(raw, int | float) or isinstance(raw, bool) or raw <= 0:
-                raise BadRequest("parameter 'timeout' must be a positive number of microseconds")
+            if (
+                not isinstance(raw, int | float)
+                or isinstance(raw, bool)
+                or not math.isfinite(raw)
+                or raw <= 0
+            ):
+                raise BadRequest(
+                    f"parameter 'timeout' must be a positive number of microseconds, not {raw!r}"
+                )
             return float(raw) / 1e6
         if db is not None and db.default_timeout_microseconds:
             return float(db.default_timeout_microseconds) / 1e6
@@ -212,6 +248,11 @@ class DataPlane:
         request: InferRequest,
     ) -> Tensors:
         by_name = {s.name: s for s in specs}
+        if len(request.inputs) > len(specs):  # the list of unknown names stays short
+            raise BadRequest(
+                f"the request has {len(request.inputs)} inputs; model '{model}' takes "
+                f"{len(specs)}: {sorted(by_name)}"
+            )
         given = {t.name: t for t in request.inputs}
         unknown = sorted(set(given) - set(by_name))
         if unknown:
@@ -260,10 +301,23 @@ class DataPlane:
         names = [s.name for s in specs]
         if request.outputs is None:
             return names
+        if len(request.outputs) > len(specs):  # the list of unknown names stays short
+            raise BadRequest(
+                f"the request asks for {len(request.outputs)} outputs; model '{model}' has "
+                f"{len(specs)}: {names}"
+            )
         asked = [o.name for o in request.outputs]
         unknown = sorted(set(asked) - set(names))
         if unknown:
             raise BadRequest(f"model '{model}' has no output(s) {unknown}; it has {names}")
+        for out in request.outputs:
+            unsupported = sorted(set(out.parameters) - OUTPUT_PARAMETERS)
+            if unsupported:
+                raise BadRequest(
+                    f"output '{out.name}': parameter(s) {unsupported} not supported; the "
+                    "gateway answers whole tensors (no classification, no shared memory) and "
+                    f"takes only {sorted(OUTPUT_PARAMETERS)} on an output"
+                )
         return asked
 
 

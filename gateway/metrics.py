@@ -131,7 +131,8 @@ class GatewayMetrics:
         )
         self.grpc_requests = Counter(
             "fides_grpc_requests",
-            "gRPC calls by method and status code (CANCELLED: the client went away mid-call).",
+            "gRPC calls by method and status code (CANCELLED: the client went away mid-call; "
+            "DEADLINE_EXCEEDED: its deadline passed).",
             ["method", "code"],
             registry=r,
         )

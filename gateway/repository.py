@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fides_core.layout import is_version, versions_on_disk
+from fides_core.layout import MAX_VERSION_DIGITS, is_version, versions_on_disk
 from gateway.batcher import BatchObserver, BatchPolicy, DynamicBatcher
 from gateway.errors import BadRequest, GatewayError, ModelLoadError, NotFound, Unavailable
 from gateway.generation.service import TextModel, load_text_model
@@ -76,7 +76,13 @@ def validate_model_name(name: str) -> str:
 
 def parse_version(version: str) -> int:
     if not is_version(version):
-        raise BadRequest(f"invalid model version {version!r}: expected a positive integer")
+        shown = (
+            repr(version) if len(version) <= 40 else f"{version[:20]!r}... ({len(version)} chars)"
+        )
+        raise BadRequest(
+            f"invalid model version {shown}: expected a positive integer of at most "
+            f"{MAX_VERSION_DIGITS} digits"
+        )
     return int(version)
 
 

@@ -212,6 +212,30 @@ def test_refusals(triton: grpcclient.InferenceServerClient, channel: grpc.Channe
     assert triton.is_model_ready("tiny", headers=USER)  # still serving
 
 
+def test_what_the_gateway_does_not_implement_is_refused_by_name(
+    triton: grpcclient.InferenceServerClient,
+) -> None:
+    """tritonclient's class_count (the ``classification`` output parameter) is refused, not
+    answered with the whole tensor; a version too long to be one is INVALID_ARGUMENT."""
+    inp = grpcclient.InferInput("input", list(X.shape), "FP32")
+    inp.set_data_from_numpy(X)
+    top3 = grpcclient.InferRequestedOutput("logits", class_count=3)
+    with pytest.raises(InferenceServerException) as info:
+        triton.infer("tiny", [inp], outputs=[top3], headers=USER)
+    assert "INVALID_ARGUMENT" in status_of(info.value)
+    assert "output 'logits': parameter(s) ['classification'] not supported" in str(
+        info.value.message()
+    )
+    whole = triton.infer(
+        "tiny", [inp], outputs=[grpcclient.InferRequestedOutput("logits")], headers=USER
+    )
+    assert whole.as_numpy("logits").shape == (len(X), 3)
+    with pytest.raises(InferenceServerException) as info:
+        triton.infer("tiny", [inp], model_version="9" * 5000, headers=USER)
+    assert "INVALID_ARGUMENT" in status_of(info.value)
+    assert "invalid model version" in str(info.value.message())
+
+
 def test_undecodable_bytes_and_plain_http_are_refused(
     channel: grpc.Channel, gateway: GatewayProcess
 ) -> None:

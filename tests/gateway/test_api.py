@@ -207,6 +207,32 @@ BAD_BODIES: list[tuple[str, bytes | dict[str, Any], int, str]] = [
     ("unknown output", _infer_body(outputs=[{"name": "nope"}]), 400, "has no output"),
     ("bad timeout", _infer_body(parameters={"timeout": -1}), 400, "timeout"),
     (
+        "infinite timeout",  # orjson refuses 1e999 (NaN and inf reach the data plane over gRPC)
+        orjson.dumps(_infer_body(parameters={"timeout": 1})).replace(b":1}", b":1e999}"),
+        400,
+        "number is infinity",
+    ),
+    (
+        "20,000 unknown outputs",  # refused by count before they are read
+        _infer_body(outputs=[{"name": f"o{i}"} for i in range(20_000)]),
+        400,
+        "the request asks for 20000 outputs; the model has 2",
+    ),
+    (
+        "classification",  # tritonclient's InferRequestedOutput(class_count=3)
+        _infer_body(outputs=[{"name": "logits", "parameters": {"classification": 3}}]),
+        400,
+        "output 'logits': parameter(s) ['classification'] not supported",
+    ),
+    (
+        "shared memory",
+        _infer_body(
+            outputs=[{"name": "logits", "parameters": {"shared_memory_region": "r"}}],
+        ),
+        400,
+        "['shared_memory_region'] not supported",
+    ),
+    (
         "too many elements",
         {"inputs": [{"name": "input", "shape": [100000, 4], "datatype": "FP32", "data": [0]}]},
         413,
@@ -275,6 +301,9 @@ async def test_nan_rejected_unless_allowed(client: httpx.AsyncClient, repo_path:
         ("/v2/models/unknown/infer", 404, "unknown model 'unknown'"),
         ("/v2/models/tiny/versions/7/infer", 404, "no loaded version 7"),
         ("/v2/models/tiny/versions/abc/infer", 400, "invalid model version"),
+        # past int()'s 4,300 digits (a 500 once), and past the 18 a version may have
+        ("/v2/models/tiny/versions/" + "9" * 5000 + "/infer", 400, "(5000 chars)"),
+        ("/v2/models/tiny/versions/" + "1" * 19 + "/infer", 400, "at most 18 digits"),
         ("/v2/models/..%2f..%2fetc/infer", 404, ""),
         ("/v2/models/..secret/infer", 400, "invalid model name"),
         ("/v2/models/%E2%80%AEevil/infer", 400, "invalid model name"),
@@ -535,3 +564,27 @@ async def test_queue_full_sheds_with_503(client: httpx.AsyncClient, repo_path: P
         'fides_inference_failures_total{model="small_queue",reason="queue_full",version="1"} 4.0'
         in text
     )
+
+
+async def test_bytes_elements_past_the_shape_are_refused(client: httpx.AsyncClient) -> None:
+    """1 MiB of zero lengths is 262,144 empty BYTES elements: for shape [1] the split stops at
+    the second and the request is refused naming the count."""
+    raw = b"\0" * (1 << 20)
+    tensor = {"name": "input", "shape": [1], "datatype": "BYTES"}
+    header = orjson.dumps({"inputs": [{**tensor, "parameters": {"binary_data_size": len(raw)}}]})
+    r = await client.post(
+        "/v2/models/identity_bytes/infer",
+        content=header + raw,
+        headers={"Inference-Header-Content-Length": str(len(header))},
+    )
+    assert r.status_code == 400
+    assert r.json()["error"] == (
+        "input 'input': data has more than 1 elements but shape [1] needs 1"
+    )
+
+
+async def test_binary_data_is_an_output_parameter_taken(client: httpx.AsyncClient) -> None:
+    outputs = [{"name": "probabilities", "parameters": {"binary_data": False}}]
+    r = await client.post("/v2/models/tiny/infer", json=_infer_body(outputs=outputs))
+    assert r.status_code == 200
+    assert [o["name"] for o in r.json()["outputs"]] == ["probabilities"]

@@ -7,7 +7,13 @@ import numpy as np
 import orjson
 import pytest
 
-from fides_core.oip import DATATYPES, deserialize_bytes, serialize_bytes
+from fides_core.oip import (
+    DATATYPES,
+    TensorError,
+    decode_binary_data,
+    deserialize_bytes,
+    serialize_bytes,
+)
 from gateway.api.v2.protocol import encode_infer_response, parse_infer_request
 from gateway.errors import BadRequest, PayloadTooLarge
 from gateway.types import InferResponse, OutputTensor
@@ -231,3 +237,40 @@ def test_duplicate_outputs_rejected() -> None:
     )
     with pytest.raises(BadRequest, match="requested more than once"):
         _parse(body)
+
+
+def test_counts_past_the_models_are_refused_unread() -> None:
+    """``max_inputs`` / ``max_outputs`` (the model's counts, from the data plane's admit) refuse
+    a longer list by its length, before any name or tensor in it is read."""
+    x = {"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}
+    outputs = [{"name": f"o{i}"} for i in range(20_000)]
+    body = _req([x], outputs=outputs)
+    with pytest.raises(BadRequest, match="^the request asks for 20000 outputs; the model has 2$"):
+        parse_infer_request(body, max_elements=LIMIT, max_inputs=1, max_outputs=2)
+    # without the caps, 20,000 distinct names are each checked once against a set
+    assert len(_parse(body).outputs or []) == 20_000
+    body = _req([{**x, "name": f"i{i}"} for i in range(3)])
+    with pytest.raises(BadRequest, match="^the request has 3 inputs; the model takes 1$"):
+        parse_infer_request(body, max_elements=LIMIT, max_inputs=1, max_outputs=2)
+
+
+def test_bytes_elements_past_the_shape_stop_the_split() -> None:
+    """The split stops at the first element past the shape's count: the byte after the second
+    element is a truncated length, which a parser reading on would have refused instead."""
+    empty = (0).to_bytes(4, "little")
+    chunk = memoryview(empty * 2 + b"\xff")
+    with pytest.raises(TensorError, match="^input 'x': data has more than 1 elements$"):
+        deserialize_bytes(chunk, "input 'x'", max_count=1)
+    with pytest.raises(TensorError, match="truncated BYTES element length"):
+        deserialize_bytes(chunk, "input 'x'")  # no bound: read to the end
+    with pytest.raises(
+        TensorError, match=r"^input 'x': data has more than 1 elements but shape \[1\] needs 1$"
+    ):
+        decode_binary_data(chunk, "BYTES", (1,), "input 'x'")
+    # 1 MiB of zero lengths (262,144 empty elements) for shape [1]: refused after the second
+    with pytest.raises(TensorError, match="more than 1 elements"):
+        decode_binary_data(memoryview(b"\0" * (1 << 20)), "BYTES", (1,), "input 'x'")
+    # fewer elements than the shape: the count named as before
+    with pytest.raises(TensorError, match=r"data has 2 elements but shape \[3\] needs 3"):
+        decode_binary_data(memoryview(empty * 2), "BYTES", (3,), "input 'x'")
+    assert decode_binary_data(memoryview(empty * 2), "BYTES", (2,), "x").tolist() == [b"", b""]

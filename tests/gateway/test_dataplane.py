@@ -4,6 +4,8 @@ servables that wrap a model (integrity) seen only through their interface."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -115,6 +117,27 @@ async def test_outputs_are_filtered_and_checked(plane: tuple[DataPlane, Marking]
             "contains NaN or Inf",
         ),
         (request(parameters={"timeout": -1}), "'timeout' must be a positive number"),
+        # NaN passes `raw <= 0`; gRPC's double_param carries NaN and infinity
+        (request(parameters={"timeout": float("nan")}), "'timeout' must be a positive number"),
+        (request(parameters={"timeout": float("inf")}), "'timeout' must be a positive number"),
+        # more names than the model has: refused by count, not with 20,000 names listed
+        (
+            request(outputs=[RequestedOutput(f"o{i}") for i in range(20_000)]),
+            r"asks for 20000 outputs; model 'tiny' has 2: \['logits', 'probabilities'\]$",
+        ),
+        (
+            InferRequest([InputTensor(f"i{i}", "FP32", (1, 4), X[:1]) for i in range(20_000)]),
+            r"has 20000 inputs; model 'tiny' takes 1: \['input'\]$",
+        ),
+        # output parameters the gateway does not implement are named, not ignored
+        (
+            request(outputs=[RequestedOutput("logits", None, {"classification": 3})]),
+            r"output 'logits': parameter\(s\) \['classification'\] not supported",
+        ),
+        (
+            request(outputs=[RequestedOutput("logits", None, {"shared_memory_region": "r"})]),
+            r"\['shared_memory_region'\] not supported",
+        ),
     ],
 )
 async def test_bad_input_is_a_400_naming_the_problem(
@@ -164,3 +187,53 @@ async def test_an_unloaded_model_is_not_ready_and_its_wrapper_released(
         dp.not_ready("identity_fp32")
     await dp.repository.unload("tiny")
     assert runner.released == 2  # both versions retired
+
+
+async def test_binary_data_is_the_output_parameter_taken(plane: tuple[DataPlane, Marking]) -> None:
+    dp, _ = plane
+    outputs = [RequestedOutput("logits", True, {"binary_data": True})]
+    resp = await dp.infer("tiny", None, request(outputs=outputs))
+    assert [o.name for o in resp.outputs] == ["logits"]
+
+
+async def test_the_callers_deadline_bounds_the_inferences(
+    plane: tuple[DataPlane, Marking],
+) -> None:
+    dp, runner = plane
+    soon = time.monotonic() + 5.0  # sooner than the default 30 s
+    await dp.infer("tiny", None, request(), deadline=soon)
+    later = time.monotonic() + 3600.0
+    await dp.infer("tiny", None, request(), deadline=later)
+    first, second = runner.seen
+    assert first.deadline == soon
+    assert second.deadline < later  # the gateway's own timeout, sooner
+
+
+async def test_a_cancelled_inference_is_counted_as_failed(
+    plane: tuple[DataPlane, Marking],
+) -> None:
+    """A request admitted and then cancelled (its caller gone, or its gRPC deadline passed)
+    is a failure in the metrics and the statistics extension, not a request that vanished."""
+    dp, runner = plane
+    entered, release = asyncio.Event(), asyncio.Event()
+    run = runner.run
+
+    async def held(service: TensorServable, inputs: Tensors, ctx: InferContext) -> Inferred:
+        entered.set()
+        await release.wait()
+        return await run(service, inputs, ctx)
+
+    runner.run = held  # type: ignore[method-assign]
+    sample = dp.metrics.registry.get_sample_value
+    for deadline, reason in ((None, "cancelled"), (time.monotonic() - 1.0, "timeout")):
+        entered.clear()
+        task = asyncio.ensure_future(dp.infer("tiny", None, request(), deadline=deadline))
+        await entered.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        labels = {"model": "tiny", "version": "2", "reason": reason}
+        assert sample("fides_inference_failures_total", labels) == 1
+    stats = dp.model_statistics("tiny", "2")["model_stats"][0]["inference_stats"]
+    assert stats["fail"]["count"] == 2
+    assert sample("fides_inference_inflight_requests", {"model": "tiny"}) == 0

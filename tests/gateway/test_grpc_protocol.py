@@ -123,6 +123,24 @@ def test_refusals_name_the_problem(fields: dict[str, Any], error: type, words: s
         parse_infer_request(_request(**fields), max_elements=10)
 
 
+def test_counts_past_the_models_are_refused_unread() -> None:
+    """The model's counts (``max_inputs`` / ``max_outputs``) refuse a longer list by its
+    length, before any of it is read; repeated names are found with a set."""
+    req = _request(fp32_contents=[1.0, 2.0])
+    for i in range(20_000):
+        req.outputs.add(name=f"o{i}")
+    with pytest.raises(BadRequest, match="^the request asks for 20000 outputs; the model has 2$"):
+        parse_infer_request(req, max_elements=10, max_inputs=1, max_outputs=2)
+    assert len(parse_infer_request(req, max_elements=10).outputs or []) == 20_000
+    req.outputs.add(name="o19999")
+    with pytest.raises(BadRequest, match="output 'o19999' is requested more than once"):
+        parse_infer_request(req, max_elements=10)
+    req = _request(fp32_contents=[1.0, 2.0])
+    req.inputs.add(name="y", datatype="FP32", shape=[0])
+    with pytest.raises(BadRequest, match="^the request has 2 inputs; the model takes 1$"):
+        parse_infer_request(req, max_elements=10, max_inputs=1)
+
+
 def test_no_inputs_and_unset_parameters_are_refused() -> None:
     with pytest.raises(BadRequest, match="non-empty"):
         parse_infer_request(pb.ModelInferRequest(model_name="m"), max_elements=10)

@@ -20,6 +20,7 @@ import orjson
 from fides_core.oip import DATATYPES, TensorError, decode_binary_data, encode_binary_data
 from fides_core.oip import oip_datatype as _oip_datatype
 from gateway.api.oip_grpc import oip_pb2 as pb
+from gateway.api.v2.protocol import check_counts
 from gateway.errors import BadRequest
 from gateway.types import (
     InferRequest,
@@ -80,10 +81,18 @@ def encode_parameters(params: dict[str, Any], target: Any) -> None:
             param.string_param = orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY).decode()
 
 
-def parse_infer_request(msg: Any, *, max_elements: int) -> InferRequest:
-    """Validate and decode a ``ModelInferRequest``."""
+def parse_infer_request(
+    msg: Any,
+    *,
+    max_elements: int,
+    max_inputs: int | None = None,
+    max_outputs: int | None = None,
+) -> InferRequest:
+    """Validate and decode a ``ModelInferRequest``; ``max_inputs`` and ``max_outputs`` (the
+    model's counts) refuse a longer list before any of it is read."""
     if not msg.inputs:
         raise BadRequest("'inputs' must be a non-empty list of tensors")
+    check_counts(len(msg.inputs), len(msg.outputs), max_inputs, max_outputs)
     raw = list(msg.raw_input_contents)
     if raw and len(raw) != len(msg.inputs):
         raise BadRequest(
@@ -91,12 +100,14 @@ def parse_infer_request(msg: Any, *, max_elements: int) -> InferRequest:
             "every input raw (one entry each, in order) or every input in its typed contents"
         )
     inputs: list[InputTensor] = []
+    seen: set[str] = set()
     for i, tensor in enumerate(msg.inputs):
         name = tensor.name
         if not name:
             raise BadRequest(f"inputs[{i}]: 'name' must be a non-empty string")
-        if any(t.name == name for t in inputs):
+        if name in seen:
             raise BadRequest(f"input '{name}' appears more than once")
+        seen.add(name)
         datatype = tensor.datatype
         if datatype not in DATATYPES:
             raise BadRequest(
@@ -120,11 +131,13 @@ def parse_infer_request(msg: Any, *, max_elements: int) -> InferRequest:
     outputs: list[RequestedOutput] | None = None
     if msg.outputs:
         outputs = []
+        asked: set[str] = set()
         for i, out in enumerate(msg.outputs):
             if not out.name:
                 raise BadRequest(f"outputs[{i}]: 'name' must be a non-empty string")
-            if any(o.name == out.name for o in outputs):
+            if out.name in asked:
                 raise BadRequest(f"output '{out.name}' is requested more than once")
+            asked.add(out.name)
             params = decode_parameters(out.parameters, f"output '{out.name}'")
             outputs.append(RequestedOutput(out.name, None, params))
     return InferRequest(

@@ -10,10 +10,20 @@ gRPC probes and grpc-health-probe): ``SERVING`` for the server (service ``""``) 
 starts shutting down; any other service name is ``NOT_FOUND``. Every other call needs a user
 key in ``authorization: Bearer <key>`` or ``x-api-key`` metadata, and repository load / unload
 an admin key. A gateway error becomes the gRPC status its HTTP status maps to, with the same
-message; a 503's ``Retry-After`` travels as ``retry-after`` trailing
-metadata. A message larger than ``max_body_bytes`` (after decompression) is refused by gRPC
-itself with ``RESOURCE_EXHAUSTED``; at most 2,048 calls run at once (``RESOURCE_EXHAUSTED``
-beyond). A client that cancels mid-call cancels its inference (counted as ``CANCELLED``).
+message; a 503's ``Retry-After`` travels as ``retry-after`` trailing metadata.
+
+A caller must not be able to hold the server without a key or without sending: gRPC counts a
+call from its headers, before its message arrives, so every method of the service is a
+stream-unary handler (the same bytes on the wire as unary: unary clients call it unchanged)
+that checks the key as the call starts, then takes one of :data:`MAX_CONCURRENT_CALLS` slots
+(``RESOURCE_EXHAUSTED`` beyond; health and ``ServerLive`` / ``ServerReady`` take none), then
+reads the one request message within ``body_timeout_s`` (``DEADLINE_EXCEEDED`` after it, as the
+HTTP routes answer 408). gRPC itself has no cap on calls (its cap would count the keyless and
+the stalled too, and refuse health with them); the channel arguments bound each connection
+instead (:func:`channel_options`). A message larger than ``max_body_bytes`` (after
+decompression) is refused by gRPC itself with ``RESOURCE_EXHAUSTED``. A client that cancels
+mid-call cancels its inference (counted as ``CANCELLED``, or ``DEADLINE_EXCEEDED`` when its
+deadline passed), and an inference never outlives the call's deadline.
 """
 
 from __future__ import annotations
@@ -33,8 +43,8 @@ from grpc_health.v1.health import aio as health_aio
 from gateway.api.oip_grpc import oip_pb2 as pb
 from gateway.api.oip_grpc.protocol import encode_infer_response, parse_infer_request
 from gateway.auth import KeyChecker
-from gateway.dataplane import DataPlane
-from gateway.errors import BadRequest, GatewayError, NotFound
+from gateway.dataplane import DEADLINE_SLACK_S, DataPlane
+from gateway.errors import BadRequest, GatewayError, NotFound, PayloadTooLarge
 from gateway.integrity.alarm import client_id
 from gateway.metrics import GatewayMetrics
 from gateway.settings import Settings
@@ -44,14 +54,28 @@ __all__ = ["SERVICE", "GrpcServer"]
 log = logging.getLogger(__name__)
 
 SERVICE = "inference.GRPCInferenceService"
-MAX_CONCURRENT_CALLS = 2048
+MAX_CONCURRENT_CALLS = 2048  # keyed calls at once (health, ServerLive and ServerReady apart)
+
+# Per-connection bounds (channel arguments). Streams: Go's HTTP/2 server and nginx default to
+# 250 and 128; a client past it queues its calls, it is not refused. A connection with no call
+# for 5 minutes is closed (clients reconnect on their next call); every connection is closed
+# after 30 minutes (+-10% jitter, gRPC's), its calls given 60 s to finish (longer than the
+# default inference timeout) before they are cancelled, health Watch streams included (their
+# clients watch again): a health call that never sends its message, the one kind no timeout
+# of the gateway's own ends, lives about 34 minutes at most.
+MAX_STREAMS_PER_CONNECTION = 256
+CONNECTION_IDLE_MS = 5 * 60 * 1000
+CONNECTION_AGE_MS = 30 * 60 * 1000
+CONNECTION_AGE_GRACE_MS = 60 * 1000
 
 _CODES = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
     401: grpc.StatusCode.UNAUTHENTICATED,
     403: grpc.StatusCode.PERMISSION_DENIED,
     404: grpc.StatusCode.NOT_FOUND,
+    408: grpc.StatusCode.DEADLINE_EXCEEDED,
     413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
     502: grpc.StatusCode.UNAVAILABLE,
     503: grpc.StatusCode.UNAVAILABLE,
     504: grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -85,6 +109,31 @@ class ReadinessHealth(health_aio.HealthServicer):  # type: ignore[misc]  # untyp
             await asyncio.sleep(HEALTH_REFRESH_S)
 
 
+class MessageTimeout(GatewayError):
+    """A keyed call's request message did not arrive within ``body_timeout_s``."""
+
+    status, reason = 408, "body_timeout"
+
+
+class TooManyCalls(GatewayError):
+    """Every one of the server's slots for keyed calls is taken."""
+
+    status, reason = 429, "too_many_calls"
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """The gRPC server's channel arguments: the message size limit and the connection bounds."""
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        # a second gateway on the same port must fail to start, not share the traffic
+        ("grpc.so_reuseport", 0),
+        ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
+        ("grpc.max_connection_idle_ms", CONNECTION_IDLE_MS),
+        ("grpc.max_connection_age_ms", CONNECTION_AGE_MS),
+        ("grpc.max_connection_age_grace_ms", CONNECTION_AGE_GRACE_MS),
+    ]
+
+
 def status_code(exc: GatewayError) -> grpc.StatusCode:
     """The gRPC status of a gateway error (by its HTTP status; INTERNAL for anything else)."""
     return _CODES.get(exc.status, grpc.StatusCode.INTERNAL)
@@ -94,12 +143,21 @@ class GrpcServer:
     """One ``grpc.aio`` server bound to ``settings.host:settings.grpc_port``."""
 
     def __init__(
-        self, dataplane: DataPlane, keys: KeyChecker, metrics: GatewayMetrics, settings: Settings
+        self,
+        dataplane: DataPlane,
+        keys: KeyChecker,
+        metrics: GatewayMetrics,
+        settings: Settings,
+        *,
+        max_calls: int | None = None,
     ) -> None:
+        """``max_calls``: keyed calls at once (:data:`MAX_CONCURRENT_CALLS` unless given)."""
         self.dp = dataplane
         self.keys = keys
         self.metrics = metrics
         self.settings = settings
+        self.max_calls = MAX_CONCURRENT_CALLS if max_calls is None else max_calls
+        self.calls = 0  # keyed calls holding a slot now
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
         self.health = ReadinessHealth(lambda: self.dp.ready()[0])
@@ -109,15 +167,8 @@ class GrpcServer:
 
     async def start(self) -> int:
         """Bind and start serving; returns the bound port (``grpc_port`` 0 picks one)."""
-        limit = self.settings.max_body_bytes
-        server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", limit),
-                # a second gateway on the same port must fail to start, not share the traffic
-                ("grpc.so_reuseport", 0),
-            ],
-            maximum_concurrent_rpcs=MAX_CONCURRENT_CALLS,
-        )
+        # no maximum_concurrent_rpcs: gRPC would count calls before their key and message
+        server = grpc.aio.server(options=channel_options(self.settings.max_body_bytes))
         server.add_generic_rpc_handlers((self._handlers(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         host = self.settings.host
@@ -171,7 +222,7 @@ class GrpcServer:
             ),
         }
         methods = {
-            name: grpc.unary_unary_rpc_method_handler(
+            name: grpc.stream_unary_rpc_method_handler(
                 self._guarded(name, handler, auth),
                 request_deserializer=_deserializer(request_type),
                 # ModelInfer answers arrive serialised (protocol.encode_infer_response)
@@ -182,14 +233,15 @@ class GrpcServer:
         return grpc.method_handlers_generic_handler(SERVICE, methods)
 
     def _guarded(self, method: str, handler: Handler, auth: str) -> Handler:
-        """``handler`` behind the key check, with its outcome counted and timed and a gateway
-        error turned into its gRPC status."""
+        """``handler`` behind the key check and a call slot, fed the call's one message, with
+        its outcome counted and timed and a gateway error turned into its gRPC status."""
         requests = self.metrics.grpc_requests
         duration = self.metrics.grpc_duration.labels(method)
 
-        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def call(messages: Any, context: grpc.aio.ServicerContext) -> Any:
             t0 = time.perf_counter()
             code = grpc.StatusCode.OK
+            slot = False
             try:
                 if auth != "none":
                     key = _presented(context)
@@ -197,6 +249,15 @@ class GrpcServer:
                         self.keys.check_admin_key(key)
                     else:
                         self.keys.check_user_key(key)
+                    if self.calls >= self.max_calls:
+                        raise TooManyCalls(
+                            f"the gateway runs at most {self.max_calls} gRPC calls at once; "
+                            "retry later",
+                            headers={"Retry-After": "1"},
+                        )
+                    self.calls += 1
+                    slot = True
+                request = await self._message(context)
                 if isinstance(request, Undecodable):
                     raise BadRequest(request.message)
                 return await handler(request, context)
@@ -205,7 +266,7 @@ class GrpcServer:
                 trailers = tuple((k.lower(), v) for k, v in exc.headers.items())
                 await context.abort(code, exc.message, trailers)
             except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
+                code = _ended_code(context)
                 raise
             except grpc.aio.AbortError:
                 raise
@@ -214,10 +275,35 @@ class GrpcServer:
                 log.exception("gRPC %s failed", method)
                 await context.abort(code, "internal error (logged by the gateway)")
             finally:
+                if slot:
+                    self.calls -= 1
                 requests.labels(method, code.name).inc()
                 duration.observe(time.perf_counter() - t0)
 
         return call
+
+    async def _message(self, context: grpc.aio.ServicerContext) -> Any:
+        """The call's request message, within ``body_timeout_s`` of its start. Messages after
+        the first are not read (a unary client sends one)."""
+        limit_s = self.settings.body_timeout_s
+        try:
+            async with asyncio.timeout(limit_s):
+                request = await context.read()
+        except TimeoutError:
+            raise MessageTimeout(
+                f"request message not received within {limit_s:g} s of the call's start"
+            ) from None
+        if request is grpc.aio.EOF:
+            # What the call shows when gRPC refused a message over max_receive_message_length
+            # (the client has that RESOURCE_EXHAUSTED already), when the client cancelled
+            # before sending it, or for a stream without one. A cancellation is usually
+            # delivered with the EOF: one turn of the loop lets it land (counted CANCELLED).
+            await asyncio.sleep(0)
+            raise PayloadTooLarge(
+                "the call ended without a request message (gRPC refuses one over "
+                f"{self.settings.max_body_bytes} bytes, FIDES_MAX_BODY_BYTES)"
+            )
+        return request
 
     # -- health and metadata --------------------------------------------------------------------
 
@@ -250,9 +336,19 @@ class GrpcServer:
     async def model_infer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         name = _model_name(request.model_name)
         version = request.model_version or None
-        self.dp.admit(name, version)  # unknown model or full queue: refused before decoding
-        req = parse_infer_request(request, max_elements=self.settings.max_tensor_elements)
-        resp = await self.dp.infer(name, version, req, client_id(_presented(context)))
+        # unknown model or full queue: refused before decoding
+        servable = self.dp.admit(name, version)
+        req = parse_infer_request(
+            request,
+            max_elements=self.settings.max_tensor_elements,
+            max_inputs=len(servable.inputs),
+            max_outputs=len(servable.outputs),
+        )
+        remaining = context.time_remaining()  # None: the client set no deadline
+        deadline = None if remaining is None else time.monotonic() + remaining
+        resp = await self.dp.infer(
+            name, version, req, client_id(_presented(context)), deadline=deadline
+        )
         return encode_infer_response(resp)
 
     # -- extensions -----------------------------------------------------------------------------
@@ -318,6 +414,15 @@ def _serialize(msg: Any) -> bytes:
 
 def _serialized(payload: bytes) -> bytes:
     return payload
+
+
+def _ended_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """How a call that gRPC cancelled under its handler ended: its deadline passed, or the
+    client went away."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= DEADLINE_SLACK_S:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
 
 
 def _presented(context: grpc.aio.ServicerContext) -> str | None:

@@ -100,10 +100,27 @@ def _shape(value: Any, name: str) -> tuple[int, ...]:
     return tuple(value)
 
 
+def check_counts(
+    inputs: int, outputs: int, max_inputs: int | None, max_outputs: int | None
+) -> None:
+    """Refuse more inputs or requested outputs than the model declares, before reading them
+    (the data plane names unknown ones; a count past the model's is refused here unread)."""
+    if max_inputs is not None and inputs > max_inputs:
+        raise BadRequest(f"the request has {inputs} inputs; the model takes {max_inputs}")
+    if max_outputs is not None and outputs > max_outputs:
+        raise BadRequest(f"the request asks for {outputs} outputs; the model has {max_outputs}")
+
+
 def parse_infer_request(
-    body: bytes, header_length: int | None = None, *, max_elements: int
+    body: bytes,
+    header_length: int | None = None,
+    *,
+    max_elements: int,
+    max_inputs: int | None = None,
+    max_outputs: int | None = None,
 ) -> InferRequest:
-    """Decode an inference request body (JSON, or JSON header + binary tensors)."""
+    """Decode an inference request body (JSON, or JSON header + binary tensors);
+    ``max_inputs`` and ``max_outputs`` (the model's counts) refuse a longer list unread."""
     if header_length is not None:
         if header_length < 0 or header_length > len(body):
             raise BadRequest(
@@ -126,13 +143,19 @@ def parse_infer_request(
     raw_inputs = doc.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise BadRequest("'inputs' must be a non-empty list of tensors")
+    raw_outputs = doc.get("outputs")
+    if raw_outputs is not None and not isinstance(raw_outputs, list):
+        raise BadRequest("'outputs' must be a list")
+    check_counts(len(raw_inputs), len(raw_outputs or ()), max_inputs, max_outputs)
 
     offset = 0
     inputs: list[InputTensor] = []
+    seen: set[str] = set()
     for i, raw in enumerate(raw_inputs):
         tensor, offset = _parse_input(i, raw, binary, offset, header_length, max_elements)
-        if any(t.name == tensor.name for t in inputs):
+        if tensor.name in seen:
             raise BadRequest(f"input '{tensor.name}' appears more than once")
+        seen.add(tensor.name)
         inputs.append(tensor)
     if offset != len(binary):
         raise BadRequest(
@@ -140,11 +163,9 @@ def parse_infer_request(
         )
 
     outputs: list[RequestedOutput] | None = None
-    raw_outputs = doc.get("outputs")
     if raw_outputs is not None:
-        if not isinstance(raw_outputs, list):
-            raise BadRequest("'outputs' must be a list")
         outputs = []
+        asked: set[str] = set()
         for i, raw in enumerate(raw_outputs):
             raw = _obj(raw, f"outputs[{i}]")
             name = raw.get("name")
@@ -154,8 +175,9 @@ def parse_infer_request(
             binary_flag = params.get("binary_data")
             if binary_flag is not None and not isinstance(binary_flag, bool):
                 raise BadRequest(f"output '{name}': binary_data must be a boolean")
-            if any(o.name == name for o in outputs):
+            if name in asked:
                 raise BadRequest(f"output '{name}' is requested more than once")
+            asked.add(name)
             outputs.append(RequestedOutput(name, binary_flag, params))
     return InferRequest(
         inputs=inputs,

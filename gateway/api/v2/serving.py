@@ -23,7 +23,7 @@ async def infer_handler(name: str, version: str | None, request: Request) -> Res
     dp: DataPlane = request.app.state.dataplane
     settings: Settings = request.app.state.settings
     # Unknown model or full queue: refuse before reading a possibly large body.
-    dp.admit(name, version)
+    servable = dp.admit(name, version)
     # size, read deadline and hang-up are checked as it arrives (gateway/api/body.py)
     body = await request.body()
     body = decompress(body, request.headers.get("content-encoding"), settings.max_body_bytes)
@@ -34,6 +34,8 @@ async def infer_handler(name: str, version: str | None, request: Request) -> Res
         body,
         int(header_len) if header_len is not None else None,
         max_elements=settings.max_tensor_elements,
+        max_inputs=len(servable.inputs),
+        max_outputs=len(servable.outputs),
     )
     resp = await dp.infer(name, version, req, client_id(KeyChecker.presented(request)))
     binary_names = {o.name: o.binary for o in req.outputs or [] if o.binary is not None}
