@@ -69,8 +69,11 @@ def serve(
         log_config=None,
         timeout_graceful_shutdown=int(settings.shutdown_grace_s),
         timeout_keep_alive=15,
-        # httptools with a 64 KiB cap on the request head and a deadline for it
-        http=limited_http_protocol(settings.header_timeout_s),
+        # httptools with a 64 KiB cap on the request head and a deadline for it, and
+        # a deadline for the client to read its response (slow readers)
+        http=limited_http_protocol(
+            settings.header_timeout_s, send_timeout_s=settings.send_timeout_s
+        ),
         limit_concurrency=2048,
     )
 

@@ -77,6 +77,13 @@ class Settings(BaseSettings):
         description="A request's body must be complete this long after its headers: 408 "
         "otherwise (slow-body clients).",
     )
+    send_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="A response the client does not read for this long (its receive buffer "
+        "full) is abandoned and the connection closed (slow readers cannot hold the server's "
+        "memory).",
+    )
     max_tensor_elements: int = Field(
         16 * 1024 * 1024, gt=0, description="Largest element count of one input tensor."
     )

@@ -13,6 +13,7 @@ aborted bodies (on /v2 and on /v1, whose bodies FastAPI parses).
 
 from __future__ import annotations
 
+import gzip
 import http.client
 import json
 import random
@@ -33,11 +34,12 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
 USER = {"Authorization": f"Bearer {USER_KEY}"}
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
-# short read deadlines, so that the slow-client tests wait seconds, not the defaults (10 s, 30 s)
-HEADER_TIMEOUT_S, BODY_TIMEOUT_S = 2.0, 5.0
+# short deadlines, so that the slow-client tests wait seconds, not the defaults (10, 30, 30 s)
+HEADER_TIMEOUT_S, BODY_TIMEOUT_S, SEND_TIMEOUT_S = 2.0, 5.0, 2.0
 TIMEOUTS = {
     "FIDES_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S),
     "FIDES_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S),
+    "FIDES_SEND_TIMEOUT_S": str(SEND_TIMEOUT_S),
 }
 BODY = {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
 
@@ -397,6 +399,52 @@ def test_a_keep_alive_connection_gets_a_fresh_header_deadline_per_request(
             time.sleep(0.5)
     finally:
         conn.close()
+
+
+def test_a_client_that_never_reads_its_response_is_cut_off(gw: GatewayProcess) -> None:
+    """A client that sends a request for a 16 MB answer and never reads it (a small receive
+    buffer, nothing read) would hold that answer in the server's memory for as long as it kept
+    the connection open; the server aborts the connection FIDES_SEND_TIMEOUT_S after its
+    writing stalled, dropping what it had not sent. Read afterwards, the socket gives a part of
+    the answer and then ends."""
+    elements = 4 * 1024 * 1024  # FP32: a 16 MiB answer
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": [elements],
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": elements * 4},
+                }
+            ],
+            "parameters": {"binary_data_output": True},
+        }
+    ).encode()
+    body = gzip.compress(header + bytes(elements * 4), compresslevel=9)  # about 16 KB
+    head = (
+        "POST /v2/models/identity_fp32/infer HTTP/1.1\r\nHost: x\r\n"
+        f"Authorization: Bearer {USER_KEY}\r\nContent-Type: application/octet-stream\r\n"
+        f"Inference-Header-Content-Length: {len(header)}\r\nContent-Encoding: gzip\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        s.settimeout(30)
+        s.connect((gw.host, gw.port))
+        s.sendall(head + body)
+        time.sleep(SEND_TIMEOUT_S + 8)  # the answer is ready well within this, then stalls
+        received = 0
+        try:
+            while chunk := s.recv(1 << 20):
+                received += len(chunk)
+        except (ConnectionResetError, TimeoutError):
+            pass
+    finally:
+        s.close()
+    assert received < elements * 4, received  # at most a part of it: the connection ended
+    still_serving(gw)
 
 
 # -- slow, oversized and aborted bodies on /v2 and /v1 -----------------------------------------
