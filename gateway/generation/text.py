@@ -50,10 +50,15 @@ class Detokenizer:
             return self._take(cut), True
         self.text = text
         base = len(text.rstrip(REPLACEMENT))
-        hold = 0  # the longest stop-sequence prefix the text ends with
+        shown = text[:base]
+        # the longest stop-sequence prefix the text ends with, within the text not sent yet (a
+        # prefix reaching into sent text would have been held back when that text came):
+        # bounded by what is unsent, so a long stop sequence costs no more than a short one
+        hold = 0
+        unsent = base - self._sent
         for s in self._stops:
-            for k in range(min(len(s) - 1, base), hold, -1):
-                if text[:base].endswith(s[:k]):
+            for k in range(min(len(s) - 1, unsent), hold, -1):
+                if shown.endswith(s[:k]):
                     hold = k
                     break
         return self._take(max(base - hold, self._sent)), False

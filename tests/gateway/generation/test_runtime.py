@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -87,6 +88,57 @@ def test_detokenizer_holds_back_stop_prefixes() -> None:
     det = Detokenizer(tok, [])
     streamed = "".join(det.add([t])[0] for t in tok.encode("héllo wörld ✓"))
     assert streamed + det.flush() == "héllo wörld ✓"
+
+
+class _Chars:
+    """A tokenizer whose tokens are characters (ids index ``alphabet``)."""
+
+    def __init__(self, alphabet: str) -> None:
+        self.alphabet = alphabet
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(self.alphabet[i] for i in ids)
+
+
+def _held_back_reference(text: str, stops: list[str], sent: int) -> int:
+    """Where the old Detokenizer stopped sending: before the longest stop prefix the text ends
+    with, searched over the whole text."""
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), hold, -1):
+            if text.endswith(s[:k]):
+                hold = k
+                break
+    return max(len(text) - hold, sent)
+
+
+def test_detokenizer_holds_back_what_the_whole_text_search_held_back() -> None:
+    """The stop-prefix search looks only at text not sent yet (so a 20,000-character stop costs
+    what a short one does); what it sends, token by token, is what a search over the whole
+    text sends, on random texts over a small alphabet with random stops, long ones too."""
+    rng = np.random.default_rng(5)
+    alphabet = "ab c"
+    tok = _Chars(alphabet)
+    for _ in range(300):
+        stops = [
+            "".join(rng.choice(list(alphabet), size=int(rng.integers(1, 12))))
+            for _ in range(int(rng.integers(1, 4)))
+        ]
+        ids = [int(i) for i in rng.integers(0, len(alphabet), size=60)]
+        det = Detokenizer(tok, stops)
+        sent = 0
+        for n in range(1, len(ids) + 1):
+            delta, stopped = det.add([ids[n - 1]])
+            if stopped:
+                break
+            text = tok.decode(ids[:n])
+            expect = _held_back_reference(text, stops, sent)
+            assert sent + len(delta) == expect, (stops, text)
+            sent = expect
+    long_stop = "x" * 20_000 + "y"
+    det = Detokenizer(_Chars("xz"), [long_stop])
+    out = "".join(det.add([i % 2])[0] for i in range(4096))  # "xzxz...": never a stop
+    assert out + det.flush() == "xz" * 2048
 
 
 def test_a_draft_with_a_shorter_context_is_refused(tmp_path: Path) -> None:
