@@ -10,6 +10,8 @@ that name the tensor and the problem (:class:`TensorError`).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -109,9 +111,12 @@ def decode_json_data(data: Any, datatype: str, shape: tuple[int, ...], what: str
     if datatype == "BOOL":
         if kind != "b":
             raise TensorError(f"{what}: BOOL data must be true/false")
+    elif kind == "b" or (kind in "iuf" and bool in _element_types(data)):
+        # numpy reads true as 1: [true, 2] would pass as INT32 [1, 2]
+        raise TensorError(f"{what}: {datatype} data must be numbers, not true/false")
     elif target.kind in _INT_KINDS:
         return _decode_ints(data, arr, datatype, shape, what)
-    elif kind not in "iufb":
+    elif kind not in "iuf":
         raise TensorError(f"{what}: {datatype} data must be numbers, got {_kind(kind)}")
     with np.errstate(over="ignore"):
         out = arr.astype(target, copy=False).reshape(shape)
@@ -128,14 +133,14 @@ def _decode_ints(
     target = DATATYPES[datatype]
     info = np.iinfo(target)  # type: ignore[type-var]
     kind = arr.dtype.kind
-    if kind in _INT_KINDS or kind == "b":
-        if kind != "b" and (arr.min() < info.min or arr.max() > info.max):
+    if kind in _INT_KINDS:
+        if arr.min() < info.min or arr.max() > info.max:
             raise TensorError(f"{what}: values out of range for {datatype}")
         return arr.astype(target, copy=False).reshape(shape)
     # numpy turns a mix of ints beyond int64 (large UINT64 values) into floats or objects:
     # check the Python values themselves
     flat = _flatten(data)
-    if not all(isinstance(v, int) for v in flat):
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in flat):
         raise TensorError(f"{what}: {datatype} data must be integers, got {_kind(kind)}")
     if min(flat) < info.min or max(flat) > info.max:
         raise TensorError(f"{what}: values out of range for {datatype}")
@@ -150,6 +155,17 @@ def _count_error(what: str, got: int, shape: tuple[int, ...]) -> TensorError:
     return TensorError(
         f"{what}: data has {got} elements but shape {list(shape)} needs {math.prod(shape)}"
     )
+
+
+def _element_types(data: list[Any]) -> set[type]:
+    """The types of a rectangular nested list's elements (numpy accepted it as numbers, so
+    every level is all lists or all scalars), without building the flat list."""
+    items: Iterator[Any] = iter(data)
+    probe = data
+    while probe and isinstance(probe[0], list):
+        items = chain.from_iterable(items)
+        probe = probe[0]
+    return set(map(type, items))
 
 
 def _flatten(data: Any) -> list[Any]:

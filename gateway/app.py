@@ -93,6 +93,10 @@ def create_app(
         version=__version__,
         description="Open Inference Protocol gateway with integrity verification.",
         lifespan=_lifespan(parts),
+        # the schema and its viewers answer without a key: development only (docs/reliability.md)
+        openapi_url="/openapi.json" if settings.dev_mode else None,
+        docs_url="/docs" if settings.dev_mode else None,
+        redoc_url="/redoc" if settings.dev_mode else None,
     )
     _put_state(app, parts)
     _add_error_handlers(app)

@@ -21,7 +21,13 @@ from gateway.runtimes import Tensors, TensorSpec
 from gateway.servables import InferContext, InferenceServable
 from gateway.settings import Settings
 from gateway.statistics import Statistics
-from gateway.types import InferRequest, InferResponse, OutputTensor
+from gateway.types import (
+    InferRequest,
+    InferResponse,
+    OutputTensor,
+    check_input,
+    unknown_inputs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +160,14 @@ class DataPlane:
             raise
         return servable
 
+    def refused(self, servable: InferenceServable, exc: GatewayError) -> None:
+        """Count a request to ``servable`` that a protocol layer refused after :meth:`admit`
+        (a body its parser refused: an input of the wrong datatype or shape is checked before
+        its data is decoded), as :meth:`infer` counts the ones it refuses."""
+        version = str(servable.version)
+        self._count_failure(servable.name, version, exc.reason)
+        self.statistics.model(servable.name, version).request_done(False, 0.0)
+
     def _count_failure(self, name: str, version: str, reason: str) -> None:
         self.metrics.model_series(name, version).failure.inc()
         self.metrics.failures.labels(name, version, reason).inc()
@@ -256,9 +270,7 @@ class DataPlane:
         given = {t.name: t for t in request.inputs}
         unknown = sorted(set(given) - set(by_name))
         if unknown:
-            raise BadRequest(
-                f"model '{model}' has no input(s) {unknown}; it expects {sorted(by_name)}"
-            )
+            raise unknown_inputs(model, unknown, sorted(by_name))
         missing = sorted(set(by_name) - set(given))
         if missing:
             raise BadRequest(f"model '{model}': missing input(s) {missing}")
@@ -266,25 +278,8 @@ class DataPlane:
         out: Tensors = {}
         for name, spec in by_name.items():
             t = given[name]
-            if t.datatype != spec.datatype:
-                raise BadRequest(
-                    f"input '{name}': datatype {t.datatype} does not match the model's "
-                    f"{spec.datatype}"
-                )
-            if len(t.shape) != len(spec.shape) or any(
-                want not in (-1, got) for want, got in zip(spec.shape, t.shape, strict=True)
-            ):
-                raise BadRequest(
-                    f"input '{name}': shape {list(t.shape)} does not match the model's "
-                    f"{list(spec.shape)} (-1 = any size)"
-                )
+            check_input(name, t.datatype, t.shape, spec.datatype, spec.shape, max_batch)
             if max_batch > 0:
-                if t.shape[0] > max_batch:
-                    raise BadRequest(
-                        f"input '{name}': batch of {t.shape[0]} exceeds max_batch_size {max_batch}"
-                    )
-                if t.shape[0] == 0:
-                    raise BadRequest(f"input '{name}': empty batch")
                 batch_sizes.add(t.shape[0])
             if not allow_non_finite and t.data.dtype.kind == "f" and not np.isfinite(t.data).all():
                 raise BadRequest(

@@ -36,6 +36,8 @@ async def _integrity(request: Request) -> IntegrityService:
     return request.app.state.integrity  # type: ignore[no-any-return]
 
 
+_TOO_DEEP = "the body nests too deeply; it must be a JSON object"
+
 IntegrityDep = Annotated[IntegrityService, Depends(_integrity)]
 
 
@@ -72,6 +74,8 @@ async def start_drill(name: str, request: Request, svc: IntegrityDep) -> dict[st
         body = await request.json()
     except ValueError:
         raise BadRequest("the body must be a JSON object: {attack, rate, substitute?}") from None
+    except RecursionError:  # "[" * 100000: json nests past Python's recursion limit
+        raise BadRequest(f"{_TOO_DEEP}: {{attack, rate, substitute?}}") from None
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object: {attack, rate, substitute?}")
     try:
@@ -94,6 +98,8 @@ async def reset_alarm(name: str, request: Request, svc: IntegrityDep) -> dict[st
             body = json.loads(raw)
         except ValueError:
             raise BadRequest("the body must be a JSON object: {scope, key?}") from None
+        except RecursionError:
+            raise BadRequest(f"{_TOO_DEEP}: {{scope, key?}}") from None
     if not isinstance(body, dict) or set(body) - {"scope", "key"}:
         raise BadRequest("the body must be a JSON object with 'scope' and, for a key, 'key'")
     scope, key = body.get("scope", "all"), body.get("key")

@@ -292,7 +292,18 @@ async def test_nan_rejected_unless_allowed(client: httpx.AsyncClient, repo_path:
     r = await client.post(
         "/v2/models/tiny_nan/infer", content=header + x.tobytes(), headers=headers
     )
+    # its NaN outputs travel as binary only (JSON would turn them into null)
+    assert r.status_code == 500
+    assert "output 'logits' holds NaN or Inf" in r.json()["error"]
+    binary = orjson.dumps({**orjson.loads(header), "parameters": {"binary_data_output": True}})
+    r = await client.post(
+        "/v2/models/tiny_nan/infer",
+        content=binary + x.tobytes(),
+        headers={"Inference-Header-Content-Length": str(len(binary))},
+    )
     assert r.status_code == 200
+    start = int(r.headers["Inference-Header-Content-Length"])
+    assert np.isnan(np.frombuffer(r.content[start:], dtype="<f4")).all()
 
 
 @pytest.mark.parametrize(
@@ -458,8 +469,10 @@ async def test_two_apps_in_one_process(settings: Settings) -> None:
     assert a.state.metrics.registry is not b.state.metrics.registry
 
 
-async def test_openapi_schema(client: httpx.AsyncClient) -> None:
-    doc = (await client.get("/openapi.json")).json()
+async def test_openapi_schema(settings: Settings) -> None:
+    # served in development mode only (tests/gateway/test_http_hardening.py)
+    async with serving(settings.model_copy(update={"dev_mode": True})) as client:
+        doc = (await client.get("/openapi.json")).json()
     assert "/v2/models/{name}/infer" in doc["paths"]
 
 

@@ -21,13 +21,16 @@ from fides_core.oip import (
     encode_json_data,
     oip_datatype,
 )
-from gateway.errors import BadRequest
+from gateway.errors import BadRequest, GatewayError
 from gateway.types import (
     InferRequest,
     InferResponse,
+    InputContract,
     InputTensor,
     RequestedOutput,
+    check_input,
     check_shape,
+    unknown_inputs,
 )
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -118,9 +121,12 @@ def parse_infer_request(
     max_elements: int,
     max_inputs: int | None = None,
     max_outputs: int | None = None,
+    contract: InputContract | None = None,
 ) -> InferRequest:
     """Decode an inference request body (JSON, or JSON header + binary tensors);
-    ``max_inputs`` and ``max_outputs`` (the model's counts) refuse a longer list unread."""
+    ``max_inputs`` and ``max_outputs`` (the model's counts) refuse a longer list unread, and
+    ``contract`` (the model's declared inputs) an input of another name, datatype, shape or
+    batch size before its data is decoded, with the data plane's own messages."""
     if header_length is not None:
         if header_length < 0 or header_length > len(body):
             raise BadRequest(
@@ -147,12 +153,16 @@ def parse_infer_request(
     if raw_outputs is not None and not isinstance(raw_outputs, list):
         raise BadRequest("'outputs' must be a list")
     check_counts(len(raw_inputs), len(raw_outputs or ()), max_inputs, max_outputs)
+    parameters = _params(doc.get("parameters"), "request")
+    flag = parameters.get("binary_data_output")
+    if flag is not None and not isinstance(flag, bool):
+        raise BadRequest("parameter 'binary_data_output' must be a boolean (true or false)")
 
     offset = 0
     inputs: list[InputTensor] = []
     seen: set[str] = set()
     for i, raw in enumerate(raw_inputs):
-        tensor, offset = _parse_input(i, raw, binary, offset, header_length, max_elements)
+        tensor, offset = _parse_input(i, raw, binary, offset, header_length, max_elements, contract)
         if tensor.name in seen:
             raise BadRequest(f"input '{tensor.name}' appears more than once")
         seen.add(tensor.name)
@@ -182,7 +192,7 @@ def parse_infer_request(
     return InferRequest(
         inputs=inputs,
         id=req_id,
-        parameters=_params(doc.get("parameters"), "request"),
+        parameters=parameters,
         outputs=outputs,
     )
 
@@ -194,6 +204,7 @@ def _parse_input(
     offset: int,
     header_length: int | None,
     max_elements: int,
+    contract: InputContract | None,
 ) -> tuple[InputTensor, int]:
     """Input ``i`` of the request, its data from JSON or from the binary part at ``offset``;
     returns it and the offset past its binary data."""
@@ -213,6 +224,11 @@ def _parse_input(
         raise BadRequest(f"input '{name}': missing 'shape'")
     shape = _shape(raw["shape"], name)
     check_shape(name, shape, max_elements)
+    if contract is not None:
+        declared = contract.inputs.get(name)
+        if declared is None:
+            raise unknown_inputs(contract.model, [name], sorted(contract.inputs))
+        check_input(name, datatype, shape, *declared, contract.max_batch_size)
     params = _params(raw.get("parameters"), f"input '{name}'")
     size = params.get("binary_data_size")
     if size is not None:
@@ -252,7 +268,22 @@ def _decoded(
         raise BadRequest(str(exc)) from None
 
 
-def _json_output(arr: np.ndarray, datatype: str) -> object:
+class UnencodableOutput(GatewayError):
+    """A model output that the JSON answer cannot carry (NaN or Inf: orjson would write them
+    as ``null``, which a client cannot tell from a real value). 500: the request was valid and
+    the server cannot return the model's result in the format asked for, so a 4xx would blame
+    the client's input; the message names the output and the remedy (binary data)."""
+
+    status, reason = 500, "unencodable_output"
+
+
+def _json_output(name: str, arr: np.ndarray, datatype: str) -> object:
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise UnencodableOutput(
+            f"output '{name}' holds NaN or Inf, which JSON cannot carry; request it as binary "
+            '(output parameter "binary_data": true, or the request parameter '
+            '"binary_data_output": true) to receive them'
+        )
     try:
         return encode_json_data(arr, datatype)
     except TensorError as exc:
@@ -277,7 +308,7 @@ def encode_infer_response(
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         else:
-            entry["data"] = _json_output(out.data, datatype)
+            entry["data"] = _json_output(out.name, out.data, datatype)
         doc_outputs.append(entry)
     doc: dict[str, Any] = {"model_name": resp.model_name, "model_version": resp.model_version}
     if resp.id is not None:

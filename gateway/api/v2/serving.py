@@ -3,6 +3,7 @@ its limits, decompress, parse, hand the request to the data plane, encode the an
 
 from __future__ import annotations
 
+import asyncio
 import zlib
 
 from fastapi import Request, Response
@@ -10,11 +11,15 @@ from fastapi import Request, Response
 from gateway.api.v2.protocol import HEADER_LENGTH, encode_infer_response, parse_infer_request
 from gateway.auth import KeyChecker
 from gateway.dataplane import DataPlane
-from gateway.errors import BadRequest, PayloadTooLarge
+from gateway.errors import BadRequest, GatewayError, PayloadTooLarge
 from gateway.integrity.alarm import client_id
 from gateway.settings import Settings
+from gateway.types import InferRequest, InputContract
 
-__all__ = ["decompress", "infer_handler"]
+__all__ = ["THREAD_PARSE_BYTES", "decompress", "infer_handler"]
+
+# bodies above this (and every compressed one) are decompressed and parsed off the event loop
+THREAD_PARSE_BYTES = 1024 * 1024
 
 
 # The data plane and settings come from app.state rather than through dependencies: FastAPI's
@@ -26,17 +31,37 @@ async def infer_handler(name: str, version: str | None, request: Request) -> Res
     servable = dp.admit(name, version)
     # size, read deadline and hang-up are checked as it arrives (gateway/api/body.py)
     body = await request.body()
-    body = decompress(body, request.headers.get("content-encoding"), settings.max_body_bytes)
     header_len = request.headers.get(HEADER_LENGTH.lower())
     if header_len is not None and not _is_ascii_digits(header_len.strip()):
         raise BadRequest(f"{HEADER_LENGTH} must be a non-negative integer")
-    req = parse_infer_request(
-        body,
-        int(header_len) if header_len is not None else None,
-        max_elements=settings.max_tensor_elements,
-        max_inputs=len(servable.inputs),
-        max_outputs=len(servable.outputs),
+    encoding = request.headers.get("content-encoding")
+    contract = InputContract(
+        servable.name,
+        {s.name: (s.datatype, s.shape) for s in servable.inputs},
+        servable.config.max_batch_size,
     )
+
+    def read() -> InferRequest:
+        return parse_infer_request(
+            decompress(body, encoding, settings.max_body_bytes),
+            int(header_len) if header_len is not None else None,
+            max_elements=settings.max_tensor_elements,
+            max_inputs=len(servable.inputs),
+            max_outputs=len(servable.outputs),
+            contract=contract,
+        )
+
+    # A large body, or a compressed one of any size (a few KB of gzip are 16 MiB), is decoded
+    # in a worker thread: tens of MiB of JSON or BYTES take seconds that would stall every other
+    # request on the event loop. A small plain body costs less than the hop to a thread.
+    try:
+        if len(body) > THREAD_PARSE_BYTES or (encoding or "identity").lower() != "identity":
+            req = await asyncio.to_thread(read)
+        else:
+            req = read()
+    except GatewayError as exc:  # counted against the model, as the data plane's refusals are
+        dp.refused(servable, exc)
+        raise
     resp = await dp.infer(name, version, req, client_id(KeyChecker.presented(request)))
     binary_names = {o.name: o.binary for o in req.outputs or [] if o.binary is not None}
     payload, headers = encode_infer_response(resp, req.binary_output_default, binary_names)
@@ -50,17 +75,35 @@ def _is_ascii_digits(value: str) -> bool:
 
 
 def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
-    """Request compression as tritonclient sends it (gzip or deflate)."""
+    """Request compression as tritonclient sends it (gzip or deflate), whole and checked: a
+    stream cut short (gzip's CRC and length trailer missing) or followed by other bytes is
+    refused (400), every member of a multi-member gzip is read (RFC 1952), and more than
+    ``limit`` bytes out is refused (413) as soon as it is reached."""
     if encoding is None or encoding.lower() == "identity":
         return body
     enc = encoding.lower()
     if enc not in ("gzip", "deflate"):
         raise BadRequest(f"unsupported Content-Encoding {encoding!r}; use gzip or deflate")
-    d = zlib.decompressobj(wbits=31 if enc == "gzip" else 15)
-    try:
-        out = d.decompress(body, limit + 1)
-    except zlib.error as exc:
-        raise BadRequest(f"body is not valid {enc}: {exc}") from None
-    if len(out) > limit or d.unconsumed_tail:
-        raise PayloadTooLarge(f"decompressed body exceeds the limit of {limit} bytes")
-    return out
+    parts: list[bytes] = []
+    total = 0
+    rest = body
+    while True:
+        d = zlib.decompressobj(wbits=31 if enc == "gzip" else 15)
+        try:
+            out = d.decompress(rest, limit - total + 1)
+        except zlib.error as exc:
+            raise BadRequest(f"body is not valid {enc}: {exc}") from None
+        total += len(out)
+        if total > limit or d.unconsumed_tail:
+            raise PayloadTooLarge(f"decompressed body exceeds the limit of {limit} bytes")
+        if not d.eof:
+            raise BadRequest(f"body is not valid {enc}: the stream is truncated")
+        parts.append(out)
+        rest = d.unused_data
+        if not rest:
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+        if enc != "gzip" or not rest.startswith(_GZIP_MAGIC):
+            raise BadRequest(f"body is not valid {enc}: {len(rest)} bytes follow the stream")
+
+
+_GZIP_MAGIC = b"\x1f\x8b"
