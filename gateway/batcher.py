@@ -97,6 +97,7 @@ class DynamicBatcher:
             max_workers=policy.instances, thread_name_prefix=f"infer-{runtime.name}"
         )
         self._running: set[asyncio.Task[None]] = set()
+        self._in_flight: dict[asyncio.Task[None], list[_Pending]] = {}  # the running batches
         self._busy = 0  # batches dispatched and not yet finished
         self._scheduler: asyncio.Task[None] | None = None
         self._closing = False
@@ -120,7 +121,11 @@ class DynamicBatcher:
         self._scheduler = asyncio.get_running_loop().create_task(self._schedule())
 
     def check_queue(self) -> None:
-        """QueueFull if a request submitted now would be refused for a full queue."""
+        """QueueFull if a request submitted now would be refused for a full queue (requests
+        whose caller left or whose deadline passed do not count: the scheduler drops them
+        only from the head, and not at all while every instance is busy)."""
+        if len(self._queue) >= self.policy.max_queue_size:
+            self._drop_all_dead()
         if len(self._queue) >= self.policy.max_queue_size:
             raise QueueFull(
                 f"model '{self.runtime.name}' queue is full "
@@ -184,7 +189,15 @@ class DynamicBatcher:
             if not item.future.done():
                 item.future.set_exception(Unavailable("model unloaded before the request ran"))
         self._queue.clear()
-        self._executor.shutdown(wait=True, cancel_futures=False)
+        for batch in self._in_flight.values():  # still running after the drain timeout
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(
+                        Unavailable("model unloaded while the request's batch was running")
+                    )
+        # waits for a running batch (the runtime is unloaded after this, never under it), in a
+        # thread: the event loop keeps serving every other model meanwhile
+        await asyncio.to_thread(self._executor.shutdown, True)
 
     # -- scheduling ---------------------------------------------------------------------------
 
@@ -205,6 +218,23 @@ class DynamicBatcher:
             else:
                 break
         if len(self._queue) != before:
+            self.observer.queued(len(self._queue))
+
+    def _drop_all_dead(self) -> None:
+        """:meth:`_drop_dead` over the whole queue (when it looks full)."""
+        now = self._clock()
+        live: deque[_Pending] = deque()
+        for item in self._queue:
+            if item.future.done():
+                continue
+            if item.deadline <= now:
+                item.future.set_exception(
+                    RequestTimeout(f"model '{self.runtime.name}': request timed out in queue")
+                )
+                continue
+            live.append(item)
+        if len(live) != len(self._queue):
+            self._queue = live
             self.observer.queued(len(self._queue))
 
     def _take_batch(self) -> list[_Pending]:
@@ -277,7 +307,12 @@ class DynamicBatcher:
             self.observer.queued(len(self._queue))
             task = asyncio.get_running_loop().create_task(self._run(batch))
             self._running.add(task)
-            task.add_done_callback(self._running.discard)
+            self._in_flight[task] = batch
+            task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        self._in_flight.pop(task, None)
 
     async def _run(self, batch: list[_Pending]) -> None:
         try:
@@ -334,22 +369,30 @@ class DynamicBatcher:
     def _answer(
         self,
         batch: list[_Pending],
-        results: list[Tensors],
+        results: list[Tensors | Exception],
         stages: tuple[float, float, float],
         size: int,
         start: float,
     ) -> None:
         for item, out in zip(batch, results, strict=True):
-            if not item.future.done():
+            if item.future.done():
+                continue
+            if isinstance(out, Exception):
+                err = out if isinstance(out, GatewayError) else _internal(self.runtime, out)
+                item.future.set_exception(err)
+            else:
                 item.future.set_result(out)
         self.observer.batch_finished(size, self._clock() - start)
         self.observer.batch_stages(size, *stages)
 
     def _execute(
         self, inputs: list[Tensors], sizes: list[int]
-    ) -> tuple[list[Tensors], tuple[float, float, float]]:
+    ) -> tuple[list[Tensors | Exception], tuple[float, float, float]]:
         """Worker thread (or the loop, inline): concatenate the requests' inputs (``sizes``
-        samples each), run, split; with the seconds of each of the three."""
+        samples each), run, split; with the seconds of each of the three. When the batch of
+        several requests fails, each request runs on its own, so that only the one the model
+        fails on gets the error (one request never fails another); its entry is then the
+        exception. A request alone that fails raises."""
         clock = time.perf_counter
         t0 = clock()
         if len(inputs) == 1:
@@ -358,12 +401,38 @@ class DynamicBatcher:
         names = list(inputs[0])
         merged = {n: np.concatenate([i[n] for i in inputs], axis=0) for n in names}
         t1 = clock()
-        outputs = self.runtime.predict(merged)
-        t2 = clock()
-        splits = np.cumsum(sizes)[:-1]
-        per_output = {n: np.split(arr, splits, axis=0) for n, arr in outputs.items()}
-        results = [{n: parts[k] for n, parts in per_output.items()} for k in range(len(inputs))]
+        try:
+            outputs = self.runtime.predict(merged)
+            t2 = clock()
+            splits = np.cumsum(sizes)[:-1]
+            total = int(sum(sizes))
+            for n, arr in outputs.items():
+                if arr.ndim == 0 or arr.shape[0] != total:
+                    raise GatewayError(
+                        f"model '{self.runtime.name}' answered output '{n}' with shape "
+                        f"{list(arr.shape)} for a batch of {total} rows: it must have one row "
+                        "per input row"
+                    )
+            per_output = {n: np.split(arr, splits, axis=0) for n, arr in outputs.items()}
+        except Exception as exc:  # noqa: BLE001 - retried request by request
+            log.warning(
+                "a batch of %d requests failed in model %s (%s: %s): each runs on its own",
+                len(inputs),
+                self.runtime.name,
+                type(exc).__name__,
+                exc,
+            )
+            return [self._alone(i) for i in inputs], (t1 - t0, clock() - t1, 0.0)
+        results: list[Tensors | Exception] = [
+            {n: parts[k] for n, parts in per_output.items()} for k in range(len(inputs))
+        ]
         return results, (t1 - t0, t2 - t1, clock() - t2)
+
+    def _alone(self, inputs: Tensors) -> Tensors | Exception:
+        try:
+            return self.runtime.predict(inputs)
+        except Exception as exc:  # noqa: BLE001 - this request's own error
+            return exc
 
 
 def _internal(runtime: Runtime, exc: Exception) -> GatewayError:

@@ -202,6 +202,10 @@ class DataPlane:
             self._count_failure(name, version_label, "timeout" if past else "cancelled")
             stats.request_done(False, time.perf_counter() - t0)
             raise
+        except Exception:  # a fault of ours: answered 500 by the app, counted here too
+            self._count_failure(name, version_label, "internal")
+            stats.request_done(False, time.perf_counter() - t0)
+            raise
         finally:
             series.inflight.dec()
         elapsed = time.perf_counter() - t0

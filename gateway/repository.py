@@ -335,8 +335,13 @@ class ModelRepository:
         await self._stop(list(served.versions.values()))
 
     async def _stop(self, versions: list[Servable]) -> None:
+        """Close every version, each in turn; one that fails to close is logged and the others
+        are still closed (their schedulers and threads would leak otherwise)."""
         for v in versions:
-            await v.close(self._drain_timeout_s)
+            try:
+                await v.close(self._drain_timeout_s)
+            except Exception:  # noqa: BLE001 - logged; the next version is closed all the same
+                log.exception("closing a version of model %s failed", getattr(v, "name", "?"))
 
     async def _build(self, name: str, path: Path) -> ServedModel:
         t0 = time.perf_counter()

@@ -349,3 +349,106 @@ async def test_instances_run_concurrently() -> None:
     assert time.monotonic() - t0 < 0.6  # 4 x 0.2 s serially would be 0.8 s
     assert len(rt.threads) >= 2
     await b.close()
+
+
+class PickyRuntime(DoublingRuntime):
+    """y = 2x, but a batch holding a negative row fails (a bad input the model chokes on)."""
+
+    def predict(self, inputs: Tensors, output_names: list[str] | None = None) -> Tensors:
+        if (inputs["x"] < 0).any():
+            self.batches.append(inputs["x"].shape[0])
+            raise ValueError("negative row")
+        return super().predict(inputs, output_names)
+
+
+@pytest.mark.parametrize("inline", [False, True], ids=["thread", "inline"])
+async def test_one_bad_request_fails_alone_not_its_batch(inline: bool) -> None:
+    """Three requests batched together, one of which the model fails on: the batch is run
+    again request by request, and only the bad one gets the error."""
+    rt = PickyRuntime()
+    policy = _policy(max_queue_delay_s=0.05, dispatch_when_idle=False, inline=inline)
+    b = DynamicBatcher(rt, policy)
+    b.start()
+    deadline = time.monotonic() + 5
+    good, bad, other = await asyncio.gather(
+        b.submit(_x(1.0), deadline),
+        b.submit(_x(-1.0), deadline),
+        b.submit(_x(3.0), deadline),
+        return_exceptions=True,
+    )
+    assert rt.batches[0] == 3  # they were one batch
+    np.testing.assert_array_equal(good["y"], _x(2.0)["x"])  # type: ignore[index]
+    np.testing.assert_array_equal(other["y"], _x(6.0)["x"])  # type: ignore[index]
+    assert isinstance(bad, GatewayError)
+    assert "negative row" in str(bad)
+    await b.close()
+
+
+class SummingRuntime(DoublingRuntime):
+    """An output with one row per batch, not per input row (a reduction over the batch)."""
+
+    def predict(self, inputs: Tensors, output_names: list[str] | None = None) -> Tensors:
+        self.batches.append(inputs["x"].shape[0])
+        return {"y": inputs["x"].sum(axis=0, keepdims=True)}
+
+
+async def test_an_output_without_a_row_per_input_row_is_not_split_into_empty_answers() -> None:
+    """np.split would hand the first request the whole output and the others empty arrays
+    with a 200; each request is run on its own instead and gets its own answer."""
+    rt = SummingRuntime()
+    b = DynamicBatcher(rt, _policy(max_queue_delay_s=0.05, dispatch_when_idle=False))
+    b.start()
+    outs = await _run_all(b, [_x(1.0), _x(2.0), _x(3.0)])
+    assert rt.batches[0] == 3
+    for value, out in zip((1.0, 2.0, 3.0), outs, strict=True):
+        np.testing.assert_array_equal(out["y"], _x(value)["x"])
+    await b.close()
+
+
+async def test_closing_during_a_long_batch_keeps_the_loop_serving() -> None:
+    """A batch still running when the drain time is up: its request is answered with a named
+    error, and the event loop serves other work while the batch finishes (the executor's
+    shutdown waited on the loop itself, freezing every model)."""
+    rt = DoublingRuntime(delay_s=1.0)
+    b = DynamicBatcher(rt, _policy(max_batch_size=1, max_queue_delay_s=0))
+    b.start()
+    running = asyncio.ensure_future(b.submit(_x(1.0), time.monotonic() + 30))
+    await asyncio.sleep(0.1)  # its batch is running
+    events: list[str] = []
+
+    async def beat() -> None:
+        await asyncio.sleep(0.2)
+        events.append("beat")
+
+    async def close() -> None:
+        await b.close(drain_timeout_s=0.05)
+        events.append("closed")
+
+    await asyncio.gather(beat(), close())
+    assert events == ["beat", "closed"]  # the loop ran other work while the batch finished
+    with pytest.raises(GatewayError, match="unloaded while the request's batch was running"):
+        await running
+
+
+async def test_requests_that_left_do_not_fill_the_queue() -> None:
+    """Timed-out and cancelled requests behind a long batch no longer count against the queue
+    limit (the scheduler, waiting for an instance, does not drop them)."""
+    rt = DoublingRuntime(delay_s=0.5)
+    b = DynamicBatcher(rt, _policy(max_batch_size=1, max_queue_size=4, max_queue_delay_s=0))
+    b.start()
+    first = asyncio.ensure_future(b.submit(_x(0.0), time.monotonic() + 5))
+    await asyncio.sleep(0.05)  # running; the queue is empty
+    soon = time.monotonic() + 0.05
+    expiring = [asyncio.ensure_future(b.submit(_x(1.0), soon)) for _ in range(2)]
+    leaving = [asyncio.ensure_future(b.submit(_x(2.0), time.monotonic() + 5)) for _ in range(2)]
+    await asyncio.sleep(0.1)
+    for f in leaving:
+        f.cancel()
+    await asyncio.sleep(0)
+    out = await b.submit(_x(3.0), time.monotonic() + 5)  # QueueFull before
+    np.testing.assert_array_equal(out["y"], _x(6.0)["x"])
+    for f in expiring:
+        with pytest.raises(RequestTimeout):
+            await f
+    await first
+    await b.close()
