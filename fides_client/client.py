@@ -71,7 +71,9 @@ from fides_core.integrity import (
     RECLASSIFIER_OUTPUT,
     VERDICTS,
     Verdict,
+    answer_score,
     decide,
+    judged_scores,
 )
 from fides_core.integrity_config import IntegrityConfig
 from fides_core.layout import latest_version
@@ -490,7 +492,7 @@ class _Core:
                     f"served answer {list(p.shape)} and signed verifier answer {list(q.shape)} "
                     "differ in shape"
                 )
-            scores = self.local.scores(p, q)
+            scores = judged_scores(self.local.scores(p, q), p)  # NaN where p is not numbers
             novelty = self.local.novelty_scores(prepared.inputs)
             novel = None
             if novelty is not None and self.local.novelty_threshold is not None:
@@ -558,12 +560,16 @@ class _Core:
         if claimed != verdict:
             out.append(f"verdict: the gateway says {claimed!r}, the evidence says {verdict!r}")
         score = _number(params.get("integrity_score"))
+        ours_score = None if scores is None else answer_score(scores)
         if scores is not None and (
-            score is None
-            or not math.isfinite(score)
-            or abs(score - float(scores.max())) > self.score_tolerance
+            (score is None) != (ours_score is None)
+            or (
+                score is not None
+                and ours_score is not None
+                and (not math.isfinite(score) or abs(score - ours_score) > self.score_tolerance)
+            )
         ):
-            out.append(f"score: the gateway says {score}, we compute {float(scores.max()):.6f}")
+            out.append(f"score: the gateway says {score}, we compute {ours_score}")
         if claimed == verdict == "attack" and claimed_classes != ours:
             out.append(f"reclassified: the gateway says {claimed_classes}, we compute {ours}")
         return out

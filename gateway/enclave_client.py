@@ -910,7 +910,7 @@ class AttachedEnclave(EnclaveSupervisor):
         await self.wait_up(self.ready_timeout_s)
 
     async def _watch(self) -> None:
-        delay, was_up = self.backoff_initial_s, False
+        delay, was_up, failures = self.backoff_initial_s, False, 0
         while not self._stopping:
             if self._state is not EnclaveState.UP:
                 try:
@@ -918,10 +918,24 @@ class AttachedEnclave(EnclaveSupervisor):
                 except (EnclaveError, AttestationError, OSError) as exc:
                     self.counters.failed_starts += 1
                     self.counters.last_error = f"{type(exc).__name__}: {exc}"
+                    failures += 1
+                    if failures >= self.max_consecutive_failures and (
+                        self._state is EnclaveState.RESTARTING
+                    ):
+                        # not a passing restart any more (a replaced sidecar the policy
+                        # refuses, a socket gone): down, so readiness says so; still retried
+                        log.error(
+                            "enclave at %s: %d attempts to re-attach failed (%s); down, "
+                            "still retrying",
+                            self.launch.socket_path,
+                            failures,
+                            self.counters.last_error,
+                        )
+                        self._set_state(EnclaveState.DOWN)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, self.backoff_max_s)
                     continue
-                delay = self.backoff_initial_s
+                delay, failures = self.backoff_initial_s, 0
                 if was_up:
                     self.counters.restarts += 1
                 was_up = True

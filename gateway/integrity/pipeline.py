@@ -33,12 +33,16 @@ from fides_core.enclave_errors import InvalidRequest as EnclaveRefusal
 from fides_core.incident import IncidentAnswer
 from fides_core.integrity import (
     DETECTOR_OUTPUT,
+    INVALID_ANSWER,
     NOVELTY_OUTPUT,
     OUT_OF_DISTRIBUTION,
     P_INPUT,
     Q_INPUT,
     RECLASSIFIER_OUTPUT,
+    answer_score,
     decide,
+    invalid_reason,
+    judged_scores,
     novelty_reason,
 )
 from fides_core.integrity_config import DrillConfig, IntegrityConfig
@@ -444,20 +448,29 @@ class IntegrityPipeline:
         t_enclave = time.perf_counter()
         scores, novelty = await self._judge(pair, tensors, deadline)  # [n], [n] or None
         t_judge = time.perf_counter()
+        scores = judged_scores(scores, p)  # NaN where the service's answer is not numbers
         novel = None if novelty is None else novelty > self.novelty_threshold
         verdict, flagged = decide(scores, self.threshold, novel)
+        score = answer_score(scores)
         params: dict[str, Any] = {
             "integrity_verdict": verdict,
-            "integrity_score": round(float(scores.max()), 6),
+            "integrity_score": None if score is None else round(score, 6),
             "integrity_threshold": self.threshold,
             "integrity_evidence": base64.b64encode(item.evidence).decode("ascii"),
             "integrity_request_id": rid,
         }
-        if verdict == "unverified":  # novel input(s): nothing to say about the provider
-            assert novelty is not None
-            assert self.novelty_threshold is not None
-            params["integrity_reason"] = novelty_reason(novelty, self.novelty_threshold)
-            self.metrics.unverified.labels(self.model, OUT_OF_DISTRIBUTION).inc()
+        if verdict == "unverified":  # rows nobody could judge: nothing to say about the provider
+            reasons = []
+            invalid = invalid_reason(scores)
+            if invalid is not None:
+                reasons.append(invalid)
+                self.metrics.unverified.labels(self.model, INVALID_ANSWER).inc()
+            if novel is not None and novel.any():
+                assert novelty is not None
+                assert self.novelty_threshold is not None
+                reasons.append(novelty_reason(novelty, self.novelty_threshold))
+                self.metrics.unverified.labels(self.model, OUT_OF_DISTRIBUTION).inc()
+            params["integrity_reason"] = "; ".join(reasons)
         t_reclassify = t_judge
         if flagged.any():
             rec = await self.reclassifier.latest().predict(pair, deadline)
@@ -471,13 +484,13 @@ class IntegrityPipeline:
                 self.threshold,
                 extra={"model": self.model, "request_id": rid, "drill": drill is not None},
             )
-        for s in scores:
+        for s in scores[np.isfinite(scores)]:
             self._score.observe(float(s))
         self._verdict[verdict].inc()
         self._duration.observe(time.perf_counter() - t0)
         # the rows both stream checks take (in-distribution: their calibration is), and their
         # KL(service || verifier), computed once for both
-        known = np.ones(len(p), dtype=bool) if novel is None else ~novel
+        known = np.isfinite(scores) if novel is None else np.isfinite(scores) & ~novel
         kl = kl_divergence(p[known], q[known])  # [known rows]
         self._watch(scores[known], kl)
         if len(kl):

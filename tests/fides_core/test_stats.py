@@ -112,3 +112,21 @@ def test_prepared_window_test_passes_scores_that_are_not_numbers_to_scipy() -> N
         WindowTest(reference)(np.array([]), 0.01)
     with pytest.raises(ValueError, match="needs scores"):
         WindowTest(np.array([]))
+
+
+def test_a_row_no_detector_judged_is_never_verified() -> None:
+    """decide() (the gateway's and the SDK's rule): a row whose service answer holds NaN gets a
+    NaN score and makes the answer `unverified`; an attacked row still makes it `attack`."""
+    from fides_core.integrity import answer_score, decide, invalid_reason, judged_scores
+
+    p = np.array([[0.9, 0.1], [np.nan, 0.5], [0.2, 0.8]])
+    scores = judged_scores(np.array([0.1, 0.05, 0.2]), p)
+    assert np.isnan(scores[1])
+    verdict, attacked = decide(scores, 0.5)
+    assert verdict == "unverified"
+    assert not attacked.any()
+    assert answer_score(scores) == pytest.approx(0.2)
+    assert invalid_reason(scores) is not None
+    assert decide(np.array([0.9, np.nan]), 0.5)[0] == "attack"
+    assert decide(np.array([0.1, 0.2]), 0.5)[0] == "verified"
+    assert answer_score(np.array([np.nan])) is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -458,3 +459,39 @@ async def test_supervisor_reports_a_boot_failure(files: EnclaveFiles, tmp_path: 
             assert "failed authentication" in (d / "enclave.log").read_text()
         finally:
             await sup.close()
+
+
+async def test_a_sidecar_that_cannot_be_attached_again_goes_down_and_keeps_trying() -> None:
+    """A sidecar enclave lost while up, whose every re-attach fails (gone, or replaced by one
+    the policy refuses): after max_consecutive_failures attempts the state is down, so a
+    fail_closed model is not ready, and the attempts go on in the background."""
+    from enclave_sim.pki import create_identity
+    from gateway.enclave_client import AttachedEnclave
+
+    with short_tmpdir() as d:
+        sup = AttachedEnclave(
+            d / "gone.sock",
+            root=create_identity()[1].root_cert,
+            policy=Policy.of("00" * 48, allow_simulated=True),
+            backoff_initial_s=0.01,
+            backoff_max_s=0.02,
+        )
+        sup.max_consecutive_failures = 3
+        sup._set_state(EnclaveState.RESTARTING)  # it was up, and was lost
+        watch = asyncio.create_task(sup._watch())
+        try:
+            for _ in range(500):
+                if sup.state is EnclaveState.DOWN:
+                    break
+                await asyncio.sleep(0.01)
+            assert sup.state is EnclaveState.DOWN
+            assert "no enclave socket" in sup.health().reason
+            tried = sup.counters.failed_starts
+            assert tried >= 3
+            await asyncio.sleep(0.1)
+            assert sup.counters.failed_starts > tried  # still trying
+            assert not watch.done()
+        finally:
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch

@@ -10,6 +10,7 @@ from pathlib import Path
 import cbor2
 import httpx
 import numpy as np
+import orjson
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
@@ -322,3 +323,38 @@ async def test_a_reload_keeps_the_enclave_and_an_unload_stops_it(
         assert fakes.by_model["digits"] is not fake
         r = await client.post(URL, json=digits.body())
         assert r.json()["parameters"]["integrity_verdict"] == "verified"
+
+
+async def test_an_answer_holding_nan_is_never_verified(
+    integrity_repo: Path, digits: Digits, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A provider (or a broken model) answering NaN at the class it wants: argmax reads that
+    class, the detector's score is NaN and NaN > threshold is False, so the answer was
+    `verified`. It is `unverified` with the reason named, and kept out of the stream checks."""
+    from gateway.integrity.pipeline import IntegrityPipeline
+
+    def nan_at_7(
+        self: IntegrityPipeline, results: dict[str, np.ndarray], drill: object
+    ) -> dict[str, np.ndarray]:
+        p = np.array(results[self.cfg.output], dtype=np.float32)
+        p[:, 7] = np.nan
+        return {**results, self.cfg.output: p}
+
+    monkeypatch.setattr(IntegrityPipeline, "_tampered", nan_at_7)
+    async with integrity_gateway(integrity_repo) as (client, _):
+        body = digits.body(0)
+        body["parameters"] = {**body.get("parameters", {}), "binary_data_output": True}
+        r = await client.post(URL, json=body)
+        assert r.status_code == 200, r.text
+        header_len = int(r.headers["inference-header-content-length"])
+        params = orjson.loads(r.content[:header_len])["parameters"]
+        assert params["integrity_verdict"] == "unverified"
+        assert params["integrity_reason"].startswith("invalid_answer: 1 of 1 row(s)")
+        assert params["integrity_score"] is None
+        assert params["integrity_evidence"]  # the enclave's own answer is still attached
+        assert (
+            await metric(client, "fides_integrity_unverified_total", reason="invalid_answer") == 1
+        )
+        assert await metric(client, "fides_integrity_verdicts_total", verdict="verified") == 0
+        status = (await client.get("/v2/models/digits/integrity")).json()
+        assert status["substitution"]["scores_in_window"] == 0  # not fed to the window
