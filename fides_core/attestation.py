@@ -260,10 +260,11 @@ def _marked_simulated(cert: x509.Certificate) -> bool:
 
 def _check_chain(
     leaf_der: bytes, cabundle: list[Any], root: x509.Certificate, at: dt.datetime
-) -> x509.Certificate:
+) -> list[x509.Certificate]:
     """Nitro's procedure: cabundle[0] is the pinned root, each next certificate is issued by
     the previous one, the leaf by the last; every certificate valid at ``at``; issuers are CAs
-    within their path length; the leaf is an end entity allowed to sign."""
+    within their path length; the leaf is an end entity allowed to sign. Returns the path,
+    root first, leaf last."""
     try:
         chain = [x509.load_der_x509_certificate(der) for der in cabundle]
         leaf = x509.load_der_x509_certificate(leaf_der)
@@ -311,7 +312,7 @@ def _check_chain(
         raise ChainError("the leaf certificate lacks basic constraints or key usage") from None
     if leaf_bc.ca or not usage.digital_signature:
         raise ChainError("the leaf certificate is not an end-entity signing certificate")
-    return leaf
+    return path  # the pinned root first, the leaf last
 
 
 def decode_attestation(evidence: bytes) -> tuple[bytes, dict[str, Any]]:
@@ -383,7 +384,8 @@ def verify_attestation(
     at = dt.datetime.fromtimestamp(now_s, dt.UTC)
     # 2. chain and signature
     root_cert = load_root(root)
-    leaf = _check_chain(claims["certificate"], claims["cabundle"], root_cert, at)
+    path = _check_chain(claims["certificate"], claims["cabundle"], root_cert, at)
+    leaf = path[-1]
     names = leaf.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
     if [n.value for n in names] != [claims["module_id"]]:
         issued_to = ", ".join(str(n.value) for n in names) or "no common name"
@@ -433,8 +435,7 @@ def verify_attestation(
     simulated = (
         claims.get("simulated") is True
         or claims["module_id"].startswith("sim-")
-        or any(_marked_simulated(c) for c in (root_cert, leaf))
-        or any(_marked_simulated(x509.load_der_x509_certificate(d)) for d in claims["cabundle"])
+        or any(_marked_simulated(c) for c in path)
     )
     if simulated and not policy.allow_simulated:
         raise SimulatedEvidenceRejected(

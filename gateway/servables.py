@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from gateway.errors import Unavailable
 from gateway.generation.service import TextModel
 from gateway.model_config import ModelConfig
 from gateway.runtimes import Runtime, Tensors, TensorSpec
+from gateway.types import InputContract
 
 if TYPE_CHECKING:
     from gateway.repository import ServedModel
@@ -118,6 +120,15 @@ class InferenceServable(Servable):
     @property
     def outputs(self) -> list[TensorSpec]:
         return self.tensors.runtime.outputs
+
+    @functools.cached_property
+    def input_contract(self) -> InputContract:
+        """What a parser checks each input against before decoding its data (built once)."""
+        return InputContract(
+            self.name,
+            {s.name: (s.datatype, s.shape) for s in self.inputs},
+            self.config.max_batch_size,
+        )
 
     @property
     def closed(self) -> bool:

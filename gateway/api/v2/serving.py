@@ -14,7 +14,7 @@ from gateway.dataplane import DataPlane
 from gateway.errors import BadRequest, GatewayError, PayloadTooLarge
 from gateway.integrity.alarm import client_id
 from gateway.settings import Settings
-from gateway.types import InferRequest, InputContract
+from gateway.types import InferRequest
 
 __all__ = ["THREAD_PARSE_BYTES", "decompress", "infer_handler"]
 
@@ -35,11 +35,7 @@ async def infer_handler(name: str, version: str | None, request: Request) -> Res
     if header_len is not None and not _is_ascii_digits(header_len.strip()):
         raise BadRequest(f"{HEADER_LENGTH} must be a non-negative integer")
     encoding = request.headers.get("content-encoding")
-    contract = InputContract(
-        servable.name,
-        {s.name: (s.datatype, s.shape) for s in servable.inputs},
-        servable.config.max_batch_size,
-    )
+    contract = servable.input_contract
 
     def read() -> InferRequest:
         return parse_infer_request(
