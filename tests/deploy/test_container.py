@@ -237,6 +237,9 @@ def test_read_only_container_verifies_flags_a_drill_and_drains(
 
         worker = threading.Thread(target=load)
         worker.start()
+        # the load is under way before the signal (on a loaded machine the thread's first
+        # request could otherwise still be connecting when the listener closes)
+        wait_until(c, lambda: statuses.count(200) > 0, what="the first answer under load")
         body = {"model": "code", "prompt": "def ", "max_tokens": 240, "temperature": 1.0,
                 "ignore_eos": True, "stream": True}  # fmt: skip
         events: list[str] = []
