@@ -201,38 +201,32 @@ class DynamicBatcher:
 
     # -- scheduling ---------------------------------------------------------------------------
 
+    def _departed(self, item: _Pending, now: float) -> bool:
+        """Whether a queued request is gone: its caller left, or its deadline passed (then it
+        is answered with a timeout here)."""
+        if item.future.done():
+            return True
+        if item.deadline <= now:
+            item.future.set_exception(
+                RequestTimeout(f"model '{self.runtime.name}': request timed out in queue")
+            )
+            return True
+        return False
+
     def _drop_dead(self) -> None:
         """Drop cancelled and expired requests from the head of the queue (and report the new
         depth: a caller that went away must not stay counted as waiting)."""
         now = self._clock()
         before = len(self._queue)
-        while self._queue:
-            head = self._queue[0]
-            if head.future.done():
-                self._queue.popleft()
-            elif head.deadline <= now:
-                self._queue.popleft()
-                head.future.set_exception(
-                    RequestTimeout(f"model '{self.runtime.name}': request timed out in queue")
-                )
-            else:
-                break
+        while self._queue and self._departed(self._queue[0], now):
+            self._queue.popleft()
         if len(self._queue) != before:
             self.observer.queued(len(self._queue))
 
     def _drop_all_dead(self) -> None:
         """:meth:`_drop_dead` over the whole queue (when it looks full)."""
         now = self._clock()
-        live: deque[_Pending] = deque()
-        for item in self._queue:
-            if item.future.done():
-                continue
-            if item.deadline <= now:
-                item.future.set_exception(
-                    RequestTimeout(f"model '{self.runtime.name}': request timed out in queue")
-                )
-                continue
-            live.append(item)
+        live = deque(item for item in self._queue if not self._departed(item, now))
         if len(live) != len(self._queue):
             self._queue = live
             self.observer.queued(len(self._queue))
@@ -249,12 +243,7 @@ class DynamicBatcher:
         now = self._clock()
         while self._queue and total < self.policy.max_batch_size:
             item = self._queue.popleft()
-            if item.future.done():
-                continue
-            if item.deadline <= now:  # the flush path sets no timer per request
-                item.future.set_exception(
-                    RequestTimeout(f"model '{self.runtime.name}': request timed out in queue")
-                )
+            if self._departed(item, now):  # the flush path sets no timer per request
                 continue
             if (
                 item.signature == head.signature
