@@ -257,18 +257,31 @@ class DynamicBatcher:
         self._queue = keep
         return batch
 
-    def _ready_size(self) -> int:
-        """Samples at the head of the queue that could share a batch with the head."""
-        head = self._queue[0]
-        return sum(i.batch for i in self._queue if i.signature == head.signature)
+    def _batch_is_ready(self) -> bool:
+        """Whether the live requests that could share a batch with the head (in queue order,
+        as :meth:`_take_batch` takes them) fill the batch limit, or reach a preferred size on
+        the way. Triton's rule: a preferred size that the queue's head can form is sent at
+        once; a request of several samples behind it that takes the total past that size does
+        not hide it. Requests whose caller left or whose deadline passed do not count."""
+        head, now = self._queue[0], self._clock()
+        limit, preferred = self.policy.max_batch_size, self.policy.preferred_batch_sizes
+        size = 0
+        for item in self._queue:
+            if item.signature != head.signature or self._departed(item, now):
+                continue
+            if size + item.batch > limit:  # the next request no longer fits: as full as it gets
+                return size > 0
+            size += item.batch
+            if size == limit or size in preferred:
+                return True
+        return False
 
     def _should_dispatch(self) -> bool:
         if not self.batched or self._closing:
             return True
         if self.policy.dispatch_when_idle and self._busy == 0:
             return True
-        size = self._ready_size()
-        if size >= self.policy.max_batch_size or size in self.policy.preferred_batch_sizes:
+        if self._batch_is_ready():
             return True
         return self._clock() - self._queue[0].enqueued >= self.policy.max_queue_delay_s
 

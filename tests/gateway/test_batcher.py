@@ -231,6 +231,40 @@ async def test_preferred_size_dispatches_without_waiting() -> None:
     await b.close()
 
 
+async def test_a_preferred_size_formed_at_the_head_dispatches_past_a_larger_request() -> None:
+    """Four single samples make the preferred 4; a request of two behind them takes the total
+    to 6, which must not hide the preferred size until the queue delay runs out."""
+    rt = DoublingRuntime()
+    policy = _policy(max_queue_delay_s=5.0, preferred_batch_sizes=(4,), dispatch_when_idle=False)
+    b = DynamicBatcher(rt, policy)
+    b.start()
+    t0 = time.monotonic()
+    await _run_all(b, [*(_x(float(i)) for i in range(4)), _x(9.0, n=2)])
+    assert time.monotonic() - t0 < 2.0
+    assert rt.batches == [6]  # what is queued when the batch goes: up to the limit
+    await b.close()
+
+
+async def test_departed_requests_do_not_count_towards_a_preferred_size() -> None:
+    rt = DoublingRuntime()
+    policy = _policy(max_queue_delay_s=5.0, preferred_batch_sizes=(3,), dispatch_when_idle=False)
+    b = DynamicBatcher(rt, policy)
+    b.start()
+    deadline = time.monotonic() + 10
+    first = asyncio.ensure_future(b.submit(_x(1.0), deadline))
+    gone = asyncio.ensure_future(b.submit(_x(2.0), deadline))
+    await asyncio.sleep(0.02)
+    gone.cancel()  # its caller left; it stays in the queue until a batch is taken
+    third = asyncio.ensure_future(b.submit(_x(3.0), deadline))
+    await asyncio.sleep(0.3)
+    assert rt.batches == []  # two live samples: not the preferred 3
+    fourth = asyncio.ensure_future(b.submit(_x(4.0), deadline))
+    outs = await asyncio.wait_for(asyncio.gather(first, third, fourth), 2.0)
+    assert [float(o["y"][0, 0]) for o in outs] == [2.0, 6.0, 8.0]
+    assert rt.batches == [3]
+    await b.close()
+
+
 async def test_full_batch_dispatches_without_waiting() -> None:
     rt = DoublingRuntime()
     b = DynamicBatcher(rt, _policy(max_queue_delay_s=5.0))
