@@ -37,6 +37,7 @@ import numpy as np
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtensionOID
 from cwt.cose_key_interface import COSEKeyInterface
 
 from fides_core import cose
@@ -258,13 +259,37 @@ def _marked_simulated(cert: x509.Certificate) -> bool:
     return any(SIMULATION_MARK in str(a.value) for a in cert.subject)
 
 
+#: The extensions whose meaning :func:`_check_chain` enforces: basic constraints (CA or end
+#: entity, path length) and key usage (keyCertSign for issuers, digitalSignature for the leaf).
+#: RFC 5280 4.2: a certificate with any other extension marked critical must be rejected, since
+#: its issuer said "do not use me unless you understand this" (name constraints, policies, ...).
+_PROCESSED_EXTENSIONS = frozenset({ExtensionOID.BASIC_CONSTRAINTS, ExtensionOID.KEY_USAGE})
+
+
+def _refuse_unprocessed_critical(cert: x509.Certificate) -> None:
+    try:
+        extensions = cert.extensions
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
+        raise MalformedEvidence(
+            f"certificate {cert.subject.rfc4514_string()} has malformed extensions: {exc}"
+        ) from None
+    for ext in extensions:
+        if ext.critical and ext.oid not in _PROCESSED_EXTENSIONS:
+            raise ChainError(
+                f"certificate {cert.subject.rfc4514_string()} carries the critical extension "
+                f"{type(ext.value).__name__} ({ext.oid.dotted_string}), which this verifier "
+                "does not process (RFC 5280 4.2)"
+            )
+
+
 def _check_chain(
     leaf_der: bytes, cabundle: list[Any], root: x509.Certificate, at: dt.datetime
 ) -> list[x509.Certificate]:
     """Nitro's procedure: cabundle[0] is the pinned root, each next certificate is issued by
     the previous one, the leaf by the last; every certificate valid at ``at``; issuers are CAs
-    within their path length; the leaf is an end entity allowed to sign. Returns the path,
-    root first, leaf last."""
+    within their path length; the leaf is an end entity allowed to sign; no certificate, the
+    pinned root included, carries a critical extension outside ``_PROCESSED_EXTENSIONS``.
+    Returns the path, root first, leaf last."""
     try:
         chain = [x509.load_der_x509_certificate(der) for der in cabundle]
         leaf = x509.load_der_x509_certificate(leaf_der)
@@ -276,6 +301,10 @@ def _check_chain(
     if chain[0].public_bytes(serialization.Encoding.DER) != pinned:
         raise ChainError("the chain does not start at the pinned root certificate")
     path = [*chain, leaf]
+    # the root too: its basic constraints and key usage are enforced below like any issuer's,
+    # so a critical constraint of it that is not understood would be silently dropped
+    for cert in path:
+        _refuse_unprocessed_critical(cert)
     for depth, (issuer, cert) in enumerate(itertools.pairwise(path)):
         try:
             cert.verify_directly_issued_by(issuer)

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import cbor2
 import pytest
-from cryptography.hazmat.primitives import serialization
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from enclave_sim.core import EnclaveCore
 from enclave_sim.pki import PlatformIdentity, create_identity, issue_leaf, new_key
@@ -266,6 +268,73 @@ def test_the_leaf_certificate_names_the_attested_module(
     forged = _host_forgery(core, platform_identity, nonce, "sim-other", leaf_name="sim-mine")
     with pytest.raises(ChainError, match="issued to sim-mine, not to the module 'sim-other'"):
         verify_attestation(forged, root=module_files.root_pem, policy=policy, nonce=nonce)
+
+
+#: A private-enterprise OID no verifier knows (RFC 5280 4.2: refused when critical).
+_PRIVATE_OID = x509.ObjectIdentifier("1.3.6.1.4.1.55555.7.1")
+
+
+def _with_extension(
+    cert: x509.Certificate, signer: ec.EllipticCurvePrivateKey, critical: bool
+) -> x509.Certificate:
+    """``cert`` re-issued by ``signer`` (its issuer's key) with the private extension added."""
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(cert.subject)
+        .issuer_name(cert.issuer)
+        .public_key(cert.public_key())
+        .serial_number(cert.serial_number)
+        .not_valid_before(cert.not_valid_before_utc)
+        .not_valid_after(cert.not_valid_after_utc)
+    )
+    for ext in cert.extensions:
+        builder = builder.add_extension(ext.value, critical=ext.critical)
+    builder = builder.add_extension(
+        x509.UnrecognizedExtension(_PRIVATE_OID, b"\x05\x00"), critical=critical
+    )
+    return builder.sign(signer, hashes.SHA384())
+
+
+def _chain_with_extension(
+    core: EnclaveCore, nonce: bytes, where: int, critical: bool
+) -> tuple[bytes, x509.Certificate]:
+    """Evidence under a fresh root -> platform -> leaf chain whose certificate at ``where``
+    (0 the root, 1 the platform CA, 2 the leaf) carries the private extension; and its root."""
+    root_key, platform = create_identity()
+    key = new_key()
+    claims = _claims(core.attest(nonce))
+    module_id = claims["module_id"]
+    assert isinstance(module_id, str)
+    path = [platform.root_cert, platform.platform_cert]
+    path.append(issue_leaf(platform, key.public_key(), module_id))
+    signers = [root_key, root_key, platform.platform_key]
+    path[where] = _with_extension(path[where], signers[where], critical)
+    claims["cabundle"] = [c.public_bytes(serialization.Encoding.DER) for c in path[:2]]
+    claims["certificate"] = path[2].public_bytes(serialization.Encoding.DER)
+    return cose.sign1(cbor2.dumps(claims), cose.private_key(key)), path[0]
+
+
+@pytest.mark.parametrize(("where", "subject"), [(0, "Root CA"), (1, "Platform CA"), (2, "sim-")])
+def test_an_unknown_critical_extension_is_refused(
+    core: EnclaveCore, policy: Policy, where: int, subject: str
+) -> None:
+    """RFC 5280 4.2: a critical extension the verifier does not process refuses the
+    certificate, wherever it is on the chain (the pinned root included)."""
+    nonce = b"x" * 32
+    evidence, root = _chain_with_extension(core, nonce, where, critical=True)
+    with pytest.raises(
+        ChainError, match=rf"{subject}.*critical extension.*1\.3\.6\.1\.4\.1\.55555"
+    ):
+        verify_attestation(evidence, root=root, policy=policy, nonce=nonce)
+
+
+@pytest.mark.parametrize("where", [0, 1, 2])
+def test_an_unknown_non_critical_extension_is_accepted(
+    core: EnclaveCore, policy: Policy, where: int
+) -> None:
+    nonce = b"y" * 32
+    evidence, root = _chain_with_extension(core, nonce, where, critical=False)
+    assert verify_attestation(evidence, root=root, policy=policy, nonce=nonce).simulated
 
 
 def test_strange_header_and_field_types_are_named_errors(
