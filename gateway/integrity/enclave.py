@@ -22,7 +22,7 @@ from pathlib import Path
 
 from enclave_sim.pki import ROOT_CERT, init_ca
 from enclave_sim.sealing import seal
-from fides_core.attestation import Policy
+from fides_core.attestation import AttestedEnclave, Policy
 from fides_core.enclave_config import from_enclave_block
 from fides_core.integrity_config import EnclaveConfig
 from fides_core.layout import latest_version_file
@@ -141,7 +141,12 @@ class EnclaveBatcher:
     enclave call. With ``when_idle``, a verification that finds no call in flight goes at
     once, and what gathered while calls were in flight goes when the last of them ends (or
     at ``delay_s``, whichever is first). Errors of a call go to every request in it; nothing
-    is retried here (the integrity pipeline's failure policy decides)."""
+    is retried here (the integrity pipeline's failure policy decides).
+
+    ``on_boot``: told, after each call that returned, the attested enclave boot the client
+    checked that call's evidence against (a supervisor's ``attested``; clients without one are
+    not asked), so the boot that signed an answer is known even when the enclave has restarted
+    by the time the answer is used (incident bundles keep its attestation document)."""
 
     def __init__(
         self,
@@ -150,12 +155,14 @@ class EnclaveBatcher:
         delay_s: float,
         on_wait: Callable[[float], None] | None = None,
         when_idle: bool = False,
+        on_boot: Callable[[AttestedEnclave], None] | None = None,
     ) -> None:
         self.client = client
         self.max_rows = max_rows
         self.delay_s = delay_s
         self.when_idle = when_idle
         self.on_wait = on_wait  # seconds each request waited for its call to start (metrics)
+        self.on_boot = on_boot
         self._pending: list[_Pending] = []
         self._rows = 0
         self._timer: asyncio.TimerHandle | None = None
@@ -195,6 +202,10 @@ class EnclaveBatcher:
             now = time.perf_counter()
             for p in batch:
                 self.on_wait(now - p.queued)
+        # Read with no await before the call: a supervisor's verify takes its attested boot
+        # before its first await, so this is the boot it checks the batch's evidence against
+        # (its module id and key), however the enclave restarts while the call is out.
+        boot: AttestedEnclave | None = getattr(self.client, "attested", None)
         try:
             result = await self.client.verify([p.request for p in batch])
         except BaseException as exc:  # noqa: BLE001 - every waiter must hear about it
@@ -213,6 +224,8 @@ class EnclaveBatcher:
                 )
             else:
                 p.future.set_result(item)
+        if boot is not None and self.on_boot is not None:  # before any waiter resumes
+            self.on_boot(boot)
 
     async def close(self) -> None:
         self._flush()

@@ -37,6 +37,7 @@ __all__ = ["IncidentRecorder"]
 
 log = logging.getLogger(__name__)
 
+MAX_BOOTS = 16  # attestation documents kept: the boots of recent answers (a few KB each)
 ID_PATTERN = re.compile(r"^[0-9]{8}T[0-9]{6}Z-(model|key-[0-9a-f]{12}|anonymous)(-[0-9]+)?$")
 
 
@@ -71,10 +72,14 @@ class IncidentRecorder:
         self.ring.append(answer)
 
     def boot(self, module_id: str, document: bytes) -> None:
-        """The attestation document of an enclave boot (the supervisor's, after each start)."""
+        """The attestation document of enclave boot ``module_id``: each boot whose evidence the
+        gateway checked (the pipeline's, after every enclave call), so the document of the boot
+        that signed an answer is here even when the enclave has restarted since. An answer is
+        matched to its boot by the module id its evidence names; one whose boot's document is
+        not here is left out of a bundle, counted (``answers_left_out``) and logged."""
         if module_id not in self.attestations:
             self.attestations[module_id] = document
-            while len(self.attestations) > 16:  # boots older than that have left the ring
+            while len(self.attestations) > MAX_BOOTS:  # the oldest first
                 del self.attestations[next(iter(self.attestations))]
 
     def forget(self, scope: str, client: str | None = None) -> None:
@@ -116,7 +121,7 @@ class IncidentRecorder:
         try:
             needed = {evidence_module_id(a.evidence) for a in answers} - set(self.attestations)
             needed.discard(None)
-            if needed:  # the running boot's document, attested now (an in-process enclave)
+            if needed:  # the running boot's document, attested now (a client with no `attested`)
                 nonce = secrets.token_bytes(32)
                 doc = await self._attest(nonce)
                 _, claims = decode_attestation(doc)
@@ -142,6 +147,17 @@ class IncidentRecorder:
             bundle["id"] = ident
             bundle["drill"] = drill  # the gateway's word: an exercise, not a provider's fault
             await asyncio.to_thread(self._store, ident, bundle)
+            left_out = bundle["answers_left_out"]["no_attestation"]
+            if left_out:
+                log.warning(
+                    "integrity incident %s of %s: %d signed requests left out: no attestation "
+                    "document of the enclave boot that signed them (the last %d boots' kept)",
+                    ident,
+                    self.model,
+                    left_out,
+                    MAX_BOOTS,
+                    extra={"model": self.model, "incident": ident},
+                )
             log.warning(
                 "integrity incident %s of %s: %d signed requests kept (%s)",
                 ident,

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from fides_core.attestation import AttestedEnclave
 from fides_core.enclave_errors import InvalidRequest as EnclaveRefusal
 from fides_core.incident import IncidentAnswer
 from fides_core.integrity import (
@@ -219,6 +220,7 @@ class IntegrityPipeline:
             e.max_queue_delay_microseconds / 1e6,
             on_wait=part["batching"].observe,
             when_idle=e.dispatch_when_idle,
+            on_boot=self._signed_by,
         )
         if isinstance(enclave, EnclaveSupervisor):
 
@@ -538,10 +540,10 @@ class IntegrityPipeline:
         scores: np.ndarray,
         kl: np.ndarray,
     ) -> None:
-        """This request's part in the alarm, for an incident bundle should it fire."""
-        attested = getattr(self.enclave, "attested", None)  # the supervisor's current boot
-        if attested is not None and attested.document:
-            self.incidents.boot(attested.module_id, attested.document)
+        """This request's part in the alarm, for an incident bundle should it fire. The boot
+        that signed it is the one its evidence names, whose document :meth:`_signed_by` kept
+        when the enclave call returned: not the supervisor's boot now, which is another one if
+        the enclave restarted while this request was judged."""
         self.incidents.record(
             IncidentAnswer(
                 rid,
@@ -553,6 +555,12 @@ class IntegrityPipeline:
                 kl,
             )
         )
+
+    def _signed_by(self, attested: AttestedEnclave) -> None:
+        """An enclave call's evidence was checked against boot ``attested`` (the batcher's
+        ``on_boot``): keep its attestation document for incident bundles."""
+        if attested.document:
+            self.incidents.boot(attested.module_id, attested.document)
 
     def _substituted(
         self, service: TensorServable, drill: ActiveDrill | None, rows: int

@@ -6,8 +6,9 @@ running the verifier and signing, without the process)."""
 from __future__ import annotations
 
 import json
+import secrets
 import shutil
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -16,15 +17,27 @@ import httpx
 import pytest
 import yaml
 
+from enclave_sim.core import EnclaveCore
+from fides_core.attestation import AttestedEnclave, verify_attestation
 from fides_core.enclave_config import EnclaveModelConfig
 from fides_core.integrity_config import EnclaveConfig
+from fides_core.verify import VerifyRequest
 from gateway.app import create_app
+from gateway.enclave_client import VerifyResult
 from gateway.settings import Settings
 from tests.conftest import ADMIN_KEY, USER_KEY
 from tests.enclave_double import FakeEnclaveClient
 from tests.integrity_factory import infer_body
 
-__all__ = ["ADMIN", "EXAMPLE", "Fakes", "infer_body", "integrity_gateway", "set_integrity"]
+__all__ = [
+    "ADMIN",
+    "EXAMPLE",
+    "Fakes",
+    "RestartingEnclave",
+    "infer_body",
+    "integrity_gateway",
+    "set_integrity",
+]
 
 EXAMPLE = json.loads((Path(__file__).resolve().parents[3] / "examples" / "digit.json").read_text())
 
@@ -44,17 +57,45 @@ def set_integrity(repo: Path, **changes: Any) -> None:
     path.write_text(yaml.safe_dump(cfg))
 
 
-class Fakes:
-    """The in-process enclaves the factory handed out, by model."""
+class RestartingEnclave(FakeEnclaveClient):
+    """The in-process enclave with a supervisor's ``attested`` boot, restarted (a new boot: new
+    module id and keys, the same platform and verifier) as soon as it has signed its first
+    batch, before the gateway has used that batch's answers: an enclave that crashes and is
+    relaunched while requests it signed are still being judged. ``boots``: the module ids."""
 
-    def __init__(self, repo: Path) -> None:
+    def __init__(self, model: bytes | Path, config: EnclaveModelConfig | None = None) -> None:
+        super().__init__(model, config)
+        self._model = model.read_bytes() if isinstance(model, Path) else model
+        self.boots = [self.core.module_id]
+        self.attested: AttestedEnclave | None = self._attest()
+
+    def _attest(self) -> AttestedEnclave:
+        nonce = secrets.token_bytes(32)
+        doc = self.core.attest(nonce)
+        return verify_attestation(doc, root=self.root_pem, policy=self.policy(), nonce=nonce)
+
+    async def verify(self, requests: Sequence[VerifyRequest]) -> VerifyResult:
+        result = await super().verify(requests)
+        if len(self.boots) == 1:  # boot A signed this batch; boot B is up before it is used
+            identity = self.core._identity  # the same platform: the same root
+            self.core = EnclaveCore(self._model, self.config, self.measurement, identity)
+            self.boots.append(self.core.module_id)
+            self.attested = self._attest()
+        return result
+
+
+class Fakes:
+    """The in-process enclaves the factory handed out, by model (``enclave``: their class)."""
+
+    def __init__(self, repo: Path, enclave: type[FakeEnclaveClient] = FakeEnclaveClient) -> None:
         self.repo = repo
+        self.enclave = enclave
         self.by_model: dict[str, FakeEnclaveClient] = {}
 
     def __call__(self, model: str, cfg: EnclaveConfig) -> tuple[FakeEnclaveClient, str]:
         from gateway.integrity.enclave import verifier_file
 
-        fake = FakeEnclaveClient(
+        fake = self.enclave(
             verifier_file(self.repo, cfg.verifier_model),
             EnclaveModelConfig(outputs=tuple(cfg.outputs), max_batch_size=cfg.max_batch_size),
         )
@@ -64,9 +105,10 @@ class Fakes:
 
 @asynccontextmanager
 async def integrity_gateway(
-    repo: Path, **overrides: Any
+    repo: Path, enclave: type[FakeEnclaveClient] = FakeEnclaveClient, **overrides: Any
 ) -> AsyncIterator[tuple[httpx.AsyncClient, Fakes]]:
-    """The gateway on ``repo`` (``overrides``: more settings, e.g. gRPC on) and a client."""
+    """The gateway on ``repo`` (``enclave``: the in-process enclave's class; ``overrides``:
+    more settings, e.g. gRPC on) and a client."""
     settings = Settings(
         model_repository=repo,
         api_keys=[USER_KEY],
@@ -76,7 +118,7 @@ async def integrity_gateway(
         integrity_state_dir=repo.parent / "alarm-state",
         **overrides,
     )
-    fakes = Fakes(repo)
+    fakes = Fakes(repo, enclave)
     app = create_app(settings, enclave_factory=fakes)
     async with (
         app.router.lifespan_context(app),

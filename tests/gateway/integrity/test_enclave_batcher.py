@@ -10,11 +10,16 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from fides.bench.enclave import mlp_verifier
+from fides_core.attestation import AttestedEnclave
+from fides_core.incident import evidence_module_id
 from fides_core.verify import VerifyRequest
+from gateway.enclave_client import EnclaveUnavailable
 from gateway.integrity.enclave import EnclaveBatcher
 from tests.enclave_double import FakeEnclaveClient
+from tests.gateway.integrity.conftest import RestartingEnclave
 
 
 def _enclave(tmp_path: Path) -> FakeEnclaveClient:
@@ -63,4 +68,25 @@ async def test_without_idle_dispatch_a_lone_verification_waits_the_delay(tmp_pat
     # and verifications within the delay share the call
     await asyncio.gather(*(batcher.verify(_request(i), 1) for i in range(1, 5)))
     assert enclave.calls == 2
+    await batcher.close()
+
+
+async def test_each_call_names_the_boot_it_was_checked_against(tmp_path: Path) -> None:
+    """``on_boot`` hears the boot a call went to, though the enclave restarted before the call
+    returned (the first call's answers are boot A's, the supervisor's boot B's by then), and
+    nothing for a call that failed."""
+    path = tmp_path / "verifier.onnx"
+    mlp_verifier(path, (64, 16, 10))
+    enclave = RestartingEnclave(path)
+    told: list[AttestedEnclave] = []
+    batcher = EnclaveBatcher(enclave, max_rows=32, delay_s=0.0, on_boot=told.append)
+    first = await batcher.verify(_request(0), 1)
+    second = await batcher.verify(_request(1), 1)
+    assert [evidence_module_id(it.evidence) for it in (first, second)] == enclave.boots
+    assert [b.module_id for b in told] == enclave.boots
+    assert all(b.document for b in told)
+    enclave.fail = EnclaveUnavailable("the enclave is restarting")
+    with pytest.raises(EnclaveUnavailable):
+        await batcher.verify(_request(2), 1)
+    assert len(told) == 2
     await batcher.close()

@@ -23,7 +23,13 @@ from fides_client.incident import load_bundle, verify_incident
 from fides_core.incident import IncidentError
 from gateway.integrity.alarm import client_id
 from tests.conftest import USER_KEY
-from tests.gateway.integrity.conftest import ADMIN, Fakes, infer_body, integrity_gateway
+from tests.gateway.integrity.conftest import (
+    ADMIN,
+    Fakes,
+    RestartingEnclave,
+    infer_body,
+    integrity_gateway,
+)
 from tests.gateway.integrity.test_pipeline import URL
 from tests.integrity_factory import Digits
 
@@ -252,6 +258,30 @@ async def test_an_alarm_keeps_a_bundle_the_sdk_proves_and_every_tamper_is_named(
     assert bad.exit_code == 1
     assert "NOT PROVEN" in bad.output
     assert f"answer {last}" in bad.output
+
+
+async def test_an_answer_keeps_the_boot_that_signed_it_after_the_enclave_restarted(
+    integrity_repo: Path, digits: Digits
+) -> None:
+    """The enclave restarts after signing the first request and before the gateway keeps its
+    answer, so no answer of that boot is ever kept while it runs: the bundle still carries
+    that boot's attestation document (not the boot running at keep time), holds the answer,
+    and the SDK proves it with both boots."""
+    async with integrity_gateway(integrity_repo, RestartingEnclave) as (client, fakes):
+        await _raise_alarm(client, digits)
+        listed = await _incidents(client, 2)
+        ident = next(i["id"] for i in listed if i["scope"] == "model")
+        bundle = (await client.get(f"{INCIDENTS}/{ident}", headers=ADMIN)).json()
+    fake = fakes.by_model["digits"]
+    assert isinstance(fake, RestartingEnclave)
+    first, second = fake.boots
+    assert bundle["answers_left_out"] == {"no_attestation": 0}
+    assert bundle["answers"][0]["module_id"] == first
+    assert {a["module_id"] for a in bundle["answers"][1:]} == {second}
+    assert set(bundle["attestations"]) == {first, second}
+    check = _check(bundle, fakes, integrity_repo)
+    assert check.modules == sorted([first, second])
+    assert check.requests == len(bundle["answers"]) >= 9
 
 
 async def test_bundles_are_kept_across_a_restart_and_bounded(
