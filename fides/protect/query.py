@@ -58,6 +58,19 @@ class AnswerError(ValueError):
 
 
 UNUSABLE_REASON = "non-finite values (NaN / Inf)"
+#: The reason recorded for each input of a batch answered unusably as a whole is cut to this.
+REASON_CHARS = 200
+
+
+def _batch_reason(message: str, identity: str) -> str:
+    """Why a batch's answer was unusable as a whole, as recorded for each of its inputs: the
+    :class:`AnswerError`'s message without the service's name (a store is one service's),
+    shortened in the middle (its start says what failed, its end what was wrong)."""
+    text = "its batch was answered unusably: " + message.removeprefix(identity).lstrip(": ")
+    if len(text) <= REASON_CHARS:
+        return text
+    half = (REASON_CHARS - 5) // 2
+    return f"{text[:half]} ... {text[-half:]}"
 
 
 class BudgetExhausted(RuntimeError):
@@ -144,15 +157,8 @@ class Querier:
             if k not in have and k not in missing:
                 missing[k] = i
         earlier = self.store.unusable(missing) if missing else {}
-        if earlier:  # answered NaN / Inf before: not paid for again
-            first = min(missing[k] for k in earlier)
-            raise AnswerError(
-                f"{len(earlier)} of the {what} were answered with unusable values by an earlier "
-                "run "
-                f"({next(iter(earlier.values()))}; first: input #{first}), recorded in "
-                f"{self.store.path} and not asked for again: remove them from the inputs, or "
-                "rerun with --retry-unusable to pay for them once more"
-            )
+        if earlier:  # answered unusably before (NaN / Inf, or the batch): not paid for again
+            raise self._unusable_before(earlier, missing, what)
         if missing:
             self._fetch(sent, list(missing.items()), what)
             have.update(self.store.get(missing))  # only what was just asked for
@@ -168,15 +174,22 @@ class Querier:
         if known is not None or len(x) == 0:
             return dict(known or {})
         recorded = self.answers(x, "probe inputs")
+        sent = self.service.encode(x)
+        keys = [input_key(row) for row in sent]
+        # the inputs are answered (above): an unusable record of one is of an earlier probe's
+        earlier = self.store.unusable(keys)
+        if earlier:  # its repeat was answered unusably as a whole: not paid for again
+            first = {k: i for i, k in reversed(list(enumerate(keys)))}
+            raise self._unusable_before(earlier, first, "probe inputs")
         self._check_budget(len(x))
         parts = []
         for i in range(0, len(x), self._batch):
-            batch = self.service.encode(x[i : i + self._batch])
+            batch = sent[i : i + self._batch]
             try:
                 parts.append(self._ask(batch))
-            except AnswerError:
-                self.store.add_spent(len(batch))  # answered (paid for), unusable
-                raise
+            except AnswerError as exc:  # answered (paid for), unusable as a whole
+                self._record_unusable(keys[i : i + self._batch], exc)
+                raise self._recorded(exc, len(batch)) from None
             self.store.add_spent(len(batch))  # each batch counted once it is paid for
             self.asked += len(batch)
         again = np.concatenate(parts)
@@ -213,6 +226,26 @@ class Querier:
         return result
 
     # -- internals ----------------------------------------------------------------------
+
+    def _unusable_before(
+        self, earlier: dict[bytes, str], first: dict[bytes, int], what: str
+    ) -> AnswerError:
+        """The error naming inputs (``first``: key -> its first row) an earlier run recorded as
+        answered unusably (``earlier``: key -> why)."""
+        key = min(earlier, key=first.__getitem__)
+        return AnswerError(
+            f"{len(earlier)} of the {what} were answered with unusable values by an earlier run "
+            f"({earlier[key]}; first: input #{first[key]}), recorded in {self.store.path} and "
+            "not asked for again: remove them from the inputs, or rerun with --retry-unusable "
+            "to pay for them once more"
+        )
+
+    def _recorded(self, exc: AnswerError, n: int) -> AnswerError:
+        """``exc`` (a batch of ``n`` answered unusably as a whole), saying it is recorded."""
+        return AnswerError(
+            f"{exc}; the batch's {n} inputs are recorded as unusable in {self.store.path}: a "
+            "rerun names them instead of paying for them again (--retry-unusable asks again)"
+        )
 
     def _check_budget(self, need: int) -> None:
         if self.budget is not None and self.store.spent + need > self.budget:
@@ -266,7 +299,8 @@ class Querier:
         pending: dict[Future[np.ndarray], list[tuple[bytes, int]]] = {}
         queue = iter(chunks)
         error: BaseException | None = None
-        in_hand: tuple[list[tuple[bytes, int]], np.ndarray] | None = None  # being recorded
+        # the answered batch being recorded (its answer, or why it is unusable as a whole)
+        in_hand: tuple[list[tuple[bytes, int]], np.ndarray | AnswerError] | None = None
         try:
             while True:
                 while error is None and len(pending) < self.cfg.concurrency:
@@ -281,15 +315,18 @@ class Querier:
                 for fut in done:
                     chunk = pending.pop(fut)
                     try:
-                        answer = fut.result()
-                    except (QueryFailed, AnswerError) as exc:
-                        if isinstance(exc, AnswerError):
-                            self.store.add_spent(len(chunk))  # answered, though unusable
+                        outcome: np.ndarray | AnswerError = fut.result()
+                    except QueryFailed as exc:  # no answer: nothing paid for or recorded
                         error = error or exc
                         continue
-                    in_hand = (chunk, answer)
-                    self._record(chunk, answer, bad)
+                    except AnswerError as exc:  # answered (paid for), unusable as a whole
+                        outcome = exc
+                        error = error or self._recorded(exc, len(chunk))
+                    in_hand = (chunk, outcome)
+                    self._settle(chunk, outcome, bad)
                     in_hand = None
+                    if isinstance(outcome, AnswerError):
+                        continue
                     prog.done += len(chunk)
                     self._report(prog, what)
         except BaseException:  # Ctrl-C / SIGTERM: keep what is in flight, then stop
@@ -298,15 +335,16 @@ class Querier:
             if in_hand is not None and not (self.store.get(keys) or self.store.unusable(keys)):
                 # interrupted while recording it (its transaction rolled back): paid for
                 with contextlib.suppress(Exception):
-                    self._record(*in_hand, bad)
+                    self._settle(*in_hand, bad)
             for fut, chunk in pending.items():
                 try:
-                    self._record(chunk, fut.result(), bad)
-                except AnswerError:  # answered (paid for), unusable as a whole
-                    with contextlib.suppress(Exception):
-                        self.store.add_spent(len(chunk))
+                    outcome = fut.result()
+                except AnswerError as exc:  # answered (paid for), unusable as a whole
+                    outcome = exc
                 except Exception:  # noqa: BLE001 - the interrupt is what is reported
                     continue
+                with contextlib.suppress(Exception):
+                    self._settle(chunk, outcome, bad)
             log.warning(
                 "interrupted: %d inputs paid for are recorded in %s",
                 self.store.spent,
@@ -325,6 +363,26 @@ class Querier:
             )
         if short:
             raise BudgetExhausted(self.store.spent, self.budget or 0, short, what)
+
+    def _settle(
+        self, chunk: list[tuple[bytes, int]], outcome: np.ndarray | AnswerError, bad: list[str]
+    ) -> None:
+        """Commit one answered batch: its answers, or its inputs as unusable when the answer
+        was unusable as a whole."""
+        if isinstance(outcome, AnswerError):
+            self._record_unusable([k for k, _ in chunk], outcome)
+        else:
+            self._record(chunk, outcome, bad)
+
+    def _record_unusable(self, keys: list[bytes], exc: AnswerError) -> None:
+        """Commit a batch (of ``keys``, as sent) answered unusably as a whole: paid for, and
+        each of its inputs unusable, with why, so a rerun does not pay for them again."""
+        reason = _batch_reason(str(exc), self.service.identity)
+        self.store.put_unusable(dict.fromkeys(keys, reason), paid=len(keys))
+        self.asked += len(keys)
+        log.warning(
+            "%d inputs recorded as unusable in %s (%s)", len(set(keys)), self.store.path, reason
+        )
 
     def _record(self, chunk: list[tuple[bytes, int]], answer: np.ndarray, bad: list[str]) -> None:
         """Commit one batch's finite answers (and the whole batch as paid for)."""

@@ -2,9 +2,10 @@
 
 Each answer is committed as soon as it arrives, with the number of inputs paid for, so a run
 that is interrupted, killed or out of budget loses nothing it paid for, and a rerun asks only
-for what is missing. An answer that came back unusable (NaN / Inf) is recorded as such, so a
-rerun does not pay for it again. One store belongs to one service and one of its outputs:
-opening it for another is an error.
+for what is missing. An answer that came back unusable (a NaN / Inf row, or a batch's answer
+unusable as a whole: the wrong shape, a body that cannot be decoded) is recorded as such for
+each of its inputs, with the reason, so a rerun does not pay for it again. One store belongs
+to one service and one of its outputs: opening it for another is an error.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import hashlib
 import json
 import logging
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -102,14 +104,20 @@ class AnswerStore:
             self._db.execute("ROLLBACK")
         self._db.execute("BEGIN IMMEDIATE")
 
-    def add_spent(self, n: int) -> None:
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One write transaction: committed whole, or rolled back on any error or interrupt."""
         self._begin()
         try:
-            self.set_meta("spent", str(self.spent + n))
+            yield
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
+
+    def add_spent(self, n: int) -> None:
+        with self._transaction():
+            self.set_meta("spent", str(self.spent + n))
 
     def __len__(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM answers").fetchone()[0])
@@ -139,8 +147,7 @@ class AnswerStore:
     ) -> None:
         """Record ``answers`` ([n, ...]) for ``keys``, the ``unusable`` answers (key ->
         why) and ``paid`` more inputs paid for, in one transaction."""
-        self._begin()
-        try:
+        with self._transaction():
             if len(keys):
                 self._layout(answers)
             self._db.executemany(
@@ -154,10 +161,11 @@ class AnswerStore:
                 "INSERT OR REPLACE INTO unusable VALUES (?, ?)", (unusable or {}).items()
             )
             self.set_meta("spent", str(self.spent + paid))
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+
+    def put_unusable(self, unusable: dict[bytes, str], paid: int) -> None:
+        """Record a batch answered unusably as a whole: each of its inputs as unusable (key ->
+        why) and ``paid`` more inputs paid for, in one transaction."""
+        self.put([], np.empty((0,)), paid, unusable)
 
     def _select(self, table: str, column: str, keys: list[bytes]) -> Iterable[tuple[bytes, Any]]:
         """(key, ``column``) of the rows of ``table`` among ``keys``, in chunks."""
@@ -174,14 +182,9 @@ class AnswerStore:
 
     def forget_unusable(self) -> int:
         """Drop every unusable record (they will be asked for again); how many there were."""
-        self._begin()
-        try:
+        with self._transaction():
             n = int(self._db.execute("SELECT COUNT(*) FROM unusable").fetchone()[0])
             self._db.execute("DELETE FROM unusable")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
         return n
 
     def get(self, keys: Iterable[bytes]) -> dict[bytes, np.ndarray]:

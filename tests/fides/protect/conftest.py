@@ -67,27 +67,30 @@ class MLaaS:
     mode: str = "ok"  # ok | nan | short | logits | noisy | top2 | label | index | image
     fail_with: int | None = None  # answer this HTTP status ...
     fail_times: int = 0  # ... this many times (then answer normally)
+    bad_mode: str = "short"  # answer in this mode instead ...
+    bad_times: int = 0  # ... the next this many requests (then as ``mode`` says)
     rows_answered: int = 0  # inputs answered with 200, as the provider bills them
     rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def answer(self, x: np.ndarray) -> np.ndarray:
+    def answer(self, x: np.ndarray, mode: str | None = None) -> np.ndarray:
         p: np.ndarray = self.session.run(None, {"input": x})[0]  # [n, 10] probabilities
-        if self.mode == "nan":
+        mode = mode or self.mode
+        if mode == "nan":
             p[0] = np.nan
-        elif self.mode == "short":
+        elif mode == "short":
             p = p[:-1]
-        elif self.mode == "logits":
+        elif mode == "logits":
             p = np.log(np.clip(p, 1e-6, None)) + 3.0
-        elif self.mode == "noisy":  # a different answer each time it is asked
+        elif mode == "noisy":  # a different answer each time it is asked
             p = p + self.rng.uniform(0, 0.5, p.shape).astype(np.float32)
             p /= p.sum(1, keepdims=True)
-        elif self.mode == "top2":
+        elif mode == "top2":
             cut = np.sort(p, 1)[:, -2:-1]
             p = np.where(p >= cut, p, 0.0).astype(np.float32)
-        elif self.mode == "label":
+        elif mode == "label":
             p = np.eye(10, dtype=np.float32)[p.argmax(1)]
-        elif self.mode == "index":
+        elif mode == "index":
             p = p.argmax(1).astype(np.int64)
         return p
 
@@ -126,10 +129,13 @@ class MLaaS:
                         status_code=self.fail_with,
                         headers={"Retry-After": "0"} if self.fail_with == 429 else {},
                     )
+            with self.lock:
+                mode = self.bad_mode if self.bad_times > 0 else self.mode
+                self.bad_times = max(0, self.bad_times - 1)
             body = json.loads(await request.body())
             t = body["inputs"][0]
             x = np.asarray(t["data"], dtype=np.float32).reshape(t["shape"])
-            p = self.answer(x)
+            p = self.answer(x, mode)
             with self.lock:
                 self.rows_answered += len(x)
             dt = "INT64" if p.dtype == np.int64 else "FP32"

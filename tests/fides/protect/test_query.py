@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from fides.protect.query import (
     as_probabilities,
 )
 from fides.protect.service import Service, ServiceError, open_service
-from fides.protect.store import AnswerStore, StoreError
+from fides.protect.store import AnswerStore, StoreError, input_key
 from gateway.model_config import UpstreamOptions
 from tests.fides.protect.conftest import KEY, MLaaS, protect_raw, upstream
 from tests.model_factory import nan_on_blank, write_config
@@ -196,6 +196,135 @@ def test_inputs_answered_nan_are_recorded_and_not_paid_for_again(tmp_path: Path)
     with pytest.raises(AnswerError, match="for 1 of 1"):
         rerun.answers(x)  # asked once more (still NaN): only the blank one
     assert rerun.store.spent == 64
+
+
+def _unusable_rows(q: Querier, x: np.ndarray) -> list[int]:
+    """The rows of ``x`` the store records as answered unusably."""
+    keys = [input_key(row) for row in q.service.encode(x)]
+    unusable = q.store.unusable(keys)
+    return [i for i, k in enumerate(keys) if k in unusable]
+
+
+@pytest.mark.parametrize(
+    ("bad_mode", "why"),
+    [
+        ("short", r"shape \[31, 10\] but the batch has 32 row"),  # the wrong shape
+        ("nan", "must be numbers"),  # JSON null: the body cannot be decoded
+    ],
+)
+def test_a_batch_answered_unusably_as_a_whole_is_not_paid_for_again(
+    mlaas: MLaaS, tmp_path: Path, bad_mode: str, why: str
+) -> None:
+    """A batch whose answer is unusable as a whole was paid for: each of its inputs is
+    recorded as unusable, so a rerun names them instead of sending (and paying for) them
+    again, as for a NaN row; --retry-unusable asks once more."""
+    x = X[:96]  # 3 batches of 32, all in flight at once
+    mlaas.bad_mode, mlaas.bad_times = bad_mode, 1  # the first request the provider gets
+    q = _querier(mlaas, tmp_path / "a.sqlite")
+    with pytest.raises(AnswerError, match=why) as first:
+        q.answers(x)
+    served = mlaas.rows_answered  # what the provider answered (and bills)
+    assert q.store.spent == served
+    bad = _unusable_rows(q, x)
+    assert len(bad) == 32
+    assert len(q.store) == served - 32
+    assert "the batch's 32 inputs are recorded as unusable" in str(first.value)
+    rerun = _querier(mlaas, tmp_path / "a.sqlite")  # a new run on the same store
+    with pytest.raises(
+        AnswerError,
+        match=rf"32 of the inputs were answered with unusable values by an earlier run "
+        rf"\(its batch was answered unusably: .*{why}.*; first: input #{bad[0]}\).*"
+        r"--retry-unusable",
+    ):
+        rerun.answers(x)
+    assert mlaas.rows_answered == rerun.store.spent == served  # nothing sent again
+    good = np.setdiff1d(np.arange(len(x)), bad)
+    assert rerun.answers(x[good]).shape == (64, 10)
+    assert mlaas.rows_answered == rerun.store.spent == 96  # only what was never asked
+    assert rerun.store.forget_unusable() == 32  # --retry-unusable
+    assert rerun.answers(x).shape == (96, 10)
+    assert mlaas.rows_answered == rerun.store.spent == 128  # those 32, once more
+
+
+def test_a_probe_batch_answered_unusably_is_not_paid_for_again(
+    mlaas: MLaaS, tmp_path: Path
+) -> None:
+    q = _querier(mlaas, tmp_path / "a.sqlite")
+    q.answers(X[:64])
+    mlaas.bad_times = 1  # the repeat's first batch comes back with the wrong shape
+    with pytest.raises(AnswerError, match=r"\[31, 10\]") as first:
+        q.repeat_probe(X[:64])
+    assert mlaas.rows_answered == q.store.spent == 96
+    assert len(_unusable_rows(q, X[:64])) == 32  # their repeats' answer
+    assert "the batch's 32 inputs are recorded as unusable" in str(first.value)
+    rerun = _querier(mlaas, tmp_path / "a.sqlite")
+    with pytest.raises(
+        AnswerError,
+        match=r"32 of the probe inputs were answered with unusable values by an earlier run "
+        r"\(its batch was answered unusably: .*; first: input #0\).*--retry-unusable",
+    ):
+        rerun.repeat_probe(X[:64])
+    assert mlaas.rows_answered == 96  # not asked again
+    assert rerun.answers(X[:64]).shape == (64, 10)  # their recorded answers stay usable
+    assert rerun.store.forget_unusable() == 32  # --retry-unusable
+    assert rerun.repeat_probe(X[:64])["inputs"] == 64
+    assert mlaas.rows_answered == rerun.store.spent == 96 + 64
+
+
+def test_the_reason_recorded_for_an_unusable_batch_is_short() -> None:
+    """Without the service's name (the store is its own), cut in the middle: what failed,
+    and what was wrong with the answer, survive a long URL."""
+    from fides.protect.query import REASON_CHARS, _batch_reason
+
+    message = (
+        "svc: upstream returned an invalid response: https://api.example/"
+        + "v" * 400
+        + "/infer: output 'p' has shape [31, 10] but the batch has 32 row(s)"
+    )
+    reason = _batch_reason(message, "svc")
+    assert len(reason) <= REASON_CHARS
+    assert reason.startswith("its batch was answered unusably: upstream returned an invalid")
+    assert reason.endswith("has shape [31, 10] but the batch has 32 row(s)")
+    assert _batch_reason("svc answered [31] for a batch of 32", "svc") == (
+        "its batch was answered unusably: answered [31] for a batch of 32"
+    )
+
+
+@pytest.mark.parametrize("when", ["in flight", "being recorded"])
+def test_an_interrupt_keeps_a_batch_answered_unusably(
+    mlaas: MLaaS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    """Ctrl-C while a batch answered unusably as a whole is in flight, or while it is
+    recorded (its transaction rolls back): it is recorded as paid for and unusable."""
+    import fides.protect.query as query
+
+    q = _querier(mlaas, tmp_path / "a.sqlite")
+    if when == "in flight":
+
+        def interrupted(fs: Any, return_when: str) -> Any:
+            wait(fs)  # every request in flight is answered, then Ctrl-C lands
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(query, "wait", interrupted)
+    else:
+        real_put = q.store.put_unusable
+
+        def interrupted_once(*args: Any, **kwargs: Any) -> None:
+            monkeypatch.setattr(q.store, "put_unusable", real_put)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(q.store, "put_unusable", interrupted_once)
+    mlaas.bad_times = 1
+    with pytest.raises(KeyboardInterrupt):
+        q.answers(X[:96])
+    assert q.store.spent == mlaas.rows_answered == 96  # 3 batches in flight at once
+    assert len(_unusable_rows(q, X[:96])) == 32
+    assert len(q.store) == 64
+    monkeypatch.setattr(query, "wait", wait)  # the interrupt is over
+    rerun = _querier(mlaas, tmp_path / "a.sqlite")
+    with pytest.raises(AnswerError, match="32 of the inputs were answered with unusable"):
+        rerun.answers(X[:96])
+    assert mlaas.rows_answered == 96
 
 
 def test_a_store_is_bound_to_the_output_it_reads(tmp_path: Path) -> None:
