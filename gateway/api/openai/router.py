@@ -1,8 +1,8 @@
 """OpenAI-compatible text generation routes: /v1/completions, /v1/chat/completions, /v1/models.
 
-HTTP only: the wire format is :mod:`gateway.api.openai.protocol`, the work
-:mod:`gateway.api.openai.serving`. Errors on /v1 use OpenAI's body
-(:func:`gateway.api.openai.protocol.openai_error_response`).
+HTTP only: the wire format is :mod:`gateway.api.openai.protocol` (the body parsed strictly by
+:mod:`gateway.api.openai.json_body`), the work :mod:`gateway.api.openai.serving`. Errors on /v1
+use OpenAI's body (:func:`gateway.api.openai.protocol.openai_error_response`).
 """
 
 from __future__ import annotations
@@ -13,10 +13,13 @@ from fastapi import APIRouter, Depends, Request, Response
 
 from gateway.api.deps import UserAuth
 from gateway.api.openai import serving
+from gateway.api.openai.json_body import JSONBodyRoute
 from gateway.api.openai.protocol import ChatRequest, CompletionRequest
 from gateway.generation.service import GenerationService
 
-router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[UserAuth])
+router = APIRouter(
+    prefix="/v1", tags=["openai"], dependencies=[UserAuth], route_class=JSONBodyRoute
+)
 
 
 async def _service(request: Request) -> GenerationService:
