@@ -21,6 +21,7 @@ from fides_core.oip import (
     encode_json_data,
     oip_datatype,
 )
+from gateway.api.responses import dumps
 from gateway.errors import BadRequest, GatewayError
 from gateway.types import (
     InferRequest,
@@ -291,9 +292,16 @@ def _json_output(name: str, arr: np.ndarray, datatype: str) -> object:
 
 
 def encode_infer_response(
-    resp: InferResponse, binary_default: bool, binary_names: dict[str, bool]
+    resp: InferResponse,
+    binary_default: bool,
+    binary_names: dict[str, bool],
+    *,
+    sliced: bool = False,
 ) -> tuple[bytes, dict[str, str]]:
-    """Serialise a response; returns the body and extra headers (binary header length)."""
+    """Serialise a response; returns the body and extra headers (binary header length).
+    ``sliced``: the same bytes, long JSON data written a slice at a time so that a worker
+    thread running this gives the event loop the GIL back (:func:`gateway.api.responses.dumps`).
+    """
     doc_outputs: list[dict[str, Any]] = []
     chunks: list[bytes] = []
     for out in resp.outputs:
@@ -316,7 +324,7 @@ def encode_infer_response(
     if resp.parameters:
         doc["parameters"] = resp.parameters
     doc["outputs"] = doc_outputs
-    header = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+    header = dumps(doc) if sliced else orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
     if not chunks:
         return header, {}
     return header + b"".join(chunks), {HEADER_LENGTH: str(len(header))}
