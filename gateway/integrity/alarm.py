@@ -10,14 +10,21 @@ tampers with one client's answers is not diluted by everyone else's.
 - An alarm latches until an admin resets it after investigating
   (``POST /v2/admin/models/{name}/integrity/alarm/reset``).
 - Bounded memory: a fixed-size state per stream, at most ``max_keys`` keys (the least recently
-  seen key not in alarm is dropped first, and counted; keys in alarm are kept).
-- Persistence: ``<state_dir>/<model>.alarm.npz`` (arrays, no pickle: 10,000 keys write in
-  milliseconds), written atomically when an alarm fires or is reset, every ``save_every_s``
-  while answers arrive, and when the pipeline closes (the gateway's shutdown on SIGTERM). A
-  file that cannot be read, or was written for another calibration, is set aside (renamed
-  ``.rejected``) and the monitor starts clean; its status says so. The periodic and
-  alarm-time saves write the file from a worker thread (the arrays are taken on the event
-  loop), so 10,000 keys do not hold up requests.
+  seen key not in alarm is dropped first, and counted). Keys in alarm are never dropped: when
+  every tracked key is in alarm, a new key's answers feed the model's stream only, and each
+  such request is counted (``keys.untracked_requests`` in the status) and logged.
+- Persistence (:mod:`gateway.integrity.alarm_state`): ``<state_dir>/<model>.<instance>.alarm.npz``
+  (arrays, no pickle: 10,000 keys write in milliseconds; ``<instance>``: the host name, so
+  gateways sharing a directory never overwrite each other), written atomically when an alarm
+  fires or is reset, every ``save_every_s`` while answers arrive, and when the pipeline closes
+  (the gateway's shutdown on SIGTERM). An instance whose own file does not exist yet takes
+  over the files no running gateway holds (a container recreated under a new host name, the
+  file of an older version): the newest one's statistics, every one's latched alarms. A file
+  that cannot be read or fails a check is set aside (renamed ``.rejected``) and the monitor
+  starts clean; its status says so. One written for another calibration or level keeps its
+  latched alarms (an alarm waits for an admin, not for a new model card); only the statistics
+  start over. The periodic and alarm-time saves write the file from a worker thread (the
+  arrays are taken on the event loop), so 10,000 keys do not hold up requests.
 """
 
 from __future__ import annotations
@@ -26,25 +33,40 @@ import asyncio
 import hashlib
 import json
 import logging
-import os
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
-from zipfile import BadZipFile
 
 import numpy as np
 
 from fides_core.incident import alarm_detector, calibration_fingerprint
 from fides_core.sequential import StreamState
 from gateway.errors import NotFound
+from gateway.integrity.alarm_state import (
+    STATE_VERSION,
+    HeldLock,
+    SavedState,
+    StateRefused,
+    instance_name,
+    lock_path,
+    model_of,
+    orphan_candidates,
+    read_state,
+    remove,
+    remove_stale_temps,
+    set_aside,
+    state_path,
+    try_lock,
+    write_state,
+)
 
 __all__ = ["AlarmMonitor", "client_id"]
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 1
 ANONYMOUS = "anonymous"
 
 
@@ -67,7 +89,10 @@ class AlarmMonitor:
         max_keys: int = 10_000,
         state_dir: Path | None = None,
         save_every_s: float = 5.0,
+        instance: str | None = None,
     ) -> None:
+        """``instance``: this gateway's name in the state file's name (default: the host
+        name)."""
         self.model = model
         self.calibration_scores = np.asarray(calibration_scores, dtype=np.float64)
         self.calibration_kl = np.asarray(calibration_kl, dtype=np.float64)
@@ -75,6 +100,8 @@ class AlarmMonitor:
         self.detector = alarm_detector(self.calibration_scores, self.calibration_kl, alpha, delta)
         self.max_keys = max_keys
         self.dropped_keys = 0
+        self.untracked_requests = 0  # requests of keys not tracked: every tracked key in alarm
+        self._untracked_said = False
         self.model_state = self.detector.new_state()
         self.keys: OrderedDict[str, StreamState] = OrderedDict()
         self.alarmed_keys: set[str] = set()  # kept as alarms fire and reset: no scan per request
@@ -82,7 +109,10 @@ class AlarmMonitor:
         self.fingerprint = calibration_fingerprint(
             self.calibration_scores, self.calibration_kl, self.detector
         )
-        self.path = None if state_dir is None else Path(state_dir) / f"{model}.alarm.npz"
+        self.instance = instance_name(instance)
+        self.path = None if state_dir is None else state_path(Path(state_dir), model, self.instance)
+        self.state_notes: list[str] = []  # what the status says about the state file
+        self._lock = HeldLock(None)  # this instance's lock, held while it runs
         self.save_every_s = save_every_s
         self._saved_at = time.monotonic()
         self._save_failing = False
@@ -94,6 +124,7 @@ class AlarmMonitor:
         self._written_generation = 0
         self._save_pending = False  # a save asked for while one was being written
         self.restored = self._load()
+        weakref.finalize(self, self._lock.release)
 
     # -- answers ----------------------------------------------------------------------------
 
@@ -104,16 +135,17 @@ class AlarmMonitor:
         e = self.detector.e_values(scores)  # once, for both streams
         model_before = self.model_state.alarm
         self.detector.update(self.model_state, scores, e)
-        key_state = self._key(client)
-        key_before = key_state.alarm
-        self.detector.update(key_state, scores, e)
-        if key_state.alarm and not key_before:
-            self.alarmed_keys.add(client)
+        key_state = self._key(client)  # None: not tracked (every tracked key is in alarm)
+        key_before = key_state is not None and key_state.alarm
+        if key_state is not None:
+            self.detector.update(key_state, scores, e)
+            if key_state.alarm and not key_before:
+                self.alarmed_keys.add(client)
         self.fired = [
             scope
             for scope, now, before in (
                 ("model", self.model_state.alarm, model_before),
-                ("key", key_state.alarm, key_before),
+                ("key", key_state is not None and key_state.alarm, key_before),
             )
             if now and not before
         ]
@@ -135,27 +167,40 @@ class AlarmMonitor:
         key = key_state is not None and key_state.alarm
         return [s for s, on in (("model", self.model_state.alarm), ("key", key)) if on]
 
-    def _scopes(self, key_state: StreamState) -> list[str]:
-        return [s for s, on in (("model", self.model_state.alarm), ("key", key_state.alarm)) if on]
+    def _scopes(self, key_state: StreamState | None) -> list[str]:
+        key = key_state is not None and key_state.alarm
+        return [s for s, on in (("model", self.model_state.alarm), ("key", key)) if on]
 
-    def _key(self, client: str) -> StreamState:
+    def _key(self, client: str) -> StreamState | None:
+        """The client's stream; None when the bound is reached and every tracked key is in
+        alarm (an alarm latches until an admin resets it: none is dropped to make room)."""
         state = self.keys.get(client)
         if state is not None:
             self.keys.move_to_end(client)
             return state
         if len(self.keys) >= self.max_keys:
-            victim = next((k for k, s in self.keys.items() if not s.alarm), None)
-            if victim is None:  # every tracked key is in alarm: keep them, drop the oldest
-                victim = next(iter(self.keys))
-                log.error(
-                    "integrity alarm monitor of %s: %d keys, all in alarm; dropping %s",
-                    self.model,
-                    len(self.keys),
-                    victim,
-                )
+            # alarmed_keys is a subset of keys: equal sizes mean no key may go (no scan)
+            victim = (
+                None
+                if len(self.alarmed_keys) >= len(self.keys)
+                else next((k for k, s in self.keys.items() if not s.alarm), None)
+            )
+            if victim is None:
+                self.untracked_requests += 1
+                if not self._untracked_said:  # once, until a key is tracked again
+                    self._untracked_said = True
+                    log.error(
+                        "integrity alarm monitor of %s: all %d tracked keys are in alarm; "
+                        "new keys are watched on the model's stream only until some are "
+                        "reset (counted in the status: keys.untracked_requests)",
+                        self.model,
+                        len(self.keys),
+                        extra={"model": self.model},
+                    )
+                return None
             del self.keys[victim]
-            self.alarmed_keys.discard(victim)
             self.dropped_keys += 1
+        self._untracked_said = False
         state = self.keys[client] = self.detector.new_state()
         return state
 
@@ -191,10 +236,16 @@ class AlarmMonitor:
                 "tracked": len(self.keys),
                 "max": self.max_keys,
                 "dropped": self.dropped_keys,
+                "untracked_requests": self.untracked_requests,
                 "in_alarm": alarmed,
                 "largest_statistic": self.key_statistic_max(),
             },
             "restored": self.restored,
+            "state": {
+                "instance": self.instance,
+                "file": None if self.path is None else self.path.name,
+                "notes": list(self.state_notes),
+            },
         }
 
     def reset(self, scope: str, key: str | None = None) -> dict[str, Any]:
@@ -264,6 +315,7 @@ class AlarmMonitor:
         if self._writing is not None:
             await self._writing
         self.save()
+        self._lock.release()  # the instance stops: its file may be taken over from now on
 
     def _snapshot(self) -> tuple[int, dict[str, np.ndarray]]:
         """The state's arrays (on the event loop), with the snapshot's number."""
@@ -272,8 +324,10 @@ class AlarmMonitor:
         meta = {
             "version": STATE_VERSION,
             "model": self.model,
+            "instance": self.instance,
             "fingerprint": self.fingerprint,
             "dropped_keys": self.dropped_keys,
+            "untracked_requests": self.untracked_requests,
         }
         return self._generation, {
             "meta": np.array(json.dumps(meta)),
@@ -284,20 +338,16 @@ class AlarmMonitor:
                 [-1 if st.alarm_at is None else st.alarm_at for st in states], dtype=np.int64
             ),
             "alarm": np.array([st.alarm for st in states], dtype=bool),
-            "peak": np.array([st.peak for st in states]),
+            "peak": np.array([st.peak for st in states], dtype=np.float64),
         }
 
     def _write(self, generation: int, arrays: dict[str, np.ndarray]) -> None:
         assert self.path is not None
-        with self._write_lock:  # a worker's save and a direct one never share the .tmp
+        with self._write_lock:  # one write at a time: generations stay in order
             if generation <= self._written_generation:
                 return  # a newer snapshot is on disk already
             try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = self.path.with_name(self.path.name + ".tmp")
-                with tmp.open("wb") as fh:
-                    np.savez(fh, **arrays)  # type: ignore[arg-type]  # numpy stubs: **kwds
-                os.replace(tmp, self.path)
+                write_state(self.path, arrays)
             except OSError as exc:  # the monitor keeps working in memory; say so, once
                 if not self._save_failing:
                     log.error(
@@ -314,44 +364,157 @@ class AlarmMonitor:
                 log.warning("integrity alarm state of %s saved to %s again", self.model, self.path)
                 self._save_failing = False
 
+    # -- reading the state back -------------------------------------------------------------
+
     def _load(self) -> str:
+        """Restore this instance's file; or, where it has none yet, take over the files no
+        running gateway holds (their locks are free). What happened is the status'
+        ``restored``; anything else to know is in ``state.notes``."""
         if self.path is None:
             return "not persisted"
-        if not self.path.exists():
-            return "new"
         try:
-            with self.path.open("rb") as fh, np.load(fh, allow_pickle=False) as z:
-                meta = json.loads(str(z["meta"]))
-                if not isinstance(meta, dict):
-                    raise ValueError("its metadata is not an object")
-                if meta.get("version") != STATE_VERSION or meta.get("model") != self.model:
-                    raise ValueError(f"not a version-{STATE_VERSION} state of '{self.model}'")
-                if meta.get("fingerprint") != self.fingerprint:
-                    raise ValueError("written for another calibration or level")
-                names = [str(k) for k in z["keys"]]
-                r, answers, alarm = z["r"], z["answers"], z["alarm"]
-                alarm_at, peak = z["alarm_at"], z["peak"]
-                rows = [
-                    self._state(r[i], answers[i], alarm[i], alarm_at[i], peak[i])
-                    for i in range(len(names) + 1)
-                ]
-                dropped = int(meta.get("dropped_keys", 0))
-                if dropped < 0:
-                    raise ValueError("a negative count of dropped keys")
-        except (OSError, ValueError, KeyError, IndexError, TypeError, EOFError, BadZipFile) as exc:
-            rejected = self.path.with_name(self.path.name + ".rejected")
-            try:
-                os.replace(self.path, rejected)
-                aside = f"set aside as {rejected.name}"
-            except OSError as move:  # one bad file must not stop the model's integrity
-                aside = f"could not be set aside ({move.strerror or move})"
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock = HeldLock(try_lock(lock_path(self.path)))
+        except OSError as exc:
+            self._note(
+                f"no lock on this instance's state ({exc.strerror or exc}): no other "
+                "instance's file is taken over"
+            )
+        else:
+            if not self._lock.held:
+                self._note(
+                    f"another running gateway holds the instance name '{self.instance}' in "
+                    f"{self.path.parent}: its saves and this one's overwrite each other (give "
+                    "each gateway its own host name)"
+                )
+        if self._lock.held:
+            remove_stale_temps(self.path)
+        try:
+            exists = self.path.exists()
+        except OSError as exc:  # e.g. a directory this user may not search
+            self._note(f"the state file cannot be looked up ({exc.strerror or exc})")
+            return "not read; started clean"
+        if exists:
+            saved, refused = self._read(self.path)
+            return refused if saved is None else self._restore(saved)
+        return self._take_over() if self._lock.held else "new"
+
+    def _read(self, path: Path) -> tuple[SavedState | None, str]:
+        """One state file, checked; a file that fails is set aside (``.rejected``)."""
+        try:
+            return read_state(path, self.model, self.fingerprint, len(self.detector.components)), ""
+        # Deliberately broad: a damaged zip raises whatever zipfile and numpy raise
+        # (BadZipFile, NotImplementedError for an unknown compression method, RuntimeError
+        # for an "encrypted" member, OverflowError, MemoryError ...). No state file may stop
+        # the gateway from starting: every failure here means "refuse it and start clean".
+        except Exception as exc:
+            reason = str(exc) if isinstance(exc, StateRefused) else f"{type(exc).__name__}: {exc}"
+            aside = set_aside(path)
             log.error(
                 "integrity alarm state %s refused (%s); %s, monitor starts clean",
-                self.path,
-                exc,
+                path,
+                reason,
                 aside,
+                extra={"model": self.model},
             )
-            return f"refused ({exc}); {aside}, started clean"
+            return None, f"refused ({reason}); {aside}, started clean"
+
+    def _take_over(self) -> str:
+        """A new instance name (a recreated container, a replaced pod, the first start after
+        the file was named per instance): take over every state file of this model that no
+        running gateway holds. The newest gives the statistics; the latched alarms of all are
+        kept. They are removed once this instance's own file is written."""
+        assert self.path is not None
+        taken: list[tuple[SavedState, HeldLock]] = []
+        said: list[str] = []
+        try:
+            candidates = orphan_candidates(self.path.parent, self.model, self.path)
+        except OSError as exc:
+            self._note(f"the state directory cannot be listed ({exc.strerror or exc})")
+            candidates = []
+        for path in candidates:
+            try:
+                lock = HeldLock(try_lock(lock_path(path)))
+            except OSError:
+                continue  # not ours to judge
+            if not lock.held:
+                continue  # a running gateway's file
+            if not path.exists():  # taken over by another instance meanwhile
+                lock.release()
+                continue
+            saved, refused = self._read_orphan(path)
+            if saved is None:
+                if refused:  # set aside: its lock file goes with it
+                    said.append(f"{path.name} {refused}")
+                    remove(lock_path(path))
+                lock.release()
+                continue
+            taken.append((saved, lock))
+        if not taken:
+            if said:
+                return "; ".join(said)
+            return "new"
+        taken.sort(key=lambda t: t[0].mtime)
+        newest = taken[-1][0]
+        restored = self._restore(newest)
+        latched = 0
+        for saved, _ in taken[:-1]:
+            latched += self._merge_latches(saved)
+            self.dropped_keys += saved.dropped_keys
+            self.untracked_requests += saved.untracked_requests
+        self.save()
+        keep = self._save_failing  # not written: leave the files for the next start
+        for saved, lock in taken:
+            if not keep:
+                remove(saved.path)
+                remove_stale_temps(saved.path)
+                remove(lock_path(saved.path))
+            lock.release()
+        names = ", ".join(saved.path.name for saved, _ in taken)
+        log.warning(
+            "integrity alarm state of %s: took over %s (held by no running gateway)",
+            self.model,
+            names,
+            extra={"model": self.model},
+        )
+        parts = [f"took over {names} (held by no running gateway): {restored}"]
+        if latched:
+            parts.append(f"{latched} latched alarms of the older files kept")
+        return "; ".join(parts + said)
+
+    def _read_orphan(self, path: Path) -> tuple[SavedState | None, str]:
+        """Another file: set aside when damaged; left alone when it names another model (a
+        dotted model name: ``a.b.x.alarm.npz`` is listed for model ``a`` too)."""
+        model = model_of(path)
+        if model is not None and model != self.model:
+            return None, ""
+        return self._read(path)
+
+    def _restore(self, saved: SavedState) -> str:
+        """Put a checked state in place: everything when it was written for this calibration
+        and level; otherwise only the latched alarms (the statistics start over)."""
+        if not saved.same_calibration:
+            self.model_state = self._latched_only(saved, 0)
+            for i, name in enumerate(saved.names, start=1):
+                if saved.alarm[i]:
+                    self.keys[name] = self._latched_only(saved, i)
+            self.alarmed_keys = set(self.keys)
+            self.dropped_keys += saved.dropped_keys
+            self.untracked_requests += saved.untracked_requests
+            kept = ["the model's"] if self.model_state.alarm else []
+            kept += [f"{len(self.keys)} keys'"] if self.keys else []
+            what = " and ".join(kept) + " latched alarms kept" if kept else "no alarm was latched"
+            self._note("written for another calibration or level: the statistics start over")
+            log.warning(
+                "integrity alarm state %s was written for another calibration or level: the "
+                "statistics start over; %s",
+                saved.path,
+                what,
+                extra={"model": self.model},
+            )
+            return f"recalibrated (written for another calibration or level): {what}"
+        rows = [self._state(saved, i) for i in range(len(saved.names) + 1)]
+        names = saved.names
         self.model_state = rows[0]
         # a state saved under a larger alarm_max_keys: keep the most recently seen keys, and
         # every key in alarm
@@ -360,24 +523,53 @@ class AlarmMonitor:
         self.keys = OrderedDict(
             (n, st) for n, st in zip(names, rows[1:], strict=True) if n in keep_set
         )
-        self.dropped_keys += len(names) - len(self.keys)
+        self.dropped_keys += len(names) - len(self.keys) + saved.dropped_keys
+        self.untracked_requests += saved.untracked_requests
         self.alarmed_keys = {k for k, st in self.keys.items() if st.alarm}
-        self.dropped_keys += dropped
         return f"restored {len(names)} keys and the model's stream"
 
-    def _state(
-        self, r: np.ndarray, answers: Any, alarm: Any, alarm_at: Any, peak: Any
-    ) -> StreamState:
-        r = np.asarray(r, dtype=np.float64)
-        if r.shape != (len(self.detector.components),) or not np.isfinite(r).all() or (r < 0).any():
-            raise ValueError("a stream state of the wrong size or with invalid values")
-        if int(answers) < 0 or not np.isfinite(peak) or float(peak) < 0:
-            raise ValueError("a stream state with a negative answer count or an invalid peak")
+    def _merge_latches(self, saved: SavedState) -> int:
+        """Latch here every alarm latched in ``saved`` (a stream already tracked keeps its
+        statistics; the alarm then counts from its answers so far)."""
+        count = 0
+        for i, name in enumerate([None, *saved.names]):
+            if not saved.alarm[i]:
+                continue
+            count += 1
+            state = self.model_state if name is None else self.keys.get(name)
+            if state is None:
+                assert name is not None
+                self.keys[name] = self._latched_only(saved, i)
+            elif not state.alarm:
+                state.alarm, state.alarm_at = True, state.answers
+            if name is not None:
+                self.alarmed_keys.add(name)
+        return count
+
+    def _latched_only(self, saved: SavedState, i: int) -> StreamState:
+        """Row ``i``'s latched alarm, with its statistics started over (no alarm: a new
+        stream)."""
+        if not saved.alarm[i]:
+            return self.detector.new_state()
         return StreamState(
-            r.copy(),
-            answers=int(answers),
-            alarm=bool(alarm),
-            alarm_at=None if int(alarm_at) < 0 else int(alarm_at),
-            peak=float(peak),
+            np.zeros(len(self.detector.components)),
+            answers=int(saved.answers[i]),
+            alarm=True,
+            alarm_at=int(saved.alarm_at[i]),
+        )
+
+    def _state(self, saved: SavedState, i: int) -> StreamState:
+        """Row ``i`` as it was saved (checked by read_state: finite, in range, its shape)."""
+        r = saved.r[i].copy()
+        return StreamState(
+            r,
+            answers=int(saved.answers[i]),
+            alarm=bool(saved.alarm[i]),
+            alarm_at=None if saved.alarm_at[i] < 0 else int(saved.alarm_at[i]),
+            peak=float(saved.peak[i]),
             last=float(r.mean()),
         )
+
+    def _note(self, text: str) -> None:
+        self.state_notes.append(text)
+        log.warning("integrity alarm state of %s: %s", self.model, text)

@@ -28,7 +28,7 @@ RESOURCES: dict[str, list[tuple[str, str, bool]]] = {
         ("pods", "Pod", True),
         ("persistentvolumeclaims", "PersistentVolumeClaim", True),
     ],
-    "apps/v1": [("deployments", "Deployment", True)],
+    "apps/v1": [("deployments", "Deployment", True), ("statefulsets", "StatefulSet", True)],
     "autoscaling/v2": [("horizontalpodautoscalers", "HorizontalPodAutoscaler", True)],
     "policy/v1": [("poddisruptionbudgets", "PodDisruptionBudget", True)],
     "networking.k8s.io/v1": [("networkpolicies", "NetworkPolicy", True)],

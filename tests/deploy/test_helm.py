@@ -81,6 +81,14 @@ RENDERS: dict[str, dict[str, Any]] = {
         "podDisruptionBudget": {"enabled": False},
         "networkPolicy": {"enabled": False},
     },
+    "alarm_claim_per_pod": {
+        "alarmState": {"persistence": {"enabled": True, "storageClassName": "fast"}},
+        "autoscaling": {"enabled": True},
+    },
+    "alarm_shared_claim": {
+        "alarmState": {"existingClaim": "alarm-state", "existingClaimReadWriteMany": True}
+    },
+    "alarm_claim_one_pod": {"replicaCount": 1, "alarmState": {"existingClaim": "alarm-state"}},
     "all_on": {
         "metrics": {
             "serviceMonitor": {"enabled": True, "authorization": {"name": "k", "key": "key"}},
@@ -114,6 +122,19 @@ BROKEN: dict[str, tuple[dict[str, Any], str]] = {
     "pvc_without_claim": ({"modelRepository": {"source": "pvc"}}, "claimName"),
     "nothing_to_seal": ({"enclave": {"models": [{"name": "digits"}]}}, "needs sealModel"),
     "no_enclave_models": ({"enclave": {"models": []}}, "at least one entry"),
+    # the reviewer's set-up: two replicas on one ReadWriteOnce claim at the same path
+    "alarm_claim_shared_rwo": (
+        {"alarmState": {"existingClaim": "alarm-state"}},
+        "it must be ReadWriteMany",
+    ),
+    "alarm_claim_rwo_hpa": (
+        {"replicaCount": 1, "autoscaling": {"enabled": True}, "alarmState": {"existingClaim": "a"}},
+        "up to 10 here",
+    ),
+    "alarm_two_claims": (
+        {"alarmState": {"existingClaim": "a", "persistence": {"enabled": True}}},
+        "not both",
+    ),
 }
 
 
@@ -143,13 +164,19 @@ def _kinds(objects: list[dict[str, Any]]) -> set[str]:
     return {o["kind"] for o in objects}
 
 
+def _workload(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    """The gateway's Deployment, or its StatefulSet (alarm state on a claim)."""
+    (obj,) = [o for o in objects if o["kind"] in {"Deployment", "StatefulSet"}]
+    return obj
+
+
 def _containers(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    pod = _one(objects, "Deployment")["spec"]["template"]["spec"]
+    pod = _workload(objects)["spec"]["template"]["spec"]
     return {c["name"]: c for c in pod["containers"] + pod.get("initContainers", [])}
 
 
 def _pod_volumes(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    pod = _one(objects, "Deployment")["spec"]["template"]["spec"]
+    pod = _workload(objects)["spec"]["template"]["spec"]
     return {v["name"]: v for v in pod["volumes"]}
 
 
@@ -166,12 +193,14 @@ def test_helm_lint_strict(helm: dict[str, Any]) -> None:
     assert not problems
 
 
-def test_helm_lint_strict_with_every_toggle_on(tmp_path: Path) -> None:
-    """Lint reads the chart's own values.yaml: lint a copy whose values turn everything on."""
+@pytest.mark.parametrize("name", ["all_on", "alarm_claim_per_pod"])
+def test_helm_lint_strict_with_every_toggle_on(tmp_path: Path, name: str) -> None:
+    """Lint reads the chart's own values.yaml: lint a copy whose values turn everything on
+    (and one whose gateway is a StatefulSet)."""
     chart = tmp_path / "fides-gateway"
     shutil.copytree(CHART, chart)
     values = yaml.safe_load((chart / "values.yaml").read_text(encoding="utf-8"))
-    (chart / "values.yaml").write_text(yaml.safe_dump(_merge(values, RENDERS["all_on"])))
+    (chart / "values.yaml").write_text(yaml.safe_dump(_merge(values, RENDERS[name])))
     result = run_helm({"chart": str(chart), "lint": True})
     assert [m for m in result["lint"] if m["severity"] != "INFO"] == []
 
@@ -201,7 +230,7 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 @pytest.mark.parametrize("name", list(RENDERS))
 def test_render_is_valid_kubernetes(helm: dict[str, Any], name: str) -> None:
     objects = _objects(helm, name)
-    assert "Deployment" in _kinds(objects)
+    assert {"Deployment", "StatefulSet"} & _kinds(objects)
     for obj in objects:
         if obj["kind"] in CRD_KINDS:
             assert obj["apiVersion"] == "monitoring.coreos.com/v1"
@@ -258,7 +287,7 @@ def test_probes_as_tritons_chart(helm: dict[str, Any]) -> None:
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
 
 
-@pytest.mark.parametrize("name", ["default", "all_on", "init_container"])
+@pytest.mark.parametrize("name", ["default", "all_on", "init_container", "alarm_claim_per_pod"])
 def test_every_container_is_locked_down(helm: dict[str, Any], name: str) -> None:
     for cname, container in _containers(_objects(helm, name)).items():
         sc = container["securityContext"]
@@ -583,3 +612,41 @@ def test_templates_reference_only_keys_in_values_yaml() -> None:
                 node = node[key]
             checked += 1
     assert checked > 50
+
+
+# -- the alarm state: one file per pod, a StatefulSet on a claim ------------------------------
+
+
+def test_alarm_state_on_an_emptydir_by_default(helm: dict[str, Any]) -> None:
+    objects = _objects(helm, "default")
+    assert "StatefulSet" not in _kinds(objects)
+    assert "emptyDir" in _pod_volumes(objects)["alarm-state"]
+
+
+def test_alarm_state_on_a_claim_per_pod_is_a_statefulset(helm: dict[str, Any]) -> None:
+    objects = _objects(helm, "alarm_claim_per_pod")
+    assert "Deployment" not in _kinds(objects)
+    sts = _one(objects, "StatefulSet")
+    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    assert claim["metadata"]["name"] == "alarm-state"
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert claim["spec"]["storageClassName"] == "fast"
+    pod = sts["spec"]["template"]["spec"]
+    assert "alarm-state" not in {v["name"] for v in pod["volumes"]}  # the template's claim
+    (gateway,) = [c for c in pod["containers"] if c["name"] == "gateway"]
+    assert {"name": "alarm-state", "mountPath": "/var/lib/fides/alarm"} in gateway["volumeMounts"]
+    headless = [o for o in objects if o["kind"] == "Service" and o["spec"].get("clusterIP")]
+    assert [h["metadata"]["name"] for h in headless] == [sts["spec"]["serviceName"]]
+    assert headless[0]["spec"]["clusterIP"] == "None"
+    assert "replicas" not in sts["spec"]  # the HPA owns it, and scales the StatefulSet
+    target = _one(objects, "HorizontalPodAutoscaler")["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("StatefulSet", sts["metadata"]["name"])
+
+
+def test_alarm_state_on_a_shared_claim_is_a_statefulset(helm: dict[str, Any]) -> None:
+    for name in ("alarm_shared_claim", "alarm_claim_one_pod"):
+        objects = _objects(helm, name)
+        sts = _one(objects, "StatefulSet")
+        volumes = {v["name"]: v for v in sts["spec"]["template"]["spec"]["volumes"]}
+        assert volumes["alarm-state"]["persistentVolumeClaim"] == {"claimName": "alarm-state"}
+        assert "volumeClaimTemplates" not in sts["spec"]

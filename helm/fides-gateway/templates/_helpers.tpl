@@ -96,3 +96,28 @@ release: {{ . | quote }}
 {{- define "fides-gateway.containerSuffix" -}}
 {{- .name | lower | replace "_" "-" | replace "." "-" -}}
 {{- end -}}
+
+{{/* The workload: a StatefulSet when the alarm state is on a claim (a replaced pod keeps its
+name, so it reads its own <model>.<pod>.alarm.npz back), a Deployment otherwise. */}}
+{{- define "fides-gateway.workloadKind" -}}
+{{- if or .Values.alarmState.persistence.enabled .Values.alarmState.existingClaim -}}
+StatefulSet
+{{- else -}}
+Deployment
+{{- end -}}
+{{- end -}}
+
+{{/* Alarm-state settings that cannot work: refused at render time. */}}
+{{- define "fides-gateway.checkAlarmState" -}}
+{{- $state := .Values.alarmState -}}
+{{- if and $state.persistence.enabled $state.existingClaim -}}
+{{- fail "alarmState: set persistence.enabled (one claim per pod) or existingClaim (one claim for all pods), not both" -}}
+{{- end -}}
+{{- $pods := int .Values.replicaCount -}}
+{{- if .Values.autoscaling.enabled -}}
+{{- $pods = int .Values.autoscaling.maxReplicas -}}
+{{- end -}}
+{{- if and $state.existingClaim (gt $pods 1) (not $state.existingClaimReadWriteMany) -}}
+{{- fail (printf "alarmState.existingClaim is mounted by every pod (up to %d here): it must be ReadWriteMany; set alarmState.existingClaimReadWriteMany=true once it is, or use alarmState.persistence.enabled (one claim per pod), or replicaCount=1" $pods) -}}
+{{- end -}}
+{{- end -}}
