@@ -496,6 +496,8 @@ class CheckedResult:
     seq: int
     timestamp_ms: int
     module_id: str
+    index: int = 0  # the request's place in its signed batch (its Merkle leaf)
+    count: int = 1  # the requests the signed batch holds
 
 
 def decode_result_evidence(evidence: bytes) -> dict[str, Any]:
@@ -644,7 +646,9 @@ def check_verification(
         age_s > max_age_s + max_clock_skew_s or age_s < -max_clock_skew_s
     ):
         raise TimestampError(f"result timestamp is {age_s:.1f} s from now")
-    return CheckedResult(entry["id"], signed_outputs, seq, timestamp, attested.module_id)
+    return CheckedResult(
+        entry["id"], signed_outputs, seq, timestamp, attested.module_id, entry["index"], count
+    )
 
 
 def expected_measurements(values: Iterable[str]) -> frozenset[bytes]:

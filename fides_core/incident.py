@@ -10,8 +10,9 @@ When the alarm of a model or of one API key fires, the gateway keeps the answers
      "attestations": {module_id: base64 attestation document},
      "answers": [{"request_id", "client", "module_id", "evidence": base64 per-request evidence,
                   "rows": [row indices fed to the alarm], "service": [[p...] per row],
-                  "detector": [score per row], "kl": [KL per row]}],
-     "trajectory": [the statistic after each row, from zero at the bundle's first answer],
+                  "detector": [score per row], "kl": [KL per row],
+                  "excluded": {reason: [row indices the gateway kept out of the alarm]}}],
+     "trajectory": [the statistic after each row, in signing order, from zero at the first],
      "live": {the gateway's statistic when it fired, over the whole stream},
      "drill": the attack drill active when it fired (an exercise), or null}
 
@@ -23,19 +24,25 @@ What :func:`check_incident` proves from it:
 - KL(service || verifier) is recomputed from the recorded service answers and the SIGNED ``q``;
   the detector scores are recomputed too when the checker has the detector (the SDK does, from
   the repository's detector model), otherwise they are the gateway's and the check says so;
-- the statistic is recomputed from those scores and the calibration, from zero at the bundle's
-  first answer, and must reach the alarm threshold within the bundle; the level is the
-  checker's (a bundle claiming a looser ``alpha`` or ``delta`` than the checker accepts is
-  refused), and the calibration the detector card's when the checker has the card (otherwise
-  the bundle's, and the check says so);
-- no signed request counts twice: request ids and rows are unique and each enclave boot's
-  answers come in its signing order (its signed batch sequence numbers never go back).
+- the statistic is recomputed from those scores and the calibration in the enclave's signing
+  order (:func:`signing_order`), from zero at the first answer, and must reach the alarm
+  threshold within the bundle in that order; the level is the checker's (a bundle claiming a
+  looser ``alpha`` or ``delta`` than the checker accepts is refused), and the calibration the
+  detector card's when the checker has the card (otherwise the bundle's, and the check says so);
+- no signed answer counts twice: an answer is its signed leaf (enclave boot, signed batch
+  sequence number, place in the batch), and no leaf, and no row of one, is held twice. The
+  request id is the client's (it need not be unique) and only information here;
+- every signed row of a request held is either fed to the statistic or named by the gateway as
+  kept out of the alarm (``excluded``: ``out_of_distribution``, or ``invalid_answer`` when the
+  service's answer was not numbers), the gateway's word, which the check counts and reports: a
+  request's rows cannot be picked.
 
 What it does not prove: that the answers are every answer of the stream over that stretch. A
-gateway could leave answers out (the bundle names the signed batches it holds and the span of
-sequence numbers they cover, so gaps show); and clients choose their inputs, so a client that
-picks inputs the detector finds unusual can push an honest stream toward an alarm
-(docs/integrity.md, "What the alarm assumes").
+gateway could leave requests out, whole signed batches or requests of a batch (the check reports
+the requests held out of those their signed batches hold, and the batches held out of the span
+of sequence numbers they cover, so gaps show; a key's alarm has them by nature: other clients'
+requests); and clients choose their inputs, so a client that picks inputs the detector finds
+unusual can push an honest stream toward an alarm (docs/integrity.md, "What the alarm assumes").
 
 Nor does it prove that the provider served exactly these service answers. The recorded
 ``service`` rows are what the gateway saw; a client holding its own responses compares them
@@ -50,7 +57,7 @@ import binascii
 import hashlib
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import cbor2
@@ -67,6 +74,7 @@ from fides_core.attestation import (
     decode_result_evidence,
     verify_attestation,
 )
+from fides_core.integrity import INVALID_ANSWER, OUT_OF_DISTRIBUTION
 from fides_core.sequential import SequentialDetector, calibrate_scores
 from fides_core.stats import kl_divergence
 
@@ -77,11 +85,14 @@ __all__ = [
     "IncidentAnswer",
     "IncidentCheck",
     "IncidentError",
+    "SignedPlace",
     "alarm_detector",
     "build_bundle",
     "calibration_fingerprint",
     "check_incident",
     "evidence_module_id",
+    "signed_place",
+    "signing_order",
 ]
 
 INCIDENT_TYPE = "fides-incident/1"
@@ -93,6 +104,10 @@ SCORE_ATOL = 1e-4  # the detector recomputed on another CPU: float32 rounding, n
 # calibration risk delta of gateway.integrity.alarm.AlarmMonitor)
 MAX_ALPHA = 1e-5
 MAX_DELTA = 1e-5
+# why the gateway kept a signed row out of the alarm (its word: the checker cannot recompute
+# it): the novelty check found the input unlike the calibration's, or the service's answer was
+# not numbers (no detector score)
+EXCLUDED_REASONS = (OUT_OF_DISTRIBUTION, INVALID_ANSWER)
 
 
 class IncidentError(Exception):
@@ -132,27 +147,82 @@ def calibration_fingerprint(
     ).hexdigest()[:16]
 
 
-def evidence_module_id(evidence: bytes) -> str | None:
-    """The enclave boot a per-request evidence names (unverified: for choosing the key)."""
+@dataclass(frozen=True)
+class SignedPlace:
+    """Where the enclave signed one answer: its boot, its batch's sequence number and signed
+    timestamp, and its place (Merkle leaf index) among the batch's ``count`` requests. The
+    triple (module_id, seq, index) names one signed leaf: the identity of an answer."""
+
+    module_id: str
+    seq: int
+    index: int
+    timestamp_ms: int
+    count: int
+
+
+def signed_place(evidence: bytes) -> SignedPlace | None:
+    """The place a per-request evidence names (unverified: for the gateway, which checked it
+    when the enclave answered; :func:`check_incident` takes it from the checked result)."""
     try:
-        _, payload = cose.split_sign1(decode_result_evidence(evidence)["result"], alg=None)
-        module = cbor2.loads(payload).get("module_id")
+        doc = decode_result_evidence(evidence)
+        _, payload = cose.split_sign1(doc["result"], alg=None)
+        result = cbor2.loads(payload)
+        place = SignedPlace(
+            result.get("module_id"),
+            result.get("seq"),
+            doc["entry"]["index"],
+            result.get("timestamp"),
+            result.get("count"),
+        )
     except (AttestationError, cose.CoseError, ValueError, AttributeError, cbor2.CBORDecodeError):
         return None
-    return module if isinstance(module, str) else None
+    if not isinstance(place.module_id, str) or not all(
+        isinstance(v, int) and not isinstance(v, bool)
+        for v in (place.seq, place.index, place.timestamp_ms, place.count)
+    ):
+        return None
+    return place
+
+
+def evidence_module_id(evidence: bytes) -> str | None:
+    """The enclave boot a per-request evidence names (unverified: for choosing the key)."""
+    place = signed_place(evidence)
+    return None if place is None else place.module_id
+
+
+def signing_order(places: Sequence[SignedPlace]) -> list[int]:
+    """The positions of ``places`` in the enclave's signing order: the answers of one enclave
+    boot by signed batch sequence number, then by place in the batch (the order the enclave
+    fixed when it signed, before any answer was scored); the boots one after the other, in the
+    order of their earliest signed timestamp among ``places`` (ties: by module id). The gateway
+    builds a bundle in this order and the checker recomputes the statistic in it."""
+    first: dict[str, int] = {}
+    for p in places:
+        first[p.module_id] = min(first.get(p.module_id, p.timestamp_ms), p.timestamp_ms)
+    return sorted(
+        range(len(places)),
+        key=lambda i: (
+            first[places[i].module_id],
+            places[i].module_id,
+            places[i].seq,
+            places[i].index,
+        ),
+    )
 
 
 @dataclass(frozen=True)
 class IncidentAnswer:
-    """One verified request's part in an alarmed stream (its in-distribution rows only)."""
+    """One verified request's part in an alarmed stream: the rows fed to the alarm, and the
+    others by why the gateway kept them out (``excluded``, reason -> row indices)."""
 
-    request_id: str
+    request_id: str  # the client's (need not be unique): information, not identity
     client: str
     evidence: bytes
     rows: np.ndarray  # [m] row indices of the request fed to the alarm
     service: np.ndarray  # [m, C] float32, the service's answer as the gateway saw it
     detector: np.ndarray  # [m] detector scores
     kl: np.ndarray  # [m] KL(service || verifier)
+    excluded: Mapping[str, np.ndarray] = field(default_factory=dict)  # EXCLUDED_REASONS
 
 
 def build_bundle(
@@ -171,20 +241,24 @@ def build_bundle(
     answers: Sequence[IncidentAnswer],
     live: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """The bundle (a JSON-able dict) over ``answers`` in stream order; answers of an enclave
-    boot with no attestation document in ``attestations`` are left out and counted."""
-    kept, unattested = [], 0
+    """The bundle (a JSON-able dict) over ``answers``, put in the enclave's signing order
+    (:func:`signing_order`: the gateway records answers as they finish judging, which under
+    concurrent load is another order); answers of an enclave boot with no attestation document
+    in ``attestations`` are left out and counted."""
+    placed, unattested = [], 0
     for a in answers:
-        module = evidence_module_id(a.evidence)
-        if module is None or module not in attestations:
+        place = signed_place(a.evidence)
+        if place is None or place.module_id not in attestations:
             unattested += 1
             continue
-        kept.append((module, a))
+        placed.append((place, a))
+    kept = [(placed[i][0].module_id, placed[i][1]) for i in signing_order([p for p, _ in placed])]
     detector = alarm_detector(calibration_scores, calibration_kl, alpha, delta)
     state = detector.new_state()
     trajectory: list[float] = []
     for _, a in kept:
-        trajectory += detector.update(state, {"detector": a.detector, "kl": a.kl})
+        if len(a.rows):
+            trajectory += detector.update(state, {"detector": a.detector, "kl": a.kl})
     used = sorted({m for m, _ in kept})
     return {
         "type": INCIDENT_TYPE,
@@ -215,6 +289,9 @@ def build_bundle(
                 "service": [[float(v) for v in row] for row in np.asarray(a.service, np.float32)],
                 "detector": [float(x) for x in np.asarray(a.detector, np.float64)],
                 "kl": [float(x) for x in np.asarray(a.kl, np.float64)],
+                "excluded": {
+                    why: [int(r) for r in rows] for why, rows in a.excluded.items() if len(rows)
+                },
             }
             for module, a in kept
         ],
@@ -232,7 +309,7 @@ class IncidentCheck:
     model: str
     scope: str
     client: str | None
-    requests: int
+    requests: int  # signed requests held (each its own signed leaf; client ids may repeat)
     answers: int  # rows fed to the statistic
     modules: list[str]
     simulated: bool
@@ -245,6 +322,29 @@ class IncidentCheck:
     signed_batches: int = 0  # distinct (boot, signed batch) the answers come from
     batch_span: int = 0  # the signed batches the answers' sequence numbers span, per boot
     drill: bool = False  # the gateway says an attack drill was on (unsigned)
+    batch_requests: int = 0  # the requests those signed batches hold (signed counts)
+    signed_rows: int = 0  # the signed rows of the requests held
+    excluded: Mapping[str, int] = field(default_factory=dict)  # rows kept out, by reason
+
+    def gaps(self) -> list[str]:
+        """What the bundle holds less of than the signed data shows, plainly (empty when it
+        holds every request of its signed batches, every batch of their span and feeds every
+        signed row): the reader judges whether a selection could have made the alarm."""
+        out = []
+        if self.requests < self.batch_requests:
+            out.append(
+                f"{self.batch_requests - self.requests} requests of the signed batches held "
+                "are not in the bundle"
+            )
+        if self.signed_batches < self.batch_span:
+            out.append(
+                f"{self.batch_span - self.signed_batches} signed batches within the span are "
+                "not in the bundle"
+            )
+        kept_out = sum(self.excluded.values())
+        if kept_out:
+            out.append(f"{kept_out} signed rows kept out of the alarm by the gateway's word")
+        return out
 
     def summary(self) -> str:
         scores = (
@@ -260,13 +360,25 @@ class IncidentCheck:
         who = f"{self.scope} {self.client}" if self.client else self.scope
         simulated = " (SIMULATED)" if self.simulated else ""
         drill = "; the gateway says an attack drill was on: an exercise" if self.drill else ""
+        kept_out = ""
+        if sum(self.excluded.values()):
+            reasons = ", ".join(
+                f"{n} {reason.replace('_', ' ')}" for reason, n in self.excluded.items() if n
+            )
+            kept_out = (
+                f", the other {sum(self.excluded.values())} kept out of the alarm by the "
+                f"gateway's word ({reasons})"
+            )
         return (
-            f"incident on {self.model} ({who}): {self.requests} signed requests, "
-            f"{self.answers} answers from {len(self.modules)} attested enclave boot(s){simulated}, "
-            f"{self.signed_batches} of the {self.batch_span} signed batches their sequence "
-            f"numbers span; the statistic recomputed from them at alpha {self.alpha:g} with "
-            f"{calibration} reaches {self.peak:.3g} >= {self.threshold:.3g} at answer "
-            f"{self.alarm_at}; KL recomputed from the signed verifier outputs; {scores}{drill}"
+            f"incident on {self.model} ({who}): {self.requests} signed requests from "
+            f"{len(self.modules)} attested enclave boot(s){simulated}, {self.requests} of the "
+            f"{self.batch_requests} requests their signed batches hold, {self.signed_batches} of "
+            f"the {self.batch_span} signed batches their sequence numbers span; {self.answers} "
+            f"answers: {self.answers} of the {self.signed_rows} signed rows of those requests"
+            f"{kept_out}; the statistic recomputed from them in the enclave's signing order at "
+            f"alpha {self.alpha:g} with {calibration} reaches {self.peak:.3g} >= "
+            f"{self.threshold:.3g} at answer {self.alarm_at}; KL recomputed from the signed "
+            f"verifier outputs; {scores}{drill}"
         )
 
 
@@ -287,6 +399,17 @@ def _floats(value: Any, part: str, what: str, ndim: int = 1) -> np.ndarray:
     if a.ndim != ndim or not np.isfinite(a).all():
         raise IncidentError(part, f"{what} must be a {ndim}-d array of finite numbers")
     return a
+
+
+def _row_list(value: Any, n: int, part: str, what: str) -> list[int]:
+    """Row indices of a request's ``n`` signed rows, strictly increasing (none twice)."""
+    if not isinstance(value, list) or not all(
+        isinstance(r, int) and not isinstance(r, bool) and 0 <= r < n for r in value
+    ):
+        raise IncidentError(part, f"'{what}' must be row indices of the {n} signed")
+    if any(b <= a for a, b in zip(value, value[1:], strict=False)):
+        raise IncidentError(part, f"'{what}' repeat or are out of order: no row counts twice")
+    return list(value)
 
 
 def _close(a: np.ndarray, b: np.ndarray, rtol: float, atol: float = 0.0) -> bool:
@@ -377,18 +500,17 @@ def check_incident(
 
     # every answer: signed verifier output, recomputed KL (and scores)
     out = bundle["verifier_output"]
+    places: list[SignedPlace] = []
     scores_all, kl_all = [], []
-    seen_ids: set[str] = set()
-    last_seq: dict[str, int] = {}  # per boot: the signed batch sequence number so far
-    seqs: dict[str, set[int]] = {}
+    held: dict[tuple[str, int, int], int] = {}  # signed leaf -> the answer holding it
+    batches: dict[tuple[str, int], int] = {}  # (boot, seq) -> the requests it holds (signed)
+    signed_rows = 0
+    excluded = dict.fromkeys(EXCLUDED_REASONS, 0)
     for i, ans in enumerate(bundle["answers"]):
         rid = ans.get("request_id") if isinstance(ans, dict) else None
         part = f"answer {i} (request {rid})"
         if not isinstance(ans, dict) or not isinstance(rid, str):
             raise IncidentError(part, "not an answer record with a request_id")
-        if rid in seen_ids:
-            raise IncidentError(part, "the request appears twice: no answer counts twice")
-        seen_ids.add(rid)
         module = ans.get("module_id")
         if not isinstance(module, str) or module not in attested:
             raise IncidentError(part, f"its enclave boot {module!r} has no attestation here")
@@ -400,33 +522,53 @@ def check_incident(
                 attested=attested[module],
                 inputs=None,
                 nonce=None,
-                request_id=rid,
+                request_id=rid,  # the signed entry's: the client's id, which may repeat
                 max_age_s=None,
             )
         except AttestationError as exc:
             raise IncidentError(part, f"{type(exc).__name__}: {exc}") from None
         if out not in checked.outputs:
             raise IncidentError(part, f"the signed result has no output '{out}'")
-        if checked.seq < last_seq.get(module, checked.seq):
+        leaf = (module, checked.seq, checked.index)
+        if leaf in held:
             raise IncidentError(
                 part,
-                f"signed in batch {checked.seq} of {module}, after an answer of batch "
-                f"{last_seq[module]}: the answers are not in the enclave's signing order",
+                f"the signed answer of answer {held[leaf]} again (boot {module}, batch "
+                f"{checked.seq}, place {checked.index}): no answer counts twice",
             )
-        last_seq[module] = checked.seq
-        seqs.setdefault(module, set()).add(checked.seq)
+        held[leaf] = i
+        batches[module, checked.seq] = checked.count
+        places.append(
+            SignedPlace(module, checked.seq, checked.index, checked.timestamp_ms, checked.count)
+        )
         q_all = np.asarray(checked.outputs[out], dtype=np.float32)
-        rows = ans.get("rows")
-        if (
-            not isinstance(rows, list)
-            or not rows
-            or not all(isinstance(r, int) and 0 <= r < len(q_all) for r in rows)
-        ):
-            raise IncidentError(part, f"'rows' must be row indices of the {len(q_all)} signed")
-        if any(b <= a for a, b in zip(rows, rows[1:], strict=False)):
-            raise IncidentError(part, "'rows' repeat or are out of order: no row counts twice")
+        rows = _row_list(ans.get("rows"), len(q_all), part, "rows")
+        kept_out = ans.get("excluded", {})
+        if not isinstance(kept_out, dict) or set(kept_out) - set(EXCLUDED_REASONS):
+            raise IncidentError(
+                part, f"'excluded' must map {' or '.join(EXCLUDED_REASONS)} to row indices"
+            )
+        named = list(rows)
+        for reason, listed in kept_out.items():
+            kept = _row_list(listed, len(q_all), part, f"excluded.{reason}")
+            excluded[reason] += len(kept)
+            named += kept
+        if len(set(named)) != len(named):
+            raise IncidentError(part, "a row is both fed and kept out: no row counts twice")
+        if len(named) != len(q_all):
+            missing = sorted(set(range(len(q_all))) - set(named))
+            raise IncidentError(
+                part,
+                f"signed rows {missing} of its {len(q_all)} are neither fed to the statistic nor "
+                "kept out by the gateway: a bundle holds every signed row of its requests",
+            )
+        signed_rows += len(q_all)
         q = q_all[rows]
-        p = _floats(ans.get("service"), part, "service", ndim=2).astype(np.float32)
+        service = ans.get("service")
+        if not rows and service == []:  # every row kept out: nothing fed
+            p = np.zeros(q.shape, np.float32)
+        else:
+            p = _floats(service, part, "service", ndim=2).astype(np.float32)
         if p.shape != q.shape:
             raise IncidentError(
                 part, f"service answer {list(p.shape)} and signed verifier {list(q.shape)} differ"
@@ -437,7 +579,7 @@ def check_incident(
         scores = _floats(ans.get("detector"), part, "detector")
         if len(scores) != len(rows):
             raise IncidentError(part, "one detector score per row is needed")
-        if detector_scores is not None:
+        if detector_scores is not None and rows:
             ours = np.asarray(detector_scores(p, q), dtype=np.float64).reshape(-1)
             if not _close(ours, scores, 0.0, SCORE_ATOL):
                 worst = float(np.abs(ours - scores).max())
@@ -448,11 +590,17 @@ def check_incident(
         scores_all.append(scores)
         kl_all.append(kl)
 
-    # the statistic, recomputed from zero at the bundle's first answer
+    # the statistic, recomputed from zero at the first answer in the enclave's signing order
+    # (not the bundle's listing order, nor the order the gateway's live statistic took them)
+    order = signing_order(places)
     state = detector.new_state()
     trajectory = np.asarray(
         detector.update(
-            state, {"detector": np.concatenate(scores_all), "kl": np.concatenate(kl_all)}
+            state,
+            {
+                "detector": np.concatenate([scores_all[i] for i in order]),
+                "kl": np.concatenate([kl_all[i] for i in order]),
+            },
         )
     )
     recorded = _floats(bundle["trajectory"], "statistic", "trajectory")
@@ -464,6 +612,9 @@ def check_incident(
             f"recomputed from these answers the statistic peaks at {state.peak:.3g}, below the "
             f"alarm threshold {detector.threshold:.3g}: the bundle does not prove the alarm",
         )
+    seqs: dict[str, set[int]] = {}
+    for module, seq in batches:
+        seqs.setdefault(module, set()).add(seq)
     return IncidentCheck(
         model=bundle["model"],
         scope=bundle["scope"],
@@ -478,7 +629,10 @@ def check_incident(
         scores_recomputed=detector_scores is not None,
         calibration_pinned=calibration is not None,
         alpha=alpha,
-        signed_batches=sum(len(v) for v in seqs.values()),
+        signed_batches=len(batches),
         batch_span=sum(max(v) - min(v) + 1 for v in seqs.values()),
         drill=bool(bundle.get("drill")),
+        batch_requests=sum(batches.values()),
+        signed_rows=signed_rows,
+        excluded=excluded,
     )

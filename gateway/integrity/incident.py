@@ -1,13 +1,14 @@
 """Incident bundles of one verified model (issue 21): the evidence behind a sequential alarm.
 
-Every verified request's part in the alarm (its in-distribution rows: service answer, detector
-score, KL, the enclave-signed evidence) goes into a ring of the model's last ``capacity``
-requests. When the alarm of the model or of one key fires, the bundle
-(:func:`fides_core.incident.build_bundle`) is made from the ring (for a key, that key's requests
-only) with the attestation document of each enclave boot that signed them, and written to
-``<state_dir>/incidents/<model>/<id>.json`` (kept in memory when there is no state dir); the
-admin routes list and return them, ``fides incident export`` fetches one and the SDK checks it
-offline (:func:`fides_client.verify_incident`).
+Every verified request's part in the alarm (the enclave-signed evidence; its in-distribution
+rows' service answer, detector score and KL; the indices of the rows kept out of the alarm and
+why) goes into a ring of the model's last ``capacity`` requests, as each finishes judging. When
+the alarm of the model or of one key fires, the bundle (:func:`fides_core.incident.build_bundle`,
+which puts the answers in the enclave's signing order) is made from the ring (for a key, that
+key's requests only) with the attestation document of each enclave boot that signed them, and
+written to ``<state_dir>/incidents/<model>/<id>.json`` (kept in memory when there is no state
+dir); the admin routes list and return them, ``fides incident export`` fetches one and the SDK
+checks it offline (:func:`fides_client.verify_incident`).
 
 Bounded: the ring holds ``capacity`` requests (about 1 KB of evidence each); at most
 ``max_incidents`` bundles are kept per model, the oldest deleted first. A bundle is built when an
@@ -165,7 +166,8 @@ class IncidentRecorder:
                 len(bundle["answers"]),
                 "the statistic reaches the threshold within them"
                 if bundle["peak"] >= self.alarm.detector.threshold
-                else "the answers kept do not reach the threshold on their own",
+                else "in the enclave's signing order the answers kept do not reach the "
+                "threshold on their own",
                 extra={"model": self.model, "incident": ident},
             )
         except Exception:  # an incident that cannot be kept must not stop serving; say so

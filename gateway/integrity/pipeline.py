@@ -473,7 +473,21 @@ class IntegrityPipeline:
                 reasons.append(novelty_reason(novelty, self.novelty_threshold))
                 self.metrics.unverified.labels(self.model, OUT_OF_DISTRIBUTION).inc()
             params["integrity_reason"] = "; ".join(reasons)
-        t_reclassify = t_judge
+        # the stream checks take this answer now, before the one await that depends on its
+        # scores (the re-classifier, for attacked rows only): answers then reach the alarm in an
+        # order that does not depend on their scores, near the enclave's signing order in which
+        # an incident bundle is checked (fides_core.incident.signing_order). Their rows are the
+        # in-distribution ones (their calibration is); KL(service || verifier) computed once
+        known = np.isfinite(scores) if novel is None else np.isfinite(scores) & ~novel
+        kl = kl_divergence(p[known], q[known])  # [known rows]
+        self._watch(scores[known], kl)
+        self._keep_for_incidents(rid, ctx.client, item.evidence, known, novel, p, scores, kl)
+        scopes = self._sequential(ctx.client, scores[known], kl)
+        params["integrity_alarm"] = bool(scopes)
+        if scopes:
+            params["integrity_alarm_scope"] = ",".join(scopes)
+        t_monitor = time.perf_counter()
+        t_reclassify = t_monitor
         if flagged.any():
             rec = await self.reclassifier.latest().predict(pair, deadline)
             t_reclassify = time.perf_counter()
@@ -490,25 +504,13 @@ class IntegrityPipeline:
             self._score.observe(float(s))
         self._verdict[verdict].inc()
         self._duration.observe(time.perf_counter() - t0)
-        # the rows both stream checks take (in-distribution: their calibration is), and their
-        # KL(service || verifier), computed once for both
-        known = np.isfinite(scores) if novel is None else np.isfinite(scores) & ~novel
-        kl = kl_divergence(p[known], q[known])  # [known rows]
-        self._watch(scores[known], kl)
-        if len(kl):
-            self._keep_for_incidents(rid, ctx.client, item.evidence, known, p, scores, kl)
-        scopes = self._sequential(ctx.client, scores[known], kl)
-        params["integrity_alarm"] = bool(scopes)
-        if scopes:
-            params["integrity_alarm_scope"] = ",".join(scopes)
-        t_end = time.perf_counter()
         stage = self._stage
         stage["service"].observe(t_service - t0)
         stage["enclave"].observe(t_enclave - t_service)
         stage["judge"].observe(t_judge - t_enclave)
-        if t_reclassify > t_judge:
-            stage["reclassify"].observe(t_reclassify - t_judge)
-        stage["monitor"].observe(t_end - t_reclassify)
+        stage["monitor"].observe(t_monitor - t_judge)
+        if t_reclassify > t_monitor:
+            stage["reclassify"].observe(t_reclassify - t_monitor)
         return Inferred(results, params)
 
     async def _verify(self, request: VerifyRequest, rows: int) -> VerifiedItem:
@@ -536,14 +538,19 @@ class IntegrityPipeline:
         client: str | None,
         evidence: bytes,
         known: np.ndarray,
+        novel: np.ndarray | None,
         p: np.ndarray,
         scores: np.ndarray,
         kl: np.ndarray,
     ) -> None:
-        """This request's part in the alarm, for an incident bundle should it fire. The boot
-        that signed it is the one its evidence names, whose document :meth:`_signed_by` kept
-        when the enclave call returned: not the supervisor's boot now, which is another one if
-        the enclave restarted while this request was judged."""
+        """This request's part in the alarm, for an incident bundle should it fire: the rows
+        fed to it, and the others by why they were not (every signed row is accounted for, so a
+        bundle's checker sees that none was dropped). The boot that signed it is the one its
+        evidence names, whose document :meth:`_signed_by` kept when the enclave call returned:
+        not the supervisor's boot now, which is another one if the enclave restarted while this
+        request was judged. Recorded as judging ends (not in signing order: the bundle is put
+        in signing order when it is built)."""
+        unscored = ~np.isfinite(scores)
         self.incidents.record(
             IncidentAnswer(
                 rid,
@@ -553,6 +560,12 @@ class IntegrityPipeline:
                 p[known],
                 scores[known],
                 kl,
+                {
+                    INVALID_ANSWER: np.flatnonzero(unscored),
+                    OUT_OF_DISTRIBUTION: np.flatnonzero(
+                        ~unscored & (np.zeros_like(unscored) if novel is None else novel)
+                    ),
+                },
             )
         )
 
