@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -226,14 +227,38 @@ class TextServable(Servable):
         return self._config
 
     def not_ready(self) -> str | None:
-        return None
+        return "it is being unloaded" if self.model.retiring.is_set() else None
 
     async def close(self, drain_timeout_s: float) -> None:
-        """Cancel running generations (they leave at the next step) and stop the model's
-        scheduler thread."""
-        for handle in list(self.model.active):
-            handle.cancel()
-        await asyncio.to_thread(self.model.scheduler.close)
+        """Drain as the batcher does, then stop the model's scheduler thread: admit nothing
+        more (queued requests leave at once: to the version a reload put in its place, else
+        503), let the running generations finish for up to ``drain_timeout_s``, then end the
+        rest with a 503 naming the unload (a stream: an error event, then ``[DONE]``)."""
+        model = self.model
+        model.retiring.set()
+        await _until_idle(model, drain_timeout_s)
+        if model.active:
+            for handle in list(model.active):
+                handle.cancel(
+                    Unavailable(
+                        f"model '{self.name}' was unloaded while generating (version "
+                        f"{self.version}, after the {drain_timeout_s:g} s drain); retry"
+                    )
+                )
+            # they leave at the scheduler's next step boundary, each answered with its error;
+            # any still there when the thread stops are answered the same (_Job.fail)
+            await _until_idle(model, _STOP_WAIT_S)
+        await asyncio.to_thread(model.scheduler.close)
+
+
+_STOP_WAIT_S = 10.0  # for a step in progress to end after the drain: one step, normally
+
+
+async def _until_idle(model: TextModel, timeout_s: float) -> None:
+    """Until no sequence of ``model`` runs, or ``timeout_s`` passed."""
+    deadline = time.monotonic() + timeout_s
+    while model.active and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
 
 
 class ModelSlot:

@@ -19,6 +19,10 @@ step_batch` call is one scheduling step:
    prompt cannot stall the batch), each in a one-row cache of its own; a finished prefill
    emits the sequence's first token and the sequence joins the batch for the next step.
 
+A failure of one sequence's own work (its prefill in its own caches, its sampling or
+verification: probabilities that are not finite) ends that sequence alone, with ``finished``
+``"error"`` and its ``error``; the others go on.
+
 How many tokens the draft may propose (the batch-wide cap on each sequence's own schedule) is
 chosen every step by a :class:`~gateway.generation.schedule.SpeculationPolicy` from measured
 forward times and acceptance: speculation pays at small batches and is switched off when the
@@ -33,8 +37,8 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -42,6 +46,7 @@ from gateway.generation.batch import BatchKV
 from gateway.generation.runtime import CausalLM
 from gateway.generation.sampling import (
     SamplingParams,
+    is_greedy,
     sample,
     verify_greedy,
     verify_sampled,
@@ -61,7 +66,8 @@ class Round:
 
 
 class PrefillError(RuntimeError):
-    """A prompt's prefill failed in its own caches (``cause``); the batch is untouched."""
+    """A prompt's prefill (or its first token's sampling) failed in its own caches
+    (``cause``); the batch is untouched."""
 
     def __init__(self, cause: Exception) -> None:
         super().__init__(str(cause))
@@ -77,11 +83,11 @@ class Sequence:
     params: SamplingParams
     lookahead: Lookahead
     generator: torch.Generator
-    finished: str | None = None  # "stop", "length", or "error" (its prefill failed: error)
+    finished: str | None = None  # "stop", "length", or "error" (it failed alone: error)
     prefilled: int = 0  # prompt tokens fed so far (== prompt_len once in the batch)
     target_kv: BatchKV | None = None  # the one-row caches of its prefill, until it joins
     draft_kv: BatchKV | None = None
-    error: Exception | None = None  # its own prefill failed (the batch was not touched)
+    error: Exception | None = None  # its own prefill or sampling failed (the others go on)
     stats: dict[str, int] = field(
         default_factory=lambda: {"rounds": 0, "drafts": 0, "draft_tokens": 0, "accepted": 0}
     )
@@ -126,6 +132,8 @@ class SpeculativeEngine:
                 f"prompt ({len(prompt)}) + max_tokens ({params.max_tokens}) exceeds the "
                 f"context of {self.max_context} tokens"
             )
+        if params.temperature > 0 and is_greedy(params):  # 1e-300 would overflow float32
+            params = replace(params, temperature=0.0)
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         la = Lookahead(
             self.lookahead.gamma,
@@ -155,6 +163,15 @@ class SpeculativeEngine:
         self.batch = []
         self.target_kv = BatchKV(self.target)
         self.draft_kv = BatchKV(self.draft) if self.draft is not None else None
+
+    def finish(self, seqs: Iterable[Sequence], reason: str) -> None:
+        """End ``seqs`` from outside (a stop string, their request failed) and free their
+        cache rows now: a sequence leaves the batch at the next step otherwise, and an idle
+        model runs none."""
+        for seq in seqs:
+            if seq.finished is None:
+                seq.finished = reason
+        self._keep({id(s) for s in self.batch if s.finished is None})
 
     def step(self, seq: Sequence) -> Round | None:
         """One step of ``seq`` alone (None while a long prompt is still being prefilled)."""
@@ -261,7 +278,10 @@ class SpeculativeEngine:
         if params.greedy:
             token = int(logits[-1].argmax())
         else:
-            token = sample(warp(logits[-1:], params)[0], seq.generator)
+            try:  # its own probabilities (not finite): this request's alone as well
+                token = sample(warp(logits[-1:], params)[0], seq.generator)
+            except Exception as exc:
+                raise PrefillError(exc) from exc
         rnd = self._emit(seq, [token], 0, 0)
         if seq.finished is None:  # joins the batch for the next step
             self.target_kv.merge(seq.target_kv)
@@ -306,14 +326,21 @@ class SpeculativeEngine:
 
         rounds: dict[Sequence, Round] = {}
         for i, seq in enumerate(batch):
+            if seq.finished is not None:  # its drafting failed: it leaves after this round
+                continue
             params, d = seq.params, drafts[i]
-            if params.greedy:
-                n, nxt = verify_greedy(logits[i], d)
-            else:
-                p = warp(logits[i], params)  # [g + 1, V]
-                qi = qs[i]
-                q = qi if qi is not None else torch.empty(0, p.shape[-1])
-                n, nxt = verify_sampled(p, q, d, seq.generator)
+            try:  # one row's verification: its failure (probabilities that are not finite)
+                # is that sequence's alone, unlike a batched forward's
+                if params.greedy:
+                    n, nxt = verify_greedy(logits[i], d)
+                else:
+                    p = warp(logits[i], params)  # [g + 1, V]
+                    qi = qs[i]
+                    q = qi if qi is not None else torch.empty(0, p.shape[-1])
+                    n, nxt = verify_sampled(p, q, d, seq.generator)
+            except Exception as exc:
+                seq.error, seq.finished = exc, "error"
+                continue
             base = len(seq.ids)
             # keep the KV of every token but the newest (not fed yet): rejected drafts go
             self.target_kv.crop(i, base + n)
@@ -375,8 +402,13 @@ class SpeculativeEngine:
                     x = int(row.argmax())
                     conf = float(torch.softmax(row, -1)[x]) if seq.lookahead.min_confidence else 1.0
                 else:
-                    qi = warp(row[None], params)[0]  # [V]
-                    x = sample(qi, seq.generator)
+                    try:  # its own probabilities: a failure ends this sequence alone
+                        qi = warp(row[None], params)[0]  # [V]
+                        x = sample(qi, seq.generator)
+                    except Exception as exc:
+                        seq.error, seq.finished = exc, "error"
+                        active[i] = False
+                        continue
                     probs[i].append(qi)
                     conf = float(qi[x])
                 drafts[i].append(x)

@@ -14,6 +14,13 @@ and top-p are applied by :func:`warp` to both ``p`` and ``q`` before this, so th
 exactly the target's *warped* distribution, the one plain sampling with the same parameters
 draws from. Greedy (temperature 0) compares tokens instead: accept while ``x_i`` is the
 target's argmax, then emit the target's argmax.
+
+A temperature below :data:`GREEDY_BELOW` (but above 0) is greedy too, as in vLLM
+(``_SAMPLING_EPS``): ``softmax(logits / T)`` is the argmax's one-hot long before, and dividing
+float32 logits by a temperature such as ``1e-300`` (0 in float32) gives infinities, then NaN
+probabilities that ``torch.multinomial`` refuses. Probabilities that are not finite for another
+reason (a model that emits NaN logits) raise :class:`SamplingError`, which the engine pins on
+that sequence alone.
 """
 
 from __future__ import annotations
@@ -22,7 +29,27 @@ import torch
 
 from gateway.generation.params import SamplingParams
 
-__all__ = ["SamplingParams", "sample", "verify_greedy", "verify_sampled", "warp"]
+__all__ = [
+    "GREEDY_BELOW",
+    "SamplingError",
+    "SamplingParams",
+    "is_greedy",
+    "sample",
+    "verify_greedy",
+    "verify_sampled",
+    "warp",
+]
+
+GREEDY_BELOW = 1e-5  # temperatures in [0, GREEDY_BELOW) decode greedily (module docstring)
+
+
+class SamplingError(ValueError):
+    """One sequence's probabilities are not a distribution (NaN or infinite)."""
+
+
+def is_greedy(params: SamplingParams) -> bool:
+    """Greedy decoding: temperature 0, or so close to it that sampling is the argmax."""
+    return params.temperature < GREEDY_BELOW
 
 
 def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -30,9 +57,13 @@ def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
     ``probs = norm(topp(topk(softmax(logits / T))))``: top-k keeps the k largest logits (ties
     included), top-p keeps the smallest prefix of the sorted distribution whose mass reaches
-    ``top_p`` (the token that crosses it included).
+    ``top_p`` (the token that crosses it included). Below :data:`GREEDY_BELOW` the limit as
+    ``T -> 0``: the argmax's one-hot (the first one on a tie, as greedy decoding picks).
     """
     # logits: [n, V] -> probs [n, V] (float32)
+    if is_greedy(params):
+        best = logits.argmax(dim=-1, keepdim=True)  # [n, 1]
+        return torch.zeros_like(logits, dtype=torch.float32).scatter_(-1, best, 1.0)
     scaled = logits.float() / params.temperature
     vocab = scaled.shape[-1]
     if 0 < params.top_k < vocab:
@@ -45,6 +76,11 @@ def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         sorted_p = sorted_p.masked_fill(mass_before >= params.top_p, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
         probs = probs / probs.sum(dim=-1, keepdim=True)
+    if not bool(torch.isfinite(probs).all()):
+        raise SamplingError(
+            f"the probabilities at temperature {params.temperature:g} are not finite "
+            "(the model's logits or the temperature)"
+        )
     return probs
 
 

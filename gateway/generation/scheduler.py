@@ -14,8 +14,11 @@ to the model's :class:`Scheduler` as a :class:`Job`. The scheduler's thread loop
 An exception inside a batched forward cannot be pinned on one sequence (they share it): every
 job of that step fails with it, the engine's batch is cleared, and the thread goes on serving
 new requests. A prompt's prefill runs in its own caches, so its failure (out of memory on a
-long prompt) fails that job alone. When the last jobs leave (cancelled, timed out), the
-batch's cache rows are freed at once, not when the next request comes.
+long prompt) fails that job alone, and so does a failure of its own sampling or verification
+(probabilities that are not finite). A job that ends after its round without the engine
+knowing (a stop string, its request failed) is told to the engine then, which frees its cache
+rows; when the last jobs leave (cancelled, timed out), the batch's cache rows are freed at
+once too, not when the next request comes.
 """
 
 from __future__ import annotations
@@ -109,10 +112,11 @@ class Scheduler:
                 except Exception:  # noqa: BLE001 - metrics never stop generation
                     log.exception("generation metrics failed on model %s", self.name)
             still: list[Job] = []
+            ended: dict[str, list[Any]] = {"stop": [], "error": []}  # the engine does not know
             for job in jobs:
-                if job.seq.error is not None:  # its own prefill failed; the others go on
-                    log.error(
-                        "prefill failed on model %s: %s",
+                if job.seq.error is not None:  # its own prefill or sampling failed; the
+                    log.error(  # others go on
+                        "a sequence failed on model %s: %s",
                         self.name,
                         job.seq.error,
                         exc_info=job.seq.error,
@@ -125,10 +129,14 @@ class Scheduler:
                 except BaseException as exc:  # noqa: BLE001 - one job's fault stays its own
                     log.exception("generation on model %s failed", self.name)
                     self._fail(job, exc)
+                    ended["error"].append(job.seq)
                     continue
                 if not done:
                     still.append(job)
+                elif job.seq.finished is None:  # a stop string ended it
+                    ended["stop"].append(job.seq)
             jobs = still
+            self._finish(ended)
         for job in jobs:
             self._fail(job, RuntimeError(f"model '{self.name}' was unloaded"))
         self._reset()
@@ -140,6 +148,16 @@ class Scheduler:
             self.engine.reset()
         except Exception:  # noqa: BLE001 - logged; the next step starts from what is left
             log.exception("resetting the generation batch of model %s failed", self.name)
+
+    def _finish(self, ended: dict[str, list[Any]]) -> None:
+        """Tell the engine of sequences that ended outside it (``reason -> sequences``), so
+        their cache rows go now: the next step would drop them, but an idle model runs none."""
+        try:
+            for reason, seqs in ended.items():
+                if seqs:
+                    self.engine.finish(seqs, reason)
+        except Exception:  # noqa: BLE001 - marked finished, they leave at the next step
+            log.exception("freeing finished sequences of model %s failed", self.name)
 
     def _stopped(self, job: Job) -> bool:
         try:

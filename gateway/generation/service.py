@@ -57,6 +57,27 @@ class InvalidGeneration(BadRequest):
         self.code = code
 
 
+class ModelRetired(Unavailable):
+    """The model version is being unloaded (or replaced by a reload) and admits no request;
+    the routes send a request that waited for it to the version that replaced it, if any."""
+
+
+class GenerationCancelled(GatewayError):
+    """What a generation's queue ends with when its client went away (nobody reads it)."""
+
+    status, reason = 499, "cancelled"
+
+
+# How long past its deadline a request waits for its worker's next item before it gives up:
+# the worker stops a sequence at the first step boundary after the deadline and says so, so
+# this only bounds a worker that is stuck (a forward that never returns).
+ANSWER_GRACE_S = 30.0
+
+# Prompts of more characters than this are tokenised (or templated) in a worker thread, so
+# the event loop serves other requests meanwhile; shorter ones take well under a millisecond.
+INLINE_PROMPT_CHARS = 8192
+
+
 @dataclass
 class Delta:
     """A piece of the completion: new text, tokens so far, and the finish reason at the end."""
@@ -80,14 +101,22 @@ class TextModel:
     created: int
     scheduler: Scheduler
     slots: asyncio.Semaphore
+    # the most characters of text one token stands for (None: unbounded or not known;
+    # :func:`max_chars_per_token`): what refuses an over-long prompt before tokenising it
+    chars_per_token: int | None = None
     waiting: int = 0
     active: set[GenerationHandle] = field(default_factory=set)
+    retiring: asyncio.Event = field(default_factory=asyncio.Event)  # set: admits nothing more
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
+    def chat_text(self, messages: list[dict[str, str]]) -> str:
+        """The prompt text of a chat: the messages through the model's chat template."""
+        return chat_prompt(self.tokenizer, messages, self.config.chat_template)
+
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        return self.encode(chat_prompt(self.tokenizer, messages, self.config.chat_template))
+        return self.encode(self.chat_text(messages))
 
 
 @dataclass(eq=False)
@@ -103,8 +132,16 @@ class GenerationHandle:
     completion_tokens: int = 0
     finish_reason: str | None = None
     slot_released: bool = False
+    # why the server stopped it (its model is unloading): what the request answers with;
+    # None while only its client can stop it
+    error: GatewayError | None = None
 
-    def cancel(self) -> None:
+    def cancel(self, error: GatewayError | None = None) -> None:
+        """Stop the worker at its next step; either way it ends the handle's queue with a
+        last item: ``error`` when the server stops it, else :class:`GenerationCancelled`
+        (the client went away)."""
+        if error is not None and self.error is None:
+            self.error = error
         self.cancelled.set()
 
     def release_slot(self) -> None:
@@ -117,10 +154,11 @@ class GenerationHandle:
             self.model.slots.release()
 
     async def deltas(self) -> AsyncIterator[Delta]:
-        """Deltas until the one carrying ``finish_reason``; cancels the worker if abandoned."""
+        """Deltas until the one carrying ``finish_reason``; cancels the worker if abandoned.
+        Never waits past the request's deadline + :data:`ANSWER_GRACE_S` (then a 504)."""
         try:
             while True:
-                item = await self.queue.get()
+                item = await self._next()
                 if isinstance(item, BaseException):
                     raise item
                 self.completion_tokens = item.completion_tokens
@@ -132,6 +170,21 @@ class GenerationHandle:
         finally:
             if self.finish_reason is None:
                 self.cancel()
+
+    async def _next(self) -> Delta | BaseException:
+        if not self.queue.empty():
+            return self.queue.get_nowait()
+        left = self.deadline + ANSWER_GRACE_S - time.perf_counter()
+        if math.isinf(left):
+            return await self.queue.get()
+        try:
+            async with asyncio.timeout(max(left, 0.0)):
+                return await self.queue.get()
+        except TimeoutError:
+            raise RequestTimeout(
+                f"model '{self.model.name}' gave no answer within {ANSWER_GRACE_S:g} s past the "
+                f"request's timeout ({self.completion_tokens} tokens generated)"
+            ) from None
 
     async def result(self) -> str:
         parts = [d.text async for d in self.deltas()]
@@ -161,7 +214,33 @@ class GenerationService:
             )
             raise InvalidGeneration(msg, param="model", code="model_not_found") from None
 
+    def successor(self, retired: TextModel) -> TextModel:
+        """The version that serves ``retired``'s name now (a reload swapped it in), or 503
+        when none does (an unload): for a request the retired version did not start."""
+        with contextlib.suppress(GatewayError):
+            model = self.repository.text_model(retired.name)
+            if model is not retired and not model.retiring.is_set():
+                return model
+        raise Unavailable(
+            f"model '{retired.name}' was unloaded while the request waited for it; retry later"
+        )
+
     # -- generation -----------------------------------------------------------------------------
+
+    def check_prompt_chars(self, model: TextModel, text: str, param: str = "prompt") -> None:
+        """A 400 before tokenising for a text too long to fit the context whatever its
+        tokens (:func:`max_chars_per_token`); tokenising it could take a minute."""
+        per_token = model.chars_per_token
+        # c characters are at least c / per_token tokens: past this, no room for a completion
+        if per_token is not None and len(text) > (model.max_context - 1) * per_token:
+            raise InvalidGeneration(
+                f"the prompt has {len(text)} characters, so at least "
+                f"{-(-len(text) // per_token)} tokens (a token of this model stands for at most "
+                f"{per_token} characters); this model's context is {model.max_context} tokens, "
+                "which leaves no room for a completion",
+                param=param,
+                code="context_length_exceeded",
+            )
 
     def check_lengths(
         self, model: TextModel, prompt: list[int], max_tokens: int | None, default: int | None
@@ -198,10 +277,15 @@ class GenerationService:
     ) -> GenerationHandle:
         """Admit the request (wait for a slot, or 503 when the queue is full) and start it.
         ``timeout_s`` (default: the model's) counts from now, the wait for a slot included:
-        504 when no slot frees in time; the worker stops the sequence when it passes."""
+        504 when no slot frees in time; the worker stops the sequence when it passes.
+        :class:`ModelRetired` when the model is being unloaded, at once or while waiting.
+        Cancelled while waiting (its client went away), it leaves the queue, counted as
+        cancelled, and nothing of it runs."""
         t_arrival = time.perf_counter()
         timeout_s = model.config.timeout_s if timeout_s is None else timeout_s
         gauge = self.metrics.waiting.labels(model.name)
+        if model.retiring.is_set():
+            raise _retired(model)
         if model.slots.locked() and model.waiting >= model.config.max_queue_size:
             raise QueueFull(
                 f"model '{model.name}' is busy: {model.config.max_concurrent_sequences} "
@@ -210,7 +294,7 @@ class GenerationService:
         model.waiting += 1
         gauge.set(model.waiting)
         try:
-            await asyncio.wait_for(model.slots.acquire(), timeout_s)
+            await _wait_for_slot(model, timeout_s)
         except TimeoutError:
             self.metrics.requests.labels(model.name, "timeout").inc()
             raise RequestTimeout(
@@ -218,6 +302,9 @@ class GenerationService:
                 f"{timeout_s:g} s timeout ({model.config.max_concurrent_sequences} running); "
                 "retry later"
             ) from None
+        except asyncio.CancelledError:  # its client went away while it waited
+            self.metrics.requests.labels(model.name, "cancelled").inc()
+            raise
         finally:
             model.waiting -= 1
             gauge.set(model.waiting)
@@ -266,6 +353,35 @@ class GenerationService:
                     m.per_position(name, pos).inc()
 
 
+def _retired(model: TextModel) -> ModelRetired:
+    return ModelRetired(f"model '{model.name}' version {model.version} is being unloaded")
+
+
+async def _wait_for_slot(model: TextModel, timeout_s: float) -> None:
+    """Take one of ``model``'s sequence slots: TimeoutError past ``timeout_s``,
+    :class:`ModelRetired` once the model starts unloading (a version being retired starts
+    nothing more); cancelled, it holds none."""
+    if not model.slots.locked():
+        await model.slots.acquire()  # free: returns at once
+        return
+    acquire = asyncio.ensure_future(model.slots.acquire())
+    retired = asyncio.ensure_future(model.retiring.wait())
+    got = False
+    try:
+        async with asyncio.timeout(timeout_s):
+            await asyncio.wait((acquire, retired), return_when=asyncio.FIRST_COMPLETED)
+        got = acquire.done() and not model.retiring.is_set()
+    finally:
+        retired.cancel()
+        if not got:
+            if not acquire.done():
+                acquire.cancel()  # the semaphore hands a slot it gave meanwhile to the next
+            elif not acquire.cancelled() and acquire.exception() is None:
+                model.slots.release()
+    if not got:
+        raise _retired(model)
+
+
 @dataclass(eq=False)
 class _Job:
     """One admitted request as the model's scheduler drives it: rounds of the engine ->
@@ -311,7 +427,13 @@ class _Job:
     def check(self) -> bool:
         handle = self.handle
         if handle.cancelled.is_set():
-            self.finish("cancelled")
+            # the queue always gets a last item: whoever still reads it must not wait forever
+            if handle.error is not None:  # the server stopped it (its model is unloading)
+                self.finish("error")
+                self.put(handle.error)
+            else:
+                self.finish("cancelled")
+                self.put(GenerationCancelled("the client went away; generation cancelled"))
             return True
         if time.perf_counter() >= handle.deadline:
             self.finish("timeout")
@@ -328,19 +450,22 @@ class _Job:
         m, name = self.service.metrics, self.model.name
         now = time.perf_counter()
         self.service._count_round(name, rnd)
+        text, stopped = self.detok.add(rnd.tokens)
+        # a stop string ends the completion at the token that completed it: the round's
+        # tokens after it (accepted drafts) are not part of it, as plain decoding never made them
+        n = self.detok.consumed
         if self.count == 0:
             m.ttft.labels(name).observe(now - self.t_arrival)
-            itl_n = len(rnd.tokens) - 1
-            per_token = (now - self.t_arrival) / len(rnd.tokens)
+            itl_n = n - 1
+            per_token = (now - self.t_arrival) / n
         else:
-            itl_n = len(rnd.tokens)
-            per_token = (now - self.t_last) / len(rnd.tokens)
+            itl_n = n
+            per_token = (now - self.t_last) / n
         itl = m.itl.labels(name)
         for _ in range(itl_n):
             itl.observe(per_token)
-        self.count += len(rnd.tokens)
+        self.count += n
         self.t_last = now
-        text, stopped = self.detok.add(rnd.tokens)
         reason = "stop" if stopped else rnd.finished
         if reason is not None:
             if not stopped:
@@ -355,7 +480,9 @@ class _Job:
 
     def fail(self, exc: BaseException) -> None:
         self.finish("error")
-        self.put(exc)
+        # stopped by the server first: that is the answer (the scheduler's own "unloaded"
+        # RuntimeError, when its thread ends with the job still in it, would be a 500)
+        self.put(self.handle.error if self.handle.error is not None else exc)
 
 
 def load_text_model(name: str, path: Path, cfg: ModelConfig) -> TextModel:
@@ -453,4 +580,78 @@ def load_text_model(name: str, path: Path, cfg: ModelConfig) -> TextModel:
         created=int(time.time()),
         scheduler=Scheduler(engine, name),
         slots=asyncio.Semaphore(gen.max_concurrent_sequences),
+        chars_per_token=max_chars_per_token(tokenizer),
     )
+
+
+# How much a normalizer can shorten a text (characters in / characters out), by kind: one
+# that only rewrites, decomposes or prepends never does; NFC and NFKC compose at most four
+# code points into one (U+1F82 is U+03B1 U+0313 U+0300 U+0345). Kinds not named here (Strip,
+# StripAccents, BertNormalizer, Precompiled, regex replacements) may drop any amount.
+_NORMALIZER_SHRINK = {"Prepend": 1, "Lowercase": 1, "NFD": 1, "NFKD": 1, "NFC": 4, "NFKC": 4}
+# Pre-tokenizers that keep every character (Whitespace, BertPreTokenizer and a Split that
+# removes its matches drop some).
+_KEEPING_PRE_TOKENIZERS = {"ByteLevel", "Metaspace", "Digits", "UnicodeScripts"}
+
+
+def max_chars_per_token(tokenizer: Any) -> int | None:
+    """A bound K on the characters of prompt text one token stands for, so that a text of c
+    characters has at least c / K tokens; None when the tokenizer gives none.
+
+    Sound for a fast tokenizer whose model is BPE: a BPE token stands for the text of its
+    vocabulary entry, whose length in characters is at least the characters it covers (a
+    byte-level entry has one character per byte; a continuing-subword prefix or a byte
+    fallback like ``<0x41>`` only lengthen the entry), and an unknown character is one token
+    unless ``fuse_unk`` merges a run of them (then None). The normalizer and pre-tokenizer must
+    not drop text, or drop at most a known share (``_NORMALIZER_SHRINK``), which multiplies
+    K. Added tokens match their own text, counted with the vocabulary. WordPiece, Unigram and
+    WordLevel map a whole unknown word to one token: None.
+    """
+    import json
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    try:
+        spec = json.loads(backend.to_str())
+        model = spec["model"]
+        if model.get("type") != "BPE" or (model.get("fuse_unk") and model.get("unk_token")):
+            return None
+        shrink = _shrink(spec.get("normalizer"))
+        if shrink is None or not _keeps_text(spec.get("pre_tokenizer")):
+            return None
+        entries = [*model["vocab"], *(t["content"] for t in spec.get("added_tokens") or [])]
+        return max(len(e) for e in entries) * shrink
+    except (KeyError, TypeError, ValueError):  # a format this does not know: no bound
+        return None
+
+
+def _shrink(normalizer: dict[str, Any] | None) -> int | None:
+    if normalizer is None:
+        return 1
+    kind = normalizer.get("type")
+    if kind == "Sequence":
+        total = 1
+        for part in normalizer.get("normalizers", []):
+            factor = _shrink(part)
+            if factor is None:
+                return None
+            total *= factor
+        return total
+    if kind == "Replace":  # a fixed string by another: shortens by at most their ratio
+        pattern, content = normalizer.get("pattern", {}).get("String"), normalizer["content"]
+        if not pattern or not content:
+            return None
+        return -(-len(pattern) // len(content))
+    return _NORMALIZER_SHRINK.get(str(kind))
+
+
+def _keeps_text(pre: dict[str, Any] | None) -> bool:
+    if pre is None:
+        return True
+    kind = pre.get("type")
+    if kind == "Sequence":
+        return all(_keeps_text(p) for p in pre.get("pretokenizers", []))
+    if kind in ("Split", "Punctuation"):
+        return pre.get("behavior") != "Removed"
+    return kind in _KEEPING_PRE_TOKENIZERS

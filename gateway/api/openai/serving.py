@@ -10,7 +10,7 @@ import asyncio
 import itertools
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
 import orjson
@@ -27,9 +27,11 @@ from gateway.api.responses import json_response
 from gateway.errors import GatewayError
 from gateway.generation.params import SamplingParams
 from gateway.generation.service import (
+    INLINE_PROMPT_CHARS,
     GenerationHandle,
     GenerationService,
     InvalidGeneration,
+    ModelRetired,
     TextModel,
 )
 
@@ -62,10 +64,35 @@ def _timeout(body: SamplingFields, model: TextModel) -> float:
     return limit if body.timeout is None else min(body.timeout, limit)
 
 
-def _completion_prompt(body: CompletionRequest, model: TextModel) -> list[int]:
+async def _encode(svc: GenerationService, model: TextModel, text: str) -> list[int]:
+    """The text's tokens: a 400 first when it is too long to fit whatever they are; a long
+    text is tokenised in a worker thread, so the event loop serves other requests meanwhile."""
+    if not text:
+        return []
+    svc.check_prompt_chars(model, text)
+    if len(text) <= INLINE_PROMPT_CHARS:
+        return model.encode(text)
+    return await asyncio.to_thread(model.encode, text)
+
+
+async def _chat_prompt(
+    svc: GenerationService, model: TextModel, messages: list[dict[str, str]]
+) -> list[int]:
+    """The chat's tokens (the template in a worker thread too when the messages are long: a
+    template may drop or repeat text, so only its output's length says whether it fits)."""
+    if sum(len(m["content"]) for m in messages) <= INLINE_PROMPT_CHARS:
+        text = model.chat_text(messages)
+    else:
+        text = await asyncio.to_thread(model.chat_text, messages)
+    return await _encode(svc, model, text)
+
+
+async def _completion_prompt(
+    body: CompletionRequest, model: TextModel, svc: GenerationService
+) -> list[int]:
     prompt = body.prompt
     if isinstance(prompt, str):
-        return model.encode(prompt) if prompt else []
+        return await _encode(svc, model, prompt)
     if not prompt:
         return []
     if all(isinstance(p, str) for p in prompt):
@@ -73,7 +100,7 @@ def _completion_prompt(body: CompletionRequest, model: TextModel) -> list[int]:
             raise InvalidGeneration(
                 f"one prompt per request is supported, got {len(prompt)}", param="prompt"
             )
-        return model.encode(str(prompt[0]))
+        return await _encode(svc, model, str(prompt[0]))
     ids = [int(t) for t in prompt]
     vocab = model.engine.target.vocab_size
     bad = [t for t in ids if not 0 <= t < vocab]
@@ -121,6 +148,70 @@ async def _result_or_disconnect(request: Request, handle: GenerationHandle) -> s
             work.cancel()
             handle.cancel()
     return work.result() if work in done else None
+
+
+Prepare = Callable[[TextModel], Awaitable[tuple[list[int], SamplingParams]]]
+
+
+async def _admit(
+    request: Request,
+    svc: GenerationService,
+    model: TextModel,
+    prepare: Prepare,
+    body: SamplingFields,
+) -> tuple[TextModel, GenerationHandle] | None:
+    """Prepare the request for ``model`` (prompt tokens, sampling) and admit it: the model
+    and the running generation, or None when the client went away while the request waited
+    for a slot (it leaves the queue; nothing of it ran). When the version it waited for is
+    retired by a reload, it goes to the version that took its place, prepared again (the
+    tokenizer may differ) within the same time limit; by an unload, 503."""
+    timeout_s = _timeout(body, model)
+    deadline = None
+    while True:
+        prompt, params = await prepare(model)
+        if deadline is None:
+            deadline = time.monotonic() + timeout_s
+        else:  # sent on after a reload: what is left of its time
+            timeout_s = max(deadline - time.monotonic(), 0.0)
+        try:
+            handle = await _submit_or_disconnect(
+                request, model, svc.submit(model, prompt, params, body.stops(), timeout_s)
+            )
+        except ModelRetired:
+            model = svc.successor(model)
+            continue
+        return None if handle is None else (model, handle)
+
+
+async def _submit_or_disconnect(
+    request: Request, model: TextModel, submit: Coroutine[Any, Any, GenerationHandle]
+) -> GenerationHandle | None:
+    """``submit``'s handle, or None if the client went away while it waited for a slot (the
+    wait is cancelled: the request gives its place in the queue up)."""
+    if not model.slots.locked():
+        return await submit  # a slot is free: admitted without waiting
+    work = asyncio.ensure_future(submit)
+    gone = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
+        if not work.done() and gone.exception() is not None:  # no answer on disconnects
+            await asyncio.wait((work,))
+    except BaseException:  # this request itself is cancelled: nobody reads what it started
+        if work.done() and not work.cancelled() and work.exception() is None:
+            work.result().cancel()
+        raise
+    finally:
+        gone.cancel()
+        if not work.done():
+            work.cancel()
+            await asyncio.wait((work,))  # out of the queue, counted, before we answer
+    if work.cancelled():
+        return None
+    handle = work.result()  # or submit's error (busy, timeout, retired)
+    if gone.done() and not gone.cancelled() and gone.exception() is None:
+        handle.cancel()  # admitted just as its client left
+        return None
+    return handle
 
 
 def _sse(doc: Any) -> bytes:
@@ -204,11 +295,17 @@ async def serve_completion(
     model = svc.get(body.model)
     if body.echo:
         raise InvalidGeneration("echo is not supported", param="echo")
-    prompt = _completion_prompt(body, model)
-    max_tokens = svc.check_lengths(model, prompt, body.max_tokens, model.config.default_max_tokens)
-    params = _params(body, model, max_tokens)
-    stops = body.stops()
-    handle = await svc.submit(model, prompt, params, stops, _timeout(body, model))
+
+    async def prepare(model: TextModel) -> tuple[list[int], SamplingParams]:
+        prompt = await _completion_prompt(body, model, svc)
+        default = model.config.default_max_tokens
+        max_tokens = svc.check_lengths(model, prompt, body.max_tokens, default)
+        return prompt, _params(body, model, max_tokens)
+
+    admitted = await _admit(request, svc, model, prepare, body)
+    if admitted is None:
+        return Response(status_code=499)  # the client left while the request was queued
+    model, handle = admitted
     rid, created = _new_id("cmpl"), int(time.time())
 
     def chunk(text: str | None, finish: str | None, final: bool = False) -> Any:
@@ -259,12 +356,16 @@ async def serve_chat(body: ChatRequest, request: Request, svc: GenerationService
     messages = [{"role": m.role, "content": m.content} for m in body.messages]
     if not any(m["content"] for m in messages):
         raise InvalidGeneration("the messages are empty", param="messages")
-    prompt = model.encode_chat(messages)
     asked = body.max_completion_tokens or body.max_tokens
-    max_tokens = svc.check_lengths(model, prompt, asked, None)
-    params = _params(body, model, max_tokens)
-    stops = body.stops()
-    handle = await svc.submit(model, prompt, params, stops, _timeout(body, model))
+
+    async def prepare(model: TextModel) -> tuple[list[int], SamplingParams]:
+        prompt = await _chat_prompt(svc, model, messages)
+        return prompt, _params(body, model, svc.check_lengths(model, prompt, asked, None))
+
+    admitted = await _admit(request, svc, model, prepare, body)
+    if admitted is None:
+        return Response(status_code=499)  # the client left while the request was queued
+    model, handle = admitted
     rid, created = _new_id("chatcmpl"), int(time.time())
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
