@@ -32,9 +32,32 @@ from fides_core.enclave_errors import (
     UnknownOperation,
 )
 from fides_core.tensors import encode_tensor
-from fides_core.verify import RejectedItem, parse_requests
+from fides_core.verify import RejectedItem, VerifiedItem, parse_requests
 
 log = logging.getLogger(__name__)
+
+ITEM_OVERHEAD_BYTES = 64  # an answer item's map, keys and heads, beyond its strings and data
+
+
+class ResponseTooLarge(EnclaveFailure):
+    """The answer would not fit in a frame; refused before it is encoded."""
+
+    code = "response_too_large"
+
+
+def answer_size(items: list[VerifiedItem | RejectedItem]) -> int:
+    """A lower bound on a verify answer's encoded size, from its items' strings and data."""
+    total = 0
+    for item in items:
+        total += ITEM_OVERHEAD_BYTES + len(item.id or "")
+        if isinstance(item, RejectedItem):
+            total += len(item.code) + len(item.message)
+        else:
+            total += len(item.evidence) + sum(
+                len(name) + ITEM_OVERHEAD_BYTES + np.asarray(v).nbytes
+                for name, v in item.outputs.items()
+            )
+    return total
 
 
 def claim_socket_path(path: Path) -> None:
@@ -74,6 +97,10 @@ class EnclaveServer:
         self.socket_path = socket_path
         self.max_frame_bytes = max_frame_bytes
         self.body_timeout_s = body_timeout_s
+        # a request is about 17 CBOR items, plus 9 per further input (fides_core.enclave_wire)
+        self.max_frame_items = max(
+            protocol.DEFAULT_MAX_FRAME_ITEMS, 64 * core.config.max_batch_size
+        )
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="enclave")
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[asyncio.Task[None]] = set()
@@ -118,7 +145,7 @@ class EnclaveServer:
             while True:
                 try:
                     body = await protocol.read_frame(
-                        reader, self.max_frame_bytes, self.body_timeout_s
+                        reader, self.max_frame_bytes, self.body_timeout_s, self.max_frame_items
                     )
                 except protocol.ConnectionClosed:
                     return
@@ -179,7 +206,14 @@ class EnclaveServer:
         session = body.get("session")
         if session is not None and not isinstance(session, bytes):
             raise InvalidRequest("session must be a byte string (the id from attest)")
-        out = self.core.verify(parse_requests(body.get("requests")))
+        out = self.core.verify(
+            parse_requests(body.get("requests"), self.core.config.max_batch_size)
+        )
+        size = answer_size(out.items)
+        if size > self.max_frame_bytes:  # refused before encoding; _send checks the exact size
+            raise ResponseTooLarge(
+                f"the answer holds at least {size} bytes; frames are at most {self.max_frame_bytes}"
+            )
         answer: dict[str, Any] = {
             "seq": out.seq,
             "items": [

@@ -50,6 +50,7 @@ from fides_core.evidence import (
     merkle_root_from_proof,
 )
 from fides_core.measurement import DIGEST_SIZE
+from fides_core.plain_cbor import UnsafeCbor, check_plain
 from fides_core.tensors import Array, decode_tensor, raw_bytes, tensor_digest
 
 # -- errors ---------------------------------------------------------------------------------
@@ -350,8 +351,9 @@ def decode_attestation(evidence: bytes) -> tuple[bytes, dict[str, Any]]:
         raise MalformedEvidence("evidence must be bytes")
     try:
         _, payload = cose.split_sign1(evidence)
+        check_plain(payload, what="the attestation payload")
         claims = cbor2.loads(payload)
-    except cose.CoseError as exc:
+    except (cose.CoseError, UnsafeCbor) as exc:
         raise MalformedEvidence(str(exc)) from None
     except Exception as exc:
         raise MalformedEvidence(f"payload is not CBOR: {type(exc).__name__}") from None
@@ -503,7 +505,10 @@ class CheckedResult:
 def decode_result_evidence(evidence: bytes) -> dict[str, Any]:
     """Per-request evidence -> its map (``v``, ``result``, ``entry``, ``proof``), shape-checked."""
     try:
+        check_plain(evidence, what="evidence")  # its signed result is a byte string in it
         doc = cbor2.loads(evidence)
+    except UnsafeCbor as exc:
+        raise MalformedEvidence(str(exc)) from None
     except Exception as exc:
         raise MalformedEvidence(f"evidence is not CBOR: {type(exc).__name__}") from None
     if not isinstance(doc, dict) or doc.get("v") != EVIDENCE_VERSION:
@@ -524,7 +529,10 @@ def decode_result_evidence(evidence: bytes) -> dict[str, Any]:
 
 def _result_payload(payload: bytes) -> dict[str, Any]:
     try:
+        check_plain(payload, what="the verification result payload")
         result = cbor2.loads(payload)
+    except UnsafeCbor as exc:
+        raise MalformedEvidence(str(exc)) from None
     except Exception:
         raise MalformedEvidence("verification result payload is not CBOR") from None
     if not isinstance(result, dict) or result.get("type") != RESULT_TYPE:

@@ -23,9 +23,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cwt import COSE, COSEKey
 from cwt.cose_key_interface import COSEKeyInterface
 
+from fides_core.plain_cbor import UnsafeCbor, check_plain
+
 ES384 = -35
 ES256 = -7
 SIGN1_TAG = 18
+_SIGN1_ONLY = frozenset({SIGN1_TAG})  # the one tag evidence may carry (plain_cbor)
 # COSE alg -> (its name, its curve's name, the r || s signature's size)
 ALGORITHMS: dict[int, tuple[str, str, int]] = {
     ES384: ("ES384", "secp384r1", 96),
@@ -81,7 +84,10 @@ def split_sign1(data: bytes, alg: int | None = ES384) -> tuple[dict[Any, Any], b
     (a verifier needs the payload's certificate to find the key). Checks the shape, that the
     alg is ``alg`` (None: either of :data:`ALGORITHMS`) and the signature's size for it."""
     try:
+        check_plain(data, what="COSE_Sign1", allowed_tags=_SIGN1_ONLY)
         msg = cbor2.loads(data)
+    except UnsafeCbor as exc:
+        raise CoseError(str(exc)) from None
     except Exception as exc:
         raise CoseError(f"not CBOR: {type(exc).__name__}: {exc}") from None
     if isinstance(msg, cbor2.CBORTag):
@@ -96,7 +102,11 @@ def split_sign1(data: bytes, alg: int | None = ES384) -> tuple[dict[Any, Any], b
     if not isinstance(unprotected, dict):
         raise CoseError("COSE_Sign1 unprotected header must be a map")
     try:
+        if protected_raw:
+            check_plain(protected_raw, what="COSE_Sign1 protected header")
         protected = cbor2.loads(protected_raw) if protected_raw else {}
+    except UnsafeCbor as exc:
+        raise CoseError(str(exc)) from None
     except Exception:
         raise CoseError("COSE_Sign1 protected header is not CBOR") from None
     got = protected.get(1) if isinstance(protected, dict) else None

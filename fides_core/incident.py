@@ -75,6 +75,7 @@ from fides_core.attestation import (
     verify_attestation,
 )
 from fides_core.integrity import INVALID_ANSWER, OUT_OF_DISTRIBUTION
+from fides_core.plain_cbor import check_plain
 from fides_core.sequential import SequentialDetector, calibrate_scores
 from fides_core.stats import kl_divergence
 
@@ -166,6 +167,7 @@ def signed_place(evidence: bytes) -> SignedPlace | None:
     try:
         doc = decode_result_evidence(evidence)
         _, payload = cose.split_sign1(doc["result"], alg=None)
+        check_plain(payload, what="the verification result payload")
         result = cbor2.loads(payload)
         place = SignedPlace(
             result.get("module_id"),

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from fides_core.enclave_errors import BootError, InvalidRequest
+from fides_core.enclave_errors import BatchTooLarge, BootError, InvalidRequest
 from fides_core.evidence import MAX_NONCE, MIN_NONCE
 from fides_core.tensors import Array, datatype_of, decode_tensors, encode_tensor
 
@@ -146,11 +146,21 @@ def input_specs(model: bytes) -> list[InputSpec]:
     return specs
 
 
-def parse_requests(raw: Any) -> list[VerifyRequest | RejectedItem]:
+def parse_requests(raw: Any, max_requests: int) -> list[VerifyRequest | RejectedItem]:
     """Wire ``requests`` -> one VerifyRequest per item, every field checked; an item that
-    cannot be read becomes a RejectedItem in its place (the others are still verified)."""
+    cannot be read becomes a RejectedItem in its place (the others are still verified).
+
+    More than ``max_requests`` items (the enclave passes its ``max_batch_size``: every request
+    carries at least one row) is :class:`BatchTooLarge` for the whole call, before any item is
+    read: each refused item costs an answer entry, and a 1 MB list of one-byte items made
+    650 MB of them."""
     if not isinstance(raw, list):
         raise InvalidRequest("requests must be a list")
+    if len(raw) > max_requests:
+        raise BatchTooLarge(
+            f"{len(raw)} requests in one call; the verifier takes at most {max_requests} rows"
+            " (each request carries at least one)"
+        )
     out: list[VerifyRequest | RejectedItem] = []
     for i, item in enumerate(raw):
         rid = item.get("id") if isinstance(item, dict) else None

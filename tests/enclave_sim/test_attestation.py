@@ -351,16 +351,16 @@ def test_strange_header_and_field_types_are_named_errors(
         bad = cbor2.dumps(cbor2.CBORTag(18, [cbor2.dumps({1: alg}), *body[1:]]))
         with pytest.raises(MalformedEvidence, match="alg"):
             verify_attestation(bad, root=module_files.root_pem, policy=policy, nonce=nonce)
-    for field, value in (
-        ("timestamp", 10**15),
-        ("timestamp", 2**1100),
-        ("timestamp", -1),
-        ("pcrs", {False: core.measurement.pcr0}),
+    for field, value, named in (
+        ("timestamp", 10**15, "timestamp"),
+        ("timestamp", 2**1100, "CBOR tag 2"),  # a bignum: refused before cbor2 builds it
+        ("timestamp", -1, "timestamp"),
+        ("pcrs", {False: core.measurement.pcr0}, "pcrs"),
     ):
         claims = _claims(evidence)
         claims[field] = value
         resigned = cose.sign1(cbor2.dumps(claims), cose.private_key(new_key()))
-        with pytest.raises(MalformedEvidence, match=field):
+        with pytest.raises(MalformedEvidence, match=named):
             verify_attestation(resigned, root=module_files.root_pem, policy=policy, nonce=nonce)
     with pytest.raises(TypeError, match="allow_simulated"):
         Policy.of(core.measurement.pcr0, allow_simulated="false")  # type: ignore[arg-type]
