@@ -196,6 +196,7 @@ def run_cmd(
     from enclave_sim.core import EnclaveCore
     from enclave_sim.resources import ResourceSettings
     from enclave_sim.server import serve
+    from fides_core.measurement import check_loaded_code
 
     logging.basicConfig(
         level=log_level.upper(),
@@ -203,6 +204,8 @@ def run_cmd(
         format="%(asctime)s %(levelname)s enclave_sim[%(process)d] %(message)s",
     )
     try:
+        # before measuring: the code that runs must be the code measured (CodeNotMeasured)
+        check_loaded_code()
         resources = ResourceSettings(
             memory_budget_bytes=int(memory_budget_mb * 1e6),
             paging=paging,

@@ -22,15 +22,29 @@ than pcr0 is "sealed for another measurement"; a failed tag is "tampered"; after
 model and config are re-hashed and must give header.model_pcr.
 
 Rollback: sealed data has no freshness; an old sealed file opens as well as a new one. A
-monotonic counter in the platform directory (``model_counter``) records the highest version
-booted; a lower version is refused. SIMULATED: the host can edit that file, so this stops
-accidents and naive replays only; real protection needs a hardware monotonic counter (TPM NV
-index) or a remote counter service.
+monotonic counter in the platform directory records the highest version booted; a lower version
+is refused. There is one counter per model identity (the gateway's model name), carried inside
+the sealed payload (authenticated, so a file cannot be moved to another model's counter):
+``model_counters/<identity>``. Keyed by the name, not by pcr2: a rollback replays an *older*
+verifier of the same model, whose pcr2 differs from the current one's, so a counter per pcr2
+would let it boot under its own, lower counter. One counter per model also lets each model's
+enclave restart from its own sealed file whatever other models were sealed since (a single
+platform-wide counter refused model A's restart once model B had been sealed after it).
+
+Files sealed without an identity (``fides enclave seal``, and every file sealed before the
+counters were per model) use the platform-wide counter ``model_counter`` as before. Migration:
+a model without a counter of its own starts from ``model_counter`` (it is at least every
+version booted on the platform), and every boot raises ``model_counter`` to its version too, so
+an older file sealed without an identity stays refused after its model got its own counter.
+SIMULATED: the host can edit these files, so this stops accidents and naive replays only; real
+protection needs a hardware monotonic counter (TPM NV index) or a remote counter service.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import secrets
 import struct
 from dataclasses import dataclass
@@ -56,7 +70,9 @@ from fides_core.measurement import CODE_ROOT, Measurement, code_digest, measure,
 
 MAGIC = b"FIDESSL1"
 FORMAT_VERSION = 1
-COUNTER_FILE = "model_counter"
+COUNTER_FILE = "model_counter"  # platform-wide: files sealed without a model identity
+COUNTER_DIR = "model_counters"  # one file per model identity
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 _HEADER = struct.Struct(">8sHQ48s48s16s12s")
 TAG_SIZE = 16
 
@@ -97,22 +113,42 @@ def derive_key(secret: bytes, salt: bytes, measurement: bytes) -> bytes:
     ).derive(secret)
 
 
-def read_counter(platform_dir: Path) -> int:
-    path = platform_dir / COUNTER_FILE
+def _counter_path(platform_dir: Path, model_id: str | None) -> Path:
+    if model_id is None:
+        return platform_dir / COUNTER_FILE
+    if not model_id:
+        raise BootError("a model identity for the rollback counter must not be empty")
+    name = model_id if _SAFE_NAME.fullmatch(model_id) else None
+    if name is None:  # any other name: a fixed-length file name that cannot leave the folder
+        name = "sha256-" + hashlib.sha256(model_id.encode("utf-8")).hexdigest()
+    return platform_dir / COUNTER_DIR / name
+
+
+def _read_int(path: Path) -> int | None:
     try:
         text = path.read_text(encoding="ascii").strip()
     except FileNotFoundError:
-        return 0
+        return None
     if not text.isdigit():
         raise PlatformError(f"{path} is corrupt; it must hold one non-negative integer")
     return int(text)
 
 
-def write_counter(platform_dir: Path, value: int) -> None:
+def read_counter(platform_dir: Path, model_id: str | None = None) -> int:
+    """The rollback counter of ``model_id`` (None: the platform-wide one). A model without a
+    counter of its own starts from the platform-wide one (platforms from before per-model
+    counters keep their protection)."""
+    own = _read_int(_counter_path(platform_dir, model_id)) if model_id is not None else None
+    return own if own is not None else _read_int(platform_dir / COUNTER_FILE) or 0
+
+
+def write_counter(platform_dir: Path, value: int, model_id: str | None = None) -> None:
     """Atomic replace, so a crash leaves the old or the new value, never a torn file."""
-    tmp = platform_dir / f".{COUNTER_FILE}.{os.getpid()}"
+    path = _counter_path(platform_dir, model_id)
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
     tmp.write_text(f"{value}\n", encoding="ascii")
-    os.replace(tmp, platform_dir / COUNTER_FILE)
+    os.replace(tmp, path)
 
 
 def seal(
@@ -122,11 +158,14 @@ def seal(
     *,
     version: int | None = None,
     code_root: Path = CODE_ROOT,
+    model_id: str | None = None,
 ) -> tuple[bytes, Measurement, int]:
-    """Seal ``model`` for the measurement of this code with it. ``version`` defaults to the
-    platform counter + 1. Returns the file bytes, the measurement and the version."""
+    """Seal ``model`` for the measurement of this code with it. ``model_id``: the model's
+    identity, whose rollback counter the file is checked against at boot (None: the
+    platform-wide counter). ``version`` defaults to that counter + 1. Returns the file bytes,
+    the measurement and the version."""
     if version is None:
-        version = read_counter(platform_dir) + 1
+        version = read_counter(platform_dir, model_id) + 1
     if not 0 <= version < 2**63:
         raise BootError("model version must be in 0..2**63-1")
     measurement = measure(model, config, code_root)
@@ -135,7 +174,11 @@ def seal(
     header = _HEADER.pack(
         MAGIC, FORMAT_VERSION, version, measurement.pcr0, measurement.pcr2, salt, nonce
     )
-    plaintext = cbor2.dumps({"model": model, "config": config.as_dict()})
+    body: dict[str, object] = {"model": model, "config": config.as_dict()}
+    if model_id is not None:
+        _counter_path(platform_dir, model_id)  # refuses an empty identity before sealing
+        body["counter"] = model_id
+    plaintext = cbor2.dumps(body)
     key = derive_key(secret, salt, measurement.pcr0)
     return header + AESGCM(key).encrypt(nonce, plaintext, header), measurement, version
 
@@ -167,16 +210,27 @@ def unseal(
     try:
         body = cbor2.loads(plaintext)
         model, config = body["model"], EnclaveModelConfig.from_dict(body["config"])
+        model_id = body.get("counter")  # None: sealed without a model identity
+        if model_id is not None and not (isinstance(model_id, str) and model_id):
+            raise ValueError("the model identity is not a non-empty string")
     except Exception as exc:  # authenticated but unreadable: a sealing bug, still fail closed
         raise SealedFileMalformed(f"sealed payload cannot be read: {exc}") from None
     if not isinstance(model, bytes) or model_digest(model, config) != header.model_pcr:
         raise SealedFileTampered("the sealed model does not match its measured digest")
-    counter = read_counter(platform_dir)
+    counter = read_counter(platform_dir, model_id)
+    whose = f"model {model_id!r}'s counter" if model_id is not None else "the platform counter"
     if header.version < counter:
         raise RollbackRejected(
-            f"sealed model version {header.version} is older than the platform counter "
+            f"sealed model version {header.version} is older than {whose} "
             f"{counter}: refusing a rollback (seal a newer version)"
         )
-    if update_counter and header.version > counter:
-        write_counter(platform_dir, header.version)
+    if update_counter:
+        if model_id is not None and (
+            header.version > counter or _read_int(_counter_path(platform_dir, model_id)) is None
+        ):
+            write_counter(platform_dir, header.version, model_id)
+        # the platform-wide counter stays the highest version booted, so that a file sealed
+        # without an identity (before per-model counters) cannot roll a model back
+        if header.version > read_counter(platform_dir):
+            write_counter(platform_dir, header.version)
     return UnsealedModel(model, config, header.version, measurement)

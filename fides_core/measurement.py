@@ -14,17 +14,26 @@ runtime) and ``fides_core`` (the formats and checks it shares with the gateway a
 to the source root (``enclave_sim/core.py``). Not measured (a real image would cover them): the
 Python interpreter, numpy, onnxruntime and cryptography, and the bytecode actually loaded (files
 are hashed from disk at boot).
+
+The files hashed are those under ``CODE_ROOT``, the root this ``fides_core`` was imported from;
+:func:`check_loaded_code` refuses a boot where a module of either package was imported from
+anywhere else (an ``enclave_sim/`` shadowing the measured one on ``sys.path``), so the code
+measured and the code running are one tree.
 """
 
 from __future__ import annotations
 
 import hashlib
+import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import cbor2
 
 from fides_core.enclave_config import EnclaveModelConfig
+from fides_core.enclave_errors import BootError
 
 CODE_ROOT = Path(__file__).resolve().parents[1]  # the source root: <root>/<package>/*.py
 MEASURED_PACKAGES = ("enclave_sim", "fides_core")
@@ -44,6 +53,46 @@ def code_files(root: Path = CODE_ROOT) -> list[Path]:
         if "__pycache__" not in p.relative_to(root).parts
     ]
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+class CodeNotMeasured(BootError):
+    """A module of a measured package was loaded from outside the measured files: the
+    measurement would describe other code than the code that runs."""
+
+    code = "code_not_measured"
+
+
+def check_loaded_code(
+    root: Path = CODE_ROOT, modules: Mapping[str, ModuleType | None] | None = None
+) -> None:
+    """Refuse (:class:`CodeNotMeasured`) unless every loaded module of ``MEASURED_PACKAGES``
+    is one of the measured files under ``root`` and every such package's ``__path__`` lies
+    under ``root``, so that a submodule imported later comes from the same tree. ``modules``
+    defaults to ``sys.modules``. Run by the enclave at boot, before it measures."""
+    measured = {p.resolve() for p in code_files(root)}
+    roots = {(root / package).resolve() for package in MEASURED_PACKAGES}
+    loaded = sys.modules if modules is None else modules
+    for key, module in sorted(loaded.items()):
+        spec = getattr(module, "__spec__", None)
+        # ``python -m enclave_sim.cli`` runs that module as __main__
+        name = spec.name if key == "__main__" and spec is not None else key
+        if name.split(".")[0] not in MEASURED_PACKAGES or module is None:
+            continue
+        file = getattr(module, "__file__", None)
+        if not isinstance(file, str) or Path(file).resolve() not in measured:
+            raise CodeNotMeasured(
+                f"module {name} was loaded from {file or 'no file'}, not from the measured code "
+                f"under {root}: refusing to boot (an {name.split('.')[0]}/ earlier on sys.path "
+                "shadows the measured one; start the enclave with `python -I` from the "
+                "installed tree)"
+            )
+        for entry in getattr(module, "__path__", None) or ():
+            path = Path(entry).resolve()
+            if not any(path == r or r in path.parents for r in roots):
+                raise CodeNotMeasured(
+                    f"package {name} searches {entry} for its modules, outside the measured "
+                    f"code under {root}: refusing to boot"
+                )
 
 
 def code_digest(root: Path = CODE_ROOT) -> bytes:

@@ -51,6 +51,7 @@ from fides_core.attestation import (
 )
 from fides_core.enclave_errors import EnclaveFailure as EnclaveSideError
 from fides_core.enclave_errors import ProtocolError
+from fides_core.measurement import CODE_ROOT
 from fides_core.session import SessionError, SessionKey, SessionOffer
 from fides_core.tensors import decode_tensors
 from fides_core.verify import RejectedItem, VerifiedItem, VerifyRequest, encode_requests
@@ -384,9 +385,25 @@ class SocketEnclaveClient:
 # -- the supervisor -------------------------------------------------------------------------
 
 
+# Run by ``python -I -c``: puts the measured source root first on sys.path (argv[1]) and runs
+# the enclave's command line as ``python -m enclave_sim.cli`` would.
+_ENCLAVE_BOOTSTRAP = (
+    "import runpy, sys; sys.path.insert(0, sys.argv.pop(1)); "
+    "runpy.run_module('enclave_sim.cli', run_name='__main__', alter_sys=True)"
+)
+
+
 @dataclass
 class EnclaveLaunch:
-    """How to start the enclave process (``python -m enclave_sim.cli run ...``)."""
+    """How to start the enclave process: ``enclave_sim.cli run ...`` from ``code_root``.
+
+    The interpreter runs isolated (``-I``: no PYTHON* variables, no user site, neither the
+    working directory nor a script's folder on ``sys.path``), with ``code_root`` first on its
+    path: the enclave runs the ``enclave_sim`` and ``fides_core`` that the gateway measured
+    (``fides_core.measurement.CODE_ROOT``), never a package of the same name in the directory
+    it is started from (``python -m`` puts that first) or on ``PYTHONPATH``. Installed
+    libraries (numpy, onnxruntime, cryptography) still come from the interpreter's
+    site-packages. ``cwd`` (default: the gateway's) only anchors relative paths."""
 
     socket_path: Path
     sealed_model: Path
@@ -396,12 +413,15 @@ class EnclaveLaunch:
     cwd: Path | None = None
     env: Mapping[str, str] | None = None  # default: this process's environment
     log_path: Path | None = None  # default: inherit stderr
+    code_root: Path = CODE_ROOT
 
     def command(self) -> list[str]:
         return [
             self.python,
-            "-m",
-            "enclave_sim.cli",
+            "-I",
+            "-c",
+            _ENCLAVE_BOOTSTRAP,
+            str(self.code_root),
             "run",
             "--socket",
             str(self.socket_path),

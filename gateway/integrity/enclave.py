@@ -106,7 +106,9 @@ def enclave_for_model(
         if not sealed.is_file():
             raise IntegritySetupError(f"sealed verifier {sealed} is missing")
     else:
-        data, _, version = seal(onnx_bytes, vcfg, platform)
+        # its own rollback counter: sealing another model later does not refuse this one's
+        # restarts (enclave_sim.sealing)
+        data, _, version = seal(onnx_bytes, vcfg, platform, model_id=model)
         sealed = runtime / f"{model}.sealed"
         _write_whole(sealed, data)
         log.info("sealed %s's verifier (version %d) for this platform", model, version)
