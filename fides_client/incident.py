@@ -1,6 +1,6 @@
 """Offline check of an incident bundle (issue 21): does this bundle prove the alarm?
 
-A gateway whose sequential alarm fires keeps a ``fides-incident/1`` bundle (``fides incident
+A gateway whose sequential alarm fires keeps a ``fides-incident/2`` bundle (``fides incident
 export`` fetches it). :func:`verify_incident` checks it here, trusting only the pinned root,
 the expected measurements and, when given, the provider's published integrity models
 (:class:`~fides_client.client.IntegrityModels`): every attestation, every signed verifier

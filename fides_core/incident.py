@@ -4,7 +4,7 @@ by anyone who trusts the enclave's root certificate and measurement, not the gat
 When the alarm of a model or of one API key fires, the gateway keeps the answers that drove it
 (the alarmed stream's most recent verified answers), and writes a bundle::
 
-    {"type": "fides-incident/1", "model", "scope": "model" | "key", "client": key id or null,
+    {"type": "fides-incident/2", "model", "scope": "model" | "key", "client": key id or null,
      "raised_at", "verifier_output", "detector_threshold",
      "monitor": {"alpha", "delta", "calibration": {"detector": [...], "kl": [...]}},
      "attestations": {module_id: base64 attestation document},
@@ -81,8 +81,10 @@ from fides_core.stats import kl_divergence
 
 __all__ = [
     "INCIDENT_TYPE",
+    "LEGACY_TYPE",
     "MAX_ALPHA",
     "MAX_DELTA",
+    "UNLISTED",
     "IncidentAnswer",
     "IncidentCheck",
     "IncidentError",
@@ -96,7 +98,11 @@ __all__ = [
     "signing_order",
 ]
 
-INCIDENT_TYPE = "fides-incident/1"
+INCIDENT_TYPE = "fides-incident/2"
+# bundles written before 2026-12-07 list no `excluded` rows: their unlisted rows are a gap
+# reported under UNLISTED (not a refusal), and their answers were recorded in stream order
+LEGACY_TYPE = "fides-incident/1"
+UNLISTED = "unlisted_in_a_version_1_bundle"
 TAILS: dict[str, tuple[Any, ...]] = {"detector": ("upper",), "kl": ("upper", "lower")}
 TRAJECTORY_RTOL = 1e-9
 KL_RTOL = 1e-6
@@ -434,8 +440,9 @@ def check_incident(
     (a provider could otherwise ship a calibration that makes anything an alarm);
     ``max_alpha`` / ``max_delta``: the loosest false-alarm level and calibration risk the
     checker accepts (the bundle's own could otherwise make clean answers an alarm)."""
-    if not isinstance(bundle, Mapping) or bundle.get("type") != INCIDENT_TYPE:
-        raise IncidentError("format", f"not a {INCIDENT_TYPE} bundle")
+    if not isinstance(bundle, Mapping) or bundle.get("type") not in (INCIDENT_TYPE, LEGACY_TYPE):
+        raise IncidentError("format", f"not a {INCIDENT_TYPE} (or {LEGACY_TYPE}) bundle")
+    legacy = bundle["type"] == LEGACY_TYPE
     for key, kind in (
         ("model", str),
         ("scope", str),
@@ -557,7 +564,9 @@ def check_incident(
             named += kept
         if len(set(named)) != len(named):
             raise IncidentError(part, "a row is both fed and kept out: no row counts twice")
-        if len(named) != len(q_all):
+        if len(named) != len(q_all) and legacy:  # rows it could not list: a gap, said
+            excluded[UNLISTED] = excluded.get(UNLISTED, 0) + len(q_all) - len(named)
+        elif len(named) != len(q_all):
             missing = sorted(set(range(len(q_all))) - set(named))
             raise IncidentError(
                 part,

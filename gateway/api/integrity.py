@@ -116,7 +116,7 @@ async def incidents(name: str, svc: IntegrityDep) -> dict[str, Any]:
 
 @admin.get("/{name}/integrity/incidents/{ident}")
 async def incident(name: str, ident: str, svc: IntegrityDep) -> dict[str, Any]:
-    """One incident bundle (``fides-incident/1``), for offline checking."""
+    """One incident bundle (``fides-incident/2``), for offline checking."""
     return svc.require(name).incident(ident)
 
 

@@ -481,7 +481,8 @@ class IntegrityPipeline:
         known = np.isfinite(scores) if novel is None else np.isfinite(scores) & ~novel
         kl = kl_divergence(p[known], q[known])  # [known rows]
         self._watch(scores[known], kl)
-        self._keep_for_incidents(rid, ctx.client, item.evidence, known, novel, p, scores, kl)
+        if known.any():  # a request with no row fed would take a slot of the bundle's ring
+            self._keep_for_incidents(rid, ctx.client, item.evidence, known, novel, p, scores, kl)
         scopes = self._sequential(ctx.client, scores[known], kl)
         params["integrity_alarm"] = bool(scopes)
         if scopes:

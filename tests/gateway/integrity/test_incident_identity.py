@@ -19,7 +19,14 @@ import pytest
 
 from fides_client.client import IntegrityModels
 from fides_client.incident import verify_incident
-from fides_core.incident import IncidentAnswer, IncidentError, build_bundle
+from fides_core.incident import (
+    INCIDENT_TYPE,
+    LEGACY_TYPE,
+    UNLISTED,
+    IncidentAnswer,
+    IncidentError,
+    build_bundle,
+)
 from tests.gateway.integrity.conftest import (
     ADMIN,
     Fakes,
@@ -257,3 +264,25 @@ async def test_signed_rows_and_requests_left_out_of_a_bundle_show(
     assert less.requests == check.requests - 1
     assert f"{less.requests} of the {check.batch_requests} requests" in less.summary()
     assert any("requests of the signed batches held" in g for g in less.gaps())
+
+
+async def test_a_version_1_bundle_without_excluded_rows_reports_them_as_a_gap(
+    batched_alarm: tuple[dict[str, Any], list[dict[str, Any]], Fakes, Path],
+) -> None:
+    """Bundles written before the gateway listed the rows it kept out (fides-incident/1) still
+    check: their unlisted rows are a gap the summary names, not a refusal; a version 2 bundle
+    missing the list is refused."""
+    bundle, _, fakes, repo = batched_alarm
+    assert bundle["type"] == INCIDENT_TYPE
+    ood = _check(bundle, fakes, repo).excluded["out_of_distribution"]
+    old = copy.deepcopy(bundle)
+    old["type"] = LEGACY_TYPE
+    for answer in old["answers"]:
+        answer.pop("excluded", None)
+    check = _check(old, fakes, repo)
+    assert check.excluded[UNLISTED] == ood
+    assert f"{ood} unlisted in a version 1 bundle" in check.summary()
+    unlisted = copy.deepcopy(old)
+    unlisted["type"] = INCIDENT_TYPE
+    with pytest.raises(IncidentError, match="neither fed to the statistic nor kept out"):
+        _check(unlisted, fakes, repo)
