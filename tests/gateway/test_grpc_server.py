@@ -122,7 +122,8 @@ async def test_keyless_and_stalled_calls_do_not_deny_service(
         assert "at most 4 gRPC calls at once" in (err.details() or "")
         metric = "fides_grpc_requests_total"
         exhausted = {"method": "ModelInfer", "code": "RESOURCE_EXHAUSTED"}
-        assert sample(app, metric, exhausted) == 1
+        # counted as the handler ends, which can be just after the client has its status
+        await until(lambda: sample(app, metric, exhausted) == 1, "the refused call counted")
 
         for _ in range(8):  # no key: refused as the call starts, its message never awaited
             err = await refused(stalled(channel, "ModelInfer"))
@@ -146,7 +147,7 @@ async def test_keyless_and_stalled_calls_do_not_deny_service(
         assert answer.model_name == "tiny"
 
         keyless = {"method": "ModelInfer", "code": "UNAUTHENTICATED"}
-        assert sample(app, metric, keyless) == 8
+        await until(lambda: sample(app, metric, keyless) == 8, "the 8 keyless calls counted")
         # the 4 cancelled while their message was awaited: CANCELLED as a rule, RESOURCE_EXHAUSTED
         # when gRPC delivers the cancellation after the end of the stream (see _message)
         ended = {"CANCELLED", "RESOURCE_EXHAUSTED"}
