@@ -46,8 +46,11 @@ def settings(repo_path: Path) -> Settings:
 
 
 @asynccontextmanager
-async def serving(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    """A started app (lifespan run) and an in-process client holding the user key."""
+async def serving_app(
+    settings: Settings, timeout: float | None = None
+) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    """A started app (lifespan run) and an in-process client holding the user key (``timeout``:
+    the client's, httpx's default 5 s when None)."""
     app = create_app(settings)
     async with (
         app.router.lifespan_context(app),
@@ -55,8 +58,16 @@ async def serving(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
             transport=httpx.ASGITransport(app=app),
             base_url="http://test",
             headers={"X-API-Key": USER_KEY},
+            timeout=httpx.Timeout(5.0) if timeout is None else timeout,
         ) as c,
     ):
+        yield app, c
+
+
+@asynccontextmanager
+async def serving(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """A started app (lifespan run) and an in-process client holding the user key."""
+    async with serving_app(settings) as (_, c):
         yield c
 
 

@@ -8,6 +8,7 @@ import inspect
 from pathlib import Path
 from typing import Any
 
+import orjson
 import torch
 import yaml
 
@@ -64,3 +65,13 @@ def make_lm_repository(
     cfg = {"platform": "causal_lm", "generation": gen}
     (root / name / "config.yaml").write_text(yaml.safe_dump(cfg), encoding="utf-8")
     return root
+
+
+def events(body: str) -> list[Any]:
+    """The SSE ``data:`` payloads, ``[DONE]`` kept as a string."""
+    out: list[Any] = []
+    for block in body.split("\n\n"):
+        if block.startswith("data: "):
+            data = block[len("data: ") :]
+            out.append(data if data == "[DONE]" else orjson.loads(data))
+    return out

@@ -8,13 +8,13 @@ from types import SimpleNamespace
 from typing import Any
 
 import httpx
-import orjson
 import pytest
 
 from gateway.api.openai.protocol import CompletionRequest
 from gateway.api.openai.serving import _params
 from gateway.settings import Settings
 from tests.conftest import USER_KEY, serving
+from tests.gateway.generation.factory import events
 
 MODEL = "tiny"
 
@@ -26,16 +26,6 @@ async def client(lm_repo: Path) -> AsyncIterator[httpx.AsyncClient]:
     )
     async with serving(settings) as c:
         yield c
-
-
-def events(body: str) -> list[Any]:
-    """The SSE ``data:`` payloads, ``[DONE]`` kept as a string."""
-    out: list[Any] = []
-    for block in body.split("\n\n"):
-        if block.startswith("data: "):
-            data = block[len("data: ") :]
-            out.append(data if data == "[DONE]" else orjson.loads(data))
-    return out
 
 
 async def test_models_lists_the_causal_lm(client: httpx.AsyncClient) -> None:

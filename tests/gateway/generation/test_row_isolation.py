@@ -18,7 +18,6 @@ import pytest
 import torch
 import yaml
 
-from gateway.app import create_app
 from gateway.generation.engine import SpeculativeEngine
 from gateway.generation.params import SamplingParams
 from gateway.generation.sampling import warp
@@ -26,7 +25,7 @@ from gateway.generation.schedule import Lookahead
 from gateway.generation.scheduler import Scheduler
 from gateway.generation.text import Detokenizer
 from gateway.settings import Settings
-from tests.conftest import USER_KEY
+from tests.conftest import USER_KEY, serving_app
 from tests.gateway.generation.conftest import Pair
 from tests.gateway.generation.factory import tokenizer
 from tests.gateway.generation.test_engine import CONTEXT, prompts, reference_greedy
@@ -233,16 +232,7 @@ async def served(spec_repo: Path) -> AsyncIterator[tuple[httpx.AsyncClient, Any]
     settings = Settings(
         model_repository=spec_repo, api_keys=[USER_KEY], log_json=False, shutdown_grace_s=1
     )
-    app = create_app(settings)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app),
-            base_url="http://test",
-            headers={"X-API-Key": USER_KEY},
-            timeout=120,
-        ) as c,
-    ):
+    async with serving_app(settings, timeout=120) as (app, c):
         yield c, app
 
 

@@ -17,16 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import orjson
 import pytest
 from fastapi import FastAPI
 
-from gateway.app import create_app
 from gateway.generation.service import TextModel
 from gateway.settings import Settings
-from tests.conftest import ADMIN_KEY, USER_KEY
+from tests.conftest import ADMIN_KEY, USER_KEY, serving_app
 from tests.e2e.conftest import GatewayProcess, running_gateway
-from tests.gateway.generation.factory import make_lm_repository, tokenizer
+from tests.gateway.generation.factory import events, make_lm_repository, tokenizer
 
 M = "slow"
 BOUND_S = 60.0  # nothing here may take this long; the defects made requests hang forever
@@ -42,16 +40,7 @@ async def served(repo: Path, drain_s: float) -> AsyncIterator[tuple[FastAPI, htt
         log_json=False,
         shutdown_grace_s=drain_s,  # the repository's drain on unload and reload
     )
-    app = create_app(settings)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app),
-            base_url="http://test",
-            headers={"X-API-Key": USER_KEY},
-            timeout=BOUND_S,
-        ) as client,
-    ):
+    async with serving_app(settings, timeout=BOUND_S) as (app, client):
         yield app, client
 
 
@@ -69,15 +58,6 @@ def slow_down(model: TextModel, step_s: float) -> None:
         return step(seqs)
 
     model.engine.step_batch = slowed
-
-
-def events(body: str) -> list[Any]:
-    out: list[Any] = []
-    for block in body.split("\n\n"):
-        if block.startswith("data: "):
-            data = block[len("data: ") :]
-            out.append(data if data == "[DONE]" else orjson.loads(data))
-    return out
 
 
 async def until(check: Any, what: str, timeout_s: float = BOUND_S) -> None:
