@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import torch
 
 from fides.defaults.text import LMSpec
 from gateway.generation.runtime import CausalLM, load_causal_lm, load_tokenizer
+from gateway.settings import Settings
+from tests.conftest import USER_KEY, serving
 from tests.gateway.generation.factory import make_lm_repository, perturbed, save
 
 
@@ -47,3 +50,13 @@ def pair(lm_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Pair:
     spec = LMSpec(layers=1, dim=32, heads=2, vocab_size=target.vocab_size, context=128)
     far = save(spec.build(seed=7), None, base / "far")
     return Pair(target, load_causal_lm(near), load_causal_lm(far), tok)
+
+
+@pytest.fixture
+async def client(lm_repo: Path) -> AsyncIterator[httpx.AsyncClient]:
+    """The gateway serving ``lm_repo`` in process, a client holding the user key."""
+    settings = Settings(
+        model_repository=lm_repo, api_keys=[USER_KEY], log_json=False, shutdown_grace_s=1
+    )
+    async with serving(settings) as c:
+        yield c

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -12,20 +10,10 @@ import pytest
 
 from gateway.api.openai.protocol import CompletionRequest
 from gateway.api.openai.serving import _params
-from gateway.settings import Settings
-from tests.conftest import USER_KEY, serving
+from tests.conftest import USER_KEY
 from tests.gateway.generation.factory import events
 
 MODEL = "tiny"
-
-
-@pytest.fixture
-async def client(lm_repo: Path) -> AsyncIterator[httpx.AsyncClient]:
-    settings = Settings(
-        model_repository=lm_repo, api_keys=[USER_KEY], log_json=False, shutdown_grace_s=1
-    )
-    async with serving(settings) as c:
-        yield c
 
 
 async def test_models_lists_the_causal_lm(client: httpx.AsyncClient) -> None:

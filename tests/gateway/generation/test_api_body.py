@@ -4,28 +4,13 @@ messages, a lone surrogate a 500), and the server serves the next good request."
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-
 import httpx
 import pytest
-
-from gateway.settings import Settings
-from tests.conftest import USER_KEY, serving
 
 MODEL = "tiny"
 JSON = {"content-type": "application/json"}
 COMPLETION = b'{"model": "tiny", "prompt": "a", "max_tokens": 2'
 CHAT = b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2'
-
-
-@pytest.fixture
-async def client(lm_repo: Path) -> AsyncIterator[httpx.AsyncClient]:
-    settings = Settings(
-        model_repository=lm_repo, api_keys=[USER_KEY], log_json=False, shutdown_grace_s=1
-    )
-    async with serving(settings) as c:
-        yield c
 
 
 async def assert_serves(client: httpx.AsyncClient) -> None:

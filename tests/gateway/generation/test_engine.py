@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
 import pytest
 import torch
@@ -299,21 +300,31 @@ class CancelledAfterOneRound:
 
 
 def test_the_last_cancelled_sequence_frees_its_rows_without_a_next_request(pair: Pair) -> None:
+    run_until_rows_freed(pair, CancelledAfterOneRound, count=3, seed=14, wait_s=10)
+
+
+def run_until_rows_freed(
+    pair: Pair, job_type: Any, *, count: int, seed: int, wait_s: float
+) -> list[Any]:
+    """``count`` greedy jobs of ``job_type`` (each ends itself after a round, its ``done``
+    set) on a scheduler; once they are done, the engine must free every cache row and batch
+    place on its own within 10 s, with no next request to wake it. Returns the jobs."""
     engine = SpeculativeEngine(pair.target, pair.near, Lookahead(4), CONTEXT)
     scheduler = Scheduler(engine, "tiny")
     try:
         jobs = [
-            CancelledAfterOneRound(engine.start(p, SamplingParams(40, 0.0)))
-            for p in prompts(3, pair.target.vocab_size, seed=14)
+            job_type(engine.start(p, SamplingParams(40, 0.0)))
+            for p in prompts(count, pair.target.vocab_size, seed=seed)
         ]
         for job in jobs:
             scheduler.submit(job)
         for job in jobs:
-            assert job.done.wait(10)
+            assert job.done.wait(wait_s)
         deadline = time.monotonic() + 10
         while engine.target_kv.rows and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert engine.target_kv.rows == 0, "the cancelled sequences kept their cache rows"
+        assert engine.target_kv.rows == 0, "the ended sequences kept their cache rows"
         assert engine.batch == []
+        return jobs
     finally:
         scheduler.close()

@@ -28,7 +28,12 @@ from gateway.settings import Settings
 from tests.conftest import USER_KEY, serving_app
 from tests.gateway.generation.conftest import Pair
 from tests.gateway.generation.factory import tokenizer
-from tests.gateway.generation.test_engine import CONTEXT, prompts, reference_greedy
+from tests.gateway.generation.test_engine import (
+    CONTEXT,
+    prompts,
+    reference_greedy,
+    run_until_rows_freed,
+)
 
 TINY_T = 1e-300  # 0 in float32: dividing logits by it gave infinities, then NaN probabilities
 
@@ -318,22 +323,5 @@ class StopsAfterOneRound:
 
 
 def test_the_scheduler_frees_a_stop_string_finish_at_once(pair: Pair) -> None:
-    engine = SpeculativeEngine(pair.target, pair.near, Lookahead(4), CONTEXT)
-    scheduler = Scheduler(engine, "tiny")
-    try:
-        jobs = [
-            StopsAfterOneRound(engine.start(p, SamplingParams(40, 0.0)))
-            for p in prompts(2, pair.target.vocab_size, seed=24)
-        ]
-        for job in jobs:
-            scheduler.submit(job)
-        for job in jobs:
-            assert job.done.wait(30)
-        deadline = time.monotonic() + 10
-        while engine.target_kv.rows and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert engine.target_kv.rows == 0, "the stopped sequences kept their cache rows"
-        assert engine.batch == []
-        assert all(job.seq.finished == "stop" for job in jobs)
-    finally:
-        scheduler.close()
+    jobs = run_until_rows_freed(pair, StopsAfterOneRound, count=2, seed=24, wait_s=30)
+    assert all(job.seq.finished == "stop" for job in jobs)
