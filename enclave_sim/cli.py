@@ -1,7 +1,9 @@
 """``fides enclave {run, seal, measure, init-ca}``: the simulated enclave's command line.
 
-Mounted by ``gateway.cli`` as ``fides enclave``; also runnable alone as
-``python -m enclave_sim.cli`` (that is how the gateway's supervisor starts the enclave).
+Mounted by ``fides.cli`` as ``fides enclave``; also runnable alone as
+``python -m enclave_sim.cli``. ``run`` is started as this module's ``__main__`` by an isolated
+interpreter (``gateway.enclave_client.EnclaveLaunch``: ``python -I``, the measured code root
+first), from the gateway's supervisor, ``fides enclave run`` and ``fides bench integrity`` alike.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -144,14 +147,42 @@ def _read_yaml(path: Path) -> object:
         raise BootError(f"cannot read {path}: {exc}") from None
 
 
+# A served model's name as the gateway accepts it (gateway.model_config.MODEL_NAME_RE, and no
+# ".."; this package cannot import the gateway): a counter named otherwise is one no gateway
+# model ever boots against. tests/enclave_sim/test_seal_model_name.py holds the two equal.
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
+
+
+def _model_name(name: str | None) -> str | None:
+    if name is not None and (not MODEL_NAME.fullmatch(name) or ".." in name):
+        shown = repr(name) if len(name) <= 40 else f"{name[:20]!r}... ({len(name)} characters)"
+        raise typer.BadParameter(
+            f"{shown} is not a model name the gateway serves: use 1-128 ASCII letters, "
+            "digits, '_', '-' or '.', starting with a letter or digit, without '..'"
+        )
+    return name
+
+
 @enclave_app.command("seal")
 def seal_cmd(
     model: Annotated[Path, typer.Option(help="The verifier ONNX model.", exists=True)],
     output: Annotated[Path, typer.Option(help="Sealed file to write.")],
     config: Annotated[Path | None, typer.Option(help="Verifier config YAML.")] = None,
     platform_dir: PlatformDir = DEFAULT_PLATFORM_DIR,
+    model_name: Annotated[
+        str | None,
+        typer.Option(
+            "--model-name",
+            callback=_model_name,
+            help="The served model the file is for: it is checked against that model's "
+            "rollback counter (platform_dir/model_counters/NAME), as the gateway seals. "
+            "Without it: the platform-wide counter (platform_dir/model_counter), which every "
+            "file sealed without a name shares.",
+        ),
+    ] = None,
     version: Annotated[
-        int | None, typer.Option(help="Model version (default: the platform counter + 1).")
+        int | None,
+        typer.Option(help="Model version (default: the counter the file is checked against + 1)."),
     ] = None,
 ) -> None:
     """Encrypt the verifier for this enclave build's measurement (AES-256-GCM, HKDF key)."""
@@ -160,13 +191,18 @@ def seal_cmd(
 
     try:
         data, m, v = seal(
-            model.read_bytes(), EnclaveModelConfig.load(config), platform_dir, version=version
+            model.read_bytes(),
+            EnclaveModelConfig.load(config),
+            platform_dir,
+            version=version,
+            model_id=model_name,
         )
     except EnclaveFailure as exc:
         raise _fail(exc) from None
     output.parent.mkdir(parents=True, exist_ok=True)
     write_secret_file(output, data)
-    typer.echo(f"sealed {model} as version {v} for measurement {m.hex} -> {output}")
+    counter = f"model {model_name!r}'s counter" if model_name else "the platform-wide counter"
+    typer.echo(f"sealed {model} as version {v} ({counter}) for measurement {m.hex} -> {output}")
 
 
 @enclave_app.command("run")

@@ -7,6 +7,8 @@ builds the embedded defaults (:mod:`fides.defaults`) and ``bench`` runs :mod:`fi
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -22,12 +24,72 @@ models_app = typer.Typer(no_args_is_help=True, help="Model repository tools.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (results in bench/results/).")
 app.add_typer(models_app, name="models")
 app.add_typer(bench_app, name="bench")
-app.add_typer(enclave_app, name="enclave")
+# `fides enclave`: the enclave's commands, its `run` replaced by the isolated launch below
+enclave_cli = typer.Typer(no_args_is_help=True, help=enclave_app.info.help)
+enclave_cli.registered_commands = [c for c in enclave_app.registered_commands if c.name != "run"]
+app.add_typer(enclave_cli, name="enclave")
 incident_app = typer.Typer(
     no_args_is_help=True, help="Incident bundles: the signed evidence behind an integrity alarm."
 )
 app.add_typer(incident_app, name="incident")
 console = Console(stderr=True)
+
+
+# the options of `enclave_sim.cli run` that EnclaveLaunch sets itself
+_LAUNCH_OPTIONS = ("--socket", "--sealed-model", "--platform-dir")
+
+
+def _without(args: list[str], options: tuple[str, ...]) -> list[str]:
+    """``args`` less ``options`` and their values (``--opt VALUE`` and ``--opt=VALUE``)."""
+    kept: list[str] = []
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg in options:
+            skip = True
+        elif arg.split("=", 1)[0] not in options:
+            kept.append(arg)
+    return kept
+
+
+def isolated_enclave_command(args: list[str]) -> list[str]:
+    """The command that runs ``enclave_sim.cli run ARGS`` as the gateway's supervisor starts
+    it: :meth:`gateway.enclave_client.EnclaveLaunch.command` (``python -I``, the measured
+    ``CODE_ROOT`` first on ``sys.path``). ``ARGS`` are parsed by the enclave's own ``run``
+    (its ``--help``, defaults and errors); ``--exit-with-parent`` stays off unless asked for."""
+    from gateway.enclave_client import EnclaveLaunch
+
+    group = typer.main.get_command(enclave_app)
+    assert isinstance(group, typer.core.TyperGroup)
+    with group.commands["run"].make_context("fides enclave run", list(args)) as parsed:
+        params = parsed.params  # --help printed, or a usage error raised, here
+    extra = _without(list(args), _LAUNCH_OPTIONS)
+    if not {"--exit-with-parent", "--no-exit-with-parent"} & set(extra):
+        extra.append("--no-exit-with-parent")  # `run`'s default; the supervisor turns it on
+    launch = EnclaveLaunch(
+        socket_path=params["socket"],
+        sealed_model=params["sealed_model"],
+        platform_dir=params["platform_dir"],
+        extra_args=extra,
+    )
+    return launch.command()
+
+
+@enclave_cli.command(
+    "run",
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    add_help_option=False,  # --help goes to the enclave's own `run`
+)
+def enclave_run_cmd(ctx: typer.Context) -> None:
+    """Boot the SIMULATED enclave: measure, unseal, attest on request, verify and sign.
+
+    Started isolated, as the gateway starts it (``python -I``, its measured code root first:
+    docs/enclave.md): this process is replaced by that one, with the same pid and options."""
+    command = isolated_enclave_command(ctx.args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(command[0], command)
 
 
 @models_app.command("build-default")

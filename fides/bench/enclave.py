@@ -41,7 +41,6 @@ import shutil
 import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -62,6 +61,7 @@ from fides_core.attestation import Policy, verify_attestation
 from fides_core.enclave_config import EnclaveModelConfig
 from fides_core.session import SessionOffer
 from fides_core.verify import VerifyRequest
+from gateway.enclave_client import EnclaveLaunch
 
 Log = Callable[..., None]
 BATCH_SIZES = (1, 32)
@@ -155,23 +155,11 @@ def _start_enclave(
 ) -> tuple[subprocess.Popen[bytes], Path]:
     sock = Path(tempfile.mkdtemp(prefix="fxb-", dir="/tmp")) / "bench.sock"
     log_file = (workdir / "enclave.log").open("wb")
-    root = Path(__file__).resolve().parents[2]  # the checkout (fides/bench/enclave.py)
-    env = {**os.environ, "PYTHONPATH": str(root), "PYTHONUNBUFFERED": "1"}
+    # the gateway's launch (python -I, the measured code root first), so the boundary measured
+    # here is the process the gateway runs
+    launch = EnclaveLaunch(socket_path=sock, sealed_model=sealed, platform_dir=platform_dir)
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "enclave_sim.cli",
-            "run",
-            "--socket",
-            str(sock),
-            "--sealed-model",
-            str(sealed),
-            "--platform-dir",
-            str(platform_dir),
-        ],
-        cwd=root,
-        env=env,
+        launch.command(),
         stdin=subprocess.DEVNULL,
         stdout=log_file,
         stderr=subprocess.STDOUT,
