@@ -105,7 +105,7 @@ class Settings(BaseSettings):
     integrity_state_dir: Path | None = Field(
         None,
         description="Where each verified model's sequential alarm state is kept across "
-        "restarts (<model>.<host name>.alarm.npz); default <enclave_runtime_dir>/alarm.",
+        "restarts (<model>@<host name>.alarm.npz); default <enclave_runtime_dir>/alarm.",
     )
     enclave_external: bool = Field(
         False,

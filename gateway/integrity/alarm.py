@@ -12,19 +12,24 @@ tampers with one client's answers is not diluted by everyone else's.
 - Bounded memory: a fixed-size state per stream, at most ``max_keys`` keys (the least recently
   seen key not in alarm is dropped first, and counted). Keys in alarm are never dropped: when
   every tracked key is in alarm, a new key's answers feed the model's stream only, and each
-  such request is counted (``keys.untracked_requests`` in the status) and logged.
-- Persistence (:mod:`gateway.integrity.alarm_state`): ``<state_dir>/<model>.<instance>.alarm.npz``
+  such request is counted (``keys.untracked_requests`` in the status, kept across restarts;
+  ``on_untracked``: the gateway's counter ``fides_integrity_alarm_untracked_requests_total``)
+  and logged.
+- Persistence (:mod:`gateway.integrity.alarm_state`): ``<state_dir>/<model>@<instance>.alarm.npz``
   (arrays, no pickle: 10,000 keys write in milliseconds; ``<instance>``: the host name, so
   gateways sharing a directory never overwrite each other), written atomically when an alarm
   fires or is reset, every ``save_every_s`` while answers arrive, and when the pipeline closes
   (the gateway's shutdown on SIGTERM). An instance whose own file does not exist yet takes
-  over the files no running gateway holds (a container recreated under a new host name, the
-  file of an older version): the newest one's statistics, every one's latched alarms. A file
-  that cannot be read or fails a check is set aside (renamed ``.rejected``) and the monitor
-  starts clean; its status says so. One written for another calibration or level keeps its
-  latched alarms (an alarm waits for an admin, not for a new model card); only the statistics
-  start over. The periodic and alarm-time saves write the file from a worker thread (the
-  arrays are taken on the event loop), so 10,000 keys do not hold up requests.
+  over the files of this model no running gateway holds (a container recreated under a new
+  host name, the files of the earlier namings): the newest one's statistics, every one's
+  latched alarms. A file that cannot be read or fails a check is set aside (renamed
+  ``.rejected``) and the monitor starts clean; its status says so. A file of an earlier
+  naming is taken only when its metadata names this model, and one that cannot be read is
+  left where it is (its name may be another model's: ``a.b.c.alarm.npz``). One written for
+  another calibration or level keeps its latched alarms (an alarm waits for an admin, not for
+  a new model card); only the statistics start over. The periodic and alarm-time saves write
+  the file from a worker thread (the arrays are taken on the event loop), so 10,000 keys do
+  not hold up requests.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +57,7 @@ from gateway.integrity.alarm_state import (
     SavedState,
     StateRefused,
     instance_name,
+    is_legacy_name,
     lock_path,
     model_of,
     orphan_candidates,
@@ -90,9 +97,11 @@ class AlarmMonitor:
         state_dir: Path | None = None,
         save_every_s: float = 5.0,
         instance: str | None = None,
+        on_untracked: Callable[[], None] | None = None,
     ) -> None:
         """``instance``: this gateway's name in the state file's name (default: the host
-        name)."""
+        name). ``on_untracked``: called once per request of a key the monitor cannot track
+        (the gateway's counter), besides ``untracked_requests``."""
         self.model = model
         self.calibration_scores = np.asarray(calibration_scores, dtype=np.float64)
         self.calibration_kl = np.asarray(calibration_kl, dtype=np.float64)
@@ -101,6 +110,7 @@ class AlarmMonitor:
         self.max_keys = max_keys
         self.dropped_keys = 0
         self.untracked_requests = 0  # requests of keys not tracked: every tracked key in alarm
+        self.on_untracked = on_untracked
         self._untracked_said = False
         self.model_state = self.detector.new_state()
         self.keys: OrderedDict[str, StreamState] = OrderedDict()
@@ -187,12 +197,15 @@ class AlarmMonitor:
             )
             if victim is None:
                 self.untracked_requests += 1
+                if self.on_untracked is not None:
+                    self.on_untracked()
                 if not self._untracked_said:  # once, until a key is tracked again
                     self._untracked_said = True
                     log.error(
                         "integrity alarm monitor of %s: all %d tracked keys are in alarm; "
                         "new keys are watched on the model's stream only until some are "
-                        "reset (counted in the status: keys.untracked_requests)",
+                        "reset (counted in the status, keys.untracked_requests, and in "
+                        "fides_integrity_alarm_untracked_requests_total)",
                         self.model,
                         len(self.keys),
                         extra={"model": self.model},
@@ -483,12 +496,23 @@ class AlarmMonitor:
         return "; ".join(parts + said)
 
     def _read_orphan(self, path: Path) -> tuple[SavedState | None, str]:
-        """Another file: set aside when damaged; left alone when it names another model (a
-        dotted model name: ``a.b.x.alarm.npz`` is listed for model ``a`` too)."""
+        """Another file of this model: set aside when damaged. A file of an earlier naming
+        may be another model's (``a.b.c.alarm.npz``: model ``a`` on host ``b.c``, or model
+        ``a.b`` on host ``c``): it is read only when its metadata names this model, left alone
+        when they name another, and left in place when they cannot be read (whose it is, and
+        so who may set it aside, cannot be told)."""
+        if not is_legacy_name(path.name):
+            return self._read(path)
         model = model_of(path)
-        if model is not None and model != self.model:
-            return None, ""
-        return self._read(path)
+        if model == self.model:
+            return self._read(path)
+        if model is None:
+            self._note(
+                f"{path.name} (named before <model>@<instance>) cannot be read and its name may "
+                "be another model's: left in place, not taken over (move it away once no "
+                "model needs it)"
+            )
+        return None, ""
 
     def _restore(self, saved: SavedState) -> str:
         """Put a checked state in place: everything when it was written for this calibration

@@ -1,14 +1,20 @@
 """The sequential alarm's state on disk: one file per model and gateway instance, read with
 every field checked, written atomically, and a lock that says which instances still run.
 
-- ``<dir>/<model>.<instance>.alarm.npz``: arrays, no pickle (``np.savez``); ``<instance>`` is
+- ``<dir>/<model>@<instance>.alarm.npz``: arrays, no pickle (``np.savez``); ``<instance>`` is
   the host name (a StatefulSet's pod name; compose's or ``docker run --hostname``'s name).
   Gateways that share the directory each write their own file: none overwrites another's
-  latched alarms.
-- ``<dir>/<model>.<instance>.alarm.lock``: held (``flock``) while that instance runs. A state
+  latched alarms. ``@`` is in no model name (``gateway.model_config.MODEL_NAME_RE``) and in no
+  instance name (:func:`instance_name`), while both may hold dots: the name says whose file it
+  is, and no model's monitor reads, takes over or sets aside another model's file.
+- ``<dir>/<model>@<instance>.alarm.lock``: held (``flock``) while that instance runs. A state
   file whose lock is free belongs to no running gateway: a container recreated under a new
-  host name, a Deployment's replaced pod, or ``<model>.alarm.npz`` of a version that named
-  the file after the model only. A new instance takes such files over.
+  host name, a Deployment's replaced pod, or a file of an earlier naming. A new instance takes
+  such files over.
+- Earlier namings, read for an upgrade: ``<model>.<instance>.alarm.npz`` (with its
+  ``.alarm.lock``) and ``<model>.alarm.npz`` (before files were named per instance). Their
+  names are ambiguous (model ``a`` on host ``b.c`` and model ``a.b`` on host ``c`` both wrote
+  ``a.b.c.alarm.npz``): only the metadata inside says whose such a file is (:func:`model_of`).
 - A write goes to a temporary file of its own (``mkstemp`` in the same directory), is
   ``fsync``-ed, then replaces the state (``os.replace``), and the directory is ``fsync``-ed: a
   crash leaves the old state or the new one, and concurrent writers never share a temp file.
@@ -34,9 +40,11 @@ __all__ = [
     "READABLE_VERSIONS",
     "STATE_VERSION",
     "HeldLock",
+    "SEPARATOR",
     "SavedState",
     "StateRefused",
     "instance_name",
+    "is_legacy_name",
     "lock_path",
     "model_of",
     "orphan_candidates",
@@ -52,6 +60,7 @@ __all__ = [
 STATE_VERSION = 2  # 2: per-instance files, untracked_requests; 1: <model>.alarm.npz
 READABLE_VERSIONS = (1, 2)
 SUFFIX = ".alarm.npz"
+SEPARATOR = "@"  # between model and instance: in neither name (both may hold dots)
 MAX_COUNT = 2**62  # counts are int64 on disk; anything near the limit is not a real count
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]")
 
@@ -68,7 +77,12 @@ def instance_name(raw: str | None = None) -> str:
 
 
 def state_path(directory: Path, model: str, instance: str) -> Path:
-    return directory / f"{model}.{instance}{SUFFIX}"
+    """``<directory>/<model>@<instance>.alarm.npz``: one name per model and instance, never
+    another pair's (a model name or an instance name with ``@`` or ``/`` is refused)."""
+    for part in (model, instance):
+        if not part or SEPARATOR in part or "/" in part or part.startswith("."):
+            raise ValueError(f"{part!r} cannot name an alarm state file")
+    return directory / f"{model}{SEPARATOR}{instance}{SUFFIX}"
 
 
 def lock_path(state: Path) -> Path:
@@ -76,19 +90,26 @@ def lock_path(state: Path) -> Path:
 
 
 def orphan_candidates(directory: Path, model: str, own: Path) -> list[Path]:
-    """The other state files that may be this model's (``<model>.*.alarm.npz`` and the
-    unversioned ``<model>.alarm.npz``). Model names may hold dots: a file of model ``a.b`` is
-    listed for model ``a`` too; its metadata names its model, and the caller checks it."""
-    prefix = f"{model}."
-    return sorted(
-        p
-        for p in directory.iterdir()
-        if p.name != own.name
-        and p.name.startswith(prefix)
-        and p.name.endswith(SUFFIX)
-        and len(p.name) >= len(prefix) + len(SUFFIX) - 1  # "<model>.alarm.npz" and longer
-        and p.is_file()
-    )
+    """The other state files that may be this model's: ``<model>@*.alarm.npz`` (this model's
+    by their name), and those of the earlier namings, ``<model>.*.alarm.npz`` and
+    ``<model>.alarm.npz`` (:func:`is_legacy_name`: a file of model ``a.b`` is listed for model
+    ``a`` too; its metadata names its model, and the caller checks it before anything else)."""
+    own_prefix, legacy_prefix = f"{model}{SEPARATOR}", f"{model}."
+
+    def fits(name: str) -> bool:
+        if name == own.name or not name.endswith(SUFFIX):
+            return False
+        if is_legacy_name(name):  # "<model>.alarm.npz" and longer
+            return name.startswith(legacy_prefix) and len(name) >= len(model) + len(SUFFIX)
+        return name.startswith(own_prefix) and len(name) > len(own_prefix) + len(SUFFIX)
+
+    return sorted(p for p in directory.iterdir() if fits(p.name) and p.is_file())
+
+
+def is_legacy_name(name: str) -> bool:
+    """A state file named before ``<model>@<instance>``: its name alone may fit more than one
+    model (dotted model and host names), only its metadata says whose it is."""
+    return SEPARATOR not in name
 
 
 def try_lock(path: Path) -> int | None:
@@ -126,8 +147,13 @@ class HeldLock:
 
 
 def model_of(path: Path) -> str | None:
-    """The model a state file names, where its metadata can be read at all."""
-    with contextlib.suppress(Exception), np.load(path, allow_pickle=False) as z:
+    """The model a state file names, where its metadata can be read at all (the file is
+    opened here: ``np.load`` of a path leaks its descriptor when the zip is damaged)."""
+    with (
+        contextlib.suppress(Exception),
+        path.open("rb") as fh,
+        np.load(fh, allow_pickle=False) as z,
+    ):
         meta = json.loads(str(z["meta"]))
         model = meta.get("model") if isinstance(meta, dict) else None
         if isinstance(model, str):

@@ -105,6 +105,17 @@ class IntegrityMetrics:
             ["model"],
             registry=r,
         )
+        self.alarm_untracked = Counter(
+            "fides_integrity_alarm_untracked_requests",
+            "Requests since the gateway started whose API key the sequential alarm could not "
+            "track (scope key): every one of its integrity.alarm_max_keys tracked keys was in "
+            "alarm, latched until an admin resets it, so the request fed the model's stream "
+            "only and no stream of its own key (a tampering aimed at that client is not "
+            "watched per key). The integrity status' alarm.keys.untracked_requests keeps the "
+            "count across restarts.",
+            ["model", "scope"],
+            registry=r,
+        )
         self.enclave_up = Gauge(
             "fides_enclave_up",
             "1 while the model's enclave is up and attested, else 0.",

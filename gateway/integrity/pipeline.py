@@ -202,6 +202,7 @@ class IntegrityPipeline:
             alpha=cfg.alarm_alpha,
             max_keys=cfg.alarm_max_keys,
             state_dir=state_dir,
+            on_untracked=metrics.alarm_untracked.labels(model, "key").inc,
         )
         self.incidents = IncidentRecorder(
             model,

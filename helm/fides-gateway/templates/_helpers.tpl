@@ -98,7 +98,7 @@ release: {{ . | quote }}
 {{- end -}}
 
 {{/* The workload: a StatefulSet when the alarm state is on a claim (a replaced pod keeps its
-name, so it reads its own <model>.<pod>.alarm.npz back), a Deployment otherwise. */}}
+name, so it reads its own <model>@<pod>.alarm.npz back), a Deployment otherwise. */}}
 {{- define "fides-gateway.workloadKind" -}}
 {{- if or .Values.alarmState.persistence.enabled .Values.alarmState.existingClaim -}}
 StatefulSet

@@ -80,7 +80,7 @@ async def test_the_alarm_survives_a_restart(integrity_repo: Path, digits: Digits
         before = (await client.get("/v2/models/digits/integrity")).json()["alarm"]
         assert before["model"]["alarm"] is True
     # written at shutdown (and when the alarm fired), named after the instance (the host)
-    (saved,) = (integrity_repo.parent / "alarm-state").glob("digits.*.alarm.npz")
+    (saved,) = (integrity_repo.parent / "alarm-state").glob("digits@*.alarm.npz")
     assert saved.is_file()
     async with integrity_gateway(integrity_repo) as (client, _):
         after = (await client.get("/v2/models/digits/integrity")).json()["alarm"]

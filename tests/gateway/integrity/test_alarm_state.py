@@ -196,8 +196,8 @@ async def test_a_new_instance_takes_over_the_files_no_gateway_holds(tmp_path: Pa
     assert new.path is not None
     assert new.path.is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "m.c-new.alarm.lock",
-        "m.c-new.alarm.npz",
+        "m@c-new.alarm.lock",
+        "m@c-new.alarm.npz",
     ]
     assert not stale.exists()
 
@@ -227,9 +227,9 @@ def test_a_file_of_another_model_with_a_dotted_name_is_left_alone(tmp_path: Path
     other.observe("a", LOW, KL)
     other.save()
     del other
-    mon = monitor(tmp_path, instance="h2")  # lists m.x.h.alarm.npz as a candidate
+    mon = monitor(tmp_path, instance="h2")  # m.x@h.alarm.npz: not a candidate by its name
     assert mon.restored == "new"
-    assert (tmp_path / "m.x.h.alarm.npz").is_file()
+    assert (tmp_path / "m.x@h.alarm.npz").is_file()
 
 
 def test_keys_in_alarm_survive_the_key_bound(tmp_path: Path) -> None:
