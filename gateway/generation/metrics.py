@@ -23,7 +23,9 @@ class GenerationMetrics:
         m = ["model"]
         self.requests = Counter(
             "fides_generation_requests",
-            "Finished generation requests by finish reason (stop, length, cancelled, error).",
+            "Ended generation requests by finish reason: stop, length, cancelled (client "
+            "gone), timeout, abort (its model unloaded or reloaded), queue_full (refused), "
+            "error.",
             [*m, "finish_reason"],
             registry=r,
         )

@@ -68,6 +68,14 @@ class GenerationCancelled(GatewayError):
     status, reason = 499, "cancelled"
 
 
+# The ``finish_reason`` label of ``fides_generation_requests_total`` for a request its model's
+# unload (or reload, or the gateway's shutdown) ended: stopped after the drain, or refused
+# while it waited for a slot with no new version to take it. An operator's action, not an
+# error; vLLM's name for a request ended from outside. The request itself answers 503 (a
+# stream: an error event): OpenAI's ``finish_reason`` field has no such value.
+ABORT = "abort"
+
+
 # How long past its deadline a request waits for its worker's next item before it gives up:
 # the worker stops a sequence at the first step boundary after the deadline and says so, so
 # this only bounds a worker that is stuck (a forward that never returns).
@@ -216,11 +224,14 @@ class GenerationService:
 
     def successor(self, retired: TextModel) -> TextModel:
         """The version that serves ``retired``'s name now (a reload swapped it in), or 503
-        when none does (an unload): for a request the retired version did not start."""
+        when none does (an unload): for a request the retired version did not start. The
+        503 is the request's end, counted as :data:`ABORT`; one sent on is counted where it
+        ends, on the new version."""
         with contextlib.suppress(GatewayError):
             model = self.repository.text_model(retired.name)
             if model is not retired and not model.retiring.is_set():
                 return model
+        self.metrics.requests.labels(retired.name, ABORT).inc()
         raise Unavailable(
             f"model '{retired.name}' was unloaded while the request waited for it; retry later"
         )
@@ -280,13 +291,17 @@ class GenerationService:
         504 when no slot frees in time; the worker stops the sequence when it passes.
         :class:`ModelRetired` when the model is being unloaded, at once or while waiting.
         Cancelled while waiting (its client went away), it leaves the queue, counted as
-        cancelled, and nothing of it runs."""
+        cancelled, and nothing of it runs. Every way it ends is counted once in
+        ``fides_generation_requests_total``: refused for a full queue as ``queue_full``; a
+        :class:`ModelRetired` by the caller (:meth:`successor`), which alone knows whether a
+        new version takes the request."""
         t_arrival = time.perf_counter()
         timeout_s = model.config.timeout_s if timeout_s is None else timeout_s
         gauge = self.metrics.waiting.labels(model.name)
         if model.retiring.is_set():
             raise _retired(model)
         if model.slots.locked() and model.waiting >= model.config.max_queue_size:
+            self.metrics.requests.labels(model.name, "queue_full").inc()
             raise QueueFull(
                 f"model '{model.name}' is busy: {model.config.max_concurrent_sequences} "
                 f"sequences running and {model.waiting} waiting; retry later"
@@ -313,6 +328,7 @@ class GenerationService:
             seq = model.engine.start(prompt, params)
             job = _Job(self, model, handle, seq, Detokenizer(model.tokenizer, stop))
         except BaseException:
+            self.metrics.requests.labels(model.name, "error").inc()  # a 500: counted too
             handle.release_slot()
             raise
         if model.scheduler.on_step is None:
@@ -322,7 +338,7 @@ class GenerationService:
         try:
             model.scheduler.submit(job)
         except RuntimeError as exc:  # the model is unloading
-            job.finish("error")
+            job.finish(ABORT)
             handle.release_slot()
             raise Unavailable(str(exc)) from None
         return handle
@@ -429,7 +445,7 @@ class _Job:
         if handle.cancelled.is_set():
             # the queue always gets a last item: whoever still reads it must not wait forever
             if handle.error is not None:  # the server stopped it (its model is unloading)
-                self.finish("error")
+                self.finish(ABORT)
                 self.put(handle.error)
             else:
                 self.finish("cancelled")
@@ -479,10 +495,12 @@ class _Job:
         return False
 
     def fail(self, exc: BaseException) -> None:
-        self.finish("error")
-        # stopped by the server first: that is the answer (the scheduler's own "unloaded"
-        # RuntimeError, when its thread ends with the job still in it, would be a 500)
-        self.put(self.handle.error if self.handle.error is not None else exc)
+        # stopped by the server first: that is the answer, and how it is counted (the
+        # scheduler's own "unloaded" RuntimeError, when its thread ends with the job still in
+        # it, would be a 500)
+        error = self.handle.error
+        self.finish(ABORT if error is not None else "error")
+        self.put(error if error is not None else exc)
 
 
 def load_text_model(name: str, path: Path, cfg: ModelConfig) -> TextModel:

@@ -321,7 +321,8 @@ def run_until_rows_freed(
         for job in jobs:
             assert job.done.wait(wait_s)
         deadline = time.monotonic() + 10
-        while engine.target_kv.rows and time.monotonic() < deadline:
+        # the stepping thread frees the cache rows, then empties the batch list: wait for both
+        while (engine.target_kv.rows or engine.batch) and time.monotonic() < deadline:
             time.sleep(0.01)
         assert engine.target_kv.rows == 0, "the ended sequences kept their cache rows"
         assert engine.batch == []
