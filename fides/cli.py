@@ -628,10 +628,6 @@ def main() -> None:
     app(prog_name="fides")
 
 
-if __name__ == "__main__":
-    main()
-
-
 @incident_app.command("export")
 def incident_export_cmd(
     model: Annotated[str, typer.Argument(help="The verified model whose alarm fired.")],
@@ -686,6 +682,14 @@ def incident_verify_cmd(
             max=0.5,
         ),
     ] = 1e-5,
+    at: Annotated[
+        str | None,
+        typer.Option(
+            help="The verification time (ISO 8601, e.g. 2026-12-07T10:00:00Z, or seconds since "
+            "1970): every attestation's certificates must be valid then. Default now; name a "
+            "time you trust the chain at to re-check a bundle older than its certificates."
+        ),
+    ] = None,
 ) -> None:
     """Check a bundle offline: attestations, signatures, KL and scores recomputed, and the
     statistic recomputed to the alarm threshold. Exit 1 naming the broken part."""
@@ -701,9 +705,14 @@ def incident_verify_cmd(
             allow_simulated=allow_simulated,
             console=console,
             max_alpha=max_alpha,
+            at=at,
         )
     except IncidentCommandError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
     if not ok:
         raise typer.Exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -4,7 +4,9 @@ integrity alarm from a gateway (admin routes), and check one offline with the SD
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -12,13 +14,35 @@ from typing import Any
 import httpx
 from rich.console import Console
 
-__all__ = ["IncidentCommandError", "export_incident", "verify_command"]
+__all__ = ["IncidentCommandError", "export_incident", "parse_time", "verify_command"]
 
 ADMIN_KEY_ENV = "FIDES_ADMIN_KEY"
 
 
 class IncidentCommandError(Exception):
     """The command could not do its job (gateway unreachable, refused, nothing to export)."""
+
+
+def parse_time(text: str) -> float:
+    """``--at``: an ISO 8601 time (``2026-12-07T10:00:00Z``; without a zone it is UTC) or
+    seconds since 1970 -> seconds since 1970."""
+    value = text.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = dt.datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+        except ValueError:
+            raise IncidentCommandError(
+                f"--at {text!r} is neither an ISO 8601 time (2026-12-07T10:00:00Z) nor seconds "
+                "since 1970"
+            ) from None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=dt.UTC)
+        seconds = when.timestamp()
+    if not math.isfinite(seconds):
+        raise IncidentCommandError(f"--at {text!r} is not a time")
+    return seconds
 
 
 def _get(client: httpx.Client, path: str) -> Any:
@@ -85,10 +109,14 @@ def verify_command(
     allow_simulated: bool,
     console: Console,
     max_alpha: float = 1e-5,
+    at: str | float | None = None,
 ) -> bool:
+    """``at``: the verification time (``--at``: ISO 8601 or seconds since 1970), default now;
+    every attestation's certificates must be valid then (an auditor re-checking an old bundle
+    names a time at which they trust the chain)."""
     from fides_client.client import IntegrityModels
     from fides_client.incident import load_bundle, verify_incident
-    from fides_core.incident import IncidentError
+    from fides_core.incident import AttestationExpired, IncidentError
 
     try:
         bundle = load_bundle(bundle_path)
@@ -108,6 +136,7 @@ def verify_command(
             measurements = [*measurements, models.measurement]
     if not measurements:
         raise IncidentCommandError("give --measurement or --repository (the verifier to measure)")
+    at_s = parse_time(at) if isinstance(at, str) else at
     try:
         root_pem = root.read_bytes()
     except OSError as exc:
@@ -120,7 +149,11 @@ def verify_command(
             max_alpha=max_alpha,
             allow_simulated=allow_simulated,
             models=models,
+            at=at_s,
         )
+    except AttestationExpired as exc:
+        console.print(f"[red]NOT PROVEN[/red] ({exc.part}, attestation expired): {exc}")
+        return False
     except IncidentError as exc:
         console.print(f"[red]NOT PROVEN[/red] ({exc.part}): {exc}")
         return False

@@ -6,12 +6,15 @@ the expected measurements and, when given, the provider's published integrity mo
 (:class:`~fides_client.client.IntegrityModels`): every attestation, every signed verifier
 output, KL recomputed from the signed outputs, the detector scores recomputed with the
 published detector, the calibration compared with the detector's card, and the statistic
-recomputed to the alarm threshold. What it proves and what it does not:
+recomputed to the alarm threshold. Every attestation's certificates must be valid at the
+verification time (now, or ``at`` for an auditor re-checking an old bundle) and every answer
+signed within its boot's attestation validity. What it proves and what it does not:
 :mod:`fides_core.incident`. Needs scipy (the calibration's Beta bounds).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -51,6 +54,7 @@ def verify_incident(
     allow_simulated: bool,
     models: IntegrityModels | None = None,
     max_alpha: float = 1e-5,
+    at: float | dt.datetime | None = None,
 ) -> Any:
     """Check an incident bundle offline; returns :class:`fides_core.incident.IncidentCheck`
     or raises :class:`fides_core.incident.IncidentError` naming the broken part.
@@ -58,7 +62,12 @@ def verify_incident(
     ``models``: the provider's published integrity models. With them the detector scores are
     recomputed and the calibration must be the detector card's; without them both are taken
     from the bundle (the check says so). ``max_alpha``: the loosest false-alarm level
-    accepted (the gateway's default); a bundle computed at a looser one is refused."""
+    accepted (the gateway's default); a bundle computed at a looser one is refused.
+
+    ``at``: the verification time (seconds since 1970, or a datetime; naive is UTC), default
+    now: every attestation's certificate chain must be valid then. A bundle older than its
+    certificates' lifetime is refused now (:class:`fides_core.incident.AttestationExpired`);
+    naming an earlier time at which you trust the chain re-checks it as of then."""
     try:
         from fides_core.incident import IncidentError, check_incident
     except ImportError as exc:  # pragma: no cover - the server extra always has scipy
@@ -96,4 +105,5 @@ def verify_incident(
         detector_scores=score_fn,
         calibration=calibration,
         max_alpha=max_alpha,
+        at=at,
     )

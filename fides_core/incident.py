@@ -7,18 +7,35 @@ When the alarm of a model or of one API key fires, the gateway keeps the answers
     {"type": "fides-incident/2", "model", "scope": "model" | "key", "client": key id or null,
      "raised_at", "verifier_output", "detector_threshold",
      "monitor": {"alpha", "delta", "calibration": {"detector": [...], "kl": [...]}},
-     "attestations": {module_id: base64 attestation document},
+     "attestations": {module_id: base64 attestation document, or a list of documents of
+                      that boot (re-attested: a later certificate covering later answers)},
      "answers": [{"request_id", "client", "module_id", "evidence": base64 per-request evidence,
                   "rows": [row indices fed to the alarm], "service": [[p...] per row],
                   "detector": [score per row], "kl": [KL per row],
                   "excluded": {reason: [row indices the gateway kept out of the alarm]}}],
      "trajectory": [the statistic after each row, in signing order, from zero at the first],
+     "answers_left_out": {"no_attestation": n, "outside_attestation": n},
      "live": {the gateway's statistic when it fired, over the whole stream},
-     "drill": the attack drill active when it fired (an exercise), or null}
+     "drill": the attack drill active when it fired (an exercise), or null,
+     "id", "instance": the gateway instance that wrote it,
+     "settle": {"waited_s", "bound_s", "missing"}: how long it waited for the requests of its
+               signed batches still being judged, and how many it still missed (unsigned)}
 
 What :func:`check_incident` proves from it:
 
-- each enclave boot is attested (chain to the pinned root, a measurement the policy expects);
+- each enclave boot is attested (chain to the pinned root, a measurement the policy expects),
+  by a document whose certificate chain is valid at the VERIFICATION time (``at``: now
+  unless the checker names a time), never at a time the bundle claims: a document under a
+  leaked or expired key, dated back to when its certificate was valid, is refused
+  (:class:`AttestationExpired`, which names the way out: an explicit ``at`` for an auditor
+  who trusts the chain as of an earlier time). A boot's earlier documents (re-attested under
+  a renewed certificate) may have expired: they bind the same boot and key as its current
+  one, and date its earlier answers;
+- every document is genuine as of its own date, which lies in its chain's validity and not
+  after the verification time; every signed answer was signed within the validity of one of
+  its boot's documents' chains and not after the verification time
+  (:class:`AttestationTimeError`). The answers' dates are the enclave key's word: these
+  checks bound them to the times the platform certified the boot, no more;
 - each answer's verifier output ``q`` is the one the attested enclave signed for that request id
   (signature, boot, measurement, Merkle proof into the signed batch);
 - KL(service || verifier) is recomputed from the recorded service answers and the SIGNED ``q``;
@@ -54,8 +71,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import datetime as dt
 import hashlib
 import json
+import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -85,11 +105,14 @@ __all__ = [
     "MAX_ALPHA",
     "MAX_DELTA",
     "UNLISTED",
+    "AttestationExpired",
+    "AttestationTimeError",
     "IncidentAnswer",
     "IncidentCheck",
     "IncidentError",
     "SignedPlace",
     "alarm_detector",
+    "attestation_window",
     "build_bundle",
     "calibration_fingerprint",
     "check_incident",
@@ -115,6 +138,7 @@ MAX_DELTA = 1e-5
 # it): the novelty check found the input unlike the calibration's, or the service's answer was
 # not numbers (no detector score)
 EXCLUDED_REASONS = (OUT_OF_DISTRIBUTION, INVALID_ANSWER)
+MAX_DOCUMENTS = 8  # attestation documents of one boot a bundle may carry (re-attestations)
 
 
 class IncidentError(Exception):
@@ -124,6 +148,49 @@ class IncidentError(Exception):
     def __init__(self, part: str, message: str) -> None:
         super().__init__(f"{part}: {message}")
         self.part = part
+
+
+class AttestationTimeError(IncidentError):
+    """The bundle's times do not fit its attestations: an answer signed outside its boot's
+    attestation validity or after the verification time, a document dated outside its own
+    chain's validity or after the verification time, or a chain not yet valid then."""
+
+
+class AttestationExpired(AttestationTimeError):
+    """A certificate of an attestation's chain is no longer valid at the verification time
+    (default now): the bundle is older than its certificates' lifetime, or the document was
+    made under an expired (or leaked) key and dated back to when it was valid. An auditor who
+    trusts the chain as of an earlier time re-checks with that time named explicitly
+    (``fides incident verify --at``, ``verify_incident(at=...)``)."""
+
+
+def _utc(seconds: float) -> str:
+    try:
+        return dt.datetime.fromtimestamp(seconds, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (OverflowError, OSError, ValueError):
+        return f"{seconds:.0f} s since 1970"
+
+
+def _chain_window(certificate: bytes, cabundle: Sequence[bytes]) -> tuple[float, float]:
+    """[not before, not after] (seconds since 1970) in which every certificate of a
+    document's chain is valid: its leaf and cabundle. Raises ValueError when one does not
+    parse."""
+    certs = [x509.load_der_x509_certificate(bytes(d)) for d in (certificate, *cabundle)]
+    return (
+        max(c.not_valid_before_utc.timestamp() for c in certs),
+        min(c.not_valid_after_utc.timestamp() for c in certs),
+    )
+
+
+def attestation_window(document: bytes) -> tuple[float, float] | None:
+    """The validity of an attestation document: the time (seconds since 1970) in which every
+    certificate of its chain is valid; None when it does not decode. Unverified: for the
+    gateway, choosing which of a boot's documents covers an answer (the check verifies)."""
+    try:
+        _, claims = decode_attestation(document)
+        return _chain_window(claims["certificate"], claims["cabundle"])
+    except (AttestationError, ValueError, TypeError):
+        return None
 
 
 def alarm_detector(
@@ -245,20 +312,38 @@ def build_bundle(
     calibration_kl: np.ndarray,
     alpha: float,
     delta: float,
-    attestations: Mapping[str, bytes],
+    attestations: Mapping[str, bytes | Sequence[bytes]],
     answers: Sequence[IncidentAnswer],
     live: Mapping[str, Any],
 ) -> dict[str, Any]:
     """The bundle (a JSON-able dict) over ``answers``, put in the enclave's signing order
     (:func:`signing_order`: the gateway records answers as they finish judging, which under
-    concurrent load is another order); answers of an enclave boot with no attestation document
-    in ``attestations`` are left out and counted."""
-    placed, unattested = [], 0
+    concurrent load is another order). ``attestations``: each boot's document, or its
+    documents (re-attestations); an answer takes the one whose validity covers its signed
+    time (:func:`attestation_window`; the latest such). Answers of a boot with no document
+    are left out and counted (``no_attestation``), and so are answers signed outside the
+    validity of every document of their boot (``outside_attestation``: a check refuses them)."""
+    documents: dict[str, list[tuple[bytes, tuple[float, float]]]] = {}
+    for module, docs in attestations.items():
+        listed = [docs] if isinstance(docs, bytes | bytearray) else list(docs)
+        documents[module] = sorted(  # the latest validity first; one that does not decode
+            # covers everything (the check names it)
+            ((bytes(d), attestation_window(bytes(d)) or (-math.inf, math.inf)) for d in listed),
+            key=lambda dw: -dw[1][1],
+        )
+    placed, unattested, outside = [], 0, 0
+    chosen: dict[str, dict[bytes, float]] = {}  # module -> document -> its validity's start
     for a in answers:
         place = signed_place(a.evidence)
-        if place is None or place.module_id not in attestations:
+        if place is None or not documents.get(place.module_id):
             unattested += 1
             continue
+        t = place.timestamp_ms / 1000
+        doc = next(((d, w) for d, w in documents[place.module_id] if w[0] <= t <= w[1]), None)
+        if doc is None:
+            outside += 1
+            continue
+        chosen.setdefault(place.module_id, {})[doc[0]] = doc[1][0]
         placed.append((place, a))
     kept = [(placed[i][0].module_id, placed[i][1]) for i in signing_order([p for p, _ in placed])]
     detector = alarm_detector(calibration_scores, calibration_kl, alpha, delta)
@@ -268,6 +353,12 @@ def build_bundle(
         if len(a.rows):
             trajectory += detector.update(state, {"detector": a.detector, "kl": a.kl})
     used = sorted({m for m, _ in kept})
+
+    def encoded(module: str) -> str | list[str]:
+        docs = sorted(chosen[module], key=lambda d: chosen[module][d])
+        b64 = [base64.b64encode(d).decode("ascii") for d in docs]
+        return b64[0] if len(b64) == 1 else b64
+
     return {
         "type": INCIDENT_TYPE,
         "model": model,
@@ -286,7 +377,7 @@ def build_bundle(
                 "kl": [float(x) for x in np.asarray(calibration_kl, np.float64)],
             },
         },
-        "attestations": {m: base64.b64encode(attestations[m]).decode("ascii") for m in used},
+        "attestations": {m: encoded(m) for m in used},
         "answers": [
             {
                 "request_id": a.request_id,
@@ -303,7 +394,7 @@ def build_bundle(
             }
             for module, a in kept
         ],
-        "answers_left_out": {"no_attestation": unattested},
+        "answers_left_out": {"no_attestation": unattested, "outside_attestation": outside},
         "trajectory": trajectory,
         "peak": max(trajectory, default=0.0),
         "live": dict(live),
@@ -333,6 +424,8 @@ class IncidentCheck:
     batch_requests: int = 0  # the requests those signed batches hold (signed counts)
     signed_rows: int = 0  # the signed rows of the requests held
     excluded: Mapping[str, int] = field(default_factory=dict)  # rows kept out, by reason
+    checked_at: float = 0.0  # the verification time (s since 1970): every chain valid then
+    at_chosen: bool = False  # the checker named that time (an auditor's), rather than now
 
     def gaps(self) -> list[str]:
         """What the bundle holds less of than the signed data shows, plainly (empty when it
@@ -377,6 +470,11 @@ class IncidentCheck:
                 f", the other {sum(self.excluded.values())} kept out of the alarm by the "
                 f"gateway's word ({reasons})"
             )
+        when = (
+            f"at {_utc(self.checked_at)}, the time the checker chose"
+            if self.at_chosen
+            else f"now ({_utc(self.checked_at)})"
+        )
         return (
             f"incident on {self.model} ({who}): {self.requests} signed requests from "
             f"{len(self.modules)} attested enclave boot(s){simulated}, {self.requests} of the "
@@ -386,7 +484,8 @@ class IncidentCheck:
             f"{kept_out}; the statistic recomputed from them in the enclave's signing order at "
             f"alpha {self.alpha:g} with {calibration} reaches {self.peak:.3g} >= "
             f"{self.threshold:.3g} at answer {self.alarm_at}; KL recomputed from the signed "
-            f"verifier outputs; {scores}{drill}"
+            f"verifier outputs; {scores}; every attestation's certificates valid {when}, "
+            f"every answer signed within its boot's attestation validity{drill}"
         )
 
 
@@ -433,13 +532,31 @@ def check_incident(
     calibration: tuple[np.ndarray, np.ndarray] | None = None,
     max_alpha: float = MAX_ALPHA,
     max_delta: float = MAX_DELTA,
+    at: float | dt.datetime | None = None,
 ) -> IncidentCheck:
     """Check ``bundle`` offline (see the module docstring); raises :class:`IncidentError`
     naming the broken part. ``detector_scores(p, q)``: the detector, to recompute the scores;
     ``calibration``: the detector card's clean ``(scores, kl)``, which the bundle's must equal
     (a provider could otherwise ship a calibration that makes anything an alarm);
     ``max_alpha`` / ``max_delta``: the loosest false-alarm level and calibration risk the
-    checker accepts (the bundle's own could otherwise make clean answers an alarm)."""
+    checker accepts (the bundle's own could otherwise make clean answers an alarm).
+
+    ``at``: the verification time (seconds since 1970 or an aware datetime; a naive one is
+    UTC), default now. Every attestation's chain must be valid then, and nothing in the
+    bundle may be dated after it (``policy.max_clock_skew_s`` allowed). A bundle older than
+    its certificates' lifetime fails now with :class:`AttestationExpired`; an auditor who
+    trusts the chain as of an earlier time names it here, a decision the bundle cannot make
+    for them (its own times are the gateway's and the enclave key's word)."""
+    if at is None:
+        at_s, at_chosen = time.time(), False
+    elif isinstance(at, dt.datetime):
+        at_s = (at if at.tzinfo is not None else at.replace(tzinfo=dt.UTC)).timestamp()
+        at_chosen = True
+    else:
+        at_s, at_chosen = float(at), True
+    if not math.isfinite(at_s):
+        raise ValueError("the verification time must be a finite time")
+    skew = policy.max_clock_skew_s
     if not isinstance(bundle, Mapping) or bundle.get("type") not in (INCIDENT_TYPE, LEGACY_TYPE):
         raise IncidentError("format", f"not a {INCIDENT_TYPE} (or {LEGACY_TYPE}) bundle")
     legacy = bundle["type"] == LEGACY_TYPE
@@ -487,25 +604,33 @@ def check_incident(
     except ValueError as exc:
         raise IncidentError("calibration", str(exc)) from None
 
-    # every enclave boot, attested
+    # every enclave boot, attested, with the times its answers may be signed in
     attested: dict[str, AttestedEnclave] = {}
-    for module, doc_b64 in bundle["attestations"].items():
+    validity: dict[str, list[tuple[float, float]]] = {}
+    for module, docs_b64 in bundle["attestations"].items():
         part = f"attestation {module}"
-        doc = _b64(doc_b64, part, "the document")
-        try:
-            _, claims = decode_attestation(doc)
-            enclave = verify_attestation(
-                doc,
-                root=root,
-                policy=policy,
-                nonce=claims["nonce"],  # the gateway's challenge, not ours: replay is moot here
-                now=claims["timestamp"] / 1000,
+        listed = [docs_b64] if isinstance(docs_b64, str) else docs_b64
+        if not isinstance(listed, list) or not 1 <= len(listed) <= MAX_DOCUMENTS:
+            raise IncidentError(
+                part, f"a boot's attestation is a document or a list of 1 to {MAX_DOCUMENTS}"
             )
-        except AttestationError as exc:
-            raise IncidentError(part, f"{type(exc).__name__}: {exc}") from None
-        if enclave.module_id != module:
-            raise IncidentError(part, f"the document attests {enclave.module_id}, not {module}")
-        attested[module] = enclave
+        for doc_b64 in listed:
+            enclave, window = _attested_at(
+                _b64(doc_b64, part, "the document"), part, root, policy, at_s, at_chosen
+            )
+            if enclave.module_id != module:
+                raise IncidentError(part, f"the document attests {enclave.module_id}, not {module}")
+            first = attested.setdefault(module, enclave)
+            if (
+                enclave.claims["public_key"] != first.claims["public_key"]
+                or enclave.measurement != first.measurement
+                or enclave.simulated != first.simulated
+            ):
+                raise IncidentError(
+                    part, "its documents attest different keys or measurements: not one boot"
+                )
+            validity.setdefault(module, []).append(window)
+        _current_at(part, validity[module], at_s, at_chosen)
 
     # every answer: signed verifier output, recomputed KL (and scores)
     out = bundle["verifier_output"]
@@ -538,6 +663,19 @@ def check_incident(
             raise IncidentError(part, f"{type(exc).__name__}: {exc}") from None
         if out not in checked.outputs:
             raise IncidentError(part, f"the signed result has no output '{out}'")
+        signed_at = checked.timestamp_ms / 1000
+        if not any(lo <= signed_at <= hi for lo, hi in validity[module]):
+            windows = ", ".join(f"{_utc(lo)} to {_utc(hi)}" for lo, hi in validity[module])
+            raise AttestationTimeError(
+                part,
+                f"signed at {_utc(signed_at)}, outside its boot's attestation validity "
+                f"({windows}): an answer is proven only within the time its boot's "
+                "certificates were valid",
+            )
+        if signed_at > at_s + skew:
+            raise AttestationTimeError(
+                part, f"signed at {_utc(signed_at)}, after the verification time {_utc(at_s)}"
+            )
         leaf = (module, checked.seq, checked.index)
         if leaf in held:
             raise IncidentError(
@@ -646,4 +784,75 @@ def check_incident(
         batch_requests=sum(batches.values()),
         signed_rows=signed_rows,
         excluded=excluded,
+        checked_at=at_s,
+        at_chosen=at_chosen,
+    )
+
+
+def _attested_at(
+    doc: bytes,
+    part: str,
+    root: x509.Certificate | bytes | str,
+    policy: Policy,
+    at_s: float,
+    at_chosen: bool,
+) -> tuple[AttestedEnclave, tuple[float, float]]:
+    """One attestation document: itself (signature, chain to the pinned root, measurement,
+    simulation policy) verified at its own date, which must lie in its chain's validity and
+    not after the verification time ``at_s``. Its chain's validity is returned (whether it
+    holds at ``at_s`` is the boot's question: :func:`_current_at`)."""
+    try:
+        _, claims = decode_attestation(doc)
+        dated = claims["timestamp"] / 1000
+        try:
+            lo, hi = _chain_window(claims["certificate"], claims["cabundle"])
+        except ValueError:
+            lo, hi = -math.inf, math.inf  # verify_attestation names what does not parse
+        if not lo <= dated <= hi:
+            raise AttestationTimeError(
+                part,
+                f"dated {_utc(dated)}, outside its own certificate chain's validity "
+                f"({_utc(lo)} to {_utc(hi)})",
+            )
+        enclave = verify_attestation(
+            doc,
+            root=root,
+            policy=policy,
+            nonce=claims["nonce"],  # the gateway's challenge, not ours: replay is moot here
+            now=dated,  # the document as of its date; the chain as of ``at_s``: the boot's
+        )
+    except AttestationError as exc:
+        raise IncidentError(part, f"{type(exc).__name__}: {exc}") from None
+    if dated > at_s + policy.max_clock_skew_s:
+        when = "the time you chose" if at_chosen else "now"
+        raise AttestationTimeError(
+            part, f"dated {_utc(dated)}, after the verification time {_utc(at_s)} ({when})"
+        )
+    return enclave, (lo, hi)
+
+
+def _current_at(
+    part: str, windows: Sequence[tuple[float, float]], at_s: float, at_chosen: bool
+) -> None:
+    """A boot is attested at the verification time when one of its documents' chains is
+    valid then (its other documents, the same boot and key, may have expired since: they
+    date its earlier answers)."""
+    if any(lo <= at_s <= hi for lo, hi in windows):
+        return
+    when = "the time you chose" if at_chosen else "now"
+    lo, hi = max(windows, key=lambda w: w[1])
+    if at_s > hi:
+        raise AttestationExpired(
+            part,
+            f"its certificate chain was valid from {_utc(lo)} to {_utc(hi)}, not at the "
+            f"verification time {_utc(at_s)} ({when}): the bundle is older than its "
+            "certificates' lifetime, or the document was made under an expired or leaked key "
+            "and dated back. To re-check an old bundle, name a time at which you trust the "
+            "chain (fides incident verify --at, verify_incident(at=...))",
+        )
+    raise AttestationTimeError(
+        part,
+        f"no certificate chain of its documents is valid at the verification time "
+        f"{_utc(at_s)} ({when}): the earliest is valid from "
+        f"{_utc(min(w[0] for w in windows))}",
     )

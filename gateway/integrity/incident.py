@@ -5,41 +5,133 @@ rows' service answer, detector score and KL; the indices of the rows kept out of
 why) goes into a ring of the model's last ``capacity`` requests, as each finishes judging. When
 the alarm of the model or of one key fires, the bundle (:func:`fides_core.incident.build_bundle`,
 which puts the answers in the enclave's signing order) is made from the ring (for a key, that
-key's requests only) with the attestation document of each enclave boot that signed them, and
-written to ``<state_dir>/incidents/<model>/<id>.json`` (kept in memory when there is no state
-dir); the admin routes list and return them, ``fides incident export`` fetches one and the SDK
-checks it offline (:func:`fides_client.verify_incident`).
+key's requests only) with the attestation documents of each enclave boot that signed them.
 
-Bounded: the ring holds ``capacity`` requests (about 1 KB of evidence each); at most
-``max_incidents`` bundles are kept per model, the oldest deleted first. A bundle is built when an
-alarm fires (rarely: an alarm latches until an admin resets it), off the event loop.
+**Sealing.** Requests signed before the alarm fired may still be being judged then (under
+concurrent load: the other requests of the tripping request's signed batch, or of an earlier
+one); a bundle sealed at once would show them as gaps. So the bundle waits, in the background
+(the request that tripped the alarm, and every other, goes on at once), until every request of
+the signed batches it holds, and of the batches within their span of sequence numbers, has been
+recorded, or ``settle_s`` has passed. What is still missing then stays a gap, which the check
+reports (the bundle's ``settle`` says how long it waited and how many it still missed). Answers
+pushed out of the ring just before the alarm (a full ring) are kept aside a while (``SPILL``),
+so the oldest signed batch of a bundle is not cut either.
+
+**Files.** ``<state_dir>/incidents/<model>/<id>.json``, where the id names the instance:
+``<UTC time>-<model|key id>[-n]@<instance>`` (``instance``: the alarm state's, the host name:
+a StatefulSet's pod name). Gateways sharing the directory (one volume claim for every pod)
+each write and prune their own files, and any of them lists and returns every instance's
+bundles (and those of earlier versions, named without ``@<instance>``). Kept in memory when
+there is no state dir. The admin routes list and return them, ``fides incident export``
+fetches one and the SDK checks it offline (:func:`fides_client.verify_incident`).
+
+**Attestations.** The document of every boot that signed an answer is kept (the pipeline's,
+after every enclave call). An answer is proven only within its boot's attestation validity
+(the time every certificate of the document's chain is valid), so the documents of a boot
+that outlives its certificate are renewed before it expires: when the newest document of the
+boot now signing nears its certificate's end (its last ``RENEW_FRACTION``), the running
+enclave is attested again in the background and the new document kept beside the old (at
+most ``MAX_DOCUMENTS`` per boot); each answer is bundled with the one covering its time.
+
+Bounded: the ring holds ``capacity`` requests (about 1 KB of evidence each); an instance keeps
+at most ``max_incidents`` bundles per model, the oldest deleted first, and a shared directory
+at most ``SHARED_FACTOR`` times that (the oldest of any instance first: instances replaced
+under new names leave theirs). A bundle is built when an alarm fires (rarely: an alarm latches
+until an admin resets it), off the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import re
 import secrets
+import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from fides_core.attestation import decode_attestation
-from fides_core.incident import IncidentAnswer, build_bundle, evidence_module_id
+from fides_core.incident import (
+    IncidentAnswer,
+    SignedPlace,
+    attestation_window,
+    build_bundle,
+    evidence_module_id,
+    signed_place,
+)
 from gateway.errors import NotFound
 from gateway.integrity.alarm import AlarmMonitor
+from gateway.integrity.alarm_state import instance_name
 
 __all__ = ["IncidentRecorder"]
 
 log = logging.getLogger(__name__)
 
-MAX_BOOTS = 16  # attestation documents kept: the boots of recent answers (a few KB each)
-ID_PATTERN = re.compile(r"^[0-9]{8}T[0-9]{6}Z-(model|key-[0-9a-f]{12}|anonymous)(-[0-9]+)?$")
+MAX_BOOTS = 16  # enclave boots whose attestation documents are kept (a few KB each)
+MAX_DOCUMENTS = 4  # documents kept per boot: its latest re-attestations
+RENEW_FRACTION = 1 / 8  # re-attest the boot signing now in the last 1/8 of its certificate
+SETTLE_S = 2.0  # how long a bundle waits for the requests of its signed batches being judged
+SPILL = 256  # answers pushed out of a full ring, kept aside for the oldest batch of a bundle
+SHARED_FACTOR = 4  # a directory shared by instances keeps at most this many times max_incidents
+ID_PATTERN = re.compile(
+    r"^[0-9]{8}T[0-9]{6}Z-(model|key-[0-9a-f]{12}|anonymous)(-[0-9]+)?"
+    r"(@[A-Za-z0-9_.\-]{1,128})?$"
+)
+
+
+class _Seal:
+    """The answers recorded after an alarm fired, for the bundle(s) waiting for them."""
+
+    def __init__(self) -> None:
+        self.arrived: list[IncidentAnswer] = []
+        self.event = asyncio.Event()
+
+
+class _Batches:
+    """The signed batches a bundle holds answers of, and those within their span of sequence
+    numbers (per boot): which of their requests it holds, and how many it still lacks."""
+
+    def __init__(self, places: Iterable[SignedPlace | None]) -> None:
+        self.have: dict[tuple[str, int], set[int]] = {}
+        self.count: dict[tuple[str, int], int] = {}
+        for p in places:
+            if p is not None:
+                self.add(p)
+        seqs: dict[str, list[int]] = {}
+        for module, seq in self.have:
+            seqs.setdefault(module, []).append(seq)
+        self.span = {m: (min(s), max(s)) for m, s in seqs.items()}
+
+    def wants(self, p: SignedPlace | None) -> bool:
+        """A request of a batch in the span, not held yet."""
+        if p is None or p.module_id not in self.span:
+            return False
+        lo, hi = self.span[p.module_id]
+        return lo <= p.seq <= hi and p.index not in self.have.get((p.module_id, p.seq), ())
+
+    def add(self, p: SignedPlace) -> None:
+        self.have.setdefault((p.module_id, p.seq), set()).add(p.index)
+        self.count[p.module_id, p.seq] = p.count
+
+    def missing(self) -> int:
+        """Requests still lacking: each held batch's unheld ones, and at least one of every
+        batch in the span none of whose requests is held."""
+        n = 0
+        for module, (lo, hi) in self.span.items():
+            held = [k for k in self.count if k[0] == module]
+            n += max(0, hi - lo + 1 - len(held))
+            n += sum(max(0, self.count[k] - len(self.have[k])) for k in held)
+        return n
+
+
+def _places(answers: Sequence[IncidentAnswer]) -> list[SignedPlace | None]:
+    return [signed_place(a.evidence) for a in answers]
 
 
 class IncidentRecorder:
@@ -54,61 +146,213 @@ class IncidentRecorder:
         directory: Path | None,
         capacity: int = 2048,
         max_incidents: int = 50,
+        settle_s: float | None = None,
+        instance: str | None = None,
     ) -> None:
+        """``instance``: this gateway's name in its incidents' ids and files (default: the
+        alarm monitor's, the host name). ``settle_s``: how long a bundle waits, after its
+        alarm fired, for the requests of its signed batches still being judged (default
+        ``SETTLE_S``)."""
         self.model = model
         self.alarm = alarm
         self.verifier_output = verifier_output
         self.detector_threshold = detector_threshold
         self._attest = attest
         self.directory = directory
+        self.instance = instance_name(
+            instance if instance is not None else getattr(alarm, "instance", None)
+        )
         self.ring: deque[IncidentAnswer] = deque(maxlen=capacity)
+        self._spill: deque[IncidentAnswer] = deque(maxlen=SPILL)
         self.max_incidents = max_incidents
-        self.attestations: dict[str, bytes] = {}  # module_id -> document, the last few boots
+        self.settle_s = SETTLE_S if settle_s is None else settle_s
+        # module_id -> its documents, oldest first, and each one's validity (None: unreadable)
+        self.attestations: dict[str, list[bytes]] = {}
+        self._validity: dict[str, list[tuple[float, float] | None]] = {}
+        self._renew_at: dict[str, float] = {}  # module_id -> when to attest it again
+        self._seen: dict[str, bytes] = {}  # module_id -> the document the pipeline last gave
+        self._renewing = False
         self._memory: dict[str, dict[str, Any]] = {}  # without a directory
+        self._reserved: set[str] = set()  # ids being written
+        self._seals: list[_Seal] = []
+        self._closing = False
         self._tasks: set[asyncio.Task[None]] = set()
 
     # -- recording --------------------------------------------------------------------------
 
     def record(self, answer: IncidentAnswer) -> None:
+        """On the serving path: an append (and, while a bundle is being sealed, a wake-up)."""
+        if len(self.ring) == self.ring.maxlen:
+            self._spill.append(self.ring[0])
         self.ring.append(answer)
+        for seal in self._seals:
+            seal.arrived.append(answer)
+            seal.event.set()
 
     def boot(self, module_id: str, document: bytes) -> None:
         """The attestation document of enclave boot ``module_id``: each boot whose evidence the
         gateway checked (the pipeline's, after every enclave call), so the document of the boot
         that signed an answer is here even when the enclave has restarted since. An answer is
-        matched to its boot by the module id its evidence names; one whose boot's document is
-        not here is left out of a bundle, counted (``answers_left_out``) and logged."""
-        if module_id not in self.attestations:
-            self.attestations[module_id] = document
-            while len(self.attestations) > MAX_BOOTS:  # the oldest first
-                del self.attestations[next(iter(self.attestations))]
+        matched to its boot by the module id its evidence names; one whose boot has no document
+        here, or none whose validity covers the answer's signed time, is left out of a bundle,
+        counted (``answers_left_out``) and logged. Called for the boot signing now: when its
+        newest document nears its certificate's end, the enclave is attested again."""
+        if self._seen.get(module_id) is not document:  # once per document, not per call
+            self._seen[module_id] = document
+            if not any(d == document for d in self.attestations.get(module_id, ())):
+                self._keep_document(module_id, document)
+        due = self._renew_at.get(module_id)
+        if due is not None and not self._renewing and time.time() >= due:
+            self._renew(module_id)
+
+    def _keep_document(self, module_id: str, document: bytes) -> None:
+        window = attestation_window(document)
+        held = self._validity.get(module_id, [])
+        if held and window is not None and all(w is not None and window[1] <= w[1] for w in held):
+            return  # covers no time the documents held do not (a re-attestation, same leaf)
+        docs = self.attestations.setdefault(module_id, [])
+        validity = self._validity.setdefault(module_id, [])
+        docs.append(document)
+        validity.append(window)
+        while len(docs) > MAX_DOCUMENTS:  # the boot's oldest document first
+            del docs[0], validity[0]
+        if window is not None:
+            lo, hi = window
+            self._renew_at[module_id] = hi - (hi - lo) * RENEW_FRACTION
+        while len(self.attestations) > MAX_BOOTS:  # the oldest boot first
+            oldest = next(iter(self.attestations))
+            del self.attestations[oldest], self._validity[oldest]
+            self._renew_at.pop(oldest, None)
+            self._seen.pop(oldest, None)
+
+    def _renew(self, module_id: str) -> None:
+        window = next((w for w in reversed(self._validity[module_id]) if w is not None), None)
+        life = 0.0 if window is None else window[1] - window[0]
+        # once per retry interval: an enclave that hands out the same certificate again
+        # (not near enough its end for it) is asked later, not on every call
+        self._renew_at[module_id] = time.time() + max(60.0, life / 64)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._renewing = True
+        task = loop.create_task(self._renew_document(module_id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _renew_document(self, module_id: str) -> None:
+        try:
+            doc = await self._attest(secrets.token_bytes(32))
+            _, claims = decode_attestation(doc)
+            if claims["module_id"] == module_id:  # else the enclave restarted: a new boot
+                self._keep_document(module_id, doc)
+                log.info(
+                    "integrity incidents of %s: enclave boot %s attested again (its "
+                    "certificate nears its end; answers are proven within its validity)",
+                    self.model,
+                    module_id,
+                    extra={"model": self.model},
+                )
+        except Exception as exc:  # noqa: BLE001 - retried later; serving goes on
+            log.warning(
+                "integrity incidents of %s: could not attest enclave boot %s again: %s",
+                self.model,
+                module_id,
+                exc,
+                extra={"model": self.model},
+            )
+        finally:
+            self._renewing = False
 
     def forget(self, scope: str, client: str | None = None) -> None:
         """After an admin reset of ``scope`` (``model``, ``key`` with ``client``, ``all``): the
         answers that drove the old alarm leave the ring, so the next bundle holds only answers
         the restarted statistic has seen (it could otherwise prove a later alarm with the
         earlier incident's answers)."""
-        if scope == "key":
-            kept = [a for a in self.ring if a.client != client]
-            self.ring.clear()
-            self.ring.extend(kept)
-        else:
-            self.ring.clear()
+        for held in (self.ring, self._spill):
+            kept = [a for a in held if scope == "key" and a.client != client]
+            held.clear()
+            held.extend(kept)
 
     def fired(self, scopes: list[str], client: str, drill: dict[str, Any] | None = None) -> None:
-        """The alarm just fired on ``scopes``: snapshot the ring now, build and write the
-        bundle(s) in the background. ``drill``: the attack drill active then (the bundle says
-        so: an exercise, not an incident)."""
+        """The alarm just fired on ``scopes``: snapshot the ring now; seal (wait for the
+        requests of its signed batches still being judged, at most ``settle_s``), build and
+        write the bundle(s) in the background: nothing here waits. ``drill``: the attack drill
+        active then (the bundle says so: an exercise, not an incident)."""
         now = datetime.now(UTC)
         live = self.alarm.status()
+        seal = _Seal()
+        self._seals.append(seal)
+        task = asyncio.get_running_loop().create_task(
+            self._seal_and_write(
+                scopes, client, now, list(self.ring), list(self._spill), seal, live, drill
+            )
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _seal_and_write(
+        self,
+        scopes: list[str],
+        client: str,
+        now: datetime,
+        ring: list[IncidentAnswer],
+        spill: list[IncidentAnswer],
+        seal: _Seal,
+        live: dict[str, Any],
+        drill: dict[str, Any] | None,
+    ) -> None:
+        try:
+            # the widest scope's answers say which batches to wait for (a key's bundle then
+            # takes its own requests among them)
+            held = ring if "model" in scopes else [a for a in ring if a.client == client]
+            extra, settle = await self._settle(held, spill, seal)
+        except Exception:  # noqa: BLE001 - sealed as it stands rather than not at all
+            log.exception("integrity incident of %s: waiting for its batches failed", self.model)
+            extra, settle = [], {"waited_s": 0.0, "bound_s": self.settle_s, "missing": None}
+        finally:
+            self._seals.remove(seal)
         for scope in scopes:
             who = None if scope == "model" else client
-            answers = [a for a in self.ring if who is None or a.client == who]
-            task = asyncio.get_running_loop().create_task(
-                self._write(scope, who, now, answers, live, drill)
-            )
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            answers = [a for a in [*ring, *extra] if who is None or a.client == who]
+            await self._write(scope, who, now, answers, live, drill, settle)
+
+    async def _settle(
+        self, held: list[IncidentAnswer], spill: list[IncidentAnswer], seal: _Seal
+    ) -> tuple[list[IncidentAnswer], dict[str, Any]]:
+        """The answers to add to ``held``: those pushed out of the ring before the alarm and
+        those recorded after it, of the signed batches ``held`` holds or spans, waiting for
+        them at most ``settle_s``; and what the wait was (``settle``)."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        places = await asyncio.to_thread(_places, held)
+        batches = _Batches(places)
+        extra: list[IncidentAnswer] = []
+
+        def take(answers: Sequence[IncidentAnswer], at: Sequence[SignedPlace | None]) -> None:
+            for a, p in zip(answers, at, strict=True):
+                if batches.wants(p):
+                    assert p is not None
+                    batches.add(p)
+                    extra.append(a)
+
+        take(spill, await asyncio.to_thread(_places, spill))
+        deadline = start + self.settle_s
+        while True:
+            new, seal.arrived = seal.arrived, []
+            seal.event.clear()
+            # a few requests: on the loop; many (heavy load): off it
+            take(new, _places(new) if len(new) <= 32 else await asyncio.to_thread(_places, new))
+            left = deadline - loop.time()
+            if not batches.missing() or left <= 0 or self._closing:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(seal.event.wait(), left)
+        return extra, {
+            "waited_s": round(loop.time() - start, 3),
+            "bound_s": self.settle_s,
+            "missing": batches.missing(),
+        }
 
     async def _write(
         self,
@@ -118,7 +362,9 @@ class IncidentRecorder:
         answers: list[IncidentAnswer],
         live: dict[str, Any],
         drill: dict[str, Any] | None = None,
+        settle: dict[str, Any] | None = None,
     ) -> None:
+        ident = None
         try:
             needed = {evidence_module_id(a.evidence) for a in answers} - set(self.attestations)
             needed.discard(None)
@@ -126,7 +372,7 @@ class IncidentRecorder:
                 nonce = secrets.token_bytes(32)
                 doc = await self._attest(nonce)
                 _, claims = decode_attestation(doc)
-                self.boot(claims["module_id"], doc)
+                self._keep_document(claims["module_id"], doc)
             stream = live["model"] if client is None else live["keys"]["in_alarm"].get(client)
             bundle = await asyncio.to_thread(  # up to thousands of rows: off the event loop
                 build_bundle,
@@ -140,23 +386,46 @@ class IncidentRecorder:
                 calibration_kl=self.alarm.calibration_kl,
                 alpha=self.alarm.alpha,
                 delta=self.alarm.delta,
-                attestations=dict(self.attestations),
+                attestations={m: list(d) for m, d in self.attestations.items()},
                 answers=answers,
                 live={"stream": stream, "threshold": live["threshold"]},
             )
             ident = self._new_id(now, client)
             bundle["id"] = ident
+            bundle["instance"] = self.instance
             bundle["drill"] = drill  # the gateway's word: an exercise, not a provider's fault
+            # the gateway's word on its wait for the requests being judged when it fired
+            bundle["settle"] = settle
             await asyncio.to_thread(self._store, ident, bundle)
-            left_out = bundle["answers_left_out"]["no_attestation"]
-            if left_out:
+            left_out = bundle["answers_left_out"]
+            if left_out["no_attestation"]:
                 log.warning(
                     "integrity incident %s of %s: %d signed requests left out: no attestation "
                     "document of the enclave boot that signed them (the last %d boots' kept)",
                     ident,
                     self.model,
-                    left_out,
+                    left_out["no_attestation"],
                     MAX_BOOTS,
+                    extra={"model": self.model, "incident": ident},
+                )
+            if left_out["outside_attestation"]:
+                log.warning(
+                    "integrity incident %s of %s: %d signed requests left out: signed outside "
+                    "the validity of every attestation document kept of their boot",
+                    ident,
+                    self.model,
+                    left_out["outside_attestation"],
+                    extra={"model": self.model, "incident": ident},
+                )
+            if settle and settle.get("missing"):
+                log.warning(
+                    "integrity incident %s of %s: %s requests of its signed batches (or of "
+                    "batches within their span) not judged within %.1f s: the bundle shows "
+                    "them as gaps",
+                    ident,
+                    self.model,
+                    settle["missing"],
+                    self.settle_s,
                     extra={"model": self.model, "incident": ident},
                 )
             log.warning(
@@ -172,13 +441,20 @@ class IncidentRecorder:
             )
         except Exception:  # an incident that cannot be kept must not stop serving; say so
             log.exception("integrity incident of %s (%s) not kept", self.model, scope)
+        finally:
+            if ident is not None:
+                self._reserved.discard(ident)
 
     def _new_id(self, now: datetime, client: str | None) -> str:
+        """``<time>-<scope>[-n]@<instance>``, unique among this instance's bundles, kept and
+        being written (another instance's carry its own name)."""
         base = f"{now:%Y%m%dT%H%M%SZ}-{client or 'model'}"
-        ident, n = base, 1
-        while ident in self._ids():
+        taken = set(self._ids()) | self._reserved
+        ident, n = f"{base}@{self.instance}", 1
+        while ident in taken:
             n += 1
-            ident = f"{base}-{n}"
+            ident = f"{base}-{n}@{self.instance}"
+        self._reserved.add(ident)
         return ident
 
     # -- storage ----------------------------------------------------------------------------
@@ -187,6 +463,7 @@ class IncidentRecorder:
         return None if self.directory is None else self.directory / self.model
 
     def _ids(self) -> list[str]:
+        """Every bundle kept, of every instance sharing the directory, oldest first."""
         d = self._dir()
         if d is None:
             return sorted(self._memory)
@@ -202,14 +479,19 @@ class IncidentRecorder:
                 del self._memory[min(self._memory)]
             return
         d.mkdir(parents=True, exist_ok=True)
-        tmp = d / f".{ident}.json.tmp"
+        tmp = d / f".{ident}.json.tmp"  # the id names this instance: no other writes it
         with tmp.open("w") as fh:
             json.dump(bundle, fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, d / f"{ident}.json")
-        for old in self._ids()[: -self.max_incidents]:
-            (d / f"{old}.json").unlink(missing_ok=True)
+        ids = self._ids()
+        own = [i for i in ids if i.endswith(f"@{self.instance}")]
+        old = set(own[: -self.max_incidents])
+        rest = [i for i in ids if i not in old]
+        old.update(rest[: -self.max_incidents * SHARED_FACTOR])
+        for i in old:
+            (d / f"{i}.json").unlink(missing_ok=True)
 
     def summaries(self) -> list[dict[str, Any]]:
         out = []
@@ -221,6 +503,7 @@ class IncidentRecorder:
             out.append(
                 {
                     "id": ident,
+                    "instance": ident.partition("@")[2] or None,
                     "scope": b.get("scope"),
                     "client": b.get("client"),
                     "raised_at": b.get("raised_at"),
@@ -247,6 +530,10 @@ class IncidentRecorder:
         return bundle
 
     async def close(self) -> None:
-        """Let bundles being written finish (the gateway's shutdown)."""
+        """Seal the bundles waiting for their batches now and let those being written finish
+        (the gateway's shutdown)."""
+        self._closing = True
+        for seal in self._seals:
+            seal.event.set()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
