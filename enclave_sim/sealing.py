@@ -34,8 +34,10 @@ platform-wide counter refused model A's restart once model B had been sealed aft
 Files sealed without an identity (``fides enclave seal``, and every file sealed before the
 counters were per model) use the platform-wide counter ``model_counter`` as before. Migration:
 a model without a counter of its own starts from ``model_counter`` (it is at least every
-version booted on the platform), and every boot raises ``model_counter`` to its version too, so
-an older file sealed without an identity stays refused after its model got its own counter.
+version booted on the platform), fixed when its first named file is sealed (so that other
+models' boots in between do not refuse that file), and every boot raises ``model_counter`` to
+its version too, so an older file sealed without an identity stays refused after its model got
+its own counter.
 SIMULATED: the host can edit these files, so this stops accidents and naive replays only; real
 protection needs a hardware monotonic counter (TPM NV index) or a remote counter service.
 """
@@ -176,7 +178,12 @@ def seal(
     )
     body: dict[str, object] = {"model": model, "config": config.as_dict()}
     if model_id is not None:
-        _counter_path(platform_dir, model_id)  # refuses an empty identity before sealing
+        own = _counter_path(platform_dir, model_id)  # refuses an empty identity before sealing
+        if _read_int(own) is None:
+            # the model's counter starts where it inherits from now: boots of other models
+            # that raise the platform-wide counter before this file first boots do not make
+            # it a rollback
+            write_counter(platform_dir, read_counter(platform_dir, model_id), model_id)
         body["counter"] = model_id
     plaintext = cbor2.dumps(body)
     key = derive_key(secret, salt, measurement.pcr0)

@@ -93,6 +93,22 @@ def test_a_rollback_is_still_refused_per_model(
         unseal(old.read_bytes(), platform)
 
 
+def test_a_named_file_sealed_before_other_models_boot_newer_versions_still_boots(
+    platform: Path, verifier: Path, tmp_path: Path
+) -> None:
+    """"b" sealed at version 1, then "a" sealed and booted at versions 1 and 2 (raising the
+    platform-wide counter to 2) before "b" ever boots: "b"'s first boot is not a rollback."""
+    b1 = tmp_path / "b1.sealed"
+    _seal(platform, verifier, b1, "--model-name", "b")
+    assert read_counter(platform, "b") == 0  # its own counter, fixed at sealing
+    for name in ("a1", "a2"):
+        _seal(platform, verifier, tmp_path / f"{name}.sealed", "--model-name", "a")
+        unseal((tmp_path / f"{name}.sealed").read_bytes(), platform)
+    assert read_counter(platform) == 2
+    assert unseal(b1.read_bytes(), platform).version == 1
+    assert read_counter(platform, "b") == 1
+
+
 def test_without_a_name_the_platform_wide_counter(
     platform: Path, verifier: Path, tmp_path: Path
 ) -> None:
