@@ -6,10 +6,11 @@ the expected measurements and, when given, the provider's published integrity mo
 (:class:`~fides_client.client.IntegrityModels`): every attestation, every signed verifier
 output, KL recomputed from the signed outputs, the detector scores recomputed with the
 published detector, the calibration compared with the detector's card, and the statistic
-recomputed to the alarm threshold. Every attestation's certificates must be valid at the
-verification time (now, or ``at`` for an auditor re-checking an old bundle) and every answer
-signed within its boot's attestation validity. What it proves and what it does not:
-:mod:`fides_core.incident`. Needs scipy (the calibration's Beta bounds).
+recomputed to the alarm threshold. Each enclave boot needs a document whose certificates are
+valid at the verification time (now, or ``at`` for an auditor re-checking an old bundle) and
+every answer signed within its boot's attestation validity; the requests the gateway says it
+left out of the bundle are reported (``IncidentCheck.left_out``, its word). What it proves
+and what it does not: :mod:`fides_core.incident`. Needs scipy (the calibration's Beta bounds).
 """
 
 from __future__ import annotations
@@ -65,9 +66,10 @@ def verify_incident(
     accepted (the gateway's default); a bundle computed at a looser one is refused.
 
     ``at``: the verification time (seconds since 1970, or a datetime; naive is UTC), default
-    now: every attestation's certificate chain must be valid then. A bundle older than its
-    certificates' lifetime is refused now (:class:`fides_core.incident.AttestationExpired`);
-    naming an earlier time at which you trust the chain re-checks it as of then."""
+    now: a certificate chain of each boot's documents must be valid then. A bundle older
+    than its certificates' lifetime is refused now
+    (:class:`fides_core.incident.AttestationExpired`); naming an earlier time at which you
+    trust the chain re-checks it as of then."""
     try:
         from fides_core.incident import IncidentError, check_incident
     except ImportError as exc:  # pragma: no cover - the server extra always has scipy

@@ -58,7 +58,8 @@ What it does not prove: that the answers are every answer of the stream over tha
 gateway could leave requests out, whole signed batches or requests of a batch (the check reports
 the requests held out of those their signed batches hold, and the batches held out of the span
 of sequence numbers they cover, so gaps show; a key's alarm has them by nature: other clients'
-requests); and clients choose their inputs, so a client that picks inputs the detector finds
+requests; the requests the gateway says it left out, ``answers_left_out``, are reported as its
+word); and clients choose their inputs, so a client that picks inputs the detector finds
 unusual can push an honest stream toward an alarm (docs/integrity.md, "What the alarm assumes").
 
 Nor does it prove that the provider served exactly these service answers. The recorded
@@ -101,6 +102,7 @@ from fides_core.stats import kl_divergence
 
 __all__ = [
     "INCIDENT_TYPE",
+    "LEFT_OUT_REASONS",
     "LEGACY_TYPE",
     "MAX_ALPHA",
     "MAX_DELTA",
@@ -139,6 +141,10 @@ MAX_DELTA = 1e-5
 # not numbers (no detector score)
 EXCLUDED_REASONS = (OUT_OF_DISTRIBUTION, INVALID_ANSWER)
 MAX_DOCUMENTS = 8  # attestation documents of one boot a bundle may carry (re-attestations)
+# why the gateway left a request out of a bundle (``answers_left_out``, its word): no
+# attestation document of the boot that signed it (or evidence naming none), or signed outside
+# the validity of every document of its boot kept
+LEFT_OUT_REASONS = ("no_attestation", "outside_attestation")
 
 
 class IncidentError(Exception):
@@ -320,16 +326,19 @@ def build_bundle(
     (:func:`signing_order`: the gateway records answers as they finish judging, which under
     concurrent load is another order). ``attestations``: each boot's document, or its
     documents (re-attestations); an answer takes the one whose validity covers its signed
-    time (:func:`attestation_window`; the latest such). Answers of a boot with no document
+    time (:func:`attestation_window`; the latest such; one that does not decode only when no
+    readable one does), and each boot's document valid latest is carried too (a check at a
+    time past the chosen ones' validity needs it: a boot re-attested under a renewed
+    certificate after its answers were signed). Answers of a boot with no document
     are left out and counted (``no_attestation``), and so are answers signed outside the
     validity of every document of their boot (``outside_attestation``: a check refuses them)."""
-    documents: dict[str, list[tuple[bytes, tuple[float, float]]]] = {}
+    documents: dict[str, list[tuple[bytes, tuple[float, float] | None]]] = {}
     for module, docs in attestations.items():
         listed = [docs] if isinstance(docs, bytes | bytearray) else list(docs)
         documents[module] = sorted(  # the latest validity first; one that does not decode
-            # covers everything (the check names it)
-            ((bytes(d), attestation_window(bytes(d)) or (-math.inf, math.inf)) for d in listed),
-            key=lambda dw: -dw[1][1],
+            # last (taken only for an answer no readable one covers: the check names it)
+            ((bytes(d), attestation_window(bytes(d))) for d in listed),
+            key=lambda dw: (dw[1] is None, -dw[1][1] if dw[1] is not None else 0.0),
         )
     placed, unattested, outside = [], 0, 0
     chosen: dict[str, dict[bytes, float]] = {}  # module -> document -> its validity's start
@@ -339,11 +348,14 @@ def build_bundle(
             unattested += 1
             continue
         t = place.timestamp_ms / 1000
-        doc = next(((d, w) for d, w in documents[place.module_id] if w[0] <= t <= w[1]), None)
+        doc = next(
+            ((d, w) for d, w in documents[place.module_id] if w is None or w[0] <= t <= w[1]),
+            None,
+        )
         if doc is None:
             outside += 1
             continue
-        chosen.setdefault(place.module_id, {})[doc[0]] = doc[1][0]
+        chosen.setdefault(place.module_id, {})[doc[0]] = -math.inf if doc[1] is None else doc[1][0]
         placed.append((place, a))
     kept = [(placed[i][0].module_id, placed[i][1]) for i in signing_order([p for p, _ in placed])]
     detector = alarm_detector(calibration_scores, calibration_kl, alpha, delta)
@@ -355,7 +367,14 @@ def build_bundle(
     used = sorted({m for m, _ in kept})
 
     def encoded(module: str) -> str | list[str]:
-        docs = sorted(chosen[module], key=lambda d: chosen[module][d])
+        # the boot's document valid latest too (room permitting), though it covers no answer:
+        # a check runs at the verification time, which may lie past the chosen ones' validity
+        # (a boot re-attested under a renewed certificate after its answers were signed)
+        starts = dict(chosen[module])
+        latest = documents[module][0]
+        if latest[1] is not None and latest[0] not in starts and len(starts) < MAX_DOCUMENTS:
+            starts[latest[0]] = latest[1][0]
+        docs = sorted(starts, key=lambda d: starts[d])
         b64 = [base64.b64encode(d).decode("ascii") for d in docs]
         return b64[0] if len(b64) == 1 else b64
 
@@ -424,8 +443,11 @@ class IncidentCheck:
     batch_requests: int = 0  # the requests those signed batches hold (signed counts)
     signed_rows: int = 0  # the signed rows of the requests held
     excluded: Mapping[str, int] = field(default_factory=dict)  # rows kept out, by reason
-    checked_at: float = 0.0  # the verification time (s since 1970): every chain valid then
+    checked_at: float = 0.0  # the verification time (s since 1970): a chain per boot valid
     at_chosen: bool = False  # the checker named that time (an auditor's), rather than now
+    # requests the gateway says it left out of the bundle, by reason (``answers_left_out``,
+    # LEFT_OUT_REASONS; its word: unsigned); None when the bundle does not say (older ones)
+    left_out: Mapping[str, int] | None = None
 
     def gaps(self) -> list[str]:
         """What the bundle holds less of than the signed data shows, plainly (empty when it
@@ -445,7 +467,17 @@ class IncidentCheck:
         kept_out = sum(self.excluded.values())
         if kept_out:
             out.append(f"{kept_out} signed rows kept out of the alarm by the gateway's word")
+        if self.left_out and sum(self.left_out.values()):
+            out.append(
+                f"{sum(self.left_out.values())} requests left out of the bundle by the gateway's "
+                f"word ({self._left_out_reasons()})"
+            )
         return out
+
+    def _left_out_reasons(self) -> str:
+        return ", ".join(
+            f"{n} {reason.replace('_', ' ')}" for reason, n in (self.left_out or {}).items() if n
+        )
 
     def summary(self) -> str:
         scores = (
@@ -475,6 +507,12 @@ class IncidentCheck:
             if self.at_chosen
             else f"now ({_utc(self.checked_at)})"
         )
+        left_out = ""
+        if self.left_out and sum(self.left_out.values()):
+            left_out = (
+                f"; the gateway says it left {sum(self.left_out.values())} requests out "
+                f"of the bundle ({self._left_out_reasons()}): its word, not checked"
+            )
         return (
             f"incident on {self.model} ({who}): {self.requests} signed requests from "
             f"{len(self.modules)} attested enclave boot(s){simulated}, {self.requests} of the "
@@ -484,8 +522,10 @@ class IncidentCheck:
             f"{kept_out}; the statistic recomputed from them in the enclave's signing order at "
             f"alpha {self.alpha:g} with {calibration} reaches {self.peak:.3g} >= "
             f"{self.threshold:.3g} at answer {self.alarm_at}; KL recomputed from the signed "
-            f"verifier outputs; {scores}; every attestation's certificates valid {when}, "
-            f"every answer signed within its boot's attestation validity{drill}"
+            f"verifier outputs; {scores}; every boot attested by a document whose "
+            f"certificates are valid {when} (its earlier documents may have expired: they "
+            f"date its earlier answers), every answer signed within its boot's attestation "
+            f"validity{left_out}{drill}"
         )
 
 
@@ -542,7 +582,7 @@ def check_incident(
     checker accepts (the bundle's own could otherwise make clean answers an alarm).
 
     ``at``: the verification time (seconds since 1970 or an aware datetime; a naive one is
-    UTC), default now. Every attestation's chain must be valid then, and nothing in the
+    UTC), default now. A chain of each boot's documents must be valid then, and nothing in the
     bundle may be dated after it (``policy.max_clock_skew_s`` allowed). A bundle older than
     its certificates' lifetime fails now with :class:`AttestationExpired`; an auditor who
     trusts the chain as of an earlier time names it here, a decision the bundle cannot make
@@ -573,6 +613,7 @@ def check_incident(
             raise IncidentError("format", f"'{key}' is missing or not a {kind.__name__}")
     if not bundle["answers"]:
         raise IncidentError("format", "the bundle holds no answers")
+    left_out = _left_out(bundle)
 
     # the calibration and level the statistic is computed with
     mon = bundle["monitor"]
@@ -786,7 +827,26 @@ def check_incident(
         excluded=excluded,
         checked_at=at_s,
         at_chosen=at_chosen,
+        left_out=left_out,
     )
+
+
+def _left_out(bundle: Mapping[str, Any]) -> dict[str, int] | None:
+    """The requests the gateway says it left out of the bundle, by reason (its word, reported:
+    none may go unsaid); None when the bundle does not say (older bundles)."""
+    if "answers_left_out" not in bundle:
+        return None
+    said = bundle["answers_left_out"]
+    if (
+        not isinstance(said, dict)
+        or set(said) - set(LEFT_OUT_REASONS)
+        or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in said.values())
+    ):
+        raise IncidentError(
+            "format",
+            f"'answers_left_out' must map {' or '.join(LEFT_OUT_REASONS)} to a count of requests",
+        )
+    return {reason: said.get(reason, 0) for reason in LEFT_OUT_REASONS}
 
 
 def _attested_at(

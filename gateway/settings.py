@@ -107,6 +107,14 @@ class Settings(BaseSettings):
         description="Where each verified model's sequential alarm state is kept across "
         "restarts (<model>@<host name>.alarm.npz); default <enclave_runtime_dir>/alarm.",
     )
+    integrity_incidents_max_mb: float = Field(
+        64.0,
+        gt=0,
+        description="The most this gateway's incident bundles of one verified model take in "
+        "<integrity_state_dir>/incidents, in MiB (a full bundle is a few MB): the oldest of "
+        "its own are deleted to make room for a new one; one over the bound alone is still "
+        "kept. The alarm state's volume must hold this per model, plus the alarm state.",
+    )
     enclave_external: bool = Field(
         False,
         description="Attach to enclaves started elsewhere (sidecars) at "

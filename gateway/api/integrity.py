@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -110,14 +111,18 @@ async def reset_alarm(name: str, request: Request, svc: IntegrityDep) -> dict[st
 
 @admin.get("/{name}/integrity/incidents")
 async def incidents(name: str, svc: IntegrityDep) -> dict[str, Any]:
-    """The incident bundles kept for the model's alarms (oldest first)."""
-    return {"model": name, "incidents": svc.require(name).incident_list()}
+    """The incident bundles kept for the model's alarms (oldest first). Read off the event
+    loop: every bundle file is parsed (a few MB each, up to hundreds on a shared claim)."""
+    pipe = svc.require(name)
+    return {"model": name, "incidents": await asyncio.to_thread(pipe.incident_list)}
 
 
 @admin.get("/{name}/integrity/incidents/{ident}")
 async def incident(name: str, ident: str, svc: IntegrityDep) -> dict[str, Any]:
-    """One incident bundle (``fides-incident/2``), for offline checking."""
-    return svc.require(name).incident(ident)
+    """One incident bundle (``fides-incident/2``), for offline checking (read and parsed off
+    the event loop)."""
+    pipe = svc.require(name)
+    return await asyncio.to_thread(pipe.incident, ident)
 
 
 @admin.delete("/{name}/drill")

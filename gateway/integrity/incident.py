@@ -34,10 +34,15 @@ enclave is attested again in the background and the new document kept beside the
 most ``MAX_DOCUMENTS`` per boot); each answer is bundled with the one covering its time.
 
 Bounded: the ring holds ``capacity`` requests (about 1 KB of evidence each); an instance keeps
-at most ``max_incidents`` bundles per model, the oldest deleted first, and a shared directory
-at most ``SHARED_FACTOR`` times that (the oldest of any instance first: instances replaced
-under new names leave theirs). A bundle is built when an alarm fires (rarely: an alarm latches
-until an admin resets it), off the event loop.
+at most ``max_incidents`` bundles per model and at most ``max_bytes`` of them (a full bundle
+is a few MB: the directory is the alarm state's volume, an emptyDir the kubelet evicts the pod
+for overfilling), the oldest deleted first, and a shared directory at most ``SHARED_FACTOR``
+times ``max_incidents`` (the oldest of any instance first: instances replaced under new names
+leave theirs). The bytes are made room for before a bundle is written, so the instance's files
+never exceed ``max_bytes`` even while it is written, except for a bundle over the bound on its
+own: it is still kept (the evidence of the alarm that just fired), alone, and logged. A bundle
+is built when an alarm fires (rarely: an alarm latches until an admin resets it), off the event
+loop.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ import logging
 import os
 import re
 import secrets
+import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -62,12 +68,11 @@ from fides_core.incident import (
     SignedPlace,
     attestation_window,
     build_bundle,
-    evidence_module_id,
     signed_place,
 )
 from gateway.errors import NotFound
 from gateway.integrity.alarm import AlarmMonitor
-from gateway.integrity.alarm_state import instance_name
+from gateway.integrity.alarm_state import glob_escape, instance_name
 
 __all__ = ["IncidentRecorder"]
 
@@ -79,6 +84,7 @@ RENEW_FRACTION = 1 / 8  # re-attest the boot signing now in the last 1/8 of its 
 SETTLE_S = 2.0  # how long a bundle waits for the requests of its signed batches being judged
 SPILL = 256  # answers pushed out of a full ring, kept aside for the oldest batch of a bundle
 SHARED_FACTOR = 4  # a directory shared by instances keeps at most this many times max_incidents
+MAX_BYTES = 64 * 2**20  # an instance's bundles of one model (FIDES_INTEGRITY_INCIDENTS_MAX_MB)
 ID_PATTERN = re.compile(
     r"^[0-9]{8}T[0-9]{6}Z-(model|key-[0-9a-f]{12}|anonymous)(-[0-9]+)?"
     r"(@[A-Za-z0-9_.\-]{1,128})?$"
@@ -134,6 +140,14 @@ def _places(answers: Sequence[IncidentAnswer]) -> list[SignedPlace | None]:
     return [signed_place(a.evidence) for a in answers]
 
 
+def _age(ident: str) -> tuple[str, int, str]:
+    """Sorts one instance's ids oldest first: by time, then ``-n`` (``-2`` follows the id
+    without a number, which a plain sort puts after it)."""
+    m = ID_PATTERN.fullmatch(ident)
+    n = int(m.group(2)[1:]) if m and m.group(2) else 1
+    return ident[:16], n, ident
+
+
 class IncidentRecorder:
     def __init__(
         self,
@@ -146,13 +160,15 @@ class IncidentRecorder:
         directory: Path | None,
         capacity: int = 2048,
         max_incidents: int = 50,
+        max_bytes: int = MAX_BYTES,
         settle_s: float | None = None,
         instance: str | None = None,
     ) -> None:
         """``instance``: this gateway's name in its incidents' ids and files (default: the
         alarm monitor's, the host name). ``settle_s``: how long a bundle waits, after its
         alarm fired, for the requests of its signed batches still being judged (default
-        ``SETTLE_S``)."""
+        ``SETTLE_S``). ``max_bytes``: the most this instance's bundles of the model take,
+        together (serialized)."""
         self.model = model
         self.alarm = alarm
         self.verifier_output = verifier_output
@@ -164,7 +180,11 @@ class IncidentRecorder:
         )
         self.ring: deque[IncidentAnswer] = deque(maxlen=capacity)
         self._spill: deque[IncidentAnswer] = deque(maxlen=SPILL)
+        # requests judged with no row fed to the alarm: no slot of the ring, but a bundle
+        # waiting for the requests of its signed batches takes them as judged (and holds them)
+        self._unfed: deque[IncidentAnswer] = deque(maxlen=SPILL)
         self.max_incidents = max_incidents
+        self.max_bytes = max_bytes
         self.settle_s = SETTLE_S if settle_s is None else settle_s
         # module_id -> its documents, oldest first, and each one's validity (None: unreadable)
         self.attestations: dict[str, list[bytes]] = {}
@@ -173,6 +193,10 @@ class IncidentRecorder:
         self._seen: dict[str, bytes] = {}  # module_id -> the document the pipeline last gave
         self._renewing = False
         self._memory: dict[str, dict[str, Any]] = {}  # without a directory
+        self._memory_bytes: dict[str, int] = {}  # their serialized sizes
+        # one write (and its pruning) at a time, off the loop; the admin routes' reads (also in
+        # worker threads) take it too for the bundles kept in memory
+        self._storing = threading.RLock()
         self._reserved: set[str] = set()  # ids being written
         self._seals: list[_Seal] = []
         self._closing = False
@@ -181,10 +205,15 @@ class IncidentRecorder:
     # -- recording --------------------------------------------------------------------------
 
     def record(self, answer: IncidentAnswer) -> None:
-        """On the serving path: an append (and, while a bundle is being sealed, a wake-up)."""
-        if len(self.ring) == self.ring.maxlen:
-            self._spill.append(self.ring[0])
-        self.ring.append(answer)
+        """On the serving path: an append (and, while a bundle is being sealed, a wake-up).
+        A request with no row fed to the alarm takes no slot of the ring: it is kept aside
+        (``SPILL``) for the bundles whose signed batches hold it."""
+        if not len(answer.rows):
+            self._unfed.append(answer)
+        else:
+            if len(self.ring) == self.ring.maxlen:
+                self._spill.append(self.ring[0])
+            self.ring.append(answer)
         for seal in self._seals:
             seal.arrived.append(answer)
             seal.event.set()
@@ -207,6 +236,15 @@ class IncidentRecorder:
 
     def _keep_document(self, module_id: str, document: bytes) -> None:
         window = attestation_window(document)
+        if window is None:  # no answer can be dated within it: it would only fail a check
+            log.warning(
+                "integrity incidents of %s: an attestation document of enclave boot %s does "
+                "not decode (its certificate chain's validity cannot be read): not kept",
+                self.model,
+                module_id,
+                extra={"model": self.model},
+            )
+            return
         held = self._validity.get(module_id, [])
         if held and window is not None and all(w is not None and window[1] <= w[1] for w in held):
             return  # covers no time the documents held do not (a re-attestation, same leaf)
@@ -269,7 +307,7 @@ class IncidentRecorder:
         answers that drove the old alarm leave the ring, so the next bundle holds only answers
         the restarted statistic has seen (it could otherwise prove a later alarm with the
         earlier incident's answers)."""
-        for held in (self.ring, self._spill):
+        for held in (self.ring, self._spill, self._unfed):
             kept = [a for a in held if scope == "key" and a.client != client]
             held.clear()
             held.extend(kept)
@@ -281,11 +319,26 @@ class IncidentRecorder:
         active then (the bundle says so: an exercise, not an incident)."""
         now = datetime.now(UTC)
         live = self.alarm.status()
+        if self._closing:
+            log.warning(
+                "integrity alarm of %s fired while the gateway shuts down: its bundle is "
+                "written at once, without waiting for the requests of its signed batches "
+                "still being judged (they show as gaps)",
+                self.model,
+                extra={"model": self.model},
+            )
         seal = _Seal()
         self._seals.append(seal)
         task = asyncio.get_running_loop().create_task(
             self._seal_and_write(
-                scopes, client, now, list(self.ring), list(self._spill), seal, live, drill
+                scopes,
+                client,
+                now,
+                list(self.ring),
+                [*self._spill, *self._unfed],
+                seal,
+                live,
+                drill,
             )
         )
         self._tasks.add(task)
@@ -306,7 +359,10 @@ class IncidentRecorder:
             # the widest scope's answers say which batches to wait for (a key's bundle then
             # takes its own requests among them)
             held = ring if "model" in scopes else [a for a in ring if a.client == client]
-            extra, settle = await self._settle(held, spill, seal)
+            # the other clients' requests in the ring are judged already: of the signed
+            # batches a key's requests are in, they are not waited for (nor bundled: below)
+            others = [] if "model" in scopes else [a for a in ring if a.client != client]
+            extra, settle = await self._settle(held, [*spill, *others], seal)
         except Exception:  # noqa: BLE001 - sealed as it stands rather than not at all
             log.exception("integrity incident of %s: waiting for its batches failed", self.model)
             extra, settle = [], {"waited_s": 0.0, "bound_s": self.settle_s, "missing": None}
@@ -320,7 +376,8 @@ class IncidentRecorder:
     async def _settle(
         self, held: list[IncidentAnswer], spill: list[IncidentAnswer], seal: _Seal
     ) -> tuple[list[IncidentAnswer], dict[str, Any]]:
-        """The answers to add to ``held``: those pushed out of the ring before the alarm and
+        """The answers to add to ``held``: those of ``spill`` (pushed out of the ring before the
+        alarm, kept aside with no row fed, or, for a key, the other clients' in the ring) and
         those recorded after it, of the signed batches ``held`` holds or spans, waiting for
         them at most ``settle_s``; and what the wait was (``settle``)."""
         loop = asyncio.get_running_loop()
@@ -366,8 +423,9 @@ class IncidentRecorder:
     ) -> None:
         ident = None
         try:
-            needed = {evidence_module_id(a.evidence) for a in answers} - set(self.attestations)
-            needed.discard(None)
+            # thousands of evidences to decode: off the event loop
+            places = await asyncio.to_thread(_places, answers)
+            needed = {p.module_id for p in places if p is not None} - set(self.attestations)
             if needed:  # the running boot's document, attested now (a client with no `attested`)
                 nonce = secrets.token_bytes(32)
                 doc = await self._attest(nonce)
@@ -466,32 +524,95 @@ class IncidentRecorder:
         """Every bundle kept, of every instance sharing the directory, oldest first."""
         d = self._dir()
         if d is None:
-            return sorted(self._memory)
+            with self._storing:
+                return list(self._memory)  # as written
         if not d.is_dir():
             return []
-        return sorted(p.stem for p in d.glob("*.json") if ID_PATTERN.match(p.stem))
+        # by time, then -n as a number (a plain sort puts "-2@i" before "@i" and "-10" before
+        # "-2"): the newest listed last, which `fides incident export` takes by default
+        return sorted((p.stem for p in d.glob("*.json") if ID_PATTERN.fullmatch(p.stem)), key=_age)
 
     def _store(self, ident: str, bundle: dict[str, Any]) -> None:
-        d = self._dir()
-        if d is None:
-            self._memory[ident] = bundle
-            while len(self._memory) > self.max_incidents:
-                del self._memory[min(self._memory)]
-            return
-        d.mkdir(parents=True, exist_ok=True)
-        tmp = d / f".{ident}.json.tmp"  # the id names this instance: no other writes it
-        with tmp.open("w") as fh:
-            json.dump(bundle, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, d / f"{ident}.json")
-        ids = self._ids()
-        own = [i for i in ids if i.endswith(f"@{self.instance}")]
-        old = set(own[: -self.max_incidents])
-        rest = [i for i in ids if i not in old]
-        old.update(rest[: -self.max_incidents * SHARED_FACTOR])
-        for i in old:
-            (d / f"{i}.json").unlink(missing_ok=True)
+        data = json.dumps(bundle).encode()
+        with self._storing:
+            d = self._dir()
+            if d is None:
+                own = list(self._memory_bytes.items())  # oldest first: as written
+                for i in self._make_room(ident, own, len(data)):
+                    del self._memory[i], self._memory_bytes[i]
+                self._memory[ident], self._memory_bytes[ident] = bundle, len(data)
+                while len(self._memory) > self.max_incidents:
+                    oldest = next(iter(self._memory_bytes))
+                    del self._memory[oldest], self._memory_bytes[oldest]
+                return
+            d.mkdir(parents=True, exist_ok=True)
+            # a write cut short (a crash, a full disk) left its temp file: this instance's only
+            for stale in d.glob(f".*@{glob_escape(self.instance)}.json.tmp"):
+                stale.unlink(missing_ok=True)
+            for i in self._make_room(ident, self._own(d), len(data)):
+                (d / f"{i}.json").unlink(missing_ok=True)
+            tmp = d / f".{ident}.json.tmp"  # the id names this instance: no other writes it
+            try:
+                with tmp.open("wb") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, d / f"{ident}.json")
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            old = {i for i, _ in self._own(d)[: -self.max_incidents]}
+            rest = [i for i in self._ids() if i not in old]
+            old.update(rest[: -self.max_incidents * SHARED_FACTOR])
+            for i in old:
+                (d / f"{i}.json").unlink(missing_ok=True)
+
+    def _own(self, d: Path) -> list[tuple[str, int]]:
+        """This instance's bundles in ``d`` with their sizes in bytes, oldest first: in the
+        order written (an id freed by pruning is given again within its second)."""
+        own = []
+        for ident in self._ids():
+            if ident.endswith(f"@{self.instance}"):
+                with contextlib.suppress(FileNotFoundError):
+                    st = (d / f"{ident}.json").stat()
+                    own.append((st.st_mtime_ns, _age(ident), ident, st.st_size))
+        return [(ident, size) for *_, ident, size in sorted(own)]
+
+    def _make_room(self, ident: str, own: list[tuple[str, int]], size: int) -> list[str]:
+        """Which of this instance's bundles ``own`` (oldest first, with their sizes) to delete
+        so that they and the new bundle ``ident`` of ``size`` bytes take at most ``max_bytes``:
+        the oldest first; all of them when the new one alone is over it (it is still kept)."""
+        total = sum(n for _, n in own) + size
+        drop = []
+        for i, n in own:
+            if total <= self.max_bytes:
+                break
+            drop.append(i)
+            total -= n
+        if size > self.max_bytes:
+            log.warning(
+                "integrity incident %s of %s: its bundle alone is %.1f MiB, over the bound of "
+                "%.1f MiB (FIDES_INTEGRITY_INCIDENTS_MAX_MB) on this instance's bundles of the "
+                "model: kept, and every older bundle of this instance deleted (%d)",
+                ident,
+                self.model,
+                size / 2**20,
+                self.max_bytes / 2**20,
+                len(drop),
+                extra={"model": self.model, "incident": ident},
+            )
+        elif drop:
+            log.info(
+                "integrity incidents of %s: %d oldest bundles of this instance deleted (%.1f "
+                "MiB) to keep them within %.1f MiB (FIDES_INTEGRITY_INCIDENTS_MAX_MB) with %s",
+                self.model,
+                len(drop),
+                sum(n for i, n in own if i in drop) / 2**20,
+                self.max_bytes / 2**20,
+                ident,
+                extra={"model": self.model, "incident": ident},
+            )
+        return drop
 
     def summaries(self) -> list[dict[str, Any]]:
         out = []
@@ -515,13 +636,15 @@ class IncidentRecorder:
         return out
 
     def get(self, ident: str) -> dict[str, Any]:
-        if not ID_PATTERN.match(ident):
+        if not ID_PATTERN.fullmatch(ident):
             raise NotFound(f"model '{self.model}': '{ident}' is not an incident id")
         d = self._dir()
         if d is None:
-            if ident not in self._memory:
+            with self._storing:
+                bundle_kept = self._memory.get(ident)
+            if bundle_kept is None:
                 raise NotFound(f"model '{self.model}': no incident '{ident}'")
-            return self._memory[ident]
+            return bundle_kept
         path = d / f"{ident}.json"
         if not path.is_file():
             raise NotFound(f"model '{self.model}': no incident '{ident}'")
@@ -530,10 +653,10 @@ class IncidentRecorder:
         return bundle
 
     async def close(self) -> None:
-        """Seal the bundles waiting for their batches now and let those being written finish
-        (the gateway's shutdown)."""
+        """Seal the bundles waiting for their batches now and let those being written finish,
+        those of an alarm firing meanwhile too (the gateway's shutdown)."""
         self._closing = True
         for seal in self._seals:
             seal.event.set()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        while self._tasks:  # and those a request finishing meanwhile started (an alarm fired)
+            await asyncio.gather(*set(self._tasks), return_exceptions=True)

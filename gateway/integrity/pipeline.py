@@ -63,6 +63,7 @@ from gateway.errors import BadRequest, GatewayError, Unavailable
 from gateway.integrity.alarm import ANONYMOUS, AlarmMonitor
 from gateway.integrity.drills import ActiveDrill, tamper
 from gateway.integrity.enclave import EnclaveBatcher, verifier_file
+from gateway.integrity.incident import MAX_BYTES as INCIDENTS_MAX_BYTES
 from gateway.integrity.incident import IncidentRecorder
 from gateway.integrity.metrics import IntegrityMetrics
 from gateway.integrity.substitution import SubstitutionMonitor
@@ -160,6 +161,7 @@ class IntegrityPipeline:
         verifier_inputs: Sequence[InputSpec] | None = None,
         seed: int | None = None,
         state_dir: Path | None = None,
+        incidents_max_bytes: int = INCIDENTS_MAX_BYTES,
     ) -> None:
         self.model = model
         # what the enclave checks requests against; default: read from the verifier's graph
@@ -212,6 +214,7 @@ class IntegrityPipeline:
             attest=self.attest,
             directory=None if state_dir is None else state_dir / "incidents",
             capacity=cfg.alarm_incident_requests,
+            max_bytes=incidents_max_bytes,
         )
         e = cfg.enclave
         part = {p: metrics.enclave_call.labels(model, p) for p in ENCLAVE_PARTS}
@@ -482,8 +485,9 @@ class IntegrityPipeline:
         known = np.isfinite(scores) if novel is None else np.isfinite(scores) & ~novel
         kl = kl_divergence(p[known], q[known])  # [known rows]
         self._watch(scores[known], kl)
-        if known.any():  # a request with no row fed would take a slot of the bundle's ring
-            self._keep_for_incidents(rid, ctx.client, item.evidence, known, novel, p, scores, kl)
+        # every signed request, also one with no row fed (the recorder keeps those aside, out
+        # of the ring): a bundle waiting for its signed batches knows it was judged
+        self._keep_for_incidents(rid, ctx.client, item.evidence, known, novel, p, scores, kl)
         scopes = self._sequential(ctx.client, scores[known], kl)
         params["integrity_alarm"] = bool(scopes)
         if scopes:

@@ -168,6 +168,7 @@ class IntegrityService:
                 service_inputs=service.inputs,
                 measurement=measurement,
                 state_dir=self.settings.alarm_state_dir,
+                incidents_max_bytes=int(self.settings.integrity_incidents_max_mb * 2**20),
             )
         except (GatewayError, EnclaveSideError, ValueError, OSError, KeyError) as exc:
             # never serve the model as if it had no integrity block: its policy applies

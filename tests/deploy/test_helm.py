@@ -89,6 +89,18 @@ RENDERS: dict[str, dict[str, Any]] = {
         "alarmState": {"existingClaim": "alarm-state", "existingClaimReadWriteMany": True}
     },
     "alarm_claim_one_pod": {"replicaCount": 1, "alarmState": {"existingClaim": "alarm-state"}},
+    "alarm_state_1gi_two_models": {
+        "alarmState": {"sizeLimit": "1Gi"},
+        "enclave": {
+            "models": [
+                {"name": "digits", "sealModel": "/opt/fides/model_repository/v/1/model.onnx"},
+                {"name": "digits_heavy", "sealModel": "/opt/fides/model_repository/w/1/model.onnx"},
+            ]
+        },
+    },
+    "incidents_bound_set": {
+        "gateway": {"env": [{"name": "FIDES_INTEGRITY_INCIDENTS_MAX_MB", "value": "10"}]}
+    },
     "all_on": {
         "metrics": {
             "serviceMonitor": {"enabled": True, "authorization": {"name": "k", "key": "key"}},
@@ -134,6 +146,24 @@ BROKEN: dict[str, tuple[dict[str, Any], str]] = {
     "alarm_two_claims": (
         {"alarmState": {"existingClaim": "a", "persistence": {"enabled": True}}},
         "not both",
+    ),
+    # no room for the incident bundles beside the alarm states: refused, not evicted later
+    "alarm_state_too_small_for_its_models": (
+        {
+            "enclave": {
+                "models": [
+                    {"name": f"m{i}", "sealModel": "/opt/fides/model_repository/v/1/model.onnx"}
+                    for i in range(4)
+                ]
+            }
+        },
+        "leaves 0 MiB of incident bundles to each of the 4 verified model(s) (enclave.models)"
+        " once 16 MiB of each one's share holds its alarm state (a full bundle is about 3 MB): "
+        "give it at least 80Mi",
+    ),
+    "alarm_claim_too_small": (
+        {"alarmState": {"persistence": {"enabled": True, "size": "16Mi"}}},
+        "alarmState: 16Mi leaves 0 MiB",
     ),
 }
 
@@ -650,3 +680,60 @@ def test_alarm_state_on_a_shared_claim_is_a_statefulset(helm: dict[str, Any]) ->
         volumes = {v["name"]: v for v in sts["spec"]["template"]["spec"]["volumes"]}
         assert volumes["alarm-state"]["persistentVolumeClaim"] == {"claimName": "alarm-state"}
         assert "volumeClaimTemplates" not in sts["spec"]
+
+
+# -- the incident bundles' byte bound fits the alarm state's volume ----------------------------
+
+STATE_RESERVE_MIB = 16  # each verified model's alarm state (deployment.yaml; docs/deploy.md)
+FULL_BUNDLE_MIB = 4  # a bundle of integrity.alarm_incident_requests (2048) requests, ~2.7 MB
+
+
+def _mib(quantity: str) -> int:
+    n, unit = int(quantity[:-2]), quantity[-2:]
+    return {"Ki": n // 1024, "Mi": n, "Gi": n * 1024, "Ti": n * 1024 * 1024}[unit]
+
+
+@pytest.mark.parametrize(
+    ("name", "volume_mib", "models"),
+    [
+        ("default", 64, 1),
+        ("two_models", 64, 2),
+        ("alarm_state_1gi_two_models", 1024, 2),
+        ("no_enclave", 64, 1),
+        ("alarm_claim_per_pod", 1024, 1),
+    ],
+)
+def test_incident_bound_fits_the_alarm_state_volume(
+    helm: dict[str, Any], name: str, volume_mib: int, models: int
+) -> None:
+    """The gateway's bound on its incident bundles per verified model
+    (FIDES_INTEGRITY_INCIDENTS_MAX_MB) is set from the volume the chart gives the alarm state
+    (the emptyDir's sizeLimit, the kubelet evicts the pod past it; or each pod's claim): every
+    model's bundles and its alarm state fit in it together, and a full bundle fits in each
+    model's bound."""
+    objects = _objects(helm, name)
+    env = _env(_containers(objects)["gateway"])
+    bound = int(env["FIDES_INTEGRITY_INCIDENTS_MAX_MB"])
+    sts = [o for o in objects if o["kind"] == "StatefulSet"]
+    if sts:
+        (claim,) = sts[0]["spec"]["volumeClaimTemplates"]
+        size = claim["spec"]["resources"]["requests"]["storage"]
+    else:
+        size = _pod_volumes(objects)["alarm-state"]["emptyDir"]["sizeLimit"]
+    assert _mib(size) == volume_mib
+    assert models * (bound + STATE_RESERVE_MIB) <= volume_mib
+    assert bound >= FULL_BUNDLE_MIB
+    assert bound == volume_mib // models - STATE_RESERVE_MIB  # all of what is left
+
+
+def test_incident_bound_not_set_on_a_shared_claim_or_where_gateway_env_sets_it(
+    helm: dict[str, Any],
+) -> None:
+    """A shared existingClaim's size is not in the values: the gateway's default applies
+    (docs/deploy.md says how to size the claim). A bound in gateway.env is the only one."""
+    for name in ("alarm_shared_claim", "alarm_claim_one_pod"):
+        env = _env(_containers(_objects(helm, name))["gateway"])
+        assert "FIDES_INTEGRITY_INCIDENTS_MAX_MB" not in env
+    gateway = _containers(_objects(helm, "incidents_bound_set"))["gateway"]
+    named = [e for e in gateway["env"] if e["name"] == "FIDES_INTEGRITY_INCIDENTS_MAX_MB"]
+    assert named == [{"name": "FIDES_INTEGRITY_INCIDENTS_MAX_MB", "value": "10"}]

@@ -55,7 +55,7 @@ def test_a_fresh_bundle_is_checked_now(platform: Platform) -> None:
     assert check.requests == 9
     assert not check.at_chosen
     assert abs(check.checked_at - time.time()) < 60
-    assert "every attestation's certificates valid now" in check.summary()
+    assert "every boot attested by a document whose certificates are valid now" in check.summary()
     assert "signed within its boot's attestation validity" in check.summary()
 
 
