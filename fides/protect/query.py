@@ -16,23 +16,27 @@ verifier is distilled from.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from rich.progress import Progress, TaskID
 
 from fides.protect.config import AnswerKind, QueryConfig
-from fides.protect.service import Service
+from fides.protect.service import NotAnswered, Service
 from fides.protect.store import AnswerStore, input_key
 from gateway.errors import GatewayError
 
 __all__ = [
     "AnswerError",
+    "AnswerShapeChanged",
     "BudgetExhausted",
     "Querier",
     "QueryFailed",
@@ -41,6 +45,15 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: What a changed answer shape leaves the user to do (both ways of going on are named).
+SHAPE_ADVICE = (
+    "If the service changed for good, its recorded answers are another model's: give a new "
+    "--answers file (the kit starts over); if the change has passed, rerun with "
+    "--retry-unusable to ask again for the inputs answered in the new shape"
+)
+#: The determinism probe's repeats, as named in progress, log and budget messages.
+PROBE_WHAT = "repeats of the determinism probe"
 
 #: Label-only answers are distilled from this much probability on the answered class.
 LABEL_CONFIDENCE = 0.9
@@ -55,6 +68,25 @@ class QueryFailed(RuntimeError):
 
 class AnswerError(ValueError):
     """The service's answers cannot be used as they are; the message names the problem."""
+
+
+class AnswerShapeChanged(AnswerError):
+    """The service answers rows of another shape (or dtype) than the answers recorded in the
+    store: it changed since they were recorded (a new model version, another output).
+    ``reason``: what is recorded for each input answered so."""
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+#: The answer store's key for a determinism probe begun and not finished (interrupted, out
+#: of budget, stopped by an unusable batch): the repeats counted so far, so a rerun goes on.
+PROBE_STATE = "determinism_partial"
+
+#: (the batch's (key, row index) pairs, its answer or why it is unusable as a whole, the
+#: inputs answered unusably one by one): commits one answered batch, with what it cost.
+Settle = Callable[[list[tuple[bytes, int]], "np.ndarray | AnswerError", list[str]], None]
 
 
 UNUSABLE_REASON = "non-finite values (NaN / Inf)"
@@ -85,6 +117,18 @@ class BudgetExhausted(RuntimeError):
             f"{spent + missing:,} and nothing is asked twice"
         )
         self.spent, self.budget, self.missing = spent, budget, missing
+
+
+def _probe_result(state: dict[str, Any], inputs: int) -> dict[str, float | int]:
+    """The report's determinism block, from the probe's counts."""
+    compared = int(state["values_compared"])
+    return {
+        "inputs": inputs,
+        "max_abs_diff": float(state["max_abs_diff"]),
+        "mean_abs_diff": float(state["sum_abs_diff"]) / compared if compared else 0.0,
+        "top1_changed": int(state["top1_changed"]),
+        "non_finite": int(state["non_finite"]),
+    }
 
 
 class _RateLimiter:
@@ -143,6 +187,7 @@ class Querier:
         self.distinct: set[bytes] = set()  # every input answered for, whichever run paid
         self._limiter = _RateLimiter(cfg.rate_limit)
         self._batch = min(cfg.batch_size, service.max_batch or cfg.batch_size)
+        self._check_declared_layout()
 
     # -- public -------------------------------------------------------------------------
 
@@ -169,47 +214,43 @@ class Querier:
 
     def repeat_probe(self, x: np.ndarray) -> dict[str, float | int]:
         """Ask again for ``x`` (recorded already) and compare: how deterministic is the
-        service? Measured once per store (the result is kept in it)."""
+        service? Measured once per store (the result is kept in it).
+
+        The repeats go through the main loop's machinery one batch at a time: each batch is
+        committed with what it cost and what it showed, so an interrupt, an exhausted budget
+        or an unusable batch stops the probe cleanly, and a rerun goes on with the inputs
+        not yet asked again (none is paid for twice)."""
         known = self.store.meta_json("determinism")
         if known is not None or len(x) == 0:
             return dict(known or {})
         recorded = self.answers(x, "probe inputs")
         sent = self.service.encode(x)
         keys = [input_key(row) for row in sent]
+        state = self._probe_state(keys)
+        done = set(state["done"])
+        todo = [(k, i) for i, k in enumerate(keys) if i not in done]
         # the inputs are answered (above): an unusable record of one is of an earlier probe's
-        earlier = self.store.unusable(keys)
+        earlier = self.store.unusable(k for k, _ in todo)
         if earlier:  # its repeat was answered unusably as a whole: not paid for again
-            first = {k: i for i, k in reversed(list(enumerate(keys)))}
+            first = {k: i for k, i in reversed(todo)}
             raise self._unusable_before(earlier, first, "probe inputs")
-        self._check_budget(len(x))
-        parts = []
-        for i in range(0, len(x), self._batch):
-            batch = sent[i : i + self._batch]
-            try:
-                parts.append(self._ask(batch))
-            except AnswerError as exc:  # answered (paid for), unusable as a whole
-                self._record_unusable(keys[i : i + self._batch], exc)
-                raise self._recorded(exc, len(batch)) from None
-            self.store.add_spent(len(batch))  # each batch counted once it is paid for
-            self.asked += len(batch)
-        again = np.concatenate(parts)
-        flat_a = again.reshape(len(x), -1).astype(np.float64)
-        flat_r = recorded.reshape(len(x), -1).astype(np.float64)
-        finite = np.isfinite(flat_a).all(1)  # the recorded answers are finite (stored)
-        diff = np.abs(flat_a[finite] - flat_r[finite])
-        top1 = (
-            (flat_a.argmax(1) != flat_r.argmax(1))
-            if flat_a.shape[1] > 1
-            else (flat_a != flat_r)[:, 0]
-        ) | ~finite
-        result = {
-            "inputs": len(x),
-            "max_abs_diff": float(diff.max()) if diff.size else 0.0,
-            "mean_abs_diff": float(diff.mean()) if diff.size else 0.0,
-            "top1_changed": int(top1.sum()),
-            "non_finite": int((~finite).sum()),
-        }
-        self.store.set_meta("determinism", json.dumps(result))
+        if done and todo:
+            log.info(
+                "the determinism probe goes on: %d of its %d inputs were asked again by an "
+                "earlier run",
+                len(done),
+                len(x),
+            )
+
+        def settle(
+            chunk: list[tuple[bytes, int]], outcome: np.ndarray | AnswerError, bad: list[str]
+        ) -> None:
+            self._settle_probe(state, recorded, chunk, outcome)
+
+        if todo:
+            self._fetch(sent, todo, PROBE_WHAT, settle=settle, concurrency=1)
+        result = _probe_result(state, len(x))
+        self.store.update_meta({"determinism": json.dumps(result), PROBE_STATE: None})
         if result["top1_changed"]:
             log.warning(
                 "the service changed its top-1 answer for %d of %d repeated inputs: it is not "
@@ -240,6 +281,111 @@ class Querier:
             "to pay for them once more"
         )
 
+    def _probe_state(self, keys: list[bytes]) -> dict[str, Any]:
+        """The probe's repeats counted so far, by an earlier run, for these inputs (another
+        probe's, of other inputs, is started afresh: its queries stay counted as paid)."""
+        digest = hashlib.blake2b(b"".join(keys), digest_size=16).hexdigest()
+        state = self.store.meta_json(PROBE_STATE)
+        if isinstance(state, dict) and state.get("inputs_digest") == digest:
+            return state
+        if state is not None:
+            log.info("an unfinished determinism probe of other inputs is started afresh")
+        return {
+            "inputs_digest": digest,
+            "done": [],
+            "max_abs_diff": 0.0,
+            "sum_abs_diff": 0.0,
+            "values_compared": 0,
+            "top1_changed": 0,
+            "non_finite": 0,
+        }
+
+    def _settle_probe(
+        self,
+        state: dict[str, Any],
+        recorded: np.ndarray,
+        chunk: list[tuple[bytes, int]],
+        outcome: np.ndarray | AnswerError,
+    ) -> None:
+        """Commit one batch of repeats: what it cost and how it compares with the recorded
+        answers, in one transaction (``state`` is updated only once it is committed, so a
+        batch whose commit an interrupt rolled back is settled again, not counted twice)."""
+        if isinstance(outcome, AnswerError):  # answered (paid for), unusable as a whole
+            self._record_unusable([k for k, _ in chunk], outcome)
+            return
+        committed = self.store.meta_json(PROBE_STATE)  # the truth, after any interrupt
+        if isinstance(committed, dict) and committed.get("inputs_digest") == state["inputs_digest"]:
+            state.update(committed)
+        rows = [i for _, i in chunk]
+        again = outcome.reshape(len(rows), -1).astype(np.float64)
+        before = recorded[rows].reshape(len(rows), -1).astype(np.float64)
+        finite = np.isfinite(again).all(1)  # the recorded answers are finite (stored)
+        diff = np.abs(again[finite] - before[finite])
+        top1 = (
+            (again.argmax(1) != before.argmax(1)) if again.shape[1] > 1 else (again != before)[:, 0]
+        ) | ~finite
+        after = {
+            **state,
+            "done": [*state["done"], *rows],
+            "max_abs_diff": max(float(state["max_abs_diff"]), float(diff.max(initial=0.0))),
+            "sum_abs_diff": float(state["sum_abs_diff"]) + float(diff.sum()),
+            "values_compared": int(state["values_compared"]) + int(diff.size),
+            "top1_changed": int(state["top1_changed"]) + int(top1.sum()),
+            "non_finite": int(state["non_finite"]) + int((~finite).sum()),
+        }
+        self.store.add_spent(len(rows), meta={PROBE_STATE: json.dumps(after)})
+        state.update(after)
+        self.asked += len(rows)
+
+    def _check_declared_layout(self) -> None:
+        """Before any query: a service whose declared answer shape is not the recorded
+        answers' changed since they were recorded (refused without paying for a batch)."""
+        layout = self.store.layout()
+        spec = next(
+            (s for s in self.service.runtime.outputs if s.name == self.service.output), None
+        )
+        if layout is None or spec is None:
+            return
+        declared = tuple(spec.shape[1:]) if self.service.max_batch > 0 else tuple(spec.shape)
+        shape = layout[1]
+        if len(declared) == len(shape) and all(
+            d in (-1, n) for d, n in zip(declared, shape, strict=True)
+        ):
+            return
+        raise AnswerShapeChanged(
+            f"{self.service.identity} declares {spec.datatype} {list(declared)} per input "
+            f"(output {self.service.output!r}), but the {len(self.store):,} answers recorded "
+            f"in {self.store.path} are {layout[0]} {list(shape)}: the service changed what it "
+            "answers since they were recorded (a new model version?). Nothing was asked: give "
+            "a new --answers file (the kit starts over), or point service.upstream at the "
+            "version that gave the recorded answers (model_version)"
+        )
+
+    def _layout_change(self, answer: np.ndarray) -> AnswerShapeChanged | None:
+        """Why ``answer`` (a batch's rows) cannot join the recorded answers: rows of another
+        shape or dtype than theirs (None: it can; the first answers set the layout)."""
+        layout = self.store.layout()
+        if layout is None or (answer.dtype == layout[0] and answer.shape[1:] == layout[1]):
+            return None
+        now, then = f"{answer.dtype} {list(answer.shape[1:])}", f"{layout[0]} {list(layout[1])}"
+        return AnswerShapeChanged(
+            f"{self.service.identity} now answers {now} per input, but the answers recorded "
+            f"in {self.store.path} are {then}: the service changed what it answers since they "
+            "were recorded",
+            reason=f"answered {now} per input where the recorded answers are {then} (the "
+            "service changed)",
+        )
+
+    def _outcome(self, fut: Future[np.ndarray]) -> np.ndarray | AnswerError:
+        """A request's answer, or why it is unusable as a whole (answered, so paid for);
+        raises QueryFailed (no answer: nothing paid for) or, for a request an interrupt
+        cancelled before it was sent, CancelledError."""
+        try:
+            answer = fut.result()
+        except AnswerError as exc:
+            return exc
+        return self._layout_change(answer) or answer
+
     def _recorded(self, exc: AnswerError, n: int) -> AnswerError:
         """``exc`` (a batch of ``n`` answered unusably as a whole), saying it is recorded."""
         return AnswerError(
@@ -247,15 +393,23 @@ class Querier:
             "rerun names them instead of paying for them again (--retry-unusable asks again)"
         )
 
-    def _check_budget(self, need: int) -> None:
-        if self.budget is not None and self.store.spent + need > self.budget:
-            raise BudgetExhausted(self.store.spent, self.budget, need, "determinism probe")
+    def _ask_into(self, fut: Future[np.ndarray], batch: np.ndarray) -> None:
+        """:meth:`_ask` in a worker thread, its outcome into ``fut``; nothing is sent when
+        ``fut`` was cancelled (an interrupt) before the worker took it up."""
+        if not fut.set_running_or_notify_cancel():
+            return
+        try:
+            fut.set_result(self._ask(batch))
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+            fut.set_exception(exc)
 
     def _ask(self, batch: np.ndarray) -> np.ndarray:
         """One request; the answer rows checked against the batch."""
         self._limiter.wait()
         try:
             out = self.service.ask(batch)
+        except NotAnswered as exc:  # a redirect or no content: no answer, nothing paid
+            raise QueryFailed(f"{self.service.identity}: {exc.message}") from None
         except GatewayError as exc:
             if "returned an invalid response" in exc.message:  # answered (paid), unusable
                 raise AnswerError(f"{self.service.identity}: {exc.message}") from None
@@ -273,10 +427,20 @@ class Querier:
             )
         return out
 
-    def _fetch(self, sent: np.ndarray, todo: list[tuple[bytes, int]], what: str) -> None:
-        """Ask for ``todo`` (key, row index) in batches, committing each answered batch.
-        With a budget too small for all of them, what fits is asked and then
-        :class:`BudgetExhausted` raised."""
+    def _fetch(
+        self,
+        sent: np.ndarray,
+        todo: list[tuple[bytes, int]],
+        what: str,
+        *,
+        settle: Settle | None = None,
+        concurrency: int | None = None,
+    ) -> None:
+        """Ask for ``todo`` (key, row index) in batches, committing each answered batch
+        (``settle``; by default its answers go into the store). With a budget too small for
+        all of them, what fits is asked and then :class:`BudgetExhausted` raised."""
+        settle = settle or self._settle
+        concurrency = concurrency or self.cfg.concurrency
         short = 0
         if self.budget is not None:
             room = max(0, self.budget - self.store.spent)
@@ -295,64 +459,88 @@ class Querier:
                 len(self.store),
             )
         bad: list[str] = []
-        pool = ThreadPoolExecutor(self.cfg.concurrency, thread_name_prefix="fides-query")
+        pool = ThreadPoolExecutor(concurrency, thread_name_prefix="fides-query")
+        # each batch's own future, registered before its request can start: an interrupt
+        # that lands anywhere (inside submit, between a batch's answer and its commit) finds
+        # every batch that may have been sent here, in flight or answered
         pending: dict[Future[np.ndarray], list[tuple[bytes, int]]] = {}
         queue = iter(chunks)
         error: BaseException | None = None
-        # the answered batch being recorded (its answer, or why it is unusable as a whole)
-        in_hand: tuple[list[tuple[bytes, int]], np.ndarray | AnswerError] | None = None
+        changed = 0  # inputs answered in another shape than the recorded answers'
+        # the answered batch being committed, with the inputs paid for before: if they are
+        # still as many after an interrupt, its commit was rolled back (or never began)
+        in_hand: tuple[Future[np.ndarray], int] | None = None
         try:
             while True:
-                while error is None and len(pending) < self.cfg.concurrency:
+                while error is None and len(pending) < concurrency:
                     chunk = next(queue, None)
                     if chunk is None:
                         break
-                    rows = sent[[i for _, i in chunk]]
-                    pending[pool.submit(self._ask, rows)] = chunk
+                    fut: Future[np.ndarray] = Future()
+                    pending[fut] = chunk
+                    pool.submit(self._ask_into, fut, sent[[i for _, i in chunk]])
                 if not pending:
                     break
                 done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
                 for fut in done:
-                    chunk = pending.pop(fut)
+                    chunk = pending[fut]
+                    in_hand = (fut, self.store.spent)
                     try:
-                        outcome: np.ndarray | AnswerError = fut.result()
+                        outcome: np.ndarray | AnswerError | None = self._outcome(fut)
                     except QueryFailed as exc:  # no answer: nothing paid for or recorded
                         error = error or exc
-                        continue
-                    except AnswerError as exc:  # answered (paid for), unusable as a whole
-                        outcome = exc
-                        error = error or self._recorded(exc, len(chunk))
-                    in_hand = (chunk, outcome)
-                    self._settle(chunk, outcome, bad)
+                        outcome = None
+                    if isinstance(outcome, AnswerShapeChanged):  # named with the totals
+                        changed += len(chunk)
+                        error = error or outcome
+                    elif isinstance(outcome, AnswerError):  # answered (paid for), unusable
+                        error = error or self._recorded(outcome, len(chunk))
+                    if outcome is not None:
+                        settle(chunk, outcome, bad)
+                    del pending[fut]
                     in_hand = None
-                    if isinstance(outcome, AnswerError):
+                    if outcome is None or isinstance(outcome, AnswerError):
                         continue
                     prog.done += len(chunk)
                     self._report(prog, what)
-        except BaseException:  # Ctrl-C / SIGTERM: keep what is in flight, then stop
+        except BaseException as exc:  # Ctrl-C / SIGTERM (or a failure): keep what is in flight
+            for fut in pending:
+                fut.cancel()  # not sent yet: never will be (one being sent is not cancelled)
             pool.shutdown(wait=False, cancel_futures=True)
-            keys = [k for k, _ in in_hand[0]] if in_hand is not None else []
-            if in_hand is not None and not (self.store.get(keys) or self.store.unusable(keys)):
-                # interrupted while recording it (its transaction rolled back): paid for
-                with contextlib.suppress(Exception):
-                    self._settle(*in_hand, bad)
-            for fut, chunk in pending.items():
+            with contextlib.suppress(Exception):
+                self.store.abandon()  # an interrupt inside a rollback: read what is committed
+            unsettled = dict(pending)
+            with contextlib.suppress(Exception):  # (checked before any other is settled)
+                if in_hand is not None and self.store.spent != in_hand[1]:
+                    unsettled.pop(in_hand[0], None)  # committed before the interrupt landed
+            for fut, chunk in unsettled.items():
                 try:
-                    outcome = fut.result()
-                except AnswerError as exc:  # answered (paid for), unusable as a whole
-                    outcome = exc
-                except Exception:  # noqa: BLE001 - the interrupt is what is reported
+                    outcome = self._outcome(fut)  # waits for the answer of one in flight
+                except Exception:  # noqa: BLE001 - not answered (or never sent): not paid
                     continue
                 with contextlib.suppress(Exception):
-                    self._settle(chunk, outcome, bad)
+                    settle(chunk, outcome, bad)
             log.warning(
-                "interrupted: %d inputs paid for are recorded in %s",
+                "%s while asking for %s: %d inputs paid for (%d by this run) are recorded in "
+                "%s; the same command goes on from there",
+                "interrupted"
+                if isinstance(exc, KeyboardInterrupt)
+                else f"stopped by {type(exc).__name__}",
+                what,
                 self.store.spent,
+                self.asked,
                 self.store.path,
             )
             raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+        if isinstance(error, AnswerShapeChanged):
+            raise AnswerShapeChanged(
+                f"{error}. The {changed:,} inputs answered so are recorded as unusable (paid "
+                f"for); {self.asked:,} inputs paid for by this run ({self.store.spent:,} in "
+                f"all) are recorded in {self.store.path}, every earlier answer kept. "
+                + SHAPE_ADVICE
+            )
         if error is not None:
             raise error
         if bad:
@@ -377,7 +565,11 @@ class Querier:
     def _record_unusable(self, keys: list[bytes], exc: AnswerError) -> None:
         """Commit a batch (of ``keys``, as sent) answered unusably as a whole: paid for, and
         each of its inputs unusable, with why, so a rerun does not pay for them again."""
-        reason = _batch_reason(str(exc), self.service.identity)
+        reason = (
+            exc.reason
+            if isinstance(exc, AnswerShapeChanged) and exc.reason
+            else _batch_reason(str(exc), self.service.identity)
+        )
         self.store.put_unusable(dict.fromkeys(keys, reason), paid=len(keys))
         self.asked += len(keys)
         log.warning(

@@ -3,22 +3,28 @@
 A repository model (onnx, torch, or an ``upstream`` entry) is loaded as the gateway loads it;
 a remote endpoint goes through :class:`gateway.runtimes.upstream.UpstreamRuntime` (pooled
 HTTP, retries with backoff on 5xx / 429 / timeouts, ``Retry-After``, a circuit breaker). The
-kit therefore sees the service exactly as the fronting gateway will.
+kit therefore sees the service exactly as the fronting gateway will, with one difference for
+a paid endpoint: a redirect (3xx) or a 204 / 205 (no content) is refused at once, by name
+(:class:`NotAnswered`), neither followed, retried nor taken for an unusable answer.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+from http import HTTPStatus
 from pathlib import Path
 
+import httpx
 import numpy as np
 
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, UpstreamError
 from gateway.model_config import ConfigError, ModelConfig, UpstreamOptions, load_model_config
 from gateway.runtimes import Runtime, runtime_class
 from gateway.runtimes.base import TensorSpec
+from gateway.runtimes.upstream import UpstreamRuntime
 
-__all__ = ["Service", "ServiceError", "open_service"]
+__all__ = ["NotAnswered", "Service", "ServiceError", "open_service"]
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +33,87 @@ _DTYPES = {"FP32": np.float32, "FP16": np.float16, "FP64": np.float64, "UINT8": 
 
 class ServiceError(RuntimeError):
     """The service cannot be opened or queried; the message names what is wrong."""
+
+
+class NotAnswered(UpstreamError):
+    """The endpoint answered a request without an answer: a redirect (3xx) or no content
+    (204 / 205). Not retried: a redirect is configuration (the endpoint moved, or the URL is
+    not the inference endpoint), not a passing fault, and a 204 says the request succeeded
+    with nothing to say, which asking again does not change (and may be billed again)."""
+
+
+#: Statuses that say, by definition, that the response has no body.
+NO_CONTENT = (204, 205)
+
+
+def _phrase(status: int) -> str:
+    try:
+        return f"HTTP {status} {HTTPStatus(status).phrase}"
+    except ValueError:
+        return f"HTTP {status}"
+
+
+def _shown(url: httpx.URL) -> str:
+    """``url`` without what may be a secret: user info and the query (a signed URL's)."""
+    shown = url.copy_with(username=None, password=None, query=None, fragment=None)
+    return str(shown) + ("?..." if url.query else "")
+
+
+def _location(url: httpx.URL, location: str | None) -> str:
+    """A redirect's Location as the user would read it: absolute, without secrets."""
+    if not location:
+        return "no Location header"
+    try:
+        return f"Location {_shown(url.join(location))}"
+    except (httpx.InvalidURL, ValueError, TypeError):
+        return f"Location {location[:200]!r} (not a valid URL)"
+
+
+def _refuse_unanswered(response: httpx.Response) -> None:
+    """An httpx response hook: a redirect or a response without content is no answer."""
+    status = response.status_code
+    url = response.request.url
+    if 300 <= status < 400:
+        where = _location(url, response.headers.get("Location"))
+        raise NotAnswered(
+            f"upstream {_shown(url)} redirected the request ({_phrase(status)}, {where}); not "
+            "followed: a paid query carries your credentials and is sent only to the endpoint "
+            "the configuration names. Nothing was answered or counted as paid for. If the "
+            "endpoint moved and you trust its new address, set service.upstream.url to it"
+        )
+    if status in NO_CONTENT:
+        raise NotAnswered(
+            f"upstream {_shown(url)} answered {_phrase(status)}: a response without a body, "
+            "where an inference endpoint answers 200 with the outputs (is service.upstream "
+            "the model's OIP endpoint?). Not counted as an answer nor as paid for (a provider "
+            "that bills such requests counts them where the kit does not), and not retried"
+        )
+
+
+class _PaidEndpoint(UpstreamRuntime):
+    """The gateway's upstream runtime, with redirects and empty answers refused by name
+    (:class:`NotAnswered`) before its retry loop sees them (it would take them for an
+    invalid answer, which the query client counts as paid for and unusable)."""
+
+    def __init__(self, name: str, version: int, path: Path, config: ModelConfig) -> None:
+        super().__init__(name, version, path, config)
+        self._hook_lock = threading.Lock()
+
+    @property
+    def client(self) -> httpx.Client:
+        client = super().client  # made on first use, again after an unload
+        hooks = client.event_hooks["response"]
+        if _refuse_unanswered not in hooks:
+            with self._hook_lock:
+                if _refuse_unanswered not in hooks:
+                    hooks.append(_refuse_unanswered)
+        return client
+
+    def ready(self) -> bool:
+        try:
+            return super().ready()
+        except NotAnswered:
+            return False
 
 
 class Service:
@@ -152,7 +239,7 @@ def open_service(
             upstream=upstream,
         )
         try:
-            runtime = runtime_class("upstream")(remote, 1, Path("."), config)
+            runtime: Runtime = _PaidEndpoint(remote, 1, Path("."), config)
         except GatewayError as exc:
             raise ServiceError(f"{identity}: {exc.message}") from None
         return _open(runtime, output, identity)

@@ -88,6 +88,15 @@ class AnswerStore:
     def set_meta(self, key: str, value: str) -> None:
         self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
+    def update_meta(self, values: dict[str, str | None]) -> None:
+        """Set (None: delete) several metadata keys in one transaction."""
+        with self._transaction():
+            for key, value in values.items():
+                if value is None:
+                    self._db.execute("DELETE FROM meta WHERE key = ?", (key,))
+                else:
+                    self.set_meta(key, value)
+
     def meta_json(self, key: str) -> Any:
         raw = self.meta(key)
         return None if raw is None else json.loads(raw)
@@ -96,6 +105,12 @@ class AnswerStore:
     def spent(self) -> int:
         """Inputs paid for (sent and answered), over every run with this store."""
         return int(self.meta("spent") or 0)
+
+    def abandon(self) -> None:
+        """Roll back a write transaction an interrupt left open (one that landed inside a
+        rollback), so that what is read next is what is committed."""
+        if self._db.in_transaction:
+            self._db.execute("ROLLBACK")
 
     def _begin(self) -> None:
         """Start a write transaction; one left open by a write that an interrupt cut short
@@ -115,14 +130,24 @@ class AnswerStore:
             raise
         self._db.execute("COMMIT")
 
-    def add_spent(self, n: int) -> None:
+    def add_spent(self, n: int, meta: dict[str, str] | None = None) -> None:
+        """``n`` more inputs paid for, with ``meta`` keys set in the same transaction."""
         with self._transaction():
             self.set_meta("spent", str(self.spent + n))
+            for key, value in (meta or {}).items():
+                self.set_meta(key, value)
 
     def __len__(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM answers").fetchone()[0])
 
     # -- answers ----------------------------------------------------------------------
+
+    def layout(self) -> tuple[np.dtype[Any], tuple[int, ...]] | None:
+        """The recorded answers' dtype and row shape (None: none recorded yet)."""
+        layout = self.meta_json("layout")
+        if layout is None:
+            return None
+        return np.dtype(str(layout["dtype"])), tuple(int(d) for d in layout["shape"])
 
     def _layout(self, answer: np.ndarray) -> tuple[str, tuple[int, ...]]:
         """The answers' dtype and row shape, fixed by the first answer stored."""

@@ -4,9 +4,10 @@ digits model, then breaks its answers or its HTTP the way real endpoints do)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from tests.gateway.test_upstream_gateway import serve_in_thread
 from tests.integrity_factory import DETECTOR
@@ -65,8 +66,13 @@ class MLaaS:
     session: ort.InferenceSession
     url: str = ""
     mode: str = "ok"  # ok | nan | short | logits | noisy | top2 | label | index | image
-    fail_with: int | None = None  # answer this HTTP status ...
+    fail_with: int | None = None  # answer this HTTP status (a 3xx: to ``location``) ...
     fail_times: int = 0  # ... this many times (then answer normally)
+    location: str = ""  # where a 3xx sends the client
+    classes: int = 10  # classes answered: more than 10 pads the rows with zero probabilities
+    declared: int | None = None  # classes its metadata declares (None: ``classes``; -1: any)
+    on_infer: Callable[[np.ndarray], None] | None = None  # called with each request's inputs
+    delay_s: Callable[[np.ndarray], float] | None = None  # how long to think about a request
     bad_mode: str = "short"  # answer in this mode instead ...
     bad_times: int = 0  # ... the next this many requests (then as ``mode`` says)
     rows_answered: int = 0  # inputs answered with 200, as the provider bills them
@@ -92,6 +98,9 @@ class MLaaS:
             p = np.eye(10, dtype=np.float32)[p.argmax(1)]
         elif mode == "index":
             p = p.argmax(1).astype(np.int64)
+        if p.ndim == 2 and self.classes > p.shape[1]:  # a model with more classes
+            pad = np.zeros((len(p), self.classes - p.shape[1]), np.float32)
+            p = np.concatenate([p, pad], 1)
         return p
 
     def app(self) -> FastAPI:
@@ -113,7 +122,11 @@ class MLaaS:
                     if self.mode == "index"
                     else {"name": "denoised", "datatype": "FP32", "shape": [-1, 1, 8, 8]}
                     if self.mode == "image"  # an image-to-image model, not a classifier
-                    else {"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]}
+                    else {
+                        "name": "probabilities",
+                        "datatype": "FP32",
+                        "shape": [-1, self.classes if self.declared is None else self.declared],
+                    }
                 ],
             }
 
@@ -124,6 +137,12 @@ class MLaaS:
             with self.lock:
                 if self.fail_times > 0 and self.fail_with is not None:
                     self.fail_times -= 1
+                    if 300 <= self.fail_with < 400:  # moved: the answer is somewhere else
+                        return Response(
+                            status_code=self.fail_with, headers={"Location": self.location}
+                        )
+                    if self.fail_with == 204:  # done, with nothing to say
+                        return Response(status_code=204)
                     return JSONResponse(
                         {"error": f"HTTP {self.fail_with} on purpose"},
                         status_code=self.fail_with,
@@ -135,6 +154,10 @@ class MLaaS:
             body = json.loads(await request.body())
             t = body["inputs"][0]
             x = np.asarray(t["data"], dtype=np.float32).reshape(t["shape"])
+            if self.on_infer is not None:
+                self.on_infer(x)
+            if self.delay_s is not None:  # other requests are answered meanwhile
+                await asyncio.sleep(self.delay_s(x))
             p = self.answer(x, mode)
             with self.lock:
                 self.rows_answered += len(x)

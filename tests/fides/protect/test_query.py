@@ -317,14 +317,17 @@ def test_an_interrupt_keeps_a_batch_answered_unusably(
     mlaas.bad_times = 1
     with pytest.raises(KeyboardInterrupt):
         q.answers(X[:96])
-    assert q.store.spent == mlaas.rows_answered == 96  # 3 batches in flight at once
+    # 3 batches submitted at once; one whose worker had not taken it up when the interrupt
+    # landed is cancelled, never sent: whatever the provider answered (and bills) is recorded
+    served = mlaas.rows_answered
+    assert q.store.spent == served >= 64
     assert len(_unusable_rows(q, X[:96])) == 32
-    assert len(q.store) == 64
+    assert len(q.store) == served - 32
     monkeypatch.setattr(query, "wait", wait)  # the interrupt is over
     rerun = _querier(mlaas, tmp_path / "a.sqlite")
     with pytest.raises(AnswerError, match="32 of the inputs were answered with unusable"):
         rerun.answers(X[:96])
-    assert mlaas.rows_answered == 96
+    assert mlaas.rows_answered == served
 
 
 def test_a_store_is_bound_to_the_output_it_reads(tmp_path: Path) -> None:
