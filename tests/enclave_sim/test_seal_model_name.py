@@ -96,8 +96,8 @@ def test_a_rollback_is_still_refused_per_model(
 def test_a_named_file_sealed_before_other_models_boot_newer_versions_still_boots(
     platform: Path, verifier: Path, tmp_path: Path
 ) -> None:
-    """"b" sealed at version 1, then "a" sealed and booted at versions 1 and 2 (raising the
-    platform-wide counter to 2) before "b" ever boots: "b"'s first boot is not a rollback."""
+    """Model b sealed at version 1, then a sealed and booted at versions 1 and 2 (raising the
+    platform-wide counter to 2) before b ever boots: b's first boot is not a rollback."""
     b1 = tmp_path / "b1.sealed"
     _seal(platform, verifier, b1, "--model-name", "b")
     assert read_counter(platform, "b") == 0  # its own counter, fixed at sealing
