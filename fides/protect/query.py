@@ -3,7 +3,8 @@
 :class:`Querier` asks the service only for inputs whose answer is not in the
 :class:`~fides.protect.store.AnswerStore` yet, in batches, with at most ``concurrency``
 requests in flight and at most ``rate_limit`` requests per second (retries with backoff, 429
-``Retry-After`` and the circuit breaker are the gateway's upstream runtime's). Each answered
+``Retry-After`` and the circuit breaker are the gateway's upstream runtime's; a request that
+may have been processed is not retried, and counted as paid for). Each answered
 batch is committed before the next is counted, so an interrupt (Ctrl-C, SIGTERM), a crash or
 an exhausted budget loses nothing already paid for, and a rerun asks only for the rest.
 
@@ -19,18 +20,20 @@ import contextlib
 import hashlib
 import json
 import logging
+import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any
 
 import numpy as np
 from rich.progress import Progress, TaskID
 
 from fides.protect.config import AnswerKind, QueryConfig
-from fides.protect.service import NotAnswered, Service
+from fides.protect.service import NotAnswered, NotSent, PossiblyPaid, Service
 from fides.protect.store import AnswerStore, input_key
 from gateway.errors import GatewayError
 
@@ -63,7 +66,12 @@ SUM_TOLERANCE = 1e-3
 
 class QueryFailed(RuntimeError):
     """The service did not answer (after the runtime's retries); what it had answered
-    before is recorded."""
+    before is recorded. ``possibly_paid``: the request was sent and may have been processed
+    and billed (a read timeout, a 202, ...): its inputs are counted as paid for."""
+
+    def __init__(self, message: str, *, possibly_paid: bool = False) -> None:
+        super().__init__(message)
+        self.possibly_paid = possibly_paid
 
 
 class AnswerError(ValueError):
@@ -131,6 +139,35 @@ def _probe_result(state: dict[str, Any], inputs: int) -> dict[str, float | int]:
     }
 
 
+@contextlib.contextmanager
+def _deferred_interrupts() -> Iterator[list[int]]:
+    """While in the block, Ctrl-C and SIGTERM (where a Python handler would raise, e.g. the
+    command's) are noted rather than raised; the list of those received is yielded. In the
+    main thread only (the only one Python's signal handlers run in); elsewhere a no-op."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def note(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+        log.warning(
+            "%s: still recording the answers in flight (they are paid for); exiting after",
+            signal.Signals(signum).name,
+        )
+
+    previous: dict[int, Any] = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(signum)
+        if callable(handler):  # a handler that raises; the default action is left alone
+            previous[signum] = signal.signal(signum, note)
+    try:
+        yield received
+    finally:
+        for number, before in previous.items():
+            signal.signal(number, before)
+
+
 class _RateLimiter:
     """At most ``rate`` calls per second, evenly spaced (None: no limit), across the threads
     that share it: each caller claims the next free slot under a lock, then sleeps until it."""
@@ -140,15 +177,18 @@ class _RateLimiter:
         self.next_at = 0.0
         self._lock = threading.Lock()
 
-    def wait(self) -> None:
+    def wait(self, stop: threading.Event | None = None) -> bool:
+        """Wait for the next slot; False (at once) when ``stop`` is set meanwhile."""
+        stop = stop or threading.Event()
         if self.interval == 0.0:
-            return
+            return not stop.is_set()
         with self._lock:
             now = time.monotonic()
             at = max(now, self.next_at)
             self.next_at = at + self.interval
         if at > now:
-            time.sleep(at - now)
+            return not stop.wait(at - now)
+        return not stop.is_set()
 
 
 @dataclass
@@ -186,6 +226,8 @@ class Querier:
         self.asked = 0  # inputs sent by this process (the store counts every run)
         self.distinct: set[bytes] = set()  # every input answered for, whichever run paid
         self._limiter = _RateLimiter(cfg.rate_limit)
+        # set first on Ctrl-C / SIGTERM (or a failure): no request nor retry is sent after it
+        self._stop = service.stop
         self._batch = min(cfg.batch_size, service.max_batch or cfg.batch_size)
         self._check_declared_layout()
 
@@ -395,20 +437,35 @@ class Querier:
 
     def _ask_into(self, fut: Future[np.ndarray], batch: np.ndarray) -> None:
         """:meth:`_ask` in a worker thread, its outcome into ``fut``; nothing is sent when
-        ``fut`` was cancelled (an interrupt) before the worker took it up."""
+        the run was stopped (an interrupt) before the request went out: the worker waits for
+        its rate-limit slot before it takes ``fut`` up, so the interrupt can still cancel it,
+        and sends nothing once ``_stop`` is set."""
+        if not self._limiter.wait(self._stop):  # stopped while waiting: fut is cancelled
+            if fut.set_running_or_notify_cancel():  # (not yet: it will not be sent)
+                fut.set_exception(QueryFailed(f"{self.service.identity}: not sent (stopped)"))
+            return
         if not fut.set_running_or_notify_cancel():
             return
         try:
+            if self._stop.is_set():
+                raise QueryFailed(f"{self.service.identity}: not sent (stopped)")
             fut.set_result(self._ask(batch))
         except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
             fut.set_exception(exc)
 
     def _ask(self, batch: np.ndarray) -> np.ndarray:
         """One request; the answer rows checked against the batch."""
-        self._limiter.wait()
         try:
             out = self.service.ask(batch)
-        except NotAnswered as exc:  # a redirect or no content: no answer, nothing paid
+        except NotAnswered as exc:  # a redirect, a 202 or no content: no answer
+            raise QueryFailed(
+                f"{self.service.identity}: {exc.message}", possibly_paid=exc.possibly_paid
+            ) from None
+        except PossiblyPaid as exc:  # sent, then no answer: the provider may bill it
+            raise QueryFailed(
+                f"{self.service.identity}: {exc.message}", possibly_paid=True
+            ) from None
+        except NotSent as exc:  # stopped before it was sent (or retried)
             raise QueryFailed(f"{self.service.identity}: {exc.message}") from None
         except GatewayError as exc:
             if "returned an invalid response" in exc.message:  # answered (paid), unusable
@@ -459,6 +516,8 @@ class Querier:
                 len(self.store),
             )
         bad: list[str] = []
+        possibly_paid = 0  # inputs sent without an answer that the provider may bill
+        self._stop.clear()
         pool = ThreadPoolExecutor(concurrency, thread_name_prefix="fides-query")
         # each batch's own future, registered before its request can start: an interrupt
         # that lands anywhere (inside submit, between a batch's answer and its commit) finds
@@ -487,9 +546,12 @@ class Querier:
                     in_hand = (fut, self.store.spent)
                     try:
                         outcome: np.ndarray | AnswerError | None = self._outcome(fut)
-                    except QueryFailed as exc:  # no answer: nothing paid for or recorded
+                    except QueryFailed as exc:  # no answer: nothing recorded
                         error = error or exc
                         outcome = None
+                        if exc.possibly_paid:  # ... but counted as paid for
+                            self._settle_sent(chunk)
+                            possibly_paid += len(chunk)
                     if isinstance(outcome, AnswerShapeChanged):  # named with the totals
                         changed += len(chunk)
                         error = error or outcome
@@ -504,33 +566,44 @@ class Querier:
                     prog.done += len(chunk)
                     self._report(prog, what)
         except BaseException as exc:  # Ctrl-C / SIGTERM (or a failure): keep what is in flight
-            for fut in pending:
-                fut.cancel()  # not sent yet: never will be (one being sent is not cancelled)
-            pool.shutdown(wait=False, cancel_futures=True)
-            with contextlib.suppress(Exception):
-                self.store.abandon()  # an interrupt inside a rollback: read what is committed
-            unsettled = dict(pending)
-            with contextlib.suppress(Exception):  # (checked before any other is settled)
-                if in_hand is not None and self.store.spent != in_hand[1]:
-                    unsettled.pop(in_hand[0], None)  # committed before the interrupt landed
-            for fut, chunk in unsettled.items():
-                try:
-                    outcome = self._outcome(fut)  # waits for the answer of one in flight
-                except Exception:  # noqa: BLE001 - not answered (or never sent): not paid
-                    continue
+            # a second Ctrl-C / SIGTERM does not abandon what is paid for: it is deferred
+            # until every answer in flight is recorded (the exit takes no longer)
+            with _deferred_interrupts() as deferred:
+                self._stop.set()  # no request, nor retry, is sent from now on
+                for fut in pending:
+                    fut.cancel()  # not taken up yet: never sent (one being sent is not cancelled)
+                pool.shutdown(wait=False, cancel_futures=True)
                 with contextlib.suppress(Exception):
-                    settle(chunk, outcome, bad)
-            log.warning(
-                "%s while asking for %s: %d inputs paid for (%d by this run) are recorded in "
-                "%s; the same command goes on from there",
-                "interrupted"
-                if isinstance(exc, KeyboardInterrupt)
-                else f"stopped by {type(exc).__name__}",
-                what,
-                self.store.spent,
-                self.asked,
-                self.store.path,
-            )
+                    self.store.abandon()  # an interrupt inside a rollback: read the committed
+                unsettled = dict(pending)
+                with contextlib.suppress(Exception):  # (checked before any other is settled)
+                    if in_hand is not None and self.store.spent != in_hand[1]:
+                        unsettled.pop(in_hand[0], None)  # committed before the interrupt
+                for fut, chunk in unsettled.items():
+                    try:
+                        outcome = self._outcome(fut)  # waits for the answer of one in flight
+                    except QueryFailed as failed:  # no answer: paid for only if possibly so
+                        if failed.possibly_paid:
+                            with contextlib.suppress(Exception):
+                                self._settle_sent(chunk)
+                        continue
+                    except Exception:  # noqa: BLE001 - not answered (or never sent): not paid
+                        continue
+                    with contextlib.suppress(Exception):
+                        settle(chunk, outcome, bad)
+                log.warning(
+                    "%s while asking for %s: %d inputs paid for (%d by this run) are recorded "
+                    "in %s; the same command goes on from there",
+                    "interrupted"
+                    if isinstance(exc, KeyboardInterrupt) or deferred
+                    else f"stopped by {type(exc).__name__}",
+                    what,
+                    self.store.spent,
+                    self.asked,
+                    self.store.path,
+                )
+            if deferred and not isinstance(exc, KeyboardInterrupt):
+                raise KeyboardInterrupt from exc  # the user's interrupt, not the failure
             raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
@@ -540,6 +613,14 @@ class Querier:
                 f"for); {self.asked:,} inputs paid for by this run ({self.store.spent:,} in "
                 f"all) are recorded in {self.store.path}, every earlier answer kept. "
                 + SHAPE_ADVICE
+            )
+        if isinstance(error, QueryFailed) and possibly_paid:
+            raise QueryFailed(
+                f"{error}. {possibly_paid:,} inputs were sent without an answer that the "
+                f"provider may have billed: they are counted as paid for ({self.store.spent:,} "
+                f"in all, against --max-queries) and not recorded, so a rerun asks for them "
+                "again",
+                possibly_paid=True,
             )
         if error is not None:
             raise error
@@ -551,6 +632,18 @@ class Querier:
             )
         if short:
             raise BudgetExhausted(self.store.spent, self.budget or 0, short, what)
+
+    def _settle_sent(self, chunk: list[tuple[bytes, int]]) -> None:
+        """Commit a batch sent and not answered that the provider may have billed (a read
+        timeout, a 202, ...): counted as paid for, nothing recorded."""
+        self.store.add_spent(len(chunk))
+        self.asked += len(chunk)
+        log.warning(
+            "%d inputs sent without an answer are counted as paid for in %s (the provider may "
+            "have billed them)",
+            len(chunk),
+            self.store.path,
+        )
 
     def _settle(
         self, chunk: list[tuple[bytes, int]], outcome: np.ndarray | AnswerError, bad: list[str]

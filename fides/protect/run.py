@@ -420,6 +420,17 @@ def _classes(inputs_classes: list[str] | None, service: Service, n: int) -> list
     return [str(i) for i in range(n)]
 
 
+def _legacy_ids(service: Service) -> list[str]:
+    """What earlier versions recorded as a store's service for ``service``: its identity
+    with a URL's user info, and (where the service has one output, the only one it can have
+    read) without the output; such a store is adopted and re-recorded."""
+    old = service.legacy_identity
+    ids = [f"{old}, output {service.output}"] if old else []
+    if len(service.runtime.outputs) == 1:
+        ids += [service.identity, old] if old else [service.identity]
+    return ids
+
+
 def protect(
     cfg: ProtectConfig,
     *,
@@ -463,7 +474,7 @@ def protect(
             f"{service.identity}, output {service.output}",
             # a store made before stores named the output is taken over only where the
             # service has one output (it can only have read that one)
-            legacy_ids=[service.identity] if len(service.runtime.outputs) == 1 else [],
+            legacy_ids=_legacy_ids(service),
         )
         if retry_unusable:
             forgotten = store.forget_unusable()

@@ -3,28 +3,42 @@
 A repository model (onnx, torch, or an ``upstream`` entry) is loaded as the gateway loads it;
 a remote endpoint goes through :class:`gateway.runtimes.upstream.UpstreamRuntime` (pooled
 HTTP, retries with backoff on 5xx / 429 / timeouts, ``Retry-After``, a circuit breaker). The
-kit therefore sees the service exactly as the fronting gateway will, with one difference for
-a paid endpoint: a redirect (3xx) or a 204 / 205 (no content) is refused at once, by name
-(:class:`NotAnswered`), neither followed, retried nor taken for an unusable answer.
+kit therefore sees the service as the fronting gateway will, with differences for a paid
+endpoint (:class:`_PaidEndpoint`): a request is retried only where the provider cannot have
+processed it (a failure after it was sent is :class:`PossiblyPaid`, counted as paid for); a
+redirect (3xx), an async 202 or a 204 / 205 (no content) is refused at once, by name
+(:class:`NotAnswered`), neither followed, retried nor taken for an unusable answer; nothing
+is sent (nor retried) once the run is stopped; and no credential of the URL is ever shown.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import random
+import re
 import threading
 from http import HTTPStatus
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
 
-from gateway.errors import GatewayError, UpstreamError
+from gateway.errors import GatewayError, UpstreamError, UpstreamTimeout
 from gateway.model_config import ConfigError, ModelConfig, UpstreamOptions, load_model_config
 from gateway.runtimes import Runtime, runtime_class
 from gateway.runtimes.base import TensorSpec
-from gateway.runtimes.upstream import UpstreamRuntime
+from gateway.runtimes.upstream import JITTER, UpstreamRuntime, _Rejected, _Retryable
 
-__all__ = ["NotAnswered", "Service", "ServiceError", "open_service"]
+__all__ = [
+    "NotAnswered",
+    "NotSent",
+    "PossiblyPaid",
+    "Service",
+    "ServiceError",
+    "open_service",
+]
 
 log = logging.getLogger(__name__)
 
@@ -35,15 +49,46 @@ class ServiceError(RuntimeError):
     """The service cannot be opened or queried; the message names what is wrong."""
 
 
-class NotAnswered(UpstreamError):
-    """The endpoint answered a request without an answer: a redirect (3xx) or no content
-    (204 / 205). Not retried: a redirect is configuration (the endpoint moved, or the URL is
-    not the inference endpoint), not a passing fault, and a 204 says the request succeeded
-    with nothing to say, which asking again does not change (and may be billed again)."""
+class NotAnswered(_Rejected):
+    """The endpoint answered a request without an answer: a redirect (3xx), an async
+    acceptance (202) or no content (204 / 205). Not retried: a redirect is configuration (the
+    endpoint moved, or the URL is not the inference endpoint), not a passing fault, and a 202
+    / 204 says the request was taken (asking again may be billed again). Not a circuit-breaker
+    failure (the endpoint is up and answering). ``possibly_paid``: the response says the
+    request was (or will be) processed, so a provider may bill it (202, 204, 205, 303)."""
+
+    def __init__(self, message: str, *, possibly_paid: bool = False) -> None:
+        super().__init__(message)
+        self.possibly_paid = possibly_paid
+
+
+class PossiblyPaid(UpstreamError):
+    """A request was sent and then failed without an answer in a way that does not say the
+    provider did not process it (a read timeout, a connection broken after the request was
+    sent, a 5xx other than 503): not retried, and its batch counted as possibly paid for."""
+
+
+class NotSent(UpstreamError):
+    """The run was stopped (Ctrl-C, SIGTERM) before this request (or its retry) was sent."""
 
 
 #: Statuses that say, by definition, that the response has no body.
 NO_CONTENT = (204, 205)
+#: Statuses that say the request was taken and will be (or was) processed elsewhere / later.
+TAKEN = (202, 303)
+
+#: Failures of a paid request that say the provider cannot have processed it: retried.
+#: (httpx.ConnectError: no connection was made; a connect or pool timeout: nothing was sent.)
+_UNSENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+#: Statuses of a paid request that say it was not processed: retried (with Retry-After).
+_NOT_PROCESSED = (429, 503)
+
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@")
+
+
+def _without_userinfo(url: str) -> str:
+    """``url`` without the ``user:password@`` of its authority (the rest as it is written)."""
+    return _USERINFO.sub(r"\1", url)
 
 
 def _phrase(status: int) -> str:
@@ -54,50 +99,148 @@ def _phrase(status: int) -> str:
 
 
 def _shown(url: httpx.URL) -> str:
-    """``url`` without what may be a secret: user info and the query (a signed URL's)."""
-    shown = url.copy_with(username=None, password=None, query=None, fragment=None)
-    return str(shown) + ("?..." if url.query else "")
+    """``url`` without what may be a secret: user info, path parameters (``;jsessionid=``),
+    the query (a signed URL's) and the fragment; ``...`` marks what was left out."""
+    path, params, _ = url.path.partition(";")
+    shown = url.copy_with(username=None, password=None, path=path, query=None, fragment=None)
+    dropped = bool(params) or bool(url.query) or bool(url.fragment)
+    return str(shown) + ("..." if dropped else "")
 
 
-def _location(url: httpx.URL, location: str | None) -> str:
-    """A redirect's Location as the user would read it: absolute, without secrets."""
+def _shown_text(location: str) -> str:
+    """A Location httpx cannot parse, as :func:`_shown` would show it: cut at the first ``?``,
+    ``#`` or ``;`` and without anything before an ``@`` (user info), at most 200 characters."""
+    text = re.split(r"[?#;]", location, maxsplit=1)[0]
+    dropped = len(text) < len(location)
+    if "@" in text:
+        scheme, sep, rest = text.partition("://")
+        text = (scheme + sep if sep else "") + (rest if sep else text).rsplit("@", 1)[1]
+    if len(text) > 200:
+        text, dropped = text[:200], True
+    return text + ("..." if dropped else "")
+
+
+def _moved_base(request: httpx.URL, target: httpx.URL) -> str | None:
+    """The base URL to set (service.upstream.url) when ``target`` (a Location) is the same
+    OIP path (``/v2/models/<name>[/versions/<v>][/infer]``) as the request's, elsewhere."""
+    at = request.path.rfind("/v2/models/")
+    path = target.path.partition(";")[0]
+    if at < 0 or not path.endswith(request.path[at:]):
+        return None
+    base = target.copy_with(
+        username=None,
+        password=None,
+        path=path[: len(path) - len(request.path) + at] or "/",
+        query=None,
+        fragment=None,
+    )
+    return str(base).rstrip("/")
+
+
+def _asked(method: str, url: httpx.URL) -> str:
+    """The request, by its method and path (the message is prefixed with the service's
+    name, which gives the endpoint's URL: it is not repeated)."""
+    return f"{method} {url.path.partition(';')[0]}"
+
+
+def _redirect(method: str, url: httpx.URL, status: int, location: str | None) -> NotAnswered:
+    """The refusal of a redirect: where it points (without secrets), and what to do."""
+    paid = status in TAKEN
+    target: httpx.URL | None = None
     if not location:
-        return "no Location header"
-    try:
-        return f"Location {_shown(url.join(location))}"
-    except (httpx.InvalidURL, ValueError, TypeError):
-        return f"Location {location[:200]!r} (not a valid URL)"
+        where = "no Location header"
+    else:
+        try:
+            target = url.join(location)
+            where = f"Location {_shown(target)}"
+        except (httpx.InvalidURL, ValueError, TypeError):
+            where = f"Location {_shown_text(location)!r} (not a valid URL)"
+    base = _moved_base(url, target) if target is not None and not paid else None
+    if base is not None:
+        where = f"to the same model's path under {base}"
+    advice = (
+        " If the endpoint moved and you trust its new address, set service.upstream.url to "
+        + ("that base URL" if base is not None else "its base URL (what comes before /v2/)")
+        + ": the answer store is tied to the endpoint's URL, so the new one needs a new "
+        "--answers file (the kit starts over; the answers recorded here stay where they are)"
+    )
+    if paid:  # 303 See Other: the request was processed, its result is elsewhere
+        counted = (
+            " The provider may have processed and billed it (a 303 points to its result), so "
+            "its inputs are counted as paid for; nothing was answered or recorded."
+        )
+        advice = " Point service.upstream.url at an endpoint that answers 200 with the outputs"
+    else:
+        counted = " Nothing was answered; not counted as paid for (a redirect is no answer)."
+    return NotAnswered(
+        f"{_asked(method, url)} was redirected ({_phrase(status)}, {where}); not "
+        "followed: a paid query carries your credentials and is sent only to the endpoint "
+        f"the configuration names.{counted}{advice}",
+        possibly_paid=paid,
+    )
 
 
 def _refuse_unanswered(response: httpx.Response) -> None:
-    """An httpx response hook: a redirect or a response without content is no answer."""
+    """An httpx response hook: a redirect, an async acceptance or a response without content
+    is no answer (a 304 Not Modified, to a request that asked for none, too)."""
     status = response.status_code
     url = response.request.url
-    if 300 <= status < 400:
-        where = _location(url, response.headers.get("Location"))
+    method = response.request.method
+    if 300 <= status < 400 and status != 304:
+        raise _redirect(method, url, status, response.headers.get("Location"))
+    if status == 304:
         raise NotAnswered(
-            f"upstream {_shown(url)} redirected the request ({_phrase(status)}, {where}); not "
-            "followed: a paid query carries your credentials and is sent only to the endpoint "
-            "the configuration names. Nothing was answered or counted as paid for. If the "
-            "endpoint moved and you trust its new address, set service.upstream.url to it"
+            f"{_asked(method, url)} was answered {_phrase(status)} to a request that asked for no "
+            "cached copy: not an inference endpoint's answer (is service.upstream the model's "
+            "OIP endpoint?). Nothing was answered; not counted as paid for, not retried"
+        )
+    if status == 202:
+        raise NotAnswered(
+            f"{_asked(method, url)} was answered {_phrase(status)}: an asynchronous endpoint "
+            "queued the request, to be answered later elsewhere, which the kit does not fetch "
+            "(point service.upstream at a synchronous OIP endpoint that answers 200 with the "
+            "outputs). The provider may bill the queued request: its inputs are counted as "
+            "paid for; nothing was recorded, and it is not retried",
+            possibly_paid=True,
         )
     if status in NO_CONTENT:
         raise NotAnswered(
-            f"upstream {_shown(url)} answered {_phrase(status)}: a response without a body, "
+            f"{_asked(method, url)} was answered {_phrase(status)}: a response without a body, "
             "where an inference endpoint answers 200 with the outputs (is service.upstream "
-            "the model's OIP endpoint?). Not counted as an answer nor as paid for (a provider "
-            "that bills such requests counts them where the kit does not), and not retried"
+            "the model's OIP endpoint?). The server says it processed the request, so the "
+            "provider may bill it: its inputs are counted as paid for; nothing was recorded, "
+            "and it is not retried",
+            possibly_paid=True,
         )
 
 
 class _PaidEndpoint(UpstreamRuntime):
-    """The gateway's upstream runtime, with redirects and empty answers refused by name
-    (:class:`NotAnswered`) before its retry loop sees them (it would take them for an
-    invalid answer, which the query client counts as paid for and unusable)."""
+    """The gateway's upstream runtime for a paid endpoint:
+
+    * redirects, async acceptances and empty answers refused by name (:class:`NotAnswered`)
+      before its retry loop sees them (it would take them for an invalid answer);
+    * an inference request retried only when the provider cannot have processed it (no
+      connection, a connect or pool timeout, 429, 503); any other failure after it was sent
+      is :class:`PossiblyPaid`, not retried (a retry could be billed again);
+    * ``stop`` (set on Ctrl-C / SIGTERM): no request and no retry is sent once it is set, and
+      a retry's backoff ends at once (:class:`NotSent`);
+    * user info in the URL (``https://user:password@host``) sent as basic auth, never shown:
+      the runtime's URLs (its messages, logs) are without it."""
 
     def __init__(self, name: str, version: int, path: Path, config: ModelConfig) -> None:
         super().__init__(name, version, path, config)
         self._hook_lock = threading.Lock()
+        self.stop = threading.Event()
+        self._auth: httpx.BasicAuth | None = None
+        raw = self.options.url.rstrip("/")
+        clean = _without_userinfo(raw)
+        if clean != raw:
+            parsed = httpx.URL(raw)
+            self._auth = httpx.BasicAuth(parsed.username, parsed.password)
+            self.base_url = clean
+            for attr in ("model_url", "infer_url", "ready_url"):
+                setattr(self, attr, clean + getattr(self, attr)[len(raw) :])
+            self.breaker.name = clean
 
     @property
     def client(self) -> httpx.Client:
@@ -106,6 +249,8 @@ class _PaidEndpoint(UpstreamRuntime):
         if _refuse_unanswered not in hooks:
             with self._hook_lock:
                 if _refuse_unanswered not in hooks:
+                    if self._auth is not None:
+                        client.auth = self._auth
                     hooks.append(_refuse_unanswered)
         return client
 
@@ -115,13 +260,80 @@ class _PaidEndpoint(UpstreamRuntime):
         except NotAnswered:
             return False
 
+    def _call(self, method: str, url: str, content: bytes | None = None) -> Any:
+        """The runtime's retry loop, with no request (or retry) sent once ``stop`` is set and
+        the backoff ended by it."""
+        opts = self.options
+        headers = {"Content-Type": "application/json"} if content is not None else None
+        last: _Retryable | None = None
+        for attempt in range(opts.retries + 1):
+            if last is not None:
+                delay = opts.backoff_s * 2 ** (attempt - 1)
+                delay += random.uniform(0, JITTER * delay)
+                if last.retry_after_s is not None:
+                    delay = max(delay, min(last.retry_after_s, opts.max_retry_after_s))
+                log.warning(
+                    "upstream %s %s failed (%s); retry %d/%d in %.2fs",
+                    method,
+                    url,
+                    last.cause,
+                    attempt,
+                    opts.retries,
+                    delay,
+                )
+                self.on_retry()
+                self.stop.wait(delay)
+            if self.stop.is_set():
+                raise NotSent(
+                    f"upstream {url}: not sent, the run was stopped"
+                    + (f" (after {last.cause})" if last is not None else "")
+                )
+            try:
+                return self._attempt(method, url, content, headers)
+            except _Retryable as exc:
+                last = exc
+        assert last is not None
+        attempts = opts.retries + 1
+        tries = f" after {attempts} attempts" if attempts > 1 else ""
+        if last.timeout:
+            raise UpstreamTimeout(f"upstream {url} timed out{tries} ({last.cause})")
+        extra = {}
+        if last.retry_after_s is not None:
+            extra["Retry-After"] = str(max(1, math.ceil(last.retry_after_s)))
+        raise UpstreamError(f"upstream {url} failed{tries}: {last.cause}", headers=extra)
+
+    def _attempt(
+        self, method: str, url: str, content: bytes | None, headers: dict[str, str] | None
+    ) -> Any:
+        """One attempt; for a paid request (a POST), a failure that may have been processed
+        is :class:`PossiblyPaid` (not retried) rather than retried."""
+        try:
+            return super()._attempt(method, url, content, headers)
+        except _Retryable as exc:
+            if method != "POST" or isinstance(exc.__cause__, _UNSENT):
+                raise
+            status = re.match(r"HTTP (\d{3})", exc.cause)
+            if status is not None and int(status.group(1)) in _NOT_PROCESSED:
+                raise
+            raise PossiblyPaid(
+                f"upstream {url} failed after the request was sent ({exc.cause}); not retried: "
+                "the provider may have processed and billed it"
+            ) from None
+
 
 class Service:
     """One classifier: images (float32 NCHW in [0, 1]) in, one answer row per image out."""
 
-    def __init__(self, runtime: Runtime, output: str | None, identity: str) -> None:
+    def __init__(
+        self, runtime: Runtime, output: str | None, identity: str, legacy_identity: str = ""
+    ) -> None:
         self.runtime = runtime
-        self.identity = identity  # what the answer store is keyed to
+        self.identity = identity  # what the answer store is keyed to (never a credential)
+        # what an earlier version named this service (with a URL's user info): its stores
+        # are this service's (adopted, and re-recorded under ``identity``)
+        self.legacy_identity = legacy_identity
+        # set on Ctrl-C / SIGTERM: a paid endpoint sends no request (nor retry) once it is
+        self.stop: threading.Event = getattr(runtime, "stop", None) or threading.Event()
         if len(runtime.inputs) != 1:
             raise ServiceError(
                 f"{identity} takes {len(runtime.inputs)} inputs "
@@ -196,14 +408,14 @@ class Service:
         self.runtime.unload()
 
 
-def _open(runtime: Runtime, output: str | None, identity: str) -> Service:
+def _open(runtime: Runtime, output: str | None, identity: str, legacy: str = "") -> Service:
     """Load ``runtime`` and check it is a classifier (unloaded again when it is not)."""
     try:
         runtime.load()
     except GatewayError as exc:
         raise ServiceError(f"{identity}: {exc.message}") from None
     try:
-        return Service(runtime, output, identity)
+        return Service(runtime, output, identity, legacy)
     except ServiceError:
         runtime.unload()
         raise
@@ -229,9 +441,12 @@ def open_service(
             # Retry-After (up to 2 minutes) rather than retry into more 429s
             upstream = upstream.model_copy(update={"max_retry_after_s": PROTECT_RETRY_AFTER_S})
         remote = upstream.model_name or "model"
-        identity = f"upstream {upstream.url.rstrip('/')}/v2/models/{remote}"
+        path = f"/v2/models/{remote}"
         if upstream.model_version:
-            identity += f"/versions/{upstream.model_version}"
+            path += f"/versions/{upstream.model_version}"
+        raw = upstream.url.rstrip("/")
+        identity = f"upstream {_without_userinfo(raw)}{path}"  # no password in any message
+        legacy = f"upstream {raw}{path}" if _without_userinfo(raw) != raw else ""
         config = ModelConfig(
             name=upstream.model_name,
             platform="upstream",
@@ -242,7 +457,7 @@ def open_service(
             runtime: Runtime = _PaidEndpoint(remote, 1, Path("."), config)
         except GatewayError as exc:
             raise ServiceError(f"{identity}: {exc.message}") from None
-        return _open(runtime, output, identity)
+        return _open(runtime, output, identity, legacy)
     assert model is not None
     assert repository is not None
     model_dir = repository / model

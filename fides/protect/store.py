@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import sqlite3
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -35,6 +36,11 @@ _CHUNK = 500  # keys per SELECT (SQLite's default limit on host parameters is 32
 
 class StoreError(RuntimeError):
     """The store cannot be used (another service's, unreadable, inconsistent)."""
+
+
+#: A URL's ``user:password@`` (an earlier version recorded it in the service's name).
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s]*@")
+_SCHEME = r"\1"
 
 
 def input_key(row: np.ndarray) -> bytes:
@@ -64,7 +70,8 @@ class AnswerStore:
         if recorded is None or recorded in set(legacy_ids):
             if recorded is not None:
                 log.warning(
-                    "%s was made before answer stores named the output they read; taken as the "
+                    "%s names this service as an earlier version of the kit did (before stores "
+                    "named the output they read, or with the URL's user info); taken as the "
                     "answers of %s",
                     path,
                     service_id,
@@ -72,7 +79,8 @@ class AnswerStore:
             self.set_meta("service", service_id)
         elif recorded != service_id:
             raise StoreError(
-                f"{path} holds the answers of {recorded}, not of {service_id}: give another "
+                f"{path} holds the answers of {_USERINFO.sub(_SCHEME, recorded)}, not of "
+                f"{service_id}: give another "
                 "--answers file (answers from one service are no use for another)"
             )
 

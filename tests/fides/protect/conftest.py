@@ -5,6 +5,7 @@ digits model, then breaks its answers or its HTTP the way real endpoints do)."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import threading
 from collections.abc import Callable, Iterator
@@ -76,6 +77,7 @@ class MLaaS:
     bad_mode: str = "short"  # answer in this mode instead ...
     bad_times: int = 0  # ... the next this many requests (then as ``mode`` says)
     rows_answered: int = 0  # inputs answered with 200, as the provider bills them
+    basic_auth: str | None = None  # "user:password" also accepted (as basic auth)
     rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -107,7 +109,10 @@ class MLaaS:
         app = FastAPI()
 
         def authorised(request: Request) -> JSONResponse | None:
-            if request.headers.get("authorization") != f"Bearer {KEY}":
+            allowed = {f"Bearer {KEY}"}
+            if self.basic_auth is not None:  # user:password, as basic auth
+                allowed.add("Basic " + base64.b64encode(self.basic_auth.encode()).decode())
+            if request.headers.get("authorization") not in allowed:
                 return JSONResponse({"error": "invalid API key"}, status_code=401)
             return None
 

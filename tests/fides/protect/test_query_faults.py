@@ -201,7 +201,7 @@ def elsewhere() -> Iterator[tuple[str, list[dict[str, Any]]]]:
 
 
 @pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
-def test_a_redirect_is_named_not_followed_not_retried_and_not_paid_for(
+def test_a_redirect_is_named_not_followed_and_not_retried(
     mlaas: MLaaS,
     tmp_path: Path,
     elsewhere: tuple[str, list[dict[str, Any]]],
@@ -216,17 +216,26 @@ def test_a_redirect_is_named_not_followed_not_retried_and_not_paid_for(
         q.answers(X[:32])
     message = str(err.value)
     assert f"HTTP {status}" in message
-    assert f"Location http://{host}/v2/models/digits/infer?..." in message
     assert "not followed" in message
     assert "service.upstream.url" in message
     assert "s3cret" not in message
     assert "pw@" not in message
     assert seen == []  # the credentials never went to the other server
     assert mlaas.fail_times == 0  # asked once: a redirect is configuration, not a passing fault
-    assert q.store.spent == 0  # no answer: nothing paid for ...
+    # a 303 See Other says the request was processed (its result is elsewhere): the provider
+    # may bill it, so it is counted as paid for; any other redirect was not processed
+    paid = 32 if status == 303 else 0
+    if status == 303:
+        assert "may have processed and billed it" in message
+    else:  # the same model's path elsewhere: the base URL to set is named, once
+        assert f"to the same model's path under http://{host});" in message
+        assert message.count(host) == 1
+        assert "new --answers file" in message
+    assert q.store.spent == paid  # no answer: nothing else counted ...
     assert _unusable_rows(q, X[:32]) == []  # ... nor recorded as unusable
     assert q.answers(X[:32]).shape == (32, 10)  # once the endpoint answers, they are asked
-    assert q.store.spent == mlaas.rows_answered == 32
+    assert mlaas.rows_answered == 32
+    assert q.store.spent == paid + 32
 
 
 def test_a_redirected_metadata_call_is_named_before_any_query(
@@ -245,8 +254,8 @@ def test_a_redirected_metadata_call_is_named_before_any_query(
         options = UpstreamOptions.model_validate(upstream(moved_url)["upstream"])
         with pytest.raises(
             ServiceError,
-            match=rf"cannot read the upstream model's metadata .*HTTP 308 Permanent Redirect, "
-            rf"Location {url}/v2/models/digits\).*not followed",
+            match=rf"GET /v2/models/digits was redirected \(HTTP 308 Permanent Redirect, "
+            rf"to the same model's path under {url}\).*not followed",
         ):
             open_service(
                 repository=None, model=None, upstream=options, output=None, max_batch_size=64
@@ -254,16 +263,21 @@ def test_a_redirected_metadata_call_is_named_before_any_query(
     assert seen == []
 
 
-def test_no_content_is_named_not_retried_and_not_paid_for(mlaas: MLaaS, tmp_path: Path) -> None:
+def test_no_content_is_named_not_retried_and_counted_as_possibly_paid(
+    mlaas: MLaaS, tmp_path: Path
+) -> None:
+    """A 204 says the request was processed: the provider may bill it, so it is counted as
+    paid for (spent never under what may be billed), nothing recorded, not retried."""
     mlaas.fail_with, mlaas.fail_times = 204, 1
     q = _querier(mlaas, tmp_path / "a.sqlite")
     with pytest.raises(QueryFailed, match=r"HTTP 204 No Content: a response without a body"):
         q.answers(X[:32])
     assert mlaas.fail_times == 0  # not retried
-    assert q.store.spent == 0
+    assert q.store.spent == 32
     assert _unusable_rows(q, X[:32]) == []
     assert q.answers(X[:32]).shape == (32, 10)
-    assert q.store.spent == mlaas.rows_answered == 32
+    assert mlaas.rows_answered == 32
+    assert q.store.spent == 64
 
 
 def test_a_redirect_among_batches_in_flight_keeps_their_answers(
@@ -274,7 +288,10 @@ def test_a_redirect_among_batches_in_flight_keeps_their_answers(
     mlaas.location = "https://moved.example/v2/models/digits/infer"
     mlaas.fail_with, mlaas.fail_times = 307, 1
     q = _querier(mlaas, tmp_path / "a.sqlite")
-    with pytest.raises(QueryFailed, match=r"HTTP 307 Temporary Redirect, Location https://moved"):
+    with pytest.raises(
+        QueryFailed,
+        match=r"HTTP 307 Temporary Redirect, to the same model's path under https://moved",
+    ):
         q.answers(X[:96])
     assert q.store.spent == len(q.store) == mlaas.rows_answered == 64
     assert q.answers(X[:96]).shape == (96, 10)
