@@ -301,9 +301,16 @@ def test_a_redirect_among_batches_in_flight_keeps_their_answers(
 # -- 3. interrupts and the budget during the determinism probe ----------------------------
 
 
-def _interrupt_the_probe(mlaas: MLaaS, probe: np.ndarray, signum: int, at_request: int) -> None:
+def _interrupt_the_probe(
+    mlaas: MLaaS,
+    probe: np.ndarray,
+    signum: int,
+    at_request: int,
+    stopped: threading.Event | None = None,
+) -> None:
     """Deliver ``signum`` to the main thread while the ``at_request``-th request of the
-    probe's repeats is in flight (then answer it: the provider bills it)."""
+    probe's repeats is in flight, then answer it (the provider bills it) once the client has
+    taken the interrupt (``stopped``: its stop event), whatever the machine's load."""
     keys = {row.tobytes() for row in probe}
     main = threading.main_thread().ident
     assert main is not None
@@ -315,7 +322,8 @@ def _interrupt_the_probe(mlaas: MLaaS, probe: np.ndarray, signum: int, at_reques
         count["n"] += 1
         if count["n"] == at_request:
             signal.pthread_kill(main, signum)
-            time.sleep(0.5)  # the client is waiting for this answer when the signal lands
+            if stopped is None or not stopped.wait(30):
+                time.sleep(0.5)  # the client is waiting for this answer when the signal lands
 
     mlaas.on_infer = hook
 
@@ -329,7 +337,7 @@ def test_an_interrupt_during_the_probe_keeps_the_repeat_in_flight_and_a_rerun_go
     q = _querier(mlaas, store)
     q.answers(probe)
     mlaas.mode = "noisy"  # so that the probe has something to measure
-    _interrupt_the_probe(mlaas, probe, signum, at_request=2)
+    _interrupt_the_probe(mlaas, probe, signum, at_request=2, stopped=q.service.stop)
     with _sigterm_interrupts(), pytest.raises(KeyboardInterrupt):  # SIGTERM as the command
         q.repeat_probe(probe)
     mlaas.on_infer = None
