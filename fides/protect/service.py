@@ -14,8 +14,6 @@ is sent (nor retried) once the run is stopped; and no credential of the URL is e
 from __future__ import annotations
 
 import logging
-import math
-import random
 import re
 import threading
 from http import HTTPStatus
@@ -25,11 +23,11 @@ from typing import Any
 import httpx
 import numpy as np
 
-from gateway.errors import GatewayError, UpstreamError, UpstreamTimeout
+from gateway.errors import GatewayError, UpstreamError
 from gateway.model_config import ConfigError, ModelConfig, UpstreamOptions, load_model_config
 from gateway.runtimes import Runtime, runtime_class
 from gateway.runtimes.base import TensorSpec
-from gateway.runtimes.upstream import JITTER, UpstreamRuntime, _Rejected, _Retryable
+from gateway.runtimes.upstream import UpstreamRuntime, _Rejected, _Retryable
 
 __all__ = [
     "NotAnswered",
@@ -260,47 +258,17 @@ class _PaidEndpoint(UpstreamRuntime):
         except NotAnswered:
             return False
 
-    def _call(self, method: str, url: str, content: bytes | None = None) -> Any:
-        """The runtime's retry loop, with no request (or retry) sent once ``stop`` is set and
-        the backoff ended by it."""
-        opts = self.options
-        headers = {"Content-Type": "application/json"} if content is not None else None
-        last: _Retryable | None = None
-        for attempt in range(opts.retries + 1):
-            if last is not None:
-                delay = opts.backoff_s * 2 ** (attempt - 1)
-                delay += random.uniform(0, JITTER * delay)
-                if last.retry_after_s is not None:
-                    delay = max(delay, min(last.retry_after_s, opts.max_retry_after_s))
-                log.warning(
-                    "upstream %s %s failed (%s); retry %d/%d in %.2fs",
-                    method,
-                    url,
-                    last.cause,
-                    attempt,
-                    opts.retries,
-                    delay,
-                )
-                self.on_retry()
-                self.stop.wait(delay)
-            if self.stop.is_set():
-                raise NotSent(
-                    f"upstream {url}: not sent, the run was stopped"
-                    + (f" (after {last.cause})" if last is not None else "")
-                )
-            try:
-                return self._attempt(method, url, content, headers)
-            except _Retryable as exc:
-                last = exc
-        assert last is not None
-        attempts = opts.retries + 1
-        tries = f" after {attempts} attempts" if attempts > 1 else ""
-        if last.timeout:
-            raise UpstreamTimeout(f"upstream {url} timed out{tries} ({last.cause})")
-        extra = {}
-        if last.retry_after_s is not None:
-            extra["Retry-After"] = str(max(1, math.ceil(last.retry_after_s)))
-        raise UpstreamError(f"upstream {url} failed{tries}: {last.cause}", headers=extra)
+    def _backoff(self, delay: float) -> None:
+        """A retry's backoff, ended at once by ``stop``."""
+        self.stop.wait(delay)
+
+    def _before_attempt(self, url: str, last: _Retryable | None) -> None:
+        """No request (or retry) is sent once ``stop`` is set."""
+        if self.stop.is_set():
+            raise NotSent(
+                f"upstream {url}: not sent, the run was stopped"
+                + (f" (after {last.cause})" if last is not None else "")
+            )
 
     def _attempt(
         self, method: str, url: str, content: bytes | None, headers: dict[str, str] | None

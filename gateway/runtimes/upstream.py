@@ -239,7 +239,8 @@ class UpstreamRuntime(Runtime):
                     delay,
                 )
                 self.on_retry()
-                time.sleep(delay)
+                self._backoff(delay)
+            self._before_attempt(url, last)
             try:
                 return self._attempt(method, url, content, headers)
             except _Retryable as exc:
@@ -256,6 +257,14 @@ class UpstreamRuntime(Runtime):
         if last.retry_after_s is not None:
             extra["Retry-After"] = str(max(1, math.ceil(last.retry_after_s)))
         raise UpstreamError(f"upstream {url} failed{tries}: {last.cause}", headers=extra)
+
+    def _backoff(self, delay: float) -> None:
+        """Wait ``delay`` seconds before a retry (a subclass may end the wait early)."""
+        time.sleep(delay)
+
+    def _before_attempt(self, url: str, last: _Retryable | None) -> None:
+        """Called before each attempt is sent, ``last`` the previous one's failure (a
+        subclass may refuse to send it by raising)."""
 
     def _attempt(
         self, method: str, url: str, content: bytes | None, headers: dict[str, str] | None
