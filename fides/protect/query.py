@@ -139,6 +139,14 @@ def _probe_result(state: dict[str, Any], inputs: int) -> dict[str, float | int]:
     }
 
 
+# Ctrl-C and SIGTERM reach the process, and the kernel may hand them to any thread that does
+# not block them, such as a worker waiting for its answer. Python then runs the handler in the
+# main thread only when that thread next runs Python code: a main thread blocked without a
+# timeout in ``wait`` would take the interrupt only when the request in flight ends (its read
+# timeout, a minute or more on a slow endpoint). It waits in steps of this many seconds.
+_SIGNAL_POLL_S = 0.2
+
+
 @contextlib.contextmanager
 def _deferred_interrupts() -> Iterator[list[int]]:
     """While in the block, Ctrl-C and SIGTERM (where a Python handler would raise, e.g. the
@@ -540,7 +548,9 @@ class Querier:
                     pool.submit(self._ask_into, fut, sent[[i for _, i in chunk]])
                 if not pending:
                     break
-                done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+                done: set[Future[np.ndarray]] = set()
+                while not done:  # timed: see _SIGNAL_POLL_S
+                    done, _ = wait(list(pending), _SIGNAL_POLL_S, FIRST_COMPLETED)
                 for fut in done:
                     chunk = pending[fut]
                     in_hand = (fut, self.store.spent)

@@ -316,9 +316,9 @@ def _interrupt_the_probe(
 ) -> None:
     """Deliver ``signum`` to the main thread while the ``at_request``-th request of the
     probe's repeats is in flight, then answer it (the provider bills it) once the client has
-    taken the interrupt (``stopped``: its stop event), or after 5 s: a main thread blocked
-    waiting for the answer may take the signal only when the answer wakes it (seen in full
-    runs of the suite), which the client handles the same way."""
+    taken the interrupt (``stopped``: its stop event), or after 5 s (a signal the kernel hands
+    to another thread is taken when the main thread next wakes: row 89 of
+    docs/reliability.md)."""
     keys = {row.tobytes() for row in probe}
     main = threading.main_thread().ident
     assert main is not None

@@ -146,6 +146,33 @@ def test_an_interrupt_while_workers_wait_for_their_rate_slot_sends_nothing_more(
     assert time.monotonic() - started < 3.9  # the last slot (4 s) was not waited for
 
 
+def test_an_interrupt_the_kernel_hands_to_a_worker_thread_is_taken_at_once(
+    mlaas: MLaaS, tmp_path: Path, raising_handlers: threading.Event
+) -> None:
+    """Ctrl-C reaches a process, not a thread: the kernel may hand it to any thread that does
+    not block it, here the worker waiting for the answer. Python runs the handler in the main
+    thread, which must notice while the request is still in flight (the provider holds it up
+    to 30 s), not when the answer wakes it: the run stops, the answer in flight is recorded."""
+    q = _querier(mlaas, tmp_path / "a.sqlite", up={"timeout_s": 60}, concurrency=1)
+    held: dict[str, float] = {}
+
+    def hook(x: np.ndarray) -> None:
+        workers = [t for t in threading.enumerate() if t.name.startswith("fides-query")]
+        assert len(workers) == 1
+        assert workers[0].ident is not None
+        signal.pthread_kill(workers[0].ident, signal.SIGINT)
+        started = time.monotonic()
+        q.service.stop.wait(30)  # answered once the client has taken the interrupt
+        held["s"] = time.monotonic() - started
+
+    mlaas.on_infer = hook
+    with pytest.raises(KeyboardInterrupt):
+        q.answers(X[:32])
+    assert raising_handlers.is_set()
+    assert held["s"] < 10  # not the 30 s the provider would have held the answer
+    assert mlaas.rows_answered == q.store.spent == len(q.store) == 32
+
+
 def test_an_interrupt_during_a_retry_backoff_sends_no_retry(
     mlaas: MLaaS, tmp_path: Path, raising_handlers: threading.Event
 ) -> None:
