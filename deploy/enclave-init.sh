@@ -13,6 +13,10 @@
 #   FIDES_ENCLAVE_SEAL_MODEL       verifier ONNX to seal now (optional; else bring a sealed file)
 #   FIDES_ENCLAVE_SEAL_CONFIG      its verifier config YAML (optional)
 #   FIDES_ENCLAVE_SEALED_MODEL     the sealed file to write (required with SEAL_MODEL)
+#   FIDES_ENCLAVE_SEAL_MODEL_NAME  the served model the file is for (optional, recommended):
+#                                  sealed against that model's own rollback counter, as the
+#                                  gateway seals; unset: the platform-wide counter, which every
+#                                  file sealed without a name shares
 set -eu
 
 platform="${FIDES_ENCLAVE_PLATFORM_DIR:?set FIDES_ENCLAVE_PLATFORM_DIR}"
@@ -50,12 +54,13 @@ fi
 if [ -n "${FIDES_ENCLAVE_SEAL_MODEL:-}" ]; then
     sealed="${FIDES_ENCLAVE_SEALED_MODEL:?set FIDES_ENCLAVE_SEALED_MODEL with FIDES_ENCLAVE_SEAL_MODEL}"
     mkdir -p "$(dirname "$sealed")"
+    set -- --model "$FIDES_ENCLAVE_SEAL_MODEL" --output "$sealed" --platform-dir "$platform"
     if [ -n "${FIDES_ENCLAVE_SEAL_CONFIG:-}" ]; then
-        fides enclave seal --model "$FIDES_ENCLAVE_SEAL_MODEL" --config "$FIDES_ENCLAVE_SEAL_CONFIG" \
-            --output "$sealed" --platform-dir "$platform"
-    else
-        fides enclave seal --model "$FIDES_ENCLAVE_SEAL_MODEL" --output "$sealed" \
-            --platform-dir "$platform"
+        set -- "$@" --config "$FIDES_ENCLAVE_SEAL_CONFIG"
     fi
+    if [ -n "${FIDES_ENCLAVE_SEAL_MODEL_NAME:-}" ]; then
+        set -- "$@" --model-name "$FIDES_ENCLAVE_SEAL_MODEL_NAME"
+    fi
+    fides enclave seal "$@"
 fi
 echo "fides-enclave-init: platform ready in $platform" >&2

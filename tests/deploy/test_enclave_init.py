@@ -83,6 +83,7 @@ def test_compose_path_creates_platform_seals_and_the_enclave_boots_and_attests(
         FIDES_ENCLAVE_SEAL_MODEL=str(model),
         FIDES_ENCLAVE_SEAL_CONFIG=str(SEAL_CONFIG),
         FIDES_ENCLAVE_SEALED_MODEL=str(sealed),
+        FIDES_ENCLAVE_SEAL_MODEL_NAME=init_env["FIDES_ENCLAVE_SEAL_MODEL_NAME"],
     )
 
     first = _init(env)
@@ -96,7 +97,10 @@ def test_compose_path_creates_platform_seals_and_the_enclave_boots_and_attests(
     assert _mode(base / "trust" / "root.pem") == 0o644
     assert sorted(p.name for p in (base / "trust").iterdir()) == ["root.pem"]
     assert sealed.is_file()
-    assert "as version 1" in first.stdout
+    # against the served model's own rollback counter, as the gateway seals (a counter
+    # shared by every model lets one model's upgrade refuse another's restart)
+    name = init_env["FIDES_ENCLAVE_SEAL_MODEL_NAME"]
+    assert f"as version 1 (model {name!r}'s counter)" in first.stdout
 
     # the compose command line, with the container paths moved under base
     moves = {
@@ -151,6 +155,7 @@ def test_compose_path_creates_platform_seals_and_the_enclave_boots_and_attests(
     assert again.returncode == 0, again.stderr
     assert (platform / "root.pem").read_bytes() == root_pem
     assert "as version 2" in again.stdout
+    assert (platform / "model_counters" / name).read_text(encoding="utf-8").strip() == "1"
 
 
 def test_kubernetes_path_copies_a_secret_platform_with_private_modes(base: Path) -> None:

@@ -362,12 +362,17 @@ def test_enclave_sidecar_shares_only_the_socket(helm: dict[str, Any]) -> None:
     init_env = _env(containers["enclave-init-digits"])
     assert init_env["FIDES_ENCLAVE_SEAL_CONFIG"] == "/opt/fides/enclave/verifier.yaml"
     assert init_env["FIDES_ENCLAVE_SEALED_MODEL"] == args[args.index("--sealed-model") + 1]
+    # ... against the model's own rollback counter (no counter shared between models)
+    assert init_env["FIDES_ENCLAVE_SEAL_MODEL_NAME"] == "digits"
 
 
 def test_one_enclave_sidecar_per_verified_model(helm: dict[str, Any]) -> None:
     containers = _containers(_objects(helm, "two_models"))
     assert {"enclave-digits", "enclave-digits-heavy"} <= set(containers)
     assert {"enclave-init-digits", "enclave-init-digits-heavy"} <= set(containers)
+    for model in ("digits", "digits_heavy"):
+        init = containers["enclave-init-" + model.replace("_", "-")]
+        assert _env(init)["FIDES_ENCLAVE_SEAL_MODEL_NAME"] == model
     sockets = set()
     for name in ("enclave-digits", "enclave-digits-heavy"):
         args = containers[name]["args"]
