@@ -550,7 +550,9 @@ class Querier:
                     break
                 done: set[Future[np.ndarray]] = set()
                 while not done:  # timed: see _SIGNAL_POLL_S
-                    done, _ = wait(list(pending), _SIGNAL_POLL_S, FIRST_COMPLETED)
+                    done, _ = wait(
+                        list(pending), timeout=_SIGNAL_POLL_S, return_when=FIRST_COMPLETED
+                    )
                 for fut in done:
                     chunk = pending[fut]
                     in_hand = (fut, self.store.spent)

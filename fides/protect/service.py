@@ -19,6 +19,7 @@ import threading
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
@@ -284,8 +285,8 @@ class _PaidEndpoint(UpstreamRuntime):
             if status is not None and int(status.group(1)) in _NOT_PROCESSED:
                 raise
             raise PossiblyPaid(
-                f"upstream {url} failed after the request was sent ({exc.cause}); not retried: "
-                "the provider may have processed and billed it"
+                f"{method} {urlsplit(url).path} failed after the request was sent "
+                f"({exc.cause}); not retried: the provider may have processed and billed it"
             ) from None
 
 

@@ -301,7 +301,7 @@ def test_an_interrupt_keeps_a_batch_answered_unusably(
     q = _querier(mlaas, tmp_path / "a.sqlite")
     if when == "in flight":
 
-        def interrupted(fs: Any, return_when: str) -> Any:
+        def interrupted(fs: Any, timeout: float | None, return_when: str) -> Any:
             wait(fs)  # every request in flight is answered, then Ctrl-C lands
             raise KeyboardInterrupt
 

@@ -220,6 +220,7 @@ def test_a_read_timeout_is_not_retried_and_counted_as_possibly_paid(
     with pytest.raises(QueryFailed, match=r"ReadTimeout.*not retried.*counted as paid for") as err:
         q.answers(X[:32])
     assert err.value.possibly_paid
+    assert str(err.value).count(mlaas.url) == 1  # the endpoint named once, by its identity
     assert requests == [32]  # asked once
     assert q.store.spent == 32  # what the provider may bill is counted ...
     assert len(q.store) == 0  # ... nothing recorded: a rerun asks again, within the budget
