@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import onnxruntime as ort
@@ -19,6 +19,11 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from fides.protect.config import QueryConfig
+from fides.protect.query import Querier
+from fides.protect.service import Service, open_service
+from fides.protect.store import AnswerStore
+from gateway.model_config import UpstreamOptions
 from tests.gateway.test_upstream_gateway import serve_in_thread
 from tests.integrity_factory import DETECTOR
 
@@ -196,3 +201,51 @@ def upstream(url: str, **over: Any) -> dict[str, Any]:
             **over,
         }
     }
+
+
+# -- query clients of the MLaaS (tests of fides.protect.query) ------------------------------
+
+_T = TypeVar("_T", Service, AnswerStore)
+_OPEN: list[Service | AnswerStore] = []  # what a test opened: closed after it
+
+
+def closing(opened: _T) -> _T:
+    """``opened`` (a service connection or an answer store), closed after the test by
+    :func:`protect_clients`."""
+    _OPEN.append(opened)
+    return opened
+
+
+@pytest.fixture
+def protect_clients(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The MLaaS key in the environment the upstream options read it from, and every service
+    and store opened with :func:`closing` closed after the test (sockets, databases)."""
+    monkeypatch.setenv("PROTECT_TEST_AUTH", f"Bearer {KEY}")
+    yield
+    while _OPEN:
+        _OPEN.pop().close()
+
+
+def open_upstream(url: str, **over: Any) -> Service:
+    """The MLaaS at ``url`` as ``fides protect`` opens it (``over``: upstream options)."""
+    options = UpstreamOptions.model_validate(upstream(url, **over)["upstream"])
+    return closing(
+        open_service(repository=None, model=None, upstream=options, output=None, max_batch_size=64)
+    )
+
+
+def open_querier(
+    mlaas: MLaaS,
+    store_path: Path,
+    budget: int | None = None,
+    up: dict[str, Any] | None = None,
+    *,
+    url: str | None = None,
+    **cfg: Any,
+) -> Querier:
+    """A new run's query client: its own service connection (``up``: upstream options over
+    the defaults; ``url``: another address of the MLaaS) and store handle."""
+    service = open_upstream(url or mlaas.url, **(up or {}))
+    store = closing(AnswerStore(store_path, service.identity))
+    cfg = {"batch_size": 32, "concurrency": 3, **cfg}
+    return Querier(service, store, QueryConfig(**cfg), max_queries=budget)

@@ -5,7 +5,6 @@ and each bad answer or HTTP failure is an error that names the problem."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
@@ -26,52 +25,34 @@ from fides.protect.query import (
 from fides.protect.service import Service, ServiceError, open_service
 from fides.protect.store import AnswerStore, StoreError, input_key
 from gateway.model_config import UpstreamOptions
-from tests.fides.protect.conftest import KEY, MLaaS, protect_raw, upstream
+from tests.fides.protect.conftest import (
+    KEY,
+    MLaaS,
+    closing,
+    open_querier,
+    open_upstream,
+    protect_raw,
+    upstream,
+)
 from tests.model_factory import nan_on_blank, write_config
 from verifier.data import load_digits_arrays
 
 X = load_digits_arrays(0)[0][:300]  # [300, 1, 8, 8] float32 in [0, 1]
 
 
-_OPEN: list[Service | AnswerStore] = []  # closed after each test (sockets, databases)
-
-
-@pytest.fixture(autouse=True)
-def _key_and_cleanup(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setenv("PROTECT_TEST_AUTH", f"Bearer {KEY}")
-    yield
-    while _OPEN:
-        _OPEN.pop().close()
-
-
-def _service(mlaas: MLaaS, **over: Any) -> Service:
-    options = UpstreamOptions.model_validate(upstream(mlaas.url, **over)["upstream"])
-    service = open_service(
-        repository=None, model=None, upstream=options, output=None, max_batch_size=64
-    )
-    _OPEN.append(service)
-    return service
-
-
-def _querier(mlaas: MLaaS, store_path: Path, budget: int | None = None, **cfg: Any) -> Querier:
-    service = _service(mlaas)
-    store = AnswerStore(store_path, service.identity)
-    _OPEN.append(store)
-    return Querier(
-        service, store, QueryConfig(batch_size=32, concurrency=3, **cfg), max_queries=budget
-    )
+pytestmark = pytest.mark.usefixtures("protect_clients")
 
 
 def test_each_answer_is_paid_for_once_and_a_rerun_asks_nothing(
     mlaas: MLaaS, tmp_path: Path
 ) -> None:
     x = np.concatenate([X, X[:50]])  # repeats inside one call are asked once
-    q = _querier(mlaas, tmp_path / "a.sqlite")
+    q = open_querier(mlaas, tmp_path / "a.sqlite")
     first = q.answers(x)
     assert first.shape == (350, 10)
     np.testing.assert_allclose(first[:50], first[300:])
     assert mlaas.rows_answered == q.store.spent == len(q.store) == 300
-    again = _querier(mlaas, tmp_path / "a.sqlite")  # a new process on the same store
+    again = open_querier(mlaas, tmp_path / "a.sqlite")  # a new process on the same store
     np.testing.assert_array_equal(again.answers(x), first)
     assert mlaas.rows_answered == 300
 
@@ -79,7 +60,7 @@ def test_each_answer_is_paid_for_once_and_a_rerun_asks_nothing(
 def test_an_exhausted_budget_stops_cleanly_and_a_larger_one_resumes(
     mlaas: MLaaS, tmp_path: Path
 ) -> None:
-    q = _querier(mlaas, tmp_path / "a.sqlite", budget=100)
+    q = open_querier(mlaas, tmp_path / "a.sqlite", budget=100)
     with pytest.raises(
         BudgetExhausted,
         match=r"100 inputs paid for of --max-queries 100, 200 more needed for the inputs"
@@ -87,14 +68,14 @@ def test_an_exhausted_budget_stops_cleanly_and_a_larger_one_resumes(
     ):
         q.answers(X)
     assert mlaas.rows_answered == q.store.spent == len(q.store) == 100  # what fits is kept
-    q2 = _querier(mlaas, tmp_path / "a.sqlite", budget=300)
+    q2 = open_querier(mlaas, tmp_path / "a.sqlite", budget=300)
     assert q2.answers(X).shape == (300, 10)
     assert mlaas.rows_answered == 300  # nothing asked twice
 
 
 def test_429_and_503_are_retried_with_backoff(mlaas: MLaaS, tmp_path: Path) -> None:
     mlaas.fail_with, mlaas.fail_times = 429, 2
-    q = _querier(mlaas, tmp_path / "a.sqlite", rate_limit=200.0)
+    q = open_querier(mlaas, tmp_path / "a.sqlite", rate_limit=200.0)
     assert q.answers(X[:64]).shape == (64, 10)
     mlaas.fail_with, mlaas.fail_times = 503, 1
     assert q.answers(X[64:128]).shape == (64, 10)
@@ -104,7 +85,7 @@ def test_429_and_503_are_retried_with_backoff(mlaas: MLaaS, tmp_path: Path) -> N
 def test_a_failing_upstream_is_named_and_what_it_answered_is_kept(
     mlaas: MLaaS, tmp_path: Path
 ) -> None:
-    q = _querier(mlaas, tmp_path / "a.sqlite")
+    q = open_querier(mlaas, tmp_path / "a.sqlite")
     q.answers(X[:64])
     mlaas.fail_with, mlaas.fail_times = 500, 10**6
     with pytest.raises(QueryFailed, match=r"HTTP 500"):
@@ -114,7 +95,7 @@ def test_a_failing_upstream_is_named_and_what_it_answered_is_kept(
 
 @pytest.mark.parametrize("status", [401, 403])
 def test_refused_credentials_say_so(mlaas: MLaaS, tmp_path: Path, status: int) -> None:
-    q = _querier(mlaas, tmp_path / "a.sqlite")
+    q = open_querier(mlaas, tmp_path / "a.sqlite")
     mlaas.fail_with, mlaas.fail_times = status, 10**6
     with pytest.raises(QueryFailed, match=rf"HTTP {status}.*check the credentials"):
         q.answers(X[:10])
@@ -125,20 +106,24 @@ def test_a_missing_key_is_named_before_any_query(
 ) -> None:
     monkeypatch.delenv("PROTECT_TEST_AUTH")
     with pytest.raises(ServiceError, match="environment variable PROTECT_TEST_AUTH is unset"):
-        _service(mlaas)
+        open_upstream(mlaas.url)
     monkeypatch.setenv("PROTECT_TEST_AUTH", "Bearer wrong")
     with pytest.raises(ServiceError, match="HTTP 401"):  # the metadata call is refused
-        _service(mlaas)
+        open_upstream(mlaas.url)
 
 
 def test_a_key_from_a_file(mlaas: MLaaS, tmp_path: Path) -> None:
     secret = tmp_path / "key"
     secret.write_text(f"Bearer {KEY}\n")
-    service = _service(mlaas, headers_from_env={}, headers_from_file={"Authorization": str(secret)})
+    service = open_upstream(
+        mlaas.url, headers_from_env={}, headers_from_file={"Authorization": str(secret)}
+    )
     assert service.ask(X[:2]).shape == (2, 10)
     missing = tmp_path / "nope"
     with pytest.raises(ServiceError, match=f"cannot read {missing}"):
-        _service(mlaas, headers_from_env={}, headers_from_file={"Authorization": str(missing)})
+        open_upstream(
+            mlaas.url, headers_from_env={}, headers_from_file={"Authorization": str(missing)}
+        )
 
 
 def test_an_unreachable_upstream_is_named(tmp_path: Path) -> None:
@@ -148,7 +133,7 @@ def test_an_unreachable_upstream_is_named(tmp_path: Path) -> None:
 
 
 def test_nan_answers_are_named_and_paid_for(mlaas: MLaaS, tmp_path: Path) -> None:
-    q = _querier(mlaas, tmp_path / "a.sqlite")
+    q = open_querier(mlaas, tmp_path / "a.sqlite")
     mlaas.mode = "nan"
     with pytest.raises(AnswerError, match="must be numbers"):
         q.answers(X[:64])
@@ -163,7 +148,7 @@ def _nan_on_blank_service(root: Path) -> Service:
     service = open_service(
         repository=root, model="nanny", upstream=None, output=None, max_batch_size=64
     )
-    _OPEN.append(service)
+    closing(service)
     return service
 
 
@@ -176,7 +161,7 @@ def test_inputs_answered_nan_are_recorded_and_not_paid_for_again(tmp_path: Path)
 
     def querier() -> Querier:  # a new run: a new store handle on the same file
         store = AnswerStore(store_path, f"{service.identity}, output {service.output}")
-        _OPEN.append(store)
+        closing(store)
         return Querier(service, store, cfg)
 
     q = querier()
@@ -220,7 +205,7 @@ def test_a_batch_answered_unusably_as_a_whole_is_not_paid_for_again(
     again, as for a NaN row; --retry-unusable asks once more."""
     x = X[:96]  # 3 batches of 32, all in flight at once
     mlaas.bad_mode, mlaas.bad_times = bad_mode, 1  # the first request the provider gets
-    q = _querier(mlaas, tmp_path / "a.sqlite")
+    q = open_querier(mlaas, tmp_path / "a.sqlite")
     with pytest.raises(AnswerError, match=why) as first:
         q.answers(x)
     served = mlaas.rows_answered  # what the provider answered (and bills)
@@ -229,7 +214,7 @@ def test_a_batch_answered_unusably_as_a_whole_is_not_paid_for_again(
     assert len(bad) == 32
     assert len(q.store) == served - 32
     assert "the batch's 32 inputs are recorded as unusable" in str(first.value)
-    rerun = _querier(mlaas, tmp_path / "a.sqlite")  # a new run on the same store
+    rerun = open_querier(mlaas, tmp_path / "a.sqlite")  # a new run on the same store
     with pytest.raises(
         AnswerError,
         match=rf"32 of the inputs were answered with unusable values by an earlier run "
@@ -249,7 +234,7 @@ def test_a_batch_answered_unusably_as_a_whole_is_not_paid_for_again(
 def test_a_probe_batch_answered_unusably_is_not_paid_for_again(
     mlaas: MLaaS, tmp_path: Path
 ) -> None:
-    q = _querier(mlaas, tmp_path / "a.sqlite")
+    q = open_querier(mlaas, tmp_path / "a.sqlite")
     q.answers(X[:64])
     mlaas.bad_times = 1  # the repeat's first batch comes back with the wrong shape
     with pytest.raises(AnswerError, match=r"\[31, 10\]") as first:
@@ -257,7 +242,7 @@ def test_a_probe_batch_answered_unusably_is_not_paid_for_again(
     assert mlaas.rows_answered == q.store.spent == 96
     assert len(_unusable_rows(q, X[:64])) == 32  # their repeats' answer
     assert "the batch's 32 inputs are recorded as unusable" in str(first.value)
-    rerun = _querier(mlaas, tmp_path / "a.sqlite")
+    rerun = open_querier(mlaas, tmp_path / "a.sqlite")
     with pytest.raises(
         AnswerError,
         match=r"32 of the probe inputs were answered with unusable values by an earlier run "
@@ -298,7 +283,7 @@ def test_an_interrupt_keeps_a_batch_answered_unusably(
     recorded (its transaction rolls back): it is recorded as paid for and unusable."""
     import fides.protect.query as query
 
-    q = _querier(mlaas, tmp_path / "a.sqlite")
+    q = open_querier(mlaas, tmp_path / "a.sqlite")
     if when == "in flight":
 
         def interrupted(fs: Any, timeout: float | None, return_when: str) -> Any:
@@ -324,7 +309,7 @@ def test_an_interrupt_keeps_a_batch_answered_unusably(
     assert len(_unusable_rows(q, X[:96])) == 32
     assert len(q.store) == served - 32
     monkeypatch.setattr(query, "wait", wait)  # the interrupt is over
-    rerun = _querier(mlaas, tmp_path / "a.sqlite")
+    rerun = open_querier(mlaas, tmp_path / "a.sqlite")
     with pytest.raises(AnswerError, match="32 of the inputs were answered with unusable"):
         rerun.answers(X[:96])
     assert mlaas.rows_answered == served
@@ -344,7 +329,7 @@ def test_a_store_is_bound_to_the_output_it_reads(tmp_path: Path) -> None:
 
 
 def test_the_wrong_number_of_rows_is_named(mlaas: MLaaS, tmp_path: Path) -> None:
-    q = _querier(mlaas, tmp_path / "a.sqlite")
+    q = open_querier(mlaas, tmp_path / "a.sqlite")
     mlaas.mode = "short"
     with pytest.raises((AnswerError, QueryFailed), match=r"31|shape"):
         q.answers(X[:32])
@@ -352,7 +337,7 @@ def test_the_wrong_number_of_rows_is_named(mlaas: MLaaS, tmp_path: Path) -> None
 
 def test_logits_are_named_not_silently_softmaxed(mlaas: MLaaS, tmp_path: Path) -> None:
     mlaas.mode = "logits"
-    raw = _querier(mlaas, tmp_path / "a.sqlite").answers(X[:64])
+    raw = open_querier(mlaas, tmp_path / "a.sqlite").answers(X[:64])
     with pytest.raises(AnswerError, match="look like logits.*service.answers: logits"):
         answer_kind(raw, "auto", "the service")
     kind, _ = answer_kind(raw, "logits", "the service")
@@ -375,18 +360,18 @@ def test_answer_kinds_are_recognised(
     mlaas: MLaaS, tmp_path: Path, mode: str, kind: str, k: int
 ) -> None:
     mlaas.mode = mode
-    raw = _querier(mlaas, tmp_path / "a.sqlite").answers(X[:64])
+    raw = open_querier(mlaas, tmp_path / "a.sqlite").answers(X[:64])
     assert answer_kind(raw, "auto", "the service") == (kind, k)
     p = as_probabilities(raw, kind, 10)  # type: ignore[arg-type]
     assert p.shape == (64, 10)
     np.testing.assert_allclose(p.sum(1), 1, atol=1e-5)
     mlaas.mode = "ok"
-    honest = _querier(mlaas, tmp_path / "b.sqlite").answers(X[:64])
+    honest = open_querier(mlaas, tmp_path / "b.sqlite").answers(X[:64])
     assert (p.argmax(1) == honest.argmax(1)).all()  # the top-1 survives every kind
 
 
 def test_non_determinism_is_measured(mlaas: MLaaS, tmp_path: Path) -> None:
-    q = _querier(mlaas, tmp_path / "a.sqlite")
+    q = open_querier(mlaas, tmp_path / "a.sqlite")
     q.answers(X[:64])
     mlaas.mode = "noisy"
     probe = q.repeat_probe(X[:64])
@@ -398,7 +383,7 @@ def test_non_determinism_is_measured(mlaas: MLaaS, tmp_path: Path) -> None:
 
 
 def test_deterministic_service_probe(mlaas: MLaaS, tmp_path: Path) -> None:
-    q = _querier(mlaas, tmp_path / "a.sqlite")
+    q = open_querier(mlaas, tmp_path / "a.sqlite")
     q.answers(X[:32])
     assert q.repeat_probe(X[:32])["top1_changed"] == 0
 
@@ -406,14 +391,14 @@ def test_deterministic_service_probe(mlaas: MLaaS, tmp_path: Path) -> None:
 def test_a_store_belongs_to_one_service(mlaas: MLaaS, tmp_path: Path) -> None:
     AnswerStore(tmp_path / "a.sqlite", "upstream http://elsewhere/v2/models/x").close()
     with pytest.raises(StoreError, match="holds the answers of upstream http://elsewhere"):
-        _querier(mlaas, tmp_path / "a.sqlite")
+        open_querier(mlaas, tmp_path / "a.sqlite")
     (tmp_path / "junk.sqlite").write_bytes(b"not a database at all" * 100)
     with pytest.raises(StoreError, match="not a usable answer store"):
         AnswerStore(tmp_path / "junk.sqlite", "x")
 
 
 def test_images_of_the_wrong_shape_are_refused(mlaas: MLaaS) -> None:
-    service = _service(mlaas)
+    service = open_upstream(mlaas.url)
     service.check_images((1, 8, 8))
     with pytest.raises(
         ServiceError, match=r"takes 'input' of shape \[1, 8, 8\].*inputs are \[3, 32, 32\]"
@@ -428,7 +413,7 @@ def test_a_model_that_is_not_a_classifier_is_refused(tmp_path: Path, mlaas: MLaa
     with pytest.raises(
         ServiceError, match=r"is not a classifier: output 'denoised' is FP32 \[1, 8, 8\]"
     ):
-        _service(mlaas)
+        open_upstream(mlaas.url)
     repo = make_repository(tmp_path / "repo", datatypes=("FP32",))
     with pytest.raises(ServiceError, match=r"'identity_fp32'.* is not a classifier"):
         open_service(
@@ -483,7 +468,7 @@ def test_an_interrupt_while_a_batch_is_recorded_loses_nothing(
 ) -> None:
     """Ctrl-C / SIGTERM can land inside the write of an answered batch (its transaction
     rolls back): that batch was paid for, and is recorded before the interrupt goes on."""
-    q = _querier(mlaas, tmp_path / "a.sqlite")
+    q = open_querier(mlaas, tmp_path / "a.sqlite")
     real_put = q.store.put
     calls = {"n": 0}
 
@@ -502,7 +487,7 @@ def test_an_interrupt_while_a_batch_is_recorded_loses_nothing(
 
 
 def test_the_probe_counts_each_batch_it_pays_for(mlaas: MLaaS, tmp_path: Path) -> None:
-    q = _querier(mlaas, tmp_path / "a.sqlite")
+    q = open_querier(mlaas, tmp_path / "a.sqlite")
     q.answers(X[:64])
     mlaas.mode = "short"  # the repeat's first batch comes back unusable (and is billed)
     with pytest.raises(AnswerError, match="31, 10"):
@@ -564,9 +549,9 @@ def test_answer_kinds_at_the_edges() -> None:
 def test_a_batch_client_honours_a_long_retry_after(mlaas: MLaaS) -> None:
     """The serving gateway waits at most 5 s for a Retry-After; the protect client, which
     answers nobody while it waits, up to 120 s unless the file says otherwise."""
-    service = _service(mlaas)
+    service = open_upstream(mlaas.url)
     assert service.runtime.options.max_retry_after_s == 120.0  # type: ignore[attr-defined]
-    own = _service(mlaas, max_retry_after_s=30.0)
+    own = open_upstream(mlaas.url, max_retry_after_s=30.0)
     assert own.runtime.options.max_retry_after_s == 30.0  # type: ignore[attr-defined]
 
 

@@ -33,7 +33,6 @@ from fastapi.responses import JSONResponse, Response
 from typer.testing import CliRunner
 
 from fides.cli import app
-from fides.protect.config import QueryConfig
 from fides.protect.query import (
     PROBE_STATE,
     AnswerError,
@@ -42,46 +41,17 @@ from fides.protect.query import (
     Querier,
     QueryFailed,
 )
-from fides.protect.service import Service, ServiceError, open_service
-from fides.protect.store import AnswerStore, input_key
+from fides.protect.service import ServiceError, open_service
+from fides.protect.store import input_key
 from gateway.model_config import UpstreamOptions
-from tests.fides.protect.conftest import KEY, MLaaS, protect_raw, upstream
+from tests.fides.protect.conftest import MLaaS, open_querier, protect_raw, upstream
 from tests.gateway.test_upstream_gateway import serve_in_thread
 from verifier.data import load_digits_arrays
 
 X = load_digits_arrays(0)[0][:300]  # [300, 1, 8, 8] float32 in [0, 1]
 REPO_ROOT = Path(__file__).parents[3]
 
-_OPEN: list[Service | AnswerStore] = []  # closed after each test (sockets, databases)
-
-
-@pytest.fixture(autouse=True)
-def _key_and_cleanup(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setenv("PROTECT_TEST_AUTH", f"Bearer {KEY}")
-    yield
-    while _OPEN:
-        _OPEN.pop().close()
-
-
-def _querier(
-    mlaas: MLaaS,
-    store_path: Path,
-    budget: int | None = None,
-    up: dict[str, Any] | None = None,
-    **cfg: Any,
-) -> Querier:
-    """A new run's query client: its own service connection and store handle (``up``:
-    upstream options over the defaults)."""
-    options = UpstreamOptions.model_validate(upstream(mlaas.url, **(up or {}))["upstream"])
-    service = open_service(
-        repository=None, model=None, upstream=options, output=None, max_batch_size=64
-    )
-    _OPEN.append(service)
-    store = AnswerStore(store_path, service.identity)
-    _OPEN.append(store)
-    return Querier(
-        service, store, QueryConfig(batch_size=32, concurrency=3, **cfg), max_queries=budget
-    )
+pytestmark = pytest.mark.usefixtures("protect_clients")
 
 
 def _unusable_rows(q: Querier, x: np.ndarray) -> list[int]:
@@ -101,10 +71,10 @@ def test_answers_that_change_shape_between_runs_are_named_counted_and_kept(
     store, counts what it paid for, and leaves the first run's answers usable."""
     store = tmp_path / "a.sqlite"
     mlaas.declared = -1  # [-1, -1]: the metadata does not pin the classes
-    first = _querier(mlaas, store).answers(X[:64])
+    first = open_querier(mlaas, store).answers(X[:64])
     assert mlaas.rows_answered == 64
     mlaas.classes = 11
-    q = _querier(mlaas, store)
+    q = open_querier(mlaas, store)
     with pytest.raises(AnswerShapeChanged) as err:
         q.answers(X[:128])  # 64 recorded, 64 asked: 2 batches of 32, both answered [11]
     message = str(err.value)
@@ -120,7 +90,7 @@ def test_answers_that_change_shape_between_runs_are_named_counted_and_kept(
     assert "the service changed" in next(iter(q.store.unusable([input_key(X[64])]).values()))
     # the store is still valid: the first run's answers read back, nothing asked
     mlaas.classes = 10
-    rerun = _querier(mlaas, store)
+    rerun = open_querier(mlaas, store)
     np.testing.assert_array_equal(rerun.answers(X[:64]), first)
     with pytest.raises(AnswerError, match="64 of the inputs were answered with unusable"):
         rerun.answers(X[:128])
@@ -135,14 +105,14 @@ def test_a_service_declaring_another_shape_is_refused_before_any_query(
 ) -> None:
     """A new model version that says so in its metadata is named before a batch is paid."""
     store = tmp_path / "a.sqlite"
-    _querier(mlaas, store).answers(X[:64])
+    open_querier(mlaas, store).answers(X[:64])
     mlaas.classes = 11  # its metadata now declares [-1, 11]
     with pytest.raises(
         AnswerShapeChanged,
         match=rf"declares FP32 \[11\] per input .*but the 64 answers recorded in {store} are "
         r"float32 \[10\].*Nothing was asked",
     ):
-        _querier(mlaas, store)
+        open_querier(mlaas, store)
     assert mlaas.rows_answered == 64
 
 
@@ -152,7 +122,7 @@ def test_probe_repeats_answered_in_another_shape_are_named_and_counted(
     """The determinism probe compares repeats with the recorded answers: repeats of another
     shape are the same error, not a failed subtraction."""
     mlaas.declared = -1
-    q = _querier(mlaas, tmp_path / "a.sqlite")
+    q = open_querier(mlaas, tmp_path / "a.sqlite")
     q.answers(X[:64])
     mlaas.classes = 11
     with pytest.raises(AnswerShapeChanged, match=r"now answers float32 \[11\].*\[10\]"):
@@ -217,7 +187,7 @@ def test_a_redirect_is_named_not_followed_and_not_retried(
     host = url.removeprefix("http://")
     mlaas.location = f"http://user:pw@{host}/v2/models/digits/infer?signature=s3cret"
     mlaas.fail_with, mlaas.fail_times = status, 1  # once: a retry would be answered
-    q = _querier(mlaas, tmp_path / "a.sqlite")
+    q = open_querier(mlaas, tmp_path / "a.sqlite")
     with pytest.raises(QueryFailed) as err:
         q.answers(X[:32])
     message = str(err.value)
@@ -275,7 +245,7 @@ def test_no_content_is_named_not_retried_and_counted_as_possibly_paid(
     """A 204 says the request was processed: the provider may bill it, so it is counted as
     paid for (spent never under what may be billed), nothing recorded, not retried."""
     mlaas.fail_with, mlaas.fail_times = 204, 1
-    q = _querier(mlaas, tmp_path / "a.sqlite")
+    q = open_querier(mlaas, tmp_path / "a.sqlite")
     with pytest.raises(QueryFailed, match=r"HTTP 204 No Content: a response without a body"):
         q.answers(X[:32])
     assert mlaas.fail_times == 0  # not retried
@@ -293,7 +263,7 @@ def test_a_redirect_among_batches_in_flight_keeps_their_answers(
     counted; the redirected batch is asked by the rerun, once."""
     mlaas.location = "https://moved.example/v2/models/digits/infer"
     mlaas.fail_with, mlaas.fail_times = 307, 1
-    q = _querier(mlaas, tmp_path / "a.sqlite")
+    q = open_querier(mlaas, tmp_path / "a.sqlite")
     with pytest.raises(
         QueryFailed,
         match=r"HTTP 307 Temporary Redirect, to the same model's path under https://moved",
@@ -360,7 +330,7 @@ def test_an_interrupt_during_the_probe_keeps_the_repeat_in_flight_and_a_rerun_go
     probe = X[:96]  # 3 repeats of 32, one at a time
     # the request in flight is answered once the client has taken the interrupt, however
     # late a loaded machine lets it: a read timeout must not pass first
-    q = _querier(mlaas, store, up={"timeout_s": 60})
+    q = open_querier(mlaas, store, up={"timeout_s": 60})
     q.answers(probe)
     mlaas.mode = "noisy"  # so that the probe has something to measure
     _interrupt_the_probe(mlaas, probe, signum, at_request=2, stopped=q.service.stop)
@@ -371,7 +341,7 @@ def test_an_interrupt_during_the_probe_keeps_the_repeat_in_flight_and_a_rerun_go
     assert q.store.meta("determinism") is None  # not measured yet
     assert "interrupted while asking for repeats of the determinism probe" in caplog.text
     assert len(json.loads(q.store.meta(PROBE_STATE) or "{}")["done"]) == 64
-    rerun = _querier(mlaas, store)
+    rerun = open_querier(mlaas, store)
     result = rerun.repeat_probe(probe)  # goes on: only the last 32 are asked
     assert rerun.store.spent == mlaas.rows_answered == 96 + 96
     assert result["inputs"] == 96
@@ -388,7 +358,7 @@ def test_an_interrupt_while_a_probe_batch_is_recorded_counts_it_once(
     """Ctrl-C inside the transaction that records a batch of repeats (it rolls back): the
     batch, paid for, is recorded before the interrupt goes on, and counted once."""
     store = tmp_path / "a.sqlite"
-    q = _querier(mlaas, store)
+    q = open_querier(mlaas, store)
     q.answers(X[:64])
     real = q.store.set_meta
 
@@ -403,7 +373,7 @@ def test_an_interrupt_while_a_probe_batch_is_recorded_counts_it_once(
         q.repeat_probe(X[:64])
     assert q.store.spent == mlaas.rows_answered == 96
     assert len(json.loads(q.store.meta(PROBE_STATE) or "{}")["done"]) == 32
-    rerun = _querier(mlaas, store)
+    rerun = open_querier(mlaas, store)
     assert rerun.repeat_probe(X[:64])["inputs"] == 64
     assert rerun.store.spent == mlaas.rows_answered == 128
 
@@ -415,7 +385,7 @@ def test_an_interrupt_while_a_later_batch_is_recorded_keeps_every_batch(
     transaction rolls back); the first is still in flight. Both are recorded, once each."""
     first = {row.tobytes() for row in X[:32]}
     mlaas.delay_s = lambda x: 0.3 if {row.tobytes() for row in x} <= first else 0.0
-    q = _querier(mlaas, tmp_path / "a.sqlite")
+    q = open_querier(mlaas, tmp_path / "a.sqlite")
     real = q.store.put
 
     def interrupted_once(*args: Any, **kwargs: Any) -> None:
@@ -426,7 +396,7 @@ def test_an_interrupt_while_a_later_batch_is_recorded_keeps_every_batch(
     with pytest.raises(KeyboardInterrupt):
         q.answers(X[:64])
     assert len(q.store) == q.store.spent == mlaas.rows_answered == 64
-    assert _querier(mlaas, tmp_path / "a.sqlite").answers(X[:64]).shape == (64, 10)
+    assert open_querier(mlaas, tmp_path / "a.sqlite").answers(X[:64]).shape == (64, 10)
     assert mlaas.rows_answered == 64
 
 
@@ -434,7 +404,7 @@ def test_a_budget_exhausted_during_the_probe_stops_cleanly_and_a_larger_one_goes
     mlaas: MLaaS, tmp_path: Path
 ) -> None:
     store = tmp_path / "a.sqlite"
-    q = _querier(mlaas, store, budget=96 + 40)
+    q = open_querier(mlaas, store, budget=96 + 40)
     q.answers(X[:96])
     with pytest.raises(
         BudgetExhausted,
@@ -444,7 +414,7 @@ def test_a_budget_exhausted_during_the_probe_stops_cleanly_and_a_larger_one_goes
         q.repeat_probe(X[:96])
     assert q.store.spent == mlaas.rows_answered == 136  # what fits was asked and counted
     assert q.store.meta("determinism") is None
-    rerun = _querier(mlaas, store, budget=192)
+    rerun = open_querier(mlaas, store, budget=192)
     assert rerun.repeat_probe(X[:96])["inputs"] == 96
     assert rerun.store.spent == mlaas.rows_answered == 192  # none asked twice
 
@@ -453,11 +423,11 @@ def test_a_probe_of_other_inputs_starts_afresh(mlaas: MLaaS, tmp_path: Path) -> 
     """An unfinished probe's counts are of its inputs only: a probe of others starts over
     (what the first one paid for stays counted)."""
     store = tmp_path / "a.sqlite"
-    q = _querier(mlaas, store, budget=96 + 32)
+    q = open_querier(mlaas, store, budget=96 + 32)
     q.answers(X[:96])
     with pytest.raises(BudgetExhausted):
         q.repeat_probe(X[:96])
-    rerun = _querier(mlaas, store)
+    rerun = open_querier(mlaas, store)
     assert rerun.repeat_probe(X[:64])["inputs"] == 64  # another probe: all 64 asked
     assert rerun.store.spent == mlaas.rows_answered == 96 + 32 + 64
 

@@ -23,51 +23,14 @@ import httpx
 import numpy as np
 import pytest
 
-from fides.protect.config import QueryConfig
-from fides.protect.query import BudgetExhausted, Querier, QueryFailed
-from fides.protect.service import Service, open_service
+from fides.protect.query import BudgetExhausted, QueryFailed
 from fides.protect.store import AnswerStore, input_key
-from gateway.model_config import UpstreamOptions
-from tests.fides.protect.conftest import KEY, MLaaS, upstream
+from tests.fides.protect.conftest import MLaaS, closing, open_querier, open_upstream
 from verifier.data import load_digits_arrays
 
 X = load_digits_arrays(0)[0][:300]  # [300, 1, 8, 8] float32 in [0, 1]
 
-_OPEN: list[Service | AnswerStore] = []  # closed after each test (sockets, databases)
-
-
-@pytest.fixture(autouse=True)
-def _key_and_cleanup(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setenv("PROTECT_TEST_AUTH", f"Bearer {KEY}")
-    yield
-    while _OPEN:
-        _OPEN.pop().close()
-
-
-def _service(url: str, **over: Any) -> Service:
-    options = UpstreamOptions.model_validate(upstream(url, **over)["upstream"])
-    service = open_service(
-        repository=None, model=None, upstream=options, output=None, max_batch_size=64
-    )
-    _OPEN.append(service)
-    return service
-
-
-def _querier(
-    mlaas: MLaaS,
-    store_path: Path,
-    budget: int | None = None,
-    *,
-    url: str | None = None,
-    up: dict[str, Any] | None = None,
-    **cfg: Any,
-) -> Querier:
-    """A new run's query client: its own service connection and store handle."""
-    service = _service(url or mlaas.url, **(up or {}))
-    store = AnswerStore(store_path, service.identity)
-    _OPEN.append(store)
-    cfg = {"batch_size": 32, "concurrency": 3, **cfg}
-    return Querier(service, store, QueryConfig(**cfg), max_queries=budget)
+pytestmark = pytest.mark.usefixtures("protect_clients")
 
 
 @pytest.fixture
@@ -112,14 +75,14 @@ def test_a_second_interrupt_does_not_lose_the_answers_in_flight(
 
     mlaas.on_infer = hook
     store = tmp_path / "a.sqlite"
-    q = _querier(mlaas, store)
+    q = open_querier(mlaas, store)
     with pytest.raises(KeyboardInterrupt):
         q.answers(X[:96])
     assert mlaas.rows_answered > 0
     assert q.store.spent == len(q.store) == mlaas.rows_answered  # billed = counted = recorded
     billed = mlaas.rows_answered
     mlaas.on_infer = None
-    q2 = _querier(mlaas, store)
+    q2 = open_querier(mlaas, store)
     assert q2.answers(X[:96]).shape == (96, 10)
     assert mlaas.rows_answered == 96  # the rerun asked only for what was not billed
     assert q2.store.spent == 96
@@ -137,7 +100,7 @@ def test_an_interrupt_while_workers_wait_for_their_rate_slot_sends_nothing_more(
     main = threading.main_thread().ident
     assert main is not None
     mlaas.on_infer = lambda x: signal.pthread_kill(main, signal.SIGINT)
-    q = _querier(mlaas, tmp_path / "a.sqlite", rate_limit=0.5)
+    q = open_querier(mlaas, tmp_path / "a.sqlite", rate_limit=0.5)
     started = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
         q.answers(X[:96])
@@ -153,7 +116,7 @@ def test_an_interrupt_the_kernel_hands_to_a_worker_thread_is_taken_at_once(
     not block it, here the worker waiting for the answer. Python runs the handler in the main
     thread, which must notice while the request is still in flight (the provider holds it up
     to 30 s), not when the answer wakes it: the run stops, the answer in flight is recorded."""
-    q = _querier(mlaas, tmp_path / "a.sqlite", up={"timeout_s": 60}, concurrency=1)
+    q = open_querier(mlaas, tmp_path / "a.sqlite", up={"timeout_s": 60}, concurrency=1)
     held: dict[str, float] = {}
 
     def hook(x: np.ndarray) -> None:
@@ -181,7 +144,7 @@ def test_an_interrupt_during_a_retry_backoff_sends_no_retry(
     main = threading.main_thread().ident
     assert main is not None
     mlaas.fail_with, mlaas.fail_times = 503, 1
-    q = _querier(mlaas, tmp_path / "a.sqlite", up={"backoff_s": 3.0}, concurrency=1)
+    q = open_querier(mlaas, tmp_path / "a.sqlite", up={"backoff_s": 3.0}, concurrency=1)
     stop = getattr(q, "_stop", None)  # (the code before the fix has none)
 
     def interrupt() -> None:  # before the backoff: Ctrl-C, and the client has taken it
@@ -216,7 +179,7 @@ def test_a_read_timeout_is_not_retried_and_counted_as_possibly_paid(
 
     mlaas.delay_s = slow_first
     store = tmp_path / "a.sqlite"
-    q = _querier(mlaas, store, 32, up={"timeout_s": 0.5}, concurrency=1)
+    q = open_querier(mlaas, store, 32, up={"timeout_s": 0.5}, concurrency=1)
     with pytest.raises(QueryFailed, match=r"ReadTimeout.*not retried.*counted as paid for") as err:
         q.answers(X[:32])
     assert err.value.possibly_paid
@@ -225,9 +188,9 @@ def test_a_read_timeout_is_not_retried_and_counted_as_possibly_paid(
     assert q.store.spent == 32  # what the provider may bill is counted ...
     assert len(q.store) == 0  # ... nothing recorded: a rerun asks again, within the budget
     with pytest.raises(BudgetExhausted):
-        _querier(mlaas, store, 32).answers(X[:32])
+        open_querier(mlaas, store, 32).answers(X[:32])
     assert requests == [32]
-    assert _querier(mlaas, store, 64).answers(X[:32]).shape == (32, 10)
+    assert open_querier(mlaas, store, 64).answers(X[:32]).shape == (32, 10)
     assert requests == [32, 32]
 
 
@@ -236,7 +199,7 @@ def test_a_5xx_other_than_503_is_not_retried_and_counted_as_possibly_paid(
     mlaas: MLaaS, tmp_path: Path, status: int
 ) -> None:
     mlaas.fail_with, mlaas.fail_times = status, 1  # a retry would be answered (and billed)
-    q = _querier(mlaas, tmp_path / "a.sqlite", concurrency=1)
+    q = open_querier(mlaas, tmp_path / "a.sqlite", concurrency=1)
     with pytest.raises(QueryFailed, match=rf"HTTP {status}.*not retried") as err:
         q.answers(X[:32])
     assert err.value.possibly_paid
@@ -247,7 +210,7 @@ def test_a_5xx_other_than_503_is_not_retried_and_counted_as_possibly_paid(
 def test_429_and_503_and_connection_errors_are_still_retried(mlaas: MLaaS, tmp_path: Path) -> None:
     """What the provider cannot have processed is retried, and not counted."""
     mlaas.fail_with, mlaas.fail_times = 503, 1
-    q = _querier(mlaas, tmp_path / "a.sqlite", concurrency=1)
+    q = open_querier(mlaas, tmp_path / "a.sqlite", concurrency=1)
     assert q.answers(X[:32]).shape == (32, 10)
     mlaas.fail_with, mlaas.fail_times = 429, 1
     assert q.answers(X[32:64]).shape == (32, 10)
@@ -278,7 +241,7 @@ def test_user_info_in_the_url_is_sent_as_basic_auth_and_never_shown(
     mlaas.basic_auth = "alice:hunter2"
     creds = mlaas.url.replace("http://", "http://alice:hunter2@")
     caplog.set_level(logging.DEBUG)
-    q = _querier(mlaas, tmp_path / "a.sqlite", url=creds, up={"headers_from_env": {}})
+    q = open_querier(mlaas, tmp_path / "a.sqlite", url=creds, up={"headers_from_env": {}})
     assert q.answers(X[:32]).shape == (32, 10)  # the credentials still reach the service
     assert "hunter2" not in q.service.identity
     assert "hunter2" not in (q.store.meta("service") or "")
@@ -301,7 +264,7 @@ def test_a_store_recorded_under_a_url_with_user_info_is_adopted(
 
     mlaas.basic_auth = "alice:hunter2"
     creds = mlaas.url.replace("http://", "http://alice:hunter2@")
-    service = _service(creds, headers_from_env={})
+    service = open_upstream(creds, headers_from_env={})
     path = tmp_path / "a.sqlite"
     old = AnswerStore(path, f"upstream {creds}/v2/models/digits, output probabilities")
     keys = [input_key(row) for row in X[:2]]
@@ -310,7 +273,7 @@ def test_a_store_recorded_under_a_url_with_user_info_is_adopted(
     store = AnswerStore(
         path, f"{service.identity}, output {service.output}", legacy_ids=_legacy_ids(service)
     )
-    _OPEN.append(store)
+    closing(store)
     assert len(store) == 2
     assert store.spent == 2
     assert "hunter2" not in (store.meta("service") or "")
@@ -331,7 +294,7 @@ def test_a_location_is_shown_without_its_secrets(
 ) -> None:
     mlaas.location = location
     mlaas.fail_with, mlaas.fail_times = 307, 1
-    q = _querier(mlaas, tmp_path / "a.sqlite")
+    q = open_querier(mlaas, tmp_path / "a.sqlite")
     with pytest.raises(QueryFailed, match=r"HTTP 307") as err:
         q.answers(X[:32])
     assert "SECRET" not in str(err.value)
@@ -346,7 +309,7 @@ def test_a_redirect_elsewhere_names_the_base_url_once_and_the_store(
 ) -> None:
     mlaas.location = "https://moved.example/api/v2/models/digits/infer?token=SECRET"
     mlaas.fail_with, mlaas.fail_times = 308, 1
-    q = _querier(mlaas, tmp_path / "a.sqlite")
+    q = open_querier(mlaas, tmp_path / "a.sqlite")
     with pytest.raises(QueryFailed) as err:
         q.answers(X[:32])
     message = str(err.value)
@@ -384,7 +347,7 @@ def test_an_async_202_is_refused_by_name_and_counted_as_possibly_paid(
     mlaas: MLaaS, tmp_path: Path
 ) -> None:
     mlaas.fail_with, mlaas.fail_times = 202, 1
-    q = _querier(mlaas, tmp_path / "a.sqlite", concurrency=1)
+    q = open_querier(mlaas, tmp_path / "a.sqlite", concurrency=1)
     with pytest.raises(QueryFailed, match=r"HTTP 202 Accepted: an asynchronous endpoint") as err:
         q.answers(X[:32])
     assert "may bill" in str(err.value)
@@ -396,7 +359,7 @@ def test_an_async_202_is_refused_by_name_and_counted_as_possibly_paid(
 
 def test_a_304_is_named_and_not_paid_for(mlaas: MLaaS, tmp_path: Path) -> None:
     mlaas.fail_with, mlaas.fail_times = 304, 1
-    q = _querier(mlaas, tmp_path / "a.sqlite", concurrency=1)
+    q = open_querier(mlaas, tmp_path / "a.sqlite", concurrency=1)
     with pytest.raises(QueryFailed, match=r"HTTP 304 Not Modified") as err:
         q.answers(X[:32])
     assert "redirect" not in str(err.value)
@@ -406,7 +369,7 @@ def test_a_304_is_named_and_not_paid_for(mlaas: MLaaS, tmp_path: Path) -> None:
 def test_a_refused_answer_is_no_circuit_breaker_failure(mlaas: MLaaS, tmp_path: Path) -> None:
     mlaas.location = "https://moved.example/v2/models/digits/infer"
     mlaas.fail_with, mlaas.fail_times = 307, 1
-    q = _querier(mlaas, tmp_path / "a.sqlite", concurrency=1)
+    q = open_querier(mlaas, tmp_path / "a.sqlite", concurrency=1)
     with pytest.raises(QueryFailed):
         q.answers(X[:32])
     assert q.service.runtime.breaker.consecutive_failures == 0  # type: ignore[attr-defined]
