@@ -50,9 +50,10 @@ What :func:`check_incident` proves from it:
   sequence number, place in the batch), and no leaf, and no row of one, is held twice. The
   request id is the client's (it need not be unique) and only information here;
 - every signed row of a request held is either fed to the statistic or named by the gateway as
-  kept out of the alarm (``excluded``: ``out_of_distribution``, or ``invalid_answer`` when the
-  service's answer was not numbers), the gateway's word, which the check counts and reports: a
-  request's rows cannot be picked.
+  kept out of the alarm (``excluded``: ``out_of_distribution``, ``invalid_answer`` when the
+  service's answer was not numbers, ``enclave_timeout`` or ``not_judged`` when the enclave
+  signed a request the gateway never judged), the gateway's word, which the check counts and
+  reports: a request's rows cannot be picked.
 
 What it does not prove: that the answers are every answer of the stream over that stretch. A
 gateway could leave requests out, whole signed batches or requests of a batch (the check reports
@@ -101,11 +102,14 @@ from fides_core.sequential import SequentialDetector, calibrate_scores
 from fides_core.stats import kl_divergence
 
 __all__ = [
+    "ENCLAVE_TIMEOUT",
+    "EXCLUDED_REASONS",
     "INCIDENT_TYPE",
     "LEFT_OUT_REASONS",
     "LEGACY_TYPE",
     "MAX_ALPHA",
     "MAX_DELTA",
+    "NOT_JUDGED",
     "UNLISTED",
     "AttestationExpired",
     "AttestationTimeError",
@@ -138,8 +142,12 @@ MAX_ALPHA = 1e-5
 MAX_DELTA = 1e-5
 # why the gateway kept a signed row out of the alarm (its word: the checker cannot recompute
 # it): the novelty check found the input unlike the calibration's, or the service's answer was
-# not numbers (no detector score)
-EXCLUDED_REASONS = (OUT_OF_DISTRIBUTION, INVALID_ANSWER)
+# not numbers (no detector score); or the request was never judged though the enclave signed
+# it: the gateway stopped waiting for the enclave (answered without a verdict), or the request
+# failed or was cancelled before judging (its service answer failed, its client went away)
+ENCLAVE_TIMEOUT = "enclave_timeout"
+NOT_JUDGED = "not_judged"
+EXCLUDED_REASONS = (OUT_OF_DISTRIBUTION, INVALID_ANSWER, ENCLAVE_TIMEOUT, NOT_JUDGED)
 MAX_DOCUMENTS = 8  # attestation documents of one boot a bundle may carry (re-attestations)
 # why the gateway left a request out of a bundle (``answers_left_out``, its word): no
 # attestation document of the boot that signed it (or evidence naming none), or signed outside

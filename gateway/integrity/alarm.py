@@ -10,11 +10,13 @@ tampers with one client's answers is not diluted by everyone else's.
 - An alarm latches until an admin resets it after investigating
   (``POST /v2/admin/models/{name}/integrity/alarm/reset``).
 - Bounded memory: a fixed-size state per stream, at most ``max_keys`` keys (the least recently
-  seen key not in alarm is dropped first, and counted). Keys in alarm are never dropped: when
-  every tracked key is in alarm, a new key's answers feed the model's stream only, and each
-  such request is counted (``keys.untracked_requests`` in the status, kept across restarts;
-  ``on_untracked``: the gateway's counter ``fides_integrity_alarm_untracked_requests_total``)
-  and logged.
+  seen key not in alarm is dropped first, and counted: ``keys.dropped`` in the status, kept
+  across restarts; ``on_dropped``: the gateway's counter
+  ``fides_integrity_alarm_keys_dropped_total``, once per key this process drops). Keys in
+  alarm are never dropped: when every tracked key is in alarm, a new key's answers feed the
+  model's stream only, and each such request is counted (``keys.untracked_requests`` in the
+  status, kept across restarts; ``on_untracked``: the gateway's counter
+  ``fides_integrity_alarm_untracked_requests_total``) and logged.
 - Persistence (:mod:`gateway.integrity.alarm_state`): ``<state_dir>/<model>@<instance>.alarm.npz``
   (arrays, no pickle: 10,000 keys write in milliseconds; ``<instance>``: the host name, so
   gateways sharing a directory never overwrite each other), written atomically when an alarm
@@ -52,10 +54,13 @@ from fides_core.incident import alarm_detector, calibration_fingerprint
 from fides_core.sequential import StreamState
 from gateway.errors import NotFound
 from gateway.integrity.alarm_state import (
+    SEPARATOR,
     STATE_VERSION,
+    SUFFIX,
     HeldLock,
     SavedState,
     StateRefused,
+    glob_escape,
     instance_name,
     is_legacy_name,
     lock_path,
@@ -63,6 +68,7 @@ from gateway.integrity.alarm_state import (
     orphan_candidates,
     read_state,
     remove,
+    remove_abandoned_temps,
     remove_stale_temps,
     set_aside,
     state_path,
@@ -98,10 +104,15 @@ class AlarmMonitor:
         save_every_s: float = 5.0,
         instance: str | None = None,
         on_untracked: Callable[[], None] | None = None,
+        on_dropped: Callable[[float], None] | None = None,
     ) -> None:
         """``instance``: this gateway's name in the state file's name (default: the host
         name). ``on_untracked``: called once per request of a key the monitor cannot track
-        (the gateway's counter), besides ``untracked_requests``."""
+        (the gateway's counter), besides ``untracked_requests``. ``on_dropped``: called with
+        the number of keys dropped (the gateway's counter), besides ``dropped_keys``: once per
+        key this process drops, also while reading back a state saved under a larger
+        ``max_keys``; never for the saved ``dropped_keys`` (the process that dropped them
+        counted them)."""
         self.model = model
         self.calibration_scores = np.asarray(calibration_scores, dtype=np.float64)
         self.calibration_kl = np.asarray(calibration_kl, dtype=np.float64)
@@ -111,6 +122,7 @@ class AlarmMonitor:
         self.dropped_keys = 0
         self.untracked_requests = 0  # requests of keys not tracked: every tracked key in alarm
         self.on_untracked = on_untracked
+        self.on_dropped = on_dropped
         self._untracked_said = False
         self.model_state = self.detector.new_state()
         self.keys: OrderedDict[str, StreamState] = OrderedDict()
@@ -212,7 +224,7 @@ class AlarmMonitor:
                     )
                 return None
             del self.keys[victim]
-            self.dropped_keys += 1
+            self._dropped(1)
         self._untracked_said = False
         state = self.keys[client] = self.detector.new_state()
         return state
@@ -402,6 +414,10 @@ class AlarmMonitor:
                 )
         if self._lock.held:
             remove_stale_temps(self.path)
+        # a crashed peer's (any instance of this model, named <model>@<instance>): an hour old
+        pattern = f".{glob_escape(self.model)}{SEPARATOR}*{SUFFIX}.*.tmp"
+        for gone in remove_abandoned_temps(self.path.parent, pattern):
+            self._note(f"removed {gone.name}: a write cut short over an hour ago")
         try:
             exists = self.path.exists()
         except OSError as exc:  # e.g. a directory this user may not search
@@ -547,7 +563,8 @@ class AlarmMonitor:
         self.keys = OrderedDict(
             (n, st) for n, st in zip(names, rows[1:], strict=True) if n in keep_set
         )
-        self.dropped_keys += len(names) - len(self.keys) + saved.dropped_keys
+        self.dropped_keys += saved.dropped_keys
+        self._dropped(len(names) - len(self.keys))  # dropped now, by this process
         self.untracked_requests += saved.untracked_requests
         self.alarmed_keys = {k for k, st in self.keys.items() if st.alarm}
         return f"restored {len(names)} keys and the model's stream"
@@ -593,6 +610,12 @@ class AlarmMonitor:
             peak=float(saved.peak[i]),
             last=float(r.mean()),
         )
+
+    def _dropped(self, n: int) -> None:
+        if n:
+            self.dropped_keys += n
+            if self.on_dropped is not None:
+                self.on_dropped(n)
 
     def _note(self, text: str) -> None:
         self.state_notes.append(text)

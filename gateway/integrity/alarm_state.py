@@ -15,6 +15,10 @@ every field checked, written atomically, and a lock that says which instances st
   ``.alarm.lock``) and ``<model>.alarm.npz`` (before files were named per instance). Their
   names are ambiguous (model ``a`` on host ``b.c`` and model ``a.b`` on host ``c`` both wrote
   ``a.b.c.alarm.npz``): only the metadata inside says whose such a file is (:func:`model_of`).
+- A write cut short leaves its temp file: its owner removes it when it starts, and any instance
+  starting removes those of this model that no write has touched for an hour
+  (:func:`remove_abandoned_temps`: a peer that crashed mid-write and never came back under
+  its name), never a younger one (a live peer's write in flight).
 - A write goes to a temporary file of its own (``mkstemp`` in the same directory), is
   ``fsync``-ed, then replaces the state (``os.replace``), and the directory is ``fsync``-ed: a
   crash leaves the old state or the new one, and concurrent writers never share a temp file.
@@ -30,6 +34,7 @@ import os
 import re
 import socket
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +43,7 @@ import numpy as np
 
 __all__ = [
     "READABLE_VERSIONS",
+    "STALE_TEMP_S",
     "STATE_VERSION",
     "HeldLock",
     "SEPARATOR",
@@ -50,6 +56,7 @@ __all__ = [
     "orphan_candidates",
     "read_state",
     "remove",
+    "remove_abandoned_temps",
     "remove_stale_temps",
     "set_aside",
     "state_path",
@@ -61,6 +68,9 @@ STATE_VERSION = 2  # 2: per-instance files, untracked_requests; 1: <model>.alarm
 READABLE_VERSIONS = (1, 2)
 SUFFIX = ".alarm.npz"
 SEPARATOR = "@"  # between model and instance: in neither name (both may hold dots)
+# a temp file no write has touched for this long is a write cut short (a crash, an eviction),
+# whoever wrote it: a write takes milliseconds to seconds; younger ones may be a live peer's
+STALE_TEMP_S = 3600.0
 MAX_COUNT = 2**62  # counts are int64 on disk; anything near the limit is not a real count
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]")
 
@@ -206,6 +216,23 @@ def remove_stale_temps(path: Path) -> None:
     """Temp files of ``path`` left by a crash mid-write (only its owner calls this)."""
     for tmp in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
         remove(tmp)
+
+
+def remove_abandoned_temps(directory: Path, pattern: str) -> list[Path]:
+    """The temp files in ``directory`` matching ``pattern`` (a glob) that no write has touched
+    for ``STALE_TEMP_S``, of any instance: a peer sharing the volume that crashed mid-write and
+    never came back under its name left them, and only their owner removed them before. A
+    younger one is left: it may be a live peer's write in flight. Returns those removed (best
+    effort)."""
+    gone = []
+    cutoff = time.time() - STALE_TEMP_S
+    with contextlib.suppress(OSError):
+        for tmp in directory.glob(pattern):
+            with contextlib.suppress(OSError):
+                if tmp.stat().st_mtime < cutoff:
+                    tmp.unlink()
+                    gone.append(tmp)
+    return gone
 
 
 def remove(path: Path) -> None:

@@ -136,6 +136,8 @@ class _Pending:
     rows: int
     future: asyncio.Future[VerifiedItem]
     queued: float  # time.perf_counter() when it joined the batcher
+    # told the signed answer that came after its waiter gave up (timed out, cancelled)
+    late: Callable[[VerifiedItem], None] | None = None
 
 
 class EnclaveBatcher:
@@ -148,7 +150,12 @@ class EnclaveBatcher:
     ``on_boot``: told, after each call that returned, the attested enclave boot the client
     checked that call's evidence against (a supervisor's ``attested``; clients without one are
     not asked), so the boot that signed an answer is known even when the enclave has restarted
-    by the time the answer is used (incident bundles keep its attestation document)."""
+    by the time the answer is used (incident bundles keep its attestation document).
+
+    A request whose waiter gave up before its call returned (its timeout passed, it was
+    cancelled) stays in its batch: the enclave signs it with the others. Its ``late`` (a
+    :meth:`verify` argument) is told its signed answer then, so the answer is not lost: a
+    signed batch is checked whole in incident bundles."""
 
     def __init__(
         self,
@@ -170,9 +177,16 @@ class EnclaveBatcher:
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def verify(self, request: VerifyRequest, rows: int) -> VerifiedItem:
+    async def verify(
+        self,
+        request: VerifyRequest,
+        rows: int,
+        late: Callable[[VerifiedItem], None] | None = None,
+    ) -> VerifiedItem:
+        """The request's signed answer; ``late``: told it instead when it comes after this
+        wait was given up (a timeout, a cancellation)."""
         loop = asyncio.get_running_loop()
-        item = _Pending(request, rows, loop.create_future(), time.perf_counter())
+        item = _Pending(request, rows, loop.create_future(), time.perf_counter(), late)
         if self._rows + rows > self.max_rows:
             self._flush()
         self._pending.append(item)
@@ -217,8 +231,11 @@ class EnclaveBatcher:
             if not isinstance(exc, Exception):
                 raise
             return
+        late: list[tuple[Callable[[VerifiedItem], None], VerifiedItem]] = []
         for p, item in zip(batch, result.items, strict=True):
-            if p.future.done():
+            if p.future.done():  # its waiter gave up (only this batcher sets a result)
+                if p.late is not None and isinstance(item, VerifiedItem):
+                    late.append((p.late, item))
                 continue
             if isinstance(item, RejectedItem):  # this request alone; the others verified
                 p.future.set_exception(
@@ -228,6 +245,11 @@ class EnclaveBatcher:
                 p.future.set_result(item)
         if boot is not None and self.on_boot is not None:  # before any waiter resumes
             self.on_boot(boot)
+        for tell, item in late:
+            try:
+                tell(item)
+            except Exception:  # one request's bookkeeping must not fail the others
+                log.exception("a late signed answer (request %s) not taken", item.id)
 
     async def close(self) -> None:
         self._flush()

@@ -19,11 +19,13 @@ so the oldest signed batch of a bundle is not cut either.
 
 **Files.** ``<state_dir>/incidents/<model>/<id>.json``, where the id names the instance:
 ``<UTC time>-<model|key id>[-n]@<instance>`` (``instance``: the alarm state's, the host name:
-a StatefulSet's pod name). Gateways sharing the directory (one volume claim for every pod)
-each write and prune their own files, and any of them lists and returns every instance's
-bundles (and those of earlier versions, named without ``@<instance>``). Kept in memory when
-there is no state dir. The admin routes list and return them, ``fides incident export``
-fetches one and the SDK checks it offline (:func:`fides_client.verify_incident`).
+a StatefulSet's pod name), never given twice for the life of the directory, though its bundle
+was pruned (an instance's ids only grow; its last is kept in ``.last-id@<instance>``).
+Gateways sharing the directory (one volume claim for every pod) each write and prune their own
+files, and any of them lists and returns every instance's bundles (and those of earlier
+versions, named without ``@<instance>``). Kept in memory when there is no state dir. The admin
+routes list and return them, ``fides incident export`` fetches one and the SDK checks it
+offline (:func:`fides_client.verify_incident`).
 
 **Attestations.** The document of every boot that signed an answer is kept (the pipeline's,
 after every enclave call). An answer is proven only within its boot's attestation validity
@@ -40,9 +42,12 @@ for overfilling), the oldest deleted first, and a shared directory at most ``SHA
 times ``max_incidents`` (the oldest of any instance first: instances replaced under new names
 leave theirs). The bytes are made room for before a bundle is written, so the instance's files
 never exceed ``max_bytes`` even while it is written, except for a bundle over the bound on its
-own: it is still kept (the evidence of the alarm that just fired), alone, and logged. A bundle
-is built when an alarm fires (rarely: an alarm latches until an admin resets it), off the event
-loop.
+own: it is still kept (the evidence of the alarm that just fired), alone, and logged. A write
+cut short leaves its temp file: the instance's own go at its next write, and any instance
+removes those of every instance that no write has touched for ``STALE_TEMP_S`` (an hour: a
+crashed peer that never came back under its name), at its start and at each write; a younger
+one may be a live peer's write in flight, and is left. A bundle is built when an alarm fires
+(rarely: an alarm latches until an admin resets it), off the event loop.
 """
 
 from __future__ import annotations
@@ -72,7 +77,12 @@ from fides_core.incident import (
 )
 from gateway.errors import NotFound
 from gateway.integrity.alarm import AlarmMonitor
-from gateway.integrity.alarm_state import glob_escape, instance_name
+from gateway.integrity.alarm_state import (
+    STALE_TEMP_S,
+    glob_escape,
+    instance_name,
+    remove_abandoned_temps,
+)
 
 __all__ = ["IncidentRecorder"]
 
@@ -198,9 +208,28 @@ class IncidentRecorder:
         # worker threads) take it too for the bundles kept in memory
         self._storing = threading.RLock()
         self._reserved: set[str] = set()  # ids being written
+        self._last: str | None = None  # the newest id given (_new_id: ids are never reused)
         self._seals: list[_Seal] = []
         self._closing = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self._sweep()  # at the start: a crashed peer's temp files, if any
+
+    def _sweep(self) -> None:
+        """Remove the temp files of this model's bundles that no write has touched for
+        ``STALE_TEMP_S``, of any instance sharing the directory: a peer that crashed mid-write
+        and never came back under its name left them (its own are removed at its next
+        write). A younger one may be a live peer's write in flight: it is left."""
+        d = self._dir()
+        if d is None:
+            return
+        for gone in remove_abandoned_temps(d, ".*.tmp"):
+            log.warning(
+                "integrity incidents of %s: removed %s, a write cut short over %d min ago",
+                self.model,
+                gone.name,
+                STALE_TEMP_S // 60,
+                extra={"model": self.model},
+            )
 
     # -- recording --------------------------------------------------------------------------
 
@@ -504,16 +533,67 @@ class IncidentRecorder:
                 self._reserved.discard(ident)
 
     def _new_id(self, now: datetime, client: str | None) -> str:
-        """``<time>-<scope>[-n]@<instance>``, unique among this instance's bundles, kept and
-        being written (another instance's carry its own name)."""
-        base = f"{now:%Y%m%dT%H%M%SZ}-{client or 'model'}"
+        """``<time>-<scope>[-n]@<instance>``, never given before for the life of the state
+        directory (of the process without one): an exported or referenced id names one bundle
+        only, though the bounds pruned it. This instance's ids only grow: within a second, ``n``
+        follows the last id's (whatever its scope); a clock set back keeps the last id's second
+        (the bundle's ``raised_at`` is the time). The last id is kept on disk beside the
+        bundles (:meth:`_remember`); another instance's carry its own name."""
+        stamp = f"{now:%Y%m%dT%H%M%SZ}"
+        n = 1
+        last = self._last_id()
+        if last is not None and last[:16] >= stamp:
+            stamp, n = last[:16], _age(last)[1] + 1
         taken = set(self._ids()) | self._reserved
-        ident, n = f"{base}@{self.instance}", 1
-        while ident in taken:
+        base = f"{stamp}-{client or 'model'}"
+        ident = f"{base}@{self.instance}" if n == 1 else f"{base}-{n}@{self.instance}"
+        while ident in taken:  # a file no record of ours names (written by hand, say)
             n += 1
             ident = f"{base}-{n}@{self.instance}"
+        self._last = ident
         self._reserved.add(ident)
         return ident
+
+    def _last_id(self) -> str | None:
+        """The newest id this instance gave: in memory once known; at the first bundle, the
+        one :meth:`_remember` kept on disk or the newest of this instance's bundles kept,
+        whichever is newer."""
+        if self._last is not None:
+            return self._last
+        d = self._dir()
+        if d is None:
+            return None
+        found = [i for i in self._ids() if i.endswith(f"@{self.instance}")]
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            kept = (d / f".last-id@{self.instance}").read_text().strip()
+            if ID_PATTERN.fullmatch(kept) and kept.endswith(f"@{self.instance}"):
+                found.append(kept)
+        self._last = max(found, key=_age, default=None)
+        return self._last
+
+    def _remember(self, d: Path, ident: str) -> None:
+        """Keep ``ident`` as this instance's last id (``.last-id@<instance>``, written
+        atomically) before its bundle is written: after a restart no id is given again, even
+        with every bundle pruned or deleted."""
+        marker = d / f".last-id@{self.instance}"
+        tmp = marker.with_name(marker.name + ".tmp")
+        try:
+            with tmp.open("w") as fh:
+                fh.write(ident + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, marker)
+        except OSError as exc:  # the bundle is still written; ids stay unique while it runs
+            tmp.unlink(missing_ok=True)
+            log.error(
+                "integrity incidents of %s: the last id given (%s) not kept in %s: %s (after a "
+                "restart within the same second an id may be given again)",
+                self.model,
+                ident,
+                marker,
+                exc,
+                extra={"model": self.model},
+            )
 
     # -- storage ----------------------------------------------------------------------------
 
@@ -546,9 +626,11 @@ class IncidentRecorder:
                     del self._memory[oldest], self._memory_bytes[oldest]
                 return
             d.mkdir(parents=True, exist_ok=True)
+            self._remember(d, max(ident, self._last or ident, key=_age))
             # a write cut short (a crash, a full disk) left its temp file: this instance's only
             for stale in d.glob(f".*@{glob_escape(self.instance)}.json.tmp"):
                 stale.unlink(missing_ok=True)
+            self._sweep()  # and a crashed peer's, an hour old
             for i in self._make_room(ident, self._own(d), len(data)):
                 (d / f"{i}.json").unlink(missing_ok=True)
             tmp = d / f".{ident}.json.tmp"  # the id names this instance: no other writes it
@@ -569,7 +651,7 @@ class IncidentRecorder:
 
     def _own(self, d: Path) -> list[tuple[str, int]]:
         """This instance's bundles in ``d`` with their sizes in bytes, oldest first: in the
-        order written (an id freed by pruning is given again within its second)."""
+        order written (their ids too: an instance's ids only grow, :meth:`_new_id`)."""
         own = []
         for ident in self._ids():
             if ident.endswith(f"@{self.instance}"):

@@ -105,6 +105,16 @@ class IntegrityMetrics:
             ["model"],
             registry=r,
         )
+        self.alarm_keys_dropped = Counter(
+            "fides_integrity_alarm_keys_dropped",
+            "API keys the sequential alarm dropped since the gateway started to stay within "
+            "integrity.alarm_max_keys (the least recently seen key not in alarm first): a "
+            "dropped key's evidence is gone, its stream starts over from zero when it returns, "
+            "so a tampering aimed at a client whose key keeps being dropped is not watched per "
+            "key. The integrity status' alarm.keys.dropped keeps the count across restarts.",
+            ["model"],
+            registry=r,
+        )
         self.alarm_untracked = Counter(
             "fides_integrity_alarm_untracked_requests",
             "Requests since the gateway started whose API key the sequential alarm could not "

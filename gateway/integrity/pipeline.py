@@ -31,7 +31,7 @@ import numpy as np
 
 from fides_core.attestation import AttestedEnclave
 from fides_core.enclave_errors import InvalidRequest as EnclaveRefusal
-from fides_core.incident import IncidentAnswer
+from fides_core.incident import ENCLAVE_TIMEOUT, NOT_JUDGED, IncidentAnswer
 from fides_core.integrity import (
     DETECTOR_OUTPUT,
     INVALID_ANSWER,
@@ -205,6 +205,7 @@ class IntegrityPipeline:
             max_keys=cfg.alarm_max_keys,
             state_dir=state_dir,
             on_untracked=metrics.alarm_untracked.labels(model, "key").inc,
+            on_dropped=metrics.alarm_keys_dropped.labels(model).inc,
         )
         self.incidents = IncidentRecorder(
             model,
@@ -423,7 +424,9 @@ class IntegrityPipeline:
             )
 
         t0 = time.perf_counter()
-        verify = asyncio.ensure_future(self._verify(VerifyRequest(rid, nonce, tensors), rows))
+        verify = asyncio.ensure_future(
+            self._verify(VerifyRequest(rid, nonce, tensors), rows, ctx.client)
+        )
         try:
             results = await service.predict(tensors, deadline)
         except BaseException:
@@ -452,7 +455,11 @@ class IntegrityPipeline:
             )
         pair = {P_INPUT: p, Q_INPUT: q}
         t_enclave = time.perf_counter()
-        scores, novelty = await self._judge(pair, tensors, deadline)  # [n], [n] or None
+        try:
+            scores, novelty = await self._judge(pair, tensors, deadline)  # [n], [n] or None
+        except BaseException:  # cancelled (its client went away), past its deadline, failed
+            self._keep_unjudged(rid, ctx.client, item, NOT_JUDGED)  # it was signed all the same
+            raise
         t_judge = time.perf_counter()
         scores = judged_scores(scores, p)  # NaN where the service's answer is not numbers
         novel = None if novelty is None else novelty > self.novelty_threshold
@@ -519,11 +526,39 @@ class IntegrityPipeline:
             stage["reclassify"].observe(t_reclassify - t_monitor)
         return Inferred(results, params)
 
-    async def _verify(self, request: VerifyRequest, rows: int) -> VerifiedItem:
+    async def _verify(self, request: VerifyRequest, rows: int, client: str | None) -> VerifiedItem:
         """The enclave's answer within ``enclave.timeout_s`` (TimeoutError otherwise); one task
-        per request (``asyncio.wait_for`` would add a second)."""
-        async with asyncio.timeout(self.cfg.enclave.timeout_s):
-            return await self.batcher.verify(request, rows)
+        per request (``asyncio.wait_for`` would add a second). One that comes after this wait
+        was given up (the timeout, or the request failed or was cancelled meanwhile) was signed
+        in a batch with others: it is kept for incident bundles, never judged (its rows named
+        as kept out of the alarm: ``enclave_timeout``, ``not_judged``), so the batch is whole
+        and nothing the enclave signed is missing without a word."""
+        timer = asyncio.timeout(self.cfg.enclave.timeout_s)
+
+        def late(item: VerifiedItem) -> None:
+            why = ENCLAVE_TIMEOUT if timer.expired() else NOT_JUDGED
+            self._keep_unjudged(request.id, client, item, why)
+
+        async with timer:
+            return await self.batcher.verify(request, rows, late=late)
+
+    def _keep_unjudged(self, rid: str, client: str | None, item: VerifiedItem, why: str) -> None:
+        """A signed request never judged (``why``): for incident bundles, every row kept out of
+        the alarm by that reason (it fed nothing; the recorder keeps it aside, out of the ring)."""
+        q = np.asarray(item.outputs.get(self.cfg.enclave.outputs[0], ()))  # [n, C] when sound
+        n = len(q) if q.ndim == 2 else 0
+        self.incidents.record(
+            IncidentAnswer(
+                rid,
+                client or ANONYMOUS,
+                item.evidence,
+                np.zeros(0, np.int64),
+                np.zeros((0, q.shape[1] if q.ndim == 2 else 0), np.float32),
+                np.zeros(0),
+                np.zeros(0),
+                {why: np.arange(n)},
+            )
+        )
 
     def _sequential(self, client: str | None, scores: np.ndarray, kl: np.ndarray) -> list[str]:
         """Feed the sequential alarm the in-distribution rows' detector scores and KL; the

@@ -12,12 +12,14 @@ import logging
 import os
 import shutil
 import time
+from datetime import datetime, tzinfo
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from gateway.app import create_app
+from gateway.integrity import incident as incident_module
 from gateway.integrity.alarm import AlarmMonitor
 from gateway.integrity.incident import MAX_BYTES, IncidentRecorder
 from gateway.settings import Settings
@@ -207,3 +209,34 @@ async def test_the_setting_reaches_each_verified_models_recorder(
         pipeline = app.state.integrity.get("digits")
         assert pipeline.incidents.max_bytes == int(12.5 * 2**20)
         assert pipeline.incidents.directory == tmp_path / "alarm-state" / "incidents"
+
+
+class _Frozen(datetime):
+    """``datetime.now`` stuck in one second: every alarm of a test fires within it."""
+
+    @classmethod
+    def now(cls, tz: tzinfo | None = None) -> _Frozen:
+        return cls(2026, 12, 8, 1, 2, 3, tzinfo=tz)
+
+
+@pytest.mark.parametrize("on_disk", [True, False])
+async def test_an_id_is_never_given_twice_though_its_bundle_was_pruned(
+    platform: Platform, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, on_disk: bool
+) -> None:
+    """Ids were ``<second>-<scope>[-n]@<instance>`` with the first ``n`` free among the kept
+    bundles: once the bound pruned a bundle, the next alarm in the same second took its id,
+    one an operator may already have exported or referenced. An id is now given once for the
+    life of the state directory (of the process without one), across a restart too."""
+    monkeypatch.setattr(incident_module, "datetime", _Frozen)
+    directory = tmp_path / "incidents" if on_disk else None
+    rec = _recorder(platform, directory, max_bytes=1024)  # every bundle alone over the bound
+    written = await _fire(rec, 3)
+    assert len(set(written)) == 3, written
+    assert [s["id"] for s in rec.summaries()] == [written[-1]]  # the others were pruned
+    if on_disk:  # a restart within the same second: still never an id given before
+        again = _recorder(platform, directory, max_bytes=1024)
+        for f in (tmp_path / "incidents" / MODEL).glob("*.json"):
+            f.unlink()  # even with every bundle gone (deleted by hand, or by another instance)
+        written += await _fire(again, 2)
+        assert len(set(written)) == 5, written
+        assert [s["id"] for s in again.summaries()] == [written[-1]]
