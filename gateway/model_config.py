@@ -9,10 +9,10 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import BeforeValidator, Field, ValidationError, model_validator
 
 from fides_core.config import StrictModel, format_validation_error
 from fides_core.enclave_config import served_verifiers
@@ -23,6 +23,16 @@ from fides_core.oip import DATATYPES
 from gateway.generation.config import GenerationConfig
 
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+
+
+def _not_a_bool(value: object) -> object:
+    # YAML's true/yes would otherwise be taken as 1 (max_batch_size: yes, versions: [true])
+    if isinstance(value, bool):
+        raise ValueError(f"expected an integer, not the boolean {str(value).lower()}")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_not_a_bool)]
 
 
 class ConfigError(ValueError):
@@ -46,18 +56,22 @@ class TensorConfig(StrictModel):
 
 
 class LatestPolicy(StrictModel):
-    num_versions: int = Field(1, ge=1)
+    num_versions: Int = Field(1, ge=1)
+
+
+class AllPolicy(StrictModel):
+    """``all: {}``: it takes no options (a key inside is a typo, refused by name)."""
 
 
 class SpecificPolicy(StrictModel):
-    versions: list[int] = Field(min_length=1)
+    versions: list[Annotated[Int, Field(ge=1)]] = Field(min_length=1)
 
 
 class VersionPolicy(StrictModel):
     """Exactly one of latest / all / specific (as Triton's ``version_policy``)."""
 
     latest: LatestPolicy | None = None
-    all: dict[str, Any] | None = None
+    all: AllPolicy | None = None
     specific: SpecificPolicy | None = None
 
     @model_validator(mode="after")
@@ -76,7 +90,8 @@ class VersionPolicy(StrictModel):
             missing = sorted(set(self.specific.versions) - set(available))
             if missing:
                 raise ConfigError(f"version_policy.specific names versions not on disk: {missing}")
-            return sorted(self.specific.versions)
+            # each once: a version named twice was loaded twice, one copy never unloaded
+            return sorted(set(self.specific.versions))
         n = self.latest.num_versions if self.latest is not None else 1
         return available[-n:]
 
@@ -84,7 +99,7 @@ class VersionPolicy(StrictModel):
 class DynamicBatching(StrictModel):
     """Server-side batching of concurrent requests (Triton ``dynamic_batching``)."""
 
-    max_queue_delay_microseconds: int = Field(
+    max_queue_delay_microseconds: Int = Field(
         500, ge=0, description="How long the first request may wait for others to join a batch."
     )
     dispatch_when_idle: bool = Field(
@@ -93,19 +108,19 @@ class DynamicBatching(StrictModel):
         "instead of waiting max_queue_delay for more: waiting cannot fill a batch then, and "
         "under load batches fill while the instances are busy. false: always wait (Triton).",
     )
-    preferred_batch_size: list[int] = Field(
+    preferred_batch_size: list[Int] = Field(
         default_factory=list, description="Batch sizes that are dispatched at once when reached."
     )
-    max_queue_size: int = Field(
+    max_queue_size: Int = Field(
         256, ge=1, description="Requests waiting beyond this are shed with 503 + Retry-After."
     )
-    default_timeout_microseconds: int | None = Field(
+    default_timeout_microseconds: Int | None = Field(
         None, ge=1, description="Per-request timeout when the request sets none."
     )
 
 
 class InstanceGroup(StrictModel):
-    count: int = Field(1, ge=1, le=64, description="Concurrent executions of this model.")
+    count: Int = Field(1, ge=1, le=64, description="Concurrent executions of this model.")
     kind: Literal["cpu", "gpu"] = "cpu"
 
 
@@ -187,7 +202,7 @@ class ModelConfig(StrictModel):
 
     name: str | None = Field(None, description="Must match the directory name when given.")
     platform: Literal["onnx", "torch", "upstream", "causal_lm"]
-    max_batch_size: int = Field(
+    max_batch_size: Int = Field(
         0, ge=0, description="0: no batch dimension is added and requests run one at a time."
     )
     inputs: list[TensorConfig] | None = Field(None, description="Defaults to the artefact's.")
@@ -220,8 +235,31 @@ class ModelConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
+        name = self.default_model_filename
+        if name is not None and (
+            name in (".", "..") or "/" in name or "\\" in name or "\0" in name
+        ):
+            # a path would load another model's file, or any file on the host, as this
+            # model's version (``../../other/1/model.onnx``, ``/etc/passwd``)
+            raise ValueError(
+                f"default_model_filename {name!r} must be a file name inside each version "
+                "directory, not a path"
+            )
         if self.platform == "upstream" and self.upstream is None:
             raise ValueError("platform 'upstream' needs an 'upstream:' block with a url")
+        if self.instance_group.kind == "gpu":
+            # kind alone places nothing: it loaded and ran on the CPU while the configuration
+            # extension reported KIND_GPU (Triton refuses a KIND_GPU model it cannot place)
+            on_gpu = {
+                "onnx": "cuda" in self.onnx.providers,
+                "torch": self.torch.device.startswith("cuda"),
+            }.get(self.platform, False)
+            if not on_gpu:
+                raise ValueError(
+                    "instance_group.kind 'gpu' needs the model on a GPU: onnx.providers "
+                    "listing 'cuda' (platform onnx) or torch.device 'cuda' / 'cuda:N' "
+                    f"(platform torch); platform {self.platform!r} as configured runs on the CPU"
+                )
         if self.integrity is not None and self.platform == "causal_lm":
             raise ValueError("an 'integrity:' block is for classifiers, not platform 'causal_lm'")
         if self.generation is not None and self.platform != "causal_lm":
@@ -281,10 +319,30 @@ def read_platform(path: Path) -> str | None:
     return platform if isinstance(platform, str) else None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping: PyYAML keeps the
+    last one, so a block appended to a config that already had it (a second
+    ``version_policy:`` or ``dynamic_batching:``) replaced the first without a word. Merge keys
+    (``<<: *base``) may still be overridden, as YAML means them to be."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[tuple[str, str]] = set()
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                continue
+            key = (key_node.tag, key_node.value)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"found duplicate key {key_node.value!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_model_config(path: Path, expected_name: str | None = None) -> ModelConfig:
     """Read and validate one ``config.yaml``; every problem raises :class:`ConfigError`."""
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506
     except FileNotFoundError as exc:
         raise ConfigError(f"{path}: missing config.yaml") from exc
     except OSError as exc:

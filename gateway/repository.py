@@ -12,7 +12,7 @@ import asyncio
 import gc
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,13 +64,18 @@ class ModelState:
     reason: str = ""
 
 
+_NAME_RULE = "use 1-128 ASCII letters, digits, '_', '-' or '.', starting with a letter or digit"
+_MISNAMED = f"invalid model name: {_NAME_RULE} (rename the directory)"
+
+
+def _valid_name(name: str) -> bool:
+    return MODEL_NAME_RE.fullmatch(name) is not None and ".." not in name
+
+
 def validate_model_name(name: str) -> str:
     """Reject names that could escape the repository (``..``, slashes, odd Unicode)."""
-    if not MODEL_NAME_RE.fullmatch(name) or ".." in name:
-        raise BadRequest(
-            f"invalid model name {name!r}: use 1-128 ASCII letters, digits, '_', '-' or '.', "
-            "starting with a letter or digit"
-        )
+    if not _valid_name(name):
+        raise BadRequest(f"invalid model name {name!r}: {_NAME_RULE}")
     return name
 
 
@@ -134,6 +139,9 @@ class ModelRepository:
         self._wanted: set[str] = set()  # models that should be serving (for readiness)
         self._slots: dict[str, ModelSlot] = {}
         self._lock = asyncio.Lock()
+        self._closed = False
+        # loads and unloads whose caller left before they ended (see _to_the_end)
+        self._orphans: set[asyncio.Task[None]] = set()
         # set by the app once the integrity service exists (it needs this repository's slots)
         self.wrap: Wrapper | None = None
 
@@ -155,8 +163,23 @@ class ModelRepository:
             for p in self.root.iterdir()
             if p.is_dir()
             and (p / "config.yaml").is_file()
-            and MODEL_NAME_RE.fullmatch(p.name)
+            and _valid_name(p.name)
             and p.name not in private
+        )
+
+    def misnamed(self) -> list[str]:
+        """Directories holding a config.yaml whose name is not a model name: not served, and
+        listed in the index and the start-up log with why (they were skipped without a word).
+        Hidden ones (``.git``, Kubernetes' ``..data``) are left out."""
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            p.name
+            for p in self.root.iterdir()
+            if not p.name.startswith(".")
+            and not _valid_name(p.name)
+            and p.is_dir()
+            and (p / "config.yaml").is_file()
         )
 
     def private_verifiers(self) -> dict[str, str]:
@@ -182,6 +205,10 @@ class ModelRepository:
                 rows.append(
                     {"name": name, "version": "", "state": state.state, "reason": state.reason}
                 )
+        rows.extend(
+            {"name": name, "version": "", "state": "UNAVAILABLE", "reason": _MISNAMED}
+            for name in self.misnamed()
+        )
         return rows
 
     def slot(self, name: str) -> ModelSlot:
@@ -226,8 +253,9 @@ class ModelRepository:
             if name in self.private_verifiers():
                 raise NotFound(f"unknown model '{name}' (an enclave verifier is not served)")
             if name in self._states or (self.root / name / "config.yaml").is_file():
-                reason = self._states.get(name, ModelState("UNAVAILABLE", "not loaded")).reason
-                raise Unavailable(f"model '{name}' is not ready: {reason or 'not loaded'}")
+                state = self._states.get(name, ModelState("UNAVAILABLE", "not loaded"))
+                reason = state.reason or ("loading" if state.state == "LOADING" else "not loaded")
+                raise Unavailable(f"model '{name}' is not ready: {reason}")
             raise NotFound(f"unknown model '{name}'")
         if version is None:
             return served.latest
@@ -257,14 +285,17 @@ class ModelRepository:
 
     async def load_all(self) -> None:
         """Load every model on disk; failures are logged and leave the model unavailable."""
+        for name in self.misnamed():
+            log.error("model directory %r is not served: %s", name, _MISNAMED)
         for name in self.discover():
             try:
                 await self.load(name)
             except GatewayError as exc:
                 log.error("model %s failed to load: %s", name, exc.message)
 
-    async def load(self, name: str) -> None:
-        """(Re)load ``name`` from disk; atomically replaces the versions it serves."""
+    async def load(self, name: str) -> list[int]:
+        """(Re)load ``name`` from disk; atomically replaces the versions it serves. Returns the
+        versions it serves now. Runs to the end when the caller leaves (see _to_the_end)."""
         path = self.model_dir(name)
         verified = self.private_verifiers().get(name)
         if verified is not None:
@@ -277,7 +308,14 @@ class ModelRepository:
             # before any state changes: an unknown name must not become a model that is
             # "wanted" (the server would stay not ready) or listed in the index
             raise NotFound(f"unknown model '{name}': no {name}/config.yaml in the repository")
+        versions: list[int] = []
+        await self._to_the_end(self._load(name, path, versions))
+        return versions
+
+    async def _load(self, name: str, path: Path, versions: list[int]) -> None:
         async with self._lock:
+            if self._closed:
+                raise Unavailable("the gateway is shutting down: no model is loaded now")
             self._wanted.add(name)
             self._states[name] = ModelState("LOADING")
             try:
@@ -302,13 +340,19 @@ class ModelRepository:
             for v in gone:
                 self._on_state(name, v, False)
             await self._retire(old)
+        versions.extend(sorted(served.versions))
         gc.freeze()  # keep the new model's objects out of full collections (see app.py)
         log.info("model %s serving versions %s", name, sorted(served.versions))
 
     async def unload(self, name: str) -> None:
+        """Stop serving ``name``: its versions drain, then unload. Runs to the end when the
+        caller leaves (see _to_the_end)."""
         validate_model_name(name)
         if name not in self._models and name not in self._states:
             raise NotFound(f"model '{name}' is not loaded")  # and leaves no trace
+        await self._to_the_end(self._unload(name))
+
+    async def _unload(self, name: str) -> None:
         async with self._lock:
             self._wanted.discard(name)
             served = self._models.pop(name, None)
@@ -316,19 +360,45 @@ class ModelRepository:
             slot.served, slot.reason = None, "unloaded"
             self._states[name] = ModelState("UNAVAILABLE", "unloaded")
             if served is None:
-                raise NotFound(f"model '{name}' is not loaded")
+                # a model whose load failed (or that is unloaded already): it is not wanted any
+                # more, which is what was asked (a 404 here read as a failure although the
+                # server had just become ready again), and Triton's unload succeeds too
+                return
             for v in served.versions:
                 self._on_state(name, v, False)
         await self._retire(served)
 
+    async def _to_the_end(self, work: Coroutine[object, object, None]) -> None:
+        """Run a load or an unload as its own task and wait for it. A caller that leaves
+        (a gRPC deadline, a cancelled task) cancels its wait, not the work: cancelled half
+        way, a load left the model LOADING for good (the server not ready) and the versions
+        it had loaded, or a drain it had begun, never unloaded. The work's outcome stays in
+        the index and the log; an orphan's error is retrieved so that it is not reported
+        as never retrieved."""
+        task = asyncio.ensure_future(work)
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            self._orphans.add(task)
+            task.add_done_callback(self._orphan_done)
+            raise
+
+    def _orphan_done(self, task: asyncio.Task[None]) -> None:
+        self._orphans.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.warning("a load or unload whose caller left failed: %s", exc)
+
     async def close(self) -> None:
         async with self._lock:
+            self._closed = True
             models = list(self._models.values())
             self._models.clear()
             for slot in self._slots.values():
                 slot.served, slot.reason = None, "the gateway is shutting down"
         for served in models:
             await self._retire(served)
+        # a load or unload whose caller left may still be draining the versions it replaced
+        await asyncio.gather(*self._orphans, return_exceptions=True)
 
     async def _retire(self, served: ServedModel) -> None:
         """Drain (in-flight requests finish), then free what each version holds."""
@@ -348,8 +418,21 @@ class ModelRepository:
         try:
             cfg = load_model_config(path / "config.yaml", expected_name=name)
             versions = cfg.version_policy.select(versions_on_disk(path))
+            # "007" counts as version 7, whose files are then looked for in "7"
+            padded = sorted(
+                p.name
+                for p in path.iterdir()
+                if p.is_dir() and is_version(p.name) and p.name != str(int(p.name))
+            )
         except ConfigError as exc:
             raise ModelLoadError(f"model '{name}': {exc}") from exc
+        except OSError as exc:
+            raise ModelLoadError(f"model '{name}': cannot list {path}: {exc}") from exc
+        if padded:
+            raise ModelLoadError(
+                f"model '{name}': version directories {padded} in {path} have leading zeros; "
+                f"name them {[str(int(d)) for d in padded]}"
+            )
         if cfg.platform == "causal_lm":
             return await self._build_text(name, path, cfg)
         if not versions and not cfg.model_filename:

@@ -81,3 +81,105 @@ def test_version_policies(tmp_path: Path) -> None:
     assert spec.version_policy.select([1, 2]) == [1]
     with pytest.raises(ConfigError, match="not on disk"):
         spec.version_policy.select([2])
+
+
+@pytest.mark.parametrize(
+    "filename",
+    ["../../other/1/model.onnx", "/etc/passwd", "sub/model.onnx", "..", "a\\b.onnx"],
+)
+def test_default_model_filename_is_a_file_name_not_a_path(tmp_path: Path, filename: str) -> None:
+    # a path loaded another model's file (or any file on the host) as this model's version
+    p = _write(tmp_path, f"platform: onnx\ndefault_model_filename: {filename!r}\n")
+    with pytest.raises(ConfigError, match="must be a file name inside each version directory"):
+        load_model_config(p)
+    ok = load_model_config(_write(tmp_path, "platform: onnx\ndefault_model_filename: m.onnx\n"))
+    assert ok.model_filename == "m.onnx"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        # each of these loaded before, as something other than what was written
+        ("platform: onnx\nversion_policy: {all: {num_versions: 2}}\n", "all.num_versions"),
+        ("platform: onnx\nmax_batch_size: yes\n", "not the boolean true"),
+        ("platform: onnx\nversion_policy: {specific: {versions: [true]}}\n", "boolean true"),
+        ("platform: onnx\nversion_policy: {latest: {num_versions: true}}\n", "boolean true"),
+        ("platform: onnx\ninstance_group: {count: true}\n", "boolean true"),
+        ("platform: onnx\nversion_policy: {specific: {versions: [0]}}\n", "greater than or equal"),
+    ],
+)
+def test_version_policy_and_counts_take_what_they_say(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_model_config(_write(tmp_path, text))
+
+
+def test_all_and_specific_policies_still_select(tmp_path: Path) -> None:
+    every = load_model_config(_write(tmp_path, "platform: onnx\nversion_policy: {all: {}}\n"))
+    assert every.version_policy.select([3, 1]) == [1, 3]
+    text = "platform: onnx\nmax_batch_size: 4\nversion_policy: {specific: {versions: [2, 2]}}\n"
+    some = load_model_config(_write(tmp_path, text))
+    assert some.version_policy.select([1, 2, 3]) == [2]
+    assert some.max_batch_size == 4
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "platform: onnx\ninstance_group: {kind: gpu}\n",
+        "platform: onnx\ninstance_group: {kind: gpu}\nonnx: {providers: [cpu]}\n",
+        "platform: torch\ninstance_group: {kind: gpu}\n",
+        "platform: upstream\nupstream: {url: 'http://x'}\ninstance_group: {kind: gpu}\n",
+    ],
+)
+def test_kind_gpu_needs_the_model_on_a_gpu(tmp_path: Path, text: str) -> None:
+    # it loaded and ran on the CPU while GET .../config reported KIND_GPU
+    with pytest.raises(ConfigError, match="instance_group.kind 'gpu' needs the model on a GPU"):
+        load_model_config(_write(tmp_path, text))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "platform: onnx\ninstance_group: {kind: gpu}\nonnx: {providers: [cuda, cpu]}\n",
+        "platform: torch\ninstance_group: {kind: gpu}\ntorch: {device: 'cuda:1'}\n",
+    ],
+)
+def test_kind_gpu_with_the_model_on_a_gpu(tmp_path: Path, text: str) -> None:
+    assert load_model_config(_write(tmp_path, text)).instance_group.kind == "gpu"
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        # a block appended to a config that had it: the first was dropped without a word
+        (
+            "platform: onnx\nversion_policy: {all: {}}\nversion_policy: {latest: {}}\n",
+            "version_policy",
+        ),
+        (
+            "platform: onnx\nmax_batch_size: 8\nonnx: {intra_op_threads: 1, intra_op_threads: 2}\n",
+            "intra_op_threads",
+        ),
+    ],
+)
+def test_a_key_given_twice_is_refused(tmp_path: Path, text: str, key: str) -> None:
+    with pytest.raises(
+        ConfigError, match=rf"(?s)not valid YAML: found duplicate key '{key}'.*line \d"
+    ):
+        load_model_config(_write(tmp_path, text))
+
+
+def test_merge_keys_may_still_be_overridden(tmp_path: Path) -> None:
+    text = (
+        "platform: onnx\nmax_batch_size: 8\n"
+        "dynamic_batching:\n  <<: {max_queue_size: 4, max_queue_delay_microseconds: 10}\n"
+        "  max_queue_size: 6\n"
+    )
+    cfg = load_model_config(_write(tmp_path, text))
+    assert cfg.dynamic_batching is not None
+    assert (
+        cfg.dynamic_batching.max_queue_size,
+        cfg.dynamic_batching.max_queue_delay_microseconds,
+    ) == (6, 10)

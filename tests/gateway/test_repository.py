@@ -129,3 +129,27 @@ def _later() -> float:
     import time
 
     return time.monotonic() + 10
+
+
+async def test_a_misnamed_model_directory_is_listed_with_why(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = make_repository(tmp_path / "repo", datatypes=())
+    for odd in ("my model", "a..b", "é"):
+        write_config(root / odd, TINY_CONFIG)
+    write_config(root / ".hidden", TINY_CONFIG)  # hidden: left alone, as .git or ..data
+    repository = ModelRepository(root)
+    try:
+        with caplog.at_level("ERROR", logger="gateway.repository"):
+            await repository.load_all()
+        # they were skipped without a word: not served, not in the index, nothing logged
+        rows = {r["name"]: r for r in repository.index()}
+        assert sorted(rows) == ["a..b", "my model", "tiny", "é"]
+        for odd in ("my model", "a..b", "é"):
+            assert rows[odd]["state"] == "UNAVAILABLE"
+            assert rows[odd]["reason"].startswith("invalid model name: use 1-128 ASCII")
+            assert f"model directory {odd!r} is not served: invalid model name" in caplog.text
+        assert repository.loaded_names() == ["tiny"]
+        assert repository.ready() == (True, [])
+    finally:
+        await repository.close()
