@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -21,6 +20,7 @@ import yaml
 
 from fides_core.enclave_config import EnclaveModelConfig
 from fides_core.enclave_errors import BootError, EnclaveFailure
+from fides_core.layout import MODEL_NAME_RULE, is_model_name
 
 enclave_app = typer.Typer(
     no_args_is_help=True,
@@ -147,18 +147,13 @@ def _read_yaml(path: Path) -> object:
         raise BootError(f"cannot read {path}: {exc}") from None
 
 
-# A served model's name as the gateway accepts it (gateway.model_config.MODEL_NAME_RE, and no
-# ".."; this package cannot import the gateway): a counter named otherwise is one no gateway
-# model ever boots against. tests/enclave_sim/test_seal_model_name.py holds the two equal.
-MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
-
-
 def _model_name(name: str | None) -> str | None:
-    if name is not None and (not MODEL_NAME.fullmatch(name) or ".." in name):
+    """A served model's name, by the gateway's rule (a counter named otherwise is one no
+    gateway model ever boots against)."""
+    if name is not None and not is_model_name(name):
         shown = repr(name) if len(name) <= 40 else f"{name[:20]!r}... ({len(name)} characters)"
         raise typer.BadParameter(
-            f"{shown} is not a model name the gateway serves: use 1-128 ASCII letters, "
-            "digits, '_', '-' or '.', starting with a letter or digit, without '..'"
+            f"{shown} is not a model name the gateway serves: {MODEL_NAME_RULE}"
         )
     return name
 

@@ -1,18 +1,39 @@
 """The model repository's layout, read the same way everywhere: ``<root>/<model>/config.yaml``
-and ``<root>/<model>/<version>/<file>``, a version being a positive integer written in ASCII
+and ``<root>/<model>/<version>/<file>``, a model's name being 1-128 ASCII letters, digits,
+``_``, ``-`` or ``.`` (:func:`is_model_name`) and a version a positive integer written in ASCII
 digits (``1``, ``2``, ...; ``0``, ``01x`` or ``²`` are not versions)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 __all__ = [
     "MAX_VERSION_DIGITS",
+    "MODEL_NAME_RE",
+    "MODEL_NAME_RULE",
+    "is_model_name",
     "is_version",
     "latest_version",
     "latest_version_file",
     "versions_on_disk",
 ]
+
+# A served model's name (also its enclave's rollback counter file and its alarm state's
+# ``<model>@<instance>``): what the gateway serves, the enclave seals for and the alarm names
+# files after is this one rule. No ``@`` (the state files' separator) and no path separator.
+MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
+MODEL_NAME_RULE = (
+    "use 1-128 ASCII letters, digits, '_', '-' or '.', starting with a letter or digit, "
+    "without '..'"
+)
+
+
+def is_model_name(name: str) -> bool:
+    """``name`` is a model name (:data:`MODEL_NAME_RE`, and no ``..``: nothing that could
+    leave the repository)."""
+    return MODEL_NAME_RE.fullmatch(name) is not None and ".." not in name
+
 
 # 18 digits stay below 2**63 (an int64 wherever a version is stored); the length is checked
 # before int(), which refuses more than 4,300 digits with a ValueError (CPython's limit).

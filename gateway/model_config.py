@@ -7,7 +7,6 @@ Unknown keys are an error that names the key and the file: a typo such as
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -21,8 +20,6 @@ from fides_core.integrity_config import (
 )
 from fides_core.oip import DATATYPES
 from gateway.generation.config import GenerationConfig
-
-MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
 
 def _not_a_bool(value: object) -> object:

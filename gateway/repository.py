@@ -16,12 +16,17 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fides_core.layout import MAX_VERSION_DIGITS, is_version, versions_on_disk
+from fides_core.layout import (
+    MAX_VERSION_DIGITS,
+    MODEL_NAME_RULE,
+    is_model_name,
+    is_version,
+    versions_on_disk,
+)
 from gateway.batcher import BatchObserver, BatchPolicy, DynamicBatcher
 from gateway.errors import BadRequest, GatewayError, ModelLoadError, NotFound, Unavailable
 from gateway.generation.service import TextModel, load_text_model
 from gateway.model_config import (
-    MODEL_NAME_RE,
     ConfigError,
     ModelConfig,
     load_model_config,
@@ -64,18 +69,13 @@ class ModelState:
     reason: str = ""
 
 
-_NAME_RULE = "use 1-128 ASCII letters, digits, '_', '-' or '.', starting with a letter or digit"
-_MISNAMED = f"invalid model name: {_NAME_RULE} (rename the directory)"
-
-
-def _valid_name(name: str) -> bool:
-    return MODEL_NAME_RE.fullmatch(name) is not None and ".." not in name
+_MISNAMED = f"invalid model name: {MODEL_NAME_RULE} (rename the directory)"
 
 
 def validate_model_name(name: str) -> str:
     """Reject names that could escape the repository (``..``, slashes, odd Unicode)."""
-    if not _valid_name(name):
-        raise BadRequest(f"invalid model name {name!r}: {_NAME_RULE}")
+    if not is_model_name(name):
+        raise BadRequest(f"invalid model name {name!r}: {MODEL_NAME_RULE}")
     return name
 
 
@@ -163,7 +163,7 @@ class ModelRepository:
             for p in self.root.iterdir()
             if p.is_dir()
             and (p / "config.yaml").is_file()
-            and _valid_name(p.name)
+            and is_model_name(p.name)
             and p.name not in private
         )
 
@@ -177,7 +177,7 @@ class ModelRepository:
             p.name
             for p in self.root.iterdir()
             if not p.name.startswith(".")
-            and not _valid_name(p.name)
+            and not is_model_name(p.name)
             and p.is_dir()
             and (p / "config.yaml").is_file()
         )

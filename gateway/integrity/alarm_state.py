@@ -4,7 +4,7 @@ every field checked, written atomically, and a lock that says which instances st
 - ``<dir>/<model>@<instance>.alarm.npz``: arrays, no pickle (``np.savez``); ``<instance>`` is
   the host name (a StatefulSet's pod name; compose's or ``docker run --hostname``'s name).
   Gateways that share the directory each write their own file: none overwrites another's
-  latched alarms. ``@`` is in no model name (``gateway.model_config.MODEL_NAME_RE``) and in no
+  latched alarms. ``@`` is in no model name (``fides_core.layout.MODEL_NAME_RE``) and in no
   instance name (:func:`instance_name`), while both may hold dots: the name says whose file it
   is, and no model's monitor reads, takes over or sets aside another model's file.
 - ``<dir>/<model>@<instance>.alarm.lock``: held (``flock``) while that instance runs. A state

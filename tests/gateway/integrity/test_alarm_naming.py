@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fides_core.layout import MODEL_NAME_RE
 from gateway.integrity.alarm import AlarmMonitor
 from gateway.integrity.alarm_state import instance_name
-from gateway.model_config import MODEL_NAME_RE
 
 HIGH, LOW, KL = np.array([0.999]), np.array([0.01]), np.array([0.2])
 
