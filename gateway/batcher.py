@@ -183,8 +183,9 @@ class DynamicBatcher:
             await asyncio.sleep(0.005)
         if self._scheduler is not None:
             self._scheduler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._scheduler
+            # its end, not its CancelledError: a cancellation of close's own caller still
+            # reaches the caller (suppressing CancelledError here swallowed it)
+            await asyncio.wait([self._scheduler])
         for item in self._queue:
             if not item.future.done():
                 item.future.set_exception(Unavailable("model unloaded before the request ran"))

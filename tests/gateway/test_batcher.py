@@ -486,3 +486,17 @@ async def test_requests_that_left_do_not_fill_the_queue() -> None:
             await f
     await first
     await b.close()
+
+
+async def test_close_does_not_swallow_its_callers_cancellation() -> None:
+    """A caller that cancels ``close`` while it waits for the scheduler to stop gets its
+    CancelledError (asyncio's contract; a close that ate it ran on as if not cancelled)."""
+    b = DynamicBatcher(DoublingRuntime(), _policy())
+    b.start()
+    await asyncio.sleep(0)  # the scheduler is waiting for requests
+    closing = asyncio.get_running_loop().create_task(b.close())
+    await asyncio.sleep(0)  # close has cancelled the scheduler and waits for it to end
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    await b.close()  # a close that is let run still closes
