@@ -23,6 +23,10 @@ REQUIRED = {
     "attack rate": "fides_integrity_attacks_detected_total",
     "substitution statistic": "fides_integrity_substitution_statistic",
     "enclave state": "fides_enclave_up",
+    "sequential alarm": "fides_integrity_alarm",
+    "alarm statistic": "fides_integrity_alarm_statistic",
+    "alarm keys dropped": "fides_integrity_alarm_keys_dropped_total",
+    "alarm requests untracked": "fides_integrity_alarm_untracked_requests_total",
     "speculative acceptance": "fides_spec_decode_num_accepted_tokens_total",
     "tokens/s": "fides_spec_decode_num_emitted_tokens_total",
 }
