@@ -31,6 +31,7 @@ __all__ = [
     "DataError",
     "Dataset",
     "Splits",
+    "absent_classes",
     "augment",
     "data_fingerprint",
     "load_digits_arrays",
@@ -110,6 +111,8 @@ def _check_labels(where: str, key: str, y: np.ndarray, n: int) -> np.ndarray:
         raise DataError(f"{where}: {key} has {len(y)} labels for {n} images")
     if y.min() < 0:
         raise DataError(f"{where}: {key} has a negative label ({int(y.min())})")
+    if int(y.max()) > np.iinfo(np.int64).max:  # an unsigned label that int64 would wrap
+        raise DataError(f"{where}: {key} has a label ({int(y.max())}) beyond int64")
     return y.astype(np.int64)
 
 
@@ -400,16 +403,28 @@ def load_splits(
         desc = f"{source}:{path.name}"
     else:
         raise DataError(f"unknown data source {source!r}; one of digits, npz, folder")
-    num_classes = int(max(y_tr.max(), y_te.max())) + 1
     where = str(path) if path is not None else source
-    if classes is not None and len(classes) < num_classes:
-        raise DataError(f"{where}: label {num_classes - 1} outside the {len(classes)} classes")
+    top_train, top_test = int(y_tr.max()), int(y_te.max())
+    if classes is not None and len(classes) <= max(top_train, top_test):
+        top = max(top_train, top_test)
+        raise DataError(f"{where}: label {top} outside the {len(classes)} classes")
+    if classes is None and top_test > top_train:
+        raise DataError(
+            f"{where}: y_test has label {top_test}, above every y_train label (at most "
+            f"{top_train}): a class the training data has no examples of"
+        )
+    num_classes = len(classes) if classes is not None else top_train + 1
+    # the labels' range is checked before anything is made per class: a stray label such as
+    # 2**40 is an error, not a list of 2**40 class names
+    missing, absent = absent_classes(np.unique(y_tr), num_classes)
+    if absent:
+        more = f" and {absent - len(missing)} more" if absent > len(missing) else ""
+        raise DataError(
+            f"{where}: y_train has no examples of class(es) {missing}{more} (labels run to "
+            f"{num_classes - 1})"
+        )
     if classes is None:
         classes = [str(i) for i in range(num_classes)]
-    num_classes = len(classes)
-    missing = sorted(set(range(num_classes)) - set(np.unique(y_tr).tolist()))
-    if missing:
-        raise DataError(f"{where}: y_train has no examples of class(es) {missing}")
 
     groups = None
     if group_key is not None:
@@ -457,6 +472,21 @@ def load_splits(
         source=desc,
         checks=checks,
     )
+
+
+def absent_classes(present: np.ndarray, num_classes: int, most: int = 10) -> tuple[list[int], int]:
+    """The first ``most`` of the classes ``0 .. num_classes - 1`` missing from ``present``
+    (sorted unique non-negative labels), and how many are missing; in time linear in
+    ``present``, however large ``num_classes`` is."""
+    inside = present[present < num_classes].tolist()
+    first: list[int] = []
+    expected = 0
+    for label in [*inside, num_classes]:
+        first.extend(range(expected, min(label, expected + most - len(first))))
+        expected = label + 1
+        if len(first) >= most:
+            break
+    return first, num_classes - len(inside)
 
 
 def load_npz_groups(path: Path, key: str, n: int) -> np.ndarray:

@@ -56,9 +56,15 @@ from verifier.logs import progress_bar
 from verifier.losses import cross_entropy
 from verifier.nets import new_net
 from verifier.novelty import fit_novelty, novelty_scores, synthetic_novel_inputs
-from verifier.pipeline import ExperimentRun, net_config, run_experiment, stage_key
+from verifier.pipeline import (
+    ExperimentRun,
+    net_config,
+    run_experiment,
+    stage_key,
+    training_data,
+)
 from verifier.streams import ScoredAnswers, delays_markdown, stream_report
-from verifier.train import fit, predict_logits, set_determinism, write_durably
+from verifier.train import CheckpointError, fit, predict_logits, set_determinism, write_durably
 
 __all__ = [
     "MEAN_DETECTION_ATTACKS",
@@ -541,11 +547,17 @@ def _substitute(
     assert spec.net is not None  # both checked by the config
     assert spec.train is not None
     net = new_net(net_config(spec.net, splits), splits.train.x, seed=exp.seed + 90)
-    # the labels it learns, by their bytes: under fides protect they are the service's top-1
-    # answers, so a new service (or new answers) is a new stage, not the old one reused
-    labels = hashlib.sha256(splits.train.y.numpy().tobytes()).hexdigest()[:16]
+    # what it learns from, by its bytes: the labels (under fides protect the service's top-1
+    # answers, so a new service or new answers is a new stage, not the old one reused) and the
+    # images (a data file replaced under the same name); and the threads, as every stage's key
+    learned = hashlib.sha256(splits.train.y.numpy().tobytes())
+    learned.update(splits.train.x.numpy().tobytes())
     key = stage_key(
-        exp.data.model_dump(mode="json"), exp.seed, spec.model_dump(mode="json"), labels
+        training_data(exp),
+        exp.seed,
+        spec.model_dump(mode="json"),
+        learned.hexdigest()[:16],
+        exp.threads,
     )
     secs = fit(
         net,
@@ -847,7 +859,15 @@ def _trained_detector(
     key = stage_key(_pairs_digest(pairs), exp.detector.model_dump(mode="json"), exp.seed)
     path = run_dir / f"detector-{key}" / "trained.pt"
     if path.is_file():
-        saved = torch.load(path, weights_only=False)  # written by this function, below
+        try:  # written by this function, below (whole, then renamed), unless damaged since
+            saved = torch.load(path, weights_only=False)
+            if not isinstance(saved, dict) or not {"gan", "reclassified", "tgen"} <= set(saved):
+                raise TypeError("not a detector stage")
+        except Exception as exc:  # pickle errors, a truncated zip, EOFError, ...
+            raise CheckpointError(
+                f"{path}: not a readable stage result ({type(exc).__name__}: {exc}); delete "
+                f"{path.parent} to train the detector and re-classifier again"
+            ) from exc
         tgen.set_state(saved["tgen"])
         torch.set_rng_state(saved["torch"])
         timings.update(saved["timings"])

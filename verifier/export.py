@@ -8,9 +8,11 @@ Each entry is ``<repo>/<name>/config.yaml`` + ``<repo>/<name>/1/model.onnx`` +
 from __future__ import annotations
 
 import functools
+import io
 import json
+import logging
+import os
 import statistics
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -24,6 +26,7 @@ import yaml
 from torch import nn
 
 from verifier.nets import Probabilities
+from verifier.train import CheckpointError, write_durably
 
 if TYPE_CHECKING:
     from enclave_sim.pki import PlatformIdentity
@@ -32,6 +35,7 @@ __all__ = [
     "ExportError",
     "export_onnx",
     "measure_latency",
+    "onnx_bytes",
     "ort_session",
     "serving_config",
     "write_entry",
@@ -42,18 +46,21 @@ OUTPUT_NAME = "probabilities"
 ONNX_OPSET = 17
 PARITY_ATOL = 1e-4
 
+log = logging.getLogger(__name__)
+
 
 class ExportError(RuntimeError):
     """The exported model does not reproduce the torch model."""
 
 
-def export_onnx(net: nn.Module, path: Path, sample: torch.Tensor) -> None:
-    """``net`` + softmax as ONNX with a dynamic batch axis.
+def onnx_bytes(net: nn.Module, sample: torch.Tensor) -> bytes:
+    """``net`` + softmax as a checked ONNX model with a dynamic batch axis, in memory.
 
     The TorchScript-based exporter (``dynamo=False``): the torch.export-based default needs
     ``onnxscript``, which is not a dependency.
     """
     model = Probabilities(net).eval()
+    buffer = io.BytesIO()
     with warnings.catch_warnings():
         # "You are using the legacy TorchScript-based ONNX export" and its helper's
         # "The feature will be removed": deliberate, see the docstring.
@@ -64,22 +71,31 @@ def export_onnx(net: nn.Module, path: Path, sample: torch.Tensor) -> None:
         torch.onnx.export(
             model,
             (sample,),
-            str(path),
+            buffer,  # type: ignore[arg-type]  # the TorchScript exporter takes a file object
             dynamo=False,
             input_names=[INPUT_NAME],
             output_names=[OUTPUT_NAME],
             dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
             opset_version=ONNX_OPSET,
         )
-    onnx.checker.check_model(str(path))
+    data = buffer.getvalue()
+    onnx.checker.check_model(onnx.load_from_string(data))
+    return data
 
 
-def ort_session(path: Path) -> ort.InferenceSession:
-    """One intra-op thread, as the served configs use and as latency is quoted."""
+def export_onnx(net: nn.Module, path: Path, sample: torch.Tensor) -> None:
+    """:func:`onnx_bytes` written to ``path`` whole (a full disk leaves the file before)."""
+    write_durably(path, onnx_bytes(net, sample), "ONNX model")
+
+
+def ort_session(path: Path | bytes) -> ort.InferenceSession:
+    """A session on a model file (or its bytes): one intra-op thread, as the served configs
+    use and as latency is quoted."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     opts.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    model = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
 
 
 def check_parity(net: nn.Module, session: ort.InferenceSession, x: torch.Tensor) -> float:
@@ -117,10 +133,7 @@ def single_image_latency_ms(net: nn.Module, image_shape: tuple[int, int, int]) -
     """``net`` (untrained weights are as fast as trained ones) exported to ONNX and run on one
     image on one onnxruntime thread, as the enclave runs a verifier: median milliseconds."""
     x = torch.rand(2, *image_shape)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "probe.onnx"
-        export_onnx(net.eval(), path, x)
-        return measure_latency(ort_session(path), x[:1].numpy(), repeats=50)
+    return measure_latency(ort_session(onnx_bytes(net.eval(), x)), x[:1].numpy(), repeats=50)
 
 
 @functools.cache
@@ -151,10 +164,7 @@ def enclave_latency_ms(
     from fides_core.verify import VerifiedItem, VerifyRequest
 
     x = torch.rand(2, *image_shape)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "probe.onnx"
-        export_onnx(net.eval(), path, x)
-        model = path.read_bytes()
+    model = onnx_bytes(net.eval(), x)
     config = EnclaveModelConfig(max_batch_size=1, intra_op_threads=1)
     core = EnclaveCore(
         model,
@@ -227,14 +237,11 @@ def write_entry(
     ``onnx_max_abs_diff`` and ``cpu_latency_ms_batch1`` filled in.
     """
     version_dir = root / name / "1"
-    version_dir.mkdir(parents=True, exist_ok=True)
     body = yaml.safe_dump(
         serving_config(labels, max_batch_size), sort_keys=False, default_flow_style=None
     )
-    (root / name / "config.yaml").write_text(f"# {comment}\n{body}", encoding="utf-8")
-    onnx_path = version_dir / "model.onnx"
-    export_onnx(net, onnx_path, x_check[:2])
-    session = ort_session(onnx_path)
+    model = onnx_bytes(net, x_check[:2])
+    session = ort_session(model)
     diff = check_parity(net, session, x_check)
     card = {
         **card,
@@ -242,7 +249,49 @@ def write_entry(
         "onnx_max_abs_diff": diff,
         "cpu_latency_ms_batch1": measure_latency(session, x_check[:1].numpy(), latency_repeats),
     }
-    (version_dir / "model_card.json").write_text(
-        json.dumps(card, indent=2, default=str) + "\n", encoding="utf-8"
+    version_dir.mkdir(parents=True, exist_ok=True)
+    _replace_together(
+        {
+            version_dir / "model.onnx": model,
+            version_dir / "model_card.json": (
+                json.dumps(card, indent=2, default=str) + "\n"
+            ).encode(),
+            root / name / "config.yaml": f"# {comment}\n{body}".encode(),
+        },
+        f"model repository entry {root / name}",
     )
     return card
+
+
+def _replace_together(files: dict[Path, bytes], what: str) -> None:
+    """Write every file beside its target first (flushed to disk), then rename them all into
+    place: a full disk or a crash while writing leaves every target as it was (the gateway
+    may be serving it), never a truncated model or a new model beside its old card.
+    A failure is a :class:`verifier.train.CheckpointError` that says so."""
+    staged: list[Path] = []
+    try:
+        for path, data in files.items():
+            tmp = path.with_name(path.name + ".tmp")
+            staged.append(tmp)
+            with tmp.open("wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+    except OSError as exc:
+        for tmp in staged:
+            tmp.unlink(missing_ok=True)
+        raise CheckpointError(
+            f"could not write the {what} ({tmp}: {exc.strerror or exc}); its files are as they "
+            "were before: free the space and run again"
+        ) from exc
+    for tmp, path in zip(staged, files, strict=True):
+        tmp.replace(path)  # renames need no space: once all are written, all go in
+    for directory in {path.parent for path in files}:
+        try:
+            fd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(fd)  # the renames survive a power cut
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            log.warning("%s written, but %s could not be synced: %s", what, directory, exc)

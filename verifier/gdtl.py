@@ -34,13 +34,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from rich.progress import Progress
 from torch import nn
 
 from fides_core.enclave_errors import ModelTooLarge
-from verifier.data import Dataset, Splits, load_npz
+from verifier.data import DataError, Dataset, Splits, absent_classes, load_npz
 from verifier.experiment import (
     AugmentConfig,
     NetSpec,
@@ -52,7 +53,7 @@ from verifier.export import enclave_latency_ms
 from verifier.flops import MB, count_flops, memory_estimate
 from verifier.losses import cross_entropy, kd_loss
 from verifier.nets import ConvNet, NetConfig, count_parameters, new_net, prune_filters
-from verifier.train import fit, predict_logits, write_durably
+from verifier.train import CheckpointError, StageError, fit, predict_logits, write_durably
 
 __all__ = [
     "NoVerifierFits",
@@ -156,19 +157,39 @@ def pretrain_backbone(
                 f"(got {type(service).__name__})"
             )
         widths = list(service.cfg.widths)
+        # the greedy steps' dropout draws from torch's generator: seeded here, as new_net
+        # seeds the other tasks, so a candidate trains the same whichever candidates trained
+        # before it (a candidate directory an earlier run left is what this run would compute)
+        torch.manual_seed(seed)
         return prune_filters(service, spec), {
             "source": f"the service model {widths} filter-pruned to {list(spec.widths)} "
             "(largest L1 norm per layer), head included"
         }
     net = new_net(spec, splits.train.x, seed=seed)
     if cfg.checkpoint is not None:
-        state = torch.load(cfg.checkpoint, weights_only=True)
-        state = state.get("model", state)
+        try:
+            state = torch.load(cfg.checkpoint, weights_only=True)
+        except Exception as exc:  # a missing file, pickle errors, a truncated zip, ...
+            raise CheckpointError(
+                f"{cfg.checkpoint}: not a readable checkpoint ({type(exc).__name__}: {exc}); "
+                "verifier.pretrain.checkpoint takes a state dict saved with torch.save"
+            ) from exc
+        if isinstance(state, dict):
+            state = state.get("model", state)
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{cfg.checkpoint}: not a state dict ({type(state).__name__})")
         blocks = {k: v for k, v in state.items() if k.startswith("blocks.")}
         missing = [k for k in net.state_dict() if k.startswith("blocks.") and k not in blocks]
         if missing:
             raise ValueError(f"{cfg.checkpoint}: no weights for {missing[:3]}...")
-        net.load_state_dict(blocks, strict=False)
+        try:
+            net.load_state_dict(blocks, strict=False)
+        except RuntimeError as exc:  # another architecture's weights: shapes that differ
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [""]
+            raise CheckpointError(
+                f"{cfg.checkpoint}: its blocks do not fit the candidate {list(spec.widths)} "
+                f"({lines[min(1, len(lines) - 1)]})"
+            ) from exc
         info: dict[str, object] = {"source": f"checkpoint:{cfg.checkpoint}"}
     else:
         if cfg.task == "rotation":
@@ -184,6 +205,13 @@ def pretrain_backbone(
                 )
             source = Dataset(torch.from_numpy(x_tr), torch.from_numpy(y_tr))
             classes = int(y_tr.max()) + 1
+            first, absent = absent_classes(np.unique(y_tr), classes)
+            if absent:  # a stray label (2**40) would make a head of that many classes
+                more = f" and {absent - len(first)} more" if absent > len(first) else ""
+                raise DataError(
+                    f"{cfg.path}: y_train has no examples of class(es) {first}{more} "
+                    f"(labels run to {classes - 1})"
+                )
             info = {"source": f"supervised on {cfg.path.name}"}
         net.new_head(classes)
         seconds = fit(
@@ -451,7 +479,7 @@ def _train_candidate(
     progress: Progress | None,
 ) -> GreedyResult:
     """Pretrain candidate ``i``'s backbone, then its greedy loop, in its own directory."""
-    cand_dir = _candidate_dir(run_dir, i, spec) if run_dir is not None else None
+    cand_dir = _checked_candidate_dir(run_dir, i, spec) if run_dir is not None else None
     net, pre = pretrain_backbone(
         net_cfg,
         cfg.pretrain,
@@ -485,6 +513,43 @@ def _candidate_dir(run_dir: Path, i: int, spec: NetSpec) -> Path:
     """Candidate ``i``'s directory, named by its spec."""
     key = hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:8]
     return run_dir / f"candidate_{i}-{key}"
+
+
+CANDIDATE_RECORD = "candidate.json"  # the spec a candidate directory was made for
+
+
+def _checked_candidate_dir(run_dir: Path, i: int, spec: NetSpec) -> Path:
+    """Candidate ``i``'s directory, after checking that no other directory of candidate ``i``
+    holds an unfinished step: a spec changed while the candidate was interrupted is refused
+    (as a stage's config is), not started over silently beside the dropped work. The
+    directory records its spec, for the message."""
+    here = _candidate_dir(run_dir, i, spec)
+    now = spec.model_dump(mode="json")
+    for other in sorted(run_dir.glob(f"candidate_{i}-*")):
+        unfinished = [
+            last for last in other.rglob("last.pt") if not (last.parent / "done.pt").is_file()
+        ]
+        if other == here or not unfinished:
+            continue
+        try:
+            before = json.loads((other / CANDIDATE_RECORD).read_text(encoding="utf-8"))
+            changed = "; ".join(
+                f"{k}: {before.get(k, '(unset)')!r} -> {now.get(k, '(unset)')!r}"
+                for k in sorted(set(before) | set(now))
+                if before.get(k, "(unset)") != now.get(k, "(unset)")
+            )
+        except (OSError, ValueError, AttributeError):
+            changed = "its spec was not recorded"
+        raise StageError(
+            f"verifier candidate {i} was interrupted in {other}, as another spec ({changed}): "
+            f"restore it to resume, or delete {other} to start the candidate over as this one"
+        )
+    here.mkdir(parents=True, exist_ok=True)
+    if not (here / CANDIDATE_RECORD).is_file():
+        write_durably(
+            here / CANDIDATE_RECORD, (json.dumps(now, indent=2) + "\n").encode(), "stage manifest"
+        )
+    return here
 
 
 LATENCY_MEASURE = "enclave_verify_batch1"  # what a latency record holds (see below)

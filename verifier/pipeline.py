@@ -23,7 +23,7 @@ from rich.progress import Progress
 
 from verifier.cards import model_card
 from verifier.data import Splits, data_fingerprint, load_splits
-from verifier.experiment import Experiment, NetSpec
+from verifier.experiment import Experiment, NetSpec, RunSpec
 from verifier.export import write_entry
 from verifier.flops import count_flops, memory_estimate
 from verifier.gdtl import Fidelity, GreedyResult, fidelity, path_rows, path_table, select_verifier
@@ -31,6 +31,7 @@ from verifier.logs import progress_bar
 from verifier.losses import cross_entropy, ensemble_kd_loss, kd_loss
 from verifier.nets import ConvNet, NetConfig, count_parameters, new_net
 from verifier.train import (
+    StageError,
     fit,
     predict_logits,
     set_determinism,
@@ -51,6 +52,7 @@ __all__ = [
     "stage_key",
     "stage_keys",
     "trained_nets",
+    "training_data",
 ]
 
 log = logging.getLogger(__name__)
@@ -97,11 +99,6 @@ class StageKeys:
     teachers: tuple[str, ...]
     student: str
     verifier: str
-
-
-class StageError(ValueError):
-    """A stage directory does not belong to this run's config or data; the message names the
-    directory, what changed and what to do."""
 
 
 def _flatten(tree: object, prefix: str = "") -> dict[str, object]:
@@ -192,11 +189,18 @@ def _recorded_inputs(manifest: Path) -> dict[str, object]:
     return inputs
 
 
+def training_data(exp: RunSpec) -> dict[str, object]:
+    """The data config as the stages see it: without ``test_limit``, which picks test images
+    only (drawn after the train / validation split), so changing it retrains nothing; left at
+    its default, the keys of runs that never set it are what they were."""
+    return {**exp.data.model_dump(mode="json"), "test_limit": None}
+
+
 def stage_inputs(exp: Experiment, data_file: str) -> dict[str, dict[str, object]]:
     """What each stage's key is computed from, with the data file's fingerprint (not in the
     keys: the directories of runs made before it keep their names)."""
     base = {
-        "data": exp.data.model_dump(mode="json"),
+        "data": training_data(exp),
         "data_file": data_file,
         "seed": exp.seed,
         "threads": exp.threads,
@@ -228,7 +232,7 @@ def stage_keys(exp: Experiment) -> StageKeys:
     """Teacher ``i``: data, seed, threads and its own config; the student: those and every
     teacher's and its own config; the verifier: the student's key and the verifier config less
     its candidates (each candidate has its own directory inside)."""
-    base = (exp.data.model_dump(mode="json"), exp.seed, exp.threads)
+    base = (training_data(exp), exp.seed, exp.threads)
     teachers_dump = [t.model_dump(mode="json") for t in exp.teachers]
     student = stage_key(*base, teachers_dump, exp.student.model_dump(mode="json"))
     return StageKeys(

@@ -29,6 +29,7 @@ from verifier.logs import log_epoch
 __all__ = [
     "CheckpointError",
     "LossFn",
+    "StageError",
     "fit",
     "predict_logits",
     "set_determinism",
@@ -60,6 +61,11 @@ def predict_logits(net: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> t
 class CheckpointError(RuntimeError):
     """A stage checkpoint could not be written, or one on disk cannot be used; the message
     names the file and what to do."""
+
+
+class StageError(ValueError):
+    """A stage directory does not belong to this run's config or data; the message names the
+    directory, what changed and what to do."""
 
 
 def write_durably(path: Path, data: bytes | memoryview, what: str = "checkpoint") -> None:

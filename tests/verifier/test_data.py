@@ -90,6 +90,18 @@ def test_digits_split_is_the_default_builds() -> None:
         ({"y_test": -(np.arange(10) % 4)}, "y_test has a negative label"),
         ({"y_train": np.full(40, 3)}, r"y_train has no examples of class\(es\) \[0, 1, 2\]"),
         ({"classes": np.array(["a", "b"])}, "label 3 outside the 2 classes"),
+        # one stray label: refused at once, not a list of 2**40 class names (a MemoryError)
+        (
+            {"y_train": np.r_[np.arange(39) % 4, 2**40]},
+            r"no examples of class\(es\) \[4, 5, 6, 7, 8, 9, 10, 11, 12, 13\] and "
+            r"1099511627762 more \(labels run to 1099511627776\)",
+        ),
+        ({"y_test": np.r_[np.arange(9) % 4, 2**40]}, "y_test has label 1099511627776, above"),
+        ({"y_test": np.r_[np.arange(9) % 4, 7]}, r"y_test has label 7, above every y_train label"),
+        (  # an unsigned label int64 would wrap to a negative one
+            {"y_train": np.array([*(np.arange(39) % 4).tolist(), 2**63], dtype=np.uint64)},
+            r"y_train has a label \(9223372036854775808\) beyond int64",
+        ),
     ],
 )
 def test_broken_npz_files_name_the_file_and_the_problem(

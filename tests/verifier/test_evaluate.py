@@ -222,3 +222,48 @@ def test_a_substitute_learned_from_other_labels_is_a_new_stage(tmp_path: Path) -
     _substitute(spec, exp, shifted, None, tmp_path, None)
     _substitute(spec, exp, splits, None, tmp_path, None)  # the first labels again: reused
     assert len(list(tmp_path.glob("substitute_tiny-*"))) == 2
+
+
+def test_a_substitute_learned_from_other_images_or_threads_is_a_new_stage(
+    tmp_path: Path,
+) -> None:
+    """A data file replaced by one with the same labels and other images (the stages before
+    are refused and deleted, this one is not checked against a record) must not load the
+    substitute trained on the old images; nor may a run on another thread count."""
+    from verifier.evaluate import _substitute
+
+    exp = tiny_experiment()
+    splits = load_splits("digits", None, seed=0, train_limit=200)
+    spec = SubstituteConfig.model_validate(
+        {
+            "name": "tiny",
+            "kind": "student",
+            "net": {"widths": [4]},
+            "train": {"epochs": 1, "batch_size": 64},
+        }
+    )
+    _substitute(spec, exp, splits, None, tmp_path, None)
+    inverted = replace(splits, train=Dataset(1 - splits.train.x, splits.train.y))
+    _substitute(spec, exp, inverted, None, tmp_path, None)
+    assert len(list(tmp_path.glob("substitute_tiny-*"))) == 2
+    _substitute(spec, exp.model_copy(update={"threads": 2}), splits, None, tmp_path, None)
+    assert len(list(tmp_path.glob("substitute_tiny-*"))) == 3
+
+
+def test_a_damaged_detector_stage_is_refused_by_name(tmp_path: Path) -> None:
+    """The detector stage's file cut short (a copy interrupted, a disk error) is an error
+    that names it and says what to do, not an unpickling traceback."""
+    from verifier.evaluate import Pairs, TrainingPairs, _pairs_digest, _trained_detector
+    from verifier.pipeline import stage_key
+    from verifier.train import CheckpointError
+
+    exp = tiny_experiment()
+    rng = np.random.default_rng(0)
+    part = Pairs(rng.random((8, 10)), rng.random((8, 10)), np.arange(8))
+    pairs = TrainingPairs(part, part)
+    key = stage_key(_pairs_digest(pairs), exp.detector.model_dump(mode="json"), exp.seed)
+    path = tmp_path / f"detector-{key}" / "trained.pt"
+    path.parent.mkdir()
+    path.write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(CheckpointError, match=r"trained\.pt: not a readable stage result"):
+        _trained_detector(exp, pairs, 10, torch.Generator(), tmp_path, None, {})

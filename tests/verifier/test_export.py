@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import resource
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -78,3 +82,39 @@ def test_parity_check_catches_a_different_model(tmp_path: Path) -> None:
         net.head[-1].bias[0] += 3.0  # type: ignore[index]  # not a constant shift
     with pytest.raises(ExportError, match="differs from torch"):
         check_parity(net, session, x)
+
+
+def test_a_full_disk_while_exporting_leaves_the_entry_it_replaces(tmp_path: Path) -> None:
+    """The gateway may be serving the entry a new export replaces: a write that fails part-way
+    (here the file-size limit, which fails torch's own writer as a full disk does) must leave
+    the old model, card and config whole, not a truncated model.onnx."""
+    x = torch.rand(16, 3, 9, 9)
+    write_entry(tmp_path, "toy", trained_like_net(), x, list("abcde"), {}, comment="old")
+    before = {p: p.read_bytes() for p in (tmp_path / "toy").rglob("*") if p.is_file()}
+    script = (
+        "import sys, torch\n"
+        "from pathlib import Path\n"
+        "from tests.verifier.test_export import trained_like_net\n"
+        "from verifier.export import write_entry\n"
+        "net = trained_like_net('flatten')\n"  # another, larger model
+        "write_entry(Path(sys.argv[1]), 'toy', net, torch.rand(16, 3, 9, 9), list('abcde'), "
+        "{}, comment='new', latency_repeats=1)\n"
+    )
+
+    def file_size_limit() -> None:  # in the child: writes past 2 kB fail (EFBIG)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))
+
+    child = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)],
+        cwd=Path(__file__).resolve().parents[2],
+        preexec_fn=file_size_limit,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert child.returncode != 0
+    assert "could not write the model repository entry" in child.stderr, child.stderr[-2000:]
+    after = {p: p.read_bytes() for p in (tmp_path / "toy").rglob("*") if p.is_file()}
+    assert after == before  # no staged file left behind either
+    ort_session(tmp_path / "toy" / "1" / "model.onnx")  # still a loadable model

@@ -338,3 +338,118 @@ def test_a_measured_latency_is_kept_so_a_resumed_run_decides_alike(
         assert summary[0]["enclave_latency_ms_batch1"] == 0.5
     assert result.net.cfg.widths == (2, 2, 2)
     assert next(timings) == 5.0  # measured once
+
+
+def test_a_pruned_candidate_trains_the_same_whichever_candidates_ran_before(
+    service: nn.Module, tmp_path: Path
+) -> None:
+    """Candidate directories are named by the candidate alone, so a run whose list gained a
+    cheaper candidate (tried first) reuses the others': each must train as it would alone.
+    Pruned from the service (no fresh net seeds torch's generator), its dropout drew from
+    whatever the candidate before it left."""
+    train, val = tiny_data(), tiny_data(48, 1)
+    splits = Splits(train, val, val, 4, list("abcd"), [0.5], [0.3], "test")
+    c = cfg(pretrain=PretrainConfig(task="service"), threshold=-1.0)
+    alone, cheaper = NetSpec(widths=[4, 6, 8], dropout=0.5), NetSpec(widths=[2, 2, 2])
+    assert isinstance(service, ConvNet)
+
+    def candidate_weights(specs: list[NetSpec], run_dir: Path) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        select_verifier(
+            specs, service.cfg, service, splits, c, seed=0, service_flops=None, run_dir=run_dir
+        )
+        (done,) = run_dir.glob("candidate_0-*/step_1/done.pt")  # the first candidate's
+        state: dict[str, torch.Tensor] = torch.load(done, weights_only=True)["model"]
+        return state
+
+    first = candidate_weights([alone], tmp_path / "alone")
+    after = candidate_weights([alone, cheaper], tmp_path / "after")
+    for name, tensor in first.items():
+        assert torch.equal(tensor, after[name]), name
+
+
+def test_a_pretraining_checkpoint_that_cannot_be_used_is_named(tmp_path: Path) -> None:
+    """verifier.pretrain.checkpoint is a file the user gives: junk, or another network's
+    weights of other shapes, is an error naming it (the CLI prints it), not a traceback."""
+    from verifier.gdtl import pretrain_backbone
+    from verifier.train import CheckpointError
+
+    train = tiny_data()
+    splits = Splits(train, train, train, 4, list("abcd"), [0.5], [0.3], "test")
+    spec = NetConfig(widths=(4, 6), num_classes=4)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"junk\.pt: not a readable checkpoint"):
+        pretrain_backbone(
+            spec, PretrainConfig(checkpoint=tmp_path / "junk.pt"), splits, seed=0, stage_dir=None
+        )
+    other = ConvNet(NetConfig(widths=(5, 7), num_classes=4))
+    torch.save({"model": other.state_dict()}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match=r"other\.pt: its blocks do not fit .*\[4, 6\]"):
+        pretrain_backbone(
+            spec, PretrainConfig(checkpoint=tmp_path / "other.pt"), splits, seed=0, stage_dir=None
+        )
+
+
+def test_a_candidate_changed_while_interrupted_is_refused(
+    service: nn.Module, tmp_path: Path
+) -> None:
+    """As for every stage: a candidate's spec edited while one of its steps is unfinished
+    would silently start a new directory beside the dropped work (and leave an unfinished
+    step that later looks like an interrupted verifier stage). Refused, naming the change."""
+    from verifier.pipeline import StageError
+
+    train, val = tiny_data(), tiny_data(48, 1)
+    splits = Splits(train, val, val, 4, list("abcd"), [0.5], [0.3], "test")
+    c = cfg(threshold=-1.0)
+    base = NetConfig(num_classes=4)
+    select_verifier(
+        [NetSpec(widths=[4, 6, 8])],
+        base,
+        service,
+        splits,
+        c,
+        seed=0,
+        service_flops=None,
+        run_dir=tmp_path,
+    )
+    (step,) = tmp_path.glob("candidate_0-*/step_1")
+    (step / "done.pt").rename(step / "last.pt")  # as if killed during step 1
+    with pytest.raises(StageError, match=r"candidate 0 was interrupted .*widths: \[4, 6, 8\] -> "):
+        select_verifier(
+            [NetSpec(widths=[4, 6, 6])],
+            base,
+            service,
+            splits,
+            c,
+            seed=0,
+            service_flops=None,
+            run_dir=tmp_path,
+        )
+    assert len(list(tmp_path.glob("candidate_0-*"))) == 1
+
+
+def test_a_stray_label_in_the_pretraining_data_is_refused(tmp_path: Path) -> None:
+    """pretrain task 'dataset' sizes its head by the largest label: one stray label (2**40)
+    would ask for a head of that many classes (memory exhausted), not an error naming it."""
+    import numpy as np
+
+    from verifier.data import DataError
+    from verifier.gdtl import pretrain_backbone
+
+    rng = np.random.default_rng(0)
+    y = np.r_[np.arange(39) % 4, 2**40]
+    source = tmp_path / "source.npz"
+    np.savez(
+        source,
+        x_train=rng.integers(0, 256, (40, 6, 6), dtype=np.uint8),
+        y_train=y,
+        x_test=rng.integers(0, 256, (4, 6, 6), dtype=np.uint8),
+        y_test=np.arange(4),
+    )
+    train = tiny_data()
+    splits = Splits(train, train, train, 4, list("abcd"), [0.5], [0.3], "test")
+    pre = PretrainConfig(task="dataset", path=source, train=OptimConfig(epochs=1))
+    with pytest.raises(DataError, match=r"source\.npz: y_train has no examples of class"):
+        pretrain_backbone(
+            NetConfig(widths=(4, 6), num_classes=4), pre, splits, seed=0, stage_dir=None
+        )

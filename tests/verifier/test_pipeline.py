@@ -195,3 +195,25 @@ def test_a_label_changing_flip_shows_in_the_confusions() -> None:
     assert pc["service_accuracy"]["b"] < 0.6 < pc["service_accuracy"]["a"]
     assert pc["verifier_fidelity"]["b"] == 1.0
     assert pc["verifier_confusions"] == []
+
+
+def test_a_changed_test_limit_retrains_no_stage() -> None:
+    """``data.test_limit`` picks test images only (after the train / validation split): a run
+    that evaluates on more or fewer test images trains exactly what it trained before, so it
+    must reuse every stage, not retrain them all under new keys."""
+    from verifier.pipeline import stage_inputs
+
+    exp = tiny_experiment()
+    fewer = exp.model_copy(update={"data": exp.data.model_copy(update={"test_limit": 100})})
+    d = exp.data
+    a, b = (
+        load_splits(
+            "digits", seed=0, train_limit=d.train_limit, test_limit=n, test_fraction=d.test_fraction
+        )
+        for n in (d.test_limit, 100)
+    )
+    assert torch.equal(a.train.x, b.train.x)
+    assert torch.equal(a.val.y, b.val.y)
+    assert len(a.test) != len(b.test)
+    assert stage_keys(fewer) == stage_keys(exp)
+    assert stage_inputs(fewer, "digits") == stage_inputs(exp, "digits")
