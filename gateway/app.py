@@ -167,10 +167,18 @@ def _lifespan(parts: Components) -> Callable[[FastAPI], AbstractAsyncContextMana
                 raise
             app.state.grpc_port = grpc_server.port
         ok, missing = parts.dataplane.ready()
-        log.info(
+        models = parts.repository.loaded_names()
+        log.log(
+            logging.INFO if ok else logging.WARNING,  # not ready: the operator has to look
             "gateway started",
-            extra={"ready": ok, "not_ready": missing, "models": parts.repository.loaded_names()},
+            extra={"ready": ok, "not_ready": missing, "models": models},
         )
+        if not models and not missing:  # a wrong or empty volume reads as an empty repository
+            log.warning(
+                "model repository %s (FIDES_MODEL_REPOSITORY) holds no model: nothing is "
+                "served until one is added and loaded",
+                parts.settings.model_repository,
+            )
         yield
         log.info("shutting down: draining in-flight requests")
         if grpc_server is not None:  # uvicorn has drained HTTP by now; gRPC drains here

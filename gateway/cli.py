@@ -3,6 +3,7 @@ command, mounted by :mod:`fides.cli`)."""
 
 from __future__ import annotations
 
+import socket
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -10,7 +11,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # an error stays one line
 
 
 def serve(
@@ -21,34 +22,81 @@ def serve(
     ] = None,
 ) -> None:
     """Start the gateway (settings from FIDES_* environment variables)."""
+    import logging
+    import os
+
+    from gateway.logs import configure_logging
+    from gateway.settings import SettingsError, load_settings, unknown_variables
+
+    # the settings are checked before the serving stack is imported (seconds): a bad value
+    # is a one-line error naming the variable, exit status 2, at once
+    overrides: dict[str, object] = {}
+    flags: dict[str, str] = {}
+    for field, flag, value in (
+        ("host", "--host", host),
+        ("port", "--port", port),
+        ("model_repository", "--model-repository", model_repository),
+    ):
+        if value is not None:
+            overrides[field] = value
+            flags[field] = flag
+    unknown = unknown_variables(os.environ)
+    try:
+        settings = load_settings(overrides, flags=flags)
+    except SettingsError as exc:
+        for problem in str(exc).splitlines():
+            console.print(f"[red]error:[/red] {problem}", highlight=False)
+        if unknown:
+            console.print(
+                f"[yellow]warning:[/yellow] unknown FIDES_* variables: {', '.join(unknown)}",
+                highlight=False,
+            )
+        raise typer.Exit(2) from None
+    configure_logging(settings.log_level, settings.log_json)
+    if unknown:
+        logging.getLogger("gateway.settings").warning(
+            "ignoring unknown FIDES_* variables: %s", ", ".join(unknown)
+        )
+    try:
+        settings.check_secure()
+    except ValueError as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    repo = settings.model_repository
+    if not repo.is_dir():
+        why = "is not a directory" if repo.exists() else "does not exist"
+        console.print(
+            f"[red]error:[/red] model repository {repo} (FIDES_MODEL_REPOSITORY) {why}; "
+            "build one with `fides models build-default`",
+            highlight=False,
+        )
+        raise typer.Exit(2)
+
+    # the ports before the models: one that is taken is said at once, by name, not after
+    # every model loaded and every enclave started (uvicorn binds again after the start-up)
+    ports = [("FIDES_PORT", settings.port)]
+    if settings.grpc_enabled:
+        ports.append(("FIDES_GRPC_PORT", settings.grpc_port))
+    for variable, number in ports:
+        if number == 0:  # any free one
+            continue
+        try:
+            _bind(settings.host, number).close()
+        except OSError as exc:
+            console.print(
+                f"[red]error:[/red] cannot bind {settings.host}:{number} "
+                f"(FIDES_HOST, {variable}): {exc.strerror or exc}",
+                highlight=False,
+            )
+            raise typer.Exit(2) from None
+
     import uvicorn
 
     from gateway.app import create_app
     from gateway.http_protocol import limited_http_protocol
-    from gateway.logs import configure_logging
-    from gateway.settings import Settings
 
-    overrides: dict[str, object] = {}
-    if host is not None:
-        overrides["host"] = host
-    if port is not None:
-        overrides["port"] = port
-    if model_repository is not None:
-        overrides["model_repository"] = model_repository
-    settings = Settings(**overrides)  # type: ignore[arg-type]
-    configure_logging(settings.log_level, settings.log_json)
-    try:
-        settings.check_secure()
-    except ValueError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
-    if not settings.model_repository.is_dir():
-        console.print(
-            f"[red]error:[/red] model repository {settings.model_repository} "
-            "does not exist; build one with `fides models build-default`"
-        )
-        raise typer.Exit(2)
-    url = f"http://{settings.host}:{settings.port}"
+    url_host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    url = f"http://{url_host}:{settings.port}"
     grpc = f", gRPC on {settings.host}:{settings.grpc_port}" if settings.grpc_enabled else ""
     console.print(f"Fides Gateway on [bold]{url}[/bold]{grpc}  (Ctrl-C to stop)")
     auth = "" if not settings.api_keys else ' -H "Authorization: Bearer $KEY"'
@@ -76,6 +124,24 @@ def serve(
         ),
         limit_concurrency=2048,
     )
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to the host's first address, set up as asyncio sets up its own
+    (address reuse; IPv6 only on an IPv6 address): whether the server will be able to bind."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 app = typer.Typer(no_args_is_help=True, help="The Fides Gateway server.")

@@ -2,24 +2,98 @@
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
+import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "FIDES_"
+
+# FIDES_ variables that other programs read (docs/reference/settings.md, "Other FIDES_
+# variables"): not typos of a gateway setting
+OTHER_PROGRAMS_VARIABLES = frozenset(
+    {
+        "FIDES_TORCH_SPEC",
+        "FIDES_TORCH_WHEELHOUSE",
+        "FIDES_ENCLAVE_PLATFORM_SOURCE",
+        "FIDES_ENCLAVE_TRUST_DIR",
+        "FIDES_ENCLAVE_SEAL_MODEL",
+        "FIDES_ENCLAVE_SEAL_CONFIG",
+        "FIDES_ENCLAVE_SEALED_MODEL",
+        "FIDES_ENCLAVE_SEAL_MODEL_NAME",
+        "FIDES_IMAGE_TAG",
+        "FIDES_VARIANT",
+        "FIDES_FUZZ_SCALE",
+        "FIDES_DOCKER",
+        "FIDES_DEBIAN_MIRROR",
+        "FIDES_PIP_SOURCES_PORT",
+    }
+)
+
+# settings whose value is a secret: never repeated in an error message
+_SECRET_FIELDS = frozenset({"api_keys", "admin_api_keys"})
+
+_LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
 
 
 def _split_keys(value: object) -> object:
-    if isinstance(value, str):
-        return [k.strip() for k in value.split(",") if k.strip()]
+    """Comma-separated keys, or a JSON list of them (how pydantic-settings writes lists): the
+    JSON form is read as JSON, never as comma text with brackets and quotes in the keys."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.startswith("["):
+        try:
+            items = json.loads(text)
+        except ValueError:
+            raise ValueError(
+                "starts with '[' but is not a JSON list of strings: write the keys "
+                'comma-separated (a,b) or as a JSON list (["a","b"])'
+            ) from None
+        if not isinstance(items, list) or not all(isinstance(k, str) for k in items):
+            raise ValueError('a JSON list of keys holds strings only (["a","b"])')
+        return [k.strip() for k in items if k.strip()]
+    return [k.strip() for k in text.split(",") if k.strip()]
+
+
+def _unsendable(key: str) -> int | None:
+    """The 1-based position of the first character an HTTP header cannot carry as sent (not
+    printable ASCII: clients send UTF-8 or refuse, the server reads Latin-1, so such a key
+    never matches), or None."""
+    for i, ch in enumerate(key, 1):
+        if not " " <= ch <= "~":
+            return i
+    return None
+
+
+def _check_keys(keys: list[str], where: str) -> list[str]:
+    for n, key in enumerate(keys, 1):
+        if (pos := _unsendable(key)) is not None:
+            raise ValueError(
+                f"{where} {n} has a character that is not printable ASCII at position {pos}: "
+                "a client cannot present it (HTTP headers and gRPC metadata are ASCII)"
+            )
+    return keys
+
+
+def _not_empty(value: object) -> object:
+    # An empty path is the current directory and an empty host every interface: both
+    # are far from what an empty variable (a template's unset value) meant.
+    if isinstance(value, str) and not value.strip():
+        raise ValueError("is empty (leave the variable unset for the default)")
     return value
 
 
 class Settings(BaseSettings):
     """Everything the gateway process needs to start; one field per knob."""
 
-    model_config = SettingsConfigDict(env_prefix="FIDES_", extra="ignore")
+    # no inf or nan: a timeout or size of "inf" broke the start-up (int(inf)) far from here
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", allow_inf_nan=False)
 
     model_repository: Path = Field(
         Path("model_repository"), description="Directory holding <model>/config.yaml + versions."
@@ -133,15 +207,56 @@ class Settings(BaseSettings):
         description="Also serve enclave verifiers on /v2 (development only: a provider that "
         "can query its verifier can serve its answers as a cheap substitute).",
     )
-    log_level: str = Field("INFO", description="Root log level.")
+    log_level: str = Field(
+        "INFO", description="Root log level: CRITICAL, ERROR, WARNING, INFO or DEBUG."
+    )
     log_json: bool = Field(True, description="Structured JSON logs (one object per line).")
 
     _split_api = field_validator("api_keys", "admin_api_keys", mode="before")(_split_keys)
 
+    @field_validator("api_keys", "admin_api_keys", mode="after")
+    @classmethod
+    def _sendable(cls, keys: list[str]) -> list[str]:
+        return _check_keys(keys, "key")
+
+    _non_empty = field_validator(
+        "model_repository",
+        "host",
+        "api_key_file",
+        "admin_api_key_file",
+        "enclave_platform_dir",
+        "enclave_runtime_dir",
+        "integrity_state_dir",
+        mode="before",
+    )(_not_empty)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _known_level(cls, value: object) -> object:
+        if isinstance(value, str):
+            level = value.strip().upper()
+            if level == "WARN":
+                level = "WARNING"
+            if level not in _LOG_LEVELS:
+                raise ValueError(f"{value!r} is not a log level: one of {', '.join(_LOG_LEVELS)}")
+            return level
+        return value
+
     @model_validator(mode="after")
     def _keys_from_files(self) -> Settings:
-        self.api_keys = self.api_keys + _read_key_file(self.api_key_file)
-        self.admin_api_keys = self.admin_api_keys + _read_key_file(self.admin_api_key_file)
+        self.api_keys = self.api_keys + _read_key_file(self.api_key_file, "FIDES_API_KEY_FILE")
+        self.admin_api_keys = self.admin_api_keys + _read_key_file(
+            self.admin_api_key_file, "FIDES_ADMIN_API_KEY_FILE"
+        )
+        return self
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> Settings:
+        if self.grpc_enabled and self.port and self.grpc_port == self.port:
+            raise ValueError(
+                f"FIDES_GRPC_PORT and FIDES_PORT are both {self.port}: gRPC needs a port of "
+                "its own (or FIDES_GRPC_ENABLED=false)"
+            )
         return self
 
     @property
@@ -173,14 +288,71 @@ class Settings(BaseSettings):
             )
 
 
-def _read_key_file(path: Path | None) -> list[str]:
+def _read_key_file(path: Path | None, variable: str) -> list[str]:
+    """One key per line; blank lines and ``#`` comments (indented too) skipped, a byte order
+    mark (an editor's) dropped. A file that holds no key is an error: a mounted Secret that is
+    empty would otherwise turn the keys off without a word."""
     if path is None:
         return []
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except OSError as exc:
-        raise ValueError(f"cannot read key file {path}: {exc.strerror}") from exc
-    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+        raise ValueError(f"{variable}: cannot read key file {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{variable}: key file {path} is not UTF-8 text: {exc.reason}") from exc
+    keys = [k for k in (line.strip() for line in text.splitlines()) if k and not k.startswith("#")]
+    if not keys:
+        raise ValueError(f"{variable}: key file {path} holds no key (one key per line)")
+    return _check_keys(keys, f"{variable}: key file {path}: key")
+
+
+def load_settings(
+    overrides: Mapping[str, object] | None = None, *, flags: Mapping[str, str] | None = None
+) -> Settings:
+    """``Settings`` from the environment and ``overrides``; a ``SettingsError`` naming each
+    bad variable (``FIDES_PORT``, or the command-line flag ``flags`` maps the field to)
+    instead of pydantic's multi-line ``ValidationError``. Secret values are not repeated."""
+    try:
+        values: dict[str, Any] = dict(overrides or {})
+        return Settings(**values)
+    except ValidationError as exc:
+        raise SettingsError(_describe(exc, flags or {})) from None
+
+
+class SettingsError(ValueError):
+    """The settings cannot be used; the message names every problem, one per line."""
+
+
+def _describe(exc: ValidationError, flags: Mapping[str, str]) -> str:
+    lines = []
+    for err in exc.errors():
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        loc = [str(p) for p in err["loc"]]
+        if not loc:  # a whole-model check (a key file): its message names what it is about
+            lines.append(msg)
+            continue
+        field = loc[0]
+        name = flags.get(field) or ENV_PREFIX + field.upper()
+        shown = ""
+        if field not in _SECRET_FIELDS and isinstance(err.get("input"), str | int | float):
+            shown = f"={err['input']!r}"
+        lines.append(f"{name}{shown}: {msg}")
+    return "\n".join(lines)
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """``FIDES_*`` variables that name no setting (typos are otherwise ignored), each with the
+    setting it most resembles when one does."""
+    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
+    out = []
+    for name in sorted(environ):
+        if not name.upper().startswith(ENV_PREFIX):
+            continue
+        if name.upper() in known or name.upper() in OTHER_PROGRAMS_VARIABLES:
+            continue
+        close = difflib.get_close_matches(name.upper(), sorted(known), n=1, cutoff=0.75)
+        out.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    return out
 
 
 def is_loopback(host: str) -> bool:

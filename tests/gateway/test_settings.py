@@ -60,3 +60,92 @@ def test_bad_port_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FIDES_PORT", "70000")
     with pytest.raises(ValueError, match="port"):
         Settings()
+
+
+def test_a_json_list_of_keys_is_read_as_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    # pydantic-settings' own list format: not comma text with brackets and quotes in the keys
+    monkeypatch.setenv("FIDES_API_KEYS", '["key-one", "key-two"]')
+    monkeypatch.setenv("FIDES_ADMIN_API_KEYS", '["root-key"]')
+    s = Settings()
+    assert s.api_keys == ["key-one", "key-two"]
+    assert s.admin_api_keys == ["root-key"]
+
+
+def test_broken_json_keys_are_an_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("FIDES_API_KEYS", '["secret-one", "secret-two"')
+    with pytest.raises(ValueError, match="not a JSON list"):
+        Settings()
+
+
+def test_key_file_drops_a_byte_order_mark_and_indented_comments(tmp_path: Path) -> None:
+    f = tmp_path / "keys"
+    f.write_bytes(b"\xef\xbb\xbfkey-one\r\n  # user keys  \r\nkey-two  \r\n")
+    assert Settings(api_key_file=f).api_keys == ["key-one", "key-two"]
+
+
+@pytest.mark.parametrize("field", ["api_key_file", "admin_api_key_file"])
+def test_a_key_file_without_keys_is_an_error_naming_it(tmp_path: Path, field: str) -> None:
+    # an empty mounted Secret must not turn the keys (or the admin keys) off silently
+    f = tmp_path / "keys"
+    f.write_text("# no keys yet\n\n")
+    with pytest.raises(ValueError, match=f"FIDES_{field.upper()}: key file .* holds no key"):
+        Settings(dev_mode=True, **{field: f})
+
+
+def test_log_level_must_be_a_level(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FIDES_LOG_LEVEL", "warn")
+    assert Settings().log_level == "WARNING"
+    monkeypatch.setenv("FIDES_LOG_LEVEL", "VERBOSE")
+    with pytest.raises(ValueError, match="'VERBOSE' is not a log level"):
+        Settings()
+
+
+@pytest.mark.parametrize(
+    "variable",
+    [
+        "FIDES_SHUTDOWN_GRACE_S",
+        "FIDES_DEFAULT_TIMEOUT_S",
+        "FIDES_HEADER_TIMEOUT_S",
+        "FIDES_INTEGRITY_INCIDENTS_MAX_MB",
+    ],
+)
+def test_infinite_numbers_are_rejected(monkeypatch: pytest.MonkeyPatch, variable: str) -> None:
+    # int(inf) crashed the start-up (shutdown grace) or the integrity set-up (incidents)
+    monkeypatch.setenv(variable, "inf")
+    with pytest.raises(ValueError, match="finite number"):
+        Settings()
+
+
+@pytest.mark.parametrize(
+    "variable",
+    [
+        "FIDES_MODEL_REPOSITORY",
+        "FIDES_HOST",
+        "FIDES_INTEGRITY_STATE_DIR",
+        "FIDES_ENCLAVE_RUNTIME_DIR",
+        "FIDES_API_KEY_FILE",
+    ],
+)
+def test_an_empty_path_or_host_is_an_error(monkeypatch: pytest.MonkeyPatch, variable: str) -> None:
+    # "" was the current directory (a repository, alarm state in the working directory) or
+    # every interface
+    monkeypatch.setenv(variable, "")
+    with pytest.raises(ValueError, match="is empty"):
+        Settings(api_keys=["k"])
+
+
+def test_a_key_no_client_can_present_is_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # "clé" was accepted and then never matched: clients send UTF-8 (or refuse), the server
+    # reads headers as Latin-1
+    monkeypatch.setenv("FIDES_API_KEYS", "good-key,clé-0123456789")
+    with pytest.raises(ValueError, match="key 2 has a character that is not printable ASCII"):
+        Settings()
+    monkeypatch.delenv("FIDES_API_KEYS")
+    f = tmp_path / "keys"
+    f.write_text("good-key\nclé-0123456789\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="FIDES_ADMIN_API_KEY_FILE: key file .*: key 2 has"):
+        Settings(admin_api_key_file=f)

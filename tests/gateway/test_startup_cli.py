@@ -1,0 +1,190 @@
+"""``fides serve`` (``python -m gateway.cli serve``) refuses bad settings at once: one line per
+problem naming the variable, exit status 2, no traceback; unknown FIDES_* variables (typos)
+are named."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.processes import stop_process
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _serve(
+    tmp_path: Path, env: dict[str, str], *args: str, timeout_s: float = 60.0
+) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("FIDES_")}
+    base.update(
+        {
+            "FIDES_MODEL_REPOSITORY": str(tmp_path),
+            "FIDES_GRPC_ENABLED": "false",
+            "FIDES_API_KEYS": "a-user-key-of-some-length",
+            "PYTHONPATH": str(REPO_ROOT),
+            "COLUMNS": "80",
+        }
+    )
+    base.update(env)
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "serve", *args],
+        cwd=tmp_path,
+        env=base,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "args", "expected"),
+    [
+        ({"FIDES_PORT": "abc"}, (), "FIDES_PORT='abc': Input should be a valid integer"),
+        ({}, ("--port", "70000"), "--port=70000: Input should be less than or equal to 65535"),
+        ({"FIDES_LOG_LEVEL": "VERBOSE"}, (), "FIDES_LOG_LEVEL='VERBOSE': 'VERBOSE' is not a"),
+        ({"FIDES_SHUTDOWN_GRACE_S": "inf"}, (), "FIDES_SHUTDOWN_GRACE_S='inf': Input should be"),
+        ({"FIDES_MAX_BODY_BYTES": "-5"}, (), "FIDES_MAX_BODY_BYTES='-5': Input should be greater"),
+        ({"FIDES_API_KEY_FILE": "/nonexistent/keys"}, (), "FIDES_API_KEY_FILE: cannot read key"),
+    ],
+)
+def test_a_bad_setting_is_one_line_naming_it(
+    tmp_path: Path, env: dict[str, str], args: tuple[str, ...], expected: str
+) -> None:
+    result = _serve(tmp_path, env, *args)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[0].startswith("error: " + expected), result.stderr
+    assert len(lines) == 1, result.stderr
+
+
+def test_every_bad_setting_is_named_and_keys_are_not_echoed(tmp_path: Path) -> None:
+    result = _serve(
+        tmp_path, {"FIDES_PORT": "-1", "FIDES_DEV_MODE": "maybe", "FIDES_API_KEYS": '["sekrit"'}
+    )
+    assert result.returncode == 2, result.stderr
+    assert "FIDES_PORT='-1'" in result.stderr
+    assert "FIDES_DEV_MODE='maybe'" in result.stderr
+    assert "FIDES_API_KEYS: " in result.stderr
+    assert "sekrit" not in result.stderr
+
+
+def test_an_unknown_fides_variable_is_named_with_the_setting_it_resembles(
+    tmp_path: Path,
+) -> None:
+    # a typo (FIDES_MAX_BODY_BYTE) was ignored without a word: the default applied
+    result = _serve(
+        tmp_path,
+        {"FIDES_MAX_BODY_BYTE": "1024", "FIDES_TORCH_SPEC": "torch", "FIDES_PORT": "x"},
+    )
+    assert result.returncode == 2, result.stderr
+    assert "FIDES_MAX_BODY_BYTE (did you mean FIDES_MAX_BODY_BYTES?)" in result.stderr
+    assert "FIDES_TORCH_SPEC" not in result.stderr  # read by scripts/install_torch.py
+
+
+def test_a_repository_that_is_a_file_is_named_as_such(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    repo.write_text("")
+    result = _serve(tmp_path, {"FIDES_MODEL_REPOSITORY": str(repo)})
+    assert result.returncode == 2, result.stderr
+    assert f"model repository {repo} (FIDES_MODEL_REPOSITORY) is not a directory" in (result.stderr)
+
+
+def test_a_taken_port_is_named_before_anything_loads(tmp_path: Path) -> None:
+    # it was found after every model loaded and every enclave started, in uvicorn's words
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _serve(tmp_path, {"FIDES_PORT": str(port), "FIDES_HOST": "127.0.0.1"})
+    assert result.returncode == 2, result.stderr
+    assert (
+        f"error: cannot bind 127.0.0.1:{port} (FIDES_HOST, FIDES_PORT): Address already in use"
+        in result.stderr
+    )
+    assert "application startup" not in result.stderr.lower()  # before the models
+
+
+def test_a_taken_grpc_port_is_named_before_anything_loads(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {"FIDES_GRPC_ENABLED": "true", "FIDES_GRPC_PORT": str(port), "FIDES_PORT": "0"}
+        result = _serve(tmp_path, env)
+    assert result.returncode == 2, result.stderr
+    assert f"cannot bind 127.0.0.1:{port} (FIDES_HOST, FIDES_GRPC_PORT)" in result.stderr
+    assert "application startup" not in result.stderr.lower()
+
+
+def test_one_port_for_http_and_grpc_is_refused(tmp_path: Path) -> None:
+    env = {"FIDES_GRPC_ENABLED": "true", "FIDES_GRPC_PORT": "8123", "FIDES_PORT": "8123"}
+    result = _serve(tmp_path, env)
+    assert result.returncode == 2, result.stderr
+    assert "error: FIDES_GRPC_PORT and FIDES_PORT are both 8123" in result.stderr
+
+
+def test_a_started_gateway_names_unknown_variables(tmp_path: Path) -> None:
+    # a typo (FIDES_MAX_BODY_BYTE) was ignored without a word: the default applied
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FIDES_")}
+    env.update(
+        {
+            "FIDES_MODEL_REPOSITORY": str(tmp_path),
+            "FIDES_GRPC_ENABLED": "false",
+            "FIDES_API_KEYS": "a-user-key-of-some-length",
+            "FIDES_PORT": "0",
+            "FIDES_LOG_JSON": "0",
+            "FIDES_MAX_BODY_BYTE": "1024",
+            "PYTHONPATH": str(REPO_ROOT),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    log_path = tmp_path / "server.log"
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "serve"],
+            cwd=tmp_path,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        match = None
+        while match is None and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+            match = re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", log_path.read_text())
+        assert match is not None, log_path.read_text()
+        port = int(match.group(1))
+        assert httpx.get(f"http://127.0.0.1:{port}/v2/health/live").status_code == 200
+        log = log_path.read_text()
+        assert (
+            "ignoring unknown FIDES_* variables: FIDES_MAX_BODY_BYTE "
+            "(did you mean FIDES_MAX_BODY_BYTES?)" in log
+        )
+    finally:
+        stop_process(process)
+    # uvicorn re-raises the SIGTERM it handled once it has shut down
+    assert process.returncode in (0, -signal.SIGTERM), log_path.read_text()
+
+
+def test_the_other_programs_variables_are_not_called_unknown() -> None:
+    # every FIDES_ variable docs/reference/settings.md lists is a setting or another program's
+    from gateway.settings import unknown_variables
+
+    page = (REPO_ROOT / "docs" / "reference" / "settings.md").read_text()
+    listed = set(re.findall(r"`(FIDES_[A-Z0-9_]+)`", page))
+    assert len(listed) > 30
+    assert unknown_variables(dict.fromkeys(listed, "1")) == []
