@@ -274,13 +274,16 @@ class IntegrityPipeline:
 
     def readiness_error(self) -> str | None:
         """Why this model cannot answer now, for readiness: under ``fail_closed`` an enclave
-        that is down (failed to start, refused by the attestation policy, gave up restarting)
-        or not attested yet refuses every request. A restart in progress is transient and not
-        counted; under ``fail_open`` the model answers (unverified)."""
+        that is not up (down: failed to start, refused by the attestation policy, gave up
+        restarting; starting; restarting) refuses every request. A restart is counted too:
+        restarts that keep failing back off for minutes before the enclave is marked down,
+        and a ready server would answer all that while with 503 (a restart that succeeds
+        lasts a second or two, below a readiness probe's failure threshold). Under
+        ``fail_open`` the model answers (unverified)."""
         if self.cfg.failure_policy != "fail_closed":
             return None
         health = self.enclave.health()
-        if health.state in (EnclaveState.DOWN, EnclaveState.STARTING):
+        if health.state is not EnclaveState.UP:
             return f"its enclave is {health.state.value}: {health.reason or 'no reason given'}"
         return None
 

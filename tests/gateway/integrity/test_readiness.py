@@ -5,12 +5,17 @@ fail, with the real enclave process where one is started (the default enclave fa
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import shutil
+import signal
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 
@@ -151,5 +156,43 @@ async def test_an_attested_enclave_is_ready(
     async with serving(_settings(integrity_repo, short_dir)) as client:
         assert (await client.get("/v2/health/ready")).status_code == 200
         assert (await client.get("/v2/models/digits/ready")).status_code == 200
+        r = await client.post("/v2/models/digits/infer", json=digits.body())
+        assert r.json()["parameters"]["integrity_verdict"] == "verified"
+
+
+async def _until_ready_is(
+    client: httpx.AsyncClient, status: int, within_s: float
+) -> dict[str, object]:
+    deadline = time.monotonic() + within_s
+    while True:
+        r = await client.get("/v2/health/ready")
+        if r.status_code == status:
+            body: dict[str, object] = r.json()
+            return body
+        assert time.monotonic() < deadline, f"still {r.status_code}: {r.text}"
+        await asyncio.sleep(0.1)
+
+
+async def test_an_enclave_that_fails_to_restart_is_not_ready_while_it_does(
+    integrity_repo: Path, short_dir: Path, digits: Digits
+) -> None:
+    """Under fail_closed a restarting enclave refuses every request, so the model is not
+    ready from the moment it is lost, not after the ten failed restarts that mark it down
+    (about 150 s of backoff, during which the server said ready and answered every request
+    with 503); ready again once it is back."""
+    async with serving(_settings(integrity_repo, short_dir)) as client:
+        await _until_ready_is(client, 200, 30)
+        pid = (await client.get("/v2/models/digits/integrity")).json()["enclave"]["pid"]
+        sealed = short_dir / "run" / "digits.sealed"
+        away = sealed.with_name("digits.away")
+        sealed.rename(away)  # its restarts fail: the sealed verifier is gone
+        os.kill(pid, signal.SIGKILL)
+        body = await _until_ready_is(client, 503, 20)
+        assert "digits" in str(body["error"])
+        assert "restarting" in str(body["error"])
+        assert (await client.get("/v2/models/digits/ready")).status_code == 503
+        assert (await client.post("/v2/models/digits/infer", json=digits.body())).status_code == 503
+        away.rename(sealed)
+        await _until_ready_is(client, 200, 40)
         r = await client.post("/v2/models/digits/infer", json=digits.body())
         assert r.json()["parameters"]["integrity_verdict"] == "verified"
