@@ -284,7 +284,10 @@ class ModelRepository:
     # -- mutations ------------------------------------------------------------------------------
 
     async def load_all(self) -> None:
-        """Load every model on disk; failures are logged and leave the model unavailable."""
+        """Load every model on disk; failures are logged and leave the model unavailable.
+        A start: a repository closed by an earlier shutdown of the same app (a test client's
+        second lifespan) serves again."""
+        self._closed = False
         for name in self.misnamed():
             log.error("model directory %r is not served: %s", name, _MISNAMED)
         for name in self.discover():

@@ -121,6 +121,8 @@ async def test_a_load_after_close_is_refused_not_left_behind(repo: ModelReposito
     with pytest.raises(Exception, match="shutting down"):
         await repo.load("tiny")
     assert repo.loaded_names() == []
+    await repo.load_all()  # the app started again (a second lifespan): it serves again
+    assert repo.loaded_names() == ["tiny"]
 
 
 async def test_a_version_named_twice_is_loaded_once(
