@@ -13,6 +13,7 @@ from fides_client.client import (
     FidesClient,
     FidesClientError,
     FidesHTTPError,
+    FidesTransportError,
     IntegrityModels,
 )
 from fides_client.incident import verify_incident
@@ -24,6 +25,7 @@ __all__ = [
     "FidesClient",
     "FidesClientError",
     "FidesHTTPError",
+    "FidesTransportError",
     "IntegrityModels",
     "Verdict",
     "verify_incident",

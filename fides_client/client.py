@@ -45,12 +45,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
+from urllib.parse import quote
 
 import httpx
 import numpy as np
 import yaml
 from pydantic import ValidationError
 
+from fides_client.transport import (
+    ACCEPT_ENCODING,
+    DEFAULT_MAX_RESPONSE_BYTES,
+    Exchange,
+    FidesClientError,
+    FidesHTTPError,
+    FidesTransportError,
+    check_limits,
+    warn_cleartext,
+)
 from fides_core.attestation import (
     AttestedEnclave,
     CheckedResult,
@@ -86,25 +97,13 @@ __all__ = [
     "FidesClient",
     "FidesClientError",
     "FidesHTTPError",
+    "FidesTransportError",
     "IntegrityModels",
     "Verdict",
 ]
 
 NONCE_BYTES = 32
 # the detector's and re-classifier's ONNX interface (verifier/ exports them so)
-
-
-class FidesClientError(Exception):
-    """The gateway's answer could not be used (malformed, or not what was asked for)."""
-
-
-class FidesHTTPError(FidesClientError):
-    """The gateway answered with an HTTP error."""
-
-    def __init__(self, status_code: int, message: str) -> None:
-        super().__init__(f"HTTP {status_code}: {message}")
-        self.status_code = status_code
-        self.message = message
 
 
 # -- the local models -------------------------------------------------------------------------
@@ -309,6 +308,8 @@ def _as_arrays(inputs: Mapping[str, Any]) -> dict[str, Array]:
             (d.kind, d.itemsize) for d in DATATYPES.values()
         }:
             raise TypeError(f"input {name!r}: unsupported dtype {a.dtype}")
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            raise ValueError(f"input {name!r} holds NaN or infinity, which JSON cannot carry")
         arrays[name] = a
     if not arrays:
         raise ValueError("at least one input tensor is needed")
@@ -348,8 +349,21 @@ def _per_row(value: Any, rows: int) -> tuple[int, ...] | None:
 
 def _number(value: Any) -> float | None:
     if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer past float's range: JSON allows it
+            return math.inf if value > 0 else -math.inf
     return None
+
+
+def _segment(what: str, value: Any) -> str:
+    """A model name or version as one URL path segment: ``?``, ``#`` or ``/`` in it would
+    send the request to another endpoint of the gateway, so they travel percent-encoded."""
+    if isinstance(value, int) and not isinstance(value, bool):  # version=2
+        value = str(value)
+    if not isinstance(value, str) or value in ("", ".", ".."):
+        raise ValueError(f"{what} must be a name, not {value!r}")
+    return quote(value, safe="")
 
 
 class _Core:
@@ -380,9 +394,12 @@ class _Core:
         self.local = _LocalDetector(models)
         self.nonces = NonceStore(ttl_s=nonce_ttl_s)
         self.score_tolerance = score_tolerance
-        base = f"/v2/models/{model}" + (f"/versions/{version}" if version else "")
+        name = _segment("model", model)
+        base = f"/v2/models/{name}" + (
+            f"/versions/{_segment('version', version)}" if version else ""
+        )
         self.infer_path = f"{base}/infer"
-        self.attestation_path = f"/v2/models/{model}/attestation"
+        self.attestation_path = f"/v2/models/{name}/attestation"
         self.attested: AttestedEnclave | None = None
         self.handshakes = 0
         self._lock = threading.Lock()
@@ -431,7 +448,12 @@ class _Core:
     def parse(self, payload: Any) -> _Served:
         if not isinstance(payload, dict) or not isinstance(payload.get("outputs"), list):
             raise FidesClientError("the inference answer has no outputs")
-        outputs = dict(_decode_output(o) for o in payload["outputs"])
+        outputs: dict[str, Array] = {}
+        for raw_output in payload["outputs"]:
+            name, array = _decode_output(raw_output)
+            if name in outputs:  # which one would a user be given, which one checked?
+                raise FidesClientError(f"the answer names output {name!r} twice")
+            outputs[name] = array
         params = payload.get("parameters") or {}
         if not isinstance(params, dict):
             raise FidesClientError("the inference answer's parameters are not an object")
@@ -446,9 +468,13 @@ class _Core:
                 raise MalformedEvidence("integrity_evidence is not valid base64") from None
         return _Served(outputs, params, evidence)
 
-    def check_evidence(self, prepared: _Prepared, evidence: bytes) -> CheckedResult:
-        """Raises SignatureError when not signed by the attested key (caller re-attests once)."""
-        attested = self.attested
+    def check_evidence(
+        self, prepared: _Prepared, evidence: bytes, attested: AttestedEnclave | None = None
+    ) -> CheckedResult:
+        """Raises SignatureError when not signed by the attested key (caller re-attests once).
+        ``attested``: the handshake to check against (default: the latest)."""
+        if attested is None:
+            attested = self.attested
         if attested is None:
             raise SignatureError("no attested enclave to check the result against")
         return check_verification(
@@ -468,7 +494,12 @@ class _Core:
         name = self.models.output
         if name not in served.outputs:
             raise FidesClientError(f"the answer has no output {name!r}")
-        p = np.asarray(served.outputs[name], dtype=np.float32)  # [n, C]
+        served_p = served.outputs[name]
+        if served_p.dtype.kind not in "iuf":
+            raise FidesClientError(
+                f"output {name!r} holds {served_p.dtype} values, not class probabilities"
+            )
+        p = np.asarray(served_p, dtype=np.float32)  # [n, C]
         if p.ndim != 2:
             raise FidesClientError(f"output {name!r} is {list(p.shape)}, not [batch, classes]")
         params = served.parameters
@@ -595,19 +626,6 @@ class _Core:
         return out
 
 
-def _json(response: httpx.Response) -> Any:
-    if response.status_code >= 400:
-        try:
-            message = response.json().get("error", response.text)
-        except (ValueError, AttributeError):
-            message = response.text
-        raise FidesHTTPError(response.status_code, str(message))
-    try:
-        return response.json()
-    except ValueError:
-        raise FidesClientError("the gateway's answer is not JSON") from None
-
-
 # -- the clients ------------------------------------------------------------------------------
 
 
@@ -625,9 +643,14 @@ class _ClientBase:
         version: str | None,
         nonce_ttl_s: float,
         score_tolerance: float,
+        timeout_s: float,
+        max_response_bytes: int,
     ) -> None:
+        check_limits(timeout_s, max_response_bytes)
         self.base_url = base_url
         self.model = model
+        self.timeout_s = timeout_s
+        self.max_response_bytes = max_response_bytes
         self._core = _Core(
             model,
             root=root,
@@ -638,7 +661,12 @@ class _ClientBase:
             nonce_ttl_s=nonce_ttl_s,
             score_tolerance=score_tolerance,
         )
-        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._headers = {"Accept-Encoding": ACCEPT_ENCODING}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+
+    def _exchange(self, method: str, path: str) -> Exchange:
+        return Exchange(method, path, self.timeout_s, self.max_response_bytes)
 
     @property
     def attested(self) -> AttestedEnclave | None:
@@ -662,6 +690,9 @@ class FidesClient(_ClientBase):
     ``measurements``: the expected enclave measurements (hex or 48 bytes; at least one).
     ``allow_simulated``: accept the SIMULATED enclave; say True only for development.
     ``models``: the detector and re-classifier to run locally (:class:`IntegrityModels`).
+    ``timeout_s``: each connect, read and write, and each answer as a whole (a trickled answer
+    is cut off: :class:`FidesTransportError`). ``max_response_bytes``: the most an answer may
+    hold once decoded (a larger one, a compression bomb included, is refused).
     """
 
     def __init__(
@@ -679,6 +710,7 @@ class FidesClient(_ClientBase):
         nonce_ttl_s: float = 60.0,
         score_tolerance: float = 1e-3,
         transport: httpx.BaseTransport | None = None,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
         super().__init__(
             base_url,
@@ -691,7 +723,12 @@ class FidesClient(_ClientBase):
             version=version,
             nonce_ttl_s=nonce_ttl_s,
             score_tolerance=score_tolerance,
+            timeout_s=timeout_s,
+            max_response_bytes=max_response_bytes,
         )
+        if api_key and transport is None:  # a transport of one's own decides where bytes go
+            warn_cleartext(base_url)
+        self._handshake_lock = threading.Lock()
         self._http = httpx.Client(
             base_url=base_url, headers=self._headers, timeout=timeout_s, transport=transport
         )
@@ -699,8 +736,19 @@ class FidesClient(_ClientBase):
     def attest(self) -> AttestedEnclave:
         """The handshake: our nonce, the gateway's attestation document, all checks."""
         nonce, query = self._core.challenge()
-        payload = _json(self._http.get(self._core.attestation_path, params=query))
+        payload = self._request("GET", self._core.attestation_path, params=query)
         return self._core.accept_attestation(nonce, payload)
+
+    def _request(self, method: str, path: str, **kw: Any) -> Any:
+        exchange = self._exchange(method, path)
+        try:
+            with self._http.stream(method, path, **kw) as response:
+                if exchange.start(response):
+                    for chunk in response.iter_raw():
+                        exchange.feed(chunk)
+        except httpx.TransportError as exc:
+            raise exchange.failed(exc) from exc
+        return exchange.result(response)
 
     def infer(
         self,
@@ -710,18 +758,26 @@ class FidesClient(_ClientBase):
         parameters: Mapping[str, Any] | None = None,
     ) -> CheckedInference:
         """One OIP inference (``inputs``: name -> array, batch first), checked."""
+        prepared = self._core.prepare(inputs, request_id, parameters)  # bad input: no request
         if self._core.attested is None:
-            self.attest()
-        prepared = self._core.prepare(inputs, request_id, parameters)
-        served = self._core.parse(_json(self._http.post(self._core.infer_path, json=prepared.body)))
+            self._handshake(None)
+        served = self._core.parse(self._request("POST", self._core.infer_path, json=prepared.body))
         checked = None
         if served.evidence is not None:
+            attested = self._core.attested
             try:
-                checked = self._core.check_evidence(prepared, served.evidence)
+                checked = self._core.check_evidence(prepared, served.evidence, attested)
             except SignatureError:
-                self.attest()  # the enclave may have restarted: one new handshake
+                self._handshake(attested)  # the enclave may have restarted: one new handshake
                 checked = self._core.check_evidence(prepared, served.evidence)
         return self._core.judge(prepared, served, checked)
+
+    def _handshake(self, stale: AttestedEnclave | None) -> None:
+        """One handshake for all the threads that need it: none when another thread has
+        replaced ``stale`` (no handshake yet, or one whose key did not verify) meanwhile."""
+        with self._handshake_lock:
+            if self._core.attested is stale:
+                self.attest()
 
     def close(self) -> None:
         self._http.close()
@@ -757,6 +813,7 @@ class AsyncFidesClient(_ClientBase):
         nonce_ttl_s: float = 60.0,
         score_tolerance: float = 1e-3,
         transport: httpx.AsyncBaseTransport | None = None,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
         super().__init__(
             base_url,
@@ -769,15 +826,30 @@ class AsyncFidesClient(_ClientBase):
             version=version,
             nonce_ttl_s=nonce_ttl_s,
             score_tolerance=score_tolerance,
+            timeout_s=timeout_s,
+            max_response_bytes=max_response_bytes,
         )
+        if api_key and transport is None:  # a transport of one's own decides where bytes go
+            warn_cleartext(base_url)
         self._http = httpx.AsyncClient(
             base_url=base_url, headers=self._headers, timeout=timeout_s, transport=transport
         )
 
     async def attest(self) -> AttestedEnclave:
         nonce, query = self._core.challenge()
-        payload = _json(await self._http.get(self._core.attestation_path, params=query))
+        payload = await self._request("GET", self._core.attestation_path, params=query)
         return self._core.accept_attestation(nonce, payload)
+
+    async def _request(self, method: str, path: str, **kw: Any) -> Any:
+        exchange = self._exchange(method, path)
+        try:
+            async with self._http.stream(method, path, **kw) as response:
+                if exchange.start(response):
+                    async for chunk in response.aiter_raw():
+                        exchange.feed(chunk)
+        except httpx.TransportError as exc:
+            raise exchange.failed(exc) from exc
+        return exchange.result(response)
 
     async def infer(
         self,
@@ -786,11 +858,11 @@ class AsyncFidesClient(_ClientBase):
         request_id: str | None = None,
         parameters: Mapping[str, Any] | None = None,
     ) -> CheckedInference:
+        prepared = self._core.prepare(inputs, request_id, parameters)  # bad input: no request
         if self._core.attested is None:
             await self.attest()
-        prepared = self._core.prepare(inputs, request_id, parameters)
-        response = await self._http.post(self._core.infer_path, json=prepared.body)
-        served = self._core.parse(_json(response))
+        payload = await self._request("POST", self._core.infer_path, json=prepared.body)
+        served = self._core.parse(payload)
         checked = None
         if served.evidence is not None:
             try:

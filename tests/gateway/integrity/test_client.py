@@ -15,6 +15,7 @@ import re
 import shutil
 import signal
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -29,7 +30,13 @@ import onnxruntime as ort
 import pytest
 
 from enclave_sim.pki import ROOT_CERT, init_ca
-from fides_client import AsyncFidesClient, FidesClient, IntegrityModels
+from fides_client import (
+    AsyncFidesClient,
+    CheckedInference,
+    FidesClient,
+    FidesClientError,
+    IntegrityModels,
+)
 from fides_core.attestation import (
     BindingError,
     ChainError,
@@ -255,6 +262,49 @@ def test_stripped_evidence_is_never_verified(live: Live, digits: Digits) -> None
     assert r.mismatches[0].startswith("evidence")
 
 
+def test_an_output_named_twice_is_refused_not_collapsed(live: Live, digits: Digits) -> None:
+    """Two 'probabilities' with the real evidence: the client would check one and a reader
+    of the JSON that keeps the first would be given the other. Neither is silently dropped."""
+
+    def twice(body: Body) -> Body:
+        served = next(o for o in body["outputs"] if o["name"] == "probabilities")
+        body["outputs"] = [switch_top2(served), *body["outputs"]]
+        return body
+
+    liar = Liar()
+    liar.on_infer = twice
+    with client(live, liar) as c, pytest.raises(FidesClientError, match="'probabilities' twice"):
+        c.infer({"input": digits.images[:1]})
+
+
+def test_probabilities_that_are_not_numbers_are_a_client_error(live: Live, digits: Digits) -> None:
+    def as_text(body: Body) -> Body:
+        for o in body["outputs"]:
+            if o["name"] == "probabilities":
+                o.update(datatype="BYTES", data=[f"p{v}" for v in o["data"]])
+        return body
+
+    liar = Liar()
+    liar.on_infer = as_text
+    with client(live, liar) as c, pytest.raises(FidesClientError, match="not class probabilities"):
+        c.infer({"input": digits.images[:1]})
+
+
+def test_a_score_past_float_range_is_a_mismatch_not_a_crash(live: Live, digits: Digits) -> None:
+    """JSON integers have no limit: 10**400 is a number the gateway claims, and a false one."""
+    liar = Liar()
+    liar.on_infer = lambda body: {
+        **body,
+        "parameters": {**body["parameters"], "integrity_score": 10**400},
+    }
+    with client(live, liar) as c:
+        r = c.infer({"input": digits.images[:1]})
+    assert r.gateway_score == float("inf")
+    assert r.verdict == "verified"
+    assert not r.trusted
+    assert any(m.startswith("score") for m in r.mismatches)
+
+
 def _edit_evidence(body: Body, edit: Callable[[dict[str, Any]], None]) -> Body:
     params = body["parameters"]
     doc = cbor2.loads(base64.b64decode(params["integrity_evidence"]))
@@ -332,6 +382,28 @@ def test_a_replayed_attestation_document_is_refused(live: Live, digits: Digits) 
         c.attest()
         with pytest.raises(NonceUnknown):
             c.attest()
+
+
+def test_threads_starting_together_share_one_handshake(live: Live, digits: Digits) -> None:
+    """The client is thread-safe: eight threads' first answers need one handshake, not eight."""
+    liar = Liar()
+    start = threading.Barrier(8)
+    results: list[CheckedInference] = []
+
+    def one(c: FidesClient, i: int) -> None:
+        start.wait()
+        results.append(c.infer({"input": digits.images[i : i + 1]}))
+
+    with client(live, liar) as c:
+        threads = [threading.Thread(target=one, args=(c, i)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert len(results) == 8
+        assert all(r.trusted for r in results)
+        assert c.handshakes == 1
+    assert liar.attestations == 1
 
 
 def test_an_enclave_restart_costs_one_new_handshake(live: Live, digits: Digits) -> None:
