@@ -3,6 +3,7 @@ command, mounted by :mod:`fides.cli`)."""
 
 from __future__ import annotations
 
+import math
 import socket
 import sys
 from pathlib import Path
@@ -115,7 +116,8 @@ def serve(
         host=settings.host,
         port=settings.port,
         log_config=None,
-        timeout_graceful_shutdown=int(settings.shutdown_grace_s),
+        # whole seconds for uvicorn: rounded up, so 0.5 s is not cut to none
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s),
         timeout_keep_alive=15,
         # httptools with a 64 KiB cap on the request head and a deadline for it, and
         # a deadline for the client to read its response (slow readers)

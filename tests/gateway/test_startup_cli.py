@@ -188,3 +188,34 @@ def test_the_other_programs_variables_are_not_called_unknown() -> None:
     listed = set(re.findall(r"`(FIDES_[A-Z0-9_]+)`", page))
     assert len(listed) > 30
     assert unknown_variables(dict.fromkeys(listed, "1")) == []
+
+
+def test_a_fraction_of_a_second_of_shutdown_grace_is_not_cut_to_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """uvicorn takes whole seconds of graceful shutdown: 0.5 s must not become 0 s (in-flight
+    requests cut at once); it is rounded up."""
+    import uvicorn
+
+    import gateway.cli
+    import gateway.logs
+
+    for name in [k for k in os.environ if k.startswith("FIDES_")]:
+        monkeypatch.delenv(name)
+    for name, value in {
+        "FIDES_MODEL_REPOSITORY": str(tmp_path),
+        "FIDES_GRPC_ENABLED": "false",
+        "FIDES_API_KEYS": "a-user-key-of-some-length",
+        "FIDES_PORT": "0",
+        "FIDES_SHUTDOWN_GRACE_S": "0.5",
+    }.items():
+        monkeypatch.setenv(name, value)
+    ran: dict[str, object] = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: ran.update(kw))
+    monkeypatch.setattr(gateway.logs, "configure_logging", lambda *a: None)
+    interval = sys.getswitchinterval()
+    try:
+        gateway.cli.serve()
+    finally:
+        sys.setswitchinterval(interval)
+    assert ran["timeout_graceful_shutdown"] == 1
