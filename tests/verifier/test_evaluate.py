@@ -202,14 +202,9 @@ def test_the_clean_fpr_comes_with_its_interval_and_the_rules_expectation() -> No
     assert out["clean_fpr_expected_by_rule"] == round(13 / 2001, 5)
 
 
-def test_a_substitute_learned_from_other_labels_is_a_new_stage(tmp_path: Path) -> None:
-    """Under fides protect a substitute learns the service's top-1 answers: new answers
-    (another service version) must train a new stage, not load the old one."""
-    from verifier.evaluate import _substitute
-
-    exp = tiny_experiment()
-    splits = load_splits("digits", None, seed=0)
-    spec = SubstituteConfig.model_validate(
+def _tiny_substitute() -> SubstituteConfig:
+    """A one-epoch student substitute of a single 4-channel layer."""
+    return SubstituteConfig.model_validate(
         {
             "name": "tiny",
             "kind": "student",
@@ -217,6 +212,16 @@ def test_a_substitute_learned_from_other_labels_is_a_new_stage(tmp_path: Path) -
             "train": {"epochs": 1, "batch_size": 64},
         }
     )
+
+
+def test_a_substitute_learned_from_other_labels_is_a_new_stage(tmp_path: Path) -> None:
+    """Under fides protect a substitute learns the service's top-1 answers: new answers
+    (another service version) must train a new stage, not load the old one."""
+    from verifier.evaluate import _substitute
+
+    exp = tiny_experiment()
+    splits = load_splits("digits", None, seed=0)
+    spec = _tiny_substitute()
     _substitute(spec, exp, splits, None, tmp_path, None)
     shifted = replace(splits, train=Dataset(splits.train.x, (splits.train.y + 1) % 10))
     _substitute(spec, exp, shifted, None, tmp_path, None)
@@ -234,14 +239,7 @@ def test_a_substitute_learned_from_other_images_or_threads_is_a_new_stage(
 
     exp = tiny_experiment()
     splits = load_splits("digits", None, seed=0, train_limit=200)
-    spec = SubstituteConfig.model_validate(
-        {
-            "name": "tiny",
-            "kind": "student",
-            "net": {"widths": [4]},
-            "train": {"epochs": 1, "batch_size": 64},
-        }
-    )
+    spec = _tiny_substitute()
     _substitute(spec, exp, splits, None, tmp_path, None)
     inverted = replace(splits, train=Dataset(1 - splits.train.x, splits.train.y))
     _substitute(spec, exp, inverted, None, tmp_path, None)

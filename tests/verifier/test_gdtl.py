@@ -402,21 +402,10 @@ def test_a_candidate_changed_while_interrupted_is_refused(
     splits = Splits(train, val, val, 4, list("abcd"), [0.5], [0.3], "test")
     c = cfg(threshold=-1.0)
     base = NetConfig(num_classes=4)
-    select_verifier(
-        [NetSpec(widths=[4, 6, 8])],
-        base,
-        service,
-        splits,
-        c,
-        seed=0,
-        service_flops=None,
-        run_dir=tmp_path,
-    )
-    (step,) = tmp_path.glob("candidate_0-*/step_1")
-    (step / "done.pt").rename(step / "last.pt")  # as if killed during step 1
-    with pytest.raises(StageError, match=r"candidate 0 was interrupted .*widths: \[4, 6, 8\] -> "):
+
+    def select(widths: list[int]) -> None:
         select_verifier(
-            [NetSpec(widths=[4, 6, 6])],
+            [NetSpec(widths=widths)],
             base,
             service,
             splits,
@@ -425,6 +414,12 @@ def test_a_candidate_changed_while_interrupted_is_refused(
             service_flops=None,
             run_dir=tmp_path,
         )
+
+    select([4, 6, 8])
+    (step,) = tmp_path.glob("candidate_0-*/step_1")
+    (step / "done.pt").rename(step / "last.pt")  # as if killed during step 1
+    with pytest.raises(StageError, match=r"candidate 0 was interrupted .*widths: \[4, 6, 8\] -> "):
+        select([4, 6, 6])
     assert len(list(tmp_path.glob("candidate_0-*"))) == 1
 
 
