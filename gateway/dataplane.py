@@ -42,9 +42,12 @@ EXTENSIONS = [
 # what a requested output may carry: HTTP's binary_data (accepted over gRPC too, where every
 # output travels raw anyway); Triton's classification and shared_memory_* are refused by name
 OUTPUT_PARAMETERS = frozenset({"binary_data"})
-# a request cancelled this close to its caller's deadline was cancelled by it (gRPC's timer and
-# the clock the deadline was read with are not the same instant)
-DEADLINE_SLACK_S = 0.005
+# a request cancelled this close to its caller's deadline was cancelled by it: a gRPC client's
+# own timer cancels the call when its deadline passes, and that cancellation reaches the server
+# before the server's copy of the deadline (read from the request's header, which arrived a
+# little after the client started its clock) by however much later the request arrived than
+# the cancellation: a few ms on loopback, tens of ms on a loaded machine (row 141)
+DEADLINE_SLACK_S = 0.05
 
 
 class DataPlane:

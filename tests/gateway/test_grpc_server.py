@@ -342,3 +342,52 @@ async def test_a_deadline_passed_in_the_queue_is_a_counted_failure(
         stats = app.state.dataplane.model_statistics("tiny", "2")["model_stats"][0]
         assert stats["inference_stats"]["fail"]["count"] == 2
         assert stats["inference_stats"]["success"]["count"] == 0
+
+
+async def test_a_client_deadline_that_fires_first_is_counted_as_the_deadline(
+    settings: Settings, repo_path: Path
+) -> None:
+    """A client's own timer cancels its call when its deadline passes, and the cancellation
+    reaches the server while the server's copy of the deadline (from the request's header,
+    which arrived later) has a little time left: tens of ms on a loaded machine. A call
+    cancelled 30 ms before its deadline is counted DEADLINE_EXCEEDED and a timeout (it was
+    counted CANCELLED with 5 ms of slack, a flaky failure of the test above)."""
+    write_config(
+        repo_path / "tiny",
+        {
+            **TINY_CONFIG,
+            "dynamic_batching": {
+                "max_queue_delay_microseconds": 3_000_000,
+                "preferred_batch_size": [16],
+                "dispatch_when_idle": False,
+            },
+        },
+    )
+    async with grpc_gateway(settings) as (_, channel, app):
+        infer = unary(channel, "ModelInfer", pb.ModelInferResponse)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        call = infer(infer_request(), metadata=USER, timeout=1.0)
+        await until(
+            lambda: sample(app, "fides_inference_inflight_requests", {"model": "tiny"}) == 1,
+            "the call waits in the batcher",
+        )
+        await asyncio.sleep(max(0.0, started + 0.97 - loop.time()))
+        call.cancel()
+        await until(
+            lambda: (
+                sample(
+                    app,
+                    "fides_grpc_requests_total",
+                    {"method": "ModelInfer", "code": "DEADLINE_EXCEEDED"},
+                )
+                == 1
+            ),
+            "the call counted DEADLINE_EXCEEDED",
+        )
+        failed = {"model": "tiny", "version": "2", "reason": "timeout"}
+        assert sample(app, "fides_inference_failures_total", failed) == 1
+        assert (
+            sample(app, "fides_grpc_requests_total", {"method": "ModelInfer", "code": "CANCELLED"})
+            == 0
+        )
