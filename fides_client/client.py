@@ -27,9 +27,12 @@ it was attacked; we check what we hold: the replacement must pass our detector a
 signed verifier output (our verdict is then "verified") and say the class the gateway claims.
 
 Evidence that does not check out raises the specific :class:`AttestationError` subclass from
-``fides_core.attestation`` (never swallowed). A result signed by a key we have not attested
-(the enclave restarted since our handshake) triggers one new handshake; if the result still
-does not verify, :class:`SignatureError` is raised.
+``fides_core.attestation`` (never swallowed). A result is checked against the handshake in
+force when its request was sent, then against the latest one (another caller may have renewed
+the handshake after an enclave restart while the answer was on its way: the answer signed by
+the boot we sent it to is as authentic as it was). A result signed by neither (the enclave
+restarted since) triggers one new handshake; if the result still does not verify,
+:class:`SignatureError` is raised. Callers that start together share one handshake.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from types import TracebackType
 from typing import Any, Self
 from urllib.parse import quote
 
+import anyio
 import httpx
 import numpy as np
 import yaml
@@ -468,6 +472,24 @@ class _Core:
                 raise MalformedEvidence("integrity_evidence is not valid base64") from None
         return _Served(outputs, params, evidence)
 
+    def check_sent(
+        self, prepared: _Prepared, evidence: bytes, sent_under: AttestedEnclave | None
+    ) -> tuple[CheckedResult | None, AttestedEnclave | None]:
+        """``evidence`` checked against ``sent_under`` (the handshake in force when the request
+        was sent), then against the latest handshake when another caller renewed it since.
+        ``(result, None)``, or ``(None, latest)`` when neither key signed it: a new handshake
+        is due unless another caller has replaced ``latest`` meanwhile."""
+        tried: list[AttestedEnclave] = []
+        for attested in (sent_under, self.attested):
+            if attested is None or any(attested is t for t in tried):
+                continue
+            tried.append(attested)
+            try:
+                return self.check_evidence(prepared, evidence, attested), None
+            except SignatureError:
+                pass
+        return None, tried[-1] if tried else None
+
     def check_evidence(
         self, prepared: _Prepared, evidence: bytes, attested: AttestedEnclave | None = None
     ) -> CheckedResult:
@@ -761,14 +783,13 @@ class FidesClient(_ClientBase):
         prepared = self._core.prepare(inputs, request_id, parameters)  # bad input: no request
         if self._core.attested is None:
             self._handshake(None)
+        sent_under = self._core.attested
         served = self._core.parse(self._request("POST", self._core.infer_path, json=prepared.body))
         checked = None
         if served.evidence is not None:
-            attested = self._core.attested
-            try:
-                checked = self._core.check_evidence(prepared, served.evidence, attested)
-            except SignatureError:
-                self._handshake(attested)  # the enclave may have restarted: one new handshake
+            checked, stale = self._core.check_sent(prepared, served.evidence, sent_under)
+            if checked is None:
+                self._handshake(stale)  # the enclave may have restarted: one new handshake
                 checked = self._core.check_evidence(prepared, served.evidence)
         return self._core.judge(prepared, served, checked)
 
@@ -831,6 +852,8 @@ class AsyncFidesClient(_ClientBase):
         )
         if api_key and transport is None:  # a transport of one's own decides where bytes go
             warn_cleartext(base_url)
+        # anyio's lock serves asyncio and trio alike (httpx runs on both)
+        self._handshake_lock = anyio.Lock()
         self._http = httpx.AsyncClient(
             base_url=base_url, headers=self._headers, timeout=timeout_s, transport=transport
         )
@@ -860,17 +883,23 @@ class AsyncFidesClient(_ClientBase):
     ) -> CheckedInference:
         prepared = self._core.prepare(inputs, request_id, parameters)  # bad input: no request
         if self._core.attested is None:
-            await self.attest()
+            await self._handshake(None)
+        sent_under = self._core.attested
         payload = await self._request("POST", self._core.infer_path, json=prepared.body)
         served = self._core.parse(payload)
         checked = None
         if served.evidence is not None:
-            try:
-                checked = self._core.check_evidence(prepared, served.evidence)
-            except SignatureError:
-                await self.attest()  # the enclave may have restarted: one new handshake
+            checked, stale = self._core.check_sent(prepared, served.evidence, sent_under)
+            if checked is None:
+                await self._handshake(stale)  # the enclave may have restarted: one new handshake
                 checked = self._core.check_evidence(prepared, served.evidence)
         return self._core.judge(prepared, served, checked)
+
+    async def _handshake(self, stale: AttestedEnclave | None) -> None:
+        """One handshake for all the tasks that need it (see FidesClient._handshake)."""
+        async with self._handshake_lock:
+            if self._core.attested is stale:
+                await self.attest()
 
     async def aclose(self) -> None:
         await self._http.aclose()
