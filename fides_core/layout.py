@@ -1,7 +1,8 @@
 """The model repository's layout, read the same way everywhere: ``<root>/<model>/config.yaml``
 and ``<root>/<model>/<version>/<file>``, a model's name being 1-128 ASCII letters, digits,
-``_``, ``-`` or ``.`` (:func:`is_model_name`) and a version a positive integer written in ASCII
-digits (``1``, ``2``, ...; ``0``, ``01x`` or ``²`` are not versions)."""
+``_``, ``-`` or ``.`` other than the route word ``stats`` (:func:`is_model_name`) and a
+version a positive integer written in ASCII digits (``1``, ``2``, ...; ``0``, ``01x`` or
+``²`` are not versions)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ __all__ = [
     "MAX_VERSION_DIGITS",
     "MODEL_NAME_RE",
     "MODEL_NAME_RULE",
+    "RESERVED_MODEL_NAMES",
     "is_model_name",
     "is_version",
     "latest_version",
@@ -23,16 +25,24 @@ __all__ = [
 # ``<model>@<instance>``): what the gateway serves, the enclave seals for and the alarm names
 # files after is this one rule. No ``@`` (the state files' separator) and no path separator.
 MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
+# Names that a route takes in a model's place: ``GET /v2/models/stats`` is the statistics of
+# every model (Triton's and tritonclient's path), so a model named ``stats`` could be loaded
+# but its metadata never reached. Route matching is case-sensitive: ``Stats`` is a model name.
+RESERVED_MODEL_NAMES = frozenset({"stats"})
 MODEL_NAME_RULE = (
     "use 1-128 ASCII letters, digits, '_', '-' or '.', starting with a letter or digit, "
-    "without '..'"
+    "without '..', and not 'stats' (GET /v2/models/stats is every model's statistics)"
 )
 
 
 def is_model_name(name: str) -> bool:
-    """``name`` is a model name (:data:`MODEL_NAME_RE`, and no ``..``: nothing that could
-    leave the repository)."""
-    return MODEL_NAME_RE.fullmatch(name) is not None and ".." not in name
+    """``name`` is a model name (:data:`MODEL_NAME_RE`, no ``..``: nothing that could leave
+    the repository, and none of :data:`RESERVED_MODEL_NAMES`: nothing a route shadows)."""
+    return (
+        MODEL_NAME_RE.fullmatch(name) is not None
+        and ".." not in name
+        and name not in RESERVED_MODEL_NAMES
+    )
 
 
 # 18 digits stay below 2**63 (an int64 wherever a version is stored); the length is checked

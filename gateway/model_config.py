@@ -7,6 +7,7 @@ Unknown keys are an error that names the key and the file: a typo such as
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -257,6 +258,10 @@ class ModelConfig(StrictModel):
                     "listing 'cuda' (platform onnx) or torch.device 'cuda' / 'cuda:N' "
                     f"(platform torch); platform {self.platform!r} as configured runs on the CPU"
                 )
+        if self.labels is not None and self.platform == "causal_lm":
+            raise ValueError("'labels' name a classifier's classes, not for platform 'causal_lm'")
+        if self.labels is not None and not self.labels:
+            raise ValueError("'labels' is empty: list one name per class, or leave it out")
         if self.integrity is not None and self.platform == "causal_lm":
             raise ValueError("an 'integrity:' block is for classifiers, not platform 'causal_lm'")
         if self.generation is not None and self.platform != "causal_lm":
@@ -285,6 +290,30 @@ class ModelConfig(StrictModel):
                     f"({self.max_batch_size})"
                 )
         return self
+
+    def labels_problem(self, outputs: Sequence[tuple[str, Sequence[int]]]) -> str | None:
+        """Why ``labels`` does not fit the model's class output, or None when it does (or there
+        are no labels). ``outputs`` are (name, shape) as served, the batch dimension first when
+        ``max_batch_size`` > 0. The class output is the integrity block's ``output`` when the
+        model has one, else any output; its classes are its last dimension past the batch one
+        (1 for one score per row, as a detector's). A variable one (-1) is not checked: only a
+        count known at load can be compared."""
+        if not self.labels:
+            return None
+        n = len(self.labels)
+        named = self.integrity.output if self.integrity is not None else None
+        chosen = [o for o in outputs if o[0] == named] or list(outputs)
+        counts: dict[str, int] = {}
+        for name, shape in chosen:
+            dims = list(shape)[1:] if self.max_batch_size > 0 else list(shape)  # [classes...]
+            counts[name] = dims[-1] if dims else 1
+        if not counts or any(c == n or c < 0 for c in counts.values()):
+            return None
+        shown = ", ".join(f"output '{name}' has {c}" for name, c in counts.items())
+        return (
+            f"labels lists {n} classes but {shown} (its last dimension); give one label per "
+            "class, in the order of the output"
+        )
 
     @property
     def model_filename(self) -> str:

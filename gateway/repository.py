@@ -70,6 +70,8 @@ class ModelState:
 
 
 _MISNAMED = f"invalid model name: {MODEL_NAME_RULE} (rename the directory)"
+_GONE = "its directory is no longer in the repository"
+_GONE_SERVING = f"{_GONE}: it serves until it is unloaded"
 
 
 def validate_model_name(name: str) -> str:
@@ -190,26 +192,36 @@ class ModelRepository:
         return {} if self.serve_verifiers else read_verifier_names(self.root)
 
     def index(self) -> list[dict[str, str]]:
-        """Every model on disk or in memory, with version and state (repository extension)."""
+        """The models the repository holds now, with version and state (repository extension),
+        as Triton lists them: those on disk, and those not on disk any more that still matter
+        (a model serving, loading, or wanted by readiness), their reason saying the directory
+        is gone. A model unloaded or never loaded whose directory was removed is not listed
+        (it stayed for good, as 'unloaded')."""
         rows: list[dict[str, str]] = []
-        names = sorted(set(self.discover()) | set(self._models) | set(self._states))
+        on_disk = set(self.discover())
+        names = sorted(on_disk | set(self._models) | self._wanted | self._loading())
         for name in names:
             served = self._models.get(name)
             state = self._states.get(name, ModelState("UNAVAILABLE", "not loaded"))
+            reason = state.reason
+            if name not in on_disk:
+                gone = _GONE_SERVING if served is not None else _GONE
+                reason = f"{reason}; {gone}" if reason else gone
             if served is not None:
                 rows.extend(
-                    {"name": name, "version": str(v), "state": "READY", "reason": state.reason}
+                    {"name": name, "version": str(v), "state": "READY", "reason": reason}
                     for v in sorted(served.versions)
                 )
             else:
-                rows.append(
-                    {"name": name, "version": "", "state": state.state, "reason": state.reason}
-                )
+                rows.append({"name": name, "version": "", "state": state.state, "reason": reason})
         rows.extend(
             {"name": name, "version": "", "state": "UNAVAILABLE", "reason": _MISNAMED}
             for name in self.misnamed()
         )
         return rows
+
+    def _loading(self) -> set[str]:
+        return {n for n, st in self._states.items() if st.state == "LOADING"}
 
     def slot(self, name: str) -> ModelSlot:
         """The stable handle on ``name`` (whether it serves now or not)."""
@@ -252,7 +264,10 @@ class ModelRepository:
         if served is None:
             if name in self.private_verifiers():
                 raise NotFound(f"unknown model '{name}' (an enclave verifier is not served)")
-            if name in self._states or (self.root / name / "config.yaml").is_file():
+            # 503 for a model the repository holds (or that loads or is wanted); one unloaded
+            # and then removed from disk is unknown (404), as it is gone from the index
+            on_disk = (self.root / name / "config.yaml").is_file()
+            if on_disk or name in self._wanted or name in self._loading():
                 state = self._states.get(name, ModelState("UNAVAILABLE", "not loaded"))
                 reason = state.reason or ("loading" if state.state == "LOADING" else "not loaded")
                 raise Unavailable(f"model '{name}' is not ready: {reason}")
@@ -462,6 +477,10 @@ class ModelRepository:
                         f"model '{name}' version {v}: no input/output metadata; "
                         "declare inputs and outputs in config.yaml"
                     )
+                # labels that do not fit answered with wrong or missing class names
+                why = cfg.labels_problem([(o.name, o.shape) for o in rt.outputs])
+                if why is not None:
+                    raise ModelLoadError(f"model '{name}' version {v}: {why}")
         except ModelLoadError as exc:
             for rt in loaded:
                 await asyncio.to_thread(rt.unload)

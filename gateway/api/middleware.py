@@ -16,6 +16,16 @@ from gateway.metrics import GatewayMetrics
 
 log = logging.getLogger("gateway.access")
 _RID_OK = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+# A 503 from these is the answer "not ready", not a failure: Kubernetes probes every few seconds
+# while a model loads, and a WARNING per probe buried the real 5xx. It is logged at DEBUG; the
+# server's readiness route logs each change once, with the models and why (gateway.api.v2.router).
+_READINESS_ROUTES = frozenset(
+    {
+        "/v2/health/ready",
+        "/v2/models/{name}/ready",
+        "/v2/models/{name}/versions/{version}/ready",
+    }
+)
 
 
 class RequestContextMiddleware:
@@ -58,9 +68,12 @@ class RequestContextMiddleware:
             count, duration = self.metrics.http_series(method, route, str(status))
             count.inc()
             duration.observe(elapsed)
-            # errors at INFO/WARNING; successful requests only at DEBUG (hot path)
+            # errors at INFO/WARNING; successful requests and readiness probes answered "not
+            # ready" only at DEBUG (hot path, probe spam)
             level = (
-                logging.WARNING
+                logging.DEBUG
+                if status == 503 and route in _READINESS_ROUTES
+                else logging.WARNING
                 if status >= 500
                 else logging.INFO
                 if status >= 400

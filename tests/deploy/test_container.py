@@ -297,15 +297,16 @@ def test_refused_simulated_evidence_keeps_the_container_unready_and_says_why(ima
     with run_gateway(image, env, "unready") as c:
 
         def refused() -> dict[str, Any] | None:
-            r = httpx.get(c.base_url + "/v2/health/ready")
+            # which model and why: behind the key (the open probe says only not ready)
+            r = httpx.get(c.base_url + "/v2/models/digits/ready", headers={"X-API-Key": USER_KEY})
             return r.json() if r.status_code == 503 and "Simulated" in r.text else None
 
         body = wait_until(c, refused, what="refusing readiness")
-        assert "digits" in json.dumps(body), body
+        assert "SimulatedEvidenceRejected" in json.dumps(body), body
         assert httpx.get(c.base_url + "/v2/health/live").status_code == 200
-        model = httpx.get(c.base_url + "/v2/models/digits/ready", headers={"X-API-Key": USER_KEY})
-        assert model.status_code == 503, model.text
-        assert "SimulatedEvidenceRejected" in model.text
+        server = httpx.get(c.base_url + "/v2/health/ready")
+        assert server.status_code == 503, server.text
+        assert "digits" not in server.text
 
 
 # -- the compose stack --------------------------------------------------------------------------

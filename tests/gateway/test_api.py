@@ -441,7 +441,11 @@ async def test_broken_model_at_start_is_not_ready(tmp_path: Path, settings: Sett
     async with serving(settings) as c:
         r = await c.get("/v2/health/ready")
         assert r.status_code == 503
-        assert "broken" in r.json()["error"]
+        # which model and why: behind the key (the unauthenticated probe says only not ready)
+        rows = (await c.post("/v2/repository/index")).json()
+        broken = [row for row in rows if row["name"] == "broken"]
+        assert broken[0]["state"] == "UNAVAILABLE"
+        assert "model.onnx" in broken[0]["reason"]
         r = await c.post("/v2/models/broken/infer", json=_infer_body())
         assert r.status_code == 503
         assert "model.onnx" in r.json()["error"]

@@ -183,3 +183,63 @@ def test_merge_keys_may_still_be_overridden(tmp_path: Path) -> None:
         cfg.dynamic_batching.max_queue_size,
         cfg.dynamic_batching.max_queue_delay_microseconds,
     ) == (6, 10)
+
+
+# -- labels against the class output (the load refuses what does not fit) -----------------------
+
+INTEGRITY = "integrity: {enclave: {verifier_model: v}, detector: d, reclassifier: r}\n"
+
+
+@pytest.mark.parametrize(
+    ("config", "outputs", "problem"),
+    [
+        # batched: [batch, classes]
+        ("max_batch_size: 8\nlabels: [a, b, c]\n", [("p", (-1, 3))], None),
+        ("max_batch_size: 8\nlabels: [a, b]\n", [("p", (-1, 3))], "lists 2 classes"),
+        # one score per row (a detector's [batch] or [batch, 1]) is one class
+        ("max_batch_size: 8\nlabels: [attack]\n", [("s", (-1,))], None),
+        ("max_batch_size: 8\nlabels: [attack]\n", [("s", (-1, 1))], None),
+        ("max_batch_size: 8\nlabels: [a, b]\n", [("s", (-1,))], "output 's' has 1"),
+        # not batched: the shape is the classes'
+        ("labels: [a, b]\n", [("p", (2,))], None),
+        ("labels: [a, b]\n", [("p", (5,))], "output 'p' has 5"),
+        # a class count known only when answering is not checked
+        ("max_batch_size: 8\nlabels: [a, b]\n", [("p", (-1, -1))], None),
+        # several outputs: one of them must fit
+        ("max_batch_size: 8\nlabels: [a, b]\n", [("x", (-1, 4)), ("p", (-1, 2))], None),
+        (
+            "max_batch_size: 8\nlabels: [a, b]\n",
+            [("x", (-1, 4)), ("p", (-1, 3))],
+            "output 'x' has 4, output 'p' has 3",
+        ),
+        ("max_batch_size: 8\n", [("p", (-1, 3))], None),  # no labels, nothing to check
+        # a verified model: the integrity block's output holds the classes
+        (
+            "max_batch_size: 8\nlabels: [a, b]\n" + INTEGRITY,
+            [("p", (-1, 2)), ("probabilities", (-1, 3))],
+            "output 'probabilities' has 3",
+        ),
+    ],
+)
+def test_labels_against_the_class_output(
+    tmp_path: Path, config: str, outputs: list[tuple[str, tuple[int, ...]]], problem: str | None
+) -> None:
+    cfg = load_model_config(_write(tmp_path, "platform: onnx\n" + config))
+    why = cfg.labels_problem(outputs)
+    if problem is None:
+        assert why is None
+    else:
+        assert why is not None
+        assert problem in why
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("platform: onnx\nlabels: []\n", "'labels' is empty"),
+        ("platform: causal_lm\nlabels: [a]\n", "not for platform 'causal_lm'"),
+    ],
+)
+def test_labels_that_name_no_class_are_refused(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_model_config(_write(tmp_path, text))

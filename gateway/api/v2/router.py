@@ -4,9 +4,11 @@ serving logic in :class:`gateway.dataplane.DataPlane`."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
+from starlette.datastructures import State
 
 from gateway.api.deps import DataPlaneDep, UserAuth
 from gateway.api.responses import json_response
@@ -14,6 +16,8 @@ from gateway.api.v2.protocol import INFER_BODY_SCHEMA
 from gateway.api.v2.serving import infer_handler
 from gateway.dataplane import DataPlane
 from gateway.errors import Unavailable
+
+log = logging.getLogger(__name__)
 
 health = APIRouter(prefix="/v2/health", tags=["health"])
 router = APIRouter(prefix="/v2", tags=["inference"], dependencies=[UserAuth])
@@ -24,12 +28,35 @@ async def live() -> dict[str, bool]:
     return {"live": True}
 
 
+# What an unauthenticated probe learns: ready or not. Which models, and why (a load error
+# names files on the server), is for the log and for those holding a key.
+NOT_READY = (
+    "not ready: a model is not serving yet (which and why: the gateway's log, or "
+    "/v2/repository/index and /v2/models/<name>/ready with an API key)"
+)
+
+
 @health.get("/ready")
-async def ready(dp: DataPlaneDep) -> Response:
+async def ready(request: Request, dp: DataPlaneDep) -> Response:
     ok, missing = dp.ready()
+    _log_change(request.app.state, missing)
     if ok:
         return json_response({"ready": True})
-    return json_response({"ready": False, "error": f"models not ready: {missing}"}, status_code=503)
+    return json_response({"ready": False, "error": NOT_READY}, status_code=503)
+
+
+def _log_change(state: State, missing: list[str]) -> None:
+    """Log the server's readiness when it changes, not once per probe (Kubernetes probes
+    every few seconds while a model loads): the models not ready and why at WARNING, ready
+    again at INFO."""
+    last: list[str] | None = getattr(state, "readiness_logged", None)
+    if missing == (last or []):
+        return
+    state.readiness_logged = missing
+    if missing:
+        log.warning("server not ready: models not ready: %s", missing)
+    else:
+        log.info("server ready: every model serves")
 
 
 @router.get("")

@@ -1,7 +1,8 @@
 """Readiness tells the truth about integrity: a model whose integrity cannot run under
-``fail_closed`` refuses every request, so the server and the model are not ready, and both
-say which model and why (Kubernetes then sends the pod no traffic). Every way the set-up can
-fail, with the real enclave process where one is started (the default enclave factory)."""
+``fail_closed`` refuses every request, so the server and the model are not ready, and the
+model's readiness (behind the key) and the log say which model and why (Kubernetes then
+sends the pod no traffic). Every way the set-up can fail, with the real enclave process
+where one is started (the default enclave factory)."""
 
 from __future__ import annotations
 
@@ -125,8 +126,8 @@ async def test_integrity_that_cannot_run_is_not_ready_and_says_why(
     async with serving(_settings(integrity_repo, short_dir, **settings)) as client:
         r = await client.get("/v2/health/ready")
         assert r.status_code == 503, (what, r.text)
-        assert "digits" in r.json()["error"], r.text
-        assert reason in r.json()["error"], r.text
+        # which model and why: the model's readiness (behind the key), not the open probe
+        assert "digits" not in r.json()["error"], r.text
         r = await client.get("/v2/models/digits/ready")
         assert r.status_code == 503
         assert reason in r.json()["error"], r.text
@@ -187,10 +188,10 @@ async def test_an_enclave_that_fails_to_restart_is_not_ready_while_it_does(
         away = sealed.with_name("digits.away")
         sealed.rename(away)  # its restarts fail: the sealed verifier is gone
         os.kill(pid, signal.SIGKILL)
-        body = await _until_ready_is(client, 503, 20)
-        assert "digits" in str(body["error"])
-        assert "restarting" in str(body["error"])
-        assert (await client.get("/v2/models/digits/ready")).status_code == 503
+        await _until_ready_is(client, 503, 20)
+        r = await client.get("/v2/models/digits/ready")
+        assert r.status_code == 503
+        assert "restarting" in r.json()["error"], r.text
         assert (await client.post("/v2/models/digits/infer", json=digits.body())).status_code == 503
         away.rename(sealed)
         await _until_ready_is(client, 200, 40)
