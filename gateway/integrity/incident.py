@@ -15,7 +15,17 @@ the signed batches it holds, and of the batches within their span of sequence nu
 recorded, or ``settle_s`` has passed. What is still missing then stays a gap, which the check
 reports (the bundle's ``settle`` says how long it waited and how many it still missed). Answers
 pushed out of the ring just before the alarm (a full ring) are kept aside a while (``SPILL``),
-so the oldest signed batch of a bundle is not cut either.
+so the oldest signed batch of a bundle is not cut either. Requests that fed nothing to the
+alarm (every row kept out of it, or signed and never judged) take no slot of the ring: they are
+kept aside too, at most ``capacity`` of them; one pushed out of that buffer is counted
+(``on_dropped("unfed_overflow")``, the metric), logged at the first, and a bundle names how
+many were pushed out while its answers were recorded (``settle.unfed_dropped``: its gaps may
+be those requests).
+
+**Closing.** The pipeline lets the requests still being verified or judged finish before it
+closes the recorder (bounded): their part is recorded, and a bundle waiting for them holds
+them. One recorded after the close began (past that bound) is held by no bundle sealed at the
+close: it is counted (``on_dropped("after_close")``) and logged with its request id.
 
 **Files.** ``<state_dir>/incidents/<model>/<id>.json``, where the id names the instance:
 ``<UTC time>-<model|key id>[-n]@<instance>`` (``instance``: the alarm state's, the host name:
@@ -173,12 +183,14 @@ class IncidentRecorder:
         max_bytes: int = MAX_BYTES,
         settle_s: float | None = None,
         instance: str | None = None,
+        on_dropped: Callable[[str], None] | None = None,
     ) -> None:
         """``instance``: this gateway's name in its incidents' ids and files (default: the
         alarm monitor's, the host name). ``settle_s``: how long a bundle waits, after its
         alarm fired, for the requests of its signed batches still being judged (default
         ``SETTLE_S``). ``max_bytes``: the most this instance's bundles of the model take,
-        together (serialized)."""
+        together (serialized). ``on_dropped``: told the reason of each signed request not
+        kept for the bundles it belongs in (``unfed_overflow``, ``after_close``: a metric)."""
         self.model = model
         self.alarm = alarm
         self.verifier_output = verifier_output
@@ -191,8 +203,19 @@ class IncidentRecorder:
         self.ring: deque[IncidentAnswer] = deque(maxlen=capacity)
         self._spill: deque[IncidentAnswer] = deque(maxlen=SPILL)
         # requests judged with no row fed to the alarm: no slot of the ring, but a bundle
-        # waiting for the requests of its signed batches takes them as judged (and holds them)
-        self._unfed: deque[IncidentAnswer] = deque(maxlen=SPILL)
+        # waiting for the requests of its signed batches takes them as judged (and holds them).
+        # As many as the ring (no rows: about 1 KB each), so they cover its span unless most
+        # requests feed nothing; one pushed out is counted, and named in the bundles it is in
+        self._unfed: deque[IncidentAnswer] = deque(maxlen=capacity)
+        self.on_dropped = on_dropped
+        self.unfed_dropped = 0  # pushed out of _unfed since the start
+        # fed requests recorded so far, and a lower bound of the number of the oldest still
+        # held (ring or spill): a request pushed out of _unfed after that one was recorded may
+        # belong in a bundle of the answers held, as a gap
+        self._fed = 0
+        self._held_from = 1
+        self._unfed_drops: deque[list[int]] = deque()  # [_fed at the drop, drops], oldest first
+        self.after_close = 0  # recorded after close() began, held by no bundle sealed then
         self.max_incidents = max_incidents
         self.max_bytes = max_bytes
         self.settle_s = SETTLE_S if settle_s is None else settle_s
@@ -236,16 +259,69 @@ class IncidentRecorder:
     def record(self, answer: IncidentAnswer) -> None:
         """On the serving path: an append (and, while a bundle is being sealed, a wake-up).
         A request with no row fed to the alarm takes no slot of the ring: it is kept aside
-        (``SPILL``) for the bundles whose signed batches hold it."""
+        (at most ``capacity``) for the bundles whose signed batches hold it. One recorded once
+        :meth:`close` began is counted and logged: no bundle sealed at the close holds it."""
         if not len(answer.rows):
+            if len(self._unfed) == self._unfed.maxlen:
+                self._count_unfed_drop()
             self._unfed.append(answer)
         else:
+            self._fed += 1
             if len(self.ring) == self.ring.maxlen:
+                if len(self._spill) == self._spill.maxlen:
+                    self._held_from += 1  # the oldest held answer leaves
                 self._spill.append(self.ring[0])
             self.ring.append(answer)
+        if self._closing:  # the bundles being sealed take nothing more; an alarm firing now
+            self._recorded_after_close(answer)  # (after close) holds it, in the ring
+            return
         for seal in self._seals:
             seal.arrived.append(answer)
             seal.event.set()
+
+    def _count_unfed_drop(self) -> None:
+        """The oldest request kept aside with no row fed leaves the full buffer: counted (the
+        bundles of the answers held then name it), logged at the first."""
+        self.unfed_dropped += 1
+        if self.on_dropped is not None:
+            self.on_dropped("unfed_overflow")
+        drops = self._unfed_drops
+        while drops and drops[0][0] < self._held_from:  # before every answer held: in no bundle
+            drops.popleft()
+        if drops and drops[-1][0] == self._fed:
+            drops[-1][1] += 1
+        else:
+            drops.append([self._fed, 1])
+        if self.unfed_dropped == 1:
+            log.warning(
+                "integrity incidents of %s: more than %d requests that fed nothing to the alarm "
+                "(every row kept out of it, or signed and never judged) kept aside for incident "
+                "bundles; the oldest are pushed out, counted (%s, reason unfed_overflow), and a "
+                "bundle whose signed batches held them names how many (settle.unfed_dropped) "
+                "and shows them as gaps",
+                self.model,
+                self._unfed.maxlen,
+                "fides_integrity_incident_requests_dropped_total",
+                extra={"model": self.model},
+            )
+
+    def _unfed_dropped_since(self, held_from: int) -> int:
+        """Requests with no row fed pushed out of the buffer since the fed answer numbered
+        ``held_from`` was recorded (the oldest a bundle holds, or a lower bound of it)."""
+        return sum(n for at, n in self._unfed_drops if at >= held_from)
+
+    def _recorded_after_close(self, answer: IncidentAnswer) -> None:
+        self.after_close += 1
+        if self.on_dropped is not None:
+            self.on_dropped("after_close")
+        log.warning(
+            "integrity incidents of %s: request %s (signed by the enclave) recorded after the "
+            "incident record closed (the gateway shuts down or the model unloads, past the wait "
+            "for the requests in flight): no bundle sealed at the close holds it",
+            self.model,
+            answer.request_id,
+            extra={"model": self.model, "request_id": answer.request_id},
+        )
 
     def boot(self, module_id: str, document: bytes) -> None:
         """The attestation document of enclave boot ``module_id``: each boot whose evidence the
@@ -340,6 +416,8 @@ class IncidentRecorder:
             kept = [a for a in held if scope == "key" and a.client != client]
             held.clear()
             held.extend(kept)
+        if not self.ring and not self._spill:  # (a key's reset: _held_from stays a lower bound)
+            self._held_from = self._fed + 1
 
     def fired(self, scopes: list[str], client: str, drill: dict[str, Any] | None = None) -> None:
         """The alarm just fired on ``scopes``: snapshot the ring now; seal (wait for the
@@ -368,6 +446,7 @@ class IncidentRecorder:
                 seal,
                 live,
                 drill,
+                self._unfed_dropped_since(self._held_from),
             )
         )
         self._tasks.add(task)
@@ -383,6 +462,7 @@ class IncidentRecorder:
         seal: _Seal,
         live: dict[str, Any],
         drill: dict[str, Any] | None,
+        unfed_dropped: int = 0,
     ) -> None:
         try:
             # the widest scope's answers say which batches to wait for (a key's bundle then
@@ -397,6 +477,9 @@ class IncidentRecorder:
             extra, settle = [], {"waited_s": 0.0, "bound_s": self.settle_s, "missing": None}
         finally:
             self._seals.remove(seal)
+        # requests with no row fed pushed out of the buffer while the answers held were
+        # recorded: gaps of the bundle if its batches held them (the gateway's word)
+        settle["unfed_dropped"] = unfed_dropped
         for scope in scopes:
             who = None if scope == "model" else client
             answers = [a for a in [*ring, *extra] if who is None or a.client == who]
@@ -513,6 +596,17 @@ class IncidentRecorder:
                     self.model,
                     settle["missing"],
                     self.settle_s,
+                    extra={"model": self.model, "incident": ident},
+                )
+            if settle and settle.get("unfed_dropped"):
+                log.warning(
+                    "integrity incident %s of %s: %d requests that fed nothing to the alarm "
+                    "were pushed out of the %d kept aside while its answers were recorded: "
+                    "those of its signed batches are among its gaps",
+                    ident,
+                    self.model,
+                    settle["unfed_dropped"],
+                    self._unfed.maxlen,
                     extra={"model": self.model, "incident": ident},
                 )
             log.warning(
@@ -736,7 +830,9 @@ class IncidentRecorder:
 
     async def close(self) -> None:
         """Seal the bundles waiting for their batches now and let those being written finish,
-        those of an alarm firing meanwhile too (the gateway's shutdown)."""
+        those of an alarm firing meanwhile too (the gateway's shutdown, the model's unload).
+        The pipeline lets its requests in flight record first (bounded); one recorded after
+        this began is counted and logged with its request id (:meth:`record`)."""
         self._closing = True
         for seal in self._seals:
             seal.event.set()

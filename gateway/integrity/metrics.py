@@ -126,6 +126,18 @@ class IntegrityMetrics:
             ["model", "scope"],
             registry=r,
         )
+        self.incident_dropped = Counter(
+            "fides_integrity_incident_requests_dropped",
+            "Signed requests since the gateway started that the incident record could not keep "
+            "for the bundles they belong in, by reason: unfed_overflow (a request that fed "
+            "nothing to the alarm pushed out of the integrity.alarm_incident_requests kept "
+            "aside: a bundle whose signed batches held it shows it as a gap, and its "
+            "settle.unfed_dropped counts these), after_close (recorded after the model's "
+            "incident record closed at shutdown or unload, past the wait for the requests in "
+            "flight: no bundle sealed then holds it; logged with its request id).",
+            ["model", "reason"],
+            registry=r,
+        )
         self.enclave_up = Gauge(
             "fides_enclave_up",
             "1 while the model's enclave is up and attested, else 0.",

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import json
 import logging
 import secrets
@@ -86,6 +87,7 @@ MIN_NONCE, MAX_NONCE = 8, 512
 # fides_integrity_stage_duration_seconds and fides_enclave_call_duration_seconds labels
 STAGES = ("service", "enclave", "judge", "reclassify", "monitor")
 ENCLAVE_PARTS = ("batching", "round_trip", "check")
+CLOSE_GRACE_S = 20.0  # close() waits this long for the requests in flight (FIDES_SHUTDOWN_GRACE_S)
 
 
 class VerificationFailed(Unavailable):
@@ -162,7 +164,10 @@ class IntegrityPipeline:
         seed: int | None = None,
         state_dir: Path | None = None,
         incidents_max_bytes: int = INCIDENTS_MAX_BYTES,
+        close_grace_s: float = CLOSE_GRACE_S,
     ) -> None:
+        """``close_grace_s``: how long :meth:`close` waits for the requests still being
+        verified or judged (FIDES_SHUTDOWN_GRACE_S)."""
         self.model = model
         # what the enclave checks requests against; default: read from the verifier's graph
         self.verifier_inputs = list(
@@ -216,7 +221,14 @@ class IntegrityPipeline:
             directory=None if state_dir is None else state_dir / "incidents",
             capacity=cfg.alarm_incident_requests,
             max_bytes=incidents_max_bytes,
+            on_dropped=lambda reason: metrics.incident_dropped.labels(model, reason).inc(),
         )
+        for reason in ("unfed_overflow", "after_close"):  # exported from 0: increase() works
+            metrics.incident_dropped.labels(model, reason)
+        self.close_grace_s = close_grace_s
+        # the requests being verified or judged (their ids): close() lets them finish first
+        self._in_flight: dict[object, str] = {}
+        self._drained: asyncio.Event | None = None
         e = cfg.enclave
         part = {p: metrics.enclave_call.labels(model, p) for p in ENCLAVE_PARTS}
         self.batcher = EnclaveBatcher(
@@ -405,16 +417,55 @@ class IntegrityPipeline:
         return self.incidents.get(ident)
 
     async def close(self) -> None:
+        """At shutdown or unload (no new request reaches this pipeline): the requests still
+        being verified or judged finish first (at most ``close_grace_s``), so their part is in
+        the incident record, in a bundle waiting for them, and in the alarm's saved state;
+        then the enclave calls in flight end (their late answers recorded), the bundles are
+        sealed and written, and the alarm saved. A request still in flight after the bound
+        is logged by id, and counted if it records later (the recorder)."""
+        await self._drain()
         await self.batcher.close()
         await self.incidents.close()
         await self.alarm.flush()  # nothing the alarm has seen is lost at shutdown
 
+    async def _drain(self) -> None:
+        if not self._in_flight:
+            return
+        self._drained = asyncio.Event()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._drained.wait(), self.close_grace_s)
+        if self._in_flight:
+            ids = list(self._in_flight.values())
+            log.warning(
+                "integrity of %s closes with %d requests still being verified or judged after "
+                "%.1f s (%s): bundles sealed now show them as gaps, and each recorded later is "
+                "counted (fides_integrity_incident_requests_dropped_total, reason after_close)",
+                self.model,
+                len(ids),
+                self.close_grace_s,
+                ", ".join(ids[:20]) + (", ..." if len(ids) > 20 else ""),
+                extra={"model": self.model, "request_ids": ids[:100]},
+            )
+
     # -- one request ------------------------------------------------------------------------
 
     async def run(self, service: TensorServable, tensors: Tensors, ctx: InferContext) -> Inferred:
+        """One verified request; :meth:`close` waits for it (bounded) while it is in flight."""
+        rid = ctx.request_id or uuid.uuid4().hex
+        ticket = object()
+        self._in_flight[ticket] = rid
+        try:
+            return await self._run(service, tensors, ctx, rid)
+        finally:
+            del self._in_flight[ticket]
+            if not self._in_flight and self._drained is not None:
+                self._drained.set()
+
+    async def _run(
+        self, service: TensorServable, tensors: Tensors, ctx: InferContext, rid: str
+    ) -> Inferred:
         deadline = ctx.deadline
         nonce = parse_nonce(ctx.parameters.get(NONCE_PARAMETER)) or secrets.token_bytes(16)
-        rid = ctx.request_id or uuid.uuid4().hex
         rows = self._check_verifiable(VerifyRequest(rid, nonce, tensors))
         drill = self.drill
         service, copy_verifier = self._substituted(service, drill, rows)

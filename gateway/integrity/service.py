@@ -169,6 +169,7 @@ class IntegrityService:
                 measurement=measurement,
                 state_dir=self.settings.alarm_state_dir,
                 incidents_max_bytes=int(self.settings.integrity_incidents_max_mb * 2**20),
+                close_grace_s=self.settings.shutdown_grace_s,
             )
         except (GatewayError, EnclaveSideError, ValueError, OSError, KeyError) as exc:
             # never serve the model as if it had no integrity block: its policy applies

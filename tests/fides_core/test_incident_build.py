@@ -16,18 +16,9 @@ import pytest
 from fides_core.incident import (
     LEGACY_TYPE,
     IncidentError,
-    check_incident,
 )
+from tests.fides_core.conftest import check as _check
 from tests.fides_core.incident_kit import DAY, Boot, Platform, bundle
-
-
-@pytest.fixture(scope="module")
-def platform(tmp_path_factory: pytest.TempPathFactory) -> Platform:
-    return Platform(tmp_path_factory.mktemp("platform"))
-
-
-def _check(b: dict[str, Any], platform: Platform, **kw: Any) -> Any:
-    return check_incident(b, root=platform.root_pem, policy=platform.policy(), **kw)
 
 
 def _signed(boot: Boot, batches: int = 3) -> list[Any]:

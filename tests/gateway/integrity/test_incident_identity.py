@@ -17,8 +17,6 @@ import httpx
 import numpy as np
 import pytest
 
-from fides_client.client import IntegrityModels
-from fides_client.incident import verify_incident
 from fides_core.incident import (
     INCIDENT_TYPE,
     LEGACY_TYPE,
@@ -32,33 +30,14 @@ from tests.gateway.integrity.conftest import (
     Fakes,
     infer_body,
     integrity_gateway,
-    set_integrity,
 )
-from tests.gateway.integrity.test_pipeline import URL
+from tests.gateway.integrity.conftest import batched as _batched
+from tests.gateway.integrity.conftest import check_bundle as _check
+from tests.gateway.integrity.conftest import wave as _wave
 from tests.integrity_factory import Digits
 
 INCIDENTS = "/v2/admin/models/digits/integrity/incidents"
 SAME_ID = "the-same-id"  # every request of these tests: a client that never varies its ids
-
-
-def _batched(repo: Path) -> None:
-    """Concurrent verifications share one enclave call (several requests per signed batch)."""
-    set_integrity(
-        repo,
-        enclave={
-            "verifier_model": "digits_verifier",
-            "max_batch_size": 64,
-            "max_queue_delay_microseconds": 200_000,
-            "dispatch_when_idle": False,
-        },
-    )
-
-
-async def _wave(client: httpx.AsyncClient, bodies: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    answers = await asyncio.gather(*(client.post(URL, json=b) for b in bodies))
-    for r in answers:
-        assert r.status_code == 200, r.text
-    return [r.json()["parameters"] for r in answers]
 
 
 async def _alarm_in_batches(client: httpx.AsyncClient, digits: Digits) -> list[dict[str, Any]]:
@@ -95,17 +74,6 @@ async def _model_bundle(client: httpx.AsyncClient) -> dict[str, Any]:
             return bundle
         await asyncio.sleep(0.02)
     raise AssertionError("no model incident kept")
-
-
-def _check(bundle: Any, fakes: Fakes, repo: Path, *, models: bool = True) -> Any:
-    fake = fakes.by_model["digits"]
-    return verify_incident(
-        bundle,
-        root=fake.root_pem,
-        measurements=[fake.measurement.pcr0.hex()],
-        allow_simulated=True,
-        models=IntegrityModels.from_repository(repo, "digits") if models else None,
-    )
 
 
 def _leaf(answer: dict[str, Any]) -> tuple[int, int, int]:

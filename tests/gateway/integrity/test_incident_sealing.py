@@ -244,3 +244,52 @@ def test_bundles_of_one_second_are_listed_in_the_order_written(tmp_path: Path) -
     for ident in reversed(written):
         (d / f"{ident}.json").write_text("{}")
     assert rec._ids() == written
+
+
+async def test_a_request_recorded_after_close_is_counted_and_logged_by_id(
+    platform: Platform, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A signed answer that comes after the incident record closed (shutdown, unload) is held
+    by no bundle sealed then: counted (the metric's callback) and logged with its request id."""
+    rec = _recorder(None, "gw-0", settle_s=0.0)
+    dropped: list[str] = []
+    rec.on_dropped = dropped.append
+    boot, doc = _boot(platform)
+    rec.boot(boot.module_id, doc)
+    first, late = _batch(boot, 2)
+    rec.record(first)
+    await rec.close()
+    with caplog.at_level(logging.WARNING, logger=incident_module.__name__):
+        rec.record(late)
+    assert dropped == ["after_close"]
+    assert f"request {late.request_id} (signed by the enclave) recorded after" in caplog.text
+
+
+async def test_requests_with_no_row_fed_pushed_out_of_their_buffer_are_named_in_the_bundle(
+    platform: Platform, caplog: pytest.LogCaptureFixture
+) -> None:
+    """More requests that fed nothing to the alarm than are kept aside for bundles (256 here,
+    the ring's capacity): the oldest are pushed out. Their batches' bundle shows them as gaps
+    (it cannot hold them) and says why: ``settle.unfed_dropped`` counts them, the metric's
+    callback too, and the log names the bound. Before, they went without a word."""
+    rec = _recorder(None, "gw-0", settle_s=0.2, capacity=256)
+    dropped: list[str] = []
+    rec.on_dropped = dropped.append
+    boot, doc = _boot(platform)
+    rec.boot(boot.module_id, doc)
+    with caplog.at_level(logging.WARNING, logger=incident_module.__name__):
+        for _ in range(10):  # 10 signed batches of 30 requests: one fed, 29 not
+            fed, *others = _batch(boot, 30)
+            rec.record(fed)
+            for x in others:
+                rec.record(_unfed(x))
+        rec.fired(["model"], "anonymous")
+        [ident] = await _kept(rec, 1, timeout_s=10.0)
+    await rec.close()
+    bundle = rec.get(ident)
+    assert dropped == ["unfed_overflow"] * (290 - 256)
+    assert bundle["settle"]["unfed_dropped"] == 290 - 256
+    assert bundle["settle"]["missing"] == 290 - 256  # the gaps are those requests
+    check = _check(bundle, platform)
+    assert check.batch_requests - check.requests == 290 - 256
+    assert "pushed out" in caplog.text

@@ -6,7 +6,9 @@ signed batches; one still not judged when the bound passes stays a gap the check
 from __future__ import annotations
 
 import asyncio
-import contextvars
+import json
+import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,15 +16,22 @@ import httpx
 import pytest
 
 from gateway.integrity import incident as incident_module
+from gateway.integrity.incident import IncidentRecorder
 from gateway.integrity.pipeline import IntegrityPipeline
-from tests.gateway.integrity.conftest import ADMIN, infer_body, integrity_gateway
-from tests.gateway.integrity.test_incident_identity import _batched, _check, _wave
-from tests.gateway.integrity.test_pipeline import URL
+from gateway.integrity.service import ModelIntegrity
+from tests.gateway.integrity.conftest import (
+    batched,
+    bundle_when_kept,
+    check_bundle,
+    integrity_gateway,
+    model_incidents,
+    switch_until_alarm,
+    tag_request,
+    waves_with,
+)
 from tests.integrity_factory import Digits
 
-INCIDENTS = "/v2/admin/models/digits/integrity/incidents"
 SLOW = "slow-request"
-_slow = contextvars.ContextVar("slow", default=False)
 
 
 @pytest.fixture
@@ -30,28 +39,16 @@ def held_back(monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
     """The request with id SLOW is signed with the others of its wave, and its judging (the
     detector) waits until the returned event is set."""
     release = asyncio.Event()
-    run, judge = IntegrityPipeline.run, IntegrityPipeline._judge
-
-    async def tagged_run(self: IntegrityPipeline, service: Any, tensors: Any, ctx: Any) -> Any:
-        token = _slow.set(ctx.request_id == SLOW)
-        try:
-            return await run(self, service, tensors, ctx)
-        finally:
-            _slow.reset(token)
+    slow = tag_request(monkeypatch, SLOW)
+    judge = IntegrityPipeline._judge
 
     async def slow_judge(self: IntegrityPipeline, pair: Any, tensors: Any, deadline: float) -> Any:
-        if _slow.get():
+        if slow.get():
             await release.wait()
         return await judge(self, pair, tensors, deadline)
 
-    monkeypatch.setattr(IntegrityPipeline, "run", tagged_run)
     monkeypatch.setattr(IntegrityPipeline, "_judge", slow_judge)
     return release
-
-
-async def _model_incidents(client: httpx.AsyncClient) -> list[dict[str, Any]]:
-    listed = (await client.get(INCIDENTS, headers=ADMIN)).json()["incidents"]
-    return [i for i in listed if i["scope"] == "model"]
 
 
 async def _alarm_with_one_request_held_back(
@@ -60,36 +57,10 @@ async def _alarm_with_one_request_held_back(
     """Waves of three concurrent requests (one signed batch each); the second wave carries
     SLOW too, held back in judging; then a switch drill until the alarm fires. Returns the
     SLOW request (still out) and the tripping wave's answers."""
-    for wave in range(3):
-        bodies = [infer_body(digits.take(2, seed=10 * wave + j)) for j in range(3)]
-        if wave == 1:
-            slow = asyncio.create_task(
-                client.post(URL, json={"id": SLOW, **infer_body(digits.take(2, seed=999))})
-            )
-        await _wave(client, bodies)
-    r = await client.put(
-        "/v2/admin/models/digits/drill", json={"attack": "switch", "rate": 1.0}, headers=ADMIN
-    )
-    assert r.status_code == 200
-    for wave in range(3, 20):
-        bodies = [infer_body(digits.take(2, seed=10 * wave + j)) for j in range(3)]
-        params = await _wave(client, bodies)
-        if any(p["integrity_alarm"] for p in params):
-            assert not slow.done()  # the alarm's answers did not wait for it
-            return slow, params
-    raise AssertionError("the switched answers did not raise the alarm")
-
-
-async def _bundle_when_kept(client: httpx.AsyncClient) -> dict[str, Any]:
-    for _ in range(400):
-        model = await _model_incidents(client)
-        if model:
-            bundle: dict[str, Any] = (
-                await client.get(f"{INCIDENTS}/{model[0]['id']}", headers=ADMIN)
-            ).json()
-            return bundle
-        await asyncio.sleep(0.02)
-    raise AssertionError("no model incident kept")
+    slow = await waves_with(client, digits, SLOW)
+    params = await switch_until_alarm(client, digits)
+    assert not slow.done()  # the alarm's answers did not wait for it
+    return slow, params
 
 
 def _request_gaps(check: Any) -> list[str]:
@@ -102,19 +73,19 @@ async def test_requests_judged_within_the_bound_are_in_the_bundle(
     held_back: asyncio.Event,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    _batched(integrity_repo)
+    batched(integrity_repo)
     monkeypatch.setattr(incident_module, "SETTLE_S", 5.0)
     async with integrity_gateway(integrity_repo) as (client, fakes):
         slow, _ = await _alarm_with_one_request_held_back(client, digits)
         await asyncio.sleep(0.3)
-        assert await _model_incidents(client) == []  # sealing waits for the request held back
+        assert await model_incidents(client) == []  # sealing waits for the request held back
         held_back.set()
         assert (await slow).status_code == 200
-        bundle = await _bundle_when_kept(client)
+        bundle = await bundle_when_kept(client)
     assert SLOW in {a["request_id"] for a in bundle["answers"]}
     assert bundle["settle"]["missing"] == 0
     assert 0.3 <= bundle["settle"]["waited_s"] < 5.0
-    check = _check(bundle, fakes, integrity_repo)
+    check = check_bundle(bundle, fakes, integrity_repo)
     assert check.requests == check.batch_requests
     assert check.signed_batches == check.batch_span
     assert _request_gaps(check) == []
@@ -127,17 +98,17 @@ async def test_a_request_not_judged_within_the_bound_is_reported_as_a_gap(
     held_back: asyncio.Event,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    _batched(integrity_repo)
+    batched(integrity_repo)
     monkeypatch.setattr(incident_module, "SETTLE_S", 0.5)
     async with integrity_gateway(integrity_repo) as (client, fakes):
         slow, _ = await _alarm_with_one_request_held_back(client, digits)
-        bundle = await _bundle_when_kept(client)
+        bundle = await bundle_when_kept(client)
         held_back.set()
         assert (await slow).status_code == 200
     assert SLOW not in {a["request_id"] for a in bundle["answers"]}
     assert bundle["settle"]["missing"] >= 1
     assert bundle["settle"]["waited_s"] >= 0.5
-    check = _check(bundle, fakes, integrity_repo)
+    check = check_bundle(bundle, fakes, integrity_repo)
     gaps = _request_gaps(check)
     assert gaps  # never hidden
     assert any(
@@ -145,3 +116,76 @@ async def test_a_request_not_judged_within_the_bound_is_reported_as_a_gap(
         for g in gaps
     )
     assert check.peak >= check.threshold
+
+
+def _bundles_on_disk(repo: Path) -> list[dict[str, Any]]:
+    """The model's bundles the gateway wrote (read after it shut down)."""
+    d = repo.parent / "alarm-state" / "incidents" / "digits"
+    return [json.loads(p.read_text()) for p in sorted(d.glob("*-model*.json"))]
+
+
+async def test_a_request_still_being_judged_at_shutdown_is_in_the_bundle(
+    integrity_repo: Path,
+    digits: Digits,
+    held_back: asyncio.Event,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The gateway shuts down while a request of the bundle's signed batches is still being
+    judged, and goes on a moment after the shutdown reached the model's integrity: the
+    integrity closes once that request is recorded (within the shutdown grace), so the bundle
+    holds it. Before, closing sealed the bundle at once: the request, signed by the enclave,
+    was a gap and its answer, recorded after, was dropped without a word."""
+    batched(integrity_repo)
+    monkeypatch.setattr(incident_module, "SETTLE_S", 30.0)  # only the shutdown seals it
+    release = ModelIntegrity.release
+
+    async def releasing(self: ModelIntegrity) -> None:
+        asyncio.get_running_loop().call_later(0.3, held_back.set)
+        await release(self)
+
+    monkeypatch.setattr(ModelIntegrity, "release", releasing)
+    t0 = time.monotonic()
+    async with integrity_gateway(integrity_repo) as (client, fakes):
+        slow, _ = await _alarm_with_one_request_held_back(client, digits)
+        assert await model_incidents(client) == []
+    await slow  # answered or refused (its detector may have unloaded): signed all the same
+    assert time.monotonic() - t0 < 30.0  # the shutdown grace (5 s) bounds the wait, not settle
+    [bundle] = _bundles_on_disk(integrity_repo)
+    assert SLOW in {a["request_id"] for a in bundle["answers"]}
+    assert bundle["settle"]["missing"] == 0
+    check = check_bundle(bundle, fakes, integrity_repo)
+    assert check.requests == check.batch_requests
+    assert _request_gaps(check) == []
+    assert check.peak >= check.threshold
+
+
+async def test_a_request_recorded_after_the_close_is_counted_and_named(
+    integrity_repo: Path,
+    digits: Digits,
+    held_back: asyncio.Event,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Past the shutdown grace the integrity closes without the request still being judged:
+    its id is logged then, and when its signed answer is recorded after the close it is
+    counted and logged again by id, never dropped silently."""
+    batched(integrity_repo)
+    monkeypatch.setattr(incident_module, "SETTLE_S", 30.0)
+    close = IncidentRecorder.close
+
+    async def closing(self: IncidentRecorder) -> None:
+        await close(self)
+        held_back.set()  # judged only once the incident record has closed
+
+    monkeypatch.setattr(IncidentRecorder, "close", closing)
+    dropped = 'fides_integrity_incident_requests_dropped_total{model="digits",reason="after_close"}'
+    with caplog.at_level(logging.WARNING):
+        async with integrity_gateway(integrity_repo, shutdown_grace_s=0.5) as (client, fakes):
+            slow, _ = await _alarm_with_one_request_held_back(client, digits)
+            assert f"{dropped} 0.0" in (await client.get("/metrics")).text
+        await slow
+    [bundle] = _bundles_on_disk(integrity_repo)
+    assert SLOW not in {a["request_id"] for a in bundle["answers"]}
+    assert bundle["settle"]["missing"] >= 1  # a gap, reported by the check
+    assert "closes with 1 requests still being verified or judged" in caplog.text
+    assert f"request {SLOW} (signed by the enclave) recorded after the incident" in caplog.text

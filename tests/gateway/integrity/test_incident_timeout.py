@@ -9,7 +9,6 @@ gateway's word), and the check counts them like the other rows kept out."""
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,15 +22,19 @@ from gateway.integrity import incident as incident_module
 from gateway.integrity import pipeline as pipeline_module
 from gateway.integrity.enclave import EnclaveBatcher
 from gateway.integrity.pipeline import IntegrityPipeline
-from tests.gateway.integrity.conftest import ADMIN, infer_body, integrity_gateway
+from tests.gateway.integrity.conftest import (
+    batched,
+    bundle_when_kept,
+    check_bundle,
+    integrity_gateway,
+    switch_until_alarm,
+    tag_request,
+    waves_with,
+)
 from tests.gateway.integrity.test_enclave_batcher import _enclave, _request
-from tests.gateway.integrity.test_incident_identity import _batched, _check, _wave
-from tests.gateway.integrity.test_incident_settle import _bundle_when_kept
-from tests.gateway.integrity.test_pipeline import URL
 from tests.integrity_factory import Digits
 
 LATE = "timed-out-request"
-_late = contextvars.ContextVar("late", default=False)
 
 
 @pytest.fixture
@@ -39,22 +42,15 @@ def one_request_times_out(monkeypatch: pytest.MonkeyPatch) -> None:
     """The request with id LATE waits at most 50 ms for the enclave (the others the
     configured ``timeout_s``): it times out while its batch gathers (200 ms), and the enclave
     signs it with the others of the batch all the same."""
-    run, timeout = IntegrityPipeline.run, asyncio.timeout
-
-    async def tagged_run(self: IntegrityPipeline, service: Any, tensors: Any, ctx: Any) -> Any:
-        token = _late.set(ctx.request_id == LATE)
-        try:
-            return await run(self, service, tensors, ctx)
-        finally:
-            _late.reset(token)
+    late = tag_request(monkeypatch, LATE)
+    timeout = asyncio.timeout
 
     def short_for_late(delay: float | None) -> asyncio.Timeout:
         # only the pipeline's wait for the enclave (IntegrityPipeline._verify) of LATE
-        if _late.get() and sys._getframe(1).f_code.co_name == "_verify":
+        if late.get() and sys._getframe(1).f_code.co_name == "_verify":
             return timeout(0.05)
         return timeout(delay)
 
-    monkeypatch.setattr(IntegrityPipeline, "run", tagged_run)
     monkeypatch.setattr(pipeline_module.asyncio, "timeout", short_for_late)
 
 
@@ -63,25 +59,9 @@ async def _alarm_with_one_request_timed_out(
 ) -> httpx.Response:
     """Waves of three concurrent requests (one signed batch each); the second wave carries
     request ``rid`` too (LATE: it times out); then a switch drill until the alarm fires."""
-    late = None
-    for wave in range(3):
-        bodies = [infer_body(digits.take(2, seed=10 * wave + j)) for j in range(3)]
-        if wave == 1:
-            late = asyncio.create_task(
-                client.post(URL, json={"id": rid, **infer_body(digits.take(2, seed=999))})
-            )
-        await _wave(client, bodies)
-    assert late is not None
-    answered = await late
-    r = await client.put(
-        "/v2/admin/models/digits/drill", json={"attack": "switch", "rate": 1.0}, headers=ADMIN
-    )
-    assert r.status_code == 200
-    for wave in range(3, 20):
-        bodies = [infer_body(digits.take(2, seed=10 * wave + j)) for j in range(3)]
-        if any(p["integrity_alarm"] for p in await _wave(client, bodies)):
-            return answered
-    raise AssertionError("the switched answers did not raise the alarm")
+    answered = await (await waves_with(client, digits, rid))
+    await switch_until_alarm(client, digits)
+    return answered
 
 
 async def test_a_timed_out_request_signed_in_a_batch_is_named_in_the_bundle(
@@ -90,11 +70,11 @@ async def test_a_timed_out_request_signed_in_a_batch_is_named_in_the_bundle(
     one_request_times_out: None,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    _batched(integrity_repo)
+    batched(integrity_repo)
     monkeypatch.setattr(incident_module, "SETTLE_S", 1.0)
     async with integrity_gateway(integrity_repo) as (client, fakes):
         answered = await _alarm_with_one_request_timed_out(client, digits)
-        bundle = await _bundle_when_kept(client)
+        bundle = await bundle_when_kept(client)
     # the gateway's answer: no verdict, never fed to the alarm
     if answered.status_code == 200:
         assert answered.json()["parameters"]["integrity_reason"].startswith("enclave_timeout")
@@ -107,7 +87,7 @@ async def test_a_timed_out_request_signed_in_a_batch_is_named_in_the_bundle(
     assert held[LATE]["excluded"] == {"enclave_timeout": [0, 1]}
     assert bundle["settle"]["missing"] == 0  # nothing waited for in vain
     assert bundle["settle"]["waited_s"] < 1.0
-    check = _check(bundle, fakes, integrity_repo)
+    check = check_bundle(bundle, fakes, integrity_repo)
     assert check.requests == check.batch_requests
     assert check.signed_batches == check.batch_span
     assert check.excluded["enclave_timeout"] == 2
@@ -151,31 +131,24 @@ async def test_a_signed_request_whose_judging_failed_is_named_in_the_bundle(
 ) -> None:
     """The same for a request signed and then not judged (its detector call failed; a client
     gone away or a deadline passed alike): ``not_judged``."""
-    run, judge = IntegrityPipeline.run, IntegrityPipeline._judge
-
-    async def tagged_run(self: IntegrityPipeline, service: Any, tensors: Any, ctx: Any) -> Any:
-        token = _late.set(ctx.request_id == "unjudged")
-        try:
-            return await run(self, service, tensors, ctx)
-        finally:
-            _late.reset(token)
+    unjudged = tag_request(monkeypatch, "unjudged")
+    judge = IntegrityPipeline._judge
 
     async def failing_judge(self: IntegrityPipeline, pair: Any, tensors: Any, d: float) -> Any:
-        if _late.get():
+        if unjudged.get():
             raise RuntimeError("the detector failed")
         return await judge(self, pair, tensors, d)
 
-    monkeypatch.setattr(IntegrityPipeline, "run", tagged_run)
     monkeypatch.setattr(IntegrityPipeline, "_judge", failing_judge)
     monkeypatch.setattr(incident_module, "SETTLE_S", 1.0)
-    _batched(integrity_repo)
+    batched(integrity_repo)
     async with integrity_gateway(integrity_repo) as (client, fakes):
         answered = await _alarm_with_one_request_timed_out(client, digits, "unjudged")
-        bundle = await _bundle_when_kept(client)
+        bundle = await bundle_when_kept(client)
     assert answered.status_code >= 500
     held = {a["request_id"]: a for a in bundle["answers"]}
     assert held["unjudged"]["excluded"] == {"not_judged": [0, 1]}
     assert bundle["settle"]["missing"] == 0
-    check = _check(bundle, fakes, integrity_repo)
+    check = check_bundle(bundle, fakes, integrity_repo)
     assert check.requests == check.batch_requests
     assert check.excluded["not_judged"] == 2
