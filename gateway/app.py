@@ -151,21 +151,28 @@ def _lifespan(parts: Components) -> Callable[[FastAPI], AbstractAsyncContextMana
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if not parts.settings.api_keys:
             log.warning("running WITHOUT API keys (FIDES_DEV_MODE): development only")
-        await parts.repository.load_all()
-        await parts.integrity.start()
-        # Loaded models (torch especially) leave millions of long-lived objects: without
-        # freezing them every full collection walks them all (150 ms pauses measured).
-        gc.collect()
-        gc.freeze()
         grpc_server = None
-        if parts.settings.grpc_enabled:
-            grpc_server = GrpcServer(parts.dataplane, app.state.keys, parts.metrics, parts.settings)
-            try:
+        try:
+            await parts.repository.load_all()
+            await parts.integrity.start()
+            # Loaded models (torch especially) leave millions of long-lived objects: without
+            # freezing them every full collection walks them all (150 ms pauses measured).
+            gc.collect()
+            gc.freeze()
+            if parts.settings.grpc_enabled:
+                grpc_server = GrpcServer(
+                    parts.dataplane, app.state.keys, parts.metrics, parts.settings
+                )
                 await grpc_server.start()
-            except BaseException:
-                await parts.repository.close()
-                raise
-            app.state.grpc_port = grpc_server.port
+                app.state.grpc_port = grpc_server.port
+        except BaseException:
+            # a start that failed, or was cut short (`fides serve` cancels it on SIGTERM or
+            # SIGINT): what did start stops. The model being loaded finishes (a load thread
+            # cannot be interrupted) and is unloaded with the others, the models not reached
+            # are never loaded, an enclave being started is stopped, the started ones stop
+            # with their model.
+            await parts.repository.close()
+            raise
         ok, missing = parts.dataplane.ready()
         models = parts.repository.loaded_names()
         log.log(

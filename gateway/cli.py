@@ -7,10 +7,15 @@ import math
 import socket
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from gateway.settings import Settings
 
 console = Console(stderr=True, soft_wrap=True)  # an error stays one line
 
@@ -18,8 +23,11 @@ console = Console(stderr=True, soft_wrap=True)  # an error stays one line
 def serve(
     host: Annotated[str | None, typer.Option(help="Bind address (FIDES_HOST).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (FIDES_PORT).")] = None,
+    # text, not a Path: typer makes "" the working directory (Path("") is Path("."));
+    # the settings refuse an empty one by the flag's name
     model_repository: Annotated[
-        Path | None, typer.Option(help="Model repository (FIDES_MODEL_REPOSITORY).")
+        str | None,
+        typer.Option(metavar="PATH", help="Model repository (FIDES_MODEL_REPOSITORY)."),
     ] = None,
 ) -> None:
     """Start the gateway (settings from FIDES_* environment variables)."""
@@ -60,8 +68,10 @@ def serve(
         )
     try:
         settings.check_secure()
+        settings.check_key_lengths()
     except ValueError as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        for problem in str(exc).splitlines():
+            console.print(f"[red]error:[/red] {problem}", highlight=False)
         raise typer.Exit(2) from None
     repo = settings.model_repository
     if not repo.is_dir():
@@ -72,6 +82,7 @@ def serve(
             highlight=False,
         )
         raise typer.Exit(2)
+    _check_alarm_state_dir(settings)
 
     # the ports before the models: one that is taken is said at once, by name, not after
     # every model loaded and every enclave started (uvicorn binds again after the start-up)
@@ -91,8 +102,6 @@ def serve(
             )
             raise typer.Exit(2) from None
 
-    import uvicorn
-
     from gateway.app import create_app
     from gateway.http_protocol import limited_http_protocol
 
@@ -111,7 +120,7 @@ def serve(
     # (a batch of 16 on digits_heavy: 2.9 ms alone, 12.4 ms beside a busy Python thread at
     # 5 ms, 4.1 ms at 1 ms).
     sys.setswitchinterval(0.001)
-    uvicorn.run(
+    _run(
         create_app(settings),
         host=settings.host,
         port=settings.port,
@@ -126,6 +135,127 @@ def serve(
         ),
         limit_concurrency=2048,
     )
+
+
+def _check_alarm_state_dir(settings: Settings) -> None:
+    """Where the repository holds a verified model, its sequential alarm state must be
+    writable: kept only in memory it is lost at the next restart (latched alarms too), while
+    the gateway answered ready. Checked before anything loads, as the ports are."""
+    from gateway.integrity.alarm_state import check_writable
+
+    verified = _verified_models(settings.model_repository)
+    if not verified:
+        return  # nothing to keep: a gateway without verified models needs no such directory
+    directory = settings.alarm_state_dir
+    try:
+        check_writable(directory)
+    except OSError as exc:
+        where = (
+            "FIDES_INTEGRITY_STATE_DIR"
+            if settings.integrity_state_dir is not None
+            else "FIDES_INTEGRITY_STATE_DIR, by default <FIDES_ENCLAVE_RUNTIME_DIR>/alarm"
+        )
+        console.print(
+            f"[red]error:[/red] integrity alarm state directory {directory} ({where}) is not "
+            f"writable: {exc.strerror or exc}; the sequential alarms of {', '.join(verified)} "
+            "are kept there across restarts",
+            highlight=False,
+        )
+        raise typer.Exit(2) from None
+
+
+def _verified_models(repository: Path) -> list[str]:
+    """The models whose config has an integrity block (a config that cannot be read is left
+    to the load, which says why)."""
+    from gateway.model_config import ConfigError, load_model_config
+
+    names = []
+    try:
+        configs = sorted(p / "config.yaml" for p in repository.iterdir())
+    except OSError:
+        return []
+    for config in configs:
+        try:
+            if load_model_config(config, expected_name=config.parent.name).integrity:
+                names.append(config.parent.name)
+        except (ConfigError, OSError):
+            continue
+    return names
+
+
+def _run(app: FastAPI, **options: Any) -> None:
+    """``uvicorn.run(app, **options)``, but a SIGTERM or SIGINT during the start-up stops it
+    at once. uvicorn only notes a signal until the app's lifespan start-up has finished (every
+    model loaded, every enclave up and attested), then binds and shuts down; here the server
+    runs the app's lifespan itself (uvicorn's ``lifespan="off"``) and a signal cancels its
+    start-up: the model being loaded finishes and is unloaded, the others are never loaded,
+    an enclave being started is stopped. The exit is then as after a start: SIGTERM re-raised
+    (killed by it, or status 0 as PID 1), status 0 on SIGINT."""
+    import asyncio
+    import contextlib
+    import logging
+
+    import uvicorn
+
+    log = logging.getLogger("uvicorn.error")  # where uvicorn says the start-up's steps
+
+    class Server(uvicorn.Server):
+        def __init__(self, config: uvicorn.Config) -> None:
+            super().__init__(config)
+            self.lifespan_stack = contextlib.AsyncExitStack()
+            self.starting: asyncio.Task[object] | None = None
+            self.loop: asyncio.AbstractEventLoop | None = None
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            super().handle_exit(sig, frame)
+            starting, loop = self.starting, self.loop
+            if starting is not None and loop is not None and not starting.done():
+                loop.call_soon_threadsafe(starting.cancel)  # a signal handler: not cancel()
+
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            self.loop = asyncio.get_running_loop()
+            if self.should_exit:  # signalled before the start-up began
+                return
+            log.info("Waiting for application startup.")
+            self.starting = asyncio.ensure_future(
+                self.lifespan_stack.enter_async_context(app.router.lifespan_context(app))
+            )
+            try:
+                await self.starting
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not self.should_exit or (task is not None and task.cancelling()):
+                    raise  # not a signal's doing
+                log.warning(
+                    "start-up stopped by a signal: the models loaded so far were unloaded "
+                    "and their enclaves stopped; not serving"
+                )
+                return
+            except Exception:
+                log.exception("Application startup failed. Exiting.")
+                sys.exit(3)  # as uvicorn: a failed start-up
+            finally:
+                self.starting = None
+            log.info("Application startup complete.")
+            if self.should_exit:  # signalled as it ended: stop as after a start
+                await self.lifespan_stack.aclose()
+                return
+            try:
+                await super().startup(sockets)
+            except BaseException:  # e.g. the port cannot be bound: stop what started
+                await self.lifespan_stack.aclose()
+                raise
+
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().shutdown(sockets)  # drains the connections
+            if not self.force_exit:  # a second Ctrl-C skips the app's shutdown, as uvicorn
+                await self.lifespan_stack.aclose()
+
+    server = Server(uvicorn.Config(app, lifespan="off", **options))
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: stopped, as uvicorn.run
+        server.run()
+    if not server.started and not server.should_exit:
+        sys.exit(3)  # as uvicorn.run: the start-up failed
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "FIDES_"
@@ -39,6 +39,10 @@ OTHER_PROGRAMS_VARIABLES = frozenset(
 _SECRET_FIELDS = frozenset({"api_keys", "admin_api_keys"})
 
 _LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+
+# a shorter key is a password, not a secret (16 random hex digits are 64 bits); the keys the
+# project makes are longer (`openssl rand -hex 24`: 48 characters, the Helm chart's: 46)
+MIN_KEY_LENGTH = 16
 
 
 def _split_keys(value: object) -> object:
@@ -85,7 +89,7 @@ def _not_empty(value: object) -> object:
     # An empty path is the current directory and an empty host every interface: both
     # are far from what an empty variable (a template's unset value) meant.
     if isinstance(value, str) and not value.strip():
-        raise ValueError("is empty (leave the variable unset for the default)")
+        raise ValueError("is empty (leave it unset for the default)")
     return value
 
 
@@ -212,6 +216,9 @@ class Settings(BaseSettings):
     )
     log_json: bool = Field(True, description="Structured JSON logs (one object per line).")
 
+    # where each key came from (the variable, or the key file), for check_key_lengths
+    _key_sources: list[tuple[str, list[str]]] = PrivateAttr(default_factory=list)
+
     _split_api = field_validator("api_keys", "admin_api_keys", mode="before")(_split_keys)
 
     @field_validator("api_keys", "admin_api_keys", mode="after")
@@ -244,10 +251,16 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _keys_from_files(self) -> Settings:
-        self.api_keys = self.api_keys + _read_key_file(self.api_key_file, "FIDES_API_KEY_FILE")
-        self.admin_api_keys = self.admin_api_keys + _read_key_file(
-            self.admin_api_key_file, "FIDES_ADMIN_API_KEY_FILE"
-        )
+        user_file = _read_key_file(self.api_key_file, "FIDES_API_KEY_FILE")
+        admin_file = _read_key_file(self.admin_api_key_file, "FIDES_ADMIN_API_KEY_FILE")
+        self._key_sources = [
+            ("FIDES_API_KEYS", self.api_keys),
+            (f"FIDES_API_KEY_FILE: key file {self.api_key_file}", user_file),
+            ("FIDES_ADMIN_API_KEYS", self.admin_api_keys),
+            (f"FIDES_ADMIN_API_KEY_FILE: key file {self.admin_api_key_file}", admin_file),
+        ]
+        self.api_keys = self.api_keys + user_file
+        self.admin_api_keys = self.admin_api_keys + admin_file
         return self
 
     @model_validator(mode="after")
@@ -286,6 +299,21 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"FIDES_DEV_MODE without API keys only binds to loopback, not {self.host!r}"
             )
+
+    def check_key_lengths(self) -> None:
+        """Refuse a key shorter than ``MIN_KEY_LENGTH``: one that short is guessed, not kept
+        secret. Raises ``ValueError`` naming the variable or key file and the key's position,
+        one problem per line; never the key. (``fides serve`` checks this; ``create_app`` does
+        not, for tests that pass short keys in-process.)"""
+        problems = [
+            f"{where}: key {n} is {len(key)} characters long; an API key needs at least "
+            f"{MIN_KEY_LENGTH} (make one with `openssl rand -hex 24`)"
+            for where, keys in self._key_sources
+            for n, key in enumerate(keys, 1)
+            if len(key) < MIN_KEY_LENGTH
+        ]
+        if problems:
+            raise ValueError("\n".join(problems))
 
 
 def _read_key_file(path: Path | None, variable: str) -> list[str]:

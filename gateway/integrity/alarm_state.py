@@ -49,6 +49,7 @@ __all__ = [
     "SEPARATOR",
     "SavedState",
     "StateRefused",
+    "check_writable",
     "instance_name",
     "is_legacy_name",
     "lock_path",
@@ -196,6 +197,17 @@ def write_state(path: Path, arrays: dict[str, np.ndarray]) -> None:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_directory(path.parent)
+
+
+def check_writable(directory: Path) -> None:
+    """Whether state files can be written in ``directory`` (created if missing): a probe
+    file is made there and removed. Raises OSError otherwise (read-only, not a directory,
+    no permission): a gateway that cannot keep its alarms across restarts must not start as
+    if it could (``fides serve`` checks this before anything loads)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=directory, prefix=".write-check.", suffix=".tmp")
+    os.close(fd)
+    os.unlink(name)
 
 
 def _fsync_directory(directory: Path) -> None:

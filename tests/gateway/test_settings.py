@@ -149,3 +149,28 @@ def test_a_key_no_client_can_present_is_an_error(
     f.write_text("good-key\nclé-0123456789\n", encoding="utf-8")
     with pytest.raises(ValueError, match="FIDES_ADMIN_API_KEY_FILE: key file .*: key 2 has"):
         Settings(admin_api_key_file=f)
+
+
+def test_a_key_too_short_to_be_a_secret_is_named_never_shown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `fides serve` checks it (create_app does not: tests pass short keys in-process)
+    monkeypatch.setenv("FIDES_API_KEYS", "a-user-key-long-enough,pass123")
+    keys = tmp_path / "admin"
+    keys.write_text("short-one\nan-admin-key-long-enough\n")
+    settings = Settings(admin_api_key_file=keys)
+    with pytest.raises(ValueError, match="least 16") as caught:
+        settings.check_key_lengths()
+    assert str(caught.value).splitlines() == [
+        "FIDES_API_KEYS: key 2 is 7 characters long; an API key needs at least 16 (make one "
+        "with `openssl rand -hex 24`)",
+        f"FIDES_ADMIN_API_KEY_FILE: key file {keys}: key 1 is 9 characters long; an API key "
+        "needs at least 16 (make one with `openssl rand -hex 24`)",
+    ]
+    assert "pass123" not in str(caught.value)
+    assert "short-one" not in str(caught.value)
+
+
+def test_keys_of_sixteen_characters_or_more_pass() -> None:
+    Settings(api_keys=["0123456789abcdef"], admin_api_keys=["x" * 64]).check_key_lengths()
+    Settings(dev_mode=True).check_key_lengths()  # no keys at all: check_secure's business

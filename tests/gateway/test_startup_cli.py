@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.conftest import USER_KEY
 from tests.processes import stop_process
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -195,8 +196,6 @@ def test_a_fraction_of_a_second_of_shutdown_grace_is_not_cut_to_none(
 ) -> None:
     """uvicorn takes whole seconds of graceful shutdown: 0.5 s must not become 0 s (in-flight
     requests cut at once); it is rounded up."""
-    import uvicorn
-
     import gateway.cli
     import gateway.logs
 
@@ -211,7 +210,7 @@ def test_a_fraction_of_a_second_of_shutdown_grace_is_not_cut_to_none(
     }.items():
         monkeypatch.setenv(name, value)
     ran: dict[str, object] = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: ran.update(kw))
+    monkeypatch.setattr(gateway.cli, "_run", lambda app, **kw: ran.update(kw))
     monkeypatch.setattr(gateway.logs, "configure_logging", lambda *a: None)
     interval = sys.getswitchinterval()
     try:
@@ -219,3 +218,92 @@ def test_a_fraction_of_a_second_of_shutdown_grace_is_not_cut_to_none(
     finally:
         sys.setswitchinterval(interval)
     assert ran["timeout_graceful_shutdown"] == 1
+
+
+# -- refused before anything loads: each would have started (and served) as if all were well;
+# FIDES_PORT=0 so that a gateway that does start takes no shared port
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        # typer turned "" into Path("."): the working directory served as the repository
+        (("--model-repository", ""), "error: --model-repository='': is empty"),
+        (("--model-repository", " "), "error: --model-repository=' ': is empty"),
+        (("--host", ""), "error: --host='': is empty"),
+    ],
+)
+def test_an_empty_path_or_host_flag_is_refused_by_name(
+    tmp_path: Path, args: tuple[str, ...], expected: str
+) -> None:
+    result = _serve(tmp_path, {"FIDES_PORT": "0"}, *args, timeout_s=30)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(expected), result.stderr
+
+
+def test_a_key_too_short_to_be_a_secret_is_refused_by_name(tmp_path: Path) -> None:
+    key_file = tmp_path / "admin-keys"
+    key_file.write_text("# admin keys\nadmin-key-long-enough-0001\ns3cr3t-x\n")
+    env = {
+        "FIDES_PORT": "0",
+        "FIDES_API_KEYS": f"{USER_KEY},hunter2",
+        "FIDES_ADMIN_API_KEY_FILE": str(key_file),
+    }
+    result = _serve(tmp_path, env, timeout_s=30)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == [
+        "error: FIDES_API_KEYS: key 2 is 7 characters long; an API key needs at least 16 "
+        "(make one with `openssl rand -hex 24`)",
+        f"error: FIDES_ADMIN_API_KEY_FILE: key file {key_file}: key 2 is 8 characters long; "
+        "an API key needs at least 16 (make one with `openssl rand -hex 24`)",
+    ], result.stderr
+    assert "hunter2" not in result.stderr
+    assert "s3cr3t-x" not in result.stderr
+
+
+@pytest.mark.parametrize("explicit", [True, False], ids=["state-dir", "runtime-dir"])
+def test_an_unwritable_alarm_state_directory_is_refused_by_name(
+    trained_repository: tuple[Path, dict[str, object]], tmp_path: Path, explicit: bool
+) -> None:
+    """A verified model's sequential alarm state that cannot be written was kept in memory
+    only (lost at the next restart, latched alarms too) while the gateway said ready."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")  # a directory under a file cannot be made, even by root
+    if explicit:
+        env = {"FIDES_INTEGRITY_STATE_DIR": str(blocker / "alarm")}
+        named = f"{blocker / 'alarm'} (FIDES_INTEGRITY_STATE_DIR)"
+    else:
+        env = {"FIDES_ENCLAVE_RUNTIME_DIR": str(blocker / "enclave")}
+        named = (
+            f"{blocker / 'enclave' / 'alarm'} "
+            "(FIDES_INTEGRITY_STATE_DIR, by default <FIDES_ENCLAVE_RUNTIME_DIR>/alarm)"
+        )
+    env.update({"FIDES_PORT": "0", "FIDES_MODEL_REPOSITORY": str(trained_repository[0])})
+    result = _serve(tmp_path, env, timeout_s=30)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith(
+        f"error: integrity alarm state directory {named} is not writable: Not a directory; "
+        "the sequential alarms of digits are kept there"
+    ), result.stderr
+    assert "application startup" not in result.stderr.lower()  # before the models
+
+
+def test_a_repository_without_verified_models_needs_no_alarm_state_directory(
+    tmp_path: Path,
+) -> None:
+    import gateway.cli
+    from gateway.settings import Settings
+
+    (tmp_path / "repo").mkdir()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    settings = Settings(
+        model_repository=tmp_path / "repo",
+        api_keys=[USER_KEY],
+        integrity_state_dir=blocker / "alarm",
+    )
+    gateway.cli._check_alarm_state_dir(settings)  # no verified model: nothing to keep

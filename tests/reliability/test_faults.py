@@ -368,8 +368,12 @@ def test_a_full_disk_at_start_is_a_clear_error_and_not_ready(
         r = httpx.get(f"{base}/v2/models/digits_lite/ready", headers=USER, timeout=5)
         assert r.status_code == 200
         # the tmpfs is private to the server's mount namespace: look through its /proc
-        seen = sorted(p.name for p in Path(f"/proc/{proc.pid}/root{runtime}").iterdir())
-        assert seen == ["fill"], seen  # no digits.sealed, no .digits.sealed.<pid> left
+        inside = Path(f"/proc/{proc.pid}/root{runtime}")
+        seen = sorted(p.name for p in inside.iterdir())
+        # no digits.sealed, no .digits.sealed.<pid> left; the alarm state's directory, made
+        # when `fides serve` checked it can be written (an empty file fits a full disk), empty
+        assert seen == ["alarm", "fill"], seen
+        assert not any((inside / "alarm").iterdir())
         log = log_path.read_text(errors="replace")
         assert f"integrity for digits cannot be set up: cannot write {sealed}" in log
 
