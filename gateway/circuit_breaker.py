@@ -11,13 +11,19 @@ closes; if it fails the breaker re-opens for another ``reset_timeout_s``.
 
 Usage, once per *logical* call (retries happen inside it)::
 
-    breaker.before_call()          # raises CircuitOpen when refused
+    admitted = breaker.before_call()          # raises CircuitOpen when refused
     try:
         result = call_remote()
     except RemoteIsBroken:
-        breaker.record_failure()
+        breaker.record_failure(admitted)
         raise
-    breaker.record_success()
+    breaker.record_success(admitted)
+
+The admission says when the call was let through: an outcome of a call admitted before the
+breaker last changed state (opened, or closed again) is stale and changes nothing. Without it,
+one slow call that was sent before the breaker opened and then succeeded closed the breaker
+at once (and let the flood through again), and a late failure of such a call failed a
+half-open trial that was still running.
 
 Every admitted call must report exactly one outcome. An outcome that says nothing about
 the remote's health (our own bug, a rejected request) should be reported as a success: the
@@ -32,6 +38,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 from gateway.errors import CircuitOpen
@@ -43,6 +50,13 @@ State = Literal["closed", "open", "half_open"]
 CLOSED: State = "closed"
 OPEN: State = "open"
 HALF_OPEN: State = "half_open"
+
+
+@dataclass(frozen=True)
+class Admission:
+    """A call let through by :meth:`CircuitBreaker.before_call`."""
+
+    generation: int  # the breaker's state changes before it was admitted
 
 
 class CircuitBreaker:
@@ -74,6 +88,7 @@ class CircuitBreaker:
         self._opened_at = 0.0
         self._trial_started_at: float | None = None  # set while a half-open trial runs
         self._times_opened = 0
+        self._generation = 0  # state changes so far (opened, closed again)
 
     # -- introspection (metrics) --------------------------------------------------------
 
@@ -102,12 +117,13 @@ class CircuitBreaker:
 
     # -- the protocol -------------------------------------------------------------------
 
-    def before_call(self) -> None:
+    def before_call(self) -> Admission:
         """Admit a call or raise :class:`CircuitOpen` with the seconds left until a trial."""
         with self._lock:
             now = self._clock()
+            admitted = Admission(self._generation)
             if self._state == CLOSED:
-                return
+                return admitted
             if self._state == OPEN:
                 remaining = self.reset_timeout_s - (now - self._opened_at)
                 if remaining > 0:
@@ -117,7 +133,7 @@ class CircuitBreaker:
                 logger.info(
                     "circuit breaker for %s is half-open: letting one trial call through", self.name
                 )
-                return
+                return admitted
             # HALF_OPEN: one trial at a time.
             started = self._trial_started_at
             if started is None or now - started >= self.reset_timeout_s:
@@ -127,21 +143,28 @@ class CircuitBreaker:
                         self.name,
                     )
                 self._trial_started_at = now
-                return
+                return admitted
             raise self._refusal(self.reset_timeout_s - (now - started))
 
-    def record_success(self) -> None:
-        """The remote answered: reset the failure count and close the breaker."""
+    def record_success(self, admitted: Admission | None = None) -> None:
+        """The remote answered: reset the failure count and close the breaker (unless the
+        call was admitted before the breaker last changed state)."""
         with self._lock:
+            if self._stale(admitted):
+                return
             if self._state != CLOSED:
                 logger.info("circuit breaker for %s closed: trial call succeeded", self.name)
+                self._generation += 1
             self._state = CLOSED
             self._failures = 0
             self._trial_started_at = None
 
-    def record_failure(self) -> None:
-        """Count a failure; open at the threshold, or re-open when the trial failed."""
+    def record_failure(self, admitted: Admission | None = None) -> None:
+        """Count a failure; open at the threshold, or re-open when the trial failed (unless
+        the call was admitted before the breaker last changed state)."""
         with self._lock:
+            if self._stale(admitted):
+                return
             now = self._clock()
             if self._state == HALF_OPEN:
                 self._open(now, "trial call failed")
@@ -159,8 +182,19 @@ class CircuitBreaker:
 
     # -- internals (lock held) ----------------------------------------------------------
 
+    def _stale(self, admitted: Admission | None) -> bool:
+        if admitted is None or admitted.generation == self._generation:
+            return False
+        logger.debug(
+            "circuit breaker for %s: ignoring the outcome of a call admitted before it last "
+            "changed state",
+            self.name,
+        )
+        return True
+
     def _open(self, now: float, why: str) -> None:
         self._state = OPEN
+        self._generation += 1
         self._opened_at = now
         self._trial_started_at = None
         self._times_opened += 1

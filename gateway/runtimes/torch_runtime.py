@@ -9,6 +9,10 @@ The file suffix picks the loader:
 * ``.pt`` / ``.ts`` / ``.torchscript`` - a TorchScript module (``torch.jit.save``). TorchScript
   keeps no shapes or dtypes, so ``config.yaml`` must declare ``inputs`` and ``outputs``.
 
+A model that changes a tensor in place (``relu_``, ``x.mul_(...)``, ``inplace=True``) is
+given copies of its inputs: ``torch.from_numpy`` shares memory, and the arrays are the
+request's own, which the integrity pipeline's verifier reads while the model runs.
+
 Inputs are passed to ``forward`` positionally, in the artefact's argument order when the
 declared names are the argument names, else in the order ``config.yaml`` lists them. Outputs
 (a tensor, a tuple/list of tensors, or a dict of tensors) are matched to the declared outputs
@@ -89,6 +93,7 @@ class TorchRuntime(Runtime):
         self._device = torch.device("cpu")
         self._arg_order: list[str] = []  # declared input names in forward()'s positional order
         self._input_dtypes: dict[str, torch.dtype] = {}
+        self._copy_inputs = False  # the model writes in place: it must not get shared memory
 
     # ------------------------------------------------------------------ load
 
@@ -122,6 +127,7 @@ class TorchRuntime(Runtime):
                     "which the torch runtime cannot feed"
                 )
             self._input_dtypes[spec.name] = dtype
+        self._copy_inputs = _writes_in_place(module)
         self._module = module
         self._device = device
         log.info("loaded %s v%s (%s) on %s", self.name, self.version, path.name, device)
@@ -258,9 +264,15 @@ class TorchRuntime(Runtime):
     def _to_tensor(self, name: str, arr: np.ndarray) -> torch.Tensor:
         if arr.dtype.kind in "OSU":
             raise BadRequest(f"input '{name}': BYTES tensors are not supported by torch models")
-        if not arr.flags.writeable or not arr.dtype.isnative or any(s < 0 for s in arr.strides):
+        if (
+            self._copy_inputs
+            or not arr.flags.writeable
+            or not arr.dtype.isnative
+            or any(s < 0 for s in arr.strides)
+        ):
             # torch.from_numpy shares memory and needs a writable, native-endian array with
             # non-negative strides; buffers decoded from a request body are often read-only.
+            # A model that writes in place would write into the request's own array.
             arr = np.array(arr, dtype=arr.dtype.newbyteorder("="), order="C", copy=True)
         tensor = torch.from_numpy(arr)
         want = self._input_dtypes.get(name)
@@ -294,6 +306,28 @@ class TorchRuntime(Runtime):
 
 
 # ------------------------------------------------------------------- helpers
+
+
+def _writes_in_place(module: Callable[..., Any]) -> bool:
+    """Whether ``module``'s graph has an op that writes into a tensor (``aten::relu_``,
+    ``aten.copy_``, ...): then it may write into its inputs. When the graph cannot be read,
+    assume it does (a copy costs little; a changed request costs a wrong verification)."""
+    try:
+        if isinstance(module, torch.fx.GraphModule):
+            return any(
+                getattr(getattr(node.target, "_schema", None), "is_mutable", False)
+                for node in module.graph.nodes
+                if node.op == "call_function"
+            )
+        graph = module.inlined_graph  # type: ignore[attr-defined]  # TorchScript
+        return any(_in_place_kind(node.kind()) for node in graph.nodes())
+    except Exception:  # noqa: BLE001 - an unreadable graph: the safe answer
+        return True
+
+
+def _in_place_kind(kind: str) -> bool:
+    """``aten::relu_`` writes in place (the trailing underscore); ``aten::__and__`` does not."""
+    return kind.startswith("aten::") and kind.endswith("_") and not kind.endswith("__")
 
 
 def _flatten_outputs(result: Any) -> list[tuple[str, torch.Tensor]]:

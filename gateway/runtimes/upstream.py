@@ -12,6 +12,13 @@ Resilience, per logical call:
   502 with the upstream's own error message;
 * a :class:`~gateway.circuit_breaker.CircuitBreaker` around the whole call, so that a remote
   that is down is refused fast (503) instead of tying up worker threads.
+
+An answer is trusted no further than it has to be: ``timeout_s`` bounds each attempt's whole
+answer (httpx's own timeout bounds each read, which a trickled answer never trips), the
+answer is read up to :data:`MAX_RESPONSE_BYTES` after decompression, one for another model or
+version is refused, and an output is converted to its declared datatype only when no value
+changes. Credentials (the URL's user info, the configured header values) never appear in a
+message: an upstream's error body that quotes them is redacted before it is quoted.
 """
 
 from __future__ import annotations
@@ -22,11 +29,11 @@ import math
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeGuard
-from urllib.parse import quote
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import httpx
 import numpy as np
@@ -58,6 +65,19 @@ JITTER = 0.1
 _MAX_QUOTED = 300
 #: Timeout of :meth:`UpstreamRuntime.ready` (capped by the configured timeout).
 _READY_TIMEOUT_S = 2.0
+#: Largest answer read from an upstream, after decompression (a model's JSON outputs; four
+#: times the gateway's default request body limit). A larger one is an invalid response.
+MAX_RESPONSE_BYTES = 256 * 1024 * 1024
+#: Most of an error answer's body that is read (only its start is quoted).
+_MAX_ERROR_BODY = 64 * 1024
+#: Content codings asked for and accepted: zlib's inflate is bounded per chunk read (about
+#: 1000:1), brotli's and zstd's are not, so a small body of theirs could inflate past memory.
+_ENCODINGS = ("gzip", "deflate")
+#: Shorter header values are not redacted from quoted text (they would blank out words).
+_MIN_SECRET = 6
+_REDACTED = "[redacted]"
+#: The retry loop's clock (module-level, so that a test replacing ``time`` keeps it).
+_now = time.monotonic
 
 
 class _Rejected(UpstreamError):
@@ -94,6 +114,17 @@ class UpstreamRuntime(Runtime):
         except ConfigError as exc:
             raise ModelLoadError(f"model {name!r}: {exc}") from None
         self.base_url = self.options.url.rstrip("/")
+        # what is requested, and what messages, logs and the breaker's name show: the URL
+        # without its user info, which goes as basic auth instead (httpx logs each request's
+        # URL at INFO: a password in it would be in the log once per call)
+        self.shown_url = _without_userinfo(self.base_url)
+        self._auth: httpx.BasicAuth | None = None
+        if self.shown_url != self.base_url:
+            parsed = httpx.URL(self.base_url)
+            self._auth = httpx.BasicAuth(parsed.username, parsed.password)
+        self._secrets = _secrets(self._headers.values(), urlsplit(self.base_url).password)
+        #: Largest answer read, after decompression (see :data:`MAX_RESPONSE_BYTES`).
+        self.max_response_bytes = MAX_RESPONSE_BYTES
         remote_name = self.options.model_name or name
         model_path = f"/v2/models/{quote(remote_name, safe='')}"
         if self.options.model_version:
@@ -102,7 +133,7 @@ class UpstreamRuntime(Runtime):
         self.infer_url = self.model_url + "/infer"
         self.ready_url = self.model_url + "/ready"
         cb = self.options.circuit_breaker
-        self.breaker = CircuitBreaker(cb.failure_threshold, cb.reset_timeout_s, name=self.base_url)
+        self.breaker = CircuitBreaker(cb.failure_threshold, cb.reset_timeout_s, name=self.shown_url)
         self._client: httpx.Client | None = None
         self._client_lock = threading.Lock()
         self._warned_integrity = False
@@ -119,7 +150,8 @@ class UpstreamRuntime(Runtime):
                 if self._client is None:
                     self._client = httpx.Client(
                         timeout=self.options.timeout_s,
-                        headers=self._headers,
+                        headers={"Accept-Encoding": ", ".join(_ENCODINGS), **self._headers},
+                        auth=self._auth,
                         follow_redirects=False,
                     )
                 client = self._client
@@ -156,8 +188,8 @@ class UpstreamRuntime(Runtime):
                 if not have_specs:
                     self.unload()
                     raise ModelLoadError(
-                        f"model {self.name!r}: upstream {self.model_url} returned invalid "
-                        f"model metadata: {exc}"
+                        f"model {self.name!r}: upstream {self._show(self.model_url)} returned "
+                        f"invalid model metadata: {exc}"
                     ) from exc
                 logger.warning(
                     "model %r: ignoring invalid upstream metadata (%s); using config.yaml",
@@ -171,7 +203,7 @@ class UpstreamRuntime(Runtime):
             "model %r v%d: upstream %s, %d input(s), %d output(s)",
             self.name,
             self.version,
-            self.model_url,
+            self._show(self.model_url),
             len(self.inputs),
             len(self.outputs),
         )
@@ -186,9 +218,9 @@ class UpstreamRuntime(Runtime):
         """``GET .../ready`` once (no retries, no breaker): is the remote model ready?"""
         timeout = min(self.options.timeout_s, _READY_TIMEOUT_S)
         try:
-            response = self.client.get(self.ready_url, timeout=timeout)
+            response = self.client.get(self._show(self.ready_url), timeout=timeout)
         except httpx.HTTPError as exc:
-            logger.debug("upstream %s not ready: %s", self.ready_url, _describe(exc))
+            logger.debug("upstream %s not ready: %s", self._show(self.ready_url), _describe(exc))
             return False
         return response.status_code == 200
 
@@ -203,17 +235,17 @@ class UpstreamRuntime(Runtime):
         if requested is not None:
             body["outputs"] = [{"name": n} for n in requested]
         payload = _dumps(body)
-        self.breaker.before_call()
+        admitted = self.breaker.before_call()
         try:
             answer = self._call("POST", self.infer_url, content=payload)
             result = self._decode(answer, inputs, output_names)
         except _Rejected:
-            self.breaker.record_success()  # the upstream is alive and answering
+            self.breaker.record_success(admitted)  # the upstream is alive and answering
             raise
         except BaseException:
-            self.breaker.record_failure()
+            self.breaker.record_failure(admitted)
             raise
-        self.breaker.record_success()
+        self.breaker.record_success(admitted)
         return result
 
     # -- HTTP with retries --------------------------------------------------------------
@@ -221,6 +253,7 @@ class UpstreamRuntime(Runtime):
     def _call(self, method: str, url: str, content: bytes | None = None) -> Any:
         """One logical call: retries, then the parsed JSON body, or a GatewayError."""
         opts = self.options
+        shown = self._show(url)
         headers = {"Content-Type": "application/json"} if content is not None else None
         last: _Retryable | None = None
         for attempt in range(opts.retries + 1):
@@ -232,7 +265,7 @@ class UpstreamRuntime(Runtime):
                 logger.warning(
                     "upstream %s %s failed (%s); retry %d/%d in %.2fs",
                     method,
-                    url,
+                    shown,
                     last.cause,
                     attempt,
                     opts.retries,
@@ -249,14 +282,14 @@ class UpstreamRuntime(Runtime):
         attempts = opts.retries + 1
         if last.timeout:
             raise UpstreamTimeout(
-                f"upstream {url} timed out after {opts.timeout_s:g}s"
+                f"upstream {shown} timed out after {opts.timeout_s:g}s"
                 + (f" ({attempts} attempts)" if attempts > 1 else "")
             )
         tries = f" after {attempts} attempts" if attempts > 1 else ""
         extra = {}
         if last.retry_after_s is not None:
             extra["Retry-After"] = str(max(1, math.ceil(last.retry_after_s)))
-        raise UpstreamError(f"upstream {url} failed{tries}: {last.cause}", headers=extra)
+        raise UpstreamError(f"upstream {shown} failed{tries}: {last.cause}", headers=extra)
 
     def _backoff(self, delay: float) -> None:
         """Wait ``delay`` seconds before a retry (a subclass may end the wait early)."""
@@ -269,31 +302,99 @@ class UpstreamRuntime(Runtime):
     def _attempt(
         self, method: str, url: str, content: bytes | None, headers: dict[str, str] | None
     ) -> Any:
+        shown = self._show(url)
+        invalid = f"upstream returned an invalid response: {shown}"
+        deadline = _now() + self.options.timeout_s  # the whole answer, not each read
         try:
-            response = self.client.request(method, url, content=content, headers=headers)
+            with self.client.stream(method, shown, content=content, headers=headers) as response:
+                status = response.status_code
+                coding = response.headers.get("Content-Encoding", "identity").strip().lower()
+                if coding not in ("identity", *_ENCODINGS):
+                    raise UpstreamError(
+                        f"{invalid} sent an answer in Content-Encoding {_snippet(coding)!r}; "
+                        f"only {', '.join(_ENCODINGS)} are accepted"
+                    )
+                if status == 200:
+                    body = self._read(response, self.max_response_bytes, deadline, shown)
+                else:  # only its start is quoted
+                    body = self._read(response, _MAX_ERROR_BODY, deadline, shown, truncate=True)
         except httpx.TimeoutException as exc:
             raise _Retryable(_describe(exc), timeout=True) from exc
         except httpx.TransportError as exc:
             raise _Retryable(_describe(exc)) from exc
-        status = response.status_code
+        except httpx.HTTPError as exc:  # e.g. a body that does not inflate (DecodingError)
+            raise UpstreamError(f"{invalid} sent an unreadable answer ({_describe(exc)})") from None
         if status == 429 or status >= 500:
             retry_after = _retry_after(response) if status in (429, 503) else None
-            raise _Retryable(f"HTTP {status}{_error_detail(response)}", retry_after_s=retry_after)
+            raise _Retryable(f"HTTP {status}{self._error_detail(body)}", retry_after_s=retry_after)
         if 400 <= status < 500:
             raise _Rejected(
-                f"upstream {url} rejected the request (HTTP {status}){_error_detail(response)}"
+                f"upstream {shown} rejected the request (HTTP {status}){self._error_detail(body)}"
             )
         if status != 200:
             raise UpstreamError(
-                f"upstream returned an invalid response: unexpected HTTP {status} from {url}"
+                f"upstream returned an invalid response: unexpected HTTP {status} from {shown}"
             )
         try:
-            return orjson.loads(response.content)
+            return orjson.loads(body)
         except orjson.JSONDecodeError:
+            text = self._redact(body[: _MAX_QUOTED * 4].decode("utf-8", "replace"))
             raise UpstreamError(
-                f"upstream returned an invalid response: {url} sent a body that is not JSON "
-                f"({_snippet(response.text)!r})"
+                f"{invalid} sent a body that is not JSON ({_snippet(text)!r})"
             ) from None
+
+    def _read(
+        self,
+        response: httpx.Response,
+        limit: int,
+        deadline: float,
+        shown: str,
+        *,
+        truncate: bool = False,
+    ) -> bytes:
+        """The (decompressed) body, up to ``limit`` bytes (more: an invalid response, or cut
+        when ``truncate``), read by ``deadline`` (else a timed-out attempt)."""
+        chunks: list[bytes] = []
+        size = 0
+        for chunk in response.iter_bytes():
+            size += len(chunk)
+            if size > limit:
+                if truncate:
+                    chunks.append(chunk[: len(chunk) - (size - limit)])
+                    break
+                raise UpstreamError(
+                    f"upstream returned an invalid response: {shown} sent an answer larger "
+                    f"than {_size(limit)} (the most that is read from an upstream)"
+                )
+            chunks.append(chunk)
+            if _now() > deadline:
+                raise _Retryable(
+                    f"the answer was still arriving after {self.options.timeout_s:g}s",
+                    timeout=True,
+                )
+        return b"".join(chunks)
+
+    def _show(self, url: str) -> str:
+        """``url`` as it is requested and shown: without the user info of the base URL."""
+        return url.replace(self.base_url, self.shown_url, 1)
+
+    def _redact(self, text: str) -> str:
+        """``text`` (quoted from an upstream) without our credentials in it."""
+        for secret in self._secrets:
+            text = text.replace(secret, _REDACTED)
+        return text
+
+    def _error_detail(self, body: bytes) -> str:
+        """``': <message>'`` from an OIP ``{"error": ...}`` body, else from the raw text."""
+        try:
+            parsed = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            parsed = None
+        if isinstance(parsed, dict) and "error" in parsed:
+            text = str(parsed["error"])
+        else:
+            text = body.decode("utf-8", "replace").strip()
+        return f": {_snippet(self._redact(text))}" if text else ""
 
     # -- encoding / decoding ------------------------------------------------------------
 
@@ -321,7 +422,7 @@ class UpstreamRuntime(Runtime):
                 "upstream %s answers with its own integrity parameters %s; they are not passed "
                 "on (its evidence covers the batch this gateway sent, not a client's request): "
                 "give this model an integrity block to verify it here",
-                self.infer_url,
+                self._show(self.infer_url),
                 theirs,
                 extra={"model": self.name},
             )
@@ -332,7 +433,7 @@ class UpstreamRuntime(Runtime):
             return self._decode_outputs(answer, inputs, output_names)
         except ValueError as exc:
             raise UpstreamError(
-                f"upstream returned an invalid response: {self.infer_url}: {exc}"
+                f"upstream returned an invalid response: {self._show(self.infer_url)}: {exc}"
             ) from None
 
     def _decode_outputs(
@@ -340,6 +441,18 @@ class UpstreamRuntime(Runtime):
     ) -> Tensors:
         if not isinstance(answer, dict) or not isinstance(answer.get("outputs"), list):
             raise ValueError("expected an object with an 'outputs' list")
+        # an answer that names another model or version is not an answer to this request
+        # (a misrouting proxy or load balancer): refused, even if its outputs look right
+        remote = self.options.model_name or self.name
+        their_name = answer.get("model_name")
+        if their_name is not None and their_name != remote:
+            raise ValueError(f"answered for model {_snippet(str(their_name))!r}, not {remote!r}")
+        version, theirs = self.options.model_version, answer.get("model_version")
+        if version and theirs is not None and str(theirs) != version:
+            raise ValueError(
+                f"answered for version {_snippet(str(theirs))!r}, not {version!r} (config.yaml's "
+                "upstream.model_version)"
+            )
         decoded: Tensors = {}
         for item in answer["outputs"]:
             name, array = decode_json_tensor(item, "output")
@@ -435,7 +548,22 @@ def _conform(name: str, array: np.ndarray, spec: TensorSpec) -> np.ndarray:
         return array
     if (array.dtype == np.object_) != (want == np.object_):
         raise ValueError(f"output {name!r} is {array.dtype}, expected {spec.datatype}")
-    return array.astype(want)
+    with np.errstate(all="ignore"):
+        cast = array.astype(want)
+        if want.kind == "f" and array.dtype.kind == "f":
+            # a narrower float rounds (as FP32 does anyway), but a finite value stays finite
+            exact = bool(np.array_equal(np.isfinite(cast), np.isfinite(array)))
+        else:  # every value must survive the trip: no truncated fraction, no wrapped integer
+            exact = bool(
+                np.array_equal(cast, array)  # numpy compares int64 with uint64 by value
+                and np.array_equal(cast.astype(array.dtype), array)  # and ints beyond 2**53
+            )
+    if not exact:
+        raise ValueError(
+            f"output {name!r} has values that cannot be {spec.datatype} (the upstream sent "
+            f"{oip_datatype(array.dtype)}; they would be changed, not converted)"
+        )
+    return cast
 
 
 def _batch_size(inputs: Tensors) -> int | None:
@@ -462,18 +590,6 @@ def _retry_after(response: httpx.Response) -> float | None:
     return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
-def _error_detail(response: httpx.Response) -> str:
-    """``': <message>'`` from an OIP ``{"error": ...}`` body, else from the raw text."""
-    try:
-        body = orjson.loads(response.content)
-    except orjson.JSONDecodeError:
-        text = response.text.strip()
-        return f": {_snippet(text)}" if text else ""
-    if isinstance(body, dict) and "error" in body:
-        return f": {_snippet(str(body['error']))}"
-    return f": {_snippet(response.text)}"
-
-
 def _snippet(text: str) -> str:
     return text if len(text) <= _MAX_QUOTED else text[:_MAX_QUOTED] + "..."
 
@@ -482,3 +598,27 @@ def _describe(exc: httpx.HTTPError) -> str:
     detail = str(exc)
     kind = type(exc).__name__
     return f"{kind}: {detail}" if detail else kind
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:g} MiB" if n >= 2**20 else f"{n} bytes"
+
+
+def _without_userinfo(url: str) -> str:
+    """``url`` without ``user:password@`` (httpx sends it as basic auth; it is a secret)."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+def _secrets(header_values: Iterable[str], password: str | None) -> list[str]:
+    """What must not be quoted: each configured header value and its credential alone (the
+    token after ``Bearer``/``Basic``), the URL's password; longest first."""
+    found = set()
+    for value in header_values:
+        found.add(value.strip())
+        found.add(value.strip().rpartition(" ")[2])
+    if password:
+        found.update((password, unquote(password)))
+    return sorted((s for s in found if len(s) >= _MIN_SECRET), key=len, reverse=True)

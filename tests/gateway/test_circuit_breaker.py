@@ -206,3 +206,50 @@ def test_concurrent_failures_are_all_counted(clock: FakeClock) -> None:
 def test_rejects_invalid_settings(threshold: int, reset: float) -> None:
     with pytest.raises(ValueError, match="must be"):
         CircuitBreaker(threshold, reset)
+
+
+def test_a_late_success_admitted_before_opening_does_not_close_it(
+    breaker: CircuitBreaker,
+) -> None:
+    """A slow call sent while the breaker was closed, answering after it opened, says
+    nothing about the remote now: it closed the breaker and let the flood through again."""
+    slow = breaker.before_call()
+    fail(breaker, 3)
+    assert breaker.state == "open"
+    breaker.record_success(slow)
+    assert breaker.state == "open"
+    with pytest.raises(CircuitOpen):
+        breaker.before_call()
+
+
+def test_a_late_failure_does_not_fail_a_running_trial(
+    breaker: CircuitBreaker, clock: FakeClock
+) -> None:
+    slow = breaker.before_call()
+    fail(breaker, 3)
+    clock.advance(10.0)
+    trial = breaker.before_call()
+    breaker.record_failure(slow)  # sent before the breaker opened: not the trial's outcome
+    assert breaker.state == "half_open"
+    assert breaker.times_opened == 1
+    with pytest.raises(CircuitOpen):
+        breaker.before_call()  # still one trial at a time
+    breaker.record_success(trial)
+    assert breaker.state == "closed"
+
+
+def test_the_second_of_two_trials_reports_nothing(
+    breaker: CircuitBreaker, clock: FakeClock
+) -> None:
+    """A trial that never reported is replaced; once one trial decided, the other's late
+    outcome does not undo it."""
+    fail(breaker, 3)
+    clock.advance(10.0)
+    first = breaker.before_call()
+    clock.advance(10.0)  # the first trial is presumed lost: a second is admitted
+    second = breaker.before_call()
+    breaker.record_success(second)
+    assert breaker.state == "closed"
+    breaker.record_failure(first)
+    assert breaker.state == "closed"
+    assert breaker.consecutive_failures == 0

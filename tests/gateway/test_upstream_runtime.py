@@ -150,7 +150,7 @@ class FakeMLaaS:
                 {"name": name, "versions": ["1", "3"], "platform": "fake", **MODELS[name]}
             )
 
-        async def infer(name: str, request: Request) -> Response:
+        async def infer(name: str, request: Request, version: str = "1") -> Response:
             st = self.state
             st.infer_hits += 1
             st.paths.append(request.url.path)
@@ -184,7 +184,7 @@ class FakeMLaaS:
                     rows = o["shape"][0]
                     o["shape"][0] = 1
                     o["data"] = o["data"][: len(o["data"]) // rows]
-            return JSONResponse({"model_name": name, "model_version": "1", "outputs": outputs})
+            return JSONResponse({"model_name": name, "model_version": version, "outputs": outputs})
 
         async def ready(name: str) -> Response:
             code = 200 if name in MODELS and self.state.mode != "metadata_down" else 503
