@@ -18,8 +18,10 @@ When the alarm of a model or of one API key fires, the gateway keeps the answers
      "live": {the gateway's statistic when it fired, over the whole stream},
      "drill": the attack drill active when it fired (an exercise), or null,
      "id", "instance": the gateway instance that wrote it,
-     "settle": {"waited_s", "bound_s", "missing"}: how long it waited for the requests of its
-               signed batches still being judged, and how many it still missed (unsigned)}
+     "settle": {"waited_s", "bound_s", "missing", "unfed_dropped"}: how long it waited for the
+               requests of its signed batches still being judged, how many it still missed,
+               and how many requests that fed nothing were pushed out of the gateway's buffer
+               while its answers were recorded (unsigned)}
 
 What :func:`check_incident` proves from it:
 
