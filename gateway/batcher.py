@@ -395,7 +395,9 @@ class DynamicBatcher:
         samples each), run, split; with the seconds of each of the three. When the batch of
         several requests fails, each request runs on its own, so that only the one the model
         fails on gets the error (one request never fails another); its entry is then the
-        exception. A request alone that fails raises."""
+        exception. Unless the runtime says the failure is every request's (a remote that is
+        down: ``Runtime.fails_every_request``): each entry is then that error. A request alone
+        that fails raises."""
         clock = time.perf_counter
         t0 = clock()
         if len(inputs) == 1:
@@ -418,6 +420,8 @@ class DynamicBatcher:
                     )
             per_output = {n: np.split(arr, splits, axis=0) for n, arr in outputs.items()}
         except Exception as exc:  # noqa: BLE001 - retried request by request
+            if self.runtime.fails_every_request(exc):  # e.g. the remote is down: not rerun
+                return [exc] * len(inputs), (t1 - t0, clock() - t1, 0.0)
             log.warning(
                 "a batch of %d requests failed in model %s (%s: %s): each runs on its own",
                 len(inputs),

@@ -61,6 +61,14 @@ class Runtime(ABC):
     def unload(self) -> None:  # noqa: B027 - optional hook, default does nothing
         """Free what :meth:`load` took."""
 
+    def fails_every_request(self, exc: Exception) -> bool:
+        """Whether ``exc``, raised for a batch of several requests, is no one request's doing
+        (a remote that is down, timed out or behind an open circuit): the batcher then fails
+        each request of the batch with it, instead of running each on its own to find the
+        one the model fails on (which would repeat the remote's whole retry sequence once
+        per request while the callers wait). A model in this process: never."""
+        return False
+
     def apply_config_specs(self) -> None:
         """Let config.yaml's inputs/outputs (if any) override the artefact's own metadata."""
         batched = self.config.max_batch_size > 0

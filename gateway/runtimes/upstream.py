@@ -226,6 +226,12 @@ class UpstreamRuntime(Runtime):
 
     # -- inference ----------------------------------------------------------------------
 
+    def fails_every_request(self, exc: Exception) -> bool:
+        """A timeout, an open circuit, a 5xx or an unreadable answer is the remote's fault,
+        whichever requests the batch held; a 4xx rejection may be one request's (each then
+        runs on its own)."""
+        return isinstance(exc, UpstreamTimeout | UpstreamError) and not isinstance(exc, _Rejected)
+
     def predict(self, inputs: Tensors, output_names: list[str] | None = None) -> Tensors:
         body: dict[str, Any] = {"inputs": [self._encode(n, a) for n, a in inputs.items()]}
         requested = output_names

@@ -512,3 +512,58 @@ async def test_the_caller_gets_a_502_counted_as_upstream_error(
         metrics = (await client.get("/metrics")).text
     assert 'reason="upstream_error"' in metrics
     assert 'reason="internal"' not in metrics
+
+
+async def test_a_batch_the_remote_fails_is_not_rerun_request_by_request(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    """Four requests batched together while the remote answers 500: one retry sequence for
+    the batch (2 calls of 4 rows), each caller a 502. Before, the batcher reran each request
+    on its own after the batch failed (one request never fails another), repeating the
+    remote's whole retry sequence four more times (10 calls) while the callers waited."""
+    rows_sent: list[int] = []
+
+    async def down(body: dict[str, Any]) -> Response:
+        rows_sent.append(body["inputs"][0]["shape"][0])
+        return Response(b"upstream down", status_code=500)
+
+    upstream.handler = down
+    repo = tmp_path / "proxy"
+    write_config(
+        repo / "remote",
+        {
+            "platform": "upstream",
+            "max_batch_size": 8,
+            # the four requests wait for each other (they arrive within milliseconds)
+            "dynamic_batching": {
+                "max_queue_delay_microseconds": 5_000_000,
+                "preferred_batch_size": [4],
+                "dispatch_when_idle": False,
+            },
+            "upstream": {
+                "url": upstream.url,
+                "model_name": "clf",
+                "retries": 1,
+                "backoff_s": 0.01,
+                "circuit_breaker": {"failure_threshold": 100},
+            },
+        },
+    )
+    app = create_app(Settings(model_repository=repo, api_keys=[USER_KEY], log_json=False))
+    body = {"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1.0, 2.0]}]}
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app),
+            base_url="http://proxy",
+            headers={"Authorization": f"Bearer {USER_KEY}"},
+        ) as client,
+    ):
+        answers = await asyncio.gather(
+            *(client.post("/v2/models/remote/infer", json=body) for _ in range(4))
+        )
+        assert [r.status_code for r in answers] == [502] * 4, [r.text for r in answers]
+        assert all("HTTP 500" in r.json()["error"] for r in answers), answers[0].text
+        metrics = (await client.get("/metrics")).text
+    assert rows_sent == [4, 4]
+    assert 'reason="internal"' not in metrics
