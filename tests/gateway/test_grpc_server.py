@@ -365,6 +365,7 @@ async def test_a_client_deadline_that_fires_first_is_counted_as_the_deadline(
     )
     async with grpc_gateway(settings) as (_, channel, app):
         infer = unary(channel, "ModelInfer", pb.ModelInferResponse)
+        await channel.channel_ready()  # the connection's set-up before the deadline's clock
         loop = asyncio.get_running_loop()
         started = loop.time()
         call = infer(infer_request(), metadata=USER, timeout=1.0)
