@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import time
 from collections import deque
@@ -104,6 +105,7 @@ class DynamicBatcher:
         # inline and dispatching when idle: batches run from a call_soon, not the scheduler
         self._flushes = policy.inline and (policy.dispatch_when_idle or not self.batched)
         self._flush_soon = False
+        self._passes_deadline = _takes_deadline(runtime)
 
     @property
     def batched(self) -> bool:
@@ -323,13 +325,14 @@ class DynamicBatcher:
             size = sum(i.batch for i in batch)
             self.observer.batch_started(size, [now - i.enqueued for i in batch])
             inputs, sizes = [i.inputs for i in batch], [i.batch for i in batch]
+            deadlines = [i.deadline for i in batch]
             start = self._clock()
             try:
                 if self.policy.inline:  # on the loop: no hop, no GIL hand-back
-                    results, stages = self._execute(inputs, sizes)
+                    results, stages = self._execute(inputs, sizes, deadlines)
                 else:
                     results, stages = await asyncio.get_running_loop().run_in_executor(
-                        self._executor, self._execute, inputs, sizes
+                        self._executor, self._execute, inputs, sizes, deadlines
                     )
             except Exception as exc:  # noqa: BLE001 - every request in the batch gets the error
                 self._fail(batch, exc)
@@ -354,7 +357,9 @@ class DynamicBatcher:
             start = self._clock()
             size = sum(i.batch for i in batch)
             self.observer.batch_started(size, [start - i.enqueued for i in batch])
-            results, stages = self._execute([i.inputs for i in batch], [i.batch for i in batch])
+            results, stages = self._execute(
+                [i.inputs for i in batch], [i.batch for i in batch], [i.deadline for i in batch]
+            )
             self._answer(batch, results, stages, size, start)
         except Exception as exc:  # noqa: BLE001 - every request in the batch gets the error
             self._fail(batch, exc)
@@ -388,11 +393,20 @@ class DynamicBatcher:
         self.observer.batch_finished(size, self._clock() - start)
         self.observer.batch_stages(size, *stages)
 
+    def _predict(self, inputs: Tensors, deadline: float) -> Tensors:
+        """The runtime's predict, told ``deadline`` when it takes one."""
+        if self._passes_deadline:
+            return self.runtime.predict(inputs, deadline=deadline)
+        return self.runtime.predict(inputs)
+
     def _execute(
-        self, inputs: list[Tensors], sizes: list[int]
+        self, inputs: list[Tensors], sizes: list[int], deadlines: list[float]
     ) -> tuple[list[Tensors | Exception], tuple[float, float, float]]:
         """Worker thread (or the loop, inline): concatenate the requests' inputs (``sizes``
-        samples each), run, split; with the seconds of each of the three. When the batch of
+        samples each), run, split; with the seconds of each of the three. The runtime is
+        given the batch's latest deadline (until then a caller still waits for it; a remote
+        call's retries stop there, instead of holding the worker long after every caller
+        was answered 504), a request run on its own its own deadline. When the batch of
         several requests fails, each request runs on its own, so that only the one the model
         fails on gets the error (one request never fails another); its entry is then the
         exception. Unless the runtime says the failure is every request's (a remote that is
@@ -401,13 +415,13 @@ class DynamicBatcher:
         clock = time.perf_counter
         t0 = clock()
         if len(inputs) == 1:
-            outputs = self.runtime.predict(inputs[0])
+            outputs = self._predict(inputs[0], deadlines[0])
             return [outputs], (0.0, clock() - t0, 0.0)
         names = list(inputs[0])
         merged = {n: np.concatenate([i[n] for i in inputs], axis=0) for n in names}
         t1 = clock()
         try:
-            outputs = self.runtime.predict(merged)
+            outputs = self._predict(merged, max(deadlines))
             t2 = clock()
             splits = np.cumsum(sizes)[:-1]
             total = int(sum(sizes))
@@ -429,17 +443,28 @@ class DynamicBatcher:
                 type(exc).__name__,
                 exc,
             )
-            return [self._alone(i) for i in inputs], (t1 - t0, clock() - t1, 0.0)
+            alone = [self._alone(i, d) for i, d in zip(inputs, deadlines, strict=True)]
+            return alone, (t1 - t0, clock() - t1, 0.0)
         results: list[Tensors | Exception] = [
             {n: parts[k] for n, parts in per_output.items()} for k in range(len(inputs))
         ]
         return results, (t1 - t0, t2 - t1, clock() - t2)
 
-    def _alone(self, inputs: Tensors) -> Tensors | Exception:
+    def _alone(self, inputs: Tensors, deadline: float) -> Tensors | Exception:
         try:
-            return self.runtime.predict(inputs)
+            return self._predict(inputs, deadline)
         except Exception as exc:  # noqa: BLE001 - this request's own error
             return exc
+
+
+def _takes_deadline(runtime: Runtime) -> bool:
+    """Whether ``runtime.predict`` takes ``deadline=`` (a runtime written before it was
+    added does not, and is still served)."""
+    try:
+        params = inspect.signature(runtime.predict).parameters.values()
+    except (TypeError, ValueError):  # no signature to read: call it the old way
+        return False
+    return any(p.name == "deadline" or p.kind is p.VAR_KEYWORD for p in params)
 
 
 def _internal(runtime: Runtime, exc: Exception) -> GatewayError:

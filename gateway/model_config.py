@@ -144,6 +144,13 @@ class CircuitBreakerConfig(StrictModel):
     reset_timeout_s: float = Field(10.0, gt=0, description="Open time before one trial call.")
 
 
+#: Default of ``upstream.max_response_bytes``: a model's JSON outputs, four times the gateway's
+#: default request body limit.
+DEFAULT_MAX_RESPONSE_BYTES = 256 * 1024 * 1024
+#: Its upper bound: an upstream's answer is held whole and parsed in memory.
+MAX_RESPONSE_BYTES_LIMIT = 1024 * 1024 * 1024
+
+
 class UpstreamOptions(StrictModel):
     """A remote Open Inference Protocol endpoint (a third-party MLaaS)."""
 
@@ -159,6 +166,14 @@ class UpstreamOptions(StrictModel):
         le=3600,
         description="The longest a 429 / 503 answer's Retry-After is honoured before a retry "
         "(a request being served should not wait longer; `fides protect` waits up to 120 s).",
+    )
+    max_response_bytes: Int = Field(
+        DEFAULT_MAX_RESPONSE_BYTES,
+        ge=1024,
+        le=MAX_RESPONSE_BYTES_LIMIT,
+        description="The largest answer read from the upstream, after decompression (gzip / "
+        "deflate); a larger one is an invalid response (502). At most 1 GiB: the answer is "
+        "held and parsed in memory.",
     )
     headers: dict[str, str] = Field(default_factory=dict, description="Sent with each call.")
     headers_from_env: dict[str, str] = Field(

@@ -54,8 +54,18 @@ class Runtime(ABC):
         """Load the artefact and fill :attr:`inputs` / :attr:`outputs`."""
 
     @abstractmethod
-    def predict(self, inputs: Tensors, output_names: list[str] | None = None) -> Tensors:
-        """Run inference; return every output (or those named)."""
+    def predict(
+        self,
+        inputs: Tensors,
+        output_names: list[str] | None = None,
+        *,
+        deadline: float | None = None,
+    ) -> Tensors:
+        """Run inference; return every output (or those named). ``deadline``
+        (``time.monotonic()``, given by the batcher: the latest of its requests'): after it
+        no caller waits for the answer, so a runtime that can stop (a remote call's retries)
+        stops by then; one that cannot ignores it. The batcher passes it only to a
+        ``predict`` that takes it (an older runtime's does not)."""
         raise NotImplementedError
 
     def unload(self) -> None:  # noqa: B027 - optional hook, default does nothing

@@ -96,7 +96,13 @@ class OnnxRuntime(Runtime):
         self.providers = self._session.get_providers()
         log.info("loaded %s v%s with %s", self.name, self.version, self.providers)
 
-    def predict(self, inputs: Tensors, output_names: list[str] | None = None) -> Tensors:
+    def predict(
+        self,
+        inputs: Tensors,
+        output_names: list[str] | None = None,
+        *,
+        deadline: float | None = None,  # an in-process model runs to the end
+    ) -> Tensors:
         feed = {
             name: _strings(name, arr) if arr.dtype == object else arr
             for name, arr in inputs.items()

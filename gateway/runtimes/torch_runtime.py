@@ -238,7 +238,13 @@ class TorchRuntime(Runtime):
 
     # --------------------------------------------------------------- predict
 
-    def predict(self, inputs: Tensors, output_names: list[str] | None = None) -> Tensors:
+    def predict(
+        self,
+        inputs: Tensors,
+        output_names: list[str] | None = None,
+        *,
+        deadline: float | None = None,  # an in-process model runs to the end
+    ) -> Tensors:
         module = self._module
         if module is None:
             raise Unavailable(f"model '{self.name}' version {self.version} is not loaded")

@@ -11,11 +11,18 @@ Resilience, per logical call:
 * no retry on other 4xx -- our input was already validated, so a rejection is reported as
   502 with the upstream's own error message;
 * a :class:`~gateway.circuit_breaker.CircuitBreaker` around the whole call, so that a remote
-  that is down is refused fast (503) instead of tying up worker threads.
+  that is down is refused fast (503) instead of tying up worker threads;
+* the caller's deadline (the batch's latest, given by the batcher) bounds the whole call: no
+  attempt starts after it, a backoff that would end after it is not waited, and an attempt's
+  timeout is ``timeout_s`` or the time left until it, whichever is less; the call then ends
+  in :class:`~gateway.errors.UpstreamTimeout` saying that the caller's deadline passed. Once
+  nobody waits for the answer the worker thread is free again (without it, the retries ran
+  on for ``(retries + 1) * timeout_s`` plus backoffs after every caller had been answered).
 
 An answer is trusted no further than it has to be: ``timeout_s`` bounds each attempt's whole
 answer (httpx's own timeout bounds each read, which a trickled answer never trips), the
-answer is read up to :data:`MAX_RESPONSE_BYTES` after decompression, one for another model or
+answer is read up to ``max_response_bytes`` (:data:`MAX_RESPONSE_BYTES` by default) after
+decompression, one for another model or
 version is refused, and an output is converted to its declared datatype only when no value
 changes. Credentials (the URL's user info, the configured header values) never appear in a
 message: an upstream's error body that quotes them is redacted before it is quoted.
@@ -54,7 +61,12 @@ from gateway.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from gateway.model_config import ConfigError, ModelConfig, UpstreamOptions
+from gateway.model_config import (
+    DEFAULT_MAX_RESPONSE_BYTES,
+    ConfigError,
+    ModelConfig,
+    UpstreamOptions,
+)
 from gateway.runtimes.base import Runtime, Tensors, TensorSpec
 
 logger = logging.getLogger(__name__)
@@ -65,9 +77,10 @@ JITTER = 0.1
 _MAX_QUOTED = 300
 #: Timeout of :meth:`UpstreamRuntime.ready` (capped by the configured timeout).
 _READY_TIMEOUT_S = 2.0
-#: Largest answer read from an upstream, after decompression (a model's JSON outputs; four
-#: times the gateway's default request body limit). A larger one is an invalid response.
-MAX_RESPONSE_BYTES = 256 * 1024 * 1024
+#: Largest answer read from an upstream by default, after decompression (a model's JSON
+#: outputs; four times the gateway's default request body limit). A larger one is an invalid
+#: response. config.yaml's ``upstream.max_response_bytes`` sets it per model.
+MAX_RESPONSE_BYTES = DEFAULT_MAX_RESPONSE_BYTES
 #: Most of an error answer's body that is read (only its start is quoted).
 _MAX_ERROR_BODY = 64 * 1024
 #: Content codings asked for and accepted: zlib's inflate is bounded per chunk read (about
@@ -94,6 +107,20 @@ class _Retryable(Exception):
         self.cause = cause
         self.timeout = timeout
         self.retry_after_s = retry_after_s
+        #: a timeout of ours: the attempt was cut at the caller's deadline, before its own
+        #: ``timeout_s`` (says nothing about the remote's health)
+        self.cut = False
+
+
+class _DeadlinePassed(UpstreamTimeout):
+    """The caller's deadline ended the call (504). ``remote_failed``: an attempt before it
+    failed the remote's way (a 5xx, a connection error, a whole ``timeout_s``), which the
+    circuit breaker counts; otherwise the remote did not fail, it was only slower than the
+    caller's deadline, and the breaker is told nothing."""
+
+    def __init__(self, message: str, *, remote_failed: bool) -> None:
+        super().__init__(message)
+        self.remote_failed = remote_failed
 
 
 class UpstreamRuntime(Runtime):
@@ -123,8 +150,8 @@ class UpstreamRuntime(Runtime):
             parsed = httpx.URL(self.base_url)
             self._auth = httpx.BasicAuth(parsed.username, parsed.password)
         self._secrets = _secrets(self._headers.values(), urlsplit(self.base_url).password)
-        #: Largest answer read, after decompression (see :data:`MAX_RESPONSE_BYTES`).
-        self.max_response_bytes = MAX_RESPONSE_BYTES
+        #: Largest answer read, after decompression (config.yaml's max_response_bytes).
+        self.max_response_bytes = self.options.max_response_bytes
         remote_name = self.options.model_name or name
         model_path = f"/v2/models/{quote(remote_name, safe='')}"
         if self.options.model_version:
@@ -137,6 +164,9 @@ class UpstreamRuntime(Runtime):
         self._client: httpx.Client | None = None
         self._client_lock = threading.Lock()
         self._warned_integrity = False
+        # the deadline of the call each worker thread is making (read by _attempt, whose
+        # signature subclasses override; None: no deadline but timeout_s per attempt)
+        self._calling = threading.local()
         # set by the app to count retries in its metrics
         self.on_retry: Callable[[], None] = lambda: None
 
@@ -232,7 +262,23 @@ class UpstreamRuntime(Runtime):
         runs on its own)."""
         return isinstance(exc, UpstreamTimeout | UpstreamError) and not isinstance(exc, _Rejected)
 
-    def predict(self, inputs: Tensors, output_names: list[str] | None = None) -> Tensors:
+    def predict(
+        self,
+        inputs: Tensors,
+        output_names: list[str] | None = None,
+        *,
+        deadline: float | None = None,
+    ) -> Tensors:
+        """Forward ``inputs``; ``deadline`` (``time.monotonic()``): when the last caller
+        waiting for this answer gives up (the call ends then, see the module's docstring)."""
+        if deadline is not None and _now() >= deadline:
+            # before the breaker's admission: a call never made tells it nothing (and must not
+            # hold a half-open breaker's one trial)
+            raise _DeadlinePassed(
+                f"upstream {self._show(self.infer_url)} not called: the caller's deadline had "
+                "already passed",
+                remote_failed=False,
+            )
         body: dict[str, Any] = {"inputs": [self._encode(n, a) for n, a in inputs.items()]}
         requested = output_names
         if requested is None and self.config.outputs is not None:
@@ -243,10 +289,20 @@ class UpstreamRuntime(Runtime):
         payload = _dumps(body)
         admitted = self.breaker.before_call()
         try:
-            answer = self._call("POST", self.infer_url, content=payload)
+            answer = self._call("POST", self.infer_url, content=payload, deadline=deadline)
             result = self._decode(answer, inputs, output_names)
         except _Rejected:
             self.breaker.record_success(admitted)  # the upstream is alive and answering
+            raise
+        except _DeadlinePassed as exc:
+            # A cut attempt is a timeout of ours, not the remote's failure: counting it would
+            # open the circuit on a healthy remote whenever callers set short deadlines (and
+            # one cut trial would re-open a half-open one). It is no success either (no answer
+            # came): the breaker is told nothing, which it tolerates (a half-open trial that
+            # never reports is replaced after reset_timeout_s). Failed attempts before the cut
+            # are the remote's failure, counted as ever.
+            if exc.remote_failed:
+                self.breaker.record_failure(admitted)
             raise
         except BaseException:
             self.breaker.record_failure(admitted)
@@ -256,18 +312,45 @@ class UpstreamRuntime(Runtime):
 
     # -- HTTP with retries --------------------------------------------------------------
 
-    def _call(self, method: str, url: str, content: bytes | None = None) -> Any:
-        """One logical call: retries, then the parsed JSON body, or a GatewayError."""
+    def _call(
+        self,
+        method: str,
+        url: str,
+        content: bytes | None = None,
+        *,
+        deadline: float | None = None,
+    ) -> Any:
+        """One logical call: retries, then the parsed JSON body, or a GatewayError; none of
+        it past ``deadline`` (then :class:`_DeadlinePassed`)."""
+        self._calling.deadline = deadline
+        try:
+            return self._retrying(method, url, content, deadline)
+        finally:
+            self._calling.deadline = None
+
+    def _retrying(
+        self, method: str, url: str, content: bytes | None, deadline: float | None
+    ) -> Any:
         opts = self.options
         shown = self._show(url)
         headers = {"Content-Type": "application/json"} if content is not None else None
         last: _Retryable | None = None
+        failed = 0  # attempts that failed the remote's way (not cut at the deadline)
         for attempt in range(opts.retries + 1):
             if last is not None:
                 delay = opts.backoff_s * 2 ** (attempt - 1)
                 delay += random.uniform(0, JITTER * delay)
                 if last.retry_after_s is not None:
                     delay = max(delay, min(last.retry_after_s, opts.max_retry_after_s))
+                left = math.inf if deadline is None else deadline - _now()
+                if delay >= left:  # the retry would start after every caller has gone
+                    raise _DeadlinePassed(
+                        f"upstream {shown} failed ({last.cause}) and the caller's deadline "
+                        f"passes before a retry could start (retry {attempt}/{opts.retries} "
+                        f"was due in {delay:.2f}s, {max(left, 0.0):.2f}s were left); "
+                        f"{_attempts(attempt)} made",
+                        remote_failed=True,
+                    )
                 logger.warning(
                     "upstream %s %s failed (%s); retry %d/%d in %.2fs",
                     method,
@@ -279,11 +362,28 @@ class UpstreamRuntime(Runtime):
                 )
                 self.on_retry()
                 self._backoff(delay)
+            if deadline is not None and _now() >= deadline:  # e.g. a backoff overslept
+                raise _DeadlinePassed(
+                    f"upstream {shown} not called: the caller's deadline had already passed"
+                    if last is None
+                    else f"upstream {shown} failed ({last.cause}) and the caller's deadline "
+                    f"passed before retry {attempt}/{opts.retries}; {_attempts(attempt)} made",
+                    remote_failed=failed > 0,
+                )
             self._before_attempt(url, last)
             try:
                 return self._attempt(method, url, content, headers)
             except _Retryable as exc:
+                if exc.cut:
+                    raise _DeadlinePassed(
+                        f"upstream {shown} had not answered when the caller's deadline passed "
+                        f"(attempt {attempt + 1} cut short of its {opts.timeout_s:g}s "
+                        f"timeout_s); {_attempts(attempt + 1)} made"
+                        + (f", the earlier failing ({last.cause})" if last is not None else ""),
+                        remote_failed=failed > 0,
+                    ) from None
                 last = exc
+                failed += 1
         assert last is not None
         attempts = opts.retries + 1
         if last.timeout:
@@ -310,9 +410,37 @@ class UpstreamRuntime(Runtime):
     ) -> Any:
         shown = self._show(url)
         invalid = f"upstream returned an invalid response: {shown}"
-        deadline = _now() + self.options.timeout_s  # the whole answer, not each read
+        start = _now()
+        deadline = start + self.options.timeout_s  # the whole answer, not each read
+        caller: float | None = getattr(self._calling, "deadline", None)
+        # cut short at the caller's deadline: no answer is wanted after it
+        cut = caller is not None and caller < deadline
+        timeout: float | httpx.Timeout = self.client.timeout
+        if cut:
+            assert caller is not None
+            deadline = caller
+            timeout = max(caller - start, 0.001)
         try:
-            with self.client.stream(method, shown, content=content, headers=headers) as response:
+            return self._exchange(method, shown, content, headers, deadline, timeout, invalid)
+        except _Retryable as exc:
+            exc.cut = cut and exc.timeout
+            raise
+
+    def _exchange(
+        self,
+        method: str,
+        shown: str,
+        content: bytes | None,
+        headers: dict[str, str] | None,
+        deadline: float,
+        timeout: float | httpx.Timeout,
+        invalid: str,
+    ) -> Any:
+        """One request and its answer, the whole of it by ``deadline``."""
+        try:
+            with self.client.stream(
+                method, shown, content=content, headers=headers, timeout=timeout
+            ) as response:
                 status = response.status_code
                 coding = response.headers.get("Content-Encoding", "identity").strip().lower()
                 if coding not in ("identity", *_ENCODINGS):
@@ -604,6 +732,10 @@ def _describe(exc: httpx.HTTPError) -> str:
     detail = str(exc)
     kind = type(exc).__name__
     return f"{kind}: {detail}" if detail else kind
+
+
+def _attempts(n: int) -> str:
+    return f"{n} attempt{'s' if n != 1 else ''}"
 
 
 def _size(n: int) -> str:
