@@ -25,7 +25,8 @@ one slow call that was sent before the breaker opened and then succeeded closed 
 at once (and let the flood through again), and a late failure of such a call failed a
 half-open trial that was still running.
 
-Every admitted call must report exactly one outcome. An outcome that says nothing about
+Every admitted call must report exactly one outcome (or :meth:`CircuitBreaker.release` it
+when it ended with no verdict on the remote). An outcome that says nothing about
 the remote's health (our own bug, a rejected request) should be reported as a success: the
 remote answered. As a safety net, a half-open trial that never reports is considered lost
 after ``reset_timeout_s`` and another trial is admitted.
@@ -179,6 +180,15 @@ class CircuitBreaker:
     def reset(self) -> None:
         """Force the breaker closed (e.g. after an operator reload)."""
         self.record_success()
+
+    def release(self, admitted: Admission) -> None:
+        """The call ended with no verdict on the remote (our caller's deadline cut it): a
+        half-open trial's slot is freed for the next call at once, instead of after
+        ``reset_timeout_s`` as for a trial that never reports; nothing else changes."""
+        with self._lock:
+            if self._stale(admitted) or self._state != HALF_OPEN:
+                return
+            self._trial_started_at = None
 
     # -- internals (lock held) ----------------------------------------------------------
 

@@ -298,11 +298,13 @@ class UpstreamRuntime(Runtime):
             # A cut attempt is a timeout of ours, not the remote's failure: counting it would
             # open the circuit on a healthy remote whenever callers set short deadlines (and
             # one cut trial would re-open a half-open one). It is no success either (no answer
-            # came): the breaker is told nothing, which it tolerates (a half-open trial that
-            # never reports is replaced after reset_timeout_s). Failed attempts before the cut
-            # are the remote's failure, counted as ever.
+            # came): the call is released without a verdict (a half-open trial's slot goes
+            # to the next call). Failed attempts before the cut are the remote's failure,
+            # counted as ever.
             if exc.remote_failed:
                 self.breaker.record_failure(admitted)
+            else:
+                self.breaker.release(admitted)
             raise
         except BaseException:
             self.breaker.record_failure(admitted)

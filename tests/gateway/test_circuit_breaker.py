@@ -253,3 +253,28 @@ def test_the_second_of_two_trials_reports_nothing(
     breaker.record_failure(first)
     assert breaker.state == "closed"
     assert breaker.consecutive_failures == 0
+
+
+def test_a_trial_released_without_a_verdict_frees_its_slot_at_once(
+    breaker: CircuitBreaker, clock: FakeClock
+) -> None:
+    """A half-open trial that ended with no verdict on the remote (our caller's deadline cut
+    it) is released: the next call is the new trial at once, not after reset_timeout_s (it
+    was refused CircuitOpen for 10 s); the breaker stays half-open, its count unchanged."""
+    fail(breaker, 3)
+    clock.advance(10.0)
+    trial = breaker.before_call()
+    with pytest.raises(CircuitOpen):
+        breaker.before_call()  # one trial at a time
+    breaker.release(trial)
+    assert breaker.state == "half_open"
+    second = breaker.before_call()
+    breaker.record_success(second)
+    assert breaker.state == "closed"
+
+
+def test_releasing_a_call_of_a_closed_breaker_changes_nothing(breaker: CircuitBreaker) -> None:
+    fail(breaker, 2)
+    breaker.release(breaker.before_call())
+    assert breaker.state == "closed"
+    assert breaker.consecutive_failures == 2
