@@ -32,6 +32,17 @@ tampers with one client's answers is not diluted by everyone else's.
   a new model card); only the statistics start over. The periodic and alarm-time saves write
   the file from a worker thread (the arrays are taken on the event loop), so 10,000 keys do
   not hold up requests.
+- A save that fails while the gateway runs (disk full, the directory gone or read-only, an
+  I/O error) leaves the state in memory only: a restart now would lose it, latched alarms
+  included. The monitor keeps working and says so everywhere an operator looks: the status'
+  ``state.saving`` (``saved`` false, since when, the error's text), ``on_saved`` (the
+  gateway's gauge ``fides_integrity_alarm_state_saved`` and counter
+  ``fides_integrity_alarm_state_save_failures_total``; the alert
+  FidesIntegrityAlarmStateNotSaved), an ERROR log line when saving starts failing and an INFO
+  one when a save works again. While saves fail they are tried again every ``save_every_s``,
+  answers or not: once the directory is fixed the state is on disk within seconds, and the
+  status and the metrics say so, on an idle model too. The model stays ready: it verifies and
+  the alarm fires as before; only the memory of it across a restart is at risk.
 """
 
 from __future__ import annotations
@@ -45,6 +56,7 @@ import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +117,7 @@ class AlarmMonitor:
         instance: str | None = None,
         on_untracked: Callable[[], None] | None = None,
         on_dropped: Callable[[float], None] | None = None,
+        on_saved: Callable[[bool], None] | None = None,
     ) -> None:
         """``instance``: this gateway's name in the state file's name (default: the host
         name). ``on_untracked``: called once per request of a key the monitor cannot track
@@ -112,7 +125,9 @@ class AlarmMonitor:
         the number of keys dropped (the gateway's counter), besides ``dropped_keys``: once per
         key this process drops, also while reading back a state saved under a larger
         ``max_keys``; never for the saved ``dropped_keys`` (the process that dropped them
-        counted them)."""
+        counted them). ``on_saved``: told whether each write of the state worked (the
+        gateway's gauge and counter), and once when the monitor is set up (True unless the
+        set-up's own write failed); never called without a state directory."""
         self.model = model
         self.calibration_scores = np.asarray(calibration_scores, dtype=np.float64)
         self.calibration_kl = np.asarray(calibration_kl, dtype=np.float64)
@@ -137,7 +152,13 @@ class AlarmMonitor:
         self._lock = HeldLock(None)  # this instance's lock, held while it runs
         self.save_every_s = save_every_s
         self._saved_at = time.monotonic()
+        self.on_saved = on_saved
         self._save_failing = False
+        self._failing_since: datetime | None = None  # the first failed write of this spell
+        self._failing_error = ""  # the last failed write's error (no path: the status shows it)
+        self.failed_saves = 0  # writes that failed since the gateway started
+        self._retry: asyncio.TimerHandle | None = None  # the next try while saves fail
+        self._closed = False  # flushed: the gateway stops, no more tries
         self._writing: asyncio.Future[None] | None = None
         self._write_lock = threading.Lock()
         # snapshots are numbered; a write never replaces a newer snapshot already on disk (a
@@ -146,6 +167,8 @@ class AlarmMonitor:
         self._written_generation = 0
         self._save_pending = False  # a save asked for while one was being written
         self.restored = self._load()
+        if self.path is not None and self.on_saved is not None:
+            self.on_saved(not self._save_failing)  # exported from the start
         weakref.finalize(self, self._lock.release)
 
     # -- answers ----------------------------------------------------------------------------
@@ -270,7 +293,21 @@ class AlarmMonitor:
                 "instance": self.instance,
                 "file": None if self.path is None else self.path.name,
                 "notes": list(self.state_notes),
+                "saving": self.saving(),
             },
+        }
+
+    def saving(self) -> dict[str, Any]:
+        """Whether the state is being saved: ``saved`` false while writes fail (a restart now
+        would lose the state, latched alarms included) and without a state directory;
+        ``failing_since`` (UTC, the first failed write of this spell), ``error`` (the last
+        failure's text), ``failed_saves`` (since the gateway started)."""
+        since = self._failing_since
+        return {
+            "saved": self.path is not None and not self._save_failing,
+            "failing_since": None if since is None else since.isoformat(),
+            "error": self._failing_error or None,
+            "failed_saves": self.failed_saves,
         }
 
     def reset(self, scope: str, key: str | None = None) -> dict[str, Any]:
@@ -308,6 +345,7 @@ class AlarmMonitor:
         self._saved_at = time.monotonic()
         if self.path is not None:
             self._write(*self._snapshot())
+            self._retry_later()
 
     def save_soon(self) -> None:
         """Write the state without holding up the event loop: the arrays are taken here (a
@@ -332,14 +370,46 @@ class AlarmMonitor:
     def _after_write(self, _done: asyncio.Future[None]) -> None:
         if self._save_pending:  # on the event loop (an asyncio future's callback)
             self.save_soon()
+        else:
+            self._retry_later()
+
+    def _retry_later(self) -> None:
+        """While saves fail, try again in ``save_every_s`` whether answers arrive or not (on
+        the event loop; without one, the next save() or answer tries again)."""
+        if not self._save_failing or self._retry is not None or self._closed:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._retry = loop.call_later(self.save_every_s, self._try_again)
+
+    def _try_again(self) -> None:
+        self._retry = None
+        if self._save_failing and not self._closed:
+            self.save_soon()
 
     async def flush(self) -> None:
         """Wait for a save being written, then write the final state (the gateway's
         shutdown: nothing the alarm has seen is lost)."""
         self._save_pending = False
+        self._closed = True
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
         if self._writing is not None:
             await self._writing
         self.save()
+        if self._save_failing:  # the last chance: what this run saw is lost at the restart
+            log.error(
+                "integrity alarm state of %s not saved at shutdown (%s, failing since %s): "
+                "its state, latched alarms included, is lost (in alarm now: %s)",
+                self.model,
+                self._failing_error,
+                self.saving()["failing_since"],
+                ", ".join(self._scopes(None) + sorted(self.alarmed_keys)) or "nothing",
+                extra={"model": self.model},
+            )
         self._lock.release()  # the instance stops: its file may be taken over from now on
 
     def _snapshot(self) -> tuple[int, dict[str, np.ndarray]]:
@@ -373,21 +443,47 @@ class AlarmMonitor:
                 return  # a newer snapshot is on disk already
             try:
                 write_state(self.path, arrays)
-            except OSError as exc:  # the monitor keeps working in memory; say so, once
-                if not self._save_failing:
-                    log.error(
-                        "integrity alarm state of %s not saved to %s: %s (the alarm keeps "
-                        "working in memory; said again when saving works)",
-                        self.model,
-                        self.path,
-                        exc,
-                    )
-                self._save_failing = True
+            except OSError as exc:  # the monitor keeps working in memory; say so everywhere
+                self._failed(exc)
                 return
             self._written_generation = generation
             if self._save_failing:
-                log.warning("integrity alarm state of %s saved to %s again", self.model, self.path)
+                log.info(
+                    "integrity alarm state of %s saved to %s again (failing since %s, %d "
+                    "saves failed)",
+                    self.model,
+                    self.path,
+                    self.saving()["failing_since"],
+                    self.failed_saves,
+                    extra={"model": self.model},
+                )
                 self._save_failing = False
+                self._failing_since = None
+                self._failing_error = ""
+            if self.on_saved is not None:
+                self.on_saved(True)
+
+    def _failed(self, exc: OSError) -> None:
+        """A write failed: the status, the metrics (``on_saved``), and a log line once per
+        spell of failures (the status and the metrics say the rest)."""
+        self.failed_saves += 1
+        # the error's text, not its file name: the status names the file already
+        self._failing_error = exc.strerror or type(exc).__name__
+        if not self._save_failing:
+            self._save_failing = True
+            self._failing_since = datetime.now(UTC)
+            log.error(
+                "integrity alarm state of %s not saved to %s: %s (the alarm keeps working in "
+                "memory, but a restart now loses its state, latched alarms included: "
+                "alarm.state.saving in the integrity status, "
+                "fides_integrity_alarm_state_saved; said again when saving works)",
+                self.model,
+                self.path,
+                exc,
+                extra={"model": self.model},
+            )
+        if self.on_saved is not None:
+            self.on_saved(False)
 
     # -- reading the state back -------------------------------------------------------------
 

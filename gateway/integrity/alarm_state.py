@@ -27,6 +27,7 @@ every field checked, written atomically, and a lock that says which instances st
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import math
@@ -184,7 +185,12 @@ def set_aside(path: Path) -> str:
 
 def write_state(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Atomically replace ``path`` with ``arrays`` (raises OSError; no temp file is left)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as exc:  # something else in the directory's place: say that
+        raise NotADirectoryError(
+            errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path.parent)
+        ) from exc
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     tmp = Path(tmp_name)
     try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 __all__ = ["IntegrityMetrics"]
@@ -126,6 +128,23 @@ class IntegrityMetrics:
             ["model", "scope"],
             registry=r,
         )
+        self.alarm_state_saved = Gauge(
+            "fides_integrity_alarm_state_saved",
+            "1 while the sequential alarm's state is saved to FIDES_INTEGRITY_STATE_DIR (its "
+            "last write worked), 0 while writes fail (disk full, the directory gone or "
+            "read-only, an I/O error): the alarm works in memory, but a restart now loses its "
+            "state, latched alarms included. The integrity status' alarm.state.saving says "
+            "since when and why.",
+            ["model"],
+            registry=r,
+        )
+        self.alarm_state_save_failures = Counter(
+            "fides_integrity_alarm_state_save_failures",
+            "Writes of the sequential alarm's state that failed since the gateway started "
+            "(the state stayed in memory only until a later write worked).",
+            ["model"],
+            registry=r,
+        )
         self.incident_dropped = Counter(
             "fides_integrity_incident_requests_dropped",
             "Signed requests since the gateway started that the incident record could not keep "
@@ -162,3 +181,16 @@ class IntegrityMetrics:
             ["model", "attack"],
             registry=r,
         )
+
+    def alarm_state_saving(self, model: str) -> Callable[[bool], None]:
+        """The alarm monitor's ``on_saved`` for ``model``: the gauge and the counter, both
+        exported from the set-up (so that ``increase()`` sees the first failure)."""
+        saved = self.alarm_state_saved.labels(model)
+        failures = self.alarm_state_save_failures.labels(model)
+
+        def on_saved(ok: bool) -> None:
+            saved.set(1 if ok else 0)
+            if not ok:
+                failures.inc()
+
+        return on_saved

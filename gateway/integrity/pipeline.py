@@ -211,6 +211,7 @@ class IntegrityPipeline:
             state_dir=state_dir,
             on_untracked=metrics.alarm_untracked.labels(model, "key").inc,
             on_dropped=metrics.alarm_keys_dropped.labels(model).inc,
+            on_saved=metrics.alarm_state_saving(model),
         )
         self.incidents = IncidentRecorder(
             model,
