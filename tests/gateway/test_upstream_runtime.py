@@ -236,12 +236,13 @@ def mlaas(mlaas_server: FakeMLaaS) -> FakeMLaaS:
 
 
 @pytest.fixture
-def dead_url() -> str:
-    """A loopback port with nothing listening: connections are refused."""
+def dead_url() -> Iterator[str]:
+    """A loopback port with nothing listening: connections are refused. The socket stays
+    bound (not listening) for the test, so no other process can take the port meanwhile."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}"
 
 
 MakeRuntime = Callable[..., UpstreamRuntime]
@@ -266,7 +267,9 @@ def make_runtime(mlaas: FakeMLaaS, tmp_path: Path) -> Iterator[MakeRuntime]:
     ) -> UpstreamRuntime:
         options: dict[str, Any] = {
             "url": url or mlaas.url,
-            "timeout_s": 0.5,
+            # generous: one stall of the in-process fake on a loaded machine must not turn
+            # into a retry (the tests count the calls); the timeout tests set their own
+            "timeout_s": 5.0,
             "retries": 2,
             "backoff_s": 0.01,
             "circuit_breaker": {"failure_threshold": threshold, "reset_timeout_s": reset_timeout_s},
@@ -664,7 +667,8 @@ def test_breaker_opens_after_threshold_and_rejects_fast(
 
 
 def test_breaker_half_open_trial_then_closes(make_runtime: MakeRuntime, mlaas: FakeMLaaS) -> None:
-    rt = make_runtime(retries=0, threshold=2, reset_timeout_s=0.3)
+    # a reset of 1 s: the refusals below must come before it ends, on a loaded machine too
+    rt = make_runtime(retries=0, threshold=2, reset_timeout_s=1.0)
     mlaas.state.mode = "always_500"
     for _ in range(2):
         with pytest.raises(UpstreamError):
@@ -673,7 +677,7 @@ def test_breaker_half_open_trial_then_closes(make_runtime: MakeRuntime, mlaas: F
         rt.predict(x_batch(1))
 
     # a failed trial re-opens at once
-    time.sleep(0.35)
+    time.sleep(1.05)
     assert rt.breaker.state == "half_open"
     with pytest.raises(UpstreamError) as info:
         rt.predict(x_batch(1))
@@ -683,9 +687,10 @@ def test_breaker_half_open_trial_then_closes(make_runtime: MakeRuntime, mlaas: F
         rt.predict(x_batch(1))
     assert mlaas.state.infer_hits == 3
 
-    # a slow successful trial: concurrent callers are refused meanwhile, then it closes
-    time.sleep(0.35)
-    mlaas.state.mode, mlaas.state.delay_s = "slow", 0.15
+    # a slow successful trial: concurrent callers are refused meanwhile, then it closes (the
+    # trial is held 1 s, time enough for the refusal below on a loaded machine)
+    time.sleep(1.05)
+    mlaas.state.mode, mlaas.state.delay_s = "slow", 1.0
     results: dict[str, Any] = {}
     trial = threading.Thread(target=lambda: results.update(rt.predict(x_batch(2))))
     trial.start()
