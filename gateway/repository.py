@@ -4,6 +4,13 @@ Layout (Triton-like): ``<root>/<model>/config.yaml`` and ``<root>/<model>/<versi
 versions being positive integers. Loading a model that is already serving builds the new
 versions next to the old ones and swaps them in only when every one loaded, so a broken new
 version leaves the old one serving; the old versions drain their queues before unloading.
+
+Loads and unloads are serialised per model, as Triton's are: those of one model run one after
+the other, in the order they were asked for, while those of different models run at once (an
+unload of one model waited for a load of another, an enclave boot of seconds included). Every
+change to the repository's own state (the models served, their states, readiness, slots) is
+made on the event loop with no ``await`` inside it, so concurrent operations on different
+models see it whole.
 """
 
 from __future__ import annotations
@@ -117,7 +124,9 @@ def batch_policy(cfg: ModelConfig) -> BatchPolicy:
 
 
 class ModelRepository:
-    """Owns every served model; all mutations happen on the event loop under one lock."""
+    """Owns every served model. Its state changes on the event loop; the loads and unloads of
+    one model hold that model's lock (those of different models run concurrently), and
+    ``load_all`` loads up to ``load_concurrency`` models at once (Triton's default: 4)."""
 
     def __init__(
         self,
@@ -128,7 +137,10 @@ class ModelRepository:
         on_load: Callable[[str, bool], None] | None = None,
         drain_timeout_s: float = 30.0,
         serve_verifiers: bool = False,
+        load_concurrency: int = 4,
     ) -> None:
+        if load_concurrency < 1:
+            raise ValueError(f"load_concurrency must be at least 1, not {load_concurrency}")
         self.root = root
         self.serve_verifiers = serve_verifiers
         self._observer_factory = observer_factory or (lambda _n, _v: BatchObserver())
@@ -140,8 +152,15 @@ class ModelRepository:
         self._states: dict[str, ModelState] = {}
         self._wanted: set[str] = set()  # models that should be serving (for readiness)
         self._slots: dict[str, ModelSlot] = {}
-        self._lock = asyncio.Lock()
+        # one per model asked to load or unload: its loads and unloads run one at a time, in
+        # the order they were asked for (asyncio.Lock is fair); never removed (a few bytes
+        # per model directory that ever loaded)
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._load_concurrency = load_concurrency
         self._closed = False
+        # true while load_all runs: models load beside each other, so one may need another
+        # that is not loaded yet (the integrity service waits for the end to set them up)
+        self.starting = False
         # loads and unloads whose caller left before they ended (see _to_the_end)
         self._orphans: set[asyncio.Task[None]] = set()
         # set by the app once the integrity service exists (it needs this repository's slots)
@@ -305,11 +324,28 @@ class ModelRepository:
         self._closed = False
         for name in self.misnamed():
             log.error("model directory %r is not served: %s", name, _MISNAMED)
-        for name in self.discover():
-            try:
-                await self.load(name)
-            except GatewayError as exc:
-                log.error("model %s failed to load: %s", name, exc.message)
+        # Up to load_concurrency at once, started in name order: one slow model (a big
+        # artefact, an enclave boot) no longer holds back every other model's start. Cut
+        # short (a signal during start-up), the models not begun are never loaded; those
+        # loading finish (see _to_the_end) and close() unloads them.
+        gate = asyncio.Semaphore(self._load_concurrency)
+
+        async def load_one(name: str) -> None:
+            async with gate:
+                try:
+                    await self.load(name)
+                except GatewayError as exc:
+                    log.error("model %s failed to load: %s", name, exc.message)
+
+        self.starting = True
+        tasks = [asyncio.ensure_future(load_one(name)) for name in self.discover()]
+        try:
+            await asyncio.gather(*tasks)
+        finally:  # one failed unexpectedly, or the start was cancelled: the rest do not begin
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self.starting = False
 
     async def load(self, name: str) -> list[int]:
         """(Re)load ``name`` from disk; atomically replaces the versions it serves. Returns the
@@ -327,11 +363,20 @@ class ModelRepository:
             # "wanted" (the server would stay not ready) or listed in the index
             raise NotFound(f"unknown model '{name}': no {name}/config.yaml in the repository")
         versions: list[int] = []
-        await self._to_the_end(self._load(name, path, versions))
+        # the lock exists from now on: an unload asked for while this load waits for its
+        # turn finds the model (and runs after it) instead of answering "not loaded"
+        lock = self._lock(name)
+        await self._to_the_end(self._load(name, path, versions, lock))
         return versions
 
-    async def _load(self, name: str, path: Path, versions: list[int]) -> None:
-        async with self._lock:
+    def _lock(self, name: str) -> asyncio.Lock:
+        lock = self._locks.get(name)
+        if lock is None:
+            lock = self._locks[name] = asyncio.Lock()
+        return lock
+
+    async def _load(self, name: str, path: Path, versions: list[int], lock: asyncio.Lock) -> None:
+        async with lock:
             if self._closed:
                 raise Unavailable("the gateway is shutting down: no model is loaded now")
             self._wanted.add(name)
@@ -366,12 +411,12 @@ class ModelRepository:
         """Stop serving ``name``: its versions drain, then unload. Runs to the end when the
         caller leaves (see _to_the_end)."""
         validate_model_name(name)
-        if name not in self._models and name not in self._states:
+        if name not in self._models and name not in self._states and name not in self._locks:
             raise NotFound(f"model '{name}' is not loaded")  # and leaves no trace
-        await self._to_the_end(self._unload(name))
+        await self._to_the_end(self._unload(name, self._lock(name)))
 
-    async def _unload(self, name: str) -> None:
-        async with self._lock:
+    async def _unload(self, name: str, lock: asyncio.Lock) -> None:
+        async with lock:
             self._wanted.discard(name)
             served = self._models.pop(name, None)
             slot = self.slot(name)
@@ -407,12 +452,23 @@ class ModelRepository:
             log.warning("a load or unload whose caller left failed: %s", exc)
 
     async def close(self) -> None:
-        async with self._lock:
-            self._closed = True
-            models = list(self._models.values())
-            self._models.clear()
-            for slot in self._slots.values():
-                slot.served, slot.reason = None, "the gateway is shutting down"
+        """Stop serving every model. A load begun before finishes first (a load thread cannot
+        be interrupted) and its model is then unloaded with the others; a load that had not
+        begun refuses (the gateway is shutting down)."""
+        self._closed = True
+
+        async def take(name: str, lock: asyncio.Lock) -> ServedModel | None:
+            async with lock:  # after the operation on this model now running, if any
+                if (slot := self._slots.get(name)) is not None:
+                    slot.served, slot.reason = None, "the gateway is shutting down"
+                return self._models.pop(name, None)
+
+        taken = await asyncio.gather(*(take(n, lock) for n, lock in list(self._locks.items())))
+        models = [served for served in taken if served is not None]
+        for name in list(self._models):  # none: every model loads under its lock
+            models.append(self._models.pop(name))
+        for slot in self._slots.values():
+            slot.served, slot.reason = None, "the gateway is shutting down"
         for served in models:
             await self._retire(served)
         # a load or unload whose caller left may still be draining the versions it replaced

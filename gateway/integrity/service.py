@@ -9,6 +9,15 @@ finds a model's integrity through the servable it serves. At start the pipelines
 once every model has loaded (the detector, re-classifier and novelty check are models of the
 same repository); a model first loaded later gets its pipeline when it loads. Until its
 pipeline exists a verified model answers 503, never unverified as if it had no block.
+
+Set-ups run concurrently: the repository loads different models at once (its locks are per
+model), and :meth:`IntegrityService.start` sets every waiting model up together. What they
+share (the enclave platform, created once; the runtime directory; the sealing counters; the
+metrics registry; the alarm state directory, one file per model) is touched only in the
+synchronous part of a set-up (the factory, the pipeline's constructor), which no other
+set-up can interleave with on the event loop; the one wait, an enclave's boot, touches only
+that model's files (its socket, log and sealed verifier, named after it). Keep it so: moving
+the factory to a thread would need a lock around that part.
 """
 
 from __future__ import annotations
@@ -114,7 +123,10 @@ class IntegrityService:
             return list(versions)
         if current is None:
             current = ModelIntegrity(name, cfg.integrity)
-            if self._started:  # loaded after start: set up now, before it serves
+            # loaded after start: set up now, before it serves. While the repository loads
+            # every model (a start, a second one included) it waits for start(): the detector,
+            # re-classifier and novelty check it needs may still be loading beside it.
+            if self._started and not self.repository.starting:
                 await self._setup(current, versions[-1])
         for _ in versions:
             current.attach()
