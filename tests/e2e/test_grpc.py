@@ -365,11 +365,14 @@ def test_a_cancelled_call_is_counted_and_leaks_nothing(
     assert 'fides_grpc_requests_total{code="OK",method="ModelInfer"}' in metrics
 
 
-def _metric(gw: GatewayProcess, prefix: str) -> float:
-    """The summed value of every sample whose line starts with ``prefix``."""
+def _metric(gw: GatewayProcess, prefix: str, having: str = "") -> float:
+    """The summed value of every sample whose line starts with ``prefix`` (and holds
+    ``having``)."""
     text = httpx.get(f"{gw.base_url}/metrics").text
     return sum(
-        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix)
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(prefix) and having in line
     )
 
 
@@ -422,7 +425,14 @@ def test_cancel_mid_call_and_sigterm_drain(tmp_path: Path) -> None:
         assert _metric(gw, depth) == 0
 
         calls = [infer.future(req, metadata=(*USER.items(),), timeout=20) for _ in range(2)]
-        time.sleep(0.5)
+        # both reached the server (in flight, or answered should a loaded machine have delayed
+        # one past the batching window) before the signal: a fixed sleep let a late one be
+        # refused
+        served = 'fides_inference_requests_total{model="tiny"'
+        deadline = time.monotonic() + 30
+        while _metric(gw, inflight) + _metric(gw, served, 'outcome="success"') < 2:
+            assert time.monotonic() < deadline, "the 2 calls never reached the server"
+            time.sleep(0.02)
         os.kill(gw.pid, signal.SIGTERM)
         answers = [c.result(timeout=15) for c in calls]
         assert [len(a.raw_output_contents) for a in answers] == [2, 2]

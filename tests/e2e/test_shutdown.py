@@ -12,10 +12,24 @@ import httpx
 import pytest
 
 from tests.conftest import USER_KEY
-from tests.e2e.conftest import running_gateway
+from tests.e2e.conftest import GatewayProcess, running_gateway
 from tests.model_factory import TINY_CONFIG, make_repository, write_config
 
 pytestmark = pytest.mark.e2e
+
+
+def _reached(gw: GatewayProcess) -> float:
+    """Requests of ``tiny`` the server has taken: in flight now, or answered successfully."""
+    text = httpx.get(f"{gw.base_url}/metrics", timeout=10).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith('fides_inference_inflight_requests{model="tiny"}')
+        or (
+            line.startswith('fides_inference_requests_total{model="tiny"')
+            and 'outcome="success"' in line
+        )
+    )
 
 
 def test_sigterm_lets_in_flight_requests_finish(tmp_path: Path) -> None:
@@ -48,7 +62,13 @@ def test_sigterm_lets_in_flight_requests_finish(tmp_path: Path) -> None:
 
         with ThreadPoolExecutor(4) as pool:
             futures = [pool.submit(call) for _ in range(4)]
-            time.sleep(0.5)
+            # all four reached the server (in flight, or already answered should a loaded
+            # machine have delayed one past the batching window) before the signal: a fixed
+            # sleep here let a late one meet a closed port
+            deadline = time.monotonic() + 30
+            while _reached(gw) < 4:
+                assert time.monotonic() < deadline, "the 4 requests never reached the server"
+                time.sleep(0.02)
             t0 = time.monotonic()
             os.kill(gw.pid, signal.SIGTERM)
             statuses = [f.result() for f in futures]

@@ -332,14 +332,16 @@ def test_a_redirect_is_not_followed_and_says_where_it_pointed(
 def test_a_connection_failure_is_a_client_error_naming_the_request(
     models: IntegrityModels,
 ) -> None:
-    with socket.socket() as s:  # a port nobody listens on
+    # a port nobody listens on: held bound (never listening) for the whole test, so that no
+    # other process can take it meanwhile
+    with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    with (
-        client(f"http://127.0.0.1:{port}", models) as c,
-        pytest.raises(FidesTransportError, match=rf"GET {ATTESTATION}: ConnectError"),
-    ):
-        c.infer(X)
+        with (
+            client(f"http://127.0.0.1:{port}", models) as c,
+            pytest.raises(FidesTransportError, match=rf"GET {ATTESTATION}: ConnectError"),
+        ):
+            c.infer(X)
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -539,7 +540,8 @@ async def test_queue_full_sheds_with_503(client: httpx.AsyncClient, repo_path: P
         {
             **TINY_CONFIG,
             "dynamic_batching": {
-                "max_queue_delay_microseconds": 300_000,
+                # long enough that a loaded machine gets every request queued within it
+                "max_queue_delay_microseconds": 1_000_000,
                 "max_queue_size": 2,
                 "preferred_batch_size": [16],
                 "dispatch_when_idle": False,  # requests wait, so the queue fills
@@ -569,7 +571,12 @@ async def test_queue_full_sheds_with_503(client: httpx.AsyncClient, repo_path: P
         asyncio.create_task(client.post("/v2/models/small_queue/infer", json=_infer_body()))
         for _ in range(2)
     ]
-    await asyncio.sleep(0.05)  # both queued, waiting out the 300 ms batching delay
+    # both queued (waiting out the 1 s batching delay) before the next one comes
+    depth = 'fides_inference_queue_depth{model="small_queue",version="1"} 2.0'
+    deadline = time.monotonic() + 10
+    while depth not in (await client.get("/metrics")).text:
+        assert time.monotonic() < deadline, "the two requests never filled the queue"
+        await asyncio.sleep(0.01)
     r = await asyncio.wait_for(
         client.post("/v2/models/small_queue/infer", content=stalled_body()), timeout=5
     )

@@ -374,14 +374,26 @@ async def test_close_drains_queued_requests() -> None:
     assert sorted(rt.batches) == [1, 1, 1, 1]
 
 
+class MeetingRuntime(DoublingRuntime):
+    """y = 2x, but each batch waits in ``predict`` until ``parties`` batches are there at
+    once (at most 20 s, then it fails): run one at a time, none would ever finish."""
+
+    def __init__(self, parties: int) -> None:
+        super().__init__()
+        self.meeting = threading.Barrier(parties, timeout=20)
+
+    def predict(self, inputs: Tensors, output_names: list[str] | None = None) -> Tensors:
+        self.meeting.wait()
+        return super().predict(inputs, output_names)
+
+
 async def test_instances_run_concurrently() -> None:
-    rt = DoublingRuntime(delay_s=0.2)
+    rt = MeetingRuntime(parties=4)  # no timing: the 4 batches must be computed side by side
     b = DynamicBatcher(rt, _policy(max_batch_size=1, max_queue_delay_s=0, instances=4))
     b.start()
-    t0 = time.monotonic()
-    await _run_all(b, [_x(float(i)) for i in range(4)])
-    assert time.monotonic() - t0 < 0.6  # 4 x 0.2 s serially would be 0.8 s
-    assert len(rt.threads) >= 2
+    outs = await _run_all(b, [_x(float(i)) for i in range(4)], timeout=60)
+    assert [o["y"][0, 0] for o in outs] == [0.0, 2.0, 4.0, 6.0]
+    assert len(rt.threads) == 4
     await b.close()
 
 

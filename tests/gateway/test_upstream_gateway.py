@@ -119,11 +119,16 @@ async def test_upstream_down_is_a_clear_502_then_the_circuit_opens(
     url, server = mlaas
     assert (await proxy.post("/v2/models/remote_tiny/infer", json=_body())).status_code == 200
     server.should_exit = True
-    for _ in range(200):  # wait until the port is closed
+    # wait until the port is closed: a connection refused, not merely a slow answer
+    deadline = time.monotonic() + 30
+    while True:
         try:
-            httpx.get(url + "/v2/health/live", timeout=0.2)
-        except httpx.TransportError:
+            httpx.get(url + "/v2/health/live", timeout=5)
+        except httpx.ConnectError:
             break
+        except httpx.TransportError:  # e.g. dropped while shutting down: not closed yet
+            pass
+        assert time.monotonic() < deadline, f"the MLaaS at {url} still accepts connections"
         time.sleep(0.05)
     for _ in range(2):
         r = await proxy.post("/v2/models/remote_tiny/infer", json=_body())

@@ -167,16 +167,20 @@ async def test_a_bundle_waits_for_the_requests_of_its_batches_still_being_judged
         rec.record(x)
     t0 = time.perf_counter()
     rec.fired(["model"], "anonymous")
-    assert time.perf_counter() - t0 < 0.05  # nothing waited on the serving path
+    # nothing waited on the serving path: the seal, build and write are handed off (no bundle
+    # yet), and firing took far less than the 5 s settle a wait there would last (a bound
+    # generous enough for a loaded machine)
+    assert rec.summaries() == []
+    assert time.perf_counter() - t0 < 1.0
     later = _batch(boot, 2)  # signed after the alarm: not the bundle's
     await asyncio.sleep(0.2)
     assert rec.summaries() == []  # still waiting
     for x in [*last[1:], *later, *middle]:
         rec.record(x)
-    [ident] = await _kept(rec, 1, timeout_s=2.0)
+    [ident] = await _kept(rec, 1)
     bundle = rec.get(ident)
     assert bundle["settle"]["missing"] == 0
-    assert 0.15 <= bundle["settle"]["waited_s"] < 2.0
+    assert 0.15 <= bundle["settle"]["waited_s"] < 5.0  # waited for them, not the whole settle
     check = _check(bundle, platform)
     assert check.requests == 8
     assert check.gaps() == []
@@ -192,7 +196,7 @@ async def test_a_request_not_judged_within_the_bound_stays_a_gap(platform: Platf
     for x in batch[:2]:
         rec.record(x)
     rec.fired(["model"], "anonymous")
-    [ident] = await _kept(rec, 1, timeout_s=3.0)
+    [ident] = await _kept(rec, 1)
     rec.record(batch[2])  # too late
     bundle = rec.get(ident)
     assert bundle["settle"]["missing"] == 1
@@ -209,18 +213,18 @@ async def test_answers_pushed_out_of_a_full_ring_complete_the_oldest_batch(
     """A ring of 4: the first batch's first two requests are pushed out before the alarm.
     They are kept aside a while, so the bundle's oldest batch is whole; a key's bundle takes
     its own requests only."""
-    rec = _recorder(None, "gateway-0", settle_s=1.0, capacity=4)
+    rec = _recorder(None, "gateway-0", settle_s=5.0, capacity=4)
     boot, doc = _boot(platform)
     rec.boot(boot.module_id, doc)
     for x in [*_batch(boot, 3), *_batch(boot, 3)]:
         rec.record(x)
     assert len(rec.ring) == 4
     rec.fired(["model"], "anonymous")
-    [ident] = await _kept(rec, 1, timeout_s=1.0)  # nothing to wait for
+    [ident] = await _kept(rec, 1)
     check = _check(rec.get(ident), platform)
     assert check.requests == 6
     assert check.gaps() == []
-    assert rec.get(ident)["settle"]["waited_s"] < 0.5
+    assert rec.get(ident)["settle"]["waited_s"] < 2.5  # nothing to wait for: not the 5 s settle
     await rec.close()
 
 
@@ -234,7 +238,7 @@ async def test_closing_seals_a_waiting_bundle_at_once(platform: Platform) -> Non
     await asyncio.sleep(0.05)
     t0 = time.perf_counter()
     await rec.close()  # the gateway's shutdown: no 30 s wait
-    assert time.perf_counter() - t0 < 2.0
+    assert time.perf_counter() - t0 < 10.0
     [summary] = rec.summaries()
     assert rec.get(summary["id"])["settle"]["missing"] == 2
 
