@@ -176,6 +176,7 @@ class EnclaveBatcher:
         self._rows = 0
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._batches: dict[asyncio.Task[None], Sequence[_Pending]] = {}  # each call's requests
 
     async def verify(
         self,
@@ -206,10 +207,12 @@ class EnclaveBatcher:
         batch, self._pending, self._rows = self._pending, [], 0
         task = asyncio.get_running_loop().create_task(self._call(batch))
         self._tasks.add(task)
+        self._batches[task] = batch
         task.add_done_callback(self._call_done)
 
     def _call_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
+        self._batches.pop(task, None)
         if self.when_idle and not self._tasks and self._pending:
             self._flush()  # they gathered while the enclave was busy: a batch, ready now
 
@@ -251,8 +254,29 @@ class EnclaveBatcher:
             except Exception:  # one request's bookkeeping must not fail the others
                 log.exception("a late signed answer (request %s) not taken", item.id)
 
-    async def close(self) -> None:
+    async def close(self, grace_s: float | None = None) -> None:
+        """Send what gathered and wait for the calls in flight (their late answers told),
+        for at most ``grace_s`` (None: as long as they take). A call still out after it (a
+        hung enclave) is abandoned: cancelled, its requests' ids logged; their waiters were
+        answered long before (their own timeout), so only their signed answers are lost, and
+        a shutdown no longer lasts as long as the enclave hangs."""
         self._flush()
-        for task in list(self._tasks):
-            with contextlib.suppress(Exception):
-                await task
+        tasks = list(self._tasks)
+        if not tasks:
+            return
+        done, out = await asyncio.wait(tasks, timeout=grace_s)
+        for task in done:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                task.result()
+        if out:
+            ids = [p.request.id for task in out for p in self._batches.get(task, ())]
+            log.warning(
+                "closing with %d enclave call(s) still out after %.1f s (the enclave hangs?): "
+                "abandoned; the signed answers of requests %s will not be recorded",
+                len(out),
+                grace_s or 0.0,
+                ", ".join(ids[:20]) + (", ..." if len(ids) > 20 else ""),
+            )
+            for task in out:
+                task.cancel()
+            await asyncio.gather(*out, return_exceptions=True)

@@ -423,9 +423,11 @@ class IntegrityPipeline:
         the incident record, in a bundle waiting for them, and in the alarm's saved state;
         then the enclave calls in flight end (their late answers recorded), the bundles are
         sealed and written, and the alarm saved. A request still in flight after the bound
-        is logged by id, and counted if it records later (the recorder)."""
+        is logged by id, and counted if it records later (the recorder); an enclave call still
+        out when the bound has passed (a hung enclave) is abandoned, its requests logged."""
+        ends = time.monotonic() + self.close_grace_s
         await self._drain()
-        await self.batcher.close()
+        await self.batcher.close(max(0.0, ends - time.monotonic()))
         await self.incidents.close()
         await self.alarm.flush()  # nothing the alarm has seen is lost at shutdown
 

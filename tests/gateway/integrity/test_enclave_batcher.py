@@ -90,3 +90,35 @@ async def test_each_call_names_the_boot_it_was_checked_against(tmp_path: Path) -
         await batcher.verify(_request(2), 1)
     assert len(told) == 2
     await batcher.close()
+
+
+async def test_closing_abandons_a_call_the_enclave_hangs_on_after_the_grace(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A hung enclave (its call 30 s out) whose waiter has long given up (its own timeout):
+    close waits the grace (0.5 s), then abandons the call, naming its request; the shutdown
+    no longer lasts as long as the enclave hangs (it waited the 30 s)."""
+    enclave = _enclave(tmp_path)
+    enclave.delay_s = 30.0
+    batcher = EnclaveBatcher(enclave, max_rows=32, delay_s=0.0)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(batcher.verify(_request(7), 1), 0.2)
+    t0 = time.monotonic()
+    await asyncio.wait_for(batcher.close(grace_s=0.5), 15)
+    assert time.monotonic() - t0 < 10
+    assert "abandoned" in caplog.text
+    assert "r7" in caplog.text
+
+
+async def test_closing_waits_for_a_call_that_answers_within_the_grace(tmp_path: Path) -> None:
+    """A slow but live enclave: its late signed answer is still told at close."""
+    enclave = _enclave(tmp_path)
+    enclave.delay_s = 0.5
+    batcher = EnclaveBatcher(enclave, max_rows=32, delay_s=0.0)
+    told: list[str] = []
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(
+            batcher.verify(_request(8), 1, late=lambda item: told.append(item.id)), 0.1
+        )
+    await batcher.close(grace_s=20.0)
+    assert told == ["r8"]
