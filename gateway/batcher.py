@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import time
 from collections import deque
@@ -105,7 +104,6 @@ class DynamicBatcher:
         # inline and dispatching when idle: batches run from a call_soon, not the scheduler
         self._flushes = policy.inline and (policy.dispatch_when_idle or not self.batched)
         self._flush_soon = False
-        self._passes_deadline = _takes_deadline(runtime)
 
     @property
     def batched(self) -> bool:
@@ -394,10 +392,7 @@ class DynamicBatcher:
         self.observer.batch_stages(size, *stages)
 
     def _predict(self, inputs: Tensors, deadline: float) -> Tensors:
-        """The runtime's predict, told ``deadline`` when it takes one."""
-        if self._passes_deadline:
-            return self.runtime.predict(inputs, deadline=deadline)
-        return self.runtime.predict(inputs)
+        return self.runtime.predict(inputs, deadline=deadline)
 
     def _execute(
         self, inputs: list[Tensors], sizes: list[int], deadlines: list[float]
@@ -455,16 +450,6 @@ class DynamicBatcher:
             return self._predict(inputs, deadline)
         except Exception as exc:  # noqa: BLE001 - this request's own error
             return exc
-
-
-def _takes_deadline(runtime: Runtime) -> bool:
-    """Whether ``runtime.predict`` takes ``deadline=`` (a runtime written before it was
-    added does not, and is still served)."""
-    try:
-        params = inspect.signature(runtime.predict).parameters.values()
-    except (TypeError, ValueError):  # no signature to read: call it the old way
-        return False
-    return any(p.name == "deadline" or p.kind is p.VAR_KEYWORD for p in params)
 
 
 def _internal(runtime: Runtime, exc: Exception) -> GatewayError:

@@ -64,8 +64,7 @@ class Runtime(ABC):
         """Run inference; return every output (or those named). ``deadline``
         (``time.monotonic()``, given by the batcher: the latest of its requests'): after it
         no caller waits for the answer, so a runtime that can stop (a remote call's retries)
-        stops by then; one that cannot ignores it. The batcher passes it only to a
-        ``predict`` that takes it (an older runtime's does not)."""
+        stops by then; one that cannot ignores it."""
         raise NotImplementedError
 
     def unload(self) -> None:  # noqa: B027 - optional hook, default does nothing

@@ -26,7 +26,13 @@ class DoublingRuntime(Runtime):
         self.batches: list[int] = []
         self.threads: set[int] = set()
 
-    def predict(self, inputs: Tensors, output_names: list[str] | None = None) -> Tensors:
+    def predict(
+        self,
+        inputs: Tensors,
+        output_names: list[str] | None = None,
+        *,
+        deadline: float | None = None,
+    ) -> Tensors:
         self.threads.add(threading.get_ident())
         self.batches.append(inputs["x"].shape[0])
         if self.delay_s:
@@ -382,7 +388,13 @@ class MeetingRuntime(DoublingRuntime):
         super().__init__()
         self.meeting = threading.Barrier(parties, timeout=20)
 
-    def predict(self, inputs: Tensors, output_names: list[str] | None = None) -> Tensors:
+    def predict(
+        self,
+        inputs: Tensors,
+        output_names: list[str] | None = None,
+        *,
+        deadline: float | None = None,
+    ) -> Tensors:
         self.meeting.wait()
         return super().predict(inputs, output_names)
 
@@ -400,7 +412,13 @@ async def test_instances_run_concurrently() -> None:
 class PickyRuntime(DoublingRuntime):
     """y = 2x, but a batch holding a negative row fails (a bad input the model chokes on)."""
 
-    def predict(self, inputs: Tensors, output_names: list[str] | None = None) -> Tensors:
+    def predict(
+        self,
+        inputs: Tensors,
+        output_names: list[str] | None = None,
+        *,
+        deadline: float | None = None,
+    ) -> Tensors:
         if (inputs["x"] < 0).any():
             self.batches.append(inputs["x"].shape[0])
             raise ValueError("negative row")
@@ -433,7 +451,13 @@ async def test_one_bad_request_fails_alone_not_its_batch(inline: bool) -> None:
 class SummingRuntime(DoublingRuntime):
     """An output with one row per batch, not per input row (a reduction over the batch)."""
 
-    def predict(self, inputs: Tensors, output_names: list[str] | None = None) -> Tensors:
+    def predict(
+        self,
+        inputs: Tensors,
+        output_names: list[str] | None = None,
+        *,
+        deadline: float | None = None,
+    ) -> Tensors:
         self.batches.append(inputs["x"].shape[0])
         return {"y": inputs["x"].sum(axis=0, keepdims=True)}
 

@@ -293,18 +293,6 @@ class _DeadlineRecorder(Runtime):
         return {"y": inputs["x"] * 2}
 
 
-class _OldStyle(Runtime):
-    """A runtime written before ``deadline`` existed: still served."""
-
-    platform = "test"
-
-    def __init__(self) -> None:
-        super().__init__("old", 1, Path("."), ModelConfig(platform="onnx", max_batch_size=8))
-
-    def predict(self, inputs: Tensors, output_names: list[str] | None = None) -> Tensors:  # type: ignore[override]
-        return {"y": inputs["x"] * 2}
-
-
 def _batching(max_batch_size: int = 8) -> BatchPolicy:
     return BatchPolicy(max_batch_size=max_batch_size, max_queue_delay_s=0.2, instances=1)
 
@@ -320,12 +308,3 @@ async def test_a_batch_runs_with_the_latest_deadline_of_its_requests() -> None:
     await b.close()
     assert all(o["y"].tolist() == [[2.0, 2.0]] for o in outs)
     assert rt.deadlines == [now + 40]  # one batch: a caller waits until the latest deadline
-
-
-async def test_a_runtime_without_the_deadline_keyword_is_still_served() -> None:
-    b = DynamicBatcher(_OldStyle(), _batching())
-    b.start()
-    x = {"x": np.ones((1, 2), dtype=np.float32)}
-    out = await b.submit(x, time.monotonic() + 20)
-    await b.close()
-    assert out["y"].tolist() == [[2.0, 2.0]]
