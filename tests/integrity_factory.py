@@ -106,6 +106,21 @@ def _threshold(repo: Path, name: str) -> float:
     return float(card["threshold"])
 
 
+def honest_digits(n: int, seed: int = 0) -> np.ndarray:
+    """``n`` of all 1797 of scikit-learn's digits, a seeded draw with no selection,
+    ``[n, 1, 8, 8]``: honest traffic for tests about what the stream checks (the windowed
+    substitution test) say of honest traffic. Unlike :class:`Digits` (chosen for a low detector
+    score, so their KL(service || verifier) sits well below the clean calibration pairs' and a
+    two-sided window test calls them "less" disagreement now and then: about 2 % of windows of
+    40 at alpha 0.001), a draw like this disagrees as the clean calibration pairs do, so a
+    window of it is flagged about as often as the test's alpha says (measured: 1 in 1000)."""
+    from sklearn.datasets import load_digits
+
+    images, _ = load_digits(return_X_y=True)
+    idx = np.random.default_rng(seed).choice(len(images), size=n, replace=False)
+    return (np.asarray(images[idx], dtype=np.float32) / 16.0).reshape(-1, 1, 8, 8)
+
+
 def typical_digits(repo: Path, minimum: int = 100) -> Digits:
     """Select :class:`Digits` from all 1797 of scikit-learn's digits with the models in
     ``repo`` (as built by :func:`build_integrity_repository`)."""

@@ -35,7 +35,7 @@ import pytest
 
 from tests.conftest import ADMIN_KEY, USER_KEY
 from tests.e2e.conftest import REPO_ROOT, GatewayProcess, running_gateway
-from tests.gateway.integrity.conftest import infer_body
+from tests.gateway.integrity.conftest import infer_body, set_integrity
 from tests.integrity_factory import Digits
 from tests.monitoring import (
     MonitorProcess,
@@ -52,6 +52,12 @@ ALERT_RULES = REPO_ROOT / "deploy" / "prometheus" / "alerts.yml"
 MODEL = "digits"
 HONEST_FLAGS_MAX = 3  # expected about 1 in 40 at the calibrated false-positive rate
 HONEST_ROWS = 40
+# The honest rows are clear cases (low detector scores), whose KL(service || verifier) sits
+# below the clean calibration pairs': the two-sided substitution window test calls a window of
+# them "less" disagreement in about 2 % of runs, a pending FidesModelSubstitutionSuspected. The
+# window here is longer than the honest traffic, so that test never judges those rows; what it
+# says of honest traffic is tested in tests/gateway/integrity/test_trust.py, on a plain draw.
+SUBSTITUTION_WINDOW = HONEST_ROWS + 10
 ENCLAVE_KILLS = 4  # FidesEnclaveRestarting: more than 3 restarts in 15 minutes
 WAIT_S = 90.0  # the bound on every wait; resolution alone takes about a minute
 ADMIN = {"X-API-Key": ADMIN_KEY}
@@ -163,6 +169,7 @@ def test_attack_alert_fires_in_prometheus_and_reaches_alertmanager_webhook(
 ) -> None:
     repo = tmp_path / "repo"
     shutil.copytree(trained_repository[0], repo)
+    set_integrity(repo, substitution_window=SUBSTITUTION_WINDOW)
     env = {
         "FIDES_ENCLAVE_PLATFORM_DIR": str(enclave_runtime / "platform"),
         "FIDES_ENCLAVE_RUNTIME_DIR": str(enclave_runtime / "run"),

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import pytest
+from scipy.stats import binom
 
 from fides.defaults import digits as default
 from gateway.model_config import load_model_config
@@ -119,8 +120,16 @@ def test_marker_records_accuracy_and_latency(marker: dict[str, Any]) -> None:
     assert detector["target_fpr"] == 0.01
     assert "probability >= 0.95" in detector["threshold_rule"]
     assert detector["calibration_scores"] >= 299
-    # a tolerance, not this machine's figure: 2 of ~144 held-out digits at most
-    assert detector["clean_fpr"] <= 2 / detector["evaluation_images"] + 1e-9
+    # A tolerance from the binomial, not this machine's figure. At a clean FPR of 1 % the
+    # count of flagged held-out digits is Binomial(n, 0.01); fail only on a count that has
+    # probability < 1e-3 there: 7 or more of 143 (at 1.5 %, the worst a calibration missing
+    # its 1 % target is likely to be, 0.6 %). The old "2 of 143" failed 17 % of good builds
+    # (seeds 0-3 flagged 1, 3, 0, 0). A threshold at 10 % FPR flags 7 or more of 143 with
+    # probability 0.991, one at 5 % with probability 0.58.
+    n = detector["evaluation_images"]
+    flagged = round(detector["clean_fpr"] * n)  # clean_fpr is flagged / n, rounded
+    limit = int(binom.isf(1e-3, n, 0.01))  # P(X > limit | n, 1 %) <= 1e-3
+    assert flagged <= limit, (flagged, n, limit)
     novelty = marker["models"]["digits_novelty"]
     assert novelty["calibration_scores"] >= 299
     assert novelty["clean_rate"] <= 0.03

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from verifier.attacks import switch
@@ -22,6 +23,8 @@ def test_flip_loss_has_a_gradient_and_is_zero_once_flipped() -> None:
     assert float(flip_loss(torch.tensor([[0.1, 0.8, 0.1]]), y, kappa=0.5)) == 0.0
 
 
+# seconds on an idle machine; 243 s was seen on a loaded 2-core one, near the suite's 300 s default
+@pytest.mark.timeout(900)
 def test_tiny_gan_detector_loss_falls_and_generator_flips_more() -> None:
     rng = np.random.default_rng(0)
     c, n = 5, 1200
@@ -37,8 +40,10 @@ def test_tiny_gan_detector_loss_falls_and_generator_flips_more() -> None:
     h = train_gan(det, gen, p, q, att.probs, q, epochs=10, batch_size=128, seed=0, lr_g=3e-3)
     assert len(h.d_loss) == len(h.g_flip_rate) == 10
     assert h.d_loss[-1] < h.d_loss[0]
-    assert h.g_flip_rate[-1] > h.g_flip_rate[0]
-    assert h.g_flip_rate[-1] > 0.5
+    # GAN training is chaotic: the last epoch's flip rate depends on the CPU's arithmetic.
+    # Over torch seeds 0-8 it ended at 0.55-0.75, 16-31x its first epoch's 0.02-0.04, so
+    # "> 0.5" had no margin; a generator that learned nothing stays near its first epoch's rate
+    assert h.g_flip_rate[-1] > max(0.3, 5 * h.g_flip_rate[0]), h.g_flip_rate
     # G's outputs are probability vectors
     out = gen.attack(p[:50], torch.Generator().manual_seed(0))
     np.testing.assert_allclose(out.sum(1), 1.0, atol=1e-5)
