@@ -44,11 +44,14 @@ protection needs a hardware monotonic counter (TPM NV index) or a remote counter
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import re
 import secrets
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +77,10 @@ MAGIC = b"FIDESSL1"
 FORMAT_VERSION = 1
 COUNTER_FILE = "model_counter"  # platform-wide: files sealed without a model identity
 COUNTER_DIR = "model_counters"  # one file per model identity
+# held (flock) around every read-check-write of the counters: enclaves of several models boot
+# at once, and two boots reading then raising the platform-wide counter could write the lower
+# version last (the counter going down)
+COUNTER_LOCK = ".counters.lock"
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 _HEADER = struct.Struct(">8sHQ48s48s16s12s")
 TAG_SIZE = 16
@@ -136,6 +143,21 @@ def _read_int(path: Path) -> int | None:
     return int(text)
 
 
+@contextlib.contextmanager
+def counters_locked(platform_dir: Path) -> Iterator[None]:
+    """The platform's rollback counters held by this process until the block ends (an
+    advisory ``flock`` every seal and boot of this code takes, across processes and the
+    containers sharing the platform volume)."""
+    # read-only and readable by all: flock needs no write access, and the lock file holds
+    # nothing, so a boot under another uid than the one that sealed can take it too
+    fd = os.open(platform_dir / COUNTER_LOCK, os.O_RDONLY | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def read_counter(platform_dir: Path, model_id: str | None = None) -> int:
     """The rollback counter of ``model_id`` (None: the platform-wide one). A model without a
     counter of its own starts from the platform-wide one (platforms from before per-model
@@ -167,7 +189,8 @@ def seal(
     platform-wide counter). ``version`` defaults to that counter + 1. Returns the file bytes,
     the measurement and the version."""
     if version is None:
-        version = read_counter(platform_dir, model_id) + 1
+        with counters_locked(platform_dir):
+            version = read_counter(platform_dir, model_id) + 1
     if not 0 <= version < 2**63:
         raise BootError("model version must be in 0..2**63-1")
     measurement = measure(model, config, code_root)
@@ -179,11 +202,12 @@ def seal(
     body: dict[str, object] = {"model": model, "config": config.as_dict()}
     if model_id is not None:
         own = _counter_path(platform_dir, model_id)  # refuses an empty identity before sealing
-        if _read_int(own) is None:
-            # the model's counter starts where it inherits from now: boots of other models
-            # that raise the platform-wide counter before this file first boots do not make
-            # it a rollback
-            write_counter(platform_dir, read_counter(platform_dir, model_id), model_id)
+        with counters_locked(platform_dir):
+            if _read_int(own) is None:
+                # the model's counter starts where it inherits from now: boots of other
+                # models that raise the platform-wide counter before this file first boots do
+                # not make it a rollback
+                write_counter(platform_dir, read_counter(platform_dir, model_id), model_id)
         body["counter"] = model_id
     plaintext = cbor2.dumps(body)
     key = derive_key(secret, salt, measurement.pcr0)
@@ -224,20 +248,21 @@ def unseal(
         raise SealedFileMalformed(f"sealed payload cannot be read: {exc}") from None
     if not isinstance(model, bytes) or model_digest(model, config) != header.model_pcr:
         raise SealedFileTampered("the sealed model does not match its measured digest")
-    counter = read_counter(platform_dir, model_id)
-    whose = f"model {model_id!r}'s counter" if model_id is not None else "the platform counter"
-    if header.version < counter:
-        raise RollbackRejected(
-            f"sealed model version {header.version} is older than {whose} "
-            f"{counter}: refusing a rollback (seal a newer version)"
-        )
-    if update_counter:
-        if model_id is not None and (
-            header.version > counter or _read_int(_counter_path(platform_dir, model_id)) is None
-        ):
-            write_counter(platform_dir, header.version, model_id)
-        # the platform-wide counter stays the highest version booted, so that a file sealed
-        # without an identity (before per-model counters) cannot roll a model back
-        if header.version > read_counter(platform_dir):
-            write_counter(platform_dir, header.version)
+    with counters_locked(platform_dir):
+        counter = read_counter(platform_dir, model_id)
+        whose = f"model {model_id!r}'s counter" if model_id is not None else "the platform counter"
+        if header.version < counter:
+            raise RollbackRejected(
+                f"sealed model version {header.version} is older than {whose} "
+                f"{counter}: refusing a rollback (seal a newer version)"
+            )
+        if update_counter:
+            if model_id is not None and (
+                header.version > counter or _read_int(_counter_path(platform_dir, model_id)) is None
+            ):
+                write_counter(platform_dir, header.version, model_id)
+            # the platform-wide counter stays the highest version booted, so that a file
+            # sealed without an identity (before per-model counters) cannot roll a model back
+            if header.version > read_counter(platform_dir):
+                write_counter(platform_dir, header.version)
     return UnsealedModel(model, config, header.version, measurement)

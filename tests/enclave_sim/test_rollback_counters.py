@@ -6,12 +6,16 @@ from its own sealed file (version 1) with RollbackRejected, and after ten tries 
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 from enclave_sim.pki import init_ca
-from enclave_sim.sealing import COUNTER_FILE, read_counter, seal, unseal
+from enclave_sim.sealing import COUNTER_FILE, COUNTER_LOCK, read_counter, seal, unseal
 from fides_core.enclave_config import EnclaveModelConfig
 from fides_core.enclave_errors import RollbackRejected
 from tests.model_factory import tiny_classifier
@@ -102,3 +106,55 @@ def test_any_model_name_gets_a_counter_inside_the_platform(platform: Path, model
         assert read_counter(platform, name) >= 1
     outside = [p for p in platform.parent.rglob("*") if platform not in p.parents and p != platform]
     assert all(p.name in {"v.onnx", "platform"} for p in outside)
+
+
+def test_a_boot_waits_for_the_counters_held_by_another_process(
+    platform: Path, model: bytes
+) -> None:
+    """Enclaves of several models boot at once, each reading then raising the platform-wide
+    counter: unguarded, a boot could write the lower version last and the counter go down.
+    Every read-check-write holds the platform's counter lock: a boot waits while another
+    process holds it (it went ahead at once), then raises the counter."""
+    sealed, _, version = seal(model, A, platform, version=7)
+    script = (
+        "import fcntl, os, sys\n"
+        f"fd = os.open({str(platform / COUNTER_LOCK)!r}, os.O_RDONLY | os.O_CREAT, 0o644)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "print('held', flush=True)\n"
+        "sys.stdin.readline()\n"
+    )
+    pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "text": True}
+    with subprocess.Popen([sys.executable, "-c", script], **pipes) as holder:  # type: ignore[call-overload]
+        try:
+            assert holder.stdout.readline().strip() == "held"
+            booted: list[int] = []
+            boot = threading.Thread(target=lambda: booted.append(unseal(sealed, platform).version))
+            boot.start()
+            boot.join(0.5)
+            assert boot.is_alive(), "the boot did not wait for the counters' lock"
+            assert read_counter(platform) < version
+            holder.stdin.write("\n")
+            holder.stdin.flush()
+            boot.join(30)
+            assert booted == [version]
+            assert read_counter(platform) == version
+        finally:
+            holder.kill()
+
+
+def test_boots_at_once_leave_the_highest_version_in_the_counter(
+    platform: Path, model: bytes
+) -> None:
+    files = [seal(model, A, platform, version=v)[0] for v in range(1, 9)]
+
+    def boot(sealed: bytes) -> None:
+        for _ in range(5):
+            with contextlib.suppress(RollbackRejected):  # a lower one after a higher: refused
+                unseal(sealed, platform)
+
+    workers = [threading.Thread(target=boot, args=(f,)) for f in files[::-1]]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+    assert read_counter(platform) == 8
