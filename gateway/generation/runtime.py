@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,13 @@ class CausalLM:
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
 
 
+# transformers' from_pretrained builds a model's weights on the meta device through process-
+# wide patches of torch, so two loads in threads at once corrupt each other ("Cannot copy out of
+# meta tensor"): the repository loads models side by side (its locks are per model), and these
+# loads take turns.
+_FROM_PRETRAINED = threading.Lock()
+
+
 def load_causal_lm(path: Path, device: str = "cpu", dtype: str = "float32") -> CausalLM:
     """Load a local Hugging Face causal LM directory (no download: local files only)."""
     from transformers import AutoModelForCausalLM
@@ -99,18 +107,20 @@ def load_causal_lm(path: Path, device: str = "cpu", dtype: str = "float32") -> C
 
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path} is not a Hugging Face model directory (no config.json)")
-    model: Any = AutoModelForCausalLM.from_pretrained(
-        path, dtype=_DTYPES[dtype], local_files_only=True
-    )
     dev = torch.device(device)
-    model.to(dev).eval()
+    with _FROM_PRETRAINED:
+        model: Any = AutoModelForCausalLM.from_pretrained(
+            path, dtype=_DTYPES[dtype], local_files_only=True
+        )
+        model.to(dev).eval()
     return CausalLM(model, dev, path)
 
 
 def load_tokenizer(path: Path) -> Any:
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    with _FROM_PRETRAINED:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
 def check_same_vocabulary(
