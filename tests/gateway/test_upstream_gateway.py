@@ -6,51 +6,22 @@ loopback (started with uvicorn in a thread and stopped in teardown); the proxy r
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 import uvicorn
-from fastapi import FastAPI
 
 from gateway.app import create_app
 from gateway.settings import Settings
 from tests.conftest import USER_KEY
 from tests.model_factory import TINY_CONFIG, make_repository, tiny_expected, write_config
+from tests.threaded_server import serve_in_thread
 
 X = [[1.0, 2.0, 3.0, 4.0]]
-
-
-@contextmanager
-def serve_in_thread(app: FastAPI) -> Iterator[tuple[str, uvicorn.Server]]:
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host="127.0.0.1",
-            port=0,
-            log_level="warning",
-            ws="none",
-            timeout_graceful_shutdown=2,
-        )
-    )
-    thread = threading.Thread(target=server.run, name="mlaas", daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 20
-        while not server.started:
-            assert thread.is_alive(), "MLaaS server failed to start"
-            assert time.monotonic() < deadline, "MLaaS server did not start in time"
-            time.sleep(0.01)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        yield f"http://127.0.0.1:{port}", server
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 @pytest.fixture

@@ -22,7 +22,6 @@ import httpx
 import numpy as np
 import orjson
 import pytest
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
@@ -33,6 +32,7 @@ from gateway.runtimes.upstream import UpstreamRuntime
 from gateway.settings import Settings
 from tests.conftest import USER_KEY
 from tests.model_factory import write_config
+from tests.threaded_server import serve_in_thread
 
 METADATA = {
     "name": "clf",
@@ -95,32 +95,9 @@ class Upstream:
 @pytest.fixture(scope="module")
 def upstream_server() -> Iterator[Upstream]:
     fake = Upstream()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            fake.app,
-            host="127.0.0.1",
-            port=0,
-            log_level="warning",
-            access_log=False,
-            lifespan="off",
-            ws="none",
-            timeout_graceful_shutdown=2,
-        )
-    )
-    thread = threading.Thread(target=server.run, name="hostile-mlaas", daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 10
-        while not server.started:
-            assert thread.is_alive(), "fake MLaaS server failed to start"
-            assert time.monotonic() < deadline, "fake MLaaS server did not start within 10s"
-            time.sleep(0.01)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        fake.url = f"http://127.0.0.1:{port}"
+    with serve_in_thread(fake.app, "hostile-mlaas", access_log=False, lifespan="off") as (url, _):
+        fake.url = url
         yield fake
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 @pytest.fixture

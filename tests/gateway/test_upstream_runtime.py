@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
@@ -35,6 +34,7 @@ from gateway.errors import (
 from gateway.model_config import ModelConfig
 from gateway.runtimes.base import TensorSpec
 from gateway.runtimes.upstream import UpstreamRuntime
+from tests.threaded_server import serve_in_thread
 
 # -- the fake MLaaS ------------------------------------------------------------------------
 
@@ -200,33 +200,9 @@ class FakeMLaaS:
 @pytest.fixture(scope="module")
 def mlaas_server() -> Iterator[FakeMLaaS]:
     fake = FakeMLaaS()
-    config = uvicorn.Config(
-        fake.app,
-        host="127.0.0.1",
-        port=0,
-        log_level="warning",
-        access_log=False,
-        lifespan="off",
-        ws="none",
-        timeout_graceful_shutdown=2,
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="fake-mlaas", daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 10
-        while not server.started:
-            if not thread.is_alive():
-                raise RuntimeError("fake MLaaS server failed to start")
-            if time.monotonic() > deadline:
-                raise RuntimeError("fake MLaaS server did not start within 10s")
-            time.sleep(0.01)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        fake.url = f"http://127.0.0.1:{port}"
+    with serve_in_thread(fake.app, "fake-mlaas", access_log=False, lifespan="off") as (url, _):
+        fake.url = url
         yield fake
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 @pytest.fixture
