@@ -16,29 +16,11 @@ import httpx
 import pytest
 
 from gateway.app import create_app
-from gateway.runtimes.onnx import OnnxRuntime
 from gateway.settings import Settings
 from tests.conftest import ADMIN_KEY, USER_KEY, serving
+from tests.gateway.conftest import WAIT_S, Gate
 from tests.gateway.integrity.conftest import ADMIN, Fakes, integrity_gateway
-from tests.gateway.test_repository_parallel import WAIT_S, Gate
 from tests.integrity_factory import Digits
-
-
-@pytest.fixture
-def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[Gate]:
-    gate = Gate(set())
-    load = OnnxRuntime.load
-
-    def gated_load(self: OnnxRuntime) -> None:
-        gate.enter(self.name)
-        try:
-            load(self)
-        finally:
-            gate.leave(self.name)
-
-    monkeypatch.setattr(OnnxRuntime, "load", gated_load)
-    yield gate
-    gate.open()
 
 
 def _copies(repo: Path, *names: str) -> None:
