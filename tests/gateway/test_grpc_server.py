@@ -100,6 +100,22 @@ async def refused(call: Any) -> grpc.aio.AioRpcError:
     return info.value
 
 
+def held_in_the_queue(repo_path: Path) -> None:
+    """Model tiny's batcher holds a lone call 3 s (no dispatch while idle): a deadline of 1 s
+    passes while the call waits in the queue."""
+    write_config(
+        repo_path / "tiny",
+        {
+            **TINY_CONFIG,
+            "dynamic_batching": {
+                "max_queue_delay_microseconds": 3_000_000,
+                "preferred_batch_size": [16],
+                "dispatch_when_idle": False,
+            },
+        },
+    )
+
+
 # -- callers that must not deny service ----------------------------------------------------------
 
 
@@ -304,17 +320,7 @@ async def test_a_deadline_passed_in_the_queue_is_a_counted_failure(
     deadline: DEADLINE_EXCEEDED for the client and in fides_grpc_requests_total, a failure
     (reason timeout) in the model's metrics and its statistics; a call cancelled there is a
     failure with reason cancelled."""
-    write_config(
-        repo_path / "tiny",
-        {
-            **TINY_CONFIG,
-            "dynamic_batching": {
-                "max_queue_delay_microseconds": 3_000_000,
-                "preferred_batch_size": [16],
-                "dispatch_when_idle": False,
-            },
-        },
-    )
+    held_in_the_queue(repo_path)
     async with grpc_gateway(settings) as (_, channel, app):
         infer = unary(channel, "ModelInfer", pb.ModelInferResponse)
         err = await refused(infer(infer_request(), metadata=USER, timeout=1.0))
@@ -352,17 +358,7 @@ async def test_a_client_deadline_that_fires_first_is_counted_as_the_deadline(
     which arrived later) has a little time left: tens of ms on a loaded machine. A call
     cancelled 30 ms before its deadline is counted DEADLINE_EXCEEDED and a timeout (it was
     counted CANCELLED with 5 ms of slack, a flaky failure of the test above)."""
-    write_config(
-        repo_path / "tiny",
-        {
-            **TINY_CONFIG,
-            "dynamic_batching": {
-                "max_queue_delay_microseconds": 3_000_000,
-                "preferred_batch_size": [16],
-                "dispatch_when_idle": False,
-            },
-        },
-    )
+    held_in_the_queue(repo_path)
     async with grpc_gateway(settings) as (_, channel, app):
         infer = unary(channel, "ModelInfer", pb.ModelInferResponse)
         await channel.channel_ready()  # the connection's set-up before the deadline's clock

@@ -27,13 +27,12 @@ import pytest
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
-from gateway.app import create_app
 from gateway.batcher import BatchPolicy, DynamicBatcher
 from gateway.errors import UpstreamTimeout
 from gateway.model_config import ModelConfig
 from gateway.runtimes.base import Runtime, Tensors
 from gateway.settings import Settings
-from tests.conftest import USER_KEY
+from tests.conftest import USER_KEY, serving_app
 from tests.gateway import test_upstream_hostile as hostile
 from tests.model_factory import write_config
 
@@ -95,16 +94,8 @@ async def gateway(
             **config,
         },
     )
-    app = create_app(Settings(model_repository=repo, api_keys=[USER_KEY], log_json=False))
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app),
-            base_url="http://proxy",
-            headers={"Authorization": f"Bearer {USER_KEY}"},
-            timeout=60,
-        ) as client,
-    ):
+    settings = Settings(model_repository=repo, api_keys=[USER_KEY], log_json=False)
+    async with serving_app(settings, timeout=60) as (_, client):
         yield client
 
 

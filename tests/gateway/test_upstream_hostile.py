@@ -18,19 +18,17 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import orjson
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from gateway.app import create_app
 from gateway.errors import CircuitOpen, UpstreamError, UpstreamTimeout
 from gateway.model_config import ModelConfig
 from gateway.runtimes.upstream import UpstreamRuntime
 from gateway.settings import Settings
-from tests.conftest import USER_KEY
+from tests.conftest import USER_KEY, serving
 from tests.model_factory import write_config
 from tests.threaded_server import serve_in_thread
 
@@ -473,16 +471,9 @@ async def test_the_caller_gets_a_502_counted_as_upstream_error(
             "upstream": {"url": upstream.url, "model_name": "clf", "retries": 0},
         },
     )
-    app = create_app(Settings(model_repository=repo, api_keys=[USER_KEY], log_json=False))
+    settings = Settings(model_repository=repo, api_keys=[USER_KEY], log_json=False)
     body = {"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1.0, 2.0]}]}
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app),
-            base_url="http://proxy",
-            headers={"Authorization": f"Bearer {USER_KEY}"},
-        ) as client,
-    ):
+    async with serving(settings) as client:
         r = await client.post("/v2/models/remote/infer", json=body)
         assert r.status_code == 502, r.text
         assert "unreadable answer" in r.json()["error"]
@@ -526,16 +517,9 @@ async def test_a_batch_the_remote_fails_is_not_rerun_request_by_request(
             },
         },
     )
-    app = create_app(Settings(model_repository=repo, api_keys=[USER_KEY], log_json=False))
+    settings = Settings(model_repository=repo, api_keys=[USER_KEY], log_json=False)
     body = {"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1.0, 2.0]}]}
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app),
-            base_url="http://proxy",
-            headers={"Authorization": f"Bearer {USER_KEY}"},
-        ) as client,
-    ):
+    async with serving(settings) as client:
         answers = await asyncio.gather(
             *(client.post("/v2/models/remote/infer", json=body) for _ in range(4))
         )
